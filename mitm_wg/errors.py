@@ -1,0 +1,30 @@
+"""Exceptions shared by every layer of mitm-wg (a leaf module: imports nothing of ours)."""
+
+from __future__ import annotations
+
+
+class MitmWgError(Exception):
+    """Base class of every error mitm-wg raises on purpose."""
+
+
+class ConfigError(MitmWgError, ValueError):
+    """A WireGuard configuration is invalid.
+
+    The message names the file (when there is one), the line and the problem,
+    and never contains key material.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        self.problem = message
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if line is not None:
+            where.append(f"line {line}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class HandshakeTimeout(MitmWgError, TimeoutError):
+    """A WireGuard peer did not answer handshake initiations in time."""

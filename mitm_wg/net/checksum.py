@@ -1,0 +1,60 @@
+"""The Internet checksum (RFC 1071) without per-word Python loops.
+
+The one's-complement sum of 16-bit big-endian words equals the big integer of the
+(zero-padded) buffer reduced modulo 0xFFFF, because 2**16 ≡ 1 (mod 0xFFFF).  Python's
+arbitrary-precision ``int.from_bytes`` and ``%`` run in C, so a 1400-byte segment costs
+a few hundred nanoseconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+_PSEUDO4 = struct.Struct("!4s4sxBH")
+
+__all__ = [
+    "checksum",
+    "fold",
+    "pseudo_header_sum",
+    "ones_sum",
+]
+
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """One's-complement sum of ``data`` as 16-bit words, not yet folded to 16 bits.
+
+    The result is congruent (mod 0xFFFF) to the true sum; combine partial sums with ``+``
+    and finish with :func:`fold`.
+    """
+    if len(data) & 1:
+        return int.from_bytes(bytes(data) + b"\0", "big") % 0xFFFF
+    return int.from_bytes(data, "big") % 0xFFFF
+
+
+def fold(total: int) -> int:
+    """Reduce a sum of :func:`ones_sum` values to the 16-bit checksum field value."""
+    total %= 0xFFFF
+    # 0 and 0xFFFF are the same number in one's complement; the field carries ~sum.
+    return (~total) & 0xFFFF if total else 0xFFFF
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The checksum field value for ``data`` (with its checksum field zeroed) plus ``initial``."""
+    return fold(ones_sum(data) + initial)
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Partial sum of the IPv4 (4-byte addresses) or IPv6 (16-byte) pseudo-header."""
+    if len(src) == 4:
+        return int.from_bytes(_PSEUDO4.pack(src, dst, proto, length), "big") % 0xFFFF
+    return (int.from_bytes(src + dst, "big") + length + proto) % 0xFFFF
+
+
+def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
+    """True when ``data`` (checksum field included) plus ``initial`` sums to all ones."""
+    return (ones_sum(data) + initial) % 0xFFFF == 0
+
+
+def addr_bytes(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    return addr.packed

@@ -1,0 +1,662 @@
+"""The WireGuard device: a sans-IO state machine for one interface and its peers.
+
+Inputs are datagrams from the network, IP packets from the stack and the current time;
+outputs are appended to caller-owned lists: ``(datagram, endpoint)`` pairs to send over UDP
+and decrypted IP packets to hand to the stack.  Nothing here reads a clock, sleeps or touches
+a socket.  In the manner of boringtun's ``Tunn`` and wireguard-go's ``device``::
+
+    out: list[tuple[bytes, Endpoint]] = []
+    packets: list[bytes] = []
+    device.send_packet(ip_packet, now, out)              # encrypt (or queue + handshake)
+    device.receive_datagram(data, source, now, out, packets)
+    device.poll(now, out)                                # timers
+    device.next_deadline()                               # when to call poll again
+
+Malformed or unauthenticated input is dropped and counted in ``device.drops``; it never
+raises.  Events a runtime may want to log or act on collect in ``device.events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mitm_wg.wireguard import crypto, handshake
+from mitm_wg.wireguard.allowed_ips import AllowedIPs
+from mitm_wg.wireguard.cookie import CookieChecker
+from mitm_wg.wireguard.messages import (
+    COOKIE_REPLY_SIZE,
+    INITIATION_MAC1_OFFSET,
+    INITIATION_SIZE,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    MESSAGE_TRANSPORT,
+    RESPONSE_MAC1_OFFSET,
+    RESPONSE_SIZE,
+    TRANSPORT_HEADER,
+    TRANSPORT_MIN_SIZE,
+    TYPE_AND_INDEX,
+)
+from mitm_wg.wireguard.peer import Endpoint, Network, Peer, PeerStatus
+from mitm_wg.wireguard.session import Keypair
+from mitm_wg.wireguard.timers import (
+    MIN_INITIATION_INTERVAL,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ATTEMPT_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    ZERO_KEYS_AFTER,
+)
+
+if TYPE_CHECKING:
+    from mitm_wg.config import WireGuardConfig
+
+logger = logging.getLogger(__name__)
+
+Transmit = tuple[bytes, Endpoint]
+
+_PADDING = [bytes(n) for n in range(16)]
+_IPV4_TOTAL_LENGTH = struct.Struct("!H")
+#: Handshake messages per second above which the device asks for cookies (mac2).
+UNDER_LOAD_THRESHOLD = 128
+#: The device stays "under load" this long after the rate drops (wireguard-go: 1 s).
+UNDER_LOAD_HOLD = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    peer: Peer
+    endpoint: Endpoint | None
+    is_initiator: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailed:
+    """A peer did not answer initiations for REKEY_ATTEMPT_TIME; queued packets were dropped."""
+
+    peer: Peer
+    endpoint: Endpoint | None
+    attempts: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeysZeroed:
+    peer: Peer
+    now: float
+
+
+Event = HandshakeCompleted | HandshakeFailed | KeysZeroed
+
+
+class Device:
+    """One WireGuard interface: our static key, the peers and the cryptokey routing table."""
+
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        mtu: int = 1420,
+        randbytes: Callable[[int], bytes] = os.urandom,
+        unix_time_offset: float = 0.0,
+    ) -> None:
+        """``unix_time_offset`` is added to ``now`` for TAI64N timestamps in initiations:
+        the runtime passes ``time.time() - time.monotonic()`` so that timestamps grow across
+        restarts as peers require."""
+        self.identity = handshake.Identity.from_private(private_key)
+        self.mtu = mtu
+        self._randbytes = randbytes
+        self._unix_time_offset = unix_time_offset
+        self._last_timestamp = b""
+        self.cookie_checker = CookieChecker(
+            self.identity.mac1_key, self.identity.cookie_key, randbytes
+        )
+        self.peers: dict[bytes, Peer] = {}
+        self._routes: AllowedIPs[Peer] = AllowedIPs()
+        self._keypairs: dict[int, Keypair] = {}
+        self._handshakes: dict[int, Peer] = {}
+        self.drops: Counter[str] = Counter()
+        self.events: list[Event] = []
+        #: None: decide from the handshake rate; True/False: force (tests, operators).
+        self.force_under_load: bool | None = None
+        self._handshake_window_start = float("-inf")
+        self._handshake_window_count = 0
+        self._under_load_until = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"<Device public_key={self.public_key_b64} peers={len(self.peers)}>"
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public
+
+    @property
+    def public_key_b64(self) -> str:
+        import base64
+
+        return base64.b64encode(self.identity.public).decode()
+
+    # -- configuration ------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config: WireGuardConfig,
+        *,
+        randbytes: Callable[[int], bytes] = os.urandom,
+        unix_time_offset: float = 0.0,
+        endpoints: dict[bytes, Endpoint] | None = None,
+    ) -> Device:
+        """A device for a wg-quick config.
+
+        Endpoints that are IP literals are used as they are; hostnames must be resolved by
+        the caller and passed in ``endpoints`` (public key → (ip, port)), since the core does
+        no I/O.  A peer without a usable endpoint can still answer handshakes.
+        """
+        import ipaddress
+
+        device = cls(
+            config.private_key,
+            mtu=config.mtu or 1420,
+            randbytes=randbytes,
+            unix_time_offset=unix_time_offset,
+        )
+        endpoints = endpoints or {}
+        for pc in config.peers:
+            endpoint: Endpoint | None = endpoints.get(pc.public_key)
+            if endpoint is None and pc.endpoint is not None:
+                try:
+                    ipaddress.ip_address(pc.endpoint.host)
+                except ValueError:
+                    endpoint = None
+                else:
+                    endpoint = (pc.endpoint.host, pc.endpoint.port)
+            device.add_peer(
+                pc.public_key,
+                preshared_key=pc.preshared_key,
+                allowed_ips=pc.allowed_ips,
+                endpoint=endpoint,
+                persistent_keepalive=pc.persistent_keepalive,
+            )
+        return device
+
+    def add_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes | None = None,
+        allowed_ips: Iterable[Network] = (),
+        endpoint: Endpoint | None = None,
+        persistent_keepalive: float | None = None,
+    ) -> Peer:
+        if public_key in self.peers:
+            raise ValueError("a peer with this public key exists already")
+        if public_key == self.identity.public:
+            raise ValueError("a peer cannot have the device's own public key")
+        keys = handshake.RemoteKeys.create(self.identity, public_key, preshared_key)
+        networks = tuple(allowed_ips)
+        peer = Peer(
+            keys,
+            endpoint=endpoint,
+            allowed_ips=networks,
+            persistent_keepalive=persistent_keepalive,
+        )
+        self.peers[public_key] = peer
+        for network in networks:
+            self._routes.insert(network, peer)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key)
+        self._routes.remove_value(peer)
+        self._zero_keys(peer)
+
+    def route(self, destination: bytes) -> Peer | None:
+        """The peer whose AllowedIPs hold ``destination`` (4 or 16 raw bytes)."""
+        return self._routes.lookup(destination)
+
+    def status(self) -> list[PeerStatus]:
+        return [peer.status() for peer in self.peers.values()]
+
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+    # -- outbound -----------------------------------------------------------------------------
+
+    def send_packet(self, packet: bytes, now: float, out: list[Transmit]) -> bool:
+        """Encrypt an IP packet for the peer that AllowedIPs route it to.
+
+        Without a usable session the packet is queued and a handshake starts.  Returns False
+        (and counts a drop) when no peer's AllowedIPs contain the destination.
+        """
+        version = packet[0] >> 4 if packet else 0
+        if version == 4 and len(packet) >= 20:
+            peer = self._routes.lookup(packet[16:20])
+        elif version == 6 and len(packet) >= 40:
+            peer = self._routes.lookup(packet[24:40])
+        else:
+            self.drops["send_malformed"] += 1
+            return False
+        if peer is None:
+            self.drops["send_no_route"] += 1
+            return False
+        keypair = peer.current
+        if (
+            keypair is None
+            or peer.endpoint is None
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or keypair.send_counter >= REJECT_AFTER_MESSAGES
+        ):
+            peer.enqueue(packet)
+            self._initiate(peer, now, out, retry=False)
+            return True
+        self._send_transport(peer, keypair, packet, now, out)
+        peer.on_data_sent(now)
+        # Keep the key fresh (whitepaper §6.2): the initiator rekeys after REKEY_AFTER_TIME.
+        if keypair.send_counter > REKEY_AFTER_MESSAGES or (
+            keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME
+        ):
+            self._initiate(peer, now, out, retry=False)
+        return True
+
+    def _send_transport(
+        self, peer: Peer, keypair: Keypair, packet: bytes, now: float, out: list[Transmit]
+    ) -> None:
+        counter = keypair.send_counter
+        keypair.send_counter = counter + 1
+        size = len(packet)
+        if size & 15:
+            padded = min((size + 15) & ~15, self.mtu)
+            if padded > size:
+                packet = packet + _PADDING[padded - size]
+        datagram = TRANSPORT_HEADER.pack(
+            MESSAGE_TRANSPORT, keypair.remote_index, counter
+        ) + keypair.send.seal(counter, packet)
+        peer.tx_bytes += len(datagram)
+        out.append((datagram, peer.endpoint))  # type: ignore[arg-type]
+        peer.on_authenticated_packet_traversal(now)
+        peer.on_authenticated_packet_sent()
+
+    def send_keepalive(self, peer: Peer, now: float, out: list[Transmit]) -> None:
+        """Send an empty transport message, or start a handshake to be able to."""
+        keypair = peer.current
+        if (
+            keypair is None
+            or peer.endpoint is None
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or keypair.send_counter >= REJECT_AFTER_MESSAGES
+        ):
+            if not peer.queue:
+                peer.enqueue(b"")
+            self._initiate(peer, now, out, retry=False)
+            return
+        self._send_transport(peer, keypair, b"", now, out)
+
+    def connect(self, peer: Peer, now: float, out: list[Transmit]) -> None:
+        """Start a handshake with ``peer`` now (subject to the REKEY_TIMEOUT rate limit)."""
+        self._initiate(peer, now, out, retry=False)
+
+    def _new_index(self, peer: Peer | None = None) -> int:
+        while True:
+            index = int.from_bytes(self._randbytes(4), "little")
+            if index not in self._keypairs and index not in self._handshakes:
+                return index
+
+    def _timestamp(self, now: float) -> bytes:
+        stamp = crypto.tai64n(now + self._unix_time_offset)
+        if stamp <= self._last_timestamp:
+            # Never repeat or go back: peers drop initiations that do not increase.
+            value = int.from_bytes(self._last_timestamp, "big") + 1
+            stamp = value.to_bytes(12, "big")
+        self._last_timestamp = stamp
+        return stamp
+
+    def _initiate(self, peer: Peer, now: float, out: list[Transmit], *, retry: bool) -> None:
+        if not retry:
+            peer.handshake_attempts = 0
+        if now - peer.last_initiation_sent < REKEY_TIMEOUT:
+            return
+        if peer.handshake_started is None:
+            peer.handshake_started = now
+        if peer.handshake is not None:
+            self._handshakes.pop(peer.handshake.local_index, None)
+        index = self._new_index()
+        state, body = handshake.create_initiation(
+            self.identity, peer.keys, index, self._timestamp(now), self._randbytes
+        )
+        peer.handshake = state
+        self._handshakes[index] = peer
+        message = peer.cookies.seal(body, now)
+        peer.last_initiation_sent = now
+        peer.handshake_attempts_total += 1
+        jitter = int.from_bytes(self._randbytes(2), "little") / 65535 * REKEY_TIMEOUT_JITTER_MAX
+        peer.on_handshake_initiated(now, jitter)
+        if peer.endpoint is None:
+            self.drops["initiation_no_endpoint"] += 1
+            return
+        peer.tx_bytes += len(message)
+        out.append((message, peer.endpoint))
+        peer.on_authenticated_packet_traversal(now)
+        peer.on_authenticated_packet_sent()
+
+    def _flush_queue(self, peer: Peer, now: float, out: list[Transmit]) -> None:
+        keypair = peer.current
+        assert keypair is not None
+        sent_data = False
+        while peer.queue:
+            packet = peer.queue.popleft()
+            self._send_transport(peer, keypair, packet, now, out)
+            sent_data = sent_data or bool(packet)
+        if sent_data:
+            peer.on_data_sent(now)
+
+    # -- inbound ------------------------------------------------------------------------------
+
+    def receive_datagram(
+        self,
+        data: bytes,
+        source: Endpoint,
+        now: float,
+        out: list[Transmit],
+        packets: list[bytes],
+    ) -> None:
+        """Process one UDP datagram from ``source``."""
+        size = len(data)
+        if size < TRANSPORT_MIN_SIZE:
+            self.drops["short"] += 1
+            return
+        mtype, index = TYPE_AND_INDEX.unpack_from(data)
+        if mtype == MESSAGE_TRANSPORT:
+            self._receive_transport(data, index, source, now, out, packets)
+        elif mtype == MESSAGE_INITIATION and size == INITIATION_SIZE:
+            self._receive_initiation(bytes(data), source, now, out)
+        elif mtype == MESSAGE_RESPONSE and size == RESPONSE_SIZE:
+            self._receive_response(bytes(data), source, now, out)
+        elif mtype == MESSAGE_COOKIE_REPLY and size == COOKIE_REPLY_SIZE:
+            self._receive_cookie_reply(bytes(data), index, now)
+        else:
+            self.drops["bad_type"] += 1
+
+    def _receive_transport(
+        self,
+        data: bytes,
+        index: int,
+        source: Endpoint,
+        now: float,
+        out: list[Transmit],
+        packets: list[bytes],
+    ) -> None:
+        keypair = self._keypairs.get(index)
+        if keypair is None:
+            self.drops["unknown_index"] += 1
+            return
+        counter = TRANSPORT_HEADER.unpack_from(data)[2]
+        if (
+            counter >= REJECT_AFTER_MESSAGES
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or not keypair.replay.check(counter)
+        ):
+            self.drops["replay_or_expired"] += 1
+            return
+        plaintext = keypair.recv.open(counter, memoryview(data)[16:])
+        if plaintext is None:
+            self.drops["decrypt"] += 1
+            return
+        if not keypair.replay.update(counter):
+            self.drops["replay_or_expired"] += 1
+            return
+        peer = keypair.peer
+        peer.endpoint = source
+        peer.rx_bytes += len(data)
+        if keypair is peer.next:
+            # The initiator used the session we answered: it is now confirmed (§5.4.6).
+            self._retire(peer.previous)
+            peer.previous = peer.current
+            peer.current = keypair
+            peer.next = None
+            peer.on_handshake_complete(now)
+            self.events.append(HandshakeCompleted(peer, source, False, now))
+            if peer.queue:
+                self._flush_queue(peer, now, out)
+        peer.on_authenticated_packet_received()
+        peer.on_authenticated_packet_traversal(now)
+        # An initiator hearing from an old session re-handshakes before it expires (§6.2).
+        current = peer.current
+        if (
+            current is not None
+            and current.is_initiator
+            and not peer.sent_last_minute_handshake
+            and now - current.created >= REKEY_ON_RECEIVE_AGE
+        ):
+            peer.sent_last_minute_handshake = True
+            self._initiate(peer, now, out, retry=False)
+        if not plaintext:
+            return  # keepalive
+        peer.on_data_received(now)
+        version = plaintext[0] >> 4
+        if version == 4 and len(plaintext) >= 20:
+            length = _IPV4_TOTAL_LENGTH.unpack_from(plaintext, 2)[0]
+            src = plaintext[12:16]
+        elif version == 6 and len(plaintext) >= 40:
+            length = _IPV4_TOTAL_LENGTH.unpack_from(plaintext, 4)[0] + 40
+            src = plaintext[8:24]
+        else:
+            self.drops["inner_malformed"] += 1
+            return
+        if length > len(plaintext):
+            self.drops["inner_malformed"] += 1
+            return
+        if self._routes.lookup(src) is not peer:
+            # Cryptokey routing: a peer may only send from its own AllowedIPs (§2).
+            self.drops["inner_source_not_allowed"] += 1
+            return
+        packets.append(plaintext if length == len(plaintext) else plaintext[:length])
+
+    def _under_load(self, now: float) -> bool:
+        if self.force_under_load is not None:
+            return self.force_under_load
+        if now - self._handshake_window_start >= 1.0:
+            self._handshake_window_start = now
+            self._handshake_window_count = 0
+        self._handshake_window_count += 1
+        if self._handshake_window_count > UNDER_LOAD_THRESHOLD:
+            self._under_load_until = now + UNDER_LOAD_HOLD
+        return now < self._under_load_until
+
+    def _check_macs(
+        self,
+        message: bytes,
+        mac1_offset: int,
+        sender_index: int,
+        source: Endpoint,
+        now: float,
+        out: list[Transmit],
+    ) -> bool:
+        if not self.cookie_checker.mac1_valid(message, mac1_offset):
+            self.drops["bad_mac1"] += 1
+            return False
+        if self._under_load(now) and not self.cookie_checker.mac2_valid(
+            message, mac1_offset, source, now
+        ):
+            out.append(
+                (
+                    self.cookie_checker.make_reply(message, mac1_offset, sender_index, source, now),
+                    source,
+                )
+            )
+            self.drops["cookie_sent"] += 1
+            return False
+        return True
+
+    def _receive_initiation(
+        self, message: bytes, source: Endpoint, now: float, out: list[Transmit]
+    ) -> None:
+        sender_index = TYPE_AND_INDEX.unpack_from(message)[1]
+        if not self._check_macs(message, INITIATION_MAC1_OFFSET, sender_index, source, now, out):
+            return
+        received = handshake.consume_initiation(self.identity, message)
+        if received is None:
+            self.drops["initiation_decrypt"] += 1
+            return
+        peer = self.peers.get(received.remote_static)
+        if peer is None:
+            self.drops["initiation_unknown_peer"] += 1
+            return
+        if received.timestamp <= peer.last_initiation_timestamp:
+            self.drops["initiation_replay"] += 1
+            return
+        if now - peer.last_initiation_received < MIN_INITIATION_INTERVAL:
+            self.drops["initiation_flood"] += 1
+            return
+        peer.last_initiation_timestamp = received.timestamp
+        peer.last_initiation_received = now
+        peer.endpoint = source
+        peer.on_authenticated_packet_traversal(now)
+        peer.on_authenticated_packet_received()
+
+        index = self._new_index()
+        keys, body = handshake.create_response(received, peer.keys, index, self._randbytes)
+        keypair = Keypair(keys, peer, now)
+        self._keypairs[index] = keypair
+        # A responder may not send on the new session until the initiator uses it.
+        self._retire(peer.next)
+        peer.next = keypair
+        self._retire(peer.previous)
+        peer.previous = None
+        message_out = peer.cookies.seal(body, now)
+        peer.tx_bytes += len(message_out)
+        out.append((message_out, source))
+        peer.on_session_derived(now)
+        peer.on_authenticated_packet_traversal(now)
+        peer.on_authenticated_packet_sent()
+
+    def _receive_response(
+        self, message: bytes, source: Endpoint, now: float, out: list[Transmit]
+    ) -> None:
+        _, sender_index, receiver_index = struct.unpack_from("<III", message)
+        if not self._check_macs(message, RESPONSE_MAC1_OFFSET, sender_index, source, now, out):
+            return
+        peer = self._handshakes.get(receiver_index)
+        if peer is None or peer.handshake is None:
+            self.drops["response_unknown_index"] += 1
+            return
+        keys = handshake.consume_response(self.identity, peer.keys, peer.handshake, message)
+        if keys is None:
+            self.drops["response_decrypt"] += 1
+            return
+        del self._handshakes[receiver_index]
+        peer.handshake = None
+        keypair = Keypair(keys, peer, now)
+        self._keypairs[keys.local_index] = keypair
+        if peer.next is not None:
+            self._retire(peer.previous)
+            peer.previous = peer.next
+            peer.next = None
+            self._retire(peer.current)
+        else:
+            self._retire(peer.previous)
+            peer.previous = peer.current
+        peer.current = keypair
+        peer.endpoint = source
+        peer.rx_bytes += len(message)
+        peer.on_handshake_complete(now)
+        peer.on_session_derived(now)
+        peer.on_authenticated_packet_received()
+        peer.on_authenticated_packet_traversal(now)
+        self.events.append(HandshakeCompleted(peer, source, True, now))
+        # Confirm the session to the responder: queued data, or else a keepalive (§5.4.6).
+        if not peer.queue:
+            peer.queue.append(b"")
+        self._flush_queue(peer, now, out)
+
+    def _receive_cookie_reply(self, message: bytes, index: int, now: float) -> None:
+        peer = self._handshakes.get(index)
+        if peer is None:
+            keypair = self._keypairs.get(index)
+            peer = keypair.peer if keypair is not None else None
+        if peer is None:
+            self.drops["cookie_unknown_index"] += 1
+            return
+        if not peer.cookies.consume_reply(message, now):
+            self.drops["cookie_decrypt"] += 1
+        # The retransmission timer re-sends the initiation, now with mac2.
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time ``poll`` has work to do, or None."""
+        best: float | None = None
+        for peer in self.peers.values():
+            deadline = peer.next_deadline()
+            if deadline is not None and (best is None or deadline < best):
+                best = deadline
+        return best
+
+    def poll(self, now: float, out: list[Transmit]) -> None:
+        """Fire every expired timer."""
+        for peer in self.peers.values():
+            if peer.zero_keys_at is not None and now >= peer.zero_keys_at:
+                peer.zero_keys_at = None
+                self._zero_keys(peer)
+                self.events.append(KeysZeroed(peer, now))
+            if peer.retransmit_handshake_at is not None and now >= peer.retransmit_handshake_at:
+                peer.retransmit_handshake_at = None
+                self._retransmit_expired(peer, now, out)
+            if peer.send_keepalive_at is not None and now >= peer.send_keepalive_at:
+                peer.send_keepalive_at = None
+                self.send_keepalive(peer, now, out)
+                if peer.need_another_keepalive:
+                    peer.need_another_keepalive = False
+                    peer.send_keepalive_at = now + 10.0
+            if peer.new_handshake_at is not None and now >= peer.new_handshake_at:
+                # We sent data and heard nothing back for 15 s: the session may be dead.
+                peer.new_handshake_at = None
+                self._initiate(peer, now, out, retry=False)
+            if peer.persistent_keepalive_at is not None and now >= peer.persistent_keepalive_at:
+                peer.persistent_keepalive_at = None
+                self.send_keepalive(peer, now, out)
+
+    def _retransmit_expired(self, peer: Peer, now: float, out: list[Transmit]) -> None:
+        started = peer.handshake_started if peer.handshake_started is not None else now
+        if now - started >= REKEY_ATTEMPT_TIME:
+            # Give up (§6.4): drop what waited for this handshake and tell the runtime.
+            attempts = peer.handshake_attempts + 1
+            logger.debug("handshake with %r gave up after %d attempts", peer, attempts)
+            peer.send_keepalive_at = None
+            peer.queue.clear()
+            if peer.handshake is not None:
+                self._handshakes.pop(peer.handshake.local_index, None)
+                peer.handshake = None
+            peer.handshake_started = None
+            peer.handshake_attempts = 0
+            if peer.zero_keys_at is None:
+                peer.zero_keys_at = now + ZERO_KEYS_AFTER
+            self.events.append(HandshakeFailed(peer, peer.endpoint, attempts, now))
+            return
+        peer.handshake_attempts += 1
+        self._initiate(peer, now, out, retry=True)
+
+    def _retire(self, keypair: Keypair | None) -> None:
+        if keypair is not None:
+            self._keypairs.pop(keypair.local_index, None)
+
+    def _zero_keys(self, peer: Peer) -> None:
+        for keypair in (peer.current, peer.previous, peer.next):
+            self._retire(keypair)
+        peer.current = peer.previous = peer.next = None
+        if peer.handshake is not None:
+            self._handshakes.pop(peer.handshake.local_index, None)
+            peer.handshake = None
+        peer.queue.clear()

@@ -1,0 +1,208 @@
+"""Per-peer state: keys, keypairs, the packet queue, timers and counters.
+
+The timers follow the whitepaper (§6) in the shape of wireguard-go's ``timers.go``: each
+deadline is a field named after what it does when it expires, armed and disarmed by the
+``on_*`` methods named after the event that arms them.  A deadline of ``None`` is disarmed.
+The :class:`~mitm_wg.wireguard.device.Device` calls the ``on_*`` hooks and fires expired
+deadlines in ``poll``.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mitm_wg.wireguard.cookie import CookieJar
+from mitm_wg.wireguard.timers import (
+    KEEPALIVE_TIMEOUT,
+    MAX_QUEUED_PACKETS,
+    REKEY_TIMEOUT,
+    ZERO_KEYS_AFTER,
+)
+
+if TYPE_CHECKING:
+    from mitm_wg.wireguard.handshake import InitiatorState, RemoteKeys
+    from mitm_wg.wireguard.session import Keypair
+
+Endpoint = tuple[str, int]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """A snapshot for status output (no key material besides the public key)."""
+
+    public_key: str
+    endpoint: Endpoint | None
+    allowed_ips: tuple[Network, ...]
+    last_handshake: float | None  # `now` of the last completed handshake
+    rx_bytes: int
+    tx_bytes: int
+    handshake_attempts: int
+    handshakes_completed: int
+    has_session: bool
+
+
+class Peer:
+    """One WireGuard peer of a :class:`~mitm_wg.wireguard.device.Device`."""
+
+    __slots__ = (
+        "allowed_ips",
+        "cookies",
+        "current",
+        "endpoint",
+        "handshake",
+        "handshake_attempts",
+        "handshake_attempts_total",
+        "handshake_started",
+        "handshakes_completed",
+        "keys",
+        "last_handshake",
+        "last_initiation_received",
+        "last_initiation_sent",
+        "last_initiation_timestamp",
+        "need_another_keepalive",
+        "new_handshake_at",
+        "next",
+        "persistent_keepalive",
+        "persistent_keepalive_at",
+        "previous",
+        "public_key",
+        "queue",
+        "queue_dropped",
+        "retransmit_handshake_at",
+        "rx_bytes",
+        "send_keepalive_at",
+        "sent_last_minute_handshake",
+        "tx_bytes",
+        "zero_keys_at",
+    )
+
+    def __init__(
+        self,
+        keys: RemoteKeys,
+        *,
+        endpoint: Endpoint | None,
+        allowed_ips: tuple[Network, ...],
+        persistent_keepalive: float | None,
+    ) -> None:
+        self.public_key = keys.public
+        self.keys = keys
+        self.cookies = CookieJar(keys.mac1_key, keys.cookie_key)
+        self.endpoint = endpoint
+        self.allowed_ips = allowed_ips
+        self.persistent_keepalive = persistent_keepalive or None
+
+        self.current: Keypair | None = None
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None
+        self.handshake: InitiatorState | None = None
+        self.queue: deque[bytes] = deque()
+        self.queue_dropped = 0
+
+        # Responder-side replay and flood protection for initiations.
+        self.last_initiation_timestamp = bytes(12)
+        self.last_initiation_received = float("-inf")
+        # Initiator-side rate limit and give-up bookkeeping.
+        self.last_initiation_sent = float("-inf")
+        self.handshake_started: float | None = None
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+
+        # Deadlines (None = disarmed).
+        self.retransmit_handshake_at: float | None = None
+        self.send_keepalive_at: float | None = None
+        self.new_handshake_at: float | None = None
+        self.zero_keys_at: float | None = None
+        self.persistent_keepalive_at: float | None = None
+        self.need_another_keepalive = False
+
+        # Counters.
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.last_handshake: float | None = None
+        self.handshake_attempts_total = 0
+        self.handshakes_completed = 0
+
+    @property
+    def public_key_b64(self) -> str:
+        return base64.b64encode(self.public_key).decode()
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.public_key_b64} endpoint={self.endpoint}>"
+
+    def status(self) -> PeerStatus:
+        return PeerStatus(
+            public_key=self.public_key_b64,
+            endpoint=self.endpoint,
+            allowed_ips=self.allowed_ips,
+            last_handshake=self.last_handshake,
+            rx_bytes=self.rx_bytes,
+            tx_bytes=self.tx_bytes,
+            handshake_attempts=self.handshake_attempts_total,
+            handshakes_completed=self.handshakes_completed,
+            has_session=self.current is not None,
+        )
+
+    def enqueue(self, packet: bytes) -> None:
+        """Hold a packet until a session exists; the oldest is dropped when full."""
+        if len(self.queue) >= MAX_QUEUED_PACKETS:
+            self.queue.popleft()
+            self.queue_dropped += 1
+        self.queue.append(packet)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            d
+            for d in (
+                self.retransmit_handshake_at,
+                self.send_keepalive_at,
+                self.new_handshake_at,
+                self.zero_keys_at,
+                self.persistent_keepalive_at,
+            )
+            if d is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    # -- timer hooks, named after the event (wireguard-go's timers.go) ----------------------
+
+    def on_data_sent(self, now: float) -> None:
+        # Expect to hear back within KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, else re-handshake.
+        if self.new_handshake_at is None:
+            self.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+
+    def on_data_received(self, now: float) -> None:
+        # Answer with a keepalive unless we send something ourselves soon.
+        if self.send_keepalive_at is None:
+            self.send_keepalive_at = now + KEEPALIVE_TIMEOUT
+        else:
+            self.need_another_keepalive = True
+
+    def on_authenticated_packet_sent(self) -> None:
+        self.send_keepalive_at = None
+
+    def on_authenticated_packet_received(self) -> None:
+        self.new_handshake_at = None
+
+    def on_authenticated_packet_traversal(self, now: float) -> None:
+        if self.persistent_keepalive:
+            self.persistent_keepalive_at = now + self.persistent_keepalive
+
+    def on_handshake_initiated(self, now: float, jitter: float) -> None:
+        self.persistent_keepalive_at = None
+        self.retransmit_handshake_at = now + REKEY_TIMEOUT + jitter
+
+    def on_handshake_complete(self, now: float) -> None:
+        self.retransmit_handshake_at = None
+        self.handshake_attempts = 0
+        self.handshake_started = None
+        self.sent_last_minute_handshake = False
+        self.last_handshake = now
+        self.handshakes_completed += 1
+
+    def on_session_derived(self, now: float) -> None:
+        self.zero_keys_at = now + ZERO_KEYS_AFTER

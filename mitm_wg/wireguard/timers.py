@@ -1,0 +1,33 @@
+"""Protocol constants for WireGuard's timers (whitepaper §6.1) and the derived limits.
+
+The timer *logic* lives in :mod:`mitm_wg.wireguard.peer`, where each deadline is a field
+named after the event that arms it, in the manner of wireguard-go's ``timers.go``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+REKEY_AFTER_MESSAGES: Final = 1 << 60
+REJECT_AFTER_MESSAGES: Final = (1 << 64) - (1 << 13) - 1
+REKEY_AFTER_TIME: Final = 120.0
+REJECT_AFTER_TIME: Final = 180.0
+REKEY_ATTEMPT_TIME: Final = 90.0
+REKEY_TIMEOUT: Final = 5.0
+KEEPALIVE_TIMEOUT: Final = 10.0
+COOKIE_REFRESH_TIME: Final = 120.0
+
+#: An initiator that *receives* data on a keypair this old starts a new handshake (§6.2),
+#: so that a fresh keypair is ready before the old one is rejected.
+REKEY_ON_RECEIVE_AGE: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+#: Jitter added to each handshake retransmission (§6.1: up to 333 ms).
+REKEY_TIMEOUT_JITTER_MAX: Final = 0.333
+#: Retries before giving up: REKEY_ATTEMPT_TIME / REKEY_TIMEOUT.
+MAX_HANDSHAKE_ATTEMPTS: Final = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
+#: After this long without a new handshake, every key of a peer is erased.
+ZERO_KEYS_AFTER: Final = REJECT_AFTER_TIME * 3
+#: Packets held per peer while a handshake is in flight; older ones are dropped first.
+MAX_QUEUED_PACKETS: Final = 1024
+#: A responder accepts at most one initiation from a peer per this interval (wireguard-go's
+#: rate of 50 per second), so replayed-but-newer initiations cannot churn keys.
+MIN_INITIATION_INTERVAL: Final = 1 / 50

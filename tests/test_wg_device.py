@@ -1,0 +1,401 @@
+"""Playbook tests of the sans-IO WireGuard device on a linked pair with a virtual clock."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mitm_wg.wireguard import messages
+from mitm_wg.wireguard.device import HandshakeCompleted, HandshakeFailed, KeysZeroed
+from mitm_wg.wireguard.replay import ReplayWindow
+from mitm_wg.wireguard.timers import (
+    KEEPALIVE_TIMEOUT,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    REKEY_ATTEMPT_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+)
+from tests.wgpair import A_ADDR, B_ADDR, Pair, ipv4_udp
+
+
+def types(log: list[tuple[str, bytes]]) -> list[tuple[str, int]]:
+    return [(side, messages.message_type(d)) for side, d in log]
+
+
+def test_handshake_then_data_both_ways() -> None:
+    p = Pair.create()
+    packet = ipv4_udp(A_ADDR, B_ADDR, b"hello")
+    assert p.send("a", packet)
+    # Without a session the packet waits and an initiation goes out.
+    assert types(p.log) == [("a", 1)]
+    p.deliver()
+    # initiation -> response -> queued data (which confirms the session to B)
+    assert types(p.log) == [("a", 1), ("b", 2), ("a", 4)]
+    assert p.b_received == [packet]
+    events = p.a.take_events()
+    assert [type(e) for e in events] == [HandshakeCompleted]
+    assert events[0].is_initiator
+    assert [type(e) for e in p.b.take_events()] == [HandshakeCompleted]
+    reply = ipv4_udp(B_ADDR, A_ADDR, b"world" * 100)
+    assert p.send("b", reply)
+    p.deliver()
+    assert p.a_received == [reply]
+    assert p.a_peer.current is not None and p.b_peer.current is not None
+    assert p.a_peer.status().tx_bytes > 0 and p.b_peer.status().rx_bytes > 0
+
+
+def test_handshake_initiated_by_the_other_side() -> None:
+    p = Pair.create()
+    packet = ipv4_udp(B_ADDR, A_ADDR, b"from b")
+    p.send("b", packet)
+    p.deliver()
+    assert types(p.log) == [("b", 1), ("a", 2), ("b", 4)]
+    assert p.a_received == [packet]
+
+
+def test_responder_waits_for_confirmation_before_sending() -> None:
+    p = Pair.create()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    # Deliver the initiation only; B answers but holds its own data.
+    dest, init, src = p.wire.pop(0)
+    p.inject(dest, init, src)
+    response = p.wire.pop(0)
+    reply = ipv4_udp(B_ADDR, A_ADDR, b"early")
+    p.send("b", reply)
+    assert [m for _, m in types(p.log)].count(4) == 0  # queued, not sent on `next`
+    assert p.b_peer.next is not None and p.b_peer.current is None
+    p.inject(*response)
+    p.deliver()
+    # A's queued data confirms; B then flushes its own queue.
+    assert p.a_received == [reply]
+
+
+def test_padding_to_multiple_of_16_and_trimmed_on_receive() -> None:
+    p = Pair.create()
+    p.handshake()
+    p.log.clear()
+    for size in (1, 15, 16, 17, 100):
+        packet = ipv4_udp(A_ADDR, B_ADDR, b"z" * size)
+        p.send("a", packet)
+        datagram = p.log[-1][1]
+        assert (len(datagram) - 32) % 16 == 0
+        assert len(datagram) - 32 >= len(packet)
+    p.deliver()
+    assert [len(x) for x in p.b_received[1:]] == [28 + n for n in (1, 15, 16, 17, 100)]
+
+
+def test_retry_after_rekey_timeout_with_jitter_then_give_up() -> None:
+    p = Pair.create()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    times = [p.now]
+    p.wire.clear()
+    while p.now < 100:
+        before = len(p.log)
+        p.advance(0.05, drop=True)
+        if len(p.log) > before:
+            times.append(p.now)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps, "no retries"
+    for gap in gaps:
+        assert REKEY_TIMEOUT <= gap <= REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX + 0.06
+    events = [e for e in p.a.take_events() if isinstance(e, HandshakeFailed)]
+    assert len(events) == 1
+    assert REKEY_ATTEMPT_TIME <= events[0].now < REKEY_ATTEMPT_TIME + REKEY_TIMEOUT + 0.5
+    assert events[0].endpoint == p.a_peer.endpoint
+    assert not p.a_peer.queue
+    # No more initiations after giving up.
+    assert times[-1] < events[0].now + 0.01
+
+
+def test_rekey_after_time_by_initiator() -> None:
+    p = Pair.create()
+    p.handshake()
+    first = p.a_peer.current
+    assert first is not None and first.is_initiator
+    p.advance(REKEY_AFTER_TIME - 1)
+    p.log.clear()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"before"))
+    assert types(p.log) == [("a", 4)]
+    p.deliver()
+    p.advance(2)
+    p.log.clear()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"after"))
+    # The data still goes out on the old keypair, followed by a new initiation.
+    assert types(p.log) == [("a", 4), ("a", 1)]
+    p.deliver()
+    assert p.a_peer.current is not first
+    assert p.a_peer.previous is first
+    assert p.b_received[-1] == ipv4_udp(A_ADDR, B_ADDR, b"after")
+
+
+def test_responder_does_not_rekey_on_time_but_initiator_rekeys_on_receive_at_165s() -> None:
+    p = Pair.create()
+    p.handshake()
+    p.advance(REKEY_AFTER_TIME + 5)
+    p.log.clear()
+    # B is the responder: sending does not trigger its own rekey.
+    p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"b1"))
+    assert types(p.log) == [("b", 4)]
+    p.deliver()
+    p.advance(REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT - REKEY_AFTER_TIME - 5 + 0.5)
+    p.log.clear()
+    p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"b2"))
+    p.deliver()
+    # A, the initiator, receiving on a 165 s old session, starts a handshake.
+    assert ("a", 1) in types(p.log)
+    assert p.a_peer.current is not None and p.now - p.a_peer.current.created < 1
+
+
+def test_reject_after_time() -> None:
+    p = Pair.create()
+    p.handshake()
+    old = p.a_peer.current
+    assert old is not None
+    # Craft a datagram on the old session, then let it expire.
+    p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"late"))
+    late = p.wire.pop()
+    p.advance(REJECT_AFTER_TIME + 0.1, drop=True)
+    p.inject(late[0], late[1], late[2])
+    assert p.a_received == []
+    assert p.a.drops["replay_or_expired"] == 1
+    # Sending on an expired session queues and handshakes instead.
+    p.log.clear()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"new"))
+    assert types(p.log) == [("a", 1)]
+    p.deliver()
+    assert p.b_received[-1] == ipv4_udp(A_ADDR, B_ADDR, b"new")
+
+
+def test_replay_window_edges_at_device_level() -> None:
+    p = Pair.create()
+    p.handshake()
+    window = ReplayWindow.WINDOW_SIZE
+    assert window >= 2048
+    total = window + 200
+    datagrams = []
+    for i in range(total):
+        p.send("b", ipv4_udp(B_ADDR, A_ADDR, i.to_bytes(4, "big")))
+        datagrams.append(p.wire.pop())
+    # Far ahead first, then within the window, then too old, then a duplicate.
+    last = total - 1
+    p.inject(*datagrams[last])
+    p.inject(*datagrams[last - 100])  # inside the window
+    p.inject(*datagrams[last - window + 1])  # the oldest counter still inside
+    p.inject(*datagrams[last - window])  # just outside
+    p.inject(*datagrams[10])  # far too old
+    p.inject(*datagrams[last])  # duplicate
+    p.inject(*datagrams[last - 100])  # duplicate
+    got = [int.from_bytes(x[-4:], "big") for x in p.a_received]
+    assert got == [last, last - 100, last - window + 1]
+    assert p.a.drops["replay_or_expired"] == 4
+
+
+def test_keepalive_after_receiving_without_sending() -> None:
+    p = Pair.create()
+    p.handshake()
+    p.log.clear()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"one way"))
+    p.deliver()
+    p.advance(KEEPALIVE_TIMEOUT - 0.5)
+    assert types(p.log) == [("a", 4)]
+    p.advance(1)
+    # B heard data and said nothing for 10 s: it sends a keepalive (32 bytes).
+    assert types(p.log) == [("a", 4), ("b", 4)]
+    assert len(p.log[-1][1]) == 32
+    assert len(p.a_received) == 0  # keepalives are not delivered
+
+
+def test_new_handshake_when_sent_data_gets_no_answer() -> None:
+    p = Pair.create()
+    p.handshake()
+    p.advance(1)
+    p.log.clear()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"anyone?"))
+    p.advance(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + 0.5, drop=True)
+    assert ("a", 1) in types(p.log)
+
+
+def test_persistent_keepalive() -> None:
+    p = Pair.create(keepalive=25)
+    p.handshake()
+    p.advance(100)
+    keepalives = [d for side, d in p.log if side == "a" and len(d) == 32]
+    assert 3 <= len(keepalives) <= 4
+
+
+def test_keys_zeroed_after_three_reject_after_times() -> None:
+    p = Pair.create()
+    p.handshake()
+    p.advance(3 * REJECT_AFTER_TIME + 1)
+    assert any(isinstance(e, KeysZeroed) for e in p.a.take_events())
+    assert p.a_peer.current is None and p.a_peer.previous is None
+
+
+def test_cookie_round_trip_under_load() -> None:
+    p = Pair.create()
+    p.b.force_under_load = True
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    p.deliver()
+    # B answered with a cookie reply instead of a response.
+    assert types(p.log) == [("a", 1), ("b", 3)]
+    assert p.b.drops["cookie_sent"] == 1
+    # The retransmission carries mac2 and is accepted.
+    p.advance(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX + 0.01)
+    assert types(p.log)[2:5] == [("a", 1), ("b", 2), ("a", 4)]
+    init = p.log[2][1]
+    assert init[-16:] != bytes(16)
+    assert p.b_received == [ipv4_udp(A_ADDR, B_ADDR, b"x")]
+
+
+def test_cookie_from_wrong_source_not_accepted_as_mac2() -> None:
+    p = Pair.create()
+    p.b.force_under_load = True
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    p.deliver()
+    p.advance(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX + 0.01, drop=True)
+    init = p.log[-1][1]
+    p.inject("b", init, ("127.0.0.1", 49999))  # another source: the cookie does not fit
+    assert types(p.log)[-1] == ("b", 3)
+    assert p.sent_to[-1] == ("127.0.0.1", 49999)
+    assert p.b_peer.current is None and p.b_peer.next is None
+
+
+def test_psk_mismatch_fails() -> None:
+    p = Pair.create(psk_a=b"\x01" * 32, psk_b=b"\x02" * 32)
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    p.deliver()
+    assert p.b_received == []
+    assert p.a.drops["response_decrypt"] == 1
+    assert p.a_peer.current is None
+
+
+def test_psk_match_works() -> None:
+    p = Pair.create(psk_a=b"\x07" * 32, psk_b=b"\x07" * 32)
+    p.handshake()
+    assert p.b_received == [ipv4_udp(A_ADDR, B_ADDR, b"hello")]
+
+
+def test_allowed_ips_filter_on_receive_and_send() -> None:
+    p = Pair.create()
+    p.handshake()
+    # A accepts from B only sources inside B's AllowedIPs (10.9.0.2/32, 10.99.0.0/16).
+    p.send("b", ipv4_udp("10.99.3.4", A_ADDR, b"ok, inside 10.99/16"))
+    p.deliver()
+    assert len(p.a_received) == 1
+    # A spoofed source is dropped by A.
+    forged = ipv4_udp("10.200.0.1", A_ADDR, b"spoof")
+    # An honest B would not send it; a malicious one can: encrypt it by hand.
+    out: list = []
+    keypair = p.b_peer.current
+    assert keypair is not None
+    p.b._send_transport(p.b_peer, keypair, forged, p.now, out)
+    p.inject("a", out[0][0])
+    assert len(p.a_received) == 1
+    assert p.a.drops["inner_source_not_allowed"] == 1
+    # No route for a destination outside every AllowedIPs.
+    assert not p.send("a", ipv4_udp(A_ADDR, "10.200.0.1", b"nowhere"))
+    assert p.a.drops["send_no_route"] == 1
+
+
+def test_endpoint_roams_to_last_authenticated_source() -> None:
+    p = Pair.create()
+    p.handshake()
+    p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"moved"))
+    _, datagram, _ = p.wire.pop()
+    p.inject("a", datagram, ("127.0.0.1", 41234))
+    assert p.a_peer.endpoint == ("127.0.0.1", 41234)
+    # Garbage from yet another source does not move it.
+    p.inject("a", b"\x04\0\0\0" + bytes(40), ("127.0.0.1", 9))
+    assert p.a_peer.endpoint == ("127.0.0.1", 41234)
+
+
+def test_replayed_initiation_is_ignored() -> None:
+    p = Pair.create()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    init = p.wire[0]
+    p.deliver()
+    before = p.b_peer.current
+    p.now += 1
+    p.inject(init[0], init[1], init[2])
+    assert p.b.drops["initiation_replay"] == 1
+    assert p.b_peer.current is before
+
+
+def test_many_messages_and_counters() -> None:
+    p = Pair.create()
+    p.handshake()
+    for i in range(200):
+        p.send("a", ipv4_udp(A_ADDR, B_ADDR, i.to_bytes(2, "big") * 300))
+    p.deliver()
+    assert len(p.b_received) == 201
+    assert p.a_peer.current is not None and p.a_peer.current.send_counter == 201
+    assert p.b_peer.rx_bytes == p.a_peer.tx_bytes - 148  # all but the initiation
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 3))
+def test_garbage_never_raises(data: bytes, kind: int) -> None:
+    p = _fuzz_pair()
+    if kind and len(data) >= 4:
+        data = bytes([kind]) + b"\0\0\0" + data[4:]
+    p.inject("a", data)
+    p.inject("b", data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 131), st.integers(1, 255))  # mac2 (132..147) only counts under load
+def test_bit_flips_in_handshake_are_dropped(position: int, xor: int) -> None:
+    p = _fuzz_pair()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    dest, init, src = p.wire.pop()
+    mutated = bytearray(init)
+    mutated[position] ^= xor
+    p.inject(dest, bytes(mutated), src)
+    assert not any(side == "b" and messages.message_type(d) == 2 for side, d in p.log)
+
+
+def _fuzz_pair() -> Pair:
+    return Pair.create(seed=99)
+
+
+def test_secrets_not_in_reprs() -> None:
+    p = Pair.create(psk_a=b"\x05" * 32, psk_b=b"\x05" * 32)
+    p.handshake()
+    texts = [
+        repr(p.a),
+        repr(p.a_peer),
+        repr(p.a_peer.current),
+        repr(p.a_peer.keys),
+        repr(p.a.identity),
+        repr(p.a_peer.status()),
+        repr(p.a_peer.cookies),
+    ]
+    private = p.a.identity.private
+    import base64
+
+    for text in texts:
+        assert private.hex() not in text
+        assert base64.b64encode(private).decode() not in text
+        assert "0505" not in text and "BQUF" not in text
+
+
+def test_ipv6_inner_packets() -> None:
+    p = Pair.create()
+    p.a._routes.insert(ipaddress.ip_network("fd00::2/128"), p.a_peer)
+    p.b._routes.insert(ipaddress.ip_network("fd00::1/128"), p.b_peer)
+    payload = b"v6!"
+    packet = (
+        bytes([0x60, 0, 0, 0])
+        + len(payload).to_bytes(2, "big")
+        + bytes([17, 64])
+        + ipaddress.IPv6Address("fd00::1").packed
+        + ipaddress.IPv6Address("fd00::2").packed
+        + payload
+    )
+    p.send("a", packet)
+    p.deliver()
+    assert p.b_received == [packet]
