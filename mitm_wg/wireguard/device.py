@@ -316,6 +316,9 @@ class Device:
 
     def _timestamp(self, now: float) -> bytes:
         stamp = crypto.tai64n(now + self._unix_time_offset)
+        # Whiten the nanoseconds (as wireguard-go does) so initiations leak less timing.
+        nanos = int.from_bytes(stamp[8:], "big") & ~0xFFFFFF
+        stamp = stamp[:8] + nanos.to_bytes(4, "big")
         if stamp <= self._last_timestamp:
             # Never repeat or go back: peers drop initiations that do not increase.
             value = int.from_bytes(self._last_timestamp, "big") + 1

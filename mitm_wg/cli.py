@@ -1,0 +1,189 @@
+"""The ``mitm-wg`` command line.
+
+``mitm-wg check CONFIG``: handshake with every peer of a wg-quick config over a real UDP
+socket and report; exits non-zero with one line of explanation when something is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import select
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mitm_wg.config import WireGuardConfig
+from mitm_wg.errors import ConfigError
+from mitm_wg.wireguard.device import Device, HandshakeCompleted
+from mitm_wg.wireguard.peer import Endpoint, Peer
+
+MAX_CHECK_TIMEOUT = 20.0
+
+
+class CheckFailed(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+@dataclass
+class PeerResult:
+    peer: Peer
+    endpoint: Endpoint
+    started: float
+    completed: float | None = None
+
+
+def resolve_endpoint(host: str, port: int) -> Endpoint:
+    """The endpoint's IP, resolved by the host (the endpoint itself is outside the tunnel)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise CheckFailed(f"cannot resolve endpoint {host}:{port}: {e.strerror}") from None
+    # Prefer IPv4 when both exist: most VPN endpoints answer there.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    address = infos[0][4]
+    return (str(address[0]), int(address[1]))
+
+
+def _format_endpoint(endpoint: Endpoint) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check(config: WireGuardConfig, timeout: float, out=sys.stdout) -> None:
+    """Handshake with every peer that has an endpoint; raise CheckFailed on any failure."""
+    config.require_peers()
+    endpoints: dict[bytes, Endpoint] = {}
+    for pc in config.peers:
+        if pc.endpoint is None:
+            raise CheckFailed(
+                f"peer {pc.public_key_b64} has no Endpoint: mitm-wg must know where to send "
+                "the handshake"
+            )
+        endpoints[pc.public_key] = resolve_endpoint(pc.endpoint.host, pc.endpoint.port)
+    device = Device.from_config(
+        config, endpoints=endpoints, unix_time_offset=time.time() - time.monotonic()
+    )
+    sockets: dict[int, socket.socket] = {}
+    try:
+        for host, _ in endpoints.values():
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            if family not in sockets:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.bind(
+                    ("::" if family == socket.AF_INET6 else "0.0.0.0", config.listen_port or 0)
+                )
+                sock.setblocking(False)
+                sockets[family] = sock
+        _run_check(device, sockets, endpoints, timeout, out)
+    finally:
+        for sock in sockets.values():
+            sock.close()
+
+
+def _send(sockets: dict[int, socket.socket], datagrams: list[tuple[bytes, Endpoint]]) -> None:
+    for data, (host, port) in datagrams:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sockets[family].sendto(data, (host, port))
+        except OSError as e:
+            raise CheckFailed(
+                f"cannot send to {_format_endpoint((host, port))}: {e.strerror}"
+            ) from None
+    datagrams.clear()
+
+
+def _run_check(
+    device: Device,
+    sockets: dict[int, socket.socket],
+    endpoints: dict[bytes, Endpoint],
+    timeout: float,
+    out,
+) -> None:
+    start = time.monotonic()
+    results = {key: PeerResult(device.peers[key], ep, start) for key, ep in endpoints.items()}
+    pending: list[tuple[bytes, Endpoint]] = []
+    for result in results.values():
+        device.connect(result.peer, start, pending)
+    _send(sockets, pending)
+    deadline = start + timeout
+    packets: list[bytes] = []
+    while any(r.completed is None for r in results.values()):
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        wake = min(deadline, device.next_deadline() or deadline)
+        readable, _, _ = select.select(list(sockets.values()), [], [], max(0.0, wake - now))
+        now = time.monotonic()
+        for sock in readable:
+            while True:
+                try:
+                    data, address = sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    break
+                device.receive_datagram(data, (address[0], address[1]), now, pending, packets)
+        device.poll(now, pending)
+        _send(sockets, pending)
+        for event in device.take_events():
+            if isinstance(event, HandshakeCompleted):
+                result = results.get(event.peer.public_key)
+                if result is not None and result.completed is None:
+                    result.completed = now
+    failed = []
+    for result in results.values():
+        name = result.peer.public_key_b64
+        ep = _format_endpoint(result.endpoint)
+        if result.completed is not None:
+            ms = (result.completed - result.started) * 1000
+            print(f"peer {name} at {ep}: handshake completed in {ms:.1f} ms", file=out)
+        else:
+            failed.append(result)
+    if failed:
+        first = failed[0]
+        raise CheckFailed(
+            f"no handshake response from {_format_endpoint(first.endpoint)} "
+            f"(peer {first.peer.public_key_b64}) within {timeout:g} s; likely causes: the "
+            "peer's PublicKey is wrong or it does not know our key, the endpoint is "
+            "unreachable, or UDP to it is blocked"
+            + (f" ({len(failed) - 1} more peer(s) failed too)" if len(failed) > 1 else "")
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mitm-wg", description="mitmproxy upstream connections through WireGuard"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_check = sub.add_parser("check", help="handshake with every peer of a wg-quick config")
+    p_check.add_argument("config", help="path to a wg-quick .conf file")
+    p_check.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help=f"seconds to wait for each peer (at most {MAX_CHECK_TIMEOUT:g}; default 10)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "check":
+            timeout = min(max(args.timeout, 0.1), MAX_CHECK_TIMEOUT)
+            config = WireGuardConfig.from_file(args.config)
+            check(config, timeout)
+    except (ConfigError, CheckFailed) as e:
+        print(f"mitm-wg: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Sans-IO WireGuard: handshake, sessions, timers, cookies and cryptokey routing."""
+
+from mitm_wg.wireguard.device import (
+    Device,
+    Event,
+    HandshakeCompleted,
+    HandshakeFailed,
+    KeysZeroed,
+    Transmit,
+)
+from mitm_wg.wireguard.peer import Endpoint, Peer, PeerStatus
+
+__all__ = [
+    "Device",
+    "Endpoint",
+    "Event",
+    "HandshakeCompleted",
+    "HandshakeFailed",
+    "KeysZeroed",
+    "Peer",
+    "PeerStatus",
+    "Transmit",
+]

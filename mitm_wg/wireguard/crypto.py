@@ -1,0 +1,299 @@
+"""WireGuard's cryptographic primitives (whitepaper §5.4), built on `cryptography` and hashlib.
+
+- ``hash_``: BLAKE2s-256; ``mac``: keyed BLAKE2s with a 16-byte digest;
+  ``hmac``: HMAC (RFC 2104) over BLAKE2s-256; ``kdf1``/``kdf2``/``kdf3``: the whitepaper's HKDF.
+- ``dh``/``dh_generate``/``dh_public``: X25519 with raw 32-byte keys.
+- ``Aead``: ChaCha20-Poly1305 with WireGuard's nonce (4 zero bytes || 64-bit LE counter).
+- ``xaead_seal``/``xaead_open``: XChaCha20-Poly1305 (cookie replies), via ``hchacha20``.
+- ``tai64n``: the 12-byte timestamp carried in handshake initiations.
+
+Nothing here logs, and no exception message contains key material.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import struct
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AEAD_TAG_LEN",
+    "HASH_LEN",
+    "KEY_LEN",
+    "MAC_LEN",
+    "TAI64N_LEN",
+    "Aead",
+    "aead_open",
+    "aead_seal",
+    "dh",
+    "dh_generate",
+    "dh_public",
+    "hash_",
+    "hchacha20",
+    "hmac",
+    "kdf1",
+    "kdf2",
+    "kdf3",
+    "mac",
+    "tai64n",
+    "xaead_open",
+    "xaead_seal",
+]
+
+KEY_LEN = 32
+HASH_LEN = 32
+MAC_LEN = 16
+AEAD_TAG_LEN = 16
+TAI64N_LEN = 12
+
+_BLOCK_LEN = 64  # BLAKE2s block size, used by HMAC
+_blake2s = hashlib.blake2s
+# HMAC pads as byte translation tables: key.translate(_IPAD) == bytes(b ^ 0x36 for b in key).
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+_ZERO_BLOCK = bytes(_BLOCK_LEN)
+
+_NONCE = struct.Struct("<4xQ")  # WireGuard AEAD nonce: 32 zero bits || 64-bit little-endian counter
+_TAI64N = struct.Struct(">QI")
+_TAI64_LABEL = 1 << 62
+_ZERO_KEY = bytes(KEY_LEN)
+
+# ---------------------------------------------------------------------------------------------
+# Hashes, MAC, HMAC, KDF
+
+
+def hash_(data: bytes) -> bytes:
+    """BLAKE2s-256 of ``data``."""
+    return _blake2s(data).digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """Keyed BLAKE2s with a 16-byte digest (``key`` up to 32 bytes)."""
+    return _blake2s(data, digest_size=MAC_LEN, key=key).digest()
+
+
+def hmac(key: bytes, data: bytes) -> bytes:
+    """HMAC-BLAKE2s-256 (RFC 2104 with BLAKE2s-256 and a 64-byte block)."""
+    if len(key) > _BLOCK_LEN:
+        key = _blake2s(key).digest()
+    key = key + _ZERO_BLOCK[len(key) :]
+    inner = _blake2s(key.translate(_IPAD))
+    inner.update(data)
+    outer = _blake2s(key.translate(_OPAD))
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def kdf1(key: bytes, data: bytes) -> bytes:
+    """The whitepaper's KDF with one output: HMAC(HMAC(key, data), 0x1)."""
+    t0 = hmac(key, data)
+    return hmac(t0, b"\x01")
+
+
+def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """The whitepaper's KDF with two outputs."""
+    t0 = hmac(key, data)
+    t1 = hmac(t0, b"\x01")
+    t2 = hmac(t0, t1 + b"\x02")
+    return t1, t2
+
+
+def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The whitepaper's KDF with three outputs."""
+    t0 = hmac(key, data)
+    t1 = hmac(t0, b"\x01")
+    t2 = hmac(t0, t1 + b"\x02")
+    t3 = hmac(t0, t2 + b"\x03")
+    return t1, t2, t3
+
+
+# ---------------------------------------------------------------------------------------------
+# X25519
+
+
+def dh(private: bytes, public: bytes) -> bytes:
+    """X25519(private, public) with raw 32-byte keys.
+
+    Raises ValueError if the result is all zeros (a low-order public key) or a key is malformed.
+    """
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(public)
+        )
+    except ValueError:
+        # Never chain the original exception: keep key bytes out of any message.
+        raise ValueError("X25519 failed (invalid key or low-order point)") from None
+    if shared == _ZERO_KEY:
+        raise ValueError("X25519 produced the all-zero shared secret")
+    return shared
+
+
+def _clamp(private: bytes) -> bytes:
+    first = private[0] & 248
+    last = (private[31] & 127) | 64
+    return bytes((first,)) + private[1:31] + bytes((last,))
+
+
+def dh_generate(randbytes: Callable[[int], bytes] = os.urandom) -> tuple[bytes, bytes]:
+    """A fresh X25519 key pair ``(private, public)`` from ``randbytes``; the private key is
+    clamped as ``wg genkey`` does."""
+    raw = randbytes(KEY_LEN)
+    if len(raw) != KEY_LEN:
+        raise ValueError("randbytes returned the wrong number of bytes")
+    private = _clamp(raw)
+    return private, dh_public(private)
+
+
+def dh_public(private: bytes) -> bytes:
+    """The X25519 public key of a raw 32-byte private key."""
+    try:
+        key = X25519PrivateKey.from_private_bytes(private)
+    except ValueError:
+        raise ValueError("invalid X25519 private key") from None
+    return key.public_key().public_bytes_raw()
+
+
+# ---------------------------------------------------------------------------------------------
+# ChaCha20-Poly1305 with WireGuard's nonce
+
+
+class Aead:
+    """ChaCha20-Poly1305 keyed once; nonce = 4 zero bytes || 64-bit little-endian counter."""
+
+    __slots__ = ("_cipher",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_LEN:
+            raise ValueError("AEAD key must be 32 bytes")
+        self._cipher = ChaCha20Poly1305(key)
+
+    def __repr__(self) -> str:
+        return "<Aead>"
+
+    def seal(self, counter: int, plaintext: bytes, aad: bytes = b"") -> bytes:
+        """Encrypt and authenticate; returns ciphertext || 16-byte tag."""
+        try:
+            nonce = _NONCE.pack(counter)
+        except struct.error:
+            raise ValueError("AEAD counter out of range") from None
+        return self._cipher.encrypt(nonce, plaintext, aad)
+
+    def open(self, counter: int, ciphertext: bytes | memoryview, aad: bytes = b"") -> bytes | None:
+        """Decrypt ciphertext || tag; None if authentication fails."""
+        try:
+            nonce = _NONCE.pack(counter)
+        except struct.error:
+            raise ValueError("AEAD counter out of range") from None
+        try:
+            return self._cipher.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            return None
+
+
+def aead_seal(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
+    """One-shot ``Aead(key).seal(counter, plaintext, aad)``."""
+    return Aead(key).seal(counter, plaintext, aad)
+
+
+def aead_open(key: bytes, counter: int, ciphertext: bytes | memoryview, aad: bytes) -> bytes | None:
+    """One-shot ``Aead(key).open(counter, ciphertext, aad)``."""
+    return Aead(key).open(counter, ciphertext, aad)
+
+
+# ---------------------------------------------------------------------------------------------
+# HChaCha20 and XChaCha20-Poly1305 (draft-irtf-cfrg-xchacha-03)
+
+_WORDS8 = struct.Struct("<8I")
+_WORDS4 = struct.Struct("<4I")
+_CHACHA_CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k"
+_M32 = 0xFFFFFFFF
+
+
+def _quarter_round(s: list[int], a: int, b: int, c: int, d: int) -> None:
+    s[a] = (s[a] + s[b]) & _M32
+    x = s[d] ^ s[a]
+    s[d] = ((x << 16) | (x >> 16)) & _M32
+    s[c] = (s[c] + s[d]) & _M32
+    x = s[b] ^ s[c]
+    s[b] = ((x << 12) | (x >> 20)) & _M32
+    s[a] = (s[a] + s[b]) & _M32
+    x = s[d] ^ s[a]
+    s[d] = ((x << 8) | (x >> 24)) & _M32
+    s[c] = (s[c] + s[d]) & _M32
+    x = s[b] ^ s[c]
+    s[b] = ((x << 7) | (x >> 25)) & _M32
+
+
+def hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20: a 32-byte subkey from a 32-byte key and a 16-byte nonce.
+
+    The ChaCha20 state (constants, key, nonce) goes through the 20 rounds without the final
+    addition; the output is state words 0..3 and 12..15, little-endian. Pure Python: it runs
+    once per cookie reply, so clarity beats speed here.
+    """
+    if len(key) != KEY_LEN:
+        raise ValueError("HChaCha20 key must be 32 bytes")
+    if len(nonce16) != 16:
+        raise ValueError("HChaCha20 nonce must be 16 bytes")
+    s = [*_CHACHA_CONSTANTS, *_WORDS8.unpack(key), *_WORDS4.unpack(nonce16)]
+    for _ in range(10):  # 10 double rounds = 20 rounds
+        # column round
+        _quarter_round(s, 0, 4, 8, 12)
+        _quarter_round(s, 1, 5, 9, 13)
+        _quarter_round(s, 2, 6, 10, 14)
+        _quarter_round(s, 3, 7, 11, 15)
+        # diagonal round
+        _quarter_round(s, 0, 5, 10, 15)
+        _quarter_round(s, 1, 6, 11, 12)
+        _quarter_round(s, 2, 7, 8, 13)
+        _quarter_round(s, 3, 4, 9, 14)
+    return _WORDS8.pack(s[0], s[1], s[2], s[3], s[12], s[13], s[14], s[15])
+
+
+def _xchacha(key: bytes, nonce24: bytes) -> tuple[ChaCha20Poly1305, bytes]:
+    if len(nonce24) != 24:
+        raise ValueError("XChaCha20-Poly1305 nonce must be 24 bytes")
+    subkey = hchacha20(key, bytes(nonce24[:16]))
+    return ChaCha20Poly1305(subkey), b"\x00\x00\x00\x00" + bytes(nonce24[16:24])
+
+
+def xaead_seal(key: bytes, nonce24: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """XChaCha20-Poly1305 encryption; returns ciphertext || 16-byte tag."""
+    cipher, nonce = _xchacha(key, nonce24)
+    return cipher.encrypt(nonce, plaintext, aad)
+
+
+def xaead_open(
+    key: bytes, nonce24: bytes, ciphertext: bytes | memoryview, aad: bytes
+) -> bytes | None:
+    """XChaCha20-Poly1305 decryption; None if authentication fails."""
+    cipher, nonce = _xchacha(key, nonce24)
+    try:
+        return cipher.decrypt(nonce, ciphertext, aad)
+    except InvalidTag:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# TAI64N
+
+
+def tai64n(unix_seconds: float) -> bytes:
+    """12-byte TAI64N label: (2**62 + seconds) as big-endian u64 || nanoseconds as big-endian u32.
+
+    WireGuard (like wireguard-go) ignores leap seconds: the seconds are plain Unix seconds.
+    """
+    secs = math.floor(unix_seconds)
+    nanos = int((unix_seconds - secs) * 1_000_000_000)
+    if nanos > 999_999_999:  # float rounding guard
+        nanos = 999_999_999
+    return _TAI64N.pack(_TAI64_LABEL + secs, nanos)
