@@ -1,0 +1,94 @@
+"""Shared pytest configuration: interop skip rules (strict under CI=true) and peer fixtures."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from harness import ExitPeer, MitmPeer, have_mitmdump, have_netns, mitmproxy_wireguard_peer
+from harness import exit_peer as _exit_peer
+
+log = logging.getLogger(__name__)
+
+pytest_plugins = ["pytester"]  # test_harness checks the CI skip rules with it
+
+# Using any of these fixtures marks a test `interop`.
+INTEROP_FIXTURES = frozenset({"netns_available", "exit_peer", "fresh_exit_peer", "mitm_peer"})
+
+
+def in_ci() -> bool:
+    """True when the environment says CI (``CI=true``/``1``/``yes``)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _unavailable(reason: str) -> None:
+    if in_ci():
+        pytest.fail(f"CI=true but the interop environment is unusable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_netns() -> None:
+    """Skip (fail under CI=true) unless namespaces + wireguard-go + wg are usable."""
+    ok, reason = have_netns()
+    if not ok:
+        _unavailable(reason)
+
+
+def require_mitmdump() -> None:
+    """Skip (fail under CI=true) unless mitmdump is installed."""
+    ok, reason = have_mitmdump()
+    if not ok:
+        _unavailable(reason)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEROP_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.interop)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    report: pytest.TestReport = yield
+    if (
+        report.skipped
+        and in_ci()
+        and item.get_closest_marker("interop") is not None
+        and not hasattr(report, "wasxfail")
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"interop test skipped under CI=true (must run in CI): {reason}"
+    return report
+
+
+@pytest.fixture
+def netns_available() -> None:
+    require_netns()
+
+
+@pytest.fixture(scope="module")
+def exit_peer() -> Iterator[ExitPeer]:
+    """A shared exit peer (IPv4+IPv6, HTTP, dnsmasq) for the whole test module."""
+    require_netns()
+    with _exit_peer(dnsmasq=True) as peer:
+        yield peer
+
+
+@pytest.fixture
+def fresh_exit_peer() -> Iterator[ExitPeer]:
+    """An exit peer of its own for one test (for stats or stop/start tests)."""
+    require_netns()
+    with _exit_peer(dnsmasq=True) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def mitm_peer() -> Iterator[MitmPeer]:
+    """mitmdump's WireGuard mode on 127.0.0.1 (random UDP port), fresh confdir."""
+    require_mitmdump()
+    with mitmproxy_wireguard_peer() as peer:
+        yield peer

@@ -1,0 +1,545 @@
+"""A real WireGuard exit peer (wireguard-go + the Linux TCP/IP stack) in a network namespace.
+
+Layout for index N (1..250)::
+
+    client_ns  PREFIXNc                       ns (exit)  PREFIXNe
+    veth PREFIXNv0 10.77.N.1/30  <------->    veth PREFIXNv1 10.77.N.2/30  (fd00:77:N::2/64)
+                 fd00:77:N::1/64             wireguard-go PREFIXNwg, UDP 51820
+                                              tunnel 10.78.N.1/24, fd00:78:N::1/64
+                                              HTTP :8000 on the tunnel addresses
+                                              dnsmasq :53 on the tunnel addresses (optional)
+
+Our code's UDP socket lives in ``client_ns`` (``peer.client_ns.socket(...)``) and talks to
+``peer.endpoint``; inside the tunnel it is 10.78.N.2 / fd00:78:N::2.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import logging
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from .netns import STATE_DIR, WG_SOCKET_DIR, Netns, cleanup_stale, list_namespaces
+
+log = logging.getLogger(__name__)
+
+WG_PORT = 51820
+HTTP_PORT = 8000
+DNS_PORT = 53
+MAX_PREFIX_LEN = 9
+_HTTP_SCRIPT = Path(__file__).with_name("httpserver.py")
+_READY_QNAME = "ready.harness.invalid"
+
+
+def b64(key: bytes) -> str:
+    """Base64 form of a 32-byte key, as WireGuard configs write it."""
+    return base64.b64encode(key).decode()
+
+
+def generate_keypair() -> tuple[bytes, bytes]:
+    """A fresh X25519 ``(private, public)`` pair as raw 32-byte strings."""
+    priv = X25519PrivateKey.generate()
+    raw_priv = priv.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    raw_pub = priv.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return raw_priv, raw_pub
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll ``predicate()`` until true; TimeoutError naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStats:
+    """One peer line of ``wg show IF dump``."""
+
+    public_key: bytes
+    endpoint: tuple[str, int] | None
+    allowed_ips: tuple[str, ...]
+    latest_handshake: int  # unix seconds, 0 = never
+    rx_bytes: int
+    tx_bytes: int
+    persistent_keepalive: int | None
+
+
+def parse_wg_dump(text: str) -> list[PeerStats]:
+    """Parse ``wg show IF dump`` (skips the interface line, which holds the private key)."""
+    peers = []
+    for line in text.splitlines()[1:]:
+        f = line.split("\t")
+        if len(f) < 8:
+            continue
+        ep: tuple[str, int] | None = None
+        if f[2] != "(none)":
+            host, _, port = f[2].rpartition(":")
+            ep = (host.strip("[]"), int(port))
+        peers.append(
+            PeerStats(
+                public_key=base64.b64decode(f[0]),
+                endpoint=ep,
+                allowed_ips=tuple(a for a in f[3].split(",") if a and a != "(none)"),
+                latest_handshake=int(f[4]),
+                rx_bytes=int(f[5]),
+                tx_bytes=int(f[6]),
+                persistent_keepalive=None if f[7] == "off" else int(f[7]),
+            )
+        )
+    return peers
+
+
+@dataclass(frozen=True, slots=True)
+class DnsQuery:
+    qtype: str
+    name: str
+    client: str
+
+
+def _dns_query_packet(name: str, qtype: int = 1, txid: int = 0x4D57) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", txid, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", qtype, 1)
+
+
+@dataclass(eq=False)
+class ExitPeer:
+    """A running exit peer. Create with :func:`exit_peer`; see module docstring for layout."""
+
+    ns: Netns
+    client_ns: Netns
+    index: int
+    ifname: str
+    endpoint: tuple[str, int]
+    endpoint_v6: tuple[str, int] | None
+    server_tunnel_v4: str
+    client_tunnel_v4: str
+    server_tunnel_v6: str | None
+    client_tunnel_v6: str | None
+    http_port: int
+    www_root: Path
+    workdir: Path
+    client_private_key: bytes = field(repr=False)
+    client_public_key: bytes
+    server_public_key: bytes
+    dns_server: str | None = None
+    _server_private_key: bytes = field(default=b"", repr=False)
+    _wg_proc: subprocess.Popen[Any] | None = field(default=None, repr=False)
+    _dns_log: Path | None = field(default=None, repr=False)
+
+    # -- config for our side -----------------------------------------------------------------
+    @property
+    def client_ifname(self) -> str:
+        """A free interface name for a reference wireguard-go client in ``client_ns``."""
+        return self.ifname[: -len("wg")] + "cw"
+
+    @property
+    def tunnel_v4_net(self) -> str:
+        return f"10.78.{self.index}.0/24"
+
+    @property
+    def tunnel_v6_net(self) -> str | None:
+        return f"fd00:78:{self.index}::/64" if self.server_tunnel_v6 else None
+
+    @property
+    def http_url(self) -> str:
+        """``http://10.78.N.1:8000``"""
+        return f"http://{self.server_tunnel_v4}:{self.http_port}"
+
+    def client_config_text(
+        self,
+        allowed_ips: str | None = None,
+        keepalive: int | None = None,
+        *,
+        endpoint: tuple[str, int] | None = None,
+        dns: bool = True,
+    ) -> str:
+        """wg-quick text for OUR side (the client).
+
+        ``allowed_ips`` defaults to the tunnel prefixes (``10.78.N.0/24, fd00:78:N::/64``);
+        ``endpoint`` overrides :attr:`endpoint` (e.g. an :class:`ImpairedRelay`'s address);
+        ``DNS`` is included when the peer runs dnsmasq and ``dns`` is true.
+        """
+        if allowed_ips is None:
+            allowed_ips = ", ".join(n for n in (self.tunnel_v4_net, self.tunnel_v6_net) if n)
+        addrs = [f"{self.client_tunnel_v4}/32"]
+        if self.client_tunnel_v6:
+            addrs.append(f"{self.client_tunnel_v6}/128")
+        host, port = endpoint or self.endpoint
+        ep = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [
+            "[Interface]",
+            f"PrivateKey = {b64(self.client_private_key)}",
+            f"Address = {', '.join(addrs)}",
+        ]
+        if dns and self.dns_server:
+            lines.append(f"DNS = {self.dns_server}")
+        lines += [
+            "",
+            "[Peer]",
+            f"PublicKey = {b64(self.server_public_key)}",
+            f"AllowedIPs = {allowed_ips}",
+            f"Endpoint = {ep}",
+        ]
+        if keepalive:
+            lines.append(f"PersistentKeepalive = {keepalive}")
+        return "\n".join(lines) + "\n"
+
+    # -- state of the real peer ---------------------------------------------------------------
+    def wg_show(self) -> list[PeerStats]:
+        """Peers of the exit's wireguard-go interface (``wg show IF dump``)."""
+        r = self.ns.exec(["wg", "show", self.ifname, "dump"])
+        return parse_wg_dump(r.stdout)
+
+    def client_stats(self) -> PeerStats:
+        """The :class:`PeerStats` of our (client) key."""
+        for p in self.wg_show():
+            if p.public_key == self.client_public_key:
+                return p
+        raise LookupError("client peer missing from wg show")
+
+    @property
+    def wireguard_running(self) -> bool:
+        return self._wg_proc is not None and self._wg_proc.poll() is None
+
+    def stop_wireguard(self) -> None:
+        """Kill the exit's wireguard-go (its interface and tunnel addresses disappear)."""
+        if self._wg_proc is not None:
+            self.ns.kill(self._wg_proc)
+            self._wg_proc = None
+        sock = WG_SOCKET_DIR / f"{self.ifname}.sock"
+        wait_until(lambda: not sock.exists(), 5, f"{sock} to disappear")
+
+    def start_wireguard(self) -> None:
+        """(Re)start wireguard-go with the same keys, port and addresses."""
+        if self.wireguard_running:
+            return
+        self._wg_proc = start_wireguard_go(self.ns, self.ifname, self.workdir / "wg-exit.log")
+        key_file = self.workdir / "exit.key"
+        key_file.write_text(b64(self._server_private_key))
+        key_file.chmod(0o600)
+        allowed = [f"{self.client_tunnel_v4}/32"]
+        if self.client_tunnel_v6:
+            allowed.append(f"{self.client_tunnel_v6}/128")
+        self.ns.exec(
+            [
+                "wg", "set", self.ifname, "listen-port", str(WG_PORT),
+                "private-key", str(key_file),
+                "peer", b64(self.client_public_key), "allowed-ips", ",".join(allowed),
+            ]
+        )  # fmt: skip
+        key_file.unlink()
+        self.ns.ip("addr", "add", f"{self.server_tunnel_v4}/24", "dev", self.ifname)
+        if self.server_tunnel_v6:
+            self.ns.ip(
+                "-6", "addr", "add", f"{self.server_tunnel_v6}/64", "dev", self.ifname, "nodad"
+            )
+        self.ns.ip("link", "set", self.ifname, "up")
+
+    # -- dnsmasq ----------------------------------------------------------------------------------
+    def dns_queries(self) -> list[DnsQuery]:
+        """Queries dnsmasq logged (excluding the harness's readiness probe)."""
+        if self._dns_log is None:
+            raise RuntimeError("exit peer runs without dnsmasq (use exit_peer(dnsmasq=True))")
+        try:
+            text = self._dns_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for m in re.finditer(r"query\[(\w+)\] (\S+) from (\S+)", text):
+            if m.group(2) != _READY_QNAME:
+                out.append(DnsQuery(m.group(1), m.group(2), m.group(3)))
+        return out
+
+    def queries(self) -> list[str]:
+        """Names dnsmasq was asked for, in order (proves where names were resolved)."""
+        return [q.name for q in self.dns_queries()]
+
+
+def start_wireguard_go(ns: Netns, ifname: str, log_path: Path) -> subprocess.Popen[Any]:
+    """Run ``wireguard-go IFNAME`` in the foreground inside ``ns``; wait for its socket."""
+    sock = WG_SOCKET_DIR / f"{ifname}.sock"
+    if sock.exists():
+        raise FileExistsError(f"{sock} exists: interface name {ifname!r} is in use")
+    with open(log_path, "ab") as logf:
+        proc = ns.popen(
+            ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", ifname],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"wireguard-go {ifname} exited: {log_path.read_text()[-500:]}")
+        return sock.exists()
+
+    try:
+        wait_until(ready, 10, f"wireguard-go {ifname}")
+    except BaseException:
+        ns.kill(proc)
+        raise
+    return proc
+
+
+def parse_wg_quick(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Minimal wg-quick parser for the harness: ``(interface, [peer, ...])`` with raw values."""
+    iface: dict[str, str] = {}
+    peers: list[dict[str, str]] = []
+    cur: dict[str, str] | None = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.lower() == "[interface]":
+            cur = iface
+        elif line.lower() == "[peer]":
+            cur = {}
+            peers.append(cur)
+        elif cur is not None and "=" in line:
+            k, v = line.split("=", 1)
+            cur[k.strip().lower()] = v.strip()
+    return iface, peers
+
+
+@contextlib.contextmanager
+def wireguard_go_interface(
+    ns: Netns, ifname: str, config_text: str, workdir: Path
+) -> Iterator[subprocess.Popen[Any]]:
+    """A reference wireguard-go interface in ``ns`` configured from wg-quick text.
+
+    Sets keys/peers with ``wg set``, adds the Address(es), brings the link up and routes every
+    peer's AllowedIPs into it. DNS/MTU/Table/hooks are ignored. Killed on exit.
+    """
+    iface, peers = parse_wg_quick(config_text)
+    proc = start_wireguard_go(ns, ifname, workdir / f"wg-{ifname}.log")
+    try:
+        key_file = workdir / f"{ifname}.key"
+        key_file.write_text(iface["privatekey"])
+        key_file.chmod(0o600)
+        argv = ["wg", "set", ifname, "private-key", str(key_file)]
+        if "listenport" in iface:
+            argv += ["listen-port", iface["listenport"]]
+        for p in peers:
+            argv += ["peer", p["publickey"]]
+            if "allowedips" in p:
+                argv += ["allowed-ips", p["allowedips"].replace(" ", "")]
+            if "endpoint" in p:
+                argv += ["endpoint", p["endpoint"]]
+            if "persistentkeepalive" in p:
+                argv += ["persistent-keepalive", p["persistentkeepalive"]]
+        try:
+            ns.exec(argv)
+        finally:
+            key_file.unlink()
+        for addr in iface.get("address", "").split(","):
+            addr = addr.strip()
+            if addr:
+                extra = ["nodad"] if ":" in addr else []
+                ns.ip("addr", "add", addr, "dev", ifname, *extra)
+        ns.ip("link", "set", ifname, "up")
+        for p in peers:
+            for net in p.get("allowedips", "").split(","):
+                net = net.strip()
+                if net:
+                    ns.ip("-6" if ":" in net else "-4", "route", "replace", net, "dev", ifname)
+        yield proc
+    finally:
+        ns.kill(proc)
+        sock = WG_SOCKET_DIR / f"{ifname}.sock"
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not sock.exists(), 5, f"{sock} to disappear")
+
+
+_alloc_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _allocation_lock() -> Iterator[None]:
+    STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _alloc_lock, open(STATE_DIR / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _claim_index(prefix: str) -> tuple[int, Netns, Netns]:
+    """Pick N whose namespaces, interfaces and wireguard sockets are all free; create the ns."""
+    with _allocation_lock():
+        existing = set(list_namespaces())
+        host_links = {p.name for p in Path("/sys/class/net").iterdir()}
+        for n in range(1, 251):
+            base = f"{prefix}{n}"
+            names = [base + s for s in ("e", "c")]
+            ifnames = [base + s for s in ("wg", "cw", "v0", "v1")]
+            if any(x in existing for x in names) or any(x in host_links for x in ifnames):
+                continue
+            if any((WG_SOCKET_DIR / f"{x}.sock").exists() for x in ifnames):
+                continue
+            ns = Netns.claim(names[0])
+            if ns is None:
+                continue
+            client_ns = Netns.claim(names[1])
+            if client_ns is None:
+                ns.close()
+                continue
+            return n, ns, client_ns
+    raise RuntimeError(f"no free exit-peer index for prefix {prefix!r}")
+
+
+@contextlib.contextmanager
+def exit_peer(
+    *,
+    ipv6: bool = True,
+    http: bool = True,
+    dnsmasq: bool = False,
+    name_prefix: str = "mwg",
+    dns_names: Mapping[str, str] | None = None,
+) -> Iterator[ExitPeer]:
+    """Start an exit peer; tear everything down on exit (also on errors).
+
+    ``dns_names`` adds dnsmasq answers (``{"name.test": "10.78.N.1"}``, ``{N}`` is replaced by
+    the index); ``exit.test`` always resolves to the server's tunnel addresses.
+    Namespaces left by a crashed earlier run with the same prefix are removed first.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9]*", name_prefix) or len(name_prefix) > MAX_PREFIX_LEN:
+        raise ValueError(f"name_prefix must be [a-z][a-z0-9]{{0,{MAX_PREFIX_LEN - 1}}}")
+    cleanup_stale(name_prefix)
+    n, ns, client_ns = _claim_index(name_prefix)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name_prefix}{n}-"))
+    try:
+        srv_priv, srv_pub = generate_keypair()
+        cli_priv, cli_pub = generate_keypair()
+        peer = ExitPeer(
+            ns=ns,
+            client_ns=client_ns,
+            index=n,
+            ifname=f"{name_prefix}{n}wg",
+            endpoint=(f"10.77.{n}.2", WG_PORT),
+            endpoint_v6=(f"fd00:77:{n}::2", WG_PORT) if ipv6 else None,
+            server_tunnel_v4=f"10.78.{n}.1",
+            client_tunnel_v4=f"10.78.{n}.2",
+            server_tunnel_v6=f"fd00:78:{n}::1" if ipv6 else None,
+            client_tunnel_v6=f"fd00:78:{n}::2" if ipv6 else None,
+            http_port=HTTP_PORT,
+            www_root=workdir / "www",
+            workdir=workdir,
+            client_private_key=cli_priv,
+            client_public_key=cli_pub,
+            server_public_key=srv_pub,
+            _server_private_key=srv_priv,
+        )
+        v0, v1 = f"{name_prefix}{n}v0", f"{name_prefix}{n}v1"
+        subprocess.run(
+            ["ip", "link", "add", v0, "netns", client_ns.name, "type", "veth",
+             "peer", "name", v1, "netns", ns.name],
+            check=True, capture_output=True, timeout=20,
+        )  # fmt: skip
+        client_ns.ip("addr", "add", f"10.77.{n}.1/30", "dev", v0)
+        ns.ip("addr", "add", f"10.77.{n}.2/30", "dev", v1)
+        if ipv6:
+            client_ns.ip("-6", "addr", "add", f"fd00:77:{n}::1/64", "dev", v0, "nodad")
+            ns.ip("-6", "addr", "add", f"fd00:77:{n}::2/64", "dev", v1, "nodad")
+        client_ns.ip("link", "set", v0, "up")
+        ns.ip("link", "set", v1, "up")
+        peer.start_wireguard()
+        addrs = [peer.server_tunnel_v4] + ([peer.server_tunnel_v6] if peer.server_tunnel_v6 else [])
+        if http:
+            _start_http(peer, addrs)
+        if dnsmasq:
+            _start_dnsmasq(peer, addrs, dns_names or {})
+        log.info("exit peer %s ready: endpoint %s", ns.name, peer.endpoint)
+        yield peer
+    finally:
+        client_ns.close()
+        ns.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_http(peer: ExitPeer, addrs: list[str]) -> None:
+    peer.www_root.mkdir()
+    (peer.www_root / "index.html").write_text("hello from the exit peer\n")
+    ready = peer.workdir / "http.ready"
+    with open(peer.workdir / "http.log", "ab") as logf:
+        proc = peer.ns.popen(
+            [
+                sys.executable,
+                str(_HTTP_SCRIPT),
+                str(peer.www_root),
+                str(ready),
+                str(peer.http_port),
+                *addrs,
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+
+    def is_ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"HTTP server exited: {(peer.workdir / 'http.log').read_text()[-800:]}"
+            )
+        return ready.exists()
+
+    wait_until(is_ready, 15, "the exit peer's HTTP server")
+
+
+def _start_dnsmasq(peer: ExitPeer, addrs: list[str], names: Mapping[str, str]) -> None:
+    if shutil.which("dnsmasq") is None:
+        raise RuntimeError("dnsmasq not found (apt-get install dnsmasq-base)")
+    peer._dns_log = peer.workdir / "dnsmasq.log"
+    peer.dns_server = peer.server_tunnel_v4
+    argv = [
+        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        "--bind-dynamic", "--cache-size=0", "--log-queries", f"--log-facility={peer._dns_log}",
+        f"--port={DNS_PORT}",
+    ]  # fmt: skip
+    argv += [f"--listen-address={a}" for a in addrs]
+    for a in addrs:
+        argv.append(f"--address=/exit.test/{a}")
+    argv.append(f"--address=/{_READY_QNAME}/{peer.server_tunnel_v4}")
+    for name, addr in names.items():
+        argv.append(f"--address=/{name}/{addr.replace('{N}', str(peer.index))}")
+    proc = peer.ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # readiness: a real query from inside the exit namespace
+    sock = peer.ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("dnsmasq exited during startup")
+            try:
+                sock.sendto(_dns_query_packet(_READY_QNAME), (peer.server_tunnel_v4, DNS_PORT))
+                if sock.recv(512)[:2] == b"\x4d\x57":
+                    return
+            except OSError:
+                time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise TimeoutError("dnsmasq did not answer")
+    finally:
+        sock.close()
