@@ -11,9 +11,9 @@ import json
 import socket
 
 import pytest
+from harness import ImpairedRelay, Impairment
 
 from mitm_wg.config import WireGuardConfig
-from tests.harness import ImpairedRelay, Impairment
 from tests.tunneldrive import TunnelDriver
 
 SIZE = 50 * 1024 * 1024
