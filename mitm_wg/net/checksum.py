@@ -8,7 +8,6 @@ a few hundred nanoseconds.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 
 _PSEUDO4 = struct.Struct("!4s4sxBH")
@@ -16,8 +15,9 @@ _PSEUDO4 = struct.Struct("!4s4sxBH")
 __all__ = [
     "checksum",
     "fold",
-    "pseudo_header_sum",
     "ones_sum",
+    "pseudo_header_sum",
+    "verify",
 ]
 
 
@@ -29,6 +29,10 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     """
     if len(data) & 1:
         return int.from_bytes(bytes(data) + b"\0", "big") % 0xFFFF
+    if type(data) is memoryview:
+        # int.from_bytes is ~2x slower on a memoryview than on bytes (1388 B: 3.5 vs 1.5 µs)
+        # even counting the copy.
+        data = bytes(data)
     return int.from_bytes(data, "big") % 0xFFFF
 
 
@@ -54,7 +58,3 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
 def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
     """True when ``data`` (checksum field included) plus ``initial`` sums to all ones."""
     return (ones_sum(data) + initial) % 0xFFFF == 0
-
-
-def addr_bytes(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
-    return addr.packed

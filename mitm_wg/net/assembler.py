@@ -1,0 +1,125 @@
+"""Out-of-order receive data: sorted, merged ranges of absolute stream positions.
+
+Positions are plain (unbounded) integers; the TCP socket maps 32-bit sequence numbers to
+them, so there is no wraparound here.  Each range keeps its data as a list of chunks and
+joins it once, when the range becomes contiguous with the in-order stream.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+__all__ = ["Assembler"]
+
+
+class Assembler:
+    """Holds data that arrived ahead of the in-order point.
+
+    ``add`` merges overlapping/adjacent ranges (bytes already held win over new copies);
+    ``pop`` hands out the data that starts at or before the in-order point.
+    """
+
+    __slots__ = ("_ranges", "_recent", "max_ranges", "size")
+
+    def __init__(self, max_ranges: int = 64) -> None:
+        # each entry: [start, end, chunks]
+        self._ranges: list[list] = []
+        self._recent: list[int] = []  # starts of ranges most recently touched, newest first
+        self.max_ranges = max_ranges
+        self.size = 0  # bytes held
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self._ranges)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(r[0], r[1]) for r in self._ranges]
+
+    def add(self, start: int, data: bytes | bytearray | memoryview) -> bool:
+        """Store ``data`` at ``start``; False (nothing stored) if it would exceed max_ranges."""
+        end = start + len(data)
+        if end <= start:
+            return True
+        rs = self._ranges
+        i = bisect_left(rs, start, key=lambda r: r[1])  # first range ending at/after start
+        j = i
+        while j < len(rs) and rs[j][0] <= end:
+            j += 1
+        if i == j:
+            if len(rs) >= self.max_ranges:
+                return False
+            rs.insert(i, [start, end, [bytes(data)]])
+            self.size += end - start
+            self._touch(start)
+            return True
+        first = rs[i]
+        merged_start = min(start, first[0])
+        cur = merged_start
+        chunks: list[bytes] = []
+        mv = memoryview(data)
+        for k in range(i, j):
+            r = rs[k]
+            if r[0] > cur:
+                chunks.append(bytes(mv[cur - start : r[0] - start]))
+                self.size += r[0] - cur
+            chunks.extend(r[2])
+            cur = r[1]
+        if end > cur:
+            chunks.append(bytes(mv[cur - start :]))
+            self.size += end - cur
+            cur = end
+        rs[i:j] = [[merged_start, cur, chunks]]
+        self._touch(merged_start)
+        return True
+
+    def _touch(self, start: int) -> None:
+        recent = self._recent
+        if start in recent:
+            recent.remove(start)
+        recent.insert(0, start)
+        if len(recent) > 8:
+            del recent[8:]
+
+    def first_start(self) -> int | None:
+        return self._ranges[0][0] if self._ranges else None
+
+    def pop(self, at: int) -> bytes | None:
+        """If the first range reaches ``at`` (starts <= at < end), remove it and return its
+        data from ``at`` on.  Ranges wholly below ``at`` are discarded."""
+        rs = self._ranges
+        while rs and rs[0][0] <= at:
+            start, end, chunks = rs.pop(0)
+            self.size -= end - start
+            if end > at:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return data[at - start :] if at > start else data
+        return None
+
+    def sack_blocks(self, limit: int) -> tuple[tuple[int, int], ...]:
+        """Up to ``limit`` ranges, the most recently changed first (RFC 2018 §4)."""
+        rs = self._ranges
+        if not rs:
+            return ()
+        out: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        # A recent start may have been swallowed by a merge; map it to its containing range.
+        for s in self._recent:
+            if len(out) >= limit:
+                break
+            k = bisect_left(rs, s + 1, key=lambda r: r[1])
+            if k < len(rs) and rs[k][0] <= s and k not in seen:
+                seen.add(k)
+                out.append((rs[k][0], rs[k][1]))
+        for k, r in enumerate(rs):
+            if len(out) >= limit:
+                break
+            if k not in seen:
+                out.append((r[0], r[1]))
+        return tuple(out)
+
+    def clear(self) -> None:
+        self._ranges.clear()
+        self._recent.clear()
+        self.size = 0

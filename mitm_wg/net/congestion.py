@@ -1,0 +1,135 @@
+"""Congestion controllers: NewReno (RFC 5681/6582 window rules) and CUBIC (RFC 9438).
+
+The controllers only own ``cwnd``/``ssthresh`` growth and reduction; the socket decides
+when a congestion event happens (fast retransmit, RTO) and runs loss recovery itself.
+All sizes are bytes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Cubic", "NewReno", "initial_window", "make_controller"]
+
+
+def initial_window(smss: int) -> int:
+    """RFC 6928: min(10*MSS, max(2*MSS, 14600))."""
+    return min(10 * smss, max(2 * smss, 14600))
+
+
+class NewReno:
+    """Slow start and congestion avoidance with appropriate byte counting (RFC 3465, L=2)."""
+
+    __slots__ = ("_acc", "cwnd", "smss", "ssthresh")
+
+    name = "newreno"
+
+    def __init__(self, smss: int) -> None:
+        self.smss = smss
+        self.cwnd = initial_window(smss)
+        self.ssthresh = 1 << 62
+        self._acc = 0
+
+    def set_mss(self, smss: int) -> None:
+        if smss != self.smss:
+            segs = max(1, self.cwnd // self.smss)
+            self.smss = smss
+            self.cwnd = segs * smss
+
+    def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
+        """New data was cumulatively acknowledged outside loss recovery."""
+        if self.cwnd < self.ssthresh:
+            self.cwnd += min(acked, 2 * self.smss)
+        else:
+            self._acc += acked
+            if self._acc >= self.cwnd:
+                self._acc -= self.cwnd
+                self.cwnd += self.smss
+
+    def on_congestion_event(self, now: float, flight: int) -> None:
+        """Fast retransmit: ssthresh = max(FlightSize/2, 2*SMSS); cwnd = ssthresh."""
+        self.ssthresh = max(flight // 2, 2 * self.smss)
+        self.cwnd = self.ssthresh
+        self._acc = 0
+
+    def on_rto(self, now: float, flight: int) -> None:
+        """Retransmission timeout: ssthresh as above, cwnd = loss window (1 SMSS)."""
+        self.ssthresh = max(flight // 2, 2 * self.smss)
+        self.cwnd = self.smss
+        self._acc = 0
+
+
+class Cubic(NewReno):
+    """CUBIC window growth (RFC 9438) with the Reno-friendly region; slow start as NewReno."""
+
+    __slots__ = ("_cwnd_epoch", "_epoch", "_k", "_w_est", "_w_last_max", "_w_max")
+
+    name = "cubic"
+    C = 0.4
+    BETA = 0.7
+
+    def __init__(self, smss: int) -> None:
+        super().__init__(smss)
+        self._epoch: float | None = None
+        self._k = 0.0
+        self._w_max = 0.0  # segments
+        self._w_last_max = 0.0
+        self._w_est = 0.0
+        self._cwnd_epoch = 0.0
+
+    def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
+        if self.cwnd < self.ssthresh:
+            super().on_ack(acked, now, srtt)
+            return
+        smss = self.smss
+        cwnd_seg = self.cwnd / smss
+        if self._epoch is None:
+            self._epoch = now
+            if cwnd_seg < self._w_max:
+                self._k = ((self._w_max - cwnd_seg) / self.C) ** (1 / 3)
+            else:
+                self._k = 0.0
+                self._w_max = cwnd_seg
+            self._w_est = cwnd_seg
+            self._cwnd_epoch = cwnd_seg
+        t = now - self._epoch + (srtt or 0.0)
+        target = self._w_max + self.C * (t - self._k) ** 3
+        target = min(max(target, cwnd_seg), 1.5 * cwnd_seg)
+        alpha = 3 * (1 - self.BETA) / (1 + self.BETA)
+        self._w_est += alpha * (acked / smss) / cwnd_seg
+        if self._w_est > target:
+            target = self._w_est
+        # grow by (target - cwnd)/cwnd segments per acknowledged segment
+        inc = (target - cwnd_seg) / cwnd_seg * (acked / smss)
+        self._acc += int(inc * smss)
+        if self._acc >= 1:
+            self.cwnd += self._acc
+            self._acc = 0
+
+    def _reduce(self) -> None:
+        cwnd_seg = self.cwnd / self.smss
+        if cwnd_seg < self._w_last_max:  # fast convergence
+            self._w_last_max = cwnd_seg
+            self._w_max = cwnd_seg * (1 + self.BETA) / 2
+        else:
+            self._w_last_max = cwnd_seg
+            self._w_max = cwnd_seg
+        self._epoch = None
+
+    def on_congestion_event(self, now: float, flight: int) -> None:
+        self._reduce()
+        self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.smss)
+        self.cwnd = self.ssthresh
+        self._acc = 0
+
+    def on_rto(self, now: float, flight: int) -> None:
+        self._reduce()
+        self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.smss)
+        self.cwnd = self.smss
+        self._acc = 0
+
+
+def make_controller(name: str, smss: int) -> NewReno:
+    if name == "newreno":
+        return NewReno(smss)
+    if name == "cubic":
+        return Cubic(smss)
+    raise ValueError(f"unknown congestion controller {name!r}")

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mitm_wg.net.assembler import Assembler
+
+
+def test_in_order_pop() -> None:
+    a = Assembler()
+    assert a.pop(0) is None
+    a.add(0, b"abc")
+    assert a.pop(0) == b"abc"
+    assert not a and a.size == 0
+
+
+def test_merge_adjacent_and_overlapping() -> None:
+    a = Assembler()
+    a.add(10, b"klm")
+    a.add(20, b"uvw")
+    assert a.ranges() == [(10, 13), (20, 23)]
+    a.add(13, b"nop")  # adjacent to the first
+    assert a.ranges() == [(10, 16), (20, 23)]
+    a.add(12, b"MNOPQRSTUVWXY")  # overlaps both and bridges the gap; held bytes win
+    assert a.ranges() == [(10, 25)]
+    assert a.size == 15
+    assert a.pop(10) == b"klmnopQRSTuvwXY"
+
+
+def test_pop_from_middle_and_discard_old() -> None:
+    a = Assembler()
+    a.add(5, b"fghij")
+    a.add(20, b"u")
+    assert a.pop(3) is None  # range starts after the in-order point
+    assert a.pop(7) == b"hij"
+    a.add(30, b"x")
+    assert a.pop(25) is None  # (20, 21) is wholly old: discarded
+    assert a.ranges() == [(30, 31)]
+
+
+def test_max_ranges() -> None:
+    a = Assembler(max_ranges=2)
+    assert a.add(10, b"a")
+    assert a.add(20, b"b")
+    assert not a.add(30, b"c")
+    assert a.add(11, b"b")  # merging does not need a new range
+    assert a.ranges() == [(10, 12), (20, 21)]
+
+
+def test_sack_blocks_most_recent_first() -> None:
+    a = Assembler()
+    a.add(10, b"a")
+    a.add(20, b"b")
+    a.add(30, b"c")
+    assert a.sack_blocks(3) == ((30, 31), (20, 21), (10, 11))
+    a.add(21, b"x")  # touches (20, 21)
+    assert a.sack_blocks(2) == ((20, 22), (30, 31))
+    a.add(11, b"yyyyyyyyy")  # merges (10, 11) and (20, 22)
+    assert a.sack_blocks(4) == ((10, 22), (30, 31))
+
+
+@given(st.integers(0, 2**31), st.data())
+def test_random_segments_reassemble(seed: int, data: st.DataObject) -> None:
+    rng = random.Random(seed)
+    stream = bytes(rng.randrange(256) for _ in range(300))
+    a = Assembler(max_ranges=1000)
+    pieces = []
+    for _ in range(40):
+        s = rng.randrange(0, 300)
+        e = rng.randrange(s, min(300, s + 50) + 1)
+        pieces.append((s, e))
+    pieces.append((0, 300))
+    rng.shuffle(pieces)
+    nxt = 0
+    out = bytearray()
+    for s, e in pieces:
+        if e <= nxt:
+            continue
+        if s <= nxt:
+            out += stream[nxt:e]
+            nxt = e
+            while (more := a.pop(nxt)) is not None:
+                out += more
+                nxt += len(more)
+        else:
+            a.add(s, stream[s:e])
+        assert a.size == sum(e - s for s, e in a.ranges())
+    assert bytes(out) == stream

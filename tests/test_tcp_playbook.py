@@ -1,0 +1,924 @@
+"""RFC playbooks for TcpSocket: segments in -> exact segments out, on a virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+from tcp_playbook import LPORT, RPORT, Pb, active, cfg, passive, seg
+
+from mitm_wg.net.tcp import TcpState
+from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, TcpSegment
+
+ISS = 1000
+PISS = 9000
+M32 = 0xFFFFFFFF
+
+
+def o(flags: int, seq: int, ack: int = 0, **kw: object) -> TcpSegment:
+    """A segment the socket under test sends."""
+    return seg(flags, seq, ack, src=LPORT, dst=RPORT, **kw)  # type: ignore[arg-type]
+
+
+def est(
+    *,
+    peer_ts: bool = False,
+    peer_sack: bool = False,
+    peer_ws: int | None = None,
+    peer_mss: int = 1000,
+    peer_window: int = 65535,
+    isn: int = ISS,
+    piss: int = PISS,
+    **kw: object,
+) -> Pb:
+    """An active-open socket, established at t=0 (SYN-ACK arrives at once)."""
+    pb = active(cfg(**kw), isn=isn)
+    (syn,) = pb.out()
+    ts = (100, syn.timestamp[0]) if peer_ts and syn.timestamp else None
+    pb.send(
+        SYN | ACK,
+        piss,
+        isn + 1,
+        window=peer_window,
+        mss=peer_mss,
+        wscale=peer_ws,
+        sack_permitted=peer_sack,
+        timestamp=ts,
+    )
+    assert pb.sock.state is TcpState.ESTABLISHED
+    (ack,) = pb.out()
+    assert ack.flags == ACK
+    return pb
+
+
+# -- handshake ---------------------------------------------------------------------------
+
+
+def test_active_open_exact_segments_and_option_negotiation() -> None:
+    pb = active(cfg())
+    assert pb.sock.state is TcpState.SYN_SENT
+    assert pb.poll() == 0.0
+    pb.expect(
+        [
+            o(
+                SYN,
+                ISS,
+                0,
+                window=65535,
+                mss=1000,
+                wscale=0,
+                sack_permitted=True,
+                timestamp=(0, 0),
+            )
+        ]
+    )
+    assert pb.poll() == pytest.approx(1.0)  # initial RTO
+    pb.at(0.05).send(
+        SYN | ACK,
+        PISS,
+        ISS + 1,
+        window=30000,
+        mss=1200,
+        wscale=3,
+        sack_permitted=True,
+        timestamp=(777, 0),
+    )
+    assert pb.sock.state is TcpState.ESTABLISHED
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535, timestamp=(50, 777))])
+    assert pb.sock.mss == 1000 - 12  # our MSS is smaller; timestamps take 12 bytes
+    assert pb.sock.peer_window == 30000  # the window in a SYN is never scaled
+    pb.at(0.06).send(ACK, PISS + 1, ISS + 1, window=100, timestamp=(778, 50))
+    assert pb.sock.peer_window == 800
+    assert pb.poll() is None
+
+
+def test_passive_open_echoes_only_offered_options() -> None:
+    syn = seg(SYN, PISS, 0, window=20000, mss=1400, wscale=2, sack_permitted=True)
+    pb = passive(syn, isn=5000)
+    assert pb.sock.state is TcpState.SYN_RECEIVED
+    pb.expect([o(SYN | ACK, 5000, PISS + 1, window=65535, mss=1000, wscale=0, sack_permitted=True)])
+    pb.at(0.1).send(ACK, PISS + 1, 5001, window=5000)
+    assert pb.sock.state is TcpState.ESTABLISHED
+    assert pb.sock.peer_window == 20000
+    assert pb.sock.srtt == pytest.approx(0.1)  # Karn: the SYN-ACK was timed
+    pb.expect([])
+
+
+def test_passive_open_retransmits_syn_ack_on_duplicate_syn() -> None:
+    syn = seg(SYN, PISS, 0, mss=1000)
+    pb = passive(syn, isn=5000)
+    (synack,) = pb.out()
+    pb.at(0.3).feed(syn)
+    pb.expect([synack])
+    assert pb.sock.stats.retransmits == 1
+
+
+def test_passive_open_bad_ack_gets_rst() -> None:
+    pb = passive(seg(SYN, PISS, 0), isn=5000)
+    pb.out()
+    pb.send(ACK, PISS + 1, 4242)
+    pb.expect([o(RST, 4242, 0, window=0)])
+    assert pb.sock.state is TcpState.SYN_RECEIVED
+
+
+def test_syn_ack_with_bad_ack_gets_rst_in_syn_sent() -> None:
+    pb = active(cfg())
+    pb.out()
+    pb.send(SYN | ACK, PISS, 77)
+    pb.expect([o(RST, 77, 0, window=0)])
+    assert pb.sock.state is TcpState.SYN_SENT
+
+
+@pytest.mark.parametrize("shift", [3, None])
+def test_window_scale_negotiation(shift: int | None) -> None:
+    pb = active(cfg(recv_buffer=1 << 20))
+    (syn,) = pb.out()
+    assert syn.wscale == 5  # (1 << 20) >> 5 fits 16 bits
+    pb.send(SYN | ACK, PISS, ISS + 1, window=1000, mss=1000, wscale=shift)
+    (ack,) = pb.out()
+    if shift is None:  # only we offered: no scaling in either direction
+        assert ack.window == 65535
+        pb.send(ACK, PISS + 1, ISS + 1, window=1000)
+        assert pb.sock.peer_window == 1000
+    else:
+        assert ack.window == (1 << 20) >> 5
+        pb.send(ACK, PISS + 1, ISS + 1, window=1000)
+        assert pb.sock.peer_window == 8000
+
+
+def test_passive_no_wscale_when_peer_does_not_offer() -> None:
+    pb = passive(seg(SYN, PISS, 0, mss=1000), cfg(recv_buffer=1 << 20), isn=5000)
+    (synack,) = pb.out()
+    assert synack.wscale is None and not synack.sack_permitted and synack.timestamp is None
+    pb.send(ACK, PISS + 1, 5001, window=1000)
+    pb.sock.send(b"x" * 5000)
+    assert [len(s.payload) for s in pb.out()] == [1000]  # peer window not scaled
+
+
+def test_mss_clamped_to_peer() -> None:
+    pb = est(peer_mss=536)
+    pb.sock.send(b"a" * 2000)
+    got = pb.out()
+    assert [len(s.payload) for s in got] == [536, 536, 536, 392]
+    assert [s.flags for s in got] == [ACK, ACK, ACK, ACK | PSH]
+
+
+def test_simultaneous_open() -> None:
+    pb = active(cfg(), isn=ISS)
+    pb.out()
+    pb.at(0.01).send(SYN, PISS, 0, window=8000, mss=900)
+    assert pb.sock.state is TcpState.SYN_RECEIVED
+    pb.expect([o(SYN | ACK, ISS, PISS + 1, window=65535, mss=1000)])
+    pb.at(0.02).send(SYN | ACK, PISS, ISS + 1, window=8000, mss=900)
+    assert pb.sock.state is TcpState.ESTABLISHED
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535)])
+    pb.sock.send(b"z" * 2000)
+    assert [len(s.payload) for s in pb.out()] == [900, 900, 200]
+
+
+def test_simultaneous_open_plain_ack_completes() -> None:
+    pb = active(cfg(), isn=ISS)
+    pb.out()
+    pb.send(SYN, PISS, 0, mss=900)
+    pb.out()
+    pb.send(ACK, PISS + 1, ISS + 1)
+    assert pb.sock.state is TcpState.ESTABLISHED
+    pb.expect([])
+
+
+def test_syn_retries_give_up_with_timeout() -> None:
+    pb = active(cfg(syn_retries=2, timestamps=False))
+    (syn,) = pb.out()
+    assert pb.poll() == pytest.approx(1.0)
+    pb.at(1.0).expect([syn])
+    assert pb.poll() == pytest.approx(3.0)
+    pb.at(3.0).expect([syn])
+    assert pb.poll() == pytest.approx(7.0)
+    pb.at(7.0).expect([])
+    assert pb.sock.state is TcpState.CLOSED
+    assert isinstance(pb.sock.error, TimeoutError)
+    assert pb.sock.is_closed and pb.poll() is None
+
+
+def test_rst_in_syn_sent_refuses() -> None:
+    pb = active(cfg())
+    pb.out()
+    pb.send(RST, 0, 0)  # no ACK: ignored
+    pb.send(RST | ACK, 0, ISS + 7)  # unacceptable ACK: ignored
+    assert pb.sock.state is TcpState.SYN_SENT
+    pb.expect([])
+    pb.send(RST | ACK, 0, ISS + 1)
+    assert pb.sock.state is TcpState.CLOSED
+    assert isinstance(pb.sock.error, ConnectionRefusedError)
+    assert pb.sock.is_closed
+
+
+def test_icmp_unreachable_is_hard_in_syn_sent_soft_later() -> None:
+    pb = active(cfg())
+    pb.out()
+    pb.sock.on_icmp_unreachable(ConnectionRefusedError(111, "refused"), 0.1)
+    assert pb.sock.state is TcpState.CLOSED
+    assert isinstance(pb.sock.error, ConnectionRefusedError)
+
+    pb = est(user_timeout=3.0)
+    err = OSError(113, "No route to host")
+    pb.sock.on_icmp_unreachable(err, 0.0)
+    assert pb.sock.state is TcpState.ESTABLISHED
+    pb.sock.send(b"x")
+    pb.out()
+    while pb.sock.state is not TcpState.CLOSED:
+        t = pb.poll()
+        assert t is not None
+        pb.at(t).out()
+    assert pb.sock.error is err
+
+
+# -- data, ACK policy ---------------------------------------------------------------------
+
+
+def test_send_data_segments() -> None:
+    pb = est()
+    assert pb.sock.send(b"x" * 2500) == 2500
+    assert pb.poll() == 0.0
+    pb.expect(
+        [
+            o(ACK, ISS + 1, PISS + 1, window=65535, payload=b"x" * 1000),
+            o(ACK, ISS + 1001, PISS + 1, window=65535, payload=b"x" * 1000),
+            o(ACK | PSH, ISS + 2001, PISS + 1, window=65535, payload=b"x" * 500),
+        ]
+    )
+    pb.at(0.1).send(ACK, PISS + 1, ISS + 2501)
+    assert pb.sock.send_queued == 0
+    assert pb.poll() is None
+
+
+def test_delayed_ack_timing() -> None:
+    pb = est()
+    pb.at(1.0).send(ACK | PSH, PISS + 1, ISS + 1, payload=b"a" * 100)
+    pb.expect([])
+    assert pb.poll() == pytest.approx(1.04)
+    pb.at(1.03).expect([])
+    pb.at(1.04).expect([o(ACK, ISS + 1, PISS + 101, window=65435)])
+    assert pb.sock.recv(1000) == b"a" * 100
+    pb.expect([])  # the window is still wide open: no window update
+
+
+def test_ack_every_second_full_segment() -> None:
+    pb = est()
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.expect([])
+    pb.send(ACK, PISS + 1001, ISS + 1, payload=b"b" * 1000)
+    pb.expect([o(ACK, ISS + 1, PISS + 2001, window=63535)])
+    assert pb.poll() is None
+
+
+def test_delayed_ack_piggybacks_on_data() -> None:
+    pb = est()
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 1, payload=b"q" * 10)
+    pb.sock.send(b"r" * 5)
+    pb.expect([o(ACK | PSH, ISS + 1, PISS + 11, window=65525, payload=b"r" * 5)])
+    assert pb.poll() == pytest.approx(1.0 + pb.sock.rto)  # only the RTO remains
+
+
+def test_out_of_order_sack_blocks_and_gap_fill() -> None:
+    pb = est(peer_sack=True)
+    pb.at(1.0).send(ACK, PISS + 1001, ISS + 1, payload=b"B" * 1000)
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535, sack_blocks=((PISS + 1001, PISS + 2001),))])
+    pb.send(ACK, PISS + 3001, ISS + 1, payload=b"D" * 1000)
+    pb.expect(
+        [
+            o(
+                ACK,
+                ISS + 1,
+                PISS + 1,
+                window=65535,
+                sack_blocks=((PISS + 3001, PISS + 4001), (PISS + 1001, PISS + 2001)),
+            )
+        ]
+    )
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"A" * 1000)  # fills the first gap: ACK at once
+    pb.expect(
+        [o(ACK, ISS + 1, PISS + 2001, window=63535, sack_blocks=((PISS + 3001, PISS + 4001),))]
+    )
+    pb.send(ACK, PISS + 2001, ISS + 1, payload=b"C" * 1000)
+    pb.expect([o(ACK, ISS + 1, PISS + 4001, window=61535)])
+    assert pb.sock.recv(10000) == b"A" * 1000 + b"B" * 1000 + b"C" * 1000 + b"D" * 1000
+    assert pb.sock.stats.out_of_order == 2
+
+
+def test_each_out_of_order_segment_gets_its_own_dup_ack() -> None:
+    pb = est()
+    for i in range(3):
+        pb.send(ACK, PISS + 1001 + 1000 * i, ISS + 1, payload=b"x" * 1000)
+    dup = o(ACK, ISS + 1, PISS + 1, window=65535)
+    pb.expect([dup, dup, dup])
+
+
+def test_out_of_window_and_duplicate_segments_are_acked_not_stored() -> None:
+    pb = est()
+    pb.at(1.0).send(ACK, PISS + 1 + 70000, ISS + 1, payload=b"x" * 100)
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535)])
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"y" * 100)
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"y" * 100)  # duplicate: ACK at once
+    pb.expect([o(ACK, ISS + 1, PISS + 101, window=65435)])
+    pb.send(ACK, PISS + 51, ISS + 1, payload=b"y" * 50 + b"z" * 50)  # overlap: new part kept
+    pb.expect([o(ACK, ISS + 1, PISS + 151, window=65385)])
+    assert pb.sock.recv(1000) == b"y" * 100 + b"z" * 50
+    assert pb.sock.stats.dropped == 2
+
+
+def test_segment_beyond_window_is_trimmed() -> None:
+    pb = est(recv_buffer=1500)
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK, PISS + 1001, ISS + 1, payload=b"b" * 1000)  # only 500 fit
+    pb.expect([o(ACK, ISS + 1, PISS + 1501, window=0)])
+    assert pb.sock.recv_available == 1500
+
+
+def test_window_update_when_application_reads() -> None:
+    pb = est(recv_buffer=4000)
+    for i in range(4):
+        pb.send(ACK, PISS + 1 + 1000 * i, ISS + 1, payload=b"w" * 1000)
+    got = pb.out()
+    assert got[-1] == o(ACK, ISS + 1, PISS + 4001, window=0)
+    assert pb.sock.recv(500) == b"w" * 500
+    pb.expect([])  # 500 bytes is not worth a window update (SWS avoidance, MSS 1000)
+    pb.sock.recv(600)
+    assert pb.poll() == 0.0
+    pb.expect([o(ACK, ISS + 1, PISS + 4001, window=1100)])
+    # the right edge never moves left, even with a smaller buffer-derived window
+    pb.send(ACK, PISS + 4001, ISS + 1, payload=b"v" * 1100)
+    pb.expect([])
+    assert pb.poll() == pytest.approx(0.04)
+
+
+def test_nagle_holds_small_segments_while_data_unacked() -> None:
+    pb = est(nagle=True)
+    pb.sock.send(b"a" * 10)
+    pb.expect([o(ACK | PSH, ISS + 1, PISS + 1, window=65535, payload=b"a" * 10)])
+    pb.sock.send(b"b" * 10)
+    pb.expect([])
+    pb.at(0.05).send(ACK, PISS + 1, ISS + 11)
+    pb.expect([o(ACK | PSH, ISS + 11, PISS + 1, window=65535, payload=b"b" * 10)])
+
+
+def test_nagle_off_sends_small_segments_at_once() -> None:
+    pb = est()
+    pb.sock.send(b"a" * 10)
+    pb.out()
+    pb.sock.send(b"b" * 10)
+    pb.expect([o(ACK | PSH, ISS + 11, PISS + 1, window=65535, payload=b"b" * 10)])
+
+
+def test_send_buffer_is_bounded() -> None:
+    pb = est(send_buffer=3000)
+    assert pb.sock.send(b"x" * 5000) == 3000
+    assert pb.sock.send(b"y") == 0
+    assert not pb.sock.can_send
+    pb.out()
+    pb.send(ACK, PISS + 1, ISS + 1001)
+    assert pb.sock.send_space == 1000
+    assert pb.sock.send(b"y" * 5000) == 1000
+
+
+# -- timestamps ---------------------------------------------------------------------------
+
+
+def test_timestamps_rtt_and_paws() -> None:
+    pb = est(peer_ts=True)
+    pb.sock.send(b"d" * 100)
+    (d,) = pb.out()
+    assert d.timestamp == (0, 100)
+    assert pb.sock.srtt == 0.0  # Karn sample of the handshake (its TSecr was 0)
+    pb.at(0.25).send(ACK, PISS + 1, ISS + 101, timestamp=(200, 0))  # TSecr 0: no sample
+    assert pb.sock.srtt == 0.0
+    pb.sock.send(b"e" * 100)
+    (e,) = pb.out()
+    assert e.timestamp == (250, 200)
+    pb.at(0.4).send(ACK, PISS + 1, ISS + 201, timestamp=(300, 250), payload=b"1" * 10)
+    assert pb.sock.srtt == pytest.approx(0.15 / 8)  # RFC 6298: 7/8 * 0 + 1/8 * 0.15
+    # an older TSval: PAWS drops the segment and ACKs
+    pb.at(0.5).send(ACK, PISS + 11, ISS + 201, timestamp=(299, 250), payload=b"2" * 10)
+    pb.expect([o(ACK, ISS + 201, PISS + 11, window=65525, timestamp=(500, 300))])
+    assert pb.sock.stats.paws_rejected == 1
+    assert pb.sock.recv(100) == b"1" * 10
+    # RST is exempt from PAWS
+    pb.send(RST, PISS + 11, 0, timestamp=(1, 0))
+    assert pb.sock.state is TcpState.CLOSED
+
+
+def test_ts_recent_tracks_last_ack_sent_only() -> None:
+    pb = est(peer_ts=True)
+    # out of order: SEG.SEQ > Last.ACK.sent, TS.Recent must not move
+    pb.send(ACK, PISS + 101, ISS + 1, timestamp=(500, 0), payload=b"x" * 10)
+    (ack,) = pb.out()
+    assert ack.timestamp == (0, 100)
+    pb.send(ACK, PISS + 1, ISS + 1, timestamp=(600, 0), payload=b"y" * 100)
+    (ack,) = pb.out()
+    assert ack.timestamp == (0, 600)
+
+
+# -- RST / RFC 5961 -----------------------------------------------------------------------
+
+
+def _to_state(name: str) -> tuple[Pb, int, int, int]:
+    """A socket in ``name`` plus its (SND.NXT, RCV.NXT, advertised window).
+
+    A FIN from the peer takes one sequence number, so the window that keeps the right edge
+    in place is one smaller afterwards.
+    """
+    if name == "SYN_RECEIVED":
+        pb = passive(seg(SYN, PISS, 0), isn=5000)
+        pb.out()
+        return pb, 5001, PISS + 1, 65535
+    pb = est()
+    if name == "ESTABLISHED":
+        return pb, ISS + 1, PISS + 1, 65535
+    if name in ("FIN_WAIT_1", "FIN_WAIT_2", "CLOSING", "TIME_WAIT"):
+        pb.sock.shutdown_write(0.0)
+        pb.expect([o(FIN | ACK, ISS + 1, PISS + 1, window=65535)])
+        if name == "FIN_WAIT_1":
+            return pb, ISS + 2, PISS + 1, 65535
+        if name == "CLOSING":
+            pb.send(FIN | ACK, PISS + 1, ISS + 1)
+            pb.expect([o(ACK, ISS + 2, PISS + 2, window=65534)])
+            return pb, ISS + 2, PISS + 2, 65534
+        pb.send(ACK, PISS + 1, ISS + 2)
+        if name == "FIN_WAIT_2":
+            return pb, ISS + 2, PISS + 1, 65535
+        pb.send(FIN | ACK, PISS + 1, ISS + 2)
+        pb.expect([o(ACK, ISS + 2, PISS + 2, window=65534)])
+        return pb, ISS + 2, PISS + 2, 65534
+    pb.send(FIN | ACK, PISS + 1, ISS + 1)
+    pb.expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
+    if name == "CLOSE_WAIT":
+        return pb, ISS + 1, PISS + 2, 65534
+    assert name == "LAST_ACK"
+    pb.sock.shutdown_write(0.0)
+    pb.expect([o(FIN | ACK, ISS + 1, PISS + 2, window=65534)])
+    return pb, ISS + 2, PISS + 2, 65534
+
+
+SYNC_STATES = [
+    "SYN_RECEIVED",
+    "ESTABLISHED",
+    "FIN_WAIT_1",
+    "FIN_WAIT_2",
+    "CLOSE_WAIT",
+    "CLOSING",
+    "LAST_ACK",
+    "TIME_WAIT",
+]
+RESET_ERROR = {
+    "SYN_RECEIVED": ConnectionResetError,
+    "ESTABLISHED": ConnectionResetError,
+    "FIN_WAIT_1": ConnectionResetError,
+    "FIN_WAIT_2": ConnectionResetError,
+    "CLOSE_WAIT": ConnectionResetError,
+    "CLOSING": None,
+    "LAST_ACK": None,
+    "TIME_WAIT": None,
+}
+
+
+@pytest.mark.parametrize("name", SYNC_STATES)
+def test_states_reached(name: str) -> None:
+    pb, _, _, _ = _to_state(name)
+    assert pb.sock.state is TcpState[name]
+
+
+@pytest.mark.parametrize("name", SYNC_STATES)
+def test_rst_exact_closes(name: str) -> None:
+    pb, _, rcv, _ = _to_state(name)
+    pb.send(RST, rcv, 0)
+    assert pb.sock.state is TcpState.CLOSED
+    err = RESET_ERROR[name]
+    if err is None:
+        assert pb.sock.error is None
+    else:
+        assert isinstance(pb.sock.error, err)
+    pb.expect([])
+    assert pb.sock.is_closed
+
+
+@pytest.mark.parametrize("name", SYNC_STATES)
+def test_rst_in_window_not_exact_gets_challenge_ack(name: str) -> None:
+    pb, snd, rcv, win = _to_state(name)
+    pb.send(RST, rcv + 100, 0)
+    assert pb.sock.state is TcpState[name]
+    pb.expect([o(ACK, snd, rcv, window=win)])
+    assert pb.sock.stats.challenge_acks == 1
+
+
+@pytest.mark.parametrize("name", SYNC_STATES)
+def test_rst_out_of_window_ignored(name: str) -> None:
+    pb, _, rcv, _ = _to_state(name)
+    pb.send(RST, rcv + 100000, 0)
+    pb.send(RST, rcv - 1, 0)
+    assert pb.sock.state is TcpState[name]
+    pb.expect([])
+
+
+@pytest.mark.parametrize("name", [s for s in SYNC_STATES if s != "SYN_RECEIVED"])
+def test_syn_in_synchronized_state_gets_challenge_ack(name: str) -> None:
+    pb, snd, rcv, win = _to_state(name)
+    pb.send(SYN, rcv + 10, 0)
+    assert pb.sock.state is TcpState[name]
+    pb.expect([o(ACK, snd, rcv, window=win)])
+
+
+def test_challenge_ack_rate_limit() -> None:
+    pb = est(challenge_ack_limit=10)
+    sent = 0
+    for _ in range(15):
+        pb.at(1.0).send(SYN, PISS + 50, 0)
+        sent += len(pb.out())
+    assert sent == 10
+    pb.at(2.01).send(SYN, PISS + 50, 0)
+    assert len(pb.out()) == 1
+
+
+def test_ack_of_unsent_data_is_dropped_and_answered() -> None:
+    pb = est()
+    pb.send(ACK, PISS + 1, ISS + 500, payload=b"data")
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535)])
+    assert pb.sock.recv_available == 0  # the whole segment was dropped
+
+
+def test_abort_sends_rst() -> None:
+    pb = est()
+    pb.sock.abort(0.0)
+    assert pb.sock.state is TcpState.CLOSED and not pb.sock.is_closed
+    pb.expect([o(RST | ACK, ISS + 1, PISS + 1, window=0)])
+    assert pb.sock.is_closed and pb.sock.error is None
+
+
+def test_close_with_unread_data_resets() -> None:
+    pb = est()
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"unread")
+    pb.sock.close(0.0)
+    pb.expect([o(RST | ACK, ISS + 1, PISS + 7, window=0)])
+    assert pb.sock.is_closed
+
+
+def test_data_after_full_close_resets() -> None:
+    pb = est()
+    pb.sock.close(0.0)
+    pb.expect([o(FIN | ACK, ISS + 1, PISS + 1, window=65535)])
+    pb.send(ACK, PISS + 1, ISS + 2, payload=b"late")
+    pb.expect([o(RST | ACK, ISS + 2, PISS + 1, window=0)])
+    assert pb.sock.state is TcpState.CLOSED
+
+
+def test_send_after_shutdown_raises() -> None:
+    pb = est()
+    pb.sock.shutdown_write(0.0)
+    with pytest.raises(BrokenPipeError):
+        pb.sock.send(b"x")
+
+
+# -- closing ------------------------------------------------------------------------------
+
+
+def test_half_close_we_close_first() -> None:
+    pb = est()
+    pb.sock.send(b"h" * 100)
+    pb.sock.shutdown_write(0.0)
+    assert pb.sock.state is TcpState.FIN_WAIT_1
+    pb.expect([o(ACK | PSH | FIN, ISS + 1, PISS + 1, window=65535, payload=b"h" * 100)])
+    pb.at(0.1).send(ACK, PISS + 1, ISS + 102)
+    assert pb.sock.state is TcpState.FIN_WAIT_2
+    pb.send(ACK | PSH, PISS + 1, ISS + 102, payload=b"still talking")
+    assert pb.sock.recv(100) == b"still talking"
+    pb.send(FIN | ACK, PISS + 14, ISS + 102)
+    assert pb.sock.state is TcpState.TIME_WAIT
+    assert pb.sock.at_eof
+    pb.expect([o(ACK, ISS + 102, PISS + 15, window=65521)])
+    assert pb.poll() == pytest.approx(1.1)  # time_wait = 1.0
+    # a retransmitted FIN in TIME_WAIT is ACKed again and restarts the timer
+    pb.at(0.5).send(FIN | ACK, PISS + 14, ISS + 102)
+    pb.expect([o(ACK, ISS + 102, PISS + 15, window=65521)])
+    assert pb.poll() == pytest.approx(1.5)
+    pb.at(1.5).expect([])
+    assert pb.sock.state is TcpState.CLOSED and pb.sock.is_closed
+    assert pb.sock.error is None
+
+
+def test_half_close_peer_closes_first() -> None:
+    pb = est()
+    pb.send(ACK | FIN, PISS + 1, ISS + 1, payload=b"bye")
+    assert pb.sock.state is TcpState.CLOSE_WAIT
+    pb.expect([o(ACK, ISS + 1, PISS + 5, window=65531)])
+    assert not pb.sock.at_eof
+    assert pb.sock.recv(10) == b"bye"
+    assert pb.sock.at_eof and pb.sock.can_recv
+    assert pb.sock.send(b"reply") == 5
+    pb.expect([o(ACK | PSH, ISS + 1, PISS + 5, window=65531, payload=b"reply")])
+    pb.sock.close(0.0)
+    assert pb.sock.state is TcpState.LAST_ACK
+    pb.expect([o(ACK | FIN, ISS + 6, PISS + 5, window=65531)])
+    pb.send(ACK, PISS + 5, ISS + 7)
+    assert pb.sock.state is TcpState.CLOSED and pb.sock.is_closed and pb.sock.error is None
+
+
+def test_simultaneous_close() -> None:
+    pb = est()
+    pb.sock.close(0.0)
+    pb.expect([o(FIN | ACK, ISS + 1, PISS + 1, window=65535)])
+    pb.send(FIN | ACK, PISS + 1, ISS + 1)
+    assert pb.sock.state is TcpState.CLOSING
+    pb.expect([o(ACK, ISS + 2, PISS + 2, window=65534)])
+    pb.at(0.2).send(ACK, PISS + 2, ISS + 2)
+    assert pb.sock.state is TcpState.TIME_WAIT
+    assert pb.poll() == pytest.approx(1.2)
+    pb.at(1.2).expect([])
+    assert pb.sock.is_closed
+
+
+def test_fin_and_ack_together_go_straight_to_time_wait() -> None:
+    pb = est()
+    pb.sock.close(0.0)
+    pb.out()
+    pb.send(FIN | ACK, PISS + 1, ISS + 2)
+    assert pb.sock.state is TcpState.TIME_WAIT
+
+
+def test_fin_retransmitted_until_acked() -> None:
+    pb = est()
+    pb.sock.close(0.0)
+    (fin,) = pb.out()
+    t = pb.poll()
+    assert t is not None
+    pb.at(t).expect([fin])
+
+
+def test_out_of_order_fin_waits_for_gap() -> None:
+    pb = est()
+    pb.send(FIN | ACK, PISS + 11, ISS + 1, payload=b"tail")
+    assert pb.sock.state is TcpState.ESTABLISHED
+    pb.out()
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"0123456789")
+    assert pb.sock.state is TcpState.CLOSE_WAIT
+    pb.expect([o(ACK, ISS + 1, PISS + 16, window=65520)])
+    assert pb.sock.recv(100) == b"0123456789tail"
+    assert pb.sock.at_eof
+
+
+def test_time_wait_expiry_configurable() -> None:
+    pb, _, _, _ = _to_state("TIME_WAIT")
+    assert pb.sock.config.time_wait == 1.0
+    assert pb.poll() == pytest.approx(1.0)
+    pb.at(0.99).out()
+    assert pb.sock.state is TcpState.TIME_WAIT
+    pb.at(1.0).out()
+    assert pb.sock.is_closed
+
+
+# -- retransmission, persist, recovery -------------------------------------------------------
+
+
+def test_rto_retransmission_and_backoff() -> None:
+    pb = est()
+    rto = pb.sock.rto
+    assert rto == pytest.approx(0.2)  # handshake sample of 0 s -> min_rto
+    pb.sock.send(b"r" * 500)
+    (d,) = pb.out()
+    assert pb.poll() == pytest.approx(rto)
+    pb.at(rto).expect([d])
+    assert pb.poll() == pytest.approx(3 * rto)
+    pb.at(3 * rto).expect([d])
+    assert pb.poll() == pytest.approx(7 * rto)
+    assert pb.sock.stats.rto_expired == 2 and pb.sock.stats.retransmits == 2
+    assert pb.sock.cwnd == 1000
+    pb.at(7 * rto - 0.01).send(ACK, PISS + 1, ISS + 501)
+    assert pb.poll() is None
+    assert pb.sock.rto == pytest.approx(0.8)  # Karn: no sample from a retransmission
+
+
+def test_rto_go_back_n_after_timeout() -> None:
+    pb = est()
+    pb.sock.send(b"g" * 3000)
+    first = pb.out()
+    assert len(first) == 3
+    pb.at(0.2).expect([first[0]])  # cwnd = 1 segment after the timeout
+    # a pure ACK sent now must carry the highest sequence sent, not the rewound SND.NXT:
+    # the peer may hold everything, and an "old" SEQ would make it ignore our ACK field
+    pb.at(0.21).send(ACK, PISS + 1, ISS + 1, payload=b"k" * 10)
+    pb.at(0.25).expect([o(ACK, ISS + 3001, PISS + 11, window=65525)])
+    pb.at(0.25).send(ACK, PISS + 11, ISS + 1001)
+    assert [(s.seq, len(s.payload)) for s in pb.out()] == [(ISS + 1001, 1000), (ISS + 2001, 1000)]
+
+
+def test_zero_window_probes_with_backoff() -> None:
+    pb = est(peer_window=100)
+    pb.sock.send(b"p" * 150)
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535, payload=b"p" * 100)])
+    pb.at(0.1).send(ACK, PISS + 1, ISS + 101, window=0)
+    pb.expect([])
+    rto = pb.sock.rto
+    probe = o(ACK, ISS + 100, PISS + 1, window=65535)
+    t = 0.1 + rto
+    assert pb.poll() == pytest.approx(t)
+    pb.at(t).expect([probe])
+    assert pb.poll() == pytest.approx(t + 2 * rto)
+    t += 2 * rto
+    pb.at(t).expect([probe])
+    assert pb.poll() == pytest.approx(t + 4 * rto)
+    assert pb.sock.stats.zero_window_probes == 2
+    assert pb.sock.state is TcpState.ESTABLISHED
+    pb.at(t + 0.1).send(ACK, PISS + 1, ISS + 101, window=1000)  # answer: window open
+    pb.expect([o(ACK | PSH, ISS + 101, PISS + 1, window=65535, payload=b"p" * 50)])
+    assert pb.poll() == pytest.approx(t + 0.1 + pb.sock.rto)  # RTO only, no persist
+
+
+def test_three_dup_acks_fast_retransmit_newreno() -> None:
+    pb = est()  # peer without SACK
+    pb.sock.send(b"".join(bytes([i]) * 1000 for i in range(20)))
+    segs = pb.out()
+    assert len(segs) == 10  # initial window: 10 segments
+    dup = dict(window=65535)
+    # limited transmit (RFC 3042): one new segment for each of the first two dup ACKs
+    pb.at(0.1).send(ACK, PISS + 1, ISS + 1, **dup)
+    assert [s.seq for s in pb.out()] == [ISS + 10001]
+    pb.send(ACK, PISS + 1, ISS + 1, **dup)
+    assert [s.seq for s in pb.out()] == [ISS + 11001]
+    pb.send(ACK, PISS + 1, ISS + 1, **dup)
+    pb.expect([segs[0]])
+    assert pb.sock.stats.fast_retransmits == 1
+    # ssthresh = FlightSize/2, cwnd = ssthresh + 3 SMSS (RFC 5681 §3.2)
+    assert pb.sock.ssthresh == 6000 and pb.sock.cwnd == 9000
+    for _ in range(3):
+        pb.send(ACK, PISS + 1, ISS + 1, **dup)
+    pb.expect([])  # cwnd inflated to 12000 == flight
+    pb.send(ACK, PISS + 1, ISS + 1, **dup)
+    (new,) = pb.out()  # inflated window lets one new segment out
+    assert new.seq == ISS + 12001
+    # partial ACK: the next hole is retransmitted at once (RFC 6582)
+    pb.send(ACK, PISS + 1, ISS + 3001, **dup)
+    got = pb.out()
+    assert got[0] == segs[3]
+    # cwnd 13000 deflated by the 2000 bytes acked, plus one MSS back: 12000 > flight 11000
+    assert [s.seq for s in got[1:]] == [ISS + 13001]
+    # full ACK ends recovery with cwnd <= ssthresh
+    pb.send(ACK, PISS + 1, ISS + 14001, **dup)
+    assert pb.sock.cwnd <= 6000
+    assert not pb.sock._in_fr
+
+
+def test_sack_recovery_retransmits_only_holes() -> None:
+    pb = est(peer_sack=True)
+    pb.sock.send(b"".join(bytes([i]) * 1000 for i in range(10)))
+    segs = pb.out()
+    assert len(segs) == 10
+
+    def dupack(*blocks: tuple[int, int]) -> None:
+        pb.send(ACK, PISS + 1, ISS + 1, sack_blocks=tuple((ISS + a, ISS + b) for a, b in blocks))
+
+    pb.at(0.1)
+    dupack((1001, 2001))
+    dupack((1001, 3001))
+    pb.expect([])
+    dupack((4001, 5001), (1001, 3001))  # third dup ACK: recovery, first hole resent
+    pb.expect([segs[0]])
+    dupack((4001, 7001), (1001, 3001))  # now 3001..4001 counts as lost too
+    pb.expect([segs[3]])
+    dupack((4001, 10001), (1001, 3001))
+    pb.expect([])  # nothing else is missing, no new data
+    assert pb.sock.stats.retransmits == 2
+    pb.send(ACK, PISS + 1, ISS + 10001)
+    assert not pb.sock._in_fr and pb.sock.cwnd == pb.sock.ssthresh == 5000
+
+
+def test_rto_skips_sacked_data() -> None:
+    pb = est(peer_sack=True)
+    pb.sock.send(b"s" * 3000)
+    segs = pb.out()
+    pb.at(0.05).send(ACK, PISS + 1, ISS + 1, sack_blocks=((ISS + 1001, ISS + 2001),))
+    pb.expect([])
+    t = pb.poll()
+    assert t is not None
+    pb.at(t).expect([segs[0]])
+    pb.at(t + 0.01).send(ACK, PISS + 1, ISS + 1001, sack_blocks=((ISS + 1001, ISS + 2001),))
+    assert pb.out() == [segs[2]]  # 1001..2001 was SACKed: not resent
+
+
+def test_user_timeout() -> None:
+    pb = est(user_timeout=5.0)
+    pb.sock.send(b"u")
+    pb.out()
+    times = []
+    while pb.sock.state is TcpState.ESTABLISHED:
+        t = pb.poll()
+        assert t is not None
+        times.append(t)
+        pb.at(t).out()
+    assert isinstance(pb.sock.error, TimeoutError)
+    assert times[-1] >= 5.0 and all(t < 5.0 for t in times[:-1])
+    assert pb.sock.is_closed
+
+
+def test_keepalive_probes_then_timeout() -> None:
+    pb = est(keepalive=10.0, keepalive_interval=1.0, keepalive_probes=2)
+    assert pb.poll() == pytest.approx(10.0)
+    probe = o(ACK, ISS, PISS + 1, window=65535)
+    pb.at(10.0).expect([probe])
+    pb.at(10.5).send(ACK, PISS + 1, ISS + 1)  # answered: idle timer restarts
+    pb.at(10.5).expect([])
+    assert pb.poll() == pytest.approx(20.5)
+    pb.at(20.5).expect([probe])
+    pb.at(21.5).expect([probe])
+    pb.at(22.5).expect([])
+    assert isinstance(pb.sock.error, TimeoutError)
+
+
+def test_path_mtu_lowered_resends_smaller() -> None:
+    pb = est()
+    pb.sock.send(b"m" * 2000)
+    assert [len(s.payload) for s in pb.out()] == [1000, 1000]
+    pb.sock.set_path_mtu_mss(600)
+    assert pb.sock.mss == 600
+    assert [len(s.payload) for s in pb.out()] == [600, 600, 600, 200]
+
+
+# -- sequence wraparound -------------------------------------------------------------------
+
+
+def test_sequence_wraparound_both_directions() -> None:
+    isn = M32 - 1500
+    piss = M32 - 700
+    pb = est(isn=isn, piss=piss, peer_sack=True)
+    pb.sock.send(b"w" * 3000)
+    segs = pb.out()
+    assert [s.seq for s in segs] == [(isn + 1) & M32, (isn + 1001) & M32, (isn + 2001) & M32]
+    assert segs[2].seq == 500
+    # peer data wraps too; deliver out of order across the wrap
+    pb.send(ACK, piss + 1001, isn + 1, payload=b"B" * 1000)
+    (ack,) = pb.out()
+    assert ack.ack == (piss + 1) & M32
+    assert ack.sack_blocks == (((piss + 1001) & M32, (piss + 2001) & M32),)
+    pb.send(ACK, piss + 1, isn + 3001, payload=b"A" * 1000)
+    (ack,) = pb.out()
+    assert ack.ack == (piss + 2001) & M32 == 1300
+    assert pb.sock.recv(5000) == b"A" * 1000 + b"B" * 1000
+    assert pb.sock.send_queued == 0
+    pb.sock.close(0.0)
+    (fin,) = pb.out()
+    assert fin.flags & FIN and fin.seq == (isn + 3001) & M32
+    pb.send(FIN | ACK, piss + 2001, isn + 3002)
+    assert pb.sock.state is TcpState.TIME_WAIT
+
+
+def test_lost_retransmission_detected_by_later_sacks() -> None:
+    pb = est(peer_sack=True)
+    pb.sock.send(b"".join(bytes([i]) * 1000 for i in range(30)))
+    segs = pb.out()
+    assert len(segs) == 10
+
+    def dupack(a: int, b: int) -> None:
+        pb.send(ACK, PISS + 1, ISS + 1, sack_blocks=((ISS + a, ISS + b),))
+
+    pb.at(0.1)
+    dupack(1001, 2001)
+    dupack(1001, 3001)
+    dupack(1001, 4001)
+    pb.expect([segs[0]])  # fast retransmit of the hole
+    dupack(1001, 10001)  # pipe drops: new data goes out behind the retransmission
+    assert [s.seq for s in pb.out()] == [ISS + 10001, ISS + 11001, ISS + 12001, ISS + 13001]
+    # data sent after the retransmission is SACKed while the hole is still missing:
+    # the retransmission was lost too; resend it now rather than after an RTO
+    dupack(1001, 14001)
+    got = pb.out()
+    assert got[0] == segs[0]
+    assert all(s.seq >= ISS + 14001 for s in got[1:])
+    assert pb.sock.stats.lost_retransmits == 1
+    assert pb.sock.stats.rto_expired == 0
+
+
+def test_fast_retransmit_restarts_rto() -> None:
+    pb = est(peer_sack=True)
+    pb.sock.send(b"x" * 5000)
+    segs = pb.out()
+    rto = pb.sock.rto
+    assert pb.poll() == pytest.approx(rto)
+    t = rto * 0.9
+    for b in (2001, 3001, 4001):
+        pb.at(t).send(ACK, PISS + 1, ISS + 1, sack_blocks=((ISS + 1001, ISS + b),))
+    pb.expect([segs[0]])
+    assert pb.poll() == pytest.approx(t + rto)  # a full RTO for the retransmission
+
+
+def test_shutdown_in_syn_sent_sends_fin_after_handshake() -> None:
+    pb = active(cfg(timestamps=False))
+    pb.out()
+    assert pb.sock.send(b"early") == 5
+    pb.sock.shutdown_write(0.0)
+    assert pb.sock.state is TcpState.SYN_SENT
+    pb.send(SYN | ACK, PISS, ISS + 1, mss=1000)
+    assert pb.sock.state is TcpState.FIN_WAIT_1
+    pb.expect([o(ACK | PSH | FIN, ISS + 1, PISS + 1, window=65535, payload=b"early")])
+
+
+def test_close_in_syn_sent_just_closes() -> None:
+    pb = active(cfg())
+    pb.out()
+    pb.sock.close(0.0)
+    assert pb.sock.is_closed
+    pb.expect([])
