@@ -1,0 +1,730 @@
+"""The trio runtime: one UDP socket per address family, the clock, and both sans-IO cores.
+
+Shape (see docs/architecture.md): a reader task per UDP socket drains every queued datagram
+before yielding, feeds the WireGuard device and the stack, then flushes what they produced.
+A timer task sleeps until the earliest core deadline.  Application calls on a
+:class:`TunnelStream` touch the stack directly and flush at once — no per-packet task or
+channel hop.  Tasks waiting on a stream park on their own lot and are woken only when the
+thing they wait for (data, buffer space, connection state) has changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import operator
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from mitm_wg.config import WireGuardConfig
+from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
+from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
+from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
+from mitm_wg.wireguard.device import (
+    Device,
+    HandshakeCompleted,
+    HandshakeFailed,
+    KeysZeroed,
+    Transmit,
+)
+from mitm_wg.wireguard.peer import Endpoint, Peer, PeerStatus
+
+logger = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+SocketFactory = Callable[[int], socket.socket]
+
+#: Datagrams read per wake-up before the reader yields to other tasks.
+MAX_BATCH = 256
+_NEVER = float("inf")
+
+
+def format_endpoint(endpoint: Endpoint | None) -> str:
+    if endpoint is None:
+        return "(no endpoint)"
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelStatus:
+    peers: list[PeerStatus]
+    open_connections: int
+
+
+def _default_socket_factory(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+    return sock
+
+
+class _Waitable:
+    """Something tasks park on until the tunnel says its state may have changed."""
+
+    __slots__ = ("_lot",)
+
+    def __init__(self) -> None:
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def _ready(self) -> bool:  # pragma: no cover - overridden
+        return True
+
+
+class Tunnel:
+    """A running WireGuard tunnel with a userspace TCP/IP stack (see :func:`open_tunnel`)."""
+
+    def __init__(
+        self,
+        config: WireGuardConfig,
+        device: Device,
+        stack: Stack,
+        sockets: dict[int, socket.socket],
+        *,
+        handshake_timeout: float,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.stack = stack
+        self._sockets = sockets
+        self.handshake_timeout = handshake_timeout
+        families = {iface.version for iface in config.addresses}
+        # Names resolve through the tunnel's DNS servers; only a config without DNS servers
+        # falls back to the host's resolver (logged once).
+        self._resolver: Resolver | HostResolver = make_resolver(
+            TunnelDnsTransport(self), config.dns_servers, config.dns_search, families
+        )
+        self._datagrams: list[Transmit] = []
+        self._packets: list[bytes] = []
+        self._ip_out: list[bytes] = []
+        self._timer_scope: trio.CancelScope | None = None
+        self._parked: dict[int, _Waitable] = {}
+        self._streams: set[TunnelStream] = set()
+        self._failed: dict[bytes, HandshakeFailed] = {}
+        self._closed = False
+        self.send_errors = 0
+
+    def __repr__(self) -> str:
+        return f"<Tunnel {self.device.public_key_b64} peers={len(self.device.peers)}>"
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _reader(self, sock: socket.socket) -> None:
+        device, stack = self.device, self.stack
+        out, packets = self._datagrams, self._packets
+        recvfrom = sock.recvfrom
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(MAX_BATCH):
+                try:
+                    data, address = recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    # ICMP errors surface here on some platforms; the timers handle loss.
+                    logger.debug("UDP receive error: %s", e)
+                    break
+                device.receive_datagram(data, (address[0], address[1]), now, out, packets)
+            if packets:
+                for packet in packets:
+                    stack.receive(packet, now)
+                packets.clear()
+            self._flush(now)
+            await trio.lowlevel.checkpoint()
+
+    async def _timer(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            self.device.poll(now, self._datagrams)
+            self._flush(now)
+
+    def _next_deadline(self) -> float:
+        d1 = self.device.next_deadline()
+        d2 = self.stack.next_deadline()
+        best = _NEVER
+        if d1 is not None:
+            best = d1
+        if d2 is not None and d2 < best:
+            best = d2
+        return best
+
+    def _flush(self, now: float | None = None) -> None:
+        """Move everything the stack and the device have to send onto the wire, wake waiters."""
+        if now is None:
+            now = trio.current_time()
+        device = self.device
+        out = self._datagrams
+        ip_out = self._ip_out
+        self.stack.poll(now, ip_out)
+        if ip_out:
+            for packet in ip_out:
+                device.send_packet(packet, now, out)
+            ip_out.clear()
+        if out:
+            sockets = self._sockets
+            for data, endpoint in out:
+                sock = sockets.get(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
+                if sock is None:
+                    self.send_errors += 1
+                    continue
+                try:
+                    sock.sendto(data, endpoint)
+                except OSError as e:
+                    # A full socket buffer or a transient error: TCP retransmits, and the
+                    # WireGuard timers retry handshakes.
+                    self.send_errors += 1
+                    logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
+            out.clear()
+        if device.events:
+            self._handle_events(device.take_events())
+        if self._parked:
+            for waitable in list(self._parked.values()):
+                if waitable._ready():
+                    waitable._lot.unpark_all()
+        scope = self._timer_scope
+        if scope is not None:
+            deadline = self._next_deadline()
+            if deadline < scope.deadline:
+                scope.deadline = deadline
+
+    def _handle_events(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, HandshakeCompleted):
+                peer = event.peer
+                self._failed.pop(peer.public_key, None)
+                what = "rekeyed" if peer.handshakes_completed > 1 else "handshake completed"
+                logger.info(
+                    "WireGuard %s with peer %s at %s",
+                    what,
+                    peer.public_key_b64,
+                    format_endpoint(event.endpoint),
+                )
+            elif isinstance(event, HandshakeFailed):
+                self._failed[event.peer.public_key] = event
+                logger.warning(
+                    "WireGuard handshake with peer %s at %s failed: no response after %d attempts",
+                    event.peer.public_key_b64,
+                    format_endpoint(event.endpoint),
+                    event.attempts,
+                )
+            elif isinstance(event, KeysZeroed):
+                logger.debug("keys of peer %s erased", event.peer.public_key_b64)
+
+    async def _park(self, waitable: _Waitable, deadline: float = _NEVER) -> None:
+        self._parked[id(waitable)] = waitable
+        try:
+            with trio.CancelScope(deadline=deadline):
+                await waitable._lot.park()
+        finally:
+            if not waitable._lot:
+                self._parked.pop(id(waitable), None)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def route(self, address: str | IPAddress) -> Peer | None:
+        """The peer whose AllowedIPs contain ``address``, or None."""
+        return self.device.route(ipaddress.ip_address(address).packed)
+
+    def status(self) -> TunnelStatus:
+        return TunnelStatus(self.device.status(), len(self._streams))
+
+    async def resolve(self, name: str) -> list[IPAddress]:
+        """Addresses for ``name`` (an IP literal is returned as it is)."""
+        try:
+            return [ipaddress.ip_address(name)]
+        except ValueError:
+            pass
+        return await self._resolver.resolve(name)
+
+    async def open_tcp_stream(
+        self,
+        host: str | IPAddress,
+        port: int,
+        *,
+        happy_eyeballs_delay: float = 0.25,
+        connect_timeout: float = 30.0,
+    ) -> TunnelStream:
+        """A TCP connection through the tunnel to ``host``:``port``.
+
+        With several addresses (a name with A and AAAA records), attempts start
+        ``happy_eyeballs_delay`` apart, alternating families (RFC 8305); the first to
+        connect wins.
+        """
+        addresses = await self.resolve(str(host))
+        addresses = _interleave(addresses)
+        if len(addresses) == 1:
+            return await self._connect(addresses[0], port, connect_timeout)
+        return await _happy_eyeballs(
+            [lambda a=a: self._connect(a, port, connect_timeout) for a in addresses],
+            happy_eyeballs_delay,
+        )
+
+    async def _connect(self, address: IPAddress, port: int, timeout: float) -> TunnelStream:
+        if self._closed:
+            raise trio.ClosedResourceError("the tunnel is closed")
+        peer = self.device.route(address.packed)
+        if peer is None:
+            raise OSError(
+                errno.ENETUNREACH,
+                f"{address} is not in any WireGuard peer's AllowedIPs "
+                "(refusing to send it outside the tunnel)",
+            )
+        if not any(iface.version == address.version for iface in self.stack.interfaces):
+            raise OSError(
+                errno.EADDRNOTAVAIL,
+                f"cannot reach {address}: the tunnel has no IPv{address.version} Address",
+            )
+        started = trio.current_time()
+        self._failed.pop(peer.public_key, None)
+        sock = self.stack.tcp_connect(address, port, started)
+        stream = TunnelStream(self, sock, peer)
+        stream._waiting_for = "connect"
+        self._flush(started)
+        deadline = started + timeout
+        handshake_deadline = started + self.handshake_timeout
+        try:
+            while True:
+                if sock.error is not None:
+                    raise sock.error
+                if sock.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
+                    break
+                if sock.is_closed:
+                    raise ConnectionResetError(
+                        errno.ECONNRESET, f"connection to {address}:{port} closed"
+                    )
+                now = trio.current_time()
+                failed = self._failed.get(peer.public_key)
+                if failed is not None or (peer.current is None and now >= handshake_deadline):
+                    raise HandshakeTimeout(
+                        f"WireGuard peer {peer.public_key_b64} at "
+                        f"{format_endpoint(peer.endpoint)} did not answer the handshake "
+                        f"within {self.handshake_timeout:g} s (is the endpoint reachable, "
+                        "and does the peer know our public key?)"
+                    )
+                if now >= deadline:
+                    raise TimeoutError(
+                        errno.ETIMEDOUT, f"TCP connection to {address}:{port} timed out"
+                    )
+                wake = deadline if peer.current is not None else min(deadline, handshake_deadline)
+                await self._park(stream, wake)
+        except BaseException:
+            if not sock.is_closed:
+                sock.abort(trio.current_time())
+                self._flush()
+            raise
+        stream._waiting_for = ""
+        self._streams.add(stream)
+        return stream
+
+    async def listen_tcp(self, port: int) -> TunnelListener:
+        """Accept TCP connections on ``port`` of the tunnel's addresses (tests, exit role)."""
+        return TunnelListener(self, self.stack.tcp_listen(port))
+
+    async def open_udp_socket(self, family: int = 4) -> TunnelUdpSocket:
+        """A UDP socket on an ephemeral port of the tunnel address of ``family`` (4 or 6)."""
+        await trio.lowlevel.checkpoint()
+        return TunnelUdpSocket(self, self.stack.udp_bind(0, family=family))
+
+
+class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
+    """A TCP connection through the tunnel, as a trio stream."""
+
+    __slots__ = (
+        "_closed",
+        "_peer",
+        "_receive_busy",
+        "_send_busy",
+        "_sock",
+        "_tunnel",
+        "_waiting_for",
+        "local_address",
+        "remote_address",
+    )
+
+    def __init__(self, tunnel: Tunnel, sock: TcpSocket, peer: Peer) -> None:
+        _Waitable.__init__(self)
+        self._tunnel = tunnel
+        self._sock = sock
+        self._peer = peer
+        self._closed = False
+        self._send_busy = False
+        self._receive_busy = False
+        self._waiting_for = ""
+        self.local_address = (str(ipaddress.ip_address(sock.local_addr)), sock.local_port)
+        self.remote_address = (str(ipaddress.ip_address(sock.remote_addr)), sock.remote_port)
+
+    def __repr__(self) -> str:
+        return (
+            f"<TunnelStream {self.local_address[0]}:{self.local_address[1]} -> "
+            f"{self.remote_address[0]}:{self.remote_address[1]} {self._sock.state.name}>"
+        )
+
+    @property
+    def peer(self) -> Peer:
+        return self._peer
+
+    @property
+    def socket(self) -> TcpSocket:
+        return self._sock
+
+    def _ready(self) -> bool:
+        sock = self._sock
+        if self._closed or sock.error is not None or sock.is_closed:
+            return True
+        what = self._waiting_for
+        if what == "recv":
+            return sock.recv_available > 0 or sock.at_eof
+        if what == "send":
+            return sock.send_space > 0
+        if what == "connect":
+            return sock.state is not TcpState.SYN_SENT or self._peer.current is not None
+        return True
+
+    def _broken(self) -> trio.BrokenResourceError:
+        err = self._sock.error
+        return trio.BrokenResourceError(
+            f"connection to {self.remote_address[0]}:{self.remote_address[1]} broke: "
+            f"{err or 'closed'}"
+        )
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_busy = True
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError("stream is closed")
+            view = memoryview(data)
+            sock = self._sock
+            tunnel = self._tunnel
+            waited = False
+            while view.nbytes:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed while sending")
+                if sock.error is not None:
+                    raise self._broken() from sock.error
+                try:
+                    n = sock.send(view)
+                except BrokenPipeError:
+                    if self._closed:
+                        raise trio.ClosedResourceError("stream is closed") from None
+                    if sock.error is None and sock.state is not TcpState.CLOSED:
+                        raise trio.ClosedResourceError("cannot send after send_eof()") from None
+                    raise self._broken() from None
+                except OSError as e:
+                    raise self._broken() from e
+                if n:
+                    view = view[n:]
+                    tunnel._flush()
+                    continue
+                self._waiting_for = "send"
+                waited = True
+                await tunnel._park(self)
+            if not waited:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._send_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_busy = True
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError("stream is closed")
+            if self._sock.send_space == 0 and self._sock.error is None:
+                self._waiting_for = "send"
+                await self._tunnel._park(self)
+            else:
+                await trio.lowlevel.checkpoint()
+            if self._closed:
+                raise trio.ClosedResourceError("stream is closed")
+        finally:
+            self._send_busy = False
+
+    async def send_eof(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        sock = self._sock
+        if sock.error is None and sock.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
+            sock.shutdown_write(trio.current_time())
+            self._tunnel._flush()
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = 65536
+        elif operator.index(max_bytes) < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receive_busy:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receive_busy = True
+        try:
+            sock = self._sock
+            tunnel = self._tunnel
+            waited = False
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream is closed")
+                data = sock.recv(max_bytes)
+                if data:
+                    tunnel._flush()  # a read may open the window: tell the peer now
+                    if not waited:
+                        await trio.lowlevel.checkpoint()
+                    return data
+                if sock.at_eof:
+                    if not waited:
+                        await trio.lowlevel.checkpoint()
+                    return b""
+                if sock.error is not None:
+                    raise self._broken() from sock.error
+                if sock.is_closed:
+                    raise self._broken()
+                self._waiting_for = "recv"
+                waited = True
+                await tunnel._park(self)
+        finally:
+            self._receive_busy = False
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            sock = self._sock
+            tunnel = self._tunnel
+            tunnel._streams.discard(self)
+            if not sock.is_closed and sock.error is None:
+                sock.close(trio.current_time())
+            tunnel._flush()
+            self._lot.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+
+class TunnelListener(trio.abc.Listener[TunnelStream]):
+    def __init__(self, tunnel: Tunnel, listener: TcpListener) -> None:
+        self._tunnel = tunnel
+        self._listener = listener
+        self._waitable = _AcceptWaitable(listener)
+
+    async def accept(self) -> TunnelStream:
+        while True:
+            sock = self._listener.accept()
+            if sock is not None:
+                peer = self._tunnel.device.route(sock.remote_addr)
+                stream = TunnelStream(self._tunnel, sock, peer)  # type: ignore[arg-type]
+                self._tunnel._streams.add(stream)
+                self._tunnel._flush()
+                await trio.lowlevel.checkpoint()
+                return stream
+            await self._tunnel._park(self._waitable)
+
+    async def aclose(self) -> None:
+        self._listener.close(trio.current_time())
+        self._tunnel._flush()
+        await trio.lowlevel.checkpoint()
+
+
+class _AcceptWaitable(_Waitable):
+    __slots__ = ("_listener",)
+
+    def __init__(self, listener: TcpListener) -> None:
+        super().__init__()
+        self._listener = listener
+
+    def _ready(self) -> bool:
+        return self._listener.pending > 0
+
+
+class TunnelUdpSocket(_Waitable):
+    """A UDP socket inside the tunnel."""
+
+    __slots__ = ("_sock", "_tunnel", "local_address")
+
+    def __init__(self, tunnel: Tunnel, sock: UdpSocket) -> None:
+        super().__init__()
+        self._tunnel = tunnel
+        self._sock = sock
+        local = sock.local_addr
+        self.local_address = (str(ipaddress.ip_address(local)) if local else "", sock.local_port)
+
+    def _ready(self) -> bool:
+        return self._sock.pending > 0 or self._sock.error is not None
+
+    async def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        host, port = address
+        ip = ipaddress.ip_address(host)
+        if self._tunnel.device.route(ip.packed) is None:
+            raise OSError(errno.ENETUNREACH, f"{ip} is not in any WireGuard peer's AllowedIPs")
+        self._sock.sendto(data, (ip, port), trio.current_time())
+        self._tunnel._flush()
+        await trio.lowlevel.checkpoint()
+
+    async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
+        while True:
+            item = self._sock.recvfrom()
+            if item is not None:
+                await trio.lowlevel.checkpoint()
+                return item
+            err = self._sock.take_error()
+            if err is not None:
+                raise err
+            await self._tunnel._park(self)
+
+    def close(self) -> None:
+        self._sock.close()
+        self._lot.unpark_all()
+
+
+def _interleave(addresses: list[IPAddress]) -> list[IPAddress]:
+    """Alternate address families, keeping the first address's family first (RFC 8305 §4)."""
+    if not addresses:
+        return addresses
+    first = addresses[0].version
+    a = [x for x in addresses if x.version == first]
+    b = [x for x in addresses if x.version != first]
+    out: list[IPAddress] = []
+    for i in range(max(len(a), len(b))):
+        if i < len(a):
+            out.append(a[i])
+        if i < len(b):
+            out.append(b[i])
+    return out
+
+
+async def _happy_eyeballs(attempts: list, delay: float) -> TunnelStream:
+    """Start attempts ``delay`` apart (or as soon as one fails); the first success wins."""
+    winner: list[TunnelStream] = []
+    errors: list[BaseException] = []
+
+    async def attempt(i: int, start_next: trio.Event, nursery: trio.Nursery) -> None:
+        try:
+            stream = await attempts[i]()
+        except OSError as e:
+            errors.append(e)
+            start_next.set()
+            return
+        if winner:
+            await stream.aclose()
+            return
+        winner.append(stream)
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(attempts)):
+            start_next = trio.Event()
+            nursery.start_soon(attempt, i, start_next, nursery)
+            with trio.move_on_after(delay):
+                await start_next.wait()
+    if winner:
+        return winner[0]
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(
+        errno.EHOSTUNREACH,
+        "all connection attempts failed: " + "; ".join(str(e) for e in errors),
+    )
+
+
+async def _resolve_endpoints(config: WireGuardConfig) -> dict[bytes, Endpoint]:
+    """Peer endpoints as IP addresses (hostnames resolved by the host: they are outside)."""
+    endpoints: dict[bytes, Endpoint] = {}
+    for pc in config.peers:
+        if pc.endpoint is None:
+            continue
+        host, port = pc.endpoint.host, pc.endpoint.port
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except socket.gaierror as e:
+                raise OSError(
+                    errno.EHOSTUNREACH,
+                    f"cannot resolve the WireGuard endpoint {host}:{port}: {e.strerror}",
+                ) from None
+            infos.sort(key=lambda info: info[0] != socket.AF_INET)
+            host = str(infos[0][4][0])
+        endpoints[pc.public_key] = (host, port)
+    return endpoints
+
+
+@asynccontextmanager
+async def open_tunnel(
+    config: WireGuardConfig,
+    *,
+    socket_factory: SocketFactory | None = None,
+    randbytes: Callable[[int], bytes] = os.urandom,
+    tcp_config: TcpConfig | None = None,
+    handshake_timeout: float = 10.0,
+) -> AsyncIterator[Tunnel]:
+    """Run a tunnel for ``config`` until the block exits (or is cancelled).
+
+    Handshakes happen on demand, when the first packet for a peer is sent.
+    ``socket_factory(family)`` creates the UDP socket(s) (default: bound to an ephemeral
+    port on all addresses, or the config's ListenPort).
+    """
+    config.require_peers()
+    endpoints = await _resolve_endpoints(config)
+    now = trio.current_time()
+    device = Device.from_config(
+        config,
+        randbytes=randbytes,
+        unix_time_offset=time.time() - now,
+        endpoints=endpoints,
+    )
+    if not config.addresses:
+        raise OSError(errno.EADDRNOTAVAIL, "the WireGuard config has no Address")
+    stack = Stack(
+        config.addresses,
+        mtu=config.mtu or 1420,
+        tcp_config=tcp_config,
+        randbytes=randbytes,
+        now=now,
+    )
+    families = {
+        socket.AF_INET6 if ":" in host else socket.AF_INET for host, _ in endpoints.values()
+    }
+    if not families:
+        families = {socket.AF_INET}
+    sockets: dict[int, socket.socket] = {}
+    try:
+        for family in families:
+            if socket_factory is not None:
+                sock = socket_factory(family)
+            elif config.listen_port:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", config.listen_port))
+            else:
+                sock = _default_socket_factory(family)
+            sock.setblocking(False)
+            sockets[family] = sock
+        tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
+        async with trio.open_nursery() as nursery:
+            for sock in sockets.values():
+                nursery.start_soon(tunnel._reader, sock)
+            nursery.start_soon(tunnel._timer)
+            try:
+                yield tunnel
+            finally:
+                tunnel._closed = True
+                for stream in list(tunnel._streams):
+                    if not stream._sock.is_closed:
+                        stream._sock.abort(trio.current_time())
+                tunnel._flush()
+                nursery.cancel_scope.cancel()
+    finally:
+        for sock in sockets.values():
+            sock.close()

@@ -1,0 +1,132 @@
+"""The trio runtime: two of our tunnels over loopback UDP, and trio's stream conformance."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.runtime import TunnelStream, open_tunnel
+from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
+
+
+async def connected_pair(a, b, port: int = 7000, host: str = "10.33.0.2"):
+    listener = await b.listen_tcp(port)
+    async with trio.open_nursery() as nursery:
+        accepted: list[TunnelStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listener.accept())
+
+        nursery.start_soon(accept)
+        client = await a.open_tcp_stream(host, port)
+    return client, accepted[0], listener
+
+
+async def test_stream_round_trip_and_status() -> None:
+    async with tunnel_pair() as (a, b):
+        client, server, _ = await connected_pair(a, b)
+        assert client.remote_address == ("10.33.0.2", 7000)
+        assert server.remote_address[0] == "10.33.0.1"
+        await client.send_all(b"ping")
+        assert await server.receive_some() == b"ping"
+        await server.send_all(b"pong")
+        assert await client.receive_some() == b"pong"
+        status = a.status()
+        assert status.open_connections == 1
+        assert status.peers[0].has_session and status.peers[0].tx_bytes > 0
+        await client.aclose()
+        assert await server.receive_some() == b""
+        await server.aclose()
+
+
+async def test_bulk_both_ways_with_half_close() -> None:
+    async with tunnel_pair() as (a, b):
+        client, server, _ = await connected_pair(a, b)
+        up = os.urandom(3 << 20)
+        down = os.urandom(2 << 20)
+
+        async def pump(stream, data: bytes, result: list) -> None:
+            async with trio.open_nursery() as n:
+
+                async def writer() -> None:
+                    for i in range(0, len(data), 100_000):
+                        await stream.send_all(data[i : i + 100_000])
+                    await stream.send_eof()
+
+                n.start_soon(writer)
+                h = hashlib.sha256()
+                while chunk := await stream.receive_some():
+                    h.update(chunk)
+                result.append(h.hexdigest())
+
+        got_server: list = []
+        got_client: list = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(pump, client, up, got_client)
+                n.start_soon(pump, server, down, got_server)
+        assert got_server == [hashlib.sha256(up).hexdigest()]
+        assert got_client == [hashlib.sha256(down).hexdigest()]
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_ipv6_inside_tunnel() -> None:
+    async with tunnel_pair() as (a, b):
+        client, server, _ = await connected_pair(a, b, 7001, "fd33::2")
+        assert client.local_address[0] == "fd33::1"
+        await client.send_all(b"v6")
+        assert await server.receive_some() == b"v6"
+
+
+async def test_refused_and_unrouted_and_udp() -> None:
+    async with tunnel_pair() as (a, b):
+        with pytest.raises(ConnectionRefusedError):
+            await a.open_tcp_stream("10.33.0.2", 9)
+        with pytest.raises(OSError) as info:
+            await a.open_tcp_stream("192.0.2.55", 80)
+        assert info.value.errno == errno.ENETUNREACH and "AllowedIPs" in str(info.value)
+        sa = await a.open_udp_socket()
+        sb = await b.open_udp_socket()
+        await sa.sendto(b"dgram", ("10.33.0.2", sb.local_address[1]))
+        data, (host, port) = await sb.recvfrom()
+        assert data == b"dgram" and host == "10.33.0.1" and port == sa.local_address[1]
+        sa.close()
+        sb.close()
+
+
+async def test_handshake_timeout_names_the_endpoint() -> None:
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)  # nobody listens on pb
+    async with open_tunnel(ca, socket_factory=loopback_factory(pa), handshake_timeout=1.0) as a:
+        with trio.fail_after(10), pytest.raises(HandshakeTimeout) as info:
+            await a.open_tcp_stream("10.33.0.2", 80)
+        assert f"127.0.0.1:{pb}" in str(info.value)
+
+
+async def test_reset_by_peer_is_broken_resource() -> None:
+    async with tunnel_pair() as (a, b):
+        client, server, _ = await connected_pair(a, b, 7002)
+        server.socket.abort(trio.current_time())
+        b._flush()
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as info:
+            await client.receive_some()
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+
+
+async def test_trio_half_closeable_stream_conformance() -> None:
+    async with tunnel_pair() as (a, b):
+        counter = iter(range(8000, 9000))
+
+        async def maker():
+            client, server, listener = await connected_pair(a, b, next(counter))
+            await listener.aclose()
+            return client, server
+
+        await trio.testing.check_half_closeable_stream(maker, None)
