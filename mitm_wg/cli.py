@@ -1,12 +1,15 @@
 """The ``mitm-wg`` command line.
 
-``mitm-wg check CONFIG``: handshake with every peer of a wg-quick config over a real UDP
-socket and report; exits non-zero with one line of explanation when something is wrong.
+``mitm-wg check CONFIG [--url URL]``: handshake with every peer of a wg-quick config over a
+real UDP socket and report; with ``--url``, also fetch a URL through the tunnel (our TCP/IP
+stack, names resolved by the tunnel's DNS servers) and print status, size, time to first byte
+and speed.  Exits non-zero with one line of explanation when something is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import select
 import socket
@@ -153,6 +156,113 @@ def _run_check(
         )
 
 
+async def fetch_url(
+    config: WireGuardConfig, url: str, *, insecure: bool, timeout: float, out
+) -> None:
+    """GET ``url`` through the tunnel and print status, size, time to first byte and speed."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    import h11
+    import trio
+
+    from mitm_wg.errors import HandshakeTimeout
+    from mitm_wg.runtime import open_tunnel
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CheckFailed(f"--url must be an http:// or https:// URL, not {url!r}")
+    host = parts.hostname
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    start = trio.current_time()
+    try:
+        async with open_tunnel(config, handshake_timeout=min(timeout, 10.0)) as tunnel:
+            with trio.fail_after(timeout):
+                stream: trio.abc.Stream = await tunnel.open_tcp_stream(host, port)
+            connected = trio.current_time()
+            peer = tunnel.route(stream.remote_address[0])  # type: ignore[attr-defined]
+            print(
+                f"connected to {stream.remote_address[0]}:{port} through peer "  # type: ignore[attr-defined]
+                f"{peer.public_key_b64 if peer else '?'} in {(connected - start) * 1000:.0f} ms",
+                file=out,
+            )
+            if parts.scheme == "https":
+                context = ssl.create_default_context()
+                if insecure:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                stream = trio.SSLStream(stream, context, server_hostname=host)
+                with trio.fail_after(timeout):
+                    await stream.do_handshake()
+            conn = h11.Connection(h11.CLIENT)
+            host_header = host if parts.port is None else f"{host}:{port}"
+            request = h11.Request(
+                method="GET",
+                target=target,
+                headers=[
+                    ("Host", host_header),
+                    ("User-Agent", "mitm-wg-check"),
+                    ("Accept", "*/*"),
+                    ("Connection", "close"),
+                ],
+            )
+            sent = trio.current_time()
+            await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+            first_byte: float | None = None
+            size = 0
+            status = ""
+            with trio.fail_after(max(timeout, 60.0)):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        if first_byte is None and data:
+                            first_byte = trio.current_time()
+                        conn.receive_data(data)
+                        continue
+                    if isinstance(event, h11.Response):
+                        status = (
+                            f"HTTP/{event.http_version.decode()} {event.status_code} "
+                            f"{event.reason.decode(errors='replace')}"
+                        )
+                        body_start = trio.current_time()
+                    elif isinstance(event, h11.Data):
+                        size += len(event.data)
+                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                        break
+            done = trio.current_time()
+            await stream.aclose()
+    except HandshakeTimeout as e:
+        raise CheckFailed(str(e)) from None
+    except trio.TooSlowError:
+        raise CheckFailed(f"{url}: no answer within {timeout:g} s through the tunnel") from None
+    except ssl.SSLCertVerificationError as e:
+        raise CheckFailed(
+            f"{url}: TLS certificate verification failed ({e.verify_message}); "
+            "use --insecure to skip verification"
+        ) from None
+    except (ssl.SSLError, trio.BrokenResourceError) as e:
+        cause = e.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise CheckFailed(
+                f"{url}: TLS certificate verification failed ({cause.verify_message}); "
+                "use --insecure to skip verification"
+            ) from None
+        raise CheckFailed(f"{url}: connection failed: {cause or e}") from None
+    except h11.RemoteProtocolError as e:
+        raise CheckFailed(f"{url}: not a valid HTTP response: {e}") from None
+    except OSError as e:
+        raise CheckFailed(f"{url}: {e.strerror or e}") from None
+    ttfb = ((first_byte or done) - sent) * 1000
+    seconds = max(done - body_start, 1e-9)
+    print(status, file=out)
+    print(
+        f"{size} bytes, time to first byte {ttfb:.0f} ms, {size / seconds / 1e6:.2f} MB/s",
+        file=out,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mitm-wg", description="mitmproxy upstream connections through WireGuard"
@@ -167,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=10.0,
         help=f"seconds to wait for each peer (at most {MAX_CHECK_TIMEOUT:g}; default 10)",
     )
+    p_check.add_argument(
+        "--url",
+        help="also fetch this http:// or https:// URL through the tunnel (names resolve "
+        "through the tunnel's DNS servers)",
+    )
+    p_check.add_argument(
+        "--insecure", action="store_true", help="with an https:// --url: skip certificate checks"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -177,6 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout = min(max(args.timeout, 0.1), MAX_CHECK_TIMEOUT)
             config = WireGuardConfig.from_file(args.config)
             check(config, timeout)
+            if args.url:
+                import trio
+
+                trio.run(
+                    functools.partial(
+                        fetch_url,
+                        config,
+                        args.url,
+                        insecure=args.insecure,
+                        timeout=max(timeout, 10.0),
+                        out=sys.stdout,
+                    )
+                )
     except (ConfigError, CheckFailed) as e:
         print(f"mitm-wg: error: {e}", file=sys.stderr)
         return 1

@@ -588,6 +588,16 @@ class TunnelUdpSocket(_Waitable):
         self._lot.unpark_all()
 
 
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out
+
+
 def _interleave(addresses: list[IPAddress]) -> list[IPAddress]:
     """Alternate address families, keeping the first address's family first (RFC 8305 §4)."""
     if not addresses:
@@ -712,19 +722,28 @@ async def open_tunnel(
             sock.setblocking(False)
             sockets[family] = sock
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
-        async with trio.open_nursery() as nursery:
-            for sock in sockets.values():
-                nursery.start_soon(tunnel._reader, sock)
-            nursery.start_soon(tunnel._timer)
-            try:
-                yield tunnel
-            finally:
-                tunnel._closed = True
-                for stream in list(tunnel._streams):
-                    if not stream._sock.is_closed:
-                        stream._sock.abort(trio.current_time())
-                tunnel._flush()
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                for sock in sockets.values():
+                    nursery.start_soon(tunnel._reader, sock)
+                nursery.start_soon(tunnel._timer)
+                try:
+                    yield tunnel
+                finally:
+                    tunnel._closed = True
+                    for stream in list(tunnel._streams):
+                        if not stream._sock.is_closed:
+                            stream._sock.abort(trio.current_time())
+                    tunnel._flush()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Our background tasks only end by cancellation, so a lone exception here came
+            # from the caller's block: give it back unwrapped, as a context manager should.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                exc = leaves[0]
+                raise exc from exc.__cause__
+            raise
     finally:
         for sock in sockets.values():
             sock.close()
