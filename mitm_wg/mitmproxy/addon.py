@@ -1,0 +1,496 @@
+"""The mitmproxy addon: every upstream connection through a WireGuard tunnel.
+
+Options (``--set NAME=VALUE``):
+
+``wg_conf``
+    WireGuard config file(s) in wg-quick format; repeat the option for several tunnels.
+    A tunnel is named after its file (``mullvad.conf`` → ``mullvad``) or ``NAME=PATH``.
+    Without it the addon only logs how to use it and changes nothing.
+``wg_allow_direct``
+    Connect directly to IP destinations outside every config's AllowedIPs (and hostnames a
+    tunnel resolves to such addresses). Off by default: those connections fail.
+``wg_test_loopback_dialer``
+    TEST ONLY. Instead of a WireGuard tunnel, connect with a plain loopback TCP dialer that
+    refuses every non-loopback destination. Honoured only when the environment also has
+    ``MITM_WG_TEST_DIALER=1``; set without it, loading fails.
+
+A connection whose tunnel is down, starting or misconfigured fails with an error saying why;
+nothing silently falls back to a direct connection. UDP upstreams (DNS, QUIC, ... flows)
+are refused until the tunnel carries UDP. Routing per connection: see
+:mod:`mitm_wg.mitmproxy.routing`. Command: ``wg.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import re
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from mitmproxy import command, exceptions
+
+from mitm_wg.config import WireGuardConfig
+from mitm_wg.errors import ConfigError
+from mitm_wg.mitmproxy import patch
+from mitm_wg.mitmproxy.bridge import Bridge, DialerTunnel, TunnelFactory
+from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
+
+if TYPE_CHECKING:
+    from mitmproxy.connection import Client, Server
+    from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+__all__ = ["TEST_DIALER_ENV", "WireGuardAddon"]
+
+logger = logging.getLogger(__name__)
+
+#: The test-only loopback dialer needs this environment variable set to "1" as well.
+TEST_DIALER_ENV = "MITM_WG_TEST_DIALER"
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_USAGE = (
+    "mitm-wg is loaded but has no WireGuard config, so it changes nothing. Use "
+    "--set wg_conf=/path/to/wg0.conf (repeat for several tunnels) to send every upstream "
+    "connection through WireGuard."
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_conf_option(values: Sequence[str]) -> dict[str, WireGuardConfig]:
+    """``wg_conf`` values → ``{tunnel name: config}`` in order (raises OptionsError)."""
+    configs: dict[str, WireGuardConfig] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not _NAME.match(name):
+            name, path = Path(value).stem or "wg", value
+        if name in configs:
+            raise exceptions.OptionsError(
+                f"wg_conf: two tunnels named {name!r}; name them with NAME=PATH"
+            )
+        try:
+            config = WireGuardConfig.from_file(os.path.expanduser(path))
+            config.require_peers()
+        except ConfigError as exc:
+            raise exceptions.OptionsError(f"wg_conf: {exc}") from None
+        configs[name] = config
+    return configs
+
+
+class _LoopbackTunnel(DialerTunnel):
+    """TEST ONLY: a 'tunnel' that dials loopback addresses with the host stack."""
+
+    def __init__(self, config: WireGuardConfig) -> None:
+        super().__init__(self._dial)
+        self.config = config
+
+    async def _dial(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+        addresses = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+        if not addresses or not all(a.is_loopback for a in addresses):
+            raise OSError(
+                errno.ENETUNREACH,
+                f"test loopback dialer: refusing non-loopback destination {host}",
+            )
+        return await trio.open_tcp_stream(host, port)
+
+
+def _real_tunnel(config: WireGuardConfig) -> TunnelFactory:
+    def factory() -> Any:
+        from mitm_wg.runtime import open_tunnel
+
+        return open_tunnel(config)
+
+    return factory
+
+
+def _loopback_tunnel(config: WireGuardConfig) -> TunnelFactory:
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[_LoopbackTunnel]:
+        yield _LoopbackTunnel(config)
+
+    return factory
+
+
+def _format_address(address: Any) -> str:
+    if not address:
+        return "?"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class WireGuardAddon:
+    """Sends mitmproxy's upstream connections through WireGuard tunnels (see module doc)."""
+
+    def __init__(self) -> None:
+        self.configs: dict[str, WireGuardConfig] = {}
+        self.bridge: Bridge | None = None
+        self.allow_direct = False
+        self.test_dialer = False
+        self._routes: list[tuple[IPNetwork, int, str]] = []
+        self._ready: asyncio.Event | None = None
+        self._apply_lock: asyncio.Lock | None = None
+        self._apply_task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self._generation = 0
+        self._server_info: weakref.WeakKeyDictionary[Server, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._client_flows: weakref.WeakKeyDictionary[Client, list[weakref.ref[Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: Connections made through a tunnel / directly / refused.
+        self.stats = {"tunnel": 0, "direct": 0, "refused": 0}
+
+    # -- options and lifecycle ---------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "wg_conf",
+            Sequence[str],
+            [],
+            "WireGuard config file(s) (wg-quick format) for upstream connections; repeat for "
+            "several tunnels. A tunnel is named after its file, or use NAME=PATH.",
+        )
+        loader.add_option(
+            "wg_allow_direct",
+            bool,
+            False,
+            "Connect directly (NOT through WireGuard) to destinations outside every config's "
+            "AllowedIPs. Default: such connections fail.",
+        )
+        loader.add_option(
+            "wg_test_loopback_dialer",
+            bool,
+            False,
+            f"TEST ONLY: dial loopback destinations without a tunnel. Needs "
+            f"{TEST_DIALER_ENV}=1 in the environment.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx
+
+        opts = ctx.options
+        if "wg_allow_direct" in updated:
+            self.allow_direct = bool(opts.wg_allow_direct)
+        if not updated & {"wg_conf", "wg_test_loopback_dialer"}:
+            return
+        test_dialer = bool(opts.wg_test_loopback_dialer)
+        if test_dialer and os.environ.get(TEST_DIALER_ENV) != "1":
+            raise exceptions.OptionsError(
+                f"wg_test_loopback_dialer is a test-only option and needs {TEST_DIALER_ENV}=1 "
+                "in the environment; refusing to start"
+            )
+        configs = parse_conf_option(opts.wg_conf)
+        if configs == self.configs and test_dialer == self.test_dialer and self.configs:
+            return
+        self.configs, self.test_dialer = configs, test_dialer
+        self._routes = sorted(
+            (
+                (net, net.prefixlen, name)
+                for name, config in configs.items()
+                for peer in config.peers
+                for net in peer.allowed_ips
+            ),
+            key=lambda route: -route[1],
+        )
+        self._generation += 1
+        if not configs:
+            logger.info(_USAGE)
+            patch.uninstall()
+        else:
+            # Install now so that no connection can slip out directly while tunnels start.
+            patch.install(self)
+            if test_dialer:
+                logger.warning("mitm-wg: TEST-ONLY loopback dialer active, no WireGuard tunnel")
+        if self._ready is not None:
+            self._ready.clear()
+        self._schedule_apply()
+
+    def _schedule_apply(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # applied by running()
+        if self._ready is None:
+            self._ready = asyncio.Event()
+            self._apply_lock = asyncio.Lock()
+        task = loop.create_task(self._apply(self._generation))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def running(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.Event()
+            self._apply_lock = asyncio.Lock()
+            await self._apply(self._generation)
+        else:
+            await self._ready.wait()
+
+    async def _apply(self, generation: int) -> None:
+        assert self._apply_lock is not None and self._ready is not None
+        async with self._apply_lock:
+            if generation != self._generation:
+                return  # a newer configuration is on its way
+            try:
+                await self._apply_locked()
+            except Exception as exc:
+                logger.error("mitm-wg: cannot start the tunnels: %s", exc, exc_info=exc)
+            finally:
+                if generation == self._generation:
+                    self._ready.set()
+
+    async def _apply_locked(self) -> None:
+        configs = self.configs
+        if not configs:
+            if self.bridge is not None:
+                bridge, self.bridge = self.bridge, None
+                await bridge.aclose()
+            return
+        if self.bridge is None:
+            bridge = Bridge()
+            await bridge.start()
+            self.bridge = bridge
+        make = _loopback_tunnel if self.test_dialer else _real_tunnel
+        errors = await self.bridge.set_tunnels({name: make(c) for name, c in configs.items()})
+        for name, error in errors.items():
+            where = configs[name].path or name
+            if error is None:
+                logger.info("mitm-wg: WireGuard tunnel %r is up (%s)", name, where)
+            else:
+                logger.error("mitm-wg: WireGuard tunnel %r (%s) is DOWN: %s", name, where, error)
+
+    def done(self) -> None:
+        patch.uninstall()
+        for task in list(self._pending):
+            task.cancel()
+        if self.bridge is not None:
+            bridge, self.bridge = self.bridge, None
+            bridge.close_soon()
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def route_for_address(self, host: str) -> str | None:
+        """The tunnel for an IP literal (longest AllowedIPs match), else None."""
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return next(iter(self.configs), None)
+        for net, _, name in self._routes:
+            if net.version == address.version and address in net:
+                return name
+        return None
+
+    def server_connect(self, data: ServerConnectionHookData) -> None:
+        """Pick up ``flow.metadata["wg_tunnel"]`` from the HTTP flow that needs this server."""
+        explicit, _ = chosen_route(data.server)
+        if explicit or not self.configs:
+            return
+        route = self._flow_route(data.client, data.server)
+        if route is not None:
+            from mitm_wg.mitmproxy.routing import use_tunnel
+
+            use_tunnel(data.server, route)
+
+    def _flow_route(self, client: Client, server: Server) -> Route:
+        refs = self._client_flows.get(client)
+        if not refs:
+            return None
+        for ref in reversed(refs):
+            flow = ref()
+            if flow is None or METADATA_KEY not in flow.metadata:
+                continue
+            request = flow.request
+            target = (request.host, request.port)
+            if flow.server_conn is server or target == server.address:
+                return check_route(flow.metadata[METADATA_KEY])
+        return None
+
+    def _remember_flow(self, flow: Any) -> None:
+        refs = self._client_flows.setdefault(flow.client_conn, [])
+        refs[:] = [r for r in refs[-31:] if r() is not None]
+        refs.append(weakref.ref(flow))
+
+    async def open_tcp(
+        self, server: Server | None, host: str, port: int, local_addr: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Called by the patched ConnectionHandler.open_connection for every TCP upstream."""
+        _, route = chosen_route(server) if server is not None else (False, None)
+        if route is False:
+            return await self._direct(server, host, port, local_addr, "chosen by a script")
+        if self._ready is not None:
+            await self._ready.wait()
+        bridge = self.bridge
+        if not self.configs or bridge is None:
+            self.stats["refused"] += 1
+            raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
+        if isinstance(route, str):
+            if route not in self.configs:
+                self.stats["refused"] += 1
+                raise OSError(
+                    errno.ENETUNREACH,
+                    f"a script chose WireGuard tunnel {route!r} for {host}:{port}, but the "
+                    f"loaded tunnels are {', '.join(map(repr, self.configs))}",
+                )
+            name: str | None = route
+        else:
+            name = self.route_for_address(host)
+        if name is None:
+            if self.allow_direct:
+                return await self._direct(
+                    server, host, port, local_addr, "outside every AllowedIPs (wg_allow_direct)"
+                )
+            self.stats["refused"] += 1
+            raise OSError(
+                errno.ENETUNREACH,
+                f"{host} is outside the AllowedIPs of every WireGuard config "
+                f"({', '.join(self.configs)}); not connecting directly "
+                f"(set wg_allow_direct=true to allow that)",
+            )
+        if local_addr:
+            logger.debug("mitm-wg: ignoring local_addr %r inside the tunnel", local_addr)
+        try:
+            reader, writer = await bridge.open_connection(name, host, port)
+        except OSError as exc:
+            if (
+                exc.errno == errno.ENETUNREACH
+                and route is None
+                and self.allow_direct
+                and self._is_routing_error(exc)
+            ):
+                return await self._direct(
+                    server, host, port, local_addr, f"outside AllowedIPs of {name!r}"
+                )
+            self.stats["refused"] += 1
+            raise
+        info: dict[str, Any] = {"tunnel": name}
+        peer = writer.get_extra_info("wg_peer")
+        if peer:
+            info["peer"] = peer.get("public_key")
+            if "endpoint" in peer:
+                info["endpoint"] = peer["endpoint"]
+        info["local"] = _format_address(writer.get_extra_info("sockname"))
+        info["remote"] = _format_address(writer.get_extra_info("peername"))
+        if server is not None:
+            self._server_info[server] = info
+        self.stats["tunnel"] += 1
+        logger.info(
+            "mitm-wg: %s:%s through tunnel %r%s",
+            host,
+            port,
+            name,
+            f" (peer {info['peer'][:8]}…, {info.get('endpoint', '?')})" if "peer" in info else "",
+        )
+        return reader, writer
+
+    @staticmethod
+    def _is_routing_error(exc: OSError) -> bool:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, OSError) and "AllowedIPs" in str(cause):
+                return True
+            cause = cause.__cause__
+        return False
+
+    async def _direct(
+        self, server: Server | None, host: str, port: int, local_addr: Any, reason: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        logger.info("mitm-wg: %s:%s DIRECT, not through WireGuard: %s", host, port, reason)
+        if server is not None:
+            self._server_info[server] = {"tunnel": False, "reason": reason}
+        self.stats["direct"] += 1
+        return await asyncio.open_connection(host, port, local_addr=local_addr)
+
+    async def open_udp(self, server: Server | None, host: str, port: int, local_addr: Any) -> Any:
+        """The UDP seam: refused until the tunnel carries UDP flows (never sent directly)."""
+        _, route = chosen_route(server) if server is not None else (False, None)
+        if route is False:
+            import mitmproxy_rs
+
+            logger.info("mitm-wg: UDP %s:%s DIRECT, chosen by a script", host, port)
+            self.stats["direct"] += 1
+            return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
+        self.stats["refused"] += 1
+        raise OSError(
+            errno.EPROTONOSUPPORT,
+            f"UDP to {host}:{port} refused: mitm-wg does not carry UDP through WireGuard yet, "
+            "and will not send it outside the tunnel",
+        )
+
+    # -- flow metadata -----------------------------------------------------------------------
+
+    def _annotate(self, flow: Any) -> None:
+        info = self._server_info.get(flow.server_conn)
+        if info is not None:
+            flow.metadata[INFO_KEY] = info
+
+    def requestheaders(self, flow: Any) -> None:
+        if self.configs:
+            self._remember_flow(flow)
+
+    def http_connect(self, flow: Any) -> None:
+        if self.configs:
+            self._remember_flow(flow)
+
+    def responseheaders(self, flow: Any) -> None:
+        self._annotate(flow)
+
+    def response(self, flow: Any) -> None:
+        self._annotate(flow)
+
+    def error(self, flow: Any) -> None:
+        self._annotate(flow)
+
+    def tcp_message(self, flow: Any) -> None:
+        self._annotate(flow)
+
+    def tcp_end(self, flow: Any) -> None:
+        self._annotate(flow)
+
+    def tcp_error(self, flow: Any) -> None:
+        self._annotate(flow)
+
+    def websocket_start(self, flow: Any) -> None:
+        self._annotate(flow)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    @command.command("wg.status")
+    def status(self) -> str:
+        """Tunnels, peers and connection counters of mitm-wg."""
+        if not self.configs:
+            return _USAGE
+        lines = []
+        bridge = self.bridge
+        mode = bridge.mode if bridge is not None else "not started"
+        lines.append(
+            f"mitm-wg ({mode}): {self.stats['tunnel']} connections through tunnels, "
+            f"{self.stats['direct']} direct, {self.stats['refused']} refused"
+            + (" [TEST-ONLY loopback dialer]" if self.test_dialer else "")
+        )
+        for name, config in self.configs.items():
+            info = bridge.tunnels.get(name) if bridge is not None else None
+            state = info.state if info is not None else "not started"
+            if info is not None and info.error:
+                state += f": {info.error}"
+            open_count = f", {info.connections} open" if info is not None else ""
+            lines.append(f"  {name} ({config.path}): {state}{open_count}")
+            for peer in info.peers if info is not None else ():
+                endpoint = peer.endpoint
+                lines.append(
+                    f"    peer {peer.public_key} endpoint "
+                    f"{_format_address(endpoint) if endpoint else '(none)'} "
+                    f"session={'yes' if peer.has_session else 'no'} "
+                    f"handshakes={peer.handshakes_completed} "
+                    f"rx={peer.rx_bytes} tx={peer.tx_bytes}"
+                )
+        text = "\n".join(lines)
+        logger.info(text)
+        return text

@@ -1,0 +1,299 @@
+"""The mitm-wg addon: options, routing decisions, fail-closed behaviour, metadata, status.
+
+Runs the addon in mitmproxy's test context with the TEST-ONLY loopback dialer (no tunnel),
+against asyncio servers on loopback addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.connection import Server
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow
+
+from mitm_wg.config import encode_key, generate_private_key, public_key_of
+from mitm_wg.mitmproxy import patch
+from mitm_wg.mitmproxy.addon import TEST_DIALER_ENV, WireGuardAddon
+from mitm_wg.mitmproxy.bridge import ENV_MODE
+from mitm_wg.mitmproxy.routing import METADATA_KEY, use_tunnel
+
+
+def write_conf(path: Path, allowed: str) -> str:
+    key = encode_key(generate_private_key())
+    peer = encode_key(public_key_of(generate_private_key()))
+    path.write_text(
+        f"[Interface]\nPrivateKey = {key}\nAddress = 10.9.0.2/32\n\n"
+        f"[Peer]\nPublicKey = {peer}\nAllowedIPs = {allowed}\nEndpoint = 127.0.0.1:9\n"
+    )
+    return str(path)
+
+
+@pytest.fixture
+def confs(tmp_path: Path) -> dict[str, str]:
+    return {
+        "one": write_conf(tmp_path / "one.conf", "127.0.0.1/32"),
+        "wide": write_conf(tmp_path / "wide.conf", "127.0.0.0/8"),
+        "narrow": write_conf(tmp_path / "narrow.conf", "127.0.0.1/32"),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _clean_patch() -> Iterator[None]:
+    yield
+    patch.uninstall()
+
+
+@pytest.fixture
+def test_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TEST_DIALER_ENV, "1")
+
+
+async def echo_server(host: str) -> tuple[asyncio.Server, int]:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(handle, host, 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"hello")
+    assert await reader.readexactly(5) == b"hello"
+    writer.close()
+
+
+def test_without_wg_conf_nothing_changes(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        addon = WireGuardAddon()
+        with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
+            tctx.configure(addon, wg_conf=[])
+            await addon.running()
+            assert not patch.is_installed()
+            assert addon.bridge is None
+            assert "changes nothing" in addon.status()
+            addon.done()
+        assert "--set wg_conf=" in caplog.text
+
+    asyncio.run(main())
+
+
+def test_test_dialer_needs_the_environment(
+    confs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TEST_DIALER_ENV, raising=False)
+
+    async def main() -> None:
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            with pytest.raises(exceptions.OptionsError, match=TEST_DIALER_ENV):
+                tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
+            assert not addon.test_dialer
+            addon.done()
+
+    asyncio.run(main())
+
+
+def test_bad_config_is_an_option_error(tmp_path: Path, confs: dict[str, str]) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[Interface]\nPrivateKey = nope\n")
+
+    async def main() -> None:
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            with pytest.raises(exceptions.OptionsError, match=r"bad\.conf"):
+                tctx.configure(addon, wg_conf=[str(bad)])
+            with pytest.raises(exceptions.OptionsError, match="two tunnels named"):
+                tctx.configure(addon, wg_conf=[f"x={confs['one']}", f"x={confs['wide']}"])
+            addon.done()
+
+    asyncio.run(main())
+
+
+def test_routing_through_the_tunnel_and_fail_closed(
+    confs: dict[str, str], test_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        srv1, port1 = await echo_server("127.0.0.1")
+        srv2, _port2 = await echo_server("127.0.0.2")
+        addon = WireGuardAddon()
+        with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
+            tctx.configure(
+                addon,
+                wg_conf=[confs["wide"], confs["narrow"]],
+                wg_test_loopback_dialer=True,
+            )
+            await addon.running()
+            assert patch.is_installed()
+            # Longest AllowedIPs match wins across configs; hostnames use the first tunnel.
+            assert addon.route_for_address("127.0.0.1") == "narrow"
+            assert addon.route_for_address("127.0.0.2") == "wide"
+            assert addon.route_for_address("192.0.2.1") is None
+            assert addon.route_for_address("localhost") == "wide"
+
+            server = Server(address=("127.0.0.1", port1))
+            reader, writer = await addon.open_tcp(server, "127.0.0.1", port1, None)
+            assert writer.get_extra_info("wg_tunnel") == "narrow"
+            await roundtrip(reader, writer)
+
+            flow = tflow.tflow(resp=True)
+            flow.server_conn = server
+            addon.response(flow)
+            assert flow.metadata["wg"]["tunnel"] == "narrow"
+            assert flow.metadata["wg"]["remote"] == f"127.0.0.1:{port1}"
+
+            # Outside every AllowedIPs: refused, never direct.
+            with pytest.raises(OSError, match="outside the AllowedIPs") as info:
+                await addon.open_tcp(Server(address=("192.0.2.1", 80)), "192.0.2.1", 80, None)
+            assert info.value.errno == errno.ENETUNREACH
+            assert addon.stats == {"tunnel": 1, "direct": 0, "refused": 1}
+            assert "through tunnel 'narrow'" in caplog.text
+
+            # The test dialer itself refuses non-loopback destinations.
+            forced = Server(address=("192.0.2.1", 80))
+            use_tunnel(forced, "wide")  # skips the AllowedIPs check
+            with pytest.raises(OSError, match="refusing non-loopback"):
+                await addon.open_tcp(forced, "192.0.2.1", 80, None)
+            addon.done()
+            assert not patch.is_installed()
+        for srv in (srv1, srv2):
+            srv.close()
+
+    asyncio.run(main())
+
+
+def test_allow_direct_outside_allowed_ips(confs: dict[str, str], test_env: None) -> None:
+    async def main() -> None:
+        srv, port = await echo_server("127.0.0.2")
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            tctx.configure(
+                addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True, wg_allow_direct=True
+            )
+            await addon.running()
+            server = Server(address=("127.0.0.2", port))
+            reader, writer = await addon.open_tcp(server, "127.0.0.2", port, None)
+            assert writer.get_extra_info("wg_tunnel") is None  # a real socket
+            await roundtrip(reader, writer)
+            flow = tflow.tflow(resp=True)
+            flow.server_conn = server
+            addon.response(flow)
+            assert flow.metadata["wg"] == {
+                "tunnel": False,
+                "reason": "outside every AllowedIPs (wg_allow_direct)",
+            }
+            assert addon.stats["direct"] == 1
+            addon.done()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_scripts_choose_the_tunnel(confs: dict[str, str], test_env: None) -> None:
+    async def main() -> None:
+        srv, port = await echo_server("127.0.0.1")
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            tctx.configure(
+                addon, wg_conf=[confs["wide"], confs["narrow"]], wg_test_loopback_dialer=True
+            )
+            await addon.running()
+
+            # use_tunnel() in server_connect
+            server = Server(address=("127.0.0.1", port))
+            use_tunnel(server, "wide")
+            reader, writer = await addon.open_tcp(server, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") == "wide"
+            await roundtrip(reader, writer)
+
+            server = Server(address=("127.0.0.1", port))
+            use_tunnel(server, "nope")
+            with pytest.raises(OSError, match=r"'nope'.*'wide', 'narrow'"):
+                await addon.open_tcp(server, "127.0.0.1", port, None)
+
+            server = Server(address=("127.0.0.1", port))
+            use_tunnel(server, False)
+            reader, writer = await addon.open_tcp(server, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") is None
+            await roundtrip(reader, writer)
+
+            with pytest.raises(TypeError):
+                use_tunnel(server, 42)  # type: ignore[arg-type]
+
+            # flow.metadata["wg_tunnel"] of the HTTP flow that needs the connection
+            flow = tflow.tflow()
+            flow.request.host, flow.request.port = "127.0.0.1", port
+            addon.requestheaders(flow)
+            flow.metadata[METADATA_KEY] = "wide"  # set later, by another addon's request hook
+            server = Server(address=("127.0.0.1", port))
+            addon.server_connect(server_hooks.ServerConnectionHookData(server, flow.client_conn))
+            reader, writer = await addon.open_tcp(server, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") == "wide"
+            await roundtrip(reader, writer)
+            addon.done()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_udp_fails_closed(confs: dict[str, str], test_env: None) -> None:
+    async def main() -> None:
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
+            await addon.running()
+            server = Server(address=("127.0.0.1", 53), transport_protocol="udp")
+            with pytest.raises(OSError, match=r"UDP .* refused") as info:
+                await addon.open_udp(server, "127.0.0.1", 53, None)
+            assert info.value.errno == errno.EPROTONOSUPPORT
+            addon.done()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["guest", "thread"])
+def test_changing_wg_conf_reconnects(
+    confs: dict[str, str], test_env: None, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_MODE, mode)
+
+    async def main() -> None:
+        srv, port = await echo_server("127.0.0.1")
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
+            await addon.running()
+            bridge = addon.bridge
+            assert bridge is not None
+            reader, writer = await addon.open_tcp(None, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") == "one"
+
+            tctx.configure(addon, wg_conf=[f"renamed={confs['one']}"])
+            # New connections wait for the new tunnel set, then use it.
+            reader2, writer2 = await addon.open_tcp(None, "127.0.0.1", port, None)
+            assert writer2.get_extra_info("wg_tunnel") == "renamed"
+            await roundtrip(reader2, writer2)
+            assert addon.bridge is bridge  # same trio run, new tunnels
+            assert set(bridge.tunnels) == {"renamed"}
+            with pytest.raises(ConnectionAbortedError):
+                await reader.read(10)
+
+            text = addon.status()
+            assert "renamed" in text and "up" in text and "TEST-ONLY" in text
+            assert f"({mode})" in text
+            addon.done()  # synchronous, as mitmproxy calls it on script unload
+            assert not patch.is_installed()
+            await bridge.aclose()  # finishes what done() started
+            assert not bridge.running
+        srv.close()
+
+    asyncio.run(main())
