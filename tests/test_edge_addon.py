@@ -251,10 +251,16 @@ def test_udp_fails_closed(confs: dict[str, str], test_env: None) -> None:
         with taddons.context(addon) as tctx:
             tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
             await addon.running()
-            server = Server(address=("127.0.0.1", 53), transport_protocol="udp")
-            with pytest.raises(OSError, match=r"UDP .* refused") as info:
-                await addon.open_udp(server, "127.0.0.1", 53, None)
-            assert info.value.errno == errno.EPROTONOSUPPORT
+            # Outside every AllowedIPs: refused, never sent directly.
+            outside = Server(address=("192.0.2.1", 53), transport_protocol="udp")
+            with pytest.raises(OSError, match="outside the AllowedIPs") as info:
+                await addon.open_udp(outside, "192.0.2.1", 53, None)
+            assert info.value.errno == errno.ENETUNREACH
+            # Inside, but the (test) tunnel cannot carry UDP: an error, not a direct flow.
+            inside = Server(address=("127.0.0.1", 53), transport_protocol="udp")
+            with pytest.raises(OSError):
+                await addon.open_udp(inside, "127.0.0.1", 53, None)
+            assert addon.stats["direct"] == 0
             addon.done()
 
     asyncio.run(main())

@@ -16,7 +16,7 @@ Options (``--set NAME=VALUE``):
 
 A connection whose tunnel is down, starting or misconfigured fails with an error saying why;
 nothing silently falls back to a direct connection. UDP upstreams (DNS, QUIC, ... flows)
-are refused until the tunnel carries UDP. Routing per connection: see
+go through the tunnel too, with the same routing rules. Routing per connection: see
 :mod:`mitm_wg.mitmproxy.routing`. Command: ``wg.status``.
 """
 
@@ -318,17 +318,11 @@ class WireGuardAddon:
         refs[:] = [r for r in refs[-31:] if r() is not None]
         refs.append(weakref.ref(flow))
 
-    async def open_tcp(
-        self, server: Server | None, host: str, port: int, local_addr: Any
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Called by the patched ConnectionHandler.open_connection for every TCP upstream."""
-        _, route = chosen_route(server) if server is not None else (False, None)
-        if route is False:
-            return await self._direct(server, host, port, local_addr, "chosen by a script")
+    async def _pick_tunnel(self, route: Route, host: str, port: int) -> str | None:
+        """The tunnel for this upstream, None for "direct (allowed)", or raise (fail closed)."""
         if self._ready is not None:
             await self._ready.wait()
-        bridge = self.bridge
-        if not self.configs or bridge is None:
+        if not self.configs or self.bridge is None:
             self.stats["refused"] += 1
             raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
         if isinstance(route, str):
@@ -339,14 +333,11 @@ class WireGuardAddon:
                     f"a script chose WireGuard tunnel {route!r} for {host}:{port}, but the "
                     f"loaded tunnels are {', '.join(map(repr, self.configs))}",
                 )
-            name: str | None = route
-        else:
-            name = self.route_for_address(host)
+            return route
+        name = self.route_for_address(host)
         if name is None:
             if self.allow_direct:
-                return await self._direct(
-                    server, host, port, local_addr, "outside every AllowedIPs (wg_allow_direct)"
-                )
+                return None
             self.stats["refused"] += 1
             raise OSError(
                 errno.ENETUNREACH,
@@ -354,6 +345,22 @@ class WireGuardAddon:
                 f"({', '.join(self.configs)}); not connecting directly "
                 f"(set wg_allow_direct=true to allow that)",
             )
+        return name
+
+    async def open_tcp(
+        self, server: Server | None, host: str, port: int, local_addr: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Called by the patched ConnectionHandler.open_connection for every TCP upstream."""
+        _, route = chosen_route(server) if server is not None else (False, None)
+        if route is False:
+            return await self._direct(server, host, port, local_addr, "chosen by a script")
+        name = await self._pick_tunnel(route, host, port)
+        if name is None:
+            return await self._direct(
+                server, host, port, local_addr, "outside every AllowedIPs (wg_allow_direct)"
+            )
+        bridge = self.bridge
+        assert bridge is not None
         if local_addr:
             logger.debug("mitm-wg: ignoring local_addr %r inside the tunnel", local_addr)
         try:
@@ -409,20 +416,38 @@ class WireGuardAddon:
         return await asyncio.open_connection(host, port, local_addr=local_addr)
 
     async def open_udp(self, server: Server | None, host: str, port: int, local_addr: Any) -> Any:
-        """The UDP seam: refused until the tunnel carries UDP flows (never sent directly)."""
+        """Called for every UDP upstream (DNS, QUIC/HTTP3, raw UDP flows)."""
+        import mitmproxy_rs
+
         _, route = chosen_route(server) if server is not None else (False, None)
         if route is False:
-            import mitmproxy_rs
-
             logger.info("mitm-wg: UDP %s:%s DIRECT, chosen by a script", host, port)
             self.stats["direct"] += 1
             return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
-        self.stats["refused"] += 1
-        raise OSError(
-            errno.EPROTONOSUPPORT,
-            f"UDP to {host}:{port} refused: mitm-wg does not carry UDP through WireGuard yet, "
-            "and will not send it outside the tunnel",
-        )
+        name = await self._pick_tunnel(route, host, port)
+        if name is None:
+            logger.info("mitm-wg: UDP %s:%s DIRECT: outside every AllowedIPs", host, port)
+            self.stats["direct"] += 1
+            return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
+        bridge = self.bridge
+        assert bridge is not None
+        try:
+            stream = await bridge.open_datagram(name, host, port)
+        except OSError:
+            self.stats["refused"] += 1
+            raise
+        info: dict[str, Any] = {"tunnel": name, "transport": "udp"}
+        peer = stream.get_extra_info("wg_peer")
+        if peer:
+            info["peer"] = peer.get("public_key")
+            info["endpoint"] = peer.get("endpoint")
+        info["local"] = _format_address(stream.get_extra_info("sockname"))
+        info["remote"] = _format_address(stream.get_extra_info("peername"))
+        if server is not None:
+            self._server_info[server] = info
+        self.stats["tunnel"] += 1
+        logger.info("mitm-wg: UDP %s:%s through tunnel %r", host, port, name)
+        return stream
 
     # -- flow metadata -----------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 import trio
 
+from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
 from mitm_wg.mitmproxy.transport import TunnelTransport
 
 __all__ = [
@@ -512,6 +513,58 @@ class Bridge:
             logger.exception("connection to %s:%s via %r crashed", host, port, st.name)
         if scope.cancelled_caught and not transport._connected:
             transport._trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
+
+    async def open_datagram(self, tunnel: str, host: str, port: int) -> DatagramStream:
+        """A UDP flow to ``host``:``port`` through ``tunnel`` (mitmproxy_rs.Stream-like)."""
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        stream = DatagramStream(loop, self._to_trio, {"wg_tunnel": tunnel})
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def loop_connected(exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(connect_error(tunnel, host, port, exc))
+
+        def connected(exc: BaseException | None) -> None:
+            self._to_loop(loop_connected, exc)
+
+        async def spawn_when_ready(st: _TunnelState) -> None:
+            await st.ready.wait()
+            spawn()
+
+        def spawn() -> None:
+            st = self._tunnels.get(tunnel)
+            if st is not None and st.state == "starting" and self._nursery is not None:
+                self._nursery.start_soon(spawn_when_ready, st)
+                return
+            if st is None or st.nursery is None or st.tunnel is None:
+                state = "missing" if st is None else (st.error or st.state)
+                connected(
+                    OSError(
+                        errno.ENETDOWN,
+                        f"{host}:{port}: the WireGuard tunnel {tunnel!r} is not up ({state})",
+                    )
+                )
+                return
+            st.nursery.start_soon(
+                run_datagram_flow, st.tunnel, stream, host, port, connected, self._to_loop
+            )
+
+        self._to_trio(spawn)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            stream.close()
+            raise
+        except OSError:
+            self.failed += 1
+            raise
+        self.opened += 1
+        return stream
 
     # -- misc --------------------------------------------------------------------------------
 

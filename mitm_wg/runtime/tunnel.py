@@ -551,29 +551,44 @@ class _AcceptWaitable(_Waitable):
 class TunnelUdpSocket(_Waitable):
     """A UDP socket inside the tunnel."""
 
-    __slots__ = ("_sock", "_tunnel", "local_address")
+    __slots__ = ("_closed", "_sock", "_tunnel", "local_address")
 
     def __init__(self, tunnel: Tunnel, sock: UdpSocket) -> None:
         super().__init__()
         self._tunnel = tunnel
         self._sock = sock
+        self._closed = False
         local = sock.local_addr
-        self.local_address = (str(ipaddress.ip_address(local)) if local else "", sock.local_port)
+        if local:
+            host = str(ipaddress.ip_address(local))
+        else:  # bound to a family: datagrams leave from the tunnel's address of that family
+            host = next(
+                (str(i.ip) for i in tunnel.stack.interfaces if i.version == sock.family), ""
+            )
+        self.local_address = (host, sock.local_port)
 
     def _ready(self) -> bool:
-        return self._sock.pending > 0 or self._sock.error is not None
+        return self._closed or self._sock.pending > 0 or self._sock.error is not None
 
-    async def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+    def sendto_nowait(self, data: bytes, address: tuple[str, int]) -> None:
+        """Send a datagram now (UDP never waits: a full path drops, as with a kernel socket)."""
+        if self._closed:
+            raise trio.ClosedResourceError("UDP socket is closed")
         host, port = address
         ip = ipaddress.ip_address(host)
         if self._tunnel.device.route(ip.packed) is None:
             raise OSError(errno.ENETUNREACH, f"{ip} is not in any WireGuard peer's AllowedIPs")
         self._sock.sendto(data, (ip, port), trio.current_time())
         self._tunnel._flush()
+
+    async def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        self.sendto_nowait(data, address)
         await trio.lowlevel.checkpoint()
 
     async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
         while True:
+            if self._closed:
+                raise trio.ClosedResourceError("UDP socket is closed")
             item = self._sock.recvfrom()
             if item is not None:
                 await trio.lowlevel.checkpoint()
@@ -584,8 +599,10 @@ class TunnelUdpSocket(_Waitable):
             await self._tunnel._park(self)
 
     def close(self) -> None:
-        self._sock.close()
-        self._lot.unpark_all()
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+            self._lot.unpark_all()
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -1,0 +1,194 @@
+"""UDP flows through the tunnel: the object mitmproxy gets instead of a mitmproxy_rs UDP stream.
+
+mitmproxy's ``ConnectionHandler.open_connection`` uses one object as reader and writer for
+UDP (``mitmproxy_rs.Stream``): ``read()`` returns one datagram, ``write()`` sends one.
+:class:`DatagramStream` offers the same interface on the asyncio side; the trio side owns a
+:class:`~mitm_wg.runtime.tunnel.TunnelUdpSocket` "connected" to one remote address (replies
+from other sources are dropped, as a connected kernel socket does).  Each datagram crosses
+the asyncio/trio line in one scheduled callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+#: Datagrams held for a reader that does not read; further ones are dropped (as UDP does).
+MAX_QUEUED = 1024
+
+
+class DatagramStream:
+    """asyncio side of one UDP flow (the interface of ``mitmproxy_rs.Stream`` for UDP)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        to_trio: Callable[..., None],
+        extra: dict[str, Any],
+    ) -> None:
+        self._loop = loop
+        self._to_trio = to_trio
+        self._extra = extra
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closing = False
+        self._ended = False  # the trio side is gone
+        self._closed = loop.create_future()
+        self._socket: Any = None  # TunnelUdpSocket, trio side only
+        self._remote: tuple[str, int] | None = None
+        self.dropped = 0
+
+    # -- asyncio side (mitmproxy's calls) ----------------------------------------------------
+
+    async def read(self, n: int) -> bytes:
+        while not self._queue:
+            if self._closing or self._ended:
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()[:n]
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._ended:
+            return
+        self._to_trio(self._trio_send, bytes(data))
+
+    async def drain(self) -> None:
+        await asyncio.sleep(0)
+
+    def write_eof(self) -> None:
+        pass  # UDP has no half-close
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._wake()
+        if self._ended:
+            self._finish()
+        else:
+            try:
+                self._to_trio(self._trio_close)
+            except RuntimeError:  # the bridge is gone
+                self._finish()
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "transport_protocol":
+            return "udp"
+        return self._extra.get(name, default)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _loop_deliver(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if len(self._queue) >= MAX_QUEUED:
+            self.dropped += 1
+            return
+        self._queue.append(data)
+        self._wake()
+
+    def _loop_ended(self) -> None:
+        self._ended = True
+        self._wake()
+        if self._closing:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- trio side ---------------------------------------------------------------------------
+
+    def _trio_send(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is None or self._remote is None:
+            return
+        try:
+            sock.sendto_nowait(data, self._remote)
+        except (OSError, trio.ClosedResourceError) as e:
+            logger.debug("UDP send to %s failed: %s", self._remote, e)
+
+    def _trio_close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+
+
+async def resolve_for_udp(tunnel: Any, host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to send a UDP flow to: the first the tunnel's resolver returns that the
+    tunnel has an address family for."""
+    addresses = await tunnel.resolve(host)
+    families = {iface.version for iface in tunnel.config.addresses}
+    for address in addresses:
+        if address.version in families:
+            return address
+    raise OSError(errno.EADDRNOTAVAIL, f"{host}: no address the tunnel can reach")
+
+
+async def run_datagram_flow(
+    tunnel: Any,
+    stream: DatagramStream,
+    host: str,
+    port: int,
+    connected: Callable[[BaseException | None], None],
+    to_loop: Callable[..., None],
+) -> None:
+    """Trio task of one UDP flow: open the socket, report, then forward replies until closed."""
+    try:
+        address = await resolve_for_udp(tunnel, host)
+        if tunnel.route(address) is None:
+            raise OSError(errno.ENETUNREACH, f"{address} is not in any WireGuard peer's AllowedIPs")
+        sock = await tunnel.open_udp_socket(address.version)
+    except Exception as exc:
+        connected(exc)
+        return
+    remote = (str(address), port)
+    stream._socket = sock
+    stream._remote = remote
+    stream._extra.update(peername=remote, sockname=sock.local_address)
+    peer = tunnel.route(address)
+    if peer is not None:
+        stream._extra["wg_peer"] = {
+            "public_key": peer.public_key_b64,
+            "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else "?",
+        }
+    connected(None)
+    try:
+        while True:
+            try:
+                data, source = await sock.recvfrom()
+            except trio.ClosedResourceError:
+                break
+            except OSError as e:  # ICMP port unreachable and friends
+                logger.debug("UDP flow to %s:%s: %s", host, port, e)
+                continue
+            if (ipaddress.ip_address(source[0]), source[1]) != (address, port):
+                continue  # not from the server we talk to
+            to_loop(stream._loop_deliver, data)
+    finally:
+        sock.close()
+        to_loop(stream._loop_ended)
