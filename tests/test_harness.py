@@ -21,6 +21,7 @@ import trio
 from conftest import require_mitmdump, require_netns
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from harness import (
     ExitPeer,
     ImpairedRelay,
@@ -521,6 +522,7 @@ def test_ci_turns_interop_skips_into_failures(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str
 ) -> None:
     import conftest
+
     import harness.netns
 
     pytester.makeconftest((Path(conftest.__file__)).read_text())

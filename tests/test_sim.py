@@ -11,9 +11,9 @@ import random
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from sim import LinkParams, Transfer, make_pair
 
 from mitm_wg.net.tcp import TcpConfig, TcpState
+from sim import LinkParams, Transfer, make_pair
 
 MiB = 1 << 20
 

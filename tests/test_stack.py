@@ -9,7 +9,6 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sim import LinkParams, make_pair
 from test_ip import naive_checksum
 
 from mitm_wg.net import icmp
@@ -18,6 +17,7 @@ from mitm_wg.net.ipv6 import build_ipv6, parse_ipv6
 from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp_wire import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp
 from mitm_wg.net.udp import UdpDatagram, build_udp, parse_udp
+from sim import LinkParams, make_pair
 
 ME4 = ipaddress.ip_address("10.0.0.2").packed
 PEER4 = ipaddress.ip_address("10.0.0.1").packed

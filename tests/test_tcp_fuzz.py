@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tcp_playbook import seg
 from test_tcp_playbook import SYNC_STATES, _to_state
 
 from mitm_wg.net.tcp_wire import TcpSegment
+from tcp_playbook import seg
 
 STATES = [*SYNC_STATES]
 

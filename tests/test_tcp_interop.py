@@ -11,8 +11,8 @@ import json
 import socket
 
 import pytest
-from harness import ImpairedRelay, Impairment
 
+from harness import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
 from tests.tunneldrive import TunnelDriver
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tcp_playbook import LPORT, RPORT, Pb, active, cfg, passive, seg
 
 from mitm_wg.net.tcp import TcpState
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, TcpSegment
+from tcp_playbook import LPORT, RPORT, Pb, active, cfg, passive, seg
 
 ISS = 1000
 PISS = 9000

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from tcp_playbook import Link, cfg, lossy
 
 from mitm_wg.net.tcp import TcpState
 from mitm_wg.net.tcp_wire import TcpSegment
+from tcp_playbook import Link, cfg, lossy
 
 M32 = 0xFFFFFFFF
 
