@@ -14,7 +14,7 @@ setup_venv() {
     fi
 }
 
-# The interop tests need wireguard-go, wg, dnsmasq, curl and iproute2. Installing needs root;
+# The interop tests need wireguard-go, wg, dnsmasq, curl, iproute2 and (end-to-end) chromium. Installing needs root;
 # without root the interop tests skip (and fail under CI=true).
 setup_system_packages() {
     local need=()
@@ -23,6 +23,7 @@ setup_system_packages() {
     command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
     command -v curl >/dev/null || need+=(curl)
     command -v ip >/dev/null || need+=(iproute2)
+    command -v chromium >/dev/null || need+=(chromium)
     [ ${#need[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ]; then
         echo "not root: skipping apt-get install ${need[*]} (interop tests will skip)" >&2
@@ -33,4 +34,6 @@ setup_system_packages() {
     apt-get update -qq >/dev/null
     # --no-install-recommends: otherwise wireguard-tools drags in a kernel image.
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # fonts let headless Chromium render pages for screenshots
+    apt-get install -y -qq --no-install-recommends fonts-dejavu-core >/dev/null || true
 }
