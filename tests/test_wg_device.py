@@ -13,7 +13,10 @@ from mitm_wg.wireguard.device import HandshakeCompleted, HandshakeFailed, KeysZe
 from mitm_wg.wireguard.replay import ReplayWindow
 from mitm_wg.wireguard.timers import (
     KEEPALIVE_TIMEOUT,
+    MAX_QUEUED_PACKETS,
+    REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_TIMEOUT,
@@ -399,3 +402,47 @@ def test_ipv6_inner_packets() -> None:
     p.send("a", packet)
     p.deliver()
     assert p.b_received == [packet]
+
+
+def test_rekey_after_messages_and_reject_after_messages() -> None:
+    p = Pair.create()
+    p.handshake()
+    keypair = p.a_peer.current
+    assert keypair is not None
+    p.advance(REKEY_TIMEOUT + 1)  # past the initiation rate limit
+    keypair.send_counter = REKEY_AFTER_MESSAGES + 1
+    p.log.clear()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"many"))
+    # Still sent on the old keypair, and a new handshake starts.
+    assert types(p.log) == [("a", 4), ("a", 1)]
+    p.wire.clear()
+    p.advance(REKEY_TIMEOUT + 1, drop=True)
+    keypair.send_counter = REJECT_AFTER_MESSAGES
+    p.log.clear()
+    p.a_peer.last_initiation_sent = float("-inf")
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"too many"))
+    # The keypair is exhausted: nothing more is sent with it; the packet waits.
+    assert types(p.log) == [("a", 1)]
+    assert list(p.a_peer.queue) == [ipv4_udp(A_ADDR, B_ADDR, b"too many")]
+
+
+def test_handshake_queue_is_bounded_and_drops_oldest() -> None:
+    p = Pair.create()
+    for i in range(MAX_QUEUED_PACKETS + 10):
+        p.send("a", ipv4_udp(A_ADDR, B_ADDR, i.to_bytes(4, "big")))
+    assert len(p.a_peer.queue) == MAX_QUEUED_PACKETS
+    assert p.a_peer.queue_dropped == 10
+    assert p.a_peer.queue[0][-4:] == (10).to_bytes(4, "big")
+    p.deliver()
+    got = [int.from_bytes(x[-4:], "big") for x in p.b_received]
+    assert got == list(range(10, MAX_QUEUED_PACKETS + 10))
+
+
+def test_unknown_receiver_index_is_counted() -> None:
+    p = Pair.create()
+    p.handshake()
+    p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"x"))
+    _, datagram, source = p.wire.pop()
+    forged = datagram[:4] + b"\xde\xad\xbe\xef" + datagram[8:]
+    p.inject("a", forged, source)
+    assert p.a.drops["unknown_index"] == 1 and p.a_received == []
