@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from harness import ExitPeer, MitmPeer, have_mitmdump, have_netns, mitmproxy_wireguard_peer
 from harness import exit_peer as _exit_peer
 

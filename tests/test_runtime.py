@@ -130,3 +130,32 @@ async def test_trio_half_closeable_stream_conformance() -> None:
             return client, server
 
         await trio.testing.check_half_closeable_stream(maker, None)
+
+
+async def test_send_and_receive_waiting_at_the_same_time() -> None:
+    """A sender blocked on a full buffer must wake while another task waits to receive."""
+    async with tunnel_pair() as (a, b):
+        client, server, _ = await connected_pair(a, b, 7003)
+        size = 8 << 20
+        received = 0
+
+        async def drain_server() -> None:
+            nonlocal received
+            while chunk := await server.receive_some():
+                received += len(chunk)
+            await server.send_all(b"done")
+            await server.aclose()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain_server)
+                reply: list[bytes] = []
+
+                async def read_reply() -> None:
+                    reply.append(await client.receive_some())
+
+                nursery.start_soon(read_reply)
+                await trio.sleep(0.05)  # the reader parks first
+                await client.send_all(bytes(size))
+                await client.send_eof()
+        assert received == size and reply == [b"done"]

@@ -290,14 +290,19 @@ class Tunnel:
         self._failed.pop(peer.public_key, None)
         sock = self.stack.tcp_connect(address, port, started)
         stream = TunnelStream(self, sock, peer)
-        stream._waiting_for = "connect"
+        stream._waiting_for.add("connect")
         self._flush(started)
         deadline = started + timeout
         handshake_deadline = started + self.handshake_timeout
         try:
             while True:
-                if sock.error is not None:
-                    raise sock.error
+                error = sock.error
+                if error is not None:
+                    if isinstance(error, ConnectionRefusedError):
+                        raise ConnectionRefusedError(
+                            errno.ECONNREFUSED, f"connection to {address}:{port} refused"
+                        ) from error
+                    raise error
                 if sock.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
                     break
                 if sock.is_closed:
@@ -324,7 +329,7 @@ class Tunnel:
                 sock.abort(trio.current_time())
                 self._flush()
             raise
-        stream._waiting_for = ""
+        stream._waiting_for.clear()
         self._streams.add(stream)
         return stream
 
@@ -361,7 +366,8 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
         self._closed = False
         self._send_busy = False
         self._receive_busy = False
-        self._waiting_for = ""
+        #: What parked tasks wait for: "connect", "send" and/or "recv".
+        self._waiting_for: set[str] = set()
         self.local_address = (str(ipaddress.ip_address(sock.local_addr)), sock.local_port)
         self.remote_address = (str(ipaddress.ip_address(sock.remote_addr)), sock.remote_port)
 
@@ -383,14 +389,22 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
         sock = self._sock
         if self._closed or sock.error is not None or sock.is_closed:
             return True
-        what = self._waiting_for
-        if what == "recv":
-            return sock.recv_available > 0 or sock.at_eof
-        if what == "send":
-            return sock.send_space > 0
-        if what == "connect":
-            return sock.state is not TcpState.SYN_SENT or self._peer.current is not None
-        return True
+        # A sender and a receiver may wait at the same time: wake for either condition.
+        waiting = self._waiting_for
+        if "connect" in waiting and (
+            sock.state is not TcpState.SYN_SENT or self._peer.current is not None
+        ):
+            return True
+        if "recv" in waiting and (sock.recv_available > 0 or sock.at_eof):
+            return True
+        return "send" in waiting and sock.send_space > 0
+
+    async def _wait_for(self, what: str) -> None:
+        self._waiting_for.add(what)
+        try:
+            await self._tunnel._park(self)
+        finally:
+            self._waiting_for.discard(what)
 
     def _broken(self) -> trio.BrokenResourceError:
         err = self._sock.error
@@ -429,9 +443,8 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
                     view = view[n:]
                     tunnel._flush()
                     continue
-                self._waiting_for = "send"
                 waited = True
-                await tunnel._park(self)
+                await self._wait_for("send")
             if not waited:
                 await trio.lowlevel.checkpoint()
         finally:
@@ -445,8 +458,7 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
             if self._closed:
                 raise trio.ClosedResourceError("stream is closed")
             if self._sock.send_space == 0 and self._sock.error is None:
-                self._waiting_for = "send"
-                await self._tunnel._park(self)
+                await self._wait_for("send")
             else:
                 await trio.lowlevel.checkpoint()
             if self._closed:
@@ -494,9 +506,8 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
                     raise self._broken() from sock.error
                 if sock.is_closed:
                     raise self._broken()
-                self._waiting_for = "recv"
                 waited = True
-                await tunnel._park(self)
+                await self._wait_for("recv")
         finally:
             self._receive_busy = False
 
@@ -659,9 +670,12 @@ async def _happy_eyeballs(attempts: list, delay: float) -> TunnelStream:
         return winner[0]
     if len(errors) == 1:
         raise errors[0]
+    summary = "; ".join(str(e) for e in errors)
+    if errors and all(isinstance(e, ConnectionRefusedError) for e in errors):
+        raise ConnectionRefusedError(errno.ECONNREFUSED, f"every address refused: {summary}")
     raise OSError(
         errno.EHOSTUNREACH,
-        "all connection attempts failed: " + "; ".join(str(e) for e in errors),
+        f"all connection attempts failed: {summary}",
     )
 
 

@@ -1,0 +1,306 @@
+"""The trio runtime against real peers: wireguard-go + Linux TCP, dnsmasq, mitmproxy's WireGuard.
+
+Every test runs our tunnel with its UDP socket inside the exit peer's client namespace
+(``exit_peer.client_ns``) and talks to real processes in the exit namespace: the harness's
+HTTP server (``GET /bytes/N``, ``POST`` → sha256 JSON), dnsmasq (``exit.test``), wireguard-go
+and mitmdump. Bodies are compared by sha256 against the pattern (byte i == i % 256).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from conftest import require_mitmdump
+
+from harness import ExitPeer, mitmproxy_wireguard_peer
+from mitm_wg.config import WireGuardConfig
+from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
+from tests.runtime_helpers import (
+    ExtraHttpServer,
+    NamespaceSocketFactory,
+    http_get,
+    http_post_json,
+    pattern_sha256,
+)
+
+KB = 1024
+MB = 1024 * 1024
+
+
+@asynccontextmanager
+async def exit_tunnel(
+    peer: ExitPeer, text: str | None = None, **kw: Any
+) -> AsyncIterator[tuple[Tunnel, NamespaceSocketFactory]]:
+    """Our tunnel to ``peer`` (config from ``text``, default the peer's client config)."""
+    config = WireGuardConfig.parse(text if text is not None else peer.client_config_text())
+    factory = NamespaceSocketFactory(peer.client_ns)
+    kw.setdefault("handshake_timeout", 5.0)
+    async with open_tunnel(config, socket_factory=factory, **kw) as tunnel:
+        yield tunnel, factory
+
+
+async def get_pattern(stream: TunnelStream, size: int) -> None:
+    resp = await http_get(stream, f"/bytes/{size}")
+    assert resp.status == 200
+    assert resp.size == size
+    assert resp.sha256 == pattern_sha256(size)
+
+
+# -- bulk TCP against the Linux stack -------------------------------------------------------------
+
+
+async def test_get_1k_1m_50m_byte_exact(exit_peer: ExitPeer) -> None:
+    async with exit_tunnel(exit_peer) as (tunnel, factory):
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            assert stream.remote_address == (exit_peer.server_tunnel_v4, exit_peer.http_port)
+            assert stream.local_address[0] == exit_peer.client_tunnel_v4
+            # keep-alive: two responses on one connection
+            await get_pattern(stream, 1 * KB)
+            await get_pattern(stream, 1 * MB)
+            await stream.aclose()
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            await get_pattern(stream, 50 * MB)
+            await stream.aclose()
+        status = tunnel.status()
+        assert status.peers[0].has_session
+        assert status.peers[0].rx_bytes > 50 * MB
+        assert status.open_connections == 0
+        # the real peer saw our handshake, and we only ever sent to its endpoint
+        assert exit_peer.client_stats().latest_handshake > 0
+        assert factory.destinations == {exit_peer.endpoint}
+
+
+async def test_post_20m_byte_exact(exit_peer: ExitPeer) -> None:
+    async with exit_tunnel(exit_peer) as (tunnel, _):
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            answer = await http_post_json(stream, "/upload", 20 * MB)
+            await stream.aclose()
+        assert answer == {"sha256": pattern_sha256(20 * MB), "size": 20 * MB}
+        assert tunnel.status().peers[0].tx_bytes > 20 * MB
+
+
+async def test_post_while_reading_the_response_concurrently(exit_peer: ExitPeer) -> None:
+    """One task sends the body while another already waits for the answer (full duplex)."""
+    size = 4 * MB
+    with trio.fail_after(60):
+        async with exit_tunnel(exit_peer) as (tunnel, _):
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            answer = await http_post_json(stream, "/duplex", size, full_duplex=True)
+            await stream.aclose()
+    assert answer == {"sha256": pattern_sha256(size), "size": size}
+
+
+async def test_100_concurrent_streams(exit_peer: ExitPeer) -> None:
+    size = 64 * KB
+    expected = pattern_sha256(size)
+    results: dict[int, str] = {}
+    ports: set[int] = set()
+
+    async with exit_tunnel(exit_peer) as (tunnel, _):
+
+        async def one(i: int) -> None:
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            ports.add(stream.local_address[1])
+            resp = await http_get(stream, f"/bytes/{size}")
+            assert resp.status == 200 and resp.size == size
+            results[i] = resp.sha256
+            await stream.aclose()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(one, i)
+        assert tunnel.status().open_connections == 0
+    assert len(results) == 100
+    assert set(results.values()) == {expected}
+    assert len(ports) == 100  # really 100 distinct connections
+
+
+async def test_ipv6_inside_the_tunnel(exit_peer: ExitPeer) -> None:
+    assert exit_peer.server_tunnel_v6 is not None
+    async with exit_tunnel(exit_peer) as (tunnel, factory):
+        with trio.fail_after(30):
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v6, exit_peer.http_port)
+            assert stream.remote_address == (exit_peer.server_tunnel_v6, exit_peer.http_port)
+            assert stream.local_address[0] == exit_peer.client_tunnel_v6
+            await get_pattern(stream, 2 * MB)
+            answer = await http_post_json(stream, "/v6", 1 * MB)
+            assert answer == {"sha256": pattern_sha256(1 * MB), "size": 1 * MB}
+            await stream.aclose()
+        # IPv6 inside, IPv4 outside: the only UDP destination is the IPv4 endpoint
+        assert factory.destinations == {exit_peer.endpoint}
+
+
+# -- names: only the tunnel's dnsmasq ------------------------------------------------------------
+
+
+@pytest.fixture
+def no_host_resolver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Make every use of the host's resolver fail loudly (and record it)."""
+    calls: list[tuple[Any, ...]] = []
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        calls.append(args)
+        raise AssertionError(f"the host resolver was used: getaddrinfo{args!r}")
+
+    async def refuse_async(*args: Any, **kw: Any) -> Any:
+        refuse(*args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(trio.socket, "getaddrinfo", refuse_async)
+    return calls
+
+
+async def test_names_resolved_by_the_exit_dnsmasq_only(
+    exit_peer: ExitPeer, no_host_resolver: list[tuple[Any, ...]]
+) -> None:
+    assert exit_peer.dns_server is not None
+    assert f"DNS = {exit_peer.dns_server}" in exit_peer.client_config_text()
+    before = len(exit_peer.dns_queries())
+    async with exit_tunnel(exit_peer) as (tunnel, factory):
+        with trio.fail_after(30):
+            addresses = await tunnel.resolve("exit.test")
+            assert set(addresses) == {
+                ipaddress.ip_address(exit_peer.server_tunnel_v4),
+                ipaddress.ip_address(exit_peer.server_tunnel_v6),
+            }
+            stream = await tunnel.open_tcp_stream("exit.test", exit_peer.http_port)
+            await get_pattern(stream, 256 * KB)
+            await stream.aclose()
+            # dnsmasq answers subdomains of exit.test too: a name no other resolver knows
+            deep = await tunnel.resolve("deep.name.exit.test")
+            assert set(deep) == set(addresses)
+            # a name dnsmasq does not know: without an upstream it refuses (or denies) it
+            with pytest.raises(socket.gaierror) as info:
+                await tunnel.resolve("nowhere.invalid")
+            assert info.value.errno in (socket.EAI_NONAME, socket.EAI_AGAIN)
+            assert "nowhere.invalid" in str(info.value)
+    new = exit_peer.dns_queries()[before:]
+    asked = {(q.qtype, q.name) for q in new}
+    assert {("A", "exit.test"), ("AAAA", "exit.test")} <= asked
+    assert {("A", "deep.name.exit.test"), ("AAAA", "deep.name.exit.test")} <= asked
+    assert ("A", "nowhere.invalid") in asked
+    # the queries came through the tunnel (from our tunnel address), not from the host
+    assert {q.client for q in new} <= {exit_peer.client_tunnel_v4, exit_peer.client_tunnel_v6}
+    assert no_host_resolver == []
+    # and no UDP datagram left for anything but the WireGuard endpoint
+    assert factory.destinations == {exit_peer.endpoint}
+
+
+# -- Happy Eyeballs ------------------------------------------------------------------------------
+
+
+async def test_happy_eyeballs_prefers_ipv6_then_falls_back_to_ipv4(exit_peer: ExitPeer) -> None:
+    v4_only_port = exit_peer.http_port + 11
+    with ExtraHttpServer(
+        exit_peer.ns, exit_peer.workdir, v4_only_port, [exit_peer.server_tunnel_v4]
+    ):
+        async with exit_tunnel(exit_peer) as (tunnel, _):
+            with trio.fail_after(30):
+                # exit.test has A and AAAA: the IPv6 attempt starts first; with a long delay
+                # it is the only attempt, and it connects
+                stream = await tunnel.open_tcp_stream(
+                    "exit.test", exit_peer.http_port, happy_eyeballs_delay=3600
+                )
+                assert stream.remote_address[0] == exit_peer.server_tunnel_v6
+                await get_pattern(stream, 64 * KB)
+                await stream.aclose()
+                # default delay: whichever family wins, the connection works
+                stream = await tunnel.open_tcp_stream("exit.test", exit_peer.http_port)
+                assert stream.remote_address[0] in (
+                    exit_peer.server_tunnel_v4,
+                    exit_peer.server_tunnel_v6,
+                )
+                await get_pattern(stream, 64 * KB)
+                await stream.aclose()
+                # only IPv4 listens: the refused IPv6 attempt starts the IPv4 one at once
+                # (not after the hour-long delay)
+                stream = await tunnel.open_tcp_stream(
+                    "exit.test", v4_only_port, happy_eyeballs_delay=3600
+                )
+                assert stream.remote_address == (exit_peer.server_tunnel_v4, v4_only_port)
+                await get_pattern(stream, 64 * KB)
+                await stream.aclose()
+                # neither family listens: both refusals are reported
+                with pytest.raises(ConnectionRefusedError) as info:
+                    await tunnel.open_tcp_stream("exit.test", 9, happy_eyeballs_delay=3600)
+                message = str(info.value)
+                assert message.count("refused") == 3  # the summary and one per address
+                assert f"{exit_peer.server_tunnel_v4}:9" in message
+                assert f"{exit_peer.server_tunnel_v6}:9" in message
+
+
+# -- errors with real peers ----------------------------------------------------------------------
+
+
+async def test_refused_and_outside_allowed_ips(exit_peer: ExitPeer) -> None:
+    async with exit_tunnel(exit_peer) as (tunnel, factory):
+        with trio.fail_after(30):
+            with pytest.raises(ConnectionRefusedError):
+                await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, 9)
+            with pytest.raises(ConnectionRefusedError):
+                await tunnel.open_tcp_stream(exit_peer.server_tunnel_v6, 9)
+            for outside in ("192.0.2.1", "10.77.0.1", "2001:db8::1"):
+                with pytest.raises(OSError) as info:
+                    await tunnel.open_tcp_stream(outside, 80)
+                assert info.value.errno == errno.ENETUNREACH
+                assert "AllowedIPs" in str(info.value)
+            # the tunnel still works after the errors
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            await get_pattern(stream, 16 * KB)
+            await stream.aclose()
+        assert tunnel.status().open_connections == 0
+        assert factory.destinations == {exit_peer.endpoint}
+
+
+async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: ExitPeer) -> None:
+    peer = fresh_exit_peer
+    peer.stop_wireguard()
+    async with exit_tunnel(peer, handshake_timeout=2.0) as (tunnel, factory):
+        started = trio.current_time()
+        with trio.fail_after(20), pytest.raises(HandshakeTimeout) as info:
+            await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+        assert trio.current_time() - started >= 2.0
+        host, port = peer.endpoint
+        assert f"{host}:{port}" in str(info.value)
+        assert "2 s" in str(info.value)
+        assert isinstance(info.value, TimeoutError)
+        assert not tunnel.status().peers[0].has_session
+        assert tunnel.status().open_connections == 0
+        assert factory.destinations == {peer.endpoint}
+
+
+# -- mitmproxy's WireGuard mode as the exit ------------------------------------------------------
+
+
+async def test_through_mitmproxy_wireguard_mode(exit_peer: ExitPeer) -> None:
+    """our tunnel → mitmdump (boringtun + smoltcp, in the exit ns) → the HTTP server."""
+    require_mitmdump()
+    size = 5 * MB
+    before = exit_peer.client_stats()
+    with mitmproxy_wireguard_peer(ns=exit_peer.ns, host=exit_peer.endpoint[0], port=51821) as mp:
+        text = mp.client_config_text(allowed_ips=exit_peer.tunnel_v4_net)
+        async with exit_tunnel(exit_peer, text) as (tunnel, factory):
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(
+                    exit_peer.server_tunnel_v4, exit_peer.http_port
+                )
+                assert stream.local_address[0] == mp.client_tunnel_v4
+                await get_pattern(stream, size)
+                await stream.aclose()
+            assert tunnel.status().peers[0].has_session
+            assert factory.destinations == {mp.endpoint}
+        log_text = mp.log_text()
+    assert f"/bytes/{size}" in log_text, log_text[-2000:]
+    # nothing of ours reached wireguard-go: the traffic went through mitmproxy
+    assert exit_peer.client_stats().rx_bytes == before.rx_bytes
