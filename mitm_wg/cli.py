@@ -285,12 +285,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check.add_argument(
         "--insecure", action="store_true", help="with an https:// --url: skip certificate checks"
     )
+    p_demo = sub.add_parser(
+        "demo", help="mitmproxy + the addon + a local WireGuard exit peer (no root, no VPN)"
+    )
+    from mitm_wg import demo
+
+    demo.add_arguments(p_demo)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "demo":
+            return demo.run(args)
         if args.command == "check":
             timeout = min(max(args.timeout, 0.1), MAX_CHECK_TIMEOUT)
             config = WireGuardConfig.from_file(args.config)
@@ -308,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         out=sys.stdout,
                     )
                 )
-    except (ConfigError, CheckFailed) as e:
+    except (ConfigError, CheckFailed, demo.DemoError) as e:
         print(f"mitm-wg: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
