@@ -39,12 +39,14 @@ import hashlib
 import ipaddress
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
 from mitm_wg.net import icmp
 from mitm_wg.net.checksum import ones_sum, pseudo_header_sum
 from mitm_wg.net.ipv4 import (
+    DEFAULT_TTL,
     PROTO_ICMP,
     PROTO_ICMPV6,
     PROTO_TCP,
@@ -75,6 +77,14 @@ EPHEMERAL_COUNT = 65536 - EPHEMERAL_FIRST
 RECENT_TUPLE_SECONDS = 30.0
 MIN_MTU4 = 576
 MIN_MTU6 = 1280
+_IP4_HDR = struct.Struct("!BBHHHBBH4s4s")
+_TCP_HDR = struct.Struct("!HHIIBBHHH")
+_TS_VALUES = struct.Struct("!II")
+# IPv4 header (DF, TTL 64) + TCP header with NOP NOP TS option: 52 bytes in one pack.
+_IP4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
+_IP4_CONST_SUM = 0x4500 + 0x4000 + ((DEFAULT_TTL << 8) | PROTO_TCP)
+_TS_OPT_SUM = 0x0101 + 0x080A
+_NOP_NOP_TS = b"\x01\x01\x08\x0a"
 _PLATEAUS = (32000, 17914, 8166, 4352, 2002, 1492, 1006, 508, 296, 68)  # RFC 1191 §7
 
 
@@ -370,6 +380,9 @@ class Stack:
             self._now = now
         stats = self.stats
         stats.packets_in += 1
+        if type(packet) is bytes and len(packet) >= 20 and packet[0] == 0x45 and packet[9] == 6:
+            self._rx_tcp4(packet, now)
+            return
         buf = memoryview(packet)
         if not buf:
             stats.dropped_malformed += 1
@@ -427,8 +440,11 @@ class Stack:
             sock.dispatch(now, segs)
             if segs:
                 local, remote = sock.local_addr, sock.remote_addr
-                for seg in segs:
-                    out.append(wrap(local, remote, seg))
+                if len(local) == 4:
+                    self._wrap_tcp4(local, remote, segs, out)
+                else:
+                    for seg in segs:
+                        out.append(wrap(local, remote, seg))
                 segs.clear()
             if sock.is_closed:
                 if reap is None:
@@ -606,6 +622,87 @@ class Stack:
             return b"".join((ipv4_header(local, remote, PROTO_TCP, n), header, payload))
         return b"".join((ipv6_header(local, remote, PROTO_TCP, n), header, payload))
 
+    @staticmethod
+    def _wrap_tcp4(local: bytes, remote: bytes, segs: list[TcpSegment], out: list[bytes]) -> None:
+        """:meth:`_wrap_tcp` for IPv4 segments (same bytes), appended to ``out``.
+
+        A segment whose only option is the timestamp (every data segment and ACK once a
+        connection is established) gets its IPv4 and TCP headers from one struct pack, with
+        both checksums from integer arithmetic on the fields (2**16 = 1 mod 0xFFFF, so 32-bit
+        fields need not be split into words) plus one sum over the payload.
+        """
+        addr_sum = int.from_bytes(local + remote, "big")
+        ip_const = _IP4_CONST_SUM + addr_sum
+        tcp_const = addr_sum + PROTO_TCP + _TS_OPT_SUM
+        for seg in segs:
+            ts = seg.timestamp
+            if (
+                ts is None
+                or seg.sack_blocks
+                or seg.mss is not None
+                or seg.wscale is not None
+                or seg.sack_permitted
+            ):
+                header, payload = build_tcp_parts(seg, local, remote)
+                n = len(header) + len(payload)
+                out.append(b"".join((ipv4_header(local, remote, PROTO_TCP, n), header, payload)))
+                continue
+            payload = seg.payload
+            plen = len(payload)
+            tcp_len = 32 + plen
+            total = 20 + tcp_len
+            if total > 0xFFFF:
+                raise ValueError("IPv4 payload too long")
+            seq = seg.seq & 0xFFFFFFFF
+            ack = seg.ack & 0xFFFFFFFF
+            tsval, tsecr = ts
+            csum = (
+                tcp_const
+                + tcp_len
+                + seg.src_port
+                + seg.dst_port
+                + seq
+                + ack
+                + (0x8000 | seg.flags)
+                + seg.window
+                + tsval
+                + tsecr
+            )
+            if plen:
+                csum += ones_sum(payload) if plen & 1 else int.from_bytes(payload, "big")
+            csum %= 0xFFFF
+            csum = (~csum) & 0xFFFF if csum else 0xFFFF
+            ip_csum = (ip_const + total) % 0xFFFF
+            ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
+            header = _IP4_TCP_TS.pack(
+                0x45,
+                0,
+                total,
+                0,
+                0x4000,
+                DEFAULT_TTL,
+                PROTO_TCP,
+                ip_csum,
+                local,
+                remote,
+                seg.src_port,
+                seg.dst_port,
+                seq,
+                ack,
+                0x80,
+                seg.flags,
+                seg.window,
+                csum,
+                0,
+                1,
+                1,
+                8,
+                10,
+                tsval,
+                tsecr,
+            )
+            out.append(header + payload if plen else header)
+
     def _emit_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
         if len(src) == 4:
             self._out.append(build_ipv4(src, dst, proto, payload))
@@ -629,17 +726,95 @@ class Stack:
         if seg is None:
             stats.dropped_malformed += 1
             return
-        key = (p.dst, seg.dst_port, p.src, seg.src_port)
+        self._tcp_segment(p.src, p.dst, seg, now)
+
+    def _rx_tcp4(self, packet: bytes, now: float) -> None:
+        """An IPv4 packet with a 20-byte header carrying TCP: :meth:`receive` + :meth:`_rx_tcp`
+        with the same checks and counters, without building an IpPacket, and without a
+        TcpSegment for the segments :meth:`TcpSocket.fast_input` accepts."""
+        stats = self.stats
+        n = len(packet)
+        vihl, tos, total, ident, frag, ttl, proto, csum, src, dst = _IP4_HDR.unpack_from(packet)
+        if total < 20 or total > n:
+            stats.dropped_malformed += 1
+            return
+        addr_sum = int.from_bytes(packet[12:20], "big")
+        if (
+            ((vihl << 8) | tos) + total + ident + frag + ((ttl << 8) | proto) + csum + addr_sum
+        ) % 0xFFFF:
+            stats.dropped_checksum += 1
+            return
+        if frag & 0x3FFF:
+            stats.dropped_fragment += 1
+            return
+        local = self._local
+        if dst not in local:
+            stats.dropped_not_ours += 1
+            return
+        if src in local or src[0] == 0 or src[0] >= 224:
+            stats.dropped_martian += 1
+            return
+        tlen = total - 20
+        if tlen < 20:
+            stats.dropped_malformed += 1
+            return
+        # The header's words sum to 0 (mod 0xFFFF) when its checksum is right, so the sum of
+        # the whole packet is the TCP segment's sum: one int.from_bytes, no slicing copy.
+        whole = packet if total == n else packet[:total]
+        if total & 1:
+            whole += b"\0"
+        if (int.from_bytes(whole, "big") + addr_sum + PROTO_TCP + tlen) % 0xFFFF:
+            stats.dropped_checksum += 1
+            return
+        sport, dport, wseq, wack, off, flags, window, _c, _u = _TCP_HDR.unpack_from(packet, 20)
+        hlen = (off >> 4) << 2
+        if hlen == 32 and tlen >= 32 and packet[40:44] == _NOP_NOP_TS:
+            tsval, tsecr = _TS_VALUES.unpack_from(packet, 44)
+        elif hlen == 20:
+            tsval = None
+            tsecr = 0
+        else:
+            hlen = 0  # options other than a lone timestamp: parse them fully
+        if hlen:
+            sock = self._tcp.get((dst, dport, src, sport))
+            if sock is not None:
+                end = 20 + hlen
+                if sock.fast_input(
+                    wseq,
+                    wack,
+                    flags,
+                    window,
+                    tsval,
+                    tsecr,
+                    memoryview(packet)[end:total] if end < total else b"",
+                    now,
+                ):
+                    self._processed(sock)
+                    return
+        seg = parse_tcp(memoryview(packet)[20:total])
+        if seg is None:
+            stats.dropped_malformed += 1
+            return
+        self._tcp_segment(src, dst, seg, now)
+
+    def _processed(self, sock: TcpSocket) -> None:
+        """Bookkeeping after ``sock`` processed a segment."""
+        self._dirty[sock] = None
+        lst = self._half_open.get(sock)
+        if lst is not None and sock.state is not TcpState.SYN_RECEIVED:
+            del self._half_open[sock]
+            lst._half_open.pop(sock, None)
+            if not sock.is_closed and sock.state is not TcpState.CLOSED:
+                lst._ready.append(sock)
+
+    def _tcp_segment(self, src: bytes, dst: bytes, seg: TcpSegment, now: float) -> None:
+        """A checksummed, parsed segment from ``src`` to our address ``dst``."""
+        stats = self.stats
+        key = (dst, seg.dst_port, src, seg.src_port)
         sock = self._tcp.get(key)
         if sock is not None:
             sock.process(seg, now)
-            self._dirty[sock] = None
-            lst = self._half_open.get(sock)
-            if lst is not None and sock.state is not TcpState.SYN_RECEIVED:
-                del self._half_open[sock]
-                lst._half_open.pop(sock, None)
-                if not sock.is_closed and sock.state is not TcpState.CLOSED:
-                    lst._ready.append(sock)
+            self._processed(sock)
             return
         flags = seg.flags
         if flags & RST:
@@ -647,14 +822,14 @@ class Stack:
             return
         if flags & SYN and not flags & ACK and seg.dst_port != 0 and seg.src_port != 0:
             lst = self._listeners.get(seg.dst_port)
-            if lst is not None and (lst.local_addr is None or lst.local_addr == p.dst):
+            if lst is not None and (lst.local_addr is None or lst.local_addr == dst):
                 if lst.full:
                     stats.syn_backlog_full += 1
                     return
                 self._accept_syn(lst, key, seg, now)
                 return
         stats.no_socket += 1
-        self._send_rst(p, seg)
+        self._send_rst(src, dst, seg)
 
     def _accept_syn(self, lst: TcpListener, key: TcpKey, seg: TcpSegment, now: float) -> None:
         local, lport, remote, rport = key
@@ -679,7 +854,7 @@ class Stack:
         self._half_open[sock] = lst
         lst._half_open[sock] = None
 
-    def _send_rst(self, p: IpPacket, seg: TcpSegment) -> None:
+    def _send_rst(self, src: bytes, dst: bytes, seg: TcpSegment) -> None:
         """RFC 9293 §3.10.7.1: the reset for a segment that matches no connection."""
         if seg.flags & ACK:
             rst = TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, RST)
@@ -687,7 +862,7 @@ class Stack:
             rst = TcpSegment(
                 seg.dst_port, seg.src_port, 0, (seg.seq + seg.seg_len()) & 0xFFFFFFFF, RST | ACK
             )
-        self._out.append(self._wrap_tcp(p.dst, p.src, rst))
+        self._out.append(self._wrap_tcp(dst, src, rst))
         self.stats.rst_sent += 1
 
     # UDP -------------------------------------------------------------------------------

