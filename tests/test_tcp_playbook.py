@@ -252,13 +252,24 @@ def test_send_data_segments() -> None:
 
 def test_delayed_ack_timing() -> None:
     pb = est()
-    pb.at(1.0).send(ACK | PSH, PISS + 1, ISS + 1, payload=b"a" * 100)
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 1, payload=b"a" * 100)
     pb.expect([])
     assert pb.poll() == pytest.approx(1.04)
     pb.at(1.03).expect([])
     pb.at(1.04).expect([o(ACK, ISS + 1, PISS + 101, window=65435)])
     assert pb.sock.recv(1000) == b"a" * 100
     pb.expect([])  # the window is still wide open: no window update
+
+
+def test_short_pushed_segment_is_acked_at_once() -> None:
+    # A Nagle sender (e.g. an HTTP server writing headers, then the body) waits for this
+    # ACK before sending more: delaying it would stall every exchange by the ACK delay.
+    pb = est()
+    pb.at(1.0).send(ACK | PSH, PISS + 1, ISS + 1, payload=b"h" * 100)
+    pb.expect([o(ACK, ISS + 1, PISS + 101, window=65435)])
+    # A full-sized pushed segment is still ACKed by the usual rule (delay, or every second).
+    pb.send(ACK | PSH, PISS + 101, ISS + 1, payload=b"f" * 1000)
+    pb.expect([])
 
 
 def test_ack_every_second_full_segment() -> None:
