@@ -1,0 +1,122 @@
+"""End to end: headless Chromium → mitmdump + addon → our WireGuard → wireguard-go → origin.
+
+Chromium runs inside the client namespace with ``--proxy-server`` pointing at mitmdump and
+trusts mitmproxy's CA by its public key (``--ignore-certificate-errors-spki-list`` with the
+CA's SPKI hash; mitmproxy signs every leaf with the CA key pair, so nothing else is trusted
+blindly). It loads https://exit.test/ (tests/data/e2e/: a stylesheet, an image, a deferred
+script that waits for the image, fetches JSON from the origin and writes a report into the
+DOM). ``--virtual-time-budget`` lets that fetch finish before ``--dump-dom`` and
+``--screenshot`` capture the page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_helpers import (
+    ORIGIN_NAME,
+    Mitmdump,
+    Origin,
+    chromium_binary,
+    exit_origin,
+    png_pixels,
+    png_size,
+    run_chromium,
+    run_mitmdump,
+    write_client_config,
+)
+
+TUNNEL = "exit"
+PAGE_RESOURCES = ["/", "/style.css", "/app.js", "/pixel.png", "/echo/from-script?n=1"]
+BACKGROUND = (250, 245, 230)  # style.css body
+TITLE = (12, 34, 56)  # style.css #title
+GREEN = (0, 160, 90)  # make_png() default, drawn 64×64 by index.html
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-chromium")
+
+
+@pytest.fixture(scope="module")
+def origin(exit_peer: Any, workdir: Path) -> Iterator[Origin]:
+    with exit_origin(exit_peer, workdir) as origin:
+        yield origin
+
+
+@pytest.fixture(scope="module")
+def proxy(exit_peer: Any, workdir: Path, origin: Origin) -> Iterator[Mitmdump]:
+    if chromium_binary() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    conf = write_client_config(exit_peer, workdir, TUNNEL)
+    with run_mitmdump(
+        exit_peer.client_ns,
+        workdir,
+        "--set",
+        f"wg_conf={TUNNEL}={conf}",
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={origin.ca}",
+    ) as dump:
+        dump.wait_for_log(f"WireGuard tunnel {TUNNEL!r} is up")
+        yield dump
+
+
+def test_page_with_subresources_and_fetch(
+    exit_peer: Any, origin: Origin, proxy: Mitmdump, workdir: Path
+) -> None:
+    shot = workdir / "page.png"
+    seen_before = len(origin.requests())
+    run = run_chromium(
+        exit_peer.client_ns,
+        workdir,
+        proxy.port,
+        proxy.spki_hash(),
+        "--window-size=800,600",
+        "--virtual-time-budget=15000",
+        "--dump-dom",
+        f"--screenshot={shot}",
+        f"https://{ORIGIN_NAME}/",
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    # The final DOM: the page script ran, the CSS applied, the image decoded, the fetch
+    # answered with what the origin saw.
+    match = re.search(r'<pre id="result"[^>]*>(.*?)</pre>', run.stdout, re.S)
+    assert match, run.stdout[-2000:]
+    report = json.loads(html.unescape(match.group(1)))
+    assert report["css_color"] == "rgb(12, 34, 56)"
+    assert report["image_width"] == 16
+    assert report["fetch_status"] == 200
+    tunnel_addresses = {exit_peer.client_tunnel_v4, exit_peer.client_tunnel_v6}
+    assert report["echo"]["client"] in tunnel_addresses
+    assert report["echo"]["headers"]["x-from-page"] == "app.js"
+    assert report["echo"]["proto"] == "h2"  # Chromium ⇄ mitmproxy ⇄ origin all in h2
+    assert "HeadlessChrome" in report["echo"]["headers"]["user-agent"]
+
+    # The origin logged the page and every subresource, each from our tunnel address.
+    seen = origin.requests()[seen_before:]
+    by_path = {r["path"]: r for r in seen}
+    missing = [p for p in PAGE_RESOURCES if p not in by_path]
+    assert not missing, [r["path"] for r in seen]
+    assert {r["client"] for r in seen} <= tunnel_addresses
+    assert {c["client"] for c in origin.entries("connect")} <= tunnel_addresses
+
+    # The screenshot shows the rendered page: background, title colour, the 64×64 image.
+    data = shot.read_bytes()
+    assert png_size(data) == (800, 600)
+    colours = Counter(p for row in png_pixels(data, max_rows=200) for p in row)
+    assert colours.most_common(1)[0][0] == BACKGROUND
+    assert colours[GREEN] == 64 * 64
+    assert colours[TITLE] > 100
+
+    # mitmproxy sent it through the tunnel; nothing went out directly.
+    text = proxy.text()
+    assert f"{ORIGIN_NAME}:443 through tunnel {TUNNEL!r}" in text
+    assert "DIRECT" not in text
