@@ -252,13 +252,8 @@ class Device:
         if peer is None:
             self.drops["send_no_route"] += 1
             return False
-        keypair = peer.current
-        if (
-            keypair is None
-            or peer.endpoint is None
-            or now - keypair.created >= REJECT_AFTER_TIME
-            or keypair.send_counter >= REJECT_AFTER_MESSAGES
-        ):
+        keypair = self._sending_keypair(peer, now)
+        if keypair is None:
             peer.enqueue(packet)
             self._initiate(peer, now, out, retry=False)
             return True
@@ -270,6 +265,19 @@ class Device:
         ):
             self._initiate(peer, now, out, retry=False)
         return True
+
+    @staticmethod
+    def _sending_keypair(peer: Peer, now: float) -> Keypair | None:
+        """The current keypair if it may still send (whitepaper §6.1 limits), else None."""
+        keypair = peer.current
+        if (
+            keypair is None
+            or peer.endpoint is None
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or keypair.send_counter >= REJECT_AFTER_MESSAGES
+        ):
+            return None
+        return keypair
 
     def _send_transport(
         self, peer: Peer, keypair: Keypair, packet: bytes, now: float, out: list[Transmit]
@@ -291,13 +299,8 @@ class Device:
 
     def send_keepalive(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         """Send an empty transport message, or start a handshake to be able to."""
-        keypair = peer.current
-        if (
-            keypair is None
-            or peer.endpoint is None
-            or now - keypair.created >= REJECT_AFTER_TIME
-            or keypair.send_counter >= REJECT_AFTER_MESSAGES
-        ):
+        keypair = self._sending_keypair(peer, now)
+        if keypair is None:
             if not peer.queue:
                 peer.enqueue(b"")
             self._initiate(peer, now, out, retry=False)
