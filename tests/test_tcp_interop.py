@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import time
 
 import pytest
 
@@ -133,3 +134,35 @@ def test_transfer_through_lossy_reordering_duplicating_relay(exit_peer) -> None:
             assert relay.down.dropped > 0 and relay.down.duplicated > 0
         finally:
             driver.sock.close()
+
+
+def test_stalled_reader_zero_window_then_resume(exit_peer) -> None:
+    """Our receive buffer fills while the application does not read: we advertise a zero
+    window, Linux probes it (persist timer), and the transfer resumes byte-exact."""
+    driver = driver_for(exit_peer)
+    try:
+        size = 8 * 1024 * 1024
+        conn = driver.connect(exit_peer.server_tunnel_v4, exit_peer.http_port)
+        driver.send_all(
+            conn, f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        # Do not read for a while: only keep the protocol running.
+        driver.run_until(lambda: conn.recv_available >= conn.config.recv_buffer - 65536, 30)
+        probes_before = conn.stats.segments_in
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            driver.pump(0.05)
+        # Bounded: the buffer never exceeds its size by more than the window-scale rounding
+        # that keeps the advertised right edge from moving left (RFC 7323 §2.4, as Linux's
+        # ALIGN(cur_win)): under 2**wscale bytes per ACK sent while it filled.
+        assert conn.recv_available <= conn.config.recv_buffer + 4096
+        assert conn.recv_available >= conn.config.recv_buffer - 65536
+        # The kernel kept probing the closed window (zero-window probes reach us).
+        assert conn.stats.segments_in > probes_before
+        data = driver.recv_until_eof(conn)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0]
+        assert len(body) == size
+        assert hashlib.sha256(body).hexdigest() == pattern_hash(size)
+    finally:
+        driver.sock.close()
