@@ -576,3 +576,41 @@ def test_user_calls_wake_the_stack() -> None:
     assert sim.b.next_deadline() == sim.now
     flags = [seg.flags for p in poll(sim.b, sim.now) if (seg := parse_tcp(ip(p).payload))]
     assert any(f & 0x01 for f in flags)  # the FIN went out
+
+
+def test_authenticated_packets_skip_the_tcp_checksum_only_when_asked() -> None:
+    """A packet that WireGuard authenticated cannot be corrupted in transit: the runtime
+    says so and the fast path skips the TCP checksum; everyone else still gets it checked."""
+    from mitm_wg.net.checksum import checksum as _checksum
+    from mitm_wg.net.stack import Stack as _Stack
+    from mitm_wg.net.tcp_wire import SYN as _SYN
+    from mitm_wg.net.tcp_wire import TcpSegment as _Seg
+    from mitm_wg.net.tcp_wire import build_tcp as _build
+
+    def bad_syn(port: int) -> bytes:
+        src, dst = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])
+        tcp = bytearray(_build(_Seg(40000 + port, port, 1000, 0, _SYN, 65535, mss=1400), src, dst))
+        tcp[16] ^= 0xFF  # break the TCP checksum
+        header = bytearray(
+            bytes([0x45, 0])
+            + (20 + len(tcp)).to_bytes(2, "big")
+            + bytes(4)
+            + bytes([64, 6, 0, 0])
+            + src
+            + dst
+        )
+        header[10:12] = _checksum(header).to_bytes(2, "big")
+        return bytes(header + tcp)
+
+    stack = _Stack(["10.0.0.1/32"])
+    listener = stack.tcp_listen(80)
+    stack.receive(bad_syn(80), 0.0)
+    assert stack.stats.dropped_checksum == 1
+    out: list[bytes] = []
+    stack.poll(0.0, out)
+    assert out == []  # no SYN-ACK for a corrupted SYN
+    stack.receive(bad_syn(80), 0.0, authenticated=True)
+    stack.poll(0.0, out)
+    assert stack.stats.dropped_checksum == 1
+    assert len(out) == 1 and out[0][33] & 0x12 == 0x12  # SYN-ACK
+    assert listener.pending == 0  # half-open until the handshake completes

@@ -134,8 +134,9 @@ class Tunnel:
                     break
                 device.receive_datagram(data, (address[0], address[1]), now, out, packets)
             if packets:
+                # Decrypted packets were authenticated whole by WireGuard: no inner checksum.
                 for packet in packets:
-                    stack.receive(packet, now)
+                    stack.receive(packet, now, authenticated=True)
                 packets.clear()
             self._flush(now)
             await trio.lowlevel.checkpoint()
@@ -616,6 +617,21 @@ class TunnelUdpSocket(_Waitable):
             self._lot.unpark_all()
 
 
+#: Socket buffer sizes we ask for: a burst of a fast sender's window must fit while the
+#: reader is busy with the previous batch, or the kernel drops datagrams (RcvbufErrors) and
+#: TCP inside the tunnel has to recover. The kernel caps them at net.core.[rw]mem_max.
+UDP_BUFFER_BYTES = 4 << 20
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, option) < UDP_BUFFER_BYTES:
+                sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
+        except OSError as e:  # not fatal: smaller buffers only cost speed
+            logger.debug("cannot enlarge UDP socket buffer: %s", e)
+
+
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
@@ -751,6 +767,7 @@ async def open_tunnel(
             else:
                 sock = _default_socket_factory(family)
             sock.setblocking(False)
+            _grow_buffers(sock)
             sockets[family] = sock
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
         try:
