@@ -159,3 +159,41 @@ async def test_send_and_receive_waiting_at_the_same_time() -> None:
                 await client.send_all(bytes(size))
                 await client.send_eof()
         assert received == size and reply == [b"done"]
+
+
+async def test_bulk_sends_use_udp_gso_and_fall_back_without_it() -> None:
+    async with tunnel_pair() as (a, b):
+        client, server, _ = await connected_pair(a, b, 7004)
+        data = os.urandom(4 << 20)
+
+        async def send_and_check() -> None:
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    got = bytearray()
+                    while len(got) < len(data):
+                        got += await server.receive_some()
+                    assert bytes(got) == data
+
+                nursery.start_soon(reader)
+                await client.send_all(data)
+
+        with trio.fail_after(60):
+            await send_and_check()
+        assert a.gso_sends > 0 and a._gso
+
+        # A kernel without UDP GSO: the first coalesced send fails, and every datagram
+        # still goes out singly from then on.
+        sock = next(iter(a._sockets.values()))
+
+        class NoGso:
+            def __getattr__(self, name: str):
+                return getattr(sock, name)
+
+            def sendmsg(self, *args, **kwargs):
+                raise OSError(errno.EIO, "no GSO")
+
+        a._sockets = {family: NoGso() for family in a._sockets}  # type: ignore[misc]
+        with trio.fail_after(60):
+            await send_and_check()
+        assert not a._gso

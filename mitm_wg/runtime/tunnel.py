@@ -16,6 +16,8 @@ import logging
 import operator
 import os
 import socket
+import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +44,14 @@ logger = logging.getLogger(__name__)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 SocketFactory = Callable[[int], socket.socket]
 
+#: UDP GSO (Linux >= 4.18): setsockopt level SOL_UDP, option UDP_SEGMENT, as a cmsg.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+_GSO_SIZE = struct.Struct("=H")
+#: The kernel's limits for one GSO send: 64 segments (UDP_MAX_SEGMENTS on older kernels),
+#: and one IP packet's worth of payload.
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65507
 #: Datagrams read per wake-up before the reader yields to other tasks.
 MAX_BATCH = 256
 _NEVER = float("inf")
@@ -110,6 +120,9 @@ class Tunnel:
         self._failed: dict[bytes, HandshakeFailed] = {}
         self._closed = False
         self.send_errors = 0
+        #: UDP generic segmentation offload: on until the kernel says it cannot.
+        self._gso = sys.platform == "linux"
+        self.gso_sends = 0
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.device.public_key_b64} peers={len(self.device.peers)}>"
@@ -174,19 +187,7 @@ class Tunnel:
                 device.send_packet(packet, now, out)
             ip_out.clear()
         if out:
-            sockets = self._sockets
-            for data, endpoint in out:
-                sock = sockets.get(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
-                if sock is None:
-                    self.send_errors += 1
-                    continue
-                try:
-                    sock.sendto(data, endpoint)
-                except OSError as e:
-                    # A full socket buffer or a transient error: TCP retransmits, and the
-                    # WireGuard timers retry handshakes.
-                    self.send_errors += 1
-                    logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
+            self._send_datagrams(out)
             out.clear()
         if device.events:
             self._handle_events(device.take_events())
@@ -199,6 +200,54 @@ class Tunnel:
             deadline = self._next_deadline()
             if deadline < scope.deadline:
                 scope.deadline = deadline
+
+    def _send_datagrams(self, out: list[Transmit]) -> None:
+        """Send, coalescing runs of equal-sized datagrams to one endpoint into one UDP GSO
+        send (a single syscall; the kernel splits it), as wireguard-go does on Linux."""
+        sockets = self._sockets
+        i, n = 0, len(out)
+        while i < n:
+            data, endpoint = out[i]
+            sock = sockets.get(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
+            if sock is None:
+                self.send_errors += 1
+                i += 1
+                continue
+            j = i + 1
+            if self._gso:
+                size = len(data)
+                limit = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
+                # equal sizes, same endpoint; the last segment of a run may be shorter
+                while j < limit and out[j][1] == endpoint and len(out[j][0]) == size:
+                    j += 1
+                if j < limit and out[j][1] == endpoint and len(out[j][0]) < size:
+                    j += 1
+            try:
+                if j - i > 1:
+                    try:
+                        self.gso_sends += 1
+                        sock.sendmsg(
+                            [d for d, _ in out[i:j]],
+                            [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(len(data)))],
+                            0,
+                            endpoint,
+                        )
+                    except OSError as e:
+                        if e.errno not in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
+                            raise
+                        # No UDP GSO here (old kernel, odd device): one datagram at a time.
+                        logger.debug("UDP GSO unavailable (%s); sending datagrams singly", e)
+                        self._gso = False
+                        for d, _ in out[i:j]:
+                            sock.sendto(d, endpoint)
+                else:
+                    sock.sendto(data, endpoint)
+            except OSError as e:
+                # A full socket buffer or a transient error: TCP retransmits, and the
+                # WireGuard timers retry handshakes.
+                self.send_errors += 1
+                logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
+            i = j
 
     def _handle_events(self, events: list) -> None:
         for event in events:
