@@ -112,5 +112,8 @@ def test_mitmdump_dns_reverse_mode_through_tunnel(exit_peer: Any, tmp_path: Path
         assert exit_peer.server_tunnel_v4 in reply.to_text()
         text = log.read_text()
         assert "through tunnel" in text and "DIRECT" not in text
+        # The runtime's handshake log line reaches mitmproxy's log (never a key).
+        assert "WireGuard handshake completed with peer" in text
+        assert exit_peer.client_config_text().split("PrivateKey = ")[1].split()[0] not in text
     finally:
         exit_peer.client_ns.kill(proc)
