@@ -400,3 +400,232 @@ def test_wrap_tcp4_matches_general_wrap(
     Stack._wrap_tcp4(A, B, [seg, seg], out)
     assert out == [want, want]
     assert all(type(p) is bytes for p in out)
+
+
+# -- TcpSocket._bulk_send (bulk-send fast path of dispatch) versus the general loop ----------
+
+
+class _NoBulk(TcpSocket):
+    """The same socket with the bulk-send fast path switched off."""
+
+    def _bulk_send(self, now: float, out: list[Any], tuples: bool) -> int:
+        return 0
+
+
+def _wire(segs: list[Any]) -> list[bytes]:
+    """IPv4 packets for dispatch output (TcpSegments and/or tuples)."""
+    out: list[bytes] = []
+    Stack._wrap_tcp4(B, A, segs, out)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    timestamps=st.booleans(),
+    sack=st.booleans(),
+    tuples=st.booleans(),
+    actions=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "send",
+                    "send",
+                    "ack",
+                    "ack",
+                    "ack",
+                    "dupack",
+                    "sackack",
+                    "ooo",
+                    "data",
+                    "fin",
+                    "wait",
+                ]
+            ),
+            st.integers(0, 2**20),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_bulk_send_is_the_general_loop(
+    seed: int,
+    timestamps: bool,
+    sack: bool,
+    tuples: bool,
+    actions: list[tuple[str, int]],
+) -> None:
+    """dispatch() with and without the bulk path: identical segments (and packets), states
+    and counters after every step of a random life (sends, ACKs, duplicate ACKs, SACKs, data
+    and gaps from the peer, FIN, timeouts), with or without timestamps and SACK."""
+    rng = random.Random(seed)
+    cfg = TcpConfig(
+        mss=MSS, recv_buffer=1 << 16, send_buffer=1 << 20, timestamps=timestamps, sack=sack
+    )
+    irs = rng.getrandbits(32)
+    syn = TcpSegment(
+        80,
+        1234,
+        irs,
+        0,
+        SYN,
+        65535,
+        mss=MSS,
+        wscale=7,
+        sack_permitted=True,
+        timestamp=(1000, 0),
+    )
+    sock = TcpSocket.from_syn(
+        cfg, B, 1234, A, 80, syn, isn=rng.getrandbits(32), now=0.0, randbytes=rng.randbytes
+    )
+    slow = copy.deepcopy(sock)
+    slow.__class__ = _NoBulk
+    now = 0.0
+    tsval = 1000
+    rcv = irs + 1
+
+    def step_dispatch() -> None:
+        fast_out: list[Any] = []
+        slow_out: list[Any] = []
+        sock.dispatch(now, fast_out, tuples)
+        slow.dispatch(now, slow_out, tuples)
+        if tuples:
+            assert _wire(fast_out) == _wire(slow_out)
+        else:
+            assert [s._key() for s in fast_out] == [s._key() for s in slow_out]
+        assert state_of(sock) == state_of(slow)
+        assert sock.poll_at() == slow.poll_at()
+
+    def feed(seg: TcpSegment) -> None:
+        sock.process(seg, now)
+        slow.process(copy.copy(seg), now)
+        assert state_of(sock) == state_of(slow)
+
+    step_dispatch()  # SYN-ACK
+    feed(TcpSegment(80, 1234, rcv & M32, (sock._iss + 1) & M32, ACK, 512, timestamp=(tsval, 0)))
+    for action, arg in actions:
+        now += 0.001 * (arg % 7)
+        tsval += 1
+        ts = (tsval, sock._ts_val(now) - 3) if timestamps else None
+        una, smax = sock._snd_una, sock._snd_max
+        window = 512 if arg % 5 else arg % 600
+        if action == "send":
+            if sock.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
+                data = bytes([arg & 0xFF]) * (arg % 200_000)
+                assert sock.send(data) == slow.send(data)
+        elif action == "ack":
+            ack = una + (smax - una) * (arg % 4) // 3
+            feed(TcpSegment(80, 1234, rcv & M32, ack & M32, ACK, window, timestamp=ts))
+        elif action == "dupack":
+            feed(TcpSegment(80, 1234, rcv & M32, una & M32, ACK, 512, timestamp=ts))
+        elif action == "sackack":
+            if smax - una > 2 * MSS:
+                start = una + MSS * (1 + arg % 3)
+                end = min(start + MSS * (1 + arg % 5), smax)
+                blocks = ((start & M32, end & M32),) if start < end else ()
+                feed(
+                    TcpSegment(
+                        80, 1234, rcv & M32, una & M32, ACK, 512, timestamp=ts, sack_blocks=blocks
+                    )
+                )
+        elif action == "ooo":  # a gap: the receiver side gets SACK blocks to report
+            feed(
+                TcpSegment(
+                    80,
+                    1234,
+                    (rcv + 1000) & M32,
+                    una & M32,
+                    ACK,
+                    512,
+                    timestamp=ts,
+                    payload=bytes(300),
+                )
+            )
+        elif action == "data":
+            n = 1 + arg % 3000
+            feed(
+                TcpSegment(80, 1234, rcv & M32, una & M32, ACK, 512, timestamp=ts, payload=bytes(n))
+            )
+            if sock._rcv_nxt != rcv:
+                rcv = sock._rcv_nxt
+            sock.recv(arg % 5000)
+            slow.recv(arg % 5000)
+        elif action == "fin":
+            if sock.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
+                sock.shutdown_write(now)
+                slow.shutdown_write(now)
+        else:  # "wait": let timers (RTO, delayed ACK) fire
+            now += 0.3 * (1 + arg % 4)
+        step_dispatch()
+
+
+def test_bulk_send_is_taken() -> None:
+    """A plain bulk transfer does go through the fast path (else the test above proves
+    little), and in tuple form."""
+    calls: list[int] = []
+    original = TcpSocket._bulk_send
+
+    def counting(self: TcpSocket, now: float, out: list[Any], tuples: bool) -> int:
+        n = original(self, now, out, tuples)
+        calls.append(n)
+        return n
+
+    sock = established_pair(3)
+    sock.send(bytes(300_000))
+    sock._cc.cwnd = 40 * MSS
+    out: list[Any] = []
+    TcpSocket._bulk_send = counting  # type: ignore[method-assign]
+    try:
+        sock.dispatch(0.05, out, True)
+    finally:
+        TcpSocket._bulk_send = original  # type: ignore[method-assign]
+    assert calls and calls[0] > 10
+    assert sum(type(s) is tuple for s in out) == calls[0] - 1
+
+
+def test_stack_bulk_send_matches_general_loop(monkeypatch: Any) -> None:
+    """The lossy, reordering stack transfer gives identical packets, counters and states
+    with and without the bulk path."""
+    hits = [0]
+    original = TcpSocket._bulk_send
+
+    def counting(self: TcpSocket, now: float, out: list[Any], tuples: bool) -> int:
+        n = original(self, now, out, tuples)
+        hits[0] += n > 1
+        return n
+
+    calls: list[int] = []
+    for seed in (1, 2):
+        monkeypatch.setattr(TcpSocket, "_bulk_send", counting)
+        hits[0] = 0
+        fast = run_transfer(seed, True, calls)
+        assert hits[0] > 20, "the bulk path was not taken"
+        monkeypatch.setattr(TcpSocket, "_bulk_send", lambda self, now, out, tuples: 0)
+        slow = run_transfer(seed, True, calls)
+        assert len(fast) == len(slow)
+        for i, (x, y) in enumerate(zip(fast, slow, strict=True)):
+            assert x == y, f"seed {seed}: traces differ at entry {i}"
+
+
+@pytest.mark.parametrize("extra", [0, 1, MSS - 1, 7 * MSS, 7 * MSS + 1, 30 * MSS - 1])
+@pytest.mark.parametrize("fin", [False, True])
+@pytest.mark.parametrize("tuples", [False, True])
+def test_bulk_send_data_end_and_fin(extra: int, fin: bool, tuples: bool) -> None:
+    """Bulk sends that run into the end of the data (PSH), a queued FIN, and the peer's
+    window, against the general loop."""
+    sock = established_pair(11)
+    ack = TcpSegment(80, 1234, sock.rcv_nxt, sock._snd_max & M32, ACK, 300, timestamp=(2000, 0))
+    sock.process(ack, 0.04)  # everything acknowledged, peer window 300 << 7
+    sock._cc.cwnd = 64 * MSS
+    sock.send(bytes(range(256)) * 100 + bytes(extra))
+    if fin:
+        sock.shutdown_write(0.05)
+    slow = copy.deepcopy(sock)
+    slow.__class__ = _NoBulk
+    fast_out: list[Any] = []
+    slow_out: list[Any] = []
+    sock.dispatch(0.05, fast_out, tuples)
+    slow.dispatch(0.05, slow_out, tuples)
+    assert len(fast_out) > 10
+    assert _wire(fast_out) == _wire(slow_out)
+    assert state_of(sock) == state_of(slow)

@@ -77,6 +77,8 @@ EPHEMERAL_COUNT = 65536 - EPHEMERAL_FIRST
 RECENT_TUPLE_SECONDS = 30.0
 MIN_MTU4 = 576
 MIN_MTU6 = 1280
+#: a timestamp-only TCP segment as TcpSocket.dispatch(..., tuples=True) hands it over
+TcpTuple = tuple[int, int, int, int, int, int, int, int, bytes | bytearray | memoryview]
 _IP4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _TS_VALUES = struct.Struct("!II")
@@ -445,10 +447,12 @@ class Stack:
         for sock, t in deadline.items():
             if t > now and sock not in dirty:
                 continue
-            sock.dispatch(now, segs)
+            local = sock.local_addr
+            ip4 = len(local) == 4
+            sock.dispatch(now, segs, ip4)
             if segs:
-                local, remote = sock.local_addr, sock.remote_addr
-                if len(local) == 4:
+                remote = sock.remote_addr
+                if ip4:
                     self._wrap_tcp4(local, remote, segs, out)
                 else:
                     for seg in segs:
@@ -631,8 +635,14 @@ class Stack:
         return b"".join((ipv6_header(local, remote, PROTO_TCP, n), header, payload))
 
     @staticmethod
-    def _wrap_tcp4(local: bytes, remote: bytes, segs: list[TcpSegment], out: list[bytes]) -> None:
+    def _wrap_tcp4(
+        local: bytes, remote: bytes, segs: list[TcpSegment | TcpTuple], out: list[bytes]
+    ) -> None:
         """:meth:`_wrap_tcp` for IPv4 segments (same bytes), appended to ``out``.
+
+        ``segs`` may also hold the tuples of ``TcpSocket.dispatch(..., tuples=True)``:
+        ``(src_port, dst_port, seq, ack, flags, window, tsval, tsecr, payload)`` for a
+        segment whose only option is the timestamp, built as that TcpSegment would be.
 
         A segment whose only option is the timestamp (every data segment and ACK once a
         connection is established) gets its IPv4 and TCP headers from one struct pack, with
@@ -643,6 +653,60 @@ class Stack:
         ip_const = _IP4_CONST_SUM + addr_sum
         tcp_const = addr_sum + PROTO_TCP + _TS_OPT_SUM
         for seg in segs:
+            if type(seg) is tuple:
+                sport, dport, seq, ack, flags, window, tsval, tsecr, payload = seg
+                plen = len(payload)
+                tcp_len = 32 + plen
+                total = 20 + tcp_len
+                if total > 0xFFFF:
+                    raise ValueError("IPv4 payload too long")
+                csum = (
+                    tcp_const
+                    + tcp_len
+                    + sport
+                    + dport
+                    + seq
+                    + ack
+                    + (0x8000 | flags)
+                    + window
+                    + tsval
+                    + tsecr
+                )
+                if plen:
+                    csum += ones_sum(payload) if plen & 1 else int.from_bytes(payload, "big")
+                csum %= 0xFFFF
+                csum = (~csum) & 0xFFFF if csum else 0xFFFF
+                ip_csum = (ip_const + total) % 0xFFFF
+                ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
+                header = _IP4_TCP_TS.pack(
+                    0x45,
+                    0,
+                    total,
+                    0,
+                    0x4000,
+                    DEFAULT_TTL,
+                    PROTO_TCP,
+                    ip_csum,
+                    local,
+                    remote,
+                    sport,
+                    dport,
+                    seq,
+                    ack,
+                    0x80,
+                    flags,
+                    window,
+                    csum,
+                    0,
+                    1,
+                    1,
+                    8,
+                    10,
+                    tsval,
+                    tsecr,
+                )
+                out.append(header + payload if plen else header)
+                continue
             ts = seg.timestamp
             if (
                 ts is None

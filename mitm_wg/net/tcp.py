@@ -41,6 +41,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mitm_wg.net.assembler import Assembler
 from mitm_wg.net.congestion import initial_window, make_controller
@@ -757,8 +758,13 @@ class TcpSocket:
         out.append(seg)
 
     # -- timers ----------------------------------------------------------------------------
-    def dispatch(self, now: float, out: list[TcpSegment]) -> None:
-        """Run expired timers and append the segments to send now to ``out``."""
+    def dispatch(self, now: float, out: list[TcpSegment], tuples: bool = False) -> None:
+        """Run expired timers and append the segments to send now to ``out``.
+
+        ``tuples``: the caller (the stack's IPv4 path) also accepts full-size data segments
+        as plain tuples ``(src_port, dst_port, seq, ack, flags, window, tsval, tsecr,
+        payload)`` for segments whose only option is the timestamp (see :meth:`_bulk_send`).
+        """
         self._now = now
         if self._pending:
             self.stats.segments_out += len(self._pending)
@@ -791,6 +797,8 @@ class TcpSocket:
                     out.append(self._make_seg(ACK, self._snd_max, b"", now))
                 self._ack_now = True
         guard = 0
+        if not self._in_fr and not self._sacked and self.state in _SEND_STATES:
+            guard = self._bulk_send(now, out, tuples)
         while guard < 100000:
             tx = self._next_tx()
             if tx is None:
@@ -800,6 +808,97 @@ class TcpSocket:
         if self._ack_now and self.state in _ACK_STATES:
             out.append(self._make_seg(ACK, self._snd_max, b"", now))
         self._update_persist(now)
+
+    def _bulk_send(self, now: float, out: list[Any], tuples: bool) -> int:
+        """Bulk-send fast path of :meth:`dispatch`: the full-size segments of new data that
+        the congestion and peer windows allow, with exactly the effect (segments, state,
+        counters) of the ``_next_tx``/``_emit`` loop, which carries on from where this stops
+        (partial segments, FIN, limited transmit, recovery, SACK options).
+
+        Returns the number of segments emitted. Only called outside loss recovery with an
+        empty SACK scoreboard in a send state; it declines (0) unless SND.NXT == SND.MAX and
+        no SACK blocks are to be sent. Every segment after the first has the first one's
+        ACK, window and timestamp fields: nothing between them changes RCV.NXT, the receive
+        buffer or the clock, and the advertised-window computation of ``_make_seg`` gives
+        the same field again once it has run (its result is a fixed point).
+        """
+        s = self._snd_max
+        if self._snd_nxt != s or (self._asm._ranges and self._sack_ok):
+            return 0
+        una = self._snd_una
+        smss = self._smss
+        sbuf = self._sbuf
+        sbuf_seq = self._sbuf_seq
+        data_end = sbuf_seq + len(sbuf) - self._sbuf_head
+        limit = una + self._snd_wnd
+        if data_end < limit:
+            limit = data_end
+        cw_end = una + self._cc.cwnd
+        if s + smss > limit or s >= cw_end:
+            return 0
+        # the first one the general way: it sets the ACK/window/timer/RTT state
+        self._emit(s, s + smss, False, now, out)
+        s += smss
+        if s + smss > limit or s >= cw_end:
+            return 1
+        first = out[-1]
+        lport = self.local_port
+        rport = self.remote_port
+        ack = first.ack
+        window = first.window
+        ts = first.timestamp
+        base = self._sbuf_head - sbuf_seq
+        n = 1
+        if tuples and ts is not None:
+            tsval, tsecr = ts
+            # bytes straight from a view: one copy, and the checksum's int.from_bytes then
+            # needs no second one (it copies anything but bytes)
+            view = memoryview(sbuf)
+            try:
+                while True:
+                    e = s + smss
+                    out.append(
+                        (
+                            lport,
+                            rport,
+                            s & M32,
+                            ack,
+                            ACK | PSH if e == data_end else ACK,
+                            window,
+                            tsval,
+                            tsecr,
+                            bytes(view[base + s : base + e]),
+                        )
+                    )
+                    n += 1
+                    s = e
+                    if e + smss > limit or e >= cw_end:
+                        break
+            finally:
+                view.release()
+        else:
+            while True:
+                e = s + smss
+                out.append(
+                    TcpSegment(
+                        lport,
+                        rport,
+                        s & M32,
+                        ack,
+                        ACK | PSH if e == data_end else ACK,
+                        window,
+                        timestamp=ts,
+                        payload=sbuf[base + s : base + e],
+                    )
+                )
+                n += 1
+                s = e
+                if e + smss > limit or e >= cw_end:
+                    break
+        self._snd_nxt = s
+        self._snd_max = s
+        self.stats.segments_out += n - 1
+        return n
 
     def _on_rto(self, now: float) -> None:
         self._rto_at = None
@@ -983,7 +1082,9 @@ class TcpSocket:
                 self._max_snd_wnd = wnd
         if d:
             self._on_new_ack(ack, una, tsecr, now)
-            self._update_persist(now)
+            # _update_persist() only acts when all is acknowledged or a probe timer runs
+            if ack == smax or self._persist_at is not None or self._persist_backoff:
+                self._update_persist(now)
         elif window_changed:
             self._update_persist(now)
         if plen:
@@ -1239,7 +1340,12 @@ class TcpSocket:
         acked = ack - una
         rtt = self._rtt
         if self._ts_ok and tsecr:
-            self._ts_sample(tsecr, now)
+            # inlined _ts_sample()
+            floor = self._ts_rto_floor
+            if floor is None or (tsecr - floor) & M32 < _HALF:
+                elapsed = ((int(now * 1000) + self._ts_offset) - tsecr) & M32
+                if elapsed < _HALF:
+                    rtt.sample(elapsed / 1000.0)
         elif self._rtt_seq is not None and ack >= self._rtt_seq:
             rtt.sample(now - self._rtt_time)
             self._rtt_seq = None
