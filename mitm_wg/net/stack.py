@@ -655,88 +655,40 @@ class Stack:
         for seg in segs:
             if type(seg) is tuple:
                 sport, dport, seq, ack, flags, window, tsval, tsecr, payload = seg
-                plen = len(payload)
-                tcp_len = 32 + plen
-                total = 20 + tcp_len
-                if total > 0xFFFF:
-                    raise ValueError("IPv4 payload too long")
-                csum = (
-                    tcp_const
-                    + tcp_len
-                    + sport
-                    + dport
-                    + seq
-                    + ack
-                    + (0x8000 | flags)
-                    + window
-                    + tsval
-                    + tsecr
-                )
-                if plen:
-                    csum += ones_sum(payload) if plen & 1 else int.from_bytes(payload, "big")
-                csum %= 0xFFFF
-                csum = (~csum) & 0xFFFF if csum else 0xFFFF
-                ip_csum = (ip_const + total) % 0xFFFF
-                ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
-                header = _IP4_TCP_TS.pack(
-                    0x45,
-                    0,
-                    total,
-                    0,
-                    0x4000,
-                    DEFAULT_TTL,
-                    PROTO_TCP,
-                    ip_csum,
-                    local,
-                    remote,
-                    sport,
-                    dport,
-                    seq,
-                    ack,
-                    0x80,
-                    flags,
-                    window,
-                    csum,
-                    0,
-                    1,
-                    1,
-                    8,
-                    10,
-                    tsval,
-                    tsecr,
-                )
-                out.append(header + payload if plen else header)
-                continue
-            ts = seg.timestamp
-            if (
-                ts is None
-                or seg.sack_blocks
-                or seg.mss is not None
-                or seg.wscale is not None
-                or seg.sack_permitted
-            ):
-                header, payload = build_tcp_parts(seg, local, remote)
-                n = len(header) + len(payload)
-                out.append(b"".join((ipv4_header(local, remote, PROTO_TCP, n), header, payload)))
-                continue
-            payload = seg.payload
+            else:
+                ts = seg.timestamp
+                if (
+                    ts is None
+                    or seg.sack_blocks
+                    or seg.mss is not None
+                    or seg.wscale is not None
+                    or seg.sack_permitted
+                ):
+                    header, payload = build_tcp_parts(seg, local, remote)
+                    n = len(header) + len(payload)
+                    out.append(
+                        b"".join((ipv4_header(local, remote, PROTO_TCP, n), header, payload))
+                    )
+                    continue
+                sport, dport, flags, window = seg.src_port, seg.dst_port, seg.flags, seg.window
+                seq = seg.seq & 0xFFFFFFFF
+                ack = seg.ack & 0xFFFFFFFF
+                tsval, tsecr = ts
+                payload = seg.payload
             plen = len(payload)
             tcp_len = 32 + plen
             total = 20 + tcp_len
             if total > 0xFFFF:
                 raise ValueError("IPv4 payload too long")
-            seq = seg.seq & 0xFFFFFFFF
-            ack = seg.ack & 0xFFFFFFFF
-            tsval, tsecr = ts
             csum = (
                 tcp_const
                 + tcp_len
-                + seg.src_port
-                + seg.dst_port
+                + sport
+                + dport
                 + seq
                 + ack
-                + (0x8000 | seg.flags)
-                + seg.window
+                + (0x8000 | flags)
+                + window
                 + tsval
                 + tsecr
             )
@@ -757,13 +709,13 @@ class Stack:
                 ip_csum,
                 local,
                 remote,
-                seg.src_port,
-                seg.dst_port,
+                sport,
+                dport,
                 seq,
                 ack,
                 0x80,
-                seg.flags,
-                seg.window,
+                flags,
+                window,
                 csum,
                 0,
                 1,
