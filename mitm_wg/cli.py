@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import ConfigError
 from mitm_wg.wireguard.device import Device, HandshakeCompleted
-from mitm_wg.wireguard.peer import Endpoint, Peer
+from mitm_wg.wireguard.peer import Endpoint, Peer, format_endpoint
 
 MAX_CHECK_TIMEOUT = 20.0
 
@@ -48,11 +48,6 @@ def resolve_endpoint(host: str, port: int) -> Endpoint:
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     address = infos[0][4]
     return (str(address[0]), int(address[1]))
-
-
-def _format_endpoint(endpoint: Endpoint) -> str:
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check(config: WireGuardConfig, timeout: float, out=sys.stdout) -> None:
@@ -93,7 +88,7 @@ def _send(sockets: dict[int, socket.socket], datagrams: list[tuple[bytes, Endpoi
             sockets[family].sendto(data, (host, port))
         except OSError as e:
             raise CheckFailed(
-                f"cannot send to {_format_endpoint((host, port))}: {e.strerror}"
+                f"cannot send to {format_endpoint((host, port))}: {e.strerror}"
             ) from None
     datagrams.clear()
 
@@ -139,7 +134,7 @@ def _run_check(
     failed = []
     for result in results.values():
         name = result.peer.public_key_b64
-        ep = _format_endpoint(result.endpoint)
+        ep = format_endpoint(result.endpoint)
         if result.completed is not None:
             ms = (result.completed - result.started) * 1000
             print(f"peer {name} at {ep}: handshake completed in {ms:.1f} ms", file=out)
@@ -148,7 +143,7 @@ def _run_check(
     if failed:
         first = failed[0]
         raise CheckFailed(
-            f"no handshake response from {_format_endpoint(first.endpoint)} "
+            f"no handshake response from {format_endpoint(first.endpoint)} "
             f"(peer {first.peer.public_key_b64}) within {timeout:g} s; likely causes: the "
             "peer's PublicKey is wrong or it does not know our key, the endpoint is "
             "unreachable, or UDP to it is blocked"

@@ -34,6 +34,7 @@ import trio
 
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
 from mitm_wg.mitmproxy.transport import TunnelTransport
+from mitm_wg.wireguard.peer import format_endpoint
 
 __all__ = [
     "DEFAULT_MODE",
@@ -168,8 +169,7 @@ def _peer_info(stream: object) -> dict[str, str] | None:
         info["public_key"] = str(key)
     endpoint = getattr(peer, "endpoint", None)
     if endpoint is not None:
-        host, port = endpoint[0], endpoint[1]
-        info["endpoint"] = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        info["endpoint"] = format_endpoint((str(endpoint[0]), int(endpoint[1])))
     return info
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import trio
 
+from mitm_wg.wireguard.peer import format_endpoint
+
 logger = logging.getLogger(__name__)
 
 #: Datagrams held for a reader that does not read; further ones are dropped (as UDP does).
@@ -174,7 +176,7 @@ async def run_datagram_flow(
     if peer is not None:
         stream._extra["wg_peer"] = {
             "public_key": peer.public_key_b64,
-            "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else "?",
+            "endpoint": format_endpoint(peer.endpoint),
         }
     connected(None)
     try:

@@ -37,7 +37,7 @@ from mitm_wg.wireguard.device import (
     KeysZeroed,
     Transmit,
 )
-from mitm_wg.wireguard.peer import Endpoint, Peer, PeerStatus
+from mitm_wg.wireguard.peer import Endpoint, Peer, PeerStatus, format_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,6 @@ GSO_MAX_BYTES = 65507
 #: Datagrams read per wake-up before the reader yields to other tasks.
 MAX_BATCH = 256
 _NEVER = float("inf")
-
-
-def format_endpoint(endpoint: Endpoint | None) -> str:
-    if endpoint is None:
-        return "(no endpoint)"
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,14 @@ Endpoint = tuple[str, int]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def format_endpoint(endpoint: Endpoint | None) -> str:
+    """``host:port``, with brackets around IPv6 hosts."""
+    if endpoint is None:
+        return "(no endpoint)"
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerStatus:
     """A snapshot for status output (no key material besides the public key)."""
