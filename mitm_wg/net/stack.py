@@ -501,12 +501,8 @@ class Stack:
             now=now,
             randbytes=self._randbytes,
         )
-        pmtu = self._pmtu.get(remote_b)
-        if pmtu is not None:
-            sock.set_path_mtu_mss(pmtu - (40 if raddr.version == 4 else 60))
-        sock._touched = self._dirty
+        self._adopt(key, sock)
         sock.connect(now)
-        self._register(key, sock)
         return sock
 
     def tcp_listen(
@@ -856,6 +852,15 @@ class Stack:
         stats.no_socket += 1
         self._send_rst(src, dst, seg)
 
+    def _adopt(self, key: TcpKey, sock: _StackTcpSocket) -> None:
+        """Register a new socket: learned path MTU, wake-ups on user calls, demux entry."""
+        remote = key[2]
+        pmtu = self._pmtu.get(remote)
+        if pmtu is not None:
+            sock.set_path_mtu_mss(pmtu - (40 if len(remote) == 4 else 60))
+        sock._touched = self._dirty
+        self._register(key, sock)
+
     def _accept_syn(self, lst: TcpListener, key: TcpKey, seg: TcpSegment, now: float) -> None:
         local, lport, remote, rport = key
         v4 = len(local) == 4
@@ -870,12 +875,8 @@ class Stack:
             now=now,
             randbytes=self._randbytes,
         )
-        pmtu = self._pmtu.get(remote)
-        if pmtu is not None:
-            sock.set_path_mtu_mss(pmtu - (40 if v4 else 60))
         assert isinstance(sock, _StackTcpSocket)
-        sock._touched = self._dirty
-        self._register(key, sock)
+        self._adopt(key, sock)
         self._half_open[sock] = lst
         lst._half_open[sock] = None
 
