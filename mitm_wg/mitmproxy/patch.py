@@ -73,7 +73,8 @@ class UpstreamOpener(Protocol):
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
 
     async def open_udp(self, server: Server | None, host: str, port: int, local_addr: Any) -> Any:
-        """The seam for UDP flows (today: refuse, never send UDP directly by accident)."""
+        """Open a UDP flow (a ``mitmproxy_rs.Stream``-like object): through the tunnel, or
+        refuse; never sends UDP directly unless the routing rules allow it."""
         ...
 
 

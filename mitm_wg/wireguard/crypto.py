@@ -13,7 +13,6 @@ Nothing here logs, and no exception message contains key material.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 import struct
@@ -22,8 +21,6 @@ from collections.abc import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "AEAD_TAG_LEN",

@@ -311,7 +311,7 @@ class Device:
         """Start a handshake with ``peer`` now (subject to the REKEY_TIMEOUT rate limit)."""
         self._initiate(peer, now, out, retry=False)
 
-    def _new_index(self, peer: Peer | None = None) -> int:
+    def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self._randbytes(4), "little")
             if index not in self._keypairs and index not in self._handshakes:
