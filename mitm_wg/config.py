@@ -24,8 +24,6 @@ never executed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import logging
 import os
@@ -35,9 +33,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from mitm_wg.errors import ConfigError
+from mitm_wg.keys import KEY_LEN, decode_key, encode_key, generate_private_key, public_key_of
 
 __all__ = [
     "KEY_LEN",
@@ -60,8 +57,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: Length of every WireGuard key (private, public, preshared) in bytes.
-KEY_LEN = 32
 #: Larger files are refused: a real configuration is a few hundred bytes per peer.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -72,50 +67,7 @@ KEEPALIVE_MAX = 65535
 
 
 # ---------------------------------------------------------------------------------------------
-# Keys
-
-
-def generate_private_key(randbytes: Callable[[int], bytes] = os.urandom) -> bytes:
-    """Return a new X25519 private key (32 raw bytes, clamped as ``wg genkey`` does)."""
-    raw = bytearray(randbytes(KEY_LEN))
-    if len(raw) != KEY_LEN:
-        raise ValueError(f"randbytes returned {len(raw)} bytes, expected {KEY_LEN}")
-    raw[0] &= 248
-    raw[31] = (raw[31] & 127) | 64
-    return bytes(raw)
-
-
-def public_key_of(private: bytes) -> bytes:
-    """Return the X25519 public key (32 raw bytes) belonging to a 32-byte private key."""
-    if not isinstance(private, bytes | bytearray | memoryview) or len(private) != KEY_LEN:
-        raise ValueError(f"a private key must be {KEY_LEN} bytes")
-    return X25519PrivateKey.from_private_bytes(bytes(private)).public_key().public_bytes_raw()
-
-
-def encode_key(raw: bytes) -> str:
-    """Return the base64 text form of a 32-byte key, as ``wg`` prints it."""
-    if not isinstance(raw, bytes | bytearray | memoryview) or len(raw) != KEY_LEN:
-        raise ValueError(f"a key must be {KEY_LEN} bytes")
-    return base64.b64encode(bytes(raw)).decode("ascii")
-
-
-def decode_key(text: str) -> bytes:
-    """Decode a base64 key into 32 raw bytes.
-
-    Raises ValueError for text that is not base64 or does not encode exactly 32 bytes. The
-    message never contains the text.
-    """
-    if not isinstance(text, str):
-        raise TypeError("a key must be given as a str")
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not valid base64") from None
-    if len(raw) != KEY_LEN:
-        raise ValueError(
-            f"wrong key length: decodes to {len(raw)} bytes, a key must be {KEY_LEN} bytes"
-        )
-    return raw
+# Keys (defined in mitm_wg.keys, re-exported here)
 
 
 def _check_key(value: object, what: str) -> None:

@@ -319,6 +319,23 @@ def test_generate_private_key_is_clamped_and_uses_randbytes() -> None:
         generate_private_key(lambda n: bytes(n - 1))
 
 
+def test_keys_are_defined_once_for_config_and_core() -> None:
+    # Clamping and public-key derivation live in mitm_wg.keys; config and the WireGuard core
+    # use that one definition (issue 11).
+    from mitm_wg import config, keys
+    from mitm_wg.wireguard import crypto
+
+    assert config.public_key_of is keys.public_key_of is crypto.dh_public
+    assert config.generate_private_key is keys.generate_private_key
+    assert crypto.KEY_LEN == config.KEY_LEN == keys.KEY_LEN == 32
+    raw = bytes(range(0xE0, 0x100))
+    private, public = crypto.dh_generate(lambda n: raw[:n])
+    assert private == keys.clamp(raw) == generate_private_key(lambda n: raw[:n])
+    assert public == public_key_of(private)
+    with pytest.raises(ValueError):
+        crypto.dh_generate(lambda n: bytes(n - 1))
+
+
 def test_encode_decode_key() -> None:
     raw = k(MULTI_PRIV)
     assert encode_key(raw) == MULTI_PRIV
