@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,36 @@ def test_test_dialer_needs_the_environment(
             addon.done()
 
     asyncio.run(main())
+
+
+def test_routing_table_is_the_cores_longest_prefix_table(tmp_path: Path) -> None:
+    # One routing table type for the core and the edge (issue 11): the addon routes tunnel
+    # names with wireguard.allowed_ips.AllowedIPs.
+    from mitm_wg.config import WireGuardConfig
+    from mitm_wg.mitmproxy.addon import tunnel_routes
+    from mitm_wg.wireguard.allowed_ips import AllowedIPs
+
+    configs = {
+        "a": WireGuardConfig.from_file(
+            write_conf(tmp_path / "a.conf", "10.0.0.0/8, 2001:db8::/32")
+        ),
+        "b": WireGuardConfig.from_file(write_conf(tmp_path / "b.conf", "10.1.0.0/16, ::/0")),
+        "c": WireGuardConfig.from_file(write_conf(tmp_path / "c.conf", "10.1.0.0/16")),
+    }
+    routes = tunnel_routes(configs)
+    assert isinstance(routes, AllowedIPs)
+    lookup = routes.lookup_ip
+    assert lookup(ipaddress.ip_address("10.2.3.4")) == "a"
+    assert lookup(ipaddress.ip_address("10.1.3.4")) == "b"  # same prefix in b and c: first wins
+    assert lookup(ipaddress.ip_address("2001:db8::1")) == "a"  # longer than b's ::/0
+    assert lookup(ipaddress.ip_address("2001:db9::1")) == "b"
+    assert lookup(ipaddress.ip_address("192.0.2.1")) is None
+
+    addon = WireGuardAddon()
+    addon.configs, addon._routes = configs, routes
+    assert addon.route_for_address("10.1.0.1") == "b"
+    assert addon.route_for_address("fe80::1%eth0") == "b"
+    assert addon.route_for_address("example.com") == "a"  # hostnames: the first tunnel
 
 
 def test_bad_config_is_an_option_error(tmp_path: Path, confs: dict[str, str]) -> None:

@@ -42,6 +42,7 @@ from mitm_wg.errors import ConfigError
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.bridge import Bridge, DialerTunnel, TunnelFactory
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
+from mitm_wg.wireguard.allowed_ips import AllowedIPs
 
 if TYPE_CHECKING:
     from mitmproxy.connection import Client, Server
@@ -61,7 +62,18 @@ _USAGE = (
     "connection through WireGuard."
 )
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def tunnel_routes(configs: dict[str, WireGuardConfig]) -> AllowedIPs[str]:
+    """Every config's AllowedIPs in one longest-prefix table naming the tunnel (the same
+    table type the WireGuard core routes peers with). A prefix in several configs belongs
+    to the first of them in ``wg_conf`` order."""
+    routes: AllowedIPs[str] = AllowedIPs()
+    for name, config in reversed(configs.items()):
+        for peer in config.peers:
+            for net in peer.allowed_ips:
+                routes.insert(net, name)
+    return routes
 
 
 def parse_conf_option(values: Sequence[str]) -> dict[str, WireGuardConfig]:
@@ -134,7 +146,7 @@ class WireGuardAddon:
         self.bridge: Bridge | None = None
         self.allow_direct = False
         self.test_dialer = False
-        self._routes: list[tuple[IPNetwork, int, str]] = []
+        self._routes: AllowedIPs[str] = AllowedIPs()
         self._ready: asyncio.Event | None = None
         self._apply_lock: asyncio.Lock | None = None
         self._apply_task: asyncio.Task[None] | None = None
@@ -192,15 +204,7 @@ class WireGuardAddon:
         if configs == self.configs and test_dialer == self.test_dialer and self.configs:
             return
         self.configs, self.test_dialer = configs, test_dialer
-        self._routes = sorted(
-            (
-                (net, net.prefixlen, name)
-                for name, config in configs.items()
-                for peer in config.peers
-                for net in peer.allowed_ips
-            ),
-            key=lambda route: -route[1],
-        )
+        self._routes = tunnel_routes(configs)
         self._generation += 1
         if not configs:
             logger.info(_USAGE)
@@ -283,10 +287,7 @@ class WireGuardAddon:
             address = ipaddress.ip_address(host.split("%")[0])
         except ValueError:
             return next(iter(self.configs), None)
-        for net, _, name in self._routes:
-            if net.version == address.version and address in net:
-                return name
-        return None
+        return self._routes.lookup_ip(address)
 
     def server_connect(self, data: ServerConnectionHookData) -> None:
         """Pick up ``flow.metadata["wg_tunnel"]`` from the HTTP flow that needs this server."""
