@@ -18,10 +18,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
 from mitm_wg.errors import ConfigError
 from mitm_wg.wireguard.device import Device, HandshakeCompleted
-from mitm_wg.wireguard.peer import Endpoint, Peer, format_endpoint
+from mitm_wg.wireguard.peer import Peer
 
 MAX_CHECK_TIMEOUT = 20.0
 
@@ -47,7 +47,7 @@ def resolve_endpoint(host: str, port: int) -> Endpoint:
     # Prefer IPv4 when both exist: most VPN endpoints answer there.
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     address = infos[0][4]
-    return (str(address[0]), int(address[1]))
+    return Endpoint(str(address[0]), int(address[1]))
 
 
 def check(config: WireGuardConfig, timeout: float, out=sys.stdout) -> None:

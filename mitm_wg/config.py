@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 from mitm_wg.errors import ConfigError
 from mitm_wg.keys import KEY_LEN, decode_key, encode_key, generate_private_key, public_key_of
@@ -47,6 +47,7 @@ __all__ = [
     "WireGuardConfig",
     "decode_key",
     "encode_key",
+    "format_endpoint",
     "generate_private_key",
     "public_key_of",
 ]
@@ -105,33 +106,55 @@ def _parse_uint(text: str, low: int, high: int) -> int:
     return number
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where a peer's UDP datagrams go: an IP literal (no brackets) or a hostname, and a port.
+def format_endpoint(endpoint: tuple[object, int] | None) -> str:
+    """``host:port``, with brackets around an IPv6 host: the one way mitm-wg writes an
+    endpoint or socket address (an :class:`Endpoint`, or any ``(host, port, ...)`` tuple)."""
+    if endpoint is None:
+        return "(no endpoint)"
+    host, port = str(endpoint[0]), endpoint[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    Hostnames are not resolved here; the runtime does that.
-    """
 
+class _EndpointFields(NamedTuple):
     host: str
     port: int
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host:
+
+class Endpoint(_EndpointFields):
+    """Where a peer's UDP datagrams go: an IP literal (no brackets) or a hostname, and a port.
+
+    The one endpoint type of mitm-wg, from the config file to the WireGuard core. It is a
+    ``(host, port)`` named tuple, so a resolved endpoint is the socket address itself
+    (``sock.sendto(data, endpoint)``) and compares equal to the plain tuple ``recvfrom``
+    returns. Construction validates; :meth:`of` wraps an address a socket returned without
+    re-checking it. Hostnames are not resolved here; the runtime does that.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, host: str, port: int) -> Endpoint:
+        if not isinstance(host, str) or not host:
             raise ValueError("Endpoint.host must be a non-empty str")
         try:
-            canonical = str(ipaddress.ip_address(self.host))
+            canonical = str(ipaddress.ip_address(host))
         except ValueError:
-            if not _is_hostname(self.host):
+            if not _is_hostname(host):
                 raise ValueError(
                     "Endpoint.host must be an IP address (without brackets) or a hostname"
                 ) from None
         else:
             # "2001:DB8:0::1" and "2001:db8::1" are the same endpoint: compare equal.
-            object.__setattr__(self, "host", canonical)
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            host = canonical
+        if isinstance(port, bool) or not isinstance(port, int):
             raise ValueError("Endpoint.port must be an int")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is out of range (1..65535)")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range (1..65535)")
+        return tuple.__new__(cls, (host, port))
+
+    @classmethod
+    def of(cls, address: tuple[str, int]) -> Endpoint:
+        """An Endpoint for the ``(ip, port)`` of a received datagram (not re-validated)."""
+        return tuple.__new__(cls, (address[0], address[1]))
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -181,9 +204,7 @@ class Endpoint:
         return cls(host, port)
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_endpoint(self)
 
 
 # ---------------------------------------------------------------------------------------------

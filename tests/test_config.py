@@ -437,6 +437,30 @@ def test_endpoint_constructor_checks() -> None:
     assert Endpoint("WG.Example.com", 1).host == "WG.Example.com"
 
 
+def test_one_endpoint_type_and_one_formatter() -> None:
+    # One Endpoint type from the config file to the WireGuard core, and one formatter
+    # (issue 11): the core has no tuple alias of its own.
+    import mitm_wg.wireguard as wg
+    from mitm_wg.config import format_endpoint
+    from mitm_wg.wireguard import cookie, peer
+
+    assert wg.Endpoint is Endpoint
+    assert not hasattr(cookie, "Endpoint")  # annotations only
+    assert peer.Endpoint is Endpoint and peer.format_endpoint is format_endpoint
+    ep = Endpoint("2001:DB8::1", 51820)
+    assert isinstance(ep, tuple) and ep == ("2001:db8::1", 51820)  # a socket address as is
+    host, port = ep
+    assert (host, port) == (ep.host, ep.port)
+    assert Endpoint.of(("192.0.2.9", 7)) == Endpoint("192.0.2.9", 7)
+    assert type(Endpoint.of(("192.0.2.9", 7))) is Endpoint
+    assert str(ep) == format_endpoint(ep) == "[2001:db8::1]:51820"
+    assert format_endpoint(("198.51.100.7", 1)) == "198.51.100.7:1"
+    assert format_endpoint(("fe80::1", 80, 0, 2)) == "[fe80::1]:80"  # AF_INET6 sockname
+    assert format_endpoint(None) == "(no endpoint)"
+    with pytest.raises(AttributeError):
+        ep.port = 1  # type: ignore[misc]
+
+
 def test_dataclass_constructor_checks() -> None:
     key = k(MULLVAD_PEER)
     with pytest.raises(ValueError):

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from mitmproxy import command, exceptions
 
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import WireGuardConfig, format_endpoint
 from mitm_wg.errors import ConfigError
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.bridge import Bridge, DialerTunnel, TunnelFactory
@@ -61,7 +61,6 @@ _USAGE = (
     "--set wg_conf=/path/to/wg0.conf (repeat for several tunnels) to send every upstream "
     "connection through WireGuard."
 )
-
 
 
 def tunnel_routes(configs: dict[str, WireGuardConfig]) -> AllowedIPs[str]:
@@ -132,10 +131,7 @@ def _loopback_tunnel(config: WireGuardConfig) -> TunnelFactory:
 
 
 def _format_address(address: Any) -> str:
-    if not address:
-        return "?"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return format_endpoint(address) if address else "?"
 
 
 class WireGuardAddon:

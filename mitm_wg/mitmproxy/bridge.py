@@ -32,9 +32,9 @@ from typing import Any, Literal, Protocol
 
 import trio
 
+from mitm_wg.config import format_endpoint
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
 from mitm_wg.mitmproxy.transport import TunnelTransport
-from mitm_wg.wireguard.peer import format_endpoint
 
 __all__ = [
     "DEFAULT_MODE",

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from mitm_wg.wireguard.peer import format_endpoint
+from mitm_wg.config import format_endpoint
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
 from mitm_wg.errors import HandshakeTimeout
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
@@ -37,7 +37,7 @@ from mitm_wg.wireguard.device import (
     KeysZeroed,
     Transmit,
 )
-from mitm_wg.wireguard.peer import Endpoint, Peer, PeerStatus, format_endpoint
+from mitm_wg.wireguard.peer import Peer, PeerStatus
 
 logger = logging.getLogger(__name__)
 
@@ -416,8 +416,8 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
 
     def __repr__(self) -> str:
         return (
-            f"<TunnelStream {self.local_address[0]}:{self.local_address[1]} -> "
-            f"{self.remote_address[0]}:{self.remote_address[1]} {self._sock.state.name}>"
+            f"<TunnelStream {format_endpoint(self.local_address)} -> "
+            f"{format_endpoint(self.remote_address)} {self._sock.state.name}>"
         )
 
     @property
@@ -452,8 +452,7 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
     def _broken(self) -> trio.BrokenResourceError:
         err = self._sock.error
         return trio.BrokenResourceError(
-            f"connection to {self.remote_address[0]}:{self.remote_address[1]} broke: "
-            f"{err or 'closed'}"
+            f"connection to {format_endpoint(self.remote_address)} broke: {err or 'closed'}"
         )
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -756,7 +755,7 @@ async def _resolve_endpoints(config: WireGuardConfig) -> dict[bytes, Endpoint]:
                 ) from None
             infos.sort(key=lambda info: info[0] != socket.AF_INET)
             host = str(infos[0][4][0])
-        endpoints[pc.public_key] = (host, port)
+        endpoints[pc.public_key] = Endpoint(host, port)
     return endpoints
 
 
