@@ -557,3 +557,20 @@ def test_close_flushes_then_abort_drops(mode: str) -> None:
 def test_bad_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="guest"):
         Bridge("fibers")  # type: ignore[arg-type]
+
+
+def test_peer_info_is_one_dict_for_tcp_and_udp() -> None:
+    # The wg_peer extra is built in one place for TCP connections and UDP flows (issue 11).
+    from mitm_wg.mitmproxy import bridge, datagram
+    from mitm_wg.mitmproxy.transport import peer_info
+    from tests.wgpair import B_ENDPOINT, Pair
+
+    pair = Pair.create()
+    assert bridge.peer_info is datagram.peer_info is peer_info
+    assert peer_info(pair.a_peer) == {
+        "public_key": pair.a_peer.public_key_b64,
+        "endpoint": f"{B_ENDPOINT[0]}:{B_ENDPOINT[1]}",
+    }
+    pair.a_peer.endpoint = None
+    assert peer_info(pair.a_peer) == {"public_key": pair.a_peer.public_key_b64}
+    assert peer_info(None) is None

@@ -134,6 +134,20 @@ def _format_address(address: Any) -> str:
     return format_endpoint(address) if address else "?"
 
 
+def _tunnel_info(name: str, connection: Any, **extra: str) -> dict[str, Any]:
+    """``flow.metadata["wg"]`` for a connection through tunnel ``name`` (``connection``: the
+    StreamWriter of a TCP connection or the DatagramStream of a UDP flow)."""
+    info: dict[str, Any] = {"tunnel": name, **extra}
+    peer = connection.get_extra_info("wg_peer")  # built by transport.peer_info
+    if peer:
+        info["peer"] = peer["public_key"]
+        if "endpoint" in peer:
+            info["endpoint"] = peer["endpoint"]
+    info["local"] = _format_address(connection.get_extra_info("sockname"))
+    info["remote"] = _format_address(connection.get_extra_info("peername"))
+    return info
+
+
 class WireGuardAddon:
     """Sends mitmproxy's upstream connections through WireGuard tunnels (see module doc)."""
 
@@ -374,14 +388,7 @@ class WireGuardAddon:
                 )
             self.stats["refused"] += 1
             raise
-        info: dict[str, Any] = {"tunnel": name}
-        peer = writer.get_extra_info("wg_peer")
-        if peer:
-            info["peer"] = peer.get("public_key")
-            if "endpoint" in peer:
-                info["endpoint"] = peer["endpoint"]
-        info["local"] = _format_address(writer.get_extra_info("sockname"))
-        info["remote"] = _format_address(writer.get_extra_info("peername"))
+        info = _tunnel_info(name, writer)
         if server is not None:
             self._server_info[server] = info
         self.stats["tunnel"] += 1
@@ -433,13 +440,7 @@ class WireGuardAddon:
         except OSError:
             self.stats["refused"] += 1
             raise
-        info: dict[str, Any] = {"tunnel": name, "transport": "udp"}
-        peer = stream.get_extra_info("wg_peer")
-        if peer:
-            info["peer"] = peer.get("public_key")
-            info["endpoint"] = peer.get("endpoint")
-        info["local"] = _format_address(stream.get_extra_info("sockname"))
-        info["remote"] = _format_address(stream.get_extra_info("peername"))
+        info = _tunnel_info(name, stream, transport="udp")
         if server is not None:
             self._server_info[server] = info
         self.stats["tunnel"] += 1

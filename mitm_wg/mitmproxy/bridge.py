@@ -32,9 +32,8 @@ from typing import Any, Literal, Protocol
 
 import trio
 
-from mitm_wg.config import format_endpoint
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
-from mitm_wg.mitmproxy.transport import TunnelTransport
+from mitm_wg.mitmproxy.transport import TunnelTransport, peer_info
 
 __all__ = [
     "DEFAULT_MODE",
@@ -153,24 +152,6 @@ def connect_error(tunnel: str, host: str, port: int, exc: BaseException) -> OSEr
         err = OSError(errno.EIO, f"{where}: {_describe(exc)}")
     err.__cause__ = exc
     return err
-
-
-def _peer_info(stream: object) -> dict[str, str] | None:
-    peer = getattr(stream, "peer", None)
-    if peer is None:
-        return None
-    info: dict[str, str] = {}
-    key = getattr(peer, "public_key", None)
-    if isinstance(key, bytes):
-        import base64
-
-        info["public_key"] = base64.b64encode(key).decode("ascii")
-    elif key is not None:
-        info["public_key"] = str(key)
-    endpoint = getattr(peer, "endpoint", None)
-    if endpoint is not None:
-        info["endpoint"] = format_endpoint((str(endpoint[0]), int(endpoint[1])))
-    return info
 
 
 class Bridge:
@@ -492,7 +473,7 @@ class Bridge:
                 except Exception as exc:
                     transport._trio_fail(connect_error(st.name, host, port, exc))
                     return
-                peer = _peer_info(stream)
+                peer = peer_info(getattr(stream, "peer", None))
                 if peer is not None:
                     transport._extra["wg_peer"] = peer
                 st.connections += 1

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from mitm_wg.config import format_endpoint
+from mitm_wg.mitmproxy.transport import peer_info
 
 logger = logging.getLogger(__name__)
 
@@ -172,12 +172,9 @@ async def run_datagram_flow(
     stream._socket = sock
     stream._remote = remote
     stream._extra.update(peername=remote, sockname=sock.local_address)
-    peer = tunnel.route(address)
+    peer = peer_info(tunnel.route(address))
     if peer is not None:
-        stream._extra["wg_peer"] = {
-            "public_key": peer.public_key_b64,
-            "endpoint": format_endpoint(peer.endpoint),
-        }
+        stream._extra["wg_peer"] = peer
     connected(None)
     try:
         while True:

@@ -38,11 +38,23 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-__all__ = ["DEFAULT_HIGH_WATER", "INBOX_LIMIT", "RECEIVE_SIZE", "TunnelTransport"]
+from mitm_wg.config import format_endpoint
+
+if TYPE_CHECKING:
+    from mitm_wg.wireguard.peer import Peer
+
+__all__ = [
+    "DEFAULT_HIGH_WATER",
+    "INBOX_LIMIT",
+    "RECEIVE_SIZE",
+    "TunnelTransport",
+    "peer_info",
+    "stream_addresses",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +98,18 @@ def stream_addresses(stream: object) -> tuple[Any, Any]:
     if isinstance(local, tuple):
         local = local[:2]
     return remote, local
+
+
+def peer_info(peer: Peer | None) -> dict[str, str] | None:
+    """The ``wg_peer`` extra of a tunnel connection (TCP or UDP): the WireGuard peer that
+    carries it, as ``{"public_key": base64, "endpoint": "host:port"}`` (no endpoint key
+    while the peer has none); None without a peer (a stand-in tunnel)."""
+    if peer is None:
+        return None
+    info = {"public_key": peer.public_key_b64}
+    if peer.endpoint is not None:
+        info["endpoint"] = format_endpoint(peer.endpoint)
+    return info
 
 
 class TunnelTransport(asyncio.Transport):
