@@ -1,7 +1,7 @@
 """The mitm-wg addon: options, routing decisions, fail-closed behaviour, metadata, status.
 
-Runs the addon in mitmproxy's test context with the TEST-ONLY loopback dialer (no tunnel),
-against asyncio servers on loopback addresses.
+Runs the addon in mitmproxy's test context with the test-side loopback dialer
+(tests/loopback_addon.py: no tunnel) against asyncio servers on loopback addresses.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from mitmproxy.test import taddons, tflow
 
 from mitm_wg.config import encode_key, generate_private_key, public_key_of
 from mitm_wg.mitmproxy import patch
-from mitm_wg.mitmproxy.addon import TEST_DIALER_ENV, WireGuardAddon
+from mitm_wg.mitmproxy.addon import WireGuardAddon
 from mitm_wg.mitmproxy.bridge import ENV_MODE
 from mitm_wg.mitmproxy.routing import METADATA_KEY, use_tunnel
+from tests.loopback_addon import open_loopback_tunnel
 
 
 def write_conf(path: Path, allowed: str) -> str:
@@ -51,9 +52,8 @@ def _clean_patch() -> Iterator[None]:
     patch.uninstall()
 
 
-@pytest.fixture
-def test_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TEST_DIALER_ENV, "1")
+def loopback_addon() -> WireGuardAddon:
+    return WireGuardAddon(open_tunnel=open_loopback_tunnel)
 
 
 async def echo_server(host: str) -> tuple[asyncio.Server, int]:
@@ -88,20 +88,20 @@ def test_without_wg_conf_nothing_changes(caplog: pytest.LogCaptureFixture) -> No
     asyncio.run(main())
 
 
-def test_test_dialer_needs_the_environment(
-    confs: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv(TEST_DIALER_ENV, raising=False)
+def test_the_shipped_addon_has_no_test_dialer() -> None:
+    # The loopback dialer lives in tests/ (issue 11): the shipped addon has no option for it.
+    import mitm_wg.mitmproxy.addon as shipped
 
     async def main() -> None:
         addon = WireGuardAddon()
         with taddons.context(addon) as tctx:
-            with pytest.raises(exceptions.OptionsError, match=TEST_DIALER_ENV):
-                tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
-            assert not addon.test_dialer
+            assert {"wg_conf", "wg_allow_direct"} <= set(tctx.options.keys())
+            assert not any("test" in name or "dialer" in name for name in tctx.options.keys())
             addon.done()
 
     asyncio.run(main())
+    source = Path(shipped.__file__).read_text()
+    assert "loopback" not in source.lower() and "TEST" not in source
 
 
 def test_routing_table_is_the_cores_longest_prefix_table(tmp_path: Path) -> None:
@@ -151,18 +151,14 @@ def test_bad_config_is_an_option_error(tmp_path: Path, confs: dict[str, str]) ->
 
 
 def test_routing_through_the_tunnel_and_fail_closed(
-    confs: dict[str, str], test_env: None, caplog: pytest.LogCaptureFixture
+    confs: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
         srv1, port1 = await echo_server("127.0.0.1")
         srv2, _port2 = await echo_server("127.0.0.2")
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
-            tctx.configure(
-                addon,
-                wg_conf=[confs["wide"], confs["narrow"]],
-                wg_test_loopback_dialer=True,
-            )
+            tctx.configure(addon, wg_conf=[confs["wide"], confs["narrow"]])
             await addon.running()
             assert patch.is_installed()
             # Longest AllowedIPs match wins across configs; hostnames use the first tunnel.
@@ -202,14 +198,12 @@ def test_routing_through_the_tunnel_and_fail_closed(
     asyncio.run(main())
 
 
-def test_allow_direct_outside_allowed_ips(confs: dict[str, str], test_env: None) -> None:
+def test_allow_direct_outside_allowed_ips(confs: dict[str, str]) -> None:
     async def main() -> None:
         srv, port = await echo_server("127.0.0.2")
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with taddons.context(addon) as tctx:
-            tctx.configure(
-                addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True, wg_allow_direct=True
-            )
+            tctx.configure(addon, wg_conf=[confs["one"]], wg_allow_direct=True)
             await addon.running()
             server = Server(address=("127.0.0.2", port))
             reader, writer = await addon.open_tcp(server, "127.0.0.2", port, None)
@@ -229,14 +223,12 @@ def test_allow_direct_outside_allowed_ips(confs: dict[str, str], test_env: None)
     asyncio.run(main())
 
 
-def test_scripts_choose_the_tunnel(confs: dict[str, str], test_env: None) -> None:
+def test_scripts_choose_the_tunnel(confs: dict[str, str]) -> None:
     async def main() -> None:
         srv, port = await echo_server("127.0.0.1")
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with taddons.context(addon) as tctx:
-            tctx.configure(
-                addon, wg_conf=[confs["wide"], confs["narrow"]], wg_test_loopback_dialer=True
-            )
+            tctx.configure(addon, wg_conf=[confs["wide"], confs["narrow"]])
             await addon.running()
 
             # use_tunnel() in server_connect
@@ -276,11 +268,11 @@ def test_scripts_choose_the_tunnel(confs: dict[str, str], test_env: None) -> Non
     asyncio.run(main())
 
 
-def test_udp_fails_closed(confs: dict[str, str], test_env: None) -> None:
+def test_udp_fails_closed(confs: dict[str, str]) -> None:
     async def main() -> None:
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
+            tctx.configure(addon, wg_conf=[confs["one"]])
             await addon.running()
             # Outside every AllowedIPs: refused, never sent directly.
             outside = Server(address=("192.0.2.1", 53), transport_protocol="udp")
@@ -299,15 +291,15 @@ def test_udp_fails_closed(confs: dict[str, str], test_env: None) -> None:
 
 @pytest.mark.parametrize("mode", ["guest", "thread"])
 def test_changing_wg_conf_reconnects(
-    confs: dict[str, str], test_env: None, mode: str, monkeypatch: pytest.MonkeyPatch
+    confs: dict[str, str], mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(ENV_MODE, mode)
 
     async def main() -> None:
         srv, port = await echo_server("127.0.0.1")
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
+            tctx.configure(addon, wg_conf=[confs["one"]])
             await addon.running()
             bridge = addon.bridge
             assert bridge is not None
@@ -325,7 +317,7 @@ def test_changing_wg_conf_reconnects(
                 await reader.read(10)
 
             text = addon.status()
-            assert "renamed" in text and "up" in text and "TEST-ONLY" in text
+            assert "renamed" in text and "up" in text
             assert f"({mode})" in text
             addon.done()  # synchronous, as mitmproxy calls it on script unload
             assert not patch.is_installed()
