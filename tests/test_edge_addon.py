@@ -14,15 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from mitmproxy import exceptions
 from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
 from mitm_wg.config import encode_key, generate_private_key, public_key_of
+from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.addon import WireGuardAddon
-from mitm_wg.mitmproxy.bridge import ENV_MODE
+from mitm_wg.mitmproxy.bridge import ENV_MODE, dialer_tunnel
 from mitm_wg.mitmproxy.routing import METADATA_KEY, use_tunnel
 from tests.loopback_addon import open_loopback_tunnel
 
@@ -217,6 +219,44 @@ def test_allow_direct_outside_allowed_ips(confs: dict[str, str]) -> None:
                 "reason": "outside every AllowedIPs (wg_allow_direct)",
             }
             assert addon.stats["direct"] == 1
+            addon.done()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_direct_fallback_is_decided_by_the_no_route_type(confs: dict[str, str]) -> None:
+    # wg_allow_direct falls back only for the NoRoute type the runtime raises, never because
+    # an error's text mentions AllowedIPs (issue 11).
+    failure: list[OSError] = []
+
+    async def dial(host: str, port: int) -> trio.abc.HalfCloseableStream:
+        raise failure[-1]
+
+    async def main() -> None:
+        srv, port = await echo_server("127.0.0.1")
+        addon = WireGuardAddon(open_tunnel=lambda config: dialer_tunnel(dial)())
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, wg_conf=[confs["one"]], wg_allow_direct=True)
+            await addon.running()
+            failure.append(NoRoute(errno.ENETUNREACH, "127.0.0.1 is outside AllowedIPs"))
+            server = Server(address=("127.0.0.1", port))
+            reader, writer = await addon.open_tcp(server, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") is None  # direct, as allowed
+            await roundtrip(reader, writer)
+            assert addon.stats == {"tunnel": 0, "direct": 1, "refused": 0}
+
+            failure.append(OSError(errno.ENETUNREACH, "not in any WireGuard peer's AllowedIPs"))
+            with pytest.raises(OSError, match="AllowedIPs") as info:
+                await addon.open_tcp(None, "127.0.0.1", port, None)
+            assert not isinstance(info.value, NoRoute)
+            assert addon.stats == {"tunnel": 0, "direct": 1, "refused": 1}
+
+            tctx.configure(addon, wg_allow_direct=False)
+            failure.append(NoRoute(errno.ENETUNREACH, "127.0.0.1 is outside AllowedIPs"))
+            with pytest.raises(NoRoute):
+                await addon.open_tcp(None, "127.0.0.1", port, None)
+            assert addon.stats == {"tunnel": 0, "direct": 1, "refused": 2}
             addon.done()
         srv.close()
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.runtime import TunnelStream, open_tunnel
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
 
@@ -85,13 +85,32 @@ async def test_ipv6_inside_tunnel() -> None:
         assert await server.receive_some() == b"v6"
 
 
+async def test_happy_eyeballs_with_every_address_unrouted_is_no_route() -> None:
+    from mitm_wg.runtime.tunnel import _happy_eyeballs
+
+    async def unrouted() -> TunnelStream:
+        raise NoRoute(errno.ENETUNREACH, "outside AllowedIPs")
+
+    with pytest.raises(NoRoute):
+        await _happy_eyeballs([unrouted, unrouted], 0.25)
+
+    async def refused() -> TunnelStream:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    with pytest.raises(OSError) as info:
+        await _happy_eyeballs([unrouted, refused], 0.25)
+    assert not isinstance(info.value, NoRoute)
+
+
 async def test_refused_and_unrouted_and_udp() -> None:
     async with tunnel_pair() as (a, b):
         with pytest.raises(ConnectionRefusedError):
             await a.open_tcp_stream("10.33.0.2", 9)
-        with pytest.raises(OSError) as info:
+        with pytest.raises(NoRoute) as info:
             await a.open_tcp_stream("192.0.2.55", 80)
         assert info.value.errno == errno.ENETUNREACH and "AllowedIPs" in str(info.value)
+        with pytest.raises(NoRoute):
+            await (await a.open_udp_socket()).sendto(b"x", ("192.0.2.55", 53))
         sa = await a.open_udp_socket()
         sb = await b.open_udp_socket()
         await sa.sendto(b"dgram", ("10.33.0.2", sb.local_address[1]))

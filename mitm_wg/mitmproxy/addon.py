@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from mitmproxy import command, exceptions
 
 from mitm_wg.config import WireGuardConfig, format_endpoint
-from mitm_wg.errors import ConfigError
+from mitm_wg.errors import ConfigError, NoRoute
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.bridge import Bridge
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
@@ -305,7 +305,7 @@ class WireGuardAddon:
             if self.allow_direct:
                 return None
             self.stats["refused"] += 1
-            raise OSError(
+            raise NoRoute(
                 errno.ENETUNREACH,
                 f"{host} is outside the AllowedIPs of every WireGuard config "
                 f"({', '.join(self.configs)}); not connecting directly "
@@ -332,12 +332,9 @@ class WireGuardAddon:
         try:
             reader, writer = await bridge.open_connection(name, host, port)
         except OSError as exc:
-            if (
-                exc.errno == errno.ENETUNREACH
-                and route is None
-                and self.allow_direct
-                and self._is_routing_error(exc)
-            ):
+            # NoRoute: the tunnel resolved the name to addresses outside its AllowedIPs.
+            # Decided on the type alone; any other error fails closed.
+            if isinstance(exc, NoRoute) and route is None and self.allow_direct:
                 return await self._direct(
                     server, host, port, local_addr, f"outside AllowedIPs of {name!r}"
                 )
@@ -355,15 +352,6 @@ class WireGuardAddon:
             f" (peer {info['peer'][:8]}…, {info.get('endpoint', '?')})" if "peer" in info else "",
         )
         return reader, writer
-
-    @staticmethod
-    def _is_routing_error(exc: OSError) -> bool:
-        cause: BaseException | None = exc
-        while cause is not None:
-            if isinstance(cause, OSError) and "AllowedIPs" in str(cause):
-                return True
-            cause = cause.__cause__
-        return False
 
     async def _direct(
         self, server: Server | None, host: str, port: int, local_addr: Any, reason: str

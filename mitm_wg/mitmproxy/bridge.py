@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 import trio
 
+from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
 from mitm_wg.mitmproxy.transport import TunnelTransport, peer_info
 
@@ -144,6 +145,8 @@ def connect_error(tunnel: str, host: str, port: int, exc: BaseException) -> OSEr
         cls = type(found) if type(found).__module__ == "builtins" else OSError
         if isinstance(found, TimeoutError):
             cls = TimeoutError
+        elif isinstance(found, NoRoute):
+            cls = NoRoute  # the addon's wg_allow_direct decision reads this type
         err = cls(found.errno or errno.EIO, f"{where}: {reason}")
     elif isinstance(exc, trio.ClosedResourceError | trio.BrokenResourceError):
         err = OSError(errno.ENETDOWN, f"{where}: the tunnel is closed")

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy.transport import peer_info
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ async def run_datagram_flow(
     try:
         address = await resolve_for_udp(tunnel, host)
         if tunnel.route(address) is None:
-            raise OSError(errno.ENETUNREACH, f"{address} is not in any WireGuard peer's AllowedIPs")
+            raise NoRoute(errno.ENETUNREACH, f"{address} is not in any WireGuard peer's AllowedIPs")
         sock = await tunnel.open_udp_socket(address.version)
     except Exception as exc:
         connected(exc)

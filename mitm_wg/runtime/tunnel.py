@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import trio
 
 from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
-from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
@@ -319,7 +319,7 @@ class Tunnel:
             raise trio.ClosedResourceError("the tunnel is closed")
         peer = self.device.route(address.packed)
         if peer is None:
-            raise OSError(
+            raise NoRoute(
                 errno.ENETUNREACH,
                 f"{address} is not in any WireGuard peer's AllowedIPs "
                 "(refusing to send it outside the tunnel)",
@@ -630,7 +630,7 @@ class TunnelUdpSocket(_Waitable):
         host, port = address
         ip = ipaddress.ip_address(host)
         if self._tunnel.device.route(ip.packed) is None:
-            raise OSError(errno.ENETUNREACH, f"{ip} is not in any WireGuard peer's AllowedIPs")
+            raise NoRoute(errno.ENETUNREACH, f"{ip} is not in any WireGuard peer's AllowedIPs")
         self._sock.sendto(data, (ip, port), trio.current_time())
         self._tunnel._flush()
 
@@ -728,6 +728,8 @@ async def _happy_eyeballs(attempts: list, delay: float) -> TunnelStream:
     if len(errors) == 1:
         raise errors[0]
     summary = "; ".join(str(e) for e in errors)
+    if errors and all(isinstance(e, NoRoute) for e in errors):
+        raise NoRoute(errno.ENETUNREACH, f"no address is inside AllowedIPs: {summary}")
     if errors and all(isinstance(e, ConnectionRefusedError) for e in errors):
         raise ConnectionRefusedError(errno.ECONNREFUSED, f"every address refused: {summary}")
     raise OSError(
