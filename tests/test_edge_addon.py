@@ -308,6 +308,41 @@ def test_scripts_choose_the_tunnel(confs: dict[str, str]) -> None:
     asyncio.run(main())
 
 
+def test_a_second_addon_instance_fails_loudly(confs: dict[str, str]) -> None:
+    # The patch is process-wide: a second instance must not silently take the first one's
+    # connections, nor detach it when it is unloaded (issue 11).
+    async def main() -> None:
+        srv, port = await echo_server("127.0.0.1")
+        # (mitmproxy refuses two addons of one name in one master; a process can still
+        # hold two instances: several masters, embedding, a subclass.)
+        first, second = loopback_addon(), loopback_addon()
+        with taddons.context(first) as tctx:
+            tctx.configure(first, wg_conf=[confs["one"]])
+            await first.running()
+            with pytest.raises(patch.PatchError, match="loaded twice"):
+                second.configure({"wg_conf"})
+            assert not second.configs and second.bridge is None
+            assert patch._opener is first
+            second.done()  # never had the patch: leaves the first one's alone
+            assert patch.is_installed() and patch._opener is first
+
+            # A script's choice (routing._routes) is per connection, whoever opens it.
+            server = Server(address=("127.0.0.1", port))
+            use_tunnel(server, False)
+            first.done()
+            assert not patch.is_installed()
+            second.configure({"wg_conf"})
+            await second.running()
+            assert patch._opener is second
+            reader, writer = await second.open_tcp(server, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") is None  # the direct choice held
+            await roundtrip(reader, writer)
+            second.done()
+        srv.close()
+
+    asyncio.run(main())
+
+
 def test_udp_fails_closed(confs: dict[str, str]) -> None:
     async def main() -> None:
         addon = loopback_addon()

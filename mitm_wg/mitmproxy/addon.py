@@ -169,15 +169,16 @@ class WireGuardAddon:
         configs = parse_conf_option(opts.wg_conf)
         if configs == self.configs and self.configs:
             return
+        if configs:
+            # Install now so that no connection can slip out directly while tunnels start.
+            # PatchError (before any state changes) if another instance holds the patch.
+            patch.install(self)
+        else:
+            logger.info(_USAGE)
+            patch.uninstall(self)
         self.configs = configs
         self._routes = tunnel_routes(configs)
         self._generation += 1
-        if not configs:
-            logger.info(_USAGE)
-            patch.uninstall()
-        else:
-            # Install now so that no connection can slip out directly while tunnels start.
-            patch.install(self)
         if self._ready is not None:
             self._ready.clear()
         self._schedule_apply()
@@ -237,7 +238,7 @@ class WireGuardAddon:
                 logger.error("mitm-wg: WireGuard tunnel %r (%s) is DOWN: %s", name, where, error)
 
     def done(self) -> None:
-        patch.uninstall()
+        patch.uninstall(self)
         for task in list(self._pending):
             task.cancel()
         if self.bridge is not None:
