@@ -423,32 +423,30 @@ class Bridge:
         self._check_running()
         loop = asyncio.get_running_loop()
         transport = TunnelTransport(loop, self._to_trio, self._to_loop, {"wg_tunnel": tunnel})
-        fut: asyncio.Future[None] = loop.create_future()
-        transport._connect_future = fut
-        transport._schedule_trio(self._trio_spawn, transport, tunnel, host, port)
         try:
-            await fut
-        except asyncio.CancelledError:
-            transport.abort()
-            raise
+            self._to_trio(self._trio_spawn, transport, tunnel, host, port)
+        except (trio.RunFinishedError, RuntimeError):
+            raise OSError(errno.ENETDOWN, "the WireGuard bridge is not running") from None
+        try:
+            await transport.wait_connected()
         except OSError:
             self.failed += 1
             raise
         self.opened += 1
-        transport._loop_attach(protocol)
+        transport.attach(protocol)
         return transport
 
     def _trio_spawn(self, transport: TunnelTransport, name: str, host: str, port: int) -> None:
         st = self._tunnels.get(name)
         if st is None:
-            transport._trio_fail(
+            transport.trio_fail(
                 OSError(errno.ENETDOWN, f"{host}:{port}: no WireGuard tunnel named {name!r}")
             )
         elif st.state == "starting":
             assert self._nursery is not None
             self._nursery.start_soon(self._trio_spawn_when_ready, st, transport, host, port)
         elif st.nursery is None:
-            transport._trio_fail(
+            transport.trio_fail(
                 OSError(
                     errno.ENETDOWN,
                     f"{host}:{port}: the WireGuard tunnel {name!r} is down: {st.error or st.state}",
@@ -467,36 +465,34 @@ class Bridge:
         self, st: _TunnelState, transport: TunnelTransport, host: str, port: int
     ) -> None:
         scope = trio.CancelScope()
-        if not transport._trio_attach_scope(scope):
+        if not transport.trio_attach_scope(scope):
             return
         try:
             with scope:
                 try:
                     stream = await st.tunnel.open_tcp_stream(host, port)
                 except Exception as exc:
-                    transport._trio_fail(connect_error(st.name, host, port, exc))
+                    transport.trio_fail(connect_error(st.name, host, port, exc))
                     return
                 peer = peer_info(getattr(stream, "peer", None))
-                if peer is not None:
-                    transport._extra["wg_peer"] = peer
                 st.connections += 1
                 try:
-                    await transport._trio_run(stream)
+                    await transport.trio_run(stream, {"wg_peer": peer} if peer else None)
                 finally:
                     st.connections -= 1
         except trio.Cancelled:
-            if not transport._connected:
-                transport._trio_fail(
-                    ConnectionAbortedError(
-                        errno.ECONNABORTED,
-                        f"{host}:{port}: WireGuard tunnel {st.name!r} closed while connecting",
-                    )
+            # (trio_fail is ignored once the connection was reported.)
+            transport.trio_fail(
+                ConnectionAbortedError(
+                    errno.ECONNABORTED,
+                    f"{host}:{port}: WireGuard tunnel {st.name!r} closed while connecting",
                 )
+            )
             raise
         except Exception:  # a bug: never let it take the tunnel down with it
             logger.exception("connection to %s:%s via %r crashed", host, port, st.name)
-        if scope.cancelled_caught and not transport._connected:
-            transport._trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
+        if scope.cancelled_caught:
+            transport.trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
 
     async def open_datagram(self, tunnel: str, host: str, port: int) -> DatagramStream:
         """A UDP flow to ``host``:``port`` through ``tunnel`` (mitmproxy_rs.Stream-like)."""
