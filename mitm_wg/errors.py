@@ -38,3 +38,9 @@ class NoRoute(MitmWgError, OSError):
     decide that a direct connection is allowed (``wg_allow_direct``): other errors, whatever
     their text, fail closed.
     """
+
+
+class TunnelCrashed(MitmWgError, RuntimeError):
+    """A background task of a running tunnel (a UDP reader, the timer) crashed: a bug in
+    mitm-wg, never the caller's own exception. The tunnel is gone; ``__cause__`` is the
+    original exception."""

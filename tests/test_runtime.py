@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from mitm_wg.errors import HandshakeTimeout, NoRoute
+from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.runtime import TunnelStream, open_tunnel
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
 
@@ -127,6 +127,44 @@ async def test_handshake_timeout_names_the_endpoint() -> None:
         with trio.fail_after(10), pytest.raises(HandshakeTimeout) as info:
             await a.open_tcp_stream("10.33.0.2", 80)
         assert f"127.0.0.1:{pb}" in str(info.value)
+
+
+async def test_a_crash_in_the_reader_surfaces_as_tunnel_crashed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug in a background task must not look like the caller's own exception (issue 11).
+    from mitm_wg.wireguard.device import Device
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("boom")
+
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)
+    monkeypatch.setattr(Device, "receive_datagram", broken)
+    with pytest.raises(TunnelCrashed, match=r"UDP reader \(IPv4\) task crashed.*boom") as info:
+        async with open_tunnel(ca, socket_factory=loopback_factory(pa)):
+            with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sender:
+                await sender.sendto(b"anything", ("127.0.0.1", pa))
+            with trio.fail_after(10):
+                await trio.sleep_forever()  # cancelled by the crash
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+async def test_the_callers_own_exception_comes_back_as_it_was() -> None:
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)
+    own = KeyError("mine")
+    with pytest.raises(KeyError) as info:
+        async with open_tunnel(ca, socket_factory=loopback_factory(pa)):
+            raise own
+    assert info.value is own
+    # The caller's own group keeps its shape: only the tunnel's nursery level is opened.
+    group = ExceptionGroup("caller's", [ValueError("a")])
+    with pytest.raises(ExceptionGroup) as ginfo:
+        async with open_tunnel(ca, socket_factory=loopback_factory(pa)):
+            raise group
+    assert ginfo.value.message == "caller's"  # (trio may copy the group on its way out)
+    assert [type(e) for e in ginfo.value.exceptions] == [ValueError]
 
 
 async def test_reset_by_peer_is_broken_resource() -> None:

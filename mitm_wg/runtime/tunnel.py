@@ -19,14 +19,14 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
-from mitm_wg.errors import HandshakeTimeout, NoRoute
+from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
@@ -121,6 +121,19 @@ class Tunnel:
         return f"<Tunnel {self.device.public_key_b64} peers={len(self.device.peers)}>"
 
     # -- the loop -----------------------------------------------------------------------------
+
+    async def _background(
+        self, what: str, task: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        """Run a background task; it ends only by cancellation, or as :class:`TunnelCrashed`,
+        so its crash can never pass for an exception of the caller's block."""
+        try:
+            await task(*args)
+        except Exception as exc:
+            raise TunnelCrashed(
+                f"the WireGuard tunnel's {what} task crashed ({type(exc).__name__}: {exc}); "
+                "the tunnel is closed"
+            ) from exc
 
     async def _reader(self, sock: socket.socket) -> None:
         device, stack = self.device, self.stack
@@ -673,16 +686,6 @@ def _grow_buffers(sock: socket.socket) -> None:
             logger.debug("cannot enlarge UDP socket buffer: %s", e)
 
 
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        else:
-            out.append(exc)
-    return out
-
-
 def _interleave(addresses: list[IPAddress]) -> list[IPAddress]:
     """Alternate address families, keeping the first address's family first (RFC 8305 §4)."""
     if not addresses:
@@ -813,11 +816,13 @@ async def open_tunnel(
             _grow_buffers(sock)
             sockets[family] = sock
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
+        unwrapped: BaseException | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                for sock in sockets.values():
-                    nursery.start_soon(tunnel._reader, sock)
-                nursery.start_soon(tunnel._timer)
+            async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                for family, sock in sockets.items():
+                    what = f"UDP reader (IPv{6 if family == socket.AF_INET6 else 4})"
+                    nursery.start_soon(tunnel._background, what, tunnel._reader, sock)
+                nursery.start_soon(tunnel._background, "timer", tunnel._timer)
                 try:
                     yield tunnel
                 finally:
@@ -828,13 +833,20 @@ async def open_tunnel(
                     tunnel._flush()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # Our background tasks only end by cancellation, so a lone exception here came
-            # from the caller's block: give it back unwrapped, as a context manager should.
-            leaves = _leaves(group)
-            if len(leaves) == 1:
-                exc = leaves[0]
-                raise exc from exc.__cause__
-            raise
+            # The nursery always groups (strict). A crash of ours is TunnelCrashed (see
+            # _background) and wins; otherwise the group's one exception came from the
+            # caller's block and goes back as it was, as a context manager should. Only
+            # this nursery's own level is opened: the caller's own groups stay intact.
+            crashed = [e for e in group.exceptions if isinstance(e, TunnelCrashed)]
+            if crashed:
+                unwrapped = crashed[0]
+            elif len(group.exceptions) == 1:
+                unwrapped = group.exceptions[0]
+            else:
+                raise
+        if unwrapped is not None:
+            # Raised outside the except block, so its own __context__ is kept as it was.
+            raise unwrapped
     finally:
         for sock in sockets.values():
             sock.close()
