@@ -113,6 +113,7 @@ class Tunnel:
         self._failed: dict[bytes, HandshakeFailed] = {}
         self._closed = False
         self.send_errors = 0
+        self._send_error: tuple[Endpoint, OSError] | None = None  # the latest, for handshake()
         #: UDP generic segmentation offload: on until the kernel says it cannot.
         self._gso = sys.platform == "linux"
         self.gso_sends = 0
@@ -252,6 +253,7 @@ class Tunnel:
                 # A full socket buffer or a transient error: TCP retransmits, and the
                 # WireGuard timers retry handshakes.
                 self.send_errors += 1
+                self._send_error = (endpoint, e)
                 logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
             i = j
 
@@ -368,12 +370,7 @@ class Tunnel:
                 now = trio.current_time()
                 failed = self._failed.get(peer.public_key)
                 if failed is not None or (peer.current is None and now >= handshake_deadline):
-                    raise HandshakeTimeout(
-                        f"WireGuard peer {peer.public_key_b64} at "
-                        f"{format_endpoint(peer.endpoint)} did not answer the handshake "
-                        f"within {self.handshake_timeout:g} s (is the endpoint reachable, "
-                        "and does the peer know our public key?)"
-                    )
+                    raise self._handshake_timeout(peer)
                 if now >= deadline:
                     raise TimeoutError(
                         errno.ETIMEDOUT, f"TCP connection to {address}:{port} timed out"
@@ -388,6 +385,38 @@ class Tunnel:
         stream._waiting_for.clear()
         self._streams.add(stream)
         return stream
+
+    def _handshake_timeout(self, peer: Peer) -> HandshakeTimeout:
+        return HandshakeTimeout(
+            f"WireGuard peer {peer.public_key_b64} at "
+            f"{format_endpoint(peer.endpoint)} did not answer the handshake "
+            f"within {self.handshake_timeout:g} s (is the endpoint reachable, "
+            "and does the peer know our public key?)"
+        )
+
+    async def handshake(self, peer: Peer) -> float:
+        """Start a handshake with ``peer`` now and wait until one completes; returns the
+        (trio clock) time it completed. :class:`HandshakeTimeout` when the peer stays silent
+        for ``handshake_timeout``; OSError when the initiation cannot even be sent."""
+        started = trio.current_time()
+        completed = peer.handshakes_completed
+        self._failed.pop(peer.public_key, None)
+        self._send_error = None
+        self.device.connect(peer, started, self._datagrams)
+        self._flush(started)
+        if self._send_error is not None and self._send_error[0] == peer.endpoint:
+            endpoint, error = self._send_error
+            raise OSError(
+                error.errno, f"cannot send to {format_endpoint(endpoint)}: {error.strerror}"
+            )
+        waitable = _HandshakeWaitable(self, peer, completed)
+        deadline = started + self.handshake_timeout
+        while peer.handshakes_completed == completed:
+            if peer.public_key in self._failed or trio.current_time() >= deadline:
+                raise self._handshake_timeout(peer)
+            await self._park(waitable, deadline)
+        assert peer.last_handshake is not None
+        return peer.last_handshake
 
     async def listen_tcp(self, port: int) -> TunnelListener:
         """Accept TCP connections on ``port`` of the tunnel's addresses (tests, exit role)."""
@@ -601,6 +630,22 @@ class TunnelListener(trio.abc.Listener[TunnelStream]):
         self._listener.close(trio.current_time())
         self._tunnel._flush()
         await trio.lowlevel.checkpoint()
+
+
+class _HandshakeWaitable(_Waitable):
+    __slots__ = ("_completed", "_peer", "_tunnel")
+
+    def __init__(self, tunnel: Tunnel, peer: Peer, completed: int) -> None:
+        super().__init__()
+        self._tunnel = tunnel
+        self._peer = peer
+        self._completed = completed
+
+    def _ready(self) -> bool:
+        peer = self._peer
+        return (
+            peer.handshakes_completed != self._completed or peer.public_key in self._tunnel._failed
+        )
 
 
 class _AcceptWaitable(_Waitable):
