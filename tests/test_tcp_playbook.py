@@ -459,8 +459,9 @@ def _to_state(name: str) -> tuple[Pb, int, int, int]:
         pb.expect([o(ACK, ISS + 2, PISS + 2, window=65534)])
         return pb, ISS + 2, PISS + 2, 65534
     pb.send(FIN | ACK, PISS + 1, ISS + 1)
-    pb.expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
+    pb.expect([])  # the ACK of a FIN in ESTABLISHED waits for our FIN (delayed ACK)
     if name == "CLOSE_WAIT":
+        pb.at(0.04).expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
         return pb, ISS + 1, PISS + 2, 65534
     assert name == "LAST_ACK"
     pb.sock.shutdown_write(0.0)
@@ -617,7 +618,9 @@ def test_half_close_peer_closes_first() -> None:
     pb = est()
     pb.send(ACK | FIN, PISS + 1, ISS + 1, payload=b"bye")
     assert pb.sock.state is TcpState.CLOSE_WAIT
-    pb.expect([o(ACK, ISS + 1, PISS + 5, window=65531)])
+    pb.expect([])  # a delayed ACK: our FIN (or reply) may carry it
+    assert pb.poll() == pytest.approx(0.04)
+    pb.at(0.04).expect([o(ACK, ISS + 1, PISS + 5, window=65531)])
     assert not pb.sock.at_eof
     assert pb.sock.recv(10) == b"bye"
     assert pb.sock.at_eof and pb.sock.can_recv
@@ -628,6 +631,26 @@ def test_half_close_peer_closes_first() -> None:
     pb.expect([o(ACK | FIN, ISS + 6, PISS + 5, window=65531)])
     pb.send(ACK, PISS + 5, ISS + 7)
     assert pb.sock.state is TcpState.CLOSED and pb.sock.is_closed and pb.sock.error is None
+
+
+def test_peers_fin_is_acked_by_our_fin_when_the_application_closes_in_time() -> None:
+    """A server that closes first (HTTP "Connection: close"): the ACK of its FIN rides on
+    our FIN when the application closes on EOF — one segment, not two (as Linux does)."""
+    pb = est()
+    pb.send(ACK | PSH, PISS + 1, ISS + 1, payload=b"HTTP/1.1 200 OK\r\n\r\n")
+    (ack,) = pb.out()  # a short pushed segment is ACKed at once
+    assert ack.flags == ACK and ack.ack == PISS + 20
+    pb.at(0.001).send(ACK | FIN, PISS + 20, ISS + 1)
+    assert pb.sock.state is TcpState.CLOSE_WAIT
+    pb.expect([])
+    assert pb.sock.recv(100) and pb.sock.at_eof
+    pb.at(0.002).sock.close(0.002)
+    pb.expect([o(ACK | FIN, ISS + 1, PISS + 21, window=65515)])
+    assert pb.poll() == pytest.approx(0.002 + pb.sock.rto)  # only the FIN retransmission timer
+    # With delayed ACKs off, the FIN is ACKed at once as before.
+    pb = est(delayed_ack=0.0)
+    pb.send(ACK | FIN, PISS + 1, ISS + 1)
+    pb.expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
 
 
 def test_simultaneous_close() -> None:

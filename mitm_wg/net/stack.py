@@ -214,6 +214,7 @@ class _StackTcpSocket(TcpSocket):
 
 
 _NEVER = float("inf")
+_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 class TcpListener:
@@ -554,7 +555,8 @@ class Stack:
         """Open a connection to ``remote``:``port`` (SYN goes out on the next :meth:`poll`)."""
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
-        raddr = ipaddress.ip_address(remote)
+        # (an address object as it is: ip_address() would format and parse it again)
+        raddr = remote if isinstance(remote, _IP_TYPES) else ipaddress.ip_address(remote)
         remote_b = raddr.packed
         local_b = self._pick_local(raddr.version, local)
         lport = self._ephemeral_port(local_b, remote_b, port, now)

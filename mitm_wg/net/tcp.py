@@ -1568,11 +1568,23 @@ class TcpSocket:
         if self._peer_fin_seq is not None and not self._rcv_fin and rcv_nxt == self._peer_fin_seq:
             self._rcv_fin = True
             self._rcv_nxt = rcv_nxt + 1
-            self._ack_now = True
             st = self.state
             if st is TcpState.ESTABLISHED:
                 self.state = TcpState.CLOSE_WAIT
-            elif st is TcpState.FIN_WAIT_1:
+                # The peer closed first (an HTTP server after "Connection: close"): our
+                # application usually closes as soon as it reads the EOF, and its FIN then
+                # carries this ACK — one segment instead of two, as Linux does (its
+                # delayed-ACK "pingpong" mode). A delayed ACK (RFC 9293 §3.8.6.3, RFC 1122
+                # §4.2.3.2), so never later than config.delayed_ack.
+                if not self._ack_now:
+                    if self.config.delayed_ack > 0:
+                        if self._delack_at is None:
+                            self._delack_at = now + self.config.delayed_ack
+                    else:
+                        self._ack_now = True
+                return
+            self._ack_now = True
+            if st is TcpState.FIN_WAIT_1:
                 self.state = TcpState.CLOSING
             elif st is TcpState.FIN_WAIT_2:
                 self._enter_time_wait(now)
