@@ -7,7 +7,8 @@ read to EOF, close) with the same trio client code
   1. through our tunnel (open_tunnel + TunnelStream), in this process;
   2. over the kernel path: a wireguard-go client interface in the client namespace and the
      Linux TCP stack (trio sockets), in a child process inside that namespace;
-each against its own server port (so neither meets the other's TIME_WAITs), and prints
+each against its own server port, new ones every round (so no run meets another's
+TIME_WAITs: that case is tests/test_time_wait_interop.py's), and prints
 connections/s, connect times (median, p99, max), connects over 0.5 s, our stack's SYN
 counters, the server's PAWS rejects (TcpExtPAWSTimewait) and the ratio.
 
@@ -80,7 +81,7 @@ async def kernel_client(host: str, port: int, n: int) -> dict[str, Any]:
     return summary("kernel", connects, time.perf_counter() - start)
 
 
-def run_kernel(peer: Any, n: int) -> dict[str, Any]:
+def run_kernel(peer: Any, n: int, port: int = KERNEL_PORT) -> dict[str, Any]:
     from harness import wireguard_go_interface
 
     with wireguard_go_interface(
@@ -101,7 +102,7 @@ def run_kernel(peer: Any, n: int) -> dict[str, Any]:
                     __file__,
                     "--kernel-client",
                     peer.server_tunnel_v4,
-                    str(KERNEL_PORT),
+                    str(port),
                     str(n),
                 ]
             ),
@@ -118,7 +119,7 @@ def run_kernel(peer: Any, n: int) -> dict[str, Any]:
 # -- our tunnel ------------------------------------------------------------------------------------
 
 
-async def ours(peer: Any, n: int) -> dict[str, Any]:
+async def ours(peer: Any, n: int, port: int = OURS_PORT) -> dict[str, Any]:
     from mitm_wg.config import WireGuardConfig
     from mitm_wg.runtime import open_tunnel
 
@@ -131,12 +132,12 @@ async def ours(peer: Any, n: int) -> dict[str, Any]:
 
     async with open_tunnel(config, socket_factory=factory) as tunnel:
         # handshake first, so both sides are timed from an established tunnel
-        await exchange(await tunnel.open_tcp_stream(peer.server_tunnel_v4, OURS_PORT))
+        await exchange(await tunnel.open_tcp_stream(peer.server_tunnel_v4, port))
         connects = []
         start = time.perf_counter()
         for _ in range(n):
             t0 = time.perf_counter()
-            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, OURS_PORT)
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, port)
             connects.append(time.perf_counter() - t0)
             await exchange(stream)
         elapsed = time.perf_counter() - start
@@ -187,17 +188,20 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with exit_peer(ipv6=False, http=False, name_prefix="mwgsc") as peer:
         with CloseFirstServer(
-            peer.ns, peer.workdir, peer.server_tunnel_v4, [OURS_PORT, KERNEL_PORT, 9]
+            peer.ns,
+            peer.workdir,
+            peer.server_tunnel_v4,
+            [9, *range(OURS_PORT, OURS_PORT + 2 * rounds)],
         ):
             kernel_done = 0.0
-            for _ in range(rounds):
+            for i in range(rounds):
                 wait_for_newer_handshake(kernel_done)
                 paws = tcp_ext_counters(peer.ns)["PAWSTimewait"]
-                r = trio.run(ours, peer, n)
+                r = trio.run(ours, peer, n, OURS_PORT + 2 * i)
                 r["server_paws_rejects"] = tcp_ext_counters(peer.ns)["PAWSTimewait"] - paws
                 results.append(r)
                 paws = tcp_ext_counters(peer.ns)["PAWSTimewait"]
-                r = run_kernel(peer, n)
+                r = run_kernel(peer, n, KERNEL_PORT + 2 * i)
                 kernel_done = time.time()
                 r["server_paws_rejects"] = tcp_ext_counters(peer.ns)["PAWSTimewait"] - paws
                 results.append(r)

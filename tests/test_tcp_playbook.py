@@ -653,6 +653,32 @@ def test_peers_fin_is_acked_by_our_fin_when_the_application_closes_in_time() -> 
     pb.expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
 
 
+def test_reply_and_fin_in_one_batch_are_acked_by_our_fin() -> None:
+    """The short pushed reply would be ACKed at once, but the FIN right behind it (before
+    the stack polls) says the peer is done: our FIN carries the ACK of both."""
+    pb = est()
+    pb.send(ACK | PSH, PISS + 1, ISS + 1, payload=b"r" * 59)
+    pb.send(ACK | FIN, PISS + 60, ISS + 1)
+    pb.expect([])
+    assert pb.poll() == pytest.approx(0.04)  # the delayed-ACK timer, at the latest
+    pb.sock.recv(100)
+    pb.sock.close(0.0)
+    pb.expect([o(ACK | FIN, ISS + 1, PISS + 61, window=65475)])
+
+
+def test_fin_after_gap_fill_or_two_full_segments_is_acked_at_once() -> None:
+    pb = est()
+    pb.send(ACK | FIN, PISS + 11, ISS + 1)  # out of order: a duplicate ACK at once
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535)])
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"x" * 10)  # fills the gap up to the FIN
+    assert pb.sock.state is TcpState.CLOSE_WAIT
+    pb.expect([o(ACK, ISS + 1, PISS + 12, window=65524)])  # RFC 5681 §4.2: at once
+    pb = est()
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK | FIN, PISS + 1001, ISS + 1, payload=b"b" * 1000)
+    pb.expect([o(ACK, ISS + 1, PISS + 2002, window=63534)])  # every second full segment
+
+
 def test_simultaneous_close() -> None:
     pb = est()
     pb.sock.close(0.0)

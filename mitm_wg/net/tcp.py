@@ -1533,6 +1533,7 @@ class TcpSocket:
             # data nobody will read (RFC 9293 §3.6 / RFC 2525): reset
             self.abort(now)
             return
+        gap_filled = False
         if seq == rcv_nxt:
             if plen:
                 self._rbuf += payload
@@ -1542,6 +1543,7 @@ class TcpSocket:
                 self._unacked_bytes += plen
                 asm = self._asm
                 if asm:
+                    gap_filled = True
                     while True:
                         more = asm.pop(rcv_nxt)
                         if more is None:
@@ -1573,15 +1575,24 @@ class TcpSocket:
                 self.state = TcpState.CLOSE_WAIT
                 # The peer closed first (an HTTP server after "Connection: close"): our
                 # application usually closes as soon as it reads the EOF, and its FIN then
-                # carries this ACK — one segment instead of two, as Linux does (its
-                # delayed-ACK "pingpong" mode). A delayed ACK (RFC 9293 §3.8.6.3, RFC 1122
-                # §4.2.3.2), so never later than config.delayed_ack.
-                if not self._ack_now:
-                    if self.config.delayed_ack > 0:
-                        if self._delack_at is None:
-                            self._delack_at = now + self.config.delayed_ack
-                    else:
-                        self._ack_now = True
+                # carries this ACK — one segment instead of two (Linux's delayed-ACK
+                # "pingpong" mode does the same for the FIN). A delayed ACK (RFC 9293
+                # §3.8.6.3, RFC 1122 §4.2.3.2): never later than config.delayed_ack. It also
+                # covers an immediate ACK still owed for the short pushed reply just before
+                # the FIN (the peer has nothing more to send, so no latency is lost), but
+                # not the immediate ACKs RFC 5681 §4.2 asks for: a filled gap, or a second
+                # full-sized segment.
+                if (
+                    self.config.delayed_ack > 0
+                    and fin  # this segment's FIN, not one held back behind a gap
+                    and not gap_filled
+                    and self._unacked_bytes < 2 * self._rcv_mss
+                ):
+                    self._ack_now = False
+                    if self._delack_at is None:
+                        self._delack_at = now + self.config.delayed_ack
+                else:
+                    self._ack_now = True
                 return
             self._ack_now = True
             if st is TcpState.FIN_WAIT_1:
