@@ -134,11 +134,21 @@ async def ours(peer: Any, n: int, port: int = OURS_PORT) -> dict[str, Any]:
         # handshake first, so both sides are timed from an established tunnel
         await exchange(await tunnel.open_tcp_stream(peer.server_tunnel_v4, port))
         connects = []
+        slow = []
+        wg_peer = next(iter(tunnel.device.peers.values()))
         start = time.perf_counter()
-        for _ in range(n):
+        for i in range(n):
+            handshakes = wg_peer.handshakes_completed
             t0 = time.perf_counter()
             stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, port)
-            connects.append(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            connects.append(took)
+            if took > 0.1:  # what a slow connect waited for: SYN retransmission? handshake?
+                st = stream._sock.stats
+                slow.append(
+                    f"#{i} {took * 1000:.0f} ms: SYN retransmits {st.retransmits}, "
+                    f"WireGuard handshakes {wg_peer.handshakes_completed - handshakes}"
+                )
             await exchange(stream)
         elapsed = time.perf_counter() - start
         with trio.fail_after(30):
@@ -152,6 +162,7 @@ async def ours(peer: Any, n: int, port: int = OURS_PORT) -> dict[str, Any]:
             syn_timeouts=s.tcp_syn_timeouts,
             syn_fast_retries=s.tcp_syn_fast_retries,
             port_reuses=s.tcp_port_reuses,
+            over_100ms=slow,
         )
 
 
@@ -218,6 +229,8 @@ def main() -> None:
             f"{r['connect_max_ms']:.1f} ms  >{SLOW} s: {r['slow_connects']}  server PAWS "
             f"rejects {r['server_paws_rejects']}{extra}"
         )
+        for line in r.get("over_100ms", []):
+            print(f"         connect over 100 ms {line}")
     rate = {
         k: statistics.median(r["rate"] for r in results if r["name"] == k)
         for k in ("ours", "kernel")
