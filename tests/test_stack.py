@@ -425,7 +425,7 @@ def test_ephemeral_ports_unique_and_recent_tuples_avoided() -> None:
     assert socks[0] not in s.tcp_sockets
     again = s.tcp_connect("10.0.0.1", 80, 1.0)
     assert again.local_port != first  # the 4-tuple was used recently
-    later = s.tcp_connect("10.0.0.1", 80, 100.0)
+    later = s.tcp_connect("10.0.0.1", 80, 121.0)
     assert later.local_port == first  # ... but not forever
     other = s.tcp_connect("10.0.0.1", 443, 1.0)
     assert other.local_port == first  # a different 4-tuple may reuse the port

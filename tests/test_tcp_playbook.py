@@ -121,9 +121,9 @@ def test_passive_open_bad_ack_gets_rst() -> None:
 
 def test_syn_ack_with_bad_ack_gets_rst_in_syn_sent() -> None:
     pb = active(cfg())
-    pb.out()
+    (syn,) = pb.out()
     pb.send(SYN | ACK, PISS, 77)
-    pb.expect([o(RST, 77, 0, window=0)])
+    pb.expect([o(RST, 77, 0, window=0), syn])  # and the SYN again (tests/test_tcp_time_wait.py)
     assert pb.sock.state is TcpState.SYN_SENT
 
 
@@ -459,8 +459,9 @@ def _to_state(name: str) -> tuple[Pb, int, int, int]:
         pb.expect([o(ACK, ISS + 2, PISS + 2, window=65534)])
         return pb, ISS + 2, PISS + 2, 65534
     pb.send(FIN | ACK, PISS + 1, ISS + 1)
-    pb.expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
+    pb.expect([])  # the ACK of a FIN in ESTABLISHED waits for our FIN (delayed ACK)
     if name == "CLOSE_WAIT":
+        pb.at(0.04).expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
         return pb, ISS + 1, PISS + 2, 65534
     assert name == "LAST_ACK"
     pb.sock.shutdown_write(0.0)
@@ -617,7 +618,9 @@ def test_half_close_peer_closes_first() -> None:
     pb = est()
     pb.send(ACK | FIN, PISS + 1, ISS + 1, payload=b"bye")
     assert pb.sock.state is TcpState.CLOSE_WAIT
-    pb.expect([o(ACK, ISS + 1, PISS + 5, window=65531)])
+    pb.expect([])  # a delayed ACK: our FIN (or reply) may carry it
+    assert pb.poll() == pytest.approx(0.04)
+    pb.at(0.04).expect([o(ACK, ISS + 1, PISS + 5, window=65531)])
     assert not pb.sock.at_eof
     assert pb.sock.recv(10) == b"bye"
     assert pb.sock.at_eof and pb.sock.can_recv
@@ -628,6 +631,52 @@ def test_half_close_peer_closes_first() -> None:
     pb.expect([o(ACK | FIN, ISS + 6, PISS + 5, window=65531)])
     pb.send(ACK, PISS + 5, ISS + 7)
     assert pb.sock.state is TcpState.CLOSED and pb.sock.is_closed and pb.sock.error is None
+
+
+def test_peers_fin_is_acked_by_our_fin_when_the_application_closes_in_time() -> None:
+    """A server that closes first (HTTP "Connection: close"): the ACK of its FIN rides on
+    our FIN when the application closes on EOF — one segment, not two (as Linux does)."""
+    pb = est()
+    pb.send(ACK | PSH, PISS + 1, ISS + 1, payload=b"HTTP/1.1 200 OK\r\n\r\n")
+    (ack,) = pb.out()  # a short pushed segment is ACKed at once
+    assert ack.flags == ACK and ack.ack == PISS + 20
+    pb.at(0.001).send(ACK | FIN, PISS + 20, ISS + 1)
+    assert pb.sock.state is TcpState.CLOSE_WAIT
+    pb.expect([])
+    assert pb.sock.recv(100) and pb.sock.at_eof
+    pb.at(0.002).sock.close(0.002)
+    pb.expect([o(ACK | FIN, ISS + 1, PISS + 21, window=65515)])
+    assert pb.poll() == pytest.approx(0.002 + pb.sock.rto)  # only the FIN retransmission timer
+    # With delayed ACKs off, the FIN is ACKed at once as before.
+    pb = est(delayed_ack=0.0)
+    pb.send(ACK | FIN, PISS + 1, ISS + 1)
+    pb.expect([o(ACK, ISS + 1, PISS + 2, window=65534)])
+
+
+def test_reply_and_fin_in_one_batch_are_acked_by_our_fin() -> None:
+    """The short pushed reply would be ACKed at once, but the FIN right behind it (before
+    the stack polls) says the peer is done: our FIN carries the ACK of both."""
+    pb = est()
+    pb.send(ACK | PSH, PISS + 1, ISS + 1, payload=b"r" * 59)
+    pb.send(ACK | FIN, PISS + 60, ISS + 1)
+    pb.expect([])
+    assert pb.poll() == pytest.approx(0.04)  # the delayed-ACK timer, at the latest
+    pb.sock.recv(100)
+    pb.sock.close(0.0)
+    pb.expect([o(ACK | FIN, ISS + 1, PISS + 61, window=65475)])
+
+
+def test_fin_after_gap_fill_or_two_full_segments_is_acked_at_once() -> None:
+    pb = est()
+    pb.send(ACK | FIN, PISS + 11, ISS + 1)  # out of order: a duplicate ACK at once
+    pb.expect([o(ACK, ISS + 1, PISS + 1, window=65535)])
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"x" * 10)  # fills the gap up to the FIN
+    assert pb.sock.state is TcpState.CLOSE_WAIT
+    pb.expect([o(ACK, ISS + 1, PISS + 12, window=65524)])  # RFC 5681 §4.2: at once
+    pb = est()
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK | FIN, PISS + 1001, ISS + 1, payload=b"b" * 1000)
+    pb.expect([o(ACK, ISS + 1, PISS + 2002, window=63534)])  # every second full segment
 
 
 def test_simultaneous_close() -> None:

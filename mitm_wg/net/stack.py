@@ -19,8 +19,15 @@ What the stack does besides demultiplexing:
 * verifies IP/TCP/UDP/ICMP checksums, drops fragments (see :mod:`mitm_wg.net.ipv4`);
 * creates sockets for SYNs on listening ports (bounded backlog), answers segments matching
   no socket with RST (RFC 9293 §3.10.7.1), never a RST for a RST;
-* ISNs per RFC 6528 (4 µs clock + keyed BLAKE2s of the 4-tuple), random ephemeral ports
-  that avoid 4-tuples in use or recently used;
+* ISNs per RFC 6528 (4 µs clock + keyed BLAKE2s of the 4-tuple); TCP timestamp offsets per
+  address pair (keyed BLAKE2s of both addresses, as Linux does), so TSvals towards a host
+  grow across connections (RFC 7323 §5.4) and reusing a 4-tuple the peer still holds in
+  TIME_WAIT passes PAWS (RFC 6191);
+* random ephemeral ports that avoid 4-tuples in use, and 4-tuples closed less than
+  :data:`RECENT_TUPLE_SECONDS` ago (the peer's TIME_WAIT, 2MSL) while the port range
+  allows; once every port to a destination is taken, the tuple closed longest ago is reused
+  (safe with the monotonic timestamps above; otherwise the SYN_SENT reset-and-retry of
+  :mod:`mitm_wg.net.tcp` clears the peer's TIME_WAIT);
 * MSS from the MTU (MTU-40 for IPv4, MTU-60 for IPv6) and path MTU discovery from ICMP
   "fragmentation needed"/"packet too big" (never below 576/1280; the quoted packet must
   belong to a live socket and, for TCP, quote a sequence number in SND.UNA..SND.NXT, RFC 5927);
@@ -38,6 +45,7 @@ import errno
 import hashlib
 import ipaddress
 import logging
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -73,8 +81,14 @@ TcpKey = tuple[bytes, int, bytes, int]  # local addr, local port, remote addr, r
 
 EPHEMERAL_FIRST = 49152
 EPHEMERAL_COUNT = 65536 - EPHEMERAL_FIRST
-#: How long a closed connection's 4-tuple is avoided when picking an ephemeral port.
-RECENT_TUPLE_SECONDS = 30.0
+#: How long a closed connection's 4-tuple is avoided when picking an ephemeral port: the
+#: peer's TIME_WAIT (2MSL, RFC 9293 §3.6.1) — Linux holds it 60 s (TCP_TIMEWAIT_LEN),
+#: Windows 120 s (TcpTimedWaitDelay) — where the port range allows.
+RECENT_TUPLE_SECONDS = 120.0
+#: Beyond this many remembered tuples, expired ones are swept (at most once per
+#: RECENT_TUPLE_SECONDS / 4) instead of only lazily per destination.
+RECENT_SWEEP_ABOVE = 1 << 16
+Destination = tuple[bytes, bytes, int]  # local addr, remote addr, remote port
 MIN_MTU4 = 576
 MIN_MTU6 = 1280
 #: a timestamp-only TCP segment as TcpSocket.dispatch(..., tuples=True) hands it over
@@ -91,7 +105,15 @@ _PLATEAUS = (32000, 17914, 8166, 4352, 2002, 1492, 1006, 508, 296, 68)  # RFC 11
 
 
 class StackStats:
-    """Counters; every dropped packet is counted in exactly one ``dropped_*``/``no_socket``."""
+    """Counters; every dropped packet is counted in exactly one ``dropped_*``/``no_socket``.
+
+    ``tcp_syn_timeouts`` (SYNs resent because the RTO expired) and ``tcp_syn_fast_retries``
+    (SYNs resent at once after resetting the peer's stale state, see
+    ``TcpSocket._retry_syn_now``) add up the sockets' own counters when the stack forgets a
+    socket; ``tcp_port_reuses`` counts connects that had to reuse a 4-tuple closed less than
+    ``RECENT_TUPLE_SECONDS`` ago because every ephemeral port to that destination was taken;
+    ``tcp_time_wait_reopens`` the SYNs that ended one of our TIME_WAITs (RFC 6191).
+    """
 
     __slots__ = (
         "dropped_checksum",
@@ -112,6 +134,10 @@ class StackStats:
         "pmtu_updates",
         "rst_sent",
         "syn_backlog_full",
+        "tcp_port_reuses",
+        "tcp_syn_fast_retries",
+        "tcp_syn_timeouts",
+        "tcp_time_wait_reopens",
         "udp_queue_full",
     )
 
@@ -188,6 +214,7 @@ class _StackTcpSocket(TcpSocket):
 
 
 _NEVER = float("inf")
+_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 class TcpListener:
@@ -348,6 +375,7 @@ class Stack:
         self._cfg6 = dataclasses.replace(base, mss=mtu - 60)
         self._randbytes = randbytes
         self._isn_key = randbytes(16)
+        self._ts_key = randbytes(16)
         self._now = now
         self.stats = StackStats()
         self._tcp: dict[TcpKey, TcpSocket] = {}
@@ -355,7 +383,16 @@ class Stack:
         self._half_open: dict[TcpSocket, TcpListener] = {}
         self._dirty: dict[TcpSocket, None] = {}  # dicts, not sets: deterministic order
         self._deadline: dict[TcpSocket, float] = {}  # cached poll_at() (inf for None)
-        self._recent: dict[TcpKey, float] = {}
+        # Ephemeral ports: per destination, the local ports of connections we opened that
+        # closed less than RECENT_TUPLE_SECONDS ago -> when they closed, oldest first; and how
+        # many connections we opened to it are alive.
+        # (OrderedDicts: O(1) access to the oldest entry however many were removed before it)
+        self._recent: dict[Destination, collections.OrderedDict[int, float]] = {}
+        self._recent_count = 0
+        self._recent_sweep_at = now
+        self._active: dict[Destination, int] = {}
+        self._eph_first = EPHEMERAL_FIRST
+        self._eph_count = EPHEMERAL_COUNT
         self._udp: dict[tuple[bytes | int, int], UdpSocket] = {}
         self._pmtu: dict[bytes, int] = {}
         self._out: list[bytes] = []
@@ -367,6 +404,39 @@ class Stack:
     @property
     def tcp_sockets(self) -> list[TcpSocket]:
         return list(self._tcp.values())
+
+    @property
+    def ephemeral_ports(self) -> tuple[int, int]:
+        """The (first, last) local ports ``tcp_connect`` picks from, as Linux's
+        ip_local_port_range (default 49152-65535, the IANA dynamic range)."""
+        return (self._eph_first, self._eph_first + self._eph_count - 1)
+
+    @ephemeral_ports.setter
+    def ephemeral_ports(self, value: tuple[int, int]) -> None:
+        first, last = value
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"bad ephemeral port range {first}-{last}")
+        self._eph_first = first
+        self._eph_count = last - first + 1
+        # keep the per-destination counts about the new range only
+        for dest in list(self._recent):
+            recent = self._recent[dest]
+            for port in [p for p in recent if not first <= p <= last]:
+                del recent[port]
+                self._recent_count -= 1
+            if not recent:
+                del self._recent[dest]
+
+    def tcp_timestamp_offset(self, local: bytes, remote: bytes) -> int:
+        """The TSval offset of every connection between these two addresses (raw bytes).
+
+        A keyed hash of the address pair, as Linux's secure_tcp_ts_off: it hides our clock
+        (and uptime) from each peer, while the TSvals a peer sees from us keep growing
+        across connections (RFC 7323 §5.4), so a new SYN for a 4-tuple the peer still holds
+        in TIME_WAIT carries a newer timestamp and passes PAWS (RFC 6191).
+        """
+        h = hashlib.blake2s(local + remote, key=self._ts_key, digest_size=4)
+        return int.from_bytes(h.digest(), "big")
 
     def path_mtu(self, remote: Address | bytes) -> int:
         raw = remote if isinstance(remote, bytes) else ipaddress.ip_address(remote).packed
@@ -485,7 +555,8 @@ class Stack:
         """Open a connection to ``remote``:``port`` (SYN goes out on the next :meth:`poll`)."""
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
-        raddr = ipaddress.ip_address(remote)
+        # (an address object as it is: ip_address() would format and parse it again)
+        raddr = remote if isinstance(remote, _IP_TYPES) else ipaddress.ip_address(remote)
         remote_b = raddr.packed
         local_b = self._pick_local(raddr.version, local)
         lport = self._ephemeral_port(local_b, remote_b, port, now)
@@ -500,7 +571,10 @@ class Stack:
             isn=self._isn(key, now),
             now=now,
             randbytes=self._randbytes,
+            ts_offset=self.tcp_timestamp_offset(local_b, remote_b),
         )
+        dest = (local_b, remote_b, port)
+        self._active[dest] = self._active.get(dest, 0) + 1
         self._adopt(key, sock)
         sock.connect(now)
         return sock
@@ -588,23 +662,81 @@ class Stack:
         return (int(now * 250_000) + int.from_bytes(h.digest(), "big")) & 0xFFFFFFFF
 
     def _ephemeral_port(self, local: bytes, remote: bytes, rport: int, now: float) -> int:
-        recent = self._recent
-        if len(recent) > 4096:
-            for k in [k for k, t in recent.items() if t <= now]:
-                del recent[k]
-        start = int.from_bytes(self._randbytes(2), "big")
-        for i in range(EPHEMERAL_COUNT):
-            port = EPHEMERAL_FIRST + (start + i) % EPHEMERAL_COUNT
-            key = (local, port, remote, rport)
-            if key in self._tcp or port in self._listeners:
-                continue
-            t = recent.get(key)
-            if t is not None:
-                if t > now:
+        """A local port for a new connection to ``remote``:``rport`` from ``local``.
+
+        Random (RFC 6056 §3.3.1's random probing, with a random odd stride through the range
+        so the probes visit every port once), skipping 4-tuples in use and, while any other
+        port is free, 4-tuples closed less than RECENT_TUPLE_SECONDS ago: the peer may still
+        hold them in TIME_WAIT. When every port to this destination is taken, the tuple
+        closed longest ago is reused: our SYN then carries a newer timestamp than anything
+        that TIME_WAIT saw (per-pair offsets) and a larger ISN (RFC 6528 clock), which is
+        what RFC 6191 (and RFC 9293 §3.6.1 for sequence numbers) lets a TIME_WAIT accept.
+        """
+        if now >= self._recent_sweep_at and self._recent_count > RECENT_SWEEP_ABOVE:
+            self._sweep_recent(now)
+        dest = (local, remote, rport)
+        recent = self._recent.get(dest)
+        if recent is not None:
+            horizon = now - RECENT_TUPLE_SECONDS
+            while recent:  # oldest first
+                port = next(iter(recent))
+                if recent[port] > horizon:
+                    break
+                del recent[port]
+                self._recent_count -= 1
+            if not recent:
+                del self._recent[dest]
+                recent = None
+        first = self._eph_first
+        count = self._eph_count
+        tcp = self._tcp
+        listeners = self._listeners
+        taken = self._active.get(dest, 0) + (len(recent) if recent is not None else 0)
+        if taken < count:
+            r = int.from_bytes(self._randbytes(4), "big")
+            start = r % count
+            step = ((r >> 16) % count) | 1
+            while math.gcd(step, count) != 1:
+                step += 2
+            for i in range(count):
+                port = first + (start + i * step) % count
+                if (
+                    (local, port, remote, rport) in tcp
+                    or port in listeners
+                    or (recent is not None and port in recent)
+                ):
                     continue
-                del recent[key]
-            return port
-        raise OSError(errno.EADDRNOTAVAIL, "no free ephemeral port")
+                return port
+        if recent is not None:
+            for port in recent:
+                if (local, port, remote, rport) not in tcp and port not in listeners:
+                    del recent[port]
+                    self._recent_count -= 1
+                    if not recent:
+                        del self._recent[dest]
+                    self.stats.tcp_port_reuses += 1
+                    return port
+        raise OSError(
+            errno.EADDRNOTAVAIL,
+            f"no free local port for another connection to {_addr_str(remote)}:{rport} "
+            f"(ports {first}-{first + count - 1} all in use)",
+        )
+
+    def _sweep_recent(self, now: float) -> None:
+        """Forget every tuple closed longer than RECENT_TUPLE_SECONDS ago."""
+        horizon = now - RECENT_TUPLE_SECONDS
+        total = 0
+        for dest in list(self._recent):
+            recent = self._recent[dest]
+            expired = [p for p, closed in recent.items() if closed <= horizon]
+            for p in expired:
+                del recent[p]
+            if recent:
+                total += len(recent)
+            else:
+                del self._recent[dest]
+        self._recent_count = total
+        self._recent_sweep_at = now + RECENT_TUPLE_SECONDS / 4
 
     def _register(self, key: TcpKey, sock: TcpSocket) -> None:
         self._tcp[key] = sock
@@ -612,11 +744,36 @@ class Stack:
         self._dirty[sock] = None
 
     def _reap(self, socks: Iterable[TcpSocket], now: float) -> None:
+        stats = self.stats
         for sock in socks:
-            key = (sock.local_addr, sock.local_port, sock.remote_addr, sock.remote_port)
+            local, lport, remote, rport = key = (
+                sock.local_addr,
+                sock.local_port,
+                sock.remote_addr,
+                sock.remote_port,
+            )
             del self._tcp[key]
             del self._deadline[sock]
-            self._recent[key] = now + RECENT_TUPLE_SECONDS
+            sstats = sock.stats
+            stats.tcp_syn_timeouts += sstats.syn_timeouts
+            stats.tcp_syn_fast_retries += sstats.syn_fast_retries
+            if not sock._passive:
+                dest = (local, remote, rport)
+                n = self._active.get(dest, 0) - 1
+                if n > 0:
+                    self._active[dest] = n
+                else:
+                    self._active.pop(dest, None)
+                # remember the tuple (its closing time last, so the dict stays oldest-first)
+                recent = self._recent.get(dest)
+                if recent is None:
+                    recent = self._recent[dest] = collections.OrderedDict()
+                    self._recent_count += 1
+                elif lport in recent:
+                    recent.move_to_end(lport)
+                else:
+                    self._recent_count += 1
+                recent[lport] = now
             lst = self._half_open.pop(sock, None)
             if lst is not None:
                 lst._half_open.pop(sock, None)
@@ -833,11 +990,35 @@ class Stack:
         stats = self.stats
         key = (dst, seg.dst_port, src, seg.src_port)
         sock = self._tcp.get(key)
-        if sock is not None:
-            sock.process(seg, now)
-            self._processed(sock)
-            return
         flags = seg.flags
+        if sock is not None:
+            st = sock.state
+            if st is TcpState.TIME_WAIT:
+                lst = self._listeners.get(seg.dst_port)
+                if (
+                    lst is not None
+                    and flags & (SYN | ACK | RST) == SYN
+                    and (lst.local_addr is None or lst.local_addr == dst)
+                    and not lst.full
+                    and sock.time_wait_accepts_syn(seg)
+                ):
+                    # RFC 6191: a new incarnation of a connection we hold in TIME_WAIT (its
+                    # SYN has a newer timestamp or a higher sequence number): end the old
+                    # one and let the listener take the SYN.
+                    sock.abort(now)
+                    self._reap([sock], now)
+                    stats.tcp_time_wait_reopens += 1
+                    sock = None
+            elif st is TcpState.CLOSED and sock.is_closed:
+                # Closed by an earlier packet of this batch (a RST ending our TIME_WAIT, say)
+                # and not reaped yet: the SYN the peer sent right behind its RST must find
+                # the listener, not this corpse.
+                self._reap([sock], now)
+                sock = None
+            if sock is not None:
+                sock.process(seg, now)
+                self._processed(sock)
+                return
         if flags & RST:
             stats.no_socket += 1
             return
@@ -874,6 +1055,7 @@ class Stack:
             isn=self._isn(key, now),
             now=now,
             randbytes=self._randbytes,
+            ts_offset=self.tcp_timestamp_offset(local, remote),
         )
         assert isinstance(sock, _StackTcpSocket)
         self._adopt(key, sock)

@@ -9,7 +9,8 @@ time <= now when there is something to send).
 
 What is implemented:
 
-* every RFC 9293 state incl. simultaneous open/close, half-close, a short TIME_WAIT;
+* every RFC 9293 state incl. simultaneous open/close, half-close, a short TIME_WAIT that a
+  new SYN with a newer timestamp (or higher sequence number) may end (RFC 6191);
 * RFC 5961: RST must match RCV.NXT exactly (else a challenge ACK), SYN in a synchronized
   state gets a challenge ACK, the ACK acceptability window, a per-socket challenge-ACK
   rate limit;
@@ -26,7 +27,12 @@ What is implemented:
 * delayed ACK that still ACKs every second full-sized segment, immediate ACK for
   out-of-order data and gap fills; Nagle (off by default); receiver and sender SWS
   avoidance; zero-window probes with backoff; window updates when the application reads;
-* SYN retries -> TimeoutError, user timeout, optional keepalive.
+* SYN retries -> TimeoutError, user timeout, optional keepalive;
+* in SYN_SENT, an ACK that does not acknowledge our SYN (the peer's TIME_WAIT or half-open
+  state for this 4-tuple) gets the RST of RFC 9293 §3.10.7.3 and our SYN again at once
+  (bounded), instead of a connect stalled for the RTO;
+* TSval offsets given by the stack per address pair (monotonic towards a host, RFC 7323
+  §5.4), so reusing a 4-tuple still in the peer's TIME_WAIT passes PAWS (RFC 6191).
 
 Sequence numbers are kept internally as unbounded "absolute" integers (the ISN/IRS plus
 bytes since), converted from/to the 32-bit wire values at the edge with :func:`_unwrap`;
@@ -110,6 +116,8 @@ class TcpStats:
         "rto_expired",
         "segments_in",
         "segments_out",
+        "syn_fast_retries",
+        "syn_timeouts",
         "zero_window_probes",
     )
 
@@ -121,6 +129,9 @@ class TcpStats:
 M32 = 0xFFFFFFFF
 _HALF = 0x80000000
 _PAWS_IDLE = 24 * 86400.0  # RFC 7323 §5.5: TS.Recent older than 24 days is invalid
+#: SYNs resent at once (not after the RTO) after resetting a stale connection of the peer's
+#: (see :meth:`TcpSocket._retry_syn_now`); more than this per connection wait for the RTO.
+SYN_FAST_RETRIES = 3
 
 _SYN_STATES = frozenset({TcpState.SYN_SENT, TcpState.SYN_RECEIVED})
 #: States in which our sequence space carries data/FIN we may (re)transmit.
@@ -188,6 +199,7 @@ class TcpSocket:
         isn: int,
         now: float,
         randbytes: Callable[[int], bytes] = os.urandom,
+        ts_offset: int | None = None,
     ) -> None:
         cfg = config
         self.config = cfg
@@ -224,7 +236,13 @@ class TcpSocket:
         self._rcv_wscale = _wscale_for(cfg.recv_buffer) if cfg.window_scaling else 0
         self._snd_wscale = 0
         self._ws_ok = False
-        self._ts_offset = int.from_bytes(randbytes(4), "big")
+        # TSval = ms clock + offset. The stack passes one offset per (local, remote) address
+        # pair, as Linux does, so the TSvals towards a host keep growing across connections
+        # (RFC 7323 §5.4) and a SYN reusing a 4-tuple in the peer's TIME_WAIT passes its
+        # PAWS check (RFC 6191); a socket made without one draws a random offset.
+        if ts_offset is None:
+            ts_offset = int.from_bytes(randbytes(4), "big")
+        self._ts_offset = ts_offset & M32
         self._ts_recent = 0
         self._ts_recent_age = now
         self._smss = 536
@@ -275,6 +293,7 @@ class TcpSocket:
         self._rxt_marks: list[tuple[int, int, int]] = []
         self._relost: list[tuple[int, int]] = []
         self._syn_retries = 0
+        self._syn_fast_retries = 0
         self._last_progress = now
         self._soft_error: OSError | None = None
         self._pending: list[TcpSegment] = []  # ready-made control segments (RSTs)
@@ -310,6 +329,7 @@ class TcpSocket:
         isn: int,
         now: float,
         randbytes: Callable[[int], bytes] = os.urandom,
+        ts_offset: int | None = None,
     ) -> TcpSocket:
         """Passive open from a SYN (no ACK/RST) the stack received on a listening port.
 
@@ -324,6 +344,7 @@ class TcpSocket:
             isn=isn,
             now=now,
             randbytes=randbytes,
+            ts_offset=ts_offset,
         )
         sock._opened = True
         sock._passive = True
@@ -910,6 +931,7 @@ class TcpSocket:
                 return
             self._syn_retries += 1
             stats.rto_expired += 1
+            stats.syn_timeouts += 1
             self._rtt.backoff()
             self._snd_nxt = self._iss
             return
@@ -1227,7 +1249,11 @@ class TcpSocket:
         if flags & ACK:
             ack = _unwrap(self._iss, seg.ack)
             if ack <= self._iss or ack > self._snd_max:
-                self._rst_for(seg)
+                # RFC 9293 §3.10.7.3: an unacceptable ACK gets <SEQ=SEG.ACK><CTL=RST> (a RST
+                # is just dropped), then our SYN goes again at once (§3.5, Figure 10).
+                if not flags & RST:
+                    self._rst_for(seg)
+                    self._retry_syn_now()
                 stats.dropped += 1
                 return
         if flags & RST:
@@ -1268,6 +1294,31 @@ class TcpSocket:
         self._ack_now = True
         if seg.payload or flags & FIN:
             self._process_data(seg, self._irs + 1, len(seg.payload), False, 0xFFFF, now)
+
+    def _retry_syn_now(self) -> None:
+        """Resend our SYN at once after resetting the peer's stale state for this 4-tuple.
+
+        An ACK that does not acknowledge our SYN comes from a connection the peer still
+        holds for this 4-tuple: a half-open one (RFC 9293 §3.5, Figure 10: A resets it, then
+        "SYN-SENT --> <SEQ=400><CTL=SYN>" again) or, far more often, its TIME_WAIT, which
+        answers a SYN it will not accept (PAWS, RFC 7323 §5; or an old sequence number)
+        with an ACK. The RST of RFC 9293 §3.10.7.3 that :meth:`_process_syn_sent` queues
+        just before ends that state (a TIME_WAIT assassination, RFC 1337, which Linux
+        allows by default), so the retry finds the listener. Waiting for the RTO instead
+        would stall the connect for a whole second; Linux likewise re-arms its SYN timer to
+        TCP_TIMEOUT_MIN here.
+
+        The retry is a retransmission (Karn's rule: no RTT sample without a timestamp echo)
+        but not a timeout: no backoff, the initial window stays. At most
+        :data:`SYN_FAST_RETRIES` per connection, so a peer answering every SYN with a bad
+        ACK cannot make us loop; after that the RTO timer paces the retries as usual.
+        """
+        if self._syn_fast_retries >= SYN_FAST_RETRIES or self._snd_nxt == self._iss:
+            return
+        self._syn_fast_retries += 1
+        self.stats.syn_fast_retries += 1
+        self._snd_nxt = self._iss
+        self._rto_at = None  # re-armed by the retry: a full RTO from now
 
     def _on_rst(self) -> None:
         st = self.state
@@ -1482,6 +1533,7 @@ class TcpSocket:
             # data nobody will read (RFC 9293 §3.6 / RFC 2525): reset
             self.abort(now)
             return
+        gap_filled = False
         if seq == rcv_nxt:
             if plen:
                 self._rbuf += payload
@@ -1491,6 +1543,7 @@ class TcpSocket:
                 self._unacked_bytes += plen
                 asm = self._asm
                 if asm:
+                    gap_filled = True
                     while True:
                         more = asm.pop(rcv_nxt)
                         if more is None:
@@ -1517,11 +1570,32 @@ class TcpSocket:
         if self._peer_fin_seq is not None and not self._rcv_fin and rcv_nxt == self._peer_fin_seq:
             self._rcv_fin = True
             self._rcv_nxt = rcv_nxt + 1
-            self._ack_now = True
             st = self.state
             if st is TcpState.ESTABLISHED:
                 self.state = TcpState.CLOSE_WAIT
-            elif st is TcpState.FIN_WAIT_1:
+                # The peer closed first (an HTTP server after "Connection: close"): our
+                # application usually closes as soon as it reads the EOF, and its FIN then
+                # carries this ACK — one segment instead of two (Linux's delayed-ACK
+                # "pingpong" mode does the same for the FIN). A delayed ACK (RFC 9293
+                # §3.8.6.3, RFC 1122 §4.2.3.2): never later than config.delayed_ack. It also
+                # covers an immediate ACK still owed for the short pushed reply just before
+                # the FIN (the peer has nothing more to send, so no latency is lost), but
+                # not the immediate ACKs RFC 5681 §4.2 asks for: a filled gap, or a second
+                # full-sized segment.
+                if (
+                    self.config.delayed_ack > 0
+                    and fin  # this segment's FIN, not one held back behind a gap
+                    and not gap_filled
+                    and self._unacked_bytes < 2 * self._rcv_mss
+                ):
+                    self._ack_now = False
+                    if self._delack_at is None:
+                        self._delack_at = now + self.config.delayed_ack
+                else:
+                    self._ack_now = True
+                return
+            self._ack_now = True
+            if st is TcpState.FIN_WAIT_1:
                 self.state = TcpState.CLOSING
             elif st is TcpState.FIN_WAIT_2:
                 self._enter_time_wait(now)
@@ -1694,6 +1768,26 @@ class TcpSocket:
         self._set_closed(None)
         self._sbuf.clear()
         self._sbuf_head = 0
+
+    def time_wait_accepts_syn(self, syn: TcpSegment) -> bool:
+        """RFC 6191 §2: may this new SYN (no ACK, no RST) for our 4-tuple end our TIME_WAIT?
+
+        If the old connection used timestamps and the new one would (the SYN has one and we
+        allow them): only when the SYN's TSval is newer than TS.Recent. Otherwise: when the
+        SYN's sequence number is above anything seen on the old connection (RFC 9293
+        §3.6.1, RFC 1122 §4.2.2.13), or when the old one did not use timestamps and the new
+        one will. The stack then closes this socket and hands the SYN to the listener.
+        """
+        if self.state is not TcpState.TIME_WAIT:
+            return False
+        ts_new = syn.timestamp is not None and self.config.timestamps
+        if self._ts_ok:
+            if ts_new:
+                assert syn.timestamp is not None
+                return 0 < (syn.timestamp[0] - self._ts_recent) & M32 < _HALF
+        elif ts_new:
+            return True
+        return 0 < (syn.seq - self._rcv_nxt) & M32 < _HALF
 
     def on_icmp_unreachable(self, error: OSError, now: float) -> None:
         """ICMP destination unreachable for this connection (hard in SYN_SENT, else soft)."""
