@@ -9,6 +9,10 @@ Options (``--set NAME=VALUE``):
 ``wg_allow_direct``
     Connect directly to IP destinations outside every config's AllowedIPs (and hostnames a
     tunnel resolves to such addresses). Off by default: those connections fail.
+``wg_dns``
+    ``auto`` (default), ``tunnel`` or ``off``: how clients' DNS queries are answered in the
+    dns/wireguard/local/transparent modes (through the tunnel; see
+    :mod:`mitm_wg.mitmproxy.dns`).
 ``wg_test_loopback_dialer``
     TEST ONLY. Instead of a WireGuard tunnel, connect with a plain loopback TCP dialer that
     refuses every non-loopback destination. Honoured only when the environment also has
@@ -41,6 +45,7 @@ from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import ConfigError
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.bridge import Bridge, DialerTunnel, TunnelFactory
+from mitm_wg.mitmproxy.dns import TunnelDns
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
 
 if TYPE_CHECKING:
@@ -148,6 +153,9 @@ class WireGuardAddon:
         )
         #: Connections made through a tunnel / directly / refused.
         self.stats = {"tunnel": 0, "direct": 0, "refused": 0}
+        #: Clients' DNS queries through the tunnel (a sub-addon: mitmproxy calls its hooks).
+        self.dns = TunnelDns(self)
+        self.addons = [self.dns]
 
     # -- options and lifecycle ---------------------------------------------------------------
 
