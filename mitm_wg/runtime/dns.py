@@ -292,7 +292,9 @@ class Resolver:
         whatever its clients chose). Servers are tried in the same order as for
         :meth:`resolve`; a reply is believed under the same checks (source, id, question).
         SERVFAIL, REFUSED, NOTIMP and FORMERR move on to the next server; any other rcode
-        (NOERROR, NXDOMAIN, ...) is the answer.
+        (NOERROR, NXDOMAIN, ...) is the answer. When every server that answered gave one of
+        those four, the last such reply is passed on as it is (it still came from the
+        tunnel's servers).
 
         ``tcp`` says the client asked over TCP: a truncated UDP reply is then asked again
         over TCP from the same server. A UDP client gets the truncated reply as it is, so
@@ -313,7 +315,10 @@ class Resolver:
         body = wire[2:]
         n = len(self.servers)
         problems: dict[IPAddress, str] = {}
+        refusal: bytes | None = None  # the last SERVFAIL/REFUSED/NOTIMP/FORMERR reply
         for _round in range(self.attempts):
+            if refusal is not None and len(problems) == n:
+                break  # every server has answered (refused): asking again changes nothing
             start = self._preferred
             for step in range(n):
                 index = (start + step) % n
@@ -339,9 +344,12 @@ class Resolver:
                 if reply is not None and reply.rcode() in _RETRY_RCODES:
                     self.server_failures += 1
                     problems[server] = dns.rcode.to_text(reply.rcode())
+                    refusal = client_id + data[2:]
                     continue
                 self._preferred = index
                 return client_id + data[2:]
+        if refusal is not None:
+            return refusal
         detail = "; ".join(f"{server}: {why}" for server, why in problems.items())
         question = query.question[0]
         raise socket.gaierror(
