@@ -245,9 +245,12 @@ def dns_query(
 def run_wireguard_mitmdump(world: World, *args: str, name: str) -> Iterator[Mitmdump]:
     """``mitmdump --mode wireguard@10.79.N.2:PORT -s addons/mitm_wg.py ARGS`` in the client ns.
 
-    As e2e_helpers.run_mitmdump (which waits for a 127.0.0.1 listener), with WireGuard mode
-    only: mitmproxy 12.3.1 alone sometimes dies with SIGSEGV at exit when it ran several
-    modes (seen without mitm-wg too), and a clean exit is asserted here.
+    As e2e_helpers.run_mitmdump (which waits for a 127.0.0.1 listener), with one exception:
+    mitmproxy's WireGuard mode sometimes dies with SIGSEGV in a mitmproxy_rs (tokio) thread
+    while exiting after it carried flows -- a known upstream bug, mitmproxy/mitmproxy#7409
+    (seen here on 11.0.2 and 12.3.1 without mitm-wg loaded as well). A SIGSEGV is
+    tolerated only after the SIGINT that stops it; everything else (an earlier death, any
+    other exit status, a traceback in the log) fails the test.
     """
     confdir = world.workdir / f"{name}-conf"
     confdir.mkdir()
@@ -261,6 +264,7 @@ def run_wireguard_mitmdump(world: World, *args: str, name: str) -> Iterator[Mitm
     with log.open("wb") as out:
         proc = world.client_ns.popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     clean_exit = False
+    alive_at_stop = False
     try:
 
         def listening() -> bool:
@@ -274,13 +278,17 @@ def run_wireguard_mitmdump(world: World, *args: str, name: str) -> Iterator[Mitm
         clean_exit = True
     finally:
         if proc.poll() is None:
+            alive_at_stop = True
             proc.send_signal(signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         world.client_ns.kill(proc)
     if clean_exit:
         text = log.read_text(errors="replace")
-        assert proc.returncode == 0, f"mitmdump exited with {proc.returncode}:\n{text[-3000:]}"
+        allowed = (0, -signal.SIGSEGV) if alive_at_stop else (0,)
+        assert proc.returncode in allowed, (
+            f"mitmdump exited with {proc.returncode}:\n{text[-3000:]}"
+        )
         assert "Traceback" not in text, text[-5000:]
 
 
@@ -392,13 +400,16 @@ def test_negative_control_mitmproxy_resolver_asks_the_host(world: World) -> None
 
     This is what the addon prevents; it shows the stub would catch a leak.
     """
-    with phone(world, "--set", "wg_dns=off", name="of") as ph:
-        reply = ph.query("leak-control.test", "A")
-        assert reply.rcode() != dns.rcode.NOERROR or not reply.answer
-        ph.dump.wait_for_log("wg_dns=off")
-    assert "leak-control.test" in world.stub.queries
-    assert not _from_tunnel(world, "leak-control.test")
-    world.stub.queries.clear()
+    assert world.stub.queries == []
+    try:
+        with phone(world, "--set", "wg_dns=off", name="of") as ph:
+            reply = ph.query("leak-control.test", "A")
+            assert reply.rcode() != dns.rcode.NOERROR or not reply.answer
+            ph.dump.wait_for_log("wg_dns=off")
+        assert "leak-control.test" in world.stub.queries
+        assert not _from_tunnel(world, "leak-control.test")
+    finally:
+        world.stub.queries.clear()  # the leak we caused on purpose
 
 
 def test_exit_dns_down_means_servfail_never_the_host(world: World) -> None:
