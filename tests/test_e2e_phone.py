@@ -20,10 +20,8 @@ resolv.conf: ``ip netns exec`` (which starts every process here) bind-mounts it 
 A negative control (``wg_dns=off``: mitmproxy's own resolver) shows that the stub does see
 what mitmproxy resolves on the host, so its silence in the other tests means something.
 
-Not here: DNS over TCP from the phone. mitmproxy 11.0.2 on its own (no addon) needs
-``connection_strategy=lazy`` for it (the eager connect to 10.0.0.53 fails) and then dies
-with SIGSEGV at exit after such a flow, which this harness rightly counts as a failure.
-Forwarding over TCP is covered by tests/test_dns_forward.py.
+DNS over TCP from the phone needs ``connection_strategy=lazy`` (mitmproxy's default
+``eager`` first connects to 10.0.0.53 itself, which exists only inside mitmproxy).
 """
 
 from __future__ import annotations
@@ -380,6 +378,15 @@ def _assert_passed_through(ph: Phone, name: str, rdtype: str, *, tcp: bool = Fal
     )
 
 
+def test_phone_dns_over_tcp(world: World) -> None:
+    """DNS over TCP to 10.0.0.53 (RFC 7766: what a client does after a truncated answer)."""
+    with phone(world, "--set", "connection_strategy=lazy", name="tc") as ph:
+        _assert_passed_through(ph, f"mx.{ORIGIN_NAME}", "MX", tcp=True)
+        reply = ph.query(TUNNEL_ONLY, "A", tcp=True)
+        assert [str(rd) for rrset in reply.answer for rd in rrset] == [world.exit.server_tunnel_v4]
+    assert world.stub.queries == []
+
+
 def test_dns_mode_answers_through_the_tunnel(world: World) -> None:
     """``mitmdump --mode dns``: the same forwarding, for clients that use it as their server."""
     args = ["--mode", "dns", "--set", f"wg_conf={TUNNEL}={world.conf}"]
@@ -423,10 +430,11 @@ def test_exit_dns_down_means_servfail_never_the_host(world: World) -> None:
                 os.kill(pid, signal.SIGTERM)
                 killed.append(pid)
     assert killed, "no dnsmasq found in the exit namespace"
-    with phone(world, "--set", "wg_dns=tunnel", name="dn") as ph:
+    lazy = ("--set", "connection_strategy=lazy")  # DNS over TCP (see test_phone_dns_over_tcp)
+    with phone(world, "--set", "wg_dns=tunnel", *lazy, name="dn") as ph:
         reply = ph.query("after-dnsmasq-died.test", "A")
         assert reply.rcode() == dns.rcode.SERVFAIL
-        reply = ph.query("after-dnsmasq-died.test", "TXT")
+        reply = ph.query("after-dnsmasq-died.test", "TXT", tcp=True)
         assert reply.rcode() == dns.rcode.SERVFAIL
         r = curl(ph.ns, f"http://{TUNNEL_ONLY}/never", max_time=30)
         assert r.returncode != 0 and r.status == 0, r
