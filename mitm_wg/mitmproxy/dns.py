@@ -51,6 +51,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -276,6 +277,7 @@ class TunnelDns:
         try:
             data = await self._forward(request.packed, tcp)
             response = type(request).unpack(data)
+            response.timestamp = time.time()  # mitmproxy 12's unpack leaves it unset
         except Exception as exc:  # fail closed, whatever went wrong
             self.stats["servfail"] += 1
             logger.warning(
