@@ -31,6 +31,10 @@ Behaviour, in resolv.conf terms:
   chain stops at a CNAME without the target's records or an SOA is treated as having no
   addresses for that type and is not cached.
 
+:meth:`Resolver.forward` serves clients that use *us* as their DNS server (mitmproxy's DNS
+and WireGuard modes): it passes their raw query message to the same servers, under the same
+rotation and reply checks, and returns the raw reply (any record type; nothing cached).
+
 Failures raise :class:`socket.gaierror`, as :func:`socket.getaddrinfo` does: ``EAI_NONAME``
 when no candidate name has an address of a usable family, ``EAI_AGAIN`` when the servers did
 not answer or failed (the message names every server tried and what went wrong with it).
