@@ -221,14 +221,38 @@ def test_without_dns_servers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     conf = write_conf(tmp_path / "nodns.conf", dns=None)
     addon = WireGuardAddon()
     with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
+        # regular mode: only upstream host names are concerned
         tctx.configure(addon, wg_conf=[conf], wg_test_loopback_dialer=True)
         assert addon.dns.plan is None
-        assert "has no DNS = servers" in caplog.text and "OUTSIDE the tunnel" in caplog.text
-        assert "nodns.conf" in caplog.text
+        assert "has no DNS = servers" in caplog.text and "nodns.conf" in caplog.text
+        assert "host names of upstream connections are resolved by this host" in caplog.text
+        assert "clients' DNS" not in caplog.text
+        caplog.clear()
+        tctx.configure(addon, mode=["regular", "wireguard"])
+        assert "clients' DNS queries in the wireguard mode are answered by mitmproxy's" in (
+            caplog.text
+        )
+        assert "OUTSIDE the tunnel" in caplog.text
         with pytest.raises(exceptions.OptionsError, match=r"wg_dns=tunnel.*nodns\.conf.*no DNS ="):
             tctx.configure(addon, wg_dns="tunnel")
         tctx.configure(addon, wg_dns="off")
-        assert addon.dns.plan is None and "wg_dns=off" in caplog.text
+        assert addon.dns.plan is None and "wg_dns=off: clients' DNS queries in the" in caplog.text
+    addon.done()
+
+
+def test_the_start_line_names_servers_tunnel_and_modes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    conf = write_conf(tmp_path / "a.conf", dns="10.64.0.1, 10.64.0.2")
+    addon = WireGuardAddon()
+    with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
+        tctx.configure(addon, wg_conf=[conf], wg_test_loopback_dialer=True)
+        assert "clients' DNS" not in caplog.text  # regular mode: debug only
+        tctx.configure(addon, mode=["wireguard", "dns@5353"])
+        assert (
+            "clients' DNS queries in the wireguard/dns mode are resolved through the tunnel by "
+            "10.64.0.1, 10.64.0.2 via tunnel 'vpn' (DNS = in " in caplog.text
+        )
     addon.done()
 
 
@@ -242,7 +266,9 @@ def test_dns_name_servers_are_asked_through_the_tunnel(tmp_path: Path) -> None:
         tctx.master.addons.invoke_addon_sync(addon, _configure({"dns_name_servers"}))
         servers = tuple(ipaddress.ip_address(s) for s in ("10.64.5.5", "10.64.5.6"))
         assert addon.dns.plan == ((TUNNEL, servers),)
-        with pytest.raises(exceptions.OptionsError, match=r"192\.168\.1\.1 is outside the AllowedIPs"):
+        with pytest.raises(
+            exceptions.OptionsError, match=r"192\.168\.1\.1 is outside the AllowedIPs"
+        ):
             tctx.options.update(dns_name_servers=["192.168.1.1"])
             tctx.master.addons.invoke_addon_sync(addon, _configure({"dns_name_servers"}))
     addon.done()

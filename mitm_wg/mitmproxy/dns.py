@@ -80,11 +80,10 @@ _DNS_PORT: Final = 53
 Plan = tuple[tuple[str, tuple[IPAddress, ...]], ...]
 
 
-def _mode_kind(flow: Any) -> str | None:
+def _mode_kind(mode: Any) -> str | None:
     """'dns' or 'intercept' for the proxy modes whose DNS we answer, else None."""
     from mitmproxy.proxy import mode_specs
 
-    mode = flow.client_conn.proxy_mode
     if isinstance(mode, mode_specs.DnsMode):
         return "dns"
     intercepting = tuple(
@@ -98,6 +97,21 @@ def _mode_kind(flow: Any) -> str | None:
     if isinstance(mode, intercepting):
         return "intercept"
     return None
+
+
+def _answering_modes(opts: Any) -> list[str]:
+    """The configured proxy modes (``--mode``) in which mitm-wg answers clients' DNS."""
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    found: list[str] = []
+    for spec in getattr(opts, "mode", None) or ():
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue
+        if _mode_kind(mode) is not None and mode.type_name not in found:
+            found.append(mode.type_name)
+    return found
 
 
 def _parse_server(text: str) -> IPAddress:
@@ -150,20 +164,25 @@ class TunnelDns:
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx
 
-        watched = {"wg_dns", "wg_conf", "wg_test_loopback_dialer", "dns_name_servers"}
+        watched = {"wg_dns", "wg_conf", "wg_test_loopback_dialer", "dns_name_servers", "mode"}
         if not updated & watched:
             return
         opts = ctx.options
         self.policy = str(opts.wg_dns)
+        modes = _answering_modes(opts)
+        # only these modes bring clients' DNS queries; the log lines say so when they matter
+        say = logger.info if modes else logger.debug
+        in_modes = f"in the {'/'.join(modes) or 'dns/wireguard/local/transparent'} mode"
         configs = self.addon.configs
         if not configs:
             self.plan = None
             return
         if self.policy == "off":
             self.plan = None
-            logger.info(
-                "mitm-wg: wg_dns=off: clients' DNS queries are answered by mitmproxy's own "
-                "resolver, NOT through the WireGuard tunnel"
+            say(
+                "mitm-wg: wg_dns=off: clients' DNS queries %s are answered by mitmproxy's own "
+                "resolver, NOT through the WireGuard tunnel",
+                in_modes,
             )
             return
         explicit = list(opts.dns_name_servers) if "dns_name_servers" in opts else []
@@ -200,20 +219,27 @@ class TunnelDns:
                     "dns_name_servers is not set, so there is no name server to ask through "
                     "the tunnel. Add DNS = <server> to the config or set dns_name_servers."
                 )
+            clients = (
+                f"clients' DNS queries {in_modes} are answered by mitmproxy's own resolver "
+                "with this host's name servers, OUTSIDE the tunnel, and "
+                if modes
+                else ""
+            )
             logger.warning(
                 "mitm-wg: WireGuard tunnel %r (%s) has no DNS = servers and dns_name_servers "
-                "is not set: clients' DNS queries are answered by mitmproxy's own resolver "
-                "with this host's name servers, OUTSIDE the tunnel, and host names of "
-                "upstream connections are resolved by this host too. Add DNS = to the config "
-                "(or set wg_dns=tunnel to refuse to start without it).",
+                "is not set: %shost names of upstream connections are resolved by this "
+                "host's resolver, outside the tunnel. Add DNS = to the config (or set "
+                "wg_dns=tunnel to refuse to start without it).",
                 first,
                 path,
+                clients,
             )
             return
         self.plan = tuple((tunnel, tuple(servers)) for tunnel, servers in plan)
-        logger.info(
-            "mitm-wg: clients' DNS queries (dns, wireguard, local, transparent modes) are "
-            "resolved through the tunnel by %s (%s); SERVFAIL when they do not answer",
+        say(
+            "mitm-wg: clients' DNS queries %s are resolved through the tunnel by %s (%s); "
+            "SERVFAIL when they do not answer",
+            in_modes,
             "; ".join(f"{_describe(s)} via tunnel {t!r}" for t, s in self.plan),
             where,
         )
@@ -254,7 +280,7 @@ class TunnelDns:
             return False
         if not flow.request.query:
             return False
-        kind = _mode_kind(flow)
+        kind = _mode_kind(flow.client_conn.proxy_mode)
         if kind == "dns":
             return True
         if kind == "intercept":
