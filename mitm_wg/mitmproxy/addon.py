@@ -9,6 +9,10 @@ Options (``--set NAME=VALUE``):
 ``wg_allow_direct``
     Connect directly to IP destinations outside every config's AllowedIPs (and hostnames a
     tunnel resolves to such addresses). Off by default: those connections fail.
+``wg_dns``
+    ``auto`` (default), ``tunnel`` or ``off``: how clients' DNS queries are answered in the
+    dns/wireguard/local/transparent modes (through the tunnel; see
+    :mod:`mitm_wg.mitmproxy.dns`).
 
 A connection whose tunnel is down, starting or misconfigured fails with an error saying why;
 nothing silently falls back to a direct connection. UDP upstreams (DNS, QUIC, ... flows)
@@ -37,6 +41,7 @@ from mitm_wg.config import WireGuardConfig, format_endpoint
 from mitm_wg.errors import ConfigError, NoRoute
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.bridge import Bridge
+from mitm_wg.mitmproxy.dns import TunnelDns
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
 
@@ -139,6 +144,9 @@ class WireGuardAddon:
         )
         #: Connections made through a tunnel / directly / refused.
         self.stats = {"tunnel": 0, "direct": 0, "refused": 0}
+        #: Clients' DNS queries through the tunnel (a sub-addon: mitmproxy calls its hooks).
+        self.dns = TunnelDns(self)
+        self.addons = [self.dns]
 
     # -- options and lifecycle ---------------------------------------------------------------
 

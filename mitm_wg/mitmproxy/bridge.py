@@ -21,6 +21,7 @@ direct connection here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -545,6 +546,68 @@ class Bridge:
             raise
         self.opened += 1
         return stream
+
+    async def call_in_tunnel(self, tunnel: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``await fn(tunnel_object)`` inside the trio run, in ``tunnel``'s nursery; its result.
+
+        Waits while the tunnel is starting; ``OSError(ENETDOWN)`` when it is missing or down
+        (never anything outside the tunnel). Exceptions of ``fn`` reach the caller as they
+        are; cancelling the caller cancels ``fn``, and closing the tunnel aborts it with
+        ``ConnectionAbortedError``.
+        """
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        scope = trio.CancelScope()
+
+        def loop_done(error: BaseException | None, result: Any) -> None:
+            if fut.done():
+                return
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+
+        async def run(st: _TunnelState) -> None:
+            # stays the error unless fn finishes (cancelled here, or the tunnel closed)
+            error: BaseException | None = ConnectionAbortedError(
+                errno.ECONNABORTED, f"WireGuard tunnel {tunnel!r} closed or the call cancelled"
+            )
+            result: Any = None
+            try:
+                with scope:
+                    try:
+                        result = await fn(st.tunnel)
+                        error = None
+                    except Exception as exc:
+                        error = exc
+            finally:
+                self._to_loop(loop_done, error, result)
+
+        async def spawn_when_ready(st: _TunnelState) -> None:
+            await st.ready.wait()
+            spawn()
+
+        def spawn() -> None:
+            st = self._tunnels.get(tunnel)
+            if st is not None and st.state == "starting" and self._nursery is not None:
+                self._nursery.start_soon(spawn_when_ready, st)
+            elif st is None or st.nursery is None or st.tunnel is None:
+                state = "missing" if st is None else (st.error or st.state)
+                error = OSError(
+                    errno.ENETDOWN, f"the WireGuard tunnel {tunnel!r} is not up ({state})"
+                )
+                self._to_loop(loop_done, error, None)
+            else:
+                st.nursery.start_soon(run, st)
+
+        self._to_trio(spawn)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            with contextlib.suppress(RuntimeError, trio.RunFinishedError):
+                self._to_trio(scope.cancel)
+            raise
 
     # -- misc --------------------------------------------------------------------------------
 

@@ -31,6 +31,10 @@ Behaviour, in resolv.conf terms:
   chain stops at a CNAME without the target's records or an SOA is treated as having no
   addresses for that type and is not cached.
 
+:meth:`Resolver.forward` serves clients that use *us* as their DNS server (mitmproxy's DNS
+and WireGuard modes): it passes their raw query message to the same servers, under the same
+rotation and reply checks, and returns the raw reply (any record type; nothing cached).
+
 Failures raise :class:`socket.gaierror`, as :func:`socket.getaddrinfo` does: ``EAI_NONAME``
 when no candidate name has an address of a usable family, ``EAI_AGAIN`` when the servers did
 not answer or failed (the message names every server tried and what went wrong with it).
@@ -282,6 +286,82 @@ class Resolver:
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    async def forward(self, wire: bytes, *, tcp: bool = False) -> bytes:
+        """Forward a client's DNS query message to the servers; the reply for that client.
+
+        For clients that query us as their DNS server (mitmproxy's DNS and WireGuard modes):
+        every record type, class, flag and EDNS option passes through unchanged; only the
+        message id is replaced by a fresh random one on the way out and restored on the way
+        back (RFC 5452 section 9.2: a forwarder's queries need unpredictable ids and ports,
+        whatever its clients chose). Servers are tried in the same order as for
+        :meth:`resolve`; a reply is believed under the same checks (source, id, question).
+        SERVFAIL, REFUSED, NOTIMP and FORMERR move on to the next server; any other rcode
+        (NOERROR, NXDOMAIN, ...) is the answer. When every server that answered gave one of
+        those four, the last such reply is passed on as it is (it still came from the
+        tunnel's servers).
+
+        ``tcp`` says the client asked over TCP: a truncated UDP reply is then asked again
+        over TCP from the same server. A UDP client gets the truncated reply as it is, so
+        that it retries over TCP itself (RFC 1035 section 4.2.1, RFC 7766 section 5).
+
+        Nothing is cached (the client caches). Raises :class:`ValueError` when ``wire`` is
+        not a query with one question, and :class:`socket.gaierror` ``EAI_AGAIN`` naming
+        every server and what went wrong when none gave a usable reply: the caller answers
+        SERVFAIL, and never asks anyone else.
+        """
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception as exc:  # dnspython raises many kinds on hostile input
+            raise ValueError(f"malformed DNS query ({type(exc).__name__})") from None
+        if query.flags & dns.flags.QR or len(query.question) != 1:
+            raise ValueError("not a DNS query with exactly one question")
+        client_id = wire[:2]
+        body = wire[2:]
+        n = len(self.servers)
+        problems: dict[IPAddress, str] = {}
+        refusal: bytes | None = None  # the last SERVFAIL/REFUSED/NOTIMP/FORMERR reply
+        for _round in range(self.attempts):
+            if refusal is not None and len(problems) == n:
+                break  # every server has answered (refused): asking again changes nothing
+            start = self._preferred
+            for step in range(n):
+                index = (start + step) % n
+                server = self.servers[index]
+                query.id = int.from_bytes(self._randbytes(2), "big")
+                out = query.id.to_bytes(2, "big") + body
+                try:
+                    data, reply = await self._udp_roundtrip(server, query, out)
+                    if reply is None and tcp:
+                        self.tcp_fallbacks += 1
+                        data, reply = await self._tcp_roundtrip(server, query, out)
+                except TimeoutError as exc:
+                    self.timeouts += 1
+                    problems[server] = str(exc) or f"no reply within {self.timeout:g} s"
+                    continue
+                except OSError as exc:
+                    problems[server] = f"unreachable ({exc.strerror or exc})"
+                    continue
+                except _BadReply as exc:
+                    self.server_failures += 1
+                    problems[server] = str(exc)
+                    continue
+                if reply is not None and reply.rcode() in _RETRY_RCODES:
+                    self.server_failures += 1
+                    problems[server] = dns.rcode.to_text(reply.rcode())
+                    refusal = client_id + data[2:]
+                    continue
+                self._preferred = index
+                return client_id + data[2:]
+        if refusal is not None:
+            return refusal
+        detail = "; ".join(f"{server}: {why}" for server, why in problems.items())
+        question = query.question[0]
+        raise socket.gaierror(
+            socket.EAI_AGAIN,
+            f"{question.name} {dns.rdatatype.to_text(question.rdtype)}: no usable reply from "
+            f"any DNS server ({detail})",
+        )
+
     # -- names -----------------------------------------------------------------------------
 
     def _candidates(self, name: str) -> list[dns.name.Name]:
@@ -506,7 +586,16 @@ class Resolver:
         self, server: IPAddress, query: dns.message.Message
     ) -> dns.message.Message | None:
         """The server's reply over UDP; None when it is truncated (ask over TCP)."""
-        wire = query.to_wire()
+        _, reply = await self._udp_roundtrip(server, query, query.to_wire())
+        return reply
+
+    async def _udp_roundtrip(
+        self, server: IPAddress, query: dns.message.Message, wire: bytes
+    ) -> tuple[bytes, dns.message.Message | None]:
+        """Send ``wire`` (which encodes ``query``) over UDP; the reply's bytes and message.
+
+        A truncated reply comes back as its bytes and None (only its question is checked).
+        """
         try:
             with trio.fail_after(self.timeout):
                 sock = await self.transport.open_udp(server.version)
@@ -521,7 +610,7 @@ class Resolver:
 
     async def _udp_receive(
         self, sock: UdpEndpoint, server: IPAddress, query: dns.message.Message
-    ) -> dns.message.Message | None:
+    ) -> tuple[bytes, dns.message.Message | None]:
         while True:
             data, source = await sock.recvfrom()
             if not self._from_server(source, server):
@@ -530,11 +619,11 @@ class Resolver:
             if len(data) >= _HEADER_LEN and int.from_bytes(data[2:4], "big") & _FLAG_TC:
                 # a truncated reply need not parse beyond its question
                 if self._check(data, query, question_only=True) is not None:
-                    return None
+                    return data, None
                 continue
             reply = self._check(data, query)
             if reply is not None:
-                return reply
+                return data, reply
 
     def _from_server(self, source: tuple[str, int], server: IPAddress) -> bool:
         try:
@@ -545,7 +634,13 @@ class Resolver:
     async def _tcp_exchange(
         self, server: IPAddress, query: dns.message.Message
     ) -> dns.message.Message:
-        wire = query.to_wire()
+        _, reply = await self._tcp_roundtrip(server, query, query.to_wire())
+        return reply
+
+    async def _tcp_roundtrip(
+        self, server: IPAddress, query: dns.message.Message, wire: bytes
+    ) -> tuple[bytes, dns.message.Message]:
+        """Send ``wire`` (which encodes ``query``) over TCP; the reply's bytes and message."""
         try:
             with trio.fail_after(self.timeout):
                 stream = await self.transport.open_tcp(server, self.port)
@@ -566,7 +661,7 @@ class Resolver:
             raise _BadReply("bad reply over TCP")
         if reply.flags & dns.flags.TC:
             raise _BadReply("truncated reply over TCP")
-        return reply
+        return data, reply
 
 
 async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:
