@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -603,7 +603,12 @@ class _AcceptWaitable(_Waitable):
 
 
 class TunnelUdpSocket(_Waitable):
-    """A UDP socket inside the tunnel."""
+    """A UDP socket inside the tunnel.
+
+    When the tunnel closes, the socket acts closed (``trio.ClosedResourceError``) and a task
+    waiting in :meth:`recvfrom` wakes: a tunnel running *through* this one (multi-hop,
+    :mod:`mitm_wg.runtime.via`) learns of it that way.
+    """
 
     __slots__ = ("_closed", "_sock", "_tunnel", "local_address")
 
@@ -622,12 +627,22 @@ class TunnelUdpSocket(_Waitable):
         self.local_address = (host, sock.local_port)
 
     def _ready(self) -> bool:
-        return self._closed or self._sock.pending > 0 or self._sock.error is not None
+        return (
+            self._closed
+            or self._tunnel._closed
+            or self._sock.pending > 0
+            or self._sock.error is not None
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("UDP socket is closed")
+        if self._tunnel._closed:
+            raise trio.ClosedResourceError("the tunnel of this UDP socket is closed")
 
     def sendto_nowait(self, data: bytes, address: tuple[str, int]) -> None:
         """Send a datagram now (UDP never waits: a full path drops, as with a kernel socket)."""
-        if self._closed:
-            raise trio.ClosedResourceError("UDP socket is closed")
+        self._check_open()
         host, port = address
         ip = ipaddress.ip_address(host)
         if self._tunnel.device.route(ip.packed) is None:
@@ -639,10 +654,44 @@ class TunnelUdpSocket(_Waitable):
         self.sendto_nowait(data, address)
         await trio.lowlevel.checkpoint()
 
+    def sendmany_nowait(self, datagrams: Iterable[tuple[bytes, tuple[str, int]]]) -> int:
+        """Send several datagrams with one flush, so they leave as one batch (UDP GSO).
+
+        A datagram that cannot be sent (outside every AllowedIPs, larger than the path MTU)
+        is dropped, as a kernel socket would drop it; returns how many were dropped.
+        """
+        self._check_open()
+        tunnel, sock = self._tunnel, self._sock
+        now = trio.current_time()
+        routed: dict[str, IPAddress | None] = {}  # each destination checked once per batch
+        dropped = 0
+        for data, (host, port) in datagrams:
+            if host in routed:
+                ip = routed[host]
+            else:
+                ip = ipaddress.ip_address(host)
+                if tunnel.device.route(ip.packed) is None:
+                    ip = None
+                routed[host] = ip
+            if ip is None:
+                dropped += 1
+                continue
+            try:
+                sock.sendto(data, (ip, port), now)
+            except OSError as e:
+                dropped += 1
+                logger.debug("UDP send to %s:%s dropped: %s", host, port, e)
+        tunnel._flush(now)
+        return dropped
+
+    def recvfrom_nowait(self) -> tuple[bytes, tuple[str, int]] | None:
+        """The next queued datagram and its source, or None when none is queued."""
+        self._check_open()
+        return self._sock.recvfrom()
+
     async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
         while True:
-            if self._closed:
-                raise trio.ClosedResourceError("UDP socket is closed")
+            self._check_open()
             item = self._sock.recvfrom()
             if item is not None:
                 await trio.lowlevel.checkpoint()
