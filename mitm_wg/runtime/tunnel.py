@@ -30,6 +30,7 @@ from mitm_wg.errors import HandshakeTimeout
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
+from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
     Device,
     HandshakeCompleted,
@@ -83,6 +84,9 @@ class _Waitable:
 
 class Tunnel:
     """A running WireGuard tunnel with a userspace TCP/IP stack (see :func:`open_tunnel`)."""
+
+    #: The tunnel this one's WireGuard datagrams travel through (multi-hop), else None.
+    via: Tunnel | None = None
 
     def __init__(
         self,
@@ -817,15 +821,26 @@ async def open_tunnel(
     randbytes: Callable[[int], bytes] = os.urandom,
     tcp_config: TcpConfig | None = None,
     handshake_timeout: float = 10.0,
+    via: Tunnel | None = None,
 ) -> AsyncIterator[Tunnel]:
     """Run a tunnel for ``config`` until the block exits (or is cancelled).
 
     Handshakes happen on demand, when the first packet for a peer is sent.
     ``socket_factory(family)`` creates the UDP socket(s) (default: bound to an ephemeral
     port on all addresses, or the config's ListenPort).
+
+    ``via``: another running tunnel to carry this one's WireGuard datagrams (multi-hop,
+    :mod:`mitm_wg.runtime.via`): the peers' endpoints are reached, and hostnames resolved,
+    through it, and the MTU shrinks by one layer. Close this tunnel before ``via``.
     """
     config.require_peers()
-    endpoints = await _resolve_endpoints(config)
+    if via is None:
+        endpoints = await _resolve_endpoints(config)
+    else:
+        if socket_factory is not None:
+            raise ValueError("open_tunnel: give either socket_factory or via, not both")
+        endpoints = await resolve_endpoints_via(config, via)
+        config = config_via(config, via, endpoints)
     now = trio.current_time()
     device = Device.from_config(
         config,
@@ -848,8 +863,13 @@ async def open_tunnel(
     if not families:
         families = {socket.AF_INET}
     sockets: dict[int, socket.socket] = {}
+    transport: ViaTransport | None = None
     try:
-        for family in families:
+        if via is not None:
+            transport = await ViaTransport.open(
+                via, {6 if f == socket.AF_INET6 else 4 for f in families}, config.listen_port
+            )
+        for family in families if transport is None else ():
             if socket_factory is not None:
                 sock = socket_factory(family)
             elif config.listen_port:
@@ -861,10 +881,16 @@ async def open_tunnel(
             _grow_buffers(sock)
             sockets[family] = sock
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
+        if transport is not None:
+            tunnel.via = via
+            # The inner tunnel's datagrams go into the outer tunnel instead of host sockets.
+            tunnel._send_datagrams = transport.send  # type: ignore[method-assign]
         try:
             async with trio.open_nursery() as nursery:
                 for sock in sockets.values():
                     nursery.start_soon(tunnel._reader, sock)
+                if transport is not None:
+                    nursery.start_soon(transport.run, tunnel)
                 nursery.start_soon(tunnel._timer)
                 try:
                     yield tunnel
@@ -886,3 +912,5 @@ async def open_tunnel(
     finally:
         for sock in sockets.values():
             sock.close()
+        if transport is not None:
+            transport.close()
