@@ -8,21 +8,26 @@ reach. An origin behind the inner exit must see our *inner* tunnel address.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from conftest import require_netns
-from e2e_helpers import run_origin
+from e2e_helpers import curl, run_mitmdump, run_origin, write_client_config
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
 
 from harness import ExitPeer, exit_peer
 from harness.multihop import InnerExitPeer, inner_exit_peer
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import WireGuardConfig, encode_key, generate_private_key, public_key_of
+from mitm_wg.mitmproxy.addon import WireGuardAddon, chain_of
 from mitm_wg.runtime import Tunnel, open_tunnel
 from mitm_wg.runtime.via import ViaTransport, layer_overhead, mtu_via
 from tests.runtime_helpers import NamespaceSocketFactory, http_get, http_post_json, pattern_sha256
@@ -213,3 +218,108 @@ def test_mtu_arithmetic() -> None:
     assert mtu_via(1420, [("fd00::1", 1)], 1340) == 1328  # wg-quick's 1340 would stall
     # three layers: each one pays again
     assert mtu_via(mtu_via(1420, [("10.0.0.1", 1)], None), [("fd00::1", 1)], None) == 1280
+
+
+# -- the addon: wg_via ------------------------------------------------------------------------
+
+STATUS_SCRIPT = """
+from mitmproxy import ctx
+
+
+def response(flow):
+    ctx.master.commands.call("wg.status")
+"""
+
+
+def test_mitmdump_wg_via_through_two_hops(
+    hops: tuple[ExitPeer, InnerExitPeer, Any], tmp_path: Path
+) -> None:
+    """curl → mitmdump (wg_conf outer + inner, wg_via=inner=outer) → origin behind the inner
+    exit, which sees the inner tunnel address; wg.status shows the chain."""
+    outer, inner, origin = hops
+    nets = f"{outer.tunnel_v4_net}, {inner.transit_v4_net}"
+    outer_conf = write_client_config(outer, tmp_path, "outer", allowed_ips=nets, dns=False)
+    inner_conf = write_client_config(inner, tmp_path, "inner", dns=False)
+    script = tmp_path / "status.py"
+    script.write_text(STATUS_SCRIPT)
+    with run_mitmdump(
+        outer.client_ns,
+        tmp_path,
+        "--set",
+        f"wg_conf=outer={outer_conf}",
+        "--set",
+        f"wg_conf=inner={inner_conf}",
+        "--set",
+        "wg_via=inner=outer",
+        "-s",
+        str(script),
+    ) as dump:
+        dump.wait_for_log("WireGuard tunnel 'inner' is up")
+        r = curl(outer.client_ns, "-x", dump.proxy, f"http://{inner.server_tunnel_v4}/echo/via")
+        assert r.status == 200, r
+        assert r.json()["client"] == inner.client_tunnel_v4
+        # The outer tunnel still carries its own traffic.
+        r = curl(outer.client_ns, "-x", dump.proxy, f"{outer.http_url}/index.html")
+        assert r.status == 200 and r.body == b"hello from the exit peer\n", r
+        text = dump.wait_for_log("multi-hop: host → outer → inner")
+        assert "via 'outer'" in text
+        assert f"{inner.server_tunnel_v4}:80 through tunnel 'inner'" in text
+    assert any(r["path"] == "/echo/via" for r in origin.requests())
+    assert inner.client_stats().endpoint[0] == outer.client_tunnel_v4
+
+
+def _conf(tmp_path: Path, name: str) -> str:
+    key = encode_key(generate_private_key())
+    peer = encode_key(public_key_of(generate_private_key()))
+    path = tmp_path / f"{name}.conf"
+    path.write_text(
+        f"[Interface]\nPrivateKey = {key}\nAddress = 10.9.0.2/32\n\n"
+        f"[Peer]\nPublicKey = {peer}\nAllowedIPs = 10.{len(name)}.0.0/16\n"
+        "Endpoint = 127.0.0.1:9\n"
+    )
+    return f"{name}={path}"
+
+
+def test_wg_via_option_is_checked(tmp_path: Path) -> None:
+    confs = [_conf(tmp_path, n) for n in ("a", "bb", "ccc")]
+    addon = WireGuardAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wg_conf=confs, wg_via=["ccc=bb", "bb=a"])
+        assert addon.via == {"ccc": "bb", "bb": "a"}
+        assert chain_of("ccc", addon.via) == ["a", "bb", "ccc"]
+        text = addon.status()
+        assert "via 'a' (multi-hop: host → a → bb)" in text
+        assert "via 'bb' (multi-hop: host → a → bb → ccc)" in text
+        for bad, message in [
+            (["a=bb", "bb=a"], "go through each other: a → bb → a"),
+            (["a=a"], "go through each other: a → a"),
+            (["a=nope"], "'nope', which is not a wg_conf tunnel"),
+            (["a"], "should be INNER=OUTER"),
+            (["a=bb", "a=ccc"], "cannot go through both 'bb' and 'ccc'"),
+        ]:
+            with pytest.raises(exceptions.OptionsError, match=message):
+                tctx.configure(addon, wg_via=bad)
+        addon.done()
+
+
+def test_wg_via_outer_down_names_it(tmp_path: Path) -> None:
+    """The inner tunnel of a chain whose outer tunnel cannot start is down, and says why."""
+    confs = [_conf(tmp_path, "a"), _conf(tmp_path, "bb")]
+
+    async def main() -> None:
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            # 'a' fails to open (its config has no Address); 'bb' waits for it, then fails.
+            path = tmp_path / "a.conf"
+            path.write_text(path.read_text().replace("Address = 10.9.0.2/32\n", ""))
+            tctx.configure(addon, wg_conf=confs, wg_via=["bb=a"])
+            await addon.running()
+            assert addon.bridge is not None
+            info = addon.bridge.tunnels
+            assert info["a"].state == "down"
+            assert info["bb"].state == "down"
+            assert "no Address" in (info["a"].error or "")
+            assert "the WireGuard tunnel 'a' is down" in (info["bb"].error or "")
+            addon.done()
+
+    asyncio.run(main())

@@ -9,6 +9,10 @@ Options (``--set NAME=VALUE``):
 ``wg_allow_direct``
     Connect directly to IP destinations outside every config's AllowedIPs (and hostnames a
     tunnel resolves to such addresses). Off by default: those connections fail.
+``wg_via``
+    Multi-hop: ``INNER=OUTER`` (repeatable) sends tunnel INNER's WireGuard traffic through
+    tunnel OUTER instead of the host network; both are ``wg_conf`` names. Chains
+    (``C=B``, ``B=A``) work; a loop is an error. See :mod:`mitm_wg.runtime.via`.
 ``wg_test_loopback_dialer``
     TEST ONLY. Instead of a WireGuard tunnel, connect with a plain loopback TCP dialer that
     refuses every non-loopback destination. Honoured only when the environment also has
@@ -102,13 +106,68 @@ class _LoopbackTunnel(DialerTunnel):
         return await trio.open_tcp_stream(host, port)
 
 
-def _real_tunnel(config: WireGuardConfig) -> TunnelFactory:
+def parse_via_option(values: Sequence[str], names: Sequence[str]) -> dict[str, str]:
+    """``wg_via`` values → ``{inner tunnel: outer tunnel}`` (raises OptionsError)."""
+    via: dict[str, str] = {}
+    for value in values:
+        inner, sep, outer = (part.strip() for part in value.partition("="))
+        if not sep or not inner or not outer:
+            raise exceptions.OptionsError(
+                f"wg_via: {value!r} should be INNER=OUTER (two wg_conf tunnel names)"
+            )
+        for name in (inner, outer):
+            if name not in names:
+                raise exceptions.OptionsError(
+                    f"wg_via: {value!r} names {name!r}, which is not a wg_conf tunnel "
+                    f"(loaded: {', '.join(map(repr, names)) or 'none'})"
+                )
+        if inner in via and via[inner] != outer:
+            raise exceptions.OptionsError(
+                f"wg_via: tunnel {inner!r} cannot go through both {via[inner]!r} and {outer!r}"
+            )
+        via[inner] = outer
+    for start in via:
+        seen = [start]
+        name = start
+        while name in via:
+            name = via[name]
+            if name in seen:
+                loop = " → ".join([*seen[seen.index(name) :], name])
+                raise exceptions.OptionsError(f"wg_via: tunnels go through each other: {loop}")
+            seen.append(name)
+    return via
+
+
+def chain_of(name: str, via: dict[str, str]) -> list[str]:
+    """The tunnels ``name``'s packets pass, from the host network outwards: ``[A, B]`` for
+    ``B`` via ``A``."""
+    chain = [name]
+    while chain[0] in via:
+        chain.insert(0, via[chain[0]])
+    return chain
+
+
+def _real_tunnel(
+    config: WireGuardConfig, via: str | None = None, bridge: Bridge | None = None
+) -> TunnelFactory:
     def factory() -> Any:
         from mitm_wg.runtime import open_tunnel
 
         return open_tunnel(config)
 
-    return factory
+    if via is None:
+        return factory
+    assert bridge is not None
+
+    @asynccontextmanager
+    async def factory_via() -> AsyncIterator[Any]:
+        from mitm_wg.runtime import open_tunnel
+
+        outer = await bridge.trio_tunnel(via)
+        async with open_tunnel(config, via=outer) as tunnel:
+            yield tunnel
+
+    return factory_via
 
 
 def _loopback_tunnel(config: WireGuardConfig) -> TunnelFactory:
@@ -131,6 +190,7 @@ class WireGuardAddon:
 
     def __init__(self) -> None:
         self.configs: dict[str, WireGuardConfig] = {}
+        self.via: dict[str, str] = {}
         self.bridge: Bridge | None = None
         self.allow_direct = False
         self.test_dialer = False
@@ -167,6 +227,13 @@ class WireGuardAddon:
             "AllowedIPs. Default: such connections fail.",
         )
         loader.add_option(
+            "wg_via",
+            Sequence[str],
+            [],
+            "Multi-hop: INNER=OUTER sends WireGuard tunnel INNER through tunnel OUTER (both "
+            "wg_conf names) instead of the host network; repeat for more.",
+        )
+        loader.add_option(
             "wg_test_loopback_dialer",
             bool,
             False,
@@ -180,7 +247,7 @@ class WireGuardAddon:
         opts = ctx.options
         if "wg_allow_direct" in updated:
             self.allow_direct = bool(opts.wg_allow_direct)
-        if not updated & {"wg_conf", "wg_test_loopback_dialer"}:
+        if not updated & {"wg_conf", "wg_via", "wg_test_loopback_dialer"}:
             return
         test_dialer = bool(opts.wg_test_loopback_dialer)
         if test_dialer and os.environ.get(TEST_DIALER_ENV) != "1":
@@ -189,9 +256,15 @@ class WireGuardAddon:
                 "in the environment; refusing to start"
             )
         configs = parse_conf_option(opts.wg_conf)
-        if configs == self.configs and test_dialer == self.test_dialer and self.configs:
+        via = parse_via_option(opts.wg_via, list(configs))
+        if (
+            configs == self.configs
+            and via == self.via
+            and test_dialer == self.test_dialer
+            and self.configs
+        ):
             return
-        self.configs, self.test_dialer = configs, test_dialer
+        self.configs, self.via, self.test_dialer = configs, via, test_dialer
         self._routes = sorted(
             (
                 (net, net.prefixlen, name)
@@ -258,8 +331,14 @@ class WireGuardAddon:
             bridge = Bridge()
             await bridge.start()
             self.bridge = bridge
-        make = _loopback_tunnel if self.test_dialer else _real_tunnel
-        errors = await self.bridge.set_tunnels({name: make(c) for name, c in configs.items()})
+        if self.test_dialer:
+            factories = {name: _loopback_tunnel(c) for name, c in configs.items()}
+        else:
+            bridge = self.bridge
+            factories = {
+                name: _real_tunnel(c, self.via.get(name), bridge) for name, c in configs.items()
+            }
+        errors = await self.bridge.set_tunnels(factories)
         for name, error in errors.items():
             where = configs[name].path or name
             if error is None:
@@ -507,6 +586,9 @@ class WireGuardAddon:
                 state += f": {info.error}"
             open_count = f", {info.connections} open" if info is not None else ""
             lines.append(f"  {name} ({config.path}): {state}{open_count}")
+            if name in self.via:
+                chain = " → ".join(["host", *chain_of(name, self.via)])
+                lines.append(f"    via {self.via[name]!r} (multi-hop: {chain})")
             for peer in info.peers if info is not None else ():
                 endpoint = peer.endpoint
                 lines.append(

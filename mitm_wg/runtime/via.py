@@ -195,6 +195,9 @@ class ViaTransport:
             try:
                 data, source = await sock.recvfrom()
             except trio.ClosedResourceError:
+                # When both tunnels are being closed (the usual shutdown), let the pending
+                # cancellation win instead of reporting the outer tunnel's end as an error.
+                await trio.lowlevel.checkpoint()
                 raise OSError(
                     errno.ENETDOWN,
                     f"the outer WireGuard tunnel this one runs through closed ({self.outer!r})",
