@@ -203,7 +203,7 @@ async def run_datagram_flow(
     except Exception as exc:
         connected(exc)
         return
-    remote = (str(address), port)
+    remote = (str(address), port)  # replies' sources come back in this same text form
     stream._socket = sock
     if stream._trio_closed:
         # mitmproxy gave up (cancelled, closed) while we resolved and opened the socket.
@@ -220,7 +220,6 @@ async def run_datagram_flow(
             "endpoint": format_endpoint(peer.endpoint),
         }
     connected(None)
-    expected = (str(address), port)  # sources come back in the same text form
     try:
         while True:
             try:
@@ -230,9 +229,9 @@ async def run_datagram_flow(
             except OSError as e:  # ICMP port unreachable and friends
                 logger.debug("UDP flow to %s:%s: %s", host, port, e)
                 continue
-            batch = [data] if source == expected else []
+            batch = [data] if source == remote else []
             while (item := sock.recvfrom_nowait()) is not None:
-                if item[1] == expected:  # else not from the server we talk to
+                if item[1] == remote:  # else not from the server we talk to
                     batch.append(item[0])
             if batch:
                 to_loop(stream._loop_deliver, batch)
