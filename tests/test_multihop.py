@@ -38,7 +38,9 @@ PREFIX = "mwgmh"
 
 @pytest.fixture(scope="module")
 def hops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExitPeer, InnerExitPeer, Any]]:
-    """The outer exit, the inner exit behind it, and an echo origin on the inner exit."""
+    """The outer exit, the inner exit behind it, and an echo origin on the inner exit.
+
+    Tests using it are marked ``interop`` by hand (conftest marks only its own fixtures)."""
     require_netns()
     workdir = tmp_path_factory.mktemp("multihop")
     with exit_peer(name_prefix=PREFIX) as outer, inner_exit_peer(outer) as inner:
@@ -77,6 +79,7 @@ async def two_hops(
         yield a, b, factory
 
 
+@pytest.mark.interop
 def test_inner_endpoint_unreachable_without_the_outer_tunnel(
     hops: tuple[ExitPeer, InnerExitPeer, Any],
 ) -> None:
@@ -88,6 +91,7 @@ def test_inner_endpoint_unreachable_without_the_outer_tunnel(
     assert outer.ns.exec(["ip", "route", "get", inner.endpoint[0]]).returncode == 0
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("family", [4, 6])
 async def test_origin_behind_the_inner_exit_sees_the_inner_address(
     hops: tuple[ExitPeer, InnerExitPeer, Any], family: int
@@ -125,6 +129,7 @@ def _transport(tunnel: Tunnel) -> ViaTransport:
     return transport
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("family", [4, 6])
 async def test_bulk_both_ways_with_full_sized_packets(
     hops: tuple[ExitPeer, InnerExitPeer, Any], family: int
@@ -144,6 +149,7 @@ async def test_bulk_both_ways_with_full_sized_packets(
         assert _transport(b).send_errors == 0  # no inner datagram was too big for the outer
 
 
+@pytest.mark.interop
 async def test_too_large_configured_mtu_is_lowered(
     hops: tuple[ExitPeer, InnerExitPeer, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -159,6 +165,7 @@ async def test_too_large_configured_mtu_is_lowered(
     assert "inner.conf: MTU 1420 does not fit inside the outer tunnel" in caplog.text
 
 
+@pytest.mark.interop
 async def test_inner_tunnel_ends_when_the_outer_closes(
     hops: tuple[ExitPeer, InnerExitPeer, Any],
 ) -> None:
@@ -191,6 +198,7 @@ async def test_inner_tunnel_ends_when_the_outer_closes(
     assert "outer WireGuard tunnel" in str(errors[0])
 
 
+@pytest.mark.interop
 async def test_inner_endpoint_outside_the_outer_allowed_ips_is_refused(
     hops: tuple[ExitPeer, InnerExitPeer, Any],
 ) -> None:
@@ -231,6 +239,7 @@ def response(flow):
 """
 
 
+@pytest.mark.interop
 def test_mitmdump_wg_via_through_two_hops(
     hops: tuple[ExitPeer, InnerExitPeer, Any], tmp_path: Path
 ) -> None:
