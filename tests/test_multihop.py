@@ -34,6 +34,7 @@ from tests.runtime_helpers import NamespaceSocketFactory, http_get, http_post_js
 
 MB = 1024 * 1024
 PREFIX = "mwgmh"
+INNER_NAME = "inner-exit.test"  # the outer exit's dnsmasq resolves it to the inner endpoint
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,10 @@ def hops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExitPeer, I
     Tests using it are marked ``interop`` by hand (conftest marks only its own fixtures)."""
     require_netns()
     workdir = tmp_path_factory.mktemp("multihop")
-    with exit_peer(name_prefix=PREFIX) as outer, inner_exit_peer(outer) as inner:
+    with (
+        exit_peer(name_prefix=PREFIX, dnsmasq=True, dns_names={INNER_NAME: "10.76.{N}.2"}) as outer,
+        inner_exit_peer(outer) as inner,
+    ):
         with run_origin(inner.ns, workdir, http=[f"{inner.server_tunnel_v4}:80"]) as origin:
             yield outer, inner, origin
 
@@ -196,6 +200,36 @@ async def test_inner_tunnel_ends_when_the_outer_closes(
     assert len(errors) == 1
     assert isinstance(errors[0], OSError) and errors[0].errno == errno.ENETDOWN
     assert "outer WireGuard tunnel" in str(errors[0])
+
+
+@pytest.mark.interop
+async def test_inner_endpoint_hostname_resolves_through_the_outer_tunnel(
+    hops: tuple[ExitPeer, InnerExitPeer, Any],
+) -> None:
+    """An inner ``Endpoint`` given as a name is resolved by the outer tunnel's DNS (the name
+    lives in the outer peer's network), never by the host."""
+    outer, inner, _ = hops
+    nets = f"{outer.tunnel_v4_net}, {inner.transit_v4_net}"
+    outer_conf = WireGuardConfig.parse(outer.client_config_text(allowed_ips=nets))
+    assert outer_conf.dns_servers
+    text = inner.client_config_text(endpoint=(INNER_NAME, inner.endpoint[1]), dns=False)
+    assert f"Endpoint = {INNER_NAME}:" in text
+    factory = NamespaceSocketFactory(outer.client_ns)
+    async with open_tunnel(outer_conf, socket_factory=factory) as a:
+        # Handshake first: the resolver gives each DNS server 2 s, which a first query that
+        # also waits for the WireGuard handshake can exceed on a loaded machine (a property
+        # of the resolver, not of multi-hop).
+        with trio.fail_after(60):
+            stream = await a.open_tcp_stream(outer.server_tunnel_v4, outer.http_port)
+            await stream.aclose()
+        async with open_tunnel(WireGuardConfig.parse(text), via=a) as b:
+            assert b.status().peers[0].endpoint == inner.endpoint
+            with trio.fail_after(60):
+                stream = await b.open_tcp_stream(inner.server_tunnel_v4, inner.http_port)
+                assert (await http_get(stream, "/bytes/1000")).status == 200
+                await stream.aclose()
+    asked = [q for q in outer.dns_queries() if q.name == INNER_NAME]
+    assert asked and {q.client for q in asked} == {outer.client_tunnel_v4}
 
 
 @pytest.mark.interop
