@@ -596,12 +596,18 @@ class Mitmdump:
 
 
 @contextlib.contextmanager
-def run_mitmdump(ns: Any, workdir: Path, *args: str, name: str = "mitmdump") -> Iterator[Mitmdump]:
+def run_mitmdump(
+    ns: Any,
+    workdir: Path,
+    *args: str,
+    name: str = "mitmdump",
+    exit_codes: tuple[int, ...] = (0,),
+) -> Iterator[Mitmdump]:
     """``mitmdump -s addons/mitm_wg.py ARGS`` on 127.0.0.1 (ephemeral port) inside ``ns``.
 
     Waits until it listens; stops it by PID (SIGINT, then the namespace's kill) afterwards.
-    After a block that raised nothing it asserts a clean shutdown: exit status 0 and no
-    traceback anywhere in the log.
+    After a block that raised nothing it asserts a clean shutdown: an exit status in
+    ``exit_codes`` and no traceback anywhere in the log.
     """
     confdir = workdir / f"{name}-conf"
     confdir.mkdir()
@@ -649,7 +655,9 @@ def run_mitmdump(ns: Any, workdir: Path, *args: str, name: str = "mitmdump") -> 
     if clean_exit:
         # Only when the block raised nothing (a failing test keeps its own report).
         text = log.read_text(errors="replace")
-        assert proc.returncode == 0, f"mitmdump exited with {proc.returncode}:\n{text[-3000:]}"
+        assert proc.returncode in exit_codes, (
+            f"mitmdump exited with {proc.returncode}:\n{text[-3000:]}"
+        )
         assert "Traceback" not in text, text[-5000:]
 
 

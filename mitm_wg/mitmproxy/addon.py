@@ -13,6 +13,10 @@ Options (``--set NAME=VALUE``):
     ``auto`` (default), ``tunnel`` or ``off``: how clients' DNS queries are answered in the
     dns/wireguard/local/transparent modes (through the tunnel; see
     :mod:`mitm_wg.mitmproxy.dns`).
+``wg_via``
+    Multi-hop: ``INNER=OUTER`` (repeatable) sends tunnel INNER's WireGuard traffic through
+    tunnel OUTER instead of the host network; both are ``wg_conf`` names. Chains
+    (``C=B``, ``B=A``) work; a loop is an error. See :mod:`mitm_wg.runtime.via`.
 
 A connection whose tunnel is down, starting or misconfigured fails with an error saying why;
 nothing silently falls back to a direct connection. UDP upstreams (DNS, QUIC, ... flows)
@@ -30,8 +34,8 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +108,63 @@ def _open_wireguard_tunnel(config: WireGuardConfig) -> AbstractAsyncContextManag
     return open_tunnel(config)
 
 
+def parse_via_option(values: Sequence[str], names: Sequence[str]) -> dict[str, str]:
+    """``wg_via`` values → ``{inner tunnel: outer tunnel}`` (raises OptionsError)."""
+    via: dict[str, str] = {}
+    for value in values:
+        inner, sep, outer = (part.strip() for part in value.partition("="))
+        if not sep or not inner or not outer:
+            raise exceptions.OptionsError(
+                f"wg_via: {value!r} should be INNER=OUTER (two wg_conf tunnel names)"
+            )
+        for name in (inner, outer):
+            if name not in names:
+                raise exceptions.OptionsError(
+                    f"wg_via: {value!r} names {name!r}, which is not a wg_conf tunnel "
+                    f"(loaded: {', '.join(map(repr, names)) or 'none'})"
+                )
+        if inner in via and via[inner] != outer:
+            raise exceptions.OptionsError(
+                f"wg_via: tunnel {inner!r} cannot go through both {via[inner]!r} and {outer!r}"
+            )
+        via[inner] = outer
+    for start in via:
+        seen = [start]
+        name = start
+        while name in via:
+            name = via[name]
+            if name in seen:
+                loop = " → ".join([*seen[seen.index(name) :], name])
+                raise exceptions.OptionsError(f"wg_via: tunnels go through each other: {loop}")
+            seen.append(name)
+    return via
+
+
+def chain_of(name: str, via: dict[str, str]) -> list[str]:
+    """The tunnels ``name``'s packets pass, from the host network outwards: ``[A, B]`` for
+    ``B`` via ``A``."""
+    chain = [name]
+    while chain[0] in via:
+        chain.insert(0, via[chain[0]])
+    return chain
+
+
+def _open_wireguard_tunnel_via(
+    config: WireGuardConfig, outer: str, bridge: Bridge
+) -> AbstractAsyncContextManager[Any]:
+    """Open ``config``'s tunnel through the running tunnel named ``outer`` (multi-hop)."""
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[Any]:
+        from mitm_wg.runtime import open_tunnel
+
+        outer_tunnel = await bridge.trio_tunnel(outer)
+        async with open_tunnel(config, via=outer_tunnel) as tunnel:
+            yield tunnel
+
+    return opened()
+
+
 def _format_address(address: Any) -> str:
     return format_endpoint(address) if address else "?"
 
@@ -127,6 +188,7 @@ class WireGuardAddon:
 
     def __init__(self, open_tunnel: OpenTunnel | None = None) -> None:
         self.configs: dict[str, WireGuardConfig] = {}
+        self.via: dict[str, str] = {}
         self.bridge: Bridge | None = None
         self.allow_direct = False
         self._open_tunnel = open_tunnel or _open_wireguard_tunnel
@@ -165,6 +227,13 @@ class WireGuardAddon:
             "Connect directly (NOT through WireGuard) to destinations outside every config's "
             "AllowedIPs. Default: such connections fail.",
         )
+        loader.add_option(
+            "wg_via",
+            Sequence[str],
+            [],
+            "Multi-hop: INNER=OUTER sends WireGuard tunnel INNER through tunnel OUTER (both "
+            "wg_conf names) instead of the host network; repeat for more.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx
@@ -172,10 +241,11 @@ class WireGuardAddon:
         opts = ctx.options
         if "wg_allow_direct" in updated:
             self.allow_direct = bool(opts.wg_allow_direct)
-        if "wg_conf" not in updated:
+        if not updated & {"wg_conf", "wg_via"}:
             return
         configs = parse_conf_option(opts.wg_conf)
-        if configs == self.configs and self.configs:
+        via = parse_via_option(opts.wg_via, list(configs))
+        if configs == self.configs and via == self.via and self.configs:
             return
         if configs:
             # Install now so that no connection can slip out directly while tunnels start.
@@ -184,7 +254,7 @@ class WireGuardAddon:
         else:
             logger.info(_USAGE)
             patch.uninstall(self)
-        self.configs = configs
+        self.configs, self.via = configs, via
         self._routes = tunnel_routes(configs)
         self._generation += 1
         if self._ready is not None:
@@ -235,9 +305,16 @@ class WireGuardAddon:
             bridge = Bridge()
             await bridge.start()
             self.bridge = bridge
-        errors = await self.bridge.set_tunnels(
-            {name: functools.partial(self._open_tunnel, c) for name, c in configs.items()}
-        )
+        bridge = self.bridge
+        factories = {
+            name: (
+                functools.partial(_open_wireguard_tunnel_via, c, self.via[name], bridge)
+                if name in self.via
+                else functools.partial(self._open_tunnel, c)
+            )
+            for name, c in configs.items()
+        }
+        errors = await bridge.set_tunnels(factories)
         for name, error in errors.items():
             where = configs[name].path or name
             if error is None:
@@ -456,6 +533,9 @@ class WireGuardAddon:
                 state += f": {info.error}"
             open_count = f", {info.connections} open" if info is not None else ""
             lines.append(f"  {name} ({config.path}): {state}{open_count}")
+            if name in self.via:
+                chain = " → ".join(["host", *chain_of(name, self.via)])
+                lines.append(f"    via {self.via[name]!r} (multi-hop: {chain})")
             for peer in info.peers if info is not None else ():
                 endpoint = peer.endpoint
                 lines.append(

@@ -386,6 +386,19 @@ class Bridge:
         st.ready.set()
         self._publish(st)
 
+    async def trio_tunnel(self, name: str) -> Any:
+        """Trio side: tunnel ``name`` once it is up, for another tunnel that runs through it
+        (multi-hop); ``OSError(ENETDOWN)`` when it is missing or down."""
+        st = self._tunnels.get(name)
+        if st is None:
+            raise OSError(errno.ENETDOWN, f"there is no WireGuard tunnel named {name!r}")
+        await st.ready.wait()
+        if st.tunnel is None:
+            raise OSError(
+                errno.ENETDOWN, f"the WireGuard tunnel {name!r} is down: {st.error or st.state}"
+            )
+        return st.tunnel
+
     async def _trio_poll_status(self, st: _TunnelState) -> None:
         status = getattr(st.tunnel, "status", None)
         while True:

@@ -4,8 +4,12 @@ mitmproxy's ``ConnectionHandler.open_connection`` uses one object as reader and 
 UDP (``mitmproxy_rs.Stream``): ``read()`` returns one datagram, ``write()`` sends one.
 :class:`DatagramStream` offers the same interface on the asyncio side; the trio side owns a
 :class:`~mitm_wg.runtime.tunnel.TunnelUdpSocket` "connected" to one remote address (replies
-from other sources are dropped, as a connected kernel socket does).  Each datagram crosses
-the asyncio/trio line in one scheduled callback.
+from other sources are dropped, as a connected kernel socket does).
+
+Datagrams cross the asyncio/trio line in batches: writes made while the trio side has not yet
+picked up the previous ones ride along with them (one wake-up, one flush of the tunnel, so
+equal-sized QUIC packets can leave in one UDP GSO send), and every datagram the tunnel has
+queued for the flow reaches asyncio in one callback.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ class DatagramStream:
         self._ended = False  # the trio side is gone
         self._closed = loop.create_future()
         self._socket: Any = None  # TunnelUdpSocket, trio side only
+        self._trio_closed = False  # close() reached the trio side (trio side only)
         self._remote: tuple[str, int] | None = None
+        #: Written datagrams the trio side has not picked up yet (appended by asyncio,
+        #: drained by trio; deque append/popleft are atomic).
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._send_scheduled = False
         self.dropped = 0
 
     # -- asyncio side (mitmproxy's calls) ----------------------------------------------------
@@ -66,7 +75,13 @@ class DatagramStream:
     def write(self, data: bytes) -> None:
         if self._closing or self._ended:
             return
-        self._to_trio(self._trio_send, bytes(data))
+        self._outbox.append(bytes(data))
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            try:
+                self._to_trio(self._trio_send)
+            except RuntimeError:  # the bridge is gone: UDP drops silently
+                self._outbox.clear()
 
     async def drain(self) -> None:
         await asyncio.sleep(0)
@@ -106,14 +121,16 @@ class DatagramStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _loop_deliver(self, data: bytes) -> None:
+    def _loop_deliver(self, datagrams: list[bytes]) -> None:
         if self._closing:
             return
-        if len(self._queue) >= MAX_QUEUED:
-            self.dropped += 1
-            return
-        self._queue.append(data)
-        self._wake()
+        room = MAX_QUEUED - len(self._queue)
+        if len(datagrams) > room:
+            self.dropped += len(datagrams) - max(room, 0)
+            datagrams = datagrams[: max(room, 0)]
+        if datagrams:
+            self._queue.extend(datagrams)
+            self._wake()
 
     def _loop_ended(self) -> None:
         self._ended = True
@@ -127,29 +144,47 @@ class DatagramStream:
 
     # -- trio side ---------------------------------------------------------------------------
 
-    def _trio_send(self, data: bytes) -> None:
-        sock = self._socket
-        if sock is None or self._remote is None:
-            return
+    def _trio_send(self) -> None:
+        # Reset before draining: a write that finds the flag still set is drained below.
+        self._send_scheduled = False
+        outbox = self._outbox
+        batch = []
+        while outbox:
+            batch.append(outbox.popleft())
+        sock, remote = self._socket, self._remote
+        if sock is None or remote is None or not batch:
+            return  # not open yet (mitmproxy writes only after the connect) or closed
         try:
-            sock.sendto_nowait(data, self._remote)
+            dropped = sock.sendmany_nowait([(data, remote) for data in batch])
         except (OSError, trio.ClosedResourceError) as e:
-            logger.debug("UDP send to %s failed: %s", self._remote, e)
+            logger.debug("UDP send to %s failed: %s", remote, e)
+            return
+        if dropped:
+            logger.debug("UDP flow to %s: %d datagram(s) dropped", remote, dropped)
 
     def _trio_close(self) -> None:
+        self._trio_closed = True
         if self._socket is not None:
             self._socket.close()
 
 
 async def resolve_for_udp(tunnel: Any, host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address to send a UDP flow to: the first the tunnel's resolver returns that the
-    tunnel has an address family for."""
+    tunnel has an address family for and a peer's AllowedIPs contain.
+
+    A UDP flow cannot try the addresses one after the other as TCP's happy eyeballs does
+    (nothing says a datagram was lost), so an address the tunnel could never send to (a
+    AAAA record with only IPv4 AllowedIPs, say) must not be picked when another one works.
+    """
     addresses = await tunnel.resolve(host)
     families = {iface.version for iface in tunnel.config.addresses}
-    for address in addresses:
-        if address.version in families:
+    usable = [a for a in addresses if a.version in families]
+    if not usable:
+        raise OSError(errno.EADDRNOTAVAIL, f"{host}: no address the tunnel can reach")
+    for address in usable:
+        if tunnel.route(address) is not None:
             return address
-    raise OSError(errno.EADDRNOTAVAIL, f"{host}: no address the tunnel can reach")
+    return usable[0]  # the caller reports it as outside every AllowedIPs
 
 
 async def run_datagram_flow(
@@ -169,8 +204,14 @@ async def run_datagram_flow(
     except Exception as exc:
         connected(exc)
         return
-    remote = (str(address), port)
+    remote = (str(address), port)  # replies' sources come back in this same text form
     stream._socket = sock
+    if stream._trio_closed:
+        # mitmproxy gave up (cancelled, closed) while we resolved and opened the socket.
+        sock.close()
+        connected(trio.ClosedResourceError("the UDP flow was closed while opening"))
+        to_loop(stream._loop_ended)
+        return
     stream._remote = remote
     stream._extra.update(peername=remote, sockname=sock.local_address)
     peer = peer_info(tunnel.route(address))
@@ -186,9 +227,12 @@ async def run_datagram_flow(
             except OSError as e:  # ICMP port unreachable and friends
                 logger.debug("UDP flow to %s:%s: %s", host, port, e)
                 continue
-            if (ipaddress.ip_address(source[0]), source[1]) != (address, port):
-                continue  # not from the server we talk to
-            to_loop(stream._loop_deliver, data)
+            batch = [data] if source == remote else []
+            while (item := sock.recvfrom_nowait()) is not None:
+                if item[1] == remote:  # else not from the server we talk to
+                    batch.append(item[0])
+            if batch:
+                to_loop(stream._loop_deliver, batch)
     finally:
         sock.close()
         to_loop(stream._loop_ended)

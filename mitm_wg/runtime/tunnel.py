@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -30,6 +30,7 @@ from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
+from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
     Device,
     HandshakeCompleted,
@@ -83,6 +84,9 @@ class _Waitable:
 
 class Tunnel:
     """A running WireGuard tunnel with a userspace TCP/IP stack (see :func:`open_tunnel`)."""
+
+    #: The tunnel this one's WireGuard datagrams travel through (multi-hop), else None.
+    via: Tunnel | None = None
 
     def __init__(
         self,
@@ -660,7 +664,12 @@ class _AcceptWaitable(_Waitable):
 
 
 class TunnelUdpSocket(_Waitable):
-    """A UDP socket inside the tunnel."""
+    """A UDP socket inside the tunnel.
+
+    When the tunnel closes, the socket acts closed (``trio.ClosedResourceError``) and a task
+    waiting in :meth:`recvfrom` wakes: a tunnel running *through* this one (multi-hop,
+    :mod:`mitm_wg.runtime.via`) learns of it that way.
+    """
 
     __slots__ = ("_closed", "_sock", "_tunnel", "local_address")
 
@@ -679,12 +688,22 @@ class TunnelUdpSocket(_Waitable):
         self.local_address = (host, sock.local_port)
 
     def _ready(self) -> bool:
-        return self._closed or self._sock.pending > 0 or self._sock.error is not None
+        return (
+            self._closed
+            or self._tunnel._closed
+            or self._sock.pending > 0
+            or self._sock.error is not None
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("UDP socket is closed")
+        if self._tunnel._closed:
+            raise trio.ClosedResourceError("the tunnel of this UDP socket is closed")
 
     def sendto_nowait(self, data: bytes, address: tuple[str, int]) -> None:
         """Send a datagram now (UDP never waits: a full path drops, as with a kernel socket)."""
-        if self._closed:
-            raise trio.ClosedResourceError("UDP socket is closed")
+        self._check_open()
         host, port = address
         ip = ipaddress.ip_address(host)
         if self._tunnel.device.route(ip.packed) is None:
@@ -696,10 +715,44 @@ class TunnelUdpSocket(_Waitable):
         self.sendto_nowait(data, address)
         await trio.lowlevel.checkpoint()
 
+    def sendmany_nowait(self, datagrams: Iterable[tuple[bytes, tuple[str, int]]]) -> int:
+        """Send several datagrams with one flush, so they leave as one batch (UDP GSO).
+
+        A datagram that cannot be sent (outside every AllowedIPs, larger than the path MTU)
+        is dropped, as a kernel socket would drop it; returns how many were dropped.
+        """
+        self._check_open()
+        tunnel, sock = self._tunnel, self._sock
+        now = trio.current_time()
+        routed: dict[str, IPAddress | None] = {}  # each destination checked once per batch
+        dropped = 0
+        for data, (host, port) in datagrams:
+            if host in routed:
+                ip = routed[host]
+            else:
+                ip = ipaddress.ip_address(host)
+                if tunnel.device.route(ip.packed) is None:
+                    ip = None
+                routed[host] = ip
+            if ip is None:
+                dropped += 1
+                continue
+            try:
+                sock.sendto(data, (ip, port), now)
+            except OSError as e:
+                dropped += 1
+                logger.debug("UDP send to %s:%s dropped: %s", host, port, e)
+        tunnel._flush(now)
+        return dropped
+
+    def recvfrom_nowait(self) -> tuple[bytes, tuple[str, int]] | None:
+        """The next queued datagram and its source, or None when none is queued."""
+        self._check_open()
+        return self._sock.recvfrom()
+
     async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
         while True:
-            if self._closed:
-                raise trio.ClosedResourceError("UDP socket is closed")
+            self._check_open()
             item = self._sock.recvfrom()
             if item is not None:
                 await trio.lowlevel.checkpoint()
@@ -817,15 +870,26 @@ async def open_tunnel(
     randbytes: Callable[[int], bytes] = os.urandom,
     tcp_config: TcpConfig | None = None,
     handshake_timeout: float = 10.0,
+    via: Tunnel | None = None,
 ) -> AsyncIterator[Tunnel]:
     """Run a tunnel for ``config`` until the block exits (or is cancelled).
 
     Handshakes happen on demand, when the first packet for a peer is sent.
     ``socket_factory(family)`` creates the UDP socket(s) (default: bound to an ephemeral
     port on all addresses, or the config's ListenPort).
+
+    ``via``: another running tunnel to carry this one's WireGuard datagrams (multi-hop,
+    :mod:`mitm_wg.runtime.via`): the peers' endpoints are reached, and hostnames resolved,
+    through it, and the MTU shrinks by one layer. Close this tunnel before ``via``.
     """
     config.require_peers()
-    endpoints = await _resolve_endpoints(config)
+    if via is None:
+        endpoints = await _resolve_endpoints(config)
+    else:
+        if socket_factory is not None:
+            raise ValueError("open_tunnel: give either socket_factory or via, not both")
+        endpoints = await resolve_endpoints_via(config, via)
+        config = config_via(config, via, endpoints)
     now = trio.current_time()
     device = Device.from_config(
         config,
@@ -848,8 +912,13 @@ async def open_tunnel(
     if not families:
         families = {socket.AF_INET}
     sockets: dict[int, socket.socket] = {}
+    transport: ViaTransport | None = None
     try:
-        for family in families:
+        if via is not None:
+            transport = await ViaTransport.open(
+                via, {6 if f == socket.AF_INET6 else 4 for f in families}, config.listen_port
+            )
+        for family in families if transport is None else ():
             if socket_factory is not None:
                 sock = socket_factory(family)
             elif config.listen_port:
@@ -861,12 +930,20 @@ async def open_tunnel(
             _grow_buffers(sock)
             sockets[family] = sock
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
+        if transport is not None:
+            tunnel.via = via
+            # The inner tunnel's datagrams go into the outer tunnel instead of host sockets.
+            tunnel._send_datagrams = transport.send  # type: ignore[method-assign]
         unwrapped: BaseException | None = None
         try:
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
                 for family, sock in sockets.items():
                     what = f"UDP reader (IPv{6 if family == socket.AF_INET6 else 4})"
                     nursery.start_soon(tunnel._background, what, tunnel._reader, sock)
+                if transport is not None:
+                    # not _background: the outer tunnel closing ends this one with the
+                    # OSError(ENETDOWN) that names it, not as a crash
+                    nursery.start_soon(transport.run, tunnel)
                 nursery.start_soon(tunnel._background, "timer", tunnel._timer)
                 try:
                     yield tunnel
@@ -895,3 +972,5 @@ async def open_tunnel(
     finally:
         for sock in sockets.values():
             sock.close()
+        if transport is not None:
+            transport.close()
