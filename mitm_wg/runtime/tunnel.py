@@ -63,6 +63,17 @@ class TunnelStatus:
     open_connections: int
 
 
+class _PendingConnect:
+    """A connect in SYN_SENT: its peer, when its SYN first left, the SYN timeouts seen."""
+
+    __slots__ = ("peer", "rto_seen", "since")
+
+    def __init__(self, peer: Peer, since: float) -> None:
+        self.peer = peer
+        self.since = since
+        self.rto_seen = 0
+
+
 def _default_socket_factory(family: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
@@ -110,6 +121,7 @@ class Tunnel:
         self._timer_scope: trio.CancelScope | None = None
         self._parked: dict[int, _Waitable] = {}
         self._streams: set[TunnelStream] = set()
+        self._connecting: dict[TcpSocket, _PendingConnect] = {}
         self._failed: dict[bytes, HandshakeFailed] = {}
         self._closed = False
         self.send_errors = 0
@@ -172,18 +184,9 @@ class Tunnel:
         if now is None:
             now = trio.current_time()
         device = self.device
-        out = self._datagrams
-        ip_out = self._ip_out
-        self.stack.poll(now, ip_out)
-        if ip_out:
-            for packet in ip_out:
-                device.send_packet(packet, now, out)
-            ip_out.clear()
-        if out:
-            self._send_datagrams(out)
-            out.clear()
-        if device.events:
-            self._handle_events(device.take_events())
+        self._transmit(now)
+        if device.events and self._handle_events(device.take_events()):
+            self._transmit(now)  # what a new session let go at once
         if self._parked:
             for waitable in list(self._parked.values()):
                 if waitable._ready():
@@ -193,6 +196,40 @@ class Tunnel:
             deadline = self._next_deadline()
             if deadline < scope.deadline:
                 scope.deadline = deadline
+
+    def _transmit(self, now: float) -> None:
+        device = self.device
+        out = self._datagrams
+        ip_out = self._ip_out
+        self.stack.poll(now, ip_out)
+        if ip_out:
+            for packet in ip_out:
+                device.send_packet(packet, now, out)
+            ip_out.clear()
+        if self._connecting:
+            self._check_unanswered_syns(now, out)
+        if out:
+            self._send_datagrams(out)
+            out.clear()
+
+    def _check_unanswered_syns(self, now: float, out: list[Transmit]) -> None:
+        """The fast-recovery rule: a new connection's SYN had to be retransmitted and nothing
+        authenticated came from its peer since the first SYN left. The peer probably lost our
+        session (it restarted), so handshake again now instead of after WireGuard's passive
+        15 s; the device applies the rate limits (``Device.handshake_if_silent``)."""
+        for sock, pending in self._connecting.items():
+            timeouts = sock.stats.rto_expired
+            if timeouts == pending.rto_seen or sock.state is not TcpState.SYN_SENT:
+                continue
+            pending.rto_seen = timeouts
+            peer = pending.peer
+            if self.device.handshake_if_silent(peer, pending.since, now, out):
+                logger.info(
+                    "no answer from WireGuard peer %s at %s since a new connection's SYN: "
+                    "handshaking again now",
+                    peer.public_key_b64,
+                    format_endpoint(peer.endpoint),
+                )
 
     def _send_datagrams(self, out: list[Transmit]) -> None:
         """Send, coalescing runs of equal-sized datagrams to one endpoint into one UDP GSO
@@ -242,11 +279,18 @@ class Tunnel:
                 logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
             i = j
 
-    def _handle_events(self, events: list) -> None:
+    def _handle_events(self, events: list) -> bool:
+        """Log and act on device events; True if TCP segments are now due (poll again)."""
+        kicked = 0
         for event in events:
             if isinstance(event, HandshakeCompleted):
                 peer = event.peer
                 self._failed.pop(peer.public_key, None)
+                # A working session: connections waiting out a backed-off retransmission
+                # timer towards this peer (a pending SYN above all) retransmit now.
+                kicked += self.stack.retransmit_now(
+                    lambda addr, p=peer, route=self.device.route: route(addr) is p
+                )
                 what = "rekeyed" if peer.handshakes_completed > 1 else "handshake completed"
                 logger.info(
                     "WireGuard %s with peer %s at %s",
@@ -264,6 +308,7 @@ class Tunnel:
                 )
             elif isinstance(event, KeysZeroed):
                 logger.debug("keys of peer %s erased", event.peer.public_key_b64)
+        return kicked > 0
 
     async def _park(self, waitable: _Waitable, deadline: float = _NEVER) -> None:
         self._parked[id(waitable)] = waitable
@@ -334,6 +379,7 @@ class Tunnel:
         sock = self.stack.tcp_connect(address, port, started)
         stream = TunnelStream(self, sock, peer)
         stream._waiting_for.add("connect")
+        self._connecting[sock] = _PendingConnect(peer, started)
         self._flush(started)
         deadline = started + timeout
         handshake_deadline = started + self.handshake_timeout
@@ -368,10 +414,12 @@ class Tunnel:
                 wake = deadline if peer.current is not None else min(deadline, handshake_deadline)
                 await self._park(stream, wake)
         except BaseException:
+            del self._connecting[sock]
             if not sock.is_closed:
                 sock.abort(trio.current_time())
                 self._flush()
             raise
+        del self._connecting[sock]
         stream._waiting_for.clear()
         self._streams.add(stream)
         return stream

@@ -72,6 +72,7 @@ class Peer:
         "last_initiation_received",
         "last_initiation_sent",
         "last_initiation_timestamp",
+        "last_received",
         "need_another_keepalive",
         "new_handshake_at",
         "next",
@@ -85,6 +86,9 @@ class Peer:
         "rx_bytes",
         "send_keepalive_at",
         "sent_last_minute_handshake",
+        "silence_handshake_at",
+        "silence_handshakes",
+        "silent_since",
         "tx_bytes",
         "zero_keys_at",
     )
@@ -127,6 +131,10 @@ class Peer:
         self.zero_keys_at: float | None = None
         self.persistent_keepalive_at: float | None = None
         self.need_another_keepalive = False
+        # Device.handshake_if_silent, held back by the rate limit: retry then, unless
+        # something authenticated arrived after silent_since.
+        self.silence_handshake_at: float | None = None
+        self.silent_since = float("-inf")
 
         # Counters.
         self.rx_bytes = 0
@@ -134,6 +142,10 @@ class Peer:
         self.last_handshake: float | None = None
         self.handshake_attempts_total = 0
         self.handshakes_completed = 0
+        #: `now` of the last authenticated packet from the peer (any message type).
+        self.last_received = float("-inf")
+        #: Handshakes started by :meth:`Device.handshake_if_silent`.
+        self.silence_handshakes = 0
 
     @property
     def public_key_b64(self) -> str:
@@ -171,6 +183,7 @@ class Peer:
                 self.new_handshake_at,
                 self.zero_keys_at,
                 self.persistent_keepalive_at,
+                self.silence_handshake_at,
             )
             if d is not None
         ]
@@ -193,8 +206,9 @@ class Peer:
     def on_authenticated_packet_sent(self) -> None:
         self.send_keepalive_at = None
 
-    def on_authenticated_packet_received(self) -> None:
+    def on_authenticated_packet_received(self, now: float) -> None:
         self.new_handshake_at = None
+        self.last_received = now
 
     def on_authenticated_packet_traversal(self, now: float) -> None:
         if self.persistent_keepalive:
