@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -507,15 +508,9 @@ class WireGuardAddon:
                 state += f": {info.error}"
             open_count = f", {info.connections} open" if info is not None else ""
             lines.append(f"  {name} ({config.path}): {state}{open_count}")
+            now = time.time()  # handshake ages as `wg show` gives them, from wall-clock times
             for peer in info.peers if info is not None else ():
-                endpoint = peer.endpoint
-                lines.append(
-                    f"    peer {peer.public_key} endpoint "
-                    f"{_format_address(endpoint) if endpoint else '(none)'} "
-                    f"session={'yes' if peer.has_session else 'no'} "
-                    f"handshakes={peer.handshakes_completed} "
-                    f"rx={peer.rx_bytes} tx={peer.tx_bytes}"
-                )
+                lines.append(f"    {peer.describe(now)}")
         text = "\n".join(lines)
         logger.info(text)
         return text

@@ -59,8 +59,21 @@ _NEVER = float("inf")
 
 @dataclass(frozen=True, slots=True)
 class TunnelStatus:
+    """A snapshot of a tunnel; ``str()`` renders it in the manner of `wg show`."""
+
     peers: list[PeerStatus]
     open_connections: int
+    #: Wall-clock (Unix) time the snapshot was taken: handshake ages are relative to it.
+    unix_time: float = 0.0
+
+    def handshake_age(self, peer: PeerStatus) -> float | None:
+        """Seconds from ``peer``'s last completed handshake to this snapshot, or None."""
+        return peer.handshake_age(self.unix_time)
+
+    def __str__(self) -> str:
+        lines = [f"{self.open_connections} open connection(s)"]
+        lines += [f"  {peer.describe(self.unix_time)}" for peer in self.peers]
+        return "\n".join(lines)
 
 
 class _PendingConnect:
@@ -326,7 +339,7 @@ class Tunnel:
         return self.device.route(ipaddress.ip_address(address).packed)
 
     def status(self) -> TunnelStatus:
-        return TunnelStatus(self.device.status(), len(self._streams))
+        return TunnelStatus(self.device.status(), len(self._streams), time.time())
 
     async def resolve(self, name: str) -> list[IPAddress]:
         """Addresses for ``name`` (an IP literal is returned as it is)."""

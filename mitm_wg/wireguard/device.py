@@ -227,7 +227,8 @@ class Device:
         return self._routes.lookup(destination)
 
     def status(self) -> list[PeerStatus]:
-        return [peer.status() for peer in self.peers.values()]
+        offset = self._unix_time_offset
+        return [peer.status(offset) for peer in self.peers.values()]
 
     def take_events(self) -> list[Event]:
         events, self.events = self.events, []

@@ -39,6 +39,34 @@ def format_endpoint(endpoint: Endpoint | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def format_age(seconds: float) -> str:
+    """How long ago, as `wg show` says it but shorter: "12 s ago", "3 min 5 s ago",
+    "2 h 1 min ago", "3 d 4 h ago" (a clock that stepped back reads "0 s ago")."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s ago"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s} s ago"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m} min ago"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h ago"
+
+
+def format_bytes(n: int) -> str:
+    """A byte count as `wg show` prints transfer: B, then KiB/MiB/GiB/TiB with 2 decimals."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.2f} {unit}"
+    return f"{value / 1024:.2f} TiB"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerStatus:
     """A snapshot for status output (no key material besides the public key)."""
@@ -52,6 +80,28 @@ class PeerStatus:
     handshake_attempts: int
     handshakes_completed: int
     has_session: bool
+    #: Wall-clock (Unix) time of the last completed handshake: ``last_handshake`` plus the
+    #: device's ``unix_time_offset``. Compare with ``time.time()`` for its age.
+    last_handshake_unix: float | None = None
+
+    def handshake_age(self, unix_now: float) -> float | None:
+        """Seconds since the last completed handshake at wall-clock ``unix_now``, or None."""
+        if self.last_handshake_unix is None:
+            return None
+        return max(0.0, unix_now - self.last_handshake_unix)
+
+    def describe(self, unix_now: float) -> str:
+        """One line in the manner of `wg show`'s peer section, ages at wall-clock ``unix_now``:
+        ``peer KEY endpoint 198.51.100.7:51820 session=yes latest handshake: 12 s ago,
+        transfer: 1.20 MiB received, 316.00 KiB sent, handshakes=3``."""
+        age = self.handshake_age(unix_now)
+        handshake = "never" if age is None else format_age(age)
+        return (
+            f"peer {self.public_key} endpoint {format_endpoint(self.endpoint)} "
+            f"session={'yes' if self.has_session else 'no'} latest handshake: {handshake}, "
+            f"transfer: {format_bytes(self.rx_bytes)} received, "
+            f"{format_bytes(self.tx_bytes)} sent, handshakes={self.handshakes_completed}"
+        )
 
 
 class Peer:
@@ -154,7 +204,9 @@ class Peer:
     def __repr__(self) -> str:
         return f"<Peer {self.public_key_b64} endpoint={self.endpoint}>"
 
-    def status(self) -> PeerStatus:
+    def status(self, unix_time_offset: float | None = None) -> PeerStatus:
+        """A snapshot; ``unix_time_offset`` (the device's) turns ``now`` values into Unix time."""
+        last = self.last_handshake
         return PeerStatus(
             public_key=self.public_key_b64,
             endpoint=self.endpoint,
@@ -165,6 +217,9 @@ class Peer:
             handshake_attempts=self.handshake_attempts_total,
             handshakes_completed=self.handshakes_completed,
             has_session=self.current is not None,
+            last_handshake_unix=(
+                None if last is None or unix_time_offset is None else last + unix_time_offset
+            ),
         )
 
     def enqueue(self, packet: bytes) -> None:
