@@ -70,7 +70,12 @@ def test_silent_peer_gets_a_fresh_handshake_at_the_first_syn_retransmit() -> Non
     out: list[Transmit] = []
     assert p.a.handshake_if_silent(p.a_peer, t0, p.now, out)
     p._collect("a", out)
+    # the old session is suspect now: what is sent next waits for the new one
+    retry = ipv4_udp(A_ADDR, B_ADDR, b"DNS retry")
+    p.send("a", retry)
+    assert [messages.message_type(d) for _, d, _ in p.wire] == [1] and p.a_peer.session_suspect
     p.deliver()
+    assert retry in p.b_received and not p.a_peer.session_suspect
     assert initiations_from_a(p) == 1
     assert p.a_peer.current is not old and p.a_peer.last_handshake == t0 + 1.0
     assert p.a_peer.silence_handshakes == 1

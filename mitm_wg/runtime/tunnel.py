@@ -244,6 +244,21 @@ class Tunnel:
                     format_endpoint(peer.endpoint),
                 )
 
+    def unanswered(self, address: str | IPAddress, since: float) -> None:
+        """Something sent through the tunnel to ``address`` at ``since`` (trio time) got no
+        answer in time (the DNS resolver's UDP timeout): the SYN rule's check for datagrams."""
+        peer = self.device.route(ipaddress.ip_address(address).packed)
+        if peer is None or self._closed:
+            return
+        now = trio.current_time()
+        if self.device.handshake_if_silent(peer, since, now, self._datagrams):
+            logger.info(
+                "no answer from WireGuard peer %s at %s since a DNS query: handshaking again now",
+                peer.public_key_b64,
+                format_endpoint(peer.endpoint),
+            )
+        self._flush(now)
+
     def _send_datagrams(self, out: list[Transmit]) -> None:
         """Send, coalescing runs of equal-sized datagrams to one endpoint into one UDP GSO
         send (a single syscall; the kernel splits it), as wireguard-go does on Linux."""

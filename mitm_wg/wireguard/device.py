@@ -273,6 +273,7 @@ class Device:
         keypair = peer.current
         if (
             keypair is None
+            or peer.session_suspect
             or peer.endpoint is None
             or now - keypair.created >= REJECT_AFTER_TIME
             or keypair.send_counter >= REJECT_AFTER_MESSAGES
@@ -327,6 +328,10 @@ class Device:
         outstanding (its retransmission timer runs), and never within REKEY_TIMEOUT of the
         last initiation; then the handshake is armed for that moment (dropped if the peer
         speaks first). Returns whether an initiation went out now.
+
+        Once it went out, the current session is suspect: packets wait in the queue for the
+        new one (a round trip if the peer is alive) instead of vanishing on the old one, so a
+        retry right after a timeout (a DNS query, another SYN) gets through.
         """
         if peer.last_received >= since or peer.handshake is not None:
             return False
@@ -338,6 +343,7 @@ class Device:
         peer.silence_handshake_at = None
         self._initiate(peer, now, out, retry=False)
         peer.silence_handshakes += 1
+        peer.session_suspect = True
         return True
 
     def _new_index(self, peer: Peer | None = None) -> int:

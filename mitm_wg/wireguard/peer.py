@@ -136,6 +136,7 @@ class Peer:
         "rx_bytes",
         "send_keepalive_at",
         "sent_last_minute_handshake",
+        "session_suspect",
         "silence_handshake_at",
         "silence_handshakes",
         "silent_since",
@@ -185,6 +186,9 @@ class Peer:
         # something authenticated arrived after silent_since.
         self.silence_handshake_at: float | None = None
         self.silent_since = float("-inf")
+        #: Set when that rule started a handshake: send nothing more on the current session,
+        #: queue it for the next one (cleared when a handshake completes).
+        self.session_suspect = False
 
         # Counters.
         self.rx_bytes = 0
@@ -278,6 +282,7 @@ class Peer:
         self.handshake_attempts = 0
         self.handshake_started = None
         self.sent_last_minute_handshake = False
+        self.session_suspect = False
         self.last_handshake = now
         self.handshakes_completed += 1
 
