@@ -1,7 +1,8 @@
 """The ``mitm-wg`` command line.
 
 ``mitm-wg check CONFIG [--url URL]``: handshake with every peer of a wg-quick config over a
-real UDP socket and report; with ``--url``, also fetch a URL through the tunnel (our TCP/IP
+real UDP socket, on the trio runtime the addon uses (:func:`mitm_wg.runtime.open_tunnel`),
+and report; with ``--url``, also fetch a URL through the tunnel (our TCP/IP
 stack, names resolved by the tunnel's DNS servers) and print status, size, time to first byte
 and speed.  Exits non-zero with one line of explanation when something is wrong.
 """
@@ -11,17 +12,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import select
-import socket
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
 from mitm_wg.errors import ConfigError
-from mitm_wg.wireguard.device import Device, HandshakeCompleted
-from mitm_wg.wireguard.peer import Endpoint, Peer, format_endpoint
+from mitm_wg.wireguard.peer import Peer
 
 MAX_CHECK_TIMEOUT = 20.0
 
@@ -33,106 +30,63 @@ class CheckFailed(Exception):
 @dataclass
 class PeerResult:
     peer: Peer
-    endpoint: Endpoint
+    endpoint: Endpoint | None
     started: float
     completed: float | None = None
-
-
-def resolve_endpoint(host: str, port: int) -> Endpoint:
-    """The endpoint's IP, resolved by the host (the endpoint itself is outside the tunnel)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as e:
-        raise CheckFailed(f"cannot resolve endpoint {host}:{port}: {e.strerror}") from None
-    # Prefer IPv4 when both exist: most VPN endpoints answer there.
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    address = infos[0][4]
-    return (str(address[0]), int(address[1]))
+    error: OSError | None = None
 
 
 def check(config: WireGuardConfig, timeout: float, out=sys.stdout) -> None:
-    """Handshake with every peer that has an endpoint; raise CheckFailed on any failure."""
+    """Handshake with every peer through the trio runtime (the same tunnel the addon runs);
+    print one line per peer and raise CheckFailed on any failure."""
+    import trio
+
+    trio.run(_check, config, timeout, out)
+
+
+async def _check(config: WireGuardConfig, timeout: float, out) -> None:
+    import trio
+
+    from mitm_wg.errors import HandshakeTimeout
+    from mitm_wg.runtime import open_tunnel
+
     config.require_peers()
-    endpoints: dict[bytes, Endpoint] = {}
     for pc in config.peers:
         if pc.endpoint is None:
             raise CheckFailed(
                 f"peer {pc.public_key_b64} has no Endpoint: mitm-wg must know where to send "
                 "the handshake"
             )
-        endpoints[pc.public_key] = resolve_endpoint(pc.endpoint.host, pc.endpoint.port)
-    device = Device.from_config(
-        config, endpoints=endpoints, unix_time_offset=time.time() - time.monotonic()
-    )
-    sockets: dict[int, socket.socket] = {}
-    try:
-        for host, _ in endpoints.values():
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            if family not in sockets:
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-                sock.bind(
-                    ("::" if family == socket.AF_INET6 else "0.0.0.0", config.listen_port or 0)
-                )
-                sock.setblocking(False)
-                sockets[family] = sock
-        _run_check(device, sockets, endpoints, timeout, out)
-    finally:
-        for sock in sockets.values():
-            sock.close()
+    results: list[PeerResult] = []
 
-
-def _send(sockets: dict[int, socket.socket], datagrams: list[tuple[bytes, Endpoint]]) -> None:
-    for data, (host, port) in datagrams:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    async def handshake(tunnel, result: PeerResult) -> None:
+        result.started = trio.current_time()
         try:
-            sockets[family].sendto(data, (host, port))
+            result.completed = await tunnel.handshake(result.peer)
+        except HandshakeTimeout:
+            pass
         except OSError as e:
-            raise CheckFailed(
-                f"cannot send to {format_endpoint((host, port))}: {e.strerror}"
-            ) from None
-    datagrams.clear()
+            result.error = e
+
+    try:
+        async with open_tunnel(config, handshake_timeout=timeout) as tunnel:
+            for pc in config.peers:
+                peer = tunnel.device.peers[pc.public_key]
+                results.append(PeerResult(peer, peer.endpoint, trio.current_time()))
+            async with trio.open_nursery() as nursery:
+                for result in results:
+                    nursery.start_soon(handshake, tunnel, result)
+    except OSError as e:  # an endpoint that does not resolve, a ListenPort in use, ...
+        raise CheckFailed(e.strerror or str(e)) from None
+    _report(results, timeout, out)
 
 
-def _run_check(
-    device: Device,
-    sockets: dict[int, socket.socket],
-    endpoints: dict[bytes, Endpoint],
-    timeout: float,
-    out,
-) -> None:
-    start = time.monotonic()
-    results = {key: PeerResult(device.peers[key], ep, start) for key, ep in endpoints.items()}
-    pending: list[tuple[bytes, Endpoint]] = []
-    for result in results.values():
-        device.connect(result.peer, start, pending)
-    _send(sockets, pending)
-    deadline = start + timeout
-    packets: list[bytes] = []
-    while any(r.completed is None for r in results.values()):
-        now = time.monotonic()
-        if now >= deadline:
-            break
-        wake = min(deadline, device.next_deadline() or deadline)
-        readable, _, _ = select.select(list(sockets.values()), [], [], max(0.0, wake - now))
-        now = time.monotonic()
-        for sock in readable:
-            while True:
-                try:
-                    data, address = sock.recvfrom(65535)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    break
-                device.receive_datagram(data, (address[0], address[1]), now, pending, packets)
-        device.poll(now, pending)
-        _send(sockets, pending)
-        for event in device.take_events():
-            if isinstance(event, HandshakeCompleted):
-                result = results.get(event.peer.public_key)
-                if result is not None and result.completed is None:
-                    result.completed = now
+def _report(results: list[PeerResult], timeout: float, out) -> None:
+    for result in results:
+        if result.error is not None:
+            raise CheckFailed(result.error.strerror or str(result.error))
     failed = []
-    for result in results.values():
+    for result in results:
         name = result.peer.public_key_b64
         ep = format_endpoint(result.endpoint)
         if result.completed is not None:

@@ -24,8 +24,6 @@ never executed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import logging
 import os
@@ -33,11 +31,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from typing import Any, NamedTuple
 
 from mitm_wg.errors import ConfigError
+from mitm_wg.keys import KEY_LEN, decode_key, encode_key, generate_private_key, public_key_of
 
 __all__ = [
     "KEY_LEN",
@@ -50,6 +47,7 @@ __all__ = [
     "WireGuardConfig",
     "decode_key",
     "encode_key",
+    "format_endpoint",
     "generate_private_key",
     "public_key_of",
 ]
@@ -60,8 +58,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: Length of every WireGuard key (private, public, preshared) in bytes.
-KEY_LEN = 32
 #: Larger files are refused: a real configuration is a few hundred bytes per peer.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -72,50 +68,7 @@ KEEPALIVE_MAX = 65535
 
 
 # ---------------------------------------------------------------------------------------------
-# Keys
-
-
-def generate_private_key(randbytes: Callable[[int], bytes] = os.urandom) -> bytes:
-    """Return a new X25519 private key (32 raw bytes, clamped as ``wg genkey`` does)."""
-    raw = bytearray(randbytes(KEY_LEN))
-    if len(raw) != KEY_LEN:
-        raise ValueError(f"randbytes returned {len(raw)} bytes, expected {KEY_LEN}")
-    raw[0] &= 248
-    raw[31] = (raw[31] & 127) | 64
-    return bytes(raw)
-
-
-def public_key_of(private: bytes) -> bytes:
-    """Return the X25519 public key (32 raw bytes) belonging to a 32-byte private key."""
-    if not isinstance(private, bytes | bytearray | memoryview) or len(private) != KEY_LEN:
-        raise ValueError(f"a private key must be {KEY_LEN} bytes")
-    return X25519PrivateKey.from_private_bytes(bytes(private)).public_key().public_bytes_raw()
-
-
-def encode_key(raw: bytes) -> str:
-    """Return the base64 text form of a 32-byte key, as ``wg`` prints it."""
-    if not isinstance(raw, bytes | bytearray | memoryview) or len(raw) != KEY_LEN:
-        raise ValueError(f"a key must be {KEY_LEN} bytes")
-    return base64.b64encode(bytes(raw)).decode("ascii")
-
-
-def decode_key(text: str) -> bytes:
-    """Decode a base64 key into 32 raw bytes.
-
-    Raises ValueError for text that is not base64 or does not encode exactly 32 bytes. The
-    message never contains the text.
-    """
-    if not isinstance(text, str):
-        raise TypeError("a key must be given as a str")
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not valid base64") from None
-    if len(raw) != KEY_LEN:
-        raise ValueError(
-            f"wrong key length: decodes to {len(raw)} bytes, a key must be {KEY_LEN} bytes"
-        )
-    return raw
+# Keys (defined in mitm_wg.keys, re-exported here)
 
 
 def _check_key(value: object, what: str) -> None:
@@ -153,33 +106,55 @@ def _parse_uint(text: str, low: int, high: int) -> int:
     return number
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where a peer's UDP datagrams go: an IP literal (no brackets) or a hostname, and a port.
+def format_endpoint(endpoint: tuple[object, int] | None) -> str:
+    """``host:port``, with brackets around an IPv6 host: the one way mitm-wg writes an
+    endpoint or socket address (an :class:`Endpoint`, or any ``(host, port, ...)`` tuple)."""
+    if endpoint is None:
+        return "(no endpoint)"
+    host, port = str(endpoint[0]), endpoint[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    Hostnames are not resolved here; the runtime does that.
-    """
 
+class _EndpointFields(NamedTuple):
     host: str
     port: int
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host:
+
+class Endpoint(_EndpointFields):
+    """Where a peer's UDP datagrams go: an IP literal (no brackets) or a hostname, and a port.
+
+    The one endpoint type of mitm-wg, from the config file to the WireGuard core. It is a
+    ``(host, port)`` named tuple, so a resolved endpoint is the socket address itself
+    (``sock.sendto(data, endpoint)``) and compares equal to the plain tuple ``recvfrom``
+    returns. Construction validates; :meth:`of` wraps an address a socket returned without
+    re-checking it. Hostnames are not resolved here; the runtime does that.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, host: str, port: int) -> Endpoint:
+        if not isinstance(host, str) or not host:
             raise ValueError("Endpoint.host must be a non-empty str")
         try:
-            canonical = str(ipaddress.ip_address(self.host))
+            canonical = str(ipaddress.ip_address(host))
         except ValueError:
-            if not _is_hostname(self.host):
+            if not _is_hostname(host):
                 raise ValueError(
                     "Endpoint.host must be an IP address (without brackets) or a hostname"
                 ) from None
         else:
             # "2001:DB8:0::1" and "2001:db8::1" are the same endpoint: compare equal.
-            object.__setattr__(self, "host", canonical)
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            host = canonical
+        if isinstance(port, bool) or not isinstance(port, int):
             raise ValueError("Endpoint.port must be an int")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is out of range (1..65535)")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range (1..65535)")
+        return tuple.__new__(cls, (host, port))
+
+    @classmethod
+    def of(cls, address: tuple[str, int]) -> Endpoint:
+        """An Endpoint for the ``(ip, port)`` of a received datagram (not re-validated)."""
+        return tuple.__new__(cls, (address[0], address[1]))
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -229,9 +204,7 @@ class Endpoint:
         return cls(host, port)
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_endpoint(self)
 
 
 # ---------------------------------------------------------------------------------------------

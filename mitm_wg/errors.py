@@ -28,3 +28,19 @@ class ConfigError(MitmWgError, ValueError):
 
 class HandshakeTimeout(MitmWgError, TimeoutError):
     """A WireGuard peer did not answer handshake initiations in time."""
+
+
+class NoRoute(MitmWgError, OSError):
+    """A destination is outside every WireGuard peer's AllowedIPs, so nothing was sent.
+
+    Raised as ``NoRoute(errno.ENETUNREACH, message)`` by the runtime (and by the addon for a
+    destination outside every loaded config). It is the only signal the addon reads to
+    decide that a direct connection is allowed (``wg_allow_direct``): other errors, whatever
+    their text, fail closed.
+    """
+
+
+class TunnelCrashed(MitmWgError, RuntimeError):
+    """A background task of a running tunnel (a UDP reader, the timer) crashed: a bug in
+    mitm-wg, never the caller's own exception. The tunnel is gone; ``__cause__`` is the
+    original exception."""

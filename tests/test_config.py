@@ -319,6 +319,23 @@ def test_generate_private_key_is_clamped_and_uses_randbytes() -> None:
         generate_private_key(lambda n: bytes(n - 1))
 
 
+def test_keys_are_defined_once_for_config_and_core() -> None:
+    # Clamping and public-key derivation live in mitm_wg.keys; config and the WireGuard core
+    # use that one definition (issue 11).
+    from mitm_wg import config, keys
+    from mitm_wg.wireguard import crypto
+
+    assert config.public_key_of is keys.public_key_of is crypto.dh_public
+    assert config.generate_private_key is keys.generate_private_key
+    assert crypto.KEY_LEN == config.KEY_LEN == keys.KEY_LEN == 32
+    raw = bytes(range(0xE0, 0x100))
+    private, public = crypto.dh_generate(lambda n: raw[:n])
+    assert private == keys.clamp(raw) == generate_private_key(lambda n: raw[:n])
+    assert public == public_key_of(private)
+    with pytest.raises(ValueError):
+        crypto.dh_generate(lambda n: bytes(n - 1))
+
+
 def test_encode_decode_key() -> None:
     raw = k(MULTI_PRIV)
     assert encode_key(raw) == MULTI_PRIV
@@ -418,6 +435,30 @@ def test_endpoint_constructor_checks() -> None:
     assert Endpoint("2001:DB8:0::1", 1).host == "2001:db8::1"
     assert Endpoint("2001:DB8:0::1", 1) == Endpoint("2001:db8::1", 1)
     assert Endpoint("WG.Example.com", 1).host == "WG.Example.com"
+
+
+def test_one_endpoint_type_and_one_formatter() -> None:
+    # One Endpoint type from the config file to the WireGuard core, and one formatter
+    # (issue 11): the core has no tuple alias of its own.
+    import mitm_wg.wireguard as wg
+    from mitm_wg.config import format_endpoint
+    from mitm_wg.wireguard import cookie, peer
+
+    assert wg.Endpoint is Endpoint
+    assert not hasattr(cookie, "Endpoint")  # annotations only
+    assert peer.Endpoint is Endpoint and peer.format_endpoint is format_endpoint
+    ep = Endpoint("2001:DB8::1", 51820)
+    assert isinstance(ep, tuple) and ep == ("2001:db8::1", 51820)  # a socket address as is
+    host, port = ep
+    assert (host, port) == (ep.host, ep.port)
+    assert Endpoint.of(("192.0.2.9", 7)) == Endpoint("192.0.2.9", 7)
+    assert type(Endpoint.of(("192.0.2.9", 7))) is Endpoint
+    assert str(ep) == format_endpoint(ep) == "[2001:db8::1]:51820"
+    assert format_endpoint(("198.51.100.7", 1)) == "198.51.100.7:1"
+    assert format_endpoint(("fe80::1", 80, 0, 2)) == "[fe80::1]:80"  # AF_INET6 sockname
+    assert format_endpoint(None) == "(no endpoint)"
+    with pytest.raises(AttributeError):
+        ep.port = 1  # type: ignore[misc]
 
 
 def test_dataclass_constructor_checks() -> None:

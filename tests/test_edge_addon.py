@@ -1,28 +1,32 @@
 """The mitm-wg addon: options, routing decisions, fail-closed behaviour, metadata, status.
 
-Runs the addon in mitmproxy's test context with the TEST-ONLY loopback dialer (no tunnel),
-against asyncio servers on loopback addresses.
+Runs the addon in mitmproxy's test context with the test-side loopback dialer
+(tests/loopback_addon.py: no tunnel) against asyncio servers on loopback addresses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from mitmproxy import exceptions
 from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
 from mitm_wg.config import encode_key, generate_private_key, public_key_of
+from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy import patch
-from mitm_wg.mitmproxy.addon import TEST_DIALER_ENV, WireGuardAddon
-from mitm_wg.mitmproxy.bridge import ENV_MODE
+from mitm_wg.mitmproxy.addon import WireGuardAddon
+from mitm_wg.mitmproxy.bridge import ENV_MODE, dialer_tunnel
 from mitm_wg.mitmproxy.routing import METADATA_KEY, use_tunnel
+from tests.loopback_addon import open_loopback_tunnel
 
 
 def write_conf(path: Path, allowed: str) -> str:
@@ -50,9 +54,8 @@ def _clean_patch() -> Iterator[None]:
     patch.uninstall()
 
 
-@pytest.fixture
-def test_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TEST_DIALER_ENV, "1")
+def loopback_addon() -> WireGuardAddon:
+    return WireGuardAddon(open_tunnel=open_loopback_tunnel)
 
 
 async def echo_server(host: str) -> tuple[asyncio.Server, int]:
@@ -87,20 +90,50 @@ def test_without_wg_conf_nothing_changes(caplog: pytest.LogCaptureFixture) -> No
     asyncio.run(main())
 
 
-def test_test_dialer_needs_the_environment(
-    confs: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv(TEST_DIALER_ENV, raising=False)
+def test_the_shipped_addon_has_no_test_dialer() -> None:
+    # The loopback dialer lives in tests/ (issue 11): the shipped addon has no option for it.
+    import mitm_wg.mitmproxy.addon as shipped
 
     async def main() -> None:
         addon = WireGuardAddon()
         with taddons.context(addon) as tctx:
-            with pytest.raises(exceptions.OptionsError, match=TEST_DIALER_ENV):
-                tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
-            assert not addon.test_dialer
+            assert {"wg_conf", "wg_allow_direct"} <= set(tctx.options.keys())
+            assert not any("test" in name or "dialer" in name for name in tctx.options.keys())
             addon.done()
 
     asyncio.run(main())
+    source = Path(shipped.__file__).read_text()
+    assert "loopback" not in source.lower() and "TEST" not in source
+
+
+def test_routing_table_is_the_cores_longest_prefix_table(tmp_path: Path) -> None:
+    # One routing table type for the core and the edge (issue 11): the addon routes tunnel
+    # names with wireguard.allowed_ips.AllowedIPs.
+    from mitm_wg.config import WireGuardConfig
+    from mitm_wg.mitmproxy.addon import tunnel_routes
+    from mitm_wg.wireguard.allowed_ips import AllowedIPs
+
+    configs = {
+        "a": WireGuardConfig.from_file(
+            write_conf(tmp_path / "a.conf", "10.0.0.0/8, 2001:db8::/32")
+        ),
+        "b": WireGuardConfig.from_file(write_conf(tmp_path / "b.conf", "10.1.0.0/16, ::/0")),
+        "c": WireGuardConfig.from_file(write_conf(tmp_path / "c.conf", "10.1.0.0/16")),
+    }
+    routes = tunnel_routes(configs)
+    assert isinstance(routes, AllowedIPs)
+    lookup = routes.lookup_ip
+    assert lookup(ipaddress.ip_address("10.2.3.4")) == "a"
+    assert lookup(ipaddress.ip_address("10.1.3.4")) == "b"  # same prefix in b and c: first wins
+    assert lookup(ipaddress.ip_address("2001:db8::1")) == "a"  # longer than b's ::/0
+    assert lookup(ipaddress.ip_address("2001:db9::1")) == "b"
+    assert lookup(ipaddress.ip_address("192.0.2.1")) is None
+
+    addon = WireGuardAddon()
+    addon.configs, addon._routes = configs, routes
+    assert addon.route_for_address("10.1.0.1") == "b"
+    assert addon.route_for_address("fe80::1%eth0") == "b"
+    assert addon.route_for_address("example.com") == "a"  # hostnames: the first tunnel
 
 
 def test_bad_config_is_an_option_error(tmp_path: Path, confs: dict[str, str]) -> None:
@@ -120,18 +153,14 @@ def test_bad_config_is_an_option_error(tmp_path: Path, confs: dict[str, str]) ->
 
 
 def test_routing_through_the_tunnel_and_fail_closed(
-    confs: dict[str, str], test_env: None, caplog: pytest.LogCaptureFixture
+    confs: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
         srv1, port1 = await echo_server("127.0.0.1")
         srv2, _port2 = await echo_server("127.0.0.2")
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
-            tctx.configure(
-                addon,
-                wg_conf=[confs["wide"], confs["narrow"]],
-                wg_test_loopback_dialer=True,
-            )
+            tctx.configure(addon, wg_conf=[confs["wide"], confs["narrow"]])
             await addon.running()
             assert patch.is_installed()
             # Longest AllowedIPs match wins across configs; hostnames use the first tunnel.
@@ -171,14 +200,12 @@ def test_routing_through_the_tunnel_and_fail_closed(
     asyncio.run(main())
 
 
-def test_allow_direct_outside_allowed_ips(confs: dict[str, str], test_env: None) -> None:
+def test_allow_direct_outside_allowed_ips(confs: dict[str, str]) -> None:
     async def main() -> None:
         srv, port = await echo_server("127.0.0.2")
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with taddons.context(addon) as tctx:
-            tctx.configure(
-                addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True, wg_allow_direct=True
-            )
+            tctx.configure(addon, wg_conf=[confs["one"]], wg_allow_direct=True)
             await addon.running()
             server = Server(address=("127.0.0.2", port))
             reader, writer = await addon.open_tcp(server, "127.0.0.2", port, None)
@@ -198,14 +225,50 @@ def test_allow_direct_outside_allowed_ips(confs: dict[str, str], test_env: None)
     asyncio.run(main())
 
 
-def test_scripts_choose_the_tunnel(confs: dict[str, str], test_env: None) -> None:
+def test_direct_fallback_is_decided_by_the_no_route_type(confs: dict[str, str]) -> None:
+    # wg_allow_direct falls back only for the NoRoute type the runtime raises, never because
+    # an error's text mentions AllowedIPs (issue 11).
+    failure: list[OSError] = []
+
+    async def dial(host: str, port: int) -> trio.abc.HalfCloseableStream:
+        raise failure[-1]
+
     async def main() -> None:
         srv, port = await echo_server("127.0.0.1")
-        addon = WireGuardAddon()
+        addon = WireGuardAddon(open_tunnel=lambda config: dialer_tunnel(dial)())
         with taddons.context(addon) as tctx:
-            tctx.configure(
-                addon, wg_conf=[confs["wide"], confs["narrow"]], wg_test_loopback_dialer=True
-            )
+            tctx.configure(addon, wg_conf=[confs["one"]], wg_allow_direct=True)
+            await addon.running()
+            failure.append(NoRoute(errno.ENETUNREACH, "127.0.0.1 is outside AllowedIPs"))
+            server = Server(address=("127.0.0.1", port))
+            reader, writer = await addon.open_tcp(server, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") is None  # direct, as allowed
+            await roundtrip(reader, writer)
+            assert addon.stats == {"tunnel": 0, "direct": 1, "refused": 0}
+
+            failure.append(OSError(errno.ENETUNREACH, "not in any WireGuard peer's AllowedIPs"))
+            with pytest.raises(OSError, match="AllowedIPs") as info:
+                await addon.open_tcp(None, "127.0.0.1", port, None)
+            assert not isinstance(info.value, NoRoute)
+            assert addon.stats == {"tunnel": 0, "direct": 1, "refused": 1}
+
+            tctx.configure(addon, wg_allow_direct=False)
+            failure.append(NoRoute(errno.ENETUNREACH, "127.0.0.1 is outside AllowedIPs"))
+            with pytest.raises(NoRoute):
+                await addon.open_tcp(None, "127.0.0.1", port, None)
+            assert addon.stats == {"tunnel": 0, "direct": 1, "refused": 2}
+            addon.done()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_scripts_choose_the_tunnel(confs: dict[str, str]) -> None:
+    async def main() -> None:
+        srv, port = await echo_server("127.0.0.1")
+        addon = loopback_addon()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, wg_conf=[confs["wide"], confs["narrow"]])
             await addon.running()
 
             # use_tunnel() in server_connect
@@ -245,11 +308,46 @@ def test_scripts_choose_the_tunnel(confs: dict[str, str], test_env: None) -> Non
     asyncio.run(main())
 
 
-def test_udp_fails_closed(confs: dict[str, str], test_env: None) -> None:
+def test_a_second_addon_instance_fails_loudly(confs: dict[str, str]) -> None:
+    # The patch is process-wide: a second instance must not silently take the first one's
+    # connections, nor detach it when it is unloaded (issue 11).
     async def main() -> None:
-        addon = WireGuardAddon()
+        srv, port = await echo_server("127.0.0.1")
+        # (mitmproxy refuses two addons of one name in one master; a process can still
+        # hold two instances: several masters, embedding, a subclass.)
+        first, second = loopback_addon(), loopback_addon()
+        with taddons.context(first) as tctx:
+            tctx.configure(first, wg_conf=[confs["one"]])
+            await first.running()
+            with pytest.raises(patch.PatchError, match="loaded twice"):
+                second.configure({"wg_conf"})
+            assert not second.configs and second.bridge is None
+            assert patch._opener is first
+            second.done()  # never had the patch: leaves the first one's alone
+            assert patch.is_installed() and patch._opener is first
+
+            # A script's choice (routing._routes) is per connection, whoever opens it.
+            server = Server(address=("127.0.0.1", port))
+            use_tunnel(server, False)
+            first.done()
+            assert not patch.is_installed()
+            second.configure({"wg_conf"})
+            await second.running()
+            assert patch._opener is second
+            reader, writer = await second.open_tcp(server, "127.0.0.1", port, None)
+            assert writer.get_extra_info("wg_tunnel") is None  # the direct choice held
+            await roundtrip(reader, writer)
+            second.done()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_udp_fails_closed(confs: dict[str, str]) -> None:
+    async def main() -> None:
+        addon = loopback_addon()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
+            tctx.configure(addon, wg_conf=[confs["one"]])
             await addon.running()
             # Outside every AllowedIPs: refused, never sent directly.
             outside = Server(address=("192.0.2.1", 53), transport_protocol="udp")
@@ -268,15 +366,15 @@ def test_udp_fails_closed(confs: dict[str, str], test_env: None) -> None:
 
 @pytest.mark.parametrize("mode", ["guest", "thread"])
 def test_changing_wg_conf_reconnects(
-    confs: dict[str, str], test_env: None, mode: str, monkeypatch: pytest.MonkeyPatch
+    confs: dict[str, str], mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(ENV_MODE, mode)
 
     async def main() -> None:
         srv, port = await echo_server("127.0.0.1")
-        addon = WireGuardAddon()
+        addon = loopback_addon()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, wg_conf=[confs["one"]], wg_test_loopback_dialer=True)
+            tctx.configure(addon, wg_conf=[confs["one"]])
             await addon.running()
             bridge = addon.bridge
             assert bridge is not None
@@ -294,7 +392,7 @@ def test_changing_wg_conf_reconnects(
                 await reader.read(10)
 
             text = addon.status()
-            assert "renamed" in text and "up" in text and "TEST-ONLY" in text
+            assert "renamed" in text and "up" in text
             assert f"({mode})" in text
             addon.done()  # synchronous, as mitmproxy calls it on script unload
             assert not patch.is_installed()

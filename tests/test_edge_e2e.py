@@ -1,9 +1,9 @@
 """End to end: a real ``mitmdump -s addons/mitm_wg.py`` driven by curl.
 
-The addon runs with its TEST-ONLY loopback dialer (``MITM_WG_TEST_DIALER=1`` plus
-``--set wg_test_loopback_dialer=true``): connections go through the whole edge (patched
-open_connection → routing → bridge → trio → transport) but end at a loopback HTTP server
-instead of a WireGuard peer. Everything stays on 127.0.0.0/8.
+mitmdump loads the addon through tests/loopback_addon.py (the test-side loopback dialer):
+connections go through the whole edge (patched open_connection → routing → bridge → trio →
+transport) but end at a loopback HTTP server instead of a WireGuard peer. Everything stays
+on 127.0.0.0/8. Without the dialer, mitmdump loads the shipped addons/mitm_wg.py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mitm_wg.config import encode_key, generate_private_key, public_key_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addons" / "mitm_wg.py"
+LOOPBACK_ADDON = ROOT / "tests" / "loopback_addon.py"
 REWRITE = ROOT / "addons" / "examples" / "rewrite_request.py"
 ROUTE = ROOT / "addons" / "examples" / "route_by_host.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -92,9 +93,8 @@ class Mitmdump:
 def mitmdump(tmp_path: Path, *args: str, test_dialer: bool = True) -> Iterator[Mitmdump]:
     log = tmp_path / f"mitmdump-{len(list(tmp_path.glob('mitmdump-*')))}.log"
     env = dict(os.environ, NO_PROXY="", no_proxy="")
-    if test_dialer:
-        env["MITM_WG_TEST_DIALER"] = "1"
-    cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ADDON), *args]
+    addon = LOOPBACK_ADDON if test_dialer else ADDON
+    cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(addon), *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
@@ -165,8 +165,6 @@ def test_regular_mode_goes_through_the_bridge_and_fails_closed(
         str(REWRITE),
         "--set",
         f"wg_conf={wg_conf}",
-        "--set",
-        "wg_test_loopback_dialer=true",
     ) as dump:
         status, headers, body = curl(
             "-x", f"http://127.0.0.1:{dump.port}", f"http://127.0.0.1:{port}/old/page"
@@ -197,8 +195,6 @@ def test_socks5_mode(tmp_path: Path, upstream: Upstream, wg_conf: str) -> None:
         str(REWRITE),
         "--set",
         f"wg_conf={wg_conf}",
-        "--set",
-        "wg_test_loopback_dialer=true",
     ) as dump:
         status, headers, body = curl(
             "--socks5", f"127.0.0.1:{dump.port}", f"http://127.0.0.1:{port}/old/s"
@@ -223,8 +219,6 @@ def test_reverse_mode_and_per_host_routing(
         str(ROUTE),
         "--set",
         f"wg_conf=home={wg_conf}",
-        "--set",
-        "wg_test_loopback_dialer=true",
         "--set",
         "wg_route=127.0.0.1=direct",
     ) as dump:

@@ -58,7 +58,11 @@ def test_http_through_the_real_tunnel(exit_peer: Any, mode: str) -> None:
             reader, writer = await bridge.open_connection("exit", host, port)
             assert writer.get_extra_info("peername") == (host, port)
             assert writer.get_extra_info("sockname")[0] == exit_peer.client_tunnel_v4
-            assert writer.get_extra_info("wg_peer")["public_key"]
+            peer = config.peers[0]
+            assert writer.get_extra_info("wg_peer") == {
+                "public_key": peer.public_key_b64,
+                "endpoint": str(peer.endpoint),
+            }
             size = 2 * 1024 * 1024
             body = await http_get(reader, writer, f"/bytes/{size}")
             assert len(body) == size

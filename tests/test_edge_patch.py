@@ -72,9 +72,16 @@ def test_install_uninstall_restores_the_original() -> None:
     patched = mitmproxy_server.ConnectionHandler.open_connection
     assert patched is not original
     assert patched.__wrapped__ is original  # type: ignore[attr-defined]
-    patch.install(RecordingOpener())  # a second install only swaps the opener
+    opener = RecordingOpener()
+    patch.uninstall(opener)  # not the installed opener: nothing happens
     assert mitmproxy_server.ConnectionHandler.open_connection is patched
     patch.uninstall()
+    patch.install(opener)
+    patch.install(opener)  # the same opener again: nothing changes
+    with pytest.raises(patch.PatchError, match="loaded twice"):
+        patch.install(RecordingOpener())  # a second opener never silently takes over
+    assert patch._opener is opener
+    patch.uninstall(opener)
     assert mitmproxy_server.ConnectionHandler.open_connection is original
     patch.uninstall()  # no-op
 

@@ -557,3 +557,48 @@ def test_close_flushes_then_abort_drops(mode: str) -> None:
 def test_bad_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="guest"):
         Bridge("fibers")  # type: ignore[arg-type]
+
+
+def test_peer_info_is_one_dict_for_tcp_and_udp() -> None:
+    # The wg_peer extra is built in one place for TCP connections and UDP flows (issue 11).
+    from mitm_wg.mitmproxy import bridge, datagram
+    from mitm_wg.mitmproxy.transport import peer_info
+    from tests.wgpair import B_ENDPOINT, Pair
+
+    pair = Pair.create()
+    assert bridge.peer_info is datagram.peer_info is peer_info
+    assert peer_info(pair.a_peer) == {
+        "public_key": pair.a_peer.public_key_b64,
+        "endpoint": f"{B_ENDPOINT[0]}:{B_ENDPOINT[1]}",
+    }
+    pair.a_peer.endpoint = None
+    assert peer_info(pair.a_peer) == {"public_key": pair.a_peer.public_key_b64}
+    assert peer_info(None) is None
+
+
+def test_bridge_uses_only_the_transports_public_interface() -> None:
+    # Bridge drives TunnelTransport through wait_connected/attach/trio_* (issue 11), never
+    # through its private members.
+    import ast
+    import inspect
+
+    from mitm_wg.mitmproxy import bridge
+
+    tree = ast.parse(inspect.getsource(bridge))
+    private = sorted(
+        f"{node.value.id}.{node.attr} (line {node.lineno})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "transport"
+        and node.attr.startswith("_")
+    )
+    assert private == []
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "transport"
+    }
+    assert used == {"wait_connected", "attach", "trio_attach_scope", "trio_fail", "trio_run"}

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.runtime import TunnelStream, open_tunnel
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
 
@@ -85,13 +85,32 @@ async def test_ipv6_inside_tunnel() -> None:
         assert await server.receive_some() == b"v6"
 
 
+async def test_happy_eyeballs_with_every_address_unrouted_is_no_route() -> None:
+    from mitm_wg.runtime.tunnel import _happy_eyeballs
+
+    async def unrouted() -> TunnelStream:
+        raise NoRoute(errno.ENETUNREACH, "outside AllowedIPs")
+
+    with pytest.raises(NoRoute):
+        await _happy_eyeballs([unrouted, unrouted], 0.25)
+
+    async def refused() -> TunnelStream:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+    with pytest.raises(OSError) as info:
+        await _happy_eyeballs([unrouted, refused], 0.25)
+    assert not isinstance(info.value, NoRoute)
+
+
 async def test_refused_and_unrouted_and_udp() -> None:
     async with tunnel_pair() as (a, b):
         with pytest.raises(ConnectionRefusedError):
             await a.open_tcp_stream("10.33.0.2", 9)
-        with pytest.raises(OSError) as info:
+        with pytest.raises(NoRoute) as info:
             await a.open_tcp_stream("192.0.2.55", 80)
         assert info.value.errno == errno.ENETUNREACH and "AllowedIPs" in str(info.value)
+        with pytest.raises(NoRoute):
+            await (await a.open_udp_socket()).sendto(b"x", ("192.0.2.55", 53))
         sa = await a.open_udp_socket()
         sb = await b.open_udp_socket()
         await sa.sendto(b"dgram", ("10.33.0.2", sb.local_address[1]))
@@ -108,6 +127,44 @@ async def test_handshake_timeout_names_the_endpoint() -> None:
         with trio.fail_after(10), pytest.raises(HandshakeTimeout) as info:
             await a.open_tcp_stream("10.33.0.2", 80)
         assert f"127.0.0.1:{pb}" in str(info.value)
+
+
+async def test_a_crash_in_the_reader_surfaces_as_tunnel_crashed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug in a background task must not look like the caller's own exception (issue 11).
+    from mitm_wg.wireguard.device import Device
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("boom")
+
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)
+    monkeypatch.setattr(Device, "receive_datagram", broken)
+    with pytest.raises(TunnelCrashed, match=r"UDP reader \(IPv4\) task crashed.*boom") as info:
+        async with open_tunnel(ca, socket_factory=loopback_factory(pa)):
+            with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sender:
+                await sender.sendto(b"anything", ("127.0.0.1", pa))
+            with trio.fail_after(10):
+                await trio.sleep_forever()  # cancelled by the crash
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+async def test_the_callers_own_exception_comes_back_as_it_was() -> None:
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)
+    own = KeyError("mine")
+    with pytest.raises(KeyError) as info:
+        async with open_tunnel(ca, socket_factory=loopback_factory(pa)):
+            raise own
+    assert info.value is own
+    # The caller's own group keeps its shape: only the tunnel's nursery level is opened.
+    group = ExceptionGroup("caller's", [ValueError("a")])
+    with pytest.raises(ExceptionGroup) as ginfo:
+        async with open_tunnel(ca, socket_factory=loopback_factory(pa)):
+            raise group
+    assert ginfo.value.message == "caller's"  # (trio may copy the group on its way out)
+    assert [type(e) for e in ginfo.value.exceptions] == [ValueError]
 
 
 async def test_reset_by_peer_is_broken_resource() -> None:

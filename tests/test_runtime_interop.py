@@ -21,7 +21,7 @@ from conftest import require_mitmdump
 
 from harness import ExitPeer, mitmproxy_wireguard_peer
 from mitm_wg.config import WireGuardConfig
-from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
 from tests.runtime_helpers import (
     ExtraHttpServer,
@@ -251,7 +251,7 @@ async def test_refused_and_outside_allowed_ips(exit_peer: ExitPeer) -> None:
             with pytest.raises(ConnectionRefusedError):
                 await tunnel.open_tcp_stream(exit_peer.server_tunnel_v6, 9)
             for outside in ("192.0.2.1", "10.77.0.1", "2001:db8::1"):
-                with pytest.raises(OSError) as info:
+                with pytest.raises(NoRoute) as info:
                     await tunnel.open_tcp_stream(outside, 80)
                 assert info.value.errno == errno.ENETUNREACH
                 assert "AllowedIPs" in str(info.value)

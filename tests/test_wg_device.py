@@ -8,6 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mitm_wg.config import Endpoint
 from mitm_wg.wireguard import messages
 from mitm_wg.wireguard.device import HandshakeCompleted, HandshakeFailed, KeysZeroed
 from mitm_wg.wireguard.replay import ReplayWindow
@@ -311,6 +312,7 @@ def test_endpoint_roams_to_last_authenticated_source() -> None:
     _, datagram, _ = p.wire.pop()
     p.inject("a", datagram, ("127.0.0.1", 41234))
     assert p.a_peer.endpoint == ("127.0.0.1", 41234)
+    assert type(p.a_peer.endpoint) is Endpoint  # the one endpoint type, not a bare tuple
     # Garbage from yet another source does not move it.
     p.inject("a", b"\x04\0\0\0" + bytes(40), ("127.0.0.1", 9))
     assert p.a_peer.endpoint == ("127.0.0.1", 41234)

@@ -9,10 +9,6 @@ Options (``--set NAME=VALUE``):
 ``wg_allow_direct``
     Connect directly to IP destinations outside every config's AllowedIPs (and hostnames a
     tunnel resolves to such addresses). Off by default: those connections fail.
-``wg_test_loopback_dialer``
-    TEST ONLY. Instead of a WireGuard tunnel, connect with a plain loopback TCP dialer that
-    refuses every non-loopback destination. Honoured only when the environment also has
-    ``MITM_WG_TEST_DIALER=1``; set without it, loading fails.
 
 A connection whose tunnel is down, starting or misconfigured fails with an error saying why;
 nothing silently falls back to a direct connection. UDP upstreams (DNS, QUIC, ... flows)
@@ -24,36 +20,34 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import trio
 from mitmproxy import command, exceptions
 
-from mitm_wg.config import WireGuardConfig
-from mitm_wg.errors import ConfigError
+from mitm_wg.config import WireGuardConfig, format_endpoint
+from mitm_wg.errors import ConfigError, NoRoute
 from mitm_wg.mitmproxy import patch
-from mitm_wg.mitmproxy.bridge import Bridge, DialerTunnel, TunnelFactory
+from mitm_wg.mitmproxy.bridge import Bridge
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
+from mitm_wg.wireguard.allowed_ips import AllowedIPs
 
 if TYPE_CHECKING:
     from mitmproxy.connection import Client, Server
     from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-__all__ = ["TEST_DIALER_ENV", "WireGuardAddon"]
+__all__ = ["OpenTunnel", "WireGuardAddon", "tunnel_routes"]
 
 logger = logging.getLogger(__name__)
-
-#: The test-only loopback dialer needs this environment variable set to "1" as well.
-TEST_DIALER_ENV = "MITM_WG_TEST_DIALER"
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _USAGE = (
@@ -62,7 +56,17 @@ _USAGE = (
     "connection through WireGuard."
 )
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+def tunnel_routes(configs: dict[str, WireGuardConfig]) -> AllowedIPs[str]:
+    """Every config's AllowedIPs in one longest-prefix table naming the tunnel (the same
+    table type the WireGuard core routes peers with). A prefix in several configs belongs
+    to the first of them in ``wg_conf`` order."""
+    routes: AllowedIPs[str] = AllowedIPs()
+    for name, config in reversed(configs.items()):
+        for peer in config.peers:
+            for net in peer.allowed_ips:
+                routes.insert(net, name)
+    return routes
 
 
 def parse_conf_option(values: Sequence[str]) -> dict[str, WireGuardConfig]:
@@ -85,57 +89,44 @@ def parse_conf_option(values: Sequence[str]) -> dict[str, WireGuardConfig]:
     return configs
 
 
-class _LoopbackTunnel(DialerTunnel):
-    """TEST ONLY: a 'tunnel' that dials loopback addresses with the host stack."""
-
-    def __init__(self, config: WireGuardConfig) -> None:
-        super().__init__(self._dial)
-        self.config = config
-
-    async def _dial(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-        addresses = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
-        if not addresses or not all(a.is_loopback for a in addresses):
-            raise OSError(
-                errno.ENETUNREACH,
-                f"test loopback dialer: refusing non-loopback destination {host}",
-            )
-        return await trio.open_tcp_stream(host, port)
+#: How the addon runs one tunnel: ``open_tunnel(config)`` returns an async context manager
+#: yielding a tunnel (:func:`mitm_wg.runtime.open_tunnel`; tests pass stand-ins).
+OpenTunnel = Callable[[WireGuardConfig], AbstractAsyncContextManager[Any]]
 
 
-def _real_tunnel(config: WireGuardConfig) -> TunnelFactory:
-    def factory() -> Any:
-        from mitm_wg.runtime import open_tunnel
+def _open_wireguard_tunnel(config: WireGuardConfig) -> AbstractAsyncContextManager[Any]:
+    from mitm_wg.runtime import open_tunnel
 
-        return open_tunnel(config)
-
-    return factory
-
-
-def _loopback_tunnel(config: WireGuardConfig) -> TunnelFactory:
-    @asynccontextmanager
-    async def factory() -> AsyncIterator[_LoopbackTunnel]:
-        yield _LoopbackTunnel(config)
-
-    return factory
+    return open_tunnel(config)
 
 
 def _format_address(address: Any) -> str:
-    if not address:
-        return "?"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return format_endpoint(address) if address else "?"
+
+
+def _tunnel_info(name: str, connection: Any, **extra: str) -> dict[str, Any]:
+    """``flow.metadata["wg"]`` for a connection through tunnel ``name`` (``connection``: the
+    StreamWriter of a TCP connection or the DatagramStream of a UDP flow)."""
+    info: dict[str, Any] = {"tunnel": name, **extra}
+    peer = connection.get_extra_info("wg_peer")  # built by transport.peer_info
+    if peer:
+        info["peer"] = peer["public_key"]
+        if "endpoint" in peer:
+            info["endpoint"] = peer["endpoint"]
+    info["local"] = _format_address(connection.get_extra_info("sockname"))
+    info["remote"] = _format_address(connection.get_extra_info("peername"))
+    return info
 
 
 class WireGuardAddon:
     """Sends mitmproxy's upstream connections through WireGuard tunnels (see module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_tunnel: OpenTunnel | None = None) -> None:
         self.configs: dict[str, WireGuardConfig] = {}
         self.bridge: Bridge | None = None
         self.allow_direct = False
-        self.test_dialer = False
-        self._routes: list[tuple[IPNetwork, int, str]] = []
+        self._open_tunnel = open_tunnel or _open_wireguard_tunnel
+        self._routes: AllowedIPs[str] = AllowedIPs()
         self._ready: asyncio.Event | None = None
         self._apply_lock: asyncio.Lock | None = None
         self._apply_task: asyncio.Task[None] | None = None
@@ -167,13 +158,6 @@ class WireGuardAddon:
             "Connect directly (NOT through WireGuard) to destinations outside every config's "
             "AllowedIPs. Default: such connections fail.",
         )
-        loader.add_option(
-            "wg_test_loopback_dialer",
-            bool,
-            False,
-            f"TEST ONLY: dial loopback destinations without a tunnel. Needs "
-            f"{TEST_DIALER_ENV}=1 in the environment.",
-        )
 
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx
@@ -181,36 +165,21 @@ class WireGuardAddon:
         opts = ctx.options
         if "wg_allow_direct" in updated:
             self.allow_direct = bool(opts.wg_allow_direct)
-        if not updated & {"wg_conf", "wg_test_loopback_dialer"}:
+        if "wg_conf" not in updated:
             return
-        test_dialer = bool(opts.wg_test_loopback_dialer)
-        if test_dialer and os.environ.get(TEST_DIALER_ENV) != "1":
-            raise exceptions.OptionsError(
-                f"wg_test_loopback_dialer is a test-only option and needs {TEST_DIALER_ENV}=1 "
-                "in the environment; refusing to start"
-            )
         configs = parse_conf_option(opts.wg_conf)
-        if configs == self.configs and test_dialer == self.test_dialer and self.configs:
+        if configs == self.configs and self.configs:
             return
-        self.configs, self.test_dialer = configs, test_dialer
-        self._routes = sorted(
-            (
-                (net, net.prefixlen, name)
-                for name, config in configs.items()
-                for peer in config.peers
-                for net in peer.allowed_ips
-            ),
-            key=lambda route: -route[1],
-        )
-        self._generation += 1
-        if not configs:
-            logger.info(_USAGE)
-            patch.uninstall()
-        else:
+        if configs:
             # Install now so that no connection can slip out directly while tunnels start.
+            # PatchError (before any state changes) if another instance holds the patch.
             patch.install(self)
-            if test_dialer:
-                logger.warning("mitm-wg: TEST-ONLY loopback dialer active, no WireGuard tunnel")
+        else:
+            logger.info(_USAGE)
+            patch.uninstall(self)
+        self.configs = configs
+        self._routes = tunnel_routes(configs)
+        self._generation += 1
         if self._ready is not None:
             self._ready.clear()
         self._schedule_apply()
@@ -259,8 +228,9 @@ class WireGuardAddon:
             bridge = Bridge()
             await bridge.start()
             self.bridge = bridge
-        make = _loopback_tunnel if self.test_dialer else _real_tunnel
-        errors = await self.bridge.set_tunnels({name: make(c) for name, c in configs.items()})
+        errors = await self.bridge.set_tunnels(
+            {name: functools.partial(self._open_tunnel, c) for name, c in configs.items()}
+        )
         for name, error in errors.items():
             where = configs[name].path or name
             if error is None:
@@ -269,7 +239,7 @@ class WireGuardAddon:
                 logger.error("mitm-wg: WireGuard tunnel %r (%s) is DOWN: %s", name, where, error)
 
     def done(self) -> None:
-        patch.uninstall()
+        patch.uninstall(self)
         for task in list(self._pending):
             task.cancel()
         if self.bridge is not None:
@@ -284,10 +254,7 @@ class WireGuardAddon:
             address = ipaddress.ip_address(host.split("%")[0])
         except ValueError:
             return next(iter(self.configs), None)
-        for net, _, name in self._routes:
-            if net.version == address.version and address in net:
-                return name
-        return None
+        return self._routes.lookup_ip(address)
 
     def server_connect(self, data: ServerConnectionHookData) -> None:
         """Pick up ``flow.metadata["wg_tunnel"]`` from the HTTP flow that needs this server."""
@@ -340,7 +307,7 @@ class WireGuardAddon:
             if self.allow_direct:
                 return None
             self.stats["refused"] += 1
-            raise OSError(
+            raise NoRoute(
                 errno.ENETUNREACH,
                 f"{host} is outside the AllowedIPs of every WireGuard config "
                 f"({', '.join(self.configs)}); not connecting directly "
@@ -367,25 +334,15 @@ class WireGuardAddon:
         try:
             reader, writer = await bridge.open_connection(name, host, port)
         except OSError as exc:
-            if (
-                exc.errno == errno.ENETUNREACH
-                and route is None
-                and self.allow_direct
-                and self._is_routing_error(exc)
-            ):
+            # NoRoute: the tunnel resolved the name to addresses outside its AllowedIPs.
+            # Decided on the type alone; any other error fails closed.
+            if isinstance(exc, NoRoute) and route is None and self.allow_direct:
                 return await self._direct(
                     server, host, port, local_addr, f"outside AllowedIPs of {name!r}"
                 )
             self.stats["refused"] += 1
             raise
-        info: dict[str, Any] = {"tunnel": name}
-        peer = writer.get_extra_info("wg_peer")
-        if peer:
-            info["peer"] = peer.get("public_key")
-            if "endpoint" in peer:
-                info["endpoint"] = peer["endpoint"]
-        info["local"] = _format_address(writer.get_extra_info("sockname"))
-        info["remote"] = _format_address(writer.get_extra_info("peername"))
+        info = _tunnel_info(name, writer)
         if server is not None:
             self._server_info[server] = info
         self.stats["tunnel"] += 1
@@ -397,15 +354,6 @@ class WireGuardAddon:
             f" (peer {info['peer'][:8]}…, {info.get('endpoint', '?')})" if "peer" in info else "",
         )
         return reader, writer
-
-    @staticmethod
-    def _is_routing_error(exc: OSError) -> bool:
-        cause: BaseException | None = exc
-        while cause is not None:
-            if isinstance(cause, OSError) and "AllowedIPs" in str(cause):
-                return True
-            cause = cause.__cause__
-        return False
 
     async def _direct(
         self, server: Server | None, host: str, port: int, local_addr: Any, reason: str
@@ -437,13 +385,7 @@ class WireGuardAddon:
         except OSError:
             self.stats["refused"] += 1
             raise
-        info: dict[str, Any] = {"tunnel": name, "transport": "udp"}
-        peer = stream.get_extra_info("wg_peer")
-        if peer:
-            info["peer"] = peer.get("public_key")
-            info["endpoint"] = peer.get("endpoint")
-        info["local"] = _format_address(stream.get_extra_info("sockname"))
-        info["remote"] = _format_address(stream.get_extra_info("peername"))
+        info = _tunnel_info(name, stream, transport="udp")
         if server is not None:
             self._server_info[server] = info
         self.stats["tunnel"] += 1
@@ -499,7 +441,6 @@ class WireGuardAddon:
         lines.append(
             f"mitm-wg ({mode}): {self.stats['tunnel']} connections through tunnels, "
             f"{self.stats['direct']} direct, {self.stats['refused']} refused"
-            + (" [TEST-ONLY loopback dialer]" if self.test_dialer else "")
         )
         for name, config in self.configs.items():
             info = bridge.tunnels.get(name) if bridge is not None else None

@@ -32,9 +32,9 @@ from typing import Any, Literal, Protocol
 
 import trio
 
+from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
-from mitm_wg.mitmproxy.transport import TunnelTransport
-from mitm_wg.wireguard.peer import format_endpoint
+from mitm_wg.mitmproxy.transport import TunnelTransport, peer_info
 
 __all__ = [
     "DEFAULT_MODE",
@@ -145,6 +145,8 @@ def connect_error(tunnel: str, host: str, port: int, exc: BaseException) -> OSEr
         cls = type(found) if type(found).__module__ == "builtins" else OSError
         if isinstance(found, TimeoutError):
             cls = TimeoutError
+        elif isinstance(found, NoRoute):
+            cls = NoRoute  # the addon's wg_allow_direct decision reads this type
         err = cls(found.errno or errno.EIO, f"{where}: {reason}")
     elif isinstance(exc, trio.ClosedResourceError | trio.BrokenResourceError):
         err = OSError(errno.ENETDOWN, f"{where}: the tunnel is closed")
@@ -153,24 +155,6 @@ def connect_error(tunnel: str, host: str, port: int, exc: BaseException) -> OSEr
         err = OSError(errno.EIO, f"{where}: {_describe(exc)}")
     err.__cause__ = exc
     return err
-
-
-def _peer_info(stream: object) -> dict[str, str] | None:
-    peer = getattr(stream, "peer", None)
-    if peer is None:
-        return None
-    info: dict[str, str] = {}
-    key = getattr(peer, "public_key", None)
-    if isinstance(key, bytes):
-        import base64
-
-        info["public_key"] = base64.b64encode(key).decode("ascii")
-    elif key is not None:
-        info["public_key"] = str(key)
-    endpoint = getattr(peer, "endpoint", None)
-    if endpoint is not None:
-        info["endpoint"] = format_endpoint((str(endpoint[0]), int(endpoint[1])))
-    return info
 
 
 class Bridge:
@@ -439,32 +423,30 @@ class Bridge:
         self._check_running()
         loop = asyncio.get_running_loop()
         transport = TunnelTransport(loop, self._to_trio, self._to_loop, {"wg_tunnel": tunnel})
-        fut: asyncio.Future[None] = loop.create_future()
-        transport._connect_future = fut
-        transport._schedule_trio(self._trio_spawn, transport, tunnel, host, port)
         try:
-            await fut
-        except asyncio.CancelledError:
-            transport.abort()
-            raise
+            self._to_trio(self._trio_spawn, transport, tunnel, host, port)
+        except (trio.RunFinishedError, RuntimeError):
+            raise OSError(errno.ENETDOWN, "the WireGuard bridge is not running") from None
+        try:
+            await transport.wait_connected()
         except OSError:
             self.failed += 1
             raise
         self.opened += 1
-        transport._loop_attach(protocol)
+        transport.attach(protocol)
         return transport
 
     def _trio_spawn(self, transport: TunnelTransport, name: str, host: str, port: int) -> None:
         st = self._tunnels.get(name)
         if st is None:
-            transport._trio_fail(
+            transport.trio_fail(
                 OSError(errno.ENETDOWN, f"{host}:{port}: no WireGuard tunnel named {name!r}")
             )
         elif st.state == "starting":
             assert self._nursery is not None
             self._nursery.start_soon(self._trio_spawn_when_ready, st, transport, host, port)
         elif st.nursery is None:
-            transport._trio_fail(
+            transport.trio_fail(
                 OSError(
                     errno.ENETDOWN,
                     f"{host}:{port}: the WireGuard tunnel {name!r} is down: {st.error or st.state}",
@@ -483,36 +465,34 @@ class Bridge:
         self, st: _TunnelState, transport: TunnelTransport, host: str, port: int
     ) -> None:
         scope = trio.CancelScope()
-        if not transport._trio_attach_scope(scope):
+        if not transport.trio_attach_scope(scope):
             return
         try:
             with scope:
                 try:
                     stream = await st.tunnel.open_tcp_stream(host, port)
                 except Exception as exc:
-                    transport._trio_fail(connect_error(st.name, host, port, exc))
+                    transport.trio_fail(connect_error(st.name, host, port, exc))
                     return
-                peer = _peer_info(stream)
-                if peer is not None:
-                    transport._extra["wg_peer"] = peer
+                peer = peer_info(getattr(stream, "peer", None))
                 st.connections += 1
                 try:
-                    await transport._trio_run(stream)
+                    await transport.trio_run(stream, {"wg_peer": peer} if peer else None)
                 finally:
                     st.connections -= 1
         except trio.Cancelled:
-            if not transport._connected:
-                transport._trio_fail(
-                    ConnectionAbortedError(
-                        errno.ECONNABORTED,
-                        f"{host}:{port}: WireGuard tunnel {st.name!r} closed while connecting",
-                    )
+            # (trio_fail is ignored once the connection was reported.)
+            transport.trio_fail(
+                ConnectionAbortedError(
+                    errno.ECONNABORTED,
+                    f"{host}:{port}: WireGuard tunnel {st.name!r} closed while connecting",
                 )
+            )
             raise
         except Exception:  # a bug: never let it take the tunnel down with it
             logger.exception("connection to %s:%s via %r crashed", host, port, st.name)
-        if scope.cancelled_caught and not transport._connected:
-            transport._trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
+        if scope.cancelled_caught:
+            transport.trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
 
     async def open_datagram(self, tunnel: str, host: str, port: int) -> DatagramStream:
         """A UDP flow to ``host``:``port`` through ``tunnel`` (mitmproxy_rs.Stream-like)."""

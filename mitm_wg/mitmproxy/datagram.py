@@ -20,7 +20,8 @@ from typing import Any
 
 import trio
 
-from mitm_wg.wireguard.peer import format_endpoint
+from mitm_wg.errors import NoRoute
+from mitm_wg.mitmproxy.transport import peer_info
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ async def run_datagram_flow(
     try:
         address = await resolve_for_udp(tunnel, host)
         if tunnel.route(address) is None:
-            raise OSError(errno.ENETUNREACH, f"{address} is not in any WireGuard peer's AllowedIPs")
+            raise NoRoute(errno.ENETUNREACH, f"{address} is not in any WireGuard peer's AllowedIPs")
         sock = await tunnel.open_udp_socket(address.version)
     except Exception as exc:
         connected(exc)
@@ -172,12 +173,9 @@ async def run_datagram_flow(
     stream._socket = sock
     stream._remote = remote
     stream._extra.update(peername=remote, sockname=sock.local_address)
-    peer = tunnel.route(address)
+    peer = peer_info(tunnel.route(address))
     if peer is not None:
-        stream._extra["wg_peer"] = {
-            "public_key": peer.public_key_b64,
-            "endpoint": format_endpoint(peer.endpoint),
-        }
+        stream._extra["wg_peer"] = peer
     connected(None)
     try:
         while True:

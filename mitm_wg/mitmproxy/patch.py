@@ -73,7 +73,8 @@ class UpstreamOpener(Protocol):
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
 
     async def open_udp(self, server: Server | None, host: str, port: int, local_addr: Any) -> Any:
-        """The seam for UDP flows (today: refuse, never send UDP directly by accident)."""
+        """Open a UDP flow (a ``mitmproxy_rs.Stream``-like object): through the tunnel, or
+        refuse; never sends UDP directly unless the routing rules allow it."""
         ...
 
 
@@ -241,8 +242,17 @@ def _build(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[
 
 
 def install(opener: UpstreamOpener) -> None:
-    """Route mitmproxy's upstream connects to ``opener`` (again: just swaps the opener)."""
+    """Route mitmproxy's upstream connects to ``opener`` (again for the same opener: no-op).
+
+    The patch is process-wide, so there is one opener: installing a second one while the
+    first is installed raises :class:`PatchError` instead of silently taking its traffic.
+    """
     global _opener, _original
+    if _opener is not None and _opener is not opener:
+        raise PatchError(
+            "mitm-wg is loaded twice (a second addon instance while the first still routes "
+            "mitmproxy's upstream connections); load addons/mitm_wg.py once"
+        )
     handler = mitmproxy_server.ConnectionHandler
     current = handler.open_connection
     if getattr(current, _MARK, False):
@@ -255,9 +265,15 @@ def install(opener: UpstreamOpener) -> None:
     logger.debug("mitmproxy's ConnectionHandler.open_connection now connects via mitm-wg")
 
 
-def uninstall() -> None:
-    """Restore mitmproxy's own ``open_connection`` (no-op when not installed)."""
+def uninstall(opener: UpstreamOpener | None = None) -> None:
+    """Restore mitmproxy's own ``open_connection`` (no-op when not installed).
+
+    With ``opener``, only if that opener is the installed one: an instance that never got
+    the patch cannot take it away from the one that has it.
+    """
     global _opener, _original
+    if opener is not None and opener is not _opener:
+        return
     _opener = None
     handler = mitmproxy_server.ConnectionHandler
     if _original is None:

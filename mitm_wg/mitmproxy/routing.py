@@ -48,6 +48,9 @@ INFO_KEY = "wg"
 
 Route = str | bool | None
 
+#: Process-wide on purpose: a choice belongs to the Server connection it was made for
+#: (scripts call use_tunnel without knowing the addon), and only one addon instance can hold
+#: mitmproxy's patched open_connection at a time (patch.install refuses a second one).
 _routes: weakref.WeakKeyDictionary[Server, Route] = weakref.WeakKeyDictionary()
 
 

@@ -8,6 +8,11 @@ asyncio/trio line:
   loop's thread;
 * methods named ``_trio_*`` run inside the trio run (a guest of the same loop, or a thread).
 
+The bridge drives a connection through a small public interface and nothing else:
+:meth:`~TunnelTransport.wait_connected` and :meth:`~TunnelTransport.attach` on the asyncio
+side; :meth:`~TunnelTransport.trio_attach_scope`, :meth:`~TunnelTransport.trio_fail` and
+:meth:`~TunnelTransport.trio_run` on the trio side.
+
 The two sides share a little state guarded by one ``threading.Lock`` (uncontended in guest
 mode) and wake each other with *one* callback per batch, never per byte or per packet:
 
@@ -38,11 +43,23 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-__all__ = ["DEFAULT_HIGH_WATER", "INBOX_LIMIT", "RECEIVE_SIZE", "TunnelTransport"]
+from mitm_wg.config import format_endpoint
+
+if TYPE_CHECKING:
+    from mitm_wg.wireguard.peer import Peer
+
+__all__ = [
+    "DEFAULT_HIGH_WATER",
+    "INBOX_LIMIT",
+    "RECEIVE_SIZE",
+    "TunnelTransport",
+    "peer_info",
+    "stream_addresses",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +105,18 @@ def stream_addresses(stream: object) -> tuple[Any, Any]:
     return remote, local
 
 
+def peer_info(peer: Peer | None) -> dict[str, str] | None:
+    """The ``wg_peer`` extra of a tunnel connection (TCP or UDP): the WireGuard peer that
+    carries it, as ``{"public_key": base64, "endpoint": "host:port"}`` (no endpoint key
+    while the peer has none); None without a peer (a stand-in tunnel)."""
+    if peer is None:
+        return None
+    info = {"public_key": peer.public_key_b64}
+    if peer.endpoint is not None:
+        info["endpoint"] = format_endpoint(peer.endpoint)
+    return info
+
+
 class TunnelTransport(asyncio.Transport):
     """A stream transport for asyncio protocols, backed by a trio stream (see module doc)."""
 
@@ -112,7 +141,7 @@ class TunnelTransport(asyncio.Transport):
         self._protocol_paused = False  # we called protocol.pause_writing()
         self._high = DEFAULT_HIGH_WATER
         self._low = DEFAULT_HIGH_WATER // 4
-        self._connect_future: asyncio.Future[None] | None = None
+        self._connect_future: asyncio.Future[None] = loop.create_future()
         self._eof_delivered = False
         # -- shared (under _lock)
         self._outbox = bytearray()
@@ -291,8 +320,19 @@ class TunnelTransport(asyncio.Transport):
             )
             return None
 
-    def _loop_attach(self, protocol: asyncio.BaseProtocol) -> None:
-        """Called once the stream is connected: attach the protocol and start reading."""
+    # -- the bridge's interface, asyncio side
+
+    async def wait_connected(self) -> None:
+        """Wait until the trio side has connected the stream; raises what connecting failed
+        with (an OSError the bridge built). Cancelling aborts the connection attempt."""
+        try:
+            await self._connect_future
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
+    def attach(self, protocol: asyncio.BaseProtocol) -> None:
+        """Once connected: attach the protocol (``connection_made``) and start reading."""
         self._protocol = protocol
         protocol.connection_made(self)
         if self._lost:  # the stream broke between connecting and now
@@ -302,13 +342,13 @@ class TunnelTransport(asyncio.Transport):
 
     def _loop_connected(self) -> None:
         fut = self._connect_future
-        if fut is not None and not fut.done():
+        if not fut.done():
             fut.set_result(None)
 
     def _loop_connect_failed(self, exc: BaseException) -> None:
         self._closing = self._lost = True
         fut = self._connect_future
-        if fut is not None and not fut.done():
+        if not fut.done():
             fut.set_exception(exc)
 
     def _loop_check_writing(self) -> None:
@@ -363,7 +403,7 @@ class TunnelTransport(asyncio.Transport):
         if self._protocol is not None:
             self._call_protocol("connection_lost", exc)
         fut = self._connect_future
-        if fut is not None and not fut.done():
+        if not fut.done():
             fut.set_exception(
                 exc or ConnectionAbortedError(errno.ECONNABORTED, "connection aborted")
             )
@@ -377,7 +417,9 @@ class TunnelTransport(asyncio.Transport):
         if self._scope is not None:
             self._scope.cancel()
 
-    def _trio_attach_scope(self, scope: trio.CancelScope) -> bool:
+    # -- the bridge's interface, trio side
+
+    def trio_attach_scope(self, scope: trio.CancelScope) -> bool:
         """Register the connection's cancel scope; False if asyncio already gave up."""
         self._scope = scope
         with self._lock:
@@ -386,12 +428,19 @@ class TunnelTransport(asyncio.Transport):
                 return False
         return True
 
-    def _trio_fail(self, exc: BaseException) -> None:
-        """Connecting failed (or was refused before it started)."""
-        self._to_loop(self._loop_connect_failed, exc)
+    def trio_fail(self, exc: BaseException) -> None:
+        """Connecting failed (or was refused before it started): ``wait_connected`` raises
+        ``exc``. Ignored once :meth:`trio_run` has reported the connection."""
+        if not self._connected:
+            self._to_loop(self._loop_connect_failed, exc)
 
-    async def _trio_run(self, stream: trio.abc.HalfCloseableStream) -> None:
-        """Pump data both ways until close/abort/error; always reports connection_lost."""
+    async def trio_run(
+        self, stream: trio.abc.HalfCloseableStream, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Report the connection (with ``extra`` for ``get_extra_info``), then pump data both
+        ways until close/abort/error; always reports connection_lost."""
+        if extra:
+            self._extra.update(extra)
         peername, sockname = stream_addresses(stream)
         self._extra["peername"] = peername
         self._extra["sockname"] = sockname

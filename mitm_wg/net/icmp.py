@@ -8,13 +8,10 @@ rate-limit the errors we generate (RFC 1812 §4.3.2.8, RFC 4443 §2.4(f)).
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from mitm_wg.net.checksum import checksum, ones_sum, pseudo_header_sum
 from mitm_wg.net.ipv4 import PROTO_ICMPV6, ParseError
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "IcmpMessage",

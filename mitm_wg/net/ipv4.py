@@ -11,12 +11,9 @@ Parsing never raises on hostile input: it returns a :class:`ParseError` value in
 from __future__ import annotations
 
 import enum
-import logging
 import struct
 
 from mitm_wg.net.checksum import fold, ones_sum
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_TTL",

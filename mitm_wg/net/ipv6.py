@@ -14,12 +14,9 @@ addresses.
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from mitm_wg.net.ipv4 import DEFAULT_TTL, IpPacket, ParseError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["build_ipv6", "ipv6_header", "parse_ipv6", "parse_quoted_ipv6"]
 

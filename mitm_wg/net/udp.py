@@ -6,13 +6,10 @@ so a zero one is rejected.  We always send a checksum (a computed zero goes out 
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from mitm_wg.net.checksum import fold, ones_sum, pseudo_header_sum
 from mitm_wg.net.ipv4 import PROTO_UDP, ParseError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["UdpDatagram", "build_udp", "parse_udp"]
 

@@ -19,14 +19,14 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
-from mitm_wg.config import WireGuardConfig
-from mitm_wg.errors import HandshakeTimeout
+from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
+from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
@@ -37,7 +37,7 @@ from mitm_wg.wireguard.device import (
     KeysZeroed,
     Transmit,
 )
-from mitm_wg.wireguard.peer import Endpoint, Peer, PeerStatus, format_endpoint
+from mitm_wg.wireguard.peer import Peer, PeerStatus
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class Tunnel:
         self._failed: dict[bytes, HandshakeFailed] = {}
         self._closed = False
         self.send_errors = 0
+        self._send_error: tuple[Endpoint, OSError] | None = None  # the latest, for handshake()
         #: UDP generic segmentation offload: on until the kernel says it cannot.
         self._gso = sys.platform == "linux"
         self.gso_sends = 0
@@ -146,6 +147,19 @@ class Tunnel:
         return f"<Tunnel {self.device.public_key_b64} peers={len(self.device.peers)}>"
 
     # -- the loop -----------------------------------------------------------------------------
+
+    async def _background(
+        self, what: str, task: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        """Run a background task; it ends only by cancellation, or as :class:`TunnelCrashed`,
+        so its crash can never pass for an exception of the caller's block."""
+        try:
+            await task(*args)
+        except Exception as exc:
+            raise TunnelCrashed(
+                f"the WireGuard tunnel's {what} task crashed ({type(exc).__name__}: {exc}); "
+                "the tunnel is closed"
+            ) from exc
 
     async def _reader(self, sock: socket.socket) -> None:
         device, stack = self.device, self.stack
@@ -304,6 +318,7 @@ class Tunnel:
                 # A full socket buffer or a transient error: TCP retransmits, and the
                 # WireGuard timers retry handshakes.
                 self.send_errors += 1
+                self._send_error = (endpoint, e)
                 logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
             i = j
 
@@ -392,7 +407,7 @@ class Tunnel:
             raise trio.ClosedResourceError("the tunnel is closed")
         peer = self.device.route(address.packed)
         if peer is None:
-            raise OSError(
+            raise NoRoute(
                 errno.ENETUNREACH,
                 f"{address} is not in any WireGuard peer's AllowedIPs "
                 "(refusing to send it outside the tunnel)",
@@ -429,12 +444,7 @@ class Tunnel:
                 now = trio.current_time()
                 failed = self._failed.get(peer.public_key)
                 if failed is not None or (peer.current is None and now >= handshake_deadline):
-                    raise HandshakeTimeout(
-                        f"WireGuard peer {peer.public_key_b64} at "
-                        f"{format_endpoint(peer.endpoint)} did not answer the handshake "
-                        f"within {self.handshake_timeout:g} s (is the endpoint reachable, "
-                        "and does the peer know our public key?)"
-                    )
+                    raise self._handshake_timeout(peer)
                 if now >= deadline:
                     raise TimeoutError(
                         errno.ETIMEDOUT, f"TCP connection to {address}:{port} timed out"
@@ -451,6 +461,38 @@ class Tunnel:
         stream._waiting_for.clear()
         self._streams.add(stream)
         return stream
+
+    def _handshake_timeout(self, peer: Peer) -> HandshakeTimeout:
+        return HandshakeTimeout(
+            f"WireGuard peer {peer.public_key_b64} at "
+            f"{format_endpoint(peer.endpoint)} did not answer the handshake "
+            f"within {self.handshake_timeout:g} s (is the endpoint reachable, "
+            "and does the peer know our public key?)"
+        )
+
+    async def handshake(self, peer: Peer) -> float:
+        """Start a handshake with ``peer`` now and wait until one completes; returns the
+        (trio clock) time it completed. :class:`HandshakeTimeout` when the peer stays silent
+        for ``handshake_timeout``; OSError when the initiation cannot even be sent."""
+        started = trio.current_time()
+        completed = peer.handshakes_completed
+        self._failed.pop(peer.public_key, None)
+        self._send_error = None
+        self.device.connect(peer, started, self._datagrams)
+        self._flush(started)
+        if self._send_error is not None and self._send_error[0] == peer.endpoint:
+            endpoint, error = self._send_error
+            raise OSError(
+                error.errno, f"cannot send to {format_endpoint(endpoint)}: {error.strerror}"
+            )
+        waitable = _HandshakeWaitable(self, peer, completed)
+        deadline = started + self.handshake_timeout
+        while peer.handshakes_completed == completed:
+            if peer.public_key in self._failed or trio.current_time() >= deadline:
+                raise self._handshake_timeout(peer)
+            await self._park(waitable, deadline)
+        assert peer.last_handshake is not None
+        return peer.last_handshake
 
     async def listen_tcp(self, port: int) -> TunnelListener:
         """Accept TCP connections on ``port`` of the tunnel's addresses (tests, exit role)."""
@@ -492,8 +534,8 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
 
     def __repr__(self) -> str:
         return (
-            f"<TunnelStream {self.local_address[0]}:{self.local_address[1]} -> "
-            f"{self.remote_address[0]}:{self.remote_address[1]} {self._sock.state.name}>"
+            f"<TunnelStream {format_endpoint(self.local_address)} -> "
+            f"{format_endpoint(self.remote_address)} {self._sock.state.name}>"
         )
 
     @property
@@ -528,8 +570,7 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
     def _broken(self) -> trio.BrokenResourceError:
         err = self._sock.error
         return trio.BrokenResourceError(
-            f"connection to {self.remote_address[0]}:{self.remote_address[1]} broke: "
-            f"{err or 'closed'}"
+            f"connection to {format_endpoint(self.remote_address)} broke: {err or 'closed'}"
         )
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -667,6 +708,22 @@ class TunnelListener(trio.abc.Listener[TunnelStream]):
         await trio.lowlevel.checkpoint()
 
 
+class _HandshakeWaitable(_Waitable):
+    __slots__ = ("_completed", "_peer", "_tunnel")
+
+    def __init__(self, tunnel: Tunnel, peer: Peer, completed: int) -> None:
+        super().__init__()
+        self._tunnel = tunnel
+        self._peer = peer
+        self._completed = completed
+
+    def _ready(self) -> bool:
+        peer = self._peer
+        return (
+            peer.handshakes_completed != self._completed or peer.public_key in self._tunnel._failed
+        )
+
+
 class _AcceptWaitable(_Waitable):
     __slots__ = ("_listener",)
 
@@ -707,7 +764,7 @@ class TunnelUdpSocket(_Waitable):
         host, port = address
         ip = ipaddress.ip_address(host)
         if self._tunnel.device.route(ip.packed) is None:
-            raise OSError(errno.ENETUNREACH, f"{ip} is not in any WireGuard peer's AllowedIPs")
+            raise NoRoute(errno.ENETUNREACH, f"{ip} is not in any WireGuard peer's AllowedIPs")
         self._sock.sendto(data, (ip, port), trio.current_time())
         self._tunnel._flush()
 
@@ -748,16 +805,6 @@ def _grow_buffers(sock: socket.socket) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
         except OSError as e:  # not fatal: smaller buffers only cost speed
             logger.debug("cannot enlarge UDP socket buffer: %s", e)
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        else:
-            out.append(exc)
-    return out
 
 
 def _interleave(addresses: list[IPAddress]) -> list[IPAddress]:
@@ -805,6 +852,8 @@ async def _happy_eyeballs(attempts: list, delay: float) -> TunnelStream:
     if len(errors) == 1:
         raise errors[0]
     summary = "; ".join(str(e) for e in errors)
+    if errors and all(isinstance(e, NoRoute) for e in errors):
+        raise NoRoute(errno.ENETUNREACH, f"no address is inside AllowedIPs: {summary}")
     if errors and all(isinstance(e, ConnectionRefusedError) for e in errors):
         raise ConnectionRefusedError(errno.ECONNREFUSED, f"every address refused: {summary}")
     raise OSError(
@@ -832,7 +881,7 @@ async def _resolve_endpoints(config: WireGuardConfig) -> dict[bytes, Endpoint]:
                 ) from None
             infos.sort(key=lambda info: info[0] != socket.AF_INET)
             host = str(infos[0][4][0])
-        endpoints[pc.public_key] = (host, port)
+        endpoints[pc.public_key] = Endpoint(host, port)
     return endpoints
 
 
@@ -888,11 +937,13 @@ async def open_tunnel(
             _grow_buffers(sock)
             sockets[family] = sock
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
+        unwrapped: BaseException | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                for sock in sockets.values():
-                    nursery.start_soon(tunnel._reader, sock)
-                nursery.start_soon(tunnel._timer)
+            async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                for family, sock in sockets.items():
+                    what = f"UDP reader (IPv{6 if family == socket.AF_INET6 else 4})"
+                    nursery.start_soon(tunnel._background, what, tunnel._reader, sock)
+                nursery.start_soon(tunnel._background, "timer", tunnel._timer)
                 try:
                     yield tunnel
                 finally:
@@ -903,13 +954,20 @@ async def open_tunnel(
                     tunnel._flush()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # Our background tasks only end by cancellation, so a lone exception here came
-            # from the caller's block: give it back unwrapped, as a context manager should.
-            leaves = _leaves(group)
-            if len(leaves) == 1:
-                exc = leaves[0]
-                raise exc from exc.__cause__
-            raise
+            # The nursery always groups (strict). A crash of ours is TunnelCrashed (see
+            # _background) and wins; otherwise the group's one exception came from the
+            # caller's block and goes back as it was, as a context manager should. Only
+            # this nursery's own level is opened: the caller's own groups stay intact.
+            crashed = [e for e in group.exceptions if isinstance(e, TunnelCrashed)]
+            if crashed:
+                unwrapped = crashed[0]
+            elif len(group.exceptions) == 1:
+                unwrapped = group.exceptions[0]
+            else:
+                raise
+        if unwrapped is not None:
+            # Raised outside the except block, so its own __context__ is kept as it was.
+            raise unwrapped
     finally:
         for sock in sockets.values():
             sock.close()

@@ -1,5 +1,6 @@
 """Sans-IO WireGuard: handshake, sessions, timers, cookies and cryptokey routing."""
 
+from mitm_wg.config import Endpoint
 from mitm_wg.wireguard.device import (
     Device,
     Event,
@@ -8,7 +9,7 @@ from mitm_wg.wireguard.device import (
     KeysZeroed,
     Transmit,
 )
-from mitm_wg.wireguard.peer import Endpoint, Peer, PeerStatus
+from mitm_wg.wireguard.peer import Peer, PeerStatus
 
 __all__ = [
     "Device",

@@ -17,11 +17,8 @@ do not define equality, such as peers). ``None`` is not a valid value.
 
 from __future__ import annotations
 
-import logging
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Generic, TypeVar
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["AllowedIPs"]
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hmac as _hmac
 import ipaddress
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mitm_wg.wireguard import crypto
 from mitm_wg.wireguard.messages import COOKIE_REPLY, MESSAGE_COOKIE_REPLY
 from mitm_wg.wireguard.timers import COOKIE_REFRESH_TIME
 
-Endpoint = tuple[str, int]
+if TYPE_CHECKING:
+    from mitm_wg.config import Endpoint
+
 _ZERO_MAC = bytes(16)
 
 

@@ -13,7 +13,6 @@ Nothing here logs, and no exception message contains key material.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 import struct
@@ -23,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-logger = logging.getLogger(__name__)
+from mitm_wg.keys import KEY_LEN, generate_private_key, public_key_of
 
 __all__ = [
     "AEAD_TAG_LEN",
@@ -49,7 +48,6 @@ __all__ = [
     "xaead_seal",
 ]
 
-KEY_LEN = 32
 HASH_LEN = 32
 MAC_LEN = 16
 AEAD_TAG_LEN = 16
@@ -142,29 +140,15 @@ def dh(private: bytes, public: bytes) -> bytes:
     return shared
 
 
-def _clamp(private: bytes) -> bytes:
-    first = private[0] & 248
-    last = (private[31] & 127) | 64
-    return bytes((first,)) + private[1:31] + bytes((last,))
-
-
 def dh_generate(randbytes: Callable[[int], bytes] = os.urandom) -> tuple[bytes, bytes]:
     """A fresh X25519 key pair ``(private, public)`` from ``randbytes``; the private key is
-    clamped as ``wg genkey`` does."""
-    raw = randbytes(KEY_LEN)
-    if len(raw) != KEY_LEN:
-        raise ValueError("randbytes returned the wrong number of bytes")
-    private = _clamp(raw)
-    return private, dh_public(private)
+    clamped as ``wg genkey`` does (:func:`mitm_wg.keys.generate_private_key`)."""
+    private = generate_private_key(randbytes)
+    return private, public_key_of(private)
 
 
-def dh_public(private: bytes) -> bytes:
-    """The X25519 public key of a raw 32-byte private key."""
-    try:
-        key = X25519PrivateKey.from_private_bytes(private)
-    except ValueError:
-        raise ValueError("invalid X25519 private key") from None
-    return key.public_key().public_bytes_raw()
+#: The X25519 public key of a raw 32-byte private key (ValueError for a malformed key).
+dh_public = public_key_of
 
 
 # ---------------------------------------------------------------------------------------------

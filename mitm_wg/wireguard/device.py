@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mitm_wg.config import Endpoint
 from mitm_wg.wireguard import crypto, handshake
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
 from mitm_wg.wireguard.cookie import CookieChecker
@@ -43,7 +44,7 @@ from mitm_wg.wireguard.messages import (
     TRANSPORT_MIN_SIZE,
     TYPE_AND_INDEX,
 )
-from mitm_wg.wireguard.peer import Endpoint, Network, Peer, PeerStatus
+from mitm_wg.wireguard.peer import Network, Peer, PeerStatus
 from mitm_wg.wireguard.session import Keypair
 from mitm_wg.wireguard.timers import (
     MIN_INITIATION_INTERVAL,
@@ -181,7 +182,7 @@ class Device:
                 except ValueError:
                     endpoint = None
                 else:
-                    endpoint = (pc.endpoint.host, pc.endpoint.port)
+                    endpoint = pc.endpoint
             device.add_peer(
                 pc.public_key,
                 preshared_key=pc.preshared_key,
@@ -208,7 +209,7 @@ class Device:
         networks = tuple(allowed_ips)
         peer = Peer(
             keys,
-            endpoint=endpoint,
+            endpoint=None if endpoint is None else Endpoint(endpoint[0], endpoint[1]),
             allowed_ips=networks,
             persistent_keepalive=persistent_keepalive,
         )
@@ -346,7 +347,7 @@ class Device:
         peer.session_suspect = True
         return True
 
-    def _new_index(self, peer: Peer | None = None) -> int:
+    def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self._randbytes(4), "little")
             if index not in self._keypairs and index not in self._handshakes:
@@ -459,7 +460,10 @@ class Device:
             self.drops["replay_or_expired"] += 1
             return
         peer = keypair.peer
-        peer.endpoint = source
+        if source != peer.endpoint:
+            # Roaming (whitepaper §2.1): the endpoint becomes the source of the latest
+            # authenticated packet. Compared first so the per-packet path allocates nothing.
+            peer.endpoint = Endpoint.of(source)
         peer.rx_bytes += len(data)
         if keypair is peer.next:
             # The initiator used the session we answered: it is now confirmed (§5.4.6).
@@ -563,7 +567,7 @@ class Device:
             return
         peer.last_initiation_timestamp = received.timestamp
         peer.last_initiation_received = now
-        peer.endpoint = source
+        peer.endpoint = Endpoint.of(source)
         peer.on_authenticated_packet_traversal(now)
         peer.on_authenticated_packet_received(now)
 
@@ -610,7 +614,7 @@ class Device:
             self._retire(peer.previous)
             peer.previous = peer.current
         peer.current = keypair
-        peer.endpoint = source
+        peer.endpoint = Endpoint.of(source)
         peer.rx_bytes += len(message)
         peer.on_handshake_complete(now)
         peer.on_session_derived(now)

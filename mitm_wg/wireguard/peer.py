@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mitm_wg.config import Endpoint, format_endpoint
 from mitm_wg.wireguard.cookie import CookieJar
 from mitm_wg.wireguard.timers import (
     KEEPALIVE_TIMEOUT,
@@ -27,16 +28,9 @@ if TYPE_CHECKING:
     from mitm_wg.wireguard.handshake import InitiatorState, RemoteKeys
     from mitm_wg.wireguard.session import Keypair
 
-Endpoint = tuple[str, int]
+__all__ = ["Network", "Peer", "PeerStatus", "format_age", "format_bytes"]
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def format_endpoint(endpoint: Endpoint | None) -> str:
-    """``host:port``, with brackets around IPv6 hosts."""
-    if endpoint is None:
-        return "(no endpoint)"
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def format_age(seconds: float) -> str:
@@ -206,7 +200,7 @@ class Peer:
         return base64.b64encode(self.public_key).decode()
 
     def __repr__(self) -> str:
-        return f"<Peer {self.public_key_b64} endpoint={self.endpoint}>"
+        return f"<Peer {self.public_key_b64} endpoint={format_endpoint(self.endpoint)}>"
 
     def status(self, unix_time_offset: float | None = None) -> PeerStatus:
         """A snapshot; ``unix_time_offset`` (the device's) turns ``now`` values into Unix time."""

@@ -23,13 +23,10 @@ than the word ring and ~4x faster than the int bitmap.
 
 from __future__ import annotations
 
-import logging
 from array import array
 from typing import Final
 
 from mitm_wg.wireguard.timers import REJECT_AFTER_MESSAGES
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["RING_SIZE", "ReplayWindow"]
 

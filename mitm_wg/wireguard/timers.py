@@ -22,8 +22,6 @@ COOKIE_REFRESH_TIME: Final = 120.0
 REKEY_ON_RECEIVE_AGE: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 #: Jitter added to each handshake retransmission (§6.1: up to 333 ms).
 REKEY_TIMEOUT_JITTER_MAX: Final = 0.333
-#: Retries before giving up: REKEY_ATTEMPT_TIME / REKEY_TIMEOUT.
-MAX_HANDSHAKE_ATTEMPTS: Final = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
 #: After this long without a new handshake, every key of a peer is erased.
 ZERO_KEYS_AFTER: Final = REJECT_AFTER_TIME * 3
 #: Packets held per peer while a handshake is in flight; older ones are dropped first.
