@@ -1,6 +1,7 @@
 """Benchmark the asyncio⇄trio bridge of the mitmproxy edge: guest mode vs a trio thread.
 
     .venv/bin/python bench/bench_bridge.py [--mb 200] [--rounds 1000] [--modes guest,thread,direct]
+    (--smoke: 2 MiB, 20 round trips, every mode)
 
 For each mode, an asyncio client talks through ``Bridge.open_connection`` (a loopback trio
 dialer instead of a tunnel) to a server in a *separate process* (so the server does not
@@ -179,7 +180,10 @@ def main() -> None:
     parser.add_argument("--modes", default="direct,guest,thread")
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode (best is shown)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite)")
     args = parser.parse_args()
+    if args.smoke:
+        args.mb, args.rounds, args.repeat = 2, 20, 1
     if args.serve:
         serve()
         return

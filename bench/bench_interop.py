@@ -6,10 +6,12 @@ namespace), then downloads and uploads N MiB
      (curl), the kernel path;
   2. with our tunnel (open_tunnel + TunnelStream) from the same namespace,
 alternating, and prints MB/s and the ratio. Run:  .venv/bin/python bench/bench_interop.py [MiB]
+[--rounds N] (--smoke: 1 MiB, one round).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import statistics
@@ -25,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import exit_peer, wireguard_go_interface
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.runtime import open_tunnel
+
+#: Needs root and network namespaces (tests/harness): see bench/README.md.
+NEEDS_NETNS = True
 
 
 def kernel_download(peer, size: int) -> float:
@@ -108,4 +113,12 @@ def main(mib: int = 50, rounds: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 50)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mib", type=int, nargs="?", default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite)")
+    args = parser.parse_args()
+    if args.smoke:
+        main(1, 1)
+    else:
+        main(args.mib, args.rounds)

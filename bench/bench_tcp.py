@@ -6,11 +6,12 @@ Measures, per segment:
 * sender: processing a pure ACK that acknowledges one full segment, including the dispatch
   that sends the next segment.
 
-Run: .venv/bin/python bench/bench_tcp.py
+Run: .venv/bin/python bench/bench_tcp.py [--segments N] [--smoke]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
@@ -105,7 +106,11 @@ def sender_bench(n: int) -> float:
 
 
 def main() -> None:
-    n = 20_000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--segments", type=int, default=20_000)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite)")
+    args = parser.parse_args()
+    n = 200 if args.smoke else args.segments
     for _ in range(2):
         r = receiver_bench(n)
         s = sender_bench(n)

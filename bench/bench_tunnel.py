@@ -3,12 +3,13 @@
 sender: TcpSocket.send → Stack.poll → Device.send_packet (pad + seal)
 receiver: Device.receive_datagram (open + replay) → Stack.receive → TcpSocket.recv
 plus the ACKs flowing back. Run: .venv/bin/python bench/bench_tunnel.py [MiB]
+(--smoke: 1 MiB).
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
-import sys
 import time
 
 from mitm_wg.net.stack import Stack
@@ -103,4 +104,8 @@ def main(mib: int = 32) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mib", type=int, nargs="?", default=32)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite)")
+    args = parser.parse_args()
+    main(1 if args.smoke else args.mib)

@@ -258,9 +258,12 @@ def test_xchacha20_poly1305_failures() -> None:
 @pytest.mark.parametrize(
     ("unix", "expected"),
     [
-        (0.0, "400000000000000000000000"),
-        (1.5, "40000000000000011dcd6500"),
-        (1_700_000_000.25, "400000006553f1000ee6b280"),
+        # 1970-01-01 00:00:00 UTC is TAI64 label 400000000000000a: the base of wireguard-go's
+        # tai64n.go (0x400000000000000a), Linux's and boringtun's.
+        (0.0, "400000000000000a00000000"),
+        (1.5, "400000000000000b1dcd6500"),
+        # 2023-11-14 22:13:20.25 UTC: 1_700_000_000 + 10 = 0x6553f10a.
+        (1_700_000_000.25, "400000006553f10a0ee6b280"),
     ],
 )
 def test_tai64n(unix: float, expected: str) -> None:

@@ -4,6 +4,9 @@
   namespace pair built by tests/harness: handshake, ICMP echo (v4 and v6) and UDP answered by
   the kernel, counters confirmed by `wg show`; `mitm-wg check` as a subprocess.
 - mitmproxy's WireGuard mode (boringtun + smoltcp): handshake and keepalives.
+- State left by another implementation: a wireguard-go client with the SAME private key
+  handshakes just before (or just after) us; each side's first initiation must be accepted
+  (TAI64N timestamps on the same base as wireguard-go's, or the exit drops ours as replays).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import wait_until, wireguard_go_interface
 from mitm_wg.config import WireGuardConfig, encode_key, generate_private_key
 from mitm_wg.wireguard.device import Device
 from tests.wgdrive import Driver, icmp_echo_v4, icmp_echo_v6, udp_v4
@@ -71,6 +75,56 @@ def test_handshake_and_kernel_answers_icmp_and_udp(exit_peer) -> None:
         assert ours.rx_bytes > 0 and ours.tx_bytes > 0
     finally:
         driver.sock.close()
+
+
+def _handshake_ours_at_once(peer) -> None:
+    """A new Device with the shared key handshakes, and the exit accepts its FIRST initiation."""
+    driver = make_driver(peer, peer.client_config_text())
+    try:
+        driver.handshake(timeout=15.0)  # long enough for retries: we assert on the count
+        ours = driver.device.status()[0]
+        assert ours.handshake_attempts == 1, (
+            f"the exit dropped {ours.handshake_attempts - 1} initiation(s) of ours "
+            f"(replayed TAI64N timestamp?); drops={dict(driver.device.drops)}"
+        )
+        assert peer.client_stats().endpoint == (
+            f"10.77.{peer.index}.1",
+            driver.sock.getsockname()[1],
+        )
+    finally:
+        driver.sock.close()
+
+
+def _handshake_wireguard_go_at_once(peer) -> None:
+    """A reference wireguard-go client with the shared key: its first initiation is accepted."""
+    log = peer.workdir / f"wg-{peer.client_ifname}.log"
+    log.unlink(missing_ok=True)
+    with wireguard_go_interface(
+        peer.client_ns, peer.client_ifname, peer.client_config_text(dns=False), peer.workdir,
+        verbose=True,
+    ):  # fmt: skip
+
+        def answered() -> bool:
+            curl = ["curl", "-sS", "--noproxy", "*", "-m", "3", f"{peer.http_url}/"]
+            return peer.client_ns.exec(curl, check=False).returncode == 0
+
+        wait_until(answered, 30, "an HTTP GET through the reference wireguard-go client")
+        text = log.read_text(errors="replace")
+        assert "Received handshake response" in text, text[-2000:]
+        assert text.count("Sending handshake initiation") == 1, text[-2000:]
+
+
+def test_same_key_wireguard_go_then_ours(fresh_exit_peer) -> None:
+    # Another implementation used our private key a moment ago: the exit remembers its
+    # TAI64N timestamp, and ours must be greater at once (same 2**62 + 10 base).
+    _handshake_wireguard_go_at_once(fresh_exit_peer)
+    _handshake_ours_at_once(fresh_exit_peer)
+
+
+def test_ours_then_same_key_wireguard_go_then_ours(fresh_exit_peer) -> None:
+    _handshake_ours_at_once(fresh_exit_peer)
+    _handshake_wireguard_go_at_once(fresh_exit_peer)
+    _handshake_ours_at_once(fresh_exit_peer)  # a restarted mitm-wg (new Device) after it
 
 
 def _check_cli(ns, config_text: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:

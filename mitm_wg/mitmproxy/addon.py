@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -536,15 +537,9 @@ class WireGuardAddon:
             if name in self.via:
                 chain = " → ".join(["host", *chain_of(name, self.via)])
                 lines.append(f"    via {self.via[name]!r} (multi-hop: {chain})")
+            now = time.time()  # handshake ages as `wg show` gives them, from wall-clock times
             for peer in info.peers if info is not None else ():
-                endpoint = peer.endpoint
-                lines.append(
-                    f"    peer {peer.public_key} endpoint "
-                    f"{_format_address(endpoint) if endpoint else '(none)'} "
-                    f"session={'yes' if peer.has_session else 'no'} "
-                    f"handshakes={peer.handshakes_completed} "
-                    f"rx={peer.rx_bytes} tx={peer.tx_bytes}"
-                )
+                lines.append(f"    {peer.describe(now)}")
         text = "\n".join(lines)
         logger.info(text)
         return text

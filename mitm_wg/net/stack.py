@@ -540,6 +540,18 @@ class Stack:
             self._reap(reap, now)
         self.stats.packets_out += len(out) - start
 
+    def retransmit_now(self, to: Callable[[bytes], bool] | None = None) -> int:
+        """The path to some remotes works again (e.g. a new WireGuard session came up): every
+        TCP socket waiting out a backed-off retransmission timer towards a remote address for
+        which ``to(address)`` is true (all when None) retransmits at the next :meth:`poll`
+        (see :meth:`TcpSocket.retransmit_now`). Returns how many sockets will."""
+        kicked = 0
+        for sock in self._tcp.values():
+            if (to is None or to(sock.remote_addr)) and sock.retransmit_now():
+                self._dirty[sock] = None
+                kicked += 1
+        return kicked
+
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`poll` has work (a time in the past means "now")."""
         if self._out or self._dirty:

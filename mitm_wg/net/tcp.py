@@ -960,6 +960,27 @@ class TcpSocket:
         self._high_rxt = una
         self._rtt_seq = None
 
+    def retransmit_now(self) -> bool:
+        """The path works again (a lower layer says so): stop waiting out the backed-off timer.
+
+        After an RTO fired (SYN_SENT: the SYN went unanswered; later: data or FIN did), send
+        the SYN or the oldest unacknowledged segment again on the next ``dispatch`` instead of
+        when the exponentially backed-off timer expires, as proposed for TCP's response to a
+        lower layer's connectivity-restored indication (draft-schuetz-tcpm-tcp-rlci §4).
+        Nothing else changes: no backoff, no retry counted, the running timer stays. Returns
+        False (and does nothing) when no timeout is being waited out.
+        """
+        if self._rtt.backoffs == 0 or self._in_fr or self._snd_max == self._snd_una:
+            return False
+        st = self.state
+        if st is TcpState.SYN_SENT:
+            self._snd_nxt = self._iss
+        elif st in _SEND_STATES:
+            self._snd_nxt = self._snd_una
+        else:
+            return False
+        return True
+
     def _pending_send(self) -> bool:
         return self._data_end() + (1 if self._fin_queued else 0) > self._snd_max
 

@@ -121,11 +121,16 @@ class DnsTransport(Protocol):
 
     async def open_tcp(self, server: IPAddress, port: int) -> trio.abc.Stream: ...
 
+    # Optional: ``unanswered(server, since)`` -- a UDP query sent at ``since`` (the resolver's
+    # clock) got no reply in time; a tunnel uses it to re-handshake with a silent peer.
+
 
 class _TunnelLike(Protocol):
     async def open_udp_socket(self, family: int = 4) -> Any: ...
 
     async def open_tcp_stream(self, host: str, port: int) -> Any: ...
+
+    def unanswered(self, address: IPAddress, since: float) -> None: ...
 
 
 class TunnelDnsTransport:
@@ -144,6 +149,9 @@ class TunnelDnsTransport:
         # An IP literal: the tunnel connects without resolving (no recursion into us).
         stream: trio.abc.Stream = await self._tunnel.open_tcp_stream(str(server), port)
         return stream
+
+    def unanswered(self, server: IPAddress, since: float) -> None:
+        self._tunnel.unanswered(server, since)
 
 
 class _Outcome:
@@ -596,6 +604,7 @@ class Resolver:
 
         A truncated reply comes back as its bytes and None (only its question is checked).
         """
+        sent = self._clock()
         try:
             with trio.fail_after(self.timeout):
                 sock = await self.transport.open_udp(server.version)
@@ -606,6 +615,11 @@ class Resolver:
                 finally:
                     sock.close()
         except trio.TooSlowError:
+            # Before the retry: a tunnel whose peer stayed silent re-handshakes now, and
+            # holds the retry for the new session (see Tunnel.unanswered).
+            unanswered = getattr(self.transport, "unanswered", None)
+            if unanswered is not None:
+                unanswered(server, sent)
             raise TimeoutError from None
 
     async def _udp_receive(

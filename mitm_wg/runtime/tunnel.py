@@ -60,8 +60,32 @@ _NEVER = float("inf")
 
 @dataclass(frozen=True, slots=True)
 class TunnelStatus:
+    """A snapshot of a tunnel; ``str()`` renders it in the manner of `wg show`."""
+
     peers: list[PeerStatus]
     open_connections: int
+    #: Wall-clock (Unix) time the snapshot was taken: handshake ages are relative to it.
+    unix_time: float = 0.0
+
+    def handshake_age(self, peer: PeerStatus) -> float | None:
+        """Seconds from ``peer``'s last completed handshake to this snapshot, or None."""
+        return peer.handshake_age(self.unix_time)
+
+    def __str__(self) -> str:
+        lines = [f"{self.open_connections} open connection(s)"]
+        lines += [f"  {peer.describe(self.unix_time)}" for peer in self.peers]
+        return "\n".join(lines)
+
+
+class _PendingConnect:
+    """A connect in SYN_SENT: its peer, when its SYN first left, the SYN timeouts seen."""
+
+    __slots__ = ("peer", "rto_seen", "since")
+
+    def __init__(self, peer: Peer, since: float) -> None:
+        self.peer = peer
+        self.since = since
+        self.rto_seen = 0
 
 
 def _default_socket_factory(family: int) -> socket.socket:
@@ -114,6 +138,7 @@ class Tunnel:
         self._timer_scope: trio.CancelScope | None = None
         self._parked: dict[int, _Waitable] = {}
         self._streams: set[TunnelStream] = set()
+        self._connecting: dict[TcpSocket, _PendingConnect] = {}
         self._failed: dict[bytes, HandshakeFailed] = {}
         self._closed = False
         self.send_errors = 0
@@ -190,18 +215,9 @@ class Tunnel:
         if now is None:
             now = trio.current_time()
         device = self.device
-        out = self._datagrams
-        ip_out = self._ip_out
-        self.stack.poll(now, ip_out)
-        if ip_out:
-            for packet in ip_out:
-                device.send_packet(packet, now, out)
-            ip_out.clear()
-        if out:
-            self._send_datagrams(out)
-            out.clear()
-        if device.events:
-            self._handle_events(device.take_events())
+        self._transmit(now)
+        if device.events and self._handle_events(device.take_events()):
+            self._transmit(now)  # what a new session let go at once
         if self._parked:
             for waitable in list(self._parked.values()):
                 if waitable._ready():
@@ -211,6 +227,55 @@ class Tunnel:
             deadline = self._next_deadline()
             if deadline < scope.deadline:
                 scope.deadline = deadline
+
+    def _transmit(self, now: float) -> None:
+        device = self.device
+        out = self._datagrams
+        ip_out = self._ip_out
+        self.stack.poll(now, ip_out)
+        if ip_out:
+            for packet in ip_out:
+                device.send_packet(packet, now, out)
+            ip_out.clear()
+        if self._connecting:
+            self._check_unanswered_syns(now, out)
+        if out:
+            self._send_datagrams(out)
+            out.clear()
+
+    def _check_unanswered_syns(self, now: float, out: list[Transmit]) -> None:
+        """The fast-recovery rule: a new connection's SYN had to be retransmitted and nothing
+        authenticated came from its peer since the first SYN left. The peer probably lost our
+        session (it restarted), so handshake again now instead of after WireGuard's passive
+        15 s; the device applies the rate limits (``Device.handshake_if_silent``)."""
+        for sock, pending in self._connecting.items():
+            timeouts = sock.stats.rto_expired
+            if timeouts == pending.rto_seen or sock.state is not TcpState.SYN_SENT:
+                continue
+            pending.rto_seen = timeouts
+            peer = pending.peer
+            if self.device.handshake_if_silent(peer, pending.since, now, out):
+                logger.info(
+                    "no answer from WireGuard peer %s at %s since a new connection's SYN: "
+                    "handshaking again now",
+                    peer.public_key_b64,
+                    format_endpoint(peer.endpoint),
+                )
+
+    def unanswered(self, address: str | IPAddress, since: float) -> None:
+        """Something sent through the tunnel to ``address`` at ``since`` (trio time) got no
+        answer in time (the DNS resolver's UDP timeout): the SYN rule's check for datagrams."""
+        peer = self.device.route(ipaddress.ip_address(address).packed)
+        if peer is None or self._closed:
+            return
+        now = trio.current_time()
+        if self.device.handshake_if_silent(peer, since, now, self._datagrams):
+            logger.info(
+                "no answer from WireGuard peer %s at %s since a DNS query: handshaking again now",
+                peer.public_key_b64,
+                format_endpoint(peer.endpoint),
+            )
+        self._flush(now)
 
     def _send_datagrams(self, out: list[Transmit]) -> None:
         """Send, coalescing runs of equal-sized datagrams to one endpoint into one UDP GSO
@@ -261,11 +326,18 @@ class Tunnel:
                 logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
             i = j
 
-    def _handle_events(self, events: list) -> None:
+    def _handle_events(self, events: list) -> bool:
+        """Log and act on device events; True if TCP segments are now due (poll again)."""
+        kicked = 0
         for event in events:
             if isinstance(event, HandshakeCompleted):
                 peer = event.peer
                 self._failed.pop(peer.public_key, None)
+                # A working session: connections waiting out a backed-off retransmission
+                # timer towards this peer (a pending SYN above all) retransmit now.
+                kicked += self.stack.retransmit_now(
+                    lambda addr, p=peer, route=self.device.route: route(addr) is p
+                )
                 what = "rekeyed" if peer.handshakes_completed > 1 else "handshake completed"
                 logger.info(
                     "WireGuard %s with peer %s at %s",
@@ -283,6 +355,7 @@ class Tunnel:
                 )
             elif isinstance(event, KeysZeroed):
                 logger.debug("keys of peer %s erased", event.peer.public_key_b64)
+        return kicked > 0
 
     async def _park(self, waitable: _Waitable, deadline: float = _NEVER) -> None:
         self._parked[id(waitable)] = waitable
@@ -300,7 +373,7 @@ class Tunnel:
         return self.device.route(ipaddress.ip_address(address).packed)
 
     def status(self) -> TunnelStatus:
-        return TunnelStatus(self.device.status(), len(self._streams))
+        return TunnelStatus(self.device.status(), len(self._streams), time.time())
 
     async def resolve(self, name: str) -> list[IPAddress]:
         """Addresses for ``name`` (an IP literal is returned as it is)."""
@@ -353,6 +426,7 @@ class Tunnel:
         sock = self.stack.tcp_connect(address, port, started)
         stream = TunnelStream(self, sock, peer)
         stream._waiting_for.add("connect")
+        self._connecting[sock] = _PendingConnect(peer, started)
         self._flush(started)
         deadline = started + timeout
         handshake_deadline = started + self.handshake_timeout
@@ -382,10 +456,12 @@ class Tunnel:
                 wake = deadline if peer.current is not None else min(deadline, handshake_deadline)
                 await self._park(stream, wake)
         except BaseException:
+            del self._connecting[sock]
             if not sock.is_closed:
                 sock.abort(trio.current_time())
                 self._flush()
             raise
+        del self._connecting[sock]
         stream._waiting_for.clear()
         self._streams.add(stream)
         return stream

@@ -62,7 +62,12 @@ _ZERO_BLOCK = bytes(_BLOCK_LEN)
 
 _NONCE = struct.Struct("<4xQ")  # WireGuard AEAD nonce: 32 zero bits || 64-bit little-endian counter
 _TAI64N = struct.Struct(">QI")
-_TAI64_LABEL = 1 << 62
+# TAI64 label of Unix time 0: 2**62 + 10 (cr.yp.to/libtai/tai64.html counts TAI seconds from 1970
+# TAI; TAI - UTC was 10 s when leap seconds began). wireguard-go (tai64n.go: base
+# 0x400000000000000a), the Linux module and boringtun all add these 10 s and ignore later leap
+# seconds. A peer compares initiation timestamps bytewise across every implementation that uses
+# the same private key, so a different base makes ours look 10 s old: replays, silently dropped.
+TAI64_UNIX_EPOCH = (1 << 62) + 10
 _ZERO_KEY = bytes(KEY_LEN)
 
 # ---------------------------------------------------------------------------------------------
@@ -274,12 +279,13 @@ def xaead_open(
 
 
 def tai64n(unix_seconds: float) -> bytes:
-    """12-byte TAI64N label: (2**62 + seconds) as big-endian u64 || nanoseconds as big-endian u32.
+    """12-byte TAI64N: (2**62 + 10 + seconds) as big-endian u64 || nanoseconds as big-endian u32.
 
-    WireGuard (like wireguard-go) ignores leap seconds: the seconds are plain Unix seconds.
+    Exactly what wireguard-go, Linux and boringtun write: the seconds are Unix seconds plus the
+    fixed 10 s TAI offset of the epoch (no later leap seconds).
     """
     secs = math.floor(unix_seconds)
     nanos = int((unix_seconds - secs) * 1_000_000_000)
     if nanos > 999_999_999:  # float rounding guard
         nanos = 999_999_999
-    return _TAI64N.pack(_TAI64_LABEL + secs, nanos)
+    return _TAI64N.pack(TAI64_UNIX_EPOCH + secs, nanos)

@@ -228,7 +228,8 @@ class Device:
         return self._routes.lookup(destination)
 
     def status(self) -> list[PeerStatus]:
-        return [peer.status() for peer in self.peers.values()]
+        offset = self._unix_time_offset
+        return [peer.status(offset) for peer in self.peers.values()]
 
     def take_events(self) -> list[Event]:
         events, self.events = self.events, []
@@ -273,6 +274,7 @@ class Device:
         keypair = peer.current
         if (
             keypair is None
+            or peer.session_suspect
             or peer.endpoint is None
             or now - keypair.created >= REJECT_AFTER_TIME
             or keypair.send_counter >= REJECT_AFTER_MESSAGES
@@ -311,6 +313,39 @@ class Device:
     def connect(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         """Start a handshake with ``peer`` now (subject to the REKEY_TIMEOUT rate limit)."""
         self._initiate(peer, now, out, retry=False)
+
+    def handshake_if_silent(
+        self, peer: Peer, since: float, now: float, out: list[Transmit]
+    ) -> bool:
+        """Start a fresh handshake as soon as the rate limits allow if nothing authenticated
+        arrived from ``peer`` since ``since``, the time the caller sent something that should
+        have been answered and was not (the runtime's rule: a new TCP connection's SYN had
+        to be retransmitted).
+
+        WireGuard's own timer waits KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (15 s) of silence
+        after sent data before it re-handshakes (whitepaper §6.5). When the peer restarted
+        it has no session: every packet we send on ours vanishes, and 15 s plus TCP's SYN
+        backoff is how long a user waits. Rate limits hold: nothing while an initiation is
+        outstanding (its retransmission timer runs), and never within REKEY_TIMEOUT of the
+        last initiation; then the handshake is armed for that moment (dropped if the peer
+        speaks first). Returns whether an initiation went out now.
+
+        Once it went out, the current session is suspect: packets wait in the queue for the
+        new one (a round trip if the peer is alive) instead of vanishing on the old one, so a
+        retry right after a timeout (a DNS query, another SYN) gets through.
+        """
+        if peer.last_received >= since or peer.handshake is not None:
+            return False
+        allowed = peer.last_initiation_sent + REKEY_TIMEOUT
+        if now < allowed:
+            peer.silence_handshake_at = allowed
+            peer.silent_since = since
+            return False
+        peer.silence_handshake_at = None
+        self._initiate(peer, now, out, retry=False)
+        peer.silence_handshakes += 1
+        peer.session_suspect = True
+        return True
 
     def _new_index(self) -> int:
         while True:
@@ -440,7 +475,7 @@ class Device:
             self.events.append(HandshakeCompleted(peer, source, False, now))
             if peer.queue:
                 self._flush_queue(peer, now, out)
-        peer.on_authenticated_packet_received()
+        peer.on_authenticated_packet_received(now)
         peer.on_authenticated_packet_traversal(now)
         # An initiator hearing from an old session re-handshakes before it expires (§6.2).
         current = peer.current
@@ -534,7 +569,7 @@ class Device:
         peer.last_initiation_received = now
         peer.endpoint = Endpoint.of(source)
         peer.on_authenticated_packet_traversal(now)
-        peer.on_authenticated_packet_received()
+        peer.on_authenticated_packet_received(now)
 
         index = self._new_index()
         keys, body = handshake.create_response(received, peer.keys, index, self._randbytes)
@@ -583,7 +618,7 @@ class Device:
         peer.rx_bytes += len(message)
         peer.on_handshake_complete(now)
         peer.on_session_derived(now)
-        peer.on_authenticated_packet_received()
+        peer.on_authenticated_packet_received(now)
         peer.on_authenticated_packet_traversal(now)
         self.events.append(HandshakeCompleted(peer, source, True, now))
         # Confirm the session to the responder: queued data, or else a keepalive (§5.4.6).
@@ -630,6 +665,9 @@ class Device:
                 if peer.need_another_keepalive:
                     peer.need_another_keepalive = False
                     peer.send_keepalive_at = now + 10.0
+            if peer.silence_handshake_at is not None and now >= peer.silence_handshake_at:
+                peer.silence_handshake_at = None
+                self.handshake_if_silent(peer, peer.silent_since, now, out)
             if peer.new_handshake_at is not None and now >= peer.new_handshake_at:
                 # We sent data and heard nothing back for 15 s: the session may be dead.
                 peer.new_handshake_at = None

@@ -28,9 +28,37 @@ if TYPE_CHECKING:
     from mitm_wg.wireguard.handshake import InitiatorState, RemoteKeys
     from mitm_wg.wireguard.session import Keypair
 
-__all__ = ["Network", "Peer", "PeerStatus"]
+__all__ = ["Network", "Peer", "PeerStatus", "format_age", "format_bytes"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def format_age(seconds: float) -> str:
+    """How long ago, as `wg show` says it but shorter: "12 s ago", "3 min 5 s ago",
+    "2 h 1 min ago", "3 d 4 h ago" (a clock that stepped back reads "0 s ago")."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s ago"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s} s ago"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m} min ago"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h ago"
+
+
+def format_bytes(n: int) -> str:
+    """A byte count as `wg show` prints transfer: B, then KiB/MiB/GiB/TiB with 2 decimals."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.2f} {unit}"
+    return f"{value / 1024:.2f} TiB"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +74,28 @@ class PeerStatus:
     handshake_attempts: int
     handshakes_completed: int
     has_session: bool
+    #: Wall-clock (Unix) time of the last completed handshake: ``last_handshake`` plus the
+    #: device's ``unix_time_offset``. Compare with ``time.time()`` for its age.
+    last_handshake_unix: float | None = None
+
+    def handshake_age(self, unix_now: float) -> float | None:
+        """Seconds since the last completed handshake at wall-clock ``unix_now``, or None."""
+        if self.last_handshake_unix is None:
+            return None
+        return max(0.0, unix_now - self.last_handshake_unix)
+
+    def describe(self, unix_now: float) -> str:
+        """One line in the manner of `wg show`'s peer section, ages at wall-clock ``unix_now``:
+        ``peer KEY endpoint 198.51.100.7:51820 session=yes latest handshake: 12 s ago,
+        transfer: 1.20 MiB received, 316.00 KiB sent, handshakes=3``."""
+        age = self.handshake_age(unix_now)
+        handshake = "never" if age is None else format_age(age)
+        return (
+            f"peer {self.public_key} endpoint {format_endpoint(self.endpoint)} "
+            f"session={'yes' if self.has_session else 'no'} latest handshake: {handshake}, "
+            f"transfer: {format_bytes(self.rx_bytes)} received, "
+            f"{format_bytes(self.tx_bytes)} sent, handshakes={self.handshakes_completed}"
+        )
 
 
 class Peer:
@@ -66,6 +116,7 @@ class Peer:
         "last_initiation_received",
         "last_initiation_sent",
         "last_initiation_timestamp",
+        "last_received",
         "need_another_keepalive",
         "new_handshake_at",
         "next",
@@ -79,6 +130,10 @@ class Peer:
         "rx_bytes",
         "send_keepalive_at",
         "sent_last_minute_handshake",
+        "session_suspect",
+        "silence_handshake_at",
+        "silence_handshakes",
+        "silent_since",
         "tx_bytes",
         "zero_keys_at",
     )
@@ -121,6 +176,13 @@ class Peer:
         self.zero_keys_at: float | None = None
         self.persistent_keepalive_at: float | None = None
         self.need_another_keepalive = False
+        # Device.handshake_if_silent, held back by the rate limit: retry then, unless
+        # something authenticated arrived after silent_since.
+        self.silence_handshake_at: float | None = None
+        self.silent_since = float("-inf")
+        #: Set when that rule started a handshake: send nothing more on the current session,
+        #: queue it for the next one (cleared when a handshake completes).
+        self.session_suspect = False
 
         # Counters.
         self.rx_bytes = 0
@@ -128,6 +190,10 @@ class Peer:
         self.last_handshake: float | None = None
         self.handshake_attempts_total = 0
         self.handshakes_completed = 0
+        #: `now` of the last authenticated packet from the peer (any message type).
+        self.last_received = float("-inf")
+        #: Handshakes started by :meth:`Device.handshake_if_silent`.
+        self.silence_handshakes = 0
 
     @property
     def public_key_b64(self) -> str:
@@ -136,7 +202,9 @@ class Peer:
     def __repr__(self) -> str:
         return f"<Peer {self.public_key_b64} endpoint={format_endpoint(self.endpoint)}>"
 
-    def status(self) -> PeerStatus:
+    def status(self, unix_time_offset: float | None = None) -> PeerStatus:
+        """A snapshot; ``unix_time_offset`` (the device's) turns ``now`` values into Unix time."""
+        last = self.last_handshake
         return PeerStatus(
             public_key=self.public_key_b64,
             endpoint=self.endpoint,
@@ -147,6 +215,9 @@ class Peer:
             handshake_attempts=self.handshake_attempts_total,
             handshakes_completed=self.handshakes_completed,
             has_session=self.current is not None,
+            last_handshake_unix=(
+                None if last is None or unix_time_offset is None else last + unix_time_offset
+            ),
         )
 
     def enqueue(self, packet: bytes) -> None:
@@ -165,6 +236,7 @@ class Peer:
                 self.new_handshake_at,
                 self.zero_keys_at,
                 self.persistent_keepalive_at,
+                self.silence_handshake_at,
             )
             if d is not None
         ]
@@ -187,8 +259,9 @@ class Peer:
     def on_authenticated_packet_sent(self) -> None:
         self.send_keepalive_at = None
 
-    def on_authenticated_packet_received(self) -> None:
+    def on_authenticated_packet_received(self, now: float) -> None:
         self.new_handshake_at = None
+        self.last_received = now
 
     def on_authenticated_packet_traversal(self, now: float) -> None:
         if self.persistent_keepalive:
@@ -203,6 +276,7 @@ class Peer:
         self.handshake_attempts = 0
         self.handshake_started = None
         self.sent_last_minute_handshake = False
+        self.session_suspect = False
         self.last_handshake = now
         self.handshakes_completed += 1
 

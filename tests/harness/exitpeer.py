@@ -279,14 +279,21 @@ class ExitPeer:
         return [q.name for q in self.dns_queries()]
 
 
-def start_wireguard_go(ns: Netns, ifname: str, log_path: Path) -> subprocess.Popen[Any]:
-    """Run ``wireguard-go IFNAME`` in the foreground inside ``ns``; wait for its socket."""
+def start_wireguard_go(
+    ns: Netns, ifname: str, log_path: Path, *, verbose: bool = False
+) -> subprocess.Popen[Any]:
+    """Run ``wireguard-go IFNAME`` in the foreground inside ``ns``; wait for its socket.
+
+    ``verbose`` sets ``LOG_LEVEL=verbose``: the log at ``log_path`` then has a line per
+    handshake message ("Sending handshake initiation", "Received handshake response", ...).
+    """
     sock = WG_SOCKET_DIR / f"{ifname}.sock"
     if sock.exists():
         raise FileExistsError(f"{sock} exists: interface name {ifname!r} is in use")
+    env = ["env", "WG_PROCESS_FOREGROUND=1"] + (["LOG_LEVEL=verbose"] if verbose else [])
     with open(log_path, "ab") as logf:
         proc = ns.popen(
-            ["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", ifname],
+            [*env, "wireguard-go", ifname],
             stdout=logf,
             stderr=subprocess.STDOUT,
         )
@@ -326,15 +333,16 @@ def parse_wg_quick(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
 
 @contextlib.contextmanager
 def wireguard_go_interface(
-    ns: Netns, ifname: str, config_text: str, workdir: Path
+    ns: Netns, ifname: str, config_text: str, workdir: Path, *, verbose: bool = False
 ) -> Iterator[subprocess.Popen[Any]]:
     """A reference wireguard-go interface in ``ns`` configured from wg-quick text.
 
     Sets keys/peers with ``wg set``, adds the Address(es), brings the link up and routes every
-    peer's AllowedIPs into it. DNS/MTU/Table/hooks are ignored. Killed on exit.
+    peer's AllowedIPs into it. DNS/MTU/Table/hooks are ignored. Killed on exit. Its log is
+    ``workdir / f"wg-{ifname}.log"`` (one line per handshake message with ``verbose``).
     """
     iface, peers = parse_wg_quick(config_text)
-    proc = start_wireguard_go(ns, ifname, workdir / f"wg-{ifname}.log")
+    proc = start_wireguard_go(ns, ifname, workdir / f"wg-{ifname}.log", verbose=verbose)
     try:
         key_file = workdir / f"{ifname}.key"
         key_file.write_text(iface["privatekey"])

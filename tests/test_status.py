@@ -1,0 +1,86 @@
+"""Status like `wg show`: handshake ages and transfer sizes (units; real peers in
+tests/test_status_interop.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mitm_wg.runtime.tunnel import TunnelStatus
+from mitm_wg.wireguard.peer import PeerStatus, format_age, format_bytes
+from tests.wgpair import A_ADDR, B_ADDR, Pair, ipv4_udp
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0 s ago"),
+        (12.9, "12 s ago"),
+        (59, "59 s ago"),
+        (60, "1 min 0 s ago"),
+        (185, "3 min 5 s ago"),
+        (3600 + 60, "1 h 1 min ago"),
+        (86400 * 3 + 3600 * 4 + 5, "3 d 4 h ago"),
+        (-3, "0 s ago"),  # the wall clock stepped back
+    ],
+)
+def test_format_age(seconds: float, text: str) -> None:
+    assert format_age(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (5 * 1024 * 1024 + 512 * 1024, "5.50 MiB"),
+        (3 << 30, "3.00 GiB"),
+        (5 << 40, "5.00 TiB"),
+    ],
+)
+def test_format_bytes(n: int, text: str) -> None:
+    assert format_bytes(n) == text
+
+
+def test_device_status_has_wall_clock_handshake_and_describes_it() -> None:
+    p = Pair.create()  # unix_time_offset=1.7e9
+    before = p.a.status()[0]
+    assert before.last_handshake_unix is None and before.handshake_age(1.7e9) is None
+    assert "latest handshake: never" in before.describe(1.7e9)
+    p.now = 5.0
+    p.handshake()
+    p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"x" * 3000))
+    p.deliver()
+    status = p.a.status()[0]
+    assert status.last_handshake == 5.0 and status.last_handshake_unix == 1.7e9 + 5.0
+    assert status.handshake_age(1.7e9 + 17.5) == 12.5
+    line = status.describe(1.7e9 + 17.5)
+    assert line.startswith(f"peer {status.public_key} endpoint 127.0.0.1:40002 session=yes ")
+    assert "latest handshake: 12 s ago" in line
+    assert f"transfer: {format_bytes(status.rx_bytes)} received, " in line
+    assert "KiB received" in line and " B sent" in line
+    assert "handshakes=1" in line
+    assert p.a_peer.status().last_handshake_unix is None  # without an offset: no wall clock
+
+
+def test_tunnel_status_renders_like_wg_show() -> None:
+    peer = PeerStatus(
+        public_key="k" * 43 + "=",
+        endpoint=("2001:db8::1", 51820),
+        allowed_ips=(),
+        last_handshake=100.0,
+        rx_bytes=3 * 1024 * 1024,
+        tx_bytes=2048,
+        handshake_attempts=2,
+        handshakes_completed=2,
+        has_session=True,
+        last_handshake_unix=1_800_000_000.0,
+    )
+    status = TunnelStatus([peer], 3, 1_800_000_125.0)
+    assert status.handshake_age(peer) == 125.0
+    assert str(status) == (
+        "3 open connection(s)\n"
+        f"  peer {'k' * 43}= endpoint [2001:db8::1]:51820 session=yes latest handshake: "
+        "2 min 5 s ago, transfer: 3.00 MiB received, 2.00 KiB sent, handshakes=2"
+    )
