@@ -183,10 +183,20 @@ class ViaTransport:
             logger.debug("inner WireGuard datagrams dropped: %s", e)
 
     async def run(self, inner: Tunnel) -> None:
-        """Feed datagrams from the outer sockets to ``inner`` until the outer tunnel closes."""
-        async with trio.open_nursery() as nursery:
-            for sock in self._sockets.values():
-                nursery.start_soon(self._reader, inner, sock)
+        """Feed datagrams from the outer sockets to ``inner`` until the outer tunnel closes,
+        which ends it with one ``OSError(ENETDOWN)`` naming the outer tunnel."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for sock in self._sockets.values():
+                    nursery.start_soon(self._reader, inner, sock)
+        except BaseExceptionGroup as group:
+            # Each family's reader ends the same way when the outer tunnel closes: that
+            # end goes up alone (open_tunnel's strict nursery passes a lone error on as it is).
+            if all(
+                isinstance(e, OSError) and e.errno == errno.ENETDOWN for e in group.exceptions
+            ):
+                raise group.exceptions[0] from None
+            raise
 
     async def _reader(self, inner: Tunnel, sock: TunnelUdpSocket) -> None:
         device, stack = inner.device, inner.stack
