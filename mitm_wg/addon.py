@@ -26,9 +26,13 @@ def _load() -> list[object]:
     saved = list(sys.path)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     try:
+        from mitm_wg.mitmproxy import patch
         from mitm_wg.mitmproxy.addon import WireGuardAddon
         from mitm_wg.mitmproxy.ready import StartupSignal
 
+        # Refuse an untested mitmproxy whose patched code changed now, at load (mitmproxy
+        # reports the error and exits during start-up), not at the first connection.
+        patch.check_compatible()
         return [WireGuardAddon(), StartupSignal()]
     finally:
         sys.path[:] = saved

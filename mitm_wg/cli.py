@@ -277,8 +277,7 @@ def version_text() -> str:
     except metadata.PackageNotFoundError:
         mitmproxy_version = "not installed"
     return (
-        f"mitm-wg {__version__} (mitmproxy {mitmproxy_version}, "
-        f"Python {platform.python_version()})"
+        f"mitm-wg {__version__} (mitmproxy {mitmproxy_version}, Python {platform.python_version()})"
     )
 
 
