@@ -10,6 +10,7 @@ mitmproxy's CA and the demo's temporary files land there and can be checked.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -193,6 +194,14 @@ def _wait_for(demo_run: RunningDemo, needle: str) -> str:
 @pytest.fixture
 def running_demo(tmp_path: Path) -> Iterator[RunningDemo]:
     require_mitmdump()
+    with start_demo(tmp_path, [sys.executable, "-m", "mitm_wg"]) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def start_demo(tmp_path: Path, mitm_wg: list[str]) -> Iterator[RunningDemo]:
+    """``MITM_WG demo --dump`` (``mitm_wg`` is the command, e.g. ``[python, -m, mitm_wg]``),
+    yielded the moment its banner is complete; killed by PID if still running afterwards."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     home = tmp_path / "home"
@@ -202,7 +211,7 @@ def running_demo(tmp_path: Path) -> Iterator[RunningDemo]:
     output = tmp_path / "demo.out"
     with output.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mitm_wg", "demo", "--dump", "--port", str(port)],
+            [*mitm_wg, "demo", "--dump", "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
