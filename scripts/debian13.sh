@@ -30,6 +30,7 @@ debian13_root() {
             fi
             command -v mmdebstrap >/dev/null || {
                 echo "installing mmdebstrap" >&2
+                apt-get update -qq >/dev/null
                 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
                     mmdebstrap >/dev/null
             }
