@@ -53,11 +53,13 @@ debian13_run() {
     here=$(pwd -P)
     # The host's CA bundle, DNS and pip settings (without a constraint line: the host's pip
     # constraints name files that exist only on the host).
-    install -m 644 /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
-    install -m 644 /etc/resolv.conf "$root/etc/resolv.conf.mitm-wg"
-    mv -f "$root/etc/resolv.conf.mitm-wg" "$root/etc/resolv.conf"
+    # (Each written beside and renamed: a concurrent run never reads half a file.)
+    _debian13_put() { install -m 644 "$1" "$2.$$" && mv -f "$2.$$" "$2"; }
+    _debian13_put /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    _debian13_put /etc/resolv.conf "$root/etc/resolv.conf"
     if [ -f /etc/pip.conf ]; then
-        grep -v -i '^[[:space:]]*constraint' /etc/pip.conf >"$root/etc/pip.conf" || true
+        grep -v -i '^[[:space:]]*constraint' /etc/pip.conf >"$root/etc/pip.conf.$$" || true
+        mv -f "$root/etc/pip.conf.$$" "$root/etc/pip.conf"
     fi
     mkdir -p "$root$here"
     unshare --mount --propagation private -- env ROOT="$root" HERE="$here" CMD="$command" \
