@@ -1,11 +1,11 @@
 """Installed use, as a user without a clone has it: the wheel and sdist, installed for real.
 
 The module builds the sdist and, from it, the wheel (``python -m build``), checks what they
-carry, and installs the wheel with pip into a fresh venv. To keep the suite offline-fast, the
-new venv gets mitm-wg's dependencies through a ``.pth`` line naming the test venv's
-site-packages (a plain path: the test venv's editable mitm-wg is *not* importable from there),
-and its own ``mitmdump`` from ``pip install --no-deps mitmproxy==<the same version>``; every
-test checks that ``mitm_wg`` is imported from the wheel's copy. Then:
+carry, and installs the wheel with pip into a fresh venv. To keep the suite fast and offline,
+the new venv gets mitm-wg's dependencies (mitmproxy included) through a ``.pth`` line naming
+the test venv's site-packages (a plain path: the test venv's editable mitm-wg is *not*
+importable from there), and a ``mitmdump`` launcher like the one pip writes for mitmproxy's
+entry point; the tests check that ``mitm_wg`` is imported from the wheel's copy. Then:
 
 * ``mitm-wg --version`` and ``mitm-wg addon`` from the venv;
 * ``mitmdump -s "$(mitm-wg addon)" --set wg_conf=...`` against a real wireguard-go exit
@@ -109,7 +109,13 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
 def installed(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Installed:
     require_mitmdump()
     venv = tmp_path_factory.mktemp("user") / "venv"
-    _check(subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True))
+    _check(
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+            capture_output=True,
+            text=True,
+        )
+    )
     python = venv / "bin" / "python"
     site = Path(
         _check(
@@ -122,12 +128,24 @@ def installed(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Install
     )
     deps = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
     (site / "_mitm_wg_test_dependencies.pth").write_text("".join(f"{p}\n" for p in sorted(deps)))
-    # --ignore-installed: pip sees the test venv's packages through the .pth and must neither
-    # skip them as "already satisfied" nor uninstall them there.
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-installed"]
-    env = _clean_env(venv)
-    for what in ([str(dists.wheel)], [f"mitmproxy=={MITMPROXY_VERSION}"]):
-        _check(subprocess.run([*pip, *what], capture_output=True, text=True, env=env, timeout=300))
+    # The test venv's pip installs into the new venv (--python). --ignore-installed: it sees
+    # the test venv's packages through the .pth and must neither skip mitm-wg as "already
+    # satisfied" nor uninstall anything there.
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet"]
+    _check(
+        subprocess.run(
+            [*pip, "--no-deps", "--ignore-installed", "--no-index", str(dists.wheel)],
+            capture_output=True,
+            text=True,
+            env=_clean_env(venv),
+            timeout=300,
+        )
+    )
+    launcher = venv / "bin" / "mitmdump"  # what pip writes for mitmproxy's console script
+    launcher.write_text(
+        f"#!{python}\nimport sys\nfrom mitmproxy.tools.main import mitmdump\nsys.exit(mitmdump())\n"
+    )
+    launcher.chmod(0o755)
     return Installed(venv, site)
 
 
