@@ -1,5 +1,8 @@
 """mitm-wg: send every upstream connection of mitmproxy through a WireGuard tunnel.
 
+A thin shim for clones: the addon itself is ``mitm_wg/addon.py`` inside the installed package
+(``mitm-wg addon`` prints its path), which is what to load when mitm-wg is pip-installed.
+
     mitmproxy -s addons/mitm_wg.py --set wg_conf=wg0.conf
     mitmdump  -s addons/mitm_wg.py --set wg_conf=home=home.conf --set wg_conf=work=work.conf
     mitmweb   -s addons/mitm_wg.py --set wg_conf=wg0.conf --mode socks5
@@ -15,7 +18,7 @@ import os
 import sys
 
 
-def _import_addon() -> type:
+def _import_addons() -> list[object]:
     # mitmproxy puts this file's directory first on sys.path while loading it, where
     # "mitm_wg" would find this very file instead of the mitm_wg package.
     here = os.path.dirname(os.path.abspath(__file__))
@@ -25,11 +28,11 @@ def _import_addon() -> type:
         loaded = sys.modules.get("mitm_wg")
         if loaded is not None and not hasattr(loaded, "__path__"):
             del sys.modules["mitm_wg"]
-        from mitm_wg.mitmproxy.addon import WireGuardAddon
+        from mitm_wg import addon
 
-        return WireGuardAddon
+        return addon._load()
     finally:
         sys.path[:] = saved
 
 
-addons = [_import_addon()()]
+addons = _import_addons()

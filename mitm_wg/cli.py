@@ -212,12 +212,41 @@ async def fetch_url(
     )
 
 
+def addon_path() -> str:
+    """The absolute path of the addon file that ``mitmproxy -s`` loads."""
+    from mitm_wg.addon import PATH
+
+    return str(PATH)
+
+
+def version_text() -> str:
+    """``mitm-wg X (mitmproxy Y, Python Z)``; mitmproxy's version without importing it."""
+    import platform
+    from importlib import metadata
+
+    from mitm_wg import __version__
+
+    try:
+        mitmproxy_version = metadata.version("mitmproxy")
+    except metadata.PackageNotFoundError:
+        mitmproxy_version = "not installed"
+    return (
+        f"mitm-wg {__version__} (mitmproxy {mitmproxy_version}, Python {platform.python_version()})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mitm-wg", description="mitmproxy upstream connections through WireGuard"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "addon",
+        help="print the path of the addon file for mitmproxy/mitmdump/mitmweb -s",
+        description='Prints the absolute path of the addon file: mitmproxy -s "$(mitm-wg addon)"',
+    )
     p_check = sub.add_parser("check", help="handshake with every peer of a wg-quick config")
     p_check.add_argument("config", help="path to a wg-quick .conf file")
     p_check.add_argument(
@@ -246,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "addon":
+            print(addon_path())
+            return 0
         if args.command == "demo":
             return demo.run(args)
         if args.command == "check":

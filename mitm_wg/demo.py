@@ -7,7 +7,13 @@ Two processes:
    TLS from our mitmproxy reaches the real servers and their real certificates), logging to
    a file in the demo's temporary directory;
 2. the *front*: ``mitmproxy`` (``mitmdump`` without a terminal, ``mitmweb`` with ``--web``)
-   on 127.0.0.1:8080 with ``addons/mitm_wg.py`` and a wg-quick config for that exit peer.
+   on 127.0.0.1:8080 with the addon (``mitm_wg/addon.py``, what ``mitm-wg addon`` prints) and a
+   wg-quick config for that exit peer.
+
+With mitmdump and mitmweb the instructions are printed once the front has *finished* starting
+(its ``mitm-wg: ready`` log line, see :mod:`mitm_wg.mitmproxy.ready`), so a request sent the
+moment they appear is served; mitmproxy's console takes over the terminal, so there they come
+first, before Enter starts it. The exit peer, too, counts as started only at its ready line.
 
 Ctrl-C / SIGTERM stops both (by PID) and removes the temporary directory. The exit peer runs
 on this machine, so traffic still leaves from this machine's address: the demo shows the
@@ -65,7 +71,9 @@ EXIT_STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
 _LISTENING = re.compile(rb"WireGuard server listening at \[?([0-9a-fA-F.:]+?)\]?:(\d+)")
-_ADDON = "addons/mitm_wg.py"
+_READY = b"mitm-wg: ready"  # mitm_wg.mitmproxy.ready.READY_PREFIX (not imported: no mitmproxy)
+#: The last line of the instructions; the front is ready when it appears.
+READY_LINE = "mitm-wg demo: ready, proxy at http://127.0.0.1:{port} (Ctrl-C stops everything)"
 
 
 class DemoError(Exception):
@@ -103,14 +111,17 @@ def find_tool(name: str) -> str:
 
 
 def find_addon() -> Path:
-    """``addons/mitm_wg.py`` of the checkout this package runs from."""
-    path = Path(__file__).resolve().parent.parent / _ADDON
-    if not path.is_file():
-        raise DemoError(
-            f"{_ADDON} not found next to the mitm_wg package ({path}); run the demo from a "
-            "checkout (pip install -e .)"
-        )
-    return path
+    """The addon file inside the installed package (``mitm-wg addon`` prints it)."""
+    from mitm_wg.addon import PATH
+
+    if not PATH.is_file():  # pragma: no cover - only a broken installation
+        raise DemoError(f"the mitm-wg addon file {PATH} is missing; reinstall mitm-wg")
+    return PATH
+
+
+def _ready_script() -> Path:
+    """The start-up signal alone, as a script for the exit peer (no mitm-wg addon there)."""
+    return Path(__file__).resolve().parent / "mitmproxy" / "ready.py"
 
 
 def choose_tool(*, web: bool, dump: bool, interactive: bool) -> str:
@@ -199,7 +210,8 @@ _PRIVATE_KEY_LINE = re.compile(rb"^(\s*PrivateKey\s*=\s*)\S+", re.IGNORECASE)
 
 class _ExitLog:
     """Copies the exit peer's output into ``path`` (private keys redacted: mitmproxy prints
-    its client config) and notes the UDP endpoint it listens on."""
+    its client config), notes the UDP endpoint it listens on and when it has finished
+    starting (``listening`` is set at its ready line, once the endpoint is known)."""
 
     def __init__(self, pipe: IO[bytes], path: Path) -> None:
         self.endpoint: tuple[str, int] | None = None
@@ -217,7 +229,8 @@ class _ExitLog:
                     match = _LISTENING.search(line)
                     if match:
                         self.endpoint = (match.group(1).decode(), int(match.group(2)))
-                        self.listening.set()
+                if self.endpoint is not None and _READY in line:
+                    self.listening.set()
                 out.write(line)
                 out.flush()
 
@@ -252,6 +265,7 @@ def exit_peer(workdir: Path, host: str = "127.0.0.1") -> Iterator[ExitPeer]:
         "--set", "ignore_hosts=.*",  # pass TLS (and everything else) through untouched
         "--set", "termlog_verbosity=info",  # the "listening at" line tells us the port
         "--set", "flow_detail=0",
+        "-s", str(_ready_script()),  # "mitm-wg: ready" once it has finished starting
     ]  # fmt: skip
     # A session of its own: Ctrl-C on the terminal reaches the front, not the exit peer; we
     # stop the exit peer ourselves once the front has gone.
@@ -261,6 +275,7 @@ def exit_peer(workdir: Path, host: str = "127.0.0.1") -> Iterator[ExitPeer]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     assert proc.stdout is not None
     log = _ExitLog(proc.stdout, log_path)
@@ -338,15 +353,52 @@ See that flows went through the tunnel:
     header (curl -i)
 
 The exit peer runs on this machine, so traffic still leaves from this machine's address.
-With a real WireGuard config:  mitmproxy -s addons/mitm_wg.py --set wg_conf=wg0.conf
+With a real WireGuard config:  mitmproxy -s "$(mitm-wg addon)" --set wg_conf=wg0.conf
 Ctrl-C stops everything.
 """
 
 
-def _run_front(argv: list[str], exit_process: subprocess.Popen[Any], console: bool) -> int:
+class _FrontOutput:
+    """Copies the front's output (mitmdump/mitmweb) to ``out`` line by line and calls
+    ``on_ready`` once, right after copying its ``mitm-wg: ready`` line."""
+
+    def __init__(self, pipe: IO[bytes], out: IO[str], on_ready: Any) -> None:
+        self._pipe, self._out, self._on_ready = pipe, out, on_ready
+        self.copier = threading.Thread(target=self._copy, name="mitm-wg-demo-front", daemon=True)
+        self.copier.start()
+
+    def _copy(self) -> None:
+        ready = False
+        for line in self._pipe:
+            self._out.write(line.decode(errors="replace"))
+            self._out.flush()
+            if not ready and _READY in line:
+                ready = True
+                self._on_ready()
+
+
+def _run_front(
+    argv: list[str],
+    exit_process: subprocess.Popen[Any],
+    console: bool,
+    out: IO[str] | None = None,
+    on_ready: Any = None,
+) -> int:
     """Run the front in our process group until it exits; SIGINT/SIGTERM to us stop it, and
-    so does the exit peer dying. Returns the front's exit status."""
-    proc = subprocess.Popen(argv)
+    so does the exit peer dying. Returns the front's exit status. Unless ``console``, its
+    output goes through us to ``out`` and ``on_ready()`` runs when it is ready."""
+    if console:
+        proc = subprocess.Popen(argv)
+        copy = None
+    else:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        assert proc.stdout is not None
+        copy = _FrontOutput(proc.stdout, out or sys.stdout, on_ready or (lambda: None))
     stopping: list[int] = []
     exit_died = False
 
@@ -382,6 +434,10 @@ def _run_front(argv: list[str], exit_process: subprocess.Popen[Any], console: bo
         _stop_process(proc)  # returns at once when it has exited; never leaves it behind
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if copy is not None:
+            copy.copier.join(STOP_TIMEOUT)  # EOF follows the exit
+            assert proc.stdout is not None
+            proc.stdout.close()
     code = proc.returncode
     if exit_died:
         return 1
@@ -409,12 +465,19 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     try:
         with exit_peer(workdir) as peer:
             cacert = confdir_from_args(extra) / "mitmproxy-ca-cert.pem"
-            print(instructions(tool, args.port, peer, cacert), file=out, flush=True)
-            if tool == "mitmproxy":
-                # The console takes over the screen: give the text above a chance to be read.
-                input("Press Enter to start mitmproxy (Ctrl-C to quit) ")
+            text = instructions(tool, args.port, peer, cacert)
             argv = front_argv(tool_path, addon, peer.client_conf, args.port, extra)
-            code = _run_front(argv, peer.process, console=tool == "mitmproxy")
+            if tool == "mitmproxy":
+                # The console takes over the screen: give the text a chance to be read first.
+                print(text, file=out, flush=True)
+                input("Press Enter to start mitmproxy (Ctrl-C to quit) ")
+                code = _run_front(argv, peer.process, console=True)
+            else:
+
+                def ready() -> None:
+                    print(f"\n{text}{READY_LINE.format(port=args.port)}", file=out, flush=True)
+
+                code = _run_front(argv, peer.process, console=False, out=out, on_ready=ready)
     except (KeyboardInterrupt, EOFError):
         code = 130
     finally:

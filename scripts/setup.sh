@@ -1,16 +1,21 @@
 # Shared set-up steps for scripts/test and scripts/demo (sourced, not run).
 
+# The venv directory: MITM_WG_VENV (default .venv; the Debian 13 run uses .venv-debian13).
+# MITM_WG_MITMPROXY: a pip requirement pinning mitmproxy (e.g. "mitmproxy~=12.3.0"), as CI does.
+VENV=${MITM_WG_VENV:-.venv}
+
 setup_venv() {
     local py=${PYTHON:-python3}
-    if [ ! -x .venv/bin/python ]; then
-        "$py" -m venv .venv
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$py" -m venv "$VENV"
     fi
-    # Reinstall only when pyproject.toml changed since the last install.
-    local stamp=.venv/.mitm-wg-installed
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install --quiet --upgrade pip
-        .venv/bin/python -m pip install --quiet -e '.[test]'
-        touch "$stamp"
+    # Reinstall only when pyproject.toml or the mitmproxy pin changed since the last install.
+    local stamp="$VENV/.mitm-wg-installed" want="${MITM_WG_MITMPROXY:-}"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        # shellcheck disable=SC2086  # the pin is one word or none
+        "$VENV/bin/python" -m pip install --quiet -e '.[test]' $want
+        printf '%s' "$want" >"$stamp"
     fi
 }
 

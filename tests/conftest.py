@@ -1,4 +1,8 @@
-"""Shared pytest configuration: interop skip rules (strict under CI=true) and peer fixtures."""
+"""Shared pytest configuration: skip rules (strict under CI=true) and peer fixtures.
+
+Under CI=true every skip is a failure (a test that did not run proves nothing): skips from
+``pytest.skip``, from skip/skipif marks and from a whole module skipped at collection.
+"""
 
 from __future__ import annotations
 
@@ -51,18 +55,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.interop)
 
 
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     report: pytest.TestReport = yield
-    if (
-        report.skipped
-        and in_ci()
-        and item.get_closest_marker("interop") is not None
-        and not hasattr(report, "wasxfail")
-    ):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+        kind = "interop test" if item.get_closest_marker("interop") is not None else "test"
+        reason = _skip_reason(report)
         report.outcome = "failed"
-        report.longrepr = f"interop test skipped under CI=true (must run in CI): {reason}"
+        report.longrepr = f"{kind} skipped under CI=true (must run in CI): {reason}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    report: pytest.CollectReport = yield
+    if report.skipped and in_ci():
+        reason = _skip_reason(report)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped under CI=true (must run in CI): {reason}"
     return report
 
 

@@ -595,6 +595,10 @@ class Mitmdump:
         return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
+#: What the addon logs once mitmproxy has finished starting (mitm_wg.mitmproxy.ready).
+READY_PREFIX = "mitm-wg: ready"
+
+
 @contextlib.contextmanager
 def run_mitmdump(
     ns: Any,
@@ -602,18 +606,23 @@ def run_mitmdump(
     *args: str,
     name: str = "mitmdump",
     exit_codes: tuple[int, ...] = (0,),
+    mitmdump: Path = MITMDUMP,
+    addon: Path = ADDON,
 ) -> Iterator[Mitmdump]:
     """``mitmdump -s addons/mitm_wg.py ARGS`` on 127.0.0.1 (ephemeral port) inside ``ns``.
 
-    Waits until it listens; stops it by PID (SIGINT, then the namespace's kill) afterwards.
+    Yields once mitmdump has *finished* starting (the addon's ``mitm-wg: ready`` line, logged
+    after mitmproxy's whole start-up, certificate store included), so the first request can
+    go at once; stops it by PID (SIGINT, then the namespace's kill) afterwards.
     After a block that raised nothing it asserts a clean shutdown: an exit status in
-    ``exit_codes`` and no traceback anywhere in the log.
+    ``exit_codes`` and no traceback anywhere in the log. ``mitmdump``/``addon`` default to
+    the test venv's mitmdump and the clone's addon shim.
     """
     confdir = workdir / f"{name}-conf"
     confdir.mkdir()
     log = workdir / f"{name}.log"
     argv = [
-        str(MITMDUMP),
+        str(mitmdump),
         "--listen-host",
         "127.0.0.1",
         "--listen-port",
@@ -621,7 +630,7 @@ def run_mitmdump(
         "--set",
         f"confdir={confdir}",
         "-s",
-        str(ADDON),
+        str(addon),
         *args,
     ]
     env = dict(os.environ, NO_PROXY="", no_proxy="", HOME=str(workdir))
@@ -632,18 +641,18 @@ def run_mitmdump(
     try:
         found: list[int] = []
 
-        def listening() -> bool:
+        def ready() -> bool:
             text = log.read_text(errors="replace")
             match = re.search(r"listening at 127\.0\.0\.1:(\d+)", text)
-            if match:
+            if match and READY_PREFIX in text:
                 found.append(int(match.group(1)))
                 return True
             if proc.poll() is not None:
                 raise RuntimeError(f"mitmdump exited ({proc.returncode}):\n{text}")
             return False
 
-        wait_for(listening, 30, "mitmdump to listen")
-        wait_for(lambda: (confdir / "mitmproxy-ca-cert.pem").exists(), 10, "the mitmproxy CA")
+        wait_for(ready, 30, f"mitmdump to finish starting ({READY_PREFIX!r} in its log)")
+        assert (confdir / "mitmproxy-ca-cert.pem").exists(), "ready before its CA exists"
         yield Mitmdump(proc, log, found[0], confdir)
         clean_exit = True
     finally:

@@ -10,6 +10,7 @@ mitmproxy's CA and the demo's temporary files land there and can be checked.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -193,6 +194,14 @@ def _wait_for(demo_run: RunningDemo, needle: str) -> str:
 @pytest.fixture
 def running_demo(tmp_path: Path) -> Iterator[RunningDemo]:
     require_mitmdump()
+    with start_demo(tmp_path, [sys.executable, "-m", "mitm_wg"]) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def start_demo(tmp_path: Path, mitm_wg: list[str]) -> Iterator[RunningDemo]:
+    """``MITM_WG demo --dump`` (``mitm_wg`` is the command, e.g. ``[python, -m, mitm_wg]``),
+    yielded the moment its banner is complete; killed by PID if still running afterwards."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     home = tmp_path / "home"
@@ -202,7 +211,7 @@ def running_demo(tmp_path: Path) -> Iterator[RunningDemo]:
     output = tmp_path / "demo.out"
     with output.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mitm_wg", "demo", "--dump", "--port", str(port)],
+            [*mitm_wg, "demo", "--dump", "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -211,7 +220,12 @@ def running_demo(tmp_path: Path) -> Iterator[RunningDemo]:
         )
     try:
         partial = RunningDemo(proc, output, tmpdir, port, ("", 0), 0, Path(), Path())
-        text = _wait_for(partial, f"HTTP(S) proxy listening at 127.0.0.1:{port}")
+        # The banner ends with this line, printed once mitmproxy has finished starting: the
+        # tests send their first request the moment it appears.
+        text = _wait_for(partial, demo.READY_LINE.format(port=port))
+        front_ready = f"mitm-wg: ready, proxy at 127.0.0.1:{port}"  # the addon's line
+        assert front_ready in text, text
+        assert text.index(front_ready) < text.index(demo.READY_LINE.format(port=port)), text
         banner = _BANNER.search(text)
         conf = re.search(r"tunnel config:\s+(\S+)", text)
         log = re.search(r"exit peer's log:\s+(\S+)", text)
@@ -256,17 +270,20 @@ def test_demo_proxies_through_the_tunnel_and_stops_cleanly(
     running_demo: RunningDemo, origin: Origin, sig: int
 ) -> None:
     d = running_demo
+    # First thing, the instant the banner is there: a request through the proxy succeeds
+    # (with mitmproxy 12 one sent at "proxy listening" found no certificate store yet and
+    # made mitmproxy exit).
+    origin_port = origin.server_address[1]
+    status, body = _get(d.port, f"http://127.0.0.1:{origin_port}/through/the/tunnel")
+    assert (status, body) == (200, b"origin saw /through/the/tunnel")
+    assert origin.seen == ["/through/the/tunnel"]
+
     children = _children(d.proc.pid)
     assert d.exit_pid in children and len(children) == 2, children  # exit peer + front
     assert d.tunnel_conf.parent.parent == d.tmpdir
     assert d.tunnel_conf.stat().st_mode & 0o777 == 0o600
     private_key = re.search(r"PrivateKey = (\S+)", d.tunnel_conf.read_text())
     assert private_key is not None
-
-    origin_port = origin.server_address[1]
-    status, body = _get(d.port, f"http://127.0.0.1:{origin_port}/through/the/tunnel")
-    assert (status, body) == (200, b"origin saw /through/the/tunnel")
-    assert origin.seen == ["/through/the/tunnel"]
 
     # Our proxy says it used the tunnel, to the exit peer's endpoint ...
     exit_host, exit_port = d.exit_endpoint

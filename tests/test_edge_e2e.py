@@ -33,7 +33,12 @@ ROUTE = ROOT / "addons" / "examples" / "route_by_host.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 CURL = shutil.which("curl")
 
-pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _need_curl() -> None:
+    # A missing curl is a broken test environment, not a reason to skip (scripts/test installs it).
+    assert CURL is not None, "curl is not installed (apt-get install curl)"
 
 
 class Upstream(ThreadingHTTPServer):
@@ -100,8 +105,11 @@ def mitmdump(tmp_path: Path, *args: str, test_dialer: bool = True) -> Iterator[M
     try:
         port = None
         for _ in range(600):  # up to ~30 s for a cold start on a busy machine
-            match = re.search(r"listening at 127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-            if match:
+            # Ready once mitmproxy has finished starting (mitm_wg.mitmproxy.ready), not when it
+            # first listens: mitmproxy 12 makes its certificate store only after that.
+            text = log.read_text(errors="replace")
+            match = re.search(r"listening at 127\.0\.0\.1:(\d+)", text)
+            if match and "mitm-wg: ready" in text:
                 port = int(match.group(1))
                 break
             if proc.poll() is not None:

@@ -94,6 +94,10 @@ def test_mitmdump_dns_reverse_mode_through_tunnel(exit_peer: Any, tmp_path: Path
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
     try:
+        deadline = time.monotonic() + 30
+        while "mitm-wg: ready" not in log.read_text():  # mitmproxy has finished starting
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
         client = exit_peer.client_ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
         client.settimeout(1.0)
         query = dns.message.make_query("exit.test", dns.rdatatype.A)

@@ -517,8 +517,18 @@ def test_interop_xfail():
 """
 
 
+_CI_MODULE_SKIP = """
+import pytest
+
+pytest.skip("whole module", allow_module_level=True)
+
+def test_never_collected():
+    pass
+"""
+
+
 @pytest.mark.parametrize("ci", ["true", ""])
-def test_ci_turns_interop_skips_into_failures(
+def test_ci_turns_every_skip_into_a_failure(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str
 ) -> None:
     import conftest
@@ -527,19 +537,25 @@ def test_ci_turns_interop_skips_into_failures(
 
     pytester.makeconftest((Path(conftest.__file__)).read_text())
     pytester.makeini("[pytest]\nmarkers =\n    interop: x\n    slow: y\n")
-    pytester.makepyfile(test_ci=_CI_TESTS)
+    pytester.makepyfile(test_ci=_CI_TESTS, test_ci_module=_CI_MODULE_SKIP)
     monkeypatch.setenv("CI", ci)
     # pretend the machine cannot run namespaces
     monkeypatch.setattr(harness.netns.os, "geteuid", lambda: 1000)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "test_ci.py")
+    module = pytester.runpytest_inprocess("-p", "no:cacheprovider", "test_ci_module.py")
     if ci:
-        result.assert_outcomes(failed=1, errors=1, skipped=1, xfailed=1)
+        result.assert_outcomes(failed=2, errors=1, skipped=0, xfailed=1)
         result.stdout.fnmatch_lines(["*interop test skipped under CI=true*no namespaces here*"])
+        result.stdout.fnmatch_lines(["*test skipped under CI=true*unrelated*"])
+        # a module skipped at collection is a collection error
+        module.assert_outcomes(errors=1)
+        module.stdout.fnmatch_lines(["*test_ci_module.py skipped under CI=true*whole module*"])
         result.stdout.fnmatch_lines(
             ["*CI=true but the interop environment is unusable: needs root*"]
         )
     else:
         result.assert_outcomes(skipped=3, xfailed=1)
+        module.assert_outcomes(skipped=1)
 
 
 def test_configs_parse_with_mitm_wg_config(exit_peer: ExitPeer, mitm_peer: MitmPeer) -> None:

@@ -53,6 +53,9 @@ def make_ca_and_leaf(directory: Path, names: list[str], ips: list[str]) -> tuple
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
             critical=True,
         )
+        # Key identifiers: Python 3.13's default context verifies strictly (VERIFY_X509_STRICT,
+        # RFC 5280 4.2.1.1/4.2.1.2) and refuses a chain without them.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
@@ -68,6 +71,10 @@ def make_ca_and_leaf(directory: Path, names: list[str], ips: list[str]) -> tuple
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
     ca_path, leaf_path, key_path = (

@@ -13,6 +13,14 @@ Before patching, :func:`check_compatible` reads the method's bytecode and refuse
 :class:`PatchError`) if the two calls are not there exactly once each, so a mitmproxy
 release that changes this code fails loudly at load time instead of silently connecting
 directly. :func:`uninstall` restores the original method.
+
+Versions: CI runs mitmproxy 11.0.x (Python 3.11) and 12.3.x (Python 3.13)
+(:data:`TESTED_MITMPROXY`). The method's :func:`fingerprint` (its signature and every name it
+uses, independent of the Python version's bytecode) is the same in both
+(:data:`KNOWN_FINGERPRINTS`). On an untested major version :func:`check_compatible` accepts
+the same fingerprint with a warning and refuses anything else with :class:`PatchError`;
+``mitm_wg/addon.py`` runs it when mitmproxy loads the addon, so the refusal comes at load,
+not from the first connection.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import contextvars
 import dis
 import errno
 import functools
+import hashlib
+import inspect
 import logging
 import types
 from collections.abc import Awaitable, Callable
@@ -37,11 +47,13 @@ if TYPE_CHECKING:
     from mitmproxy.connection import Server
 
 __all__ = [
+    "KNOWN_FINGERPRINTS",
     "TESTED_MITMPROXY",
     "PatchError",
     "UpstreamOpener",
     "check_compatible",
     "current_server",
+    "fingerprint",
     "install",
     "is_installed",
     "uninstall",
@@ -49,8 +61,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: mitmproxy major versions this patch was written against.
-TESTED_MITMPROXY = ("11",)
+#: mitmproxy major versions CI tests this patch with (11.0.x and 12.3.x; see .ci/run).
+TESTED_MITMPROXY = ("11", "12")
+
+#: :func:`fingerprint` of ``ConnectionHandler.open_connection`` in the tested releases
+#: (identical from 11.0 to 12.3), with where it was seen.
+KNOWN_FINGERPRINTS = {"195202dcadbd9ea9": "mitmproxy 11.0.2 and 12.3.1"}
 
 _TCP_CALL = ("asyncio", "open_connection")
 _UDP_CALL = ("mitmproxy_rs", "udp", "open_udp_connection")
@@ -173,10 +189,37 @@ def _attribute_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def _names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def fingerprint(func: Callable[..., Any]) -> str:
+    """16 hex digits naming ``func``'s code: its parameters and the sorted set of global and
+    attribute names it (and its nested code) uses. Independent of line numbers and of the
+    bytecode a Python version compiles (3.12 inlines comprehensions: the union of names of
+    nested code objects stays the same); any change to what the code calls changes it."""
+    code = func.__code__
+    try:
+        parameters = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        parameters = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+    text = ",".join(parameters) + "|" + ",".join(sorted(_names(code)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _major(version: str) -> str:
+    return version.split(".")[0]
+
+
 def check_compatible(func: Callable[..., Any] | None = None) -> None:
     """Raise :class:`PatchError` unless ``ConnectionHandler.open_connection`` (or ``func``)
     makes exactly one ``asyncio.open_connection`` and one
-    ``mitmproxy_rs.udp.open_udp_connection`` call, and nothing else touches those names."""
+    ``mitmproxy_rs.udp.open_udp_connection`` call, nothing else touches those names, and,
+    on a mitmproxy major version CI does not test, the code is the tested code."""
     if func is None:
         func = _original or mitmproxy_server.ConnectionHandler.open_connection
     where = f"mitmproxy {MITMPROXY_VERSION}: ConnectionHandler.open_connection"
@@ -203,13 +246,30 @@ def check_compatible(func: Callable[..., Any] | None = None) -> None:
             f"{where} now also connects with {', '.join(other_openers)}, which mitm-wg does "
             f"not route; refusing to run rather than risk connecting outside the tunnel"
         )
-    if MITMPROXY_VERSION.split(".")[0] not in TESTED_MITMPROXY:
-        logger.warning(
-            "mitm-wg was tested with mitmproxy %s.x, this is %s; the code it patches looks "
-            "unchanged, continuing",
-            "/".join(TESTED_MITMPROXY),
-            MITMPROXY_VERSION,
+    tested = " and ".join(f"{major}.x" for major in TESTED_MITMPROXY)
+    known = fingerprint(func) in KNOWN_FINGERPRINTS
+    if _major(MITMPROXY_VERSION) in TESTED_MITMPROXY:
+        if not known:
+            logger.warning(
+                "mitm-wg: %s differs from the code mitm-wg was tested with, but still opens "
+                "connections the way it expects; continuing",
+                where,
+            )
+        return
+    if not known:
+        raise PatchError(
+            f"mitm-wg supports mitmproxy {tested}; this is mitmproxy {MITMPROXY_VERSION}, and "
+            f"the code mitm-wg patches (ConnectionHandler.open_connection) differs from the "
+            f"tested code. Refusing to load rather than risk connections outside the tunnel: "
+            f"install a supported mitmproxy (pip install 'mitmproxy>=11,<13') or a mitm-wg "
+            f"release that supports {MITMPROXY_VERSION}"
         )
+    logger.warning(
+        "mitm-wg was tested with mitmproxy %s, this is %s; the code it patches is unchanged, "
+        "continuing",
+        tested,
+        MITMPROXY_VERSION,
+    )
 
 
 def _build(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
