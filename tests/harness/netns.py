@@ -34,8 +34,8 @@ COMMAND_TIMEOUT = 20.0
 SETTLE_TIMEOUT = 20.0
 # IPv6 duplicate address detection is off in our namespaces (every address we add is
 # ``nodad`` too): the kernel's own link-local addresses would otherwise stay "tentative" for
-# 1-2 s after a link comes up, and the moment DAD ends is an address change that clients
-# watching netlink (Chromium: net::ERR_NETWORK_CHANGED) abort in-flight requests for.
+# 1-2 s after a link comes up, and the moment DAD ends is an address change for which
+# clients watching netlink abort pending connections (Chromium: net::ERR_NETWORK_CHANGED).
 _NAMESPACE_SYSCTLS = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
 _libc: ctypes.CDLL | None = None
