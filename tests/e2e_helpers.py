@@ -840,6 +840,63 @@ def chromium_binary() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+NETWORK_CHANGED = "net::ERR_NETWORK_CHANGED"
+STDERR_TAIL_LINES = 40
+
+
+@dataclass
+class ChromiumAttempt:
+    returncode: int | None  # None: killed after the timeout
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class ChromiumRun:
+    """One :func:`run_chromium` call: the last attempt's result, and what went before.
+
+    Chromium exits 0 even when the page never loaded (an empty ``--dump-dom``), so its exit
+    code says little: :meth:`explain` (the exit code and the last lines of stderr of every
+    attempt) belongs in every assertion message about the run; :meth:`diagnose` adds it to
+    whatever fails inside its ``with`` block.
+    """
+
+    argv: list[str]
+    attempts: list[ChromiumAttempt]  # in order; the last one is the result
+
+    @property
+    def returncode(self) -> int | None:
+        return self.attempts[-1].returncode
+
+    @property
+    def stdout(self) -> str:
+        return self.attempts[-1].stdout
+
+    @property
+    def stderr(self) -> str:
+        return self.attempts[-1].stderr
+
+    def explain(self, lines: int = STDERR_TAIL_LINES) -> str:
+        parts = []
+        for n, a in enumerate(self.attempts, 1):
+            status = "killed after the timeout" if a.returncode is None else f"exit {a.returncode}"
+            tail = "\n".join(a.stderr.splitlines()[-lines:]) or "(empty)"
+            parts.append(
+                f"chromium attempt {n}/{len(self.attempts)}: {status}, {len(a.stdout)} "
+                f"characters on stdout; the last {lines} lines of its stderr:\n{tail}"
+            )
+        return "\n".join(parts)
+
+    @contextlib.contextmanager
+    def diagnose(self) -> Iterator[None]:
+        """Any exception inside gets Chromium's exit code and stderr tail as a note."""
+        try:
+            yield
+        except Exception as e:
+            e.add_note(self.explain())
+            raise
+
+
 def run_chromium(
     ns: Any,
     workdir: Path,
@@ -848,22 +905,56 @@ def run_chromium(
     *args: str,
     name: str = "chromium",
     timeout: float = 60.0,
-) -> subprocess.CompletedProcess[str]:
-    """Headless Chromium in ``ns`` through the proxy, trusting only mitmproxy's CA key."""
+) -> ChromiumRun:
+    """Headless Chromium in ``ns`` through the proxy, trusting only mitmproxy's CA key.
+
+    The namespace is settled first (no link without carrier, no tentative IPv6 address, see
+    ``Netns.settle``): Chromium watches netlink and aborts page loads with
+    ``net::ERR_NETWORK_CHANGED`` when an address changes under it, then exits 0 with an
+    empty DOM. Should it still report that, it runs once more (a fresh profile), with a
+    warning in the log; the result carries both attempts' stderr (:meth:`ChromiumRun.explain`).
+    """
     binary = chromium_binary()
     assert binary is not None
-    profile = workdir / f"{name}-profile"
-    profile.mkdir()
-    argv = [
-        binary,
-        *CHROMIUM_FLAGS,
-        f"--proxy-server=http://127.0.0.1:{proxy_port}",
-        f"--user-data-dir={profile}",
-        f"--ignore-certificate-errors-spki-list={spki}",
-        *args,
-    ]
     env = dict(os.environ, HOME=str(workdir), NO_PROXY="", no_proxy="")
-    return ns.exec(argv, check=False, timeout=timeout, env=env, cwd=workdir)
+    attempts: list[ChromiumAttempt] = []
+    for attempt in (1, 2):
+        ns.settle()
+        profile = workdir / (f"{name}-profile" if attempt == 1 else f"{name}-profile-{attempt}")
+        profile.mkdir()
+        argv = [
+            binary,
+            *CHROMIUM_FLAGS,
+            f"--proxy-server=http://127.0.0.1:{proxy_port}",
+            f"--user-data-dir={profile}",
+            f"--ignore-certificate-errors-spki-list={spki}",
+            *args,
+        ]
+        returncode: int | None
+        try:
+            r = ns.exec(argv, check=False, timeout=timeout, env=env, cwd=workdir)
+            returncode, stdout, stderr = r.returncode, r.stdout, r.stderr
+        except subprocess.TimeoutExpired as e:
+            returncode = None
+            stdout = _text(e.stdout)
+            stderr = _text(e.stderr) + f"\n[killed: no exit within {timeout} s]"
+        attempts.append(ChromiumAttempt(returncode, stdout, stderr))
+        if NETWORK_CHANGED not in stderr or attempt == 2:
+            break
+        logger.warning(
+            "chromium in %s reported %s (an address or link changed during the page load); "
+            "running it once more. Its stderr:\n%s",
+            getattr(ns, "name", ns),
+            NETWORK_CHANGED,
+            "\n".join(stderr.splitlines()[-STDERR_TAIL_LINES:]),
+        )
+    return ChromiumRun(argv, attempts)
+
+
+def _text(data: str | bytes | None) -> str:
+    if isinstance(data, bytes):
+        return data.decode(errors="replace")
+    return data or ""
 
 
 if __name__ == "__main__":

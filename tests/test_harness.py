@@ -424,6 +424,47 @@ def test_mitm_peer_handshake_with_wireguard_go(fresh_exit_peer: ExitPeer) -> Non
         assert f"{peer.server_tunnel_v4}:{peer.http_port}" in mp.log_text()
 
 
+# -- settling: nothing left changing when a namespace is handed out ---------------------------------
+
+
+def test_exit_peer_namespaces_are_settled(exit_peer: ExitPeer) -> None:
+    for ns in (exit_peer.ns, exit_peer.client_ns):
+        assert ns.unsettled() == []
+        text = ns.ip("addr", "show").stdout
+        assert "tentative" not in text, text
+        assert "scope link" in text  # the veth's link-local address is there already
+        # DAD is off for every link the namespace gets (the kernel's link-local addresses too)
+        assert ns.exec(["sysctl", "-n", "net.ipv6.conf.default.accept_dad"]).stdout.strip() == "0"
+
+
+@pytest.mark.interop
+def test_settle_waits_for_dad_and_carrier() -> None:
+    require_netns()
+    tag = f"mwgd{os.getpid() % 100000}"
+    with Netns.create(f"{tag}a") as a, Netns.create(f"{tag}b") as b:
+        v0, v1 = f"{tag}v0", f"{tag}v1"
+        subprocess.run(
+            ["ip", "link", "add", v0, "netns", a.name, "type", "veth",
+             "peer", "name", v1, "netns", b.name],
+            check=True,
+        )  # fmt: skip
+        assert a.unsettled() == [] and b.unsettled() == []  # down links: nothing pending
+        # an address with DAD on, added while the link is down: tentative until DAD has run
+        a.exec(["sysctl", "-q", "-w", f"net.ipv6.conf.{v0}.accept_dad=1"])
+        a.ip("-6", "addr", "add", "fd00:79::1/64", "dev", v0)
+        assert any("fd00:79::1/64 is tentative" in p for p in a.unsettled()), a.unsettled()
+        # up, but the peer end is down: no carrier, never settles
+        a.ip("link", "set", v0, "up")
+        with pytest.raises(TimeoutError, match=f"{v0} is up but has no carrier yet"):
+            a.settle(timeout=0.2)
+        b.ip("link", "set", v1, "up")
+        a.settle()
+        b.settle()
+        assert a.unsettled() == [] and b.unsettled() == []
+        text = a.ip("addr", "show", "dev", v0).stdout
+        assert "fd00:79::1/64" in text and "scope link" in text and "tentative" not in text
+
+
 # -- cleanup ----------------------------------------------------------------------------------------
 
 

@@ -54,6 +54,15 @@ Exit peer (:func:`exit_peer`, :class:`ExitPeer`)
     against. Commands: ``ns.exec(argv)`` (CompletedProcess, text), ``ns.popen(argv, ...)``
     (killed on teardown), ``ns.ip(*args)``.
 
+    Settled namespaces: IPv6 duplicate address detection is off in every harness namespace
+    (``accept_dad=0``, and every address the harness adds is ``nodad``), and ``exit_peer``,
+    ``start_wireguard`` and ``wireguard_go_interface`` return only once ``ns.settle()`` saw
+    no up link without carrier, no tentative address and every kernel link-local address in
+    place (a bounded condition wait; ``ns.unsettled()`` lists what is still changing). A
+    client started afterwards sees no address or link change under it (Chromium aborts page
+    loads with ``net::ERR_NETWORK_CHANGED`` on one). Call ``ns.settle()`` again after adding
+    links or addresses yourself.
+
 mitmproxy peer (:func:`mitmproxy_wireguard_peer`, :class:`MitmPeer`)
     ``with mitmproxy_wireguard_peer(port=0) as mp:`` runs ``mitmdump --mode
     wireguard@127.0.0.1:PORT`` with a fresh confdir (no root needed); ``mp.endpoint``,

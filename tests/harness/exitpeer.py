@@ -258,6 +258,7 @@ class ExitPeer:
                 "-6", "addr", "add", f"{self.server_tunnel_v6}/64", "dev", self.ifname, "nodad"
             )
         self.ns.ip("link", "set", self.ifname, "up")
+        self.ns.settle()
 
     # -- dnsmasq ----------------------------------------------------------------------------------
     def dns_queries(self) -> list[DnsQuery]:
@@ -373,6 +374,7 @@ def wireguard_go_interface(
                 net = net.strip()
                 if net:
                     ns.ip("-6" if ":" in net else "-4", "route", "replace", net, "dev", ifname)
+        ns.settle()
         yield proc
     finally:
         ns.kill(proc)
@@ -474,7 +476,9 @@ def exit_peer(
             ns.ip("-6", "addr", "add", f"fd00:77:{n}::2/64", "dev", v1, "nodad")
         client_ns.ip("link", "set", v0, "up")
         ns.ip("link", "set", v1, "up")
-        peer.start_wireguard()
+        peer.start_wireguard()  # settles ns
+        # links and addresses stop changing before any server or client starts in them
+        client_ns.settle()
         addrs = [peer.server_tunnel_v4] + ([peer.server_tunnel_v6] if peer.server_tunnel_v6 else [])
         if http:
             _start_http(peer, addrs)

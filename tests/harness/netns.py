@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,12 @@ WG_SOCKET_DIR = Path("/var/run/wireguard")
 STATE_DIR = Path("/var/run/mitm-wg-harness")
 CLONE_NEWNET = 0x40000000
 COMMAND_TIMEOUT = 20.0
+SETTLE_TIMEOUT = 20.0
+# IPv6 duplicate address detection is off in our namespaces (every address we add is
+# ``nodad`` too): the kernel's own link-local addresses would otherwise stay "tentative" for
+# 1-2 s after a link comes up, and the moment DAD ends is an address change for which
+# clients watching netlink abort pending connections (Chromium: net::ERR_NETWORK_CHANGED).
+_NAMESPACE_SYSCTLS = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
 _libc: ctypes.CDLL | None = None
 _probe_result: tuple[bool, str] | None = None
@@ -233,6 +240,9 @@ class Netns:
             _live_namespaces.add(name)
         ns = cls(name)
         try:
+            # before any link exists, so every link created in (or moved into) the namespace
+            # inherits it from ``default``
+            ns.exec(["sysctl", "-q", "-w", *_NAMESPACE_SYSCTLS])
             ns.ip("link", "set", "lo", "up")
         except BaseException:
             ns.close()
@@ -259,6 +269,64 @@ class Netns:
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``ip -n NAME args...``."""
         return run(["ip", "-n", self.name, *args], check=check)
+
+    # -- settling ---------------------------------------------------------------------------
+    def unsettled(self) -> list[str]:
+        """What is still changing in the namespace's links and addresses (empty: settled).
+
+        Unsettled are: a link that is up but has no carrier yet (``LOWER_UP``: the kernel
+        reports carrier changes asynchronously, through its link-watch work); an IPv6 address
+        still ``tentative`` (duplicate address detection running; ``dadfailed`` raises); an up
+        link with carrier that should get a kernel-made IPv6 link-local address (address
+        generation mode other than ``none``) but has none yet. Each of these ends in a netlink
+        address/link event that programs watching the network treat as "the network changed".
+        """
+        links = json.loads(self.ip("-j", "-d", "link", "show").stdout or "[]")
+        addrs = json.loads(self.ip("-j", "addr", "show").stdout or "[]")
+        problems = []
+        by_name = {a.get("ifname"): a.get("addr_info", []) for a in addrs}
+        for link in links:
+            name = link.get("ifname", "?")
+            flags = link.get("flags", [])
+            infos = by_name.get(name, [])
+            for info in infos:
+                address = f"{name} {info.get('local')}/{info.get('prefixlen')}"
+                if info.get("dadfailed"):
+                    raise RuntimeError(f"{self.name}: {address} failed duplicate address detection")
+                if info.get("tentative"):
+                    problems.append(f"{address} is tentative (IPv6 duplicate address detection)")
+            if "UP" not in flags or "LOOPBACK" in flags:
+                continue
+            if "LOWER_UP" not in flags:
+                problems.append(f"{name} is up but has no carrier yet")
+            elif link.get("inet6_addr_gen_mode", "none") != "none" and not any(
+                i.get("family") == "inet6" and i.get("scope") == "link" for i in infos
+            ):
+                problems.append(f"{name} has no IPv6 link-local address yet")
+        return problems
+
+    def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Wait until :meth:`unsettled` is empty (TimeoutError naming what is not, after
+        ``timeout`` s).
+
+        Call it after creating links/addresses and before starting a client that must not
+        see the network change under it (Chromium aborts page loads with
+        ``net::ERR_NETWORK_CHANGED`` on any address change). Cheap once settled: two ``ip``
+        queries.
+        """
+        deadline = time.monotonic() + timeout
+        problems = self.unsettled()
+        waited = bool(problems)
+        while problems:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"namespace {self.name} did not settle within {timeout} s: "
+                    + "; ".join(problems)
+                )
+            time.sleep(0.02)
+            problems = self.unsettled()
+        if waited:
+            log.debug("namespace %s settled", self.name)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a long-running command inside the namespace; killed (by PID) on close.
