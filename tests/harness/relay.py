@@ -56,7 +56,7 @@ SocketFactory = Callable[[int, int], socket.socket]
 #: Kernel socket buffer we ask for on every relay socket (bursts must queue, not drop).
 BUFFER_BYTES = 8 << 20
 #: Datagrams read from one socket before the relay looks at its timers again.
-BATCH = 64
+BATCH = 128
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
@@ -134,8 +134,11 @@ class _Held:
     deadline: float
 
 
-# (due, counter, socket, destination, data, direction, hold)
-_Delayed = tuple[float, int, socket.socket, tuple[str, int], bytes, "_Direction", bool]
+# heap entry (jitter): (due, counter, socket, destination, data, direction, hold); destination
+# None means a connected upstream socket
+_Delayed = tuple[float, int, socket.socket, tuple[str, int] | None, bytes, "_Direction", bool]
+# FIFO entry (constant delay): (due, socket, destination, data, hold)
+_Queued = tuple[float, socket.socket, tuple[str, int] | None, bytes, bool]
 
 
 @dataclass
@@ -145,9 +148,10 @@ class _Direction:
     rng: random.Random
     burst_rng: random.Random
     stats: DirectionStats = field(default_factory=DirectionStats)
-    held: list[tuple[_Held, socket.socket, tuple[str, int]]] = field(default_factory=list)
-    fifo: collections.deque[_Delayed] = field(default_factory=collections.deque)
+    held: list[tuple[_Held, socket.socket, tuple[str, int] | None]] = field(default_factory=list)
+    fifo: collections.deque[_Queued] = field(default_factory=collections.deque)
     bad: bool = False  # Gilbert-Elliott state
+    undrawn: int = 0  # datagrams the fast path passed without drawing their 4 values
 
 
 def _family(host: str) -> int:
@@ -314,7 +318,10 @@ class ImpairedRelay:
 
     def _drain_listen(self) -> None:
         listen = self._listen
+        d = self._up
+        upstream = self._upstream
         now = time.monotonic()
+        fast = self._fast_path(d)
         for _ in range(BATCH):
             try:
                 data, addr = listen.recvfrom(65535)
@@ -323,14 +330,19 @@ class ImpairedRelay:
             except OSError:
                 return  # e.g. ICMP errors surfacing on the socket
             client = (addr[0], addr[1])
-            up_sock = self._upstream.get(client)
+            up_sock = upstream.get(client)
             if up_sock is None:
                 up_sock = self._new_upstream(client)
-            self._impair(self._up, data, up_sock, self.target, now)
+            if fast is None:
+                self._impair(d, data, up_sock, None, now)
+            else:
+                fast(data, up_sock, None, now)
 
     def _new_upstream(self, client: tuple[str, int]) -> socket.socket:
         up_sock = self._factory(_family(self.target[0]), socket.SOCK_DGRAM)
         _grow_buffers(up_sock, self._buffer_bytes)
+        # connected: send() without an address, and only the target's datagrams come back
+        up_sock.connect(self.target)
         up_sock.setblocking(False)
         with self._lock:
             self._upstream[client] = up_sock
@@ -340,21 +352,79 @@ class ImpairedRelay:
 
     def _drain_upstream(self, sock: socket.socket) -> None:
         client = self._client_of[sock]
+        d = self._down
+        listen = self._listen
         now = time.monotonic()
+        fast = self._fast_path(d)
+        recv = sock.recv
         for _ in range(BATCH):
             try:
-                data, _ = sock.recvfrom(65535)
+                data = recv(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
-            self._impair(self._down, data, self._listen, client, now)
+            if fast is None:
+                self._impair(d, data, listen, client, now)
+            else:
+                fast(data, listen, client, now)
+
+    def _fast_path(self, d: _Direction) -> Callable[..., None] | None:
+        """A cheaper per-datagram function when the impairment draws nothing at random (a
+        constant delay or nothing at all) and no datagram is held for reordering."""
+        imp = d.impairment
+        if (
+            imp.loss
+            or imp.duplicate
+            or imp.reorder
+            or imp.jitter
+            or imp.bad_enter
+            or d.held
+            or self._delayed
+        ):
+            return None
+        stats = d.stats
+        if imp.delay > 0:
+            delay = imp.delay
+            append = d.fifo.append
+
+            def delayed(
+                data: bytes, sock: socket.socket, dest: tuple[str, int] | None, now: float
+            ) -> None:
+                stats.received += 1
+                stats.delayed += 1
+                d.undrawn += 1
+                append((now + delay, sock, dest, data, False))
+
+            return delayed
+        if d.fifo:
+            return None  # keep order behind datagrams still delayed by an earlier setting
+
+        def direct(
+            data: bytes, sock: socket.socket, dest: tuple[str, int] | None, now: float
+        ) -> None:
+            stats.received += 1
+            d.undrawn += 1
+            self._send(d, data, sock, dest)
+
+        return direct
 
     def _impair(
-        self, d: _Direction, data: bytes, sock: socket.socket, dest: tuple[str, int], now: float
+        self,
+        d: _Direction,
+        data: bytes,
+        sock: socket.socket,
+        dest: tuple[str, int] | None,
+        now: float,
     ) -> None:
         imp = d.impairment
         rng = d.rng
+        if d.undrawn:
+            # datagrams of the fast path drew nothing: catch up, so that the n-th datagram's
+            # decisions still depend only on the seed
+            for _ in range(4 * d.undrawn):
+                rng.random()
+            d.undrawn = 0
         r_loss, r_dup, r_reorder, r_jitter = rng.random(), rng.random(), rng.random(), rng.random()
         stats = d.stats
         stats.received += 1
@@ -385,7 +455,7 @@ class ImpairedRelay:
                 heapq.heappush(self._delayed, (due, self._counter, sock, dest, data, d, hold))
             elif delay > 0:
                 stats.delayed += 1
-                d.fifo.append((now + delay, 0, sock, dest, data, d, hold))
+                d.fifo.append((now + delay, sock, dest, data, hold))
             else:
                 self._emit(d, data, sock, dest, now, hold)
             hold = False  # only the first copy may be held
@@ -395,7 +465,7 @@ class ImpairedRelay:
         d: _Direction,
         data: bytes,
         sock: socket.socket,
-        dest: tuple[str, int],
+        dest: tuple[str, int] | None,
         now: float,
         hold: bool,
     ) -> None:
@@ -416,9 +486,25 @@ class ImpairedRelay:
     def _release_due(self, now: float) -> None:
         for d in (self._up, self._down):
             fifo = d.fifo
+            if not fifo or fifo[0][0] > now:
+                continue
+            popleft = fifo.popleft
+            stats = d.stats
             while fifo and fifo[0][0] <= now:
-                _, _, sock, dest, data, _, hold = fifo.popleft()
-                self._emit(d, data, sock, dest, now, hold)
+                _, sock, dest, data, hold = popleft()
+                if hold or d.held:
+                    self._emit(d, data, sock, dest, now, hold)
+                    continue
+                try:  # inlined _send()
+                    if dest is None:
+                        sock.send(data)
+                    else:
+                        sock.sendto(data, dest)
+                except OSError:
+                    stats.send_errors += 1
+                    continue
+                stats.forwarded += 1
+                stats.bytes_forwarded += len(data)
         delayed = self._delayed
         while delayed and delayed[0][0] <= now:
             _, _, sock, dest, data, d, hold = heapq.heappop(delayed)
@@ -430,9 +516,15 @@ class ImpairedRelay:
                         d.held.remove(entry)
                         self._send(d, entry[0].data, entry[1], entry[2])
 
-    def _send(self, d: _Direction, data: bytes, sock: socket.socket, dest: tuple[str, int]) -> None:
+    def _send(
+        self, d: _Direction, data: bytes, sock: socket.socket, dest: tuple[str, int] | None
+    ) -> None:
+        """``dest`` None: ``sock`` is a connected upstream socket."""
         try:
-            sock.sendto(data, dest)
+            if dest is None:
+                sock.send(data)
+            else:
+                sock.sendto(data, dest)
         except OSError:
             d.stats.send_errors += 1
             return
