@@ -33,8 +33,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -62,10 +62,14 @@ from harness import (
 from harness.exitpeer import ExitPeer, wait_until
 from harness.relay import RelayProcess
 from mitm_wg.config import WireGuardConfig
+from mitm_wg.net.tcp import TcpConfig
 from mitm_wg.runtime import open_tunnel
 
 MiB = 1 << 20
 NGINX_PORT = 8080
+#: ``--before-after``: our tunnel once more with the buffers fixed at their starting size
+#: (1 MiB each way), i.e. without autotuning, as before issue 9.
+FIXED_BUFFERS = TcpConfig(recv_buffer_max=1 << 20, send_buffer_max=1 << 20)
 
 
 @dataclass(frozen=True)
@@ -359,14 +363,16 @@ def run_ours(
     endpoint: tuple[str, int],
     jobs: list[tuple[int, bool]],
     relay: RelayProcess | None,
+    tcp_config: TcpConfig | None = None,
 ) -> list[Transfer]:
     """Our tunnel: one session, a warm-up connection (handshake), then each (size, upload)."""
     peer = clients.peer
     config = clients.ours_config(endpoint)
+    factory = _client_socket_factory(peer)
 
     async def session() -> list[Transfer]:
         out = []
-        async with open_tunnel(config, socket_factory=_client_socket_factory(peer)) as tunnel:
+        async with open_tunnel(config, socket_factory=factory, tcp_config=tcp_config) as tunnel:
             with trio.fail_after(30):
                 warm = await tunnel.open_tcp_stream(server.host, server.port)
                 await warm.aclose()
@@ -510,13 +516,15 @@ class Row:
     size: int
     kernel: list[Transfer] = field(default_factory=list)
     ours: list[Transfer] = field(default_factory=list)
+    fixed: list[Transfer] = field(default_factory=list)  # ours without buffer autotuning
 
     def med(self, which: str) -> float:
         runs = [t.mbps for t in getattr(self, which)]
         return statistics.median(runs) if runs else math.nan
 
     def relay_cpu(self) -> float:
-        shares = [t.relay_cpu for t in self.kernel + self.ours if t.relay_cpu is not None]
+        every = self.kernel + self.ours + self.fixed
+        shares = [t.relay_cpu for t in every if t.relay_cpu is not None]
         return max(shares) if shares else math.nan
 
 
@@ -529,19 +537,27 @@ def _fmt_runs(ts: list[Transfer]) -> str:
 
 
 def print_table(rows: list[Row], title: str) -> None:
+    fixed = any(r.fixed for r in rows)
     print(f"\n### {title}\n")
-    print(
-        "| path | dir | size | Linux TCP MB/s | mitm-wg MB/s | ratio | relay CPU | runs Linux / ours |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    head = "| path | dir | size | Linux TCP MB/s | mitm-wg MB/s | ratio |"
+    line = "|---|---|---:|---:|---:|---:|"
+    if fixed:
+        head += " fixed 1 MiB MB/s | ratio |"
+        line += "---:|---:|"
+    print(head + " relay CPU | runs Linux / ours" + (" / fixed |" if fixed else " |"))
+    print(line + "---:|---|")
     for r in rows:
         k, o = r.med("kernel"), r.med("ours")
         cpu = r.relay_cpu()
         cpu_s = "-" if math.isnan(cpu) else f"{cpu * 100:.0f}%"
-        print(
-            f"| {r.label} | {r.direction} | {_fmt_size(r.size)} | {k:.1f} | {o:.1f} | "
-            f"{o / k:.2f} | {cpu_s} | {_fmt_runs(r.kernel)} / {_fmt_runs(r.ours)} |"
-        )
+        size = _fmt_size(r.size)
+        cells = f"| {r.label} | {r.direction} | {size} | {k:.1f} | {o:.1f} | {o / k:.2f} |"
+        runs = f"{_fmt_runs(r.kernel)} / {_fmt_runs(r.ours)}"
+        if fixed:
+            f = r.med("fixed")
+            cells += f" {f:.1f} | {f / k:.2f} |"
+            runs += f" / {_fmt_runs(r.fixed)}"
+        print(f"{cells} {cpu_s} | {runs} |")
     sys.stdout.flush()
 
 
@@ -558,14 +574,19 @@ def measure(
     directions: list[str],
     rounds: int,
     relay: RelayProcess | None,
+    before_after: bool = False,
 ) -> list[Row]:
     rows = [Row(label, d, size) for d in directions]
     jobs = _jobs(size, directions)
+    variants = ["kernel", "ours", "fixed"] if before_after else ["kernel", "ours"]
     for rnd in range(rounds):
-        order = ["kernel", "ours"] if rnd % 2 == 0 else ["ours", "kernel"]
-        for which in order:
-            run = run_kernel if which == "kernel" else run_ours
-            results = run(clients, server, endpoint_of(), jobs, relay)
+        k = rnd % len(variants)
+        for which in variants[k:] + variants[:k]:  # rotate who goes first
+            if which == "kernel":
+                results = run_kernel(clients, server, endpoint_of(), jobs, relay)
+            else:
+                cfg = FIXED_BUFFERS if which == "fixed" else None
+                results = run_ours(clients, server, endpoint_of(), jobs, relay, cfg)
             for row, t in zip(rows, results, strict=True):
                 getattr(row, which).append(t)
     return rows
@@ -588,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-capacity", action="store_true", help="skip the capacity checks")
     p.add_argument("--only-capacity", action="store_true", help="run only the capacity checks")
     p.add_argument("--python-server", action="store_true", help="don't use nginx")
+    p.add_argument(
+        "--before-after",
+        action="store_true",
+        help="also run our tunnel with fixed 1 MiB buffers (no autotuning) side by side",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -635,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                         directions,
                         rounds,
                         relay,
+                        args.before_after,
                     )
                 relay_counts = {"up": relay.up.as_dict(), "down": relay.down.as_dict()}
                 print_table(rows, f"{sc.label} (relay {json.dumps(relay_counts)})")
@@ -697,10 +724,13 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "size": r.size,
                 "kernel": [t.mbps for t in r.kernel],
                 "ours": [t.mbps for t in r.ours],
-                "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours],
+                "fixed": [t.mbps for t in r.fixed],
+                "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
                 "kernel_median": r.med("kernel"),
                 "ours_median": r.med("ours"),
+                "fixed_median": r.med("fixed"),
                 "ratio": r.med("ours") / r.med("kernel"),
+                "ratio_fixed": r.med("fixed") / r.med("kernel"),
             }
             for r in rows
         ],
@@ -711,16 +741,23 @@ def summary(report: dict[str, Any]) -> None:
     rows = [row for sc in report["scenarios"] for row in sc["rows"]]
     if not rows:
         return
+    fixed = any(r["fixed"] for r in rows)
     print("\n### Summary (medians; ratio = mitm-wg / Linux TCP)\n")
-    print("| path | dir | Linux TCP MB/s | mitm-wg MB/s | ratio |")
-    print("|---|---|---:|---:|---:|")
+    extra = " fixed 1 MiB (before) MB/s | ratio |" if fixed else ""
+    print(f"| path | dir | Linux TCP MB/s | mitm-wg MB/s | ratio |{extra}")
+    print("|---|---|---:|---:|---:|" + ("---:|---:|" if fixed else ""))
     for r in rows:
-        print(
+        cells = (
             f"| {r['label']} | {r['direction']} | {r['kernel_median']:.1f} | "
             f"{r['ours_median']:.1f} | {r['ratio']:.2f} |"
         )
+        if fixed:
+            cells += f" {r['fixed_median']:.1f} | {r['ratio_fixed']:.2f} |"
+        print(cells)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # started in the background by a non-interactive shell, SIGINT is ignored: take it back,
+    # so that `kill -INT` stops a run with its clean-up (namespaces, processes) done
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())
