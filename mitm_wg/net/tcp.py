@@ -26,7 +26,11 @@ What is implemented:
 * delayed ACK that still ACKs every second full-sized segment, immediate ACK for
   out-of-order data and gap fills; Nagle (off by default); receiver and sender SWS
   avoidance; zero-window probes with backoff; window updates when the application reads;
-* SYN retries -> TimeoutError, user timeout, optional keepalive.
+* SYN retries -> TimeoutError, user timeout, optional keepalive;
+* buffer autotuning: the receive buffer grows once per receiver RTT (timestamp echoes) to
+  twice what the application read in that RTT plus slow-start headroom (dynamic
+  right-sizing, as Linux's tcp_rcv_space_adjust), the send buffer to twice
+  min(cwnd, peer window); both only grow, up to ``recv_buffer_max``/``send_buffer_max``.
 
 Sequence numbers are kept internally as unbounded "absolute" integers (the ISN/IRS plus
 bytes since), converted from/to the 32-bit wire values at the edge with :func:`_unwrap`;
