@@ -283,3 +283,39 @@ def test_1000_idle_connections_stay_small() -> None:
     print(f"{per_endpoint:.0f} bytes per idle endpoint")
     assert per_endpoint <= 16 * 1024, f"{per_endpoint:.0f} bytes per idle endpoint"
     assert all(c.state is TcpState.ESTABLISHED for c in clients)
+
+
+def test_rtt_is_the_minimum_sample() -> None:
+    """A backlog in our own receive path inflates later samples; the base RTT is kept."""
+    pb, seq = established_receiver(cfg(recv_buffer=64_000, recv_buffer_max=8 * MiB))
+    sock = pb.sock
+    pb.at(1.125)
+    pb.send(ACK, seq, 5001, payload=bytes(MSS), timestamp=(600, 1000))
+    assert sock._drs is not None and sock._drs.rtt == 0.125
+    pb.at(1.5)  # echo of an ACK sent at 1.125: 375 ms, queueing included
+    pb.send(ACK, seq + MSS, 5001, payload=bytes(MSS), timestamp=(601, 1125))
+    assert sock._drs.rtt == 0.125
+    pb.at(1.6)  # 100 ms: smaller, taken
+    pb.send(ACK, seq + 2 * MSS, 5001, payload=bytes(MSS), timestamp=(602, 1500))
+    assert sock._drs.rtt == 0.1
+    pb.at(1.7)  # short segments give no sample
+    pb.send(ACK, seq + 3 * MSS, 5001, payload=bytes(10), timestamp=(603, 1650))
+    assert sock._drs.rtt == 0.1
+
+
+def test_a_burst_read_after_a_stall_counts_per_rtt() -> None:
+    """The application reads four RTTs' worth at once: growth follows the rate (bytes per
+    RTT), not the burst."""
+    pb, seq = established_receiver(cfg(recv_buffer=64_000, recv_buffer_max=8 * MiB))
+    pb.at(1.125)
+    pb.send(ACK, seq, 5001, payload=bytes(MSS), timestamp=(600, 1000))  # RTT sample 125 ms
+    seq += MSS
+    pb.out()
+    pb.at(1.5)  # 4 RTTs after the measurement began (t=1.0)
+    for i in range(59):
+        pb.send(ACK, seq, 5001, payload=bytes(MSS), timestamp=(601 + i, 1125))
+        seq += MSS
+    while pb.sock.recv(1 << 20):
+        pass
+    # 60000 bytes over 0.5 s = 15000 per RTT: (2 x 15000 + 16 x 1000) + 2 x 46000 x 5000 // 10000
+    assert pb.sock.recv_buffer == 92_000

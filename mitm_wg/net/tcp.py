@@ -27,10 +27,11 @@ What is implemented:
   out-of-order data and gap fills; Nagle (off by default); receiver and sender SWS
   avoidance; zero-window probes with backoff; window updates when the application reads;
 * SYN retries -> TimeoutError, user timeout, optional keepalive;
-* buffer autotuning: the receive buffer grows once per receiver RTT (timestamp echoes) to
-  twice what the application read in that RTT plus slow-start headroom (dynamic
-  right-sizing, as Linux's tcp_rcv_space_adjust), the send buffer to twice
-  min(cwnd, peer window); both only grow, up to ``recv_buffer_max``/``send_buffer_max``.
+* buffer autotuning: the receive buffer grows once per receiver RTT (minimum of the
+  timestamp-echo samples) to twice what the application read per RTT plus slow-start
+  headroom (dynamic right-sizing, as Linux's tcp_rcv_space_adjust), the send buffer to twice
+  min(cwnd, peer window); both only grow, up to ``recv_buffer_max``/``send_buffer_max``
+  (4 MiB).
 
 Sequence numbers are kept internally as unbounded "absolute" integers (the ISN/IRS plus
 bytes since), converted from/to the 32-bit wire values at the edge with :func:`_unwrap`;
@@ -82,11 +83,13 @@ class TcpConfig:
     # Buffers start at send_buffer/recv_buffer and grow with the measured delivery rate and
     # RTT up to the *_max caps (autotuning, as Linux's tcp_wmem/tcp_rmem: see
     # TcpSocket._rcv_space_adjust and send_space); a cap equal to the start fixes the size.
-    # The receive cap also picks the window scale we offer in our SYN.
+    # The receive cap also picks the window scale we offer in our SYN. 4 MiB (40 MB/s at
+    # 100 ms RTT) because the runtime's UDP socket queues about that much: a window beyond
+    # what the datagram path can hold turns a CPU-bound receiver's backlog into drops.
     send_buffer: int = 1 << 20
     recv_buffer: int = 1 << 20
-    send_buffer_max: int = 8 << 20
-    recv_buffer_max: int = 8 << 20
+    send_buffer_max: int = 4 << 20
+    recv_buffer_max: int = 4 << 20
     nagle: bool = False
     time_wait: float = 1.0
     syn_retries: int = 6
@@ -181,7 +184,7 @@ class _RcvTuning:
         self.seq = 0  # bytes the application had read when the current measurement began
         self.time = now  # ...and when it began
         self.space = space  # bytes read during the last measured RTT
-        self.rtt = 0.0  # receiver-side RTT estimate in seconds (0: none yet)
+        self.rtt = 0.0  # smallest receiver-side RTT sample in seconds (0: none yet)
         self.tsecr = 0  # the last timestamp echo that gave (or could give) an RTT sample
 
 
@@ -1625,7 +1628,15 @@ class TcpSocket:
         """Receiver-side RTT from the timestamp echo of in-order data (as Linux's
         tcp_rcv_rtt_measure_ts): the echo is the TSval of the ACK of ours that let the peer
         send this segment, so now - TSecr spans one round trip. One sample per new echo, from
-        full-sized segments only; smoothed with gain 1/8 (RFC 6298's SRTT gain)."""
+        full-sized segments only.
+
+        Kept is the minimum, not a smoothed mean (Linux smooths): our receiver is a process
+        that can fall behind, and then its own backlog (in the UDP socket, the relay, the
+        path's queue) inflates every sample. A window sized from inflated RTTs lets the
+        sender deepen that backlog, which inflates the next samples: the window would ratchet
+        up to the cap and only add queueing. The path's bandwidth-delay product needs the
+        base RTT.
+        """
         drs.tsecr = tsecr
         if plen < self._rcv_mss:
             return
@@ -1633,28 +1644,38 @@ class TcpSocket:
         if elapsed >= _HALF:
             return
         sample = (elapsed or 1) / 1000.0  # the timestamp clock ticks in milliseconds
-        rtt = drs.rtt
-        drs.rtt = sample if not rtt else rtt + (sample - rtt) * 0.125
+        if not drs.rtt or sample < drs.rtt:
+            drs.rtt = sample
 
     def _rcv_space_adjust(self, drs: _RcvTuning) -> None:
         """Dynamic right-sizing of the receive buffer (Fisk & Feng, "Dynamic right-sizing
-        in TCP"; Linux's tcp_rcv_space_adjust), once per receiver RTT.
+        in TCP"; Linux's tcp_rcv_space_adjust), at most once per receiver RTT.
 
-        What the application read during the last RTT is what the sender could send in one
-        RTT; keep room for twice that (a lost segment must not stall the window), plus the
-        growth a sender in slow start shows from one RTT to the next (the window we grant
-        now is used an RTT later). The buffer only grows, up to ``recv_buffer_max``; the
-        window we advertise is its free space, so it follows.
+        What the application read per RTT is what the sender could send in one RTT; keep
+        room for twice that (a lost segment must not stall the window) plus 16 segments,
+        plus the growth a sender in slow start shows from one RTT to the next (the window we
+        grant now is used an RTT later). Two departures from Linux, both because our
+        application reads in bursts (it is scheduled with the packet processing): the amount
+        read is normalised to one RTT (bytes read / time elapsed x RTT), and the slow-start
+        term assumes at most a doubling per RTT. The buffer only grows, up to
+        ``recv_buffer_max``; the window we advertise is its free space, so it follows.
         """
         # bytes read so far: everything delivered in order minus what is still buffered
         copied = self._rcv_nxt - self._irs - 1 - (len(self._rbuf) - self._rbuf_head)
         if self._rcv_fin:
             copied -= 1
+        rtt = drs.rtt or self._rtt.srtt or 0.0
+        elapsed = self._now - drs.time
         delta = copied - drs.seq
+        if elapsed > rtt:
+            delta = int(delta * rtt / elapsed)  # per RTT
         space = drs.space
         if delta > space:
             rcvwin = 2 * delta + 16 * self._rcv_mss
-            rcvwin += 2 * (rcvwin * (delta - space) // space)
+            if delta >= 2 * space:
+                rcvwin *= 3  # slow start: the next RTT brings twice as much
+            else:
+                rcvwin += 2 * (rcvwin * (delta - space) // space)
             cap = self.config.recv_buffer_max
             if rcvwin >= cap:
                 self._rcv_buf = cap
