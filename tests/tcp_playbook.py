@@ -24,8 +24,12 @@ def fixed_random(n: int) -> bytes:
 
 
 def cfg(**kw: object) -> TcpConfig:
+    """Playbook defaults: fixed-size buffers (the caps equal the starting sizes, so no
+    autotuning) unless a test asks for other caps."""
     base: dict[str, object] = {"mss": 1000, "recv_buffer": 65535, "send_buffer": 1 << 20}
     base.update(kw)
+    base.setdefault("recv_buffer_max", base["recv_buffer"])
+    base.setdefault("send_buffer_max", base["send_buffer"])
     return TcpConfig(**base)  # type: ignore[arg-type]
 
 

@@ -22,7 +22,7 @@ from mitm_wg.net.checksum import verify
 from mitm_wg.net.congestion import NewReno
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.stack import Stack
-from mitm_wg.net.tcp import M32, TcpConfig, TcpSocket, TcpState, TcpStats
+from mitm_wg.net.tcp import M32, TcpConfig, TcpSocket, TcpState, TcpStats, _RcvTuning
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
 
 A = ipaddress.ip_address("10.0.0.1").packed
@@ -32,7 +32,7 @@ MSS = 1400
 
 def state_of(obj: Any) -> Any:
     """A comparable snapshot of a socket's whole state (recursing into helper objects)."""
-    if isinstance(obj, (TcpStats, RttEstimator, NewReno, Assembler)):
+    if isinstance(obj, (TcpStats, RttEstimator, NewReno, Assembler, _RcvTuning)):
         slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
         return {s: state_of(getattr(obj, s)) for s in slots if hasattr(obj, s)}
     if isinstance(obj, TcpSocket):

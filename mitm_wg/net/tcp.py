@@ -33,6 +33,11 @@ What is implemented:
   (bounded), instead of a connect stalled for the RTO;
 * TSval offsets given by the stack per address pair (monotonic towards a host, RFC 7323
   §5.4), so reusing a 4-tuple still in the peer's TIME_WAIT passes PAWS (RFC 6191).
+* buffer autotuning: the receive buffer grows once per receiver RTT (minimum of the
+  timestamp-echo samples) to twice what the application read per RTT plus slow-start
+  headroom (dynamic right-sizing, as Linux's tcp_rcv_space_adjust), the send buffer to twice
+  min(cwnd, peer window); both only grow, up to ``recv_buffer_max``/``send_buffer_max``
+  (4 MiB).
 
 Sequence numbers are kept internally as unbounded "absolute" integers (the ISN/IRS plus
 bytes since), converted from/to the 32-bit wire values at the edge with :func:`_unwrap`;
@@ -81,8 +86,16 @@ class TcpConfig:
     """Per-socket TCP parameters.  ``mss`` is normally set by the stack from the MTU."""
 
     mss: int = 1380
+    # Buffers start at send_buffer/recv_buffer and grow with the measured delivery rate and
+    # RTT up to the *_max caps (autotuning, as Linux's tcp_wmem/tcp_rmem: see
+    # TcpSocket._rcv_space_adjust and send_space); a cap equal to the start fixes the size.
+    # The receive cap also picks the window scale we offer in our SYN. 4 MiB (40 MB/s at
+    # 100 ms RTT) because the runtime's UDP socket queues about that much: a window beyond
+    # what the datagram path can hold turns a CPU-bound receiver's backlog into drops.
     send_buffer: int = 1 << 20
     recv_buffer: int = 1 << 20
+    send_buffer_max: int = 4 << 20
+    recv_buffer_max: int = 4 << 20
     nagle: bool = False
     time_wait: float = 1.0
     syn_retries: int = 6
@@ -173,6 +186,19 @@ def _unwrap(base: int, wire: int) -> int:
     return base + d
 
 
+class _RcvTuning:
+    """Receive-buffer autotuning state of one socket (see ``TcpSocket._rcv_space_adjust``)."""
+
+    __slots__ = ("rtt", "seq", "space", "time", "tsecr")
+
+    def __init__(self, now: float, space: int) -> None:
+        self.seq = 0  # bytes the application had read when the current measurement began
+        self.time = now  # ...and when it began
+        self.space = space  # bytes read during the last measured RTT
+        self.rtt = 0.0  # smallest receiver-side RTT sample in seconds (0: none yet)
+        self.tsecr = 0  # the last timestamp echo that gave (or could give) an RTT sample
+
+
 def _wscale_for(buffer: int) -> int:
     shift = 0
     while (buffer >> shift) > 0xFFFF and shift < 14:
@@ -233,7 +259,11 @@ class TcpSocket:
         self._pmtu_mss: int | None = None
         self._ts_ok = cfg.timestamps
         self._sack_ok = cfg.sack
-        self._rcv_wscale = _wscale_for(cfg.recv_buffer) if cfg.window_scaling else 0
+        # RFC 7323 §2.2: the scale is fixed in the SYN, so offer one that can express the
+        # largest window autotuning may grow to
+        self._rcv_wscale = (
+            _wscale_for(max(cfg.recv_buffer, cfg.recv_buffer_max)) if cfg.window_scaling else 0
+        )
         self._snd_wscale = 0
         self._ws_ok = False
         # TSval = ms clock + offset. The stack passes one offset per (local, remote) address
@@ -255,6 +285,14 @@ class TcpSocket:
         self._fin_queued = False
         self._rbuf = bytearray()
         self._rbuf_head = 0
+        # buffer autotuning: the current limits, and the receive side's dynamic right-sizing
+        # state while the receive buffer can still grow (None once at its cap). Few
+        # attributes on purpose: past 85 the instance dict doubles (~1.7 KiB per socket).
+        self._snd_buf = cfg.send_buffer
+        self._rcv_buf = cfg.recv_buffer
+        self._drs: _RcvTuning | None = (
+            _RcvTuning(now, 10 * cfg.mss) if cfg.recv_buffer < cfg.recv_buffer_max else None
+        )
         self._asm = Assembler()
         self._peer_fin_seq: int | None = None
         self._rcv_fin = False
@@ -455,7 +493,7 @@ class TcpSocket:
 
     def _window(self) -> int:
         """Free receive buffer space, capped to what the window field can express."""
-        free = self.config.recv_buffer - (len(self._rbuf) - self._rbuf_head)
+        free = self._rcv_buf - (len(self._rbuf) - self._rbuf_head)
         if free < 0:
             return 0
         cap = 0xFFFF << self._rcv_wscale
@@ -478,7 +516,8 @@ class TcpSocket:
         shift = self._rcv_wscale
         cfg = self.config
         # inlined _window()
-        free = cfg.recv_buffer - (len(self._rbuf) - self._rbuf_head)
+        rcv_buf = self._rcv_buf
+        free = rcv_buf - (len(self._rbuf) - self._rbuf_head)
         if free < 0:
             free = 0
         elif free > 0xFFFF << shift:
@@ -493,8 +532,7 @@ class TcpSocket:
             cur = self._rcv_adv - rcv_nxt
             if cur < 0:
                 cur = 0
-            cap = cfg.recv_buffer
-            threshold = cap >> 1 if cap >> 1 < cfg.mss else cfg.mss
+            threshold = rcv_buf >> 1 if rcv_buf >> 1 < cfg.mss else cfg.mss
             if free - cur >= threshold:
                 field = free >> shift
             else:
@@ -1135,6 +1173,9 @@ class TcpSocket:
             rcv_nxt += plen
             if plen > self._rcv_mss:
                 self._rcv_mss = min(plen, self.config.mss)
+            drs = self._drs
+            if drs is not None and ts_ok and tsecr != drs.tsecr:
+                self._rcv_rtt_sample(drs, tsecr, plen, now)
             self._unacked_bytes += plen
             self._schedule_ack(plen, flags & PSH, now)
             self._rcv_nxt = rcv_nxt
@@ -1561,6 +1602,10 @@ class TcpSocket:
                 rcv_nxt += plen
                 if plen > self._rcv_mss:
                     self._rcv_mss = min(plen, self.config.mss)
+                drs = self._drs
+                ts = seg.timestamp
+                if drs is not None and ts is not None and self._ts_ok and ts[1] != drs.tsecr:
+                    self._rcv_rtt_sample(drs, ts[1], plen, now)
                 self._unacked_bytes += plen
                 asm = self._asm
                 if asm:
@@ -1660,18 +1705,111 @@ class TcpSocket:
                 del rbuf[:head]
                 head = 0
             self._rbuf_head = head
+        drs = self._drs
+        if drs is not None:
+            rtt = drs.rtt or self._rtt.srtt
+            if rtt and self._now - drs.time >= rtt:
+                self._rcv_space_adjust(drs)
         # window update once the window has closed noticeably (receiver SWS avoidance)
         if self.state in _RECV_STATES:
             cur = self._rcv_adv - self._rcv_nxt
-            cap = self.config.recv_buffer
+            cap = self._rcv_buf
             if cur < (cap >> 1) and self._window() - cur >= min(cap >> 1, self.config.mss):
                 self._ack_now = True
         return data
 
+    # -- buffer autotuning ------------------------------------------------------------------
+    def _rcv_rtt_sample(self, drs: _RcvTuning, tsecr: int, plen: int, now: float) -> None:
+        """Receiver-side RTT from the timestamp echo of in-order data (as Linux's
+        tcp_rcv_rtt_measure_ts): the echo is the TSval of the ACK of ours that let the peer
+        send this segment, so now - TSecr spans one round trip. One sample per new echo, from
+        full-sized segments only.
+
+        Kept is the minimum, not a smoothed mean (Linux smooths): our receiver is a process
+        that can fall behind, and then its own backlog (in the UDP socket, the relay, the
+        path's queue) inflates every sample. A window sized from inflated RTTs lets the
+        sender deepen that backlog, which inflates the next samples: the window would ratchet
+        up to the cap and only add queueing. The path's bandwidth-delay product needs the
+        base RTT.
+        """
+        drs.tsecr = tsecr
+        if plen < self._rcv_mss:
+            return
+        elapsed = ((int(now * 1000) + self._ts_offset) - tsecr) & M32
+        if elapsed >= _HALF:
+            return
+        sample = (elapsed or 1) / 1000.0  # the timestamp clock ticks in milliseconds
+        if not drs.rtt or sample < drs.rtt:
+            drs.rtt = sample
+
+    def _rcv_space_adjust(self, drs: _RcvTuning) -> None:
+        """Dynamic right-sizing of the receive buffer (Fisk & Feng, "Dynamic right-sizing
+        in TCP"; Linux's tcp_rcv_space_adjust), at most once per receiver RTT.
+
+        What the application read per RTT is what the sender could send in one RTT; keep
+        room for twice that (a lost segment must not stall the window) plus 16 segments,
+        plus the growth a sender in slow start shows from one RTT to the next (the window we
+        grant now is used an RTT later). Two departures from Linux, both because our
+        application reads in bursts (it is scheduled with the packet processing): the amount
+        read is normalised to one RTT (bytes read / time elapsed x RTT), and the slow-start
+        term assumes at most a doubling per RTT. The buffer only grows, up to
+        ``recv_buffer_max``; the window we advertise is its free space, so it follows.
+        """
+        # bytes read so far: everything delivered in order minus what is still buffered
+        copied = self._rcv_nxt - self._irs - 1 - (len(self._rbuf) - self._rbuf_head)
+        if self._rcv_fin:
+            copied -= 1
+        rtt = drs.rtt or self._rtt.srtt or 0.0
+        elapsed = self._now - drs.time
+        delta = copied - drs.seq
+        if elapsed > rtt:
+            delta = int(delta * rtt / elapsed)  # per RTT
+        space = drs.space
+        if delta > space:
+            rcvwin = 2 * delta + 16 * self._rcv_mss
+            if delta >= 2 * space:
+                rcvwin *= 3  # slow start: the next RTT brings twice as much
+            else:
+                rcvwin += 2 * (rcvwin * (delta - space) // space)
+            cap = self.config.recv_buffer_max
+            if rcvwin >= cap:
+                self._rcv_buf = cap
+                self._drs = None  # at the cap: nothing left to tune
+                return
+            if rcvwin > self._rcv_buf:
+                self._rcv_buf = rcvwin
+            drs.space = delta
+        drs.seq = copied
+        drs.time = self._now
+
     @property
     def send_space(self) -> int:
-        n = self.config.send_buffer - (len(self._sbuf) - self._sbuf_head)
+        buf = self._snd_buf
+        cap = self.config.send_buffer_max
+        if buf < cap:
+            # Send buffer autotuning (Linux's tcp_sndbuf_expand): room for twice the data
+            # the path can hold in flight — the congestion window, bounded by the largest
+            # window the peer offered — so that a full window is in flight while the next
+            # one is already queued (and retransmissions have their data). Only grows.
+            cwnd = self._cc.cwnd
+            if cwnd > self._max_snd_wnd:
+                cwnd = self._max_snd_wnd
+            want = 2 * cwnd
+            if want > buf:
+                buf = self._snd_buf = want if want < cap else cap
+        n = buf - (len(self._sbuf) - self._sbuf_head)
         return n if n > 0 else 0
+
+    @property
+    def recv_buffer(self) -> int:
+        """The receive buffer's current size (autotuned; the window we offer is its free
+        space)."""
+        return self._rcv_buf
+
+    @property
+    def send_buffer(self) -> int:
+        """The send buffer's current size (autotuned)."""
+        return self._snd_buf
 
     @property
     def send_queued(self) -> int:

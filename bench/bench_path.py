@@ -1,0 +1,764 @@
+"""Path benchmark: our tunnel vs Linux TCP over wireguard-go through the same impairing relay.
+
+Needs root (network namespaces) and wireguard-go; nginx (Debian ``nginx-light``) for a
+native-speed HTTP server in the exit namespace, else it falls back to the harness's Python
+server (fine for ``--smoke``, a cap for real numbers: the report says which one ran).
+
+Layout (one exit peer of ``tests/harness``)::
+
+    client_ns: curl ─ wireguard-go ─┐                       exit ns: wireguard-go ─ Linux TCP ─ nginx
+                                    ├─► relay (own process) ──veth──► UDP 51820
+    client_ns: this process (trio) ─┘   delay / loss / dup / reorder / bursty loss
+
+Both clients send their WireGuard datagrams through the SAME relay (a separate process, so it
+shares no GIL with our tunnel), to the same exit peer and server. Per scenario and round the
+kernel path (curl over a wireguard-go interface in the client namespace) and our tunnel
+(``open_tunnel`` + ``TunnelStream`` from this process) download and upload the same number
+of bytes, alternating which goes first. Reported: medians over rounds and ours / Linux.
+
+Before the scenarios (skip with ``--no-capacity``) it shows that neither the relay nor the
+server is the cap: the server alone (curl inside the exit namespace), the relay alone (a UDP
+blast through it, no tunnel), and the kernel path and our tunnel with and without the relay
+at 0 ms. During every transfer it samples the relay's CPU use (a share near 100 % of one core
+would mean the relay caps the run).
+
+    .venv/bin/python bench/bench_path.py                 # everything, 3 rounds (~15 min)
+    .venv/bin/python bench/bench_path.py --smoke         # tiny sizes, one round, no timing
+    .venv/bin/python bench/bench_path.py --scenarios rtt50,rtt100 --rounds 5 --scale 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import (
+    Impairment,
+    b64,
+    exit_peer,
+    generate_keypair,
+    have_netns,
+    wireguard_go_interface,
+)
+from harness.exitpeer import ExitPeer, wait_until
+from harness.relay import RelayProcess
+from mitm_wg.config import WireGuardConfig
+from mitm_wg.net.tcp import TcpConfig
+from mitm_wg.runtime import open_tunnel
+
+MiB = 1 << 20
+NGINX_PORT = 8080
+#: ``--before-after``: our tunnel once more with the buffers fixed at their starting size
+#: (1 MiB each way), i.e. without autotuning, as before issue 9.
+FIXED_BUFFERS = TcpConfig(recv_buffer_max=1 << 20, send_buffer_max=1 << 20)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    label: str
+    impairment: Impairment
+    mib: int  # default transfer size: chosen so the kernel path runs roughly >= 5-10 s
+    smoke_kib: int = 1024
+
+
+def _scenarios() -> dict[str, Scenario]:
+    def rtt(ms: float, **kw: Any) -> Impairment:
+        return Impairment(delay=ms / 2000, **kw)  # half the RTT each way
+
+    random_loss = {"loss": 0.02, "duplicate": 0.01, "reorder": 0.02, "reorder_gap": 3}
+    out = [
+        Scenario("rtt1", "1 ms RTT", rtt(1), 200),
+        Scenario("rtt50", "50 ms RTT", rtt(50), 300, 512),
+        Scenario("rtt100", "100 ms RTT", rtt(100), 200, 512),
+        Scenario(
+            "random",
+            "1 ms, 2% loss, 1% dup, 2% reorder",
+            rtt(1, **random_loss),
+            150,
+        ),
+        Scenario(
+            "bursty",
+            "1 ms, bursty loss 2% (mean burst 4)",
+            Impairment.bursty(0.02, 4, delay=0.0005),
+            150,
+        ),
+        Scenario(
+            "random50",
+            "50 ms, 2% loss, 1% dup, 2% reorder",
+            rtt(50, **random_loss),
+            40,
+            256,
+        ),
+        Scenario(
+            "bursty50",
+            "50 ms, bursty loss 2% (mean burst 4)",
+            Impairment.bursty(0.02, 4, delay=0.025),
+            40,
+            256,
+        ),
+    ]
+    return {s.name: s for s in out}
+
+
+SCENARIOS = _scenarios()
+DEFAULT_SCENARIOS = ["rtt1", "rtt50", "rtt100", "random", "bursty"]
+
+
+# -- the HTTP server in the exit namespace ----------------------------------------------------
+
+
+@dataclass
+class Server:
+    host: str
+    port: int
+    native: bool  # nginx (GET static sparse files, PUT via WebDAV) or the Python fallback
+    www: Path | None = None
+
+    def download_path(self, size: int) -> str:
+        if not self.native:
+            return f"/bytes/{size}"
+        assert self.www is not None
+        blob = self.www / f"blob-{size}"
+        if not blob.exists():
+            with open(blob, "wb") as f:
+                f.truncate(size)  # sparse: reads as zeros, costs no memory
+        return f"/{blob.name}"
+
+    @property
+    def upload_method(self) -> str:
+        return "PUT" if self.native else "POST"
+
+    def upload_path(self, tag: str) -> str:
+        return f"/up/{tag}" if self.native else "/upload"
+
+    def cleanup_uploads(self) -> None:
+        if self.native and self.www is not None:
+            for f in (self.www / "up").glob("*"):
+                f.unlink(missing_ok=True)
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx.err warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 10;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {host}:{port};
+        root {www};
+        location /up/ {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            client_max_body_size 0;
+            client_body_buffer_size 1m;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def http_server(peer: ExitPeer, force_python: bool) -> Iterator[Server]:
+    """nginx on NGINX_PORT in the exit namespace (files on tmpfs), else the harness server."""
+    nginx = shutil.which("nginx")
+    if force_python or nginx is None:
+        if nginx is None:
+            print("nginx not found (apt-get install nginx-light): using the Python server")
+        yield Server(peer.server_tunnel_v4, peer.http_port, native=False)
+        return
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    tmp = Path(tempfile.mkdtemp(prefix="mwg-bench-path-", dir=shm))
+    try:
+        www = tmp / "www"
+        (www / "up").mkdir(parents=True)
+        (www / "index.html").write_text("hello\n")
+        conf = tmp / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(dir=tmp, host=peer.server_tunnel_v4, port=NGINX_PORT, www=www)
+        )
+        log = open(tmp / "nginx.out", "wb")
+        proc = peer.ns.popen([nginx, "-p", str(tmp), "-c", str(conf)], stdout=log, stderr=log)
+        server = Server(peer.server_tunnel_v4, NGINX_PORT, native=True, www=www)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {(tmp / 'nginx.out').read_text()[-800:]}")
+            r = peer.ns.exec(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", server.url("/")],
+                check=False,
+            )
+            return r.stdout == "200"
+
+        try:
+            wait_until(up, 15, "nginx in the exit namespace", interval=0.1)
+            yield server
+        finally:
+            peer.ns.kill(proc)
+            log.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- one transfer each way --------------------------------------------------------------------
+
+
+@dataclass
+class Transfer:
+    mbps: float
+    relay_cpu: float | None = None  # relay CPU seconds / wall seconds during the transfer
+
+
+def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
+    """One curl transfer in ``ns``; returns MB/s from curl's own total time."""
+    timeout = 60 + size / 250_000  # generous: a stalled run fails instead of hanging
+    argv = ["curl", "-sS", "--noproxy", "*", "-m", str(int(timeout)), "-o", "/dev/null"]
+    argv += ["-w", "%{http_code} %{size_download} %{size_upload} %{time_total}"]
+    if upload:
+        assert body is not None
+        argv += ["-T", str(body), "-X", server.upload_method, "-H", "Expect:"]
+        argv.append(server.url(server.upload_path("kernel")))
+    else:
+        argv.append(server.url(server.download_path(size)))
+    r = ns.exec(argv, timeout=timeout + 10)
+    code, down, up, total = r.stdout.split()
+    if upload:
+        ok = code in ("200", "201", "204") and int(float(up)) == size
+    else:
+        ok = code == "200" and int(float(down)) == size
+    if not ok:
+        raise RuntimeError(f"curl transfer failed: {r.stdout!r} {r.stderr!r}")
+    return size / float(total) / 1e6
+
+
+async def _ours_one(tunnel: Any, server: Server, size: int, upload: bool) -> float:
+    start = time.perf_counter()
+    stream = await tunnel.open_tcp_stream(server.host, server.port)
+    try:
+        if upload:
+            head = (
+                f"{server.upload_method} {server.upload_path('ours')} HTTP/1.1\r\n"
+                f"Host: x\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+            )
+            await stream.send_all(head.encode())
+            chunk = memoryview(bytes(MiB))
+            left = size
+            while left:
+                n = min(left, MiB)
+                await stream.send_all(chunk[:n])
+                left -= n
+        else:
+            path = server.download_path(size)
+            request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            await stream.send_all(request.encode())
+        head_buf = b""
+        body = 0
+        while data := await stream.receive_some(1 << 20):
+            if body == 0 and b"\r\n\r\n" not in head_buf:
+                head_buf += data
+                if b"\r\n\r\n" in head_buf:
+                    body = len(head_buf) - head_buf.index(b"\r\n\r\n") - 4
+            else:
+                body += len(data)
+        elapsed = time.perf_counter() - start
+    finally:
+        await stream.aclose()
+    status = head_buf.split(b" ", 2)[1] if head_buf.count(b" ") >= 2 else b"?"
+    if upload:
+        if status not in (b"200", b"201", b"204"):
+            raise RuntimeError(f"upload answered {head_buf[:200]!r}")
+    elif status != b"200" or body != size:
+        raise RuntimeError(f"download got {body} of {size} bytes: {head_buf[:200]!r}")
+    return size / elapsed / 1e6
+
+
+def _client_socket_factory(peer: ExitPeer) -> Any:
+    def factory(family: int) -> socket.socket:
+        sock = peer.client_ns.socket(family, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", 0))
+        return sock
+
+    return factory
+
+
+@dataclass
+class Clients:
+    """The two clients. Ours has its own key and tunnel address (10.78.N.3), added to the exit
+    as a second peer: sharing the kernel client's key would make wireguard-go refuse our
+    handshakes as replays for a while after each kernel run."""
+
+    peer: ExitPeer
+    ours_private: bytes
+    ours_address: str
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, peer: ExitPeer) -> Iterator[Clients]:
+        private, public = generate_keypair()
+        address = f"10.78.{peer.index}.3"
+        peer.ns.exec(
+            ["wg", "set", peer.ifname, "peer", b64(public), "allowed-ips", f"{address}/32"]
+        )
+        conf = peer.client_config_text(dns=False)
+        with wireguard_go_interface(peer.client_ns, peer.client_ifname, conf, peer.workdir):
+            yield cls(peer, private, address)
+
+    def ours_config(self, endpoint: tuple[str, int]) -> WireGuardConfig:
+        host, port = endpoint
+        return WireGuardConfig.parse(
+            "[Interface]\n"
+            f"PrivateKey = {b64(self.ours_private)}\n"
+            f"Address = {self.ours_address}/32\n\n"
+            "[Peer]\n"
+            f"PublicKey = {b64(self.peer.server_public_key)}\n"
+            f"AllowedIPs = {self.peer.tunnel_v4_net}\n"
+            f"Endpoint = {host}:{port}\n"
+        )
+
+    def point_kernel_at(self, endpoint: tuple[str, int]) -> None:
+        """Send the kernel client's datagrams to ``endpoint`` (a relay, or the exit itself)."""
+        key = b64(self.peer.server_public_key)
+        ep = f"{endpoint[0]}:{endpoint[1]}"
+        self.peer.client_ns.exec(
+            ["wg", "set", self.peer.client_ifname, "peer", key, "endpoint", ep]
+        )
+
+
+def run_ours(
+    clients: Clients,
+    server: Server,
+    endpoint: tuple[str, int],
+    jobs: list[tuple[int, bool]],
+    relay: RelayProcess | None,
+    tcp_config: TcpConfig | None = None,
+) -> list[Transfer]:
+    """Our tunnel: one session, a warm-up connection (handshake), then each (size, upload)."""
+    peer = clients.peer
+    config = clients.ours_config(endpoint)
+    factory = _client_socket_factory(peer)
+
+    async def session() -> list[Transfer]:
+        out = []
+        async with open_tunnel(config, socket_factory=factory, tcp_config=tcp_config) as tunnel:
+            with trio.fail_after(30):
+                warm = await tunnel.open_tcp_stream(server.host, server.port)
+                await warm.aclose()
+            for size, upload in jobs:
+                cpu0, t0 = _cpu(relay), time.perf_counter()
+                with trio.fail_after(60 + size / 250_000):
+                    mbps = await _ours_one(tunnel, server, size, upload)
+                out.append(Transfer(mbps, _share(relay, cpu0, t0)))
+                server.cleanup_uploads()
+        return out
+
+    return trio.run(session)
+
+
+def run_kernel(
+    clients: Clients,
+    server: Server,
+    endpoint: tuple[str, int],
+    jobs: list[tuple[int, bool]],
+    relay: RelayProcess | None,
+) -> list[Transfer]:
+    """Linux TCP over the wireguard-go interface in the client namespace (curl)."""
+    peer = clients.peer
+    clients.point_kernel_at(endpoint)
+    out = []
+    # the tunnel is up before timing starts (a handshake if needed), as for ours
+    warm = ["curl", "-sS", "--noproxy", "*", "-m", "30", "-o", "/dev/null", server.url("/")]
+    peer.client_ns.exec(warm, timeout=40)
+    for size, upload in jobs:
+        body = _body_file(peer, server, size) if upload else None
+        cpu0, t0 = _cpu(relay), time.perf_counter()
+        mbps = _curl(peer.client_ns, server, size, upload, body)
+        out.append(Transfer(mbps, _share(relay, cpu0, t0)))
+        server.cleanup_uploads()
+    return out
+
+
+def _body_file(peer: ExitPeer, server: Server, size: int) -> Path:
+    body = peer.workdir / f"body-{size}"
+    if not body.exists():
+        with open(body, "wb") as f:
+            f.truncate(size)  # sparse zeros
+    return body
+
+
+def _cpu(relay: RelayProcess | None) -> float:
+    return relay.cpu_seconds() if relay is not None else 0.0
+
+
+def _share(relay: RelayProcess | None, cpu0: float, t0: float) -> float | None:
+    if relay is None:
+        return None
+    return (relay.cpu_seconds() - cpu0) / max(time.perf_counter() - t0, 1e-9)
+
+
+# -- capacity checks ----------------------------------------------------------------------------
+
+_SINK = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+s.settimeout(2.0)
+n = 0; first = last = 0.0; nbytes = 0
+while True:
+    try:
+        d = s.recv(65535)
+    except TimeoutError:
+        if n:
+            break
+        continue
+    last = time.monotonic()
+    if not n:
+        first = last
+    n += 1; nbytes += len(d)
+print(n, nbytes, last - first, flush=True)
+"""
+
+
+def relay_blast(count: int, delay: float) -> dict[str, float]:
+    """Blast ``count`` 1452-byte datagrams (a full WireGuard data packet) through a relay
+    process on loopback as fast as one Python sender can; the sink (another process) reports
+    what came out and over what time. The sender, relay and sink share the machine's cores,
+    so this is a lower bound of the relay's capacity."""
+    sink = subprocess.Popen(
+        [sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        with RelayProcess(("127.0.0.1", port), impairment=Impairment(delay=delay)) as relay:
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            payload = bytes(1452)
+            dest = relay.address
+            cpu0, t0 = relay.cpu_seconds(), time.perf_counter()
+            for i in range(count):
+                try:
+                    tx.sendto(payload, dest)
+                except OSError:
+                    pass
+                if i % 64 == 63:
+                    time.sleep(0)  # let the relay run between small bursts
+            send_time = time.perf_counter() - t0
+            out, _ = sink.communicate(timeout=60)
+            cpu = relay.cpu_seconds() - cpu0
+            tx.close()
+        n, nbytes, span = out.split()
+        return {
+            "sent": count,
+            "forwarded": int(n),
+            "sender_mbps": count * 1452 / send_time / 1e6,
+            "mbps": int(nbytes) / max(float(span), 1e-9) / 1e6,
+            "kpps": int(n) / max(float(span), 1e-9) / 1e3,
+            "relay_cpu_s": cpu,
+            "relay_us_per_datagram": cpu / max(int(n), 1) * 1e6,
+        }
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait()
+
+
+def server_alone(peer: ExitPeer, server: Server, size: int) -> dict[str, float]:
+    """The HTTP server's own speed: curl inside the exit namespace (no tunnel, no relay)."""
+    down = _curl(peer.ns, server, size, False, None)
+    body = _body_file(peer, server, size)
+    up = _curl(peer.ns, server, size, True, body)
+    server.cleanup_uploads()
+    return {"down": down, "up": up}
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    direction: str
+    size: int
+    kernel: list[Transfer] = field(default_factory=list)
+    ours: list[Transfer] = field(default_factory=list)
+    fixed: list[Transfer] = field(default_factory=list)  # ours without buffer autotuning
+
+    def med(self, which: str) -> float:
+        runs = [t.mbps for t in getattr(self, which)]
+        return statistics.median(runs) if runs else math.nan
+
+    def relay_cpu(self) -> float:
+        every = self.kernel + self.ours + self.fixed
+        shares = [t.relay_cpu for t in every if t.relay_cpu is not None]
+        return max(shares) if shares else math.nan
+
+
+def _fmt_size(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size // 1024} KiB"
+
+
+def _fmt_runs(ts: list[Transfer]) -> str:
+    return ", ".join(f"{t.mbps:.1f}" for t in ts)
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    fixed = any(r.fixed for r in rows)
+    print(f"\n### {title}\n")
+    head = "| path | dir | size | Linux TCP MB/s | mitm-wg MB/s | ratio |"
+    line = "|---|---|---:|---:|---:|---:|"
+    if fixed:
+        head += " fixed 1 MiB MB/s | ratio |"
+        line += "---:|---:|"
+    print(head + " relay CPU | runs Linux / ours" + (" / fixed |" if fixed else " |"))
+    print(line + "---:|---|")
+    for r in rows:
+        k, o = r.med("kernel"), r.med("ours")
+        cpu = r.relay_cpu()
+        cpu_s = "-" if math.isnan(cpu) else f"{cpu * 100:.0f}%"
+        size = _fmt_size(r.size)
+        cells = f"| {r.label} | {r.direction} | {size} | {k:.1f} | {o:.1f} | {o / k:.2f} |"
+        runs = f"{_fmt_runs(r.kernel)} / {_fmt_runs(r.ours)}"
+        if fixed:
+            f = r.med("fixed")
+            cells += f" {f:.1f} | {f / k:.2f} |"
+            runs += f" / {_fmt_runs(r.fixed)}"
+        print(f"{cells} {cpu_s} | {runs} |")
+    sys.stdout.flush()
+
+
+def _jobs(size: int, directions: list[str]) -> list[tuple[int, bool]]:
+    return [(size, d == "up") for d in directions]
+
+
+def measure(
+    clients: Clients,
+    server: Server,
+    label: str,
+    endpoint_of: Any,
+    size: int,
+    directions: list[str],
+    rounds: int,
+    relay: RelayProcess | None,
+    before_after: bool = False,
+) -> list[Row]:
+    rows = [Row(label, d, size) for d in directions]
+    jobs = _jobs(size, directions)
+    variants = ["kernel", "ours", "fixed"] if before_after else ["kernel", "ours"]
+    for rnd in range(rounds):
+        k = rnd % len(variants)
+        for which in variants[k:] + variants[:k]:  # rotate who goes first
+            if which == "kernel":
+                results = run_kernel(clients, server, endpoint_of(), jobs, relay)
+            else:
+                cfg = FIXED_BUFFERS if which == "fixed" else None
+                results = run_ours(clients, server, endpoint_of(), jobs, relay, cfg)
+            for row, t in zip(rows, results, strict=True):
+                getattr(row, which).append(t)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Our tunnel vs Linux TCP over wireguard-go through one impairing relay."
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one round, no timing claims")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per scenario (median)")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated, from {', '.join(SCENARIOS)}",
+    )
+    p.add_argument("--directions", default="down,up", help="down, up or both")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every transfer size")
+    p.add_argument("--seed", type=int, default=1, help="relay seed (same for both paths)")
+    p.add_argument("--no-capacity", action="store_true", help="skip the capacity checks")
+    p.add_argument("--only-capacity", action="store_true", help="run only the capacity checks")
+    p.add_argument("--python-server", action="store_true", help="don't use nginx")
+    p.add_argument(
+        "--before-after",
+        action="store_true",
+        help="also run our tunnel with fixed 1 MiB buffers (no autotuning) side by side",
+    )
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+
+    ok, why = have_netns()
+    if not ok:
+        print(f"bench_path needs network namespaces and wireguard-go: {why}", file=sys.stderr)
+        return 2
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    directions = [d.strip() for d in args.directions.split(",") if d.strip()]
+    if not directions or any(d not in ("down", "up") for d in directions):
+        p.error("--directions takes down, up or down,up")
+    rounds = 1 if args.smoke else args.rounds
+
+    def size_of(mib: float, smoke_kib: int) -> int:
+        if args.smoke:
+            return smoke_kib * 1024
+        return max(1, int(mib * args.scale)) * MiB
+
+    report: dict[str, Any] = {"capacity": {}, "scenarios": []}
+    with exit_peer(ipv6=False, http=True, name_prefix="mwgpath") as peer:
+        cc = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout
+        rmem = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
+        print(f"Linux TCP in the namespaces: {cc.strip()}, tcp_rmem max {int(rmem[2]) >> 20} MiB")
+        with http_server(peer, args.python_server) as server, Clients.start(peer) as clients:
+            print(f"HTTP server: {'nginx' if server.native else 'Python http.server (a cap!)'}")
+            if not args.no_capacity:
+                report["capacity"] = capacity(clients, server, args, size_of, directions, rounds)
+            if args.only_capacity:
+                names = []
+            for name in names:
+                sc = SCENARIOS[name]
+                size = size_of(sc.mib, sc.smoke_kib)
+                with RelayProcess(
+                    peer.endpoint, impairment=sc.impairment, seed=args.seed, ns=peer.client_ns
+                ) as relay:
+                    rows = measure(
+                        clients,
+                        server,
+                        sc.label,
+                        lambda relay=relay: relay.address,
+                        size,
+                        directions,
+                        rounds,
+                        relay,
+                        args.before_after,
+                    )
+                relay_counts = {"up": relay.up.as_dict(), "down": relay.down.as_dict()}
+                print_table(rows, f"{sc.label} (relay {json.dumps(relay_counts)})")
+                report["scenarios"].append(_row_json(name, rows, relay_counts))
+    summary(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def capacity(
+    clients: Clients, server: Server, args: Any, size_of: Any, directions: list[str], rounds: int
+) -> dict[str, Any]:
+    peer = clients.peer
+    out: dict[str, Any] = {}
+    size = size_of(200, 1024)
+    out["server"] = server_alone(peer, server, size)
+    print(
+        f"server alone (curl in the exit namespace, {_fmt_size(size)}): download {out['server']['down']:.0f} MB/s, "
+        f"upload {out['server']['up']:.0f} MB/s"
+    )
+    count = 2000 if args.smoke else 200_000
+    for delay in (0.0, 0.025):
+        b = relay_blast(count, delay)
+        out[f"relay_blast_delay_{int(delay * 1000)}ms"] = b
+        print(
+            f"relay alone, {delay * 1000:.0f} ms delay: forwarded {b['forwarded']}/{b['sent']} "
+            f"datagrams at {b['kpps']:.0f} kpps = {b['mbps']:.0f} MB/s (sender offered "
+            f"{b['sender_mbps']:.0f} MB/s), relay CPU {b['relay_us_per_datagram']:.1f} µs/datagram"
+            f" = {1452 / b['relay_us_per_datagram']:.0f} MB/s of full datagrams per core-second"
+        )
+    # the same 0 ms path with and without the relay, for both clients
+    rows: list[Row] = []
+    with RelayProcess(peer.endpoint, ns=peer.client_ns) as relay:
+        rows += measure(
+            clients,
+            server,
+            "0 ms, via relay",
+            lambda: relay.address,
+            size,
+            directions,
+            rounds,
+            relay,
+        )
+    rows += measure(
+        clients, server, "0 ms, direct", lambda: peer.endpoint, size, directions, rounds, None
+    )
+    print_table(rows, "relay vs no relay at 0 ms")
+    out["direct_vs_relay"] = _row_json("capacity", rows, {})
+    return out
+
+
+def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "scenario": name,
+        "relay": relay,
+        "rows": [
+            {
+                "label": r.label,
+                "direction": r.direction,
+                "size": r.size,
+                "kernel": [t.mbps for t in r.kernel],
+                "ours": [t.mbps for t in r.ours],
+                "fixed": [t.mbps for t in r.fixed],
+                "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
+                "kernel_median": r.med("kernel"),
+                "ours_median": r.med("ours"),
+                "fixed_median": r.med("fixed"),
+                "ratio": r.med("ours") / r.med("kernel"),
+                "ratio_fixed": r.med("fixed") / r.med("kernel"),
+            }
+            for r in rows
+        ],
+    }
+
+
+def summary(report: dict[str, Any]) -> None:
+    rows = [row for sc in report["scenarios"] for row in sc["rows"]]
+    if not rows:
+        return
+    fixed = any(r["fixed"] for r in rows)
+    print("\n### Summary (medians; ratio = mitm-wg / Linux TCP)\n")
+    extra = " fixed 1 MiB (before) MB/s | ratio |" if fixed else ""
+    print(f"| path | dir | Linux TCP MB/s | mitm-wg MB/s | ratio |{extra}")
+    print("|---|---|---:|---:|---:|" + ("---:|---:|" if fixed else ""))
+    for r in rows:
+        cells = (
+            f"| {r['label']} | {r['direction']} | {r['kernel_median']:.1f} | "
+            f"{r['ours_median']:.1f} | {r['ratio']:.2f} |"
+        )
+        if fixed:
+            cells += f" {r['fixed_median']:.1f} | {r['ratio_fixed']:.2f} |"
+        print(cells)
+
+
+if __name__ == "__main__":
+    # started in the background by a non-interactive shell, SIGINT is ignored: take it back,
+    # so that `kill -INT` stops a run with its clean-up (namespaces, processes) done
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The impairment relay's additions for the path benchmark: bursty (Gilbert-Elliott) loss,
+constant delay in FIFO order, and the relay as its own process (``RelayProcess``)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import pytest
+
+from harness import ImpairedRelay, Impairment, wait_until
+from harness.relay import RelayProcess
+
+
+def _blast(relay: ImpairedRelay, target: socket.socket, count: int) -> list[int]:
+    """Send ``count`` numbered datagrams in small batches (so no socket buffer overflows);
+    return the numbers that arrived at ``target``, in arrival order."""
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    got: list[int] = []
+    target.settimeout(5)
+    with client:
+        for start in range(0, count, 20):
+            end = min(start + 20, count)
+            for i in range(start, end):
+                client.sendto(i.to_bytes(4, "big"), relay.address)
+            wait_until(lambda end=end: relay.up.received >= end, 10, "the relay to read")
+            # ``forwarded`` is bumped after sendto() returned: those are queued at the target
+            while len(got) < relay.up.forwarded:
+                got.append(int.from_bytes(target.recv(100), "big"))
+        target.settimeout(0.2)  # delayed datagrams still on their way
+        with contextlib.suppress(TimeoutError):
+            while True:
+                got.append(int.from_bytes(target.recv(100), "big"))
+    return got
+
+
+def _target() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def _runs_of_losses(got: list[int], count: int) -> list[int]:
+    present = set(got)
+    runs, cur = [], 0
+    for i in range(count):
+        if i in present:
+            if cur:
+                runs.append(cur)
+            cur = 0
+        else:
+            cur += 1
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+def test_bursty_parameters() -> None:
+    imp = Impairment.bursty(0.02, 4)
+    assert imp.bad_exit == 0.25
+    assert imp.mean_loss == pytest.approx(0.02)
+    assert Impairment(loss=0.1).mean_loss == 0.1
+    with pytest.raises(ValueError):
+        Impairment(bad_enter=0.1, bad_exit=0.0)
+    with pytest.raises(ValueError):
+        Impairment.bursty(0.0, 4)
+
+
+def test_bursty_loss_comes_in_bursts_and_is_seeded() -> None:
+    count = 1000
+    imp = Impairment.bursty(0.1, 5)  # 10 % loss in bursts of 5 on average
+    results = []
+    for seed in (4, 4, 5):
+        target = _target()
+        with target, ImpairedRelay(target.getsockname(), seed=seed, up=imp) as relay:
+            got = _blast(relay, target, count)
+            assert relay.up.received == count
+            assert relay.up.dropped == count - len(got)
+        results.append(got)
+    assert results[0] == results[1]  # same seed, same datagrams lost
+    assert results[0] != results[2]
+    got = results[0]
+    assert got == sorted(got)
+    runs = _runs_of_losses(got, count)
+    lost = sum(runs)
+    assert 30 < lost < 250  # ~100 expected
+    # random 10 % loss would give a mean run of ~1.1; bursts of 5 give far longer ones
+    assert lost / len(runs) > 2.5
+    assert max(runs) >= 6
+
+
+def test_bursty_loss_leaves_other_decisions_unchanged() -> None:
+    """The chain draws from its own generator: duplicates fall on the same datagrams."""
+    count = 300
+    dup = {}
+    for name, imp in (
+        ("plain", Impairment(duplicate=0.2)),
+        ("bursty", Impairment(duplicate=0.2, bad_enter=0.01, bad_exit=0.5, bad_loss=0.0)),
+    ):
+        target = _target()
+        with target, ImpairedRelay(target.getsockname(), seed=9, up=imp) as relay:
+            got = _blast(relay, target, count)
+        dup[name] = sorted(i for i in set(got) if got.count(i) == 2)
+    assert dup["plain"] and dup["plain"] == dup["bursty"]
+
+
+def test_constant_delay_keeps_order() -> None:
+    target = _target()
+    imp = Impairment(delay=0.03)
+    with target, ImpairedRelay(target.getsockname(), up=imp) as relay:
+        got = _blast(relay, target, 200)
+        assert relay.up.delayed == 200
+    assert got == list(range(200))
+
+
+def test_relay_process_forwards_and_reports_counters() -> None:
+    echo = _target()
+    echo.settimeout(5)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    imp = Impairment(delay=0.01, duplicate=1.0)
+    with echo, client, RelayProcess(echo.getsockname(), up=imp) as relay:
+        assert relay.address[0] == "127.0.0.1"
+        t0 = time.monotonic()
+        client.sendto(b"ping", relay.address)
+        data, src = echo.recvfrom(100)
+        assert data == b"ping" and time.monotonic() - t0 >= 0.01
+        assert echo.recvfrom(100)[0] == b"ping"  # the duplicate
+        echo.sendto(b"pong", src)
+        assert client.recvfrom(100) == (b"pong", relay.address)
+        assert relay.cpu_seconds() >= 0.0
+        relay.stop()
+        assert relay.process.poll() is not None
+    assert relay.up.received == 1 and relay.up.forwarded == 2 and relay.up.duplicated == 1
+    assert relay.down.received == relay.down.forwarded == 1
+    assert relay.down.bytes_forwarded == 4
+
+
+def test_relay_process_rejects_bad_impairment() -> None:
+    with pytest.raises(RuntimeError, match="did not start"):
+        RelayProcess(("127.0.0.1", 9), impairment=Impairment(), listen=("256.0.0.1", 0))
