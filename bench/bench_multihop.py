@@ -6,11 +6,12 @@ Builds the harness's exit peer and a second exit reachable only through it
   2. two hops: our inner tunnel through our outer tunnel, the inner exit's HTTP server
      (the same Python server program);
 and prints median MB/s and the ratio. Needs root. Run:
-    .venv/bin/python bench/bench_multihop.py [MiB] [rounds]
+    .venv/bin/python bench/bench_multihop.py [--mib N] [--rounds N] [--smoke]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -26,6 +27,8 @@ from harness.multihop import inner_exit_peer
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.runtime import open_tunnel
 from tests.runtime_helpers import NamespaceSocketFactory, http_get, http_post_json
+
+NEEDS_NETNS = True
 
 
 async def transfer(tunnel, host: str, port: int, size: int, upload: bool) -> float:
@@ -60,7 +63,7 @@ async def run(outer, inner, size: int, rounds: int) -> None:
                 results.setdefault((direction, "one hop"), []).append(one)
                 results.setdefault((direction, "two hops"), []).append(two)
         print(f"MTU: outer {a.stack.mtu}, inner {b.stack.mtu}")
-    print(f"{size >> 20} MiB, {rounds} rounds, median MB/s")
+    print(f"{size / (1 << 20):g} MiB, {rounds} rounds, median MB/s")
     print("| direction | one hop | two hops | ratio |")
     print("|---|---|---|---|")
     for direction in ("download", "upload"):
@@ -70,8 +73,13 @@ async def run(outer, inner, size: int, rounds: int) -> None:
 
 
 def main() -> None:
-    size = int(sys.argv[1]) << 20 if len(sys.argv) > 1 else 20 << 20
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=20, help="MiB each way per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="a tiny run (CI smoke test)")
+    args = ap.parse_args()
+    size = (1 << 18) if args.smoke else args.mib << 20
+    rounds = 1 if args.smoke else args.rounds
     with exit_peer(name_prefix="mwgbmh") as outer, inner_exit_peer(outer) as inner:
         trio.run(run, outer, inner, size, rounds)
 

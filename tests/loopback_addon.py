@@ -22,6 +22,7 @@ import trio
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.mitmproxy.addon import WireGuardAddon
 from mitm_wg.mitmproxy.bridge import DialerTunnel
+from mitm_wg.mitmproxy.ready import StartupSignal
 
 logger = logging.getLogger(__name__)
 
@@ -50,4 +51,5 @@ async def open_loopback_tunnel(config: WireGuardConfig) -> AsyncIterator[Loopbac
     yield LoopbackTunnel(config)
 
 
-addons = [WireGuardAddon(open_tunnel=open_loopback_tunnel)]
+# StartupSignal as in mitm_wg/addon.py: tests wait for its 'mitm-wg: ready' line
+addons = [WireGuardAddon(open_tunnel=open_loopback_tunnel), StartupSignal()]
