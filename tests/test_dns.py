@@ -34,6 +34,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mitm_wg.config import IPAddress
+from mitm_wg.errors import HandshakeTimeout
 from mitm_wg.runtime.dns import (
     HostResolver,
     Resolver,
@@ -1148,3 +1149,50 @@ async def test_dnsmasq_truncates_and_tcp_fallback_gets_everything(dnsmasq: int) 
     result = await r.resolve("big.test")
     assert sorted(result) == sorted(ips(*(f"10.30.{i // 200}.{i % 200 + 1}" for i in range(100))))
     assert r.tcp_fallbacks == 1 and transport.tcp_streams == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A transport that is not ready yet (a tunnel whose handshake is still under way)
+
+
+class SlowStartNet(FakeNet):
+    """``ready`` takes ``delay`` seconds (a handshake in flight), then the query can leave."""
+
+    def __init__(self, servers: dict[IPAddress, Handler], delay: float) -> None:
+        super().__init__(servers)
+        self.delay = delay
+        self.ready_calls: list[IPAddress] = []
+
+    async def ready(self, server: IPAddress) -> None:
+        self.ready_calls.append(server)
+        await trio.sleep(self.delay)
+
+
+async def test_the_query_timeout_starts_once_the_transport_is_ready(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A first lookup through a fresh tunnel whose handshake takes longer than the query's
+    timeout (busy machine, a lost initiation) succeeds with one query, instead of timing out
+    on a datagram that could not even leave yet."""
+    net = SlowStartNet({S1: example_zone()}, delay=7.0)
+    r = resolver(net, timeout=2.0)
+    started = trio.current_time()
+    assert await r.resolve("www.example") == ips("192.0.2.1", "192.0.2.2")
+    assert trio.current_time() - started >= 7.0
+    assert len(net.sent) == 1 and r.timeouts == 0
+    assert net.ready_calls == [S1]
+
+
+async def test_a_transport_that_never_gets_ready_is_a_timeout_naming_why(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class DeadPeer(FakeNet):
+        async def ready(self, server: IPAddress) -> None:
+            await trio.sleep(10)
+            raise HandshakeTimeout("WireGuard peer X at 198.51.100.1:51820 did not answer")
+
+    net = DeadPeer({S1: example_zone()})
+    r = resolver(net, timeout=2.0, attempts=1)
+    with pytest.raises(OSError, match=r"198\.51\.100\.1:51820 did not answer"):
+        await r.resolve("www.example")
+    assert net.sent == []

@@ -123,6 +123,8 @@ class DnsTransport(Protocol):
 
     # Optional: ``unanswered(server, since)`` -- a UDP query sent at ``since`` (the resolver's
     # clock) got no reply in time; a tunnel uses it to re-handshake with a silent peer.
+    # Optional: ``async ready(server)`` -- returns once a datagram to ``server`` can leave
+    # (a tunnel: once its peer has a session); the query's timeout starts after it.
 
 
 class _TunnelLike(Protocol):
@@ -131,6 +133,8 @@ class _TunnelLike(Protocol):
     async def open_tcp_stream(self, host: str, port: int) -> Any: ...
 
     def unanswered(self, address: IPAddress, since: float) -> None: ...
+
+    async def wait_session(self, address: IPAddress) -> None: ...
 
 
 class TunnelDnsTransport:
@@ -152,6 +156,11 @@ class TunnelDnsTransport:
 
     def unanswered(self, server: IPAddress, since: float) -> None:
         self._tunnel.unanswered(server, since)
+
+    async def ready(self, server: IPAddress) -> None:
+        wait = getattr(self._tunnel, "wait_session", None)  # stand-ins in tests may lack it
+        if wait is not None:
+            await wait(server)
 
 
 class _Outcome:
@@ -604,6 +613,11 @@ class Resolver:
 
         A truncated reply comes back as its bytes and None (only its question is checked).
         """
+        # Optional ``ready(server)``: wait until a datagram to the server can leave (the
+        # tunnel's session is up), so the timeout below measures the server, not a handshake.
+        ready = getattr(self.transport, "ready", None)
+        if ready is not None:
+            await ready(server)
         sent = self._clock()
         try:
             with trio.fail_after(self.timeout):

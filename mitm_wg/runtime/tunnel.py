@@ -498,6 +498,31 @@ class Tunnel:
         assert peer.last_handshake is not None
         return peer.last_handshake
 
+    async def wait_session(self, address: str | IPAddress) -> None:
+        """Wait until the peer that routes ``address`` has a session, starting a handshake
+        if none is under way (rate-limited by the device).
+
+        A datagram's own timeout (the DNS resolver's few seconds) then counts from when it
+        can leave, not from a handshake still in flight: on a busy machine, or after one lost
+        initiation (the next goes REKEY_TIMEOUT later), that takes longer than the query's
+        timeout and a first lookup through a fresh tunnel failed. :class:`HandshakeTimeout`
+        once the current handshake attempt is ``handshake_timeout`` old, as connects get.
+        """
+        peer = self.device.route(ipaddress.ip_address(address).packed)
+        if peer is None or self._closed or peer.current is not None:
+            return
+        now = trio.current_time()
+        if peer.handshake is None:
+            self.device.connect(peer, now, self._datagrams)
+            self._flush(now)
+        started = peer.handshake_started if peer.handshake_started is not None else now
+        deadline = started + self.handshake_timeout
+        waitable = _HandshakeWaitable(self, peer, peer.handshakes_completed)
+        while peer.current is None:
+            if peer.public_key in self._failed or trio.current_time() >= deadline:
+                raise self._handshake_timeout(peer)
+            await self._park(waitable, deadline)
+
     async def listen_tcp(self, port: int) -> TunnelListener:
         """Accept TCP connections on ``port`` of the tunnel's addresses (tests, exit role)."""
         return TunnelListener(self, self.stack.tcp_listen(port))
