@@ -122,6 +122,8 @@ class WireGuardAddon:
 
     def __init__(self, open_tunnel: OpenTunnel | None = None) -> None:
         self.configs: dict[str, WireGuardConfig] = {}
+        #: The configs the bridge runs now (for live changes: which tunnels to keep).
+        self._applied: dict[str, WireGuardConfig] = {}
         self.bridge: Bridge | None = None
         self.allow_direct = False
         self._open_tunnel = open_tunnel or _open_wireguard_tunnel
@@ -219,6 +221,7 @@ class WireGuardAddon:
     async def _apply_locked(self) -> None:
         configs = self.configs
         if not configs:
+            self._applied = {}
             if self.bridge is not None:
                 bridge, self.bridge = self.bridge, None
                 await bridge.aclose()
@@ -227,10 +230,17 @@ class WireGuardAddon:
             bridge = Bridge()
             await bridge.start()
             self.bridge = bridge
+        # A tunnel whose config is unchanged keeps running, with its open connections
+        # (live changes of wg_conf: only added, removed or edited tunnels restart).
+        keep = {name for name, c in configs.items() if self._applied.get(name) == c}
         errors = await self.bridge.set_tunnels(
-            {name: functools.partial(self._open_tunnel, c) for name, c in configs.items()}
+            {name: functools.partial(self._open_tunnel, c) for name, c in configs.items()},
+            keep=keep,
         )
+        self._applied = dict(configs)
         for name, error in errors.items():
+            if name in keep and error is None:
+                continue  # still up, untouched
             where = configs[name].path or name
             if error is None:
                 logger.info("mitm-wg: WireGuard tunnel %r is up (%s)", name, where)
@@ -239,6 +249,7 @@ class WireGuardAddon:
 
     def done(self) -> None:
         patch.uninstall(self)
+        self._applied = {}
         for task in list(self._pending):
             task.cancel()
         if self.bridge is not None:

@@ -12,8 +12,10 @@ bench/bench_bridge.py.
 Lifecycle of tunnels: :meth:`Bridge.set_tunnels` takes ``{name: factory}`` where a factory
 returns an async context manager yielding a tunnel (``lambda: open_tunnel(config)``, or
 :func:`dialer_tunnel` for tests). Each tunnel runs in its own task and cancel scope inside the
-trio run; replacing the set closes the old tunnels (their connections break with
-``ConnectionAbortedError``) and opens the new ones. A tunnel that fails to open, or dies, is
+trio run; replacing the set closes the tunnels that are not kept (their connections break
+with ``ConnectionAbortedError``, and a log line says how many) and opens the new ones; the
+tunnels named in ``keep`` go on running, their connections untouched (live ``wg_conf``
+changes). A tunnel that fails to open, or dies, is
 *down*: connections to it fail with an ``OSError`` that says why; nothing falls back to a
 direct connection here.
 """
@@ -25,7 +27,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -327,29 +329,65 @@ class Bridge:
 
     # -- tunnels -----------------------------------------------------------------------------
 
-    async def set_tunnels(self, factories: Mapping[str, TunnelFactory]) -> dict[str, str | None]:
-        """Replace the running tunnels; returns ``{name: error or None}`` once all are up/down."""
+    async def set_tunnels(
+        self, factories: Mapping[str, TunnelFactory], keep: Collection[str] = ()
+    ) -> dict[str, str | None]:
+        """Replace the running tunnels; returns ``{name: error or None}`` once all are up/down.
+
+        A name in ``keep`` that is running already keeps its tunnel, and so its open
+        connections, untouched (the caller decided its configuration did not change); every
+        other running tunnel not in ``factories`` is closed, its connections aborted.
+        """
         self._check_running()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, str | None]] = loop.create_future()
+        kept = {
+            name
+            for name in keep
+            if name in factories
+            and name in self.tunnels
+            and self.tunnels[name].state in ("starting", "up")
+        }
         for name in factories:
-            self.tunnels[name] = TunnelInfo(name, "starting")
+            if name not in kept:
+                self.tunnels[name] = TunnelInfo(name, "starting")
         for name in list(self.tunnels):
             if name not in factories:
                 del self.tunnels[name]
-        self._to_trio(self._trio_set_tunnels, dict(factories), fut)
+        self._to_trio(self._trio_set_tunnels, dict(factories), kept, fut)
         return await fut
 
     def _trio_set_tunnels(
-        self, factories: dict[str, TunnelFactory], fut: asyncio.Future[dict[str, str | None]]
+        self,
+        factories: dict[str, TunnelFactory],
+        keep: set[str],
+        fut: asyncio.Future[dict[str, str | None]],
     ) -> None:
         assert self._nursery is not None
-        for old in self._tunnels.values():
-            old.scope.cancel()
-        self._tunnels = {name: _TunnelState(name) for name in factories}
+        old, self._tunnels = self._tunnels, {}
+        for name, st in old.items():
+            if name in keep and name in factories and st.state in ("starting", "up"):
+                self._tunnels[name] = st  # unchanged: same tunnel, same connections
+                continue
+            if st.state in ("starting", "up"):
+                why = "removed" if name not in factories else "reconfigured"
+                logger.info(
+                    "mitm-wg: WireGuard tunnel %r %s: closing it and its %d open connection%s",
+                    name,
+                    why,
+                    st.connections,
+                    "" if st.connections == 1 else "s",
+                )
+            st.scope.cancel()
         for name, factory in factories.items():
-            self._nursery.start_soon(self._trio_run_tunnel, self._tunnels[name], factory)
-        self._nursery.start_soon(self._trio_report_ready, list(self._tunnels.values()), fut)
+            if name in self._tunnels:
+                continue
+            st = self._tunnels[name] = _TunnelState(name)
+            self._nursery.start_soon(self._trio_run_tunnel, st, factory)
+        # Ordered as ``factories``; kept tunnels report their current state at once.
+        self._nursery.start_soon(
+            self._trio_report_ready, [self._tunnels[name] for name in factories], fut
+        )
 
     async def _trio_report_ready(
         self, states: list[_TunnelState], fut: asyncio.Future[dict[str, str | None]]
@@ -365,7 +403,9 @@ class Bridge:
 
     def _loop_publish(self, st: _TunnelState, info: TunnelInfo) -> None:
         current = self.tunnels.get(info.name)
-        if current is not None and (self._tunnels.get(info.name) is st or current.state != "up"):
+        # Only the current tunnel of a name speaks for it: a replaced one reports "closed"
+        # after its successor started.
+        if current is not None and self._tunnels.get(info.name) is st:
             self.tunnels[info.name] = info
 
     async def _trio_run_tunnel(self, st: _TunnelState, factory: TunnelFactory) -> None:
