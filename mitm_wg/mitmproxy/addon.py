@@ -37,6 +37,14 @@ from mitm_wg.config import WireGuardConfig, format_endpoint
 from mitm_wg.errors import ConfigError, NoRoute
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.bridge import Bridge
+from mitm_wg.mitmproxy.pools import (
+    DEFAULT_RETRY_AFTER,
+    Pool,
+    PoolError,
+    PoolHealth,
+    is_tunnel_failure,
+    parse_pool_option,
+)
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
 
@@ -86,6 +94,13 @@ def parse_conf_option(values: Sequence[str]) -> dict[str, WireGuardConfig]:
             raise exceptions.OptionsError(f"wg_conf: {exc}") from None
         configs[name] = config
     return configs
+
+
+def _parse_pools(values: Sequence[str], configs: dict[str, WireGuardConfig]) -> dict[str, Pool]:
+    try:
+        return parse_pool_option(values, configs)
+    except PoolError as exc:
+        raise exceptions.OptionsError(str(exc)) from None
 
 
 #: How the addon runs one tunnel: ``open_tunnel(config)`` returns an async context manager
@@ -139,6 +154,9 @@ class WireGuardAddon:
         self._client_flows: weakref.WeakKeyDictionary[Client, list[weakref.ref[Any]]] = (
             weakref.WeakKeyDictionary()
         )
+        #: Exit pools (``wg_pool``) and the health of their members (pools.py).
+        self.pools: dict[str, Pool] = {}
+        self.pool_health = PoolHealth()
         #: Connections made through a tunnel / directly / refused.
         self.stats = {"tunnel": 0, "direct": 0, "refused": 0}
 
@@ -151,6 +169,20 @@ class WireGuardAddon:
             [],
             "WireGuard config file(s) (wg-quick format) for upstream connections; repeat for "
             "several tunnels. A tunnel is named after its file, or use NAME=PATH.",
+        )
+        loader.add_option(
+            "wg_pool",
+            Sequence[str],
+            [],
+            "Exit pool(s): NAME=POLICY:TUNNEL,TUNNEL,... with POLICY round-robin, sticky (per "
+            "host) or random. Use the pool name like a tunnel name; the first pool is the "
+            "default route. Repeat for several pools.",
+        )
+        loader.add_option(
+            "wg_pool_retry",
+            int,
+            int(DEFAULT_RETRY_AFTER),
+            "Seconds a failing tunnel stays out of its exit pools before it is tried again.",
         )
         loader.add_option(
             "wg_allow_direct",
@@ -166,9 +198,14 @@ class WireGuardAddon:
         opts = ctx.options
         if "wg_allow_direct" in updated:
             self.allow_direct = bool(opts.wg_allow_direct)
+        if "wg_pool_retry" in updated:
+            self.pool_health.set_retry_after(float(opts.wg_pool_retry))
+        if "wg_pool" in updated and "wg_conf" not in updated:
+            self.pools = _parse_pools(opts.wg_pool, self.configs)
         if "wg_conf" not in updated:
             return
         configs = parse_conf_option(opts.wg_conf)
+        self.pools = _parse_pools(opts.wg_pool, configs)  # OptionsError before any change
         if configs == self.configs and self.configs:
             return
         if configs:
@@ -332,6 +369,9 @@ class WireGuardAddon:
         _, route = chosen_route(server) if server is not None else (False, None)
         if route is False:
             return await self._direct(server, host, port, local_addr, "chosen by a script")
+        pool = self._pool_for(route, host)
+        if pool is not None:
+            return await self._open_tcp_pool(server, pool, host, port)
         name = await self._pick_tunnel(route, host, port)
         if name is None:
             return await self._direct(
@@ -365,6 +405,82 @@ class WireGuardAddon:
         )
         return reader, writer
 
+    # -- exit pools (pools.py) -----------------------------------------------------------------
+
+    def _pool_for(self, route: Route, host: str) -> Pool | None:
+        """The pool a connection goes through: named by the route, or by default the first
+        pool for hostnames and for IP destinations whose AllowedIPs match is a member."""
+        if not self.pools:
+            return None
+        if isinstance(route, str):
+            return self.pools.get(route)
+        if route is not None:
+            return None
+        first = next(iter(self.pools.values()))
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return first
+        return first if self.route_for_address(host) in first.members else None
+
+    def _member_unusable(self, name: str) -> str | None:
+        """Why pool member ``name`` cannot take a connection now, or None."""
+        bridge = self.bridge
+        info = bridge.tunnels.get(name) if bridge is not None else None
+        if info is None or info.state in ("down", "closed"):
+            why = f"tunnel {info.state if info else 'not running'}"
+            # The bridge's state is authoritative (logged when the tunnel went down).
+            return f"{why}: {info.error}" if info is not None and info.error else why
+        return self.pool_health.reason(name)
+
+    async def _pick_pool_member(
+        self, pool: Pool, host: str, port: int, tried: Sequence[str] = ()
+    ) -> str:
+        if self._ready is not None:
+            await self._ready.wait()
+        try:
+            return pool.pick(host, self._member_unusable, tried)
+        except OSError as exc:
+            self.stats["refused"] += 1
+            raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from None
+
+    async def _open_tcp_pool(
+        self, server: Server | None, pool: Pool, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Through a member of ``pool``; a member whose tunnel fails (peer silent, tunnel
+        down) leaves the pool for a while and the connection tries the next one."""
+        tried: list[str] = []
+        while True:
+            name = await self._pick_pool_member(pool, host, port, tried)
+            bridge = self.bridge
+            if bridge is None:
+                self.stats["refused"] += 1
+                raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
+            try:
+                reader, writer = await bridge.open_connection(name, host, port)
+            except OSError as exc:
+                why = is_tunnel_failure(exc)
+                if why is None:
+                    self.stats["refused"] += 1
+                    raise
+                self.pool_health.mark_down(name, why)
+                tried.append(name)
+                continue
+            self.pool_health.mark_up(name)
+            info = _tunnel_info(name, writer, pool=pool.name)
+            if server is not None:
+                self._server_info[server] = info
+            self.stats["tunnel"] += 1
+            logger.info(
+                "mitm-wg: %s:%s through tunnel %r of exit pool %r (%s)",
+                host,
+                port,
+                name,
+                pool.name,
+                pool.policy,
+            )
+            return reader, writer
+
     async def _direct(
         self, server: Server | None, host: str, port: int, local_addr: Any, reason: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -383,6 +499,9 @@ class WireGuardAddon:
             logger.info("mitm-wg: UDP %s:%s DIRECT, chosen by a script", host, port)
             self.stats["direct"] += 1
             return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
+        pool = self._pool_for(route, host)
+        if pool is not None:
+            route = await self._pick_pool_member(pool, host, port)
         name = await self._pick_tunnel(route, host, port)
         if name is None:
             logger.info("mitm-wg: UDP %s:%s DIRECT: outside every AllowedIPs", host, port)
