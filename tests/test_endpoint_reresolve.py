@@ -9,17 +9,23 @@ the old address A removed, while the same wireguard-go keeps running.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
 from runtime_helpers import _Reader, http_get, namespace_socket_factory, pattern_sha256
 
 from harness import ExitPeer
 from mitm_wg.config import Endpoint, WireGuardConfig
-from mitm_wg.keys import generate_private_key, public_key_of
+from mitm_wg.keys import encode_key, generate_private_key, public_key_of
+from mitm_wg.mitmproxy import patch
+from mitm_wg.mitmproxy.addon import WireGuardAddon
 from mitm_wg.runtime import open_tunnel
 from mitm_wg.wireguard.device import Device
 
@@ -240,3 +246,36 @@ def test_follows_a_move_from_ipv4_to_ipv6(fresh_exit_peer: ExitPeer) -> None:
     trio.run(guarded, main)
     stats = peer.client_stats()
     assert stats.endpoint is not None and stats.endpoint[0] == f"fd00:77:{peer.index}::1"
+
+
+def test_addon_option_sets_the_reresolve_interval(tmp_path: Path) -> None:
+    """``wg_reresolve`` reaches the runtime's refresher (a hostname endpoint on loopback;
+    nothing is sent: tunnels handshake on demand)."""
+    conf = tmp_path / "h.conf"
+    key = encode_key(generate_private_key())
+    peer_key = encode_key(public_key_of(generate_private_key()))
+    conf.write_text(
+        f"[Interface]\nPrivateKey = {key}\nAddress = 10.9.0.2/32\n\n"
+        f"[Peer]\nPublicKey = {peer_key}\nAllowedIPs = 10.9.0.0/24\nEndpoint = localhost:9\n"
+    )
+
+    async def main() -> None:
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            with pytest.raises(exceptions.OptionsError, match="wg_reresolve"):
+                tctx.configure(addon, wg_reresolve=0)
+            tctx.configure(addon, wg_conf=[str(conf)], wg_reresolve=60)
+            await addon.running()
+            bridge = addon.bridge
+            assert bridge is not None and bridge.tunnels["h"].state == "up"
+
+            def interval() -> float:
+                refresher = bridge._tunnels["h"].tunnel.endpoint_refresher
+                return refresher.interval
+
+            assert await bridge.run_in_trio(interval) == 60.0
+            addon.done()
+            await bridge.aclose()
+        patch.uninstall()
+
+    asyncio.run(main())

@@ -198,6 +198,8 @@ def test_three_exit_pool(
                 with pytest.raises(OSError, match="every tunnel of exit pool 'p' is down"):
                     await source_seen(addon, ORIGINS[0])
             assert addon.stats["direct"] == 0 and addon.stats["tunnel"] == 0
+            text = addon.pools_status()
+            assert text.startswith("pool p (round-robin): a (out: ") and "c (out: " in text
             messages = [r.getMessage() for r in caplog.records]
             for name in names:
                 assert any(
@@ -224,6 +226,8 @@ def test_three_exit_pool(
             assert any(
                 "tunnel 'c' is back in its exit pool(s)" in r.getMessage() for r in caplog.records
             )
+
+            assert addon.pools_status() == "pool p (round-robin): a (up), b (up), c (up)"
 
             # sticky per host (by name from a script), random (by flow.metadata).
             tctx.configure(

@@ -46,6 +46,7 @@ from mitm_wg.mitmproxy.pools import (
     parse_pool_option,
 )
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
+from mitm_wg.runtime.endpoints import DEFAULT_RERESOLVE_INTERVAL
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
 
 if TYPE_CHECKING:
@@ -108,10 +109,12 @@ def _parse_pools(values: Sequence[str], configs: dict[str, WireGuardConfig]) -> 
 OpenTunnel = Callable[[WireGuardConfig], AbstractAsyncContextManager[Any]]
 
 
-def _open_wireguard_tunnel(config: WireGuardConfig) -> AbstractAsyncContextManager[Any]:
+def _open_wireguard_tunnel(
+    config: WireGuardConfig, reresolve_interval: float = DEFAULT_RERESOLVE_INTERVAL
+) -> AbstractAsyncContextManager[Any]:
     from mitm_wg.runtime import open_tunnel
 
-    return open_tunnel(config)
+    return open_tunnel(config, reresolve_interval=reresolve_interval)
 
 
 def _format_address(address: Any) -> str:
@@ -157,6 +160,7 @@ class WireGuardAddon:
         #: Exit pools (``wg_pool``) and the health of their members (pools.py).
         self.pools: dict[str, Pool] = {}
         self.pool_health = PoolHealth()
+        self.reresolve_interval = DEFAULT_RERESOLVE_INTERVAL
         #: Connections made through a tunnel / directly / refused.
         self.stats = {"tunnel": 0, "direct": 0, "refused": 0}
 
@@ -185,6 +189,13 @@ class WireGuardAddon:
             "Seconds a failing tunnel stays out of its exit pools before it is tried again.",
         )
         loader.add_option(
+            "wg_reresolve",
+            int,
+            int(DEFAULT_RERESOLVE_INTERVAL),
+            "Seconds between re-resolutions of hostname endpoints (they are also re-resolved "
+            "when handshakes fail). Applies to tunnels started afterwards.",
+        )
+        loader.add_option(
             "wg_allow_direct",
             bool,
             False,
@@ -198,6 +209,10 @@ class WireGuardAddon:
         opts = ctx.options
         if "wg_allow_direct" in updated:
             self.allow_direct = bool(opts.wg_allow_direct)
+        if "wg_reresolve" in updated:
+            if opts.wg_reresolve <= 0:
+                raise exceptions.OptionsError("wg_reresolve must be a positive number of seconds")
+            self.reresolve_interval = float(opts.wg_reresolve)
         if "wg_pool_retry" in updated:
             self.pool_health.set_retry_after(float(opts.wg_pool_retry))
         if "wg_pool" in updated and "wg_conf" not in updated:
@@ -270,8 +285,11 @@ class WireGuardAddon:
         # A tunnel whose config is unchanged keeps running, with its open connections
         # (live changes of wg_conf: only added, removed or edited tunnels restart).
         keep = {name for name, c in configs.items() if self._applied.get(name) == c}
+        opener: Callable[..., AbstractAsyncContextManager[Any]] = self._open_tunnel
+        if opener is _open_wireguard_tunnel:
+            opener = functools.partial(opener, reresolve_interval=self.reresolve_interval)
         errors = await self.bridge.set_tunnels(
-            {name: functools.partial(self._open_tunnel, c) for name, c in configs.items()},
+            {name: functools.partial(opener, c) for name, c in configs.items()},
             keep=keep,
         )
         self._applied = dict(configs)
@@ -587,6 +605,22 @@ class WireGuardAddon:
                     f"handshakes={peer.handshakes_completed} "
                     f"rx={peer.rx_bytes} tx={peer.tx_bytes}"
                 )
+        text = "\n".join(lines)
+        logger.info(text)
+        return text
+
+    @command.command("wg.pools")
+    def pools_status(self) -> str:
+        """Exit pools (wg_pool): policy and the state of each member."""
+        if not self.pools:
+            return "mitm-wg: no exit pools (set wg_pool=NAME=POLICY:TUNNEL,TUNNEL,...)"
+        lines = []
+        for pool in self.pools.values():
+            members = []
+            for name in pool.members:
+                why = self._member_unusable(name)
+                members.append(f"{name} ({'up' if why is None else 'out: ' + why})")
+            lines.append(f"pool {pool.name} ({pool.policy}): {', '.join(members)}")
         text = "\n".join(lines)
         logger.info(text)
         return text
