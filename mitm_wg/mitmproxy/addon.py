@@ -6,6 +6,11 @@ Options (``--set NAME=VALUE``):
     WireGuard config file(s) in wg-quick format; repeat the option for several tunnels.
     A tunnel is named after its file (``mullvad.conf`` → ``mullvad``) or ``NAME=PATH``.
     Without it the addon only logs how to use it and changes nothing.
+``wg_pool`` / ``wg_pool_retry``
+    Exit pools ``NAME=POLICY:TUNNEL,...`` (round-robin, sticky, random) and how long a
+    failing member stays out (see :mod:`mitm_wg.mitmproxy.pools`). Command: ``wg.pools``.
+``wg_reresolve``
+    Seconds between re-resolutions of hostname endpoints (:mod:`mitm_wg.runtime.endpoints`).
 ``wg_allow_direct``
     Connect directly to IP destinations outside every config's AllowedIPs (and hostnames a
     tunnel resolves to such addresses). Off by default: those connections fail.
