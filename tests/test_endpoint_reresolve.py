@@ -279,3 +279,41 @@ def test_addon_option_sets_the_reresolve_interval(tmp_path: Path) -> None:
         patch.uninstall()
 
     asyncio.run(main())
+
+
+def test_lookup_failures_keep_the_old_address(caplog: pytest.LogCaptureFixture) -> None:
+    """No peer needed (nothing is sent): a name that stops resolving, or resolves to
+    garbage, leaves the endpoint as it was and the tunnel running; a new address is taken."""
+    hosts = Hosts()
+    hosts.table[NAME] = ["127.0.0.1"]
+    key = encode_key(generate_private_key())
+    peer_key = public_key_of(generate_private_key())
+    config = WireGuardConfig.parse(
+        f"[Interface]\nPrivateKey = {key}\nAddress = 10.9.0.2/32\n\n"
+        f"[Peer]\nPublicKey = {encode_key(peer_key)}\nAllowedIPs = 10.9.0.0/24\n"
+        f"Endpoint = {NAME}:9\n"
+    )
+
+    async def main() -> None:
+        async with open_tunnel(
+            config, endpoint_lookup=hosts.lookup, reresolve_interval=0.5
+        ) as tunnel:
+            refresher = tunnel.endpoint_refresher
+            assert refresher is not None
+            peer = tunnel.device.peers[peer_key]
+            for broken in ([], ["not-an-address"]):
+                if broken:
+                    hosts.table[NAME] = broken
+                else:
+                    del hosts.table[NAME]
+                seen = refresher.lookups
+                await wait_for(lambda s=seen: refresher.lookups >= s + 2, "two more lookups")
+                assert peer.endpoint == ("127.0.0.1", 9)
+            hosts.table[NAME] = ["127.0.0.2"]
+            await wait_for(lambda: peer.endpoint == ("127.0.0.2", 9), "the new address")
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(guarded, main)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("cannot resolve" in m and "keeping the old address" in m for m in warnings)
+    assert any("not-an-address" in m for m in warnings), warnings

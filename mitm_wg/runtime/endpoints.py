@@ -177,7 +177,7 @@ class EndpointRefresher:
         name = format_endpoint((w.host, w.port))
         try:
             addresses = await _lookup(self.lookup, w.host, w.port)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             logger.warning("WireGuard endpoint %s (%s): %s; keeping the old address", name, why, e)
             return
         peer = self.tunnel.device.peers.get(w.public_key)
@@ -207,7 +207,16 @@ class EndpointRefresher:
                     6 if family == socket.AF_INET6 else 4,
                 )
                 return
-            self.add_socket(family)
+            try:
+                self.add_socket(family)
+            except OSError as e:
+                logger.warning(
+                    "WireGuard endpoint %s moved to %s, but no socket of that family: %s",
+                    name,
+                    chosen,
+                    e,
+                )
+                return
         self.tunnel.device.set_endpoint(w.public_key, (chosen, w.port))
         logger.info(
             "WireGuard endpoint %s of peer %s now resolves to %s (%s): following it (was %s)",
