@@ -24,6 +24,7 @@ from harness import ExitPeer, exit_peer, pattern
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.addon import WireGuardAddon
+from mitm_wg.mitmproxy.bridge import ENV_MODE
 
 DOWNLOAD = 48 * 1024 * 1024
 
@@ -77,9 +78,15 @@ async def get(addon: WireGuardAddon, exit_: ExitPeer, size: int) -> bytes:
     return body
 
 
+@pytest.mark.parametrize("mode", ["guest", "thread"])
 def test_adding_and_removing_tunnels_keeps_other_connections(
-    two_exits: list[ExitPeer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    two_exits: list[ExitPeer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(ENV_MODE, mode)
     a, b = two_exits
     conf_a, conf_b = tmp_path / "a.conf", tmp_path / "b.conf"
     conf_a.write_text(a.client_config_text(dns=False))
@@ -162,6 +169,7 @@ def test_adding_and_removing_tunnels_keeps_other_connections(
             # "a" came up exactly once.
             assert sum("tunnel 'a' is up" in m for m in messages) == 1, messages
             addon.done()
+            assert bridge.mode == mode
             await bridge.aclose()
 
     asyncio.run(main())
