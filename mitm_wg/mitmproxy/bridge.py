@@ -364,10 +364,13 @@ class Bridge:
         fut: asyncio.Future[dict[str, str | None]],
     ) -> None:
         assert self._nursery is not None
-        old, self._tunnels = self._tunnels, {}
+        # Built aside and swapped in one assignment: the loop thread reads self._tunnels
+        # (_loop_publish) and must never see a half-filled dict.
+        old = self._tunnels
+        new: dict[str, _TunnelState] = {}
         for name, st in old.items():
             if name in keep and name in factories and st.state in ("starting", "up"):
-                self._tunnels[name] = st  # unchanged: same tunnel, same connections
+                new[name] = st  # unchanged: same tunnel, same connections
                 continue
             if st.state in ("starting", "up"):
                 why = "removed" if name not in factories else "reconfigured"
@@ -379,15 +382,16 @@ class Bridge:
                     "" if st.connections == 1 else "s",
                 )
             st.scope.cancel()
-        for name, factory in factories.items():
-            if name in self._tunnels:
-                continue
-            st = self._tunnels[name] = _TunnelState(name)
-            self._nursery.start_soon(self._trio_run_tunnel, st, factory)
+        started: list[str] = []
+        for name in factories:
+            if name not in new:
+                new[name] = _TunnelState(name)
+                started.append(name)
+        self._tunnels = new
+        for name in started:
+            self._nursery.start_soon(self._trio_run_tunnel, new[name], factories[name])
         # Ordered as ``factories``; kept tunnels report their current state at once.
-        self._nursery.start_soon(
-            self._trio_report_ready, [self._tunnels[name] for name in factories], fut
-        )
+        self._nursery.start_soon(self._trio_report_ready, [new[name] for name in factories], fut)
 
     async def _trio_report_ready(
         self, states: list[_TunnelState], fut: asyncio.Future[dict[str, str | None]]
