@@ -255,6 +255,18 @@ def test_three_exit_pool(
                 seen.append(await source_seen_server(addon, server))
             assert [member_of[s] for s in seen] == [names[mirror.randrange(3)] for _ in range(9)]
             assert len(set(seen)) == 3
+
+            # c's exit dies while our side still holds its session: a connection that picks
+            # c times out, the tunnel's unanswered handshake shows it is the exit (not the
+            # destination), c leaves the pool and the connection goes through another.
+            exits[2].stop_wireguard()
+            seen = [await source_seen(addon, ORIGINS[0]) for _ in range(3)]
+            assert set(seen) <= {source["a"], source["b"]}, seen
+            assert "c (out: WireGuard peer" in addon.pools_status()
+            assert any(
+                "tunnel 'c' taken out" in r.getMessage() and "has not answered" in r.getMessage()
+                for r in caplog.records
+            )
             addon.done()
             if addon.bridge is not None:
                 await addon.bridge.aclose()

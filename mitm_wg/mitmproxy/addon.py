@@ -483,6 +483,10 @@ class WireGuardAddon:
                 reader, writer = await bridge.open_connection(name, host, port)
             except OSError as exc:
                 why = is_tunnel_failure(exc)
+                if why is None and isinstance(exc, TimeoutError) and bridge.running:
+                    # A timeout: the destination, or a dead exit whose old session is still
+                    # held? The tunnel's handshake state tells.
+                    why = await bridge.tunnel_failing(name)
                 if why is None:
                     self.stats["refused"] += 1
                     raise

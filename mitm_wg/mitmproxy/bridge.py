@@ -592,6 +592,21 @@ class Bridge:
 
     # -- misc --------------------------------------------------------------------------------
 
+    async def tunnel_failing(self, name: str) -> str | None:
+        """Why tunnel ``name``'s peer looks unreachable now (handshakes unanswered), or None
+        (also for stand-in tunnels without a WireGuard device)."""
+        from mitm_wg.runtime.endpoints import failing_handshake
+
+        def check() -> str | None:
+            st = self._tunnels.get(name)
+            tunnel = st.tunnel if st is not None else None
+            if tunnel is None or getattr(tunnel, "device", None) is None:
+                return None
+            return failing_handshake(tunnel)
+
+        result: str | None = await self.run_in_trio(check)
+        return result
+
     async def run_in_trio(self, fn: Callable[[], Any]) -> Any:
         """Run a synchronous ``fn()`` inside the trio run and return its result (tests, status)."""
         self._check_running()

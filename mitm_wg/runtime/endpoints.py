@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_RERESOLVE_INTERVAL",
     "EndpointLookup",
     "EndpointRefresher",
+    "failing_handshake",
     "host_lookup",
     "resolve_endpoints",
 ]
@@ -103,6 +104,21 @@ async def resolve_endpoints(
             host = (await _lookup(lookup, host, port))[0]
         endpoints[pc.public_key] = Endpoint(host, port)
     return endpoints
+
+
+def failing_handshake(tunnel: Tunnel) -> str | None:
+    """Why ``tunnel``'s peers look unreachable now — an initiation unanswered for
+    REKEY_TIMEOUT or more (whitepaper §6.4) — or None. (Exit pools use it to tell a dead
+    exit from a destination that does not answer, when a connection times out.)"""
+    now = trio.current_time()
+    for peer in tunnel.device.peers.values():
+        started = peer.handshake_started
+        if started is not None and now - started >= REKEY_TIMEOUT:
+            return (
+                f"WireGuard peer {peer.public_key_b64} at {format_endpoint(peer.endpoint)} "
+                f"has not answered the handshake for {now - started:.0f} s"
+            )
+    return None
 
 
 @dataclass(eq=False)
