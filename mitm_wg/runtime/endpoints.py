@@ -233,6 +233,7 @@ class EndpointRefresher:
                     e,
                 )
                 return
+        previous = peer.endpoint
         self.tunnel.device.set_endpoint(w.public_key, (chosen, w.port))
         logger.info(
             "WireGuard endpoint %s of peer %s now resolves to %s (%s): following it (was %s)",
@@ -240,5 +241,5 @@ class EndpointRefresher:
             peer.public_key_b64,
             format_endpoint((chosen, w.port)),
             why,
-            format_endpoint((current, w.port)) if current else "none",
+            format_endpoint(previous) if previous else "none",
         )
