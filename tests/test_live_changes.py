@@ -173,3 +173,67 @@ def test_adding_and_removing_tunnels_keeps_other_connections(
             await bridge.aclose()
 
     asyncio.run(main())
+
+
+def test_a_slow_new_tunnel_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """While a newly added tunnel is still opening (its opener blocks on a gate), new
+    connections through the unchanged tunnel go ahead at once (loopback stand-in tunnels)."""
+    import threading
+
+    import trio
+
+    from mitm_wg.keys import encode_key, generate_private_key, public_key_of
+    from tests.loopback_addon import open_loopback_tunnel
+
+    paths = {}
+    for name in ("one", "slow"):
+        paths[name] = tmp_path / f"{name}.conf"
+        paths[name].write_text(
+            f"[Interface]\nPrivateKey = {encode_key(generate_private_key())}\n"
+            f"Address = 10.9.0.2/32\n\n[Peer]\n"
+            f"PublicKey = {encode_key(public_key_of(generate_private_key()))}\n"
+            "AllowedIPs = 127.0.0.0/8\nEndpoint = 127.0.0.1:9\n"
+        )
+    gate = threading.Event()
+    slow_config = WireGuardConfig.from_file(paths["slow"])
+
+    @asynccontextmanager
+    async def opener(config: WireGuardConfig) -> AsyncIterator[Any]:
+        if config == slow_config:
+            await trio.to_thread.run_sync(gate.wait)
+        async with open_loopback_tunnel(config) as tunnel:
+            yield tunnel
+
+    async def main() -> None:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(await r.read(100))
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        addon = WireGuardAddon(open_tunnel=opener)
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, wg_conf=[f"one={paths['one']}"])
+            await addon.running()
+            bridge = addon.bridge
+            assert bridge is not None
+            tctx.configure(addon, wg_conf=[f"one={paths['one']}", f"slow={paths['slow']}"])
+            try:
+                # A deadlock guard only: without the fix this waits for the gate forever.
+                reader, writer = await asyncio.wait_for(
+                    addon.open_tcp(None, "127.0.0.1", port, None), 60
+                )
+                assert writer.get_extra_info("wg_tunnel") == "one"
+                writer.write(b"ping")
+                assert await reader.read(100) == b"ping"
+                assert bridge.tunnels["slow"].state == "starting"
+            finally:
+                gate.set()
+            await addon.running()
+            assert bridge.tunnels["slow"].state == "up"
+            addon.done()
+            await bridge.aclose()
+        server.close()
+
+    asyncio.run(main())

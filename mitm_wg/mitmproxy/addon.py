@@ -152,6 +152,10 @@ class WireGuardAddon:
         self._open_tunnel = open_tunnel or _open_wireguard_tunnel
         self._routes: AllowedIPs[str] = AllowedIPs()
         self._ready: asyncio.Event | None = None
+        #: Set once the bridge has been handed the current tunnel set (it queues connections
+        #: for tunnels still starting): new connections wait for this, not for _ready, so a
+        #: slow new tunnel never holds up connections through the others (live changes).
+        self._routable = asyncio.Event()
         self._apply_lock: asyncio.Lock | None = None
         self._apply_task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -240,6 +244,7 @@ class WireGuardAddon:
         self._generation += 1
         if self._ready is not None:
             self._ready.clear()
+        self._routable.clear()
         self._schedule_apply()
 
     def _schedule_apply(self) -> None:
@@ -273,6 +278,7 @@ class WireGuardAddon:
                 logger.error("mitm-wg: cannot start the tunnels: %s", exc, exc_info=exc)
             finally:
                 if generation == self._generation:
+                    self._routable.set()
                     self._ready.set()
 
     async def _apply_locked(self) -> None:
@@ -293,9 +299,16 @@ class WireGuardAddon:
         opener: Callable[..., AbstractAsyncContextManager[Any]] = self._open_tunnel
         if opener is _open_wireguard_tunnel:
             opener = functools.partial(opener, reresolve_interval=self.reresolve_interval)
+        generation = self._generation
+
+        def dispatched() -> None:
+            if generation == self._generation:
+                self._routable.set()
+
         errors = await self.bridge.set_tunnels(
             {name: functools.partial(opener, c) for name, c in configs.items()},
             keep=keep,
+            on_dispatch=dispatched,
         )
         self._applied = dict(configs)
         for name, error in errors.items():
@@ -359,7 +372,7 @@ class WireGuardAddon:
     async def _pick_tunnel(self, route: Route, host: str, port: int) -> str | None:
         """The tunnel for this upstream, None for "direct (allowed)", or raise (fail closed)."""
         if self._ready is not None:
-            await self._ready.wait()
+            await self._routable.wait()
         if not self.configs or self.bridge is None:
             self.stats["refused"] += 1
             raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
@@ -460,7 +473,7 @@ class WireGuardAddon:
         self, pool: Pool, host: str, port: int, tried: Sequence[str] = ()
     ) -> str:
         if self._ready is not None:
-            await self._ready.wait()
+            await self._routable.wait()
         try:
             return pool.pick(host, self._member_unusable, tried)
         except OSError as exc:

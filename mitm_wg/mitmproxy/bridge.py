@@ -330,13 +330,19 @@ class Bridge:
     # -- tunnels -----------------------------------------------------------------------------
 
     async def set_tunnels(
-        self, factories: Mapping[str, TunnelFactory], keep: Collection[str] = ()
+        self,
+        factories: Mapping[str, TunnelFactory],
+        keep: Collection[str] = (),
+        *,
+        on_dispatch: Callable[[], None] | None = None,
     ) -> dict[str, str | None]:
         """Replace the running tunnels; returns ``{name: error or None}`` once all are up/down.
 
         A name in ``keep`` that is running already keeps its tunnel, and so its open
         connections, untouched (the caller decided its configuration did not change); every
         other running tunnel not in ``factories`` is closed, its connections aborted.
+        ``on_dispatch()`` is called once the trio side has the new set queued: connections
+        opened from then on see it (tunnels still starting queue them).
         """
         self._check_running()
         loop = asyncio.get_running_loop()
@@ -355,6 +361,8 @@ class Bridge:
             if name not in factories:
                 del self.tunnels[name]
         self._to_trio(self._trio_set_tunnels, dict(factories), kept, fut)
+        if on_dispatch is not None:
+            on_dispatch()
         return await fut
 
     def _trio_set_tunnels(
