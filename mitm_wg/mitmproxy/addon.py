@@ -6,6 +6,11 @@ Options (``--set NAME=VALUE``):
     WireGuard config file(s) in wg-quick format; repeat the option for several tunnels.
     A tunnel is named after its file (``mullvad.conf`` → ``mullvad``) or ``NAME=PATH``.
     Without it the addon only logs how to use it and changes nothing.
+``wg_pool`` / ``wg_pool_retry``
+    Exit pools ``NAME=POLICY:TUNNEL,...`` (round-robin, sticky, random) and how long a
+    failing member stays out (see :mod:`mitm_wg.mitmproxy.pools`). Command: ``wg.pools``.
+``wg_reresolve``
+    Seconds between re-resolutions of hostname endpoints (:mod:`mitm_wg.runtime.endpoints`).
 ``wg_allow_direct``
     Connect directly to IP destinations outside every config's AllowedIPs (and hostnames a
     tunnel resolves to such addresses). Off by default: those connections fail.
@@ -47,7 +52,16 @@ from mitm_wg.errors import ConfigError, NoRoute
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.bridge import Bridge
 from mitm_wg.mitmproxy.dns import TunnelDns
+from mitm_wg.mitmproxy.pools import (
+    DEFAULT_RETRY_AFTER,
+    Pool,
+    PoolError,
+    PoolHealth,
+    is_tunnel_failure,
+    parse_pool_option,
+)
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
+from mitm_wg.runtime.endpoints import DEFAULT_RERESOLVE_INTERVAL
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
 
 if TYPE_CHECKING:
@@ -98,15 +112,24 @@ def parse_conf_option(values: Sequence[str]) -> dict[str, WireGuardConfig]:
     return configs
 
 
+def _parse_pools(values: Sequence[str], configs: dict[str, WireGuardConfig]) -> dict[str, Pool]:
+    try:
+        return parse_pool_option(values, configs)
+    except PoolError as exc:
+        raise exceptions.OptionsError(str(exc)) from None
+
+
 #: How the addon runs one tunnel: ``open_tunnel(config)`` returns an async context manager
 #: yielding a tunnel (:func:`mitm_wg.runtime.open_tunnel`; tests pass stand-ins).
 OpenTunnel = Callable[[WireGuardConfig], AbstractAsyncContextManager[Any]]
 
 
-def _open_wireguard_tunnel(config: WireGuardConfig) -> AbstractAsyncContextManager[Any]:
+def _open_wireguard_tunnel(
+    config: WireGuardConfig, reresolve_interval: float = DEFAULT_RERESOLVE_INTERVAL
+) -> AbstractAsyncContextManager[Any]:
     from mitm_wg.runtime import open_tunnel
 
-    return open_tunnel(config)
+    return open_tunnel(config, reresolve_interval=reresolve_interval)
 
 
 def parse_via_option(values: Sequence[str], names: Sequence[str]) -> dict[str, str]:
@@ -190,11 +213,18 @@ class WireGuardAddon:
     def __init__(self, open_tunnel: OpenTunnel | None = None) -> None:
         self.configs: dict[str, WireGuardConfig] = {}
         self.via: dict[str, str] = {}
+        #: The configs (and wg_via) the bridge runs now (for live changes: which to keep).
+        self._applied: dict[str, WireGuardConfig] = {}
+        self._applied_via: dict[str, str] = {}
         self.bridge: Bridge | None = None
         self.allow_direct = False
         self._open_tunnel = open_tunnel or _open_wireguard_tunnel
         self._routes: AllowedIPs[str] = AllowedIPs()
         self._ready: asyncio.Event | None = None
+        #: Set once the bridge has been handed the current tunnel set (it queues connections
+        #: for tunnels still starting): new connections wait for this, not for _ready, so a
+        #: slow new tunnel never holds up connections through the others (live changes).
+        self._routable = asyncio.Event()
         self._apply_lock: asyncio.Lock | None = None
         self._apply_task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -205,6 +235,10 @@ class WireGuardAddon:
         self._client_flows: weakref.WeakKeyDictionary[Client, list[weakref.ref[Any]]] = (
             weakref.WeakKeyDictionary()
         )
+        #: Exit pools (``wg_pool``) and the health of their members (pools.py).
+        self.pools: dict[str, Pool] = {}
+        self.pool_health = PoolHealth()
+        self.reresolve_interval = DEFAULT_RERESOLVE_INTERVAL
         #: Connections made through a tunnel / directly / refused.
         self.stats = {"tunnel": 0, "direct": 0, "refused": 0}
         #: Clients' DNS queries through the tunnel (a sub-addon: mitmproxy calls its hooks).
@@ -220,6 +254,27 @@ class WireGuardAddon:
             [],
             "WireGuard config file(s) (wg-quick format) for upstream connections; repeat for "
             "several tunnels. A tunnel is named after its file, or use NAME=PATH.",
+        )
+        loader.add_option(
+            "wg_pool",
+            Sequence[str],
+            [],
+            "Exit pool(s): NAME=POLICY:TUNNEL,TUNNEL,... with POLICY round-robin, sticky (per "
+            "host) or random. Use the pool name like a tunnel name; the first pool is the "
+            "default route. Repeat for several pools.",
+        )
+        loader.add_option(
+            "wg_pool_retry",
+            int,
+            int(DEFAULT_RETRY_AFTER),
+            "Seconds a failing tunnel stays out of its exit pools before it is tried again.",
+        )
+        loader.add_option(
+            "wg_reresolve",
+            int,
+            int(DEFAULT_RERESOLVE_INTERVAL),
+            "Seconds between re-resolutions of hostname endpoints (they are also re-resolved "
+            "when handshakes fail). Applies to tunnels started afterwards.",
         )
         loader.add_option(
             "wg_allow_direct",
@@ -242,10 +297,19 @@ class WireGuardAddon:
         opts = ctx.options
         if "wg_allow_direct" in updated:
             self.allow_direct = bool(opts.wg_allow_direct)
+        if "wg_reresolve" in updated:
+            if opts.wg_reresolve <= 0:
+                raise exceptions.OptionsError("wg_reresolve must be a positive number of seconds")
+            self.reresolve_interval = float(opts.wg_reresolve)
+        if "wg_pool_retry" in updated:
+            self.pool_health.set_retry_after(float(opts.wg_pool_retry))
+        if "wg_pool" in updated and not updated & {"wg_conf", "wg_via"}:
+            self.pools = _parse_pools(opts.wg_pool, self.configs)
         if not updated & {"wg_conf", "wg_via"}:
             return
         configs = parse_conf_option(opts.wg_conf)
         via = parse_via_option(opts.wg_via, list(configs))
+        self.pools = _parse_pools(opts.wg_pool, configs)  # OptionsError before any change
         if configs == self.configs and via == self.via and self.configs:
             return
         if configs:
@@ -260,6 +324,7 @@ class WireGuardAddon:
         self._generation += 1
         if self._ready is not None:
             self._ready.clear()
+        self._routable.clear()
         self._schedule_apply()
 
     def _schedule_apply(self) -> None:
@@ -293,11 +358,13 @@ class WireGuardAddon:
                 logger.error("mitm-wg: cannot start the tunnels: %s", exc, exc_info=exc)
             finally:
                 if generation == self._generation:
+                    self._routable.set()
                     self._ready.set()
 
     async def _apply_locked(self) -> None:
         configs = self.configs
         if not configs:
+            self._applied = {}
             if self.bridge is not None:
                 bridge, self.bridge = self.bridge, None
                 await bridge.aclose()
@@ -306,17 +373,41 @@ class WireGuardAddon:
             bridge = Bridge()
             await bridge.start()
             self.bridge = bridge
+        # A tunnel whose config (and outer tunnel, for wg_via) is unchanged keeps running,
+        # with its open connections (live changes: only added, removed or edited tunnels,
+        # and tunnels inside a restarted one, restart).
+        applied, applied_via, via = self._applied, self._applied_via, dict(self.via)
+
+        def unchanged(name: str) -> bool:
+            if applied.get(name) != configs[name] or applied_via.get(name) != via.get(name):
+                return False
+            outer = via.get(name)
+            return outer is None or unchanged(outer)  # wg_via has no loops (parse_via_option)
+
+        keep = {name for name in configs if unchanged(name)}
+        opener: Callable[..., AbstractAsyncContextManager[Any]] = self._open_tunnel
+        if opener is _open_wireguard_tunnel:
+            opener = functools.partial(opener, reresolve_interval=self.reresolve_interval)
+        generation = self._generation
+
+        def dispatched() -> None:
+            if generation == self._generation:
+                self._routable.set()
+
         bridge = self.bridge
         factories = {
             name: (
-                functools.partial(_open_wireguard_tunnel_via, c, self.via[name], bridge)
-                if name in self.via
-                else functools.partial(self._open_tunnel, c)
+                functools.partial(_open_wireguard_tunnel_via, c, via[name], bridge)
+                if name in via
+                else functools.partial(opener, c)
             )
             for name, c in configs.items()
         }
-        errors = await bridge.set_tunnels(factories)
+        errors = await bridge.set_tunnels(factories, keep=keep, on_dispatch=dispatched)
+        self._applied, self._applied_via = dict(configs), via
         for name, error in errors.items():
+            if name in keep and error is None:
+                continue  # still up, untouched
             where = configs[name].path or name
             if error is None:
                 logger.info("mitm-wg: WireGuard tunnel %r is up (%s)", name, where)
@@ -325,6 +416,7 @@ class WireGuardAddon:
 
     def done(self) -> None:
         patch.uninstall(self)
+        self._applied = {}
         for task in list(self._pending):
             task.cancel()
         if self.bridge is not None:
@@ -374,7 +466,7 @@ class WireGuardAddon:
     async def _pick_tunnel(self, route: Route, host: str, port: int) -> str | None:
         """The tunnel for this upstream, None for "direct (allowed)", or raise (fail closed)."""
         if self._ready is not None:
-            await self._ready.wait()
+            await self._routable.wait()
         if not self.configs or self.bridge is None:
             self.stats["refused"] += 1
             raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
@@ -407,6 +499,9 @@ class WireGuardAddon:
         _, route = chosen_route(server) if server is not None else (False, None)
         if route is False:
             return await self._direct(server, host, port, local_addr, "chosen by a script")
+        pool = self._pool_for(route, host)
+        if pool is not None:
+            return await self._open_tcp_pool(server, pool, host, port)
         name = await self._pick_tunnel(route, host, port)
         if name is None:
             return await self._direct(
@@ -440,6 +535,86 @@ class WireGuardAddon:
         )
         return reader, writer
 
+    # -- exit pools (pools.py) -----------------------------------------------------------------
+
+    def _pool_for(self, route: Route, host: str) -> Pool | None:
+        """The pool a connection goes through: named by the route, or by default the first
+        pool for hostnames and for IP destinations whose AllowedIPs match is a member."""
+        if not self.pools:
+            return None
+        if isinstance(route, str):
+            return self.pools.get(route)
+        if route is not None:
+            return None
+        first = next(iter(self.pools.values()))
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return first
+        return first if self.route_for_address(host) in first.members else None
+
+    def _member_unusable(self, name: str) -> str | None:
+        """Why pool member ``name`` cannot take a connection now, or None."""
+        bridge = self.bridge
+        info = bridge.tunnels.get(name) if bridge is not None else None
+        if info is None or info.state in ("down", "closed"):
+            why = f"tunnel {info.state if info else 'not running'}"
+            # The bridge's state is authoritative (logged when the tunnel went down).
+            return f"{why}: {info.error}" if info is not None and info.error else why
+        return self.pool_health.reason(name)
+
+    async def _pick_pool_member(
+        self, pool: Pool, host: str, port: int, tried: Sequence[str] = ()
+    ) -> str:
+        if self._ready is not None:
+            await self._routable.wait()
+        try:
+            return pool.pick(host, self._member_unusable, tried)
+        except OSError as exc:
+            self.stats["refused"] += 1
+            raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from None
+
+    async def _open_tcp_pool(
+        self, server: Server | None, pool: Pool, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Through a member of ``pool``; a member whose tunnel fails (peer silent, tunnel
+        down) leaves the pool for a while and the connection tries the next one."""
+        tried: list[str] = []
+        while True:
+            name = await self._pick_pool_member(pool, host, port, tried)
+            bridge = self.bridge
+            if bridge is None:
+                self.stats["refused"] += 1
+                raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
+            try:
+                reader, writer = await bridge.open_connection(name, host, port)
+            except OSError as exc:
+                why = is_tunnel_failure(exc)
+                if why is None and isinstance(exc, TimeoutError) and bridge.running:
+                    # A timeout: the destination, or a dead exit whose old session is still
+                    # held? The tunnel's handshake state tells.
+                    why = await bridge.tunnel_failing(name)
+                if why is None:
+                    self.stats["refused"] += 1
+                    raise
+                self.pool_health.mark_down(name, why)
+                tried.append(name)
+                continue
+            self.pool_health.mark_up(name)
+            info = _tunnel_info(name, writer, pool=pool.name)
+            if server is not None:
+                self._server_info[server] = info
+            self.stats["tunnel"] += 1
+            logger.info(
+                "mitm-wg: %s:%s through tunnel %r of exit pool %r (%s)",
+                host,
+                port,
+                name,
+                pool.name,
+                pool.policy,
+            )
+            return reader, writer
+
     async def _direct(
         self, server: Server | None, host: str, port: int, local_addr: Any, reason: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -458,6 +633,9 @@ class WireGuardAddon:
             logger.info("mitm-wg: UDP %s:%s DIRECT, chosen by a script", host, port)
             self.stats["direct"] += 1
             return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
+        pool = self._pool_for(route, host)
+        if pool is not None:
+            route = await self._pick_pool_member(pool, host, port)
         name = await self._pick_tunnel(route, host, port)
         if name is None:
             logger.info("mitm-wg: UDP %s:%s DIRECT: outside every AllowedIPs", host, port)
@@ -540,6 +718,22 @@ class WireGuardAddon:
             now = time.time()  # handshake ages as `wg show` gives them, from wall-clock times
             for peer in info.peers if info is not None else ():
                 lines.append(f"    {peer.describe(now)}")
+        text = "\n".join(lines)
+        logger.info(text)
+        return text
+
+    @command.command("wg.pools")
+    def pools_status(self) -> str:
+        """Exit pools (wg_pool): policy and the state of each member."""
+        if not self.pools:
+            return "mitm-wg: no exit pools (set wg_pool=NAME=POLICY:TUNNEL,TUNNEL,...)"
+        lines = []
+        for pool in self.pools.values():
+            members = []
+            for name in pool.members:
+                why = self._member_unusable(name)
+                members.append(f"{name} ({'up' if why is None else 'out: ' + why})")
+            lines.append(f"pool {pool.name} ({pool.policy}): {', '.join(members)}")
         text = "\n".join(lines)
         logger.info(text)
         return text

@@ -12,8 +12,10 @@ bench/bench_bridge.py.
 Lifecycle of tunnels: :meth:`Bridge.set_tunnels` takes ``{name: factory}`` where a factory
 returns an async context manager yielding a tunnel (``lambda: open_tunnel(config)``, or
 :func:`dialer_tunnel` for tests). Each tunnel runs in its own task and cancel scope inside the
-trio run; replacing the set closes the old tunnels (their connections break with
-``ConnectionAbortedError``) and opens the new ones. A tunnel that fails to open, or dies, is
+trio run; replacing the set closes the tunnels that are not kept (their connections break
+with ``ConnectionAbortedError``, and a log line says how many) and opens the new ones; the
+tunnels named in ``keep`` go on running, their connections untouched (live ``wg_conf``
+changes). A tunnel that fails to open, or dies, is
 *down*: connections to it fail with an ``OSError`` that says why; nothing falls back to a
 direct connection here.
 """
@@ -26,7 +28,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -328,29 +330,77 @@ class Bridge:
 
     # -- tunnels -----------------------------------------------------------------------------
 
-    async def set_tunnels(self, factories: Mapping[str, TunnelFactory]) -> dict[str, str | None]:
-        """Replace the running tunnels; returns ``{name: error or None}`` once all are up/down."""
+    async def set_tunnels(
+        self,
+        factories: Mapping[str, TunnelFactory],
+        keep: Collection[str] = (),
+        *,
+        on_dispatch: Callable[[], None] | None = None,
+    ) -> dict[str, str | None]:
+        """Replace the running tunnels; returns ``{name: error or None}`` once all are up/down.
+
+        A name in ``keep`` that is running already keeps its tunnel, and so its open
+        connections, untouched (the caller decided its configuration did not change); every
+        other running tunnel not in ``factories`` is closed, its connections aborted.
+        ``on_dispatch()`` is called once the trio side has the new set queued: connections
+        opened from then on see it (tunnels still starting queue them).
+        """
         self._check_running()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, str | None]] = loop.create_future()
+        kept = {
+            name
+            for name in keep
+            if name in factories
+            and name in self.tunnels
+            and self.tunnels[name].state in ("starting", "up")
+        }
         for name in factories:
-            self.tunnels[name] = TunnelInfo(name, "starting")
+            if name not in kept:
+                self.tunnels[name] = TunnelInfo(name, "starting")
         for name in list(self.tunnels):
             if name not in factories:
                 del self.tunnels[name]
-        self._to_trio(self._trio_set_tunnels, dict(factories), fut)
+        self._to_trio(self._trio_set_tunnels, dict(factories), kept, fut)
+        if on_dispatch is not None:
+            on_dispatch()
         return await fut
 
     def _trio_set_tunnels(
-        self, factories: dict[str, TunnelFactory], fut: asyncio.Future[dict[str, str | None]]
+        self,
+        factories: dict[str, TunnelFactory],
+        keep: set[str],
+        fut: asyncio.Future[dict[str, str | None]],
     ) -> None:
         assert self._nursery is not None
-        for old in self._tunnels.values():
-            old.scope.cancel()
-        self._tunnels = {name: _TunnelState(name) for name in factories}
-        for name, factory in factories.items():
-            self._nursery.start_soon(self._trio_run_tunnel, self._tunnels[name], factory)
-        self._nursery.start_soon(self._trio_report_ready, list(self._tunnels.values()), fut)
+        # Built aside and swapped in one assignment: the loop thread reads self._tunnels
+        # (_loop_publish) and must never see a half-filled dict.
+        old = self._tunnels
+        new: dict[str, _TunnelState] = {}
+        for name, st in old.items():
+            if name in keep and name in factories and st.state in ("starting", "up"):
+                new[name] = st  # unchanged: same tunnel, same connections
+                continue
+            if st.state in ("starting", "up"):
+                why = "removed" if name not in factories else "reconfigured"
+                logger.info(
+                    "mitm-wg: WireGuard tunnel %r %s: closing it and its %d open connection%s",
+                    name,
+                    why,
+                    st.connections,
+                    "" if st.connections == 1 else "s",
+                )
+            st.scope.cancel()
+        started: list[str] = []
+        for name in factories:
+            if name not in new:
+                new[name] = _TunnelState(name)
+                started.append(name)
+        self._tunnels = new
+        for name in started:
+            self._nursery.start_soon(self._trio_run_tunnel, new[name], factories[name])
+        # Ordered as ``factories``; kept tunnels report their current state at once.
+        self._nursery.start_soon(self._trio_report_ready, [new[name] for name in factories], fut)
 
     async def _trio_report_ready(
         self, states: list[_TunnelState], fut: asyncio.Future[dict[str, str | None]]
@@ -366,7 +416,9 @@ class Bridge:
 
     def _loop_publish(self, st: _TunnelState, info: TunnelInfo) -> None:
         current = self.tunnels.get(info.name)
-        if current is not None and (self._tunnels.get(info.name) is st or current.state != "up"):
+        # Only the current tunnel of a name speaks for it: a replaced one reports "closed"
+        # after its successor started.
+        if current is not None and self._tunnels.get(info.name) is st:
             self.tunnels[info.name] = info
 
     async def _trio_run_tunnel(self, st: _TunnelState, factory: TunnelFactory) -> None:
@@ -623,6 +675,21 @@ class Bridge:
             raise
 
     # -- misc --------------------------------------------------------------------------------
+
+    async def tunnel_failing(self, name: str) -> str | None:
+        """Why tunnel ``name``'s peer looks unreachable now (handshakes unanswered), or None
+        (also for stand-in tunnels without a WireGuard device)."""
+        from mitm_wg.runtime.endpoints import failing_handshake
+
+        def check() -> str | None:
+            st = self._tunnels.get(name)
+            tunnel = st.tunnel if st is not None else None
+            if tunnel is None or getattr(tunnel, "device", None) is None:
+                return None
+            return failing_handshake(tunnel)
+
+        result: str | None = await self.run_in_trio(check)
+        return result
 
     async def run_in_trio(self, fn: Callable[[], Any]) -> Any:
         """Run a synchronous ``fn()`` inside the trio run and return its result (tests, status)."""

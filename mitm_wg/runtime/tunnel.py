@@ -30,6 +30,13 @@ from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
+from mitm_wg.runtime.endpoints import (
+    DEFAULT_RERESOLVE_INTERVAL,
+    EndpointLookup,
+    EndpointRefresher,
+    host_lookup,
+    resolve_endpoints,
+)
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
     Device,
@@ -146,6 +153,8 @@ class Tunnel:
         #: UDP generic segmentation offload: on until the kernel says it cannot.
         self._gso = sys.platform == "linux"
         self.gso_sends = 0
+        #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
+        self.endpoint_refresher: EndpointRefresher | None = None
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.device.public_key_b64} peers={len(self.device.peers)}>"
@@ -940,27 +949,11 @@ async def _happy_eyeballs(attempts: list, delay: float) -> TunnelStream:
     )
 
 
-async def _resolve_endpoints(config: WireGuardConfig) -> dict[bytes, Endpoint]:
+async def _resolve_endpoints(
+    config: WireGuardConfig, lookup: EndpointLookup = host_lookup
+) -> dict[bytes, Endpoint]:
     """Peer endpoints as IP addresses (hostnames resolved by the host: they are outside)."""
-    endpoints: dict[bytes, Endpoint] = {}
-    for pc in config.peers:
-        if pc.endpoint is None:
-            continue
-        host, port = pc.endpoint.host, pc.endpoint.port
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            try:
-                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-            except socket.gaierror as e:
-                raise OSError(
-                    errno.EHOSTUNREACH,
-                    f"cannot resolve the WireGuard endpoint {host}:{port}: {e.strerror}",
-                ) from None
-            infos.sort(key=lambda info: info[0] != socket.AF_INET)
-            host = str(infos[0][4][0])
-        endpoints[pc.public_key] = Endpoint(host, port)
-    return endpoints
+    return await resolve_endpoints(config, lookup)
 
 
 @asynccontextmanager
@@ -972,20 +965,26 @@ async def open_tunnel(
     tcp_config: TcpConfig | None = None,
     handshake_timeout: float = 10.0,
     via: Tunnel | None = None,
+    endpoint_lookup: EndpointLookup | None = None,
+    reresolve_interval: float = DEFAULT_RERESOLVE_INTERVAL,
 ) -> AsyncIterator[Tunnel]:
     """Run a tunnel for ``config`` until the block exits (or is cancelled).
 
     Handshakes happen on demand, when the first packet for a peer is sent.
     ``socket_factory(family)`` creates the UDP socket(s) (default: bound to an ephemeral
-    port on all addresses, or the config's ListenPort).
+    port on all addresses, or the config's ListenPort). Hostname endpoints are resolved by
+    ``endpoint_lookup`` (default: the host's resolver), again every ``reresolve_interval``
+    seconds and when handshakes fail (:mod:`mitm_wg.runtime.endpoints`).
 
     ``via``: another running tunnel to carry this one's WireGuard datagrams (multi-hop,
-    :mod:`mitm_wg.runtime.via`): the peers' endpoints are reached, and hostnames resolved,
-    through it, and the MTU shrinks by one layer. Close this tunnel before ``via``.
+    :mod:`mitm_wg.runtime.via`): the peers' endpoints are reached, and hostnames resolved
+    (once, never by the host), through it, and the MTU shrinks by one layer. Close this
+    tunnel before ``via``.
     """
     config.require_peers()
+    lookup = endpoint_lookup or host_lookup
     if via is None:
-        endpoints = await _resolve_endpoints(config)
+        endpoints = await _resolve_endpoints(config, lookup)
     else:
         if socket_factory is not None:
             raise ValueError("open_tunnel: give either socket_factory or via, not both")
@@ -1014,22 +1013,27 @@ async def open_tunnel(
         families = {socket.AF_INET}
     sockets: dict[int, socket.socket] = {}
     transport: ViaTransport | None = None
+
+    def make_socket(family: int) -> socket.socket:
+        if socket_factory is not None:
+            sock = socket_factory(family)
+        elif config.listen_port:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", config.listen_port))
+        else:
+            sock = _default_socket_factory(family)
+        sock.setblocking(False)
+        _grow_buffers(sock)
+        sockets[family] = sock
+        return sock
+
     try:
         if via is not None:
             transport = await ViaTransport.open(
                 via, {6 if f == socket.AF_INET6 else 4 for f in families}, config.listen_port
             )
         for family in families if transport is None else ():
-            if socket_factory is not None:
-                sock = socket_factory(family)
-            elif config.listen_port:
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", config.listen_port))
-            else:
-                sock = _default_socket_factory(family)
-            sock.setblocking(False)
-            _grow_buffers(sock)
-            sockets[family] = sock
+            make_socket(family)
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
         if transport is not None:
             tunnel.via = via
@@ -1046,6 +1050,22 @@ async def open_tunnel(
                     # OSError(ENETDOWN) that names it, not as a crash
                     nursery.start_soon(transport.run, tunnel)
                 nursery.start_soon(tunnel._background, "timer", tunnel._timer)
+
+                def add_socket(family: int) -> None:
+                    # An endpoint moved to another address family (endpoints.py).
+                    what = f"UDP reader (IPv{6 if family == socket.AF_INET6 else 4})"
+                    nursery.start_soon(
+                        tunnel._background, what, tunnel._reader, make_socket(family)
+                    )
+
+                refresher = EndpointRefresher(
+                    tunnel, lookup=lookup, interval=reresolve_interval, add_socket=add_socket
+                )
+                # Not for a tunnel via another: its names resolve through that tunnel, never
+                # by the host (endpoints.py's lookups are the host's).
+                if refresher and transport is None:
+                    tunnel.endpoint_refresher = refresher
+                    nursery.start_soon(tunnel._background, "endpoint re-resolution", refresher.run)
                 try:
                     yield tunnel
                 finally:

@@ -223,6 +223,24 @@ class Device:
         self._routes.remove_value(peer)
         self._zero_keys(peer)
 
+    def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int]) -> bool:
+        """Point a peer at a new endpoint (an IP address: the runtime re-resolved the peer's
+        hostname, as wg-quick's reresolve-dns does with ``wg set peer ... endpoint``).
+
+        Sessions are kept: the peer accepts our packets from wherever they arrive and answers
+        there (roaming, whitepaper §2.1), and authenticated packets from another source
+        still move the endpoint as usual. Returns whether the endpoint changed.
+        """
+        import ipaddress
+
+        peer = self.peers[public_key]
+        ipaddress.ip_address(endpoint[0])  # ValueError: the core never resolves names
+        new = Endpoint(endpoint[0], endpoint[1])
+        if peer.endpoint == new:
+            return False
+        peer.endpoint = new
+        return True
+
     def route(self, destination: bytes) -> Peer | None:
         """The peer whose AllowedIPs hold ``destination`` (4 or 16 raw bytes)."""
         return self._routes.lookup(destination)
