@@ -351,16 +351,8 @@ class Resolver:
                     if reply is None and tcp:
                         self.tcp_fallbacks += 1
                         data, reply = await self._tcp_roundtrip(server, query, out)
-                except TimeoutError as exc:
-                    self.timeouts += 1
-                    problems[server] = str(exc) or f"no reply within {self.timeout:g} s"
-                    continue
-                except OSError as exc:
-                    problems[server] = f"unreachable ({exc.strerror or exc})"
-                    continue
-                except _BadReply as exc:
-                    self.server_failures += 1
-                    problems[server] = str(exc)
+                except (OSError, _BadReply) as exc:
+                    problems[server] = self._failure(exc)
                     continue
                 if reply is not None and reply.rcode() in _RETRY_RCODES:
                     self.server_failures += 1
@@ -492,17 +484,9 @@ class Resolver:
                 server = self.servers[index]
                 try:
                     reply = await self._ask(server, qname, rdtype)
-                except TimeoutError as exc:  # ours, or e.g. the tunnel's HandshakeTimeout
-                    self.timeouts += 1
-                    problems[server] = str(exc) or f"no reply within {self.timeout:g} s"
-                    continue
-                except OSError as exc:
-                    problems[server] = f"unreachable ({exc.strerror or exc})"
-                    continue
-                except _BadReply as exc:
-                    self.server_failures += 1
-                    answered = True
-                    problems[server] = str(exc)
+                except (OSError, _BadReply) as exc:
+                    problems[server] = self._failure(exc)
+                    answered = answered or isinstance(exc, _BadReply)
                     continue
                 self._preferred = index
                 return self._interpret(reply, qname, rdtype)
@@ -598,6 +582,16 @@ class Resolver:
             self.mismatched_replies += 1
             return None
         return reply
+
+    def _failure(self, exc: OSError | _BadReply) -> str:
+        """Why asking one server failed (counted), for the lookup's error message."""
+        if isinstance(exc, TimeoutError):  # ours, or e.g. the tunnel's HandshakeTimeout
+            self.timeouts += 1
+            return str(exc) or f"no reply within {self.timeout:g} s"
+        if isinstance(exc, _BadReply):
+            self.server_failures += 1
+            return str(exc)
+        return f"unreachable ({exc.strerror or exc})"
 
     async def _udp_exchange(
         self, server: IPAddress, query: dns.message.Message
