@@ -1,11 +1,12 @@
 """Installed use, as a user without a clone has it: the wheel and sdist, installed for real.
 
 The module builds the sdist and, from it, the wheel (``python -m build``), checks what they
-carry, and installs the wheel with pip into a fresh venv. To keep the suite fast and offline,
-the new venv gets mitm-wg's dependencies (mitmproxy included) through a ``.pth`` line naming
-the test venv's site-packages (a plain path: the test venv's editable mitm-wg is *not*
-importable from there), and a ``mitmdump`` launcher like the one pip writes for mitmproxy's
-entry point; the tests check that ``mitm_wg`` is imported from the wheel's copy. Then:
+carry, and installs the wheel as a user would: ``python -m venv`` (with its own pip), then
+``pip install <the wheel> mitmproxy==<the version this suite runs>``, pip resolving mitmproxy
+and every dependency from the package index (pip's cache and configuration apply as for any
+install on this machine). The venv's own ``mitmdump`` is the console script pip wrote; the
+tests check that ``mitm_wg`` and ``mitmproxy`` are imported from the venv, never from the
+checkout or the test venv. Then:
 
 * ``mitm-wg --version`` and ``mitm-wg addon`` from the venv;
 * ``mitmdump -s "$(mitm-wg addon)" --set wg_conf=...`` against a real wireguard-go exit
@@ -15,22 +16,22 @@ entry point; the tests check that ``mitm_wg`` is imported from the wheel's copy.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_mitmdump
 from e2e_helpers import curl, run_mitmdump, write_client_config
 from mitmproxy.version import VERSION as MITMPROXY_VERSION
 from test_demo import Origin, _get, start_demo
@@ -38,6 +39,8 @@ from test_demo import Origin, _get, start_demo
 from mitm_wg import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The mitmproxy this suite runs (each CI platform pins its own): the venv gets the same one.
+MITMPROXY_PIN = f"mitmproxy=={importlib.metadata.version('mitmproxy')}"
 #: What the sdist is built from (as a fresh clone has it; no venvs, caches or build output).
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "mitm_wg")
 
@@ -107,13 +110,10 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
 
 @pytest.fixture(scope="module")
 def installed(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    require_mitmdump()
     venv = tmp_path_factory.mktemp("user") / "venv"
     _check(
         subprocess.run(
-            [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-            capture_output=True,
-            text=True,
+            [sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300
         )
     )
     python = venv / "bin" / "python"
@@ -126,26 +126,22 @@ def installed(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Install
             )
         ).stdout.strip()
     )
-    deps = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    (site / "_mitm_wg_test_dependencies.pth").write_text("".join(f"{p}\n" for p in sorted(deps)))
-    # The test venv's pip installs into the new venv (--python). --ignore-installed: it sees
-    # the test venv's packages through the .pth and must neither skip mitm-wg as "already
-    # satisfied" nor uninstall anything there.
-    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet"]
+    # The venv's own pip, in the user's environment: mitmproxy pinned to the version this
+    # suite runs (the CI platform's pin), everything else resolved as pip would for a user.
+    # The machine's pip configuration (index, cache, constraints) applies as it does to the
+    # suite's own install in scripts/setup.sh.
+    started = time.monotonic()
     _check(
         subprocess.run(
-            [*pip, "--no-deps", "--ignore-installed", "--no-index", str(dists.wheel)],
+            [str(python), "-m", "pip", "install", "--quiet", str(dists.wheel), MITMPROXY_PIN],
             capture_output=True,
             text=True,
             env=_clean_env(venv),
-            timeout=300,
+            cwd=venv.parent,
+            timeout=900,
         )
     )
-    launcher = venv / "bin" / "mitmdump"  # what pip writes for mitmproxy's console script
-    launcher.write_text(
-        f"#!{python}\nimport sys\nfrom mitmproxy.tools.main import mitmdump\nsys.exit(mitmdump())\n"
-    )
-    launcher.chmod(0o755)
+    print(f"pip install of the wheel and {MITMPROXY_PIN}: {time.monotonic() - started:.1f} s")
     return Installed(venv, site)
 
 
@@ -228,8 +224,9 @@ def test_demo_from_the_plain_install(installed: Installed, tmp_path: Path) -> No
         origin.server_close()
 
 
-def test_dependency_pth_does_not_expose_the_checkout(installed: Installed, tmp_path: Path) -> None:
-    """The .pth shortcut gives the dependencies only: the editable checkout stays invisible."""
+def test_imports_come_from_the_venv(installed: Installed, tmp_path: Path) -> None:
+    """mitm_wg and mitmproxy are the venv's own copies: not the checkout, not the test venv;
+    ``mitmdump`` is the console script pip wrote for the venv's mitmproxy."""
     code = (
         "import importlib.util, json; "
         "print(json.dumps([importlib.util.find_spec(n).origin for n in ('mitm_wg', 'mitmproxy')]))"
@@ -238,4 +235,6 @@ def test_dependency_pth_does_not_expose_the_checkout(installed: Installed, tmp_p
     mitm_wg, mitmproxy = json.loads(out)
     assert mitm_wg.startswith(str(installed.site)), mitm_wg
     assert not mitm_wg.startswith(str(ROOT)), mitm_wg
-    assert mitmproxy is not None
+    assert mitmproxy.startswith(str(installed.site)), mitmproxy
+    shebang = (installed.bin / "mitmdump").read_text().splitlines()[0]
+    assert shebang == f"#!{installed.bin / 'python'}", shebang
