@@ -131,7 +131,14 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def mitmdump(peer: Any, name: str, origin_ca: Path, *args: str) -> Iterator[Proxy]:
+def mitmdump(
+    peer: Any,
+    name: str,
+    origin_ca: Path,
+    *args: str,
+    keep: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Proxy]:
     """mitmdump on 127.0.0.1 (ephemeral port) in the client namespace; stopped by PID."""
     work = peer.workdir / name
     confdir = work / "conf"
@@ -142,9 +149,14 @@ def mitmdump(peer: Any, name: str, origin_ca: Path, *args: str) -> Iterator[Prox
         "--set", f"confdir={confdir}", "--set", f"ssl_verify_upstream_trusted_ca={origin_ca}",
         "--set", "flow_detail=0", *args,
     ]  # fmt: skip
-    env = dict(os.environ, HOME=str(work))
     with log.open("wb") as out:
-        proc = peer.client_ns.popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+        proc = peer.client_ns.popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, HOME=str(work), **(env or {})),
+            cwd=work,
+        )
     try:
         found: list[int] = []
 
@@ -167,6 +179,9 @@ def mitmdump(peer: Any, name: str, origin_ca: Path, *args: str) -> Iterator[Prox
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         peer.client_ns.kill(proc)
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, keep / f"mitmdump-{name}.log")
 
 
 def curl_download(peer: Any, url: str, size: int, *curl_args: str, timeout: float = 600) -> float:
@@ -183,11 +198,50 @@ def curl_download(peer: Any, url: str, size: int, *curl_args: str, timeout: floa
     return size / float(took) / 1e6
 
 
-def kernel_client_config(peer: Any, private_b64: str) -> str:
+def process_counters(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    switches += int(line.split()[1])
+    return cpu, switches
+
+
+@contextlib.contextmanager
+def profiled(directory: Path | None, proxy: Proxy, round_: int) -> Iterator[None]:
+    """``py-spy record`` of the proxy process while the block runs (when ``directory``)."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{proxy.name}-{round_ + 1}.txt"
+    spy = subprocess.Popen(
+        [str(VENV_BIN / "py-spy"), "record", "--format", "raw", "--threads", "--rate", "200", *os.environ.get("PYSPY_EXTRA", "").split(),
+         "-p", str(proxy.proc.pid), "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # attached
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
+def client_config(peer: Any, private_b64: str, host: int) -> str:
+    """wg-quick text for one more client of the exit: address 10.78.N.host."""
     return (
         "[Interface]\n"
         f"PrivateKey = {private_b64}\n"
-        f"Address = 10.78.{peer.index}.{KERNEL_CLIENT_HOST}/32\n\n"
+        f"Address = 10.78.{peer.index}.{host}/32\n\n"
         "[Peer]\n"
         f"PublicKey = {_b64(peer.server_public_key)}\n"
         f"AllowedIPs = {peer.tunnel_v4_net}\n"
@@ -208,6 +262,20 @@ def main() -> None:
     ap.add_argument("--h2", action="store_true", help="let curl offer HTTP/2 (default 1.1)")
     ap.add_argument("--smoke", action="store_true", help="1 MiB, one round (CI smoke test)")
     ap.add_argument("--no-direct", action="store_true", help="skip the direct (no proxy) reference")
+    ap.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        type=Path,
+        help="record py-spy profiles (collapsed stacks, per thread) of each mitmdump's downloads",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="ENV=VALUE",
+        help="also run mitmdump + addon with this environment variable (side by side)",
+    )
+    ap.add_argument("--logs", metavar="DIR", type=Path, help="keep the mitmdump logs here")
     args = ap.parse_args()
     size = (1 if args.smoke else args.mb) << 20
     rounds = 1 if args.smoke else args.rounds
@@ -215,61 +283,101 @@ def main() -> None:
     from harness import exit_peer, generate_keypair, wireguard_go_interface
     from harness.exitpeer import b64
 
-    results: dict[str, list[float]] = {"A kernel": [], "B ours": [], "direct": []}
-    with exit_peer(ipv6=False, http=False, name_prefix="mwgmh") as peer:
-        # a second peer on the exit for the wireguard-go client (its own key and address)
-        priv, pub = generate_keypair()
-        peer.ns.exec(
-            ["wg", "set", peer.ifname, "peer", b64(pub), "allowed-ips",
-             f"10.78.{peer.index}.{KERNEL_CLIENT_HOST}/32"]
-        )  # fmt: skip
-        conf = peer.workdir / "ours.conf"
-        conf.touch(mode=0o600)
-        conf.write_text(peer.client_config_text(dns=False))
+    results: dict[str, list[float]] = {"A kernel": [], "B ours": []}
+    for variant in args.variant:
+        results[f"C {variant}"] = []
+    results["direct"] = []
+    cpu: dict[str, list[float]] = {k: [] for k in results}
+    switches: dict[str, list[int]] = {k: [] for k in results}
+    with (
+        exit_peer(ipv6=False, http=False, name_prefix="mwgmh") as peer,
+        contextlib.ExitStack() as st,
+    ):
+        # more peers on the exit: the wireguard-go client (.3) and variants (.4, ...), each
+        # with its own key and address, so that all can stay up side by side
+        def add_peer(host: int) -> str:
+            priv, pub = generate_keypair()
+            peer.ns.exec(
+                ["wg", "set", peer.ifname, "peer", b64(pub), "allowed-ips",
+                 f"10.78.{peer.index}.{host}/32"]
+            )  # fmt: skip
+            return client_config(peer, b64(priv), host)
+
+        def our_conf(name: str, text: str) -> Path:
+            conf = peer.workdir / f"{name}.conf"
+            conf.touch(mode=0o600)
+            conf.write_text(text)
+            return conf
+
         http = [] if args.h2 else ["--http1.1"]
-        with (
-            nginx_origin(peer, size) as (origin_ca, path),
+        origin_ca, path = st.enter_context(nginx_origin(peer, size))
+        st.enter_context(
             wireguard_go_interface(
-                peer.client_ns,
-                peer.client_ifname,
-                kernel_client_config(peer, b64(priv)),
-                peer.workdir,
-            ),
-            mitmdump(peer, "kernel", origin_ca) as a,
-            mitmdump(
-                peer, "ours", origin_ca, "-s", str(ADDON), "--set", f"wg_conf=exit={conf}"
-            ) as b,
-        ):
-            url = f"https://{peer.server_tunnel_v4}{path}"
-            warm = f"https://{peer.server_tunnel_v4}/"  # nginx answers 403/404: fine, 0 bytes
-            for proxy in (a, b):
-                peer.client_ns.exec(
-                    ["curl", "-sS", "-o", "/dev/null", "--cacert", str(proxy.ca_pem), "-x",
-                     f"http://127.0.0.1:{proxy.port}", "--max-time", "60", warm],
-                    check=False, timeout=90, env=dict(os.environ, NO_PROXY=""),
-                )  # fmt: skip
-            for i in range(rounds):
-                for key, proxy in (("A kernel", a), ("B ours", b)):
+                peer.client_ns, peer.client_ifname, add_peer(KERNEL_CLIENT_HOST), peer.workdir
+            )
+        )
+        proxies = [
+            ("A kernel", st.enter_context(mitmdump(peer, "kernel", origin_ca, keep=args.logs)))
+        ]
+        confs = [("ours", {}, our_conf("ours", peer.client_config_text(dns=False)))]
+        for k, variant in enumerate(args.variant):
+            name, _, value = variant.partition("=")
+            text = add_peer(KERNEL_CLIENT_HOST + 1 + k)
+            confs.append((f"variant{k}", {name: value}, our_conf(f"variant{k}", text)))
+        for (name, env, conf), key in zip(confs, list(results)[1:], strict=False):
+            proxy = st.enter_context(
+                mitmdump(
+                    peer, name, origin_ca, "-s", str(ADDON), "--set", f"wg_conf=exit={conf}",
+                    keep=args.logs, env=env,
+                )
+            )  # fmt: skip
+            proxies.append((key, proxy))
+        url = f"https://{peer.server_tunnel_v4}{path}"
+        warm = f"https://{peer.server_tunnel_v4}/"  # nginx answers 403/404: fine, 0 bytes
+        for _, proxy in proxies:
+            peer.client_ns.exec(
+                ["curl", "-sS", "-o", "/dev/null", "--cacert", str(proxy.ca_pem), "-x",
+                 f"http://127.0.0.1:{proxy.port}", "--max-time", "60", warm],
+                check=False, timeout=90, env=dict(os.environ, NO_PROXY=""),
+            )  # fmt: skip
+        for i in range(rounds):
+            for key, proxy in proxies:
+                cpu0, sw0 = process_counters(proxy.proc.pid)
+                with profiled(args.py_spy, proxy, i):
                     mbs = curl_download(
                         peer, url, size, *http, "--cacert", str(proxy.ca_pem),
                         "-x", f"http://127.0.0.1:{proxy.port}",
                     )  # fmt: skip
-                    results[key].append(mbs)
-                    print(f"round {i + 1} {key:8s} {mbs:7.1f} MB/s", flush=True)
-                if not args.no_direct:
-                    mbs = curl_download(peer, url, size, *http, "--cacert", str(origin_ca))
-                    results["direct"].append(mbs)
-                    print(f"round {i + 1} {'direct':8s} {mbs:7.1f} MB/s", flush=True)
+                cpu1, sw1 = process_counters(proxy.proc.pid)
+                results[key].append(mbs)
+                cpu[key].append(cpu1 - cpu0)
+                switches[key].append(sw1 - sw0)
+                print(
+                    f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s, "
+                    f"{sw1 - sw0} context switches",
+                    flush=True,
+                )
+            if not args.no_direct:
+                mbs = curl_download(peer, url, size, *http, "--cacert", str(origin_ca))
+                results["direct"].append(mbs)
+                print(f"round {i + 1} {'direct':8s} {mbs:7.1f} MB/s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items() if v}
     print(f"\n{size >> 20} MiB HTTPS via mitmdump, {rounds} rounds, medians (MB/s):")
     for k, v in med.items():
         spread = f"{min(results[k]):.1f}–{max(results[k]):.1f}"
-        print(f"  {k:8s} {v:7.1f}   (range {spread})")
-    ratios = [bb / aa for aa, bb in zip(results["A kernel"], results["B ours"], strict=True)]
-    print(
-        f"ratio B/A (medians): {med['B ours'] / med['A kernel']:.2f}; per round: "
-        + ", ".join(f"{r:.2f}" for r in ratios)
-    )
+        extra = ""
+        if cpu[k]:
+            extra = (
+                f"   mitmdump CPU {statistics.median(cpu[k]):.2f} s, "
+                f"{statistics.median(switches[k]):.0f} context switches"
+            )
+        print(f"  {k:8s} {v:7.1f}   (range {spread}){extra}")
+    for key in [k for k in results if k[0] in "BC"]:
+        ratios = [x / a for a, x in zip(results["A kernel"], results[key], strict=True)]
+        print(
+            f"ratio {key} / A kernel (medians): {med[key] / med['A kernel']:.2f}; per round: "
+            + ", ".join(f"{r:.2f}" for r in ratios)
+        )
 
 
 if __name__ == "__main__":
