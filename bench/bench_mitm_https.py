@@ -17,8 +17,16 @@ prints MB/s per round, the medians and the ratio B / A. Each round also download
 directly over the kernel path (no proxy, ``direct``), to show the origin and wireguard-go are
 not the cap. Each proxy gets one small warm-up download first (handshake, first connection).
 
+Also per download: the CPU time and context switches of that mitmdump process (all threads;
+for A this leaves out the wireguard-go client and the kernel's TCP work).
+
 Run:  .venv/bin/python bench/bench_mitm_https.py [--mb 100] [--rounds 5] [--h2] [--smoke]
-      (``--smoke``: a 1 MB file, one round, nothing asserted about speed)
+      (``--smoke``: a 1 MiB file, one round, nothing asserted about speed)
+Development aids:
+  --variant ENV=VALUE   one more mitmdump + addon with that environment (its own exit peer),
+                        e.g. PYTHONPATH=/tmp/old-tree to compare code side by side
+  --py-spy DIR [--py-spy-gil]   py-spy profiles (collapsed stacks per thread) per download
+  --logs DIR            keep the mitmdump logs
 """
 
 from __future__ import annotations
@@ -212,16 +220,19 @@ def process_counters(pid: int) -> tuple[float, int]:
 
 
 @contextlib.contextmanager
-def profiled(directory: Path | None, proxy: Proxy, round_: int) -> Iterator[None]:
-    """``py-spy record`` of the proxy process while the block runs (when ``directory``)."""
+def profiled(
+    directory: Path | None, proxy: Proxy, round_: int, gil: bool = False
+) -> Iterator[None]:
+    """``py-spy record`` of the proxy process while the block runs (when ``directory``);
+    ``gil``: only samples of threads holding the GIL (``py-spy --gil``)."""
     if directory is None:
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / f"{proxy.name}-{round_ + 1}.txt"
     spy = subprocess.Popen(
-        [str(VENV_BIN / "py-spy"), "record", "--format", "raw", "--threads", "--rate", "200", *os.environ.get("PYSPY_EXTRA", "").split(),
-         "-p", str(proxy.proc.pid), "-o", str(out)],
+        [str(VENV_BIN / "py-spy"), "record", "--format", "raw", "--threads", "--rate", "200",
+         *(["--gil"] if gil else []), "-p", str(proxy.proc.pid), "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -274,6 +285,9 @@ def main() -> None:
         default=[],
         metavar="ENV=VALUE",
         help="also run mitmdump + addon with this environment variable (side by side)",
+    )
+    ap.add_argument(
+        "--py-spy-gil", action="store_true", help="with --py-spy: only threads holding the GIL"
     )
     ap.add_argument("--logs", metavar="DIR", type=Path, help="keep the mitmdump logs here")
     args = ap.parse_args()
@@ -343,7 +357,7 @@ def main() -> None:
         for i in range(rounds):
             for key, proxy in proxies:
                 cpu0, sw0 = process_counters(proxy.proc.pid)
-                with profiled(args.py_spy, proxy, i):
+                with profiled(args.py_spy, proxy, i, args.py_spy_gil):
                     mbs = curl_download(
                         peer, url, size, *http, "--cacert", str(proxy.ca_pem),
                         "-x", f"http://127.0.0.1:{proxy.port}",
