@@ -568,13 +568,12 @@ class TunnelTransport(asyncio.Transport):
                 self._delivery_scheduled = True
                 hand_off = deliver and processed is not None and len(data) >= YIELD_MIN_BATCH
                 if hand_off:
+                    assert processed is not None
+                    processed.clear()  # before the flag the loop side reads
                     self._yield_pending = True
             if data:
                 self.bytes_received += len(data)
             if deliver:
-                if hand_off:
-                    assert processed is not None
-                    processed.clear()
                 self._to_loop(self._loop_deliver)
                 if hand_off:
                     assert processed is not None
