@@ -73,11 +73,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``receive_some`` size on the trio side: up to the whole TCP receive buffer (1 MiB), so a
-#: bulk download crosses to asyncio in few large batches (fewer wake-ups and GIL hand-offs).
-RECEIVE_SIZE = 1024 * 1024
+#: ``receive_some`` size on the trio side.
+RECEIVE_SIZE = 256 * 1024
 #: The trio receiver parks while this many bytes wait for asyncio to take them.
-INBOX_LIMIT = 2048 * 1024
+INBOX_LIMIT = 512 * 1024
 #: Default write-buffer high-water mark (asyncio's own default is 64 KiB).
 DEFAULT_HIGH_WATER = 256 * 1024
 #: Thread mode: after a delivery of at least this many bytes the trio thread lets the
