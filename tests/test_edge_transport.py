@@ -602,3 +602,95 @@ def test_bridge_uses_only_the_transports_public_interface() -> None:
         and node.value.id == "transport"
     }
     assert used == {"wait_connected", "attach", "trio_attach_scope", "trio_fail", "trio_run"}
+
+
+class _RecordingStream(trio.abc.HalfCloseableStream):
+    """Wraps a stream; at every ``receive_some`` notes (bytes returned so far, bytes the
+    asyncio protocol had been given by then)."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, processed: list[int]) -> None:
+        self.inner = inner
+        self.processed = processed
+        self.returned = 0
+        self.checks: list[tuple[int, int]] = []
+        self.remote_address = ("192.0.2.1", 443)
+        self.local_address = ("10.0.0.2", 40001)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self.checks.append((self.returned, self.processed[0]))
+        data = await self.inner.receive_some(max_bytes)
+        self.returned += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bulk_batches_are_processed_before_trio_receives_more(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread mode: after handing asyncio a bulk batch, the trio thread waits until the
+    protocol has processed it (no GIL ping-pong); guest mode never waits (it would block its
+    own loop). The bound is raised so the order is certain even on a loaded machine."""
+    from mitm_wg.mitmproxy import transport as transport_module
+
+    monkeypatch.setattr(transport_module, "YIELD_MAX_WAIT", 60.0)
+    block = 100 * 1024
+    assert block >= transport_module.YIELD_MIN_BATCH
+    blocks = 20
+    processed = [0]
+    streams: list[_RecordingStream] = []
+
+    async def dial(host: str, port: int) -> trio.abc.HalfCloseableStream:
+        near, far = trio.testing.memory_stream_pair()
+
+        async def firehose() -> None:
+            for i in range(blocks):
+                await far.send_all(bytes([i]) * block)
+            await far.send_eof()
+
+        trio.lowlevel.spawn_system_task(firehose)
+        stream = _RecordingStream(near, processed)
+        streams.append(stream)
+        return stream
+
+    class Counting(asyncio.Protocol):
+        def __init__(self, done: asyncio.Future[bytes]) -> None:
+            self.done = done
+            self.data = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            self.data += data
+            processed[0] += len(data)
+
+        def eof_received(self) -> bool:
+            self.done.set_result(bytes(self.data))
+            return False
+
+    async def main() -> None:
+        bridge = await started(mode, {"t": dialer_tunnel(dial)})
+        try:
+            done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            transport = await bridge.connect("t", "192.0.2.1", 443, Counting(done))
+            assert (transport._processed is not None) is (mode == "thread")
+            data = await done
+            assert data == b"".join(bytes([i]) * block for i in range(blocks))
+        finally:
+            await bridge.aclose()
+
+    asyncio.run(main())
+    (stream,) = streams
+    assert stream.returned == blocks * block
+    if mode == "thread":
+        # every receive after the first found the previous batches processed
+        assert stream.checks and all(done == seen for done, seen in stream.checks)

@@ -488,7 +488,13 @@ class Bridge:
         """Connect ``protocol`` through ``tunnel`` (``connection_made`` is called on success)."""
         self._check_running()
         loop = asyncio.get_running_loop()
-        transport = TunnelTransport(loop, self._to_trio, self._to_loop, {"wg_tunnel": tunnel})
+        transport = TunnelTransport(
+            loop,
+            self._to_trio,
+            self._to_loop,
+            {"wg_tunnel": tunnel},
+            yield_to_loop=self.mode == "thread",
+        )
         try:
             self._to_trio(self._trio_spawn, transport, tunnel, host, port)
         except (trio.RunFinishedError, RuntimeError):

@@ -31,6 +31,16 @@ Backpressure is honest both ways:
   tunnel this shrinks the advertised TCP window); so does an undelivered inbox above
   :data:`INBOX_LIMIT`.
 
+GIL hand-off (thread mode only, ``yield_to_loop=True``): two CPU-bound Python threads that
+both release the GIL often (trio at every ``recvfrom``/``sendmsg``, asyncio at every
+pyOpenSSL call) hand the GIL back and forth dozens of times per batch, and every hand-off is
+a futex wake-up and a context switch. So after handing a bulk batch (at least
+:data:`YIELD_MIN_BATCH` bytes) to asyncio, the trio thread waits, at most
+:data:`YIELD_MAX_WAIT`, until the loop has run the protocol on it (a ``call_soon`` behind
+the tasks ``data_received`` woke), and lets asyncio process the batch alone. Incoming
+datagrams queue in the UDP socket meanwhile (4 MiB buffers). The wait is bounded, so a busy
+or stopped loop only ever costs that much; nothing depends on it for correctness.
+
 Half-close: ``write_eof()`` → ``send_eof()`` after the outbox is flushed; EOF from the
 stream → ``protocol.eof_received()`` (the transport closes itself if that returns false,
 as asyncio's own transports do).
@@ -69,6 +79,11 @@ RECEIVE_SIZE = 256 * 1024
 INBOX_LIMIT = 512 * 1024
 #: Default write-buffer high-water mark (asyncio's own default is 64 KiB).
 DEFAULT_HIGH_WATER = 256 * 1024
+#: Thread mode: after a delivery of at least this many bytes the trio thread lets the
+#: asyncio loop process it alone (see "GIL hand-off" above) ...
+YIELD_MIN_BATCH = 64 * 1024
+#: ... for at most this long (seconds).
+YIELD_MAX_WAIT = 0.005
 
 #: ``schedule(fn, *args)``: run ``fn(*args)`` soon on the other side of the line.
 Schedule = Callable[..., object]
@@ -126,7 +141,11 @@ class TunnelTransport(asyncio.Transport):
         to_trio: Schedule,
         to_loop: Schedule,
         extra: dict[str, Any] | None = None,
+        *,
+        yield_to_loop: bool = False,
     ) -> None:
+        """``yield_to_loop``: the trio side runs in another thread than ``loop`` (never in
+        guest mode: the wait would block the loop itself)."""
         super().__init__(dict(extra or {}))
         self._loop = loop
         self._to_trio = to_trio
@@ -156,6 +175,9 @@ class TunnelTransport(asyncio.Transport):
         self._delivery_scheduled = False
         self._reading_paused = True  # until a protocol is attached
         self._recv_wake: trio.Event | None = None
+        # -- GIL hand-off: set by the loop once it processed a bulk delivery
+        self._processed: threading.Event | None = threading.Event() if yield_to_loop else None
+        self._yield_pending = False  # asyncio side: signal after this delivery
         # -- trio side only
         self._scope: trio.CancelScope | None = None
         self._connected = False
@@ -366,6 +388,16 @@ class TunnelTransport(asyncio.Transport):
             self._call_protocol("pause_writing")
 
     def _loop_deliver(self) -> None:
+        try:
+            self._loop_deliver_inbox()
+        finally:
+            if self._yield_pending:
+                self._yield_pending = False
+                assert self._processed is not None
+                # Behind the tasks data_received woke: set once they ran their step.
+                self._loop.call_soon(self._processed.set)
+
+    def _loop_deliver_inbox(self) -> None:
         with self._lock:
             self._delivery_scheduled = False
             if self._reading_paused or self._lost:
@@ -525,6 +557,7 @@ class TunnelTransport(asyncio.Transport):
                 self._receive_error = _as_connection_error(exc, "receive")
                 scope.cancel()
                 return
+            processed = self._processed
             with lock:
                 if data:
                     self._inbox.append(data)
@@ -533,9 +566,18 @@ class TunnelTransport(asyncio.Transport):
                     self._eof_received = True
                 deliver = not self._delivery_scheduled
                 self._delivery_scheduled = True
+                hand_off = deliver and processed is not None and len(data) >= YIELD_MIN_BATCH
+                if hand_off:
+                    assert processed is not None
+                    processed.clear()  # before the flag the loop side reads
+                    self._yield_pending = True
             if data:
                 self.bytes_received += len(data)
             if deliver:
                 self._to_loop(self._loop_deliver)
+                if hand_off:
+                    assert processed is not None
+                    # Blocking on purpose (bounded): see "GIL hand-off" in the module doc.
+                    processed.wait(YIELD_MAX_WAIT)
             if not data:
                 return

@@ -1,0 +1,398 @@
+"""HTTPS bulk download through mitmdump: our tunnel (addon) vs the kernel path, side by side (root).
+
+Layout (tests/harness exit peer, IPv4 only):
+
+* exit namespace: wireguard-go + Linux, and nginx serving one file over HTTPS (TLS with the
+  harness's test CA) on the exit's tunnel address, port 443: a native-speed origin;
+* client namespace:
+    A. ``mitmdump`` WITHOUT the addon, over the kernel path: a wireguard-go client interface
+       (its own key and tunnel address, a second peer of the exit) and Linux TCP;
+    B. ``mitmdump -s addons/mitm_wg.py`` (our userspace tunnel, the exit's first peer);
+  both intercept TLS and verify the origin with ``ssl_verify_upstream_trusted_ca``;
+* the client is the same curl in the client namespace for both (``-x`` the proxy,
+  ``--cacert`` the proxy's CA, HTTP/1.1 unless ``--h2``), body to /dev/null.
+
+Both proxies stay up for the whole run; the rounds alternate A, B, A, B, ... and the script
+prints MB/s per round, the medians and the ratio B / A. Each round also downloads the file
+directly over the kernel path (no proxy, ``direct``), to show the origin and wireguard-go are
+not the cap. Each proxy gets one small warm-up download first (handshake, first connection).
+
+Also per download: the CPU time and context switches of that mitmdump process (all threads;
+for A this leaves out the wireguard-go client and the kernel's TCP work).
+
+Run:  .venv/bin/python bench/bench_mitm_https.py [--mb 100] [--rounds 5] [--h2] [--smoke]
+      (``--smoke``: a 1 MiB file, one round, nothing asserted about speed)
+Development aids:
+  --variant ENV=VALUE   one more mitmdump + addon with that environment (its own exit peer),
+                        e.g. PYTHONPATH=/tmp/old-tree to compare code side by side
+  --py-spy DIR [--py-spy-gil]   py-spy profiles (collapsed stacks per thread) per download
+  --logs DIR            keep the mitmdump logs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+VENV_BIN = Path(sys.executable).parent
+MITMDUMP = VENV_BIN / "mitmdump"
+ADDON = ROOT / "addons" / "mitm_wg.py"
+KERNEL_CLIENT_HOST = 3  # the wireguard-go client's tunnel address: 10.78.N.3
+
+NGINX_CONF = """\
+daemon off;
+user root;  # the harness workdir is 0700
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    fastcgi_temp_path {work}/nginx-fastcgi;
+    uwsgi_temp_path {work}/nginx-uwsgi;
+    scgi_temp_path {work}/nginx-scgi;
+    sendfile on;
+    keepalive_timeout 60;
+    server {{
+        listen {host}:443 ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        root {www};
+    }}
+}}
+"""
+
+
+def wait_until(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def nginx_origin(peer: Any, size: int) -> Iterator[tuple[Path, str]]:
+    """nginx on the exit's tunnel address:443 serving /file (``size`` bytes); yields (CA, path)."""
+    from tlsorigin import make_ca_and_leaf
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    work = peer.workdir / "nginx"
+    www = work / "www"
+    www.mkdir(parents=True)
+    block = os.urandom(1 << 20)
+    with open(www / "file", "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.write(block[: size % len(block)])
+    os.chmod(work, 0o755)
+    os.chmod(www, 0o755)
+    os.chmod(www / "file", 0o644)
+    ca, leaf, key = make_ca_and_leaf(work, ["origin.test"], [peer.server_tunnel_v4])
+    conf = work / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(work=work, host=peer.server_tunnel_v4, cert=leaf, key=key, www=www)
+    )
+    log = work / "nginx.out"
+    with log.open("wb") as out:
+        proc = peer.ns.popen([nginx, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                errlog = work / "nginx-error.log"
+                err = errlog.read_text(errors="replace") if errlog.exists() else ""
+                raise RuntimeError(f"nginx exited: {log.read_text()}{err}")
+            r = peer.ns.exec(["ss", "-Htln", "sport = :443"], check=False)
+            return peer.server_tunnel_v4 in r.stdout
+
+        wait_until(listening, 15, "nginx to listen")
+        yield ca, "/file"
+    finally:
+        peer.ns.kill(proc)
+
+
+class Proxy:
+    def __init__(self, name: str, proc: subprocess.Popen[Any], port: int, confdir: Path) -> None:
+        self.name, self.proc, self.port, self.confdir = name, proc, port, confdir
+
+    @property
+    def ca_pem(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+
+@contextlib.contextmanager
+def mitmdump(
+    peer: Any,
+    name: str,
+    origin_ca: Path,
+    *args: str,
+    keep: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Proxy]:
+    """mitmdump on 127.0.0.1 (ephemeral port) in the client namespace; stopped by PID."""
+    work = peer.workdir / name
+    confdir = work / "conf"
+    confdir.mkdir(parents=True)
+    log = work / "mitmdump.log"
+    argv = [
+        str(MITMDUMP), "--listen-host", "127.0.0.1", "--listen-port", "0",
+        "--set", f"confdir={confdir}", "--set", f"ssl_verify_upstream_trusted_ca={origin_ca}",
+        "--set", "flow_detail=0", *args,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = peer.client_ns.popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, HOME=str(work), **(env or {})),
+            cwd=work,
+        )
+    try:
+        found: list[int] = []
+
+        def listening() -> bool:
+            text = log.read_text(errors="replace")
+            m = re.search(r"listening at 127\.0\.0\.1:(\d+)", text)
+            if m:
+                found.append(int(m.group(1)))
+                return True
+            if proc.poll() is not None:
+                raise RuntimeError(f"mitmdump {name} exited:\n{text[-3000:]}")
+            return False
+
+        wait_until(listening, 60, f"mitmdump {name} to listen")
+        wait_until(lambda: (confdir / "mitmproxy-ca-cert.pem").exists(), 20, "the mitmproxy CA")
+        yield Proxy(name, proc, found[0], confdir)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        peer.client_ns.kill(proc)
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, keep / f"mitmdump-{name}.log")
+
+
+def curl_download(peer: Any, url: str, size: int, *curl_args: str, timeout: float = 600) -> float:
+    """One download with curl in the client namespace; returns MB/s (10**6 bytes/s)."""
+    argv = [
+        "curl", "-sS", "--max-time", str(int(timeout)), "-o", "/dev/null",
+        "-w", "%{http_code} %{size_download} %{time_total}", *curl_args, url,
+    ]  # fmt: skip
+    env = dict(os.environ, NO_PROXY="", no_proxy="")
+    r = peer.client_ns.exec(argv, check=False, timeout=timeout + 30, env=env)
+    code, got, took = [*r.stdout.split(), "", "", ""][:3]
+    if r.returncode or code != "200" or int(got) != size:
+        raise RuntimeError(f"download failed: rc={r.returncode} {r.stdout!r} {r.stderr!r}")
+    return size / float(took) / 1e6
+
+
+def process_counters(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    switches += int(line.split()[1])
+    return cpu, switches
+
+
+@contextlib.contextmanager
+def profiled(
+    directory: Path | None, proxy: Proxy, round_: int, gil: bool = False
+) -> Iterator[None]:
+    """``py-spy record`` of the proxy process while the block runs (when ``directory``);
+    ``gil``: only samples of threads holding the GIL (``py-spy --gil``)."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{proxy.name}-{round_ + 1}.txt"
+    spy = subprocess.Popen(
+        [str(VENV_BIN / "py-spy"), "record", "--format", "raw", "--threads", "--rate", "200",
+         *(["--gil"] if gil else []), "-p", str(proxy.proc.pid), "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # attached
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
+def client_config(peer: Any, private_b64: str, host: int) -> str:
+    """wg-quick text for one more client of the exit: address 10.78.N.host."""
+    return (
+        "[Interface]\n"
+        f"PrivateKey = {private_b64}\n"
+        f"Address = 10.78.{peer.index}.{host}/32\n\n"
+        "[Peer]\n"
+        f"PublicKey = {_b64(peer.server_public_key)}\n"
+        f"AllowedIPs = {peer.tunnel_v4_net}\n"
+        f"Endpoint = {peer.endpoint[0]}:{peer.endpoint[1]}\n"
+    )
+
+
+def _b64(key: bytes) -> str:
+    import base64
+
+    return base64.b64encode(key).decode()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mb", type=int, default=100, help="file size in MiB (default 100)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    ap.add_argument("--h2", action="store_true", help="let curl offer HTTP/2 (default 1.1)")
+    ap.add_argument("--smoke", action="store_true", help="1 MiB, one round (CI smoke test)")
+    ap.add_argument("--no-direct", action="store_true", help="skip the direct (no proxy) reference")
+    ap.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        type=Path,
+        help="record py-spy profiles (collapsed stacks, per thread) of each mitmdump's downloads",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="ENV=VALUE",
+        help="also run mitmdump + addon with this environment variable (side by side)",
+    )
+    ap.add_argument(
+        "--py-spy-gil", action="store_true", help="with --py-spy: only threads holding the GIL"
+    )
+    ap.add_argument("--logs", metavar="DIR", type=Path, help="keep the mitmdump logs here")
+    args = ap.parse_args()
+    size = (1 if args.smoke else args.mb) << 20
+    rounds = 1 if args.smoke else args.rounds
+
+    from harness import exit_peer, generate_keypair, wireguard_go_interface
+    from harness.exitpeer import b64
+
+    results: dict[str, list[float]] = {"A kernel": [], "B ours": []}
+    for variant in args.variant:
+        results[f"C {variant}"] = []
+    results["direct"] = []
+    cpu: dict[str, list[float]] = {k: [] for k in results}
+    switches: dict[str, list[int]] = {k: [] for k in results}
+    with (
+        exit_peer(ipv6=False, http=False, name_prefix="mwgmh") as peer,
+        contextlib.ExitStack() as st,
+    ):
+        # more peers on the exit: the wireguard-go client (.3) and variants (.4, ...), each
+        # with its own key and address, so that all can stay up side by side
+        def add_peer(host: int) -> str:
+            priv, pub = generate_keypair()
+            peer.ns.exec(
+                ["wg", "set", peer.ifname, "peer", b64(pub), "allowed-ips",
+                 f"10.78.{peer.index}.{host}/32"]
+            )  # fmt: skip
+            return client_config(peer, b64(priv), host)
+
+        def our_conf(name: str, text: str) -> Path:
+            conf = peer.workdir / f"{name}.conf"
+            conf.touch(mode=0o600)
+            conf.write_text(text)
+            return conf
+
+        http = [] if args.h2 else ["--http1.1"]
+        origin_ca, path = st.enter_context(nginx_origin(peer, size))
+        st.enter_context(
+            wireguard_go_interface(
+                peer.client_ns, peer.client_ifname, add_peer(KERNEL_CLIENT_HOST), peer.workdir
+            )
+        )
+        proxies = [
+            ("A kernel", st.enter_context(mitmdump(peer, "kernel", origin_ca, keep=args.logs)))
+        ]
+        confs = [("ours", {}, our_conf("ours", peer.client_config_text(dns=False)))]
+        for k, variant in enumerate(args.variant):
+            name, _, value = variant.partition("=")
+            text = add_peer(KERNEL_CLIENT_HOST + 1 + k)
+            confs.append((f"variant{k}", {name: value}, our_conf(f"variant{k}", text)))
+        for (name, env, conf), key in zip(confs, list(results)[1:], strict=False):
+            proxy = st.enter_context(
+                mitmdump(
+                    peer, name, origin_ca, "-s", str(ADDON), "--set", f"wg_conf=exit={conf}",
+                    keep=args.logs, env=env,
+                )
+            )  # fmt: skip
+            proxies.append((key, proxy))
+        url = f"https://{peer.server_tunnel_v4}{path}"
+        warm = f"https://{peer.server_tunnel_v4}/"  # nginx answers 403/404: fine, 0 bytes
+        for _, proxy in proxies:
+            peer.client_ns.exec(
+                ["curl", "-sS", "-o", "/dev/null", "--cacert", str(proxy.ca_pem), "-x",
+                 f"http://127.0.0.1:{proxy.port}", "--max-time", "60", warm],
+                check=False, timeout=90, env=dict(os.environ, NO_PROXY=""),
+            )  # fmt: skip
+        for i in range(rounds):
+            for key, proxy in proxies:
+                cpu0, sw0 = process_counters(proxy.proc.pid)
+                with profiled(args.py_spy, proxy, i, args.py_spy_gil):
+                    mbs = curl_download(
+                        peer, url, size, *http, "--cacert", str(proxy.ca_pem),
+                        "-x", f"http://127.0.0.1:{proxy.port}",
+                    )  # fmt: skip
+                cpu1, sw1 = process_counters(proxy.proc.pid)
+                results[key].append(mbs)
+                cpu[key].append(cpu1 - cpu0)
+                switches[key].append(sw1 - sw0)
+                print(
+                    f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s, "
+                    f"{sw1 - sw0} context switches",
+                    flush=True,
+                )
+            if not args.no_direct:
+                mbs = curl_download(peer, url, size, *http, "--cacert", str(origin_ca))
+                results["direct"].append(mbs)
+                print(f"round {i + 1} {'direct':8s} {mbs:7.1f} MB/s", flush=True)
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    print(f"\n{size >> 20} MiB HTTPS via mitmdump, {rounds} rounds, medians (MB/s):")
+    for k, v in med.items():
+        spread = f"{min(results[k]):.1f}–{max(results[k]):.1f}"
+        extra = ""
+        if cpu[k]:
+            extra = (
+                f"   mitmdump CPU {statistics.median(cpu[k]):.2f} s, "
+                f"{statistics.median(switches[k]):.0f} context switches"
+            )
+        print(f"  {k:8s} {v:7.1f}   (range {spread}){extra}")
+    for key in [k for k in results if k[0] in "BC"]:
+        ratios = [x / a for a, x in zip(results["A kernel"], results[key], strict=True)]
+        print(
+            f"ratio {key} / A kernel (medians): {med[key] / med['A kernel']:.2f}; per round: "
+            + ", ".join(f"{r:.2f}" for r in ratios)
+        )
+
+
+if __name__ == "__main__":
+    main()
