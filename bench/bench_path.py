@@ -378,8 +378,12 @@ def run_ours(
                 await warm.aclose()
             for size, upload in jobs:
                 cpu0, t0 = _cpu(relay), time.perf_counter()
-                with trio.fail_after(60 + size / 250_000):
-                    mbps = await _ours_one(tunnel, server, size, upload)
+                try:
+                    with trio.fail_after(60 + size / 250_000):
+                        mbps = await _ours_one(tunnel, server, size, upload)
+                except Exception as e:  # one failed transfer must not end the whole run
+                    _failed("mitm-wg", upload, e)
+                    mbps = math.nan
                 out.append(Transfer(mbps, _share(relay, cpu0, t0)))
                 server.cleanup_uploads()
         return out
@@ -404,10 +408,20 @@ def run_kernel(
     for size, upload in jobs:
         body = _body_file(peer, server, size) if upload else None
         cpu0, t0 = _cpu(relay), time.perf_counter()
-        mbps = _curl(peer.client_ns, server, size, upload, body)
+        try:
+            mbps = _curl(peer.client_ns, server, size, upload, body)
+        except (subprocess.SubprocessError, RuntimeError, ValueError) as e:
+            _failed("Linux TCP", upload, e)
+            mbps = math.nan
         out.append(Transfer(mbps, _share(relay, cpu0, t0)))
         server.cleanup_uploads()
     return out
+
+
+def _failed(who: str, upload: bool, error: BaseException) -> None:
+    """Report a failed transfer (it counts as NaN, left out of the medians)."""
+    detail = getattr(error, "stderr", None) or error
+    print(f"  ! {who} {'upload' if upload else 'download'} failed: {str(detail).strip()[:300]}")
 
 
 def _body_file(peer: ExitPeer, server: Server, size: int) -> Path:
@@ -519,7 +533,8 @@ class Row:
     fixed: list[Transfer] = field(default_factory=list)  # ours without buffer autotuning
 
     def med(self, which: str) -> float:
-        runs = [t.mbps for t in getattr(self, which)]
+        """Median of the runs that completed (failed ones are NaN)."""
+        runs = [t.mbps for t in getattr(self, which) if not math.isnan(t.mbps)]
         return statistics.median(runs) if runs else math.nan
 
     def relay_cpu(self) -> float:
