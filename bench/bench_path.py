@@ -317,8 +317,8 @@ def _client_socket_factory(peer: ExitPeer) -> Any:
 @dataclass
 class Clients:
     """The two clients. Ours has its own key and tunnel address (10.78.N.3), added to the exit
-    as a second peer: sharing the kernel client's key would make wireguard-go refuse our
-    handshakes as replays for a while after each kernel run."""
+    as a second peer, so the two clients never take the exit's session and endpoint from
+    each other between runs."""
 
     peer: ExitPeer
     ours_private: bytes
