@@ -824,7 +824,8 @@ def test_three_dup_acks_fast_retransmit_newreno() -> None:
 
 
 def test_sack_recovery_retransmits_only_holes() -> None:
-    pb = est(peer_sack=True)
+    # RFC 6675's DupThresh rules (RACK off; its rules are tested in test_tcp_rack.py)
+    pb = est(peer_sack=True, rack=False)
     pb.sock.send(b"".join(bytes([i]) * 1000 for i in range(10)))
     segs = pb.out()
     assert len(segs) == 10
@@ -848,7 +849,8 @@ def test_sack_recovery_retransmits_only_holes() -> None:
 
 
 def test_rto_skips_sacked_data() -> None:
-    pb = est(peer_sack=True)
+    # RACK off: with it (and SRTT 0 here) the first SACK already marks 1..1001 lost
+    pb = est(peer_sack=True, rack=False)
     pb.sock.send(b"s" * 3000)
     segs = pb.out()
     pb.at(0.05).send(ACK, PISS + 1, ISS + 1, sack_blocks=((ISS + 1001, ISS + 2001),))
