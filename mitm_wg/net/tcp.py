@@ -867,12 +867,12 @@ class TcpSocket:
         if self._linger_at is not None and now >= self._linger_at:
             self._set_closed(None)
             return
+        if self._rec_at is not None and now >= self._rec_at:
+            self._on_rec_timer(now, out)  # before the RTO: a probe due with it goes instead
         if self._rto_at is not None and now >= self._rto_at:
             self._on_rto(now)
             if self.state is TcpState.CLOSED:
                 return
-        if self._rec_at is not None and now >= self._rec_at:
-            self._on_rec_timer(now, out)
         if self._delack_at is not None and now >= self._delack_at:
             self._delack_at = None
             self._ack_now = True
@@ -1623,15 +1623,16 @@ class TcpSocket:
     # -- RACK-TLP (RFC 8985) and PRR (RFC 6937); the state and rules live in recovery.py ---
     def _arm_pto(self, now: float, one_segment: bool) -> None:
         """RFC 8985 §7.2: (re)arm the probe timeout when no probe is outstanding, after new
-        data was sent or an ACK advanced SND.UNA; never later than the RTO."""
+        data was sent or an ACK advanced SND.UNA; never later than the RTO (then the probe
+        goes instead of the first RTO retransmission, and the RTO is restarted)."""
         rack = self._rack
         assert rack is not None
         if rack.tlp_end is not None or self.state not in _SEND_STATES:
             return
         pto = Rack.pto(self._rtt.srtt, one_segment)
-        if pto < self._rtt.rto:
-            self._rec_at = now + pto
-            rack.timer = TIMER_PTO
+        rto = self._rtt.rto
+        self._rec_at = now + (pto if pto < rto else rto)
+        rack.timer = TIMER_PTO
 
     def _on_rec_timer(self, now: float, out: list[TcpSegment]) -> None:
         self._rec_at = None
