@@ -738,7 +738,9 @@ class TcpSocket:
                 new = self._new_range(smax, pipe)  # rule 2
                 if new is not None:
                     return new
-                if self._sacked and s < self._sacked[-1][1]:  # rule 3
+                if self._sacked and s < self._sacked[-1][1] and self._rack is None:  # rule 3
+                    # (not with RACK: RFC 8985 retransmits only what it deems lost; its
+                    # reorder timer and the TLP keep recovery going)
                     return self._rexmit_range(s)
                 return None
             if self._rexmit_now:
@@ -844,7 +846,8 @@ class TcpSocket:
             # (re)start the timer; retransmitting the head restarts it too (as Linux does),
             # so a fast retransmission gets a full RTO to be acknowledged
             if self._rto_at is None and rack is not None and not self._in_fr:
-                self._arm_pto(now, e - self._snd_una <= self._smss)
+                # one segment in flight: this one, and nothing more queued behind it
+                self._arm_pto(now, e - self._snd_una <= self._smss and e >= data_end)
             self._rto_at = now + self._rtt.rto
         out.append(seg)
 
@@ -1452,6 +1455,7 @@ class TcpSocket:
         una = self._snd_una
         sack_new = False
         rack = self._rack
+        had_sacked = bool(self._sacked)
         news: list[tuple[int, int]] | None = None
         sacked_before = 0
         if self._sack_ok and seg.sack_blocks:
@@ -1493,7 +1497,7 @@ class TcpSocket:
             ):
                 self._enter_fast_recovery(now)
         if rack is not None:
-            if seg.sack_blocks or self._in_fr or self._sacked:
+            if seg.sack_blocks or self._in_fr or had_sacked:
                 self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
