@@ -17,9 +17,12 @@ What is implemented:
 * MSS (peer's value respected, path-MTU lowering), window scaling and timestamps with
   PAWS (RFC 7323), SACK (RFC 2018) both ways;
 * RTO per RFC 6298 (timestamp RTT samples or Karn's rule), exponential backoff;
-* fast retransmit/fast recovery: with SACK, RFC 6675 (scoreboard, ``pipe``, NextSeg rules
-  1-3) plus lost-retransmission detection (a retransmission still missing after later data
-  was SACKed is sent again); without SACK, NewReno (RFC 6582) with partial ACKs; limited
+* fast retransmit/fast recovery: with SACK, RACK-TLP (RFC 8985: time-based loss detection
+  with a DSACK-adapted reordering window, tail loss probes) and PRR (RFC 6937) over an RFC
+  6675 scoreboard (``pipe``, NextSeg rules 1-2), see ``recovery.py``; with
+  ``TcpConfig.rack=False`` RFC 6675's DupThresh rules (NextSeg 1-3) plus lost-retransmission
+  detection (a retransmission still missing after later data was SACKed is sent again);
+  without SACK, NewReno (RFC 6582) with partial ACKs; limited
   transmit (RFC 3042); NewReno or CUBIC growth; initial window 10 segments (RFC 6928);
   retransmitting the head restarts the RTO timer (as Linux does);
 * pure ACKs carry the highest sequence number sent (not an RTO-rewound SND.NXT), so a peer
