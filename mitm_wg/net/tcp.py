@@ -59,7 +59,7 @@ from typing import Any
 
 from mitm_wg.net.assembler import Assembler
 from mitm_wg.net.congestion import initial_window, make_controller
-from mitm_wg.net.recovery import TIMER_PTO, TIMER_REO, Rack
+from mitm_wg.net.recovery import PTO_FLOOR, TIMER_PTO, TIMER_REO, WC_DEL_ACK_T, Rack
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, TcpSegment
 
@@ -821,7 +821,12 @@ class TcpSocket:
         seg = self._make_seg(flags, s, payload, now)
         rack = self._rack
         if rack is not None:
-            rack.on_send(s, e, now, rexmit, self._snd_una)  # RFC 8985 §5.2 xmit_ts
+            # RFC 8985 §5.2 Segment.xmit_ts (inlined common case: the batch grows)
+            sent = rack.sent
+            if not rexmit and sent and sent[-1][1] == now:
+                sent[-1][0] = e
+            else:
+                rack.on_send(s, e, now, rexmit, self._snd_una)
             if self._in_fr:
                 rack.prr_out += e - s  # RFC 6937 §3: prr_out += data sent
         if e > self._snd_nxt:
@@ -996,8 +1001,9 @@ class TcpSocket:
                     break
         self._snd_nxt = s
         self._snd_max = s
-        if self._rack is not None:
-            self._rack.on_send(s, s, now, False, una)  # extends the first one's batch
+        rack = self._rack
+        if rack is not None:
+            rack.sent[-1][0] = s  # the first one's send-time batch (RFC 8985 §5.2) grows
         self.stats.segments_out += n - 1
         return n
 
@@ -1578,14 +1584,28 @@ class TcpSocket:
             return
         if rack.tlp_end is not None and ack >= rack.tlp_end:
             self._tlp_acked(ack, now)
-        if ack == self._snd_max:
+        smax = self._snd_max
+        if ack == smax:
             self._rto_at = None
             self._rec_at = None
             rack.timer = 0
         else:
-            self._rto_at = now + rtt.rto
-            if rack.timer != TIMER_REO and not self._in_fr:
-                self._arm_pto(now, self._snd_max - ack <= self._smss)
+            rto = rtt.rto
+            self._rto_at = now + rto
+            if rack.timer != TIMER_REO and not self._in_fr and rack.tlp_end is None:
+                # _arm_pto() inlined (RFC 8985 §7.2): PTO = 2*SRTT (+ WCDelAckT with one
+                # segment in flight), at least PTO_FLOOR, at most the RTO
+                srtt = rtt.srtt
+                if srtt is None:
+                    pto = 1.0
+                else:
+                    pto = 2 * srtt
+                    if smax - ack <= self._smss:
+                        pto += WC_DEL_ACK_T
+                    if pto < PTO_FLOOR:
+                        pto = PTO_FLOOR
+                self._rec_at = now + (pto if pto < rto else rto)
+                rack.timer = TIMER_PTO
 
     def _detect_lost_retransmits(self) -> None:
         """A retransmission is lost when more than DupThresh-1 segments' worth of data sent
