@@ -1589,6 +1589,8 @@ class TcpSocket:
             self._rto_at = None
             self._rec_at = None
             rack.timer = 0
+            if rack.sent:
+                rack.sent.clear()  # nothing outstanding: no send times to keep
         else:
             rto = rtt.rto
             self._rto_at = now + rto
