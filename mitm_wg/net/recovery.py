@@ -108,9 +108,9 @@ class Rack:
             if last[1] == now:
                 last[0] = e
                 return
-            if sent[0][0] <= una and len(sent) > 32:
-                self.trim(una)
         sent.append([e, now])
+        if not len(sent) & 63:
+            self.trim(una)  # amortized: once per 64 batches
 
     def trim(self, una: int) -> None:
         sent = self.sent

@@ -822,11 +822,16 @@ class TcpSocket:
         rack = self._rack
         if rack is not None:
             # RFC 8985 §5.2 Segment.xmit_ts (inlined common case: the batch grows)
-            sent = rack.sent
-            if not rexmit and sent and sent[-1][1] == now:
-                sent[-1][0] = e
+            if rexmit:
+                rack.on_send(s, e, now, True, self._snd_una)
             else:
-                rack.on_send(s, e, now, rexmit, self._snd_una)
+                sent = rack.sent
+                if sent and sent[-1][1] == now:
+                    sent[-1][0] = e
+                else:
+                    sent.append([e, now])
+                    if not len(sent) & 63:
+                        rack.trim(self._snd_una)  # amortized: once per 64 batches
             if self._in_fr:
                 rack.prr_out += e - s  # RFC 6937 §3: prr_out += data sent
         if e > self._snd_nxt:
