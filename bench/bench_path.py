@@ -70,6 +70,12 @@ NGINX_PORT = 8080
 #: ``--before-after``: our tunnel once more with the buffers fixed at their starting size
 #: (1 MiB each way), i.e. without autotuning, as before issue 9.
 FIXED_BUFFERS = TcpConfig(recv_buffer_max=1 << 20, send_buffer_max=1 << 20)
+#: ``--before=``: what the "before" client of ``--before-after`` runs without
+BEFORE = {
+    "autotune": (FIXED_BUFFERS, "fixed 1 MiB"),
+    "rack": (TcpConfig(rack=False), "no RACK-TLP/PRR"),  # RFC 6675 DupThresh recovery
+}
+_before = BEFORE["autotune"]
 
 
 @dataclass(frozen=True)
@@ -557,7 +563,7 @@ def print_table(rows: list[Row], title: str) -> None:
     head = "| path | dir | size | Linux TCP MB/s | mitm-wg MB/s | ratio |"
     line = "|---|---|---:|---:|---:|---:|"
     if fixed:
-        head += " fixed 1 MiB MB/s | ratio |"
+        head += f" {_before[1]} MB/s | ratio |"
         line += "---:|---:|"
     print(head + " relay CPU | runs Linux / ours" + (" / fixed |" if fixed else " |"))
     print(line + "---:|---|")
@@ -600,7 +606,7 @@ def measure(
             if which == "kernel":
                 results = run_kernel(clients, server, endpoint_of(), jobs, relay)
             else:
-                cfg = FIXED_BUFFERS if which == "fixed" else None
+                cfg = _before[0] if which == "fixed" else None
                 results = run_ours(clients, server, endpoint_of(), jobs, relay, cfg)
             for row, t in zip(rows, results, strict=True):
                 getattr(row, which).append(t)
@@ -629,8 +635,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run our tunnel with fixed 1 MiB buffers (no autotuning) side by side",
     )
+    p.add_argument(
+        "--before",
+        choices=sorted(BEFORE),
+        default="autotune",
+        help="what --before-after's third client goes without: buffer autotuning (fixed"
+        " 1 MiB buffers) or rack (RFC 6675 recovery instead of RACK-TLP and PRR)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    global _before
+    _before = BEFORE[args.before]
 
     ok, why = have_netns()
     if not ok:
@@ -759,7 +774,7 @@ def summary(report: dict[str, Any]) -> None:
         return
     fixed = any(r["fixed"] for r in rows)
     print("\n### Summary (medians; ratio = mitm-wg / Linux TCP)\n")
-    extra = " fixed 1 MiB (before) MB/s | ratio |" if fixed else ""
+    extra = f" {_before[1]} (before) MB/s | ratio |" if fixed else ""
     print(f"| path | dir | Linux TCP MB/s | mitm-wg MB/s | ratio |{extra}")
     print("|---|---|---:|---:|---:|" + ("---:|---:|" if fixed else ""))
     for r in rows:

@@ -45,6 +45,13 @@ class LinkParams:
     icmp_router: str | None = None  # if set, oversized packets get an ICMP error from here
     bandwidth: float | None = None  # bytes per second; None = infinite
     queue_bytes: int = 256 * 1024  # drop-tail queue in front of the bandwidth limit
+    # Gilbert-Elliott bursty loss: this average loss rate, in bursts of ``burst_len``
+    # packets on average (every packet in the bad state is lost); a burst also ends after
+    # ``burst_time`` seconds, so one burst cannot swallow a sparse flow's retransmissions
+    # for ever
+    burst_loss: float = 0.0
+    burst_len: float = 4.0
+    burst_time: float = 0.005
 
     def describe(self) -> str:
         defaults = LinkParams()
@@ -78,6 +85,8 @@ class Link:
         self.stats = LinkStats()
         self._busy_until = 0.0  # serialisation of the bandwidth limit
         self._last_arrival = 0.0  # FIFO for jitter
+        self._bad = False  # Gilbert-Elliott state, and when the bad state began
+        self._bad_since = 0.0
 
     def send(self, pkt: bytes, now: float) -> None:
         p = self.params
@@ -92,6 +101,16 @@ class Link:
         if p.loss and rng.random() < p.loss:
             st.lost += 1
             return
+        if p.burst_loss:
+            leave = 1.0 / p.burst_len
+            if self._bad:
+                self._bad = rng.random() >= leave and now - self._bad_since < p.burst_time
+            else:
+                self._bad = rng.random() < p.burst_loss * leave / (1.0 - p.burst_loss)
+                self._bad_since = now
+            if self._bad:
+                st.lost += 1
+                return
         t = now
         if p.bandwidth:
             start = max(now, self._busy_until)
@@ -250,9 +269,9 @@ class Sim:
             if predicate():
                 return True
             t = self.next_time()
-            if t is None:
-                return False
-            if t > end:
+            if t is None or t > end:
+                # (nothing scheduled: time still passes for the apps, e.g. a stalled reader
+                # whose gate opens later)
                 self.now = end
                 self.flush()
                 return predicate()

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from mitm_wg.net.assembler import Assembler
 from mitm_wg.net.checksum import verify
 from mitm_wg.net.congestion import NewReno
+from mitm_wg.net.recovery import Rack
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp import M32, TcpConfig, TcpSocket, TcpState, TcpStats, _RcvTuning
@@ -32,7 +33,7 @@ MSS = 1400
 
 def state_of(obj: Any) -> Any:
     """A comparable snapshot of a socket's whole state (recursing into helper objects)."""
-    if isinstance(obj, (TcpStats, RttEstimator, NewReno, Assembler, _RcvTuning)):
+    if isinstance(obj, (TcpStats, RttEstimator, NewReno, Assembler, _RcvTuning, Rack)):
         slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
         return {s: state_of(getattr(obj, s)) for s in slots if hasattr(obj, s)}
     if isinstance(obj, TcpSocket):

@@ -17,9 +17,12 @@ What is implemented:
 * MSS (peer's value respected, path-MTU lowering), window scaling and timestamps with
   PAWS (RFC 7323), SACK (RFC 2018) both ways;
 * RTO per RFC 6298 (timestamp RTT samples or Karn's rule), exponential backoff;
-* fast retransmit/fast recovery: with SACK, RFC 6675 (scoreboard, ``pipe``, NextSeg rules
-  1-3) plus lost-retransmission detection (a retransmission still missing after later data
-  was SACKed is sent again); without SACK, NewReno (RFC 6582) with partial ACKs; limited
+* fast retransmit/fast recovery: with SACK, RACK-TLP (RFC 8985: time-based loss detection
+  with a DSACK-adapted reordering window, tail loss probes) and PRR (RFC 6937) over an RFC
+  6675 scoreboard (``pipe``, NextSeg rules 1-2), see ``recovery.py``; with
+  ``TcpConfig.rack=False`` RFC 6675's DupThresh rules (NextSeg 1-3) plus lost-retransmission
+  detection (a retransmission still missing after later data was SACKed is sent again);
+  without SACK, NewReno (RFC 6582) with partial ACKs; limited
   transmit (RFC 3042); NewReno or CUBIC growth; initial window 10 segments (RFC 6928);
   retransmitting the head restarts the RTO timer (as Linux does);
 * pure ACKs carry the highest sequence number sent (not an RTO-rewound SND.NXT), so a peer
@@ -56,6 +59,7 @@ from typing import Any
 
 from mitm_wg.net.assembler import Assembler
 from mitm_wg.net.congestion import initial_window, make_controller
+from mitm_wg.net.recovery import PTO_FLOOR, TIMER_PTO, TIMER_REO, WC_DEL_ACK_T, Rack
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, TcpSegment
 
@@ -109,6 +113,9 @@ class TcpConfig:
     initial_rto: float = 1.0
     timestamps: bool = True
     sack: bool = True
+    #: RACK-TLP (RFC 8985) loss detection and PRR (RFC 6937) during recovery (needs SACK);
+    #: False: RFC 6675's DupThresh rule and cwnd = ssthresh in recovery, no loss probes
+    rack: bool = True
     window_scaling: bool = True
     congestion: str = "newreno"  # or "cubic"
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
@@ -120,6 +127,7 @@ class TcpStats:
     __slots__ = (
         "challenge_acks",
         "dropped",
+        "dsacks",
         "dup_acks",
         "fast_retransmits",
         "lost_retransmits",
@@ -131,6 +139,7 @@ class TcpStats:
         "segments_out",
         "syn_fast_retries",
         "syn_timeouts",
+        "tlp_probes",
         "zero_window_probes",
     )
 
@@ -330,6 +339,10 @@ class TcpSocket:
         # ranges whose retransmission is itself deemed lost (SACKs for later data came back)
         self._rxt_marks: list[tuple[int, int, int]] = []
         self._relost: list[tuple[int, int]] = []
+        # RACK-TLP/PRR state (recovery.py) and its timer: the RACK reorder timer or the
+        # TLP probe timeout, whichever ``_rack.timer`` says
+        self._rack: Rack | None = Rack() if cfg.rack and cfg.sack else None
+        self._rec_at: float | None = None
         self._syn_retries = 0
         self._syn_fast_retries = 0
         self._last_progress = now
@@ -438,6 +451,8 @@ class TcpSocket:
         if self._syn_retries and self._rtt.srtt is None:
             self._rtt.set_base(3.0)  # RFC 6298 §5.7
         self._last_progress = now
+        if not self._sack_ok:
+            self._rack = None  # RACK here works on the SACK scoreboard
 
     # -- small helpers ------------------------------------------------------------------
     def _ts_val(self, now: float) -> int:
@@ -461,6 +476,7 @@ class TcpSocket:
         return self._sbuf_seq + len(self._sbuf) - self._sbuf_head
 
     def _set_closed(self, error: OSError | None) -> None:
+        self._rec_at = None
         if error is not None and self.error is None:
             self.error = error
         self.state = TcpState.CLOSED
@@ -559,8 +575,14 @@ class TcpSocket:
         return seg
 
     # -- sender scoreboard (SACK) ---------------------------------------------------------
-    def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...], ack: int) -> bool:
-        """Merge peer SACK blocks; True if they told us something new."""
+    def _update_scoreboard(
+        self,
+        blocks: tuple[tuple[int, int], ...],
+        ack: int,
+        news: list[tuple[int, int]] | None = None,
+    ) -> bool:
+        """Merge peer SACK blocks; True if they told us something new (the blocks that did
+        are appended to ``news``)."""
         sacked = self._sacked
         smax = self._snd_max
         new = False
@@ -588,6 +610,8 @@ class TcpSocket:
                 continue  # nothing new
             sacked[i:j] = [[ns, ne]]
             new = True
+            if news is not None:
+                news.append((s, e))
             if len(sacked) > 64:
                 del sacked[0]
         return new
@@ -619,7 +643,11 @@ class TcpSocket:
         return total
 
     def _lost_edge(self) -> int:
-        """Unsacked data below this sequence number is deemed lost (RFC 6675 IsLost)."""
+        """Unsacked data below this sequence number is deemed lost (RFC 6675 IsLost, or
+        with RACK the time-based rule of RFC 8985 §6.2, which replaces DupThresh)."""
+        rack = self._rack
+        if rack is not None:
+            return rack.edge if rack.edge > self._snd_una else self._snd_una
         cum = 0
         count = 0
         limit = 2 * self._smss
@@ -713,7 +741,9 @@ class TcpSocket:
                 new = self._new_range(smax, pipe)  # rule 2
                 if new is not None:
                     return new
-                if self._sacked and s < self._sacked[-1][1]:  # rule 3
+                if self._sacked and s < self._sacked[-1][1] and self._rack is None:  # rule 3
+                    # (not with RACK: RFC 8985 retransmits only what it deems lost; its
+                    # reorder timer and the TLP keep recovery going)
                     return self._rexmit_range(s)
                 return None
             if self._rexmit_now:
@@ -789,6 +819,21 @@ class TcpSocket:
         if self._fin_queued and e == data_end + 1:
             flags |= FIN
         seg = self._make_seg(flags, s, payload, now)
+        rack = self._rack
+        if rack is not None:
+            # RFC 8985 §5.2 Segment.xmit_ts (inlined common case: the batch grows)
+            if rexmit:
+                rack.on_send(s, e, now, True, self._snd_una)
+            else:
+                sent = rack.sent
+                if sent and sent[-1][1] == now:
+                    sent[-1][0] = e
+                else:
+                    sent.append([e, now])
+                    if not len(sent) & 63:
+                        rack.trim(self._snd_una)  # amortized: once per 64 batches
+            if self._in_fr:
+                rack.prr_out += e - s  # RFC 6937 §3: prr_out += data sent
         if e > self._snd_nxt:
             self._snd_nxt = e
         if e > self._snd_max:
@@ -813,6 +858,9 @@ class TcpSocket:
         if self._rto_at is None or (rexmit and s == self._snd_una):
             # (re)start the timer; retransmitting the head restarts it too (as Linux does),
             # so a fast retransmission gets a full RTO to be acknowledged
+            if self._rto_at is None and rack is not None and not self._in_fr:
+                # one segment in flight: this one, and nothing more queued behind it
+                self._arm_pto(now, e - self._snd_una <= self._smss and e >= data_end)
             self._rto_at = now + self._rtt.rto
         out.append(seg)
 
@@ -835,6 +883,8 @@ class TcpSocket:
         if self._linger_at is not None and now >= self._linger_at:
             self._set_closed(None)
             return
+        if self._rec_at is not None and now >= self._rec_at:
+            self._on_rec_timer(now, out)  # before the RTO: a probe due with it goes instead
         if self._rto_at is not None and now >= self._rto_at:
             self._on_rto(now)
             if self.state is TcpState.CLOSED:
@@ -956,6 +1006,9 @@ class TcpSocket:
                     break
         self._snd_nxt = s
         self._snd_max = s
+        rack = self._rack
+        if rack is not None:
+            rack.sent[-1][0] = s  # the first one's send-time batch (RFC 8985 §5.2) grows
         self.stats.segments_out += n - 1
         return n
 
@@ -990,6 +1043,9 @@ class TcpSocket:
         self._ts_rto_floor = self._ts_val(now)
         self._rxt_marks.clear()
         self._relost.clear()
+        if self._rack is not None:
+            self._rack.clear()
+            self._rec_at = None
         self._in_fr = False
         self._dupacks = 0
         self._rexmit_now = False
@@ -1081,6 +1137,7 @@ class TcpSocket:
         best: float | None = None
         for t in (
             self._rto_at,
+            self._rec_at,
             self._delack_at,
             self._persist_at,
             self._linger_at,
@@ -1141,8 +1198,8 @@ class TcpSocket:
                 return False  # window trimming, gap filling, pending FIN, unread data policy
         elif d == 0 and smax > una:
             return False  # a possible duplicate ACK
-        if self._fin_queued:
-            return False
+        if self._fin_queued or self._in_fr:
+            return False  # (in recovery every ACK feeds RACK/PRR: the slow path)
         # From here on: exactly process() -> _process_ack() -> _process_data() for this case.
         self._now = now
         self.stats.segments_in += 1
@@ -1403,6 +1460,7 @@ class TcpSocket:
         self.state = TcpState.TIME_WAIT
         self._linger_at = now + self.config.time_wait
         self._rto_at = None
+        self._rec_at = None
         self._persist_at = None
         self._keepalive_at = None
         self._in_fr = False
@@ -1410,8 +1468,18 @@ class TcpSocket:
     def _process_ack(self, seg: TcpSegment, seq: int, ack: int, plen: int, now: float) -> None:
         una = self._snd_una
         sack_new = False
+        rack = self._rack
+        had_sacked = bool(self._sacked)
+        news: list[tuple[int, int]] | None = None
+        sacked_before = 0
         if self._sack_ok and seg.sack_blocks:
-            sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una)
+            if rack is not None:
+                news = []
+                if self._in_fr:
+                    sacked_before = self._sacked_between(una, self._snd_max)
+            sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una, news)
+        elif rack is not None and self._in_fr:
+            sacked_before = self._sacked_between(una, self._snd_max)
         wnd = seg.window << self._snd_wscale
         window_changed = False
         if una <= ack and (self._snd_wl1 < seq or (self._snd_wl1 == seq and self._snd_wl2 <= ack)):
@@ -1436,11 +1504,16 @@ class TcpSocket:
             if self._in_fr:
                 if not self._sack_ok:
                     self._cc.cwnd += self._smss  # window inflation
-            elif una >= self._recover and (
-                self._dupacks >= 3 or (self._sack_ok and self._lost_edge() > una)
+            elif (
+                rack is None
+                and una >= self._recover
+                and (self._dupacks >= 3 or (self._sack_ok and self._lost_edge() > una))
             ):
                 self._enter_fast_recovery(now)
-        if sack_new and self._rxt_marks and self._in_fr:
+        if rack is not None:
+            if seg.sack_blocks or self._in_fr or had_sacked:
+                self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
+        elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
         if window_changed or ack > una:
             self._update_persist(now)
@@ -1492,6 +1565,8 @@ class TcpSocket:
                 self._dupacks = 0
                 self._rxt_marks.clear()
                 self._relost.clear()
+                if self._rack is not None:
+                    self._rack.on_recovery_exit()
                 if self._sack_ok:
                     cc.cwnd = cc.ssthresh
                 else:
@@ -1508,7 +1583,36 @@ class TcpSocket:
             self._dupacks = 0
             if n > 0:
                 cc.on_ack(n, now, rtt.srtt)
-        self._rto_at = None if ack == self._snd_max else now + rtt.rto
+        rack = self._rack
+        if rack is None:
+            self._rto_at = None if ack == self._snd_max else now + rtt.rto
+            return
+        if rack.tlp_end is not None and ack >= rack.tlp_end:
+            self._tlp_acked(ack, now)
+        smax = self._snd_max
+        if ack == smax:
+            self._rto_at = None
+            self._rec_at = None
+            rack.timer = 0
+            if rack.sent:
+                rack.sent.clear()  # nothing outstanding: no send times to keep
+        else:
+            rto = rtt.rto
+            self._rto_at = now + rto
+            if rack.timer != TIMER_REO and not self._in_fr and rack.tlp_end is None:
+                # _arm_pto() inlined (RFC 8985 §7.2): PTO = 2*SRTT (+ WCDelAckT with one
+                # segment in flight), at least PTO_FLOOR, at most the RTO
+                srtt = rtt.srtt
+                if srtt is None:
+                    pto = 1.0
+                else:
+                    pto = 2 * srtt
+                    if smax - ack <= self._smss:
+                        pto += WC_DEL_ACK_T
+                    if pto < PTO_FLOOR:
+                        pto = PTO_FLOOR
+                self._rec_at = now + (pto if pto < rto else rto)
+                rack.timer = TIMER_PTO
 
     def _detect_lost_retransmits(self) -> None:
         """A retransmission is lost when more than DupThresh-1 segments' worth of data sent
@@ -1542,7 +1646,149 @@ class TcpSocket:
         self._relost.clear()
         if not self._sack_ok:
             cc.cwnd = cc.ssthresh + 3 * self._smss
+        rack = self._rack
+        if rack is not None:
+            rack.prr_start(self._snd_max - self._snd_una)  # RFC 6937 §3 RecoverFS
+            if rack.timer == TIMER_PTO:
+                rack.timer = 0
+                self._rec_at = None
         self.stats.fast_retransmits += 1
+
+    # -- RACK-TLP (RFC 8985) and PRR (RFC 6937); the state and rules live in recovery.py ---
+    def _arm_pto(self, now: float, one_segment: bool) -> None:
+        """RFC 8985 §7.2: (re)arm the probe timeout when no probe is outstanding, after new
+        data was sent or an ACK advanced SND.UNA; never later than the RTO (then the probe
+        goes instead of the first RTO retransmission, and the RTO is restarted)."""
+        rack = self._rack
+        assert rack is not None
+        if rack.tlp_end is not None or self.state not in _SEND_STATES:
+            return
+        pto = Rack.pto(self._rtt.srtt, one_segment)
+        rto = self._rtt.rto
+        self._rec_at = now + (pto if pto < rto else rto)
+        rack.timer = TIMER_PTO
+
+    def _on_rec_timer(self, now: float, out: list[TcpSegment]) -> None:
+        self._rec_at = None
+        rack = self._rack
+        if rack is None:
+            return
+        kind = rack.timer
+        rack.timer = 0
+        una = self._snd_una
+        smax = self._snd_max
+        if self.state not in _SEND_STATES or smax == una:
+            return
+        if kind == TIMER_REO:
+            self._rack_detect(now)  # RFC 8985 §6.3: the reorder timer expired
+            return
+        if kind != TIMER_PTO or self._in_fr or rack.tlp_end is not None:
+            return
+        # RFC 8985 §7.3: send one new segment if the peer's window allows, else retransmit
+        # the highest-sequence segment; then restart the RTO
+        new = self._new_range(smax, 0)
+        if new is not None:
+            self._emit(new[0], new[1], False, now, out)
+            rack.tlp_is_retrans = False
+        else:
+            s = smax - self._smss
+            self._emit(s if s > una else una, smax, True, now, out)
+            rack.tlp_is_retrans = True
+        rack.tlp_end = self._snd_max  # TLP.end_seq
+        self.stats.tlp_probes += 1
+        self._rto_at = now + self._rtt.rto
+
+    def _tlp_acked(self, ack: int, now: float) -> None:
+        """RFC 8985 §7.4: the ACK covers the probe. A new-data probe, or a retransmitted
+        one that a DSACK showed spurious (:meth:`_rack_on_ack`), ends the episode; an ACK
+        beyond a retransmitted probe without that DSACK means the probe repaired a loss:
+        reduce cwnd once, as fast recovery would have."""
+        rack = self._rack
+        assert rack is not None and rack.tlp_end is not None
+        if not rack.tlp_is_retrans:
+            rack.tlp_end = None
+        elif ack > rack.tlp_end:
+            rack.tlp_end = None
+            if not self._in_fr:
+                cc = self._cc
+                cc.on_congestion_event(now, self._snd_max - self._snd_una)
+                cc.cwnd = cc.ssthresh
+
+    def _rack_on_ack(
+        self,
+        seg: TcpSegment,
+        una: int,
+        ack: int,
+        news: list[tuple[int, int]],
+        sacked_before: int,
+        now: float,
+    ) -> None:
+        """Everything RACK and PRR do with an ACK of the slow path (RFC 8985 §6.2 steps
+        1-5, RFC 6937 §3 "on every ACK during recovery")."""
+        rack = self._rack
+        assert rack is not None
+        blocks = seg.sack_blocks
+        if blocks:
+            # RFC 2883 §4: a DSACK is a first block below the cumulative ACK or inside the
+            # second block
+            base = ack if ack > una else una
+            s0 = _unwrap(base, blocks[0][0])
+            e0 = _unwrap(base, blocks[0][1])
+            dsack = e0 <= base
+            if not dsack and len(blocks) > 1:
+                s1 = _unwrap(base, blocks[1][0])
+                dsack = s1 <= s0 and e0 <= _unwrap(base, blocks[1][1])
+            if dsack:
+                self.stats.dsacks += 1
+                rack.on_dsack(self._snd_una, self._snd_max)
+                if rack.tlp_end is not None and rack.tlp_is_retrans and e0 == rack.tlp_end:
+                    rack.tlp_end = None  # §7.4: the probe was spurious, no loss
+        ts = seg.timestamp
+        tsecr = ts[1] if ts is not None and self._ts_ok else None
+        rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)
+        self._rack_detect(now)
+        if self._in_fr:
+            # RFC 6937 §3: DeliveredData = change in snd.una + change in SACKed bytes
+            una_now = self._snd_una
+            pipe = self._pipe()
+            delivered = (una_now - una) + self._sacked_between(una_now, self._snd_max)
+            delivered -= sacked_before
+            cc = self._cc
+            cc.cwnd = pipe + rack.prr_sndcnt(
+                delivered if delivered > 0 else 0, pipe, cc.ssthresh, self._smss
+            )
+
+    def _rack_detect(self, now: float) -> None:
+        """RFC 8985 §6.2 step 5 and §6.3: mark losses, arm the reorder timer, and enter
+        fast recovery when RACK finds a loss (this replaces RFC 6675's DupThresh)."""
+        rack = self._rack
+        assert rack is not None
+        una = self._snd_una
+        smax = self._snd_max
+        if smax == una:
+            return
+        srtt = self._rtt.srtt
+        if srtt is None:
+            srtt = rack.rtt
+        reo = rack.reo_wnd(self._in_fr, self._sacked_between(una, smax), self._smss, srtt)
+        edge, relost, timeout = rack.detect(una, self._sacked, reo, now)
+        rack.edge = edge
+        if relost and self._in_fr:
+            self._relost.extend(relost)
+            self.stats.lost_retransmits += len(relost)
+        if timeout > 0:
+            self._rec_at = now + timeout
+            rack.timer = TIMER_REO
+        elif rack.timer == TIMER_REO:
+            rack.timer = 0
+            self._rec_at = None
+        if (
+            not self._in_fr
+            and una >= self._recover
+            and edge > una
+            and self._first_unsacked(una) < edge
+        ):
+            self._enter_fast_recovery(now)
 
     def _schedule_ack(self, plen: int, push: int, now: float) -> None:
         """When to ACK in-order data (RFC 9293 §3.8.6.3, RFC 5681 §4.2).

@@ -1,0 +1,360 @@
+"""RACK-TLP (RFC 8985) and PRR (RFC 6937): playbook tests of each rule, and simulator runs
+under loss, reordering and bursty loss compared with the RFC 6675 rules (``rack=False``).
+
+Playbook connections have a 100 ms RTT (SYN-ACK after 0.1 s), MSS 1000, SACK, no
+timestamps: SRTT = min_RTT = 0.1 s, so reo_wnd = min_RTT/4 = 25 ms and PTO = 2*SRTT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_sim import run_transfer
+
+from mitm_wg.net.tcp import TcpState
+from sim import LinkParams
+from tcp_playbook import Pb, active, cfg
+
+ACK = 0x10
+SYN = 0x02
+ISS = 1000
+PISS = 5000
+RTT = 0.1
+
+
+def est(**kw: object) -> Pb:
+    """Established at t=RTT with one RTT sample of RTT (Karn timing of the SYN)."""
+    pb = active(cfg(**kw), isn=ISS)
+    pb.out()
+    pb.at(RTT).send(SYN | ACK, PISS, ISS + 1, mss=1000, sack_permitted=True)
+    assert pb.sock.state is TcpState.ESTABLISHED
+    pb.out()
+    assert pb.sock.srtt == pytest.approx(RTT)
+    return pb
+
+
+def sack(pb: Pb, ack: int, *blocks: tuple[int, int]) -> None:
+    """An ACK from the peer; ``ack`` and the blocks relative to our ISS."""
+    pb.send(ACK, PISS + 1, ISS + ack, sack_blocks=tuple((ISS + a, ISS + b) for a, b in blocks))
+
+
+def send_segments(pb: Pb, n: int, at: float) -> list:
+    pb.sock.send(b"".join(bytes([i % 256]) * 1000 for i in range(n)))
+    segs = pb.at(at).out()
+    assert len(segs) == n
+    return segs
+
+
+# -- RACK (RFC 8985 §6) ---------------------------------------------------------------------
+def test_rack_marks_lost_after_reo_wnd_when_a_later_segment_is_sacked() -> None:
+    pb = est()
+    segs = send_segments(pb, 4, 0.1)
+    # one RTT later the 2nd segment is SACKed, the 1st is missing: not lost yet (one
+    # segment SACKed < DupThresh, reordering window min_RTT/4 = 25 ms)
+    pb.at(0.2)
+    sack(pb, 1, (1001, 2001))
+    pb.expect([])
+    assert pb.poll() == pytest.approx(0.1 + RTT + RTT / 4)  # the RACK reorder timer
+    pb.at(0.22).expect([])
+    # at xmit_ts + RACK.rtt + reo_wnd it is lost: fast recovery, retransmitted
+    pb.at(0.225)
+    pb.expect([segs[0]])
+    st = pb.sock.stats
+    assert st.fast_retransmits == 1 and st.rto_expired == 0 and st.retransmits == 1
+
+
+def test_reordering_within_reo_wnd_causes_no_retransmission() -> None:
+    pb = est()
+    send_segments(pb, 4, 0.1)
+    pb.at(0.2)
+    sack(pb, 1, (1001, 2001))
+    sack(pb, 1, (1001, 3001))
+    pb.expect([])
+    pb.at(0.21)
+    sack(pb, 3001)  # the first segment arrives late (reordered, not lost)
+    pb.expect([])
+    pb.at(0.3)
+    sack(pb, 4001)
+    pb.at(1.0).expect([])
+    st = pb.sock.stats
+    assert st.retransmits == st.fast_retransmits == st.rto_expired == 0
+    assert pb.sock._rack is not None and pb.sock._rack.reordering_seen
+
+
+def test_without_reordering_dupthresh_sacked_segments_mean_lost_at_once() -> None:
+    # RFC 8985 §6.2 step 4: no reordering seen and DupThresh segments SACKed: reo_wnd = 0
+    pb = est()
+    segs = send_segments(pb, 5, 0.1)
+    pb.at(0.2)
+    sack(pb, 1, (1001, 2001))
+    sack(pb, 1, (1001, 3001))
+    pb.expect([])
+    sack(pb, 1, (1001, 4001))
+    pb.expect([segs[0]])
+
+
+def test_dsack_widens_reo_wnd() -> None:
+    pb = est()
+    segs = send_segments(pb, 8, 0.1)
+    pb.at(0.2)
+    for k in (2, 3, 4):
+        sack(pb, 1, (1001, k * 1000 + 1))
+    pb.expect([segs[0]])  # 3 SACKed, no reordering seen yet: retransmitted at once
+    rack = pb.sock._rack
+    assert rack is not None and rack.reo_wnd_mult == 1
+    # the original was only late: cumulative ACK, then the retransmission comes back as
+    # a DSACK (RFC 2883: first block below the cumulative ACK)
+    pb.at(0.21)
+    sack(pb, 4001)
+    sack(pb, 4001, (1, 1001))
+    assert pb.sock.stats.dsacks == 1
+    assert rack.reordering_seen and rack.reo_wnd_mult == 2 and rack.reo_wnd_persist == 16
+    smss = pb.sock._smss
+    assert rack.reo_wnd(False, 0, smss, RTT) == pytest.approx(2 * RTT / 4)
+    # a second DSACK within the same round trip does not widen it again (§6.2 step 4)
+    sack(pb, 4001, (1, 1001))
+    assert rack.reo_wnd_mult == 2
+    pb.at(0.25)
+    sack(pb, 8001)  # recovery ends
+    assert not pb.sock._in_fr
+    # next time 3 SACKed segments are not enough: RACK waits min_RTT/4*2 = 50 ms
+    new = send_segments(pb, 4, 0.3)
+    pb.at(0.4)
+    for k in (2, 3, 4):
+        sack(pb, 8001, (9001, 8001 + k * 1000))
+    pb.expect([])
+    assert pb.poll() == pytest.approx(0.3 + rack.rtt + 2 * RTT / 4)
+    pb.at(pb.poll()).expect([new[0]])
+
+
+def test_rack_detects_a_lost_retransmission() -> None:
+    pb = est()
+    segs = send_segments(pb, 10, 0.1)
+    pb.sock.send(bytes(10_000))  # queued: PRR sends some of it during recovery
+    pb.at(0.2)
+    for k in (2, 3, 4):
+        sack(pb, 1, (1001, k * 1000 + 1))
+    (rx,) = pb.out()
+    assert rx == segs[0]
+    newer = []
+    for k in range(5, 11):
+        sack(pb, 1, (1001, k * 1000 + 1))
+        newer += pb.out()
+    assert newer and all(s.seq > segs[-1].seq for s in newer)  # new data, sent after rx
+    # the retransmission (sent at 0.2) is lost too: segments sent after it are SACKed
+    pb.at(0.3)
+    sack(pb, 1, (1001, 10_001 + 1000 * len(newer)))
+    got = pb.out()
+    assert got[0] == segs[0]  # sent a third time, without waiting for the RTO
+    assert pb.sock.stats.lost_retransmits == 1 and pb.sock.stats.rto_expired == 0
+
+
+# -- TLP (RFC 8985 §7) ----------------------------------------------------------------------
+def test_tlp_probe_retransmits_the_last_segment_after_pto() -> None:
+    pb = est()
+    segs = send_segments(pb, 3, 0.1)
+    rto_at = pb.sock._rto_at
+    assert rto_at is not None
+    t = pb.poll()
+    assert t == pytest.approx(0.1 + 2 * RTT)  # PTO = 2*SRTT, before the RTO
+    assert t < rto_at
+    pb.at(t - 0.001).expect([])
+    pb.at(t).expect([segs[2]])
+    st = pb.sock.stats
+    assert st.tlp_probes == 1 and st.rto_expired == 0
+    # only one probe per tail: the next timer is the (restarted) RTO
+    assert pb.sock._rec_at is None and pb.poll() == pytest.approx(t + pb.sock.rto)
+
+
+def test_tlp_probe_sends_new_data_when_it_can() -> None:
+    pb = est()
+    pb.sock.send(bytes(12_000))  # initial window 10: two segments wait for cwnd
+    segs = pb.at(0.1).out()
+    assert len(segs) == 10
+    t = pb.poll()
+    assert t == pytest.approx(0.1 + 2 * RTT)
+    (probe,) = pb.at(t).out()
+    assert probe.seq == ISS + 10_001 and len(probe.payload) == 1000  # new data, not a resend
+    assert pb.sock.stats.tlp_probes == 1 and pb.sock.stats.retransmits == 0
+
+
+def test_tlp_with_one_segment_in_flight_adds_the_delayed_ack_time() -> None:
+    pb = est(min_rto=1.0)
+    pb.sock.send(b"x" * 1000)
+    pb.at(0.1).out()
+    assert pb.poll() == pytest.approx(0.1 + 2 * RTT + 0.2)  # + WCDelAckT (§7.2)
+
+
+def test_tlp_recovers_a_tail_loss_without_rto() -> None:
+    pb = est()
+    segs = send_segments(pb, 3, 0.1)
+    # segments 2 and 3 are lost: the peer ACKs the first one only
+    pb.at(0.2)
+    sack(pb, 1001)
+    t = pb.poll()
+    assert t == pytest.approx(0.2 + 2 * RTT)
+    pb.at(t).expect([segs[2]])  # the probe: the last segment again
+    # the probe is SACKed: RACK now knows the 2nd segment, sent before it, is lost
+    pb.at(t + RTT)
+    sack(pb, 1001, (2001, 3001))
+    pb.expect([segs[1]])
+    pb.at(t + 2 * RTT)
+    sack(pb, 3001)
+    st = pb.sock.stats
+    assert pb.sock.snd_una == pb.sock.snd_nxt == ISS + 3001
+    assert st.rto_expired == 0 and st.tlp_probes == 1 and st.fast_retransmits == 1
+
+
+def test_tlp_repairing_the_only_loss_reduces_cwnd_once() -> None:
+    pb = est()
+    segs = send_segments(pb, 4, 0.1)
+    pb.at(0.2)
+    sack(pb, 3001)  # the last segment is lost
+    cwnd = pb.sock.cwnd
+    t = pb.poll()
+    assert t is not None
+    pb.at(t).expect([segs[3]])
+    pb.at(t + RTT)
+    sack(pb, 4001)  # the probe repaired it (no DSACK follows)
+    pb.sock.send(b"y" * 1000)  # new data: the ACK beyond the probe ends the episode
+    pb.out()
+    pb.at(t + 2 * RTT)
+    sack(pb, 5001)
+    assert pb.sock.cwnd < cwnd and pb.sock.stats.rto_expired == 0
+
+
+def test_tlp_spurious_probe_dsack_keeps_cwnd() -> None:
+    pb = est()
+    send_segments(pb, 4, 0.1)
+    t = pb.poll()
+    assert t is not None
+    pb.at(t).out()  # probe (all ACKs were just slow)
+    cwnd = pb.sock.cwnd
+    pb.at(t + 0.01)
+    sack(pb, 4001)
+    sack(pb, 4001, (3001, 4001))  # DSACK for the probe: nothing was lost
+    pb.sock.send(b"y" * 1000)
+    pb.out()
+    pb.at(t + RTT)
+    sack(pb, 5001)
+    assert pb.sock.cwnd >= cwnd and pb.sock.stats.dsacks == 1
+    assert pb.sock._rack is not None and pb.sock._rack.tlp_end is None
+
+
+# -- PRR (RFC 6937) -------------------------------------------------------------------------
+def test_prr_paces_recovery_sending_to_ssthresh() -> None:
+    pb = est()
+    # grow cwnd to 20 segments, then have 20 in flight and more data queued
+    send_segments(pb, 10, 0.1)
+    pb.at(0.2)
+    for k in range(1, 11):
+        sack(pb, 1000 * k + 1)
+    pb.sock.send(bytes(40_000))
+    segs = pb.out()
+    assert len(segs) == 20 and pb.sock.cwnd == 20_000
+    rack = pb.sock._rack
+    assert rack is not None
+    # the first of them is lost; the others are SACKed one ACK each
+    pb.at(0.3)
+    sent: list[int] = []
+    pre = 0
+    for k in range(1, 20):
+        sack(pb, 10_001, (11_001, 11_001 + 1000 * k))
+        got = pb.out()
+        if k < 3:
+            # SACKed data leaves the flight (and limited transmit): new data only
+            assert all(s.seq > segs[-1].seq for s in got)
+            pre += len(got)
+            continue
+        if k == 3:  # DupThresh SACKed: recovery; the fast retransmission goes at once
+            assert got[0] == segs[0]
+            ssthresh = pb.sock.ssthresh
+            recover_fs = rack.recover_fs
+            assert recover_fs == 20_000 + 1000 * pre
+            assert ssthresh == recover_fs // 2  # FlightSize/2
+            delivered0 = 3000 - 1000 * 3  # PRR counts from this ACK on
+            got = got[1:]
+        sent.append(sum(len(s.payload) for s in got))
+        assert len(got) <= 1  # never a burst
+        # RFC 6937 §3: sending follows delivery, prr_out <= ceil(delivered*ssthresh/RecoverFS)
+        delivered = 1000 * (k - 2) + delivered0
+        assert sum(sent) <= math.ceil(delivered * ssthresh / recover_fs)
+    # about half a segment per delivered segment while pipe > ssthresh: data flowed during
+    # recovery (RFC 6675 with cwnd = ssthresh sends nothing until pipe < ssthresh)
+    assert sum(sent) >= 7000
+    assert rack.prr_out == sum(sent) + 1000
+    # the cumulative ACK ends recovery at cwnd = ssthresh
+    sack(pb, 10_001 + recover_fs + sum(sent))
+    assert not pb.sock._in_fr and pb.sock.cwnd == pb.sock.ssthresh == ssthresh
+
+
+def test_prr_slow_starts_back_to_ssthresh_when_pipe_falls_below() -> None:
+    pb = est()
+    send_segments(pb, 10, 0.1)
+    pb.at(0.2)
+    for k in range(1, 11):
+        sack(pb, 1000 * k + 1)
+    pb.sock.send(bytes(40_000))
+    segs = pb.out()
+    assert len(segs) == 20
+    # heavy loss: only segments 12..20 arrive, so pipe drops below ssthresh (10 segments)
+    pb.at(0.3)
+    sack(pb, 10_001, (21_001, 22_001))
+    sack(pb, 10_001, (21_001, 23_001))
+    sack(pb, 10_001, (21_001, 24_001))
+    out = pb.out()
+    assert out[0] == segs[0]
+    ss = pb.sock.ssthresh
+    for k in range(5, 10):
+        sack(pb, 10_001, (21_001, 20_001 + 1000 * k))
+        pb.out()
+        # PRR-SSRB: pipe + sndcnt never exceeds ssthresh
+        assert pb.sock._pipe() <= ss
+
+
+# -- simulator runs: RACK-TLP/PRR vs the RFC 6675 rules --------------------------------------
+SCENARIOS = {
+    "random": dict(loss=0.02, duplicate=0.01, reorder=0.02, reorder_delay=0.003),
+    "bursty": dict(burst_loss=0.02, burst_len=4.0),
+}
+
+
+def totals(rack: bool, kw: dict[str, float], seeds: range) -> dict[str, int]:
+    tot = {"rto_expired": 0, "retransmits": 0, "tlp_probes": 0, "dsacks": 0}
+    for seed in seeds:
+        tr = run_transfer(
+            seed,
+            512 * 1024,
+            64 * 1024,
+            timeout=600.0,
+            ab=LinkParams(**kw),  # type: ignore[arg-type]
+            ba=LinkParams(**kw),  # type: ignore[arg-type]
+            tcp_config=cfg(rack=rack, mss=1400, recv_buffer=1 << 20),
+        )  # byte-exact delivery is asserted in run_transfer
+        for sock in (tr.client, tr.server):
+            assert sock is not None
+            for name in tot:
+                tot[name] += getattr(sock.stats, name)
+    return tot
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_sim_rack_needs_fewer_rtos_than_rfc6675(scenario: str) -> None:
+    kw = SCENARIOS[scenario]
+    seeds = range(1, 9)
+    old = totals(False, kw, seeds)
+    new = totals(True, kw, seeds)
+    assert old["tlp_probes"] == 0
+    assert new["tlp_probes"] > 0, (old, new)
+    assert new["rto_expired"] < old["rto_expired"], (old, new)
+
+
+def test_sim_reordering_fewer_spurious_retransmissions() -> None:
+    # no loss at all: every retransmission is spurious
+    kw = {"reorder": 0.05, "reorder_delay": 0.004}
+    seeds = range(1, 7)
+    old = totals(False, kw, seeds)
+    new = totals(True, kw, seeds)
+    assert new["retransmits"] < old["retransmits"], (old, new)
+    assert new["dsacks"] > 0
