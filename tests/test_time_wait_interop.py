@@ -111,6 +111,13 @@ def wait_for_our_handshake_to_be_newer(other_handshake: float) -> None:
     )
 
 
+def _server_time_waits(peer: ExitPeer, ports: range) -> int:
+    """How many of the server's connections to the client ``ports`` are in TIME_WAIT."""
+    out = peer.ns.exec(["ss", "-Htan", "state", "time-wait"]).stdout
+    peers = {line.split()[-1].rsplit(":", 1)[-1] for line in out.splitlines() if line.strip()}
+    return sum(str(port) in peers for port in ports)
+
+
 def _put_our_timestamps_behind(stack: Stack, peer: ExitPeer, kernel_ms: int, now: float) -> None:
     """Re-key the stack's timestamp offsets until our TSvals to the server run 2**29..2**31
     - 2**29 ms behind the kernel client's: every SYN of ours that meets one of its TIME_WAITs
@@ -144,6 +151,14 @@ def test_kernel_client_time_waits_just_before_do_not_stall_our_connects(
         ):
             trio.run(kernel_client, peer, ports)
             kernel_done = time.time()
+            # Every one of the server's 16 connections must be in TIME_WAIT (the kernel
+            # client's last ACK delivered) before its interface goes: a server left in
+            # FIN_WAIT2 would answer our SYN without a PAWS check.
+            wait_until(
+                lambda: _server_time_waits(peer, ports) == len(ports),
+                10,
+                "the server to hold the kernel client's 16 connections in TIME_WAIT",
+            )
         kernel_ms = (time.monotonic_ns() // 1_000_000) & M32
         before = paws_timewait(peer)
         wait_for_our_handshake_to_be_newer(kernel_done)
