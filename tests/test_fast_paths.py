@@ -18,8 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mitm_wg.net.assembler import Assembler
+from mitm_wg.net.bbr import Bbr
 from mitm_wg.net.checksum import verify
 from mitm_wg.net.congestion import NewReno
+from mitm_wg.net.delivery import DeliveryRate, RateSample
+from mitm_wg.net.pacing import Pacer
 from mitm_wg.net.recovery import Rack
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.stack import Stack
@@ -29,11 +32,26 @@ from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
 A = ipaddress.ip_address("10.0.0.1").packed
 B = ipaddress.ip_address("10.0.0.2").packed
 MSS = 1400
+INF = float("inf")
 
 
 def state_of(obj: Any) -> Any:
     """A comparable snapshot of a socket's whole state (recursing into helper objects)."""
-    if isinstance(obj, (TcpStats, RttEstimator, NewReno, Assembler, _RcvTuning, Rack)):
+    if isinstance(
+        obj,
+        (
+            TcpStats,
+            RttEstimator,
+            NewReno,
+            Assembler,
+            _RcvTuning,
+            Rack,
+            Pacer,
+            Bbr,
+            DeliveryRate,
+            RateSample,
+        ),
+    ):
         slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
         return {s: state_of(getattr(obj, s)) for s in slots if hasattr(obj, s)}
     if isinstance(obj, TcpSocket):
@@ -409,7 +427,7 @@ def test_wrap_tcp4_matches_general_wrap(
 class _NoBulk(TcpSocket):
     """The same socket with the bulk-send fast path switched off."""
 
-    def _bulk_send(self, now: float, out: list[Any], tuples: bool) -> int:
+    def _bulk_send(self, now: float, out: list[Any], tuples: bool, budget: float = 0) -> int:
         return 0
 
 
@@ -566,8 +584,10 @@ def test_bulk_send_is_taken() -> None:
     calls: list[int] = []
     original = TcpSocket._bulk_send
 
-    def counting(self: TcpSocket, now: float, out: list[Any], tuples: bool) -> int:
-        n = original(self, now, out, tuples)
+    def counting(
+        self: TcpSocket, now: float, out: list[Any], tuples: bool, budget: float = INF
+    ) -> int:
+        n = original(self, now, out, tuples, budget)
         calls.append(n)
         return n
 
@@ -590,8 +610,10 @@ def test_stack_bulk_send_matches_general_loop(monkeypatch: Any) -> None:
     hits = [0]
     original = TcpSocket._bulk_send
 
-    def counting(self: TcpSocket, now: float, out: list[Any], tuples: bool) -> int:
-        n = original(self, now, out, tuples)
+    def counting(
+        self: TcpSocket, now: float, out: list[Any], tuples: bool, budget: float = INF
+    ) -> int:
+        n = original(self, now, out, tuples, budget)
         hits[0] += n > 1
         return n
 
@@ -601,7 +623,7 @@ def test_stack_bulk_send_matches_general_loop(monkeypatch: Any) -> None:
         hits[0] = 0
         fast = run_transfer(seed, True, calls)
         assert hits[0] > 20, "the bulk path was not taken"
-        monkeypatch.setattr(TcpSocket, "_bulk_send", lambda self, now, out, tuples: 0)
+        monkeypatch.setattr(TcpSocket, "_bulk_send", lambda self, now, out, tuples, budget=INF: 0)
         slow = run_transfer(seed, True, calls)
         assert len(fast) == len(slow)
         for i, (x, y) in enumerate(zip(fast, slow, strict=True)):

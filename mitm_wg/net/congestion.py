@@ -1,4 +1,5 @@
-"""Congestion controllers: NewReno (RFC 5681/6582 window rules) and CUBIC (RFC 9438).
+"""Congestion controllers: NewReno (RFC 5681/6582 window rules) and CUBIC (RFC 9438);
+BBR lives in ``bbr.py``.
 
 The controllers only own ``cwnd``/``ssthresh`` growth and reduction; the socket decides
 when a congestion event happens (fast retransmit, RTO) and runs loss recovery itself.
@@ -6,6 +7,11 @@ All sizes are bytes.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mitm_wg.net.bbr import Bbr
 
 __all__ = ["Cubic", "NewReno", "initial_window", "make_controller"]
 
@@ -21,6 +27,9 @@ class NewReno:
     __slots__ = ("_acc", "cwnd", "smss", "ssthresh")
 
     name = "newreno"
+    #: False: a loss-based controller; the socket applies PRR and cwnd = ssthresh around
+    #: recovery. True (BBR): the controller sets cwnd itself from rate samples.
+    model_based = False
 
     def __init__(self, smss: int) -> None:
         self.smss = smss
@@ -33,6 +42,15 @@ class NewReno:
             segs = max(1, self.cwnd // self.smss)
             self.smss = smss
             self.cwnd = segs * smss
+
+    def pacing_rate(self, srtt: float | None) -> float:
+        """Pacing rate in bytes/s (0: unpaced, before the first RTT sample), as Linux's
+        tcp_update_pacing_rate: cwnd/SRTT x 2 in slow start (cwnd < ssthresh/2), x 1.2
+        after (sysctl tcp_pacing_ss_ratio/tcp_pacing_ca_ratio)."""
+        if srtt is None or srtt <= 0.0:
+            return 0.0
+        cwnd = self.cwnd
+        return (2.0 if cwnd < self.ssthresh >> 1 else 1.2) * cwnd / srtt
 
     def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
         """New data was cumulatively acknowledged outside loss recovery."""
@@ -127,9 +145,15 @@ class Cubic(NewReno):
         self._acc = 0
 
 
-def make_controller(name: str, smss: int) -> NewReno:
+def make_controller(name: str, smss: int, seed: int = 0) -> NewReno | Bbr:
+    """The controller ``name`` ("newreno", "cubic" or "bbr"); ``seed`` (e.g. the ISN)
+    picks BBR's starting phase of the gain cycle."""
     if name == "newreno":
         return NewReno(smss)
     if name == "cubic":
         return Cubic(smss)
-    raise ValueError(f"unknown congestion controller {name!r}")
+    if name == "bbr":
+        from mitm_wg.net.bbr import Bbr
+
+        return Bbr(smss, seed)
+    raise ValueError(f"unknown congestion controller {name!r} (newreno, cubic or bbr)")

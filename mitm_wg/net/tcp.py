@@ -59,6 +59,8 @@ from typing import Any
 
 from mitm_wg.net.assembler import Assembler
 from mitm_wg.net.congestion import initial_window, make_controller
+from mitm_wg.net.delivery import DeliveryRate
+from mitm_wg.net.pacing import Pacer
 from mitm_wg.net.recovery import PTO_FLOOR, TIMER_PTO, TIMER_REO, WC_DEL_ACK_T, Rack
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, TcpSegment
@@ -117,7 +119,9 @@ class TcpConfig:
     #: False: RFC 6675's DupThresh rule and cwnd = ssthresh in recovery, no loss probes
     rack: bool = True
     window_scaling: bool = True
-    congestion: str = "newreno"  # or "cubic"
+    congestion: str = "newreno"  # or "cubic" or "bbr"
+    #: pace data segments at the congestion controller's pacing rate (pacing.py)
+    pacing: bool = True
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
 
 
@@ -185,6 +189,7 @@ _USER_SEND_STATES = frozenset(
     {TcpState.SYN_SENT, TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT}
 )
 _COMPACT_AT = 1 << 16
+_INF = float("inf")
 
 
 def _unwrap(base: int, wire: int) -> int:
@@ -328,7 +333,11 @@ class TcpSocket:
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
         self._ts_rto_floor: int | None = None
-        self._cc = make_controller(cfg.congestion, self._smss)
+        self._cc = make_controller(cfg.congestion, self._smss, isn)
+        # pacing (pacing.py) and, for a model-based controller (BBR), delivery-rate
+        # estimation (delivery.py): hooks in dispatch/_emit/_bulk_send/poll_at and on ACKs
+        self._pacer: Pacer | None = Pacer() if cfg.pacing else None
+        self._dr: DeliveryRate | None = DeliveryRate(now) if self._cc.model_based else None
         self._dupacks = 0
         self._in_fr = False
         self._recover = iss
@@ -667,7 +676,14 @@ class TcpSocket:
         unsacked_lost = (lost - una) - self._sacked_between(una, lost) if lost > una else 0
         rxt = self._high_rxt
         unsacked_rxt = (rxt - una) - self._sacked_between(una, rxt) if rxt > una else 0
-        return (smax - una - sacked_total) - unsacked_lost + unsacked_rxt
+        pipe = (smax - una - sacked_total) - unsacked_lost + unsacked_rxt
+        # a retransmission deemed lost again (RACK, or the lost-retransmission rule) has
+        # left the network too until it is sent once more (as Linux's lost_out/retrans_out)
+        for rs, re in self._relost:
+            if re > una:
+                lo = rs if rs > una else una
+                pipe -= (re - lo) - self._sacked_between(lo, re)
+        return pipe
 
     def _flight(self) -> int:
         una = self._snd_una
@@ -819,6 +835,9 @@ class TcpSocket:
         if self._fin_queued and e == data_end + 1:
             flags |= FIN
         seg = self._make_seg(flags, s, payload, now)
+        dr = self._dr
+        if dr is not None:
+            dr.on_send(s, e, now, self._snd_max - self._snd_una, rexmit)
         rack = self._rack
         if rack is not None:
             # RFC 8985 §5.2 Segment.xmit_ts (inlined common case: the batch grows)
@@ -906,19 +925,38 @@ class TcpSocket:
                     out.append(self._make_seg(ACK, self._snd_max, b"", now))
                 self._ack_now = True
         guard = 0
-        if not self._in_fr and not self._sacked and self.state in _SEND_STATES:
-            guard = self._bulk_send(now, out, tuples)
-        while guard < 100000:
+        budget = _INF
+        pacer = self._pacer
+        sending = self.state in _SEND_STATES
+        if pacer is not None and sending:
+            # pacing.py: the bytes the pacer lets go now
+            budget = pacer.budget(now, self._cc.pacing_rate(self._rtt.srtt))
+        sent = 0
+        if not self._in_fr and not self._sacked and sending:
+            smax = self._snd_max
+            guard = self._bulk_send(now, out, tuples, budget)
+            sent = self._snd_max - smax
+        tx = None
+        while guard < 100000 and sent < budget:
             tx = self._next_tx()
             if tx is None:
                 break
             self._emit(tx[0], tx[1], tx[2], now, out)
+            sent += tx[1] - tx[0]
             guard += 1
+        if sent and pacer is not None:
+            pacer.on_sent(sent)
+        dr = self._dr
+        if dr is not None and tx is None and sending and not self._pending_send():
+            # delivery-rate draft §3.4: nothing more to send with room in the window
+            flight = self._flight()
+            if flight < self._cc.cwnd:
+                dr.on_app_limited(flight)
         if self._ack_now and self.state in _ACK_STATES:
             out.append(self._make_seg(ACK, self._snd_max, b"", now))
         self._update_persist(now)
 
-    def _bulk_send(self, now: float, out: list[Any], tuples: bool) -> int:
+    def _bulk_send(self, now: float, out: list[Any], tuples: bool, budget: float = _INF) -> int:
         """Bulk-send fast path of :meth:`dispatch`: the full-size segments of new data that
         the congestion and peer windows allow, with exactly the effect (segments, state,
         counters) of the ``_next_tx``/``_emit`` loop, which carries on from where this stops
@@ -943,6 +981,8 @@ class TcpSocket:
         if data_end < limit:
             limit = data_end
         cw_end = una + self._cc.cwnd
+        if s + budget < cw_end:
+            cw_end = s + budget  # the pacer's budget (pacing.py), same overdraw rule
         if s + smss > limit or s >= cw_end:
             return 0
         # the first one the general way: it sets the ACK/window/timer/RTT state
@@ -1009,6 +1049,9 @@ class TcpSocket:
         rack = self._rack
         if rack is not None:
             rack.sent[-1][0] = s  # the first one's send-time batch (RFC 8985 §5.2) grows
+        dr = self._dr
+        if dr is not None:
+            dr.records[-1][1] = s  # ...and so does its delivery-rate record
         self.stats.segments_out += n - 1
         return n
 
@@ -1040,6 +1083,8 @@ class TcpSocket:
             self._cc.cwnd = self._smss
             self._sacked.clear()  # repeated timeouts: the peer may have reneged on SACKs
         rtt.backoff()
+        if self._dr is not None:
+            self._dr.on_retransmit_all()
         self._ts_rto_floor = self._ts_val(now)
         self._rxt_marks.clear()
         self._relost.clear()
@@ -1132,9 +1177,14 @@ class TcpSocket:
             return None
         if (self._ack_now or self._acks_owed) and st in _ACK_STATES:
             return self._now
-        if self._next_tx() is not None:
-            return self._now
         best: float | None = None
+        if self._next_tx() is not None:
+            pacer = self._pacer
+            if pacer is None or st not in _SEND_STATES:
+                return self._now
+            best = pacer.next_time(2 * self._smss)  # pacing.py: not before this
+            if best <= self._now:
+                return self._now
         for t in (
             self._rto_at,
             self._rec_at,
@@ -1220,6 +1270,8 @@ class TcpSocket:
                 self._max_snd_wnd = wnd
         if d:
             self._on_new_ack(ack, una, tsecr, now)
+            if self._dr is not None:
+                self._on_delivered(una, ack, None, 0, now)
             # _update_persist() only acts when all is acknowledged or a probe timer runs
             if ack == smax or self._persist_at is not None or self._persist_backoff:
                 self._update_persist(now)
@@ -1472,8 +1524,11 @@ class TcpSocket:
         had_sacked = bool(self._sacked)
         news: list[tuple[int, int]] | None = None
         sacked_before = 0
+        dr = self._dr
+        # delivery.py: SACKed bytes above SND.UNA before this ACK (delivered earlier)
+        dr_sacked = self._sacked_between(una, self._snd_max) if dr is not None and had_sacked else 0
         if self._sack_ok and seg.sack_blocks:
-            if rack is not None:
+            if rack is not None or dr is not None:
                 news = []
                 if self._in_fr:
                     sacked_before = self._sacked_between(una, self._snd_max)
@@ -1502,7 +1557,7 @@ class TcpSocket:
             self.stats.dup_acks += 1
             self._dupacks += 1
             if self._in_fr:
-                if not self._sack_ok:
+                if not self._sack_ok and not self._cc.model_based:
                     self._cc.cwnd += self._smss  # window inflation
             elif (
                 rack is None
@@ -1515,8 +1570,42 @@ class TcpSocket:
                 self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
+        if dr is not None and (ack > una or sack_new):
+            self._on_delivered(una, ack, news, dr_sacked, now)
         if window_changed or ack > una:
             self._update_persist(now)
+
+    def _on_delivered(
+        self,
+        una: int,
+        ack: int,
+        news: list[tuple[int, int]] | None,
+        sacked_before: int,
+        now: float,
+    ) -> None:
+        """An ACK delivered data (SND.UNA ``una`` -> ``ack``, new SACK blocks ``news``,
+        ``sacked_before`` bytes above ``una`` SACKed before it): a delivery-rate sample
+        (delivery.py) for the model-based controller (bbr.py)."""
+        dr = self._dr
+        assert dr is not None
+        una_now = self._snd_una
+        if news is None and not self._sacked and not sacked_before:
+            rs = dr.on_ack_cumulative(una, una_now, now)
+            delivered = una_now - una
+            inflight = self._snd_nxt - una_now
+        else:
+            delivered = (una_now - una) - sacked_before
+            if self._sacked:
+                delivered += self._sacked_between(una_now, self._snd_max)
+            ranges = [(una, una_now)] if una_now > una else []
+            if news:
+                ranges.extend(news)
+            rs = dr.on_ack(una_now, delivered, ranges, now)
+            inflight = self._pipe() if self._in_fr else self._flight()
+        if delivered > 0:
+            self._cc.on_rate_sample(
+                rs, delivered, dr.delivered, inflight, una_now < self._recover, now
+            )
 
     def _on_new_ack(self, ack: int, una: int, tsecr: int, now: float) -> None:
         """SND.UNA advances from ``una`` to ``ack``: RTT sample, send buffer, recovery, cwnd.
@@ -1567,7 +1656,9 @@ class TcpSocket:
                 self._relost.clear()
                 if self._rack is not None:
                     self._rack.on_recovery_exit()
-                if self._sack_ok:
+                if cc.model_based:
+                    pass  # BBR restores its own window (bbr.py)
+                elif self._sack_ok:
                     cc.cwnd = cc.ssthresh
                 else:
                     flight = self._snd_max - ack
@@ -1575,10 +1666,11 @@ class TcpSocket:
             elif not self._sack_ok:
                 # NewReno partial ACK (RFC 6582 §3.2 step 5)
                 self._rexmit_now = True
-                cwnd = cc.cwnd - acked
-                if acked >= self._smss:
-                    cwnd += self._smss
-                cc.cwnd = cwnd if cwnd > self._smss else self._smss
+                if not cc.model_based:
+                    cwnd = cc.cwnd - acked
+                    if acked >= self._smss:
+                        cwnd += self._smss
+                    cc.cwnd = cwnd if cwnd > self._smss else self._smss
         else:
             self._dupacks = 0
             if n > 0:
@@ -1644,7 +1736,7 @@ class TcpSocket:
         self._high_rxt = self._snd_una
         self._rxt_marks.clear()
         self._relost.clear()
-        if not self._sack_ok:
+        if not self._sack_ok and not cc.model_based:
             cc.cwnd = cc.ssthresh + 3 * self._smss
         rack = self._rack
         if rack is not None:
@@ -1709,7 +1801,9 @@ class TcpSocket:
             rack.tlp_end = None
         elif ack > rack.tlp_end:
             rack.tlp_end = None
-            if not self._in_fr:
+            if not self._in_fr and not self._cc.model_based:
+                # (BBR does not reduce for a repaired tail loss, as in Linux, where the
+                # CWR state's reduction does not apply to a cong_control module)
                 cc = self._cc
                 cc.on_congestion_event(now, self._snd_max - self._snd_una)
                 cc.cwnd = cc.ssthresh
@@ -1747,7 +1841,7 @@ class TcpSocket:
         tsecr = ts[1] if ts is not None and self._ts_ok else None
         rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)
         self._rack_detect(now)
-        if self._in_fr:
+        if self._in_fr and not self._cc.model_based:
             # RFC 6937 §3: DeliveredData = change in snd.una + change in SACKed bytes
             una_now = self._snd_una
             pipe = self._pipe()
@@ -1772,6 +1866,14 @@ class TcpSocket:
             srtt = rack.rtt
         reo = rack.reo_wnd(self._in_fr, self._sacked_between(una, smax), self._smss, srtt)
         edge, relost, timeout = rack.detect(una, self._sacked, reo, now)
+        dr = self._dr
+        if dr is not None:
+            # delivery.py: bytes newly deemed lost (BBR's rs.losses)
+            old = rack.edge if rack.edge > una else una
+            if edge > old:
+                dr.lost += (edge - old) - self._sacked_between(old, edge)
+            for s, e in relost:
+                dr.lost += e - s
         rack.edge = edge
         if relost and self._in_fr:
             self._relost.extend(relost)
