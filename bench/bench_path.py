@@ -74,6 +74,8 @@ FIXED_BUFFERS = TcpConfig(recv_buffer_max=1 << 20, send_buffer_max=1 << 20)
 BEFORE = {
     "autotune": (FIXED_BUFFERS, "fixed 1 MiB"),
     "rack": (TcpConfig(rack=False), "no RACK-TLP/PRR"),  # RFC 6675 DupThresh recovery
+    # the congestion control before BBR and pacing: NewReno, whole windows at once
+    "bbr": (TcpConfig(congestion="newreno", pacing=False), "NewReno, unpaced"),
 }
 _before = BEFORE["autotune"]
 
@@ -640,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(BEFORE),
         default="autotune",
         help="what --before-after's third client goes without: buffer autotuning (fixed"
-        " 1 MiB buffers) or rack (RFC 6675 recovery instead of RACK-TLP and PRR)",
+        " 1 MiB buffers), rack (RFC 6675 recovery instead of RACK-TLP and PRR) or bbr"
+        " (NewReno without pacing instead of BBR with pacing)",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)

@@ -204,18 +204,20 @@ def test_fast_input_takes_the_common_segments() -> None:
 # -- the Stack: bytes (fast paths) versus bytearray (general path) ---------------------------
 
 
-def make_stacks(seed: int) -> tuple[Stack, Stack]:
+def make_stacks(seed: int, tcp_config: TcpConfig | None = None) -> tuple[Stack, Stack]:
     ra, rb = random.Random(seed), random.Random(seed + 1)
     return (
-        Stack(["10.0.0.1/24"], mtu=1420, randbytes=ra.randbytes),
-        Stack(["10.0.0.2/24"], mtu=1420, randbytes=rb.randbytes),
+        Stack(["10.0.0.1/24"], mtu=1420, randbytes=ra.randbytes, tcp_config=tcp_config),
+        Stack(["10.0.0.2/24"], mtu=1420, randbytes=rb.randbytes, tcp_config=tcp_config),
     )
 
 
-def run_transfer(seed: int, as_bytes: bool, calls: list[int]) -> list[object]:
+def run_transfer(
+    seed: int, as_bytes: bool, calls: list[int], tcp_config: TcpConfig | None = None
+) -> list[object]:
     """A lossy, reordering bidirectional transfer; returns everything observable."""
     rng = random.Random(seed)
-    a, b = make_stacks(seed)
+    a, b = make_stacks(seed, tcp_config)
     trace: list[object] = []
     lst = b.tcp_listen(80)
     now = 0.0
@@ -604,9 +606,17 @@ def test_bulk_send_is_taken() -> None:
     assert sum(type(s) is tuple for s in out) == calls[0] - 1
 
 
-def test_stack_bulk_send_matches_general_loop(monkeypatch: Any) -> None:
+@pytest.mark.parametrize(
+    ("congestion", "pacing", "min_hits"),
+    # BBR paces: after the first window, ACK-clocked releases of a few segments each
+    [("newreno", False, 20), ("bbr", True, 5)],
+)
+def test_stack_bulk_send_matches_general_loop(
+    monkeypatch: Any, congestion: str, pacing: bool, min_hits: int
+) -> None:
     """The lossy, reordering stack transfer gives identical packets, counters and states
     with and without the bulk path."""
+    tcp_config = TcpConfig(congestion=congestion, pacing=pacing)
     hits = [0]
     original = TcpSocket._bulk_send
 
@@ -621,10 +631,10 @@ def test_stack_bulk_send_matches_general_loop(monkeypatch: Any) -> None:
     for seed in (1, 2):
         monkeypatch.setattr(TcpSocket, "_bulk_send", counting)
         hits[0] = 0
-        fast = run_transfer(seed, True, calls)
-        assert hits[0] > 20, "the bulk path was not taken"
+        fast = run_transfer(seed, True, calls, tcp_config)
+        assert hits[0] > min_hits, "the bulk path was not taken"
         monkeypatch.setattr(TcpSocket, "_bulk_send", lambda self, now, out, tuples, budget=INF: 0)
-        slow = run_transfer(seed, True, calls)
+        slow = run_transfer(seed, True, calls, tcp_config)
         assert len(fast) == len(slow)
         for i, (x, y) in enumerate(zip(fast, slow, strict=True)):
             assert x == y, f"seed {seed}: traces differ at entry {i}"

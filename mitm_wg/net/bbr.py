@@ -54,6 +54,7 @@ FULL_BW_ROUNDS = 3
 MIN_CWND_SEGS = 4  # §4.2.3.3 BBRMinPipeCwnd
 PACING_MARGIN = 0.99  # Linux paces 1 % below the estimate (bbr_pacing_margin_percent)
 INF_SSTHRESH = 1 << 62
+_INF = float("inf")
 #: STARTUP also ends when a round loses more than this share of what it delivered and
 #: lost, and at least STARTUP_LOSS_MIN segments: a 2.89x overshoot into a shallow queue
 #: (e.g. a userspace WireGuard peer's socket buffer) loses about half of it, random loss
@@ -111,7 +112,7 @@ class Bbr:
         self.cwnd_gain = HIGH_GAIN
         self.btl_bw = 0.0  # bytes/s, max of _bw_rounds
         self._bw_rounds: list[list[float]] = []  # [round, max bw in that round]
-        self.min_rtt = float("inf")
+        self.min_rtt = _INF
         self.min_rtt_stamp = 0.0
         self.round_count = 0
         self._next_round_delivered = 0
@@ -171,7 +172,7 @@ class Bbr:
     # -- the model ---------------------------------------------------------------------------
     def bdp(self, gain: float) -> int:
         """gain x btl_bw x min_rtt in bytes (the initial window before any estimate)."""
-        if self.min_rtt == float("inf") or self.btl_bw <= 0:
+        if self.min_rtt == _INF or self.btl_bw <= 0:
             return initial_window(self.smss)
         return int(gain * self.btl_bw * self.min_rtt)
 
@@ -230,7 +231,7 @@ class Bbr:
             floor = self.min_rtt
             if 0 <= rs.rtt < floor:
                 floor = rs.rtt
-            if rs.interval >= floor or floor == float("inf"):
+            if rs.interval >= floor or floor == _INF:
                 bw = rs.delivered / rs.interval
                 if not rs.is_app_limited or bw >= self.btl_bw:
                     self._bw_update(bw)
@@ -256,11 +257,11 @@ class Bbr:
             self._enter_probe_bw(now)
         # -- §4.3.5 min_rtt and PROBE_RTT
         rtt = rs.rtt if rs is not None else -1.0
-        expired = now - self.min_rtt_stamp > MIN_RTT_WINDOW
+        expired = self.min_rtt != _INF and now - self.min_rtt_stamp > MIN_RTT_WINDOW
         if rtt >= 0 and (rtt < self.min_rtt or expired):
             self.min_rtt = rtt if rtt > 0 else 1e-6
             self.min_rtt_stamp = now
-        if expired and self.mode != PROBE_RTT and self.min_rtt != float("inf"):
+        if expired and self.mode != PROBE_RTT:
             self.mode = PROBE_RTT
             self.pacing_gain = 1.0
             self.cwnd_gain = 1.0

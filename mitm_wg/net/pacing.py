@@ -71,7 +71,7 @@ class Pacer:
         self.tokens = tokens
         if rate <= 0.0:
             return float("inf")
-        return tokens
+        return int(tokens)  # whole bytes: a float hair above a segment boundary is none
 
     def on_sent(self, nbytes: int) -> None:
         """``nbytes`` of data left (after :meth:`budget` for the same ``now``)."""
@@ -85,7 +85,7 @@ class Pacer:
         whichever is larger — one wake-up per quantum, not per segment."""
         rate = self.rate
         tokens = self.tokens
-        if rate <= 0.0 or tokens > 0.0:
+        if rate <= 0.0 or tokens >= 1.0:  # (budget() hands out whole bytes)
             return self.stamp
         q = rate * BURST_TIME
         if q < min_quantum:

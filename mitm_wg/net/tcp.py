@@ -119,7 +119,8 @@ class TcpConfig:
     #: False: RFC 6675's DupThresh rule and cwnd = ssthresh in recovery, no loss probes
     rack: bool = True
     window_scaling: bool = True
-    congestion: str = "newreno"  # or "cubic" or "bbr"
+    #: "bbr" (bbr.py, with pacing), "newreno" or "cubic" (congestion.py)
+    congestion: str = "bbr"
     #: pace data segments at the congestion controller's pacing rate (pacing.py)
     pacing: bool = True
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
@@ -936,10 +937,11 @@ class TcpSocket:
             smax = self._snd_max
             guard = self._bulk_send(now, out, tuples, budget)
             sent = self._snd_max - smax
-        tx = None
+        idle = False  # the loop ran out of things to send (not out of pacing budget)
         while guard < 100000 and sent < budget:
             tx = self._next_tx()
             if tx is None:
+                idle = True
                 break
             self._emit(tx[0], tx[1], tx[2], now, out)
             sent += tx[1] - tx[0]
@@ -947,11 +949,18 @@ class TcpSocket:
         if sent and pacer is not None:
             pacer.on_sent(sent)
         dr = self._dr
-        if dr is not None and tx is None and sending and not self._pending_send():
-            # delivery-rate draft §3.4: nothing more to send with room in the window
-            flight = self._flight()
-            if flight < self._cc.cwnd:
-                dr.on_app_limited(flight)
+        if dr is not None and idle and sending:
+            # delivery-rate draft §3.4: nothing more to send with room in the window. We
+            # also count the peer's window as a limit of the application's (a receiver
+            # growing its window, as Linux's does over the first RTTs, would otherwise
+            # look like a full pipe to BBR's startup)
+            if (
+                not self._pending_send()
+                or self._snd_max + self._smss > self._snd_una + self._snd_wnd
+            ):
+                flight = self._flight()
+                if flight < self._cc.cwnd:
+                    dr.on_app_limited(flight)
         if self._ack_now and self.state in _ACK_STATES:
             out.append(self._make_seg(ACK, self._snd_max, b"", now))
         self._update_persist(now)
