@@ -25,8 +25,15 @@ def fixed_random(n: int) -> bytes:
 
 def cfg(**kw: object) -> TcpConfig:
     """Playbook defaults: fixed-size buffers (the caps equal the starting sizes, so no
-    autotuning) unless a test asks for other caps."""
-    base: dict[str, object] = {"mss": 1000, "recv_buffer": 65535, "send_buffer": 1 << 20}
+    autotuning) unless a test asks for other caps; NewReno without pacing (the RFC 5681/
+    6675/6937 window rules these tests check; BBR and pacing: tests/test_bbr_pacing.py)."""
+    base: dict[str, object] = {
+        "mss": 1000,
+        "recv_buffer": 65535,
+        "send_buffer": 1 << 20,
+        "congestion": "newreno",
+        "pacing": False,
+    }
     base.update(kw)
     base.setdefault("recv_buffer_max", base["recv_buffer"])
     base.setdefault("send_buffer_max", base["send_buffer"])

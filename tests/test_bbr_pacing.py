@@ -80,6 +80,7 @@ def test_newreno_pacing_rate_is_linux_rule() -> None:
 
 def est(**kw: object) -> Pb:
     """Established at t=RTT with one RTT sample of RTT, MSS 1000, SACK, no timestamps."""
+    kw.setdefault("pacing", True)
     pb = active(cfg(**kw), isn=ISS)
     pb.out()
     pb.at(RTT).send(SYN | ACK, PISS, ISS + 1, mss=1000, sack_permitted=True, wscale=7)

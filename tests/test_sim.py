@@ -287,8 +287,8 @@ def test_pmtu_shrinks_mid_transfer_with_loss_and_stalling_reader(seed: int) -> N
     )
 
     def routers(now: float) -> None:  # the path changes under the running connection
-        if now > 0.3:
-            sim.links[0].params.mtu = 1000 if now < 3.0 else 700
+        if now > 0.1:
+            sim.links[0].params.mtu = 1000 if now < 0.3 else 700
             sim.links[1].params.mtu = 1100
             sim.links[0].params.icmp_router = sim.links[1].params.icmp_router = "192.0.2.1"
 
@@ -297,7 +297,8 @@ def test_pmtu_shrinks_mid_transfer_with_loss_and_stalling_reader(seed: int) -> N
         sim,
         payload(seed, 600_000),
         payload(seed + 1, 400_000),
-        read_gate_b=lambda now: int(now) % 3 != 1,  # the server stops reading now and then
+        # the server stops reading now and then (100 ms of every 300)
+        read_gate_b=lambda now: int(now * 10) % 3 != 1,
     )
     assert tr.run(200.0) and tr.failure() is None, tr.report()
     assert bytes(tr.got_ab) == tr.data_ab and bytes(tr.got_ba) == tr.data_ba, tr.report()
