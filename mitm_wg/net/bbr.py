@@ -16,12 +16,15 @@ flight at ``cwnd_gain x btl_bw x min_rtt`` (plus a few send quanta). States (§4
 Random loss does not shrink the window (Linux's BBR has no ssthresh cut): during fast
 recovery it keeps packet conservation for the first round (cwnd = in flight + newly
 delivered), then regrows by what is delivered; after recovery the window before it comes
-back (§4.2.3.4, Linux bbr_set_cwnd_to_recover_or_restore). After an RTO the window is one
-segment until the lost data is repaired, then the prior window comes back.
+back (§4.2.3.4, Linux bbr_set_cwnd_to_recover_or_restore), and — unlike Linux — cwnd never
+drops below what is in flight plus what the ACK delivered while recovery lasts. After an RTO
+the window is one segment until the lost data is repaired, then the prior window comes
+back.
 
-One addition to BBRv1: STARTUP also ends on heavy loss in a round (``STARTUP_LOSS_RATE``,
+Additions to BBRv1: STARTUP also ends on heavy loss in a round (``STARTUP_LOSS_RATE``,
 as BBRv2 does with a lower threshold), since v1's overshoot into a shallow queue costs a
-loss episode of a whole BDP.
+loss episode of a whole BDP; bandwidth samples far above what the pacing rate can have
+delivered are dropped (see :meth:`Bbr.on_rate_sample`).
 
 Not implemented (Linux has them): the long-term bandwidth sampling for token-bucket
 policers (lt_bw) and the ACK-aggregation cwnd allowance (extra_acked).
@@ -233,7 +236,14 @@ class Bbr:
                 floor = rs.rtt
             if rs.interval >= floor or floor == _INF:
                 bw = rs.delivered / rs.interval
-                if not rs.is_app_limited or bw >= self.btl_bw:
+                # Not in Linux: once the pipe is full, data leaves paced at most at 1.25 x
+                # btl_bw, so no path delivers it faster; a sample above twice that is an
+                # artefact — a cumulative ACK over data whose SACKs the bounded
+                # scoreboard forgot, or that an RTO resent — and one such sample would
+                # rule the max filter for 10 rounds. (Not in STARTUP: its first samples
+                # can be tiny, app-limited ones.)
+                cap = 2.5 * self.btl_bw if self._full_bw_reached else _INF
+                if (not rs.is_app_limited or bw >= self.btl_bw) and bw <= cap:
                     self._bw_update(bw)
         # -- §4.3.4.3 gain cycling
         if self.mode == PROBE_BW:
@@ -357,7 +367,12 @@ class Bbr:
                     cwnd = self._prior_cwnd
                 self._packet_conservation = False
             self._prev_recovering = recovering
-            if self._packet_conservation:
+            if self._packet_conservation or (recovering and inflight + delivered > cwnd):
+                # Linux conserves packets in the first round of recovery only, and after
+                # that lets the lost bytes shrink cwnd below what is in flight; with heavy
+                # loss (a userspace peer's socket buffer overflowing) that left us with
+                # cwnd < pipe, nothing to send and no ACK to come: an RTO. Sending what
+                # was delivered for the whole recovery (at the pacing rate) avoids that.
                 if inflight + delivered > cwnd:
                     cwnd = inflight + delivered
             else:

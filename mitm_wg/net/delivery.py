@@ -49,6 +49,7 @@ class DeliveryRate:
         "delivered",
         "delivered_time",
         "first_sent_time",
+        "invalid_below",
         "lost",
         "records",
         "rxt",
@@ -61,6 +62,7 @@ class DeliveryRate:
         self.first_sent_time = now  # C.first_sent_time
         self.app_limited = 0  # C.app_limited: 0, or the C.delivered mark where it ends
         self.lost = 0  # bytes newly deemed lost since the last sample (the socket adds)
+        self.invalid_below = 0  # no rate from data below this (sent before an RTO)
         self.records: list[list] = []
         self.rxt = 0  # retransmission records in ``records`` (out of sequence order)
         self.sample = RateSample()
@@ -168,10 +170,16 @@ class DeliveryRate:
         # §3.3: the longer of the two intervals, so that neither ACK compression nor a
         # send burst inflates the rate
         rs.interval = send_elapsed if send_elapsed > ack_elapsed else ack_elapsed
+        if best[_E] <= self.invalid_below:
+            rs.interval = 0.0  # see on_retransmit_all
         rs.rtt = -1.0 if best[_RXT] else now - best[_SENT]
         return rs
 
-    def on_retransmit_all(self) -> None:
-        """After an RTO everything outstanding will go again: the old records go."""
+    def on_retransmit_all(self, snd_max: int) -> None:
+        """After an RTO everything outstanding (below ``snd_max``) will go again: the old
+        records go, and the samples from that data give no rate: one cumulative ACK may
+        then cover megabytes the peer had long held (the SACK scoreboard may be gone),
+        which over the interval since the retransmission is no delivery rate at all."""
         self.records.clear()
         self.rxt = 0
+        self.invalid_below = snd_max

@@ -1093,7 +1093,7 @@ class TcpSocket:
             self._sacked.clear()  # repeated timeouts: the peer may have reneged on SACKs
         rtt.backoff()
         if self._dr is not None:
-            self._dr.on_retransmit_all()
+            self._dr.on_retransmit_all(self._snd_max)
         self._ts_rto_floor = self._ts_val(now)
         self._rxt_marks.clear()
         self._relost.clear()
