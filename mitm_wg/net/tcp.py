@@ -23,7 +23,11 @@ What is implemented:
   ``TcpConfig.rack=False`` RFC 6675's DupThresh rules (NextSeg 1-3) plus lost-retransmission
   detection (a retransmission still missing after later data was SACKed is sent again);
   without SACK, NewReno (RFC 6582) with partial ACKs; limited
-  transmit (RFC 3042); NewReno or CUBIC growth; initial window 10 segments (RFC 6928);
+  transmit (RFC 3042); initial window 10 segments (RFC 6928);
+* congestion control: BBR (``bbr.py``, fed by delivery-rate samples from ``delivery.py``)
+  by default, NewReno or CUBIC (``congestion.py``); data segments paced at the
+  controller's pacing rate (``pacing.py``: ``dispatch`` spends the pacer's budget,
+  ``poll_at`` returns its next release time);
   retransmitting the head restarts the RTO timer (as Linux does);
 * pure ACKs carry the highest sequence number sent (not an RTO-rewound SND.NXT), so a peer
   that already holds the data never discards them as old;
