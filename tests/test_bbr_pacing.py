@@ -505,3 +505,19 @@ def test_sample_beyond_what_pacing_can_deliver_is_an_artefact() -> None:
     s.round(1e3, app_limited=True)
     s.round(5e6)
     assert s.bbr.btl_bw == pytest.approx(5e6)
+
+
+def test_cumulative_ack_over_sacked_data_counts_it_once() -> None:
+    """A plain ACK (header prediction) that advances over data SACKed before delivers
+    only the bytes below the SACKed range."""
+    pb = est(congestion="bbr", send_buffer=1 << 22)
+    sock = pb.sock
+    sock.send(bytes(8 * MSS))
+    assert len(pb.at(0.2).out()) == 8
+    pb.at(0.3).send(ACK, PISS + 1, ISS + 1, window=8192, sack_blocks=((ISS + 2001, ISS + 4001),))
+    dr = sock._dr
+    assert dr is not None and dr.delivered == 2000
+    assert not sock._in_fr  # (so header prediction takes the next ACK)
+    w = 0xFFFFFFFF
+    assert sock.fast_input((PISS + 1) & w, (ISS + 4001) & w, ACK, 8192, None, 0, b"", 0.31)
+    assert dr.delivered == 4000

@@ -1282,9 +1282,13 @@ class TcpSocket:
             if wnd > self._max_snd_wnd:
                 self._max_snd_wnd = wnd
         if d:
-            self._on_new_ack(ack, una, tsecr, now)
-            if self._dr is not None:
-                self._on_delivered(una, ack, None, 0, now)
+            if self._dr is None:
+                self._on_new_ack(ack, una, tsecr, now)
+            else:
+                # (SACKed bytes above SND.UNA were delivered before: not again)
+                sacked = self._sacked_between(una, smax) if self._sacked else 0
+                self._on_new_ack(ack, una, tsecr, now)
+                self._on_delivered(una, ack, None, sacked, now)
             # _update_persist() only acts when all is acknowledged or a probe timer runs
             if ack == smax or self._persist_at is not None or self._persist_backoff:
                 self._update_persist(now)
