@@ -476,10 +476,20 @@ class Tunnel:
         return stream
 
     def _handshake_timeout(self, peer: Peer) -> HandshakeTimeout:
+        path = ";"
+        if self.via is not None:
+            # Multi-hop: say whether the hop underneath was up, the first thing to check.
+            outer = [p for p in self.via.device.peers.values() if p.current is not None]
+            path = (
+                f" through the outer tunnel {self.via!r}, which "
+                + ("has a session" if outer else "has NO session with its peer either")
+                + ";"
+            )
         return HandshakeTimeout(
             f"WireGuard peer {peer.public_key_b64} at "
             f"{format_endpoint(peer.endpoint)} did not answer the handshake "
-            f"within {self.handshake_timeout:g} s (is the endpoint reachable, "
+            f"within {self.handshake_timeout:g} s ({peer.handshake_attempts_total} "
+            f"initiations sent{path} is the endpoint reachable, "
             "and does the peer know our public key?)"
         )
 
