@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 
 import trio
 
+from mitm_wg.config import format_endpoint
 from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
 from mitm_wg.mitmproxy.transport import TunnelTransport, peer_info
@@ -141,7 +142,7 @@ def _first_oserror(exc: BaseException) -> OSError | None:
 
 def connect_error(tunnel: str, host: str, port: int, exc: BaseException) -> OSError:
     """The OSError mitmproxy reports for a failed dial through ``tunnel``."""
-    where = f"{host}:{port} via WireGuard tunnel {tunnel!r}"
+    where = f"{format_endpoint((host, port))} via WireGuard tunnel {tunnel!r}"
     found = _first_oserror(exc)
     if found is not None:
         reason = found.strerror or str(found) or type(found).__name__
@@ -512,7 +513,10 @@ class Bridge:
         st = self._tunnels.get(name)
         if st is None:
             transport.trio_fail(
-                OSError(errno.ENETDOWN, f"{host}:{port}: no WireGuard tunnel named {name!r}")
+                OSError(
+                    errno.ENETDOWN,
+                    f"{format_endpoint((host, port))}: no WireGuard tunnel named {name!r}",
+                )
             )
         elif st.state == "starting":
             assert self._nursery is not None
@@ -521,7 +525,8 @@ class Bridge:
             transport.trio_fail(
                 OSError(
                     errno.ENETDOWN,
-                    f"{host}:{port}: the WireGuard tunnel {name!r} is down: {st.error or st.state}",
+                    f"{format_endpoint((host, port))}: the WireGuard tunnel {name!r} is down: "
+                    f"{st.error or st.state}",
                 )
             )
         else:
@@ -557,12 +562,15 @@ class Bridge:
             transport.trio_fail(
                 ConnectionAbortedError(
                     errno.ECONNABORTED,
-                    f"{host}:{port}: WireGuard tunnel {st.name!r} closed while connecting",
+                    f"{format_endpoint((host, port))}: WireGuard tunnel {st.name!r} closed "
+                    "while connecting",
                 )
             )
             raise
         except Exception:  # a bug: never let it take the tunnel down with it
-            logger.exception("connection to %s:%s via %r crashed", host, port, st.name)
+            logger.exception(
+                "connection to %s via %r crashed", format_endpoint((host, port)), st.name
+            )
         if scope.cancelled_caught:
             transport.trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
 
@@ -598,7 +606,8 @@ class Bridge:
                 connected(
                     OSError(
                         errno.ENETDOWN,
-                        f"{host}:{port}: the WireGuard tunnel {tunnel!r} is not up ({state})",
+                        f"{format_endpoint((host, port))}: the WireGuard tunnel {tunnel!r} is not "
+                        f"up ({state})",
                     )
                 )
                 return

@@ -445,14 +445,15 @@ class Tunnel:
                 if error is not None:
                     if isinstance(error, ConnectionRefusedError):
                         raise ConnectionRefusedError(
-                            errno.ECONNREFUSED, f"connection to {address}:{port} refused"
+                            errno.ECONNREFUSED,
+                            f"connection to {format_endpoint((address, port))} refused",
                         ) from error
                     raise error
                 if sock.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
                     break
                 if sock.is_closed:
                     raise ConnectionResetError(
-                        errno.ECONNRESET, f"connection to {address}:{port} closed"
+                        errno.ECONNRESET, f"connection to {format_endpoint((address, port))} closed"
                     )
                 now = trio.current_time()
                 failed = self._failed.get(peer.public_key)
@@ -460,7 +461,8 @@ class Tunnel:
                     raise self._handshake_timeout(peer)
                 if now >= deadline:
                     raise TimeoutError(
-                        errno.ETIMEDOUT, f"TCP connection to {address}:{port} timed out"
+                        errno.ETIMEDOUT,
+                        f"TCP connection to {format_endpoint((address, port))} timed out",
                     )
                 wake = deadline if peer.current is not None else min(deadline, handshake_deadline)
                 await self._park(stream, wake)
@@ -851,7 +853,7 @@ class TunnelUdpSocket(_Waitable):
                 sock.sendto(data, (ip, port), now)
             except OSError as e:
                 dropped += 1
-                logger.debug("UDP send to %s:%s dropped: %s", host, port, e)
+                logger.debug("UDP send to %s dropped: %s", format_endpoint((host, port)), e)
         tunnel._flush(now)
         return dropped
 

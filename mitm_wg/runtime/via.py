@@ -31,9 +31,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
 from mitm_wg.wireguard.device import Transmit
-from mitm_wg.wireguard.peer import Endpoint
 
 if TYPE_CHECKING:
     from mitm_wg.runtime.tunnel import Tunnel, TunnelUdpSocket
@@ -93,7 +92,7 @@ async def resolve_endpoints_via(config: WireGuardConfig, outer: Tunnel) -> dict[
         if pc.endpoint is None:
             continue
         host, port = pc.endpoint.host, pc.endpoint.port
-        where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        where = format_endpoint(pc.endpoint)
         try:
             addresses = await outer.resolve(host)
         except OSError as e:
@@ -109,7 +108,7 @@ async def resolve_endpoints_via(config: WireGuardConfig, outer: Tunnel) -> dict[
                 f"the WireGuard endpoint {where} is not reachable through the outer tunnel "
                 f"(not in its AllowedIPs, or no tunnel address of that family)",
             )
-        endpoints[pc.public_key] = (str(routed[0]), port)
+        endpoints[pc.public_key] = Endpoint(str(routed[0]), port)
     return endpoints
 
 
@@ -192,9 +191,7 @@ class ViaTransport:
         except BaseExceptionGroup as group:
             # Each family's reader ends the same way when the outer tunnel closes: that
             # end goes up alone (open_tunnel's strict nursery passes a lone error on as it is).
-            if all(
-                isinstance(e, OSError) and e.errno == errno.ENETDOWN for e in group.exceptions
-            ):
+            if all(isinstance(e, OSError) and e.errno == errno.ENETDOWN for e in group.exceptions):
                 raise group.exceptions[0] from None
             raise
 
