@@ -169,10 +169,7 @@ class Tunnel:
         try:
             await task(*args)
         except Exception as exc:
-            raise TunnelCrashed(
-                f"the WireGuard tunnel's {what} task crashed ({type(exc).__name__}: {exc}); "
-                "the tunnel is closed"
-            ) from exc
+            raise TunnelCrashed.of(what, exc) from exc
 
     async def _reader(self, sock: socket.socket) -> None:
         device, stack = self.device, self.stack

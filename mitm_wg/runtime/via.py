@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
+from mitm_wg.errors import TunnelCrashed
 from mitm_wg.wireguard.device import Transmit
 
 if TYPE_CHECKING:
@@ -183,17 +184,24 @@ class ViaTransport:
 
     async def run(self, inner: Tunnel) -> None:
         """Feed datagrams from the outer sockets to ``inner`` until the outer tunnel closes,
-        which ends it with one ``OSError(ENETDOWN)`` naming the outer tunnel."""
+        which ends it with one ``OSError(ENETDOWN)`` naming the outer tunnel. A reader that
+        crashes (a bug) ends it as :class:`TunnelCrashed`, as open_tunnel's other background
+        tasks do, so the crash cannot pass for the caller's own exception."""
         try:
             async with trio.open_nursery() as nursery:
                 for sock in self._sockets.values():
                     nursery.start_soon(self._reader, inner, sock)
         except BaseExceptionGroup as group:
-            # Each family's reader ends the same way when the outer tunnel closes: that
-            # end goes up alone (open_tunnel's strict nursery passes a lone error on as it is).
-            if all(isinstance(e, OSError) and e.errno == errno.ENETDOWN for e in group.exceptions):
-                raise group.exceptions[0] from None
-            raise
+            down, rest = group.split(lambda e: isinstance(e, OSError) and e.errno == errno.ENETDOWN)
+            if rest is None and down is not None:
+                # Each family's reader ends the same way when the outer tunnel closes: that
+                # end goes up alone (open_tunnel's strict nursery passes a lone error on).
+                raise down.exceptions[0] from None
+            crashed = rest.subgroup(lambda e: isinstance(e, Exception)) if rest else None
+            if crashed is None:
+                raise  # cancellation: the cancel scopes above take it
+            cause = crashed.exceptions[0] if len(crashed.exceptions) == 1 else crashed
+            raise TunnelCrashed.of("multi-hop reader", cause) from cause
 
     async def _reader(self, inner: Tunnel, sock: TunnelUdpSocket) -> None:
         device, stack = inner.device, inner.stack
