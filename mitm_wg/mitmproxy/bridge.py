@@ -10,8 +10,8 @@ the default and the measurements behind it are in docs/architecture.md and
 bench/bench_bridge.py.
 
 Lifecycle of tunnels: :meth:`Bridge.set_tunnels` takes ``{name: factory}`` where a factory
-returns an async context manager yielding a tunnel (``lambda: open_tunnel(config)``, or
-:func:`dialer_tunnel` for tests). Each tunnel runs in its own task and cancel scope inside the
+returns an async context manager yielding a tunnel (``lambda: open_tunnel(config)``; tests
+use stand-ins from tests/loopback_addon.py). Each tunnel runs in its own task and cancel scope inside the
 trio run; replacing the set closes the tunnels that are not kept (their connections break
 with ``ConnectionAbortedError``, and a log line says how many) and opens the new ones; the
 tunnels named in ``keep`` go on running, their connections untouched (live ``wg_conf``
@@ -28,8 +28,8 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -45,12 +45,9 @@ __all__ = [
     "ENV_MODE",
     "Bridge",
     "BridgeMode",
-    "Dial",
-    "DialerTunnel",
     "TunnelFactory",
     "TunnelInfo",
     "TunnelLike",
-    "dialer_tunnel",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,8 +60,6 @@ ENV_MODE = "MITM_WG_BRIDGE"
 #: How often the trio side refreshes the peer status shown by ``wg.status``.
 STATUS_INTERVAL = 2.0
 
-Dial = Callable[[str, int], Awaitable[trio.abc.HalfCloseableStream]]
-
 
 class TunnelLike(Protocol):
     """What the bridge needs from a tunnel (mitm_wg.runtime.Tunnel fits)."""
@@ -73,26 +68,6 @@ class TunnelLike(Protocol):
 
 
 TunnelFactory = Callable[[], AbstractAsyncContextManager[Any]]
-
-
-class DialerTunnel:
-    """A stand-in tunnel that connects with a plain dial function (tests, benchmarks)."""
-
-    def __init__(self, dial: Dial) -> None:
-        self._dial = dial
-
-    async def open_tcp_stream(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        return await self._dial(host, port)
-
-
-def dialer_tunnel(dial: Dial) -> TunnelFactory:
-    """A tunnel factory for :meth:`Bridge.set_tunnels` around a dial function."""
-
-    @asynccontextmanager
-    async def factory() -> AsyncIterator[DialerTunnel]:
-        yield DialerTunnel(dial)
-
-    return factory
 
 
 @dataclass(frozen=True)
