@@ -399,7 +399,7 @@ def _run_front(
     stopping: list[int] = []
     exit_died = False
 
-    def forward(signum: int, frame: FrameType | None) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGINT and console:
             return  # the terminal delivered Ctrl-C to mitmproxy too; it asks whether to quit
         stopping.append(signum)
@@ -484,5 +484,5 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     return code
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt

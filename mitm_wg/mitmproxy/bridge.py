@@ -180,7 +180,7 @@ class Bridge:
             raise RuntimeError("the WireGuard bridge is not running")
         token.run_sync_soon(fn, *args)
 
-    def _to_loop(self, fn: Callable[..., object], *args: object) -> None:
+    def _to_loop(self, _fn: Callable[..., object], *_args: object) -> None:
         # Replaced in start() by loop.call_soon (guest) or call_soon_threadsafe (thread).
         raise RuntimeError("the WireGuard bridge is not running")
 

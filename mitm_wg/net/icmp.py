@@ -26,24 +26,16 @@ __all__ = [
 ICMP4_ECHO_REPLY = 0
 ICMP4_DEST_UNREACH = 3
 ICMP4_ECHO_REQUEST = 8
-ICMP4_TIME_EXCEEDED = 11
-ICMP4_PARAM_PROBLEM = 12
-UNREACH4_NET = 0
-UNREACH4_HOST = 1
 UNREACH4_PROTOCOL = 2
 UNREACH4_PORT = 3
 UNREACH4_FRAG_NEEDED = 4
-UNREACH4_ADMIN = 13
 
 # ICMPv6 types and codes
 ICMP6_DEST_UNREACH = 1
 ICMP6_PACKET_TOO_BIG = 2
-ICMP6_TIME_EXCEEDED = 3
 ICMP6_PARAM_PROBLEM = 4
 ICMP6_ECHO_REQUEST = 128
 ICMP6_ECHO_REPLY = 129
-UNREACH6_NO_ROUTE = 0
-UNREACH6_ADMIN = 1
 UNREACH6_ADDRESS = 3
 UNREACH6_PORT = 4
 
@@ -106,14 +98,6 @@ def build_icmp6(
         "!H", msg, 2, checksum(msg, pseudo_header_sum(src, dst, PROTO_ICMPV6, len(msg)))
     )
     return bytes(msg)
-
-
-def is_error4(type_: int) -> bool:
-    return type_ in (ICMP4_DEST_UNREACH, ICMP4_TIME_EXCEEDED, ICMP4_PARAM_PROBLEM, 4, 5)
-
-
-def is_error6(type_: int) -> bool:
-    return type_ < 128
 
 
 class RateLimiter:
