@@ -41,8 +41,9 @@ class NoRoute(MitmWgError, OSError):
 
 
 class TunnelCrashed(MitmWgError, RuntimeError):
-    """A background task of a running tunnel (a UDP reader, the timer) crashed: a bug in
-    mitm-wg, never the caller's own exception. The tunnel is gone; ``__cause__`` is the
+    """A background task of a running tunnel (a UDP reader, the timer, endpoint
+    re-resolution, a multi-hop reader) crashed: a bug in mitm-wg, never the caller's own
+    exception. The tunnel is gone; ``__cause__`` is the
     original exception."""
 
     @classmethod
