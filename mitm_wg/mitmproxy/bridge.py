@@ -95,6 +95,12 @@ class _TunnelState:
     connections: int = 0
 
 
+#: Trio-side callbacks of :meth:`Bridge._trio_when_up`: start work in an up tunnel's
+#: nursery, or report a tunnel that is missing (None) or down.
+_Start = Callable[[_TunnelState, trio.Nursery], object]
+_Fail = Callable[[_TunnelState | None], object]
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _describe(exc.exceptions[0])
@@ -484,34 +490,45 @@ class Bridge:
         transport.attach(protocol)
         return transport
 
-    def _trio_spawn(self, transport: TunnelTransport, name: str, host: str, port: int) -> None:
+    def _trio_when_up(
+        self,
+        name: str,
+        start: _Start,
+        fail: _Fail,
+    ) -> None:
+        """Trio side, the one way into a tunnel: ``start(st, its nursery)`` once tunnel
+        ``name`` is up (waiting while it starts, then looking it up again: a live change may
+        have replaced it), or ``fail(st)`` when it is missing (None) or down."""
         st = self._tunnels.get(name)
-        if st is None:
-            transport.trio_fail(
-                OSError(
-                    errno.ENETDOWN,
-                    f"{format_endpoint((host, port))}: no WireGuard tunnel named {name!r}",
-                )
-            )
-        elif st.state == "starting":
-            assert self._nursery is not None
-            self._nursery.start_soon(self._trio_spawn_when_ready, st, transport, host, port)
-        elif st.nursery is None:
-            transport.trio_fail(
-                OSError(
-                    errno.ENETDOWN,
-                    f"{format_endpoint((host, port))}: the WireGuard tunnel {name!r} is down: "
-                    f"{st.error or st.state}",
-                )
-            )
+        if st is not None and st.state == "starting" and self._nursery is not None:
+            self._nursery.start_soon(self._trio_wait_up, st, start, fail)
+        elif st is None or st.nursery is None or st.tunnel is None:
+            fail(st)
         else:
-            st.nursery.start_soon(self._trio_connection, st, transport, host, port)
+            start(st, st.nursery)
 
-    async def _trio_spawn_when_ready(
-        self, st: _TunnelState, transport: TunnelTransport, host: str, port: int
+    async def _trio_wait_up(
+        self,
+        st: _TunnelState,
+        start: _Start,
+        fail: _Fail,
     ) -> None:
         await st.ready.wait()
-        self._trio_spawn(transport, st.name, host, port)
+        self._trio_when_up(st.name, start, fail)
+
+    def _trio_spawn(self, transport: TunnelTransport, name: str, host: str, port: int) -> None:
+        def start(st: _TunnelState, nursery: trio.Nursery) -> None:
+            nursery.start_soon(self._trio_connection, st, transport, host, port)
+
+        def fail(st: _TunnelState | None) -> None:
+            where = format_endpoint((host, port))
+            if st is None:
+                why = f"{where}: no WireGuard tunnel named {name!r}"
+            else:
+                why = f"{where}: the WireGuard tunnel {name!r} is down: {st.error or st.state}"
+            transport.trio_fail(OSError(errno.ENETDOWN, why))
+
+        self._trio_when_up(name, start, fail)
 
     async def _trio_connection(
         self, st: _TunnelState, transport: TunnelTransport, host: str, port: int
@@ -567,30 +584,22 @@ class Bridge:
         def connected(exc: BaseException | None) -> None:
             self._to_loop(loop_connected, exc)
 
-        async def spawn_when_ready(st: _TunnelState) -> None:
-            await st.ready.wait()
-            spawn()
-
-        def spawn() -> None:
-            st = self._tunnels.get(tunnel)
-            if st is not None and st.state == "starting" and self._nursery is not None:
-                self._nursery.start_soon(spawn_when_ready, st)
-                return
-            if st is None or st.nursery is None or st.tunnel is None:
-                state = "missing" if st is None else (st.error or st.state)
-                connected(
-                    OSError(
-                        errno.ENETDOWN,
-                        f"{format_endpoint((host, port))}: the WireGuard tunnel {tunnel!r} is not "
-                        f"up ({state})",
-                    )
-                )
-                return
-            st.nursery.start_soon(
+        def start(st: _TunnelState, nursery: trio.Nursery) -> None:
+            nursery.start_soon(
                 run_datagram_flow, st.tunnel, stream, host, port, connected, self._to_loop
             )
 
-        self._to_trio(spawn)
+        def fail(st: _TunnelState | None) -> None:
+            state = "missing" if st is None else (st.error or st.state)
+            connected(
+                OSError(
+                    errno.ENETDOWN,
+                    f"{format_endpoint((host, port))}: the WireGuard tunnel {tunnel!r} is not "
+                    f"up ({state})",
+                )
+            )
+
+        self._to_trio(self._trio_when_up, tunnel, start, fail)
         try:
             await fut
         except asyncio.CancelledError:
@@ -639,24 +648,15 @@ class Bridge:
             finally:
                 self._to_loop(loop_done, error, result)
 
-        async def spawn_when_ready(st: _TunnelState) -> None:
-            await st.ready.wait()
-            spawn()
+        def start(st: _TunnelState, nursery: trio.Nursery) -> None:
+            nursery.start_soon(run, st)
 
-        def spawn() -> None:
-            st = self._tunnels.get(tunnel)
-            if st is not None and st.state == "starting" and self._nursery is not None:
-                self._nursery.start_soon(spawn_when_ready, st)
-            elif st is None or st.nursery is None or st.tunnel is None:
-                state = "missing" if st is None else (st.error or st.state)
-                error = OSError(
-                    errno.ENETDOWN, f"the WireGuard tunnel {tunnel!r} is not up ({state})"
-                )
-                self._to_loop(loop_done, error, None)
-            else:
-                st.nursery.start_soon(run, st)
+        def fail(st: _TunnelState | None) -> None:
+            state = "missing" if st is None else (st.error or st.state)
+            error = OSError(errno.ENETDOWN, f"the WireGuard tunnel {tunnel!r} is not up ({state})")
+            self._to_loop(loop_done, error, None)
 
-        self._to_trio(spawn)
+        self._to_trio(self._trio_when_up, tunnel, start, fail)
         try:
             return await fut
         except asyncio.CancelledError:
