@@ -34,6 +34,17 @@ INITIAL_HASH = crypto.hash_(INITIAL_CHAIN_KEY + IDENTIFIER)  # H_i := HASH(C_i |
 ZERO_PSK = bytes(32)  # Q = 0^32 without a preshared key (§5.2)
 
 
+def _keyed_by_responder(public: bytes) -> tuple[bytes, bytes, bytes]:
+    """What the responder's static public key fixes, for both sides of a handshake: the
+    starting hash H := HASH(H_i || S_pub) (§5.4.2), the mac1 key HASH(LABEL_MAC1 || S_pub)
+    (§5.4.4) and the cookie-reply key HASH(LABEL_COOKIE || S_pub) (§5.4.7)."""
+    return (
+        crypto.hash_(INITIAL_HASH + public),
+        crypto.hash_(LABEL_MAC1 + public),
+        crypto.hash_(LABEL_COOKIE + public),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Our static key pair and the values derived from it once."""
@@ -50,12 +61,13 @@ class Identity:
     @classmethod
     def from_private(cls, private: bytes) -> Identity:
         public = crypto.dh_public(private)
+        initial_hash, mac1_key, cookie_key = _keyed_by_responder(public)
         return cls(
             private=private,
             public=public,
-            mac1_key=crypto.hash_(LABEL_MAC1 + public),
-            cookie_key=crypto.hash_(LABEL_COOKIE + public),
-            initial_hash=crypto.hash_(INITIAL_HASH + public),
+            mac1_key=mac1_key,
+            cookie_key=cookie_key,
+            initial_hash=initial_hash,
         )
 
 
@@ -76,13 +88,14 @@ class RemoteKeys:
 
     @classmethod
     def create(cls, identity: Identity, public: bytes, psk: bytes | None) -> RemoteKeys:
+        initial_hash, mac1_key, cookie_key = _keyed_by_responder(public)
         return cls(
             public=public,
             psk=psk if psk is not None else ZERO_PSK,
             static_static=crypto.dh(identity.private, public),
-            initial_hash=crypto.hash_(INITIAL_HASH + public),
-            mac1_key=crypto.hash_(LABEL_MAC1 + public),
-            cookie_key=crypto.hash_(LABEL_COOKIE + public),
+            initial_hash=initial_hash,
+            mac1_key=mac1_key,
+            cookie_key=cookie_key,
         )
 
 
