@@ -948,13 +948,6 @@ async def _happy_eyeballs(attempts: list, delay: float) -> TunnelStream:
     )
 
 
-async def _resolve_endpoints(
-    config: WireGuardConfig, lookup: EndpointLookup = host_lookup
-) -> dict[bytes, Endpoint]:
-    """Peer endpoints as IP addresses (hostnames resolved by the host: they are outside)."""
-    return await resolve_endpoints(config, lookup)
-
-
 @asynccontextmanager
 async def open_tunnel(
     config: WireGuardConfig,
@@ -983,7 +976,7 @@ async def open_tunnel(
     config.require_peers()
     lookup = endpoint_lookup or host_lookup
     if via is None:
-        endpoints = await _resolve_endpoints(config, lookup)
+        endpoints = await resolve_endpoints(config, lookup)
     else:
         if socket_factory is not None:
             raise ValueError("open_tunnel: give either socket_factory or via, not both")
