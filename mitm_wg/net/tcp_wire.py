@@ -22,6 +22,8 @@ __all__ = [
     "CWR",
     "ECE",
     "FIN",
+    "HALF",
+    "M32",
     "PSH",
     "RST",
     "SYN",
@@ -32,11 +34,29 @@ __all__ = [
     "options_length",
     "parse_tcp",
     "tcp_checksum_ok",
+    "unwrap",
 ]
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 
 PROTO_TCP = 6
+
+#: Sequence-number arithmetic (RFC 9293 §3.4): wire values are 32 bits, compared modulo 2^32.
+M32 = 0xFFFFFFFF
+HALF = 0x80000000
+
+
+def unwrap(base: int, wire: int) -> int:
+    """The absolute sequence number nearest ``base`` whose low 32 bits are ``wire``.
+
+    The socket keeps sequence numbers as unbounded integers (ISN/IRS plus bytes since) and
+    converts at the edge with this one function, so wraparound needs no care elsewhere.
+    """
+    d = (wire - base) & M32
+    if d >= HALF:
+        d -= 0x100000000
+    return base + d
+
 
 _HEADER = struct.Struct("!HHIIBBHHH")
 _HEADER_LEN = 20
