@@ -173,7 +173,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self.local_port = local_port
         self.remote_addr = remote_addr
         self.remote_port = remote_port
-        self.state = TcpState.CLOSED
+        self.state = TcpState.CLOSED  # every later change goes through _set_state
         self.error: OSError | None = None
         self.stats = TcpStats()
         self._now = now
@@ -295,7 +295,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._opened = True
         self._now = now
         self._last_progress = now
-        self.state = TcpState.SYN_SENT
+        self._set_state(TcpState.SYN_SENT, "active OPEN")
 
     @classmethod
     def from_syn(
@@ -339,7 +339,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         sock._max_snd_wnd = syn.window
         sock._snd_wl1 = sock._irs
         sock._snd_wl2 = sock._iss
-        sock.state = TcpState.SYN_RECEIVED
+        sock._set_state(TcpState.SYN_RECEIVED, "passive OPEN")
         return sock
 
     def _accept_syn_options(self, syn: TcpSegment, now: float) -> None:
@@ -462,10 +462,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
             self._fin_queued = True  # FIN_WAIT_1 once established
         elif st is TcpState.ESTABLISHED:
             self._fin_queued = True
-            self.state = TcpState.FIN_WAIT_1
+            self._set_state(TcpState.FIN_WAIT_1, "CLOSE")
         elif st is TcpState.CLOSE_WAIT:
             self._fin_queued = True
-            self.state = TcpState.LAST_ACK
+            self._set_state(TcpState.LAST_ACK, "CLOSE")
 
     def close(self, now: float) -> None:
         """Full close (no more reads or writes); RST if unread data is pending."""

@@ -225,7 +225,8 @@ class Input:
         if self._fin_queued and self._snd_una > self._data_end():
             # our FIN is acknowledged
             if st is TcpState.FIN_WAIT_1:
-                self.state = st = TcpState.FIN_WAIT_2
+                self._set_state(TcpState.FIN_WAIT_2, "rcv ACK of FIN")
+                st = TcpState.FIN_WAIT_2
                 if self._rd_closed:
                     self._linger_at = now + self.config.user_timeout
             elif st is TcpState.CLOSING:
@@ -270,7 +271,7 @@ class Input:
         self._snd_wl1 = self._irs
         if ack is None:
             # simultaneous open: answer with SYN-ACK (same ISS)
-            self.state = TcpState.SYN_RECEIVED
+            self._set_state(TcpState.SYN_RECEIVED, "rcv SYN")
             self._snd_wl2 = self._iss
             self._snd_nxt = self._iss
             return

@@ -131,7 +131,7 @@ class Receiver:
             self._rcv_nxt = rcv_nxt + 1
             st = self.state
             if st is TcpState.ESTABLISHED:
-                self.state = TcpState.CLOSE_WAIT
+                self._set_state(TcpState.CLOSE_WAIT, "rcv FIN")
                 # The peer closed first (an HTTP server after "Connection: close"): our
                 # application usually closes as soon as it reads the EOF, and its FIN then
                 # carries this ACK — one segment instead of two (Linux's delayed-ACK
@@ -155,7 +155,7 @@ class Receiver:
                 return
             self._ack_now = True
             if st is TcpState.FIN_WAIT_1:
-                self.state = TcpState.CLOSING
+                self._set_state(TcpState.CLOSING, "rcv FIN")
             elif st is TcpState.FIN_WAIT_2:
                 self._enter_time_wait(now)
 

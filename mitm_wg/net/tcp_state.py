@@ -18,7 +18,7 @@ from mitm_wg.net.tcp_wire import M32
 if TYPE_CHECKING:
     from mitm_wg.net.tcp_wire import TcpSegment
 
-__all__ = ["StateMachine", "TcpState"]
+__all__ = ["TRANSITIONS", "IllegalTransition", "StateMachine", "TcpState"]
 
 
 class TcpState(enum.Enum):
@@ -69,12 +69,86 @@ _USER_SEND_STATES = frozenset(
 )
 
 
-class StateMachine:
-    """Mixin of ``TcpSocket``: entering ESTABLISHED, TIME_WAIT and CLOSED."""
+class IllegalTransition(RuntimeError):
+    """A state change the transition table does not allow: a bug in the socket."""
 
-    # -- transitions ------------------------------------------------------------------------
+
+_S = TcpState
+#: Every state change a socket may make, with the event that makes it: RFC 9293 §3.3.2
+#: (Figure 5, completed by the event processing of §3.10), then our deviations, each with
+#: its reason. ``StateMachine._set_state`` refuses anything else; tests/test_tcp_playbook.py
+#: checks that the playbooks take only these.
+TRANSITIONS: dict[tuple[TcpState, TcpState], str] = {
+    # -- RFC 9293 Figure 5
+    (_S.CLOSED, _S.SYN_SENT): "active OPEN / snd SYN",
+    (_S.SYN_SENT, _S.SYN_RECEIVED): "rcv SYN / snd SYN,ACK (simultaneous open)",
+    (_S.SYN_SENT, _S.ESTABLISHED): "rcv SYN,ACK / snd ACK",
+    (_S.SYN_RECEIVED, _S.ESTABLISHED): "rcv ACK of SYN",
+    (_S.SYN_RECEIVED, _S.FIN_WAIT_1): "CLOSE queued in SYN-RECEIVED, then rcv ACK of SYN",
+    (_S.ESTABLISHED, _S.FIN_WAIT_1): "CLOSE / snd FIN",
+    (_S.ESTABLISHED, _S.CLOSE_WAIT): "rcv FIN / snd ACK",
+    (_S.FIN_WAIT_1, _S.FIN_WAIT_2): "rcv ACK of FIN",
+    (_S.FIN_WAIT_1, _S.CLOSING): "rcv FIN / snd ACK",
+    (_S.FIN_WAIT_1, _S.TIME_WAIT): "rcv FIN and ACK of FIN (§3.10.7.4)",
+    (_S.FIN_WAIT_2, _S.TIME_WAIT): "rcv FIN / snd ACK",
+    (_S.CLOSE_WAIT, _S.LAST_ACK): "CLOSE / snd FIN",
+    (_S.CLOSING, _S.TIME_WAIT): "rcv ACK of FIN",
+    (_S.LAST_ACK, _S.CLOSED): "rcv ACK of FIN",
+    (_S.TIME_WAIT, _S.CLOSED): "TIME_WAIT timeout (config.time_wait, see _enter_time_wait)",
+    (_S.SYN_SENT, _S.CLOSED): "CLOSE, rcv RST (refused), SYN retries exhausted, ICMP",
+    # §3.10.7.4 (RST), §3.10.4 (ABORT), §3.8.3 (user timeout): from any synchronized state
+    **{
+        (st, _S.CLOSED): "rcv RST, ABORT, user timeout, keepalive timeout"
+        for st in (
+            _S.SYN_RECEIVED,
+            _S.ESTABLISHED,
+            _S.FIN_WAIT_1,
+            _S.FIN_WAIT_2,
+            _S.CLOSE_WAIT,
+            _S.CLOSING,
+        )
+    },
+    # -- deviations
+    # No socket ever is in LISTEN: a listening port is the stack's TcpListener, and a SYN
+    # to it creates a socket of its own (as Linux's request socks), which starts in
+    # SYN-RECEIVED; a RST there closes that socket instead of returning it to LISTEN
+    # (the listener is unaffected, the same effect as RFC 9293 §3.10.7.4's "return to
+    # LISTEN").
+    (_S.CLOSED, _S.SYN_RECEIVED): "passive OPEN from a SYN (TcpSocket.from_syn)",
+    # shutdown_write in SYN-SENT queues the FIN (RFC 9293 §3.10.4 says this only for
+    # SYN-RECEIVED, and CLOSE in SYN-SENT deletes the connection; a half-close before the
+    # handshake completed is what an application that writes a request and shuts down
+    # at once does), so the handshake ends in FIN-WAIT-1.
+    (_S.SYN_SENT, _S.FIN_WAIT_1): "rcv SYN,ACK with a half-close queued",
+    # An orphaned FIN-WAIT-2 (the application closed; the peer never sends its FIN) ends
+    # after config.user_timeout, as Linux's tcp_fin_timeout; RFC 9293 leaves it open.
+    (_S.FIN_WAIT_2, _S.CLOSED): "orphaned FIN-WAIT-2 timeout, rcv RST, ABORT",
+}
+_ALLOWED: dict[TcpState, frozenset[TcpState]] = {
+    st: frozenset(b for a, b in TRANSITIONS if a is st) for st in TcpState
+}
+
+
+class StateMachine:
+    """Mixin of ``TcpSocket``: the one place ``state`` changes (:meth:`_set_state`), and
+    entering ESTABLISHED, TIME_WAIT and CLOSED."""
+
+    state: TcpState
+
+    def _set_state(self, new: TcpState, event: str) -> None:
+        """Move to ``new`` because of ``event`` (named as in :data:`TRANSITIONS`); a change
+        the table does not list raises :class:`IllegalTransition`. Every state change goes
+        through here (a socket starts CLOSED)."""
+        old = self.state
+        if new not in _ALLOWED[old]:
+            raise IllegalTransition(f"TCP {old.name} -> {new.name} ({event}) is not allowed")
+        self.state = new
+
     def _on_established(self, now: float) -> None:
-        self.state = TcpState.FIN_WAIT_1 if self._fin_queued else TcpState.ESTABLISHED
+        if self._fin_queued:
+            self._set_state(TcpState.FIN_WAIT_1, "handshake done, FIN queued")
+        else:
+            self._set_state(TcpState.ESTABLISHED, "handshake done")
         cc = self._cc
         cc.set_mss(self._smss)
         # RFC 5681 §3.1: one segment if the SYN or SYN-ACK had to be retransmitted.
@@ -89,7 +163,8 @@ class StateMachine:
         self._rec_at = None
         if error is not None and self.error is None:
             self.error = error
-        self.state = TcpState.CLOSED
+        if self.state is not TcpState.CLOSED:
+            self._set_state(TcpState.CLOSED, "closed")
         self._rto_at = None
         self._persist_at = None
         self._delack_at = None
@@ -120,7 +195,7 @@ class StateMachine:
         self._set_closed(err)
 
     def _enter_time_wait(self, now: float) -> None:
-        self.state = TcpState.TIME_WAIT
+        self._set_state(TcpState.TIME_WAIT, "rcv FIN or ACK of FIN")
         self._linger_at = now + self.config.time_wait
         self._rto_at = None
         self._rec_at = None
