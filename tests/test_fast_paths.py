@@ -37,7 +37,7 @@ def state_of(obj: Any) -> Any:
         slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
         return {s: state_of(getattr(obj, s)) for s in slots if hasattr(obj, s)}
     if isinstance(obj, TcpSocket):
-        return {k: state_of(v) for k, v in vars(obj).items() if k not in ("config", "_touched")}
+        return {k: state_of(v) for k, v in vars(obj).items() if k not in ("config", "_on_touched")}
     if isinstance(obj, list):
         return [state_of(x) for x in obj]
     if isinstance(obj, (bytearray, memoryview)):

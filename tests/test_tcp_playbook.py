@@ -1058,3 +1058,24 @@ def test_illegal_transition_raises() -> None:
     pb.sock.abort(0.0)
     with pytest.raises(IllegalTransition):
         pb.sock._set_state(TcpState.ESTABLISHED, "test")
+
+
+def test_on_touched_hook_after_application_calls() -> None:
+    """The owner (the stack) learns of every application call that may leave something to
+    send through the constructor's ``on_touched`` hook."""
+    from mitm_wg.net.tcp import TcpSocket
+
+    calls: list[TcpSocket] = []
+    sock = TcpSocket(
+        cfg(), b"\x0a\0\0\1", LPORT, b"\x0a\0\0\2", RPORT, isn=ISS, now=0.0, on_touched=calls.append
+    )
+    sock.connect(0.0)
+    assert calls == []
+    assert sock.send(b"x") == 1
+    assert calls == [sock]
+    assert sock.recv(10) == b""  # nothing read: the window did not open
+    assert calls == [sock]
+    sock.shutdown_write(0.0)
+    sock.close(0.0)
+    sock.abort(0.0)
+    assert len(calls) == 4

@@ -166,8 +166,13 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         now: float,
         randbytes: Callable[[int], bytes] = os.urandom,
         ts_offset: int | None = None,
+        on_touched: Callable[[TcpSocket], None] | None = None,
     ) -> None:
         cfg = config
+        #: called with the socket after each application call that may leave something to
+        #: send (send, recv that returned data, shutdown_write, close, abort): the stack
+        #: marks the socket for its next poll
+        self._on_touched = on_touched
         self.config = cfg
         self.local_addr = local_addr
         self.local_port = local_port
@@ -311,6 +316,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         now: float,
         randbytes: Callable[[int], bytes] = os.urandom,
         ts_offset: int | None = None,
+        on_touched: Callable[[TcpSocket], None] | None = None,
     ) -> TcpSocket:
         """Passive open from a SYN (no ACK/RST) the stack received on a listening port.
 
@@ -326,6 +332,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
             now=now,
             randbytes=randbytes,
             ts_offset=ts_offset,
+            on_touched=on_touched,
         )
         sock._opened = True
         sock._passive = True
@@ -457,31 +464,32 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         """Half-close: a FIN follows the queued data."""
         st = self.state
         if self._fin_queued:
-            return
-        if st in _SYN_STATES:
-            self._fin_queued = True  # FIN_WAIT_1 once established
+            pass
+        elif st in _SYN_STATES:
+            self._fin_queued = True  # FIN_WAIT_1 once established (see TRANSITIONS)
         elif st is TcpState.ESTABLISHED:
             self._fin_queued = True
             self._set_state(TcpState.FIN_WAIT_1, "CLOSE")
         elif st is TcpState.CLOSE_WAIT:
             self._fin_queued = True
             self._set_state(TcpState.LAST_ACK, "CLOSE")
+        self._touched()
 
     def close(self, now: float) -> None:
         """Full close (no more reads or writes); RST if unread data is pending."""
         st = self.state
         if st is TcpState.CLOSED:
-            return
-        if st is TcpState.SYN_SENT:
+            pass
+        elif st is TcpState.SYN_SENT:
             self._set_closed(None)
-            return
-        if self.recv_available and st is not TcpState.TIME_WAIT:
+        elif self.recv_available and st is not TcpState.TIME_WAIT:
             self.abort(now)
-            return
-        self._rd_closed = True
-        self.shutdown_write(now)
-        if self.state is TcpState.FIN_WAIT_2 and self._linger_at is None:
-            self._linger_at = now + self.config.user_timeout
+        else:
+            self._rd_closed = True
+            self.shutdown_write(now)
+            if self.state is TcpState.FIN_WAIT_2 and self._linger_at is None:
+                self._linger_at = now + self.config.user_timeout
+        self._touched()
 
     def abort(self, now: float) -> None:
         """Reset the connection (RST) and go CLOSED."""
@@ -499,6 +507,13 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._set_closed(None)
         self._sbuf.clear()
         self._sbuf_head = 0
+        self._touched()
+
+    def _touched(self) -> None:
+        """An application call may have left something to send: tell the owner."""
+        on_touched = self._on_touched
+        if on_touched is not None:
+            on_touched(self)
 
     def on_icmp_unreachable(self, error: OSError, now: float) -> None:
         """ICMP destination unreachable for this connection (hard in SYN_SENT, else soft)."""

@@ -191,6 +191,9 @@ class Receiver:
             cap = self._rcv_buf
             if cur < (cap >> 1) and self._window() - cur >= min(cap >> 1, self.config.mss):
                 self._ack_now = True
+        on_touched = self._on_touched  # the window opened: maybe a window update is due
+        if on_touched is not None:
+            on_touched(self)
         return data
 
     def _rcv_rtt_sample(self, drs: _RcvTuning, tsecr: int, plen: int, now: float) -> None:

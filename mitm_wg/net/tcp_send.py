@@ -620,6 +620,9 @@ class Sender:
             self._sbuf += data
             if self._persist_at is None and self.state in _SEND_STATES:
                 self._update_persist(self._now)
+        on_touched = self._on_touched  # (inlined _touched())
+        if on_touched is not None:
+            on_touched(self)
         return n
 
     @property
