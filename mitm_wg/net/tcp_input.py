@@ -67,7 +67,7 @@ class Input:
         if plen:
             if (
                 self._rcv_adv - rcv_nxt < plen
-                or self._asm._ranges
+                or self._asm.size
                 or self._rd_closed
                 or self._peer_fin_seq is not None
             ):

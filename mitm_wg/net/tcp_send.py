@@ -88,7 +88,7 @@ class Sender:
             self._ack_now = False
             self._unacked_bytes = 0
             asm = self._asm
-            if asm._ranges and self._sack_ok and not flags & SYN:
+            if asm.size and self._sack_ok and not flags & SYN:
                 blocks = asm.sack_blocks(3 if self._ts_ok else 4)
                 seg.sack_blocks = tuple((s & M32, e & M32) for s, e in blocks)
         self.stats.segments_out += 1
@@ -220,7 +220,7 @@ class Sender:
             return
         data_end = self._sbuf_seq + len(self._sbuf) - self._sbuf_head
         pe = e if e < data_end else data_end
-        if self._sack_ok and self._asm._ranges:
+        if self._sack_ok and self._asm.size:
             # SACK blocks take option space from this segment's payload
             room = self._smss - 4 - 8 * min(len(self._asm), 3 if self._ts_ok else 4)
             if pe - s > room:
@@ -295,7 +295,7 @@ class Sender:
         the same field again once it has run (its result is a fixed point).
         """
         s = self._snd_max
-        if self._snd_nxt != s or (self._asm._ranges and self._sack_ok):
+        if self._snd_nxt != s or (self._asm.size and self._sack_ok):
             return 0
         una = self._snd_una
         smss = self._smss
