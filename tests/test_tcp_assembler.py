@@ -92,7 +92,6 @@ def test_random_segments_reassemble(seed: int, data: st.DataObject) -> None:
 
 def test_size_is_nonzero_exactly_when_ranges_are_held() -> None:
     """TcpSocket's hot paths test ``size`` for "anything held" (see Assembler's docstring)."""
-
     rng = random.Random(7)
     asm = Assembler(max_ranges=8)
     at = 0
