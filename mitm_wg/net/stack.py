@@ -68,7 +68,15 @@ from mitm_wg.net.ipv4 import (
 )
 from mitm_wg.net.ipv6 import build_ipv6, ipv6_header, parse_ipv6, parse_quoted_ipv6
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
-from mitm_wg.net.tcp_wire import ACK, RST, SYN, TcpSegment, build_tcp_parts, parse_tcp
+from mitm_wg.net.tcp_wire import (
+    ACK,
+    RST,
+    SYN,
+    TcpSegment,
+    TcpTuple,
+    build_tcp_parts,
+    parse_tcp,
+)
 from mitm_wg.net.udp import build_udp, parse_udp
 
 logger = logging.getLogger(__name__)
@@ -91,8 +99,6 @@ RECENT_SWEEP_ABOVE = 1 << 16
 Destination = tuple[bytes, bytes, int]  # local addr, remote addr, remote port
 MIN_MTU4 = 576
 MIN_MTU6 = 1280
-#: a timestamp-only TCP segment as TcpSocket.dispatch(..., tuples=True) hands it over
-TcpTuple = tuple[int, int, int, int, int, int, int, int, bytes | bytearray | memoryview]
 _IP4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _TS_VALUES = struct.Struct("!II")
@@ -777,9 +783,9 @@ class Stack:
     ) -> None:
         """:meth:`_wrap_tcp` for IPv4 segments (same bytes), appended to ``out``.
 
-        ``segs`` may also hold the tuples of ``TcpSocket.dispatch(..., tuples=True)``:
-        ``(src_port, dst_port, seq, ack, flags, window, tsval, tsecr, payload)`` for a
-        segment whose only option is the timestamp, built as that TcpSegment would be.
+        ``segs`` may also hold the :data:`~mitm_wg.net.tcp_wire.TcpTuple` encoding of
+        ``TcpSocket.dispatch(..., tuples=True)`` (a segment whose only option is the
+        timestamp), built as ``TcpSegment.from_tuple`` of it would be.
 
         A segment whose only option is the timestamp (every data segment and ACK once a
         connection is established) gets its IPv4 and TCP headers from one struct pack, with

@@ -10,7 +10,6 @@ right after :meth:`Sender._emit`, whose rules it mirrors.
 from __future__ import annotations
 
 import errno
-from typing import Any
 
 from mitm_wg.net.recovery import PTO_FLOOR, TIMER_PTO, TIMER_REO, WC_DEL_ACK_T
 from mitm_wg.net.tcp_state import (
@@ -20,7 +19,7 @@ from mitm_wg.net.tcp_state import (
     _USER_SEND_STATES,
     TcpState,
 )
-from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, SYN, TcpSegment
+from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, SYN, TcpSegment, TcpTuple
 from mitm_wg.net.tcp_wire import HALF as _HALF
 
 __all__ = ["Sender"]
@@ -36,22 +35,22 @@ class Sender:
         return self._sbuf_seq + len(self._sbuf) - self._sbuf_head
 
     def _make_seg(
-        self, flags: int, seq: int, payload: bytes | bytearray | memoryview, now: float
+        self,
+        flags: int,
+        seq: int,
+        payload: bytes | bytearray | memoryview,
+        now: float,
+        syn_options: tuple[int, int | None, bool] | None = None,
     ) -> TcpSegment:
-        """A segment from our side with ACK/window/options filled in; records the ACK sent."""
+        """A segment from our side with ACK/window/options filled in; records the ACK sent.
+
+        ``syn_options``: ``(mss, wscale, sack_permitted)`` of a SYN or SYN-ACK. The segment is
+        built whole, in one constructor call (segments are never changed afterwards).
+        """
         rcv_nxt = self._rcv_nxt
-        seg = TcpSegment(
-            self.local_port,
-            self.remote_port,
-            seq & M32,
-            rcv_nxt & M32 if flags & ACK else 0,
-            flags,
-            0,
-            payload=payload,
-        )
         shift = self._rcv_wscale
         cfg = self.config
-        # inlined _window()
+        # inlined _window() (tcp_recv.py: the same rule)
         rcv_buf = self._rcv_buf
         free = rcv_buf - (len(self._rbuf) - self._rbuf_head)
         if free < 0:
@@ -59,10 +58,10 @@ class Sender:
         elif free > 0xFFFF << shift:
             free = 0xFFFF << shift
         if flags & SYN:
-            win = min(free, 0xFFFF)
-            seg.window = win
+            # RFC 7323 §2.2: the window field of a SYN is never scaled
+            window = free if free < 0xFFFF else 0xFFFF
             if flags & ACK:
-                self._rcv_adv = rcv_nxt + win
+                self._rcv_adv = rcv_nxt + window
         else:
             # Never shrink the right edge; move it only in useful steps (RFC 9293 §3.8.6.2.2).
             cur = self._rcv_adv - rcv_nxt
@@ -70,18 +69,21 @@ class Sender:
                 cur = 0
             threshold = rcv_buf >> 1 if rcv_buf >> 1 < cfg.mss else cfg.mss
             if free - cur >= threshold:
-                field = free >> shift
+                window = free >> shift
             else:
-                field = (cur + (1 << shift) - 1) >> shift
-                if field > 0xFFFF:
-                    field = 0xFFFF
-            seg.window = field
-            self._rcv_adv = rcv_nxt + (field << shift)
-        if self._ts_ok:
-            seg.timestamp = (
-                (int(now * 1000) + self._ts_offset) & M32,  # inlined _ts_val()
+                window = (cur + (1 << shift) - 1) >> shift
+                if window > 0xFFFF:
+                    window = 0xFFFF
+            self._rcv_adv = rcv_nxt + (window << shift)
+        timestamp = (
+            (
+                (int(now * 1000) + self._ts_offset) & M32,  # inlined _ts_val() (tcp_timers.py)
                 self._ts_recent if flags & ACK else 0,
             )
+            if self._ts_ok
+            else None
+        )
+        sack_blocks: tuple[tuple[int, int], ...] = ()
         if flags & ACK:
             self._last_ack_sent = rcv_nxt
             self._delack_at = None
@@ -90,9 +92,33 @@ class Sender:
             asm = self._asm
             if asm.size and self._sack_ok and not flags & SYN:
                 blocks = asm.sack_blocks(3 if self._ts_ok else 4)
-                seg.sack_blocks = tuple((s & M32, e & M32) for s, e in blocks)
+                sack_blocks = tuple((s & M32, e & M32) for s, e in blocks)
         self.stats.segments_out += 1
-        return seg
+        if syn_options is not None:
+            mss, wscale, sack_permitted = syn_options
+            return TcpSegment(
+                self.local_port,
+                self.remote_port,
+                seq & M32,
+                rcv_nxt & M32 if flags & ACK else 0,
+                flags,
+                window,
+                mss=mss,
+                wscale=wscale,
+                sack_permitted=sack_permitted,
+                timestamp=timestamp,
+            )
+        return TcpSegment(
+            self.local_port,
+            self.remote_port,
+            seq & M32,
+            rcv_nxt & M32 if flags & ACK else 0,
+            flags,
+            window,
+            timestamp=timestamp,
+            sack_blocks=sack_blocks,
+            payload=payload,
+        )
 
     def _next_tx(self) -> tuple[int, int, bool] | None:
         """The next segment to send as (start, end, is_retransmission); no side effects."""
@@ -191,20 +217,19 @@ class Sender:
     def _emit(self, s: int, e: int, rexmit: bool, now: float, out: list[TcpSegment]) -> None:
         stats = self.stats
         if s == self._iss and self.state in _SYN_STATES:
-            flags = SYN | ACK if self.state is TcpState.SYN_RECEIVED else SYN
-            seg = self._make_seg(flags, s, b"", now)
             cfg = self.config
-            seg.mss = cfg.mss
-            if flags & ACK:  # SYN-ACK: echo only what the peer offered
-                if self._ws_ok:
-                    seg.wscale = self._rcv_wscale
-                seg.sack_permitted = self._sack_ok
+            if self.state is TcpState.SYN_RECEIVED:
+                # SYN-ACK: echo only what the peer offered (RFC 7323 §1.3, §2.2; RFC 2018 §2)
+                flags = SYN | ACK
+                wscale = self._rcv_wscale if self._ws_ok else None
+                sack_permitted = self._sack_ok
             else:
-                if cfg.window_scaling:
-                    seg.wscale = self._rcv_wscale
-                seg.sack_permitted = cfg.sack
-                if cfg.timestamps:
-                    seg.timestamp = (self._ts_val(now), 0)
+                # SYN: offer everything configured (the timestamp option follows _ts_ok,
+                # which is config.timestamps until a SYN from the peer arrives)
+                flags = SYN
+                wscale = self._rcv_wscale if cfg.window_scaling else None
+                sack_permitted = cfg.sack
+            seg = self._make_seg(flags, s, b"", now, (cfg.mss, wscale, sack_permitted))
             self._snd_nxt = s + 1
             if self._snd_max < s + 1:
                 self._snd_max = s + 1
@@ -281,7 +306,7 @@ class Sender:
             self._rto_at = now + self._rtt.rto
         out.append(seg)
 
-    def _bulk_send(self, now: float, out: list[Any], tuples: bool) -> int:
+    def _bulk_send(self, now: float, out: list[TcpSegment | TcpTuple], tuples: bool) -> int:
         """Bulk-send fast path of :meth:`dispatch`: the full-size segments of new data that
         the congestion and peer windows allow, with exactly the effect (segments, state,
         counters) of the ``_next_tx``/``_emit`` loop, which carries on from where this stops
@@ -375,12 +400,12 @@ class Sender:
         self.stats.segments_out += n - 1
         return n
 
-    def dispatch(self, now: float, out: list[TcpSegment], tuples: bool = False) -> None:
+    def dispatch(self, now: float, out: list[TcpSegment | TcpTuple], tuples: bool = False) -> None:
         """Run expired timers and append the segments to send now to ``out``.
 
         ``tuples``: the caller (the stack's IPv4 path) also accepts full-size data segments
-        as plain tuples ``(src_port, dst_port, seq, ack, flags, window, tsval, tsecr,
-        payload)`` for segments whose only option is the timestamp (see :meth:`_bulk_send`).
+        in their fast-path encoding, :data:`~mitm_wg.net.tcp_wire.TcpTuple` (segments whose
+        only option is the timestamp; see :meth:`_bulk_send`).
         """
         self._now = now
         if self._pending:
