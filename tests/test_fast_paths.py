@@ -653,3 +653,25 @@ def test_tcp_tuple_fields_are_the_segments() -> None:
     as_seg = {**{f: getattr(seg, f, None) for f in TCP_TUPLE_FIELDS}, "payload": seg.payload}
     as_seg["tsval"], as_seg["tsecr"] = seg.timestamp or (None, None)
     assert tuple(as_seg[f] for f in TCP_TUPLE_FIELDS) == t
+
+
+def test_every_hand_kept_copy_names_its_rule() -> None:
+    """The fast paths keep some rules inlined for speed. Each copy is marked ``copy of rule
+    <name>`` and the one definition ``rule: <name>`` (see TcpSocket.fast_input): every
+    copy's rule is defined exactly once, and every marked definition has a copy."""
+    import pathlib
+    import re
+
+    import mitm_wg.net
+
+    defs: dict[str, int] = {}
+    copies: set[str] = set()
+    for path in pathlib.Path(mitm_wg.net.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        for name in re.findall(r"# rule: ([a-z][a-z0-9-]*)", text):
+            defs[name] = defs.get(name, 0) + 1
+        copies.update(re.findall(r"copy of rule ([a-z][a-z0-9-]*)", text))
+    assert copies, "no marked copies found"
+    assert {n: c for n, c in defs.items() if c != 1} == {}
+    assert copies - set(defs) == set()
+    assert set(defs) - copies == {"paws"}  # fast_input declines instead of copying it

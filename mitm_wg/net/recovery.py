@@ -98,6 +98,7 @@ class Rack:
     # -- send log -----------------------------------------------------------------------
     def on_send(self, s: int, e: int, now: float, rexmit: bool, una: int) -> None:
         """Record a transmission of ``[s, e)`` at ``now`` (RFC 8985 §5.2 Segment.xmit_ts)."""
+        # rule: rack-xmit-ts
         if rexmit:
             rxt = self.rxt
             if rxt:
@@ -168,7 +169,9 @@ class Rack:
                 # RFC 8985 §6.2 step 2: skip an ambiguous delivery of a retransmission —
                 # the timestamp echo predates it, or it came back faster than min_RTT
                 if tsecr is not None:
-                    ok = (tsecr - ((int(t * 1000) + ts_offset) & M32)) & M32 < _HALF
+                    ok = (
+                        tsecr - ((int(t * 1000) + ts_offset) & M32)
+                    ) & M32 < _HALF  # copy of rule ts-val
                 else:
                     mr = self.min_rtt
                     ok = mr is None or now - t >= mr
@@ -290,6 +293,7 @@ class Rack:
     @staticmethod
     def pto(srtt: float | None, one_segment: bool) -> float:
         """PTO = 2*SRTT, plus WCDelAckT with a single segment in flight; 1 s without SRTT."""
+        # rule: pto (RFC 8985 §7.2)
         if srtt is None:
             return 1.0
         p = 2 * srtt

@@ -91,14 +91,33 @@ class TcpConfig:
     recv_buffer: int = 1 << 20
     send_buffer_max: int = 4 << 20
     recv_buffer_max: int = 4 << 20
+    # Nagle's algorithm (RFC 1122 §4.2.3.4 SHOULD) is off by default, as TCP_NODELAY: our
+    # writers are proxies that forward what they read, and waiting for an ACK before the
+    # next small write adds a round trip per message.
     nagle: bool = False
+    # Deviation: TIME_WAIT lasts 1 s, not 2*MSL (RFC 9293 §3.4.2 with an MSL of 2 minutes;
+    # Linux 60 s). A userspace client behind one tunnel address opens many short
+    # connections; 4-tuples in TIME_WAIT would pile up. The risks TIME_WAIT guards against
+    # are covered otherwise: old duplicates by PAWS (RFC 7323 §5, every connection here
+    # uses timestamps when the peer does) and per-address-pair TSval offsets, and the
+    # stack avoids reusing a 4-tuple closed less than 120 s ago while any port is free.
     time_wait: float = 1.0
+    # SYN retransmissions before the connect fails: 1+2+...+64 s = 127 s with the initial
+    # RTO of 1 s (Linux's tcp_syn_retries=6); RFC 9293 §3.8.3 asks for at least 3 minutes
+    # (R2 for a SYN), a deviation that fails a connect to a dead host sooner.
     syn_retries: int = 6
+    # RFC 9293 §3.8.3 R2 / RFC 5482: give up when nothing is acknowledged for this long
+    # (also the lifetime of an orphaned FIN-WAIT-2, as Linux's tcp_fin_timeout)
     user_timeout: float = 60.0
     keepalive: float | None = None  # idle seconds before the first keepalive probe
     keepalive_interval: float = 10.0
     keepalive_probes: int = 5
+    # RFC 9293 §3.8.6.3 / RFC 5681 §4.2: under 0.5 s, and every second full segment is
+    # ACKed at once anyway (TcpSocket._schedule_ack); 40 ms as Linux's minimum
     delayed_ack: float = 0.04
+    # Deviation: RFC 6298 §2.4 says a minimum RTO of 1 s; 200 ms as Linux (RFC 6298 §2.4
+    # allows it, "experience has shown" the 1 s bound is conservative): with timestamps
+    # every ACK gives an RTT sample, so spurious timeouts stay rare.
     min_rto: float = 0.2
     max_rto: float = 60.0
     initial_rto: float = 1.0
@@ -200,6 +219,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._last_ack_sent = 0
 
         # options
+        # RFC 9293 §3.7.1: without the option, 536 (IPv4) / 1220 (IPv6: RFC 8200 §8.3)
         self._peer_mss = 536 if len(remote_addr) == 4 else 1220
         self._pmtu_mss: int | None = None
         self._ts_ok = cfg.timestamps

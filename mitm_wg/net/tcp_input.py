@@ -45,6 +45,12 @@ class Input:
         segment is an in-order ACK (with or without data) in ESTABLISHED that
         :meth:`process` would handle in its straightforward way; then it has exactly the
         effect ``process`` would have had and returns True.
+
+        A hand-kept copy, for speed (it runs for nearly every segment): each block that
+        repeats a rule of the general path says ``copy of rule <name>``, and the general
+        path's block says ``rule: <name>``; change both together (grep the name).
+        tests/test_fast_paths.py checks the two paths give identical state on random
+        segment streams.
         """
         if self.state is not TcpState.ESTABLISHED or flags & ~PSH != ACK:
             return False
@@ -54,7 +60,7 @@ class Input:
         ts_ok = self._ts_ok
         if ts_ok:
             if tsval is None or (tsval - self._ts_recent) & M32 >= _HALF:
-                return False  # no timestamp, or PAWS would have a say: the slow path decides
+                return False  # no timestamp, or PAWS (rule paws) may object: the slow path
         una = self._snd_una
         d = (wack - una) & M32
         if d >= _HALF:
@@ -81,12 +87,12 @@ class Input:
         self.stats.segments_in += 1
         self._last_rx = now
         self._ka_probes = 0
-        if ts_ok and rcv_nxt <= self._last_ack_sent:
+        if ts_ok and rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent
             self._ts_recent = tsval
             self._ts_recent_age = now
         wnd = window << self._snd_wscale
         window_changed = False
-        wl1 = self._snd_wl1
+        wl1 = self._snd_wl1  # copy of rule snd-wnd-update (tcp_send.py _process_ack)
         if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
             window_changed = wnd != self._snd_wnd
             self._snd_wnd = wnd
@@ -101,7 +107,7 @@ class Input:
                 self._update_persist(now)
         elif window_changed:
             self._update_persist(now)
-        if plen:
+        if plen:  # copy of rule rcv-in-order (tcp_recv.py _process_data), no gap to fill
             self._rbuf += payload
             rcv_nxt += plen
             if plen > self._rcv_mss:
@@ -133,7 +139,7 @@ class Input:
         seq = _unwrap(rcv_nxt, seg.seq)
         plen = len(seg.payload)
         ts = seg.timestamp
-        # PAWS (RFC 7323 §5)
+        # rule: paws (RFC 7323 §5.3 R1; §5.5: a TS.Recent idle for 24 days is not used)
         if (
             self._ts_ok
             and ts is not None
@@ -189,6 +195,7 @@ class Input:
                 if st is TcpState.TIME_WAIT and flags & FIN:
                     self._linger_at = now + self.config.time_wait
             return
+        # rule: ts-recent (RFC 7323 §4.3: TS.Recent from a segment covering Last.ACK.sent)
         if ts is not None and self._ts_ok and seq <= self._last_ack_sent:
             self._ts_recent = ts[0]
             self._ts_recent_age = now

@@ -31,6 +31,7 @@ class Receiver:
 
     def _window(self) -> int:
         """Free receive buffer space, capped to what the window field can express."""
+        # rule: rcv-window
         free = self._rcv_buf - (len(self._rbuf) - self._rbuf_head)
         if free < 0:
             return 0
@@ -90,7 +91,7 @@ class Receiver:
             return
         gap_filled = False
         if seq == rcv_nxt:
-            if plen:
+            if plen:  # rule: rcv-in-order
                 self._rbuf += payload
                 rcv_nxt += plen
                 if plen > self._rcv_mss:
@@ -212,7 +213,7 @@ class Receiver:
         drs.tsecr = tsecr
         if plen < self._rcv_mss:
             return
-        elapsed = ((int(now * 1000) + self._ts_offset) - tsecr) & M32
+        elapsed = ((int(now * 1000) + self._ts_offset) - tsecr) & M32  # copy of rule ts-val
         if elapsed >= _HALF:
             return
         sample = (elapsed or 1) / 1000.0  # the timestamp clock ticks in milliseconds

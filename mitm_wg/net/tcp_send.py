@@ -50,7 +50,7 @@ class Sender:
         rcv_nxt = self._rcv_nxt
         shift = self._rcv_wscale
         cfg = self.config
-        # inlined _window() (tcp_recv.py: the same rule)
+        # copy of rule rcv-window (tcp_recv.py _window)
         rcv_buf = self._rcv_buf
         free = rcv_buf - (len(self._rbuf) - self._rbuf_head)
         if free < 0:
@@ -77,7 +77,7 @@ class Sender:
             self._rcv_adv = rcv_nxt + (window << shift)
         timestamp = (
             (
-                (int(now * 1000) + self._ts_offset) & M32,  # inlined _ts_val() (tcp_timers.py)
+                (int(now * 1000) + self._ts_offset) & M32,  # copy of rule ts-val
                 self._ts_recent if flags & ACK else 0,
             )
             if self._ts_ok
@@ -263,7 +263,8 @@ class Sender:
         seg = self._make_seg(flags, s, payload, now)
         rack = self._rack
         if rack is not None:
-            # RFC 8985 §5.2 Segment.xmit_ts (inlined common case: the batch grows)
+            # RFC 8985 §5.2 Segment.xmit_ts: copy of rule rack-xmit-ts (recovery.py
+            # Rack.on_send) for the common case, the batch grows
             if rexmit:
                 rack.on_send(s, e, now, True, self._snd_una)
             else:
@@ -276,6 +277,7 @@ class Sender:
                         rack.trim(self._snd_una)  # amortized: once per 64 batches
             if self._in_fr:
                 rack.prr_out += e - s  # RFC 6937 §3: prr_out += data sent
+        # rule: emit-seq (SND.NXT/SND.MAX advance; RTT timing by Karn's rule without timestamps)
         if e > self._snd_nxt:
             self._snd_nxt = e
         if e > self._snd_max:
@@ -298,7 +300,8 @@ class Sender:
                     self._relost = [r for r in self._relost if not r[0] <= s < r[1]]
                 self._rxt_marks.append((s, e, self._snd_max))
         if self._rto_at is None or (rexmit and s == self._snd_una):
-            # (re)start the timer; retransmitting the head restarts it too (as Linux does),
+            # (re)start the timer (RFC 6298 §5.1); deviation: retransmitting the head
+            # restarts it too (RFC 6298 §5.3 restarts only on a new ACK; Linux does this),
             # so a fast retransmission gets a full RTO to be acknowledged
             if self._rto_at is None and rack is not None and not self._in_fr:
                 # one segment in flight: this one, and nothing more queued behind it
@@ -392,11 +395,13 @@ class Sender:
                 s = e
                 if e + smss > limit or e >= cw_end:
                     break
+        # copy of rule emit-seq: the first segment set _last_progress and the RTT timing
         self._snd_nxt = s
         self._snd_max = s
         rack = self._rack
         if rack is not None:
-            rack.sent[-1][0] = s  # the first one's send-time batch (RFC 8985 §5.2) grows
+            # the first one's send-time batch grows: copy of rule rack-xmit-ts
+            rack.sent[-1][0] = s
         self.stats.segments_out += n - 1
         return n
 
@@ -450,6 +455,8 @@ class Sender:
             self._emit(tx[0], tx[1], tx[2], now, out)
             guard += 1
         if self._ack_now and self.state in _ACK_STATES:
+            # SEQ=SND.MAX, not the RTO-rewound SND.NXT (RFC 9293 §3.10.7.4 would send
+            # SND.NXT): a peer holding the data would discard a seemingly old ACK
             out.append(self._make_seg(ACK, self._snd_max, b"", now))
         self._update_persist(now)
 
@@ -470,6 +477,8 @@ class Sender:
             sacked_before = self._sacked_between(una, self._snd_max)
         wnd = seg.window << self._snd_wscale
         window_changed = False
+        # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
+        # SND.WL1/SND.WL2; RFC 7323 §2.3: scaled)
         if una <= ack and (self._snd_wl1 < seq or (self._snd_wl1 == seq and self._snd_wl2 <= ack)):
             window_changed = wnd != self._snd_wnd
             self._snd_wnd = wnd
@@ -514,7 +523,7 @@ class Sender:
         acked = ack - una
         rtt = self._rtt
         if self._ts_ok and tsecr:
-            # inlined _ts_sample()
+            # copy of rule ts-rtt-sample (tcp_timers.py _ts_sample) and of rule ts-val
             floor = self._ts_rto_floor
             if floor is None or (tsecr - floor) & M32 < _HALF:
                 elapsed = ((int(now * 1000) + self._ts_offset) - tsecr) & M32
@@ -588,7 +597,7 @@ class Sender:
             rto = rtt.rto
             self._rto_at = now + rto
             if rack.timer != TIMER_REO and not self._in_fr and rack.tlp_end is None:
-                # _arm_pto() inlined (RFC 8985 §7.2): PTO = 2*SRTT (+ WCDelAckT with one
+                # copy of rule pto (recovery.py Rack.pto, _arm_pto; RFC 8985 §7.2): PTO = 2*SRTT (+ WCDelAckT with one
                 # segment in flight), at least PTO_FLOOR, at most the RTO
                 srtt = rtt.srtt
                 if srtt is None:
@@ -624,7 +633,12 @@ class Sender:
         return min(rtt.base_rto * (1 << min(self._persist_backoff, 30)), rtt.max_rto)
 
     def _persist_probe(self, now: float, out: list[TcpSegment]) -> None:
-        """Zero-window probe: an out-of-window ACK (SEQ=SND.UNA-1) makes the peer answer."""
+        """Zero-window probe: an out-of-window ACK (SEQ=SND.UNA-1) makes the peer answer.
+
+        Deviation: RFC 9293 §3.8.6.1 probes with one byte of new data; this empty probe (as
+        Linux's tcp_xmit_probe_skb) gets the same ACK with the current window and never
+        puts data beyond the window on the wire. Backoff as RFC 1122 §4.2.2.17.
+        """
         out.append(self._make_seg(ACK, self._snd_una - 1, b"", now))
         self.stats.zero_window_probes += 1
         self._persist_backoff += 1

@@ -195,6 +195,9 @@ class StateMachine:
         self._set_closed(err)
 
     def _enter_time_wait(self, now: float) -> None:
+        """TIME_WAIT for ``config.time_wait`` (1 s, not 2*MSL: the deviation and what covers
+        for it are at TcpConfig.time_wait); a newer SYN for the 4-tuple may end it early
+        (RFC 6191, :meth:`time_wait_accepts_syn`)."""
         self._set_state(TcpState.TIME_WAIT, "rcv FIN or ACK of FIN")
         self._linger_at = now + self.config.time_wait
         self._rto_at = None

@@ -16,6 +16,8 @@ class Timers:
     """Mixin of ``TcpSocket``: timers, RTO and RTT samples."""
 
     def _ts_val(self, now: float) -> int:
+        """Our TSval: a millisecond clock plus the per-address-pair offset (RFC 7323 §5.4)."""
+        # rule: ts-val
         return (int(now * 1000) + self._ts_offset) & M32
 
     def _ts_sample(self, tsecr: int, now: float) -> None:
@@ -25,6 +27,7 @@ class Timers:
         path (a duplicate segment makes the peer echo an old TSval), so it is ignored; this
         keeps a lossy path from inflating the RTO without bound.
         """
+        # rule: ts-rtt-sample
         floor = self._ts_rto_floor
         if floor is not None and (tsecr - floor) & M32 >= _HALF:
             return
@@ -84,7 +87,10 @@ class Timers:
             self._cc.on_rto(now, self._snd_max - una)
         else:
             self._cc.cwnd = self._smss
-            self._sacked.clear()  # repeated timeouts: the peer may have reneged on SACKs
+            # RFC 2018 §8 / RFC 6675 §5.1: after a timeout SACK information may be stale
+            # (the receiver may renege); kept after the first timeout (the RTO then skips
+            # SACKed data, as Linux), dropped on repeated ones
+            self._sacked.clear()
         rtt.backoff()
         self._ts_rto_floor = self._ts_val(now)
         self._rxt_marks.clear()
