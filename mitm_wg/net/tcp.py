@@ -68,21 +68,19 @@ from mitm_wg.net.assembler import Assembler
 from mitm_wg.net.congestion import make_controller
 from mitm_wg.net.recovery import Rack, Scoreboard
 from mitm_wg.net.rtt import RttEstimator
-from mitm_wg.net.tcp_input import SYN_FAST_RETRIES, Input
-from mitm_wg.net.tcp_recv import Receiver, _RcvTuning
+from mitm_wg.net.tcp_input import SYN_FAST_RETRIES as SYN_FAST_RETRIES  # re-exported
+from mitm_wg.net.tcp_input import Input
+from mitm_wg.net.tcp_recv import Receiver
+from mitm_wg.net.tcp_recv import _RcvTuning as _RcvTuning  # re-exported (tests)
 from mitm_wg.net.tcp_send import Sender
 from mitm_wg.net.tcp_state import _ACK_STATES, _SEND_STATES, _SYN_STATES, StateMachine, TcpState
 from mitm_wg.net.tcp_timers import Timers
-from mitm_wg.net.tcp_wire import ACK, M32, RST, TcpSegment
-from mitm_wg.net.tcp_wire import HALF as _HALF
-from mitm_wg.net.tcp_wire import unwrap as _unwrap
+from mitm_wg.net.tcp_wire import ACK, RST, TcpSegment
+from mitm_wg.net.tcp_wire import M32 as M32  # re-exported
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TcpConfig", "TcpSocket", "TcpState", "TcpStats"]
-
-# re-exported: names tests and older callers import from here
-_REEXPORTS = (M32, _HALF, SYN_FAST_RETRIES, _RcvTuning, _unwrap)
 
 
 @dataclass
