@@ -115,9 +115,9 @@ class Sender:
             rcv_nxt & M32 if flags & ACK else 0,
             flags,
             window,
-            timestamp=timestamp,
-            sack_blocks=sack_blocks,
-            payload=payload,
+            timestamp,
+            sack_blocks,
+            payload,
         )
 
     def _next_tx(self) -> tuple[int, int, bool] | None:
@@ -387,8 +387,9 @@ class Sender:
                         ack,
                         ACK | PSH if e == data_end else ACK,
                         window,
-                        timestamp=ts,
-                        payload=sbuf[base + s : base + e],
+                        ts,
+                        (),
+                        sbuf[base + s : base + e],
                     )
                 )
                 n += 1

@@ -129,14 +129,16 @@ class TcpSegment:
         ack: int = 0,
         flags: int = 0,
         window: int = 0,
+        timestamp: tuple[int, int] | None = None,
+        sack_blocks: tuple[tuple[int, int], ...] = (),
+        payload: bytes | bytearray | memoryview = b"",
         *,
         mss: int | None = None,
         wscale: int | None = None,
         sack_permitted: bool = False,
-        timestamp: tuple[int, int] | None = None,
-        sack_blocks: tuple[tuple[int, int], ...] = (),
-        payload: bytes | bytearray | memoryview = b"",
     ) -> None:
+        # (timestamp, sack_blocks, payload may be positional: the socket builds every
+        # segment it sends with them, and matching keywords costs per call)
         self.src_port = src_port
         self.dst_port = dst_port
         self.seq = seq
@@ -154,7 +156,7 @@ class TcpSegment:
     def from_tuple(cls, t: TcpTuple) -> TcpSegment:
         """The segment a :data:`TcpTuple` encodes."""
         sport, dport, seq, ack, flags, window, tsval, tsecr, payload = t
-        return cls(sport, dport, seq, ack, flags, window, timestamp=(tsval, tsecr), payload=payload)
+        return cls(sport, dport, seq, ack, flags, window, (tsval, tsecr), (), payload)
 
     def seg_len(self) -> int:
         """Sequence space the segment occupies: payload length plus one each for SYN, FIN."""
