@@ -48,8 +48,9 @@ bytes since), converted from/to the 32-bit wire values at the edge with
 
 Where each concern lives (``TcpSocket`` is their composition; all state is created in
 ``TcpSocket.__init__`` below): ``tcp_state.py`` states and the transition table,
-``tcp_input.py`` segment arrival (``fast_input`` next to ``process``), ``tcp_send.py`` the
-send side (``_emit`` next to ``_bulk_send``, ``dispatch``, ACK processing, persist),
+``tcp_input.py`` segment arrival (``fast_input`` next to ``process``, ACK processing),
+``tcp_send.py`` the send side (``_emit`` next to ``_bulk_send``, ``dispatch``, SND.UNA
+advancing, persist),
 ``tcp_recv.py`` the receive side (reassembly, window, delayed ACK, autotuning),
 ``tcp_timers.py`` RTO/RTT/keepalive/``poll_at``, ``recovery.py`` the SACK scoreboard and
 RACK-TLP/PRR, ``congestion.py`` the congestion controllers. docs/architecture.md has the

@@ -1,6 +1,7 @@
 """Segment arrival (RFC 9293 §3.10.7): header prediction, PAWS, the acceptability test,
-RST/SYN handling, the SYN_SENT and SYN_RECEIVED steps; ACK and data processing are handed
-to the send side (``tcp_send.py``) and the receive side (``tcp_recv.py``).
+RST/SYN handling, the SYN_SENT and SYN_RECEIVED steps, ACK processing (``_process_ack``);
+what an ACK frees is the send side's (``tcp_send.py`` ``_on_new_ack``), data goes to the
+receive side (``tcp_recv.py`` ``_process_data``).
 
 As Linux's tcp_input.c: :meth:`Input.fast_input` (header prediction) sits right before
 :meth:`Input.process`, the general path whose ESTABLISHED in-order case it mirrors.
@@ -92,7 +93,7 @@ class Input:
             self._ts_recent_age = now
         wnd = window << self._snd_wscale
         window_changed = False
-        wl1 = self._snd_wl1  # copy of rule snd-wnd-update (tcp_send.py _process_ack)
+        wl1 = self._snd_wl1  # copy of rule snd-wnd-update (_process_ack below)
         if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
             window_changed = wnd != self._snd_wnd
             self._snd_wnd = wnd
@@ -244,6 +245,64 @@ class Input:
                 return
         if (plen or flags & FIN) and st in _RECV_STATES:
             self._process_data(seg, seq, plen, zero_wnd_data, wnd, now)
+
+    def _process_ack(self, seg: TcpSegment, seq: int, ack: int, plen: int, now: float) -> None:
+        """An acceptable ACK (RFC 9293 §3.10.7.4 "check the ACK field", as Linux's tcp_ack):
+        SACK blocks to the scoreboard, the send window, SND.UNA advancing (the send side's
+        ``_on_new_ack``), duplicate ACKs (RFC 5681 §3.2, RFC 6675), RACK-TLP/PRR."""
+        una = self._snd_una
+        sack_new = False
+        rack = self._rack
+        had_sacked = bool(self._sacked)
+        news: list[tuple[int, int]] | None = None
+        sacked_before = 0
+        if self._sack_ok and seg.sack_blocks:
+            if rack is not None:
+                news = []
+                if self._in_fr:
+                    sacked_before = self._sacked_between(una, self._snd_max)
+            sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una, news)
+        elif rack is not None and self._in_fr:
+            sacked_before = self._sacked_between(una, self._snd_max)
+        wnd = seg.window << self._snd_wscale
+        window_changed = False
+        # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
+        # SND.WL1/SND.WL2; RFC 7323 §2.3: scaled)
+        if una <= ack and (self._snd_wl1 < seq or (self._snd_wl1 == seq and self._snd_wl2 <= ack)):
+            window_changed = wnd != self._snd_wnd
+            self._snd_wnd = wnd
+            self._snd_wl1 = seq
+            self._snd_wl2 = ack
+            if wnd > self._max_snd_wnd:
+                self._max_snd_wnd = wnd
+        if ack > una:
+            ts = seg.timestamp
+            self._on_new_ack(ack, una, ts[1] if ts is not None else 0, now)
+        elif (
+            ack == una
+            and plen == 0
+            and not seg.flags & (SYN | FIN)
+            and self._snd_max > una
+            and (sack_new or not window_changed)
+        ):
+            self.stats.dup_acks += 1
+            self._dupacks += 1
+            if self._in_fr:
+                if not self._sack_ok:
+                    self._cc.cwnd += self._smss  # window inflation
+            elif (
+                rack is None
+                and una >= self._recover
+                and (self._dupacks >= 3 or (self._sack_ok and self._lost_edge() > una))
+            ):
+                self._enter_fast_recovery(now)
+        if rack is not None:
+            if seg.sack_blocks or self._in_fr or had_sacked:
+                self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
+        elif sack_new and self._rxt_marks and self._in_fr:
+            self._detect_lost_retransmits()
+        if window_changed or ack > una:
+            self._update_persist(now)
 
     def _process_syn_sent(self, seg: TcpSegment, now: float) -> None:
         flags = seg.flags

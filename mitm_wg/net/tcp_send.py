@@ -1,7 +1,7 @@
 """The send side: send buffer, choosing what to send (new data, retransmissions, sender
 SWS avoidance, Nagle, limited transmit), building segments, the dispatch loop with its
-bulk fast path, the sender's processing of ACKs (window update, duplicate ACKs, SND.UNA
-advancing) and the persist timer (zero-window probes).
+bulk fast path, SND.UNA advancing (``_on_new_ack``: RTT sample, buffer, recovery exit,
+cwnd, timers) and the persist timer (zero-window probes).
 
 As Linux's tcp_output.c plus tcp_ack(): :meth:`Sender._bulk_send` (the fast path) sits
 right after :meth:`Sender._emit`, whose rules it mirrors.
@@ -460,61 +460,6 @@ class Sender:
             # SND.NXT): a peer holding the data would discard a seemingly old ACK
             out.append(self._make_seg(ACK, self._snd_max, b"", now))
         self._update_persist(now)
-
-    def _process_ack(self, seg: TcpSegment, seq: int, ack: int, plen: int, now: float) -> None:
-        una = self._snd_una
-        sack_new = False
-        rack = self._rack
-        had_sacked = bool(self._sacked)
-        news: list[tuple[int, int]] | None = None
-        sacked_before = 0
-        if self._sack_ok and seg.sack_blocks:
-            if rack is not None:
-                news = []
-                if self._in_fr:
-                    sacked_before = self._sacked_between(una, self._snd_max)
-            sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una, news)
-        elif rack is not None and self._in_fr:
-            sacked_before = self._sacked_between(una, self._snd_max)
-        wnd = seg.window << self._snd_wscale
-        window_changed = False
-        # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
-        # SND.WL1/SND.WL2; RFC 7323 §2.3: scaled)
-        if una <= ack and (self._snd_wl1 < seq or (self._snd_wl1 == seq and self._snd_wl2 <= ack)):
-            window_changed = wnd != self._snd_wnd
-            self._snd_wnd = wnd
-            self._snd_wl1 = seq
-            self._snd_wl2 = ack
-            if wnd > self._max_snd_wnd:
-                self._max_snd_wnd = wnd
-        if ack > una:
-            ts = seg.timestamp
-            self._on_new_ack(ack, una, ts[1] if ts is not None else 0, now)
-        elif (
-            ack == una
-            and plen == 0
-            and not seg.flags & (SYN | FIN)
-            and self._snd_max > una
-            and (sack_new or not window_changed)
-        ):
-            self.stats.dup_acks += 1
-            self._dupacks += 1
-            if self._in_fr:
-                if not self._sack_ok:
-                    self._cc.cwnd += self._smss  # window inflation
-            elif (
-                rack is None
-                and una >= self._recover
-                and (self._dupacks >= 3 or (self._sack_ok and self._lost_edge() > una))
-            ):
-                self._enter_fast_recovery(now)
-        if rack is not None:
-            if seg.sack_blocks or self._in_fr or had_sacked:
-                self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
-        elif sack_new and self._rxt_marks and self._in_fr:
-            self._detect_lost_retransmits()
-        if window_changed or ack > una:
-            self._update_persist(now)
 
     def _on_new_ack(self, ack: int, una: int, tsecr: int, now: float) -> None:
         """SND.UNA advances from ``una`` to ``ack``: RTT sample, send buffer, recovery, cwnd.
