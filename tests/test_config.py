@@ -775,9 +775,8 @@ def test_endpoints_are_formatted_only_by_format_endpoint() -> None:
     import mitm_wg
 
     hand_made = re.compile(r"\{[^{}]*(host|addr|address)[^{}]*\}\]?:\{|%s:%[sd]")
-    # Being restructured separately (the addon's connect paths; the stack's TCP socket
-    # plumbing): their messages follow with those changes.
-    pending = {"mitmproxy/addon.py", "net/stack.py"}
+    # Being restructured separately (the addon's connect paths): its messages follow.
+    pending = {"mitmproxy/addon.py"}
     root = Path(mitm_wg.__file__).parent
     found = []
     for path in sorted(root.rglob("*.py")):

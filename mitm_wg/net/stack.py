@@ -51,6 +51,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
+from mitm_wg.config import format_endpoint
 from mitm_wg.net import icmp
 from mitm_wg.net.checksum import ones_sum, pseudo_header_sum
 from mitm_wg.net.ipv4 import (
@@ -708,7 +709,7 @@ class Stack:
                     return port
         raise OSError(
             errno.EADDRNOTAVAIL,
-            f"no free local port for another connection to {_addr_str(remote)}:{rport} "
+            f"no free local port for another connection to {format_endpoint((_addr_str(remote), rport))} "
             f"(ports {first}-{first + count - 1} all in use)",
         )
 

@@ -60,7 +60,6 @@ table.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,8 +77,6 @@ from mitm_wg.net.tcp_state import _ACK_STATES, _SEND_STATES, _SYN_STATES, StateM
 from mitm_wg.net.tcp_timers import Timers
 from mitm_wg.net.tcp_wire import ACK, RST, TcpSegment
 from mitm_wg.net.tcp_wire import M32 as M32  # re-exported
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["TcpConfig", "TcpSocket", "TcpState", "TcpStats"]
 
