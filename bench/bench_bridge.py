@@ -26,10 +26,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import trio
 
-from mitm_wg.mitmproxy.bridge import Bridge, dialer_tunnel
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mitm_wg.mitmproxy.bridge import Bridge
+from tests.loopback_addon import dialer_tunnel
 
 logger = logging.getLogger(__name__)
 

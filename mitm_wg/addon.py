@@ -2,8 +2,9 @@
 
     mitmproxy -s "$(mitm-wg addon)" --set wg_conf=wg0.conf
 
-(``mitm-wg addon`` prints this file's absolute path.) Options: ``wg_conf``,
-``wg_allow_direct`` (see :mod:`mitm_wg.mitmproxy.addon`); command: ``wg.status``. Once
+(``mitm-wg addon`` prints this file's absolute path.) Options (``wg_conf``, ``wg_pool``,
+``wg_via``, ``wg_dns``, ``wg_allow_direct``, ...) and commands (``wg.status``, ``wg.pools``):
+see :mod:`mitm_wg.mitmproxy.addon`. Once
 mitmproxy has finished starting, the log shows ``mitm-wg: ready, proxy at ADDR``
 (:mod:`mitm_wg.mitmproxy.ready`).
 """

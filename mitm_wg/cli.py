@@ -105,6 +105,14 @@ def _report(results: list[PeerResult], timeout: float, out) -> None:
         )
 
 
+def host_header(url: str) -> str:
+    """The Host header for ``url``: its authority without userinfo, as written (RFC 9110
+    §7.2), so an IPv6 literal keeps its brackets (``http://[::1]:8080/`` -> ``[::1]:8080``)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
 async def fetch_url(
     config: WireGuardConfig, url: str, *, insecure: bool, timeout: float, out
 ) -> None:
@@ -132,7 +140,7 @@ async def fetch_url(
             connected = trio.current_time()
             peer = tunnel.route(stream.remote_address[0])  # type: ignore[attr-defined]
             print(
-                f"connected to {stream.remote_address[0]}:{port} through peer "  # type: ignore[attr-defined]
+                f"connected to {format_endpoint(stream.remote_address)} through peer "  # type: ignore[attr-defined]
                 f"{peer.public_key_b64 if peer else '?'} in {(connected - start) * 1000:.0f} ms",
                 file=out,
             )
@@ -145,12 +153,11 @@ async def fetch_url(
                 with trio.fail_after(timeout):
                     await stream.do_handshake()
             conn = h11.Connection(h11.CLIENT)
-            host_header = host if parts.port is None else f"{host}:{port}"
             request = h11.Request(
                 method="GET",
                 target=target,
                 headers=[
-                    ("Host", host_header),
+                    ("Host", host_header(url)),
                     ("User-Agent", "mitm-wg-check"),
                     ("Accept", "*/*"),
                     ("Connection", "close"),

@@ -43,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from mitm_wg.config import encode_key, generate_private_key, public_key_of
+from mitm_wg.config import encode_key, format_endpoint, generate_private_key, public_key_of
 
 __all__ = [
     "DemoError",
@@ -137,9 +137,6 @@ def client_config_text(
     client_private: bytes, server_public: bytes, endpoint: tuple[str, int]
 ) -> str:
     """Our side's wg-quick config for mitmproxy's WireGuard mode at ``endpoint``."""
-    host, port = endpoint
-    if ":" in host:
-        host = f"[{host}]"
     return (
         "# mitm-wg demo: the local exit peer (mitmdump --mode wireguard)\n"
         "[Interface]\n"
@@ -150,7 +147,7 @@ def client_config_text(
         "[Peer]\n"
         f"PublicKey = {encode_key(server_public)}\n"
         f"AllowedIPs = {ALLOWED_IPS}\n"
-        f"Endpoint = {host}:{port}\n"
+        f"Endpoint = {format_endpoint(endpoint)}\n"
     )
 
 
@@ -295,7 +292,7 @@ def exit_peer(workdir: Path, host: str = "127.0.0.1") -> Iterator[ExitPeer]:
         _write_private(
             client_conf, client_config_text(client_private, public_key_of(server_private), endpoint)
         )
-        logger.info("exit peer pid %d listening at %s:%d", proc.pid, *endpoint)
+        logger.info("exit peer pid %d listening at %s", proc.pid, format_endpoint(endpoint))
         yield ExitPeer(proc, endpoint, client_conf, log_path)
     finally:
         _stop_process(proc)
@@ -322,8 +319,8 @@ def front_argv(
 def instructions(tool: str, port: int, peer: ExitPeer, cacert: Path) -> str:
     """What the demo prints before it starts the front."""
     proxy = f"http://127.0.0.1:{port}"
-    host, udp_port = peer.endpoint
-    line = f'"mitm-wg: HOST:PORT through tunnel {TUNNEL_NAME!r} (peer …, {host}:{udp_port})"'
+    udp = format_endpoint(peer.endpoint)
+    line = f'"mitm-wg: HOST:PORT through tunnel {TUNNEL_NAME!r} (peer …, {udp})"'
     if tool == "mitmproxy":
         checks = (
             "  - type  :wg.status  (Enter) in mitmproxy: tunnel state, handshakes, bytes\n"
@@ -334,7 +331,7 @@ def instructions(tool: str, port: int, peer: ExitPeer, cacert: Path) -> str:
         checks = f"  - {where} shows one {line}\n    per upstream connection"
     return f"""\
 mitm-wg demo: {tool} on {proxy} with the mitm-wg addon; its upstream connections go
-through WireGuard to a local exit peer (mitmdump --mode wireguard at UDP {host}:{udp_port},
+through WireGuard to a local exit peer (mitmdump --mode wireguard at UDP {udp},
 pid {peer.process.pid}, passing everything through untouched).
   tunnel config:    {peer.client_conf}
   exit peer's log:  {peer.log_path}
@@ -402,7 +399,7 @@ def _run_front(
     stopping: list[int] = []
     exit_died = False
 
-    def forward(signum: int, frame: FrameType | None) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGINT and console:
             return  # the terminal delivered Ctrl-C to mitmproxy too; it asks whether to quit
         stopping.append(signum)
@@ -487,5 +484,5 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     return code
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt

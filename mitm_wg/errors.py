@@ -41,6 +41,16 @@ class NoRoute(MitmWgError, OSError):
 
 
 class TunnelCrashed(MitmWgError, RuntimeError):
-    """A background task of a running tunnel (a UDP reader, the timer) crashed: a bug in
-    mitm-wg, never the caller's own exception. The tunnel is gone; ``__cause__`` is the
+    """A background task of a running tunnel (a UDP reader, the timer, endpoint
+    re-resolution, a multi-hop reader) crashed: a bug in mitm-wg, never the caller's own
+    exception. The tunnel is gone; ``__cause__`` is the
     original exception."""
+
+    @classmethod
+    def of(cls, what: str, exc: BaseException) -> TunnelCrashed:
+        """The error for background task ``what`` ended by ``exc`` (set as ``__cause__``
+        by the caller's ``raise ... from exc``)."""
+        return cls(
+            f"the WireGuard tunnel's {what} task crashed ({type(exc).__name__}: {exc}); "
+            "the tunnel is closed"
+        )

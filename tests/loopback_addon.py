@@ -14,17 +14,39 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
 
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.mitmproxy.addon import WireGuardAddon
-from mitm_wg.mitmproxy.bridge import DialerTunnel
+from mitm_wg.mitmproxy.bridge import TunnelFactory
 from mitm_wg.mitmproxy.ready import StartupSignal
 
 logger = logging.getLogger(__name__)
+
+Dial = Callable[[str, int], Awaitable[trio.abc.HalfCloseableStream]]
+
+
+class DialerTunnel:
+    """A stand-in tunnel that connects with a plain dial function (tests, benchmarks)."""
+
+    def __init__(self, dial: Dial) -> None:
+        self._dial = dial
+
+    async def open_tcp_stream(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+        return await self._dial(host, port)
+
+
+def dialer_tunnel(dial: Dial) -> TunnelFactory:
+    """A tunnel factory for :meth:`Bridge.set_tunnels` around a dial function."""
+
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[DialerTunnel]:
+        yield DialerTunnel(dial)
+
+    return factory
 
 
 class LoopbackTunnel(DialerTunnel):

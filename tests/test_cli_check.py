@@ -55,3 +55,10 @@ def test_check_is_driven_by_the_runtime_not_a_select_loop() -> None:
     source = inspect.getsource(cli)
     assert "select" not in source and "getaddrinfo" not in source
     assert "receive_datagram" not in source
+
+
+def test_host_header_keeps_ipv6_brackets() -> None:
+    assert cli.host_header("http://[2001:db8::1]/x") == "[2001:db8::1]"
+    assert cli.host_header("https://[2001:db8::1]:8443/") == "[2001:db8::1]:8443"
+    assert cli.host_header("http://user:pw@example.com:8080/") == "example.com:8080"
+    assert cli.host_header("http://example.com/") == "example.com"

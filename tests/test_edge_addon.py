@@ -24,9 +24,9 @@ from mitm_wg.config import encode_key, generate_private_key, public_key_of
 from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.addon import WireGuardAddon
-from mitm_wg.mitmproxy.bridge import ENV_MODE, dialer_tunnel
+from mitm_wg.mitmproxy.bridge import ENV_MODE
 from mitm_wg.mitmproxy.routing import METADATA_KEY, use_tunnel
-from tests.loopback_addon import open_loopback_tunnel
+from tests.loopback_addon import dialer_tunnel, open_loopback_tunnel
 
 
 def write_conf(path: Path, allowed: str) -> str:
@@ -104,6 +104,12 @@ def test_the_shipped_addon_has_no_test_dialer() -> None:
     asyncio.run(main())
     source = Path(shipped.__file__).read_text()
     assert "loopback" not in source.lower() and "TEST" not in source
+    # Nor does any other shipped module carry a stand-in tunnel (the dial-function
+    # tunnel is in tests/loopback_addon.py too).
+    root = Path(shipped.__file__).parent.parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "DialerTunnel" not in text and "dialer_tunnel" not in text, path
 
 
 def test_routing_table_is_the_cores_longest_prefix_table(tmp_path: Path) -> None:

@@ -62,6 +62,12 @@ class FakeTunnel:
         assert self.net is not None
         return await self.net.open_tcp(ipaddress.ip_address(host), port)
 
+    async def wait_session(self, address: object) -> None:
+        """FakeNet's servers answer at once: no WireGuard session to wait for."""
+
+    def unanswered(self, address: object, since: float) -> None:
+        pass
+
 
 def fake_tunnel(net: FakeNet | None) -> Any:
     @asynccontextmanager

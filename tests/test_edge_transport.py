@@ -19,8 +19,9 @@ import pytest
 import trio
 import trio.testing
 
-from mitm_wg.mitmproxy.bridge import Bridge, TunnelFactory, dialer_tunnel
+from mitm_wg.mitmproxy.bridge import Bridge, TunnelFactory
 from mitm_wg.mitmproxy.transport import DEFAULT_HIGH_WATER, INBOX_LIMIT, RECEIVE_SIZE
+from tests.loopback_addon import dialer_tunnel
 
 MODES = ["guest", "thread"]
 

@@ -27,7 +27,17 @@ from mitm_wg.net.recovery import Rack
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp import M32, TcpConfig, TcpSocket, TcpState, TcpStats, _RcvTuning
-from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
+from mitm_wg.net.tcp_wire import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    TCP_TUPLE_FIELDS,
+    URG,
+    TcpSegment,
+    TcpTuple,
+)
 
 A = ipaddress.ip_address("10.0.0.1").packed
 B = ipaddress.ip_address("10.0.0.2").packed
@@ -55,7 +65,7 @@ def state_of(obj: Any) -> Any:
         slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
         return {s: state_of(getattr(obj, s)) for s in slots if hasattr(obj, s)}
     if isinstance(obj, TcpSocket):
-        return {k: state_of(v) for k, v in vars(obj).items() if k not in ("config", "_touched")}
+        return {k: state_of(v) for k, v in vars(obj).items() if k not in ("config", "_on_touched")}
     if isinstance(obj, list):
         return [state_of(x) for x in obj]
     if isinstance(obj, (bytearray, memoryview)):
@@ -440,6 +450,10 @@ def _wire(segs: list[Any]) -> list[bytes]:
     return out
 
 
+def _segment(s: TcpSegment | TcpTuple) -> TcpSegment:
+    return TcpSegment.from_tuple(s) if type(s) is tuple else s  # type: ignore[arg-type]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     seed=st.integers(0, 2**32),
@@ -512,8 +526,8 @@ def test_bulk_send_is_the_general_loop(
         slow.dispatch(now, slow_out, tuples)
         if tuples:
             assert _wire(fast_out) == _wire(slow_out)
-        else:
-            assert [s._key() for s in fast_out] == [s._key() for s in slow_out]
+        # a TcpTuple encodes exactly the TcpSegment the general loop builds
+        assert [_segment(s)._key() for s in fast_out] == [s._key() for s in slow_out]
         assert state_of(sock) == state_of(slow)
         assert sock.poll_at() == slow.poll_at()
 
@@ -662,3 +676,34 @@ def test_bulk_send_data_end_and_fin(extra: int, fin: bool, tuples: bool) -> None
     assert len(fast_out) > 10
     assert _wire(fast_out) == _wire(slow_out)
     assert state_of(sock) == state_of(slow)
+
+
+def test_tcp_tuple_fields_are_the_segments() -> None:
+    """One definition of the fast-path encoding: its fields are TcpSegment's, in order."""
+    t = (1, 2, 3, 4, ACK | PSH, 5, 6, 7, b"data")
+    seg = TcpSegment.from_tuple(t)
+    as_seg = {**{f: getattr(seg, f, None) for f in TCP_TUPLE_FIELDS}, "payload": seg.payload}
+    as_seg["tsval"], as_seg["tsecr"] = seg.timestamp or (None, None)
+    assert tuple(as_seg[f] for f in TCP_TUPLE_FIELDS) == t
+
+
+def test_every_hand_kept_copy_names_its_rule() -> None:
+    """The fast paths keep some rules inlined for speed. Each copy is marked ``copy of rule
+    <name>`` and the one definition ``rule: <name>`` (see TcpSocket.fast_input): every
+    copy's rule is defined exactly once, and every marked definition has a copy."""
+    import pathlib
+    import re
+
+    import mitm_wg.net
+
+    defs: dict[str, int] = {}
+    copies: set[str] = set()
+    for path in pathlib.Path(mitm_wg.net.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        for name in re.findall(r"# rule: ([a-z][a-z0-9-]*)", text):
+            defs[name] = defs.get(name, 0) + 1
+        copies.update(re.findall(r"copy of rule ([a-z][a-z0-9-]*)", text))
+    assert copies, "no marked copies found"
+    assert {n: c for n, c in defs.items() if c != 1} == {}
+    assert copies - set(defs) == set()
+    assert set(defs) - copies == {"paws"}  # fast_input declines instead of copying it

@@ -24,7 +24,7 @@ from e2e_helpers import curl, run_mitmdump, run_origin, write_client_config
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from harness import ExitPeer, exit_peer
+from harness import ExitPeer, diagnose_on_failure, exit_peer
 from harness.multihop import InnerExitPeer, inner_exit_peer
 from mitm_wg.config import WireGuardConfig, encode_key, generate_private_key, public_key_of
 from mitm_wg.mitmproxy.addon import WireGuardAddon, chain_of
@@ -76,11 +76,17 @@ async def two_hops(
     outer: ExitPeer, inner: InnerExitPeer, *, v6: bool = False, mtu: int | None = None
 ) -> AsyncIterator[tuple[Tunnel, Tunnel, NamespaceSocketFactory]]:
     factory = NamespaceSocketFactory(outer.client_ns)
-    async with (
-        open_tunnel(outer_config(outer, inner, v6=v6), socket_factory=factory) as a,
-        open_tunnel(inner_config(inner, v6=v6, mtu=mtu), via=a) as b,
-    ):
-        yield a, b, factory
+    with diagnose_on_failure(outer, inner):
+        async with (
+            open_tunnel(outer_config(outer, inner, v6=v6), socket_factory=factory) as a,
+            open_tunnel(inner_config(inner, v6=v6, mtu=mtu), via=a) as b,
+        ):
+            try:
+                yield a, b, factory
+            except BaseException as e:
+                # Our side of both hops (handshake ages, sessions, counters) at the failure.
+                e.add_note(f"outer tunnel: {a.status()}\ninner tunnel: {b.status()}")
+                raise
 
 
 @pytest.mark.interop

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.runtime import TunnelStream, open_tunnel
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
@@ -148,6 +149,44 @@ async def test_a_crash_in_the_reader_surfaces_as_tunnel_crashed(
             with trio.fail_after(10):
                 await trio.sleep_forever()  # cancelled by the crash
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def _inner_config_via(outer_peer_port: int) -> tuple[WireGuardConfig, int]:
+    """A config for a tunnel through tunnel ``a`` of tunnel_pair, its peer "behind" b."""
+    listen = free_udp_port()
+    inner, _ = pair_configs(listen, outer_peer_port)
+    text = inner.to_text().replace(f"127.0.0.1:{outer_peer_port}", f"10.33.0.2:{outer_peer_port}")
+    return WireGuardConfig.parse(text), listen
+
+
+async def test_a_crash_in_the_multihop_reader_surfaces_as_tunnel_crashed() -> None:
+    # The inner tunnel's reader (ViaTransport) is a background task too (issue 11).
+    async with tunnel_pair() as (a, b):
+        config, listen = _inner_config_via(9)
+        with pytest.raises(TunnelCrashed, match=r"multi-hop reader task crashed.*boom") as info:
+            async with open_tunnel(config, via=a) as inner:
+
+                def broken(*args: object, **kwargs: object) -> None:
+                    raise ValueError("boom")
+
+                inner.device.receive_datagram = broken  # type: ignore[method-assign]
+                sender = await b.open_udp_socket()
+                await sender.sendto(b"anything", ("10.33.0.1", listen))
+                with trio.fail_after(10):
+                    await trio.sleep_forever()  # cancelled by the crash
+        assert isinstance(info.value.__cause__, ValueError)
+
+
+async def test_the_outer_path_closing_is_not_a_crash_of_the_inner() -> None:
+    async with tunnel_pair() as (a, _b):
+        config, _ = _inner_config_via(9)
+        with pytest.raises(OSError) as info:
+            async with open_tunnel(config, via=a) as inner:
+                inner._send_datagrams.__self__.close()  # type: ignore[attr-defined]
+                with trio.fail_after(10):
+                    await trio.sleep_forever()
+    assert info.value.errno == errno.ENETDOWN and not isinstance(info.value, TunnelCrashed)
+    assert "outer WireGuard tunnel" in str(info.value)
 
 
 async def test_the_callers_own_exception_comes_back_as_it_was() -> None:

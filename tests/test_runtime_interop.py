@@ -237,7 +237,7 @@ async def test_happy_eyeballs_prefers_ipv6_then_falls_back_to_ipv4(exit_peer: Ex
                 message = str(info.value)
                 assert message.count("refused") == 3  # the summary and one per address
                 assert f"{exit_peer.server_tunnel_v4}:9" in message
-                assert f"{exit_peer.server_tunnel_v6}:9" in message
+                assert f"[{exit_peer.server_tunnel_v6}]:9" in message  # IPv6 in brackets
 
 
 # -- errors with real peers ----------------------------------------------------------------------

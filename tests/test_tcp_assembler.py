@@ -88,3 +88,20 @@ def test_random_segments_reassemble(seed: int, data: st.DataObject) -> None:
             a.add(s, stream[s:e])
         assert a.size == sum(e - s for s, e in a.ranges())
     assert bytes(out) == stream
+
+
+def test_size_is_nonzero_exactly_when_ranges_are_held() -> None:
+    """TcpSocket's hot paths test ``size`` for "anything held" (see Assembler's docstring)."""
+    rng = random.Random(7)
+    asm = Assembler(max_ranges=8)
+    at = 0
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.6:
+            asm.add(at + rng.randrange(0, 200), bytes(rng.randrange(0, 30)))
+        elif op < 0.95:
+            data = asm.pop(at)
+            at += len(data) if data else rng.randrange(0, 40)
+        else:
+            asm.clear()
+        assert (asm.size > 0) == (len(asm) > 0) == bool(asm)

@@ -985,3 +985,97 @@ def test_close_in_syn_sent_just_closes() -> None:
     pb.sock.close(0.0)
     assert pb.sock.is_closed
     pb.expect([])
+
+
+# -- the transition table -----------------------------------------------------------------
+
+
+def test_state_changes_only_in_set_state() -> None:
+    """``state`` is assigned in exactly two places: the initial CLOSED in ``__init__`` and
+    ``StateMachine._set_state``, which checks the transition table."""
+    import ast
+    import pathlib
+
+    import mitm_wg.net
+
+    where = []
+    for path in sorted(pathlib.Path(mitm_wg.net.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                for t in targets:
+                    if isinstance(t, ast.Attribute) and t.attr == "state":
+                        where.append((path.name, fn.name))
+    assert sorted(where) == [("tcp.py", "__init__"), ("tcp_state.py", "_set_state")]
+
+
+def test_every_transition_taken_is_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the state playbooks, recording each state change: all are in TRANSITIONS, and
+    together they take every transition the table lists except the ones only a timeout or
+    an error path takes in scenarios not replayed here."""
+    from mitm_wg.net.tcp_state import TRANSITIONS, StateMachine
+
+    taken: set[tuple[TcpState, TcpState]] = set()
+    real = StateMachine._set_state
+
+    def record(self: StateMachine, new: TcpState, event: str) -> None:
+        taken.add((self.state, new))
+        real(self, new, event)
+
+    monkeypatch.setattr(StateMachine, "_set_state", record)
+    for name in SYNC_STATES:
+        pb, _, _, _ = _to_state(name)
+        pb.sock.abort(0.0)  # -> CLOSED from every synchronized state
+    test_simultaneous_open()
+    test_simultaneous_close()
+    test_fin_and_ack_together_go_straight_to_time_wait()
+    test_time_wait_expiry_configurable()
+    test_half_close_we_close_first()
+    test_half_close_peer_closes_first()
+    test_shutdown_in_syn_sent_sends_fin_after_handshake()
+    test_close_in_syn_sent_just_closes()
+    test_rst_in_syn_sent_refuses()
+    assert taken <= set(TRANSITIONS), taken - set(TRANSITIONS)
+    not_taken = set(TRANSITIONS) - taken
+    S = TcpState
+    # SYN-RECEIVED -> FIN-WAIT-1 (close before the handshake completed, passive side) and
+    # FIN-WAIT-1 -> TIME-WAIT (our code passes through FIN-WAIT-2 on the same segment)
+    assert not_taken <= {(S.SYN_RECEIVED, S.FIN_WAIT_1), (S.FIN_WAIT_1, S.TIME_WAIT)}, not_taken
+
+
+def test_illegal_transition_raises() -> None:
+    from mitm_wg.net.tcp_state import IllegalTransition
+
+    pb = est()
+    with pytest.raises(IllegalTransition, match="ESTABLISHED -> SYN_SENT"):
+        pb.sock._set_state(TcpState.SYN_SENT, "test")
+    assert pb.sock.state is TcpState.ESTABLISHED
+    with pytest.raises(IllegalTransition):
+        pb.sock._set_state(TcpState.TIME_WAIT, "test")  # needs a FIN first
+    pb.sock.abort(0.0)
+    with pytest.raises(IllegalTransition):
+        pb.sock._set_state(TcpState.ESTABLISHED, "test")
+
+
+def test_on_touched_hook_after_application_calls() -> None:
+    """The owner (the stack) learns of every application call that may leave something to
+    send through the constructor's ``on_touched`` hook."""
+    from mitm_wg.net.tcp import TcpSocket
+
+    calls: list[TcpSocket] = []
+    sock = TcpSocket(
+        cfg(), b"\x0a\0\0\1", LPORT, b"\x0a\0\0\2", RPORT, isn=ISS, now=0.0, on_touched=calls.append
+    )
+    sock.connect(0.0)
+    assert calls == []
+    assert sock.send(b"x") == 1
+    assert calls == [sock]
+    assert sock.recv(10) == b""  # nothing read: the window did not open
+    assert calls == [sock]
+    sock.shutdown_write(0.0)
+    sock.close(0.0)
+    sock.abort(0.0)
+    assert len(calls) == 4

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mitm_wg.config import WireGuardConfig
 from mitm_wg.wireguard import crypto
 
 H = bytes.fromhex
@@ -276,3 +277,40 @@ def test_tai64n_is_monotonic_bytewise() -> None:
     assert all(len(s) == 12 for s in stamps)
     assert stamps == sorted(stamps)
     assert len(set(stamps)) == len(stamps)
+
+
+def test_key_text_clamping_and_derivation_live_in_keys_only() -> None:
+    # Issue 11: clamping, public-key derivation and the base64 form are written once, in
+    # mitm_wg/keys.py; everything else (config, core, CLI, demo) calls it.
+    import re
+    from pathlib import Path
+
+    import mitm_wg
+
+    own = re.compile(r"b64encode|b64decode|& 248\b|\) \| 64\b|\.public_key\(\)\.public_bytes")
+    root = Path(mitm_wg.__file__).parent
+    found = [
+        f"{path.relative_to(root)}:{n}"
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "keys.py" or path.parent != root
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if own.search(line)
+    ]
+    assert not found, found
+
+
+def test_peer_and_device_show_keys_as_keys_module_does() -> None:
+    from mitm_wg.keys import encode_key
+    from mitm_wg.wireguard.device import Device
+
+    config = WireGuardConfig.parse(
+        "[Interface]\nPrivateKey = "
+        + encode_key(bytes(range(32)))
+        + "\nAddress = 10.0.0.1/32\n[Peer]\nPublicKey = "
+        + encode_key(bytes(range(1, 33)))
+        + "\nAllowedIPs = 10.0.0.2/32\n"
+    )
+    device = Device.from_config(config)
+    assert device.public_key_b64 == encode_key(device.public_key) == config.public_key_b64
+    (peer,) = device.peers.values()
+    assert peer.public_key_b64 == encode_key(bytes(range(1, 33)))

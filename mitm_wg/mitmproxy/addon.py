@@ -226,7 +226,6 @@ class WireGuardAddon:
         #: slow new tunnel never holds up connections through the others (live changes).
         self._routable = asyncio.Event()
         self._apply_lock: asyncio.Lock | None = None
-        self._apply_task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._server_info: weakref.WeakKeyDictionary[Server, dict[str, Any]] = (

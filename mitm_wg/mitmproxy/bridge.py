@@ -10,8 +10,8 @@ the default and the measurements behind it are in docs/architecture.md and
 bench/bench_bridge.py.
 
 Lifecycle of tunnels: :meth:`Bridge.set_tunnels` takes ``{name: factory}`` where a factory
-returns an async context manager yielding a tunnel (``lambda: open_tunnel(config)``, or
-:func:`dialer_tunnel` for tests). Each tunnel runs in its own task and cancel scope inside the
+returns an async context manager yielding a tunnel (``lambda: open_tunnel(config)``; tests
+use stand-ins from tests/loopback_addon.py). Each tunnel runs in its own task and cancel scope inside the
 trio run; replacing the set closes the tunnels that are not kept (their connections break
 with ``ConnectionAbortedError``, and a log line says how many) and opens the new ones; the
 tunnels named in ``keep`` go on running, their connections untouched (live ``wg_conf``
@@ -28,13 +28,14 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import trio
 
+from mitm_wg.config import format_endpoint
 from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
 from mitm_wg.mitmproxy.transport import TunnelTransport, peer_info
@@ -44,12 +45,9 @@ __all__ = [
     "ENV_MODE",
     "Bridge",
     "BridgeMode",
-    "Dial",
-    "DialerTunnel",
     "TunnelFactory",
     "TunnelInfo",
     "TunnelLike",
-    "dialer_tunnel",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,8 +60,6 @@ ENV_MODE = "MITM_WG_BRIDGE"
 #: How often the trio side refreshes the peer status shown by ``wg.status``.
 STATUS_INTERVAL = 2.0
 
-Dial = Callable[[str, int], Awaitable[trio.abc.HalfCloseableStream]]
-
 
 class TunnelLike(Protocol):
     """What the bridge needs from a tunnel (mitm_wg.runtime.Tunnel fits)."""
@@ -72,26 +68,6 @@ class TunnelLike(Protocol):
 
 
 TunnelFactory = Callable[[], AbstractAsyncContextManager[Any]]
-
-
-class DialerTunnel:
-    """A stand-in tunnel that connects with a plain dial function (tests, benchmarks)."""
-
-    def __init__(self, dial: Dial) -> None:
-        self._dial = dial
-
-    async def open_tcp_stream(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        return await self._dial(host, port)
-
-
-def dialer_tunnel(dial: Dial) -> TunnelFactory:
-    """A tunnel factory for :meth:`Bridge.set_tunnels` around a dial function."""
-
-    @asynccontextmanager
-    async def factory() -> AsyncIterator[DialerTunnel]:
-        yield DialerTunnel(dial)
-
-    return factory
 
 
 @dataclass(frozen=True)
@@ -119,6 +95,12 @@ class _TunnelState:
     connections: int = 0
 
 
+#: Trio-side callbacks of :meth:`Bridge._trio_when_up`: start work in an up tunnel's
+#: nursery, or report a tunnel that is missing (None) or down.
+_Start = Callable[[_TunnelState, trio.Nursery], object]
+_Fail = Callable[[_TunnelState | None], object]
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _describe(exc.exceptions[0])
@@ -141,7 +123,7 @@ def _first_oserror(exc: BaseException) -> OSError | None:
 
 def connect_error(tunnel: str, host: str, port: int, exc: BaseException) -> OSError:
     """The OSError mitmproxy reports for a failed dial through ``tunnel``."""
-    where = f"{host}:{port} via WireGuard tunnel {tunnel!r}"
+    where = f"{format_endpoint((host, port))} via WireGuard tunnel {tunnel!r}"
     found = _first_oserror(exc)
     if found is not None:
         reason = found.strerror or str(found) or type(found).__name__
@@ -204,7 +186,7 @@ class Bridge:
             raise RuntimeError("the WireGuard bridge is not running")
         token.run_sync_soon(fn, *args)
 
-    def _to_loop(self, fn: Callable[..., object], *args: object) -> None:
+    def _to_loop(self, _fn: Callable[..., object], *_args: object) -> None:
         # Replaced in start() by loop.call_soon (guest) or call_soon_threadsafe (thread).
         raise RuntimeError("the WireGuard bridge is not running")
 
@@ -508,30 +490,45 @@ class Bridge:
         transport.attach(protocol)
         return transport
 
-    def _trio_spawn(self, transport: TunnelTransport, name: str, host: str, port: int) -> None:
+    def _trio_when_up(
+        self,
+        name: str,
+        start: _Start,
+        fail: _Fail,
+    ) -> None:
+        """Trio side, the one way into a tunnel: ``start(st, its nursery)`` once tunnel
+        ``name`` is up (waiting while it starts, then looking it up again: a live change may
+        have replaced it), or ``fail(st)`` when it is missing (None) or down."""
         st = self._tunnels.get(name)
-        if st is None:
-            transport.trio_fail(
-                OSError(errno.ENETDOWN, f"{host}:{port}: no WireGuard tunnel named {name!r}")
-            )
-        elif st.state == "starting":
-            assert self._nursery is not None
-            self._nursery.start_soon(self._trio_spawn_when_ready, st, transport, host, port)
-        elif st.nursery is None:
-            transport.trio_fail(
-                OSError(
-                    errno.ENETDOWN,
-                    f"{host}:{port}: the WireGuard tunnel {name!r} is down: {st.error or st.state}",
-                )
-            )
+        if st is not None and st.state == "starting" and self._nursery is not None:
+            self._nursery.start_soon(self._trio_wait_up, st, start, fail)
+        elif st is None or st.nursery is None or st.tunnel is None:
+            fail(st)
         else:
-            st.nursery.start_soon(self._trio_connection, st, transport, host, port)
+            start(st, st.nursery)
 
-    async def _trio_spawn_when_ready(
-        self, st: _TunnelState, transport: TunnelTransport, host: str, port: int
+    async def _trio_wait_up(
+        self,
+        st: _TunnelState,
+        start: _Start,
+        fail: _Fail,
     ) -> None:
         await st.ready.wait()
-        self._trio_spawn(transport, st.name, host, port)
+        self._trio_when_up(st.name, start, fail)
+
+    def _trio_spawn(self, transport: TunnelTransport, name: str, host: str, port: int) -> None:
+        def start(st: _TunnelState, nursery: trio.Nursery) -> None:
+            nursery.start_soon(self._trio_connection, st, transport, host, port)
+
+        def fail(st: _TunnelState | None) -> None:
+            where = format_endpoint((host, port))
+            if st is None:
+                why = f"{where}: no WireGuard tunnel named {name!r}"
+            else:
+                why = f"{where}: the WireGuard tunnel {name!r} is down: {st.error or st.state}"
+            transport.trio_fail(OSError(errno.ENETDOWN, why))
+
+        self._trio_when_up(name, start, fail)
 
     async def _trio_connection(
         self, st: _TunnelState, transport: TunnelTransport, host: str, port: int
@@ -557,12 +554,15 @@ class Bridge:
             transport.trio_fail(
                 ConnectionAbortedError(
                     errno.ECONNABORTED,
-                    f"{host}:{port}: WireGuard tunnel {st.name!r} closed while connecting",
+                    f"{format_endpoint((host, port))}: WireGuard tunnel {st.name!r} closed "
+                    "while connecting",
                 )
             )
             raise
         except Exception:  # a bug: never let it take the tunnel down with it
-            logger.exception("connection to %s:%s via %r crashed", host, port, st.name)
+            logger.exception(
+                "connection to %s via %r crashed", format_endpoint((host, port)), st.name
+            )
         if scope.cancelled_caught:
             transport.trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
 
@@ -584,29 +584,22 @@ class Bridge:
         def connected(exc: BaseException | None) -> None:
             self._to_loop(loop_connected, exc)
 
-        async def spawn_when_ready(st: _TunnelState) -> None:
-            await st.ready.wait()
-            spawn()
-
-        def spawn() -> None:
-            st = self._tunnels.get(tunnel)
-            if st is not None and st.state == "starting" and self._nursery is not None:
-                self._nursery.start_soon(spawn_when_ready, st)
-                return
-            if st is None or st.nursery is None or st.tunnel is None:
-                state = "missing" if st is None else (st.error or st.state)
-                connected(
-                    OSError(
-                        errno.ENETDOWN,
-                        f"{host}:{port}: the WireGuard tunnel {tunnel!r} is not up ({state})",
-                    )
-                )
-                return
-            st.nursery.start_soon(
+        def start(st: _TunnelState, nursery: trio.Nursery) -> None:
+            nursery.start_soon(
                 run_datagram_flow, st.tunnel, stream, host, port, connected, self._to_loop
             )
 
-        self._to_trio(spawn)
+        def fail(st: _TunnelState | None) -> None:
+            state = "missing" if st is None else (st.error or st.state)
+            connected(
+                OSError(
+                    errno.ENETDOWN,
+                    f"{format_endpoint((host, port))}: the WireGuard tunnel {tunnel!r} is not "
+                    f"up ({state})",
+                )
+            )
+
+        self._to_trio(self._trio_when_up, tunnel, start, fail)
         try:
             await fut
         except asyncio.CancelledError:
@@ -655,24 +648,15 @@ class Bridge:
             finally:
                 self._to_loop(loop_done, error, result)
 
-        async def spawn_when_ready(st: _TunnelState) -> None:
-            await st.ready.wait()
-            spawn()
+        def start(st: _TunnelState, nursery: trio.Nursery) -> None:
+            nursery.start_soon(run, st)
 
-        def spawn() -> None:
-            st = self._tunnels.get(tunnel)
-            if st is not None and st.state == "starting" and self._nursery is not None:
-                self._nursery.start_soon(spawn_when_ready, st)
-            elif st is None or st.nursery is None or st.tunnel is None:
-                state = "missing" if st is None else (st.error or st.state)
-                error = OSError(
-                    errno.ENETDOWN, f"the WireGuard tunnel {tunnel!r} is not up ({state})"
-                )
-                self._to_loop(loop_done, error, None)
-            else:
-                st.nursery.start_soon(run, st)
+        def fail(st: _TunnelState | None) -> None:
+            state = "missing" if st is None else (st.error or st.state)
+            error = OSError(errno.ENETDOWN, f"the WireGuard tunnel {tunnel!r} is not up ({state})")
+            self._to_loop(loop_done, error, None)
 
-        self._to_trio(spawn)
+        self._to_trio(self._trio_when_up, tunnel, start, fail)
         try:
             return await fut
         except asyncio.CancelledError:

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from mitm_wg.config import format_endpoint
 from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy.transport import peer_info
 
@@ -225,7 +226,7 @@ async def run_datagram_flow(
             except trio.ClosedResourceError:
                 break
             except OSError as e:  # ICMP port unreachable and friends
-                logger.debug("UDP flow to %s:%s: %s", host, port, e)
+                logger.debug("UDP flow to %s: %s", format_endpoint((host, port)), e)
                 continue
             batch = [data] if source == remote else []
             while (item := sock.recvfrom_nowait()) is not None:

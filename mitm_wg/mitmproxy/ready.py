@@ -20,6 +20,8 @@ import asyncio
 import logging
 from typing import Any
 
+from mitm_wg.config import format_endpoint
+
 __all__ = ["READY_PREFIX", "StartupSignal", "addons", "startup_finished"]
 
 logger = logging.getLogger(__name__)
@@ -27,11 +29,6 @@ logger = logging.getLogger(__name__)
 #: Start of the line logged when mitmproxy is ready (followed by the listen addresses).
 READY_PREFIX = "mitm-wg: ready"
 _POLL = 0.01
-
-
-def _format_address(address: Any) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def startup_finished(master: Any) -> bool:
@@ -60,7 +57,7 @@ def _listen_addresses(master: Any) -> list[str]:
         addresses = proxyserver.listen_addrs() if proxyserver is not None else []
     except Exception:  # an older/newer mitmproxy without it: the line stays useful
         addresses = []
-    return [_format_address(a) for a in addresses]
+    return [format_endpoint(a) for a in addresses]
 
 
 class StartupSignal:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mitmproxy.connection import Server
 
-__all__ = ["INFO_KEY", "METADATA_KEY", "Route", "chosen_route", "use_tunnel"]
+__all__ = ["INFO_KEY", "METADATA_KEY", "Route", "check_route", "chosen_route", "use_tunnel"]
 
 #: flow.metadata key a script sets to choose the tunnel of the flow's server connection.
 METADATA_KEY = "wg_tunnel"
@@ -54,7 +54,8 @@ Route = str | bool | None
 _routes: weakref.WeakKeyDictionary[Server, Route] = weakref.WeakKeyDictionary()
 
 
-def _check(route: object) -> Route:
+def check_route(route: object) -> Route:
+    """Validate a route value a script put somewhere (TypeError when it is not one)."""
     if route is None or route is False or isinstance(route, str):
         return route
     if route is True:
@@ -64,7 +65,7 @@ def _check(route: object) -> Route:
 
 def use_tunnel(server: Server, route: Route) -> None:
     """Choose the tunnel for ``server`` before mitmproxy connects it (see module doc)."""
-    _routes[server] = _check(route)
+    _routes[server] = check_route(route)
 
 
 def chosen_route(server: Server) -> tuple[bool, Route]:
@@ -72,8 +73,3 @@ def chosen_route(server: Server) -> tuple[bool, Route]:
     if server in _routes:
         return True, _routes[server]
     return False, None
-
-
-def check_route(route: object) -> Route:
-    """Validate a route value a script put somewhere (TypeError when it is not one)."""
-    return _check(route)

@@ -17,6 +17,11 @@ class Assembler:
 
     ``add`` merges overlapping/adjacent ranges (bytes already held win over new copies);
     ``pop`` hands out the data that starts at or before the in-order point.
+
+    ``size`` (bytes held) is public and non-zero exactly when a range is held: it is the
+    emptiness test for per-packet paths (an attribute read, where ``bool()`` would be a
+    Python-level ``__bool__`` call); ``len()`` is the number of ranges, ``sack_blocks``
+    the ranges to report.
     """
 
     __slots__ = ("_ranges", "_recent", "max_ranges", "size")

@@ -39,7 +39,9 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
 def fold(total: int) -> int:
     """Reduce a sum of :func:`ones_sum` values to the 16-bit checksum field value."""
     total %= 0xFFFF
-    # 0 and 0xFFFF are the same number in one's complement; the field carries ~sum.
+    # The field is the one's complement of the sum (RFC 1071 §1). 0 and 0xFFFF are the same
+    # number in one's complement; we send 0xFFFF, which RFC 768 requires for UDP (a zero
+    # field there means "no checksum") and is equally valid for TCP and ICMP.
     return (~total) & 0xFFFF if total else 0xFFFF
 
 
@@ -49,12 +51,15 @@ def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
 
 
 def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Partial sum of the IPv4 (4-byte addresses) or IPv6 (16-byte) pseudo-header."""
+    """Partial sum of the IPv4 (4-byte addresses) or IPv6 (16-byte) pseudo-header: source,
+    destination, zero, protocol, upper-layer length (RFC 768 and RFC 9293 §3.1 for IPv4;
+    RFC 8200 §8.1 for IPv6, with 32-bit length and 24 zero bits, the same sum here)."""
     if len(src) == 4:
         return int.from_bytes(_PSEUDO4.pack(src, dst, proto, length), "big") % 0xFFFF
     return (int.from_bytes(src + dst, "big") + length + proto) % 0xFFFF
 
 
 def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
-    """True when ``data`` (checksum field included) plus ``initial`` sums to all ones."""
+    """True when ``data`` (checksum field included) plus ``initial`` sums to all ones (the
+    receiver's check of RFC 1071 §1)."""
     return (ones_sum(data) + initial) % 0xFFFF == 0

@@ -22,32 +22,25 @@ __all__ = [
     "parse_icmp6",
 ]
 
-# ICMPv4 types and codes
+# ICMPv4 types and codes (RFC 792)
 ICMP4_ECHO_REPLY = 0
 ICMP4_DEST_UNREACH = 3
 ICMP4_ECHO_REQUEST = 8
-ICMP4_TIME_EXCEEDED = 11
-ICMP4_PARAM_PROBLEM = 12
-UNREACH4_NET = 0
-UNREACH4_HOST = 1
 UNREACH4_PROTOCOL = 2
 UNREACH4_PORT = 3
 UNREACH4_FRAG_NEEDED = 4
-UNREACH4_ADMIN = 13
 
-# ICMPv6 types and codes
+# ICMPv6 types and codes (RFC 4443 §2.1, §3.1)
 ICMP6_DEST_UNREACH = 1
 ICMP6_PACKET_TOO_BIG = 2
-ICMP6_TIME_EXCEEDED = 3
 ICMP6_PARAM_PROBLEM = 4
 ICMP6_ECHO_REQUEST = 128
 ICMP6_ECHO_REPLY = 129
-UNREACH6_NO_ROUTE = 0
-UNREACH6_ADMIN = 1
 UNREACH6_ADDRESS = 3
 UNREACH6_PORT = 4
 
-#: Bytes of the offending packet an error may quote (min MTU - IP header - ICMP header).
+#: Bytes of the offending packet an error may quote (min MTU - IP header - ICMP header):
+#: RFC 1812 §4.3.2.3 (576 for IPv4), RFC 4443 §2.4(c) (1280 for IPv6).
 QUOTE4_MAX = 576 - 20 - 8
 QUOTE6_MAX = 1280 - 40 - 8
 
@@ -70,6 +63,7 @@ class IcmpMessage:
 
 
 def parse_icmp4(buf: memoryview) -> IcmpMessage | ParseError:
+    """Parse an ICMPv4 message; its checksum covers the message alone (RFC 792)."""
     if len(buf) < 8:
         return ParseError.MALFORMED
     if ones_sum(buf) % 0xFFFF:
@@ -79,6 +73,8 @@ def parse_icmp4(buf: memoryview) -> IcmpMessage | ParseError:
 
 
 def parse_icmp6(buf: memoryview, src: bytes, dst: bytes) -> IcmpMessage | ParseError:
+    """Parse an ICMPv6 message; its checksum covers the IPv6 pseudo-header too (RFC 4443
+    §2.3, RFC 8200 §8.1)."""
     n = len(buf)
     if n < 8:
         return ParseError.MALFORMED
@@ -108,16 +104,9 @@ def build_icmp6(
     return bytes(msg)
 
 
-def is_error4(type_: int) -> bool:
-    return type_ in (ICMP4_DEST_UNREACH, ICMP4_TIME_EXCEEDED, ICMP4_PARAM_PROBLEM, 4, 5)
-
-
-def is_error6(type_: int) -> bool:
-    return type_ < 128
-
-
 class RateLimiter:
-    """Token bucket: ``rate`` tokens per second, at most ``burst`` banked."""
+    """Token bucket: ``rate`` tokens per second, at most ``burst`` banked (the limiter RFC
+    4443 §2.4(f) suggests for ICMPv6 errors; RFC 1812 §4.3.2.8 for ICMPv4)."""
 
     __slots__ = ("_last", "_tokens", "burst", "rate")
 

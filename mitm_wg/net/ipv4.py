@@ -33,6 +33,7 @@ PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
+#: RFC 1122 §3.2.1.7: a fixed default TTL; 64, the value Assigned Numbers (RFC 1700) gives.
 DEFAULT_TTL = 64
 
 # version/IHL, TOS, total length, identification, flags/fragment offset, TTL, protocol,
@@ -96,17 +97,19 @@ def parse_ipv4(buf: memoryview) -> IpPacket | ParseError:
     vihl, tos, total, ident, frag, ttl, proto, csum, src, dst = _HDR.unpack_from(buf)
     if vihl >> 4 != 4:
         return ParseError.MALFORMED
+    # RFC 791 §3.1: IHL counts 32-bit words, at least 5; Total Length includes the header.
     ihl = (vihl & 0x0F) << 2
     if ihl < 20 or total < ihl or total > n:
         return ParseError.MALFORMED
-    # Header checksum from the unpacked words (cheaper than re-reading the memoryview).
+    # RFC 791 §3.1 header checksum (the header's 16-bit words, RFC 1071), from the unpacked
+    # words (cheaper than re-reading the memoryview).
     hsum = ((vihl << 8) | tos) + total + ident + frag + ((ttl << 8) | proto) + csum
     hsum += int.from_bytes(src + dst, "big")
     if ihl > 20:
         hsum += ones_sum(bytes(buf[20:ihl]))
     if hsum % 0xFFFF:
         return ParseError.CHECKSUM
-    if frag & _FRAG_MASK:
+    if frag & _FRAG_MASK:  # MF or an offset (RFC 791 §3.2): dropped, see the module doc
         return ParseError.FRAGMENT
     return IpPacket(4, src, dst, proto, ttl, buf[ihl:total], buf[:total])
 
@@ -132,7 +135,8 @@ def build_ipv4(
 def parse_quoted_ipv4(buf: memoryview) -> tuple[bytes, bytes, int, memoryview] | None:
     """The header quoted in an ICMP error: ``(src, dst, proto, transport_bytes)``.
 
-    The quote is usually truncated, so the total length is not checked against the buffer;
+    RFC 792 quotes the internet header and at least 64 bits of the data (RFC 1812
+    §4.3.2.3: as much as fits in 576 bytes), so the quote is usually truncated, so the total length is not checked against the buffer;
     the header itself must be complete.  No checksum check (routers may have changed TTL).
     """
     if len(buf) < 20:

@@ -28,7 +28,6 @@ NH_HOP_BY_HOP = 0
 NH_ROUTING = 43
 NH_FRAGMENT = 44
 NH_DEST_OPTS = 60
-NH_NO_NEXT = 59
 _MAX_EXT_HEADERS = 8
 
 
@@ -57,20 +56,26 @@ def _walk(
         if nh == NH_HOP_BY_HOP or nh == NH_DEST_OPTS or nh == NH_ROUTING:
             if off + 8 > end:
                 return ParseError.MALFORMED
+            # Hdr Ext Len: 8-octet units beyond the first 8 (RFC 8200 §4.3, §4.4, §4.6).
             hlen = (buf[off + 1] + 1) << 3
             if off + hlen > end:
                 return ParseError.MALFORMED
             if strict:
+                # RFC 8200 §4.1: hop-by-hop options only right after the IPv6 header.
                 if nh == NH_HOP_BY_HOP and off != 40:
                     return ParseError.MALFORMED
                 if nh == NH_ROUTING:
-                    if buf[off + 3]:  # segments left: we would have to forward it
+                    # RFC 8200 §4.4: with Segments Left 0 the header is ignored; otherwise
+                    # we would have to forward the packet (an end host does not).
+                    if buf[off + 3]:
                         return ParseError.UNSUPPORTED
                 elif not _options_ok(buf, off + 2, off + hlen):
                     return ParseError.UNSUPPORTED
             nh = buf[off]
             off += hlen
         elif nh == NH_FRAGMENT:
+            # RFC 8200 §4.5: offset (13 bits) and M in the second 16-bit word; offset 0 and
+            # M clear is an atomic fragment, processed whole (RFC 6946 §4).
             if off + 8 > end:
                 return ParseError.MALFORMED
             offset_flags = (buf[off + 2] << 8) | buf[off + 3]
@@ -91,9 +96,9 @@ def parse_ipv6(buf: memoryview) -> IpPacket | ParseError:
     if n < 40:
         return ParseError.MALFORMED
     vtf, plen, nh, hlim, src, dst = _HDR.unpack_from(buf)
-    if vtf >> 28 != 6:
+    if vtf >> 28 != 6:  # RFC 8200 §3
         return ParseError.MALFORMED
-    end = 40 + plen
+    end = 40 + plen  # Payload Length excludes the 40-byte header, includes extensions (§3)
     if end > n or plen == 0:  # plen 0 would be a jumbogram (RFC 2675): unsupported here
         return ParseError.MALFORMED
     if nh == 6 or nh == 17 or nh == 58:  # fast path: no extension headers
@@ -128,7 +133,8 @@ def build_ipv6(
 
 
 def parse_quoted_ipv6(buf: memoryview) -> tuple[bytes, bytes, int, memoryview] | None:
-    """The (possibly truncated) packet quoted in an ICMPv6 error: ``(src, dst, proto, rest)``."""
+    """The (possibly truncated) packet quoted in an ICMPv6 error: ``(src, dst, proto, rest)``
+    (RFC 4443 §2.4(c): as much of the packet as fits in the minimum IPv6 MTU)."""
     if len(buf) < 40:
         return None
     vtf, _plen, nh, _hlim, src, dst = _HDR.unpack_from(buf)

@@ -23,11 +23,18 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import TYPE_CHECKING
 
-__all__ = ["PTO_FLOOR", "TIMER_PTO", "TIMER_REO", "WC_DEL_ACK_T", "Rack"]
+from mitm_wg.net.tcp_state import _SEND_STATES
+from mitm_wg.net.tcp_wire import HALF as _HALF
+from mitm_wg.net.tcp_wire import M32
+from mitm_wg.net.tcp_wire import unwrap as _unwrap
 
-M32 = 0xFFFFFFFF
-_HALF = 0x80000000
+if TYPE_CHECKING:
+    from mitm_wg.net.tcp_wire import TcpSegment
+
+__all__ = ["PTO_FLOOR", "TIMER_PTO", "TIMER_REO", "WC_DEL_ACK_T", "Rack", "Scoreboard"]
+
 #: RFC 8985 §7.2: worst-case delayed-ACK time added when a single segment is in flight.
 WC_DEL_ACK_T = 0.2
 #: Lower bound of the PTO, for the timer granularity of a shared runtime (Linux adds
@@ -91,6 +98,7 @@ class Rack:
     # -- send log -----------------------------------------------------------------------
     def on_send(self, s: int, e: int, now: float, rexmit: bool, una: int) -> None:
         """Record a transmission of ``[s, e)`` at ``now`` (RFC 8985 §5.2 Segment.xmit_ts)."""
+        # rule: rack-xmit-ts
         if rexmit:
             rxt = self.rxt
             if rxt:
@@ -161,7 +169,9 @@ class Rack:
                 # RFC 8985 §6.2 step 2: skip an ambiguous delivery of a retransmission —
                 # the timestamp echo predates it, or it came back faster than min_RTT
                 if tsecr is not None:
-                    ok = (tsecr - ((int(t * 1000) + ts_offset) & M32)) & M32 < _HALF
+                    ok = (
+                        tsecr - ((int(t * 1000) + ts_offset) & M32)
+                    ) & M32 < _HALF  # copy of rule ts-val
                 else:
                     mr = self.min_rtt
                     ok = mr is None or now - t >= mr
@@ -283,6 +293,7 @@ class Rack:
     @staticmethod
     def pto(srtt: float | None, one_segment: bool) -> float:
         """PTO = 2*SRTT, plus WCDelAckT with a single segment in flight; 1 s without SRTT."""
+        # rule: pto (RFC 8985 §7.2)
         if srtt is None:
             return 1.0
         p = 2 * srtt
@@ -329,3 +340,306 @@ def _overlaps(rxt: list[list[float]], s: int, e: int) -> bool:
         if r[0] < e and s < r[1]:
             return True
     return False
+
+
+class Scoreboard:
+    """Mixin of ``TcpSocket``: the sender's SACK scoreboard (RFC 6675: ``pipe``, NextSeg's
+    IsLost, lost-retransmission detection), entering fast recovery, and the socket's side of
+    RACK-TLP and PRR (the state and rules of those live in :class:`Rack` above).
+
+    The scoreboard is ``self._sacked``: sorted, merged ``[start, end)`` ranges above
+    SND.UNA that the peer SACKed.
+    """
+
+    def _update_scoreboard(
+        self,
+        blocks: tuple[tuple[int, int], ...],
+        ack: int,
+        news: list[tuple[int, int]] | None = None,
+    ) -> bool:
+        """Merge peer SACK blocks; True if they told us something new (the blocks that did
+        are appended to ``news``)."""
+        sacked = self._sacked
+        smax = self._snd_max
+        new = False
+        for ws, we in blocks:
+            s = _unwrap(ack, ws)
+            e = _unwrap(ack, we)
+            if s < ack:
+                s = ack  # D-SACK or stale: only the part above the cumulative ACK counts
+            if e > smax or e <= s:
+                continue
+            # insert [s, e) into the sorted merged list
+            i = 0
+            n = len(sacked)
+            while i < n and sacked[i][1] < s:
+                i += 1
+            j = i
+            ns, ne = s, e
+            while j < n and sacked[j][0] <= e:
+                if sacked[j][0] < ns:
+                    ns = sacked[j][0]
+                if sacked[j][1] > ne:
+                    ne = sacked[j][1]
+                j += 1
+            if j - i == 1 and sacked[i][0] == ns and sacked[i][1] == ne:
+                continue  # nothing new
+            sacked[i:j] = [[ns, ne]]
+            new = True
+            if news is not None:
+                news.append((s, e))
+            if len(sacked) > 64:
+                del sacked[0]
+        return new
+
+    def _trim_scoreboard(self, una: int) -> None:
+        sacked = self._sacked
+        while sacked and sacked[0][1] <= una:
+            del sacked[0]
+        if sacked and sacked[0][0] < una:
+            sacked[0][0] = una
+
+    def _first_unsacked(self, s: int) -> int:
+        for rs, re in self._sacked:
+            if rs > s:
+                break
+            if re > s:
+                s = re
+        return s
+
+    def _sacked_between(self, a: int, b: int) -> int:
+        total = 0
+        for rs, re in self._sacked:
+            if rs >= b:
+                break
+            lo = rs if rs > a else a
+            hi = re if re < b else b
+            if hi > lo:
+                total += hi - lo
+        return total
+
+    def _lost_edge(self) -> int:
+        """Unsacked data below this sequence number is deemed lost (RFC 6675 IsLost, or
+        with RACK the time-based rule of RFC 8985 §6.2, which replaces DupThresh)."""
+        rack = self._rack
+        if rack is not None:
+            return rack.edge if rack.edge > self._snd_una else self._snd_una
+        cum = 0
+        count = 0
+        limit = 2 * self._smss
+        for rs, re in reversed(self._sacked):
+            cum += re - rs
+            count += 1
+            if count >= 3 or cum > limit:
+                return rs
+        return self._snd_una
+
+    def _pipe(self) -> int:
+        """RFC 6675 SetPipe, computed over ranges instead of per segment."""
+        una = self._snd_una
+        smax = self._snd_max
+        sacked_total = self._sacked_between(una, smax)
+        lost = self._lost_edge()
+        unsacked_lost = (lost - una) - self._sacked_between(una, lost) if lost > una else 0
+        rxt = self._high_rxt
+        unsacked_rxt = (rxt - una) - self._sacked_between(una, rxt) if rxt > una else 0
+        pipe = (smax - una - sacked_total) - unsacked_lost + unsacked_rxt
+        # a retransmission deemed lost again (RACK, or the lost-retransmission rule) has
+        # left the network too until it is sent once more (as Linux's lost_out/retrans_out)
+        for rs, re in self._relost:
+            if re > una:
+                lo = rs if rs > una else una
+                pipe -= (re - lo) - self._sacked_between(lo, re)
+        return pipe
+
+    def _flight(self) -> int:
+        una = self._snd_una
+        nxt = self._snd_nxt
+        if self._sacked:
+            return nxt - una - self._sacked_between(una, nxt)
+        return nxt - una
+
+    def _detect_lost_retransmits(self) -> None:
+        """A retransmission is lost when more than DupThresh-1 segments' worth of data sent
+        after it has been SACKed while it is still missing (as Linux's lost-retransmit
+        detection does); it is then sent again instead of waiting for the RTO."""
+        una = self._snd_una
+        smax = self._snd_max
+        limit = 2 * self._smss
+        keep: list[tuple[int, int, int]] = []
+        for mark in self._rxt_marks:
+            rs, re, sent_max = mark
+            if re <= una:
+                continue
+            if self._sacked_between(sent_max, smax) > limit:
+                lo = rs if rs > una else una
+                if self._sacked_between(lo, re) < re - lo:
+                    self._relost.append((lo, re))
+                    self.stats.lost_retransmits += 1
+                continue
+            keep.append(mark)
+        self._rxt_marks = keep
+
+    def _enter_fast_recovery(self, now: float) -> None:
+        cc = self._cc
+        cc.on_congestion_event(now, self._snd_max - self._snd_una)
+        self._in_fr = True
+        self._recover = self._snd_max
+        self._rexmit_now = True
+        self._high_rxt = self._snd_una
+        self._rxt_marks.clear()
+        self._relost.clear()
+        if not self._sack_ok and not cc.model_based:
+            cc.cwnd = cc.ssthresh + 3 * self._smss
+        rack = self._rack
+        if rack is not None:
+            rack.prr_start(self._snd_max - self._snd_una)  # RFC 6937 §3 RecoverFS
+            if rack.timer == TIMER_PTO:
+                rack.timer = 0
+                self._rec_at = None
+        self.stats.fast_retransmits += 1
+
+    def _arm_pto(self, now: float, one_segment: bool) -> None:
+        """RFC 8985 §7.2: (re)arm the probe timeout when no probe is outstanding, after new
+        data was sent or an ACK advanced SND.UNA; never later than the RTO (then the probe
+        goes instead of the first RTO retransmission, and the RTO is restarted)."""
+        rack = self._rack
+        assert rack is not None
+        if rack.tlp_end is not None or self.state not in _SEND_STATES:
+            return
+        pto = Rack.pto(self._rtt.srtt, one_segment)
+        rto = self._rtt.rto
+        self._rec_at = now + (pto if pto < rto else rto)
+        rack.timer = TIMER_PTO
+
+    def _on_rec_timer(self, now: float, out: list[TcpSegment]) -> None:
+        self._rec_at = None
+        rack = self._rack
+        if rack is None:
+            return
+        kind = rack.timer
+        rack.timer = 0
+        una = self._snd_una
+        smax = self._snd_max
+        if self.state not in _SEND_STATES or smax == una:
+            return
+        if kind == TIMER_REO:
+            self._rack_detect(now)  # RFC 8985 §6.3: the reorder timer expired
+            return
+        if kind != TIMER_PTO or self._in_fr or rack.tlp_end is not None:
+            return
+        # RFC 8985 §7.3: send one new segment if the peer's window allows, else retransmit
+        # the highest-sequence segment; then restart the RTO
+        new = self._new_range(smax, 0)
+        if new is not None:
+            self._emit(new[0], new[1], False, now, out)
+            rack.tlp_is_retrans = False
+        else:
+            s = smax - self._smss
+            self._emit(s if s > una else una, smax, True, now, out)
+            rack.tlp_is_retrans = True
+        rack.tlp_end = self._snd_max  # TLP.end_seq
+        self.stats.tlp_probes += 1
+        self._rto_at = now + self._rtt.rto
+
+    def _tlp_acked(self, ack: int, now: float) -> None:
+        """RFC 8985 §7.4: the ACK covers the probe. A new-data probe, or a retransmitted
+        one that a DSACK showed spurious (:meth:`_rack_on_ack`), ends the episode; an ACK
+        beyond a retransmitted probe without that DSACK means the probe repaired a loss:
+        reduce cwnd once, as fast recovery would have."""
+        rack = self._rack
+        assert rack is not None and rack.tlp_end is not None
+        if not rack.tlp_is_retrans:
+            rack.tlp_end = None
+        elif ack > rack.tlp_end:
+            rack.tlp_end = None
+            if not self._in_fr and not self._cc.model_based:
+                # (BBR does not reduce for a repaired tail loss, as in Linux, where the
+                # CWR state's reduction does not apply to a cong_control module)
+                cc = self._cc
+                cc.on_congestion_event(now, self._snd_max - self._snd_una)
+                cc.cwnd = cc.ssthresh
+
+    def _rack_on_ack(
+        self,
+        seg: TcpSegment,
+        una: int,
+        ack: int,
+        news: list[tuple[int, int]],
+        sacked_before: int,
+        now: float,
+    ) -> None:
+        """Everything RACK and PRR do with an ACK of the slow path (RFC 8985 §6.2 steps
+        1-5, RFC 6937 §3 "on every ACK during recovery")."""
+        rack = self._rack
+        assert rack is not None
+        blocks = seg.sack_blocks
+        if blocks:
+            # RFC 2883 §4: a DSACK is a first block below the cumulative ACK or inside the
+            # second block
+            base = ack if ack > una else una
+            s0 = _unwrap(base, blocks[0][0])
+            e0 = _unwrap(base, blocks[0][1])
+            dsack = e0 <= base
+            if not dsack and len(blocks) > 1:
+                s1 = _unwrap(base, blocks[1][0])
+                dsack = s1 <= s0 and e0 <= _unwrap(base, blocks[1][1])
+            if dsack:
+                self.stats.dsacks += 1
+                rack.on_dsack(self._snd_una, self._snd_max)
+                if rack.tlp_end is not None and rack.tlp_is_retrans and e0 == rack.tlp_end:
+                    rack.tlp_end = None  # §7.4: the probe was spurious, no loss
+        ts = seg.timestamp
+        tsecr = ts[1] if ts is not None and self._ts_ok else None
+        rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)
+        self._rack_detect(now)
+        if self._in_fr and not self._cc.model_based:
+            # RFC 6937 §3: DeliveredData = change in snd.una + change in SACKed bytes
+            una_now = self._snd_una
+            pipe = self._pipe()
+            delivered = (una_now - una) + self._sacked_between(una_now, self._snd_max)
+            delivered -= sacked_before
+            cc = self._cc
+            cc.cwnd = pipe + rack.prr_sndcnt(
+                delivered if delivered > 0 else 0, pipe, cc.ssthresh, self._smss
+            )
+
+    def _rack_detect(self, now: float) -> None:
+        """RFC 8985 §6.2 step 5 and §6.3: mark losses, arm the reorder timer, and enter
+        fast recovery when RACK finds a loss (this replaces RFC 6675's DupThresh)."""
+        rack = self._rack
+        assert rack is not None
+        una = self._snd_una
+        smax = self._snd_max
+        if smax == una:
+            return
+        srtt = self._rtt.srtt
+        if srtt is None:
+            srtt = rack.rtt
+        reo = rack.reo_wnd(self._in_fr, self._sacked_between(una, smax), self._smss, srtt)
+        edge, relost, timeout = rack.detect(una, self._sacked, reo, now)
+        dr = self._dr
+        if dr is not None:
+            # delivery.py: bytes newly deemed lost (BBR's rs.losses)
+            old = rack.edge if rack.edge > una else una
+            if edge > old:
+                dr.lost += (edge - old) - self._sacked_between(old, edge)
+            for s, e in relost:
+                dr.lost += e - s
+        rack.edge = edge
+        if relost and self._in_fr:
+            self._relost.extend(relost)
+            self.stats.lost_retransmits += len(relost)
+        if timeout > 0:
+            self._rec_at = now + timeout
+            rack.timer = TIMER_REO
+        elif rack.timer == TIMER_REO:
+            rack.timer = 0
+            self._rec_at = None
+        if (
+            not self._in_fr
+            and una >= self._recover
+            and edge > una
+            and self._first_unsacked(una) < edge
+        ):
+            self._enter_fast_recovery(now)

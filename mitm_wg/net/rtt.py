@@ -52,9 +52,6 @@ class RttEstimator:
         if self.rto < self.max_rto:
             self._backoff += 1
 
-    def reset_backoff(self) -> None:
-        self._backoff = 0
-
     def set_base(self, rto: float) -> None:
         """Override the base timeout (RFC 6298 §5.7: 3 s after a retransmitted SYN)."""
         self.base_rto = min(max(rto, self.min_rto), self.max_rto)

@@ -51,6 +51,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
+from mitm_wg.config import format_endpoint
 from mitm_wg.net import icmp
 from mitm_wg.net.checksum import ones_sum, pseudo_header_sum
 from mitm_wg.net.ipv4 import (
@@ -68,7 +69,15 @@ from mitm_wg.net.ipv4 import (
 )
 from mitm_wg.net.ipv6 import build_ipv6, ipv6_header, parse_ipv6, parse_quoted_ipv6
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
-from mitm_wg.net.tcp_wire import ACK, RST, SYN, TcpSegment, build_tcp_parts, parse_tcp
+from mitm_wg.net.tcp_wire import (
+    ACK,
+    RST,
+    SYN,
+    TcpSegment,
+    TcpTuple,
+    build_tcp_parts,
+    parse_tcp,
+)
 from mitm_wg.net.udp import build_udp, parse_udp
 
 logger = logging.getLogger(__name__)
@@ -91,8 +100,6 @@ RECENT_SWEEP_ABOVE = 1 << 16
 Destination = tuple[bytes, bytes, int]  # local addr, remote addr, remote port
 MIN_MTU4 = 576
 MIN_MTU6 = 1280
-#: a timestamp-only TCP segment as TcpSocket.dispatch(..., tuples=True) hands it over
-TcpTuple = tuple[int, int, int, int, int, int, int, int, bytes | bytearray | memoryview]
 _IP4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _TS_VALUES = struct.Struct("!II")
@@ -182,35 +189,6 @@ def _can_reply_to(src: bytes) -> bool:
     if len(src) == 4:
         return src[0] != 0 and src[0] < 224
     return src[0] != 0xFF and any(src)
-
-
-class _StackTcpSocket(TcpSocket):
-    """A :class:`TcpSocket` that tells its stack when the application touched it."""
-
-    _touched: dict[TcpSocket, None]
-
-    def send(self, data: bytes | bytearray | memoryview) -> int:
-        n = TcpSocket.send(self, data)
-        self._touched[self] = None
-        return n
-
-    def recv(self, max_bytes: int) -> bytes:
-        data = TcpSocket.recv(self, max_bytes)
-        if data:
-            self._touched[self] = None  # the window opened: maybe a window update is due
-        return data
-
-    def shutdown_write(self, now: float) -> None:
-        TcpSocket.shutdown_write(self, now)
-        self._touched[self] = None
-
-    def close(self, now: float) -> None:
-        TcpSocket.close(self, now)
-        self._touched[self] = None
-
-    def abort(self, now: float) -> None:
-        TcpSocket.abort(self, now)
-        self._touched[self] = None
 
 
 _NEVER = float("inf")
@@ -574,7 +552,7 @@ class Stack:
         lport = self._ephemeral_port(local_b, remote_b, port, now)
         key = (local_b, lport, remote_b, port)
         cfg = self._cfg4 if raddr.version == 4 else self._cfg6
-        sock = _StackTcpSocket(
+        sock = TcpSocket(
             cfg,
             local_b,
             lport,
@@ -584,6 +562,7 @@ class Stack:
             now=now,
             randbytes=self._randbytes,
             ts_offset=self.tcp_timestamp_offset(local_b, remote_b),
+            on_touched=self._touched,
         )
         dest = (local_b, remote_b, port)
         self._active[dest] = self._active.get(dest, 0) + 1
@@ -730,7 +709,7 @@ class Stack:
                     return port
         raise OSError(
             errno.EADDRNOTAVAIL,
-            f"no free local port for another connection to {_addr_str(remote)}:{rport} "
+            f"no free local port for another connection to {format_endpoint((_addr_str(remote), rport))} "
             f"(ports {first}-{first + count - 1} all in use)",
         )
 
@@ -805,9 +784,9 @@ class Stack:
     ) -> None:
         """:meth:`_wrap_tcp` for IPv4 segments (same bytes), appended to ``out``.
 
-        ``segs`` may also hold the tuples of ``TcpSocket.dispatch(..., tuples=True)``:
-        ``(src_port, dst_port, seq, ack, flags, window, tsval, tsecr, payload)`` for a
-        segment whose only option is the timestamp, built as that TcpSegment would be.
+        ``segs`` may also hold the :data:`~mitm_wg.net.tcp_wire.TcpTuple` encoding of
+        ``TcpSocket.dispatch(..., tuples=True)`` (a segment whose only option is the
+        timestamp), built as ``TcpSegment.from_tuple`` of it would be.
 
         A segment whose only option is the timestamp (every data segment and ACK once a
         connection is established) gets its IPv4 and TCP headers from one struct pack, with
@@ -987,6 +966,11 @@ class Stack:
             return
         self._tcp_segment(src, dst, seg, now)
 
+    def _touched(self, sock: TcpSocket) -> None:
+        """``TcpSocket``'s ``on_touched`` hook: the application called it (send, recv,
+        shutdown, close, abort), so the next :meth:`poll` dispatches it."""
+        self._dirty[sock] = None
+
     def _processed(self, sock: TcpSocket) -> None:
         """Bookkeeping after ``sock`` processed a segment."""
         self._dirty[sock] = None
@@ -1045,19 +1029,18 @@ class Stack:
         stats.no_socket += 1
         self._send_rst(src, dst, seg)
 
-    def _adopt(self, key: TcpKey, sock: _StackTcpSocket) -> None:
-        """Register a new socket: learned path MTU, wake-ups on user calls, demux entry."""
+    def _adopt(self, key: TcpKey, sock: TcpSocket) -> None:
+        """Register a new socket: learned path MTU, demux entry."""
         remote = key[2]
         pmtu = self._pmtu.get(remote)
         if pmtu is not None:
             sock.set_path_mtu_mss(pmtu - (40 if len(remote) == 4 else 60))
-        sock._touched = self._dirty
         self._register(key, sock)
 
     def _accept_syn(self, lst: TcpListener, key: TcpKey, seg: TcpSegment, now: float) -> None:
         local, lport, remote, rport = key
         v4 = len(local) == 4
-        sock = _StackTcpSocket.from_syn(
+        sock = TcpSocket.from_syn(
             self._cfg4 if v4 else self._cfg6,
             local,
             lport,
@@ -1068,8 +1051,8 @@ class Stack:
             now=now,
             randbytes=self._randbytes,
             ts_offset=self.tcp_timestamp_offset(local, remote),
+            on_touched=self._touched,
         )
-        assert isinstance(sock, _StackTcpSocket)
         self._adopt(key, sock)
         self._half_open[sock] = lst
         lst._half_open[sock] = None

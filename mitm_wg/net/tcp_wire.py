@@ -22,21 +22,43 @@ __all__ = [
     "CWR",
     "ECE",
     "FIN",
+    "HALF",
+    "M32",
     "PSH",
     "RST",
     "SYN",
+    "TCP_TUPLE_FIELDS",
     "URG",
     "TcpSegment",
+    "TcpTuple",
     "build_tcp",
     "build_tcp_parts",
     "options_length",
     "parse_tcp",
     "tcp_checksum_ok",
+    "unwrap",
 ]
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 
 PROTO_TCP = 6
+
+#: Sequence-number arithmetic (RFC 9293 §3.4): wire values are 32 bits, compared modulo 2^32.
+M32 = 0xFFFFFFFF
+HALF = 0x80000000
+
+
+def unwrap(base: int, wire: int) -> int:
+    """The absolute sequence number nearest ``base`` whose low 32 bits are ``wire``.
+
+    The socket keeps sequence numbers as unbounded integers (ISN/IRS plus bytes since) and
+    converts at the edge with this one function, so wraparound needs no care elsewhere.
+    """
+    d = (wire - base) & M32
+    if d >= HALF:
+        d -= 0x100000000
+    return base + d
+
 
 _HEADER = struct.Struct("!HHIIBBHHH")
 _HEADER_LEN = 20
@@ -51,14 +73,37 @@ _SACKOK_NOP_NOP = b"\x04\x02\x01\x01"  # when timestamps are absent
 _SACKOK_TS = struct.Struct("!BBBBII")  # kind 4 len 2, kind 8 len 10, TSval TSecr
 _NOP_WS = struct.Struct("!BBBB")  # NOP, kind 3, len 3, shift
 
+#: The fast-path encoding of a :class:`TcpSegment` whose only option is the timestamp (an
+#: established connection's data and ACKs): a plain tuple of the fields named in
+#: :data:`TCP_TUPLE_FIELDS`, ``seq``/``ack`` already 32-bit. ``TcpSocket.dispatch(...,
+#: tuples=True)`` emits it from the bulk-send fast path (no per-segment object), the stack's
+#: ``_wrap_tcp4`` builds the same bytes from it as from the segment, and
+#: ``TcpSegment.from_tuple`` gives that segment back.
+TcpTuple = tuple[int, int, int, int, int, int, int, int, bytes | bytearray | memoryview]
+TCP_TUPLE_FIELDS = (
+    "src_port",
+    "dst_port",
+    "seq",
+    "ack",
+    "flags",
+    "window",
+    "tsval",  # timestamp[0]
+    "tsecr",  # timestamp[1]
+    "payload",
+)
+
 _FLAG_NAMES = ((SYN, "S"), (FIN, "F"), (RST, "R"), (PSH, "P"), (ACK, "."), (URG, "U"))
 
 
 class TcpSegment:
-    """One TCP segment, parsed or about to be built.
+    """One TCP segment, parsed or about to be built: the one segment type.
 
     ``seq``/``ack`` are the 32-bit wire values.  ``window`` is the raw 16-bit window field
     (unscaled).  ``payload`` may be a memoryview into the received packet.
+
+    Built whole (``parse_tcp`` and the socket construct it in one call) and not changed
+    afterwards; the fields are plain slots only because a frozen class would slow down the
+    per-segment constructor.  Its fast-path encoding is :data:`TcpTuple`.
     """
 
     __slots__ = (
@@ -84,14 +129,16 @@ class TcpSegment:
         ack: int = 0,
         flags: int = 0,
         window: int = 0,
+        timestamp: tuple[int, int] | None = None,
+        sack_blocks: tuple[tuple[int, int], ...] = (),
+        payload: bytes | bytearray | memoryview = b"",
         *,
         mss: int | None = None,
         wscale: int | None = None,
         sack_permitted: bool = False,
-        timestamp: tuple[int, int] | None = None,
-        sack_blocks: tuple[tuple[int, int], ...] = (),
-        payload: bytes | bytearray | memoryview = b"",
     ) -> None:
+        # (timestamp, sack_blocks, payload may be positional: the socket builds every
+        # segment it sends with them, and matching keywords costs per call)
         self.src_port = src_port
         self.dst_port = dst_port
         self.seq = seq
@@ -104,6 +151,12 @@ class TcpSegment:
         self.timestamp = timestamp
         self.sack_blocks = sack_blocks
         self.payload = payload
+
+    @classmethod
+    def from_tuple(cls, t: TcpTuple) -> TcpSegment:
+        """The segment a :data:`TcpTuple` encodes."""
+        sport, dport, seq, ack, flags, window, tsval, tsecr, payload = t
+        return cls(sport, dport, seq, ack, flags, window, (tsval, tsecr), (), payload)
 
     def seg_len(self) -> int:
         """Sequence space the segment occupies: payload length plus one each for SYN, FIN."""
@@ -161,8 +214,18 @@ class TcpSegment:
         return f"TcpSegment({' '.join(parts)})"
 
 
-def _parse_options(seg: TcpSegment, opts: memoryview) -> bool:
-    """Fill option fields of ``seg`` from ``opts``; False when the options are malformed."""
+#: (mss, wscale, sack_permitted, timestamp, sack_blocks): the option fields of a TcpSegment
+_Options = tuple[int | None, int | None, bool, tuple[int, int] | None, tuple[tuple[int, int], ...]]
+
+
+def _parse_options(opts: memoryview) -> _Options | None:
+    """``(mss, wscale, sack_permitted, timestamp, sack_blocks)`` from ``opts``; None when the
+    options are malformed."""
+    mss: int | None = None
+    wscale: int | None = None
+    sack_permitted = False
+    timestamp: tuple[int, int] | None = None
+    sack_blocks: tuple[tuple[int, int], ...] = ()
     i = 0
     n = len(opts)
     while i < n:
@@ -173,29 +236,29 @@ def _parse_options(seg: TcpSegment, opts: memoryview) -> bool:
             i += 1
             continue
         if i + 1 >= n:
-            return False
+            return None
         length = opts[i + 1]
         if length < 2 or i + length > n:
-            return False
+            return None
         if kind == 8:
             if length == 10:
-                seg.timestamp = _U32X2.unpack_from(opts, i + 2)
+                timestamp = _U32X2.unpack_from(opts, i + 2)
         elif kind == 2:
             if length == 4:
-                seg.mss = _U16.unpack_from(opts, i + 2)[0]
+                mss = _U16.unpack_from(opts, i + 2)[0]
         elif kind == 5:
             count = (length - 2) // 8
             if length == 2 + 8 * count and count:
                 blocks = struct.unpack_from(f"!{2 * count}I", opts, i + 2)
-                seg.sack_blocks = tuple(zip(blocks[0::2], blocks[1::2], strict=True))
+                sack_blocks = tuple(zip(blocks[0::2], blocks[1::2], strict=True))
         elif kind == 3:
             if length == 3:
-                seg.wscale = opts[i + 2]
+                wscale = opts[i + 2]
         elif kind == 4:
             if length == 2:
-                seg.sack_permitted = True
+                sack_permitted = True
         i += length
-    return True
+    return mss, wscale, sack_permitted, timestamp, sack_blocks
 
 
 def parse_tcp(buf: bytes | bytearray | memoryview) -> TcpSegment | None:
@@ -210,10 +273,26 @@ def parse_tcp(buf: bytes | bytearray | memoryview) -> TcpSegment | None:
     hlen = (off >> 4) * 4
     if hlen < _HEADER_LEN or hlen > len(mv):
         return None
-    seg = TcpSegment(src, dst, seq, ack, flags, window, payload=mv[hlen:])
-    if hlen > _HEADER_LEN and not _parse_options(seg, mv[_HEADER_LEN:hlen]):
+    if hlen == _HEADER_LEN:
+        return TcpSegment(src, dst, seq, ack, flags, window, payload=mv[hlen:])
+    opts = _parse_options(mv[_HEADER_LEN:hlen])
+    if opts is None:
         return None
-    return seg
+    mss, wscale, sack_permitted, timestamp, sack_blocks = opts
+    return TcpSegment(
+        src,
+        dst,
+        seq,
+        ack,
+        flags,
+        window,
+        mss=mss,
+        wscale=wscale,
+        sack_permitted=sack_permitted,
+        timestamp=timestamp,
+        sack_blocks=sack_blocks,
+        payload=mv[hlen:],
+    )
 
 
 def _build_options(seg: TcpSegment) -> bytes:

@@ -34,11 +34,14 @@ def parse_udp(buf: memoryview, src: bytes, dst: bytes) -> UdpDatagram | ParseErr
     if n < 8:
         return ParseError.MALFORMED
     sport, dport, length, csum = _HDR.unpack_from(buf)
+    # RFC 768: Length counts the header and the data, so at least 8; bytes past it are not
+    # part of the datagram.
     if length < 8 or length > n:
         return ParseError.MALFORMED
     if length != n:
         buf = buf[:length]
     if csum == 0:
+        # RFC 768: zero means "no checksum" (IPv4); RFC 8200 §8.1: IPv6 discards it.
         if len(src) != 4:
             return ParseError.CHECKSUM
     elif (ones_sum(buf) + pseudo_header_sum(src, dst, PROTO_UDP, length)) % 0xFFFF:

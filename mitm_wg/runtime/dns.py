@@ -158,9 +158,7 @@ class TunnelDnsTransport:
         self._tunnel.unanswered(server, since)
 
     async def ready(self, server: IPAddress) -> None:
-        wait = getattr(self._tunnel, "wait_session", None)  # stand-ins in tests may lack it
-        if wait is not None:
-            await wait(server)
+        await self._tunnel.wait_session(server)
 
 
 class _Outcome:

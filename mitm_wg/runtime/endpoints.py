@@ -82,11 +82,12 @@ async def _lookup(lookup: EndpointLookup, host: str, port: int) -> list[str]:
     except socket.gaierror as e:
         raise OSError(
             errno.EHOSTUNREACH,
-            f"cannot resolve the WireGuard endpoint {host}:{port}: {e.strerror}",
+            f"cannot resolve the WireGuard endpoint {format_endpoint((host, port))}: {e.strerror}",
         ) from None
     if not addresses:
         raise OSError(
-            errno.EHOSTUNREACH, f"cannot resolve the WireGuard endpoint {host}:{port}: no address"
+            errno.EHOSTUNREACH,
+            f"cannot resolve the WireGuard endpoint {format_endpoint((host, port))}: no address",
         )
     return addresses
 

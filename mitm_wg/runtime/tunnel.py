@@ -169,10 +169,7 @@ class Tunnel:
         try:
             await task(*args)
         except Exception as exc:
-            raise TunnelCrashed(
-                f"the WireGuard tunnel's {what} task crashed ({type(exc).__name__}: {exc}); "
-                "the tunnel is closed"
-            ) from exc
+            raise TunnelCrashed.of(what, exc) from exc
 
     async def _reader(self, sock: socket.socket) -> None:
         device, stack = self.device, self.stack
@@ -445,14 +442,15 @@ class Tunnel:
                 if error is not None:
                     if isinstance(error, ConnectionRefusedError):
                         raise ConnectionRefusedError(
-                            errno.ECONNREFUSED, f"connection to {address}:{port} refused"
+                            errno.ECONNREFUSED,
+                            f"connection to {format_endpoint((address, port))} refused",
                         ) from error
                     raise error
                 if sock.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
                     break
                 if sock.is_closed:
                     raise ConnectionResetError(
-                        errno.ECONNRESET, f"connection to {address}:{port} closed"
+                        errno.ECONNRESET, f"connection to {format_endpoint((address, port))} closed"
                     )
                 now = trio.current_time()
                 failed = self._failed.get(peer.public_key)
@@ -460,7 +458,8 @@ class Tunnel:
                     raise self._handshake_timeout(peer)
                 if now >= deadline:
                     raise TimeoutError(
-                        errno.ETIMEDOUT, f"TCP connection to {address}:{port} timed out"
+                        errno.ETIMEDOUT,
+                        f"TCP connection to {format_endpoint((address, port))} timed out",
                     )
                 wake = deadline if peer.current is not None else min(deadline, handshake_deadline)
                 await self._park(stream, wake)
@@ -476,10 +475,20 @@ class Tunnel:
         return stream
 
     def _handshake_timeout(self, peer: Peer) -> HandshakeTimeout:
+        path = ";"
+        if self.via is not None:
+            # Multi-hop: say whether the hop underneath was up, the first thing to check.
+            outer = [p for p in self.via.device.peers.values() if p.current is not None]
+            path = (
+                f" through the outer tunnel {self.via!r}, which "
+                + ("has a session" if outer else "has NO session with its peer either")
+                + ";"
+            )
         return HandshakeTimeout(
             f"WireGuard peer {peer.public_key_b64} at "
             f"{format_endpoint(peer.endpoint)} did not answer the handshake "
-            f"within {self.handshake_timeout:g} s (is the endpoint reachable, "
+            f"within {self.handshake_timeout:g} s ({peer.handshake_attempts_total} "
+            f"initiations sent{path} is the endpoint reachable, "
             "and does the peer know our public key?)"
         )
 
@@ -851,7 +860,7 @@ class TunnelUdpSocket(_Waitable):
                 sock.sendto(data, (ip, port), now)
             except OSError as e:
                 dropped += 1
-                logger.debug("UDP send to %s:%s dropped: %s", host, port, e)
+                logger.debug("UDP send to %s dropped: %s", format_endpoint((host, port)), e)
         tunnel._flush(now)
         return dropped
 
@@ -949,13 +958,6 @@ async def _happy_eyeballs(attempts: list, delay: float) -> TunnelStream:
     )
 
 
-async def _resolve_endpoints(
-    config: WireGuardConfig, lookup: EndpointLookup = host_lookup
-) -> dict[bytes, Endpoint]:
-    """Peer endpoints as IP addresses (hostnames resolved by the host: they are outside)."""
-    return await resolve_endpoints(config, lookup)
-
-
 @asynccontextmanager
 async def open_tunnel(
     config: WireGuardConfig,
@@ -984,7 +986,7 @@ async def open_tunnel(
     config.require_peers()
     lookup = endpoint_lookup or host_lookup
     if via is None:
-        endpoints = await _resolve_endpoints(config, lookup)
+        endpoints = await resolve_endpoints(config, lookup)
     else:
         if socket_factory is not None:
             raise ValueError("open_tunnel: give either socket_factory or via, not both")

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
+from mitm_wg.errors import TunnelCrashed
 from mitm_wg.wireguard.device import Transmit
-from mitm_wg.wireguard.peer import Endpoint
 
 if TYPE_CHECKING:
     from mitm_wg.runtime.tunnel import Tunnel, TunnelUdpSocket
@@ -93,7 +93,7 @@ async def resolve_endpoints_via(config: WireGuardConfig, outer: Tunnel) -> dict[
         if pc.endpoint is None:
             continue
         host, port = pc.endpoint.host, pc.endpoint.port
-        where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        where = format_endpoint(pc.endpoint)
         try:
             addresses = await outer.resolve(host)
         except OSError as e:
@@ -109,7 +109,7 @@ async def resolve_endpoints_via(config: WireGuardConfig, outer: Tunnel) -> dict[
                 f"the WireGuard endpoint {where} is not reachable through the outer tunnel "
                 f"(not in its AllowedIPs, or no tunnel address of that family)",
             )
-        endpoints[pc.public_key] = (str(routed[0]), port)
+        endpoints[pc.public_key] = Endpoint(str(routed[0]), port)
     return endpoints
 
 
@@ -184,19 +184,24 @@ class ViaTransport:
 
     async def run(self, inner: Tunnel) -> None:
         """Feed datagrams from the outer sockets to ``inner`` until the outer tunnel closes,
-        which ends it with one ``OSError(ENETDOWN)`` naming the outer tunnel."""
+        which ends it with one ``OSError(ENETDOWN)`` naming the outer tunnel. A reader that
+        crashes (a bug) ends it as :class:`TunnelCrashed`, as open_tunnel's other background
+        tasks do, so the crash cannot pass for the caller's own exception."""
         try:
             async with trio.open_nursery() as nursery:
                 for sock in self._sockets.values():
                     nursery.start_soon(self._reader, inner, sock)
         except BaseExceptionGroup as group:
-            # Each family's reader ends the same way when the outer tunnel closes: that
-            # end goes up alone (open_tunnel's strict nursery passes a lone error on as it is).
-            if all(
-                isinstance(e, OSError) and e.errno == errno.ENETDOWN for e in group.exceptions
-            ):
-                raise group.exceptions[0] from None
-            raise
+            down, rest = group.split(lambda e: isinstance(e, OSError) and e.errno == errno.ENETDOWN)
+            if rest is None and down is not None:
+                # Each family's reader ends the same way when the outer tunnel closes: that
+                # end goes up alone (open_tunnel's strict nursery passes a lone error on).
+                raise down.exceptions[0] from None
+            crashed = rest.subgroup(lambda e: isinstance(e, Exception)) if rest else None
+            if crashed is None:
+                raise  # cancellation: the cancel scopes above take it
+            cause = crashed.exceptions[0] if len(crashed.exceptions) == 1 else crashed
+            raise TunnelCrashed.of("multi-hop reader", cause) from cause
 
     async def _reader(self, inner: Tunnel, sock: TunnelUdpSocket) -> None:
         device, stack = inner.device, inner.stack

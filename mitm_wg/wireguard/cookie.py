@@ -45,7 +45,8 @@ class CookieJar:
         return f"<CookieJar has_cookie={self._cookie is not None}>"
 
     def seal(self, body: bytes, now: float) -> bytes:
-        """``body`` followed by mac1 and mac2 (zeros unless we hold a fresh cookie)."""
+        """``body`` followed by mac1 and mac2 (§5.4.4: mac2 is zeros unless we hold a cookie
+        younger than COOKIE_REFRESH_TIME)."""
         mac1 = crypto.mac(self._mac1_key, body)
         self._last_mac1 = mac1
         signed = body + mac1
@@ -54,7 +55,8 @@ class CookieJar:
         return signed + _ZERO_MAC
 
     def consume_reply(self, message: bytes, now: float) -> bool:
-        """Take the cookie from a cookie reply; False if it does not decrypt."""
+        """Take the cookie from a cookie reply (§5.4.7: XAEAD under HASH(LABEL_COOKIE || their
+        public key), the mac1 we sent as additional data); False if it does not decrypt."""
         if self._last_mac1 is None:
             return False
         _, _, nonce, encrypted = COOKIE_REPLY.unpack_from(message)
@@ -86,17 +88,21 @@ class CookieChecker:
         return "<CookieChecker>"
 
     def mac1_valid(self, message: bytes, mac1_offset: int) -> bool:
+        """mac1 = MAC(HASH(LABEL_MAC1 || our public key), message up to mac1) (§5.4.4)."""
         expected = crypto.mac(self._mac1_key, message[:mac1_offset])
         return _hmac.compare_digest(expected, message[mac1_offset : mac1_offset + 16])
 
     def _cookie_for(self, source: Endpoint, now: float) -> bytes:
+        # §5.4.7: cookie = MAC(R_m, source IP || port), the secret R_m renewed every
+        # COOKIE_REFRESH_TIME (2 minutes).
         if now - self._secret_time >= COOKIE_REFRESH_TIME:
             self._secret = self._randbytes(32)
             self._secret_time = now
         return crypto.mac(self._secret, endpoint_bytes(source))
 
     def mac2_valid(self, message: bytes, mac1_offset: int, source: Endpoint, now: float) -> bool:
-        """True if mac2 proves the sender holds a current cookie for ``source``."""
+        """True if mac2 proves the sender holds a current cookie for ``source`` (§5.3: checked
+        only under load; mac2 = MAC(cookie, message up to mac2), §5.4.4)."""
         mac2_offset = mac1_offset + 16
         mac2 = message[mac2_offset : mac2_offset + 16]
         if mac2 == _ZERO_MAC or now - self._secret_time >= COOKIE_REFRESH_TIME:
@@ -107,7 +113,8 @@ class CookieChecker:
     def make_reply(
         self, message: bytes, mac1_offset: int, sender_index: int, source: Endpoint, now: float
     ) -> bytes:
-        """A cookie reply to ``message`` (whose mac1 was valid) from ``source``."""
+        """A cookie reply to ``message`` (whose mac1 was valid) from ``source`` (§5.4.7: a
+        random 24-byte nonce, the sender's mac1 as additional data)."""
         cookie = self._cookie_for(source, now)
         nonce = self._randbytes(24)
         mac1 = message[mac1_offset : mac1_offset + 16]

@@ -97,7 +97,8 @@ def hmac(key: bytes, data: bytes) -> bytes:
 
 
 def kdf1(key: bytes, data: bytes) -> bytes:
-    """The whitepaper's KDF with one output: HMAC(HMAC(key, data), 0x1)."""
+    """The whitepaper's KDF with one output (§5.4: HKDF, RFC 5869, over HMAC-BLAKE2s):
+    HMAC(HMAC(key, data), 0x1)."""
     t0 = hmac(key, data)
     return hmac(t0, b"\x01")
 
@@ -135,7 +136,7 @@ def dh(private: bytes, public: bytes) -> bytes:
     except ValueError:
         # Never chain the original exception: keep key bytes out of any message.
         raise ValueError("X25519 failed (invalid key or low-order point)") from None
-    if shared == _ZERO_KEY:
+    if shared == _ZERO_KEY:  # RFC 7748 §6.1: reject the all-zero output
         raise ValueError("X25519 produced the all-zero shared secret")
     return shared
 
@@ -156,7 +157,8 @@ dh_public = public_key_of
 
 
 class Aead:
-    """ChaCha20-Poly1305 keyed once; nonce = 4 zero bytes || 64-bit little-endian counter."""
+    """ChaCha20-Poly1305 (RFC 8439) keyed once; nonce = 4 zero bytes || 64-bit little-endian
+    counter (whitepaper §5.4: AEAD)."""
 
     __slots__ = ("_cipher",)
 
@@ -225,7 +227,8 @@ def _quarter_round(s: list[int], a: int, b: int, c: int, d: int) -> None:
 
 
 def hchacha20(key: bytes, nonce16: bytes) -> bytes:
-    """HChaCha20: a 32-byte subkey from a 32-byte key and a 16-byte nonce.
+    """HChaCha20 (draft-irtf-cfrg-xchacha §2.2): a 32-byte subkey from a 32-byte key and a
+    16-byte nonce.
 
     The ChaCha20 state (constants, key, nonce) goes through the 20 rounds without the final
     addition; the output is state words 0..3 and 12..15, little-endian. Pure Python: it runs
@@ -279,7 +282,8 @@ def xaead_open(
 
 
 def tai64n(unix_seconds: float) -> bytes:
-    """12-byte TAI64N: (2**62 + 10 + seconds) as big-endian u64 || nanoseconds as big-endian u32.
+    """12-byte TAI64N (the initiation's timestamp, whitepaper §5.4.2): (2**62 + 10 +
+    seconds) as big-endian u64 || nanoseconds as big-endian u32.
 
     Exactly what wireguard-go, Linux and boringtun write: the seconds are Unix seconds plus the
     fixed 10 s TAI offset of the epoch (no later leap seconds).

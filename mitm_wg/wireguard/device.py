@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mitm_wg.config import Endpoint
+from mitm_wg.keys import encode_key
 from mitm_wg.wireguard import crypto, handshake
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
 from mitm_wg.wireguard.cookie import CookieChecker
@@ -144,9 +145,7 @@ class Device:
 
     @property
     def public_key_b64(self) -> str:
-        import base64
-
-        return base64.b64encode(self.identity.public).decode()
+        return encode_key(self.identity.public)
 
     # -- configuration ------------------------------------------------------------------------
 

@@ -22,14 +22,27 @@ from mitm_wg.wireguard.messages import (
     RESPONSE_BODY,
 )
 
+# Whitepaper §5.4: the protocol name and identifier start the chain; the labels key the macs
+# and cookie replies (§5.4.4, §5.4.7).
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
 LABEL_MAC1 = b"mac1----"
 LABEL_COOKIE = b"cookie--"
 
-INITIAL_CHAIN_KEY = crypto.hash_(CONSTRUCTION)
-INITIAL_HASH = crypto.hash_(INITIAL_CHAIN_KEY + IDENTIFIER)
-ZERO_PSK = bytes(32)
+INITIAL_CHAIN_KEY = crypto.hash_(CONSTRUCTION)  # C_i := HASH(Construction) (§5.4.2)
+INITIAL_HASH = crypto.hash_(INITIAL_CHAIN_KEY + IDENTIFIER)  # H_i := HASH(C_i || Identifier)
+ZERO_PSK = bytes(32)  # Q = 0^32 without a preshared key (§5.2)
+
+
+def _keyed_by_responder(public: bytes) -> tuple[bytes, bytes, bytes]:
+    """What the responder's static public key fixes, for both sides of a handshake: the
+    starting hash H := HASH(H_i || S_pub) (§5.4.2), the mac1 key HASH(LABEL_MAC1 || S_pub)
+    (§5.4.4) and the cookie-reply key HASH(LABEL_COOKIE || S_pub) (§5.4.7)."""
+    return (
+        crypto.hash_(INITIAL_HASH + public),
+        crypto.hash_(LABEL_MAC1 + public),
+        crypto.hash_(LABEL_COOKIE + public),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +61,13 @@ class Identity:
     @classmethod
     def from_private(cls, private: bytes) -> Identity:
         public = crypto.dh_public(private)
+        initial_hash, mac1_key, cookie_key = _keyed_by_responder(public)
         return cls(
             private=private,
             public=public,
-            mac1_key=crypto.hash_(LABEL_MAC1 + public),
-            cookie_key=crypto.hash_(LABEL_COOKIE + public),
-            initial_hash=crypto.hash_(INITIAL_HASH + public),
+            mac1_key=mac1_key,
+            cookie_key=cookie_key,
+            initial_hash=initial_hash,
         )
 
 
@@ -74,13 +88,14 @@ class RemoteKeys:
 
     @classmethod
     def create(cls, identity: Identity, public: bytes, psk: bytes | None) -> RemoteKeys:
+        initial_hash, mac1_key, cookie_key = _keyed_by_responder(public)
         return cls(
             public=public,
             psk=psk if psk is not None else ZERO_PSK,
             static_static=crypto.dh(identity.private, public),
-            initial_hash=crypto.hash_(INITIAL_HASH + public),
-            mac1_key=crypto.hash_(LABEL_MAC1 + public),
-            cookie_key=crypto.hash_(LABEL_COOKIE + public),
+            initial_hash=initial_hash,
+            mac1_key=mac1_key,
+            cookie_key=cookie_key,
         )
 
 
@@ -128,7 +143,8 @@ def create_initiation(
     timestamp: bytes,
     randbytes: Callable[[int], bytes],
 ) -> tuple[InitiatorState, bytes]:
-    """Build the body (without macs) of a handshake initiation."""
+    """Build the body (without macs) of a handshake initiation (whitepaper §5.4.2, initiator's
+    steps in order: e, es, s, ss, timestamp)."""
     e_priv, e_pub = crypto.dh_generate(randbytes)
     h = remote.initial_hash
     ck = crypto.kdf1(INITIAL_CHAIN_KEY, e_pub)
@@ -144,7 +160,8 @@ def create_initiation(
 
 
 def consume_initiation(identity: Identity, message: bytes) -> ReceivedInitiation | None:
-    """Decrypt an initiation addressed to ``identity`` (mac1 already checked).
+    """Decrypt an initiation addressed to ``identity`` (mac1 already checked): the responder
+    repeats the initiator's §5.4.2 steps with its own private key.
 
     Returns None when it does not decrypt.  The caller must still check that the sender's
     static key belongs to a known peer and that the timestamp is newer than the last one.
@@ -178,7 +195,8 @@ def create_response(
     local_index: int,
     randbytes: Callable[[int], bytes],
 ) -> tuple[SessionKeys, bytes]:
-    """Answer a verified initiation: the response body (without macs) and the session keys."""
+    """Answer a verified initiation: the response body (without macs, §5.4.3: e, ee, se, psk,
+    empty) and the session keys (§5.4.5: the responder receives with the first KDF2 output)."""
     e_priv, e_pub = crypto.dh_generate(randbytes)
     ck = crypto.kdf1(initiation.ck, e_pub)
     h = _mix_hash(initiation.h, e_pub)
@@ -197,7 +215,8 @@ def create_response(
 def consume_response(
     identity: Identity, remote: RemoteKeys, state: InitiatorState, message: bytes
 ) -> SessionKeys | None:
-    """Complete our handshake with a response (mac1 already checked); None if it fails."""
+    """Complete our handshake with a response (mac1 already checked; §5.4.3 from the
+    initiator's side, keys per §5.4.5); None if it fails."""
     _, remote_index, _, e_pub, enc_empty = RESPONSE_BODY.unpack_from(message)
     ck = crypto.kdf1(state.ck, e_pub)
     h = _mix_hash(state.h, e_pub)

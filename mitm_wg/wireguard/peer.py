@@ -9,13 +9,13 @@ deadlines in ``poll``.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mitm_wg.config import Endpoint, format_endpoint
+from mitm_wg.keys import encode_key
 from mitm_wg.wireguard.cookie import CookieJar
 from mitm_wg.wireguard.timers import (
     KEEPALIVE_TIMEOUT,
@@ -197,7 +197,7 @@ class Peer:
 
     @property
     def public_key_b64(self) -> str:
-        return base64.b64encode(self.public_key).decode()
+        return encode_key(self.public_key)
 
     def __repr__(self) -> str:
         return f"<Peer {self.public_key_b64} endpoint={format_endpoint(self.endpoint)}>"

@@ -221,6 +221,25 @@ class ExitPeer:
                 return p
         raise LookupError("client peer missing from wg show")
 
+    def diagnostics(self) -> str:
+        """The exit's view of the network, for a failing test's report: its wireguard-go
+        peers (public keys, endpoints, handshake ages, transfer), addresses, neighbours,
+        routes and the kernel's non-zero UDP/IPv6 counters, in both namespaces."""
+        parts = []
+        for ns in (self.ns, self.client_ns):
+            for argv in (
+                ["wg", "show", self.ifname] if ns is self.ns else None,
+                ["ip", "-br", "addr"],
+                ["ip", "neigh"],
+                ["ip", "-6", "route"],
+                ["nstat", "-as", "Udp*", "Ip6InNoRoutes", "Ip6OutNoRoutes", "Icmp6*Neigh*"],
+            ):
+                if argv is None:
+                    continue
+                r = ns.exec(argv, check=False)
+                parts.append(f"--- {ns.name}: {' '.join(argv)}\n{r.stdout}{r.stderr}".rstrip())
+        return "\n".join(parts)
+
     @property
     def wireguard_running(self) -> bool:
         return self._wg_proc is not None and self._wg_proc.poll() is None
@@ -555,3 +574,19 @@ def _start_dnsmasq(peer: ExitPeer, addrs: list[str], names: Mapping[str, str]) -
                 raise TimeoutError("dnsmasq did not answer")
     finally:
         sock.close()
+
+
+@contextlib.contextmanager
+def diagnose_on_failure(*peers: ExitPeer) -> Iterator[None]:
+    """On an exception inside the block, attach each peer's :meth:`ExitPeer.diagnostics`
+    as a note, so an intermittent failure in CI carries the peers' state at that moment."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, Exception | BaseExceptionGroup) and not isinstance(e, KeyboardInterrupt):
+            for peer in peers:
+                try:
+                    e.add_note(f"=== exit peer {peer.ns.name} ===\n{peer.diagnostics()}")
+                except Exception as diag_error:  # never hide the real failure
+                    e.add_note(f"(diagnostics of {peer.ns.name} failed: {diag_error!r})")
+        raise

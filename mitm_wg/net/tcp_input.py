@@ -1,0 +1,441 @@
+"""Segment arrival (RFC 9293 §3.10.7): header prediction, PAWS, the acceptability test,
+RST/SYN handling, the SYN_SENT and SYN_RECEIVED steps, ACK processing (``_process_ack``);
+what an ACK frees is the send side's (``tcp_send.py`` ``_on_new_ack``), data goes to the
+receive side (``tcp_recv.py`` ``_process_data``).
+
+As Linux's tcp_input.c: :meth:`Input.fast_input` (header prediction) sits right before
+:meth:`Input.process`, the general path whose ESTABLISHED in-order case it mirrors.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from mitm_wg.net.tcp_state import _RECV_STATES, TcpState
+from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, RST, SYN, TcpSegment
+from mitm_wg.net.tcp_wire import HALF as _HALF
+from mitm_wg.net.tcp_wire import unwrap as _unwrap
+
+__all__ = ["SYN_FAST_RETRIES", "Input"]
+
+_PAWS_IDLE = 24 * 86400.0  # RFC 7323 §5.5: TS.Recent older than 24 days is invalid
+#: SYNs resent at once (not after the RTO) after resetting a stale connection of the peer's
+#: (see :meth:`Input._retry_syn_now`); more than this per connection wait for the RTO.
+SYN_FAST_RETRIES = 3
+
+
+class Input:
+    """Mixin of ``TcpSocket``: everything that starts with an arriving segment."""
+
+    def fast_input(
+        self,
+        wseq: int,
+        wack: int,
+        flags: int,
+        window: int,
+        tsval: int | None,
+        tsecr: int,
+        payload: bytes | bytearray | memoryview,
+        now: float,
+    ) -> bool:
+        """Header prediction (RFC 9293 §3.10.7.4 note, Van Jacobson): handle the common
+        segment without building a :class:`TcpSegment`.
+
+        Takes the already-parsed fields of a segment without SACK blocks (``tsval`` None
+        when it has no timestamp option).  Returns False, having changed nothing, unless the
+        segment is an in-order ACK (with or without data) in ESTABLISHED that
+        :meth:`process` would handle in its straightforward way; then it has exactly the
+        effect ``process`` would have had and returns True.
+
+        A hand-kept copy, for speed (it runs for nearly every segment): each block that
+        repeats a rule of the general path says ``copy of rule <name>``, and the general
+        path's block says ``rule: <name>``; change both together (grep the name).
+        tests/test_fast_paths.py checks the two paths give identical state on random
+        segment streams.
+        """
+        if self.state is not TcpState.ESTABLISHED or flags & ~PSH != ACK:
+            return False
+        rcv_nxt = self._rcv_nxt
+        if wseq != rcv_nxt & M32:
+            return False
+        ts_ok = self._ts_ok
+        if ts_ok:
+            if tsval is None or (tsval - self._ts_recent) & M32 >= _HALF:
+                return False  # no timestamp, or PAWS (rule paws) may object: the slow path
+        una = self._snd_una
+        d = (wack - una) & M32
+        if d >= _HALF:
+            return False  # old ACK
+        ack = una + d
+        smax = self._snd_max
+        if ack > smax:
+            return False
+        plen = len(payload)
+        if plen:
+            if (
+                self._rcv_adv - rcv_nxt < plen
+                or self._asm.size
+                or self._rd_closed
+                or self._peer_fin_seq is not None
+            ):
+                return False  # window trimming, gap filling, pending FIN, unread data policy
+        elif d == 0 and smax > una:
+            return False  # a possible duplicate ACK
+        if self._fin_queued or self._in_fr:
+            return False  # (in recovery every ACK feeds RACK/PRR: the slow path)
+        # From here on: exactly process() -> _process_ack() -> _process_data() for this case.
+        self._now = now
+        self.stats.segments_in += 1
+        self._last_rx = now
+        self._ka_probes = 0
+        if ts_ok and rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent
+            self._ts_recent = tsval
+            self._ts_recent_age = now
+        wnd = window << self._snd_wscale
+        window_changed = False
+        wl1 = self._snd_wl1  # copy of rule snd-wnd-update (_process_ack below)
+        if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
+            window_changed = wnd != self._snd_wnd
+            self._snd_wnd = wnd
+            self._snd_wl1 = rcv_nxt
+            self._snd_wl2 = ack
+            if wnd > self._max_snd_wnd:
+                self._max_snd_wnd = wnd
+        if d:
+            if self._dr is None:
+                self._on_new_ack(ack, una, tsecr, now)
+            else:
+                # (SACKed bytes above SND.UNA were delivered before: not again)
+                sacked = self._sacked_between(una, smax) if self._sacked else 0
+                self._on_new_ack(ack, una, tsecr, now)
+                self._on_delivered(una, ack, None, sacked, now)
+            # _update_persist() only acts when all is acknowledged or a probe timer runs
+            if ack == smax or self._persist_at is not None or self._persist_backoff:
+                self._update_persist(now)
+        elif window_changed:
+            self._update_persist(now)
+        if plen:  # copy of rule rcv-in-order (tcp_recv.py _process_data), no gap to fill
+            self._rbuf += payload
+            rcv_nxt += plen
+            if plen > self._rcv_mss:
+                self._rcv_mss = min(plen, self.config.mss)
+            drs = self._drs
+            if drs is not None and ts_ok and tsecr != drs.tsecr:
+                self._rcv_rtt_sample(drs, tsecr, plen, now)
+            self._unacked_bytes += plen
+            self._schedule_ack(plen, flags & PSH, now)
+            self._rcv_nxt = rcv_nxt
+        return True
+
+    def process(self, seg: TcpSegment, now: float) -> None:
+        """An arriving segment for this 4-tuple (checksum already verified)."""
+        self._now = now
+        stats = self.stats
+        stats.segments_in += 1
+        st = self.state
+        if st is TcpState.CLOSED or st is TcpState.LISTEN:
+            stats.dropped += 1
+            return
+        self._last_rx = now
+        self._ka_probes = 0
+        if st is TcpState.SYN_SENT:
+            self._process_syn_sent(seg, now)
+            return
+        flags = seg.flags
+        rcv_nxt = self._rcv_nxt
+        seq = _unwrap(rcv_nxt, seg.seq)
+        plen = len(seg.payload)
+        ts = seg.timestamp
+        # rule: paws (RFC 7323 §5.3 R1; §5.5: a TS.Recent idle for 24 days is not used)
+        if (
+            self._ts_ok
+            and ts is not None
+            and not flags & RST
+            and (ts[0] - self._ts_recent) & M32 >= _HALF
+            and now - self._ts_recent_age < _PAWS_IDLE
+        ):
+            stats.paws_rejected += 1
+            self._ack_now = True
+            return
+        if st is TcpState.SYN_RECEIVED and flags & SYN and seq == self._irs and not flags & RST:
+            if flags & ACK:
+                ack = _unwrap(self._snd_una, seg.ack)
+                if self._snd_una < ack <= self._snd_max:
+                    # simultaneous open: the peer's SYN-ACK acknowledges our SYN
+                    self._snd_wnd = seg.window
+                    self._max_snd_wnd = max(self._max_snd_wnd, seg.window)
+                    self._on_established(now)
+                    self._snd_una = ack
+                    if self._snd_nxt < ack:
+                        self._snd_nxt = ack
+                    self._rto_at = None
+                    self._ack_now = True
+                    return
+                self._rst_for(seg)
+                return
+            # retransmitted SYN: our SYN-ACK was lost, send it again
+            self._snd_nxt = self._iss
+            return
+        # sequence number acceptability (RFC 9293 §3.10.7.4)
+        wnd = self._rcv_adv - rcv_nxt
+        if wnd < 0:
+            wnd = 0
+        seglen = plen
+        if flags & SYN:
+            seglen += 1
+        if flags & FIN:
+            seglen += 1
+        zero_wnd_data = False
+        if seglen == 0:
+            ok = seq == rcv_nxt if wnd == 0 else rcv_nxt <= seq < rcv_nxt + wnd
+        elif wnd == 0:
+            ok = False
+            if seq == rcv_nxt:
+                ok = zero_wnd_data = True  # process the ACK, drop the data
+        else:
+            last = seq + seglen - 1
+            ok = (rcv_nxt <= seq < rcv_nxt + wnd) or (rcv_nxt <= last < rcv_nxt + wnd)
+        if not ok:
+            stats.dropped += 1
+            if not flags & RST:
+                self._ack_now = True
+                if st is TcpState.TIME_WAIT and flags & FIN:
+                    self._linger_at = now + self.config.time_wait
+            return
+        # rule: ts-recent (RFC 7323 §4.3: TS.Recent from a segment covering Last.ACK.sent)
+        if ts is not None and self._ts_ok and seq <= self._last_ack_sent:
+            self._ts_recent = ts[0]
+            self._ts_recent_age = now
+        if flags & RST:
+            if seq == rcv_nxt:
+                self._on_rst()
+            else:
+                self._challenge_ack(now)
+            return
+        if flags & SYN:
+            self._challenge_ack(now)
+            return
+        if not flags & ACK:
+            stats.dropped += 1
+            return
+        ack = _unwrap(self._snd_una, seg.ack)
+        if st is TcpState.SYN_RECEIVED:
+            if self._snd_una < ack <= self._snd_max:
+                self._snd_wnd = seg.window << self._snd_wscale
+                self._snd_wl1 = seq
+                self._snd_wl2 = ack
+                self._on_established(now)
+                st = self.state
+            else:
+                self._rst_for(seg)
+                stats.dropped += 1
+                return
+        if ack > self._snd_max or ack < self._snd_una - self._max_snd_wnd:
+            # RFC 5961 §5.2: acknowledges something we never sent, or far too old
+            stats.dropped += 1
+            self._challenge_ack(now)
+            return
+        self._process_ack(seg, seq, ack, plen, now)
+        if self._fin_queued and self._snd_una > self._data_end():
+            # our FIN is acknowledged
+            if st is TcpState.FIN_WAIT_1:
+                self._set_state(TcpState.FIN_WAIT_2, "rcv ACK of FIN")
+                st = TcpState.FIN_WAIT_2
+                if self._rd_closed:
+                    self._linger_at = now + self.config.user_timeout
+            elif st is TcpState.CLOSING:
+                self._enter_time_wait(now)
+                return
+            elif st is TcpState.LAST_ACK:
+                self._set_closed(None)
+                return
+        if (plen or flags & FIN) and st in _RECV_STATES:
+            self._process_data(seg, seq, plen, zero_wnd_data, wnd, now)
+
+    def _process_ack(self, seg: TcpSegment, seq: int, ack: int, plen: int, now: float) -> None:
+        """An acceptable ACK (RFC 9293 §3.10.7.4 "check the ACK field", as Linux's tcp_ack):
+        SACK blocks to the scoreboard, the send window, SND.UNA advancing (the send side's
+        ``_on_new_ack``), duplicate ACKs (RFC 5681 §3.2, RFC 6675), RACK-TLP/PRR."""
+        una = self._snd_una
+        sack_new = False
+        rack = self._rack
+        had_sacked = bool(self._sacked)
+        news: list[tuple[int, int]] | None = None
+        sacked_before = 0
+        dr = self._dr
+        # delivery.py: SACKed bytes above SND.UNA before this ACK (delivered earlier)
+        dr_sacked = self._sacked_between(una, self._snd_max) if dr is not None and had_sacked else 0
+        if self._sack_ok and seg.sack_blocks:
+            if rack is not None or dr is not None:
+                news = []
+                if self._in_fr:
+                    sacked_before = self._sacked_between(una, self._snd_max)
+            sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una, news)
+        elif rack is not None and self._in_fr:
+            sacked_before = self._sacked_between(una, self._snd_max)
+        wnd = seg.window << self._snd_wscale
+        window_changed = False
+        # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
+        # SND.WL1/SND.WL2; RFC 7323 §2.3: scaled)
+        if una <= ack and (self._snd_wl1 < seq or (self._snd_wl1 == seq and self._snd_wl2 <= ack)):
+            window_changed = wnd != self._snd_wnd
+            self._snd_wnd = wnd
+            self._snd_wl1 = seq
+            self._snd_wl2 = ack
+            if wnd > self._max_snd_wnd:
+                self._max_snd_wnd = wnd
+        if ack > una:
+            ts = seg.timestamp
+            self._on_new_ack(ack, una, ts[1] if ts is not None else 0, now)
+        elif (
+            ack == una
+            and plen == 0
+            and not seg.flags & (SYN | FIN)
+            and self._snd_max > una
+            and (sack_new or not window_changed)
+        ):
+            self.stats.dup_acks += 1
+            self._dupacks += 1
+            if self._in_fr:
+                if not self._sack_ok and not self._cc.model_based:
+                    self._cc.cwnd += self._smss  # window inflation
+            elif (
+                rack is None
+                and una >= self._recover
+                and (self._dupacks >= 3 or (self._sack_ok and self._lost_edge() > una))
+            ):
+                self._enter_fast_recovery(now)
+        if rack is not None:
+            if seg.sack_blocks or self._in_fr or had_sacked:
+                self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
+        elif sack_new and self._rxt_marks and self._in_fr:
+            self._detect_lost_retransmits()
+        if dr is not None and (ack > una or sack_new):
+            self._on_delivered(una, ack, news, dr_sacked, now)
+        if window_changed or ack > una:
+            self._update_persist(now)
+
+    def _on_delivered(
+        self,
+        una: int,
+        ack: int,
+        news: list[tuple[int, int]] | None,
+        sacked_before: int,
+        now: float,
+    ) -> None:
+        """An ACK delivered data (SND.UNA ``una`` -> ``ack``, new SACK blocks ``news``,
+        ``sacked_before`` bytes above ``una`` SACKed before it): a delivery-rate sample
+        (delivery.py) for the model-based controller (bbr.py)."""
+        dr = self._dr
+        assert dr is not None
+        una_now = self._snd_una
+        if news is None and not self._sacked and not sacked_before:
+            rs = dr.on_ack_cumulative(una, una_now, now)
+            delivered = una_now - una
+            inflight = self._snd_nxt - una_now
+        else:
+            delivered = (una_now - una) - sacked_before
+            if self._sacked:
+                delivered += self._sacked_between(una_now, self._snd_max)
+            ranges = [(una, una_now)] if una_now > una else []
+            if news:
+                ranges.extend(news)
+            rs = dr.on_ack(una_now, delivered, ranges, now)
+            inflight = self._pipe() if self._in_fr else self._flight()
+        if delivered > 0:
+            self._cc.on_rate_sample(
+                rs, delivered, dr.delivered, inflight, una_now < self._recover, now
+            )
+
+    def _process_syn_sent(self, seg: TcpSegment, now: float) -> None:
+        flags = seg.flags
+        stats = self.stats
+        ack: int | None = None
+        if flags & ACK:
+            ack = _unwrap(self._iss, seg.ack)
+            if ack <= self._iss or ack > self._snd_max:
+                # RFC 9293 §3.10.7.3: an unacceptable ACK gets <SEQ=SEG.ACK><CTL=RST> (a RST
+                # is just dropped), then our SYN goes again at once (§3.5, Figure 10).
+                if not flags & RST:
+                    self._rst_for(seg)
+                    self._retry_syn_now()
+                stats.dropped += 1
+                return
+        if flags & RST:
+            if ack is not None:
+                self._set_closed(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
+            else:
+                stats.dropped += 1
+            return
+        if not flags & SYN:
+            stats.dropped += 1
+            return
+        self._irs = seg.seq
+        self._rcv_nxt = seg.seq + 1
+        self._last_ack_sent = self._rcv_nxt
+        self._accept_syn_options(seg, now)
+        self._rcv_adv = self._rcv_nxt + min(self._window(), 0xFFFF)
+        self._snd_wnd = seg.window
+        self._max_snd_wnd = seg.window
+        self._snd_wl1 = self._irs
+        if ack is None:
+            # simultaneous open: answer with SYN-ACK (same ISS)
+            self._set_state(TcpState.SYN_RECEIVED, "rcv SYN")
+            self._snd_wl2 = self._iss
+            self._snd_nxt = self._iss
+            return
+        self._snd_wl2 = ack
+        ts = seg.timestamp
+        if self._ts_ok and ts is not None and ts[1]:
+            self._ts_sample(ts[1], now)
+        elif self._rtt_seq is not None and ack >= self._rtt_seq:
+            self._rtt.sample(now - self._rtt_time)
+        self._rtt_seq = None
+        self._snd_una = ack
+        if self._snd_nxt < ack:
+            self._snd_nxt = ack
+        self._rto_at = None
+        self._on_established(now)
+        self._ack_now = True
+        if seg.payload or flags & FIN:
+            self._process_data(seg, self._irs + 1, len(seg.payload), False, 0xFFFF, now)
+
+    def _retry_syn_now(self) -> None:
+        """Resend our SYN at once after resetting the peer's stale state for this 4-tuple.
+
+        An ACK that does not acknowledge our SYN comes from a connection the peer still
+        holds for this 4-tuple: a half-open one (RFC 9293 §3.5, Figure 10: A resets it, then
+        "SYN-SENT --> <SEQ=400><CTL=SYN>" again) or, far more often, its TIME_WAIT, which
+        answers a SYN it will not accept (PAWS, RFC 7323 §5; or an old sequence number)
+        with an ACK. The RST of RFC 9293 §3.10.7.3 that :meth:`_process_syn_sent` queues
+        just before ends that state (a TIME_WAIT assassination, RFC 1337, which Linux
+        allows by default), so the retry finds the listener. Waiting for the RTO instead
+        would stall the connect for a whole second; Linux likewise re-arms its SYN timer to
+        TCP_TIMEOUT_MIN here.
+
+        The retry is a retransmission (Karn's rule: no RTT sample without a timestamp echo)
+        but not a timeout: no backoff, the initial window stays. At most
+        :data:`SYN_FAST_RETRIES` per connection, so a peer answering every SYN with a bad
+        ACK cannot make us loop; after that the RTO timer paces the retries as usual.
+        """
+        if self._syn_fast_retries >= SYN_FAST_RETRIES or self._snd_nxt == self._iss:
+            return
+        self._syn_fast_retries += 1
+        self.stats.syn_fast_retries += 1
+        self._snd_nxt = self._iss
+        self._rto_at = None  # re-armed by the retry: a full RTO from now
+
+    def _challenge_ack(self, now: float) -> None:
+        """RFC 5961 §3.2/§4.2 challenge ACK, rate limited per socket (§7)."""
+        if now - self._challenge_start >= 1.0:
+            self._challenge_start = now
+            self._challenge_count = 0
+        if self._challenge_count < self.config.challenge_ack_limit:
+            self._challenge_count += 1
+            self._ack_now = True
+            self.stats.challenge_acks += 1
+
+    def _rst_for(self, seg: TcpSegment) -> None:
+        """Queue <SEQ=SEG.ACK><CTL=RST> for an unacceptable ACK (never for a RST)."""
+        if not seg.flags & RST and len(self._pending) < 8:  # bounded under a flood
+            self._pending.append(TcpSegment(self.local_port, self.remote_port, seg.ack, 0, RST))

@@ -1,0 +1,155 @@
+"""Timers and RTT: the TSval clock and timestamp RTT samples (RFC 7323 §4), the
+retransmission timeout (RFC 6298; the estimator is ``rtt.py``), SYN retries, the user
+timeout, keepalive, and ``poll_at`` (the earliest of every timer the socket runs).
+"""
+
+from __future__ import annotations
+
+from mitm_wg.net.tcp_state import _ACK_STATES, _SEND_STATES, _SYN_STATES, TcpState
+from mitm_wg.net.tcp_wire import ACK, M32, TcpSegment
+from mitm_wg.net.tcp_wire import HALF as _HALF
+
+__all__ = ["Timers"]
+
+
+class Timers:
+    """Mixin of ``TcpSocket``: timers, RTO and RTT samples."""
+
+    def _ts_val(self, now: float) -> int:
+        """Our TSval: a millisecond clock plus the per-address-pair offset (RFC 7323 §5.4)."""
+        # rule: ts-val
+        return (int(now * 1000) + self._ts_offset) & M32
+
+    def _ts_sample(self, tsecr: int, now: float) -> None:
+        """RTT sample from a timestamp echo (RFC 7323 §4).
+
+        An echo older than our last timeout's retransmission measures an ACK loss, not the
+        path (a duplicate segment makes the peer echo an old TSval), so it is ignored; this
+        keeps a lossy path from inflating the RTO without bound.
+        """
+        # rule: ts-rtt-sample
+        floor = self._ts_rto_floor
+        if floor is not None and (tsecr - floor) & M32 >= _HALF:
+            return
+        elapsed = (self._ts_val(now) - tsecr) & M32
+        if elapsed < _HALF:
+            self._rtt.sample(elapsed / 1000.0)
+
+    def poll_at(self) -> float | None:
+        """When ``dispatch`` must next be called; a value <= now means immediately."""
+        if self._pending:
+            return self._now
+        st = self.state
+        if st is TcpState.CLOSED:
+            return None
+        if (self._ack_now or self._acks_owed) and st in _ACK_STATES:
+            return self._now
+        best: float | None = None
+        if self._next_tx() is not None:
+            pacer = self._pacer
+            if pacer is None or st not in _SEND_STATES:
+                return self._now
+            best = pacer.next_time(2 * self._smss)  # pacing.py: not before this
+            if best <= self._now:
+                return self._now
+        for t in (
+            self._rto_at,
+            self._rec_at,
+            self._delack_at,
+            self._persist_at,
+            self._linger_at,
+            self._keepalive_at,
+        ):
+            if t is not None and (best is None or t < best):
+                best = t
+        if best is None and self.config.keepalive is not None and st is TcpState.ESTABLISHED:
+            best = self._last_rx + self.config.keepalive
+        return best
+
+    def _on_rto(self, now: float) -> None:
+        self._rto_at = None
+        st = self.state
+        stats = self.stats
+        if st in _SYN_STATES:
+            if self._syn_retries >= self.config.syn_retries:
+                self._fail_timeout()
+                return
+            self._syn_retries += 1
+            stats.rto_expired += 1
+            stats.syn_timeouts += 1
+            self._rtt.backoff()
+            self._snd_nxt = self._iss
+            return
+        una = self._snd_una
+        if self._snd_max == una:
+            return
+        if now - self._last_progress >= self.config.user_timeout:
+            self._fail_timeout()
+            return
+        stats.rto_expired += 1
+        rtt = self._rtt
+        if rtt.backoffs == 0:
+            self._cc.on_rto(now, self._snd_max - una)
+        else:
+            self._cc.cwnd = self._smss
+            # RFC 2018 §8 / RFC 6675 §5.1: after a timeout SACK information may be stale
+            # (the receiver may renege); kept after the first timeout (the RTO then skips
+            # SACKed data, as Linux), dropped on repeated ones
+            self._sacked.clear()
+        rtt.backoff()
+        if self._dr is not None:
+            self._dr.on_retransmit_all(self._snd_max)
+        self._ts_rto_floor = self._ts_val(now)
+        self._rxt_marks.clear()
+        self._relost.clear()
+        if self._rack is not None:
+            self._rack.clear()
+            self._rec_at = None
+        self._in_fr = False
+        self._dupacks = 0
+        self._rexmit_now = False
+        self._recover = self._snd_max
+        self._snd_nxt = una
+        self._high_rxt = una
+        self._rtt_seq = None
+
+    def retransmit_now(self) -> bool:
+        """The path works again (a lower layer says so): stop waiting out the backed-off timer.
+
+        After an RTO fired (SYN_SENT: the SYN went unanswered; later: data or FIN did), send
+        the SYN or the oldest unacknowledged segment again on the next ``dispatch`` instead of
+        when the exponentially backed-off timer expires, as proposed for TCP's response to a
+        lower layer's connectivity-restored indication (draft-schuetz-tcpm-tcp-rlci §4).
+        Nothing else changes: no backoff, no retry counted, the running timer stays. Returns
+        False (and does nothing) when no timeout is being waited out.
+        """
+        if self._rtt.backoffs == 0 or self._in_fr or self._snd_max == self._snd_una:
+            return False
+        st = self.state
+        if st is TcpState.SYN_SENT:
+            self._snd_nxt = self._iss
+        elif st in _SEND_STATES:
+            self._snd_nxt = self._snd_una
+        else:
+            return False
+        return True
+
+    def _keepalive(self, now: float, out: list[TcpSegment]) -> None:
+        cfg = self.config
+        assert cfg.keepalive is not None
+        if (
+            self.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
+            and self._snd_max == self._snd_una
+            and not self._pending_send()
+        ):
+            due = self._last_rx + cfg.keepalive + self._ka_probes * cfg.keepalive_interval
+            if now >= due:
+                if self._ka_probes >= cfg.keepalive_probes:
+                    self._fail_timeout()
+                    return
+                out.append(self._make_seg(ACK, self._snd_una - 1, b"", now))
+                self._ka_probes += 1
+                due += cfg.keepalive_interval
+            self._keepalive_at = due
+        else:
+            self._keepalive_at = None
