@@ -492,6 +492,18 @@ class WireGuardAddon:
             )
         return name
 
+    def _through_tunnel(
+        self, server: Server | None, name: str, connection: Any, **extra: str
+    ) -> dict[str, Any]:
+        """Bookkeeping of every connection or UDP flow made through tunnel ``name``: its
+        ``flow.metadata["wg"]`` (kept for the server until the flow hooks copy it) and the
+        counter ``wg.status`` shows."""
+        info = _tunnel_info(name, connection, **extra)
+        if server is not None:
+            self._server_info[server] = info
+        self.stats["tunnel"] += 1
+        return info
+
     async def open_tcp(
         self, server: Server | None, host: str, port: int, local_addr: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -522,10 +534,7 @@ class WireGuardAddon:
                 )
             self.stats["refused"] += 1
             raise
-        info = _tunnel_info(name, writer)
-        if server is not None:
-            self._server_info[server] = info
-        self.stats["tunnel"] += 1
+        info = self._through_tunnel(server, name, writer)
         logger.info(
             "mitm-wg: %s:%s through tunnel %r%s",
             host,
@@ -601,10 +610,7 @@ class WireGuardAddon:
                 tried.append(name)
                 continue
             self.pool_health.mark_up(name)
-            info = _tunnel_info(name, writer, pool=pool.name)
-            if server is not None:
-                self._server_info[server] = info
-            self.stats["tunnel"] += 1
+            self._through_tunnel(server, name, writer, pool=pool.name)
             logger.info(
                 "mitm-wg: %s:%s through tunnel %r of exit pool %r (%s)",
                 host,
@@ -635,7 +641,7 @@ class WireGuardAddon:
             return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
         pool = self._pool_for(route, host)
         if pool is not None:
-            route = await self._pick_pool_member(pool, host, port)
+            return await self._open_udp_pool(server, pool, host, port)
         name = await self._pick_tunnel(route, host, port)
         if name is None:
             logger.info("mitm-wg: UDP %s:%s DIRECT: outside every AllowedIPs", host, port)
@@ -648,12 +654,47 @@ class WireGuardAddon:
         except OSError:
             self.stats["refused"] += 1
             raise
-        info = _tunnel_info(name, stream, transport="udp")
-        if server is not None:
-            self._server_info[server] = info
-        self.stats["tunnel"] += 1
+        self._through_tunnel(server, name, stream, transport="udp")
         logger.info("mitm-wg: UDP %s:%s through tunnel %r", host, port, name)
         return stream
+
+    async def _open_udp_pool(self, server: Server | None, pool: Pool, host: str, port: int) -> Any:
+        """A UDP flow through a member of ``pool``. Nothing tells a datagram sent to a dead
+        exit from one the destination ignores, so a member is judged before the flow opens:
+        one whose handshakes go unanswered (an exit that died while we held a session) or
+        that does not answer the handshake the flow starts leaves the pool, and the flow
+        takes the next member; when none is left it fails closed (never direct)."""
+        tried: list[str] = []
+        while True:
+            name = await self._pick_pool_member(pool, host, port, tried)
+            bridge = self.bridge
+            if bridge is None or not bridge.running:
+                self.stats["refused"] += 1
+                raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
+            why = await bridge.tunnel_failing(name)
+            if why is None:
+                try:
+                    stream = await bridge.open_datagram(name, host, port, wait_session=True)
+                except OSError as exc:
+                    why = is_tunnel_failure(exc)
+                    if why is None:
+                        self.stats["refused"] += 1
+                        raise
+            if why is not None:
+                self.pool_health.mark_down(name, why)
+                tried.append(name)
+                continue
+            self.pool_health.mark_up(name)
+            self._through_tunnel(server, name, stream, transport="udp", pool=pool.name)
+            logger.info(
+                "mitm-wg: UDP %s:%s through tunnel %r of exit pool %r (%s)",
+                host,
+                port,
+                name,
+                pool.name,
+                pool.policy,
+            )
+            return stream
 
     # -- flow metadata -----------------------------------------------------------------------
 
