@@ -15,11 +15,13 @@ went around the tunnels would reach the origin from 10.81.0.1 (checked to work w
 proxy), so an origin log without new entries proves nothing left directly.
 
 The exits "die" by their wireguard-go being killed (by PID, ``ExitPeer.stop_wireguard``).
-An exit that dies while we hold a session with it is noticed the way WireGuard notices it:
-data unanswered for KEEPALIVE + REKEY_TIMEOUT (15 s) starts a new handshake, which goes
-unanswered; a TCP connection through it gives up after its 30 s connect timeout and then
-learns that from the handshake state. That takes the time it takes: the waits below are on
-conditions (curl's --max-time and the UDP client's timeout are deadlock guards only).
+An exit that dies while we hold a session with it swallows what we send on that session. A
+TCP connection's retransmitted SYN makes the tunnel handshake again at once, and the pool
+gives the member up when that initiation stays unanswered for REKEY_TIMEOUT (5 s); a UDP
+flow gives no such sign, so there WireGuard's own rule decides (data unanswered for
+KEEPALIVE + REKEY_TIMEOUT, 15 s, starts a handshake). That takes the time it takes: the
+waits below are on conditions (curl's --max-time and the UDP client's timeout are deadlock
+guards only).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ ORIGINS = [f"10.99.0.{i}" for i in range(1, 7)]
 UDP_PORT = 5353
 NAMES = ("a", "b", "c")
 DIRECT_SOURCE = "10.81.0.1"
-#: Deadlock guard for one request that may first meet a dead exit (30 s connect timeout).
+#: Deadlock guard for one request that may first meet a dead exit.
 SLOW = 90.0
 
 _ORIGIN_SCRIPT = """

@@ -72,6 +72,8 @@ __all__ = ["OpenTunnel", "WireGuardAddon", "tunnel_routes"]
 
 logger = logging.getLogger(__name__)
 
+#: How often a pool connection still connecting looks at its member's handshake state (s).
+POOL_WATCH_INTERVAL = 1.0
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _USAGE = (
     "mitm-wg is loaded but has no WireGuard config, so it changes nothing. Use "
@@ -596,7 +598,7 @@ class WireGuardAddon:
                 self.stats["refused"] += 1
                 raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
             try:
-                reader, writer = await bridge.open_connection(name, host, port)
+                opened = await self._connect_watching(bridge, name, host, port)
             except OSError as exc:
                 why = is_tunnel_failure(exc)
                 if why is None and isinstance(exc, TimeoutError) and bridge.running:
@@ -606,9 +608,12 @@ class WireGuardAddon:
                 if why is None:
                     self.stats["refused"] += 1
                     raise
-                self.pool_health.mark_down(name, why)
+                opened = why
+            if isinstance(opened, str):
+                self.pool_health.mark_down(name, opened)
                 tried.append(name)
                 continue
+            reader, writer = opened
             self.pool_health.mark_up(name)
             self._through_tunnel(server, name, writer, pool=pool.name)
             logger.info(
@@ -620,6 +625,36 @@ class WireGuardAddon:
                 pool.policy,
             )
             return reader, writer
+
+    async def _connect_watching(
+        self, bridge: Bridge, name: str, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | str:
+        """``bridge.open_connection`` through pool member ``name``, given up early (the
+        reason returned) once the member's handshakes go unanswered while it connects.
+
+        An exit that died while we held a session swallows the SYN; the retransmitted SYN
+        makes the tunnel handshake again at once (``Device.handshake_if_silent``), and an
+        initiation unanswered for REKEY_TIMEOUT shows the exit is gone: the connection moves
+        to the next member after some 6 s instead of its whole 30 s connect timeout."""
+        connect = asyncio.ensure_future(bridge.open_connection(name, host, port))
+        try:
+            while True:
+                done, _ = await asyncio.wait({connect}, timeout=POOL_WATCH_INTERVAL)
+                if done:
+                    return connect.result()
+                try:
+                    why = await bridge.tunnel_failing(name)
+                except OSError:
+                    why = None  # the bridge stopped: the connect fails by itself
+                if why is not None and not connect.done():
+                    connect.cancel()
+                    await asyncio.wait({connect})
+                    if connect.cancelled() or connect.exception() is not None:
+                        return why
+                    return connect.result()  # it connected after all
+        finally:
+            if not connect.done():
+                connect.cancel()  # we were cancelled: the attempt goes with us
 
     async def _direct(
         self, server: Server | None, host: str, port: int, local_addr: Any, reason: str
