@@ -17,7 +17,7 @@ proxy), so an origin log without new entries proves nothing left directly.
 The exits "die" by their wireguard-go being killed (by PID, ``ExitPeer.stop_wireguard``).
 An exit that dies while we hold a session with it swallows what we send on that session. A
 TCP connection's retransmitted SYN makes the tunnel handshake again at once, and the pool
-gives the member up when that initiation stays unanswered for REKEY_TIMEOUT (5 s); a UDP
+gives the member up when that stays unanswered (some 10 s into the connection); a UDP
 flow gives no such sign, so there WireGuard's own rule decides (data unanswered for
 KEEPALIVE + REKEY_TIMEOUT, 15 s, starts a handshake). That takes the time it takes: the
 waits below are on conditions (curl's --max-time and the UDP client's timeout are deadlock

@@ -63,6 +63,7 @@ from mitm_wg.mitmproxy.pools import (
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
 from mitm_wg.runtime.endpoints import DEFAULT_RERESOLVE_INTERVAL
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
+from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 
 if TYPE_CHECKING:
     from mitmproxy.connection import Client, Server
@@ -72,8 +73,11 @@ __all__ = ["OpenTunnel", "WireGuardAddon", "tunnel_routes"]
 
 logger = logging.getLogger(__name__)
 
-#: How often a pool connection still connecting looks at its member's handshake state (s).
+#: How often a pool connection still connecting looks at its member's handshake state, and
+#: from when on (s): two initiation periods (whitepaper §6.4: one every REKEY_TIMEOUT, plus
+#: up to 1/3 s jitter), so at least one initiation went out during the connection's wait.
 POOL_WATCH_INTERVAL = 1.0
+POOL_WATCH_AFTER = 2 * REKEY_TIMEOUT
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _USAGE = (
     "mitm-wg is loaded but has no WireGuard config, so it changes nothing. Use "
@@ -635,13 +639,22 @@ class WireGuardAddon:
         An exit that died while we held a session swallows the SYN; the retransmitted SYN
         makes the tunnel handshake again at once (``Device.handshake_if_silent``), and an
         initiation unanswered for REKEY_TIMEOUT shows the exit is gone: the connection moves
-        to the next member after some 6 s instead of its whole 30 s connect timeout."""
+        to the next member after some 10 s instead of its whole 30 s connect timeout.
+
+        The handshake state is consulted only once the connection has waited
+        POOL_WATCH_AFTER: a handshake that has been failing since before it began (an exit
+        back after an outage, its initiations retransmitted every REKEY_TIMEOUT) gets one
+        retransmission inside this connection's time to be answered first."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         connect = asyncio.ensure_future(bridge.open_connection(name, host, port))
         try:
             while True:
                 done, _ = await asyncio.wait({connect}, timeout=POOL_WATCH_INTERVAL)
                 if done:
                     return connect.result()
+                if loop.time() - started < POOL_WATCH_AFTER:
+                    continue
                 try:
                     why = await bridge.tunnel_failing(name)
                 except OSError:
