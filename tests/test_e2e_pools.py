@@ -107,7 +107,9 @@ class World:
         return self.exits[NAMES.index(name)].client_tunnel_v4
 
     def member_of(self, address: str) -> str:
-        return next(n for n in NAMES if self.source(n) == address)
+        """The pool member whose tunnel address the origin saw (else the address itself,
+        e.g. the direct link's, for the assertion message)."""
+        return next((n for n in NAMES if self.source(n) == address), address)
 
     def origin_entries(self) -> list[dict[str, str]]:
         try:
