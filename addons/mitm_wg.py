@@ -24,6 +24,11 @@ def _import_addons() -> list[object]:
     here = os.path.dirname(os.path.abspath(__file__))
     saved = list(sys.path)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    # This clone's package, not whichever mitm_wg is installed (an editable install of
+    # another checkout would otherwise win): the shim and the code it loads stay together.
+    clone = os.path.dirname(here)
+    if os.path.isfile(os.path.join(clone, "mitm_wg", "__init__.py")):
+        sys.path.insert(0, clone)
     try:
         loaded = sys.modules.get("mitm_wg")
         if loaded is not None and not hasattr(loaded, "__path__"):

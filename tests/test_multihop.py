@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 from conftest import require_netns
-from e2e_helpers import curl, run_mitmdump, run_origin, write_client_config
+from e2e_helpers import curl, pattern, run_mitmdump, run_origin, write_client_config
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
@@ -315,6 +315,95 @@ def test_mitmdump_wg_via_through_two_hops(
         assert f"{inner.server_tunnel_v4}:80 through tunnel 'inner'" in text
     assert any(r["path"] == "/echo/via" for r in origin.requests())
     assert inner.client_stats().endpoint[0] == outer.client_tunnel_v4
+
+
+def _with_mtu(path: Path, mtu: int) -> None:
+    path.write_text(path.read_text().replace("[Peer]", f"MTU = {mtu}\n\n[Peer]"))
+
+
+@pytest.mark.interop
+def test_mitmdump_wg_via_through_three_hops(
+    hops: tuple[ExitPeer, InnerExitPeer, Any], tmp_path: Path
+) -> None:
+    """curl → mitmdump → entry → middle → exit (``wg_via`` chain, WireGuard inside WireGuard
+    inside WireGuard) → an origin behind the third exit, which only the middle exit's
+    network reaches. The origin sees the innermost tunnel address; each exit sees the
+    tunnel address one layer out as our endpoint; wg.status shows the chain; full-sized
+    packets pass both ways (two layers of overhead: 1420 → 1360 → 1296)."""
+    outer, inner, _ = hops
+    with inner_exit_peer(inner) as third:
+        assert third.depth == 2 and third.tunnel_v4_net != inner.tunnel_v4_net
+        for ns in (outer.client_ns, outer.ns):  # only the middle exit's network reaches it
+            assert ns.exec(["ip", "route", "get", third.endpoint[0]], check=False).returncode
+        with run_origin(third.ns, tmp_path, http=[f"{third.server_tunnel_v4}:80"]) as origin:
+            entry = write_client_config(
+                outer,
+                tmp_path,
+                "entry",
+                allowed_ips=f"{outer.tunnel_v4_net}, {inner.transit_v4_net}",
+                dns=False,
+            )
+            middle = write_client_config(
+                inner,
+                tmp_path,
+                "middle",
+                allowed_ips=f"{inner.tunnel_v4_net}, {third.transit_v4_net}",
+                dns=False,
+            )
+            exit_ = write_client_config(third, tmp_path, "exit", dns=False)
+            # wg-quick's default MTU in both inner configs: too large inside one layer,
+            # more so inside two. Each is lowered by one layer (IPv4 endpoints: 60 bytes,
+            # rounded down to the 16-byte padding unit) of the tunnel it runs in.
+            _with_mtu(middle, 1420)
+            _with_mtu(exit_, 1420)
+            script = tmp_path / "status.py"
+            script.write_text(STATUS_SCRIPT)
+            args = [f"wg_conf={n}={p}" for n, p in (("entry", entry), ("middle", middle))]
+            args += [f"wg_conf=exit={exit_}", "wg_via=middle=entry", "wg_via=exit=middle"]
+            with run_mitmdump(
+                outer.client_ns,
+                tmp_path,
+                *[a for x in args for a in ("--set", x)],
+                "-s",
+                str(script),
+            ) as dump:
+                dump.wait_for_log("WireGuard tunnel 'exit' is up", timeout=60)
+                outer.client_ns.settle()
+                r = curl(
+                    outer.client_ns, "-x", dump.proxy, f"http://{third.server_tunnel_v4}/echo/3"
+                )
+                assert r.status == 200, r
+                assert r.json()["client"] == third.client_tunnel_v4
+                base = f"http://{third.server_tunnel_v4}:{third.http_port}"
+                r = curl(outer.client_ns, "-x", dump.proxy, f"{base}/bytes/{2 * MB}", max_time=120)
+                assert r.status == 200 and r.body == pattern(2 * MB), r
+                upload = tmp_path / "upload.bin"
+                upload.write_bytes(pattern(2 * MB))
+                r = curl(
+                    outer.client_ns,
+                    "-x",
+                    dump.proxy,
+                    "--data-binary",
+                    f"@{upload}",
+                    f"{base}/upload",
+                    max_time=120,
+                )
+                assert r.status == 200, r
+                assert r.json() == {"sha256": pattern_sha256(2 * MB), "size": 2 * MB}
+                text = dump.wait_for_log("multi-hop: host → entry → middle → exit")
+                assert "via 'middle' (multi-hop: host → entry → middle → exit)" in text
+                assert "via 'entry' (multi-hop: host → entry → middle)" in text
+                assert (
+                    "MTU 1420 does not fit inside the outer tunnel (MTU 1420); using 1360" in text
+                )
+                assert (
+                    "MTU 1420 does not fit inside the outer tunnel (MTU 1360); using 1296" in text
+                )
+                assert f"{third.server_tunnel_v4}:80 through tunnel 'exit'" in text
+            assert any(e["path"] == "/echo/3" for e in origin.requests())
+        # Each exit saw us come from the tunnel one layer out (no NAT anywhere).
+        assert third.client_stats().endpoint[0] == inner.client_tunnel_v4
+        assert inner.client_stats().endpoint[0] == outer.client_tunnel_v4
 
 
 def _conf(tmp_path: Path, name: str) -> str:

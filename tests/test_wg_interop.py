@@ -41,8 +41,14 @@ def test_handshake_and_kernel_answers_icmp_and_udp(exit_peer) -> None:
     driver = make_driver(exit_peer, exit_peer.client_config_text())
     try:
         driver.handshake()
-        stats = exit_peer.client_stats()
-        assert stats.latest_handshake > 0
+        # wireguard-go, as responder, records the handshake only on key confirmation: when
+        # our first packet under the new keys (the keepalive sent with the handshake's end)
+        # has been processed by its receive goroutines, which can lag `wg show` under load.
+        wait_until(
+            lambda: exit_peer.client_stats().latest_handshake > 0,
+            10,
+            "wireguard-go to confirm the session (latest handshake)",
+        )
         # IPv4 echo answered by the exit namespace's kernel.
         payload = os.urandom(56)
         assert driver.send(

@@ -63,6 +63,7 @@ from mitm_wg.mitmproxy.pools import (
 from mitm_wg.mitmproxy.routing import INFO_KEY, METADATA_KEY, Route, check_route, chosen_route
 from mitm_wg.runtime.endpoints import DEFAULT_RERESOLVE_INTERVAL
 from mitm_wg.wireguard.allowed_ips import AllowedIPs
+from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 
 if TYPE_CHECKING:
     from mitmproxy.connection import Client, Server
@@ -72,6 +73,11 @@ __all__ = ["OpenTunnel", "WireGuardAddon", "tunnel_routes"]
 
 logger = logging.getLogger(__name__)
 
+#: How often a pool connection still connecting looks at its member's handshake state, and
+#: from when on (s): two initiation periods (whitepaper §6.4: one every REKEY_TIMEOUT, plus
+#: up to 1/3 s jitter), so at least one initiation went out during the connection's wait.
+POOL_WATCH_INTERVAL = 1.0
+POOL_WATCH_AFTER = 2 * REKEY_TIMEOUT
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _USAGE = (
     "mitm-wg is loaded but has no WireGuard config, so it changes nothing. Use "
@@ -474,7 +480,8 @@ class WireGuardAddon:
                 self.stats["refused"] += 1
                 raise OSError(
                     errno.ENETUNREACH,
-                    f"a script chose WireGuard tunnel {route!r} for {host}:{port}, but the "
+                    f"a script chose WireGuard tunnel {route!r} for "
+                    f"{format_endpoint((host, port))}, but the "
                     f"loaded tunnels are {', '.join(map(repr, self.configs))}",
                 )
             return route
@@ -490,6 +497,18 @@ class WireGuardAddon:
                 f"(set wg_allow_direct=true to allow that)",
             )
         return name
+
+    def _through_tunnel(
+        self, server: Server | None, name: str, connection: Any, **extra: str
+    ) -> dict[str, Any]:
+        """Bookkeeping of every connection or UDP flow made through tunnel ``name``: its
+        ``flow.metadata["wg"]`` (kept for the server until the flow hooks copy it) and the
+        counter ``wg.status`` shows."""
+        info = _tunnel_info(name, connection, **extra)
+        if server is not None:
+            self._server_info[server] = info
+        self.stats["tunnel"] += 1
+        return info
 
     async def open_tcp(
         self, server: Server | None, host: str, port: int, local_addr: Any
@@ -521,14 +540,10 @@ class WireGuardAddon:
                 )
             self.stats["refused"] += 1
             raise
-        info = _tunnel_info(name, writer)
-        if server is not None:
-            self._server_info[server] = info
-        self.stats["tunnel"] += 1
+        info = self._through_tunnel(server, name, writer)
         logger.info(
-            "mitm-wg: %s:%s through tunnel %r%s",
-            host,
-            port,
+            "mitm-wg: %s through tunnel %r%s",
+            format_endpoint((host, port)),
             name,
             f" (peer {info['peer'][:8]}…, {info.get('endpoint', '?')})" if "peer" in info else "",
         )
@@ -571,7 +586,7 @@ class WireGuardAddon:
             return pool.pick(host, self._member_unusable, tried)
         except OSError as exc:
             self.stats["refused"] += 1
-            raise OSError(exc.errno, f"{host}:{port}: {exc.strerror}") from None
+            raise OSError(exc.errno, f"{format_endpoint((host, port))}: {exc.strerror}") from None
 
     async def _open_tcp_pool(
         self, server: Server | None, pool: Pool, host: str, port: int
@@ -586,7 +601,7 @@ class WireGuardAddon:
                 self.stats["refused"] += 1
                 raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
             try:
-                reader, writer = await bridge.open_connection(name, host, port)
+                opened = await self._connect_watching(bridge, name, host, port)
             except OSError as exc:
                 why = is_tunnel_failure(exc)
                 if why is None and isinstance(exc, TimeoutError) and bridge.running:
@@ -596,28 +611,68 @@ class WireGuardAddon:
                 if why is None:
                     self.stats["refused"] += 1
                     raise
-                self.pool_health.mark_down(name, why)
+                opened = why
+            if isinstance(opened, str):
+                self.pool_health.mark_down(name, opened)
                 tried.append(name)
                 continue
+            reader, writer = opened
             self.pool_health.mark_up(name)
-            info = _tunnel_info(name, writer, pool=pool.name)
-            if server is not None:
-                self._server_info[server] = info
-            self.stats["tunnel"] += 1
+            self._through_tunnel(server, name, writer, pool=pool.name)
             logger.info(
-                "mitm-wg: %s:%s through tunnel %r of exit pool %r (%s)",
-                host,
-                port,
+                "mitm-wg: %s through tunnel %r of exit pool %r (%s)",
+                format_endpoint((host, port)),
                 name,
                 pool.name,
                 pool.policy,
             )
             return reader, writer
 
+    async def _connect_watching(
+        self, bridge: Bridge, name: str, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | str:
+        """``bridge.open_connection`` through pool member ``name``, given up early (the
+        reason returned) once the member's handshakes go unanswered while it connects.
+
+        An exit that died while we held a session swallows the SYN; the retransmitted SYN
+        makes the tunnel handshake again at once (``Device.handshake_if_silent``), and an
+        initiation unanswered for REKEY_TIMEOUT shows the exit is gone: the connection moves
+        to the next member after some 10 s instead of its whole 30 s connect timeout.
+
+        The handshake state is consulted only once the connection has waited
+        POOL_WATCH_AFTER: a handshake that has been failing since before it began (an exit
+        back after an outage, its initiations retransmitted every REKEY_TIMEOUT) gets one
+        retransmission inside this connection's time to be answered first."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        connect = asyncio.ensure_future(bridge.open_connection(name, host, port))
+        try:
+            while True:
+                done, _ = await asyncio.wait({connect}, timeout=POOL_WATCH_INTERVAL)
+                if done:
+                    return connect.result()
+                if loop.time() - started < POOL_WATCH_AFTER:
+                    continue
+                try:
+                    why = await bridge.tunnel_failing(name)
+                except OSError:
+                    why = None  # the bridge stopped: the connect fails by itself
+                if why is not None and not connect.done():
+                    connect.cancel()
+                    await asyncio.wait({connect})
+                    if connect.cancelled() or connect.exception() is not None:
+                        return why
+                    return connect.result()  # it connected after all
+        finally:
+            if not connect.done():
+                connect.cancel()  # we were cancelled: the attempt goes with us
+
     async def _direct(
         self, server: Server | None, host: str, port: int, local_addr: Any, reason: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        logger.info("mitm-wg: %s:%s DIRECT, not through WireGuard: %s", host, port, reason)
+        logger.info(
+            "mitm-wg: %s DIRECT, not through WireGuard: %s", format_endpoint((host, port)), reason
+        )
         if server is not None:
             self._server_info[server] = {"tunnel": False, "reason": reason}
         self.stats["direct"] += 1
@@ -629,15 +684,17 @@ class WireGuardAddon:
 
         _, route = chosen_route(server) if server is not None else (False, None)
         if route is False:
-            logger.info("mitm-wg: UDP %s:%s DIRECT, chosen by a script", host, port)
+            logger.info("mitm-wg: UDP %s DIRECT, chosen by a script", format_endpoint((host, port)))
             self.stats["direct"] += 1
             return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
         pool = self._pool_for(route, host)
         if pool is not None:
-            route = await self._pick_pool_member(pool, host, port)
+            return await self._open_udp_pool(server, pool, host, port)
         name = await self._pick_tunnel(route, host, port)
         if name is None:
-            logger.info("mitm-wg: UDP %s:%s DIRECT: outside every AllowedIPs", host, port)
+            logger.info(
+                "mitm-wg: UDP %s DIRECT: outside every AllowedIPs", format_endpoint((host, port))
+            )
             self.stats["direct"] += 1
             return await mitmproxy_rs.udp.open_udp_connection(host, port, local_addr=local_addr)
         bridge = self.bridge
@@ -647,12 +704,46 @@ class WireGuardAddon:
         except OSError:
             self.stats["refused"] += 1
             raise
-        info = _tunnel_info(name, stream, transport="udp")
-        if server is not None:
-            self._server_info[server] = info
-        self.stats["tunnel"] += 1
-        logger.info("mitm-wg: UDP %s:%s through tunnel %r", host, port, name)
+        self._through_tunnel(server, name, stream, transport="udp")
+        logger.info("mitm-wg: UDP %s through tunnel %r", format_endpoint((host, port)), name)
         return stream
+
+    async def _open_udp_pool(self, server: Server | None, pool: Pool, host: str, port: int) -> Any:
+        """A UDP flow through a member of ``pool``. Nothing tells a datagram sent to a dead
+        exit from one the destination ignores, so a member is judged before the flow opens:
+        one whose handshakes go unanswered (an exit that died while we held a session) or
+        that does not answer the handshake the flow starts leaves the pool, and the flow
+        takes the next member; when none is left it fails closed (never direct)."""
+        tried: list[str] = []
+        while True:
+            name = await self._pick_pool_member(pool, host, port, tried)
+            bridge = self.bridge
+            if bridge is None or not bridge.running:
+                self.stats["refused"] += 1
+                raise OSError(errno.ENETDOWN, "mitm-wg: no WireGuard tunnel is running")
+            why = await bridge.tunnel_failing(name)
+            if why is None:
+                try:
+                    stream = await bridge.open_datagram(name, host, port, wait_session=True)
+                except OSError as exc:
+                    why = is_tunnel_failure(exc)
+                    if why is None:
+                        self.stats["refused"] += 1
+                        raise
+            if why is not None:
+                self.pool_health.mark_down(name, why)
+                tried.append(name)
+                continue
+            self.pool_health.mark_up(name)
+            self._through_tunnel(server, name, stream, transport="udp", pool=pool.name)
+            logger.info(
+                "mitm-wg: UDP %s through tunnel %r of exit pool %r (%s)",
+                format_endpoint((host, port)),
+                name,
+                pool.name,
+                pool.policy,
+            )
+            return stream
 
     # -- flow metadata -----------------------------------------------------------------------
 

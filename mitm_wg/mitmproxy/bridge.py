@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import threading
@@ -566,8 +567,13 @@ class Bridge:
         if scope.cancelled_caught:
             transport.trio_fail(ConnectionAbortedError(errno.ECONNABORTED, "connect aborted"))
 
-    async def open_datagram(self, tunnel: str, host: str, port: int) -> DatagramStream:
-        """A UDP flow to ``host``:``port`` through ``tunnel`` (mitmproxy_rs.Stream-like)."""
+    async def open_datagram(
+        self, tunnel: str, host: str, port: int, *, wait_session: bool = False
+    ) -> DatagramStream:
+        """A UDP flow to ``host``:``port`` through ``tunnel`` (mitmproxy_rs.Stream-like).
+
+        ``wait_session``: open only once the peer has a session (HandshakeTimeout, as the
+        cause of the OSError, when it stays silent; see ``run_datagram_flow``)."""
         self._check_running()
         loop = asyncio.get_running_loop()
         stream = DatagramStream(loop, self._to_trio, {"wg_tunnel": tunnel})
@@ -586,7 +592,16 @@ class Bridge:
 
         def start(st: _TunnelState, nursery: trio.Nursery) -> None:
             nursery.start_soon(
-                run_datagram_flow, st.tunnel, stream, host, port, connected, self._to_loop
+                functools.partial(
+                    run_datagram_flow,
+                    st.tunnel,
+                    stream,
+                    host,
+                    port,
+                    connected,
+                    self._to_loop,
+                    wait_session=wait_session,
+                )
             )
 
         def fail(st: _TunnelState | None) -> None:

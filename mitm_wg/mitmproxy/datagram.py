@@ -195,12 +195,20 @@ async def run_datagram_flow(
     port: int,
     connected: Callable[[BaseException | None], None],
     to_loop: Callable[..., None],
+    *,
+    wait_session: bool = False,
 ) -> None:
-    """Trio task of one UDP flow: open the socket, report, then forward replies until closed."""
+    """Trio task of one UDP flow: open the socket, report, then forward replies until closed.
+
+    ``wait_session``: report the flow open only once the peer has a WireGuard session (a
+    handshake if needed), so that a silent peer fails the open with HandshakeTimeout (exit
+    pools then take another member; a datagram gives no other sign of a dead exit)."""
     try:
         address = await resolve_for_udp(tunnel, host)
         if tunnel.route(address) is None:
             raise NoRoute(errno.ENETUNREACH, f"{address} is not in any WireGuard peer's AllowedIPs")
+        if wait_session and hasattr(tunnel, "wait_session"):  # (test stand-ins have none)
+            await tunnel.wait_session(address)
         sock = await tunnel.open_udp_socket(address.version)
     except Exception as exc:
         connected(exc)

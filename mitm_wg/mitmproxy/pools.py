@@ -18,8 +18,12 @@ hostnames, and for IP destinations whose AllowedIPs match is one of its members.
 Health: a member whose tunnel is down, or whose peer did not answer the handshake for a
 connection, is taken out of the pool for ``retry_after`` seconds (the reason is logged),
 then tried again by the next connection that picks it. A connection whose member failed that
-way is retried on the next member. When every member is down the connection fails closed
-with an error listing each member's reason; nothing goes direct.
+way is retried on the next member. A TCP connection also gives its member up while it
+connects once the member's handshakes go unanswered (an exit that died while we held a
+session); a UDP flow opens only once its member has a session, and skips a member whose
+handshakes go unanswered (the addon's ``_connect_watching`` and ``_open_udp_pool``). When
+every member is down the connection fails closed with an error listing each member's
+reason; nothing goes direct.
 """
 
 from __future__ import annotations
