@@ -202,6 +202,11 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         on_touched: Callable[[TcpSocket], None] | None = None,
     ) -> None:
         cfg = config
+        # All state of the connection, grouped by the room (file) that owns it; each group's
+        # comment names that file (docs/architecture.md). Few attributes on purpose: past 85
+        # the instance dict doubles (~1.7 KiB per socket).
+
+        # identity, the application's side, opening and errors (tcp.py)
         #: called with the socket after each application call that may leave something to
         #: send (send, recv that returned data, shutdown_write, close, abort): the stack
         #: marks the socket for its next poll
@@ -211,13 +216,17 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self.local_port = local_port
         self.remote_addr = remote_addr
         self.remote_port = remote_port
-        self.state = TcpState.CLOSED  # every later change goes through _set_state
         self.error: OSError | None = None
+        self._soft_error: OSError | None = None
         self.stats = TcpStats()
         self._now = now
         self._passive = False
         self._opened = False
 
+        # state machine (tcp_state.py)
+        self.state = TcpState.CLOSED  # every later change goes through _set_state
+
+        # send sequence space and window, RFC 9293 §3.3.1 (tcp_send.py; window from input)
         iss = isn & M32
         self._iss = iss
         self._snd_una = iss
@@ -227,12 +236,14 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._snd_wl1 = 0
         self._snd_wl2 = 0
         self._max_snd_wnd = 0
+
+        # receive sequence space, RFC 9293 §3.3.1 (tcp_recv.py)
         self._irs = 0
         self._rcv_nxt = 0
         self._rcv_adv = 0  # right edge of the window we advertised
         self._last_ack_sent = 0
 
-        # options
+        # options negotiated in the SYNs, and the MSS they give (tcp.py)
         # RFC 9293 §3.7.1: without the option, 536 (IPv4) / 1220 (IPv6: RFC 8200 §8.3)
         self._peer_mss = 536 if len(remote_addr) == 4 else 1220
         self._pmtu_mss: int | None = None
@@ -245,6 +256,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         )
         self._snd_wscale = 0
         self._ws_ok = False
+        self._smss = 536
+        self._update_smss()
+
+        # TSval clock (tcp_timers.py)
         # TSval = ms clock + offset. The stack passes one offset per (local, remote) address
         # pair, as Linux does, so the TSvals towards a host keep growing across connections
         # (RFC 7323 §5.4) and a SYN reusing a 4-tuple in the peer's TIME_WAIT passes its
@@ -252,22 +267,28 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         if ts_offset is None:
             ts_offset = int.from_bytes(randbytes(4), "big")
         self._ts_offset = ts_offset & M32
+
+        # segment arrival: TS.Recent for PAWS, RFC 5961 challenge ACKs, SYN retries after
+        # resetting a stale peer, queued RSTs (sent by dispatch) (tcp_input.py)
         self._ts_recent = 0
         self._ts_recent_age = now
-        self._smss = 536
-        self._update_smss()
+        self._challenge_start = float("-inf")
+        self._challenge_count = 0
+        self._syn_fast_retries = 0
+        self._pending: list[TcpSegment] = []  # ready-made control segments (RSTs)
 
-        # buffers
+        # send buffer and its autotuned limit (tcp_send.py)
         self._sbuf = bytearray()
         self._sbuf_head = 0
         self._sbuf_seq = iss + 1  # absolute sequence number of _sbuf[_sbuf_head]
         self._fin_queued = False
+        self._snd_buf = cfg.send_buffer
+
+        # receive buffer, reassembly, autotuning, the peer's FIN, delayed ACK (tcp_recv.py)
         self._rbuf = bytearray()
         self._rbuf_head = 0
-        # buffer autotuning: the current limits, and the receive side's dynamic right-sizing
-        # state while the receive buffer can still grow (None once at its cap). Few
-        # attributes on purpose: past 85 the instance dict doubles (~1.7 KiB per socket).
-        self._snd_buf = cfg.send_buffer
+        # the current limit, and dynamic right-sizing state while the buffer can still grow
+        # (None once at its cap)
         self._rcv_buf = cfg.recv_buffer
         self._drs: _RcvTuning | None = (
             _RcvTuning(now, 10 * cfg.mss) if cfg.recv_buffer < cfg.recv_buffer_max else None
@@ -276,8 +297,14 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._peer_fin_seq: int | None = None
         self._rcv_fin = False
         self._rd_closed = False
+        self._ack_now = False
+        self._acks_owed = 0  # extra immediate (duplicate) ACKs, one per out-of-order segment
+        self._unacked_bytes = 0
+        self._rcv_mss = 536
 
-        # timers
+        # timers, RTT, SYN retries, user timeout, keepalive (tcp_timers.py; poll_at reads all
+        # deadlines, each armed by its own room: persist tcp_send.py, delayed ACK
+        # tcp_recv.py, linger tcp_state.py)
         self._rto_at: float | None = None
         self._persist_at: float | None = None
         self._persist_backoff = 0
@@ -286,23 +313,23 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._keepalive_at: float | None = None
         self._ka_probes = 0
         self._last_rx = now
-        self._ack_now = False
-        self._acks_owed = 0  # extra immediate (duplicate) ACKs, one per out-of-order segment
-        self._unacked_bytes = 0
-        self._rcv_mss = 536
-
-        # RTT, congestion control, loss recovery
         self._rtt = RttEstimator(
             initial_rto=cfg.initial_rto, min_rto=cfg.min_rto, max_rto=cfg.max_rto
         )
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
         self._ts_rto_floor: int | None = None
+        self._syn_retries = 0
+        self._last_progress = now
+
+        # congestion control (congestion.py); pacing (pacing.py) and, for a model-based
+        # controller (BBR), delivery-rate estimation (delivery.py): hooks in
+        # dispatch/_emit/_bulk_send/poll_at and on ACKs
         self._cc = make_controller(cfg.congestion, self._smss, isn)
-        # pacing (pacing.py) and, for a model-based controller (BBR), delivery-rate
-        # estimation (delivery.py): hooks in dispatch/_emit/_bulk_send/poll_at and on ACKs
         self._pacer: Pacer | None = Pacer() if cfg.pacing else None
         self._dr: DeliveryRate | None = DeliveryRate(now) if self._cc.model_based else None
+
+        # fast recovery, SACK scoreboard, RACK-TLP/PRR (recovery.py)
         self._dupacks = 0
         self._in_fr = False
         self._recover = iss
@@ -313,17 +340,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         # ranges whose retransmission is itself deemed lost (SACKs for later data came back)
         self._rxt_marks: list[tuple[int, int, int]] = []
         self._relost: list[tuple[int, int]] = []
-        # RACK-TLP/PRR state (recovery.py) and its timer: the RACK reorder timer or the
-        # TLP probe timeout, whichever ``_rack.timer`` says
+        # RACK-TLP/PRR state and its timer: the RACK reorder timer or the TLP probe
+        # timeout, whichever ``_rack.timer`` says
         self._rack: Rack | None = Rack() if cfg.rack and cfg.sack else None
         self._rec_at: float | None = None
-        self._syn_retries = 0
-        self._syn_fast_retries = 0
-        self._last_progress = now
-        self._soft_error: OSError | None = None
-        self._pending: list[TcpSegment] = []  # ready-made control segments (RSTs)
-        self._challenge_start = float("-inf")
-        self._challenge_count = 0
 
     def __repr__(self) -> str:
         return (
