@@ -95,20 +95,7 @@ class Sender:
                 blocks = asm.sack_blocks(3 if self._ts_ok else 4)
                 sack_blocks = tuple((s & M32, e & M32) for s, e in blocks)
         self.stats.segments_out += 1
-        if syn_options is not None:
-            mss, wscale, sack_permitted = syn_options
-            return TcpSegment(
-                self.local_port,
-                self.remote_port,
-                seq & M32,
-                rcv_nxt & M32 if flags & ACK else 0,
-                flags,
-                window,
-                mss=mss,
-                wscale=wscale,
-                sack_permitted=sack_permitted,
-                timestamp=timestamp,
-            )
+        mss, wscale, sack_permitted = syn_options or (None, None, False)
         return TcpSegment(
             self.local_port,
             self.remote_port,
@@ -119,6 +106,9 @@ class Sender:
             timestamp,
             sack_blocks,
             payload,
+            mss=mss,
+            wscale=wscale,
+            sack_permitted=sack_permitted,
         )
 
     def _next_tx(self) -> tuple[int, int, bool] | None:
