@@ -251,3 +251,28 @@ class ExtraHttpServer:
 
     def log_text(self) -> str:
         return self._log.read_text(errors="replace")
+
+
+def real_tunnels(exits: list[Any], *, handshake_timeout: float) -> Any:
+    """An ``OpenTunnel`` for ``WireGuardAddon(open_tunnel=...)``: the real runtime, its UDP
+    socket in the client namespace of the exit (an ``ExitPeer``) whose public key the
+    config names."""
+    from contextlib import asynccontextmanager
+
+    from mitm_wg.runtime import open_tunnel
+
+    by_key = {e.server_public_key: e for e in exits}
+
+    @asynccontextmanager
+    async def open_real(config: Any) -> Any:
+        exit_ = by_key[config.peers[0].public_key]
+
+        def make_socket(family: int) -> socket.socket:
+            return exit_.client_ns.socket(family, socket.SOCK_DGRAM)
+
+        async with open_tunnel(
+            config, socket_factory=make_socket, handshake_timeout=handshake_timeout
+        ) as t:
+            yield t
+
+    return open_real

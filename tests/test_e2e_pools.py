@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 from e2e_helpers import Mitmdump, curl, run_mitmdump, wait_for
 
-from harness import ExitPeer, Netns, cleanup_stale, exit_peer
+from harness import ExitPeer, Netns, cleanup_stale, exit_peer, origin_behind
 
 PREFIX = "mwgep"
 ORIGIN_PREFIX = "mwgeo"
@@ -124,26 +124,7 @@ def world(netns_available: None, tmp_path: Path) -> Iterator[World]:
     with ExitStack() as stack:
         exits = [stack.enter_context(exit_peer(name_prefix=PREFIX, dnsmasq=False)) for _ in NAMES]
         ns = exits[0].client_ns
-        origin = None
-        for i in range(100):
-            origin = Netns.claim(f"{ORIGIN_PREFIX}{i}")
-            if origin is not None:
-                break
-        assert origin is not None
-        stack.callback(origin.close)
-        for addr in ORIGINS:
-            origin.ip("addr", "add", f"{addr}/32", "dev", "lo")
-        # origin <-> each exit (the exit forwards between its tunnel and this link)
-        for k, e in enumerate(exits):
-            o_if, e_if = f"{origin.name}o{k}", f"{origin.name}e{k}"
-            origin.ip("link", "add", o_if, "type", "veth", "peer", "name", e_if, "netns", e.ns.name)
-            origin.ip("addr", "add", f"10.79.{k}.1/30", "dev", o_if)
-            origin.ip("link", "set", o_if, "up")
-            origin.ip("route", "add", e.tunnel_v4_net, "via", f"10.79.{k}.2")
-            e.ns.ip("addr", "add", f"10.79.{k}.2/30", "dev", e_if)
-            e.ns.ip("link", "set", e_if, "up")
-            e.ns.ip("route", "add", "10.99.0.0/24", "via", f"10.79.{k}.1")
-            e.ns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        origin = stack.enter_context(origin_behind(exits, ORIGIN_PREFIX, ORIGINS))
         # mitmdump's namespace <-> exits b and c (their endpoints), and <-> the origin
         endpoints = [exits[0].endpoint]
         for k, e in enumerate(exits[1:], 1):

@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import sys
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mitmproxy import exceptions
@@ -27,12 +25,12 @@ from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
-from harness import ExitPeer, Netns, cleanup_stale, exit_peer
-from mitm_wg.config import WireGuardConfig
+from harness import ExitPeer, Netns, cleanup_stale, exit_peer, origin_behind
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.addon import WireGuardAddon
 from mitm_wg.mitmproxy.pools import Pool, PoolError, PoolHealth, parse_pool_option
 from mitm_wg.mitmproxy.routing import METADATA_KEY, use_tunnel
+from tests.runtime_helpers import real_tunnels
 
 ORIGINS = [f"10.99.0.{i}" for i in range(1, 7)]
 ORIGIN_PORT = 80
@@ -104,25 +102,7 @@ def pool_setup(netns_available: None) -> Iterator[tuple[list[ExitPeer], Netns]]:
     cleanup_stale("mwgpo")
     with ExitStack() as stack:
         exits = [stack.enter_context(exit_peer(name_prefix="mwgpl")) for _ in range(3)]
-        origin = None
-        for i in range(100):
-            origin = Netns.claim(f"mwgpo{i}")
-            if origin is not None:
-                break
-        assert origin is not None
-        stack.callback(origin.close)
-        for addr in ORIGINS:
-            origin.ip("addr", "add", f"{addr}/32", "dev", "lo")
-        for k, e in enumerate(exits):
-            o_if, e_if = f"{origin.name}o{k}", f"{origin.name}e{k}"
-            origin.ip("link", "add", o_if, "type", "veth", "peer", "name", e_if, "netns", e.ns.name)
-            origin.ip("addr", "add", f"10.79.{k}.1/30", "dev", o_if)
-            origin.ip("link", "set", o_if, "up")
-            origin.ip("route", "add", e.tunnel_v4_net, "via", f"10.79.{k}.2")
-            e.ns.ip("addr", "add", f"10.79.{k}.2/30", "dev", e_if)
-            e.ns.ip("link", "set", e_if, "up")
-            e.ns.ip("route", "add", "10.99.0.0/24", "via", f"10.79.{k}.1")
-            e.ns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        origin = stack.enter_context(origin_behind(exits, "mwgpo", ORIGINS))
         import subprocess
 
         proc = origin.popen(
@@ -138,36 +118,12 @@ def _clean_patch() -> Iterator[None]:
     patch.uninstall()
 
 
-def real_tunnels(exits: list[ExitPeer]) -> Any:
-    by_key = {e.server_public_key: e for e in exits}
-
-    @asynccontextmanager
-    async def open_real(config: WireGuardConfig) -> AsyncIterator[Any]:
-        from mitm_wg.runtime import open_tunnel
-
-        exit_ = by_key[config.peers[0].public_key]
-
-        def make_socket(family: int) -> socket.socket:
-            return exit_.client_ns.socket(family, socket.SOCK_DGRAM)
-
-        async with open_tunnel(config, socket_factory=make_socket, handshake_timeout=3) as t:
-            yield t
-
-    return open_real
-
-
 async def source_seen(addon: WireGuardAddon, host: str, route: str | None = None) -> str:
     """GET from the origin; returns the source address the origin saw."""
     server = Server(address=(host, ORIGIN_PORT))
     if route is not None:
         use_tunnel(server, route)
-    reader, writer = await addon.open_tcp(server, host, ORIGIN_PORT, None)
-    writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert b" 200 " in head.split(b"\r\n")[0], data
-    return body.decode()
+    return await source_seen_server(addon, server)
 
 
 def test_three_exit_pool(
@@ -184,7 +140,7 @@ def test_three_exit_pool(
     member_of = {v: k for k, v in source.items()}
 
     async def main() -> None:
-        addon = WireGuardAddon(open_tunnel=real_tunnels(exits))
+        addon = WireGuardAddon(open_tunnel=real_tunnels(exits, handshake_timeout=3))
         with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
             with pytest.raises(exceptions.OptionsError, match="'x' not in wg_conf"):
                 tctx.configure(addon, wg_conf=confs, wg_pool=["p=round-robin:a,x"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ from mitm_wg.config import WireGuardConfig
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.addon import WireGuardAddon
 from mitm_wg.mitmproxy.bridge import ENV_MODE
+from tests.runtime_helpers import real_tunnels
 
 DOWNLOAD = 48 * 1024 * 1024
 
@@ -39,26 +39,6 @@ def two_exits(netns_available: None) -> Iterator[list[ExitPeer]]:
 def _clean_patch() -> Iterator[None]:
     yield
     patch.uninstall()
-
-
-def real_tunnels(exits: list[ExitPeer]) -> Any:
-    """An ``OpenTunnel`` for the addon: the real runtime, its UDP socket in the namespace of
-    the exit whose public key the config names."""
-    by_key = {e.server_public_key: e for e in exits}
-
-    @asynccontextmanager
-    async def open_real(config: WireGuardConfig) -> AsyncIterator[Any]:
-        from mitm_wg.runtime import open_tunnel
-
-        exit_ = by_key[config.peers[0].public_key]
-
-        def make_socket(family: int) -> socket.socket:
-            return exit_.client_ns.socket(family, socket.SOCK_DGRAM)
-
-        async with open_tunnel(config, socket_factory=make_socket, handshake_timeout=10) as t:
-            yield t
-
-    return open_real
 
 
 async def start_download(
@@ -93,7 +73,7 @@ def test_adding_and_removing_tunnels_keeps_other_connections(
     conf_b.write_text(b.client_config_text(dns=False))
 
     async def main() -> None:
-        addon = WireGuardAddon(open_tunnel=real_tunnels(two_exits))
+        addon = WireGuardAddon(open_tunnel=real_tunnels(two_exits, handshake_timeout=10))
         with caplog.at_level(logging.INFO), taddons.context(addon) as tctx:
             tctx.configure(addon, wg_conf=[f"a={conf_a}"])
             await addon.running()
