@@ -223,9 +223,14 @@ def make_stacks(seed: int, tcp_config: TcpConfig | None = None) -> tuple[Stack, 
 
 
 def run_transfer(
-    seed: int, as_bytes: bool, calls: list[int], tcp_config: TcpConfig | None = None
+    seed: int,
+    as_bytes: bool,
+    calls: list[int],
+    tcp_config: TcpConfig | None = None,
+    batch: bool = False,
 ) -> list[object]:
-    """A lossy, reordering bidirectional transfer; returns everything observable."""
+    """A lossy, reordering bidirectional transfer; returns everything observable.
+    ``batch``: each step's packets for a stack go in one ``Stack.receive_batch`` call."""
     rng = random.Random(seed)
     a, b = make_stacks(seed, tcp_config)
     trace: list[object] = []
@@ -253,8 +258,12 @@ def run_transfer(
                 if r > 0.98:
                     pending.append((dst, pkt))  # duplicated
         rng.shuffle(pending) if rng.random() < 0.1 else None
-        for dst, pkt in pending:
-            dst.receive(pkt if as_bytes else bytearray(pkt), now)
+        if batch:
+            for stack in (a, b):
+                stack.receive_batch([pkt for dst, pkt in pending if dst is stack], now)
+        else:
+            for dst, pkt in pending:
+                dst.receive(pkt if as_bytes else bytearray(pkt), now)
         pending.clear()
         if client.can_send and to_send[id(client)] > 0:
             to_send[id(client)] -= client.send(bytes(min(to_send[id(client)], 20000)))

@@ -71,6 +71,8 @@ from mitm_wg.net.ipv6 import build_ipv6, ipv6_header, parse_ipv6, parse_quoted_i
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.net.tcp_wire import (
     ACK,
+    M32,
+    PSH,
     RST,
     SYN,
     TcpSegment,
@@ -357,6 +359,9 @@ class Stack:
         self._now = now
         self.stats = StackStats()
         self._tcp: dict[TcpKey, TcpSocket] = {}
+        #: receive_batch's pending run of coalescable segments (empty between calls):
+        #: socket, next wire seq, ack, window, tsval, tsecr, last flags, the segments
+        self._run: list = []
         self._listeners: dict[int, TcpListener] = {}
         self._half_open: dict[TcpSocket, TcpListener] = {}
         self._dirty: dict[TcpSocket, None] = {}  # dicts, not sets: deterministic order
@@ -896,10 +901,77 @@ class Stack:
             return
         self._tcp_segment(p.src, p.dst, seg, now)
 
-    def _rx_tcp4(self, packet: bytes, now: float, authenticated: bool = False) -> None:
+    def receive_batch(
+        self, packets: list[bytes], now: float, *, authenticated: bool = False
+    ) -> None:
+        """:meth:`receive` for each packet in order, except that a run of in-order data
+        segments of one TCP connection whose headers differ only in the sequence number
+        (and PSH on the last) reaches the socket as one, as Linux's GRO does for TCP:
+        one header-prediction pass for the run instead of one per segment. A bulk
+        download through the tunnel arrives as such runs (one batch of datagrams per
+        wake-up); the effect on the socket is exactly that of the segments one by one.
+        """
+        if now > self._now:
+            self._now = now
+        stats = self.stats
+        run = self._run
+        rx_tcp4 = self._rx_tcp4
+        for packet in packets:
+            if type(packet) is bytes and len(packet) >= 20 and packet[0] == 0x45 and packet[9] == 6:
+                stats.packets_in += 1
+                rx_tcp4(packet, now, authenticated, run)
+            else:
+                if run:
+                    self._flush_run(run, now)
+                self.receive(packet, now, authenticated=authenticated)
+        if run:
+            self._flush_run(run, now)
+
+    def _flush_run(self, run: list, now: float) -> None:
+        """Feed the pending run of :meth:`receive_batch` to its socket and clear it. Every
+        segment in it but the last has exactly ACK for flags (a PSH ends a run)."""
+        sock, _next, wack, window, tsval, tsecr, flags, pieces = run
+        run.clear()
+        if len(pieces) > 1:
+            lens = [total - end for _p, _w, end, total, _s, _d in pieces]
+            payload = b"".join([memoryview(p)[end:total] for p, _w, end, total, _s, _d in pieces])
+            size = (len(pieces), lens[0], lens[-1], max(lens))
+            if sock.fast_input(pieces[0][1], wack, flags, window, tsval, tsecr, payload, now, size):
+                self._processed(sock)
+                return
+            # Not the plain case after all (the window ran out, ...): one by one.
+        last = pieces[-1]
+        for piece in pieces:
+            packet, wseq, end, total, src, dst = piece
+            if sock.fast_input(
+                wseq,
+                wack,
+                flags if piece is last else ACK,
+                window,
+                tsval,
+                tsecr,
+                memoryview(packet)[end:total],
+                now,
+            ):
+                self._processed(sock)
+            else:
+                self._rx_tcp4_slow(packet, total, src, dst, now)
+
+    def _rx_tcp4_slow(self, packet: bytes, total: int, src: bytes, dst: bytes, now: float) -> None:
+        seg = parse_tcp(memoryview(packet)[20:total])
+        if seg is None:
+            self.stats.dropped_malformed += 1
+            return
+        self._tcp_segment(src, dst, seg, now)
+
+    def _rx_tcp4(
+        self, packet: bytes, now: float, authenticated: bool = False, run: list | None = None
+    ) -> None:
         """An IPv4 packet with a 20-byte header carrying TCP: :meth:`receive` + :meth:`_rx_tcp`
         with the same checks and counters, without building an IpPacket, and without a
-        TcpSegment for the segments :meth:`TcpSocket.fast_input` accepts."""
+        TcpSegment for the segments :meth:`TcpSocket.fast_input` accepts. ``run``: the
+        pending run of :meth:`receive_batch`, which this segment extends, flushes or
+        starts."""
         stats = self.stats
         n = len(packet)
         vihl, tos, total, ident, frag, ttl, proto, csum, src, dst = _IP4_HDR.unpack_from(packet)
@@ -948,6 +1020,38 @@ class Stack:
             sock = self._tcp.get((dst, dport, src, sport))
             if sock is not None:
                 end = 20 + hlen
+                if run is not None:
+                    if end < total and tsval is not None and flags & ~PSH == ACK:
+                        if (
+                            run
+                            and run[0] is sock
+                            and run[1] == wseq
+                            and run[2] == wack
+                            and run[3] == window
+                            and run[4] == tsval
+                            and run[5] == tsecr
+                            and not run[6] & PSH
+                        ):
+                            run[1] = (wseq + total - end) & M32
+                            run[6] = flags
+                            run[7].append((packet, wseq, end, total, src, dst))
+                            return
+                        if run:
+                            self._flush_run(run, now)
+                        if wseq == sock._rcv_nxt & M32:
+                            run += (
+                                sock,
+                                (wseq + total - end) & M32,
+                                wack,
+                                window,
+                                tsval,
+                                tsecr,
+                                flags,
+                                [(packet, wseq, end, total, src, dst)],
+                            )
+                            return
+                    elif run:
+                        self._flush_run(run, now)
                 if sock.fast_input(
                     wseq,
                     wack,
@@ -960,11 +1064,9 @@ class Stack:
                 ):
                     self._processed(sock)
                     return
-        seg = parse_tcp(memoryview(packet)[20:total])
-        if seg is None:
-            stats.dropped_malformed += 1
-            return
-        self._tcp_segment(src, dst, seg, now)
+        if run:
+            self._flush_run(run, now)
+        self._rx_tcp4_slow(packet, total, src, dst, now)
 
     def _touched(self, sock: TcpSocket) -> None:
         """``TcpSocket``'s ``on_touched`` hook: the application called it (send, recv,

@@ -37,9 +37,16 @@ class Input:
         tsecr: int,
         payload: bytes | bytearray | memoryview,
         now: float,
+        run: tuple[int, int, int, int] | None = None,
     ) -> bool:
         """Header prediction (RFC 9293 §3.10.7.4 note, Van Jacobson): handle the common
         segment without building a :class:`TcpSegment`.
+
+        ``run``: ``payload`` is several in-order segments, coalesced by
+        ``Stack.receive_batch`` (as Linux's GRO does for TCP) because every other header
+        field of theirs is equal and only the last may carry PSH: their number, and the
+        first, last and largest segment's length. The effect is exactly that of the
+        segments one by one; tests/test_tcp_gro.py checks it.
 
         Takes the already-parsed fields of a segment without SACK blocks (``tsval`` None
         when it has no timestamp option).  Returns False, having changed nothing, unless the
@@ -85,7 +92,7 @@ class Input:
             return False  # (in recovery every ACK feeds RACK/PRR: the slow path)
         # From here on: exactly process() -> _process_ack() -> _process_data() for this case.
         self._now = now
-        self.stats.segments_in += 1
+        self.stats.segments_in += 1 if run is None else run[0]
         self._last_rx = now
         self._ka_probes = 0
         if ts_ok and rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent
@@ -97,7 +104,8 @@ class Input:
         if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
             window_changed = wnd != self._snd_wnd
             self._snd_wnd = wnd
-            self._snd_wl1 = rcv_nxt
+            # (a run's later segments pass this test too: SND.WL1 ends at the last one's seq)
+            self._snd_wl1 = rcv_nxt if run is None else rcv_nxt + plen - run[2]
             self._snd_wl2 = ack
             if wnd > self._max_snd_wnd:
                 self._max_snd_wnd = wnd
@@ -117,13 +125,24 @@ class Input:
         if plen:  # copy of rule rcv-in-order (tcp_recv.py _process_data), no gap to fill
             self._rbuf += payload
             rcv_nxt += plen
-            if plen > self._rcv_mss:
-                self._rcv_mss = min(plen, self.config.mss)
+            first = plen if run is None else run[1]
+            if first > self._rcv_mss:
+                self._rcv_mss = min(first, self.config.mss)
             drs = self._drs
             if drs is not None and ts_ok and tsecr != drs.tsecr:
-                self._rcv_rtt_sample(drs, tsecr, plen, now)
-            self._unacked_bytes += plen
-            self._schedule_ack(plen, flags & PSH, now)
+                self._rcv_rtt_sample(drs, tsecr, first, now)
+            if run is None:
+                self._unacked_bytes += plen
+                self._schedule_ack(plen, flags & PSH, now)
+            else:
+                # The first segment alone decides whether a delayed ACK is armed; after the
+                # last, the ACK is due at once iff it would have been after any of them.
+                self._unacked_bytes += first
+                self._schedule_ack(first, 0, now)
+                if run[3] > self._rcv_mss:
+                    self._rcv_mss = min(run[3], self.config.mss)
+                self._unacked_bytes += plen - first
+                self._schedule_ack(run[2], flags & PSH, now)
             self._rcv_nxt = rcv_nxt
         return True
 

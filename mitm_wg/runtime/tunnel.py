@@ -190,8 +190,7 @@ class Tunnel:
                 device.receive_datagram(data, (address[0], address[1]), now, out, packets)
             if packets:
                 # Decrypted packets were authenticated whole by WireGuard: no inner checksum.
-                for packet in packets:
-                    stack.receive(packet, now, authenticated=True)
+                stack.receive_batch(packets, now, authenticated=True)
                 packets.clear()
             self._flush(now)
             await trio.lowlevel.checkpoint()

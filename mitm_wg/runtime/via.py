@@ -229,8 +229,7 @@ class ViaTransport:
                 device.receive_datagram(item[0], item[1], now, out, packets)
             if packets:
                 # Authenticated whole by the inner WireGuard layer: no inner checksum.
-                for packet in packets:
-                    stack.receive(packet, now, authenticated=True)
+                stack.receive_batch(packets, now, authenticated=True)
                 packets.clear()
             inner._flush(now)
 

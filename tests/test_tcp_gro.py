@@ -1,0 +1,222 @@
+"""``Stack.receive_batch`` coalesces runs of in-order TCP segments (as Linux's GRO does):
+the effect on sockets, counters and what the stack sends must be exactly that of the
+packets one by one through ``Stack.receive``."""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_fast_paths import A, B, make_stacks, run_transfer, state_of
+
+from mitm_wg.net.checksum import checksum, pseudo_header_sum
+from mitm_wg.net.stack import Stack
+from mitm_wg.net.tcp import M32, TcpSocket
+from mitm_wg.net.tcp_wire import ACK, FIN, PSH
+
+_TCP = struct.Struct("!HHIIBBHHH")
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+
+
+def _count_runs(monkeypatch: Any) -> list[int]:
+    """Count fast_input calls that took a coalesced run, and the segments in them."""
+    seen = [0, 0]
+    original = TcpSocket.fast_input
+
+    def counting(self: TcpSocket, *args: Any) -> bool:
+        ok = original(self, *args)
+        if len(args) > 8 and args[8] is not None and ok:
+            seen[0] += 1
+            seen[1] += args[8][0]
+        return ok
+
+    monkeypatch.setattr(TcpSocket, "fast_input", counting)
+    return seen
+
+
+def test_batch_transfer_matches_one_by_one(monkeypatch: Any) -> None:
+    """A lossy, duplicating, reordering transfer both ways: one receive_batch per step gives
+    the same packets, counters and socket states as the general path, packet by packet."""
+    seen = _count_runs(monkeypatch)
+    calls: list[int] = []
+    for seed in (1, 2, 3):
+        one_by_one = run_transfer(seed, False, calls)
+        before = seen[1]
+        batched = run_transfer(seed, True, calls, batch=True)
+        assert len(batched) == len(one_by_one)
+        for i, (x, y) in enumerate(zip(batched, one_by_one, strict=True)):
+            assert x == y, f"seed {seed}: traces differ at entry {i}"
+        assert seen[1] - before > 30, "(almost) no segments were coalesced"
+
+
+def _connected(seed: int) -> tuple[Stack, Stack, Any, Any]:
+    a, b = make_stacks(seed)
+    lst = b.tcp_listen(80)
+    client = a.tcp_connect("10.0.0.2", 80, 0.0)
+    for _ in range(4):
+        for s1, s2 in ((a, b), (b, a)):
+            out: list[bytes] = []
+            s1.poll(0.0, out)
+            for p in out:
+                s2.receive(p, 0.0)
+    server = lst.accept()
+    assert server is not None
+    return a, b, client, server
+
+
+def _packet(
+    sport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    ts: tuple[int, int] | None,
+    payload: bytes,
+    *,
+    dport: int = 80,
+) -> bytes:
+    opts = b"\x01\x01\x08\x0a" + struct.pack("!II", *ts) if ts is not None else b""
+    hlen = 20 + len(opts)
+    header = _TCP.pack(sport, dport, seq & M32, ack & M32, hlen // 4 << 4, flags, window, 0, 0)
+    seg = header + opts + payload
+    csum = checksum(seg, pseudo_header_sum(A, B, 6, len(seg)))
+    seg = seg[:16] + csum.to_bytes(2, "big") + seg[18:]
+    ip = _IP4.pack(0x45, 0, 20 + len(seg), 0, 0x4000, 64, 6, 0, A, B)
+    ip = ip[:10] + checksum(ip).to_bytes(2, "big") + ip[12:]
+    return ip + seg
+
+
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "data",
+                "data",
+                "data",
+                "short",
+                "psh",
+                "gap",
+                "dup",
+                "ts",
+                "window",
+                "ack",
+                "fin",
+                "other",
+                "udp",
+                "pure_ack",
+                "ooo_fill",
+            ]
+        ),
+        st.integers(1, 1400),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    batches=st.lists(_STEPS, min_size=1, max_size=4),
+    recv_buffer_small=st.booleans(),
+)
+def test_crafted_runs_match_one_by_one(
+    seed: int, batches: list[list[tuple[str, int]]], recv_buffer_small: bool
+) -> None:
+    """Hand-made batches: full-sized and short segments, PSH inside a run, a gap and its
+    filling, duplicates, a TSval step, window and ACK changes, a FIN, a second connection's
+    segments and a UDP datagram in between, a receive window that runs out mid-run."""
+    results = []
+    for batched in (True, False):
+        _a, b, client, server = _connected(seed)
+        if recv_buffer_small:
+            server._rcv_adv = server.rcv_nxt + 5000  # a run crosses the window's edge
+        rng = random.Random(seed)
+        seq = server.rcv_nxt
+        ack = client.rcv_nxt
+        ts = [1000 + rng.randrange(1000), 7]
+        window = 1000
+        trace: list[object] = []
+        now = 1.0
+        for steps in batches:
+            packets: list[bytes] = []
+            held: list[bytes] = []
+            for kind, size in steps:
+                sport = client.local_port
+                flags = ACK
+                payload = bytes([size & 0xFF]) * (1400 if kind == "data" else size)
+                if kind == "psh":
+                    flags |= PSH
+                elif kind == "ts":
+                    ts[0] += 1
+                elif kind == "window":
+                    window += 1
+                elif kind == "ack":
+                    ack -= 1
+                elif kind == "fin":
+                    flags |= FIN
+                elif kind == "pure_ack":
+                    payload = b""
+                elif kind == "other":
+                    sport = 9999  # no such connection: the stack answers with a RST
+                elif kind == "udp":
+                    packets.append(_udp_packet(payload))
+                    continue
+                pkt = _packet(sport, seq, ack, flags, window, (ts[0], ts[1]), payload)
+                if kind == "gap":
+                    held.append(pkt)  # sent later, after what follows it
+                elif kind == "dup" and packets:
+                    packets.append(packets[-1])
+                    continue
+                elif kind == "ooo_fill" and held:
+                    packets.append(pkt)
+                    packets.extend(held)
+                    held.clear()
+                else:
+                    packets.append(pkt)
+                if sport == client.local_port:
+                    seq += len(payload) + (1 if flags & FIN else 0)
+            packets.extend(held)
+            if batched:
+                b.receive_batch(packets, now, authenticated=True)
+            else:
+                for p in packets:
+                    b.receive(bytearray(p), now, authenticated=True)
+            before_poll = state_of(server)  # also what is only armed, not yet sent
+            out: list[bytes] = []
+            b.poll(now, out)
+            trace.append((before_poll, out, b.stats.as_dict(), state_of(server)))
+            trace.append(server.recv(1 << 20))
+            now += 0.003
+        results.append(trace)
+    assert results[0] == results[1]
+
+
+def _udp_packet(payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", 5353, 53, 8 + len(payload), 0) + payload
+    ip = _IP4.pack(0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, A, B)
+    ip = ip[:10] + checksum(ip).to_bytes(2, "big") + ip[12:]
+    return ip + udp
+
+
+def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
+    """Ten full-sized segments in order are one run; a PSH ends a run; a TSval change or
+    another connection's segment starts a new one."""
+    seen = _count_runs(monkeypatch)
+    _a, b, client, server = _connected(7)
+    seq, ack = server.rcv_nxt, client.rcv_nxt
+    sport = client.local_port
+    pkts = []
+    for i in range(10):
+        flags = ACK | PSH if i == 5 else ACK
+        ts = (2000 if i < 8 else 2001, 5)
+        pkts.append(_packet(sport, seq, ack, flags, 1000, ts, bytes(1400)))
+        seq += 1400
+    b.receive_batch(pkts, 1.0, authenticated=True)
+    # runs: 0-5 (PSH ends it), 6-7, then 8-9 after the TSval step
+    assert seen == [3, 10]
+    assert len(server.recv(1 << 20)) == 14000
+    assert b.stats.packets_in >= 10
