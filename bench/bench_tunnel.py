@@ -51,8 +51,8 @@ def main(mib: int = 32) -> None:
         t1 = time.perf_counter()
         for d, _ in a_wire:
             db.receive_datagram(d, A_EP, now, wire, packets)
-        for p in packets:
-            sb.receive(p, now)
+        # as the runtime does: one batch per wake-up, authenticated by WireGuard
+        sb.receive_batch(packets, now, authenticated=True)
         packets.clear()
         t2 = time.perf_counter()
         timing["send"] += t1 - t0
@@ -67,8 +67,7 @@ def main(mib: int = 32) -> None:
         wire.clear()
         for d, _ in b_wire:
             da.receive_datagram(d, B_EP, now, wire, packets)
-        for p in packets:
-            sa.receive(p, now)
+        sa.receive_batch(packets, now, authenticated=True)
         packets.clear()
 
     client = sa.tcp_connect("10.0.0.2", 80, now)
