@@ -934,7 +934,7 @@ class Stack:
         run.clear()
         if len(pieces) > 1:
             lens = [total - end for _p, _w, end, total, _s, _d in pieces]
-            payload = b"".join([memoryview(p)[end:total] for p, _w, end, total, _s, _d in pieces])
+            payload = b"".join([p[end:total] for p, _w, end, total, _s, _d in pieces])
             size = (len(pieces), lens[0], lens[-1], max(lens))
             if sock.fast_input(pieces[0][1], wack, flags, window, tsval, tsecr, payload, now, size):
                 self._processed(sock)
@@ -1038,7 +1038,7 @@ class Stack:
                             return
                         if run:
                             self._flush_run(run, now)
-                        if wseq == sock._rcv_nxt & M32:
+                        if wseq == sock.rcv_nxt:
                             run += (
                                 sock,
                                 (wseq + total - end) & M32,
