@@ -34,7 +34,6 @@ MITMDUMP = Path(sys.executable).parent / "mitmdump"
 CURL = shutil.which("curl")
 
 
-
 @pytest.fixture(autouse=True)
 def _need_curl() -> None:
     # A missing curl is a broken test environment, not a reason to skip (scripts/test installs it).
