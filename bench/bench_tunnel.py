@@ -20,14 +20,15 @@ A_EP = ("127.0.0.1", 1)
 B_EP = ("127.0.0.1", 2)
 
 
-def main(mib: int = 32) -> None:
+def main(mib: int = 32, ipv6: bool = False) -> None:
     a_priv, a_pub = crypto.dh_generate()
     b_priv, b_pub = crypto.dh_generate()
     da, db = Device(a_priv), Device(b_priv)
-    da.add_peer(b_pub, allowed_ips=[ipaddress.ip_network("10.0.0.2/32")], endpoint=B_EP)
-    db.add_peer(a_pub, allowed_ips=[ipaddress.ip_network("10.0.0.1/32")], endpoint=A_EP)
-    sa = Stack(["10.0.0.1/32"], mtu=1420)
-    sb = Stack(["10.0.0.2/32"], mtu=1420)
+    a_net, b_net = ("fd00::1/128", "fd00::2/128") if ipv6 else ("10.0.0.1/32", "10.0.0.2/32")
+    da.add_peer(b_pub, allowed_ips=[ipaddress.ip_network(b_net)], endpoint=B_EP)
+    db.add_peer(a_pub, allowed_ips=[ipaddress.ip_network(a_net)], endpoint=A_EP)
+    sa = Stack([a_net], mtu=1420)
+    sb = Stack([b_net], mtu=1420)
     listener = sb.tcp_listen(80)
     now = 0.0
     wire: list = []
@@ -70,7 +71,7 @@ def main(mib: int = 32) -> None:
         sa.receive_batch(packets, now, authenticated=True)
         packets.clear()
 
-    client = sa.tcp_connect("10.0.0.2", 80, now)
+    client = sa.tcp_connect(b_net.split("/")[0], 80, now)
     server = None
     while server is None:
         step()
@@ -106,5 +107,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mib", type=int, nargs="?", default=32)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite)")
+    parser.add_argument("--ipv6", action="store_true", help="IPv6 inside the tunnel")
     args = parser.parse_args()
-    main(1 if args.smoke else args.mib)
+    main(1 if args.smoke else args.mib, args.ipv6)

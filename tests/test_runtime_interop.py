@@ -129,13 +129,14 @@ async def test_100_concurrent_streams(exit_peer: ExitPeer) -> None:
 async def test_ipv6_inside_the_tunnel(exit_peer: ExitPeer) -> None:
     assert exit_peer.server_tunnel_v6 is not None
     async with exit_tunnel(exit_peer) as (tunnel, factory):
-        with trio.fail_after(30):
+        with trio.fail_after(60):
             stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v6, exit_peer.http_port)
             assert stream.remote_address == (exit_peer.server_tunnel_v6, exit_peer.http_port)
             assert stream.local_address[0] == exit_peer.client_tunnel_v6
-            await get_pattern(stream, 2 * MB)
-            answer = await http_post_json(stream, "/v6", 1 * MB)
-            assert answer == {"sha256": pattern_sha256(1 * MB), "size": 1 * MB}
+            # bulk both ways: IPv6 has its own receive and send fast paths (and GRO)
+            await get_pattern(stream, 20 * MB)
+            answer = await http_post_json(stream, "/v6", 20 * MB)
+            assert answer == {"sha256": pattern_sha256(20 * MB), "size": 20 * MB}
             await stream.aclose()
         # IPv6 inside, IPv4 outside: the only UDP destination is the IPv4 endpoint
         assert factory.destinations == {exit_peer.endpoint}

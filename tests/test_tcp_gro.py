@@ -8,6 +8,7 @@ import random
 import struct
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fast_paths import A, B, make_stacks, run_transfer, state_of
@@ -37,15 +38,16 @@ def _count_runs(monkeypatch: Any) -> list[int]:
     return seen
 
 
-def test_batch_transfer_matches_one_by_one(monkeypatch: Any) -> None:
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_batch_transfer_matches_one_by_one(monkeypatch: Any, v6: bool) -> None:
     """A lossy, duplicating, reordering transfer both ways: one receive_batch per step gives
     the same packets, counters and socket states as the general path, packet by packet."""
     seen = _count_runs(monkeypatch)
     calls: list[int] = []
     for seed in (1, 2, 3):
-        one_by_one = run_transfer(seed, False, calls)
+        one_by_one = run_transfer(seed, False, calls, v6=v6)
         before = seen[1]
-        batched = run_transfer(seed, True, calls, batch=True)
+        batched = run_transfer(seed, True, calls, batch=True, v6=v6)
         assert len(batched) == len(one_by_one)
         for i, (x, y) in enumerate(zip(batched, one_by_one, strict=True)):
             assert x == y, f"seed {seed}: traces differ at entry {i}"

@@ -105,8 +105,12 @@ MIN_MTU6 = 1280
 _IP4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _TS_VALUES = struct.Struct("!II")
+_IP6_PLEN = struct.Struct("!H")
 # IPv4 header (DF, TTL 64) + TCP header with NOP NOP TS option: 52 bytes in one pack.
 _IP4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
+# The same after an IPv6 header (no extension headers, hop limit 64): 72 bytes.
+_IP6_TCP_TS = struct.Struct("!IHBB16s16sHHIIBBHHHBBBBII")
+_IP6_VERSION_WORD = 6 << 28
 _IP4_CONST_SUM = 0x4500 + 0x4000 + ((DEFAULT_TTL << 8) | PROTO_TCP)
 _TS_OPT_SUM = 0x0101 + 0x080A
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
@@ -443,9 +447,13 @@ class Stack:
             self._now = now
         stats = self.stats
         stats.packets_in += 1
-        if type(packet) is bytes and len(packet) >= 20 and packet[0] == 0x45 and packet[9] == 6:
-            self._rx_tcp4(packet, now, authenticated)
-            return
+        if type(packet) is bytes:
+            if len(packet) >= 20 and packet[0] == 0x45 and packet[9] == 6:
+                self._rx_tcp4(packet, now, authenticated)
+                return
+            if len(packet) >= 40 and packet[0] >> 4 == 6 and packet[6] == 6:
+                self._rx_tcp6(packet, now, authenticated)
+                return
         buf = memoryview(packet)
         if not buf:
             stats.dropped_malformed += 1
@@ -496,20 +504,14 @@ class Stack:
         segs = self._segs
         deadline = self._deadline
         reap: list[TcpSocket] | None = None
-        wrap = self._wrap_tcp
         for sock, t in deadline.items():
             if t > now and sock not in dirty:
                 continue
             local = sock.local_addr
-            ip4 = len(local) == 4
-            sock.dispatch(now, segs, ip4)
+            sock.dispatch(now, segs, True)
             if segs:
                 remote = sock.remote_addr
-                if ip4:
-                    self._wrap_tcp4(local, remote, segs, out)
-                else:
-                    for seg in segs:
-                        out.append(wrap(local, remote, seg))
+                self._wrap_tcp_fast(local, remote, segs, out)
                 segs.clear()
             if sock.is_closed:
                 if reap is None:
@@ -784,20 +786,22 @@ class Stack:
         return b"".join((ipv6_header(local, remote, PROTO_TCP, n), header, payload))
 
     @staticmethod
-    def _wrap_tcp4(
+    def _wrap_tcp_fast(
         local: bytes, remote: bytes, segs: list[TcpSegment | TcpTuple], out: list[bytes]
     ) -> None:
-        """:meth:`_wrap_tcp` for IPv4 segments (same bytes), appended to ``out``.
+        """:meth:`_wrap_tcp` for a list of segments (same bytes), appended to ``out``.
 
         ``segs`` may also hold the :data:`~mitm_wg.net.tcp_wire.TcpTuple` encoding of
         ``TcpSocket.dispatch(..., tuples=True)`` (a segment whose only option is the
         timestamp), built as ``TcpSegment.from_tuple`` of it would be.
 
         A segment whose only option is the timestamp (every data segment and ACK once a
-        connection is established) gets its IPv4 and TCP headers from one struct pack, with
-        both checksums from integer arithmetic on the fields (2**16 = 1 mod 0xFFFF, so 32-bit
-        fields need not be split into words) plus one sum over the payload.
+        connection is established) gets its IP and TCP headers from one struct pack, with
+        the checksums from integer arithmetic on the fields (2**16 = 1 mod 0xFFFF, so 32-bit
+        fields need not be split into words; the IPv4 and IPv6 pseudo-headers have the same
+        sum) plus one sum over the payload.
         """
+        ip4 = len(local) == 4
         addr_sum = int.from_bytes(local + remote, "big")
         ip_const = _IP4_CONST_SUM + addr_sum
         tcp_const = addr_sum + PROTO_TCP + _TS_OPT_SUM
@@ -815,9 +819,8 @@ class Stack:
                 ):
                     header, payload = build_tcp_parts(seg, local, remote)
                     n = len(header) + len(payload)
-                    out.append(
-                        b"".join((ipv4_header(local, remote, PROTO_TCP, n), header, payload))
-                    )
+                    ip_header = ipv4_header if ip4 else ipv6_header
+                    out.append(b"".join((ip_header(local, remote, PROTO_TCP, n), header, payload)))
                     continue
                 sport, dport, flags, window = seg.src_port, seg.dst_port, seg.flags, seg.window
                 seq = seg.seq & 0xFFFFFFFF
@@ -826,9 +829,6 @@ class Stack:
                 payload = seg.payload
             plen = len(payload)
             tcp_len = 32 + plen
-            total = 20 + tcp_len
-            if total > 0xFFFF:
-                raise ValueError("IPv4 payload too long")
             csum = (
                 tcp_const
                 + tcp_len
@@ -845,35 +845,27 @@ class Stack:
                 csum += ones_sum(payload) if plen & 1 else int.from_bytes(payload, "big")
             csum %= 0xFFFF
             csum = (~csum) & 0xFFFF if csum else 0xFFFF
-            ip_csum = (ip_const + total) % 0xFFFF
-            ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
-            header = _IP4_TCP_TS.pack(
-                0x45,
-                0,
-                total,
-                0,
-                0x4000,
-                DEFAULT_TTL,
-                PROTO_TCP,
-                ip_csum,
-                local,
-                remote,
-                sport,
-                dport,
-                seq,
-                ack,
-                0x80,
-                flags,
-                window,
-                csum,
-                0,
-                1,
-                1,
-                8,
-                10,
-                tsval,
-                tsecr,
-            )
+            if ip4:
+                total = 20 + tcp_len
+                if total > 0xFFFF:
+                    raise ValueError("IPv4 payload too long")
+                ip_csum = (ip_const + total) % 0xFFFF
+                ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
+                # fmt: off
+                header = _IP4_TCP_TS.pack(
+                    0x45, 0, total, 0, 0x4000, DEFAULT_TTL, PROTO_TCP, ip_csum, local, remote,
+                    sport, dport, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                )
+                # fmt: on
+            else:
+                if tcp_len > 0xFFFF:
+                    raise ValueError("IPv6 payload too long")
+                # fmt: off
+                header = _IP6_TCP_TS.pack(
+                    _IP6_VERSION_WORD, tcp_len, PROTO_TCP, DEFAULT_TTL, local, remote,
+                    sport, dport, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                )
+                # fmt: on
             out.append(header + payload if plen else header)
 
     def _emit_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
@@ -916,10 +908,19 @@ class Stack:
         stats = self.stats
         run = self._run
         rx_tcp4 = self._rx_tcp4
+        rx_tcp6 = self._rx_tcp6
         for packet in packets:
             if type(packet) is bytes and len(packet) >= 20 and packet[0] == 0x45 and packet[9] == 6:
                 stats.packets_in += 1
                 rx_tcp4(packet, now, authenticated, run)
+            elif (
+                type(packet) is bytes
+                and len(packet) >= 40
+                and packet[0] >> 4 == 6
+                and packet[6] == 6
+            ):
+                stats.packets_in += 1
+                rx_tcp6(packet, now, authenticated, run)
             else:
                 if run:
                     self._flush_run(run, now)
@@ -955,10 +956,13 @@ class Stack:
             ):
                 self._processed(sock)
             else:
-                self._rx_tcp4_slow(packet, total, src, dst, now)
+                self._rx_tcp_slow(packet, 20 if len(src) == 4 else 40, total, src, dst, now)
 
-    def _rx_tcp4_slow(self, packet: bytes, total: int, src: bytes, dst: bytes, now: float) -> None:
-        seg = parse_tcp(memoryview(packet)[20:total])
+    def _rx_tcp_slow(
+        self, packet: bytes, ip: int, total: int, src: bytes, dst: bytes, now: float
+    ) -> None:
+        """The general path for a checked segment at ``packet[ip:total]``."""
+        seg = parse_tcp(memoryview(packet)[ip:total])
         if seg is None:
             self.stats.dropped_malformed += 1
             return
@@ -1007,10 +1011,59 @@ class Stack:
             if (int.from_bytes(whole, "big") + addr_sum + PROTO_TCP + tlen) % 0xFFFF:
                 stats.dropped_checksum += 1
                 return
-        sport, dport, wseq, wack, off, flags, window, _c, _u = _TCP_HDR.unpack_from(packet, 20)
+        self._rx_tcp_fast(packet, 20, total, src, dst, now, run)
+
+    def _rx_tcp6(
+        self, packet: bytes, now: float, authenticated: bool = False, run: list | None = None
+    ) -> None:
+        """An IPv6 packet without extension headers carrying TCP: what :meth:`receive` +
+        :meth:`_rx_tcp` do, with the same checks and counters in the same order, without an
+        IpPacket, as :meth:`_rx_tcp4`."""
+        stats = self.stats
+        plen = _IP6_PLEN.unpack_from(packet, 4)[0]
+        total = 40 + plen
+        if plen == 0 or total > len(packet):
+            stats.dropped_malformed += 1
+            return
+        src = packet[8:24]
+        dst = packet[24:40]
+        local = self._local
+        if dst not in local:
+            stats.dropped_not_ours += 1
+            return
+        if src in local or src[0] == 0xFF or not any(src):
+            stats.dropped_martian += 1
+            return
+        if plen < 20:
+            stats.dropped_malformed += 1
+            return
+        if not authenticated:
+            seg = packet[40:total]
+            if plen & 1:
+                seg += b"\0"
+            if (
+                int.from_bytes(seg, "big") + int.from_bytes(packet[8:40], "big") + PROTO_TCP + plen
+            ) % 0xFFFF:
+                stats.dropped_checksum += 1
+                return
+        self._rx_tcp_fast(packet, 40, total, src, dst, now, run)
+
+    def _rx_tcp_fast(
+        self,
+        packet: bytes,
+        ip: int,
+        total: int,
+        src: bytes,
+        dst: bytes,
+        now: float,
+        run: list | None,
+    ) -> None:
+        """The TCP part of :meth:`_rx_tcp4` and :meth:`_rx_tcp6`: the segment at
+        ``packet[ip:total]``, whose IP header and checksum were checked."""
+        sport, dport, wseq, wack, off, flags, window, _c, _u = _TCP_HDR.unpack_from(packet, ip)
         hlen = (off >> 4) << 2
-        if hlen == 32 and tlen >= 32 and packet[40:44] == _NOP_NOP_TS:
-            tsval, tsecr = _TS_VALUES.unpack_from(packet, 44)
+        if hlen == 32 and total - ip >= 32 and packet[ip + 20 : ip + 24] == _NOP_NOP_TS:
+            tsval, tsecr = _TS_VALUES.unpack_from(packet, ip + 24)
         elif hlen == 20:
             tsval = None
             tsecr = 0
@@ -1019,7 +1072,7 @@ class Stack:
         if hlen:
             sock = self._tcp.get((dst, dport, src, sport))
             if sock is not None:
-                end = 20 + hlen
+                end = ip + hlen
                 if run is not None:
                     if end < total and tsval is not None and flags & ~PSH == ACK:
                         if (
@@ -1066,7 +1119,7 @@ class Stack:
                     return
         if run:
             self._flush_run(run, now)
-        self._rx_tcp4_slow(packet, total, src, dst, now)
+        self._rx_tcp_slow(packet, ip, total, src, dst, now)
 
     def _touched(self, sock: TcpSocket) -> None:
         """``TcpSocket``'s ``on_touched`` hook: the application called it (send, recv,

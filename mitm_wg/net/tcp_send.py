@@ -410,7 +410,7 @@ class Sender:
     def dispatch(self, now: float, out: list[TcpSegment | TcpTuple], tuples: bool = False) -> None:
         """Run expired timers and append the segments to send now to ``out``.
 
-        ``tuples``: the caller (the stack's IPv4 path) also accepts full-size data segments
+        ``tuples``: the caller (the stack) also accepts full-size data segments
         in their fast-path encoding, :data:`~mitm_wg.net.tcp_wire.TcpTuple` (segments whose
         only option is the timestamp; see :meth:`_bulk_send`).
         """

@@ -77,7 +77,7 @@ _NOP_WS = struct.Struct("!BBBB")  # NOP, kind 3, len 3, shift
 #: established connection's data and ACKs): a plain tuple of the fields named in
 #: :data:`TCP_TUPLE_FIELDS`, ``seq``/``ack`` already 32-bit. ``TcpSocket.dispatch(...,
 #: tuples=True)`` emits it from the bulk-send fast path (no per-segment object), the stack's
-#: ``_wrap_tcp4`` builds the same bytes from it as from the segment, and
+#: ``_wrap_tcp_fast`` builds the same bytes from it as from the segment, and
 #: ``TcpSegment.from_tuple`` gives that segment back.
 TcpTuple = tuple[int, int, int, int, int, int, int, int, bytes | bytearray | memoryview]
 TCP_TUPLE_FIELDS = (
