@@ -1,8 +1,8 @@
 """The hot-path shortcuts behave exactly like the general code they bypass.
 
 * ``TcpSocket.fast_input`` (header prediction) versus ``TcpSocket.process``;
-* ``Stack._rx_tcp4`` (taken for ``bytes`` IPv4 packets) versus the general receive path
-  (taken for any other buffer type);
+* ``Stack._rx_tcp4``/``_rx_tcp6`` (taken for ``bytes`` packets) versus the general receive
+  path (taken for any other buffer type); ``Stack.receive_batch`` in tests/test_tcp_gro.py;
 * ``Stack._wrap_tcp_fast`` versus ``Stack._wrap_tcp``.
 """
 
