@@ -25,6 +25,11 @@ would mean the relay caps the run).
     .venv/bin/python bench/bench_path.py                 # everything, 3 rounds (~15 min)
     .venv/bin/python bench/bench_path.py --smoke         # tiny sizes, one round, no timing
     .venv/bin/python bench/bench_path.py --scenarios rtt50,rtt100 --rounds 5 --scale 0.5
+    .venv/bin/python bench/bench_path.py --ipv6          # both clients over IPv6 in the tunnel
+
+``--ipv6``: both clients reach the server at its IPv6 tunnel address (the exit's
+``fd00:78:N::1``; the kernel client is ``fd00:78:N::2``, ours ``fd00:78:N::3``), as a
+dual-stack config does when the name resolves to AAAA first. The outer UDP stays IPv4.
 """
 
 from __future__ import annotations
@@ -61,10 +66,12 @@ from harness import (
 )
 from harness.exitpeer import ExitPeer, wait_until
 from harness.relay import RelayProcess
-from mitm_wg.config import WireGuardConfig
+from mitm_wg.config import WireGuardConfig, format_endpoint
 from mitm_wg.net.tcp import TcpConfig
 from mitm_wg.runtime import open_tunnel
 
+#: builds the tests/harness namespaces (tests/test_bench_smoke.py runs it where interop runs)
+NEEDS_NETNS = True
 MiB = 1 << 20
 NGINX_PORT = 8080
 #: ``--before-after``: our tunnel once more with the buffers fixed at their starting size
@@ -165,7 +172,7 @@ class Server:
                 f.unlink(missing_ok=True)
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        return f"http://{format_endpoint((self.host, self.port))}{path}"
 
 
 NGINX_CONF = """\
@@ -186,7 +193,7 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     server {{
-        listen {host}:{port};
+        listen {listen};
         root {www};
         location /up/ {{
             dav_methods PUT DELETE;
@@ -200,13 +207,14 @@ http {{
 
 
 @contextlib.contextmanager
-def http_server(peer: ExitPeer, force_python: bool) -> Iterator[Server]:
-    """nginx on NGINX_PORT in the exit namespace (files on tmpfs), else the harness server."""
+def http_server(peer: ExitPeer, host: str, force_python: bool) -> Iterator[Server]:
+    """nginx on ``host`` (one of the exit's tunnel addresses), NGINX_PORT, in the exit
+    namespace (files on tmpfs), else the harness server (listening on every tunnel address)."""
     nginx = shutil.which("nginx")
     if force_python or nginx is None:
         if nginx is None:
             print("nginx not found (apt-get install nginx-light): using the Python server")
-        yield Server(peer.server_tunnel_v4, peer.http_port, native=False)
+        yield Server(host, peer.http_port, native=False)
         return
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     tmp = Path(tempfile.mkdtemp(prefix="mwg-bench-path-", dir=shm))
@@ -216,11 +224,11 @@ def http_server(peer: ExitPeer, force_python: bool) -> Iterator[Server]:
         (www / "index.html").write_text("hello\n")
         conf = tmp / "nginx.conf"
         conf.write_text(
-            NGINX_CONF.format(dir=tmp, host=peer.server_tunnel_v4, port=NGINX_PORT, www=www)
+            NGINX_CONF.format(dir=tmp, listen=format_endpoint((host, NGINX_PORT)), www=www)
         )
         log = open(tmp / "nginx.out", "wb")
         proc = peer.ns.popen([nginx, "-p", str(tmp), "-c", str(conf)], stdout=log, stderr=log)
-        server = Server(peer.server_tunnel_v4, NGINX_PORT, native=True, www=www)
+        server = Server(host, NGINX_PORT, native=True, www=www)
 
         def up() -> bool:
             if proc.poll() is not None:
@@ -324,42 +332,52 @@ def _client_socket_factory(peer: ExitPeer) -> Any:
 
 @dataclass
 class Clients:
-    """The two clients. Ours has its own key and tunnel address (10.78.N.3), added to the exit
-    as a second peer, so the two clients never take the exit's session and endpoint from
-    each other between runs."""
+    """The two clients. Ours has its own key and tunnel address (10.78.N.3, and
+    fd00:78:N::3 when the exit has IPv6 in the tunnel), added to the exit as a second peer,
+    so the two clients never take the exit's session and endpoint from each other between
+    runs. With IPv6 both clients are dual-stack (both addresses, both tunnel prefixes), as a
+    user's config is: which family a connection uses is the server address's."""
 
     peer: ExitPeer
     ours_private: bytes
     ours_address: str
+    ours_address_v6: str | None = None
 
     @classmethod
     @contextlib.contextmanager
     def start(cls, peer: ExitPeer) -> Iterator[Clients]:
         private, public = generate_keypair()
         address = f"10.78.{peer.index}.3"
-        peer.ns.exec(
-            ["wg", "set", peer.ifname, "peer", b64(public), "allowed-ips", f"{address}/32"]
-        )
+        allowed = f"{address}/32"
+        address_v6 = None
+        if peer.tunnel_v6_net is not None:
+            address_v6 = f"fd00:78:{peer.index}::3"  # the kernel client is ::2
+            allowed += f",{address_v6}/128"
+        peer.ns.exec(["wg", "set", peer.ifname, "peer", b64(public), "allowed-ips", allowed])
         conf = peer.client_config_text(dns=False)
         with wireguard_go_interface(peer.client_ns, peer.client_ifname, conf, peer.workdir):
-            yield cls(peer, private, address)
+            yield cls(peer, private, address, address_v6)
 
     def ours_config(self, endpoint: tuple[str, int]) -> WireGuardConfig:
-        host, port = endpoint
+        addresses = f"{self.ours_address}/32"
+        allowed = self.peer.tunnel_v4_net
+        if self.ours_address_v6 is not None:
+            addresses += f", {self.ours_address_v6}/128"
+            allowed += f", {self.peer.tunnel_v6_net}"
         return WireGuardConfig.parse(
             "[Interface]\n"
             f"PrivateKey = {b64(self.ours_private)}\n"
-            f"Address = {self.ours_address}/32\n\n"
+            f"Address = {addresses}\n\n"
             "[Peer]\n"
             f"PublicKey = {b64(self.peer.server_public_key)}\n"
-            f"AllowedIPs = {self.peer.tunnel_v4_net}\n"
-            f"Endpoint = {host}:{port}\n"
+            f"AllowedIPs = {allowed}\n"
+            f"Endpoint = {format_endpoint(endpoint)}\n"
         )
 
     def point_kernel_at(self, endpoint: tuple[str, int]) -> None:
         """Send the kernel client's datagrams to ``endpoint`` (a relay, or the exit itself)."""
         key = b64(self.peer.server_public_key)
-        ep = f"{endpoint[0]}:{endpoint[1]}"
+        ep = format_endpoint(endpoint)
         self.peer.client_ns.exec(
             ["wg", "set", self.peer.client_ifname, "peer", key, "endpoint", ep]
         )
@@ -633,6 +651,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-capacity", action="store_true", help="run only the capacity checks")
     p.add_argument("--python-server", action="store_true", help="don't use nginx")
     p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="both clients talk to the server over IPv6 inside the tunnel (outer UDP stays IPv4)",
+    )
+    p.add_argument(
         "--before-after",
         action="store_true",
         help="also run our tunnel with fixed 1 MiB buffers (no autotuning) side by side",
@@ -668,13 +691,23 @@ def main(argv: list[str] | None = None) -> int:
             return smoke_kib * 1024
         return max(1, int(mib * args.scale)) * MiB
 
-    report: dict[str, Any] = {"capacity": {}, "scenarios": []}
-    with exit_peer(ipv6=False, http=True, name_prefix="mwgpath") as peer:
+    family = "IPv6" if args.ipv6 else "IPv4"
+    report: dict[str, Any] = {"family": family.lower(), "capacity": {}, "scenarios": []}
+    with exit_peer(ipv6=args.ipv6, http=True, name_prefix="mwgpath") as peer:
         cc = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout
         rmem = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
         print(f"Linux TCP in the namespaces: {cc.strip()}, tcp_rmem max {int(rmem[2]) >> 20} MiB")
-        with http_server(peer, args.python_server) as server, Clients.start(peer) as clients:
+        host = peer.server_tunnel_v6 if args.ipv6 else peer.server_tunnel_v4
+        assert host is not None
+        with (
+            http_server(peer, host, args.python_server) as server,
+            Clients.start(peer) as clients,
+        ):
             print(f"HTTP server: {'nginx' if server.native else 'Python http.server (a cap!)'}")
+            print(
+                f"Inside the tunnel: {family} (both clients to {server.url('/')}),"
+                f" outer UDP IPv4 (exit {format_endpoint(peer.endpoint)})"
+            )
             if not args.no_capacity:
                 report["capacity"] = capacity(clients, server, args, size_of, directions, rounds)
             if args.only_capacity:

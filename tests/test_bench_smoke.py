@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "bench").glob("bench_*.py"))
 #: Per script; the slowest (an exit restart with the kernel path's ~20 s recovery) takes ~30 s.
 TIMEOUT = 300
+#: More ``--smoke`` runs of a script, each with these flags added: code paths that a plain
+#: ``--smoke`` does not take (bench_path ``--ipv6``: both clients over IPv6 in the tunnel).
+VARIANTS: dict[str, list[list[str]]] = {"bench_path": [["--ipv6"]]}
 
 
 def needs_netns(script: Path) -> bool:
@@ -32,14 +35,24 @@ def test_bench_scripts_exist() -> None:
     assert len(SCRIPTS) >= 5, SCRIPTS
 
 
+def test_variants_name_existing_scripts() -> None:
+    assert set(VARIANTS) <= {s.stem for s in SCRIPTS}, VARIANTS
+
+
 @pytest.mark.parametrize(
-    "script",
+    ("script", "extra"),
     [
-        pytest.param(s, id=s.stem, marks=[pytest.mark.interop] if needs_netns(s) else [])
+        pytest.param(
+            s,
+            extra,
+            id="-".join([s.stem, *(f.lstrip("-") for f in extra)]),
+            marks=[pytest.mark.interop] if needs_netns(s) else [],
+        )
         for s in SCRIPTS
+        for extra in [[], *VARIANTS.get(s.stem, [])]
     ],
 )
-def test_bench_script_runs_with_smoke(script: Path) -> None:
+def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
     source = script.read_text()
     assert "--smoke" in source, (
         f"{script.relative_to(REPO)} does not accept --smoke (the contract in bench/README.md)"
@@ -49,7 +62,7 @@ def test_bench_script_runs_with_smoke(script: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         result = subprocess.run(
-            [sys.executable, str(script), "--smoke"],
+            [sys.executable, str(script), "--smoke", *extra],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -57,9 +70,9 @@ def test_bench_script_runs_with_smoke(script: Path) -> None:
             timeout=TIMEOUT,
         )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{script.name} --smoke still running after {TIMEOUT} s: {e.stdout!r}")
+        pytest.fail(f"{script.name} --smoke {extra} still running after {TIMEOUT} s: {e.stdout!r}")
     assert result.returncode == 0, (
-        f"{script.name} --smoke exited {result.returncode}\n"
+        f"{script.name} --smoke {extra} exited {result.returncode}\n"
         f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     )
     assert result.stdout.strip(), f"{script.name} --smoke printed nothing"
