@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from test_sim import run_transfer
 
+from mitm_wg.net.recovery import _covered
 from mitm_wg.net.tcp import TcpSocket, TcpState
 from sim import LinkParams
 from tcp_playbook import Pb, active, cfg
@@ -54,6 +55,9 @@ def check_scoreboard(sock: TcpSocket, rng: random.Random | None = None) -> None:
         y = rng.choice(points)
         between = sum(max(0, min(e, y) - max(s, x)) for s, e in sacked)
         assert sock._sacked_between(x, y) == between, (x, y, sacked)
+        if x < y:
+            inside = any(s <= x and y <= e for s, e in sacked)
+            assert _covered(sacked, x, y) == inside, (x, y, sacked)
 
 
 def established(**kw: object) -> Pb:

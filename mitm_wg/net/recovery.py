@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
+from itertools import islice
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,8 @@ TIMER_REO = 2
 
 #: bisect key of a scoreboard range ``[start, end]``: its end
 _END: Callable[[list[int]], int] = itemgetter(1)
+#: bisect key of a ``Rack.sent`` entry ``[end, time]``: its end
+_SENT_END: Callable[[list[float]], float] = itemgetter(0)
 
 
 def _sent_after(t1: float, e1: int, t2: float, e2: int) -> bool:
@@ -147,7 +150,7 @@ class Rack:
     def _orig_time(self, seq: int) -> float | None:
         """Send time of the original transmission of byte ``seq``."""
         sent = self.sent
-        i = bisect.bisect_right(sent, seq, key=lambda x: x[0])
+        i = bisect.bisect_right(sent, seq, key=_SENT_END)
         return sent[i][1] if i < len(sent) else None
 
     # -- RFC 8985 §6.2 steps 1-3: on each ACK --------------------------------------------
@@ -261,9 +264,9 @@ class Rack:
         xend = self.end_seq
         thresh = self.rtt + reo_wnd
         timeout = 0.0
-        for end, t in self.sent:
-            if end <= una:
-                continue
+        sent = self.sent
+        # (entries up to SND.UNA wait for the amortized trim: skip them without a walk)
+        for end, t in islice(sent, bisect.bisect_right(sent, una, key=_SENT_END), None):
             if t > xts:
                 break
             # one batch (one clock reading) goes out in sequence order: of the batch that
@@ -333,12 +336,10 @@ class Rack:
 
 
 def _covered(sacked: list[list[int]], s: int, e: int) -> bool:
-    for rs, re in sacked:
-        if rs > s:
-            return False
-        if re >= e:
-            return True
-    return False
+    """``[s, e)`` lies in one range of the (sorted) scoreboard: the first range that ends at
+    or after ``e`` starts by ``s``."""
+    i = bisect.bisect_left(sacked, e, key=_END)
+    return i < len(sacked) and sacked[i][0] <= s
 
 
 def _overlaps(rxt: list[list[float]], s: int, e: int) -> bool:
