@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_sim import run_transfer
 
-from mitm_wg.net.recovery import _covered
+from mitm_wg.net.recovery import Rack, _covered
 from mitm_wg.net.tcp import TcpSocket, TcpState
 from sim import LinkParams
 from tcp_playbook import Pb, active, cfg
@@ -205,3 +205,47 @@ def test_running_total_in_simulated_lossy_reordering_transfers(
             tcp_config=cfg(rack=rack, mss=1400, recv_buffer=1 << 20),
         )
     assert counts["nonempty"] > 200, counts
+
+
+def detect_by_walk(rack: Rack, una: int, reo_wnd: float, now: float) -> tuple[int, float]:
+    """RACK's loss rule over the send log as a plain walk (the rule before the bisects)."""
+    xts = rack.xmit_ts
+    assert xts is not None
+    edge, timeout = una, 0.0
+    thresh = rack.rtt + reo_wnd
+    for end, t in rack.sent:
+        if end <= una:
+            continue
+        if t > xts:
+            break
+        lim = int(end) if t < xts or end <= rack.end_seq else rack.end_seq
+        remaining = t + thresh - now
+        if remaining <= 0:
+            edge = lim
+        else:
+            timeout = remaining
+        if lim < end:
+            break
+    return edge, timeout
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rack_detect_bisects_the_send_log_as_the_walk_did(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(300):
+        rack = Rack()
+        seq, t = 1000, 1.0
+        for _ in range(rng.randrange(1, 40)):
+            seq += rng.randrange(1, 5) * MSS
+            t += rng.choice([0.0001, 0.001, 0.003, 0.01])
+            rack.sent.append([seq, t])
+        una = rng.randrange(1000, seq + 1)
+        entry = rng.choice(rack.sent)
+        # RACK.xmit_ts: an original batch's time (end_seq inside or at its end) or between
+        rack.xmit_ts = entry[1] - rng.choice([0.0, 0.0, 0.00005])
+        rack.end_seq = int(entry[0]) - rng.choice([0, 0, 1, MSS])
+        rack.rtt = rng.choice([0.0, 0.005, 0.02])
+        reo = rng.choice([0.0, 0.001, 0.005])
+        now = rng.choice([e[1] for e in rack.sent]) + rng.choice([0.0, 0.005, 0.02, 0.021])
+        edge, _relost, timeout = rack.detect(una, [], reo, now)
+        assert (edge, timeout) == detect_by_walk(rack, una, reo, now)

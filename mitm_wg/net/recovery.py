@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
-from itertools import islice
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
@@ -49,8 +48,9 @@ TIMER_REO = 2
 
 #: bisect key of a scoreboard range ``[start, end]``: its end
 _END: Callable[[list[int]], int] = itemgetter(1)
-#: bisect key of a ``Rack.sent`` entry ``[end, time]``: its end
+#: bisect keys of a ``Rack.sent`` entry ``[end, time]``
 _SENT_END: Callable[[list[float]], float] = itemgetter(0)
+_SENT_TIME: Callable[[list[float]], float] = itemgetter(1)
 
 
 def _sent_after(t1: float, e1: int, t2: float, e2: int) -> bool:
@@ -265,20 +265,23 @@ class Rack:
         thresh = self.rtt + reo_wnd
         timeout = 0.0
         sent = self.sent
-        # (entries up to SND.UNA wait for the amortized trim: skip them without a walk)
-        for end, t in islice(sent, bisect.bisect_right(sent, una, key=_SENT_END), None):
-            if t > xts:
-                break
-            # one batch (one clock reading) goes out in sequence order: of the batch that
-            # holds RACK.end_seq, only the part below it was sent before
-            lim = int(end) if t < xts or end <= xend else xend
-            remaining = t + thresh - now
-            if remaining <= 0:
-                edge = lim
-            else:
-                timeout = remaining  # the latest such entry: RFC's max(remaining)
-            if lim < end:
-                break
+        # The log is in sequence and time order, one entry per clock reading (the times
+        # increase), so no walk is needed: the entries above SND.UNA sent by RACK.xmit_ts
+        # are a slice (those up to SND.UNA wait for the amortized trim); the ones whose
+        # time is up (t + thresh - now <= 0, monotone in t) are a prefix of it. The last
+        # of that prefix gives the edge, the slice's last entry if its time is not up
+        # the timeout (the latest such entry: RFC's max(remaining)).
+        lo = bisect.bisect_right(sent, una, key=_SENT_END)
+        hi = bisect.bisect_right(sent, xts, lo, key=_SENT_TIME)
+        if lo < hi:
+            k = bisect.bisect_right(sent, 0.0, lo, hi, key=lambda x: x[1] + thresh - now)
+            if k > lo:
+                end, t = sent[k - 1]
+                # one batch (one clock reading) goes out in sequence order: of the batch
+                # that holds RACK.end_seq, only the part below it was sent before
+                edge = int(end) if t < xts or end <= xend else xend
+            if k < hi:
+                timeout = sent[hi - 1][1] + thresh - now
         relost: list[tuple[int, int]] = []
         if self.rxt:
             keep = []
