@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from mitm_wg.net.tcp_state import _SEND_STATES
@@ -42,6 +44,13 @@ WC_DEL_ACK_T = 0.2
 PTO_FLOOR = 0.01
 TIMER_PTO = 1
 TIMER_REO = 2
+
+
+#: bisect key of a scoreboard range ``[start, end]``: its end
+_END: Callable[[list[int]], int] = itemgetter(1)
+#: bisect keys of a ``Rack.sent`` entry ``[end, time]``
+_SENT_END: Callable[[list[float]], float] = itemgetter(0)
+_SENT_TIME: Callable[[list[float]], float] = itemgetter(1)
 
 
 def _sent_after(t1: float, e1: int, t2: float, e2: int) -> bool:
@@ -141,7 +150,7 @@ class Rack:
     def _orig_time(self, seq: int) -> float | None:
         """Send time of the original transmission of byte ``seq``."""
         sent = self.sent
-        i = bisect.bisect_right(sent, seq, key=lambda x: x[0])
+        i = bisect.bisect_right(sent, seq, key=_SENT_END)
         return sent[i][1] if i < len(sent) else None
 
     # -- RFC 8985 §6.2 steps 1-3: on each ACK --------------------------------------------
@@ -255,21 +264,24 @@ class Rack:
         xend = self.end_seq
         thresh = self.rtt + reo_wnd
         timeout = 0.0
-        for end, t in self.sent:
-            if end <= una:
-                continue
-            if t > xts:
-                break
-            # one batch (one clock reading) goes out in sequence order: of the batch that
-            # holds RACK.end_seq, only the part below it was sent before
-            lim = int(end) if t < xts or end <= xend else xend
-            remaining = t + thresh - now
-            if remaining <= 0:
-                edge = lim
-            else:
-                timeout = remaining  # the latest such entry: RFC's max(remaining)
-            if lim < end:
-                break
+        sent = self.sent
+        # The log is in sequence and time order, one entry per clock reading (the times
+        # increase), so no walk is needed: the entries above SND.UNA sent by RACK.xmit_ts
+        # are a slice (those up to SND.UNA wait for the amortized trim); the ones whose
+        # time is up (t + thresh - now <= 0, monotone in t) are a prefix of it. The last
+        # of that prefix gives the edge, the slice's last entry if its time is not up
+        # the timeout (the latest such entry: RFC's max(remaining)).
+        lo = bisect.bisect_right(sent, una, key=_SENT_END)
+        hi = bisect.bisect_right(sent, xts, lo, key=_SENT_TIME)
+        if lo < hi:
+            k = bisect.bisect_right(sent, 0.0, lo, hi, key=lambda x: x[1] + thresh - now)
+            if k > lo:
+                end, t = sent[k - 1]
+                # one batch (one clock reading) goes out in sequence order: of the batch
+                # that holds RACK.end_seq, only the part below it was sent before
+                edge = int(end) if t < xts or end <= xend else xend
+            if k < hi:
+                timeout = sent[hi - 1][1] + thresh - now
         relost: list[tuple[int, int]] = []
         if self.rxt:
             keep = []
@@ -327,12 +339,10 @@ class Rack:
 
 
 def _covered(sacked: list[list[int]], s: int, e: int) -> bool:
-    for rs, re in sacked:
-        if rs > s:
-            return False
-        if re >= e:
-            return True
-    return False
+    """``[s, e)`` lies in one range of the (sorted) scoreboard: the first range that ends at
+    or after ``e`` starts by ``s``."""
+    i = bisect.bisect_left(sacked, e, key=_END)
+    return i < len(sacked) and sacked[i][0] <= s
 
 
 def _overlaps(rxt: list[list[float]], s: int, e: int) -> bool:
@@ -348,7 +358,10 @@ class Scoreboard:
     RACK-TLP and PRR (the state and rules of those live in :class:`Rack` above).
 
     The scoreboard is ``self._sacked``: sorted, merged ``[start, end)`` ranges above
-    SND.UNA that the peer SACKed.
+    SND.UNA that the peer SACKed, never adjacent (so both the starts and the ends are
+    sorted: bisectable), all within ``[SND.UNA, SND.MAX)``; ``self._sacked_bytes`` is their
+    total, kept by every writer of the list (here, and the RTO's reset in tcp_timers.py),
+    so "SACKed bytes above SND.UNA" costs no walk.
     """
 
     def _update_scoreboard(
@@ -361,6 +374,7 @@ class Scoreboard:
         are appended to ``news``)."""
         sacked = self._sacked
         smax = self._snd_max
+        total = self._sacked_bytes
         new = False
         for ws, we in blocks:
             s = _unwrap(ack, ws)
@@ -369,54 +383,101 @@ class Scoreboard:
                 s = ack  # D-SACK or stale: only the part above the cumulative ACK counts
             if e > smax or e <= s:
                 continue
-            # insert [s, e) into the sorted merged list
-            i = 0
+            # insert [s, e) into the sorted merged list: the first range that ends at or
+            # after s (the ends are sorted too), then every range that starts by e
             n = len(sacked)
-            while i < n and sacked[i][1] < s:
-                i += 1
+            i = bisect.bisect_left(sacked, s, key=_END) if n else 0
             j = i
             ns, ne = s, e
-            while j < n and sacked[j][0] <= e:
-                if sacked[j][0] < ns:
-                    ns = sacked[j][0]
-                if sacked[j][1] > ne:
-                    ne = sacked[j][1]
+            merged = 0  # bytes of the ranges [i, j) that [ns, ne) replaces
+            while j < n:
+                r = sacked[j]
+                rs = r[0]
+                if rs > e:
+                    break
+                re = r[1]
+                if rs < ns:
+                    ns = rs
+                if re > ne:
+                    ne = re
+                merged += re - rs
                 j += 1
             if j - i == 1 and sacked[i][0] == ns and sacked[i][1] == ne:
                 continue  # nothing new
             sacked[i:j] = [[ns, ne]]
+            total += (ne - ns) - merged
             new = True
             if news is not None:
                 news.append((s, e))
             if len(sacked) > 64:
+                r = sacked[0]
+                total -= r[1] - r[0]
                 del sacked[0]
+        self._sacked_bytes = total
         return new
 
     def _trim_scoreboard(self, una: int) -> None:
         sacked = self._sacked
-        while sacked and sacked[0][1] <= una:
-            del sacked[0]
+        total = self._sacked_bytes
+        k = 0
+        n = len(sacked)
+        while k < n and sacked[k][1] <= una:
+            total -= sacked[k][1] - sacked[k][0]
+            k += 1
+        if k:
+            del sacked[:k]
         if sacked and sacked[0][0] < una:
+            total -= una - sacked[0][0]
             sacked[0][0] = una
+        self._sacked_bytes = total
 
     def _first_unsacked(self, s: int) -> int:
-        for rs, re in self._sacked:
-            if rs > s:
-                break
-            if re > s:
-                s = re
+        # ranges are merged (never adjacent): at most one holds s, and it ends past s
+        sacked = self._sacked
+        if sacked:
+            i = bisect.bisect_right(sacked, s, key=_END)
+            if i < len(sacked) and sacked[i][0] <= s:
+                return sacked[i][1]
         return s
 
     def _sacked_between(self, a: int, b: int) -> int:
+        """SACKed bytes in ``[a, b)``: a walk from the first range that ends after ``a``."""
+        sacked = self._sacked
+        n = len(sacked)
+        if not n or a >= b:
+            return 0
+        i = bisect.bisect_right(sacked, a, key=_END)
         total = 0
-        for rs, re in self._sacked:
+        while i < n:
+            rs, re = sacked[i]
             if rs >= b:
                 break
-            lo = rs if rs > a else a
-            hi = re if re < b else b
-            if hi > lo:
-                total += hi - lo
+            if re > b:
+                re = b
+            total += re - (rs if rs > a else a)
+            i += 1
         return total
+
+    def _sacked_below(self, x: int) -> int:
+        """SACKed bytes below ``x`` (= ``_sacked_between(SND.UNA, x)``: the scoreboard holds
+        only bytes above SND.UNA), from whichever end of the scoreboard is nearer to ``x``
+        (the running total minus the part at or above ``x`` when that is the top end)."""
+        sacked = self._sacked
+        if not sacked:
+            return 0
+        if x - sacked[0][0] <= sacked[-1][1] - x:
+            total = 0
+            for rs, re in sacked:
+                if rs >= x:
+                    break
+                total += (re if re < x else x) - rs
+            return total
+        above = 0
+        for rs, re in reversed(sacked):
+            if re <= x:
+                break
+            above += re - (rs if rs > x else x)
+        return self._sacked_bytes - above
 
     def _lost_edge(self) -> int:
         """Unsacked data below this sequence number is deemed lost (RFC 6675 IsLost, or
@@ -437,13 +498,14 @@ class Scoreboard:
     def _pipe(self) -> int:
         """RFC 6675 SetPipe, computed over ranges instead of per segment."""
         una = self._snd_una
-        smax = self._snd_max
-        sacked_total = self._sacked_between(una, smax)
+        # (every SACKed byte lies in [SND.UNA, SND.MAX): their sum is the running total)
+        pipe = self._snd_max - una - self._sacked_bytes
         lost = self._lost_edge()
-        unsacked_lost = (lost - una) - self._sacked_between(una, lost) if lost > una else 0
+        if lost > una:
+            pipe -= (lost - una) - self._sacked_below(lost)  # unSACKed and deemed lost
         rxt = self._high_rxt
-        unsacked_rxt = (rxt - una) - self._sacked_between(una, rxt) if rxt > una else 0
-        pipe = (smax - una - sacked_total) - unsacked_lost + unsacked_rxt
+        if rxt > una:
+            pipe += (rxt - una) - self._sacked_below(rxt)  # unSACKed and retransmitted
         # a retransmission deemed lost again (RACK, or the lost-retransmission rule) has
         # left the network too until it is sent once more (as Linux's lost_out/retrans_out)
         for rs, re in self._relost:
@@ -456,7 +518,9 @@ class Scoreboard:
         una = self._snd_una
         nxt = self._snd_nxt
         if self._sacked:
-            return nxt - una - self._sacked_between(una, nxt)
+            if nxt == self._snd_max:
+                return nxt - una - self._sacked_bytes
+            return nxt - una - self._sacked_below(nxt)  # going back after an RTO
         return nxt - una
 
     def _detect_lost_retransmits(self) -> None:
@@ -464,14 +528,13 @@ class Scoreboard:
         after it has been SACKed while it is still missing (as Linux's lost-retransmit
         detection does); it is then sent again instead of waiting for the RTO."""
         una = self._snd_una
-        smax = self._snd_max
         limit = 2 * self._smss
         keep: list[tuple[int, int, int]] = []
         for mark in self._rxt_marks:
             rs, re, sent_max = mark
             if re <= una:
                 continue
-            if self._sacked_between(sent_max, smax) > limit:
+            if self._sacked_bytes - self._sacked_below(sent_max) > limit:
                 lo = rs if rs > una else una
                 if self._sacked_between(lo, re) < re - lo:
                     self._relost.append((lo, re))
@@ -597,7 +660,7 @@ class Scoreboard:
             # RFC 6937 §3: DeliveredData = change in snd.una + change in SACKed bytes
             una_now = self._snd_una
             pipe = self._pipe()
-            delivered = (una_now - una) + self._sacked_between(una_now, self._snd_max)
+            delivered = (una_now - una) + self._sacked_bytes
             delivered -= sacked_before
             cc = self._cc
             cc.cwnd = pipe + rack.prr_sndcnt(
@@ -616,7 +679,7 @@ class Scoreboard:
         srtt = self._rtt.srtt
         if srtt is None:
             srtt = rack.rtt
-        reo = rack.reo_wnd(self._in_fr, self._sacked_between(una, smax), self._smss, srtt)
+        reo = rack.reo_wnd(self._in_fr, self._sacked_bytes, self._smss, srtt)
         edge, relost, timeout = rack.detect(una, self._sacked, reo, now)
         dr = self._dr
         if dr is not None:

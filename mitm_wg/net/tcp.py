@@ -336,6 +336,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._rexmit_now = False
         self._high_rxt = iss
         self._sacked: list[list[int]] = []  # sender scoreboard: sorted merged [start, end)
+        self._sacked_bytes = 0  # their total (kept by each writer: recovery.py Scoreboard)
         # retransmissions during SACK recovery as (start, end, SND.MAX when sent), and the
         # ranges whose retransmission is itself deemed lost (SACKs for later data came back)
         self._rxt_marks: list[tuple[int, int, int]] = []

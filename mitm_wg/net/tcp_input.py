@@ -114,7 +114,7 @@ class Input:
                 self._on_new_ack(ack, una, tsecr, now)
             else:
                 # (SACKed bytes above SND.UNA were delivered before: not again)
-                sacked = self._sacked_between(una, smax) if self._sacked else 0
+                sacked = self._sacked_bytes
                 self._on_new_ack(ack, una, tsecr, now)
                 self._on_delivered(una, ack, None, sacked, now)
             # _update_persist() only acts when all is acknowledged or a probe timer runs
@@ -338,15 +338,15 @@ class Input:
         sacked_before = 0
         dr = self._dr
         # delivery.py: SACKed bytes above SND.UNA before this ACK (delivered earlier)
-        dr_sacked = self._sacked_between(una, self._snd_max) if dr is not None and had_sacked else 0
+        dr_sacked = self._sacked_bytes
         if self._sack_ok and seg.sack_blocks:
             if rack is not None or dr is not None:
                 news = []
                 if self._in_fr:
-                    sacked_before = self._sacked_between(una, self._snd_max)
+                    sacked_before = self._sacked_bytes
             sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una, news)
         elif rack is not None and self._in_fr:
-            sacked_before = self._sacked_between(una, self._snd_max)
+            sacked_before = self._sacked_bytes
         wnd = seg.window << self._snd_wscale
         window_changed = False
         # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
@@ -409,8 +409,7 @@ class Input:
             inflight = self._snd_nxt - una_now
         else:
             delivered = (una_now - una) - sacked_before
-            if self._sacked:
-                delivered += self._sacked_between(una_now, self._snd_max)
+            delivered += self._sacked_bytes
             ranges = [(una, una_now)] if una_now > una else []
             if news:
                 ranges.extend(news)

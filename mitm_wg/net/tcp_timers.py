@@ -96,6 +96,7 @@ class Timers:
             # (the receiver may renege); kept after the first timeout (the RTO then skips
             # SACKed data, as Linux), dropped on repeated ones
             self._sacked.clear()
+            self._sacked_bytes = 0
         rtt.backoff()
         if self._dr is not None:
             self._dr.on_retransmit_all(self._snd_max)
