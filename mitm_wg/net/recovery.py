@@ -122,7 +122,10 @@ class Rack:
         sent = self.sent
         if sent:
             last = sent[-1]
-            if last[1] == now:
+            if last[1] >= now:
+                # the same clock reading; or a clock that went back: the log's times must
+                # increase (detect() bisects them), so the batch counts as sent at the later
+                # time, the conservative side for loss detection
                 last[0] = e
                 return
         sent.append([e, now])
