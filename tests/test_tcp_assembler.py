@@ -105,3 +105,53 @@ def test_size_is_nonzero_exactly_when_ranges_are_held() -> None:
         else:
             asm.clear()
         assert (asm.size > 0) == (len(asm) > 0) == bool(asm)
+
+
+def _model_sack_blocks(
+    ranges: list[tuple[int, int]], recent: list[int], limit: int
+) -> tuple[tuple[int, int], ...]:
+    """RFC 2018 §4 order from a plain model: the ranges holding the most recently touched
+    starts first, then the rest in sequence order."""
+    out: list[tuple[int, int]] = []
+    for s in recent:
+        for r in ranges:
+            if r[0] <= s < r[1] and r not in out and len(out) < limit:
+                out.append(r)
+    for r in ranges:
+        if r not in out and len(out) < limit:
+            out.append(r)
+    return tuple(out)
+
+
+@given(seed=st.integers(0, 2**32))
+def test_adds_match_a_plain_model(seed: int) -> None:
+    """Ranges, sizes and SACK-block order against a plain model, with most adds extending
+    the last range (the shortcut in ``add``), some landing elsewhere, some overlapping."""
+    rng = random.Random(seed)
+    asm = Assembler(max_ranges=16)
+    held: set[int] = set()
+    recent: list[int] = []
+    for _ in range(60):
+        ranges = asm.ranges()
+        r = rng.random()
+        if ranges and r < 0.6:
+            start = ranges[-1][1]  # extends the last range
+        elif ranges and r < 0.75:
+            start = rng.choice(ranges)[1]  # extends another one
+        else:
+            start = rng.randrange(0, 4000)
+        length = rng.randrange(1, 300)
+        if not asm.add(start, bytes(length)):
+            continue
+        held |= set(range(start, start + length))
+        model: list[tuple[int, int]] = []
+        for x in sorted(held):
+            if model and model[-1][1] == x:
+                model[-1] = (model[-1][0], x + 1)
+            else:
+                model.append((x, x + 1))
+        touched = next(a for a, b in model if a <= start < b)
+        recent = [touched, *[t for t in recent if t != touched][:7]]
+        assert asm.ranges() == model
+        assert asm.size == len(held)
+        assert asm.sack_blocks(4) == _model_sack_blocks(model, recent, 4)

@@ -48,6 +48,18 @@ class Assembler:
         if end <= start:
             return True
         rs = self._ranges
+        if rs:
+            last = rs[-1]
+            if last[1] == start:
+                # The common case: the next segment behind a hole extends the last range
+                # (what the general merge below does for it, without the search).
+                last[1] = end
+                last[2].append(bytes(data))
+                self.size += end - start
+                recent = self._recent
+                if not recent or recent[0] != last[0]:
+                    self._touch(last[0])
+                return True
         i = bisect_left(rs, start, key=lambda r: r[1])  # first range ending at/after start
         j = i
         while j < len(rs) and rs[j][0] <= end:

@@ -63,8 +63,14 @@ class Input:
         if self.state is not TcpState.ESTABLISHED or flags & ~PSH != ACK:
             return False
         rcv_nxt = self._rcv_nxt
+        seq = rcv_nxt
         if wseq != rcv_nxt & M32:
-            return False
+            # data ahead of RCV.NXT (after a loss, every segment until the retransmission
+            # arrives): the out-of-order case below; anything else takes the slow path
+            off = (wseq - rcv_nxt) & M32
+            if off >= _HALF or run is not None or not payload:
+                return False
+            seq += off
         ts_ok = self._ts_ok
         if ts_ok:
             if tsval is None or (tsval - self._ts_recent) & M32 >= _HALF:
@@ -78,7 +84,10 @@ class Input:
         if ack > smax:
             return False
         plen = len(payload)
-        if plen:
+        if seq != rcv_nxt:
+            if self._rcv_adv < seq + plen or self._rd_closed or self._peer_fin_seq is not None:
+                return False  # beyond the window's edge, unread data policy, pending FIN
+        elif plen:
             if (
                 self._rcv_adv - rcv_nxt < plen
                 or self._asm.size
@@ -95,17 +104,17 @@ class Input:
         self.stats.segments_in += 1 if run is None else run[0]
         self._last_rx = now
         self._ka_probes = 0
-        if ts_ok and rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent
+        if ts_ok and seq <= self._last_ack_sent:  # copy of rule ts-recent
             self._ts_recent = tsval
             self._ts_recent_age = now
         wnd = window << self._snd_wscale
         window_changed = False
         wl1 = self._snd_wl1  # copy of rule snd-wnd-update (_process_ack below)
-        if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
+        if wl1 < seq or (wl1 == seq and self._snd_wl2 <= ack):
             window_changed = wnd != self._snd_wnd
             self._snd_wnd = wnd
             # (a run's later segments pass this test too: SND.WL1 ends at the last one's seq)
-            self._snd_wl1 = rcv_nxt if run is None else rcv_nxt + plen - run[2]
+            self._snd_wl1 = seq if run is None else seq + plen - run[2]
             self._snd_wl2 = ack
             if wnd > self._max_snd_wnd:
                 self._max_snd_wnd = wnd
@@ -122,6 +131,14 @@ class Input:
                 self._update_persist(now)
         elif window_changed:
             self._update_persist(now)
+        if seq != rcv_nxt:  # copy of rule rcv-out-of-order (tcp_recv.py _process_data)
+            self.stats.out_of_order += 1
+            if not self._asm.add(seq, payload):
+                self.stats.dropped += 1
+            if self._ack_now:
+                self._acks_owed += 1
+            self._ack_now = True
+            return True
         if plen:  # copy of rule rcv-in-order (tcp_recv.py _process_data), no gap to fill
             self._rbuf += payload
             rcv_nxt += plen

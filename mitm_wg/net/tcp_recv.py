@@ -114,7 +114,7 @@ class Receiver:
                 else:
                     self._schedule_ack(plen, seg.flags & PSH, now)
                 self._rcv_nxt = rcv_nxt
-        elif seq > rcv_nxt:
+        elif seq > rcv_nxt:  # rule: rcv-out-of-order
             self.stats.out_of_order += 1
             if plen and not self._asm.add(seq, payload):
                 self.stats.dropped += 1
