@@ -111,6 +111,8 @@ _IP4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
 # The same after an IPv6 header (no extension headers, hop limit 64): 72 bytes.
 _IP6_TCP_TS = struct.Struct("!IHBB16s16sHHIIBBHHHBBBBII")
 _IP6_VERSION_WORD = 6 << 28
+#: NOP NOP SACK with 1-3 blocks (with the timestamp, at most 3 fit in 40 bytes of options)
+_SACK_OPTION = [struct.Struct(f"!HH{2 * n}I") for n in range(4)]
 _IP4_CONST_SUM = 0x4500 + 0x4000 + ((DEFAULT_TTL << 8) | PROTO_TCP)
 _TS_OPT_SUM = 0x0101 + 0x080A
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
@@ -806,13 +808,17 @@ class Stack:
         ip_const = _IP4_CONST_SUM + addr_sum
         tcp_const = addr_sum + PROTO_TCP + _TS_OPT_SUM
         for seg in segs:
+            opts = b""  # after the timestamp: SACK blocks (an ACK during a loss)
+            off = 0x80  # data offset byte: a 32-byte header
+            osum = 0  # the sum of opts' words
             if type(seg) is tuple:
                 sport, dport, seq, ack, flags, window, tsval, tsecr, payload = seg
             else:
                 ts = seg.timestamp
+                blocks = seg.sack_blocks
                 if (
                     ts is None
-                    or seg.sack_blocks
+                    or len(blocks) > 3
                     or seg.mss is not None
                     or seg.wscale is not None
                     or seg.sack_permitted
@@ -827,8 +833,15 @@ class Stack:
                 ack = seg.ack & 0xFFFFFFFF
                 tsval, tsecr = ts
                 payload = seg.payload
+                if blocks:
+                    # NOP NOP SACK (RFC 2018 §3) as build_tcp_parts lays it out
+                    kind_len = 0x0500 | (2 + 8 * len(blocks))
+                    edges = [e for b in blocks for e in b]
+                    opts = _SACK_OPTION[len(blocks)].pack(0x0101, kind_len, *edges)
+                    off = (32 + len(opts)) << 2
+                    osum = 0x0101 + kind_len + sum(edges)
             plen = len(payload)
-            tcp_len = 32 + plen
+            tcp_len = 32 + len(opts) + plen
             csum = (
                 tcp_const
                 + tcp_len
@@ -836,7 +849,9 @@ class Stack:
                 + dport
                 + seq
                 + ack
-                + (0x8000 | flags)
+                + (off << 8)
+                + osum
+                + flags
                 + window
                 + tsval
                 + tsecr
@@ -854,7 +869,8 @@ class Stack:
                 # fmt: off
                 header = _IP4_TCP_TS.pack(
                     0x45, 0, total, 0, 0x4000, DEFAULT_TTL, PROTO_TCP, ip_csum, local, remote,
-                    sport, dport, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                    sport, dport, seq, ack, off, flags, window,
+                    csum, 0, 1, 1, 8, 10, tsval, tsecr,
                 )
                 # fmt: on
             else:
@@ -863,10 +879,14 @@ class Stack:
                 # fmt: off
                 header = _IP6_TCP_TS.pack(
                     _IP6_VERSION_WORD, tcp_len, PROTO_TCP, DEFAULT_TTL, local, remote,
-                    sport, dport, seq, ack, 0x80, flags, window, csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                    sport, dport, seq, ack, off, flags, window,
+                    csum, 0, 1, 1, 8, 10, tsval, tsecr,
                 )
                 # fmt: on
-            out.append(header + payload if plen else header)
+            if opts:
+                out.append(b"".join((header, opts, payload)))
+            else:
+                out.append(header + payload if plen else header)
 
     def _emit_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
         if len(src) == 4:
