@@ -150,6 +150,35 @@ def test_rack_detects_a_lost_retransmission() -> None:
     assert pb.sock.stats.lost_retransmits == 1 and pb.sock.stats.rto_expired == 0
 
 
+def test_every_segment_of_a_lost_retransmission_burst_is_sent_again() -> None:
+    """Retransmissions sent at one clock reading are one entry in RACK's log; when that
+    burst is lost again (bursty loss), the whole entry is deemed lost. Sending its first
+    segment again must not forget the others: they follow at once, before new data, instead
+    of an RTO (the bench_path bursty-loss upload stalled 200 ms this way several times per
+    transfer)."""
+    pb = est()
+    segs = send_segments(pb, 10, 0.1)
+    pb.sock.send(bytes(20_000))  # queued: new data goes out during recovery
+    pb.at(0.2)
+    sack(pb, 1, (3001, 10_001))  # the first three lost, seven delivered: lost at once
+    rx = pb.out()
+    assert [s.seq for s in rx[:3]] == [s.seq for s in segs[:3]]  # one burst, one clock reading
+    sent = list(rx[3:])
+    # The burst is lost again; everything sent after it is delivered and SACKed, ACK by ACK.
+    for k in range(1, 20):
+        pb.at(0.2 + k * 0.002)
+        top = max([10_001] + [s.seq - ISS + len(s.payload) for s in sent if s.seq > ISS + 10_000])
+        sack(pb, 1, (3001, top))
+        sent += pb.out()
+    again = [s.seq - ISS for s in sent if s.seq - ISS < 3001]
+    assert again[:3] == [1, 1001, 2001], again  # all three, one after the other
+    first_new_after = [
+        s.seq - ISS for s in sent[sent.index(next(s for s in sent if s.seq - ISS == 1)) :]
+    ]
+    assert first_new_after[:3] == [1, 1001, 2001], first_new_after[:6]
+    assert pb.sock.stats.rto_expired == 0
+
+
 # -- TLP (RFC 8985 §7) ----------------------------------------------------------------------
 def test_tlp_probe_retransmits_the_last_segment_after_pto() -> None:
     pb = est()

@@ -291,7 +291,18 @@ class Sender:
                 self._high_rxt = e
             if self._in_fr and self._sack_ok:
                 if self._relost:
-                    self._relost = [r for r in self._relost if not r[0] <= s < r[1]]
+                    # this segment is sent again; the rest of its range still is to be (a
+                    # range is a whole burst of retransmissions RACK deemed lost at once)
+                    keep = []
+                    for r in self._relost:
+                        if r[0] <= s < r[1]:
+                            if s > r[0]:
+                                keep.append((r[0], s))
+                            if e < r[1]:
+                                keep.append((e, r[1]))
+                        else:
+                            keep.append(r)
+                    self._relost = keep
                 self._rxt_marks.append((s, e, self._snd_max))
         if self._rto_at is None or (rexmit and s == self._snd_una):
             # (re)start the timer (RFC 6298 §5.1); deviation: retransmitting the head
