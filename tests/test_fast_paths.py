@@ -228,6 +228,23 @@ def make_stacks(
     )
 
 
+def connected_stacks(seed: int, v6: bool = False) -> tuple[Stack, Stack, TcpSocket, TcpSocket]:
+    """:func:`make_stacks` with a connection from the first to port 80 of the second,
+    established at time 0: (a, b, client, server)."""
+    a, b = make_stacks(seed, v6=v6)
+    lst = b.tcp_listen(80)
+    client = a.tcp_connect("fd00::2" if v6 else "10.0.0.2", 80, 0.0)
+    for _ in range(4):
+        for s1, s2 in ((a, b), (b, a)):
+            out: list[bytes] = []
+            s1.poll(0.0, out)
+            for p in out:
+                s2.receive(p, 0.0)
+    server = lst.accept()
+    assert server is not None
+    return a, b, client, server
+
+
 def run_transfer(
     seed: int,
     as_bytes: bool,
@@ -346,18 +363,7 @@ def test_hostile_ipv4_tcp_counted_alike(
 
     results = []
     for as_bytes in (True, False):
-        a, b = make_stacks(3)
-        lst = b.tcp_listen(80)
-        now = 0.0
-        c = a.tcp_connect("10.0.0.2", 80, now)
-        for _ in range(4):
-            for s1, s2 in ((a, b), (b, a)):
-                out: list[bytes] = []
-                s1.poll(now, out)
-                for p in out:
-                    s2.receive(p, now)
-        srv = lst.accept()
-        assert srv is not None
+        _a, b, c, srv = connected_stacks(3)
         sport = c.local_port if to_socket else 4444
         src, dst = A, B
         if tamper == "martian":
@@ -432,18 +438,7 @@ def test_hostile_ipv6_tcp_counted_alike(
 
     results = []
     for as_bytes in (True, False):
-        a, b = make_stacks(3, v6=True)
-        lst = b.tcp_listen(80)
-        now = 0.0
-        c = a.tcp_connect("fd00::2", 80, now)
-        for _ in range(4):
-            for s1, s2 in ((a, b), (b, a)):
-                out: list[bytes] = []
-                s1.poll(now, out)
-                for p in out:
-                    s2.receive(p, now)
-        srv = lst.accept()
-        assert srv is not None
+        _a, b, c, srv = connected_stacks(3, v6=True)
         sport = c.local_port if to_socket else 4444
         src, dst = A6, B6
         if tamper == "multicast":

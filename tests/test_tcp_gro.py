@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fast_paths import A, B, make_stacks, run_transfer, state_of
+from test_fast_paths import A, B, connected_stacks, run_transfer, state_of
 
 from mitm_wg.net.checksum import checksum, pseudo_header_sum
-from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp import M32, TcpSocket
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH
 
@@ -52,21 +51,6 @@ def test_batch_transfer_matches_one_by_one(monkeypatch: Any, v6: bool) -> None:
         for i, (x, y) in enumerate(zip(batched, one_by_one, strict=True)):
             assert x == y, f"seed {seed}: traces differ at entry {i}"
         assert seen[1] - before > 30, "(almost) no segments were coalesced"
-
-
-def _connected(seed: int) -> tuple[Stack, Stack, Any, Any]:
-    a, b = make_stacks(seed)
-    lst = b.tcp_listen(80)
-    client = a.tcp_connect("10.0.0.2", 80, 0.0)
-    for _ in range(4):
-        for s1, s2 in ((a, b), (b, a)):
-            out: list[bytes] = []
-            s1.poll(0.0, out)
-            for p in out:
-                s2.receive(p, 0.0)
-    server = lst.accept()
-    assert server is not None
-    return a, b, client, server
 
 
 def _packet(
@@ -133,7 +117,7 @@ def test_crafted_runs_match_one_by_one(
     segments and a UDP datagram in between, a receive window that runs out mid-run."""
     results = []
     for batched in (True, False):
-        _a, b, client, server = _connected(seed)
+        _a, b, client, server = connected_stacks(seed)
         if recv_buffer_small:
             server._rcv_adv = server.rcv_nxt + 5000  # a run crosses the window's edge
         rng = random.Random(seed)
@@ -208,7 +192,7 @@ def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
     """Ten full-sized segments in order are one run; a PSH ends a run; a TSval change or
     another connection's segment starts a new one."""
     seen = _count_runs(monkeypatch)
-    _a, b, client, server = _connected(7)
+    _a, b, client, server = connected_stacks(7)
     seq, ack = server.rcv_nxt, client.rcv_nxt
     sport = client.local_port
     pkts = []
