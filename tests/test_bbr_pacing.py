@@ -243,6 +243,15 @@ def to_probe_bw(seed: int = 0, bw: float = 1e6) -> Path:
     return p
 
 
+def steady_probe_bw() -> Path:
+    """:func:`to_probe_bw` plus twelve rounds at 1 MB/s that drain the queue (a full
+    gain cycle and more): the steady state the loss and RTO tests start from."""
+    p = to_probe_bw(3)
+    for _ in range(12):
+        p.round(1e6, inflight=0)
+    return p
+
+
 def test_startup_gains_and_pacing_rate() -> None:
     bbr = Bbr(MSS)
     assert bbr.mode == STARTUP
@@ -363,10 +372,8 @@ def test_app_limited_sample_below_the_estimate_is_ignored() -> None:
 def test_random_loss_does_not_cut_cwnd() -> None:
     """Fast recovery: packet conservation for one round, then growth by what is
     delivered; the prior window comes back at the end."""
-    p = to_probe_bw(3)
+    p = steady_probe_bw()
     bbr = p.bbr
-    for _ in range(12):
-        p.round(1e6, inflight=0)
     before = bbr.cwnd
     bbr.on_congestion_event(p.now, before)
     assert bbr.cwnd == before  # no multiplicative decrease
@@ -378,10 +385,8 @@ def test_random_loss_does_not_cut_cwnd() -> None:
 
 
 def test_rto_sets_one_segment_and_restores_after_repair() -> None:
-    p = to_probe_bw(3)
+    p = steady_probe_bw()
     bbr = p.bbr
-    for _ in range(12):
-        p.round(1e6, inflight=0)
     before = bbr.cwnd
     bbr.on_rto(p.now, before)
     assert bbr.cwnd == MSS
@@ -392,10 +397,8 @@ def test_rto_sets_one_segment_and_restores_after_repair() -> None:
 
 
 def test_probe_rtt_after_ten_seconds_without_a_new_minimum() -> None:
-    p = to_probe_bw(3)
+    p = steady_probe_bw()
     bbr = p.bbr
-    for _ in range(12):
-        p.round(1e6, inflight=0)
     cwnd = bbr.cwnd
     p.round(1e6, rtt=0.06, dt=10.1)  # min_rtt 0.05 is now over 10 s old
     assert bbr.mode == PROBE_RTT

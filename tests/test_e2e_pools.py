@@ -31,8 +31,6 @@ import html
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -44,7 +42,7 @@ from typing import Any
 import pytest
 from e2e_helpers import Mitmdump, curl, run_mitmdump, wait_for
 
-from harness import ExitPeer, Netns, cleanup_stale, exit_peer, origin_behind
+from harness import ExitPeer, Netns, cleanup_stale, exit_peer, origin_behind, source_echo
 
 PREFIX = "mwgep"
 ORIGIN_PREFIX = "mwgeo"
@@ -54,37 +52,6 @@ NAMES = ("a", "b", "c")
 DIRECT_SOURCE = "10.81.0.1"
 #: Deadlock guard for one request that may first meet a dead exit.
 SLOW = 90.0
-
-_ORIGIN_SCRIPT = """
-import http.server, json, socket, sys, threading
-log = open(sys.argv[1], "a", buffering=1)
-lock = threading.Lock()
-def note(proto, client):
-    with lock:
-        log.write(json.dumps({"proto": proto, "client": client}) + "\\n")
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        note("tcp", self.client_address[0])
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind((sys.argv[2], int(sys.argv[3])))  # replies from that address
-def echo():
-    while True:
-        data, source = udp.recvfrom(2048)
-        note("udp", source[0])
-        udp.sendto(source[0].encode(), source)
-threading.Thread(target=echo, daemon=True).start()
-s = http.server.ThreadingHTTPServer(("0.0.0.0", 80), H)
-print("ready", flush=True)
-s.serve_forever()
-"""
 
 #: Lets curl choose a pool per request (a script setting flow.metadata["wg_tunnel"]).
 _POOL_SCRIPT = """
@@ -146,12 +113,7 @@ def world(netns_available: None, tmp_path: Path) -> Iterator[World]:
             n.settle()
 
         log = tmp_path / "origin.jsonl"
-        proc = origin.popen(
-            [sys.executable, "-c", _ORIGIN_SCRIPT, str(log), ORIGINS[0], str(UDP_PORT)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        source_echo(origin, log=log, udp=(ORIGINS[0], UDP_PORT))
         confs = []
         for name, e, endpoint in zip(NAMES, exits, endpoints, strict=True):
             path = tmp_path / f"{name}.conf"
@@ -258,7 +220,7 @@ def test_udp_flows_fail_over_within_a_pool(world: World) -> None:
     flow goes to a live member; when every exit is dead the flows fail closed."""
     w = world
     w.exits[2].stop_wireguard()  # c is dead from the start: no session with it ever
-    port = free_udp_port(w.ns)
+    port = w.ns.free_udp_port()
     with pool_mitmdump(
         w,
         "--mode",
@@ -311,12 +273,3 @@ def test_udp_flows_fail_over_within_a_pool(world: World) -> None:
         )
         assert len(w.origin_entries()) == before, w.origin_entries()[before:]
         assert "DIRECT" not in dump.text()
-
-
-def free_udp_port(ns: Netns) -> int:
-    sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-    finally:
-        sock.close()

@@ -60,19 +60,11 @@ def test_dns_over_udp_through_the_bridge(exit_peer: Any, mode: str) -> None:
     asyncio.run(main())
 
 
-def _free_udp_port(ns: Any) -> int:
-    sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 def test_mitmdump_dns_reverse_mode_through_tunnel(exit_peer: Any, tmp_path: Path) -> None:
     conf = tmp_path / "wg0.conf"
     conf.write_text(exit_peer.client_config_text(dns=False))
     conf.chmod(0o600)
-    port = _free_udp_port(exit_peer.client_ns)
+    port = exit_peer.client_ns.free_udp_port()
     log = tmp_path / "mitmdump.log"
     with log.open("wb") as out:
         proc = exit_peer.client_ns.popen(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sys
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
-from harness import ExitPeer, Netns, cleanup_stale, exit_peer, origin_behind
+from harness import ExitPeer, Netns, cleanup_stale, exit_peer, origin_behind, source_echo
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.addon import WireGuardAddon
 from mitm_wg.mitmproxy.pools import Pool, PoolError, PoolHealth, parse_pool_option
@@ -34,24 +33,6 @@ from tests.runtime_helpers import real_tunnels
 
 ORIGINS = [f"10.99.0.{i}" for i in range(1, 7)]
 ORIGIN_PORT = 80
-_ORIGIN_SCRIPT = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-s = http.server.ThreadingHTTPServer(("0.0.0.0", 80), H)
-print("ready", flush=True)
-s.serve_forever()
-"""
-
-
 # -- unit ------------------------------------------------------------------------------------
 
 
@@ -103,12 +84,7 @@ def pool_setup(netns_available: None) -> Iterator[tuple[list[ExitPeer], Netns]]:
     with ExitStack() as stack:
         exits = [stack.enter_context(exit_peer(name_prefix="mwgpl")) for _ in range(3)]
         origin = stack.enter_context(origin_behind(exits, "mwgpo", ORIGINS))
-        import subprocess
-
-        proc = origin.popen(
-            [sys.executable, "-c", _ORIGIN_SCRIPT], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        source_echo(origin)
         yield exits, origin
 
 

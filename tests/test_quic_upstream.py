@@ -98,15 +98,6 @@ def quic_client(ns: Any, *args: str, timeout: float = 60.0) -> list[dict[str, An
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
 
-def free_udp_port(ns: Any) -> int:
-    sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-    finally:
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("quic-upstream")
@@ -124,7 +115,7 @@ def reverse_proxy(
     exit_peer: Any, workdir: Path, origin: QuicOrigin, target: str, name: str
 ) -> Iterator[tuple[Mitmdump, int]]:
     conf = write_client_config(exit_peer, workdir, f"{TUNNEL}-{name}")
-    port = free_udp_port(exit_peer.client_ns)
+    port = exit_peer.client_ns.free_udp_port()
     with run_mitmdump(
         exit_peer.client_ns,
         workdir,

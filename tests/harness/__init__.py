@@ -100,6 +100,7 @@ from .exitpeer import (
     origin_behind,
     parse_wg_dump,
     parse_wg_quick,
+    source_echo,
     wait_until,
     wireguard_go_interface,
 )
@@ -131,6 +132,7 @@ __all__ = [
     "parse_wg_dump",
     "parse_wg_quick",
     "pattern",
+    "source_echo",
     "wait_until",
     "wireguard_go_interface",
 ]

@@ -50,6 +50,7 @@ HTTP_PORT = 8000
 DNS_PORT = 53
 MAX_PREFIX_LEN = 9
 _HTTP_SCRIPT = Path(__file__).with_name("httpserver.py")
+_SOURCE_ECHO_SCRIPT = Path(__file__).with_name("sourceecho.py")
 _READY_QNAME = "ready.harness.invalid"
 
 
@@ -620,3 +621,19 @@ def origin_behind(exits: list[ExitPeer], prefix: str, addresses: list[str]) -> I
         yield origin
     finally:
         origin.close()
+
+
+def source_echo(
+    ns: Netns, *, log: Path | None = None, udp: tuple[str, int] | None = None
+) -> subprocess.Popen[str]:
+    """Start ``sourceecho.py`` in ``ns`` (an HTTP origin on port 80 answering with the
+    client's address; optionally a UDP echo from ``udp`` and a JSON log of what it saw) and
+    wait until it listens. Killed with the namespace."""
+    argv = [sys.executable, str(_SOURCE_ECHO_SCRIPT)]
+    if log is not None:
+        argv += ["--log", str(log)]
+    if udp is not None:
+        argv += ["--udp", udp[0], str(udp[1])]
+    proc = ns.popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc

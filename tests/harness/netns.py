@@ -394,6 +394,16 @@ class Netns:
             raise error[0]
         return result[0]
 
+    def free_udp_port(self, address: str = "127.0.0.1") -> int:
+        """A UDP port free on ``address`` inside this namespace right now (bound, then
+        released: for a server the test starts next)."""
+        sock = self.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((address, 0))
+            return int(sock.getsockname()[1])
+        finally:
+            sock.close()
+
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
         """Kill our processes and everything else inside, delete the namespace. Idempotent."""
