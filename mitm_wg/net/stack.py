@@ -366,7 +366,8 @@ class Stack:
         self.stats = StackStats()
         self._tcp: dict[TcpKey, TcpSocket] = {}
         #: receive_batch's pending run of coalescable segments (empty between calls):
-        #: socket, next wire seq, ack, window, tsval, tsecr, last flags, the segments
+        #: socket, next wire seq, ack, window, tsval, tsecr, last flags, and the segments
+        #: as (packet, wire seq, payload start, end)
         self._run: list = []
         self._listeners: dict[int, TcpListener] = {}
         self._half_open: dict[TcpSocket, TcpListener] = {}
@@ -445,17 +446,47 @@ class Stack:
         Nothing keeps a reference to ``packet`` after this returns (data is copied into
         socket buffers), so the caller may reuse its receive buffer.
         """
+        self._receive(packet, now, authenticated, None)
+
+    def receive_batch(
+        self, packets: list[bytes], now: float, *, authenticated: bool = False
+    ) -> None:
+        """:meth:`receive` for each packet in order, except that a run of in-order data
+        segments of one TCP connection whose headers differ only in the sequence number
+        (and PSH on the last) reaches the socket as one, as Linux's GRO does for TCP:
+        one header-prediction pass for the run instead of one per segment. A bulk
+        download through the tunnel arrives as such runs (one batch of datagrams per
+        wake-up); the effect on the socket is exactly that of the segments one by one.
+        """
+        run = self._run
+        receive = self._receive
+        for packet in packets:
+            receive(packet, now, authenticated, run)
+        if run:
+            self._flush_run(run, now)
+
+    def _receive(
+        self,
+        packet: bytes | bytearray | memoryview,
+        now: float,
+        authenticated: bool,
+        run: list | None,
+    ) -> None:
+        """:meth:`receive`; ``run``: :meth:`receive_batch`'s pending run, which a TCP
+        segment extends, flushes or starts, and anything else flushes first."""
         if now > self._now:
             self._now = now
         stats = self.stats
         stats.packets_in += 1
         if type(packet) is bytes:
             if len(packet) >= 20 and packet[0] == 0x45 and packet[9] == 6:
-                self._rx_tcp4(packet, now, authenticated)
+                self._rx_tcp4(packet, now, authenticated, run)
                 return
             if len(packet) >= 40 and packet[0] >> 4 == 6 and packet[6] == 6:
-                self._rx_tcp6(packet, now, authenticated)
+                self._rx_tcp6(packet, now, authenticated, run)
                 return
+        if run:
+            self._flush_run(run, now)
         buf = memoryview(packet)
         if not buf:
             stats.dropped_malformed += 1
@@ -913,49 +944,14 @@ class Stack:
             return
         self._tcp_segment(p.src, p.dst, seg, now)
 
-    def receive_batch(
-        self, packets: list[bytes], now: float, *, authenticated: bool = False
-    ) -> None:
-        """:meth:`receive` for each packet in order, except that a run of in-order data
-        segments of one TCP connection whose headers differ only in the sequence number
-        (and PSH on the last) reaches the socket as one, as Linux's GRO does for TCP:
-        one header-prediction pass for the run instead of one per segment. A bulk
-        download through the tunnel arrives as such runs (one batch of datagrams per
-        wake-up); the effect on the socket is exactly that of the segments one by one.
-        """
-        if now > self._now:
-            self._now = now
-        stats = self.stats
-        run = self._run
-        rx_tcp4 = self._rx_tcp4
-        rx_tcp6 = self._rx_tcp6
-        for packet in packets:
-            if type(packet) is bytes and len(packet) >= 20 and packet[0] == 0x45 and packet[9] == 6:
-                stats.packets_in += 1
-                rx_tcp4(packet, now, authenticated, run)
-            elif (
-                type(packet) is bytes
-                and len(packet) >= 40
-                and packet[0] >> 4 == 6
-                and packet[6] == 6
-            ):
-                stats.packets_in += 1
-                rx_tcp6(packet, now, authenticated, run)
-            else:
-                if run:
-                    self._flush_run(run, now)
-                self.receive(packet, now, authenticated=authenticated)
-        if run:
-            self._flush_run(run, now)
-
     def _flush_run(self, run: list, now: float) -> None:
         """Feed the pending run of :meth:`receive_batch` to its socket and clear it. Every
         segment in it but the last has exactly ACK for flags (a PSH ends a run)."""
         sock, _next, wack, window, tsval, tsecr, flags, pieces = run
         run.clear()
         if len(pieces) > 1:
-            lens = [total - end for _p, _w, end, total, _s, _d in pieces]
-            payload = b"".join([p[end:total] for p, _w, end, total, _s, _d in pieces])
+            lens = [total - end for _p, _w, end, total in pieces]
+            payload = b"".join([p[end:total] for p, _w, end, total in pieces])
             size = (len(pieces), lens[0], lens[-1], max(lens))
             if sock.fast_input(pieces[0][1], wack, flags, window, tsval, tsecr, payload, now, size):
                 self._processed(sock)
@@ -963,7 +959,7 @@ class Stack:
             # Not the plain case after all (the window ran out, ...): one by one.
         last = pieces[-1]
         for piece in pieces:
-            packet, wseq, end, total, src, dst = piece
+            packet, wseq, end, total = piece
             if sock.fast_input(
                 wseq,
                 wack,
@@ -976,7 +972,9 @@ class Stack:
             ):
                 self._processed(sock)
             else:
-                self._rx_tcp_slow(packet, 20 if len(src) == 4 else 40, total, src, dst, now)
+                # (every segment of a run has the 32-byte header: the timestamp alone)
+                ip = end - 32
+                self._rx_tcp_slow(packet, ip, total, sock.remote_addr, sock.local_addr, now)
 
     def _rx_tcp_slow(
         self, packet: bytes, ip: int, total: int, src: bytes, dst: bytes, now: float
@@ -1107,7 +1105,7 @@ class Stack:
                         ):
                             run[1] = (wseq + total - end) & M32
                             run[6] = flags
-                            run[7].append((packet, wseq, end, total, src, dst))
+                            run[7].append((packet, wseq, end, total))
                             return
                         if run:
                             self._flush_run(run, now)
@@ -1120,7 +1118,7 @@ class Stack:
                                 tsval,
                                 tsecr,
                                 flags,
-                                [(packet, wseq, end, total, src, dst)],
+                                [(packet, wseq, end, total)],
                             )
                             return
                     elif run:
