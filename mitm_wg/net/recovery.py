@@ -469,12 +469,7 @@ class Scoreboard:
         if not sacked:
             return 0
         if x - sacked[0][0] <= sacked[-1][1] - x:
-            total = 0
-            for rs, re in sacked:
-                if rs >= x:
-                    break
-                total += (re if re < x else x) - rs
-            return total
+            return self._sacked_between(sacked[0][0], x)
         above = 0
         for rs, re in reversed(sacked):
             if re <= x:
