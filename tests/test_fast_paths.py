@@ -727,6 +727,91 @@ def test_bulk_send_is_taken() -> None:
     assert sum(type(s) is tuple for s in out) == calls[0] - 1
 
 
+@pytest.mark.parametrize("congestion", ["bbr", "newreno", "cubic"])
+def test_bulk_send_runs_with_sacked_data_and_in_recovery(congestion: str) -> None:
+    """With SACKed data outstanding, before (RACK's reordering window) and in loss
+    recovery, the new data goes out the bulk way, as far as the general loop would send it
+    (flight < cwnd outside recovery, RFC 6675 pipe + SMSS <= cwnd in it), with the same
+    segments, state and counters; in recovery the retransmission goes first, the general
+    way."""
+    rng = random.Random(5)
+    cfg = TcpConfig(mss=MSS, send_buffer=1 << 21, congestion=congestion, pacing=False)
+    irs = rng.getrandbits(32)
+    syn = TcpSegment(
+        80, 1234, irs, 0, SYN, 65535, mss=MSS, wscale=7, sack_permitted=True,
+        timestamp=(1000, 0),
+    )  # fmt: skip
+    sock = TcpSocket.from_syn(
+        cfg, B, 1234, A, 80, syn, isn=rng.getrandbits(32), now=0.0, randbytes=rng.randbytes
+    )
+    out: list[Any] = []
+    sock.dispatch(0.0, out, True)
+    rcv = (irs + 1) & M32
+    sock.process(
+        TcpSegment(80, 1234, rcv, (sock._iss + 1) & M32, ACK, 8000, timestamp=(1001, 0)), 0.01
+    )
+    sock.send(bytes(range(256)) * 6000)
+    m = sock._smss  # (the MSS less the timestamp option)
+    sock._cc.cwnd = 30 * m
+    out.clear()
+    sock.dispatch(0.02, out, True)
+    una = sock._snd_una
+    assert sock._snd_max - una == 30 * m
+    bulk_runs: list[int] = []
+    original = TcpSocket._bulk_send
+
+    def counting(
+        self: TcpSocket, now: float, out: list[Any], tuples: bool, budget: float = INF
+    ) -> int:
+        n = original(self, now, out, tuples, budget)
+        if self is sock:
+            bulk_runs.append(n)
+        return n
+
+    def step(now: float, ack: int, blocks: tuple[tuple[int, int], ...], tsval: int) -> list[Any]:
+        seg = TcpSegment(
+            80, 1234, rcv, ack & M32, ACK, 8000, timestamp=(tsval, sock._ts_val(now) - 5),
+            sack_blocks=tuple((s & M32, e & M32) for s, e in blocks),
+        )  # fmt: skip
+        sock.process(seg, now)
+        slow.process(copy.copy(seg), now)
+        fast_out: list[Any] = []
+        slow_out: list[Any] = []
+        bulk_runs.clear()
+        TcpSocket._bulk_send = counting  # type: ignore[method-assign]
+        try:
+            sock.dispatch(now, fast_out, True)
+        finally:
+            TcpSocket._bulk_send = original  # type: ignore[method-assign]
+        slow.dispatch(now, slow_out, True)
+        assert _wire(fast_out) == _wire(slow_out)
+        assert state_of(sock) == state_of(slow)
+        assert sock.poll_at() == slow.poll_at()
+        return fast_out
+
+    slow = copy.deepcopy(sock)
+    slow.__class__ = _NoBulk
+    # segment 2 missing, 3 and 4 SACKed (fewer than DupThresh): not lost yet, RACK waits
+    # out its reordering window
+    first = step(0.025, una + m, ((una + 2 * m, una + 4 * m),), 1002)
+    assert not sock._in_fr and sock._sacked
+    new = [s for s in first if _segment(s).seq != (una + m) & M32]
+    assert len(new) >= 2 and len(new) == len(first)
+    assert bulk_runs and bulk_runs[0] == len(new), "the bulk path sent the whole run"
+    # later SACKs: RACK deems segment 2 lost; recovery retransmits it, then new data
+    smax = sock._snd_max
+    second = step(0.06, una + m, ((una + 2 * m, una + 20 * m),), 1003)
+    assert sock._in_fr
+    assert _segment(second[0]).seq == (una + m) & M32  # the retransmission first
+    assert sock.stats.retransmits == 1
+    sent_new = (sock._snd_max - smax) // m
+    assert sent_new >= 1
+    assert sum(bulk_runs) == sent_new and len(second) == 1 + sent_new
+    third = step(0.065, una + m, ((una + 2 * m, una + 30 * m),), 1004)
+    assert sock._in_fr and len(third) >= 5
+    assert bulk_runs == [len(third)]
+
+
 @pytest.mark.parametrize(
     ("congestion", "pacing", "min_hits"),
     # BBR paces: after the first window, ACK-clocked releases of a few segments each

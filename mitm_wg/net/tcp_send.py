@@ -10,6 +10,7 @@ right after :meth:`Sender._emit`, whose rules it mirrors.
 from __future__ import annotations
 
 import errno
+import math
 
 from mitm_wg.net.recovery import PTO_FLOOR, TIMER_PTO, TIMER_REO, WC_DEL_ACK_T
 from mitm_wg.net.tcp_state import (
@@ -263,7 +264,7 @@ class Sender:
                 rack.on_send(s, e, now, True, self._snd_una)
             else:
                 sent = rack.sent
-                if sent and sent[-1][1] == now:
+                if sent and sent[-1][1] >= now:  # (a clock gone back: as Rack.on_send)
                     sent[-1][0] = e
                 else:
                     sent.append([e, now])
@@ -322,12 +323,16 @@ class Sender:
         counters) of the ``_next_tx``/``_emit`` loop, which carries on from where this stops
         (partial segments, FIN, limited transmit, recovery, SACK options).
 
-        Returns the number of segments emitted. Only called outside loss recovery with an
-        empty SACK scoreboard in a send state; it declines (0) unless SND.NXT == SND.MAX and
-        no SACK blocks are to be sent. Every segment after the first has the first one's
-        ACK, window and timestamp fields: nothing between them changes RCV.NXT, the receive
-        buffer or the clock, and the advertised-window computation of ``_make_seg`` gives
-        the same field again once it has run (its result is a fixed point).
+        Returns the number of segments emitted. Called when ``_next_tx`` offers a full
+        segment of new data, in or out of loss recovery; it declines (0) unless SND.NXT ==
+        SND.MAX and no SACK blocks are to be sent. Every segment after the first has the
+        first one's ACK, window and timestamp fields: nothing between them changes RCV.NXT,
+        the receive buffer or the clock, and the advertised-window computation of
+        ``_make_seg`` gives the same field again once it has run (its result is a fixed
+        point). Sending new data changes nothing ``_next_tx`` looks at before its new-data
+        step (retransmissions due, RACK's lost edge, the scoreboard): once it offers new
+        data it goes on doing so while the window lasts, and each segment adds its length
+        to both the flight and the pipe (RFC 6675 SetPipe), so that limit is computed once.
         """
         s = self._snd_max
         if self._snd_nxt != s or (self._asm.size and self._sack_ok):
@@ -340,7 +345,15 @@ class Sender:
         limit = una + self._snd_wnd
         if data_end < limit:
             limit = data_end
-        cw_end = una + self._cc.cwnd
+        cwnd = self._cc.cwnd
+        if self._in_fr and self._sack_ok:
+            # _next_tx in SACK recovery: a segment at e goes while cwnd - pipe >= SMSS,
+            # i.e. e <= s + cwnd - pipe - SMSS (cwnd may be a float)
+            cw_end = s + math.floor(cwnd - self._pipe() - smss) + 1
+        elif self._sacked:
+            cw_end = s + cwnd - self._flight()  # _next_tx: while flight < cwnd
+        else:
+            cw_end = una + cwnd  # (the same, with nothing SACKed)
         if s + budget < cw_end:
             cw_end = s + budget  # the pacer's budget (pacing.py), same overdraw rule
         if s + smss > limit or s >= cw_end:
@@ -348,6 +361,7 @@ class Sender:
         # the first one the general way: it sets the ACK/window/timer/RTT state
         self._emit(s, s + smss, False, now, out)
         s += smss
+        first_end = s
         if s + smss > limit or s >= cw_end:
             return 1
         first = out[-1]
@@ -412,6 +426,8 @@ class Sender:
         if rack is not None:
             # the first one's send-time batch grows: copy of rule rack-xmit-ts
             rack.sent[-1][0] = s
+            if self._in_fr:
+                rack.prr_out += s - first_end  # as _emit: RFC 6937 prr_out += data sent
         dr = self._dr
         if dr is not None:
             dr.records[-1][1] = s  # the first one's delivery-rate record grows too
@@ -466,18 +482,24 @@ class Sender:
             # pacing.py: the bytes the pacer lets go now
             budget = pacer.budget(now, self._cc.pacing_rate(self._rtt.srtt))
         sent = 0
-        if not self._in_fr and not self._sacked and sending:
-            smax = self._snd_max
-            guard = self._bulk_send(now, out, tuples, budget)
-            sent = self._snd_max - smax
+        smss = self._smss
         idle = False  # the loop ran out of things to send (not out of pacing budget)
         while guard < 100000 and sent < budget:
             tx = self._next_tx()
             if tx is None:
                 idle = True
                 break
-            self._emit(tx[0], tx[1], tx[2], now, out)
-            sent += tx[1] - tx[0]
+            s, e, rexmit = tx
+            if not rexmit and e - s == smss:
+                # a full segment of new data: the run of them goes the bulk way (in loss
+                # recovery too, where all but the retransmissions are new data)
+                n = self._bulk_send(now, out, tuples, budget - sent)
+                if n:
+                    sent += self._snd_max - s
+                    guard += n
+                    continue
+            self._emit(s, e, rexmit, now, out)
+            sent += e - s
             guard += 1
         if sent and pacer is not None:
             pacer.on_sent(sent)
