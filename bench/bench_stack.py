@@ -21,7 +21,12 @@ import argparse
 import heapq
 import os
 import random
+import sys
 import time
+from pathlib import Path
+
+# this checkout's mitm_wg (not one installed in the venv): an A/B runs each tree's own code
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mitm_wg.net.stack import Stack
 

@@ -12,7 +12,12 @@ Run: .venv/bin/python bench/bench_tcp.py [--segments N] [--smoke]
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+# this checkout's mitm_wg (not one installed in the venv): an A/B runs each tree's own code
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.net.tcp_wire import ACK, SYN, TcpSegment
