@@ -20,7 +20,10 @@ Before the scenarios (skip with ``--no-capacity``) it shows that neither the rel
 server is the cap: the server alone (curl inside the exit namespace), the relay alone (a UDP
 blast through it, no tunnel), and the kernel path and our tunnel with and without the relay
 at 0 ms. During every transfer it samples the relay's CPU use (a share near 100 % of one core
-would mean the relay caps the run).
+would mean the relay caps the run), and counts the datagrams the kernel dropped at full UDP
+receive buffers in both namespaces (the relay's, each WireGuard end's): loss on top of the
+relay's impairment, which a reader starved of CPU adds (the exit's wireguard-go during the
+kernel path's uploads, typically).
 
     .venv/bin/python bench/bench_path.py                 # everything, 3 rounds (~15 min)
     .venv/bin/python bench/bench_path.py --smoke         # tiny sizes, one round, no timing
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -256,6 +260,10 @@ def http_server(peer: ExitPeer, host: str, force_python: bool) -> Iterator[Serve
 class Transfer:
     mbps: float
     relay_cpu: float | None = None  # relay CPU seconds / wall seconds during the transfer
+    #: datagrams the kernel dropped at a full UDP receive buffer during the transfer, in the
+    #: exit's namespace and in the client's (the relay, the clients): loss on top of the
+    #: relay's impairment that a reader starved of CPU adds, for either path
+    udp_drops: tuple[int, int] = (0, 0)
 
 
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
@@ -403,6 +411,7 @@ def run_ours(
                 warm = await tunnel.open_tcp_stream(server.host, server.port)
                 await warm.aclose()
             for size, upload in jobs:
+                drops0 = _udp_drops(peer)
                 cpu0, t0 = _cpu(relay), time.perf_counter()
                 try:
                     with trio.fail_after(60 + size / 250_000):
@@ -410,7 +419,8 @@ def run_ours(
                 except Exception as e:  # one failed transfer must not end the whole run
                     _failed("mitm-wg", upload, e)
                     mbps = math.nan
-                out.append(Transfer(mbps, _share(relay, cpu0, t0)))
+                share = _share(relay, cpu0, t0)
+                out.append(Transfer(mbps, share, _drops_since(peer, drops0)))
                 server.cleanup_uploads()
         return out
 
@@ -433,13 +443,15 @@ def run_kernel(
     peer.client_ns.exec(warm, timeout=40)
     for size, upload in jobs:
         body = _body_file(peer, server, size) if upload else None
+        drops0 = _udp_drops(peer)
         cpu0, t0 = _cpu(relay), time.perf_counter()
         try:
             mbps = _curl(peer.client_ns, server, size, upload, body)
         except (subprocess.SubprocessError, RuntimeError, ValueError) as e:
             _failed("Linux TCP", upload, e)
             mbps = math.nan
-        out.append(Transfer(mbps, _share(relay, cpu0, t0)))
+        share = _share(relay, cpu0, t0)
+        out.append(Transfer(mbps, share, _drops_since(peer, drops0)))
         server.cleanup_uploads()
     return out
 
@@ -456,6 +468,29 @@ def _body_file(peer: ExitPeer, server: Server, size: int) -> Path:
         with open(body, "wb") as f:
             f.truncate(size)  # sparse zeros
     return body
+
+
+def _udp_drops(peer: ExitPeer) -> tuple[int, int]:
+    """UDP datagrams dropped at full receive buffers so far (RcvbufErrors, IPv4 + IPv6): in
+    the exit's namespace (its wireguard-go) and in the client's (the relay, the kernel
+    client's wireguard-go, our tunnel)."""
+    counts = []
+    for ns in (peer.ns, peer.client_ns):
+        total = 0
+        lines = ns.exec(["cat", "/proc/net/snmp", "/proc/net/snmp6"]).stdout.splitlines()
+        for head, values in itertools.pairwise(lines):
+            if head.startswith("Udp: ") and values.startswith("Udp: "):
+                total += int(values.split()[head.split().index("RcvbufErrors")])
+        for line in lines:
+            if line.startswith("Udp6RcvbufErrors"):
+                total += int(line.split()[1])
+        counts.append(total)
+    return counts[0], counts[1]
+
+
+def _drops_since(peer: ExitPeer, before: tuple[int, int]) -> tuple[int, int]:
+    after = _udp_drops(peer)
+    return after[0] - before[0], after[1] - before[1]
 
 
 def _cpu(relay: RelayProcess | None) -> float:
@@ -577,6 +612,10 @@ def _fmt_runs(ts: list[Transfer]) -> str:
     return ", ".join(f"{t.mbps:.1f}" for t in ts)
 
 
+def _fmt_drops(ts: list[Transfer]) -> str:
+    return ", ".join(f"{t.udp_drops[0]}+{t.udp_drops[1]}" for t in ts)
+
+
 def print_table(rows: list[Row], title: str) -> None:
     fixed = any(r.fixed for r in rows)
     print(f"\n### {title}\n")
@@ -585,8 +624,10 @@ def print_table(rows: list[Row], title: str) -> None:
     if fixed:
         head += f" {_before[1]} MB/s | ratio |"
         line += "---:|---:|"
-    print(head + " relay CPU | runs Linux / ours" + (" / fixed |" if fixed else " |"))
-    print(line + "---:|---|")
+    tail = " / fixed |" if fixed else " |"
+    drops = " UDP buffer drops exit+client, Linux / ours"
+    print(head + " relay CPU |" + drops + tail + " runs Linux / ours" + tail)
+    print(line + "---:|---|---|")
     for r in rows:
         k, o = r.med("kernel"), r.med("ours")
         cpu = r.relay_cpu()
@@ -594,11 +635,13 @@ def print_table(rows: list[Row], title: str) -> None:
         size = _fmt_size(r.size)
         cells = f"| {r.label} | {r.direction} | {size} | {k:.1f} | {o:.1f} | {o / k:.2f} |"
         runs = f"{_fmt_runs(r.kernel)} / {_fmt_runs(r.ours)}"
+        drops = f"{_fmt_drops(r.kernel)} / {_fmt_drops(r.ours)}"
         if fixed:
             f = r.med("fixed")
             cells += f" {f:.1f} | {f / k:.2f} |"
             runs += f" / {_fmt_runs(r.fixed)}"
-        print(f"{cells} {cpu_s} | {runs} |")
+            drops += f" / {_fmt_drops(r.fixed)}"
+        print(f"{cells} {cpu_s} | {drops} | {runs} |")
     sys.stdout.flush()
 
 
@@ -796,6 +839,11 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "ours": [t.mbps for t in r.ours],
                 "fixed": [t.mbps for t in r.fixed],
                 "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
+                "udp_drops_exit_client": {
+                    "kernel": [t.udp_drops for t in r.kernel],
+                    "ours": [t.udp_drops for t in r.ours],
+                    "fixed": [t.udp_drops for t in r.fixed],
+                },
                 "kernel_median": r.med("kernel"),
                 "ours_median": r.med("ours"),
                 "fixed_median": r.med("fixed"),
