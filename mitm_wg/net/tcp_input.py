@@ -328,7 +328,17 @@ class Input:
             self.stats.dropped += 1
             self._challenge_ack(now)
             return True
-        self._process_ack(seg, seq, ack, plen, now)
+        ts = seg.timestamp
+        self._process_ack(
+            seq,
+            ack,
+            plen,
+            seg.flags,
+            seg.window,
+            None if ts is None else ts[1],
+            seg.sack_blocks,
+            now,
+        )
         if self._fin_queued and self._snd_una > self._data_end():
             # our FIN is acknowledged
             if st is TcpState.FIN_WAIT_1:
@@ -343,10 +353,25 @@ class Input:
                 return True
         return False
 
-    def _process_ack(self, seg: TcpSegment, seq: int, ack: int, plen: int, now: float) -> None:
+    def _process_ack(
+        self,
+        seq: int,
+        ack: int,
+        plen: int,
+        flags: int,
+        window: int,
+        tsecr: int | None,
+        blocks: tuple[tuple[int, int], ...],
+        now: float,
+    ) -> None:
         """An acceptable ACK (RFC 9293 §3.10.7.4 "check the ACK field", as Linux's tcp_ack):
         SACK blocks to the scoreboard, the send window, SND.UNA advancing (the send side's
-        ``_on_new_ack``), duplicate ACKs (RFC 5681 §3.2, RFC 6675), RACK-TLP/PRR."""
+        ``_on_new_ack``), duplicate ACKs (RFC 5681 §3.2, RFC 6675), RACK-TLP/PRR.
+
+        Takes the segment's fields rather than a :class:`TcpSegment` (so that a path
+        without one can use it too): ``seq``/``ack`` unwrapped, ``plen`` the
+        payload's length, ``window`` the raw (unscaled) field, ``tsecr`` the timestamp echo
+        (None without a timestamp option), ``blocks`` the SACK blocks (wire values)."""
         una = self._snd_una
         sack_new = False
         rack = self._rack
@@ -356,15 +381,15 @@ class Input:
         dr = self._dr
         # delivery.py: SACKed bytes above SND.UNA before this ACK (delivered earlier)
         dr_sacked = self._sacked_bytes
-        if self._sack_ok and seg.sack_blocks:
+        if self._sack_ok and blocks:
             if rack is not None or dr is not None:
                 news = []
                 if self._in_fr:
                     sacked_before = self._sacked_bytes
-            sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una, news)
+            sack_new = self._update_scoreboard(blocks, ack if ack > una else una, news)
         elif rack is not None and self._in_fr:
             sacked_before = self._sacked_bytes
-        wnd = seg.window << self._snd_wscale
+        wnd = window << self._snd_wscale
         window_changed = False
         # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
         # SND.WL1/SND.WL2; RFC 7323 §2.3: scaled)
@@ -376,12 +401,11 @@ class Input:
             if wnd > self._max_snd_wnd:
                 self._max_snd_wnd = wnd
         if ack > una:
-            ts = seg.timestamp
-            self._on_new_ack(ack, una, ts[1] if ts is not None else 0, now)
+            self._on_new_ack(ack, una, 0 if tsecr is None else tsecr, now)
         elif (
             ack == una
             and plen == 0
-            and not seg.flags & (SYN | FIN)
+            and not flags & (SYN | FIN)
             and self._snd_max > una
             and (sack_new or not window_changed)
         ):
@@ -397,8 +421,8 @@ class Input:
             ):
                 self._enter_fast_recovery(now)
         if rack is not None:
-            if seg.sack_blocks or self._in_fr or had_sacked:
-                self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
+            if blocks or self._in_fr or had_sacked:
+                self._rack_on_ack(blocks, tsecr, una, ack, news or [], sacked_before, now)
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
         if dr is not None and (ack > una or sack_new):
