@@ -9,7 +9,7 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_fast_paths import A, B, connected_stacks, run_transfer, state_of
 
@@ -108,6 +108,11 @@ _STEPS = st.lists(
     seed=st.integers(0, 2**16),
     batches=st.lists(_STEPS, min_size=1, max_size=4),
     recv_buffer_small=st.booleans(),
+)
+# a run of 536, 536, 1400 bytes: one by one, the second segment makes an ACK due (two
+# segments of the receive MSS so far, 536); the run's last one raises that MSS to 1400
+@example(
+    seed=1, batches=[[("short", 536), ("ooo_fill", 536), ("data", 1)]], recv_buffer_small=False
 )
 def test_crafted_runs_match_one_by_one(
     seed: int, batches: list[list[tuple[str, int]]], recv_buffer_small: bool

@@ -46,7 +46,10 @@ class Input:
         ``Stack.receive_batch`` (as Linux's GRO does for TCP) because every other header
         field of theirs is equal and only the last may carry PSH: their number, and the
         first, last and largest segment's length. The effect is exactly that of the
-        segments one by one; tests/test_tcp_gro.py checks it.
+        segments one by one; tests/test_tcp_gro.py checks it. A run with a segment longer
+        than its first is declined (the stack then feeds its segments one by one): the
+        receive MSS would grow inside it, and whether an ACK is due (every second full-sized
+        segment) would depend on each segment's length, not just the first and last.
 
         Takes the already-parsed fields of a segment without SACK blocks (``tsval`` None
         when it has no timestamp option).  Returns False, having changed nothing, unless the
@@ -62,6 +65,8 @@ class Input:
         """
         if self.state is not TcpState.ESTABLISHED or flags & ~PSH != ACK:
             return False
+        if run is not None and run[3] > run[1]:
+            return False  # a segment longer than the first: one by one (see above)
         rcv_nxt = self._rcv_nxt
         seq = rcv_nxt
         if wseq != rcv_nxt & M32:
