@@ -63,8 +63,12 @@ def _packet(
     payload: bytes,
     *,
     dport: int = 80,
+    sack: tuple[tuple[int, int], ...] = (),
 ) -> bytes:
     opts = b"\x01\x01\x08\x0a" + struct.pack("!II", *ts) if ts is not None else b""
+    if sack:  # NOP NOP SACK, as Linux lays it out after the timestamp
+        edges = [e & M32 for block in sack for e in block]
+        opts += bytes((1, 1, 5, 2 + 8 * len(sack))) + struct.pack(f"!{len(edges)}I", *edges)
     hlen = 20 + len(opts)
     header = _TCP.pack(sport, dport, seq & M32, ack & M32, hlen // 4 << 4, flags, window, 0, 0)
     seg = header + opts + payload
@@ -94,6 +98,8 @@ _STEPS = st.lists(
                 "udp",
                 "pure_ack",
                 "ooo_fill",
+                "sack_ack",
+                "sack_ack",
             ]
         ),
         st.integers(1, 1400),
@@ -119,10 +125,14 @@ def test_crafted_runs_match_one_by_one(
 ) -> None:
     """Hand-made batches: full-sized and short segments, PSH inside a run, a gap and its
     filling, duplicates, a TSval step, window and ACK changes, a FIN, a second connection's
-    segments and a UDP datagram in between, a receive window that runs out mid-run."""
+    segments and a UDP datagram in between, a receive window that runs out mid-run; pure
+    ACKs with 1-3 SACK blocks (or a D-SACK) for the server's data in flight, which must
+    not overtake a pending run."""
     results = []
     for batched in (True, False):
         _a, b, client, server = connected_stacks(seed)
+        server.send(bytes(30000))
+        b.poll(0.5, [])
         if recv_buffer_small:
             server._rcv_adv = server.rcv_nxt + 5000  # a run crosses the window's edge
         rng = random.Random(seed)
@@ -139,6 +149,7 @@ def test_crafted_runs_match_one_by_one(
                 sport = client.local_port
                 flags = ACK
                 payload = bytes([size & 0xFF]) * (1400 if kind == "data" else size)
+                sack: tuple[tuple[int, int], ...] = ()
                 if kind == "psh":
                     flags |= PSH
                 elif kind == "ts":
@@ -151,12 +162,22 @@ def test_crafted_runs_match_one_by_one(
                     flags |= FIN
                 elif kind == "pure_ack":
                     payload = b""
+                elif kind == "sack_ack":
+                    payload = b""
+                    una = server._snd_una
+                    size_b = 500 * (1 + (size >> 2) % 2)
+                    sack = tuple(
+                        (una + 500 * (1 + 3 * j), una + 500 * (1 + 3 * j) + size_b)
+                        for j in range(1 + size % 3)
+                    )
+                    if size % 5 == 0:
+                        sack = ((una - 500, una), *sack[1:])  # D-SACK
                 elif kind == "other":
                     sport = 9999  # no such connection: the stack answers with a RST
                 elif kind == "udp":
                     packets.append(_udp_packet(payload))
                     continue
-                pkt = _packet(sport, seq, ack, flags, window, (ts[0], ts[1]), payload)
+                pkt = _packet(sport, seq, ack, flags, window, (ts[0], ts[1]), payload, sack=sack)
                 if kind == "gap":
                     held.append(pkt)  # sent later, after what follows it
                 elif kind == "dup" and packets:

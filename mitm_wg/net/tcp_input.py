@@ -102,8 +102,10 @@ class Input:
                 return False  # window trimming, gap filling, pending FIN, unread data policy
         elif d == 0 and smax > una:
             return False  # a possible duplicate ACK
-        if self._fin_queued or self._in_fr:
-            return False  # (in recovery every ACK feeds RACK/PRR: the slow path)
+        if self._fin_queued or self._in_fr or (self._sacked and self._rack is not None):
+            # (in recovery, or with RACK and SACKed data above SND.UNA, every ACK feeds
+            # RACK/PRR: _process_ack's _rack_on_ack, which may mark losses; the slow path)
+            return False
         # From here on: exactly process() -> _process_ack() -> _process_data() for this case.
         self._now = now
         self.stats.segments_in += 1 if run is None else run[0]
