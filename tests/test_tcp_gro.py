@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_fast_paths import A, B, connected_stacks, run_transfer, state_of
+from test_fast_paths import A, B, connected_stacks, make_stacks, run_transfer, state_of
 
 from mitm_wg.net.checksum import checksum, pseudo_header_sum
 from mitm_wg.net.tcp import M32, TcpSocket
@@ -232,3 +232,64 @@ def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
     assert seen == [3, 10]
     assert len(server.recv(1 << 20)) == 14000
     assert b.stats.packets_in >= 10
+
+
+def test_sack_ack_of_another_connection_waits_for_the_run(monkeypatch: Any) -> None:
+    """A pure ACK with SACK blocks (TcpSocket.sack_ack_input) for one connection right after
+    a run of another's: the run reaches its socket first, as packet by packet, and the
+    outcome is the same."""
+    results = []
+    seen: list[int] = []
+    original = TcpSocket.sack_ack_input
+
+    def recording(self: TcpSocket, *args: Any) -> bool:
+        seen.append(srv1.rcv_nxt)  # what the run's socket has received by then
+        return original(self, *args)
+
+    monkeypatch.setattr(TcpSocket, "sack_ack_input", recording)
+    for batched in (True, False):
+        a, b = make_stacks(5)
+        lst = b.tcp_listen(80)
+        c1 = a.tcp_connect("10.0.0.2", 80, 0.0)
+        c2 = a.tcp_connect("10.0.0.2", 80, 0.0)
+        for _ in range(4):
+            for s1, s2 in ((a, b), (b, a)):
+                out: list[bytes] = []
+                s1.poll(0.0, out)
+                for p in out:
+                    s2.receive(p, 0.0)
+        srv1, srv2 = lst.accept(), lst.accept()
+        assert srv1 is not None and srv2 is not None
+        if srv1.remote_port != c1.local_port:
+            srv1, srv2 = srv2, srv1
+        srv2.send(bytes(200_000))
+        b.poll(0.5, [])
+        una = srv2.snd_una
+        tsval = max(srv1._ts_recent, srv2._ts_recent) + 1
+        packets = [
+            _packet(
+                c1.local_port,
+                srv1.rcv_nxt + 1400 * i,
+                srv1.snd_una,
+                ACK,
+                1000,
+                (tsval, 5),
+                bytes(1400),
+            )
+            for i in range(2)
+        ]
+        sack = ((una + 2000, una + 4000),)
+        packets.append(
+            _packet(c2.local_port, srv2.rcv_nxt, una + 1000, ACK, 1000, (tsval, 5), b"", sack=sack)
+        )
+        if batched:
+            b.receive_batch(packets, 1.0, authenticated=True)
+            assert seen == [(srv1.rcv_nxt) & M32], "the SACK ACK overtook the run"
+        else:
+            for p in packets:
+                b.receive(bytearray(p), 1.0, authenticated=True)
+        out = []
+        b.poll(1.0, out)
+        assert len({p[22:24] for p in out}) == 2, "both connections send"
+        results.append((out, b.stats.as_dict(), state_of(srv1), state_of(srv2)))
+    assert results[0] == results[1]

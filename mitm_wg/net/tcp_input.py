@@ -4,7 +4,8 @@ what an ACK frees is the send side's (``tcp_send.py`` ``_on_new_ack``), data goe
 receive side (``tcp_recv.py`` ``_process_data``).
 
 As Linux's tcp_input.c: :meth:`Input.fast_input` (header prediction) sits right before
-:meth:`Input.process`, the general path whose ESTABLISHED in-order case it mirrors.
+:meth:`Input.process`, the general path whose ESTABLISHED in-order case it mirrors;
+:meth:`Input.sack_ack_input` does the same for pure ACKs carrying SACK blocks.
 """
 
 from __future__ import annotations
@@ -168,6 +169,55 @@ class Input:
                 self._unacked_bytes += plen - first
                 self._schedule_ack(run[2], flags & PSH, now)
             self._rcv_nxt = rcv_nxt
+        return True
+
+    def sack_ack_input(
+        self,
+        wseq: int,
+        wack: int,
+        window: int,
+        tsval: int,
+        tsecr: int,
+        blocks: tuple[tuple[int, int], ...],
+        now: float,
+    ) -> bool:
+        """The pure ACK with SACK blocks (RFC 2018) that a receiver sends for every segment
+        after a loss: :meth:`fast_input`'s sibling for the ACKs of a lossy upload, without a
+        :class:`TcpSegment`.
+
+        Takes the already-parsed fields of a segment whose flags are exactly ACK, with no
+        payload, a timestamp option (``tsval``, ``tsecr``) and SACK ``blocks`` (wire values,
+        at least one).  Returns False, having changed nothing, unless the socket is
+        ESTABLISHED with timestamps, the segment is at RCV.NXT, passes PAWS, and its ACK is
+        acceptable (not beyond SND.MAX, not older than the largest window); then it has
+        exactly the effect :meth:`process` would have had and returns True.
+
+        Only the steps of :meth:`process` before :meth:`_process_ack` are repeated here
+        (each marked ``copy of rule <name>`` as in :meth:`fast_input`); the ACK and its SACK
+        blocks go through the one :meth:`_process_ack`. tests/test_fast_paths.py checks the
+        two paths give identical state on random SACK ACKs.
+        """
+        if self.state is not TcpState.ESTABLISHED or not self._ts_ok:
+            return False
+        if (tsval - self._ts_recent) & M32 >= _HALF:
+            return False  # PAWS (rule paws) may object: the slow path
+        rcv_nxt = self._rcv_nxt
+        if wseq != rcv_nxt & M32:
+            return False  # the acceptability test and its drops: the slow path
+        una = self._snd_una
+        ack = _unwrap(una, wack)
+        if ack > self._snd_max or ack < una - self._max_snd_wnd:
+            return False  # RFC 5961 §5.2 challenge ACK: the slow path
+        # From here on: exactly process() -> _fifth_check_ack() -> _process_ack() for this
+        # case (ESTABLISHED: no step after _process_ack applies to a pure ACK).
+        self._now = now
+        self.stats.segments_in += 1
+        self._last_rx = now
+        self._ka_probes = 0
+        if rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent
+            self._ts_recent = tsval
+            self._ts_recent_age = now
+        self._process_ack(rcv_nxt, ack, 0, ACK, window, tsecr, blocks, now)
         return True
 
     def process(self, seg: TcpSegment, now: float) -> None:
@@ -375,8 +425,8 @@ class Input:
         SACK blocks to the scoreboard, the send window, SND.UNA advancing (the send side's
         ``_on_new_ack``), duplicate ACKs (RFC 5681 §3.2, RFC 6675), RACK-TLP/PRR.
 
-        Takes the segment's fields rather than a :class:`TcpSegment` (so that a path
-        without one can use it too): ``seq``/``ack`` unwrapped, ``plen`` the
+        Takes the segment's fields rather than a :class:`TcpSegment` so that
+        :meth:`sack_ack_input` can use it too: ``seq``/``ack`` unwrapped, ``plen`` the
         payload's length, ``window`` the raw (unscaled) field, ``tsecr`` the timestamp echo
         (None without a timestamp option), ``blocks`` the SACK blocks (wire values)."""
         una = self._snd_una
