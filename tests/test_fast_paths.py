@@ -1,6 +1,7 @@
 """The hot-path shortcuts behave exactly like the general code they bypass.
 
-* ``TcpSocket.fast_input`` (header prediction) versus ``TcpSocket.process``;
+* ``TcpSocket.fast_input`` (header prediction) and ``TcpSocket.sack_ack_input`` (pure ACKs
+  with SACK blocks) versus ``TcpSocket.process``;
 * ``Stack._rx_tcp4``/``_rx_tcp6`` (taken for ``bytes`` packets) versus the general receive
   path (taken for any other buffer type); ``Stack.receive_batch`` in tests/test_tcp_gro.py;
 * ``Stack._wrap_tcp_fast`` versus ``Stack._wrap_tcp``.
@@ -14,7 +15,7 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from mitm_wg.net.assembler import Assembler
@@ -213,6 +214,216 @@ def test_fast_input_takes_the_common_segments() -> None:
     assert sock.snd_una == mid
 
 
+# -- TcpSocket.sack_ack_input (pure ACKs with SACK blocks) versus process -------------------
+
+
+def sack_sender(
+    seed: int, congestion: str, rack: bool, timestamps: bool, history: int
+) -> tuple[TcpSocket, random.Random]:
+    """A socket in ESTABLISHED (SACK permitted) with a window of data in flight and
+    ``history`` random ACKs with SACK blocks behind it, fed through the general path (a
+    scoreboard, duplicate ACKs, often recovery and retransmissions)."""
+    rng = random.Random(seed)
+    cfg = TcpConfig(
+        mss=MSS,
+        recv_buffer=1 << 16,
+        send_buffer=1 << 20,
+        congestion=congestion,
+        rack=rack,
+        pacing=False,
+        timestamps=timestamps,
+    )
+    irs = rng.getrandbits(32)
+    syn = TcpSegment(
+        80, 1234, irs, 0, SYN, 65535, mss=MSS, wscale=7, sack_permitted=True, timestamp=(1000, 0)
+    )
+    sock = TcpSocket.from_syn(
+        cfg, B, 1234, A, 80, syn, isn=rng.getrandbits(32), now=0.0, randbytes=rng.randbytes
+    )
+    out: list[TcpSegment] = []
+    sock.dispatch(0.0, out)
+    rcv = (irs + 1) & M32
+    sock.process(
+        TcpSegment(80, 1234, rcv, sock._snd_max & M32, ACK, 2000, timestamp=(1001, 0)), 0.01
+    )
+    assert sock.state is TcpState.ESTABLISHED
+    sock.send(bytes(300_000))
+    sock._cc.cwnd = 40 * MSS
+    now = 0.02
+    sock.dispatch(now, out)
+    tsval = 1002
+    for _ in range(history):
+        now += rng.choice([0.0005, 0.003, 0.03])
+        tsval += rng.randrange(2)
+        una, smax = sock._snd_una, sock._snd_max
+        ack = una + rng.choice([0, 0, 0, MSS, (smax - una) // 4])
+        start = ack + MSS * rng.randrange(1, 8)
+        blocks = tuple(
+            ((start + MSS * 3 * i) & M32, min(start + MSS * (3 * i + 1), smax) & M32)
+            for i in range(rng.randrange(1, 4))
+        )
+        ts = (tsval, sock._ts_val(now) - 5) if timestamps else None
+        sock.process(
+            TcpSegment(80, 1234, rcv, ack & M32, ACK, 2000, timestamp=ts, sack_blocks=blocks), now
+        )
+        sock.dispatch(now, out)
+    return sock, rng
+
+
+_EDGES = ["inside", "inside", "inside", "sacked", "dsack", "beyond", "empty", "old", "wrapped"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    congestion=st.sampled_from(["newreno", "bbr"]),
+    rack=st.booleans(),
+    timestamps=st.sampled_from([True, True, True, False]),
+    history=st.integers(0, 8),
+    edges=st.lists(st.sampled_from(_EDGES), min_size=1, max_size=4),
+    ack_sel=st.sampled_from(["una", "una", "mid", "max", "beyond", "old", "too_old"]),
+    ts_sel=st.sampled_from(["same", "newer", "older", "far"]),
+    tsecr_sel=st.sampled_from(["echo", "echo", "zero", "future"]),
+    seq_off=st.sampled_from([0, 0, 0, 0, 1, -1, 3000]),
+    window=st.sampled_from([2000, 2000, 0, 1, 65535]),
+    state=st.sampled_from(["established"] * 6 + ["fin_wait", "close_wait"]),
+    dt=st.sampled_from([0.0, 0.001, 0.05, 3.0]),
+    common=st.booleans(),
+)
+def test_sack_ack_input_is_process(
+    seed: int,
+    congestion: str,
+    rack: bool,
+    timestamps: bool,
+    history: int,
+    edges: list[str],
+    ack_sel: str,
+    ts_sel: str,
+    tsecr_sel: str,
+    seq_off: int,
+    window: int,
+    state: str,
+    dt: float,
+    common: bool,
+) -> None:
+    """Random pure ACKs with 1-4 SACK blocks (inside the flight, already SACKed, D-SACK
+    below SND.UNA, beyond SND.MAX, empty, wrapped), old and unacceptable ACKs, PAWS
+    failures, window changes, other states: sack_ack_input either declines without a
+    trace or has exactly the effect of process (state, then what the socket sends)."""
+    if common:  # steer half the examples towards segments the fast path accepts
+        timestamps, state, seq_off = True, "established", 0
+        ts_sel = "same" if ts_sel in ("older", "far") else ts_sel
+        ack_sel = "una" if ack_sel in ("beyond", "too_old") else ack_sel
+    sock, rng = sack_sender(seed, congestion, rack, timestamps, history)
+    if state == "fin_wait":
+        sock.shutdown_write(0.5)
+    elif state == "close_wait":
+        sock.process(
+            TcpSegment(
+                80,
+                1234,
+                sock._rcv_nxt & M32,
+                sock._snd_una & M32,
+                ACK | FIN,
+                2000,
+                timestamp=(sock._ts_recent, 0) if timestamps else None,
+            ),
+            0.5,
+        )
+        assert sock.state is TcpState.CLOSE_WAIT
+    now = 0.5 + dt
+    sock._ka_probes = rng.randrange(2)  # (as if a keepalive probe were unanswered)
+    una, smax = sock._snd_una, sock._snd_max
+    ack = {
+        "una": una,
+        "mid": (una + smax) // 2,
+        "max": smax,
+        "beyond": smax + 1,
+        "old": una - rng.randrange(1, 3 * MSS),
+        "too_old": una - sock._max_snd_wnd - 1,
+    }[ack_sel]
+    base = max(ack, una)
+    blocks = []
+    for kind in edges:
+        if kind == "inside" and smax > base:
+            s = rng.randrange(base, smax)
+            e = rng.randrange(s + 1, smax + 1)
+        elif kind == "sacked" and sock._sacked:
+            s, e = rng.choice(sock._sacked)
+        elif kind == "dsack":
+            s = una - rng.randrange(1, 4 * MSS)
+            e = rng.randrange(s + 1, una + 2)
+        elif kind == "beyond":
+            s = smax + rng.randrange(0, MSS)
+            e = s + MSS
+        elif kind == "empty":
+            s = e = base + rng.randrange(0, 4 * MSS)
+        elif kind == "wrapped":
+            s = base + 2**31 + rng.randrange(1000)
+            e = s + MSS
+        else:  # "old" (or nothing to pick from)
+            e = una - rng.randrange(0, MSS)
+            s = e - MSS
+        blocks.append((s & M32, e & M32))
+    recent = sock._ts_recent
+    tsval = {"same": recent, "newer": recent + 3, "older": recent - 1, "far": recent + 2**31}[
+        ts_sel
+    ] & M32
+    tsecr = {"echo": sock._ts_val(now) - 7, "zero": 0, "future": sock._ts_val(now) + 99}[
+        tsecr_sel
+    ] & M32
+    seq = (sock._rcv_nxt + seq_off) & M32
+    slow = copy.deepcopy(sock)
+    before = state_of(sock)
+    handled = sock.sack_ack_input(seq, ack & M32, window, tsval, tsecr, tuple(blocks), now)
+    event("handled" if handled else "declined")
+    if not handled:
+        assert state_of(sock) == before, "a declined fast path must not change anything"
+        return
+    slow.process(
+        TcpSegment(
+            80,
+            1234,
+            seq,
+            ack & M32,
+            ACK,
+            window,
+            timestamp=(tsval, tsecr),
+            sack_blocks=tuple(blocks),
+        ),
+        now,
+    )
+    assert state_of(sock) == state_of(slow)
+    assert sock.poll_at() == slow.poll_at()
+    out_fast: list[TcpSegment] = []
+    out_slow: list[TcpSegment] = []
+    sock.dispatch(now, out_fast)
+    slow.dispatch(now, out_slow)
+    assert [s._key() for s in out_fast] == [s._key() for s in out_slow]
+    assert state_of(sock) == state_of(slow)
+
+
+def test_sack_ack_input_takes_the_common_segments() -> None:
+    """Duplicate and advancing ACKs with SACK blocks, including a D-SACK, do take the fast
+    path (else the test above proves little), and update the scoreboard."""
+    for congestion in ("newreno", "bbr"):
+        sock, _rng = sack_sender(5, congestion, True, True, 0)
+        una, smax = sock._snd_una, sock._snd_max
+        rcv = sock._rcv_nxt & M32
+        tsval = sock._ts_recent + 1
+        tsecr = sock._ts_val(0.05)
+        block = ((una + 2 * MSS) & M32, (una + 4 * MSS) & M32)
+        assert sock.sack_ack_input(rcv, una & M32, 2000, tsval, tsecr, (block,), 0.05)
+        assert sock._sacked == [[una + 2 * MSS, una + 4 * MSS]]
+        assert sock.stats.dup_acks == 1
+        two = (((una + 5 * MSS) & M32, (una + 6 * MSS) & M32), block)
+        assert sock.sack_ack_input(rcv, una & M32, 2000, tsval, tsecr, two, 0.05)
+        assert sock._sacked_bytes == 3 * MSS
+        dsack = ((una & M32, (una + MSS) & M32), block)
+        assert sock.sack_ack_input(rcv, (una + MSS) & M32, 2000, tsval, tsecr, dsack, 0.06)
+        assert sock._snd_una == una + MSS < smax
+
+
 # -- the Stack: bytes (fast paths) versus bytearray (general path) ---------------------------
 
 
@@ -326,6 +537,37 @@ def test_stack_fast_receive_path_matches_general_path(monkeypatch: Any, v6: bool
         hits[0] = 0
         slow = run_transfer(seed, False, calls, v6=v6)
         assert hits[0] == 0
+        assert len(fast) == len(slow)
+        for i, (x, y) in enumerate(zip(fast, slow, strict=True)):
+            assert x == y, f"seed {seed}: traces differ at entry {i}"
+
+
+@pytest.mark.parametrize("congestion", ["newreno", "bbr"])
+@pytest.mark.parametrize("batch", [False, True], ids=["receive", "batch"])
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_stack_sack_ack_path_matches_general_path(
+    monkeypatch: Any, v6: bool, batch: bool, congestion: str
+) -> None:
+    """The lossy, reordering stack transfer gives identical packets, counters and states
+    with and without TcpSocket.sack_ack_input (``batch``: with receive_batch, whose pending
+    run a SACK ACK must flush first), and that path is taken."""
+    tcp_config = TcpConfig(congestion=congestion)
+    hits = [0]
+    original = TcpSocket.sack_ack_input
+
+    def counting(self: TcpSocket, *args: Any) -> bool:
+        ok = original(self, *args)
+        hits[0] += ok
+        return ok
+
+    calls: list[int] = []
+    for seed in (1, 2):
+        monkeypatch.setattr(TcpSocket, "sack_ack_input", counting)
+        hits[0] = 0
+        fast = run_transfer(seed, True, calls, tcp_config, batch=batch, v6=v6)
+        assert hits[0] > 20, "the SACK ACK path was not taken"
+        monkeypatch.setattr(TcpSocket, "sack_ack_input", lambda self, *args: False)
+        slow = run_transfer(seed, True, calls, tcp_config, batch=batch, v6=v6)
         assert len(fast) == len(slow)
         for i, (x, y) in enumerate(zip(fast, slow, strict=True)):
             assert x == y, f"seed {seed}: traces differ at entry {i}"

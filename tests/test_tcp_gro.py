@@ -9,9 +9,9 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_fast_paths import A, B, connected_stacks, run_transfer, state_of
+from test_fast_paths import A, B, connected_stacks, make_stacks, run_transfer, state_of
 
 from mitm_wg.net.checksum import checksum, pseudo_header_sum
 from mitm_wg.net.tcp import M32, TcpSocket
@@ -63,8 +63,12 @@ def _packet(
     payload: bytes,
     *,
     dport: int = 80,
+    sack: tuple[tuple[int, int], ...] = (),
 ) -> bytes:
     opts = b"\x01\x01\x08\x0a" + struct.pack("!II", *ts) if ts is not None else b""
+    if sack:  # NOP NOP SACK, as Linux lays it out after the timestamp
+        edges = [e & M32 for block in sack for e in block]
+        opts += bytes((1, 1, 5, 2 + 8 * len(sack))) + struct.pack(f"!{len(edges)}I", *edges)
     hlen = 20 + len(opts)
     header = _TCP.pack(sport, dport, seq & M32, ack & M32, hlen // 4 << 4, flags, window, 0, 0)
     seg = header + opts + payload
@@ -94,6 +98,8 @@ _STEPS = st.lists(
                 "udp",
                 "pure_ack",
                 "ooo_fill",
+                "sack_ack",
+                "sack_ack",
             ]
         ),
         st.integers(1, 1400),
@@ -109,15 +115,24 @@ _STEPS = st.lists(
     batches=st.lists(_STEPS, min_size=1, max_size=4),
     recv_buffer_small=st.booleans(),
 )
+# a run of 536, 536, 1400 bytes: one by one, the second segment makes an ACK due (two
+# segments of the receive MSS so far, 536); the run's last one raises that MSS to 1400
+@example(
+    seed=1, batches=[[("short", 536), ("ooo_fill", 536), ("data", 1)]], recv_buffer_small=False
+)
 def test_crafted_runs_match_one_by_one(
     seed: int, batches: list[list[tuple[str, int]]], recv_buffer_small: bool
 ) -> None:
     """Hand-made batches: full-sized and short segments, PSH inside a run, a gap and its
     filling, duplicates, a TSval step, window and ACK changes, a FIN, a second connection's
-    segments and a UDP datagram in between, a receive window that runs out mid-run."""
+    segments and a UDP datagram in between, a receive window that runs out mid-run; pure
+    ACKs with 1-3 SACK blocks (or a D-SACK) for the server's data in flight, which must
+    not overtake a pending run."""
     results = []
     for batched in (True, False):
         _a, b, client, server = connected_stacks(seed)
+        server.send(bytes(30000))
+        b.poll(0.5, [])
         if recv_buffer_small:
             server._rcv_adv = server.rcv_nxt + 5000  # a run crosses the window's edge
         rng = random.Random(seed)
@@ -134,6 +149,7 @@ def test_crafted_runs_match_one_by_one(
                 sport = client.local_port
                 flags = ACK
                 payload = bytes([size & 0xFF]) * (1400 if kind == "data" else size)
+                sack: tuple[tuple[int, int], ...] = ()
                 if kind == "psh":
                     flags |= PSH
                 elif kind == "ts":
@@ -146,12 +162,22 @@ def test_crafted_runs_match_one_by_one(
                     flags |= FIN
                 elif kind == "pure_ack":
                     payload = b""
+                elif kind == "sack_ack":
+                    payload = b""
+                    una = server._snd_una
+                    size_b = 500 * (1 + (size >> 2) % 2)
+                    sack = tuple(
+                        (una + 500 * (1 + 3 * j), una + 500 * (1 + 3 * j) + size_b)
+                        for j in range(1 + size % 3)
+                    )
+                    if size % 5 == 0:
+                        sack = ((una - 500, una), *sack[1:])  # D-SACK
                 elif kind == "other":
                     sport = 9999  # no such connection: the stack answers with a RST
                 elif kind == "udp":
                     packets.append(_udp_packet(payload))
                     continue
-                pkt = _packet(sport, seq, ack, flags, window, (ts[0], ts[1]), payload)
+                pkt = _packet(sport, seq, ack, flags, window, (ts[0], ts[1]), payload, sack=sack)
                 if kind == "gap":
                     held.append(pkt)  # sent later, after what follows it
                 elif kind == "dup" and packets:
@@ -206,3 +232,64 @@ def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
     assert seen == [3, 10]
     assert len(server.recv(1 << 20)) == 14000
     assert b.stats.packets_in >= 10
+
+
+def test_sack_ack_of_another_connection_waits_for_the_run(monkeypatch: Any) -> None:
+    """A pure ACK with SACK blocks (TcpSocket.sack_ack_input) for one connection right after
+    a run of another's: the run reaches its socket first, as packet by packet, and the
+    outcome is the same."""
+    results = []
+    seen: list[int] = []
+    original = TcpSocket.sack_ack_input
+
+    def recording(self: TcpSocket, *args: Any) -> bool:
+        seen.append(srv1.rcv_nxt)  # what the run's socket has received by then
+        return original(self, *args)
+
+    monkeypatch.setattr(TcpSocket, "sack_ack_input", recording)
+    for batched in (True, False):
+        a, b = make_stacks(5)
+        lst = b.tcp_listen(80)
+        c1 = a.tcp_connect("10.0.0.2", 80, 0.0)
+        c2 = a.tcp_connect("10.0.0.2", 80, 0.0)
+        for _ in range(4):
+            for s1, s2 in ((a, b), (b, a)):
+                out: list[bytes] = []
+                s1.poll(0.0, out)
+                for p in out:
+                    s2.receive(p, 0.0)
+        srv1, srv2 = lst.accept(), lst.accept()
+        assert srv1 is not None and srv2 is not None
+        if srv1.remote_port != c1.local_port:
+            srv1, srv2 = srv2, srv1
+        srv2.send(bytes(200_000))
+        b.poll(0.5, [])
+        una = srv2.snd_una
+        tsval = max(srv1._ts_recent, srv2._ts_recent) + 1
+        packets = [
+            _packet(
+                c1.local_port,
+                srv1.rcv_nxt + 1400 * i,
+                srv1.snd_una,
+                ACK,
+                1000,
+                (tsval, 5),
+                bytes(1400),
+            )
+            for i in range(2)
+        ]
+        sack = ((una + 2000, una + 4000),)
+        packets.append(
+            _packet(c2.local_port, srv2.rcv_nxt, una + 1000, ACK, 1000, (tsval, 5), b"", sack=sack)
+        )
+        if batched:
+            b.receive_batch(packets, 1.0, authenticated=True)
+            assert seen == [(srv1.rcv_nxt) & M32], "the SACK ACK overtook the run"
+        else:
+            for p in packets:
+                b.receive(bytearray(p), 1.0, authenticated=True)
+        out = []
+        b.poll(1.0, out)
+        assert len({p[22:24] for p in out}) == 2, "both connections send"
+        results.append((out, b.stats.as_dict(), state_of(srv1), state_of(srv2)))
+    assert results[0] == results[1]

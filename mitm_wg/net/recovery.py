@@ -623,7 +623,8 @@ class Scoreboard:
 
     def _rack_on_ack(
         self,
-        seg: TcpSegment,
+        blocks: tuple[tuple[int, int], ...],
+        tsecr: int | None,
         una: int,
         ack: int,
         news: list[tuple[int, int]],
@@ -631,10 +632,10 @@ class Scoreboard:
         now: float,
     ) -> None:
         """Everything RACK and PRR do with an ACK of the slow path (RFC 8985 §6.2 steps
-        1-5, RFC 6937 §3 "on every ACK during recovery")."""
+        1-5, RFC 6937 §3 "on every ACK during recovery"): its SACK ``blocks`` (wire values)
+        and timestamp echo ``tsecr`` (None without a timestamp option)."""
         rack = self._rack
         assert rack is not None
-        blocks = seg.sack_blocks
         if blocks:
             # RFC 2883 §4: a DSACK is a first block below the cumulative ACK or inside the
             # second block
@@ -650,8 +651,8 @@ class Scoreboard:
                 rack.on_dsack(self._snd_una, self._snd_max)
                 if rack.tlp_end is not None and rack.tlp_is_retrans and e0 == rack.tlp_end:
                     rack.tlp_end = None  # §7.4: the probe was spurious, no loss
-        ts = seg.timestamp
-        tsecr = ts[1] if ts is not None and self._ts_ok else None
+        if not self._ts_ok:
+            tsecr = None
         rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)
         self._rack_detect(now)
         if self._in_fr and not self._cc.model_based:

@@ -116,6 +116,12 @@ _SACK_OPTION = [struct.Struct(f"!HH{2 * n}I") for n in range(4)]
 _IP4_CONST_SUM = 0x4500 + 0x4000 + ((DEFAULT_TTL << 8) | PROTO_TCP)
 _TS_OPT_SUM = 0x0101 + 0x080A
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
+#: A pure ACK's TCP header length -> (its options after the fixed header, and the bytes that
+#: start its SACK option) for the layout Linux sends: NOP NOP TS, NOP NOP SACK of 1-3 blocks
+#: (4 do not fit beside a timestamp). See Stack._rx_tcp_fast.
+_SACK_ACK = {
+    36 + 8 * n: (struct.Struct(f"!4sII4s{2 * n}I"), bytes((1, 1, 5, 2 + 8 * n))) for n in (1, 2, 3)
+}
 _PLATEAUS = (32000, 17914, 8166, 4352, 2002, 1492, 1006, 508, 296, 68)  # RFC 1191 §7
 
 
@@ -991,9 +997,9 @@ class Stack:
     ) -> None:
         """An IPv4 packet with a 20-byte header carrying TCP: :meth:`receive` + :meth:`_rx_tcp`
         with the same checks and counters, without building an IpPacket, and without a
-        TcpSegment for the segments :meth:`TcpSocket.fast_input` accepts. ``run``: the
-        pending run of :meth:`receive_batch`, which this segment extends, flushes or
-        starts."""
+        TcpSegment for the segments :meth:`TcpSocket.fast_input` and
+        :meth:`TcpSocket.sack_ack_input` accept. ``run``: the pending run of
+        :meth:`receive_batch`, which this segment extends, flushes or starts."""
         stats = self.stats
         n = len(packet)
         vihl, tos, total, ident, frag, ttl, proto, csum, src, dst = _IP4_HDR.unpack_from(packet)
@@ -1086,7 +1092,26 @@ class Stack:
             tsval = None
             tsecr = 0
         else:
-            hlen = 0  # options other than a lone timestamp: parse them fully
+            # A pure ACK with a timestamp and SACK blocks (nearly every ACK of a lossy
+            # upload): TcpSocket.sack_ack_input, without a TcpSegment, if the socket agrees.
+            sack = _SACK_ACK.get(hlen) if flags == ACK and total - ip == hlen else None
+            if sack is not None:
+                sock = self._tcp.get((dst, dport, src, sport))
+                if sock is not None:
+                    v = sack[0].unpack_from(packet, ip + 20)
+                    if v[0] == _NOP_NOP_TS and v[3] == sack[1]:
+                        if hlen == 44:
+                            blocks = ((v[4], v[5]),)
+                        elif hlen == 52:
+                            blocks = ((v[4], v[5]), (v[6], v[7]))
+                        else:
+                            blocks = ((v[4], v[5]), (v[6], v[7]), (v[8], v[9]))
+                        if run:
+                            self._flush_run(run, now)  # (the run's segments came first)
+                        if sock.sack_ack_input(wseq, wack, window, v[1], v[2], blocks, now):
+                            self._processed(sock)
+                            return
+            hlen = 0  # other options: parse them fully
         if hlen:
             sock = self._tcp.get((dst, dport, src, sport))
             if sock is not None:

@@ -4,7 +4,8 @@ what an ACK frees is the send side's (``tcp_send.py`` ``_on_new_ack``), data goe
 receive side (``tcp_recv.py`` ``_process_data``).
 
 As Linux's tcp_input.c: :meth:`Input.fast_input` (header prediction) sits right before
-:meth:`Input.process`, the general path whose ESTABLISHED in-order case it mirrors.
+:meth:`Input.process`, the general path whose ESTABLISHED in-order case it mirrors;
+:meth:`Input.sack_ack_input` does the same for pure ACKs carrying SACK blocks.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class Input:
         ``Stack.receive_batch`` (as Linux's GRO does for TCP) because every other header
         field of theirs is equal and only the last may carry PSH: their number, and the
         first, last and largest segment's length. The effect is exactly that of the
-        segments one by one; tests/test_tcp_gro.py checks it.
+        segments one by one; tests/test_tcp_gro.py checks it. A run with a segment longer
+        than its first is declined (the stack then feeds its segments one by one): the
+        receive MSS would grow inside it, and whether an ACK is due (every second full-sized
+        segment) would depend on each segment's length, not just the first and last.
 
         Takes the already-parsed fields of a segment without SACK blocks (``tsval`` None
         when it has no timestamp option).  Returns False, having changed nothing, unless the
@@ -62,6 +66,8 @@ class Input:
         """
         if self.state is not TcpState.ESTABLISHED or flags & ~PSH != ACK:
             return False
+        if run is not None and run[3] > run[1]:
+            return False  # a segment longer than the first: one by one (see above)
         rcv_nxt = self._rcv_nxt
         seq = rcv_nxt
         if wseq != rcv_nxt & M32:
@@ -97,8 +103,10 @@ class Input:
                 return False  # window trimming, gap filling, pending FIN, unread data policy
         elif d == 0 and smax > una:
             return False  # a possible duplicate ACK
-        if self._fin_queued or self._in_fr:
-            return False  # (in recovery every ACK feeds RACK/PRR: the slow path)
+        if self._fin_queued or self._in_fr or (self._sacked and self._rack is not None):
+            # (in recovery, or with RACK and SACKed data above SND.UNA, every ACK feeds
+            # RACK/PRR: _process_ack's _rack_on_ack, which may mark losses; the slow path)
+            return False
         # From here on: exactly process() -> _process_ack() -> _process_data() for this case.
         self._now = now
         self.stats.segments_in += 1 if run is None else run[0]
@@ -161,6 +169,55 @@ class Input:
                 self._unacked_bytes += plen - first
                 self._schedule_ack(run[2], flags & PSH, now)
             self._rcv_nxt = rcv_nxt
+        return True
+
+    def sack_ack_input(
+        self,
+        wseq: int,
+        wack: int,
+        window: int,
+        tsval: int,
+        tsecr: int,
+        blocks: tuple[tuple[int, int], ...],
+        now: float,
+    ) -> bool:
+        """The pure ACK with SACK blocks (RFC 2018) that a receiver sends for every segment
+        after a loss: :meth:`fast_input`'s sibling for the ACKs of a lossy upload, without a
+        :class:`TcpSegment`.
+
+        Takes the already-parsed fields of a segment whose flags are exactly ACK, with no
+        payload, a timestamp option (``tsval``, ``tsecr``) and SACK ``blocks`` (wire values,
+        at least one).  Returns False, having changed nothing, unless the socket is
+        ESTABLISHED with timestamps, the segment is at RCV.NXT, passes PAWS, and its ACK is
+        acceptable (not beyond SND.MAX, not older than the largest window); then it has
+        exactly the effect :meth:`process` would have had and returns True.
+
+        Only the steps of :meth:`process` before :meth:`_process_ack` are repeated here
+        (each marked ``copy of rule <name>`` as in :meth:`fast_input`); the ACK and its SACK
+        blocks go through the one :meth:`_process_ack`. tests/test_fast_paths.py checks the
+        two paths give identical state on random SACK ACKs.
+        """
+        if self.state is not TcpState.ESTABLISHED or not self._ts_ok:
+            return False
+        if (tsval - self._ts_recent) & M32 >= _HALF:
+            return False  # PAWS (rule paws) may object: the slow path
+        rcv_nxt = self._rcv_nxt
+        if wseq != rcv_nxt & M32:
+            return False  # the acceptability test and its drops: the slow path
+        una = self._snd_una
+        ack = _unwrap(una, wack)
+        if ack > self._snd_max or ack < una - self._max_snd_wnd:
+            return False  # RFC 5961 §5.2 challenge ACK: the slow path
+        # From here on: exactly process() -> _fifth_check_ack() -> _process_ack() for this
+        # case (ESTABLISHED: no step after _process_ack applies to a pure ACK).
+        self._now = now
+        self.stats.segments_in += 1
+        self._last_rx = now
+        self._ka_probes = 0
+        if rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent
+            self._ts_recent = tsval
+            self._ts_recent_age = now
+        self._process_ack(rcv_nxt, ack, 0, ACK, window, tsecr, blocks, now)
         return True
 
     def process(self, seg: TcpSegment, now: float) -> None:
@@ -328,7 +385,17 @@ class Input:
             self.stats.dropped += 1
             self._challenge_ack(now)
             return True
-        self._process_ack(seg, seq, ack, plen, now)
+        ts = seg.timestamp
+        self._process_ack(
+            seq,
+            ack,
+            plen,
+            seg.flags,
+            seg.window,
+            None if ts is None else ts[1],
+            seg.sack_blocks,
+            now,
+        )
         if self._fin_queued and self._snd_una > self._data_end():
             # our FIN is acknowledged
             if st is TcpState.FIN_WAIT_1:
@@ -343,10 +410,25 @@ class Input:
                 return True
         return False
 
-    def _process_ack(self, seg: TcpSegment, seq: int, ack: int, plen: int, now: float) -> None:
+    def _process_ack(
+        self,
+        seq: int,
+        ack: int,
+        plen: int,
+        flags: int,
+        window: int,
+        tsecr: int | None,
+        blocks: tuple[tuple[int, int], ...],
+        now: float,
+    ) -> None:
         """An acceptable ACK (RFC 9293 §3.10.7.4 "check the ACK field", as Linux's tcp_ack):
         SACK blocks to the scoreboard, the send window, SND.UNA advancing (the send side's
-        ``_on_new_ack``), duplicate ACKs (RFC 5681 §3.2, RFC 6675), RACK-TLP/PRR."""
+        ``_on_new_ack``), duplicate ACKs (RFC 5681 §3.2, RFC 6675), RACK-TLP/PRR.
+
+        Takes the segment's fields rather than a :class:`TcpSegment` so that
+        :meth:`sack_ack_input` can use it too: ``seq``/``ack`` unwrapped, ``plen`` the
+        payload's length, ``window`` the raw (unscaled) field, ``tsecr`` the timestamp echo
+        (None without a timestamp option), ``blocks`` the SACK blocks (wire values)."""
         una = self._snd_una
         sack_new = False
         rack = self._rack
@@ -356,15 +438,15 @@ class Input:
         dr = self._dr
         # delivery.py: SACKed bytes above SND.UNA before this ACK (delivered earlier)
         dr_sacked = self._sacked_bytes
-        if self._sack_ok and seg.sack_blocks:
+        if self._sack_ok and blocks:
             if rack is not None or dr is not None:
                 news = []
                 if self._in_fr:
                     sacked_before = self._sacked_bytes
-            sack_new = self._update_scoreboard(seg.sack_blocks, ack if ack > una else una, news)
+            sack_new = self._update_scoreboard(blocks, ack if ack > una else una, news)
         elif rack is not None and self._in_fr:
             sacked_before = self._sacked_bytes
-        wnd = seg.window << self._snd_wscale
+        wnd = window << self._snd_wscale
         window_changed = False
         # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
         # SND.WL1/SND.WL2; RFC 7323 §2.3: scaled)
@@ -376,12 +458,11 @@ class Input:
             if wnd > self._max_snd_wnd:
                 self._max_snd_wnd = wnd
         if ack > una:
-            ts = seg.timestamp
-            self._on_new_ack(ack, una, ts[1] if ts is not None else 0, now)
+            self._on_new_ack(ack, una, 0 if tsecr is None else tsecr, now)
         elif (
             ack == una
             and plen == 0
-            and not seg.flags & (SYN | FIN)
+            and not flags & (SYN | FIN)
             and self._snd_max > una
             and (sack_new or not window_changed)
         ):
@@ -397,8 +478,8 @@ class Input:
             ):
                 self._enter_fast_recovery(now)
         if rack is not None:
-            if seg.sack_blocks or self._in_fr or had_sacked:
-                self._rack_on_ack(seg, una, ack, news or [], sacked_before, now)
+            if blocks or self._in_fr or had_sacked:
+                self._rack_on_ack(blocks, tsecr, una, ack, news or [], sacked_before, now)
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
         if dr is not None and (ack > una or sack_new):
