@@ -1,6 +1,6 @@
 """µs per full-size TCP segment through our whole data path, in memory (no sockets).
 
-sender: TcpSocket.send → Stack.poll → Device.send_packet (pad + seal)
+sender: TcpSocket.send → Stack.poll → Device.send_packets (pad + seal)
 receiver: Device.receive_datagram (open + replay) → Stack.receive → TcpSocket.recv
 plus the ACKs flowing back. Run: .venv/bin/python bench/bench_tunnel.py [MiB]
 (--smoke: 1 MiB).
@@ -49,8 +49,7 @@ def main(mib: int = 32, ipv6: bool = False) -> None:
         t0 = time.perf_counter()
         sa.poll(now, ip)
         counts["a_out"] += len(ip)
-        for p in ip:
-            da.send_packet(p, now, wire)
+        da.send_packets(ip, now, wire)  # as the runtime does
         ip.clear()
         a_wire = list(wire)
         wire.clear()
@@ -66,8 +65,7 @@ def main(mib: int = 32, ipv6: bool = False) -> None:
         # B side (ACKs and handshake) back to A, untimed except in the total
         sb.poll(now, ip)
         counts["b_out"] += len(ip)
-        for p in ip:
-            db.send_packet(p, now, wire)
+        db.send_packets(ip, now, wire)
         ip.clear()
         b_wire = list(wire)
         wire.clear()

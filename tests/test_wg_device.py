@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mitm_wg.config import Endpoint
 from mitm_wg.wireguard import messages
-from mitm_wg.wireguard.device import HandshakeCompleted, HandshakeFailed, KeysZeroed
+from mitm_wg.wireguard.device import Device, HandshakeCompleted, HandshakeFailed, KeysZeroed
 from mitm_wg.wireguard.replay import ReplayWindow
 from mitm_wg.wireguard.timers import (
     KEEPALIVE_TIMEOUT,
@@ -296,7 +297,7 @@ def test_allowed_ips_filter_on_receive_and_send() -> None:
     out: list = []
     keypair = p.b_peer.current
     assert keypair is not None
-    p.b._send_transport(p.b_peer, keypair, forged, p.now, out)
+    p.b._send_transport(p.b_peer, keypair, (forged,), p.now, out)
     p.inject("a", out[0][0])
     assert len(p.a_received) == 1
     assert p.a.drops["inner_source_not_allowed"] == 1
@@ -448,3 +449,110 @@ def test_unknown_receiver_index_is_counted() -> None:
     forged = datagram[:4] + b"\xde\xad\xbe\xef" + datagram[8:]
     p.inject("a", forged, source)
     assert p.a.drops["unknown_index"] == 1 and p.a_received == []
+
+
+def _peer_state(pair: Pair) -> object:
+    """Everything send_packet(s) can change on A's side: its peer (with the keypair's
+    counter and the queue), the drop counters and the events."""
+    peer = pair.a_peer
+    fields = {}
+    for name in type(peer).__slots__:
+        value = getattr(peer, name, None)
+        if isinstance(value, int | float | str | bool | bytes | tuple | type(None)):
+            fields[name] = value
+    keypair = peer.current
+    return (
+        fields,
+        list(peer.queue),
+        keypair.send_counter if keypair is not None else None,
+        dict(pair.a.drops),
+        [type(e).__name__ for e in pair.a.events],
+    )
+
+
+_V6_NO_ROUTE = bytes([0x60]) + bytes(23) + ipaddress.IPv6Address("fd00::9").packed + bytes(8)
+
+
+@settings(max_examples=150, deadline=None)
+@example(setup="near_rekey", kinds=["b"] * 8, margin=3)
+@example(setup="answered", kinds=["b"] * 3, margin=0)
+@given(
+    setup=st.sampled_from(["none", "session", "answered", "near_rekey", "rekey_age", "exhausted"]),
+    kinds=st.lists(
+        st.sampled_from(["b", "b", "b", "b", "b2", "other", "v6", "short", "empty", "v5"]),
+        min_size=1,
+        max_size=30,
+    ),
+    margin=st.integers(0, 12),
+)
+def test_send_packets_is_send_packet_one_by_one(setup: str, kinds: list[str], margin: int) -> None:
+    """Device.send_packets (runs to one address share the route lookup and session
+    checks) has exactly the effect of send_packet for each packet in turn: the same
+    datagrams in the same order, counters, timers, queue, drops and events; also when the
+    run has no session yet, would cross REKEY_AFTER_MESSAGES, comes when a rekey by age is
+    due, or finds the keypair exhausted."""
+    packets = []
+    for i, kind in enumerate(kinds):
+        body = i.to_bytes(2, "big") * (1 + i % 5)
+        packets.append(
+            {
+                "b": ipv4_udp(A_ADDR, B_ADDR, body),
+                "b2": ipv4_udp(A_ADDR, "10.99.0.7", body),  # B's too, another address
+                "other": ipv4_udp(A_ADDR, "10.50.0.1", body),  # no route
+                "v6": _V6_NO_ROUTE,
+                "short": bytes([0x45]) * 7,
+                "empty": b"",
+                "v5": bytes([0x50]) * 40,
+            }[kind]
+        )
+    outs = []
+    states = []
+    for batch in (True, False):
+        p = Pair.create(seed=7)
+        if setup != "none":
+            p.handshake()
+            keypair = p.a_peer.current
+            assert keypair is not None
+            p.advance(REKEY_TIMEOUT + 1)  # past the initiation rate limit
+            if setup == "answered":
+                # B's keepalive came back: no answer is awaited (new_handshake_at unset)
+                p.advance(KEEPALIVE_TIMEOUT)
+                assert p.a_peer.new_handshake_at is None
+            elif setup == "near_rekey":
+                keypair.send_counter = REKEY_AFTER_MESSAGES - margin
+            elif setup == "exhausted":
+                keypair.send_counter = REJECT_AFTER_MESSAGES - margin
+            elif setup == "rekey_age":
+                p.now = keypair.created + REKEY_AFTER_TIME + 0.5  # (no timer fired)
+        out: list = []
+        if batch:
+            p.a.send_packets(packets, p.now, out)
+        else:
+            for packet in packets:
+                p.a.send_packet(packet, p.now, out)
+        outs.append(out)
+        states.append(_peer_state(p))
+    assert outs[0] == outs[1]
+    assert states[0] == states[1]
+
+
+def test_send_packets_shares_one_session_check_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bulk run to one address is sealed in one go (not packet by packet through
+    send_packet), so the test above compares that path and not only the fallback."""
+    p = Pair.create()
+    p.handshake()
+    singles = []
+    original = Device.send_packet
+
+    def counting(self: Device, packet: bytes, now: float, out: list) -> bool:
+        singles.append(packet)
+        return original(self, packet, now, out)
+
+    monkeypatch.setattr(Device, "send_packet", counting)
+    out: list = []
+    p.a.send_packets([ipv4_udp(A_ADDR, B_ADDR, bytes([i]) * 100) for i in range(20)], p.now, out)
+    assert len(out) == 20 and singles == []
+    p.wire.extend(("b", d, ("127.0.0.1", 40001)) for d, _ in out)
+    p.b_received.clear()
+    p.deliver()
+    assert [x[-1] for x in p.b_received] == list(range(20))

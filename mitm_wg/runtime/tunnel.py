@@ -239,8 +239,7 @@ class Tunnel:
         ip_out = self._ip_out
         self.stack.poll(now, ip_out)
         if ip_out:
-            for packet in ip_out:
-                device.send_packet(packet, now, out)
+            device.send_packets(ip_out, now, out)
             ip_out.clear()
         if self._connecting:
             self._check_unanswered_syns(now, out)

@@ -8,6 +8,7 @@ a socket.  In the manner of boringtun's ``Tunn`` and wireguard-go's ``device``::
     out: list[tuple[bytes, Endpoint]] = []
     packets: list[bytes] = []
     device.send_packet(ip_packet, now, out)              # encrypt (or queue + handshake)
+    device.send_packets(ip_packets, now, out)            # the same for many, in order
     device.receive_datagram(data, source, now, out, packets)
     device.poll(now, out)                                # timers
     device.next_deadline()                               # when to call poll again
@@ -276,7 +277,7 @@ class Device:
             peer.enqueue(packet)
             self._initiate(peer, now, out, retry=False)
             return True
-        self._send_transport(peer, keypair, packet, now, out)
+        self._send_transport(peer, keypair, (packet,), now, out)
         peer.on_data_sent(now)
         # Keep the key fresh (whitepaper §6.2): the initiator rekeys after REKEY_AFTER_TIME.
         if keypair.send_counter > REKEY_AFTER_MESSAGES or (
@@ -284,6 +285,51 @@ class Device:
         ):
             self._initiate(peer, now, out, retry=False)
         return True
+
+    def send_packets(self, packets: list[bytes], now: float, out: list[Transmit]) -> None:
+        """:meth:`send_packet` for each of ``packets`` in order, with the same effect
+        (datagrams, their order, counters, timers). A run of packets to one destination
+        address (a bulk send) shares the route lookup and the session checks: unless the
+        run could take the session to a limit (a rekey or the end of the keypair by
+        message count, or a rekey by age due now) — then they go one by one."""
+        i = 0
+        n = len(packets)
+        lookup = self._routes.lookup
+        while i < n:
+            packet = packets[i]
+            size = len(packet)
+            version = packet[0] >> 4 if size else 0
+            if version == 4 and size >= 20:
+                lo, hi = 16, 20
+            elif version == 6 and size >= 40:
+                lo, hi = 24, 40
+            else:
+                self.send_packet(packet, now, out)
+                i += 1
+                continue
+            dst = packet[lo:hi]
+            j = i + 1
+            while j < n:
+                p = packets[j]
+                if len(p) < hi or p[0] >> 4 != version or p[lo:hi] != dst:
+                    break
+                j += 1
+            if j - i > 1:
+                peer = lookup(dst)
+                keypair = self._sending_keypair(peer, now) if peer is not None else None
+                if (
+                    keypair is not None
+                    and keypair.send_counter + (j - i) <= REKEY_AFTER_MESSAGES
+                    and not (keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME)
+                ):
+                    assert peer is not None
+                    self._send_transport(peer, keypair, packets[i:j], now, out)
+                    peer.on_data_sent(now)
+                    i = j
+                    continue
+            for k in range(i, j):
+                self.send_packet(packets[k], now, out)
+            i = j
 
     @staticmethod
     def _sending_keypair(peer: Peer, now: float) -> Keypair | None:
@@ -300,20 +346,35 @@ class Device:
         return keypair
 
     def _send_transport(
-        self, peer: Peer, keypair: Keypair, packet: bytes, now: float, out: list[Transmit]
+        self,
+        peer: Peer,
+        keypair: Keypair,
+        packets: Iterable[bytes],
+        now: float,
+        out: list[Transmit],
     ) -> None:
+        """Transport messages (whitepaper §5.4.6) of ``keypair`` carrying ``packets`` in
+        order (padded to 16 bytes, within the MTU), to the peer's endpoint."""
         counter = keypair.send_counter
-        keypair.send_counter = counter + 1
-        size = len(packet)
-        if size & 15:
-            padded = min((size + 15) & ~15, self.mtu)
-            if padded > size:
-                packet = packet + _PADDING[padded - size]
-        datagram = TRANSPORT_HEADER.pack(
-            MESSAGE_TRANSPORT, keypair.remote_index, counter
-        ) + keypair.send.seal(counter, packet)
-        peer.tx_bytes += len(datagram)
-        out.append((datagram, peer.endpoint))  # type: ignore[arg-type]
+        index = keypair.remote_index
+        seal = keypair.send.seal
+        endpoint = peer.endpoint
+        mtu = self.mtu
+        sent = 0
+        for packet in packets:
+            size = len(packet)
+            if size & 15:
+                padded = min((size + 15) & ~15, mtu)
+                if padded > size:
+                    packet = packet + _PADDING[padded - size]
+            datagram = TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, index, counter) + seal(
+                counter, packet
+            )
+            counter += 1
+            sent += len(datagram)
+            out.append((datagram, endpoint))  # type: ignore[arg-type]
+        keypair.send_counter = counter
+        peer.tx_bytes += sent
         peer.on_authenticated_packet_traversal(now)
         peer.on_authenticated_packet_sent()
 
@@ -325,7 +386,7 @@ class Device:
                 peer.enqueue(b"")
             self._initiate(peer, now, out, retry=False)
             return
-        self._send_transport(peer, keypair, b"", now, out)
+        self._send_transport(peer, keypair, (b"",), now, out)
 
     def connect(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         """Start a handshake with ``peer`` now (subject to the REKEY_TIMEOUT rate limit)."""
@@ -413,12 +474,11 @@ class Device:
     def _flush_queue(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         keypair = peer.current
         assert keypair is not None
-        sent_data = False
-        while peer.queue:
-            packet = peer.queue.popleft()
-            self._send_transport(peer, keypair, packet, now, out)
-            sent_data = sent_data or bool(packet)
-        if sent_data:
+        packets = list(peer.queue)
+        peer.queue.clear()
+        if packets:
+            self._send_transport(peer, keypair, packets, now, out)
+        if any(packets):
             peer.on_data_sent(now)
 
     # -- inbound ------------------------------------------------------------------------------
