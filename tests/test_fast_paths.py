@@ -439,18 +439,23 @@ def make_stacks(
     )
 
 
+def exchange(a: Stack, b: Stack, rounds: int = 4) -> None:
+    """Move packets between two stacks at time 0 (handshakes) for ``rounds`` rounds."""
+    for _ in range(rounds):
+        for s1, s2 in ((a, b), (b, a)):
+            out: list[bytes] = []
+            s1.poll(0.0, out)
+            for p in out:
+                s2.receive(p, 0.0)
+
+
 def connected_stacks(seed: int, v6: bool = False) -> tuple[Stack, Stack, TcpSocket, TcpSocket]:
     """:func:`make_stacks` with a connection from the first to port 80 of the second,
     established at time 0: (a, b, client, server)."""
     a, b = make_stacks(seed, v6=v6)
     lst = b.tcp_listen(80)
     client = a.tcp_connect("fd00::2" if v6 else "10.0.0.2", 80, 0.0)
-    for _ in range(4):
-        for s1, s2 in ((a, b), (b, a)):
-            out: list[bytes] = []
-            s1.poll(0.0, out)
-            for p in out:
-                s2.receive(p, 0.0)
+    exchange(a, b)
     server = lst.accept()
     assert server is not None
     return a, b, client, server
@@ -518,17 +523,24 @@ def run_transfer(
     return trace
 
 
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_stack_fast_receive_path_matches_general_path(monkeypatch: Any, v6: bool) -> None:
+def count_takes(monkeypatch: Any, name: str) -> list[int]:
+    """Wrap the fast path ``TcpSocket.<name>`` (it returns whether it took the segment) so
+    that the returned one-element list counts the segments it takes."""
     hits = [0]
-    original = TcpSocket.fast_input
+    original = getattr(TcpSocket, name)
 
     def counting(self: TcpSocket, *args: Any) -> bool:
         ok = original(self, *args)
         hits[0] += ok
         return ok
 
-    monkeypatch.setattr(TcpSocket, "fast_input", counting)
+    monkeypatch.setattr(TcpSocket, name, counting)
+    return hits
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_stack_fast_receive_path_matches_general_path(monkeypatch: Any, v6: bool) -> None:
+    hits = count_takes(monkeypatch, "fast_input")
     calls: list[int] = []
     for seed in (1, 2):
         hits[0] = 0
@@ -552,18 +564,11 @@ def test_stack_sack_ack_path_matches_general_path(
     with and without TcpSocket.sack_ack_input (``batch``: with receive_batch, whose pending
     run a SACK ACK must flush first), and that path is taken."""
     tcp_config = TcpConfig(congestion=congestion)
-    hits = [0]
     original = TcpSocket.sack_ack_input
-
-    def counting(self: TcpSocket, *args: Any) -> bool:
-        ok = original(self, *args)
-        hits[0] += ok
-        return ok
-
     calls: list[int] = []
     for seed in (1, 2):
-        monkeypatch.setattr(TcpSocket, "sack_ack_input", counting)
-        hits[0] = 0
+        monkeypatch.setattr(TcpSocket, "sack_ack_input", original)
+        hits = count_takes(monkeypatch, "sack_ack_input")
         fast = run_transfer(seed, True, calls, tcp_config, batch=batch, v6=v6)
         assert hits[0] > 20, "the SACK ACK path was not taken"
         monkeypatch.setattr(TcpSocket, "sack_ack_input", lambda self, *args: False)
@@ -943,19 +948,28 @@ def test_bulk_send_is_the_general_loop(
         step_dispatch()
 
 
-def test_bulk_send_is_taken() -> None:
-    """A plain bulk transfer does go through the fast path (else the test above proves
-    little), and in tuple form."""
-    calls: list[int] = []
+def counting_bulk_send(calls: list[int], only: TcpSocket | None = None) -> Any:
+    """A stand-in for ``TcpSocket._bulk_send`` that appends what each call (of ``only``'s,
+    if given) emitted to ``calls``."""
     original = TcpSocket._bulk_send
 
     def counting(
         self: TcpSocket, now: float, out: list[Any], tuples: bool, budget: float = INF
     ) -> int:
         n = original(self, now, out, tuples, budget)
-        calls.append(n)
+        if only is None or self is only:
+            calls.append(n)
         return n
 
+    return counting
+
+
+def test_bulk_send_is_taken() -> None:
+    """A plain bulk transfer does go through the fast path (else the test above proves
+    little), and in tuple form."""
+    calls: list[int] = []
+    original = TcpSocket._bulk_send
+    counting = counting_bulk_send(calls)
     sock = established_pair(3)
     sock.send(bytes(300_000))
     sock._cc.cwnd = 40 * MSS
@@ -1001,14 +1015,7 @@ def test_bulk_send_runs_with_sacked_data_and_in_recovery(congestion: str) -> Non
     assert sock._snd_max - una == 30 * m
     bulk_runs: list[int] = []
     original = TcpSocket._bulk_send
-
-    def counting(
-        self: TcpSocket, now: float, out: list[Any], tuples: bool, budget: float = INF
-    ) -> int:
-        n = original(self, now, out, tuples, budget)
-        if self is sock:
-            bulk_runs.append(n)
-        return n
+    counting = counting_bulk_send(bulk_runs, only=sock)
 
     def step(now: float, ack: int, blocks: tuple[tuple[int, int], ...], tsval: int) -> list[Any]:
         seg = TcpSegment(

@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_fast_paths import A, B, connected_stacks, make_stacks, run_transfer, state_of
+from test_fast_paths import (
+    A,
+    B,
+    connected_stacks,
+    exchange,
+    make_stacks,
+    run_transfer,
+    state_of,
+)
 
 from mitm_wg.net.checksum import checksum, pseudo_header_sum
 from mitm_wg.net.tcp import M32, TcpSocket
@@ -252,12 +260,7 @@ def test_sack_ack_of_another_connection_waits_for_the_run(monkeypatch: Any) -> N
         lst = b.tcp_listen(80)
         c1 = a.tcp_connect("10.0.0.2", 80, 0.0)
         c2 = a.tcp_connect("10.0.0.2", 80, 0.0)
-        for _ in range(4):
-            for s1, s2 in ((a, b), (b, a)):
-                out: list[bytes] = []
-                s1.poll(0.0, out)
-                for p in out:
-                    s2.receive(p, 0.0)
+        exchange(a, b)
         srv1, srv2 = lst.accept(), lst.accept()
         assert srv1 is not None and srv2 is not None
         if srv1.remote_port != c1.local_port:
