@@ -279,19 +279,25 @@ class Device:
             return True
         self._send_transport(peer, keypair, (packet,), now, out)
         peer.on_data_sent(now)
-        # Keep the key fresh (whitepaper §6.2): the initiator rekeys after REKEY_AFTER_TIME.
-        if keypair.send_counter > REKEY_AFTER_MESSAGES or (
-            keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME
-        ):
+        if self._rekey_due(keypair, now):
             self._initiate(peer, now, out, retry=False)
         return True
+
+    @staticmethod
+    def _rekey_due(keypair: Keypair, now: float, more: int = 0) -> bool:
+        """Keep the key fresh (whitepaper §6.2): a rekey is due once the keypair has sent
+        more than REKEY_AFTER_MESSAGES (counting ``more`` still to send), or, for the
+        initiator, after REKEY_AFTER_TIME."""
+        return keypair.send_counter + more > REKEY_AFTER_MESSAGES or (
+            keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME
+        )
 
     def send_packets(self, packets: list[bytes], now: float, out: list[Transmit]) -> None:
         """:meth:`send_packet` for each of ``packets`` in order, with the same effect
         (datagrams, their order, counters, timers). A run of packets to one destination
-        address (a bulk send) shares the route lookup and the session checks: unless the
-        run could take the session to a limit (a rekey or the end of the keypair by
-        message count, or a rekey by age due now) — then they go one by one."""
+        address (a bulk send) shares the route lookup and the session checks, unless the
+        run could bring a rekey due (:meth:`_rekey_due`) or has no session to go on: then
+        its packets go through :meth:`send_packet` one by one."""
         i = 0
         n = len(packets)
         lookup = self._routes.lookup
@@ -304,7 +310,7 @@ class Device:
             elif version == 6 and size >= 40:
                 lo, hi = 24, 40
             else:
-                self.send_packet(packet, now, out)
+                self.send_packet(packet, now, out)  # (counts it as malformed)
                 i += 1
                 continue
             dst = packet[lo:hi]
@@ -314,21 +320,14 @@ class Device:
                 if len(p) < hi or p[0] >> 4 != version or p[lo:hi] != dst:
                     break
                 j += 1
-            if j - i > 1:
-                peer = lookup(dst)
-                keypair = self._sending_keypair(peer, now) if peer is not None else None
-                if (
-                    keypair is not None
-                    and keypair.send_counter + (j - i) <= REKEY_AFTER_MESSAGES
-                    and not (keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME)
-                ):
-                    assert peer is not None
-                    self._send_transport(peer, keypair, packets[i:j], now, out)
-                    peer.on_data_sent(now)
-                    i = j
-                    continue
-            for k in range(i, j):
-                self.send_packet(packets[k], now, out)
+            peer = lookup(dst)
+            keypair = None if peer is None else self._sending_keypair(peer, now)
+            if peer is None or keypair is None or self._rekey_due(keypair, now, j - i):
+                for k in range(i, j):
+                    self.send_packet(packets[k], now, out)
+            else:
+                self._send_transport(peer, keypair, packets[i:j], now, out)
+                peer.on_data_sent(now)
             i = j
 
     @staticmethod
