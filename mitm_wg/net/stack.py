@@ -1100,12 +1100,7 @@ class Stack:
                 if sock is not None:
                     v = sack[0].unpack_from(packet, ip + 20)
                     if v[0] == _NOP_NOP_TS and v[3] == sack[1]:
-                        if hlen == 44:
-                            blocks = ((v[4], v[5]),)
-                        elif hlen == 52:
-                            blocks = ((v[4], v[5]), (v[6], v[7]))
-                        else:
-                            blocks = ((v[4], v[5]), (v[6], v[7]), (v[8], v[9]))
+                        blocks = tuple(zip(v[4::2], v[5::2], strict=True))
                         if run:
                             self._flush_run(run, now)  # (the run's segments came first)
                         if sock.sack_ack_input(wseq, wack, window, v[1], v[2], blocks, now):
