@@ -631,7 +631,7 @@ class Scoreboard:
         sacked_before: int,
         now: float,
     ) -> None:
-        """Everything RACK and PRR do with an ACK of the slow path (RFC 8985 §6.2 steps
+        """Everything RACK and PRR do with an ACK of ``_process_ack`` (RFC 8985 §6.2 steps
         1-5, RFC 6937 §3 "on every ACK during recovery"): its SACK ``blocks`` (wire values)
         and timestamp echo ``tsecr`` (None without a timestamp option)."""
         rack = self._rack

@@ -433,19 +433,16 @@ class Input:
         sack_new = False
         rack = self._rack
         had_sacked = bool(self._sacked)
+        in_fr = self._in_fr
         news: list[tuple[int, int]] | None = None
-        sacked_before = 0
         dr = self._dr
-        # delivery.py: SACKed bytes above SND.UNA before this ACK (delivered earlier)
-        dr_sacked = self._sacked_bytes
+        # SACKed bytes above SND.UNA before this ACK: delivered earlier (delivery.py), and
+        # PRR's starting point in recovery
+        sacked_before = self._sacked_bytes
         if self._sack_ok and blocks:
             if rack is not None or dr is not None:
                 news = []
-                if self._in_fr:
-                    sacked_before = self._sacked_bytes
             sack_new = self._update_scoreboard(blocks, ack if ack > una else una, news)
-        elif rack is not None and self._in_fr:
-            sacked_before = self._sacked_bytes
         wnd = window << self._snd_wscale
         window_changed = False
         # rule: snd-wnd-update (RFC 9293 §3.10.7.4: SND.WND from the newest segment by
@@ -479,11 +476,12 @@ class Input:
                 self._enter_fast_recovery(now)
         if rack is not None:
             if blocks or self._in_fr or had_sacked:
-                self._rack_on_ack(blocks, tsecr, una, ack, news or [], sacked_before, now)
+                prr_before = sacked_before if in_fr else 0
+                self._rack_on_ack(blocks, tsecr, una, ack, news or [], prr_before, now)
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
         if dr is not None and (ack > una or sack_new):
-            self._on_delivered(una, ack, news, dr_sacked, now)
+            self._on_delivered(una, ack, news, sacked_before, now)
         if window_changed or ack > una:
             self._update_persist(now)
 
