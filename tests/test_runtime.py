@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
+import sys
 
 import pytest
 import trio
@@ -13,6 +15,7 @@ import trio.testing
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.runtime import TunnelStream, open_tunnel
+from mitm_wg.runtime.tunnel import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
 
 
@@ -277,6 +280,10 @@ async def test_bulk_sends_use_udp_gso_and_fall_back_without_it() -> None:
         with trio.fail_after(60):
             await send_and_check()
         assert a.gso_sends > 0 and a._gso
+        # b asked for UDP GRO: the kernel handed it a's GSO sends as coalesced runs, split
+        # back into datagrams (the data arrived intact above)
+        assert b.gro_receives > 0 and b.gro_datagrams > b.gro_receives
+        assert b.gro_truncated == 0
 
         # A kernel without UDP GSO: the first coalesced send fails, and every datagram
         # still goes out singly from then on.
@@ -293,3 +300,66 @@ async def test_bulk_sends_use_udp_gso_and_fall_back_without_it() -> None:
         with trio.fail_after(60):
             await send_and_check()
         assert not a._gso
+
+
+async def test_a_coalesced_run_is_split_at_the_size_the_kernel_reports() -> None:
+    """UDP GRO over loopback (the kernel's real behaviour): three datagrams sent as one GSO
+    send, the last one shorter, reach the device as the same three datagrams."""
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)
+    async with open_tunnel(ca, socket_factory=loopback_factory(pa)) as tunnel:
+        seen: list[tuple[bytes, tuple[str, int]]] = []
+
+        def record(data, source, now, out, packets) -> None:
+            seen.append((bytes(data), source))
+
+        tunnel.device.receive_datagram = record  # type: ignore[method-assign]
+        datagrams = [os.urandom(300), os.urandom(300), os.urandom(77)]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.bind(("127.0.0.1", 0))
+            sender.sendmsg(
+                datagrams, [(SOL_UDP, UDP_SEGMENT, (300).to_bytes(2, sys.byteorder))], 0,
+                ("127.0.0.1", pa),
+            )  # fmt: skip
+            with trio.fail_after(10):
+                while len(seen) < 3:
+                    await trio.sleep(0.01)
+            source = sender.getsockname()
+        assert seen == [(d, source) for d in datagrams]
+        assert (tunnel.gro_receives, tunnel.gro_datagrams) == (1, 3)
+
+
+async def test_without_udp_gro_datagrams_are_read_one_by_one() -> None:
+    """A kernel that refuses UDP_GRO: the reader falls back to recvfrom."""
+
+    class NoGroSocket(socket.socket):
+        def setsockopt(self, level, option, value, *rest):  # type: ignore[override]
+            if (level, option) == (SOL_UDP, UDP_GRO):
+                raise OSError(errno.ENOPROTOOPT, "no UDP GRO")
+            return super().setsockopt(level, option, value, *rest)
+
+    def factory(port: int):
+        def make(family: int) -> socket.socket:
+            sock = NoGroSocket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", port))
+            return sock
+
+        return make
+
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, cb = pair_configs(pa, pb)
+    async with (
+        open_tunnel(ca, socket_factory=factory(pa)) as a,
+        open_tunnel(cb, socket_factory=factory(pb)) as b,
+    ):
+        client, server, _ = await connected_pair(a, b, 7005)
+        data = os.urandom(2 << 20)
+        got = bytearray()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, data)
+                while len(got) < len(data):
+                    got += await server.receive_some()
+        assert bytes(got) == data
+        assert a.gso_sends > 0  # runs were sent coalesced, yet arrived one by one
+        assert b.gro_receives == 0 and b.gro_datagrams == 0

@@ -19,7 +19,7 @@ import pytest
 import trio
 from conftest import require_mitmdump
 
-from harness import ExitPeer, mitmproxy_wireguard_peer
+from harness import ExitPeer, mitmproxy_wireguard_peer, wireguard_go_sends_gso
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
@@ -77,6 +77,11 @@ async def test_get_1k_1m_50m_byte_exact(exit_peer: ExitPeer) -> None:
         # the real peer saw our handshake, and we only ever sent to its endpoint
         assert exit_peer.client_stats().latest_handshake > 0
         assert factory.destinations == {exit_peer.endpoint}
+        # a wireguard-go that sends with UDP GSO hands its bulk sends to our UDP GRO reader
+        # as coalesced runs (split back into datagrams: the bodies above are byte-exact)
+        assert tunnel.gro_truncated == 0
+        if wireguard_go_sends_gso():
+            assert tunnel.gro_datagrams > tunnel.gro_receives > 0
 
 
 async def test_post_20m_byte_exact(exit_peer: ExitPeer) -> None:

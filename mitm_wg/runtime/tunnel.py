@@ -60,6 +60,17 @@ _GSO_SIZE = struct.Struct("=H")
 #: and one IP packet's worth of payload.
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65507
+#: UDP GRO (Linux >= 5.0): with this socket option (level SOL_UDP) set, the kernel hands a
+#: run of equal-sized datagrams from one sender over as one buffer, the size of each in a
+#: cmsg (UDP_GRO, an int). Such runs arrive from a sender using UDP GSO (wireguard-go since
+#: 2023, this tunnel, over loopback or veth) and through a NIC's GRO.
+UDP_GRO = 104
+_GRO_SIZE = struct.Struct("=i")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
+#: (a plain int: ``flags & socket.MSG_TRUNC`` would go through the IntFlag enum, ~1 µs)
+_MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
+#: What one receive call takes: a coalesced run is at most one IP packet's worth (64 KiB).
+RECEIVE_BUFFER = 65536
 #: Datagrams read per wake-up before the reader yields to other tasks.
 MAX_BATCH = 256
 _NEVER = float("inf")
@@ -153,6 +164,12 @@ class Tunnel:
         #: UDP generic segmentation offload: on until the kernel says it cannot.
         self._gso = sys.platform == "linux"
         self.gso_sends = 0
+        #: UDP GRO: receive calls that returned a coalesced run, the datagrams in those runs,
+        #: and runs cut short by a too small buffer (never expected).
+        self.gro_receives = 0
+        self.gro_datagrams = 0
+        self.gro_truncated = 0
+        self._gro_sockets: set[socket.socket] = set()
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
         self.endpoint_refresher: EndpointRefresher | None = None
 
@@ -172,28 +189,71 @@ class Tunnel:
             raise TunnelCrashed.of(what, exc) from exc
 
     async def _reader(self, sock: socket.socket) -> None:
-        device, stack = self.device, self.stack
-        out, packets = self._datagrams, self._packets
-        recvfrom = sock.recvfrom
+        stack, packets = self.stack, self._packets
+        drain = self._drain_gro if sock in self._gro_sockets else self._drain
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
-            for _ in range(MAX_BATCH):
-                try:
-                    data, address = recvfrom(65535)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    # ICMP errors surface here on some platforms; the timers handle loss.
-                    logger.debug("UDP receive error: %s", e)
-                    break
-                device.receive_datagram(data, (address[0], address[1]), now, out, packets)
+            drain(sock, now)
             if packets:
                 # Decrypted packets were authenticated whole by WireGuard: no inner checksum.
                 stack.receive_batch(packets, now, authenticated=True)
                 packets.clear()
             self._flush(now)
             await trio.lowlevel.checkpoint()
+
+    def _drain(self, sock: socket.socket, now: float) -> None:
+        """Hand up to :data:`MAX_BATCH` waiting datagrams to the device."""
+        receive = self.device.receive_datagram
+        out, packets = self._datagrams, self._packets
+        recvfrom = sock.recvfrom
+        for _ in range(MAX_BATCH):
+            try:
+                data, address = recvfrom(RECEIVE_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # ICMP errors surface here on some platforms; the timers handle loss.
+                logger.debug("UDP receive error: %s", e)
+                return
+            receive(data, (address[0], address[1]), now, out, packets)
+
+    def _drain_gro(self, sock: socket.socket, now: float) -> None:
+        """:meth:`_drain` on a socket with UDP GRO: one ``recvmsg`` may return a run of
+        datagrams (one syscall and one call for up to 64 KiB of them, as wireguard-go reads);
+        they are split at the size the kernel reports, the last one possibly shorter."""
+        receive = self.device.receive_datagram
+        out, packets = self._datagrams, self._packets
+        recvmsg = sock.recvmsg
+        space = _GRO_CMSG_SPACE
+        budget = MAX_BATCH
+        while budget > 0:
+            try:
+                data, ancdata, flags, address = recvmsg(RECEIVE_BUFFER, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                logger.debug("UDP receive error: %s", e)
+                return
+            if ancdata or flags:  # a coalesced run (or a truncated read)
+                size = 0
+                for level, kind, value in ancdata:
+                    if level == SOL_UDP and kind == UDP_GRO and len(value) == _GRO_SIZE.size:
+                        size = _GRO_SIZE.unpack(value)[0]
+                if flags & _MSG_TRUNC:
+                    self.gro_truncated += 1  # (never expected: the buffer holds 64 KiB)
+                n = len(data)
+                if 0 < size < n:
+                    count = (n + size - 1) // size
+                    self.gro_receives += 1
+                    self.gro_datagrams += count
+                    source = (address[0], address[1])
+                    for i in range(0, n, size):
+                        receive(data[i : i + size], source, now, out, packets)
+                    budget -= count
+                    continue
+            receive(data, (address[0], address[1]), now, out, packets)
+            budget -= 1
 
     async def _timer(self) -> None:
         while True:
@@ -901,6 +961,18 @@ def _grow_buffers(sock: socket.socket) -> None:
             logger.debug("cannot enlarge UDP socket buffer: %s", e)
 
 
+def _enable_gro(sock: socket.socket) -> bool:
+    """Ask for UDP GRO on ``sock`` (Linux); False where the kernel or platform has none."""
+    if sys.platform != "linux":
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except (OSError, AttributeError) as e:  # (AttributeError: a stand-in socket)
+        logger.debug("UDP GRO unavailable (%s); receiving datagrams singly", e)
+        return False
+    return True
+
+
 def _interleave(addresses: list[IPAddress]) -> list[IPAddress]:
     """Alternate address families, keeping the first address's family first (RFC 8305 §4)."""
     if not addresses:
@@ -1012,6 +1084,7 @@ async def open_tunnel(
     if not families:
         families = {socket.AF_INET}
     sockets: dict[int, socket.socket] = {}
+    gro: set[socket.socket] = set()  # the sockets the kernel agreed to give UDP GRO
     transport: ViaTransport | None = None
 
     def make_socket(family: int) -> socket.socket:
@@ -1024,6 +1097,9 @@ async def open_tunnel(
             sock = _default_socket_factory(family)
         sock.setblocking(False)
         _grow_buffers(sock)
+        # before the first datagram: one that arrives earlier is split up by the kernel
+        if _enable_gro(sock):
+            gro.add(sock)
         sockets[family] = sock
         return sock
 
@@ -1035,6 +1111,7 @@ async def open_tunnel(
         for family in families if transport is None else ():
             make_socket(family)
         tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
+        tunnel._gro_sockets = gro
         if transport is not None:
             tunnel.via = via
             # The inner tunnel's datagrams go into the outer tunnel instead of host sockets.

@@ -103,6 +103,7 @@ from .exitpeer import (
     source_echo,
     wait_until,
     wireguard_go_interface,
+    wireguard_go_sends_gso,
 )
 from .httpserver import pattern
 from .mitmpeer import MitmPeer, have_mitmdump, mitmproxy_wireguard_peer
@@ -135,4 +136,5 @@ __all__ = [
     "source_echo",
     "wait_until",
     "wireguard_go_interface",
+    "wireguard_go_sends_gso",
 ]

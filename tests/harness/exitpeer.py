@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import logging
 import re
 import shutil
@@ -298,6 +299,23 @@ class ExitPeer:
     def queries(self) -> list[str]:
         """Names dnsmasq was asked for, in order (proves where names were resolved)."""
         return [q.name for q in self.dns_queries()]
+
+
+#: The first wireguard-go release that sends with UDP GSO on Linux (conn: StdNetBind batching).
+WIREGUARD_GO_GSO_RELEASE = 20230223
+
+
+@functools.cache
+def wireguard_go_sends_gso() -> bool:
+    """Whether the installed wireguard-go sends runs of datagrams with UDP GSO (a release of
+    2023-02-23 or later, e.g. Debian 13's; Debian 12's 0.0.20220316 is older)."""
+    out = subprocess.run(
+        ["wireguard-go", "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    m = re.search(r"v0\.0\.(\d{8})", out)
+    if m is None:
+        raise RuntimeError(f"cannot read the wireguard-go version from {out!r}")
+    return int(m.group(1)) >= WIREGUARD_GO_GSO_RELEASE
 
 
 def start_wireguard_go(
