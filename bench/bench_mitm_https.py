@@ -206,17 +206,25 @@ def curl_download(peer: Any, url: str, size: int, *curl_args: str, timeout: floa
     return size / float(took) / 1e6
 
 
-def process_counters(pid: int) -> tuple[float, int]:
-    """(CPU seconds, context switches) of a process so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_counters(pid: int) -> tuple[float, int, float]:
+    """(CPU seconds, context switches, CPU seconds of the main thread) of a process so far:
+    all its threads, and the main (asyncio) thread alone; the rest is the other threads
+    (with the addon: mitm-wg's trio thread)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_of(stat: Path) -> float:
+        fields = stat.read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    cpu = cpu_of(Path(f"/proc/{pid}/stat"))
+    main = cpu_of(Path(f"/proc/{pid}/task/{pid}/stat"))
     switches = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             for line in (task / "status").read_text().splitlines():
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     switches += int(line.split()[1])
-    return cpu, switches
+    return cpu, switches, main
 
 
 @contextlib.contextmanager
@@ -356,19 +364,21 @@ def main() -> None:
             )  # fmt: skip
         for i in range(rounds):
             for key, proxy in proxies:
-                cpu0, sw0 = process_counters(proxy.proc.pid)
+                cpu0, sw0, th0 = process_counters(proxy.proc.pid)
                 with profiled(args.py_spy, proxy, i, args.py_spy_gil):
                     mbs = curl_download(
                         peer, url, size, *http, "--cacert", str(proxy.ca_pem),
                         "-x", f"http://127.0.0.1:{proxy.port}",
                     )  # fmt: skip
-                cpu1, sw1 = process_counters(proxy.proc.pid)
+                cpu1, sw1, th1 = process_counters(proxy.proc.pid)
                 results[key].append(mbs)
                 cpu[key].append(cpu1 - cpu0)
                 switches[key].append(sw1 - sw0)
+                main_cpu = th1 - th0
+                other = (cpu1 - cpu0) - main_cpu
                 print(
-                    f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s, "
-                    f"{sw1 - sw0} context switches",
+                    f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s "
+                    f"(main thread {main_cpu:.2f}, others {other:.2f}), {sw1 - sw0} context switches",
                     flush=True,
                 )
             if not args.no_direct:
