@@ -8,7 +8,11 @@ Layout (tests/harness exit peer, IPv4 only):
     A. ``mitmdump`` WITHOUT the addon, over the kernel path: a wireguard-go client interface
        (its own key and tunnel address, a second peer of the exit) and Linux TCP;
     B. ``mitmdump -s addons/mitm_wg.py`` (our userspace tunnel, the exit's first peer);
-  both intercept TLS and verify the origin with ``ssl_verify_upstream_trusted_ca``;
+    D. (``--split``, an experiment) mitmdump with ``bench/split_redirect.py`` sending every
+       upstream connection to ``bench/split_worker.py``: our tunnel in a process of its own,
+       as a TCP forwarder on loopback (its own key and address), so it shares no GIL with
+       mitmproxy; this mitmdump does not verify the origin (it connects to 127.0.0.1);
+  A and B intercept TLS and verify the origin with ``ssl_verify_upstream_trusted_ca``;
 * the client is the same curl in the client namespace for both (``-x`` the proxy,
   ``--cacert`` the proxy's CA, HTTP/1.1 unless ``--h2``), body to /dev/null.
 
@@ -17,8 +21,9 @@ prints MB/s per round, the medians and the ratio B / A. Each round also download
 directly over the kernel path (no proxy, ``direct``), to show the origin and wireguard-go are
 not the cap. Each proxy gets one small warm-up download first (handshake, first connection).
 
-Also per download: the CPU time and context switches of that mitmdump process (all threads;
-for A this leaves out the wireguard-go client and the kernel's TCP work).
+Also per download: the CPU time and context switches of that mitmdump process (all threads,
+and the main thread's share; for A this leaves out the wireguard-go client and the kernel's
+TCP work, for D the worker's CPU is printed beside it).
 
 Run:  .venv/bin/python bench/bench_mitm_https.py [--mb 100] [--rounds 5] [--h2] [--smoke]
       (``--smoke``: a 1 MiB file, one round, nothing asserted about speed)
@@ -27,6 +32,7 @@ Development aids:
                         e.g. PYTHONPATH=/tmp/old-tree to compare code side by side
   --py-spy DIR [--py-spy-gil]   py-spy profiles (collapsed stacks per thread) per download
   --logs DIR            keep the mitmdump logs
+  --split               add D (above): what running the tunnel in its own process would buy
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ sys.path.insert(0, str(ROOT))
 VENV_BIN = Path(sys.executable).parent
 MITMDUMP = VENV_BIN / "mitmdump"
 ADDON = ROOT / "addons" / "mitm_wg.py"
+SPLIT_WORKER = ROOT / "bench" / "split_worker.py"
+SPLIT_REDIRECT = ROOT / "bench" / "split_redirect.py"
 KERNEL_CLIENT_HOST = 3  # the wireguard-go client's tunnel address: 10.78.N.3
 
 NGINX_CONF = """\
@@ -192,6 +200,35 @@ def mitmdump(
             shutil.copy(log, keep / f"mitmdump-{name}.log")
 
 
+@contextlib.contextmanager
+def split_worker(peer: Any, conf: Path, target: str) -> Iterator[tuple[int, int]]:
+    """``bench/split_worker.py`` in the client namespace, forwarding to ``target``:443 through
+    our tunnel of ``conf``; yields (its loopback port, its pid); stopped by PID."""
+    log = peer.workdir / "split-worker.log"
+    with log.open("wb") as out:
+        proc = peer.client_ns.popen(
+            [sys.executable, str(SPLIT_WORKER), str(conf), target, "443"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        found: list[int] = []
+
+        def ready() -> bool:
+            m = re.search(r"^ready (\d+)$", log.read_text(errors="replace"), re.MULTILINE)
+            if m:
+                found.append(int(m.group(1)))
+                return True
+            if proc.poll() is not None:
+                raise RuntimeError(f"split worker exited:\n{log.read_text()[-3000:]}")
+            return False
+
+        wait_until(ready, 60, "the split worker to listen")
+        yield found[0], proc.pid
+    finally:
+        peer.client_ns.kill(proc)
+
+
 def curl_download(peer: Any, url: str, size: int, *curl_args: str, timeout: float = 600) -> float:
     """One download with curl in the client namespace; returns MB/s (10**6 bytes/s)."""
     argv = [
@@ -298,6 +335,11 @@ def main() -> None:
         "--py-spy-gil", action="store_true", help="with --py-spy: only threads holding the GIL"
     )
     ap.add_argument("--logs", metavar="DIR", type=Path, help="keep the mitmdump logs here")
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="experiment: also our tunnel in a process of its own, as a loopback forwarder",
+    )
     args = ap.parse_args()
     size = (1 if args.smoke else args.mb) << 20
     rounds = 1 if args.smoke else args.rounds
@@ -308,6 +350,8 @@ def main() -> None:
     results: dict[str, list[float]] = {"A kernel": [], "B ours": []}
     for variant in args.variant:
         results[f"C {variant}"] = []
+    if args.split:
+        results["D split"] = []
     results["direct"] = []
     cpu: dict[str, list[float]] = {k: [] for k in results}
     switches: dict[str, list[int]] = {k: [] for k in results}
@@ -354,6 +398,20 @@ def main() -> None:
                 )
             )  # fmt: skip
             proxies.append((key, proxy))
+        workers: dict[str, int] = {}  # proxy key -> the pid whose CPU counts with it
+        if args.split:
+            text = add_peer(KERNEL_CLIENT_HOST + 1 + len(args.variant))
+            port, pid = st.enter_context(
+                split_worker(peer, our_conf("split", text), peer.server_tunnel_v4)
+            )
+            proxy = st.enter_context(
+                mitmdump(
+                    peer, "split", origin_ca, "-s", str(SPLIT_REDIRECT),
+                    "--set", "ssl_insecure=true", keep=args.logs, env={"SPLIT_PORT": str(port)},
+                )
+            )  # fmt: skip
+            proxies.append(("D split", proxy))
+            workers["D split"] = pid
         url = f"https://{peer.server_tunnel_v4}{path}"
         warm = f"https://{peer.server_tunnel_v4}/"  # nginx answers 403/404: fine, 0 bytes
         for _, proxy in proxies:
@@ -365,6 +423,7 @@ def main() -> None:
         for i in range(rounds):
             for key, proxy in proxies:
                 cpu0, sw0, th0 = process_counters(proxy.proc.pid)
+                worker0 = process_counters(workers[key])[0] if key in workers else 0.0
                 with profiled(args.py_spy, proxy, i, args.py_spy_gil):
                     mbs = curl_download(
                         peer, url, size, *http, "--cacert", str(proxy.ca_pem),
@@ -376,9 +435,13 @@ def main() -> None:
                 switches[key].append(sw1 - sw0)
                 main_cpu = th1 - th0
                 other = (cpu1 - cpu0) - main_cpu
+                worker = ""
+                if key in workers:
+                    worker = f" + worker {process_counters(workers[key])[0] - worker0:.2f} s"
                 print(
                     f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s "
-                    f"(main thread {main_cpu:.2f}, others {other:.2f}), {sw1 - sw0} context switches",
+                    f"(main thread {main_cpu:.2f}, others {other:.2f}){worker}, "
+                    f"{sw1 - sw0} context switches",
                     flush=True,
                 )
             if not args.no_direct:
@@ -396,7 +459,7 @@ def main() -> None:
                 f"{statistics.median(switches[k]):.0f} context switches"
             )
         print(f"  {k:8s} {v:7.1f}   (range {spread}){extra}")
-    for key in [k for k in results if k[0] in "BC"]:
+    for key in [k for k in results if k[0] in "BCD"]:
         ratios = [x / a for a, x in zip(results["A kernel"], results[key], strict=True)]
         print(
             f"ratio {key} / A kernel (medians): {med[key] / med['A kernel']:.2f}; per round: "

@@ -23,8 +23,12 @@ SCRIPTS = sorted((REPO / "bench").glob("bench_*.py"))
 #: Per script; the slowest (an exit restart with the kernel path's ~20 s recovery) takes ~30 s.
 TIMEOUT = 300
 #: More ``--smoke`` runs of a script, each with these flags added: code paths that a plain
-#: ``--smoke`` does not take (bench_path ``--ipv6``: both clients over IPv6 in the tunnel).
-VARIANTS: dict[str, list[list[str]]] = {"bench_path": [["--ipv6"]]}
+#: ``--smoke`` does not take (bench_path ``--ipv6``: both clients over IPv6 in the tunnel;
+#: bench_mitm_https ``--split``: the tunnel in a process of its own).
+VARIANTS: dict[str, list[list[str]]] = {
+    "bench_path": [["--ipv6"]],
+    "bench_mitm_https": [["--split"]],  # the tunnel-in-its-own-process experiment
+}
 
 
 def needs_netns(script: Path) -> bool:
