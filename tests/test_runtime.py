@@ -302,12 +302,23 @@ async def test_bulk_sends_use_udp_gso_and_fall_back_without_it() -> None:
         assert not a._gso
 
 
-async def test_a_coalesced_run_is_split_at_the_size_the_kernel_reports() -> None:
-    """UDP GRO over loopback (the kernel's real behaviour): three datagrams sent as one GSO
-    send, the last one shorter, reach the device as the same three datagrams."""
+@pytest.mark.parametrize(
+    ("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+)
+async def test_a_coalesced_run_is_split_at_the_size_the_kernel_reports(
+    family: int, host: str
+) -> None:
+    """UDP GRO over loopback (the kernel's real behaviour, IPv4 and IPv6): three datagrams
+    sent as one GSO send, the last one shorter, reach the device as the same three."""
     pa, pb = free_udp_port(), free_udp_port()
     ca, _ = pair_configs(pa, pb)
-    async with open_tunnel(ca, socket_factory=loopback_factory(pa)) as tunnel:
+
+    def factory(_family: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((host, pa))
+        return sock
+
+    async with open_tunnel(ca, socket_factory=factory) as tunnel:
         seen: list[tuple[bytes, tuple[str, int]]] = []
 
         def record(data, source, now, out, packets) -> None:
@@ -315,16 +326,16 @@ async def test_a_coalesced_run_is_split_at_the_size_the_kernel_reports() -> None
 
         tunnel.device.receive_datagram = record  # type: ignore[method-assign]
         datagrams = [os.urandom(300), os.urandom(300), os.urandom(77)]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-            sender.bind(("127.0.0.1", 0))
+        with socket.socket(family, socket.SOCK_DGRAM) as sender:
+            sender.bind((host, 0))
             sender.sendmsg(
                 datagrams, [(SOL_UDP, UDP_SEGMENT, (300).to_bytes(2, sys.byteorder))], 0,
-                ("127.0.0.1", pa),
+                (host, pa),
             )  # fmt: skip
             with trio.fail_after(10):
                 while len(seen) < 3:
                     await trio.sleep(0.01)
-            source = sender.getsockname()
+            source = sender.getsockname()[:2]
         assert seen == [(d, source) for d in datagrams]
         assert (tunnel.gro_receives, tunnel.gro_datagrams) == (1, 3)
 
