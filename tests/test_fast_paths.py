@@ -1136,10 +1136,16 @@ def test_every_hand_kept_copy_names_its_rule() -> None:
     import re
 
     import mitm_wg.net
+    import mitm_wg.wireguard
 
     defs: dict[str, int] = {}
     copies: set[str] = set()
-    for path in pathlib.Path(mitm_wg.net.__file__).parent.glob("*.py"):
+    paths = [
+        path
+        for package in (mitm_wg.net, mitm_wg.wireguard)
+        for path in pathlib.Path(package.__file__).parent.glob("*.py")
+    ]
+    for path in paths:
         text = path.read_text()
         for name in re.findall(r"# rule: ([a-z][a-z0-9-]*)", text):
             defs[name] = defs.get(name, 0) + 1

@@ -21,10 +21,11 @@ from mitm_wg.wireguard.timers import (
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
+    REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
 )
-from tests.wgpair import A_ADDR, B_ADDR, Pair, ipv4_udp
+from tests.wgpair import A_ADDR, B_ADDR, B_ENDPOINT, Pair, ipv4_udp
 
 
 def types(log: list[tuple[str, bytes]]) -> list[tuple[str, int]]:
@@ -556,3 +557,158 @@ def test_send_packets_shares_one_session_check_per_run(monkeypatch: pytest.Monke
     p.b_received.clear()
     p.deliver()
     assert [x[-1] for x in p.b_received] == list(range(20))
+
+
+def _receiver_state(pair: Pair) -> object:
+    """Everything receive_datagram(s) can change on A's side: its peer (scalars, and which
+    sessions it holds), every session's replay window, the drop counters, the events."""
+    peer = pair.a_peer
+    fields = {}
+    for name in type(peer).__slots__:
+        value = getattr(peer, name, None)
+        if isinstance(value, int | float | str | bool | bytes | tuple | type(None)):
+            fields[name] = value
+    sessions = {
+        slot: (k.local_index, k.replay.last) if k is not None else None
+        for slot, k in (("current", peer.current), ("previous", peer.previous), ("next", peer.next))
+    }
+    return (
+        fields,
+        sessions,
+        sorted(pair.a._keypairs),
+        dict(pair.a.drops),
+        [type(e).__name__ for e in pair.a.events],
+    )
+
+
+def _b_datagrams(p: Pair, kinds: list[str]) -> list[bytes]:
+    """What B sends A for each kind (on B's current session unless the kind says else)."""
+    sent: list[bytes] = []
+    for i, kind in enumerate(kinds):
+        out: list = []
+        body = bytes([i]) * (40 + 13 * i)
+        if kind == "data":
+            p.b.send_packet(ipv4_udp(B_ADDR, A_ADDR, body), p.now, out)
+        elif kind == "data2":  # another of B's AllowedIPs
+            p.b.send_packet(ipv4_udp("10.99.0.7", A_ADDR, body), p.now, out)
+        elif kind == "spoof":  # a source outside B's AllowedIPs
+            p.b.send_packet(ipv4_udp("10.50.0.1", A_ADDR, body), p.now, out)
+        elif kind == "badlen":  # an IPv4 total length beyond the packet
+            packet = bytearray(ipv4_udp(B_ADDR, A_ADDR, body))
+            packet[2:4] = (len(packet) + 9).to_bytes(2, "big")
+            p.b.send_packet(bytes(packet), p.now, out)
+        elif kind == "keepalive":
+            p.b.send_keepalive(p.b_peer, p.now, out)
+        elif kind == "init":  # B starts a new handshake: A answers, a new session waits
+            p.b.connect(p.b_peer, p.now, out)
+        if out:
+            sent.extend(d for d, _ in out)
+        elif kind == "corrupt" and sent:
+            d = bytearray(sent[-1])
+            d[-1] ^= 1
+            sent.append(bytes(d))
+        elif kind == "replay" and sent:
+            sent.append(sent[0])
+        elif kind == "short":
+            sent.append(bytes([4]) * 20)
+        elif kind == "unknown":
+            sent.append(bytes([4, 0, 0, 0]) + b"\xde\xad\xbe\xef" + bytes(40))
+        elif kind == "junk":
+            sent.append(bytes([9]) * 60)
+    return sent
+
+
+@settings(max_examples=200, deadline=None)
+@example(setup="responder", kinds=["data", "data", "keepalive", "data"], roam=False)
+@example(setup="session", kinds=["data", "init", "data", "data"], roam=True)
+@given(
+    setup=st.sampled_from(["session", "responder", "rekey_on_receive", "expired", "previous"]),
+    kinds=st.lists(
+        st.sampled_from(
+            [
+                "data",
+                "data",
+                "data",
+                "data2",
+                "spoof",
+                "badlen",
+                "keepalive",
+                "init",
+                "corrupt",
+                "replay",
+                "short",
+                "unknown",
+                "junk",
+            ]
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    roam=st.booleans(),
+)
+def test_receive_datagrams_is_receive_datagram_one_by_one(
+    setup: str, kinds: list[str], roam: bool
+) -> None:
+    """Device.receive_datagrams (a run from one address; the short path does the peer's
+    bookkeeping once per run) has exactly the effect of receive_datagram one by one: the
+    same packets, transmissions, sessions, timers, counters and events — with sessions that
+    are unconfirmed, due for rekey-on-receive, expired or the previous one, handshakes in the
+    middle of a run, a new source address (roaming), and everything a receiver drops."""
+    results = []
+    for batch in (True, False):
+        p = Pair.create(seed=11)
+        if setup in ("responder", "expired"):
+            out: list = []
+            p.b.connect(p.b_peer, p.now, out)  # B initiates: A's session is unconfirmed
+            p._collect("b", out)
+            for _ in range(2):  # the initiation to A, A's response to B ...
+                dest, datagram, source = p.wire.pop(0)
+                p.inject(dest, datagram, source)
+            if setup == "expired":
+                p.deliver()  # B's keepalive confirms it (a responder: no rekey-on-receive)
+                assert p.a_peer.current is not None and not p.a_peer.current.is_initiator
+            else:
+                p.wire.clear()  # ... and not B's keepalive, which would confirm it
+                assert p.a_peer.next is not None and p.b_peer.current is not None
+        else:
+            p.handshake()
+            if setup == "previous":
+                # a second handshake: B's messages on the first session are "previous" for A
+                p.advance(REKEY_TIMEOUT + 1)
+                p.a.connect(p.a_peer, p.now, out := [])
+                p._collect("a", out)
+                p.deliver()
+                p.b_peer.current = p.b_peer.previous
+            elif setup == "rekey_on_receive":
+                assert p.a_peer.current is not None and p.a_peer.current.is_initiator
+                p.now = p.a_peer.current.created + REKEY_ON_RECEIVE_AGE + 0.5
+        datagrams = _b_datagrams(p, kinds)
+        if setup == "expired":  # sent in time, received after A's session expired
+            assert p.a_peer.current is not None
+            p.now = p.a_peer.current.created + REJECT_AFTER_TIME + 0.5
+        source = ("127.0.0.1", 41234) if roam else B_ENDPOINT
+        out = []
+        packets: list[bytes] = []
+        if batch:
+            p.a.receive_datagrams(datagrams, source, p.now, out, packets)
+        else:
+            for d in datagrams:
+                p.a.receive_datagram(d, source, p.now, out, packets)
+        results.append((out, packets, _receiver_state(p)))
+    assert results[0] == results[1]
+
+
+def test_receive_datagrams_takes_the_short_path_for_a_run_of_one_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run on one confirmed session never reaches the general path (the point of it)."""
+    p = Pair.create(seed=3)
+    p.handshake()
+    datagrams = _b_datagrams(p, ["data"] * 10 + ["keepalive"] + ["data"] * 5)
+    general: list[bytes] = []
+    real = p.a.receive_datagram
+    monkeypatch.setattr(p.a, "receive_datagram", lambda d, *a: (general.append(d), real(d, *a)))
+    packets: list[bytes] = []
+    p.a.receive_datagrams(datagrams, B_ENDPOINT, p.now, [], packets)
+    assert general == [] and len(packets) == 15
+    assert p.a_peer.rx_bytes >= sum(len(d) for d in datagrams)

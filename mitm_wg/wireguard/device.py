@@ -10,6 +10,7 @@ a socket.  In the manner of boringtun's ``Tunn`` and wireguard-go's ``device``::
     device.send_packet(ip_packet, now, out)              # encrypt (or queue + handshake)
     device.send_packets(ip_packets, now, out)            # the same for many, in order
     device.receive_datagram(data, source, now, out, packets)
+    device.receive_datagrams(run, source, now, out, packets)  # the same for a run
     device.poll(now, out)                                # timers
     device.next_deadline()                               # when to call poll again
 
@@ -484,7 +485,7 @@ class Device:
 
     def receive_datagram(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         source: Endpoint,
         now: float,
         out: list[Transmit],
@@ -507,6 +508,121 @@ class Device:
         else:
             self.drops["bad_type"] += 1
 
+    def receive_datagrams(
+        self,
+        datagrams: Iterable[bytes | memoryview],
+        source: Endpoint,
+        now: float,
+        out: list[Transmit],
+        packets: list[bytes],
+    ) -> None:
+        """:meth:`receive_datagram` for each of ``datagrams``, in order, all from ``source``
+        (a run the runtime read at once: a UDP GRO run, or one wake-up's datagrams from one
+        address), with exactly the same effect.
+
+        Transport messages of a session that is neither unconfirmed (``peer.next``) nor due
+        for the rekey-on-receive rule take a short path: per message only the counter, the
+        replay window, the AEAD and the inner packet's length and source; the peer's
+        bookkeeping (roaming, byte count, timer hooks) is done once for the run. Those hooks
+        give the same state however often they run with one ``now``, except
+        ``on_data_received``, whose state after two calls no further call changes: it runs
+        at most twice. Anything else goes through :meth:`receive_datagram`, after the
+        bookkeeping owed so far."""
+        drops = self.drops
+        inner = self._inner_packet
+        unpack = TRANSPORT_HEADER.unpack_from
+        index = -1  # the session of the short path so far (-1: none)
+        keypair: Keypair | None = None
+        peer: Peer | None = None  # whose bookkeeping is owed for `authenticated` messages
+        authenticated = data = rx = 0
+        for datagram in datagrams:
+            n = len(datagram)
+            if n >= TRANSPORT_MIN_SIZE:
+                mtype, idx, counter = unpack(datagram)
+                if mtype == MESSAGE_TRANSPORT and idx != index:
+                    keypair = self._short_path_session(idx, now)
+                    if keypair is not None:
+                        index = idx
+                        if keypair.peer is not peer:
+                            if authenticated:
+                                self._received_run(peer, source, now, rx, authenticated, data)
+                                authenticated = data = rx = 0
+                            peer = keypair.peer
+            else:
+                mtype = -1
+            if mtype != MESSAGE_TRANSPORT or keypair is None:
+                # the general path, after the bookkeeping owed so far (it may change any
+                # session: the short path's choice is made again after it)
+                if authenticated:
+                    self._received_run(peer, source, now, rx, authenticated, data)
+                    authenticated = data = rx = 0
+                peer = keypair = None
+                index = -1
+                self.receive_datagram(datagram, source, now, out, packets)
+                continue
+            # copy of rule transport-open (as in _receive_transport)
+            replay = keypair.replay
+            if counter >= REJECT_AFTER_MESSAGES or not replay.check(counter):
+                drops["replay_or_expired"] += 1
+                continue
+            plaintext = keypair.recv.open(counter, memoryview(datagram)[16:])
+            if plaintext is None:
+                drops["decrypt"] += 1
+                continue
+            if not replay.update(counter):
+                drops["replay_or_expired"] += 1
+                continue
+            authenticated += 1
+            rx += n
+            if plaintext:
+                data += 1
+                inner(plaintext, keypair.peer, packets)
+        if authenticated:
+            self._received_run(peer, source, now, rx, authenticated, data)
+
+    def _short_path_session(self, index: int, now: float) -> Keypair | None:
+        """The session with ``index`` if :meth:`receive_datagrams`' short path may take its
+        messages: it exists, is confirmed (not ``peer.next``), has not expired, and a packet
+        on it would not start the rekey-on-receive handshake."""
+        keypair = self._keypairs.get(index)
+        if (
+            keypair is None
+            or keypair is keypair.peer.next
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or self._rekey_on_receive_due(keypair.peer, now)
+        ):
+            return None
+        return keypair
+
+    @staticmethod
+    def _rekey_on_receive_due(peer: Peer, now: float) -> bool:
+        """Whether an authenticated packet from ``peer`` now starts the rekey of §6.2 (an
+        initiator hearing from a session near its end)."""
+        current = peer.current
+        return (
+            current is not None
+            and current.is_initiator
+            and not peer.sent_last_minute_handshake
+            and now - current.created >= REKEY_ON_RECEIVE_AGE
+        )
+
+    @staticmethod
+    def _received_run(
+        peer: Peer | None, source: Endpoint, now: float, rx: int, authenticated: int, data: int
+    ) -> None:
+        """The per-peer part of :meth:`_receive_transport` for ``authenticated`` messages of
+        :meth:`receive_datagrams`' short path (``data`` of them not keepalives)."""
+        assert peer is not None
+        if source != peer.endpoint:
+            peer.endpoint = Endpoint.of(source)
+        peer.rx_bytes += rx
+        peer.on_authenticated_packet_received(now)
+        peer.on_authenticated_packet_traversal(now)
+        if data:
+            peer.on_data_received(now)
+            if data > 1:
+                peer.on_data_received(now)
+
     def _receive_transport(
         self,
         data: bytes,
@@ -528,6 +644,7 @@ class Device:
         ):
             self.drops["replay_or_expired"] += 1
             return
+        # rule: transport-open (with the replay check above)
         plaintext = keypair.recv.open(counter, memoryview(data)[16:])
         if plaintext is None:
             self.drops["decrypt"] += 1
@@ -554,36 +671,36 @@ class Device:
         peer.on_authenticated_packet_received(now)
         peer.on_authenticated_packet_traversal(now)
         # An initiator hearing from an old session re-handshakes before it expires (§6.2).
-        current = peer.current
-        if (
-            current is not None
-            and current.is_initiator
-            and not peer.sent_last_minute_handshake
-            and now - current.created >= REKEY_ON_RECEIVE_AGE
-        ):
+        if self._rekey_on_receive_due(peer, now):
             peer.sent_last_minute_handshake = True
             self._initiate(peer, now, out, retry=False)
         if not plaintext:
             return  # keepalive
         peer.on_data_received(now)
+        self._inner_packet(plaintext, peer, packets)
+
+    def _inner_packet(self, plaintext: bytes, peer: Peer, packets: list[bytes]) -> None:
+        """Append the IP packet a transport message from ``peer`` carried (without the
+        padding) to ``packets``, or count why it was dropped."""
+        size = len(plaintext)
         version = plaintext[0] >> 4
-        if version == 4 and len(plaintext) >= 20:
+        if version == 4 and size >= 20:
             length = _IPV4_TOTAL_LENGTH.unpack_from(plaintext, 2)[0]
             src = plaintext[12:16]
-        elif version == 6 and len(plaintext) >= 40:
+        elif version == 6 and size >= 40:
             length = _IPV4_TOTAL_LENGTH.unpack_from(plaintext, 4)[0] + 40
             src = plaintext[8:24]
         else:
             self.drops["inner_malformed"] += 1
             return
-        if length > len(plaintext):
+        if length > size:
             self.drops["inner_malformed"] += 1
             return
         if self._routes.lookup(src) is not peer:
             # Cryptokey routing: a peer may only send from its own AllowedIPs (§2).
             self.drops["inner_source_not_allowed"] += 1
             return
-        packets.append(plaintext if length == len(plaintext) else plaintext[:length])
+        packets.append(plaintext if length == size else plaintext[:length])
 
     def _under_load(self, now: float) -> bool:
         if self.force_under_load is not None:
