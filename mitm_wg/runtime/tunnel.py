@@ -203,38 +203,55 @@ class Tunnel:
             await trio.lowlevel.checkpoint()
 
     def _drain(self, sock: socket.socket, now: float) -> None:
-        """Hand up to :data:`MAX_BATCH` waiting datagrams to the device."""
-        receive = self.device.receive_datagram
+        """Hand up to :data:`MAX_BATCH` waiting datagrams to the device, each run of them
+        from one address in one call (``Device.receive_datagrams``)."""
+        receive = self.device.receive_datagrams
         out, packets = self._datagrams, self._packets
         recvfrom = sock.recvfrom
+        run: list[bytes] = []
+        run_from = None
         for _ in range(MAX_BATCH):
             try:
                 data, address = recvfrom(RECEIVE_BUFFER)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
                 # ICMP errors surface here on some platforms; the timers handle loss.
                 logger.debug("UDP receive error: %s", e)
-                return
-            receive(data, (address[0], address[1]), now, out, packets)
+                break
+            if address != run_from:
+                if run:
+                    receive(run, (run_from[0], run_from[1]), now, out, packets)
+                    run = []
+                run_from = address
+            run.append(data)
+        if run:
+            receive(run, (run_from[0], run_from[1]), now, out, packets)
 
     def _drain_gro(self, sock: socket.socket, now: float) -> None:
         """:meth:`_drain` on a socket with UDP GRO: one ``recvmsg`` may return a run of
         datagrams (one syscall and one call for up to 64 KiB of them, as wireguard-go reads);
         they are split at the size the kernel reports, the last one possibly shorter."""
-        receive = self.device.receive_datagram
+        receive = self.device.receive_datagrams
         out, packets = self._datagrams, self._packets
         recvmsg = sock.recvmsg
         space = _GRO_CMSG_SPACE
         budget = MAX_BATCH
+        run: list[bytes | memoryview] = []
+        run_from = None
         while budget > 0:
             try:
                 data, ancdata, flags, address = recvmsg(RECEIVE_BUFFER, space)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
                 logger.debug("UDP receive error: %s", e)
-                return
+                break
+            if address != run_from:
+                if run:
+                    receive(run, (run_from[0], run_from[1]), now, out, packets)
+                    run = []
+                run_from = address
             if ancdata or flags:  # a coalesced run (or a truncated read)
                 size = 0
                 for level, kind, value in ancdata:
@@ -247,13 +264,14 @@ class Tunnel:
                     count = (n + size - 1) // size
                     self.gro_receives += 1
                     self.gro_datagrams += count
-                    source = (address[0], address[1])
-                    for i in range(0, n, size):
-                        receive(data[i : i + size], source, now, out, packets)
+                    view = memoryview(data)
+                    run += [view[i : i + size] for i in range(0, n, size)]
                     budget -= count
                     continue
-            receive(data, (address[0], address[1]), now, out, packets)
+            run.append(data)
             budget -= 1
+        if run:
+            receive(run, (run_from[0], run_from[1]), now, out, packets)
 
     async def _timer(self) -> None:
         while True:
