@@ -221,12 +221,18 @@ class ViaTransport:
                 logger.debug("inner WireGuard endpoint: %s", e)
                 continue
             now = trio.current_time()
-            device.receive_datagram(data, source, now, out, packets)
+            # each run from one address to the device at once, as the outer reader does
+            run = [data]
             for _ in range(MAX_BATCH):
                 item = sock.recvfrom_nowait()
                 if item is None:
                     break
-                device.receive_datagram(item[0], item[1], now, out, packets)
+                if item[1] != source:
+                    device.receive_datagrams(run, source, now, out, packets)
+                    run = []
+                    source = item[1]
+                run.append(item[0])
+            device.receive_datagrams(run, source, now, out, packets)
             if packets:
                 # Authenticated whole by the inner WireGuard layer: no inner checksum.
                 stack.receive_batch(packets, now, authenticated=True)
