@@ -452,15 +452,21 @@ def test_unknown_receiver_index_is_counted() -> None:
     assert p.a.drops["unknown_index"] == 1 and p.a_received == []
 
 
-def _peer_state(pair: Pair) -> object:
-    """Everything send_packet(s) can change on A's side: its peer (with the keypair's
-    counter and the queue), the drop counters and the events."""
-    peer = pair.a_peer
+def _peer_scalars(peer: object) -> dict[str, object]:
+    """A peer's slots that hold plain values (numbers, text, tuples, None)."""
     fields = {}
     for name in type(peer).__slots__:
         value = getattr(peer, name, None)
         if isinstance(value, int | float | str | bool | bytes | tuple | type(None)):
             fields[name] = value
+    return fields
+
+
+def _peer_state(pair: Pair) -> object:
+    """Everything send_packet(s) can change on A's side: its peer (with the keypair's
+    counter and the queue), the drop counters and the events."""
+    peer = pair.a_peer
+    fields = _peer_scalars(peer)
     keypair = peer.current
     return (
         fields,
@@ -563,11 +569,7 @@ def _receiver_state(pair: Pair) -> object:
     """Everything receive_datagram(s) can change on A's side: its peer (scalars, and which
     sessions it holds), every session's replay window, the drop counters, the events."""
     peer = pair.a_peer
-    fields = {}
-    for name in type(peer).__slots__:
-        value = getattr(peer, name, None)
-        if isinstance(value, int | float | str | bool | bytes | tuple | type(None)):
-            fields[name] = value
+    fields = _peer_scalars(peer)
     sessions = {
         slot: (k.local_index, k.replay.last) if k is not None else None
         for slot, k in (("current", peer.current), ("previous", peer.previous), ("next", peer.next))

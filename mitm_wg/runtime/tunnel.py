@@ -190,11 +190,12 @@ class Tunnel:
 
     async def _reader(self, sock: socket.socket) -> None:
         stack, packets = self.stack, self._packets
-        drain = self._drain_gro if sock in self._gro_sockets else self._drain
+        drain = self._drain
+        gro = sock in self._gro_sockets
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
-            drain(sock, now)
+            drain(sock, now, gro)
             if packets:
                 # Decrypted packets were authenticated whole by WireGuard: no inner checksum.
                 stack.receive_batch(packets, now, authenticated=True)
@@ -202,49 +203,31 @@ class Tunnel:
             self._flush(now)
             await trio.lowlevel.checkpoint()
 
-    def _drain(self, sock: socket.socket, now: float) -> None:
+    def _drain(self, sock: socket.socket, now: float, gro: bool) -> None:
         """Hand up to :data:`MAX_BATCH` waiting datagrams to the device, each run of them
-        from one address in one call (``Device.receive_datagrams``)."""
+        from one address in one call (``Device.receive_datagrams``). ``gro``: the socket
+        has UDP GRO, so one ``recvmsg`` may return a run of datagrams (one syscall and one
+        call for up to 64 KiB of them, as wireguard-go reads), split here at the size the
+        kernel reports, the last one possibly shorter; else one ``recvfrom`` each."""
         receive = self.device.receive_datagrams
         out, packets = self._datagrams, self._packets
         recvfrom = sock.recvfrom
-        run: list[bytes] = []
+        recvmsg = sock.recvmsg if gro else None
+        budget = MAX_BATCH
+        run: list[bytes | memoryview] = []
         run_from = None
-        for _ in range(MAX_BATCH):
+        ancdata: list = []
+        flags = 0
+        while budget > 0:
             try:
-                data, address = recvfrom(RECEIVE_BUFFER)
+                if recvmsg is not None:
+                    data, ancdata, flags, address = recvmsg(RECEIVE_BUFFER, _GRO_CMSG_SPACE)
+                else:
+                    data, address = recvfrom(RECEIVE_BUFFER)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 # ICMP errors surface here on some platforms; the timers handle loss.
-                logger.debug("UDP receive error: %s", e)
-                break
-            if address != run_from:
-                if run:
-                    receive(run, (run_from[0], run_from[1]), now, out, packets)
-                    run = []
-                run_from = address
-            run.append(data)
-        if run:
-            receive(run, (run_from[0], run_from[1]), now, out, packets)
-
-    def _drain_gro(self, sock: socket.socket, now: float) -> None:
-        """:meth:`_drain` on a socket with UDP GRO: one ``recvmsg`` may return a run of
-        datagrams (one syscall and one call for up to 64 KiB of them, as wireguard-go reads);
-        they are split at the size the kernel reports, the last one possibly shorter."""
-        receive = self.device.receive_datagrams
-        out, packets = self._datagrams, self._packets
-        recvmsg = sock.recvmsg
-        space = _GRO_CMSG_SPACE
-        budget = MAX_BATCH
-        run: list[bytes | memoryview] = []
-        run_from = None
-        while budget > 0:
-            try:
-                data, ancdata, flags, address = recvmsg(RECEIVE_BUFFER, space)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
                 logger.debug("UDP receive error: %s", e)
                 break
             if address != run_from:
