@@ -96,6 +96,25 @@ def wait_until(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def port_from_log(proc: subprocess.Popen[Any], log: Path, pattern: str, what: str) -> int:
+    """Wait (60 s at most) until ``log`` matches ``pattern``, whose group is the port the
+    process listens on; a process that exits first is an error with its log's tail."""
+    found: list[int] = []
+
+    def listening() -> bool:
+        text = log.read_text(errors="replace")
+        m = re.search(pattern, text)
+        if m:
+            found.append(int(m.group(1)))
+            return True
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n{text[-3000:]}")
+        return False
+
+    wait_until(listening, 60, f"{what} to listen")
+    return found[0]
+
+
 @contextlib.contextmanager
 def nginx_origin(peer: Any, size: int) -> Iterator[tuple[Path, str]]:
     """nginx on the exit's tunnel address:443 serving /file (``size`` bytes); yields (CA, path)."""
@@ -174,21 +193,9 @@ def mitmdump(
             cwd=work,
         )
     try:
-        found: list[int] = []
-
-        def listening() -> bool:
-            text = log.read_text(errors="replace")
-            m = re.search(r"listening at 127\.0\.0\.1:(\d+)", text)
-            if m:
-                found.append(int(m.group(1)))
-                return True
-            if proc.poll() is not None:
-                raise RuntimeError(f"mitmdump {name} exited:\n{text[-3000:]}")
-            return False
-
-        wait_until(listening, 60, f"mitmdump {name} to listen")
+        port = port_from_log(proc, log, r"listening at 127\.0\.0\.1:(\d+)", f"mitmdump {name}")
         wait_until(lambda: (confdir / "mitmproxy-ca-cert.pem").exists(), 20, "the mitmproxy CA")
-        yield Proxy(name, proc, found[0], confdir)
+        yield Proxy(name, proc, port, confdir)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -212,19 +219,7 @@ def split_worker(peer: Any, conf: Path, target: str) -> Iterator[tuple[int, int]
             stderr=subprocess.STDOUT,
         )
     try:
-        found: list[int] = []
-
-        def ready() -> bool:
-            m = re.search(r"^ready (\d+)$", log.read_text(errors="replace"), re.MULTILINE)
-            if m:
-                found.append(int(m.group(1)))
-                return True
-            if proc.poll() is not None:
-                raise RuntimeError(f"split worker exited:\n{log.read_text()[-3000:]}")
-            return False
-
-        wait_until(ready, 60, "the split worker to listen")
-        yield found[0], proc.pid
+        yield port_from_log(proc, log, r"(?m)^ready (\d+)$", "the split worker"), proc.pid
     finally:
         peer.client_ns.kill(proc)
 
