@@ -138,7 +138,9 @@ class Tunnel:
         sockets: dict[int, socket.socket],
         *,
         handshake_timeout: float,
+        gro_sockets: set[socket.socket] | None = None,
     ) -> None:
+        """``gro_sockets``: those of ``sockets`` (now or later) that have UDP GRO."""
         self.config = config
         self.device = device
         self.stack = stack
@@ -169,7 +171,7 @@ class Tunnel:
         self.gro_receives = 0
         self.gro_datagrams = 0
         self.gro_truncated = 0
-        self._gro_sockets: set[socket.socket] = set()
+        self._gro_sockets = gro_sockets if gro_sockets is not None else set()
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
         self.endpoint_refresher: EndpointRefresher | None = None
 
@@ -1111,8 +1113,9 @@ async def open_tunnel(
             )
         for family in families if transport is None else ():
             make_socket(family)
-        tunnel = Tunnel(config, device, stack, sockets, handshake_timeout=handshake_timeout)
-        tunnel._gro_sockets = gro
+        tunnel = Tunnel(
+            config, device, stack, sockets, handshake_timeout=handshake_timeout, gro_sockets=gro
+        )
         if transport is not None:
             tunnel.via = via
             # The inner tunnel's datagrams go into the outer tunnel instead of host sockets.

@@ -543,6 +543,8 @@ class Device:
                     keypair = self._short_path_session(idx, now)
                     if keypair is not None:
                         index = idx
+                        replay = keypair.replay
+                        open_ = keypair.recv.open
                         if keypair.peer is not peer:
                             if authenticated:
                                 self._received_run(peer, source, now, rx, authenticated, data)
@@ -561,11 +563,10 @@ class Device:
                 self.receive_datagram(datagram, source, now, out, packets)
                 continue
             # copy of rule transport-open (as in _receive_transport)
-            replay = keypair.replay
             if counter >= REJECT_AFTER_MESSAGES or not replay.check(counter):
                 drops["replay_or_expired"] += 1
                 continue
-            plaintext = keypair.recv.open(counter, memoryview(datagram)[16:])
+            plaintext = open_(counter, memoryview(datagram)[16:])
             if plaintext is None:
                 drops["decrypt"] += 1
                 continue
@@ -576,7 +577,7 @@ class Device:
             rx += n
             if plaintext:
                 data += 1
-                inner(plaintext, keypair.peer, packets)
+                inner(plaintext, peer, packets)
         if authenticated:
             self._received_run(peer, source, now, rx, authenticated, data)
 
@@ -613,15 +614,22 @@ class Device:
         """The per-peer part of :meth:`_receive_transport` for ``authenticated`` messages of
         :meth:`receive_datagrams`' short path (``data`` of them not keepalives)."""
         assert peer is not None
-        if source != peer.endpoint:
-            peer.endpoint = Endpoint.of(source)
-        peer.rx_bytes += rx
+        Device._authenticated_from(peer, source, rx)
         peer.on_authenticated_packet_received(now)
         peer.on_authenticated_packet_traversal(now)
         if data:
             peer.on_data_received(now)
             if data > 1:
                 peer.on_data_received(now)
+
+    @staticmethod
+    def _authenticated_from(peer: Peer, source: Endpoint, nbytes: int) -> None:
+        """``nbytes`` of datagrams from ``source`` authenticated as ``peer``'s."""
+        if source != peer.endpoint:
+            # Roaming (whitepaper §2.1): the endpoint becomes the source of the latest
+            # authenticated packet. Compared first so the per-packet path allocates nothing.
+            peer.endpoint = Endpoint.of(source)
+        peer.rx_bytes += nbytes
 
     def _receive_transport(
         self,
@@ -653,11 +661,7 @@ class Device:
             self.drops["replay_or_expired"] += 1
             return
         peer = keypair.peer
-        if source != peer.endpoint:
-            # Roaming (whitepaper §2.1): the endpoint becomes the source of the latest
-            # authenticated packet. Compared first so the per-packet path allocates nothing.
-            peer.endpoint = Endpoint.of(source)
-        peer.rx_bytes += len(data)
+        self._authenticated_from(peer, source, len(data))
         if keypair is peer.next:
             # The initiator used the session we answered: it is now confirmed (§5.4.6).
             self._retire(peer.previous)
