@@ -12,6 +12,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_fast_paths import (
+    A6,
+    B6,
     A,
     B,
     connected_stacks,
@@ -27,6 +29,26 @@ from mitm_wg.net.tcp_wire import ACK, FIN, PSH
 
 _TCP = struct.Struct("!HHIIBBHHH")
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
+_IP6 = struct.Struct("!IHBB16s16s")
+_MUTATIONS = (
+    "tos",
+    "ttl",
+    "flow",
+    "frag",
+    "proto",
+    "ip_csum",
+    "src",
+    "dst",
+    "long",
+    "short",
+    "trailing",
+    "urg",
+    "tsval",
+    "tsecr",
+    "window",
+    "ack",
+    "psh",
+)
 
 
 def _count_runs(monkeypatch: Any) -> list[int]:
@@ -72,19 +94,60 @@ def _packet(
     *,
     dport: int = 80,
     sack: tuple[tuple[int, int], ...] = (),
+    v6: bool = False,
+    mutate: str = "",
 ) -> bytes:
+    """A TCP segment from A to B (``v6``: A6 to B6) in an IP packet; ``mutate`` changes one
+    thing in it: ``tos`` (traffic class), ``ttl`` (hop limit), ``flow`` (IPv6 flow label),
+    ``frag`` (IPv4 more-fragments), ``proto`` (UDP's number), ``ip_csum`` (a wrong IPv4 header checksum), ``src``
+    (another sender), ``dst`` (an address not ours), ``long``/``short`` (IP length one
+    more / fewer than the bytes there), ``trailing`` (bytes after the IP length), ``urg``
+    (an urgent pointer without URG), ``tsval``/``tsecr``/``window`` (one more), ``ack``
+    (one less), ``psh`` (PSH set)."""
+    if mutate == "tsval" and ts is not None:
+        ts = (ts[0] + 1, ts[1])
+    elif mutate == "tsecr" and ts is not None:
+        ts = (ts[0], ts[1] + 1)
+    elif mutate == "window":
+        window += 1
+    elif mutate == "ack":
+        ack -= 1
+    elif mutate == "psh":
+        flags |= PSH
     opts = b"\x01\x01\x08\x0a" + struct.pack("!II", *ts) if ts is not None else b""
     if sack:  # NOP NOP SACK, as Linux lays it out after the timestamp
         edges = [e & M32 for block in sack for e in block]
         opts += bytes((1, 1, 5, 2 + 8 * len(sack))) + struct.pack(f"!{len(edges)}I", *edges)
     hlen = 20 + len(opts)
-    header = _TCP.pack(sport, dport, seq & M32, ack & M32, hlen // 4 << 4, flags, window, 0, 0)
+    urg = 7 if mutate == "urg" else 0
+    header = _TCP.pack(sport, dport, seq & M32, ack & M32, hlen // 4 << 4, flags, window, 0, urg)
     seg = header + opts + payload
-    csum = checksum(seg, pseudo_header_sum(A, B, 6, len(seg)))
+    src, dst = (A6, B6) if v6 else (A, B)
+    if mutate == "src":
+        src = src[:-1] + b"\x09"
+    elif mutate == "dst":
+        dst = dst[:-1] + b"\x09"
+    length = len(seg) + {"long": 1, "short": -1}.get(mutate, 0)
+    # (over the bytes the IP length covers: the general path checks it even when
+    # authenticated, for a packet that is not bytes)
+    csum = checksum(seg[:length], pseudo_header_sum(src, dst, 6, min(length, len(seg))))
     seg = seg[:16] + csum.to_bytes(2, "big") + seg[18:]
-    ip = _IP4.pack(0x45, 0, 20 + len(seg), 0, 0x4000, 64, 6, 0, A, B)
-    ip = ip[:10] + checksum(ip).to_bytes(2, "big") + ip[12:]
-    return ip + seg
+    if v6:
+        first = 0x6000_0000 | {"tos": 0x0010_0000, "flow": 0x12345}.get(mutate, 0)
+        hop = 63 if mutate == "ttl" else 64
+        proto = 17 if mutate == "proto" else 6
+        packet = _IP6.pack(first, length, proto, hop, src, dst) + seg
+    else:
+        tos = 0x10 if mutate == "tos" else 0
+        frag = 0x6000 if mutate == "frag" else 0x4000
+        ttl = 63 if mutate == "ttl" else 64
+        proto = 17 if mutate == "proto" else 6
+        ip = _IP4.pack(0x45, tos, 20 + length, 0, frag, ttl, proto, 0, src, dst)
+        ip_csum = checksum(ip) ^ (0x0100 if mutate == "ip_csum" else 0)
+        packet = ip[:10] + ip_csum.to_bytes(2, "big") + ip[12:] + seg
+    if mutate == "trailing":
+        packet += b"\xee" * 5
+    return packet
 
 
 _STEPS = st.lists(
@@ -108,9 +171,12 @@ _STEPS = st.lists(
                 "ooo_fill",
                 "sack_ack",
                 "sack_ack",
+                "mutated",
+                "mutated",
             ]
         ),
         st.integers(1, 1400),
+        st.sampled_from(_MUTATIONS),  # for "mutated"
     ),
     min_size=1,
     max_size=40,
@@ -122,23 +188,28 @@ _STEPS = st.lists(
     seed=st.integers(0, 2**16),
     batches=st.lists(_STEPS, min_size=1, max_size=4),
     recv_buffer_small=st.booleans(),
+    v6=st.booleans(),
 )
 # a run of 536, 536, 1400 bytes: one by one, the second segment makes an ACK due (two
 # segments of the receive MSS so far, 536); the run's last one raises that MSS to 1400
 @example(
-    seed=1, batches=[[("short", 536), ("ooo_fill", 536), ("data", 1)]], recv_buffer_small=False
+    seed=1,
+    batches=[[("short", 536, ""), ("ooo_fill", 536, ""), ("data", 1, "")]],
+    recv_buffer_small=False,
+    v6=False,
 )
 def test_crafted_runs_match_one_by_one(
-    seed: int, batches: list[list[tuple[str, int]]], recv_buffer_small: bool
+    seed: int, batches: list[list[tuple[str, int, str]]], recv_buffer_small: bool, v6: bool
 ) -> None:
     """Hand-made batches: full-sized and short segments, PSH inside a run, a gap and its
     filling, duplicates, a TSval step, window and ACK changes, a FIN, a second connection's
     segments and a UDP datagram in between, a receive window that runs out mid-run; pure
     ACKs with 1-3 SACK blocks (or a D-SACK) for the server's data in flight, which must
-    not overtake a pending run."""
+    not overtake a pending run; full-sized segments that differ from the run's in one
+    header field (``_packet``'s ``mutate``), which must not slip into it."""
     results = []
     for batched in (True, False):
-        _a, b, client, server = connected_stacks(seed)
+        _a, b, client, server = connected_stacks(seed, v6=v6)
         server.send(bytes(30000))
         b.poll(0.5, [])
         if recv_buffer_small:
@@ -153,10 +224,12 @@ def test_crafted_runs_match_one_by_one(
         for steps in batches:
             packets: list[bytes] = []
             held: list[bytes] = []
-            for kind, size in steps:
+            for kind, size, mutation in steps:
                 sport = client.local_port
                 flags = ACK
-                payload = bytes([size & 0xFF]) * (1400 if kind == "data" else size)
+                full = kind in ("data", "mutated")
+                payload = bytes([size & 0xFF]) * (1400 if full else size)
+                mutate = mutation if kind == "mutated" else ""
                 sack: tuple[tuple[int, int], ...] = ()
                 if kind == "psh":
                     flags |= PSH
@@ -183,9 +256,21 @@ def test_crafted_runs_match_one_by_one(
                 elif kind == "other":
                     sport = 9999  # no such connection: the stack answers with a RST
                 elif kind == "udp":
-                    packets.append(_udp_packet(payload))
+                    if not v6:
+                        packets.append(_udp_packet(payload))
                     continue
-                pkt = _packet(sport, seq, ack, flags, window, (ts[0], ts[1]), payload, sack=sack)
+                pkt = _packet(
+                    sport,
+                    seq,
+                    ack,
+                    flags,
+                    window,
+                    (ts[0], ts[1]),
+                    payload,
+                    sack=sack,
+                    v6=v6,
+                    mutate=mutate,
+                )
                 if kind == "gap":
                     held.append(pkt)  # sent later, after what follows it
                 elif kind == "dup" and packets:
@@ -197,7 +282,8 @@ def test_crafted_runs_match_one_by_one(
                     held.clear()
                 else:
                     packets.append(pkt)
-                if sport == client.local_port:
+                if sport == client.local_port and not (mutate and size & 1):
+                    # (an odd-sized mutated one is a stray copy: the next takes its place)
                     seq += len(payload) + (1 if flags & FIN else 0)
             packets.extend(held)
             if batched:
@@ -213,6 +299,55 @@ def test_crafted_runs_match_one_by_one(
             now += 0.003
         results.append(trace)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("stray", [False, True], ids=["in-place", "stray-copy"])
+@pytest.mark.parametrize("mutate", ["", *_MUTATIONS])
+def test_a_changed_header_inside_a_run(
+    monkeypatch: Any, mutate: str, stray: bool, v6: bool
+) -> None:
+    """Full-sized segments in order, the third with one header field changed (in place of
+    the third, or as a stray copy of it before the real one): the batch has the effect of
+    the packets one by one, and the unchanged segments still coalesce."""
+    seen = _count_runs(monkeypatch)
+    results = []
+    for batched in (True, False):
+        _a, b, client, server = connected_stacks(3, v6=v6)
+        seq, ack = server.rcv_nxt, client.rcv_nxt
+        tsval = server._ts_recent + 1
+        packets = []
+        for i in range(6):
+            change = mutate if i == 2 else ""
+            pkt = _packet(
+                client.local_port,
+                seq,
+                ack,
+                ACK,
+                1000,
+                (tsval, 5),
+                bytes([i]) * 1300,
+                v6=v6,
+                mutate=change,
+            )
+            packets.append(pkt)
+            if change and stray:
+                packets.append(
+                    _packet(
+                        client.local_port, seq, ack, ACK, 1000, (tsval, 5), bytes([i]) * 1300, v6=v6
+                    )
+                )
+            seq += 1300
+        if batched:
+            b.receive_batch(packets, 1.0, authenticated=True)
+        else:
+            for p in packets:
+                b.receive(bytearray(p), 1.0, authenticated=True)
+        out: list[bytes] = []
+        b.poll(1.0, out)
+        results.append((out, b.stats.as_dict(), state_of(server), server.recv(1 << 20)))
+    assert results[0] == results[1]
+    assert seen[1] >= 2, "the segments before the changed one were not coalesced"
 
 
 def _udp_packet(payload: bytes) -> bytes:

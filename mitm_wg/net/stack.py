@@ -106,6 +106,11 @@ _IP4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _TS_VALUES = struct.Struct("!II")
 _IP6_PLEN = struct.Struct("!H")
+# Stack.receive_batch's run extension: an IPv4 header's words (all but the addresses) and
+# the TCP sequence number after it; an IPv6 header's first word, payload length, next header
+# and hop limit, and the TCP sequence number.
+_IP4_RUN = struct.Struct("!HHHHHH12xI")
+_IP6_RUN = struct.Struct("!IHH36xI")
 # IPv4 header (DF, TTL 64) + TCP header with NOP NOP TS option: 52 bytes in one pack.
 _IP4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
 # The same after an IPv6 header (no extension headers, hop limit 64): 72 bytes.
@@ -207,6 +212,21 @@ def _can_reply_to(src: bytes) -> bool:
 
 _NEVER = float("inf")
 _IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+def _run_template(first: bytes, end: int) -> tuple[int, bytes, bytes, bytes, int, int, int, int]:
+    """For :meth:`Stack.receive_batch`: the header bytes a run started by ``first`` (its
+    payload at ``end``) shares with the segments that may extend it: IP header length (0:
+    none may), addresses and ports, TCP ack/offset/flags/window, the timestamp option, the
+    IP header's other fixed words, and (IPv4) the sum of the addresses for its checksum."""
+    if first[33] == ACK and end == 52 and first[0] == 0x45:
+        vt, _t, _i, frag, ttlp, _c, _s = _IP4_RUN.unpack_from(first)
+        addr_sum = int.from_bytes(first[12:20], "big")
+        return 20, first[12:24], first[28:36], first[40:52], vt, frag, ttlp, addr_sum
+    if end == 72 and first[53] == ACK and first[0] >> 4 == 6:
+        vtf, _p, nh_hop, _s = _IP6_RUN.unpack_from(first)
+        return 40, first[8:44], first[48:56], first[60:72], vtf, nh_hop, 0, 0
+    return 0, b"", b"", b"", 0, 0, 0, 0
 
 
 class TcpListener:
@@ -463,11 +483,82 @@ class Stack:
         one header-prediction pass for the run instead of one per segment. A bulk
         download through the tunnel arrives as such runs (one batch of datagrams per
         wake-up); the effect on the socket is exactly that of the segments one by one.
+        Authenticated segments after a run's first join it after a compare of their header
+        bytes with the first one's (below): ~2 instead of ~5 µs per segment.
         """
         run = self._run
         receive = self._receive
+        if not authenticated:
+            for packet in packets:
+                receive(packet, now, False, run)
+            if run:
+                self._flush_run(run, now)
+            return
+        # (the first packet goes through _receive: it keeps self._now)
+        # A segment whose header equals the run's first segment's in every byte but the
+        # IP length/identification/checksum and the TCP sequence number and checksum, and
+        # whose sequence number is the run's next, extends the run right here: it passes
+        # each check of _receive/_rx_tcp4/_rx_tcp6/_rx_tcp_fast exactly as the first did
+        # (same addresses, ports, so the same socket; same flags, ACK, window, timestamps),
+        # and those checks would append it to the run. Only its own fields are checked: the
+        # lengths, the IPv4 header checksum, the sequence number. tests/test_tcp_gro.py
+        # compares it with receive() one by one.
+        first = None  # the run's first segment, whose header the t_* locals hold
+        t_ip = 0  # its IP header's length (0: no template, every segment via _receive)
+        t_addr = t_tcp = t_opt = b""
+        t_a = t_b = t_c = t_sum = 0
+        quick = 0
         for packet in packets:
-            receive(packet, now, authenticated, run)
+            if run:
+                pieces = run[7]
+                if pieces[0][0] is not first:
+                    first = pieces[0][0]
+                    t_ip, t_addr, t_tcp, t_opt, t_a, t_b, t_c, t_sum = _run_template(
+                        first, pieces[0][2]
+                    )
+                if t_ip == 20:
+                    if (
+                        packet[12:24] == t_addr
+                        and packet[28:36] == t_tcp
+                        and packet[40:52] == t_opt
+                        and type(packet) is bytes
+                    ):
+                        vt, total, ident, frag, ttlp, csum, seq = _IP4_RUN.unpack_from(packet)
+                        if (
+                            seq == run[1]
+                            and 52 < total <= len(packet)
+                            and vt == t_a
+                            and frag == t_b
+                            and ttlp == t_c
+                            and run[6] == ACK
+                            and not (vt + total + ident + frag + ttlp + csum + t_sum) % 0xFFFF
+                        ):
+                            run[1] = (seq + total - 52) & M32
+                            pieces.append((packet, seq, 52, total))
+                            quick += 1
+                            continue
+                elif t_ip == 40:
+                    if (
+                        packet[8:44] == t_addr
+                        and packet[48:56] == t_tcp
+                        and packet[60:72] == t_opt
+                        and type(packet) is bytes
+                    ):
+                        vtf, plen, nh_hop, seq = _IP6_RUN.unpack_from(packet)
+                        total = 40 + plen
+                        if (
+                            seq == run[1]
+                            and 72 < total <= len(packet)
+                            and vtf == t_a
+                            and nh_hop == t_b
+                            and run[6] == ACK
+                        ):
+                            run[1] = (seq + total - 72) & M32
+                            pieces.append((packet, seq, 72, total))
+                            quick += 1
+                            continue
+            receive(packet, now, True, run)
+        self.stats.packets_in += quick
         if run:
             self._flush_run(run, now)
 
