@@ -24,6 +24,7 @@ from test_fast_paths import (
 )
 
 from mitm_wg.net.checksum import checksum, pseudo_header_sum
+from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp import M32, TcpSocket
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH
 
@@ -359,10 +360,20 @@ def _udp_packet(payload: bytes) -> bytes:
 
 def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
     """Ten full-sized segments in order are one run; a PSH ends a run; a TSval change or
-    another connection's segment starts a new one."""
+    another connection's segment starts a new one. Only a segment whose header differs
+    from the run's first one's takes the per-packet path."""
     seen = _count_runs(monkeypatch)
     _a, b, client, server = connected_stacks(7)
-    seq, ack = server.rcv_nxt, client.rcv_nxt
+    general: list[int] = []  # the segments that took the per-packet path (their number)
+    original = Stack._receive
+
+    def counting(self: Stack, packet: Any, *args: Any) -> None:
+        general.append((_TCP.unpack_from(packet, 20)[2] - seq0) // 1400)
+        original(self, packet, *args)
+
+    monkeypatch.setattr(Stack, "_receive", counting)
+    seq0 = seq = server.rcv_nxt
+    ack = client.rcv_nxt
     sport = client.local_port
     pkts = []
     for i in range(10):
@@ -373,6 +384,9 @@ def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
     b.receive_batch(pkts, 1.0, authenticated=True)
     # runs: 0-5 (PSH ends it), 6-7, then 8-9 after the TSval step
     assert seen == [3, 10]
+    # Only the first segment and the one with the new TSval took the per-packet path: the
+    # others matched the run's first header (6 starts the run after the PSH from it).
+    assert general == [0, 8]
     assert len(server.recv(1 << 20)) == 14000
     assert b.stats.packets_in >= 10
 

@@ -111,6 +111,7 @@ _IP6_PLEN = struct.Struct("!H")
 # and hop limit, and the TCP sequence number.
 _IP4_RUN = struct.Struct("!HHHHHH12xI")
 _IP6_RUN = struct.Struct("!IHH36xI")
+_ACK_PSH = bytes((ACK | PSH,))
 # IPv4 header (DF, TTL 64) + TCP header with NOP NOP TS option: 52 bytes in one pack.
 _IP4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
 # The same after an IPv6 header (no extension headers, hop limit 64): 72 bytes.
@@ -496,17 +497,26 @@ class Stack:
             return
         # (the first packet goes through _receive: it keeps self._now)
         # A segment whose header equals the run's first segment's in every byte but the
-        # IP length/identification/checksum and the TCP sequence number and checksum, and
+        # IP length/identification/checksum, the TCP sequence number, checksum and PSH, and
         # whose sequence number is the run's next, extends the run right here: it passes
         # each check of _receive/_rx_tcp4/_rx_tcp6/_rx_tcp_fast exactly as the first did
-        # (same addresses, ports, so the same socket; same flags, ACK, window, timestamps),
-        # and those checks would append it to the run. Only its own fields are checked: the
-        # lengths, the IPv4 header checksum, the sequence number. tests/test_tcp_gro.py
-        # compares it with receive() one by one.
-        first = None  # the run's first segment, whose header the t_* locals hold
+        # (same addresses, ports, so the same socket; same ACK, window, timestamps), and
+        # those would append it to the run. Only its own fields are checked: the lengths,
+        # the IPv4 header checksum, the sequence number. A PSH ends the run: it goes to its
+        # socket at once (as the next packet would make it), and such a segment then starts
+        # the next run as those checks would: if the socket is still the one for its
+        # addresses and ports and the sequence number is its RCV.NXT. tests/test_tcp_gro.py
+        # compares all of it with receive() one by one.
+        first = None  # the first segment of the run the t_* locals describe
         t_ip = 0  # its IP header's length (0: no template, every segment via _receive)
-        t_addr = t_tcp = t_opt = b""
+        t_addr = t_opt = b""
+        t_tcp = t_psh = b""  # ack, offset, flags (ACK; with PSH), window
         t_a = t_b = t_c = t_sum = 0
+        t_sock = None  # that run's socket, its key in self._tcp
+        t_key: tuple = ()
+        t_fields: tuple = ()  # and the run's ack, window, tsval, tsecr
+        tcp = self._tcp
+        expect = -1  # the sequence number that extends (or starts) a run
         quick = 0
         for packet in packets:
             if run:
@@ -516,48 +526,61 @@ class Stack:
                     t_ip, t_addr, t_tcp, t_opt, t_a, t_b, t_c, t_sum = _run_template(
                         first, pieces[0][2]
                     )
-                if t_ip == 20:
+                    t_psh = t_tcp[:5] + _ACK_PSH + t_tcp[6:]
+                    t_sock = sock = run[0]
+                    t_key = (sock.local_addr, sock.local_port, sock.remote_addr, sock.remote_port)
+                    t_fields = tuple(run[2:6])
+                    expect = run[1] if run[6] == ACK else -1
+            elif t_ip:
+                expect = t_sock.rcv_nxt if tcp.get(t_key) is t_sock else -1
+            else:
+                receive(packet, now, True, run)
+                continue
+            end = 0
+            if t_ip == 20:
+                if (
+                    packet[12:24] == t_addr
+                    and packet[40:52] == t_opt
+                    and type(packet) is bytes
+                    and ((tcp_bytes := packet[28:36]) == t_tcp or tcp_bytes == t_psh)
+                ):
+                    vt, total, ident, frag, ttlp, csum, seq = _IP4_RUN.unpack_from(packet)
                     if (
-                        packet[12:24] == t_addr
-                        and packet[28:36] == t_tcp
-                        and packet[40:52] == t_opt
-                        and type(packet) is bytes
+                        seq == expect
+                        and 52 < total <= len(packet)
+                        and vt == t_a
+                        and frag == t_b
+                        and ttlp == t_c
+                        and not (vt + total + ident + frag + ttlp + csum + t_sum) % 0xFFFF
                     ):
-                        vt, total, ident, frag, ttlp, csum, seq = _IP4_RUN.unpack_from(packet)
-                        if (
-                            seq == run[1]
-                            and 52 < total <= len(packet)
-                            and vt == t_a
-                            and frag == t_b
-                            and ttlp == t_c
-                            and run[6] == ACK
-                            and not (vt + total + ident + frag + ttlp + csum + t_sum) % 0xFFFF
-                        ):
-                            run[1] = (seq + total - 52) & M32
-                            pieces.append((packet, seq, 52, total))
-                            quick += 1
-                            continue
-                elif t_ip == 40:
-                    if (
-                        packet[8:44] == t_addr
-                        and packet[48:56] == t_tcp
-                        and packet[60:72] == t_opt
-                        and type(packet) is bytes
-                    ):
-                        vtf, plen, nh_hop, seq = _IP6_RUN.unpack_from(packet)
-                        total = 40 + plen
-                        if (
-                            seq == run[1]
-                            and 72 < total <= len(packet)
-                            and vtf == t_a
-                            and nh_hop == t_b
-                            and run[6] == ACK
-                        ):
-                            run[1] = (seq + total - 72) & M32
-                            pieces.append((packet, seq, 72, total))
-                            quick += 1
-                            continue
+                        end = 52
+            elif t_ip == 40:
+                if (
+                    packet[8:44] == t_addr
+                    and packet[60:72] == t_opt
+                    and type(packet) is bytes
+                    and ((tcp_bytes := packet[48:56]) == t_tcp or tcp_bytes == t_psh)
+                ):
+                    vtf, plen, nh_hop, seq = _IP6_RUN.unpack_from(packet)
+                    total = 40 + plen
+                    if seq == expect and 72 < total <= len(packet) and vtf == t_a and nh_hop == t_b:
+                        end = 72
+            if end:
+                expect = (seq + total - end) & M32
+                if run:
+                    run[1] = expect
+                    pieces.append((packet, seq, end, total))
+                else:
+                    run += (t_sock, expect, *t_fields, ACK, [(packet, seq, end, total)])
+                    first = packet
+                quick += 1
+                if tcp_bytes != t_tcp:  # PSH
+                    run[6] = ACK | PSH
+                    self._flush_run(run, now)
+                continue
             receive(packet, now, True, run)
+            if run:  # (which may have grown or ended the run: what comes next)
+                expect = run[1] if run[6] == ACK else -1
         self.stats.packets_in += quick
         if run:
             self._flush_run(run, now)
