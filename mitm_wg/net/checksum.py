@@ -2,8 +2,8 @@
 
 The one's-complement sum of 16-bit big-endian words equals the big integer of the
 (zero-padded) buffer reduced modulo 0xFFFF, because 2**16 ≡ 1 (mod 0xFFFF).  Python's
-arbitrary-precision ``int.from_bytes`` and ``%`` run in C, so a 1400-byte segment costs
-a few hundred nanoseconds.
+arbitrary-precision ``int.from_bytes`` and ``%`` run in C; a full-sized segment still
+costs ~3 µs, the bulk of building one (see :func:`ones_sum`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 
 _PSEUDO4 = struct.Struct("!4s4sxBH")
+#: from this many bytes on, ones_sum converts four quarters (measured crossover: ~1 KiB)
+_SPLIT_AT = 1024
 
 __all__ = [
     "checksum",
@@ -27,12 +29,27 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     The result is congruent (mod 0xFFFF) to the true sum; combine partial sums with ``+``
     and finish with :func:`fold`.
     """
-    if len(data) & 1:
+    n = len(data)
+    if n & 1:
         return int.from_bytes(bytes(data) + b"\0", "big") % 0xFFFF
     if type(data) is memoryview:
         # int.from_bytes is ~2x slower on a memoryview than on bytes (1388 B: 3.5 vs 1.5 µs)
         # even counting the copy.
         data = bytes(data)
+    if n >= _SPLIT_AT:
+        # Four quarters of an even length: 2**(8*k) ≡ 1 (mod 0xFFFF) for even k, so the sum
+        # of their integers is congruent to the whole one's; four small conversions and a
+        # remainder of a quarter-size number beat one of each at full size (1368 B: ~3.1
+        # vs ~4.0 µs on CPython 3.11, ~2.8 vs ~3.6 on 3.13).
+        q = (n >> 2) & ~1
+        q2 = q + q
+        q3 = q2 + q
+        return (
+            int.from_bytes(data[:q], "big")
+            + int.from_bytes(data[q:q2], "big")
+            + int.from_bytes(data[q2:q3], "big")
+            + int.from_bytes(data[q3:], "big")
+        ) % 0xFFFF
     return int.from_bytes(data, "big") % 0xFFFF
 
 

@@ -1008,7 +1008,7 @@ class Stack:
                 + tsecr
             )
             if plen:
-                csum += ones_sum(payload) if plen & 1 else int.from_bytes(payload, "big")
+                csum += ones_sum(payload)
             csum %= 0xFFFF
             csum = (~csum) & 0xFFFF if csum else 0xFFFF
             if ip4:
