@@ -264,6 +264,9 @@ class Transfer:
     #: exit's namespace and in the client's (the relay, the clients): loss on top of the
     #: relay's impairment that a reader starved of CPU adds, for either path
     udp_drops: tuple[int, int] = (0, 0)
+    #: our tunnel only: CPU seconds of this process (the tunnel's whole data path) per MiB
+    #: moved, a steadier measure of the per-packet work than MB/s on a shared machine
+    cpu_per_mib: float | None = None
 
 
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
@@ -413,14 +416,16 @@ def run_ours(
             for size, upload in jobs:
                 drops0 = _udp_drops(peer)
                 cpu0, t0 = _cpu(relay), time.perf_counter()
+                own0 = time.process_time()
                 try:
                     with trio.fail_after(60 + size / 250_000):
                         mbps = await _ours_one(tunnel, server, size, upload)
                 except Exception as e:  # one failed transfer must not end the whole run
                     _failed("mitm-wg", upload, e)
                     mbps = math.nan
+                own = (time.process_time() - own0) / (size / MiB)
                 share = _share(relay, cpu0, t0)
-                out.append(Transfer(mbps, share, _drops_since(peer, drops0)))
+                out.append(Transfer(mbps, share, _drops_since(peer, drops0), own))
                 server.cleanup_uploads()
         return out
 
@@ -598,6 +603,11 @@ class Row:
         runs = [t.mbps for t in getattr(self, which) if not math.isnan(t.mbps)]
         return statistics.median(runs) if runs else math.nan
 
+    def own_cpu(self) -> float:
+        """Median CPU seconds per MiB of our tunnel's completed runs."""
+        runs = [t.cpu_per_mib for t in self.ours if t.cpu_per_mib and not math.isnan(t.mbps)]
+        return statistics.median(runs) if runs else math.nan
+
     def relay_cpu(self) -> float:
         every = self.kernel + self.ours + self.fixed
         shares = [t.relay_cpu for t in every if t.relay_cpu is not None]
@@ -626,8 +636,8 @@ def print_table(rows: list[Row], title: str) -> None:
         line += "---:|---:|"
     tail = " / fixed |" if fixed else " |"
     drops = " UDP buffer drops exit+client, Linux / ours"
-    print(head + " relay CPU |" + drops + tail + " runs Linux / ours" + tail)
-    print(line + "---:|---|---|")
+    print(head + " relay CPU | our CPU ms/MiB |" + drops + tail + " runs Linux / ours" + tail)
+    print(line + "---:|---:|---|---|")
     for r in rows:
         k, o = r.med("kernel"), r.med("ours")
         cpu = r.relay_cpu()
@@ -641,7 +651,9 @@ def print_table(rows: list[Row], title: str) -> None:
             cells += f" {f:.1f} | {f / k:.2f} |"
             runs += f" / {_fmt_runs(r.fixed)}"
             drops += f" / {_fmt_drops(r.fixed)}"
-        print(f"{cells} {cpu_s} | {drops} | {runs} |")
+        own = r.own_cpu() * 1000
+        own_s = "-" if math.isnan(own) else f"{own:.1f}"
+        print(f"{cells} {cpu_s} | {own_s} | {drops} | {runs} |")
     sys.stdout.flush()
 
 
@@ -839,6 +851,7 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "ours": [t.mbps for t in r.ours],
                 "fixed": [t.mbps for t in r.fixed],
                 "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
+                "ours_cpu_s_per_mib": [t.cpu_per_mib for t in r.ours],
                 "udp_drops_exit_client": {
                     "kernel": [t.udp_drops for t in r.kernel],
                     "ours": [t.udp_drops for t in r.ours],

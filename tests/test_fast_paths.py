@@ -49,14 +49,22 @@ INF = float("inf")
 
 
 def state_of(obj: Any) -> Any:
-    """A comparable snapshot of a socket's whole state (recursing into helper objects)."""
+    """A comparable snapshot of a socket's whole state (recursing into helper objects).
+    An Assembler's ranges show their data joined: how it is split into chunks inside a
+    range (one per segment, or one per coalesced run) is not state anyone can observe."""
+    if isinstance(obj, Assembler):
+        return {
+            "ranges": [(r[0], r[1], b"".join(r[2])) for r in obj._ranges],
+            "recent": list(obj._recent),
+            "size": obj.size,
+            "max_ranges": obj.max_ranges,
+        }
     if isinstance(
         obj,
         (
             TcpStats,
             RttEstimator,
             NewReno,
-            Assembler,
             _RcvTuning,
             Rack,
             Pacer,

@@ -351,6 +351,51 @@ def test_a_changed_header_inside_a_run(
     assert seen[1] >= 2, "the segments before the changed one were not coalesced"
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("ranges_left", [0, 1, 5], ids=lambda n: f"room-{n}")
+@pytest.mark.parametrize("ack_due", [False, True], ids=["no-ack-due", "ack-due"])
+def test_runs_ahead_of_a_hole(monkeypatch: Any, v6: bool, ranges_left: int, ack_due: bool) -> None:
+    """After a lost segment, the segments behind it arrive in runs ahead of RCV.NXT: each
+    run reaches the socket's Assembler at once, with the effect of the segments one by one
+    (counters, duplicate ACKs owed, SACK blocks), also when the Assembler has no room left
+    for another range (then one by one); the hole's retransmission then delivers it all."""
+    seen = _count_runs(monkeypatch)
+    results = []
+    size = 1000
+    held = 3  # ranges held already: segments 2, 4, 6 (holes at 0, 1, 3, 5)
+    first = 2 * held + 3  # then a run of 6 segments, behind another hole
+    for batched in (True, False):
+        _a, b, client, server = connected_stacks(4, v6=v6)
+        sport, seq, ack = client.local_port, server.rcv_nxt, client.rcv_nxt
+        header = (ack, ACK, 1000, (server._ts_recent + 1, 5))
+        segs = [
+            _packet(sport, seq + i * size, *header, bytes([i]) * size, v6=v6) for i in range(20)
+        ]
+        server._asm.max_ranges = held + ranges_left
+        pre = [segs[2 * k] for k in range(1, held + 1)]
+        if ack_due:
+            pre.append(segs[2 * held + 1])  # (joins the last range, but leaves an ACK due)
+        batches = [pre, segs[first : first + 6], segs[:first]]
+        trace = []
+        for packets in batches:
+            if batched:
+                b.receive_batch(packets, 1.0, authenticated=True)
+            else:
+                for p in packets:
+                    b.receive(bytearray(p), 1.0, authenticated=True)
+            before_poll = state_of(server)
+            out: list[bytes] = []
+            b.poll(1.0, out)
+            trace.append((before_poll, out, b.stats.as_dict()))
+        trace.append(server.recv(1 << 20))
+        results.append(trace)
+    assert results[0] == results[1]
+    # (with no room the run was dropped, one by one as batched: the sender resends it)
+    assert len(results[0][-1]) == (first + (6 if ranges_left else 0)) * size
+    if ranges_left:
+        assert seen[0] >= 1, "the run ahead of the hole was not coalesced"
+
+
 def _udp_packet(payload: bytes) -> bytes:
     udp = struct.pack("!HHHH", 5353, 53, 8 + len(payload), 0) + payload
     ip = _IP4.pack(0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, A, B)

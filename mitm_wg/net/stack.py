@@ -80,6 +80,9 @@ from mitm_wg.net.tcp_wire import (
     build_tcp_parts,
     parse_tcp,
 )
+from mitm_wg.net.tcp_wire import (
+    HALF as _HALF,
+)
 from mitm_wg.net.udp import build_udp, parse_udp
 
 logger = logging.getLogger(__name__)
@@ -478,8 +481,9 @@ class Stack:
     def receive_batch(
         self, packets: list[bytes], now: float, *, authenticated: bool = False
     ) -> None:
-        """:meth:`receive` for each packet in order, except that a run of in-order data
-        segments of one TCP connection whose headers differ only in the sequence number
+        """:meth:`receive` for each packet in order, except that a run of contiguous data
+        segments of one TCP connection (in order, or ahead of a hole after a loss: then
+        into the reassembly queue at once) whose headers differ only in the sequence number
         (and PSH on the last) reaches the socket as one, as Linux's GRO does for TCP:
         one header-prediction pass for the run instead of one per segment. A bulk
         download through the tunnel arrives as such runs (one batch of datagrams per
@@ -1243,7 +1247,7 @@ class Stack:
                             return
                         if run:
                             self._flush_run(run, now)
-                        if wseq == sock.rcv_nxt:
+                        if (wseq - sock.rcv_nxt) & M32 < _HALF:  # (in order, or ahead of it)
                             run += (
                                 sock,
                                 (wseq + total - end) & M32,

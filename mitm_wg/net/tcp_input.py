@@ -43,7 +43,8 @@ class Input:
         """Header prediction (RFC 9293 §3.10.7.4 note, Van Jacobson): handle the common
         segment without building a :class:`TcpSegment`.
 
-        ``run``: ``payload`` is several in-order segments, coalesced by
+        ``run``: ``payload`` is several contiguous segments (at RCV.NXT, or all ahead
+        of it behind a hole), coalesced by
         ``Stack.receive_batch`` (as Linux's GRO does for TCP) because every other header
         field of theirs is equal and only the last may carry PSH: their number, and the
         first, last and largest segment's length. The effect is exactly that of the
@@ -74,8 +75,10 @@ class Input:
             # data ahead of RCV.NXT (after a loss, every segment until the retransmission
             # arrives): the out-of-order case below; anything else takes the slow path
             off = (wseq - rcv_nxt) & M32
-            if off >= _HALF or run is not None or not payload:
+            if off >= _HALF or not payload:
                 return False
+            if run is not None and len(self._asm._ranges) >= self._asm.max_ranges:
+                return False  # one by one: which of them the full Assembler drops
             seq += off
         ts_ok = self._ts_ok
         if ts_ok:
@@ -140,11 +143,21 @@ class Input:
         elif window_changed:
             self._update_persist(now)
         if seq != rcv_nxt:  # copy of rule rcv-out-of-order (tcp_recv.py _process_data)
-            self.stats.out_of_order += 1
-            if not self._asm.add(seq, payload):
-                self.stats.dropped += 1
-            if self._ack_now:
-                self._acks_owed += 1
+            if run is None:
+                self.stats.out_of_order += 1
+                if not self._asm.add(seq, payload):
+                    self.stats.dropped += 1
+                if self._ack_now:
+                    self._acks_owed += 1
+            else:
+                # A run is contiguous: one by one, its first segment may need a new range
+                # (there is room: checked above) and the others extend that one; the
+                # Assembler ends up the same (its recent-range list included). Each segment
+                # owes a duplicate ACK, except the first when none was due yet.
+                n = run[0]
+                self.stats.out_of_order += n
+                self._asm.add(seq, payload)
+                self._acks_owed += n if self._ack_now else n - 1
             self._ack_now = True
             return True
         if plen:  # copy of rule rcv-in-order (tcp_recv.py _process_data), no gap to fill
