@@ -574,16 +574,20 @@ def test_stack_sack_ack_path_matches_general_path(
     tcp_config = TcpConfig(congestion=congestion)
     original = TcpSocket.sack_ack_input
     calls: list[int] = []
-    for seed in (1, 2):
+    taken = 0
+    for seed in range(1, 15):
         monkeypatch.setattr(TcpSocket, "sack_ack_input", original)
         hits = count_takes(monkeypatch, "sack_ack_input")
         fast = run_transfer(seed, True, calls, tcp_config, batch=batch, v6=v6)
-        assert hits[0] > 20, "the SACK ACK path was not taken"
+        taken += hits[0]
         monkeypatch.setattr(TcpSocket, "sack_ack_input", lambda self, *args: False)
         slow = run_transfer(seed, True, calls, tcp_config, batch=batch, v6=v6)
         assert len(fast) == len(slow)
         for i, (x, y) in enumerate(zip(fast, slow, strict=True)):
             assert x == y, f"seed {seed}: traces differ at entry {i}"
+    # (a receiver with SACK sends one ACK per batch, not a copy per out-of-order segment:
+    # about one or two SACK ACKs per transfer with BBR, several with NewReno)
+    assert taken > 12, "the SACK ACK path was not taken"
 
 
 def _ip4_tcp(

@@ -25,7 +25,7 @@ from test_fast_paths import (
 
 from mitm_wg.net.checksum import checksum, pseudo_header_sum
 from mitm_wg.net.stack import Stack
-from mitm_wg.net.tcp import M32, TcpSocket
+from mitm_wg.net.tcp import M32, TcpConfig, TcpSocket
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH
 
 _TCP = struct.Struct("!HHIIBBHHH")
@@ -394,6 +394,32 @@ def test_runs_ahead_of_a_hole(monkeypatch: Any, v6: bool, ranges_left: int, ack_
     assert len(results[0][-1]) == (first + (6 if ranges_left else 0)) * size
     if ranges_left:
         assert seen[0] >= 1, "the run ahead of the hole was not coalesced"
+
+
+@pytest.mark.parametrize("sack", [True, False], ids=["sack", "no-sack"])
+def test_duplicate_acks_for_a_batch_ahead_of_a_hole(sack: bool) -> None:
+    """Four segments behind a lost one in one batch: with SACK one ACK (its blocks cover
+    them all; identical copies would tell the sender nothing), without SACK one
+    duplicate ACK per segment for the sender to count (RFC 5681 §4.2)."""
+    a, b = make_stacks(6, TcpConfig(sack=sack))
+    lst = b.tcp_listen(80)
+    client = a.tcp_connect("10.0.0.2", 80, 0.0)
+    exchange(a, b)
+    server = lst.accept()
+    assert server is not None
+    assert server._sack_ok is sack
+    seq, ack = server.rcv_nxt, client.rcv_nxt
+    header = (ack, ACK, 1000, (server._ts_recent + 1, 5))
+    packets = [
+        _packet(client.local_port, seq + i * 1000, *header, bytes(1000)) for i in (1, 2, 3, 4)
+    ]
+    b.receive_batch(packets, 1.0, authenticated=True)
+    out: list[bytes] = []
+    b.poll(1.0, out)
+    acks = [p for p in out if _TCP.unpack_from(p, 20)[3] == seq & M32]
+    assert len(acks) == len(out) == (1 if sack else 4)
+    if sack:
+        assert out[0][52:56] == bytes((1, 1, 5, 10)), "the ACK carries the SACK block"
 
 
 def _udp_packet(payload: bytes) -> bytes:

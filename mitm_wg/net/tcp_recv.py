@@ -120,7 +120,8 @@ class Receiver:
                 self.stats.dropped += 1
             if fin:
                 self._peer_fin_seq = seq + plen
-            # one duplicate ACK per out-of-order segment, so the peer can count them
+            # one duplicate ACK per out-of-order segment, so the peer can count them (a
+            # peer without SACK: see Sender.dispatch)
             if self._ack_now:
                 self._acks_owed += 1
             self._ack_now = True
