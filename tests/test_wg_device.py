@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mitm_wg.config import Endpoint
-from mitm_wg.wireguard import messages
+from mitm_wg.wireguard import crypto, messages
 from mitm_wg.wireguard.device import Device, HandshakeCompleted, HandshakeFailed, KeysZeroed
 from mitm_wg.wireguard.replay import ReplayWindow
 from mitm_wg.wireguard.timers import (
@@ -25,7 +25,7 @@ from mitm_wg.wireguard.timers import (
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
 )
-from tests.wgpair import A_ADDR, B_ADDR, B_ENDPOINT, Pair, ipv4_udp
+from tests.wgpair import A_ADDR, A_ENDPOINT, B_ADDR, B_ENDPOINT, Pair, ipv4_udp, seeded_randbytes
 
 
 def types(log: list[tuple[str, bytes]]) -> list[tuple[str, int]]:
@@ -714,3 +714,49 @@ def test_receive_datagrams_takes_the_short_path_for_a_run_of_one_session(
     p.a.receive_datagrams(datagrams, B_ENDPOINT, p.now, [], packets)
     assert general == [] and len(packets) == 15
     assert p.a_peer.rx_bytes >= sum(len(d) for d in datagrams)
+
+
+def test_receive_datagrams_keeps_each_peer_to_its_own_sources() -> None:
+    """A run from one address holding two peers' messages (say, behind one NAT mapping): a
+    source address that B may send from is not allowed for C because the message before
+    came from B, and the packets and drops are those of receive_datagram one by one."""
+    results = []
+    for batch in (True, False):
+        p = Pair.create(seed=5)
+        p.handshake()
+        rnd = seeded_randbytes(77)
+        c_priv, c_pub = crypto.dh_generate(rnd)
+        c = Device(c_priv, randbytes=rnd, unix_time_offset=1.7e9)
+        c_peer = c.add_peer(
+            p.b_peer.public_key,
+            allowed_ips=[ipaddress.ip_network("10.9.0.1/32")],
+            endpoint=A_ENDPOINT,
+        )
+        p.a.add_peer(c_pub, allowed_ips=[ipaddress.ip_network("10.9.0.3/32")], endpoint=B_ENDPOINT)
+        out: list = []
+        c.connect(c_peer, p.now, out)
+        answer: list = []
+        p.a.receive_datagram(out[0][0], B_ENDPOINT, p.now, answer, [])
+        c.receive_datagram(answer[0][0], A_ENDPOINT, p.now, out := [], [])
+        datagrams = []
+        for sender, src in (
+            (p.b, B_ADDR),
+            (c, B_ADDR),
+            (c, "10.9.0.3"),
+            (p.b, B_ADDR),
+            (c, B_ADDR),
+        ):
+            sent: list = []
+            sender.send_packet(ipv4_udp(src, A_ADDR, src.encode()), p.now, sent)
+            datagrams += [d for d, _ in sent]
+        datagrams = [d for d, _ in out] + datagrams  # (C's keepalive confirms its session)
+        out, packets = [], []
+        if batch:
+            p.a.receive_datagrams(datagrams, B_ENDPOINT, p.now, out, packets)
+        else:
+            for d in datagrams:
+                p.a.receive_datagram(d, B_ENDPOINT, p.now, out, packets)
+        results.append((packets, dict(p.a.drops)))
+    assert results[0] == results[1]
+    packets, drops = results[0]
+    assert len(packets) == 3 and drops["inner_source_not_allowed"] == 2
