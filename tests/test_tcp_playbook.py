@@ -406,13 +406,21 @@ def test_timestamps_rtt_and_paws() -> None:
     assert e.timestamp == (250, 200)
     pb.at(0.4).send(ACK, PISS + 1, ISS + 201, timestamp=(300, 250), payload=b"1" * 10)
     assert pb.sock.srtt == pytest.approx(0.15 / 8)  # RFC 6298: 7/8 * 0 + 1/8 * 0.15
-    # an older TSval: PAWS drops the segment and ACKs
-    pb.at(0.5).send(ACK, PISS + 11, ISS + 201, timestamp=(299, 250), payload=b"2" * 10)
+    # a TSval two ticks older: PAWS drops the segment and ACKs
+    pb.at(0.5).send(ACK, PISS + 11, ISS + 201, timestamp=(298, 250), payload=b"2" * 10)
     pb.expect([o(ACK, ISS + 201, PISS + 11, window=65525, timestamp=(500, 300))])
     assert pb.sock.stats.paws_rejected == 1
     assert pb.sock.recv(100) == b"1" * 10
+    # one tick older (overtaken across a tick of the sender's clock): accepted, as Linux's
+    # PAWS window does, and TS.Recent stays at the newer 300 (the ACK echoes it)
+    pb.at(0.55).send(ACK, PISS + 11, ISS + 201, timestamp=(299, 250), payload=b"2" * 10)
+    assert pb.sock.stats.paws_rejected == 1
+    assert pb.sock.recv(100) == b"2" * 10
+    pb.at(0.6).send(ACK, PISS + 21, ISS + 201, timestamp=(300, 250), payload=b"3" * 10)
+    acks = [seg for seg in pb.out() if seg.flags & ACK]
+    assert acks and acks[-1].timestamp == (600, 300) and acks[-1].ack == PISS + 31
     # RST is exempt from PAWS
-    pb.send(RST, PISS + 11, 0, timestamp=(1, 0))
+    pb.send(RST, PISS + 31, 0, timestamp=(1, 0))
     assert pb.sock.state is TcpState.CLOSED
 
 

@@ -20,6 +20,7 @@ from mitm_wg.net.tcp_wire import unwrap as _unwrap
 __all__ = ["SYN_FAST_RETRIES", "Input"]
 
 _PAWS_IDLE = 24 * 86400.0  # RFC 7323 §5.5: TS.Recent older than 24 days is invalid
+_PAWS_WINDOW = 1  # ticks a TSval may be older than TS.Recent and pass PAWS (Linux's value)
 #: SYNs resent at once (not after the RTO) after resetting a stale connection of the peer's
 #: (see :meth:`Input._retry_syn_now`); more than this per connection wait for the RTO.
 SYN_FAST_RETRIES = 3
@@ -115,7 +116,7 @@ class Input:
         self.stats.segments_in += 1 if run is None else run[0]
         self._last_rx = now
         self._ka_probes = 0
-        if ts_ok and seq <= self._last_ack_sent:  # copy of rule ts-recent
+        if ts_ok and seq <= self._last_ack_sent:  # copy of rule ts-recent (TSval >= it here)
             self._ts_recent = tsval
             self._ts_recent_age = now
         wnd = window << self._snd_wscale
@@ -227,7 +228,7 @@ class Input:
         self.stats.segments_in += 1
         self._last_rx = now
         self._ka_probes = 0
-        if rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent
+        if rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent (TSval >= it here)
             self._ts_recent = tsval
             self._ts_recent_age = now
         self._process_ack(rcv_nxt, ack, 0, ACK, window, tsecr, blocks, now)
@@ -260,12 +261,15 @@ class Input:
         # first, check sequence number: PAWS before the window test. Inlined: as a method
         # of its own it cost ~2% more instructions per segment (bench_tcp.py, callgrind).
         ts = seg.timestamp
-        # rule: paws (RFC 7323 §5.3 R1; §5.5: a TS.Recent idle for 24 days is not used)
+        # rule: paws (RFC 7323 §5.3 R1; §5.5: a TS.Recent idle for 24 days is not used).
+        # As Linux (TCP_PAWS_WINDOW), a TSval one tick older than TS.Recent passes: a
+        # segment overtaken on the path across a tick of the sender's clock (reordering)
+        # is not an old duplicate from a wrapped sequence space.
         if (
             self._ts_ok
             and ts is not None
             and not flags & RST
-            and (ts[0] - self._ts_recent) & M32 >= _HALF
+            and _PAWS_WINDOW < (self._ts_recent - ts[0]) & M32 <= _HALF
             and now - self._ts_recent_age < _PAWS_IDLE
         ):
             stats.paws_rejected += 1
@@ -351,8 +355,14 @@ class Input:
                     self._linger_at = now + self.config.time_wait  # §3.10.7.4 eighth
             return -1
         ts = seg.timestamp
-        # rule: ts-recent (RFC 7323 §4.3: TS.Recent from a segment covering Last.ACK.sent)
-        if ts is not None and self._ts_ok and seq <= self._last_ack_sent:
+        # rule: ts-recent (RFC 7323 §4.3: TS.Recent from a segment covering Last.ACK.sent;
+        # never back to the older TSval the PAWS window lets through)
+        if (
+            ts is not None
+            and self._ts_ok
+            and seq <= self._last_ack_sent
+            and (ts[0] - self._ts_recent) & M32 < _HALF
+        ):
             self._ts_recent = ts[0]
             self._ts_recent_age = now
         return wnd
