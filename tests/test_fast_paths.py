@@ -58,6 +58,7 @@ def state_of(obj: Any) -> Any:
             "recent": list(obj._recent),
             "size": obj.size,
             "max_ranges": obj.max_ranges,
+            "dup_acks": (obj._dup_acks_at, obj._dup_acks),
         }
     if isinstance(
         obj,

@@ -11,6 +11,8 @@ from bisect import bisect_left
 
 __all__ = ["Assembler"]
 
+_DUP_ACK_THRESHOLD = 3  # duplicate ACKs that start a fast retransmit (RFC 5681 §3.2)
+
 
 class Assembler:
     """Holds data that arrived ahead of the in-order point.
@@ -24,7 +26,7 @@ class Assembler:
     the ranges to report.
     """
 
-    __slots__ = ("_ranges", "_recent", "max_ranges", "size")
+    __slots__ = ("_dup_acks", "_dup_acks_at", "_ranges", "_recent", "max_ranges", "size")
 
     def __init__(self, max_ranges: int = 64) -> None:
         # each entry: [start, end, chunks]
@@ -32,6 +34,9 @@ class Assembler:
         self._recent: list[int] = []  # starts of ranges most recently touched, newest first
         self.max_ranges = max_ranges
         self.size = 0  # bytes held
+        # duplicate ACKs sent while the in-order point was at _dup_acks_at (dup_acks_due)
+        self._dup_acks = 0
+        self._dup_acks_at = -1
 
     def __len__(self) -> int:
         return len(self._ranges)
@@ -98,6 +103,24 @@ class Assembler:
         recent.insert(0, start)
         if len(recent) > 8:
             del recent[8:]
+
+    def dup_acks_due(self, at: int, owed: int) -> int:
+        """How many of ``owed`` extra duplicate ACKs to send now, the in-order point being
+        ``at``, for a sender with SACK: as Linux's SACK compression (tcp_sack_compress), the
+        first three per in-order point go out, for a sender that counts duplicate ACKs even
+        though it negotiated SACK (smoltcp: three start its fast retransmit); after that,
+        copies of the one ACK that carries every SACK block tell a sender nothing. Counts
+        the ACK sent with them."""
+        if at != self._dup_acks_at:
+            self._dup_acks_at = at
+            self._dup_acks = 0
+        n = _DUP_ACK_THRESHOLD - self._dup_acks
+        if n > owed:
+            n = owed
+        elif n < 0:
+            n = 0
+        self._dup_acks += n + 1
+        return n
 
     def first_start(self) -> int | None:
         return self._ranges[0][0] if self._ranges else None

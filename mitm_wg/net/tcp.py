@@ -299,7 +299,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._rd_closed = False
         self._ack_now = False
         self._acks_owed = 0  # extra immediate (duplicate) ACKs, one per out-of-order segment
-        # (sent only without SACK: Sender.dispatch)
+        # (with SACK, only the first three per RCV.NXT go out: Sender.dispatch)
         self._unacked_bytes = 0
         self._rcv_mss = 536
 

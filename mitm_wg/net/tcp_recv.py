@@ -120,8 +120,8 @@ class Receiver:
                 self.stats.dropped += 1
             if fin:
                 self._peer_fin_seq = seq + plen
-            # one duplicate ACK per out-of-order segment, so the peer can count them (a
-            # peer without SACK: see Sender.dispatch)
+            # one duplicate ACK per out-of-order segment, so the peer can count them (with
+            # SACK, only the first three per RCV.NXT: see Sender.dispatch)
             if self._ack_now:
                 self._acks_owed += 1
             self._ack_now = True

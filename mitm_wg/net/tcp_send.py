@@ -468,18 +468,17 @@ class Sender:
             if self.state is TcpState.CLOSED:
                 return
         if self._acks_owed:
-            # One duplicate ACK per out-of-order segment, so that a sender without SACK
-            # can count them (RFC 5681 §4.2: three trigger its fast retransmit). They would
-            # all be the same ACK: with SACK, the one below carries every block, and
-            # identical copies tell a SACK sender nothing (RFC 6675 counts an ACK as a
-            # duplicate only if it SACKs new data; Linux counts SACKed segments, not ACKs),
-            # so it gets just that one, as Linux's receiver sends one per GRO packet.
+            # One duplicate ACK per out-of-order segment, so that the sender can count
+            # them (RFC 5681 §4.2: three trigger a fast retransmit). They are all the same
+            # ACK: with SACK, after the first three for one RCV.NXT (Assembler.dup_acks_due,
+            # as Linux's SACK compression), only the one below, which carries every block.
             owed = min(self._acks_owed, 16)
             self._acks_owed = 0
             if self.state in _ACK_STATES:
-                if not self._sack_ok:
-                    for _ in range(owed):
-                        out.append(self._make_seg(ACK, self._snd_max, b"", now))
+                if self._sack_ok:
+                    owed = self._asm.dup_acks_due(self._rcv_nxt, owed)
+                for _ in range(owed):
+                    out.append(self._make_seg(ACK, self._snd_max, b"", now))
                 self._ack_now = True
         guard = 0
         budget = _INF
