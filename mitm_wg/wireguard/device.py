@@ -529,9 +529,7 @@ class Device:
         at most twice. Anything else goes through :meth:`receive_datagram`, after the
         bookkeeping owed so far."""
         drops = self.drops
-        lookup = self._routes.lookup
-        allowed_src = b""  # the inner source address last found in `allowed_peer`'s AllowedIPs
-        allowed_peer = None
+        inner = self._inner_packet
         unpack = TRANSPORT_HEADER.unpack_from
         index = -1  # the session of the short path so far (-1: none)
         keypair: Keypair | None = None
@@ -579,29 +577,7 @@ class Device:
             rx += n
             if plaintext:
                 data += 1
-                # copy of rule inner-packet (_inner_packet), remembering the last source
-                # the peer may send from
-                size = len(plaintext)
-                version = plaintext[0] >> 4
-                if version == 4 and size >= 20:
-                    length = _IPV4_TOTAL_LENGTH.unpack_from(plaintext, 2)[0]
-                    src = plaintext[12:16]
-                elif version == 6 and size >= 40:
-                    length = _IPV4_TOTAL_LENGTH.unpack_from(plaintext, 4)[0] + 40
-                    src = plaintext[8:24]
-                else:
-                    drops["inner_malformed"] += 1
-                    continue
-                if length > size:
-                    drops["inner_malformed"] += 1
-                    continue
-                if src != allowed_src or peer is not allowed_peer:
-                    if lookup(src) is not peer:
-                        drops["inner_source_not_allowed"] += 1
-                        continue
-                    allowed_src = src
-                    allowed_peer = peer
-                packets.append(plaintext if length == size else plaintext[:length])
+                inner(plaintext, peer, packets)
         if authenticated:
             self._received_run(peer, source, now, rx, authenticated, data)
 
@@ -710,7 +686,6 @@ class Device:
     def _inner_packet(self, plaintext: bytes, peer: Peer, packets: list[bytes]) -> None:
         """Append the IP packet a transport message from ``peer`` carried (without the
         padding) to ``packets``, or count why it was dropped."""
-        # rule: inner-packet (a copy in receive_datagrams)
         size = len(plaintext)
         version = plaintext[0] >> 4
         if version == 4 and size >= 20:
