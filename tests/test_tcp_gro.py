@@ -124,8 +124,8 @@ def _packet(
     header = _TCP.pack(sport, dport, seq & M32, ack & M32, hlen // 4 << 4, flags, window, 0, urg)
     seg = header + opts + payload
     src, dst = (A6, B6) if v6 else (A, B)
-    if mutate == "src":
-        src = src[:-1] + b"\x09"
+    if mutate == "src":  # (the first byte: a run's compare must cover the whole address)
+        src = bytes([src[0] ^ 0x02]) + src[1:]
     elif mutate == "dst":
         dst = dst[:-1] + b"\x09"
     length = len(seg) + {"long": 1, "short": -1}.get(mutate, 0)
@@ -445,17 +445,18 @@ def _udp_packet(payload: bytes) -> bytes:
     return ip + udp
 
 
-def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any, v6: bool) -> None:
     """Ten full-sized segments in order are one run; a PSH ends a run; a TSval change or
     another connection's segment starts a new one. Only a segment whose header differs
     from the run's first one's takes the per-packet path."""
     seen = _count_runs(monkeypatch)
-    _a, b, client, server = connected_stacks(7)
+    _a, b, client, server = connected_stacks(7, v6=v6)
     general: list[int] = []  # the segments that took the per-packet path (their number)
     original = Stack._receive
 
     def counting(self: Stack, packet: Any, *args: Any) -> None:
-        general.append((_TCP.unpack_from(packet, 20)[2] - seq0) // 1400)
+        general.append((_TCP.unpack_from(packet, 40 if v6 else 20)[2] - seq0) // 1400)
         original(self, packet, *args)
 
     monkeypatch.setattr(Stack, "_receive", counting)
@@ -466,7 +467,7 @@ def test_runs_are_coalesced_and_split_where_they_must(monkeypatch: Any) -> None:
     for i in range(10):
         flags = ACK | PSH if i == 5 else ACK
         ts = (2000 if i < 8 else 2001, 5)
-        pkts.append(_packet(sport, seq, ack, flags, 1000, ts, bytes(1400)))
+        pkts.append(_packet(sport, seq, ack, flags, 1000, ts, bytes(1400), v6=v6))
         seq += 1400
     b.receive_batch(pkts, 1.0, authenticated=True)
     # runs: 0-5 (PSH ends it), 6-7, then 8-9 after the TSval step

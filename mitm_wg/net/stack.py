@@ -513,9 +513,10 @@ class Stack:
         # compares all of it with receive() one by one.
         first = None  # the first segment of the run the t_* locals describe
         t_ip = 0  # its IP header's length (0: no template, every segment via _receive)
-        t_addr = t_opt = b""
-        t_tcp = t_psh = b""  # ack, offset, flags (ACK; with PSH), window
-        t_a = t_b = t_c = t_sum = 0
+        t_addr = t_opt = b""  # its addresses and ports, its timestamp option
+        t_tcp = t_psh = b""  # its ack, offset, flags (ACK; ACK|PSH), window
+        t_a = t_b = t_c = t_sum = 0  # its IP header's other fixed words; IPv4 address sum
+        a0 = a1 = c0 = c1 = o0 = o1 = 0  # where those bytes are (from t_ip)
         t_sock = None  # that run's socket, its key in self._tcp
         t_key: tuple = ()
         t_fields: tuple = ()  # and the run's ack, window, tsval, tsecr
@@ -531,23 +532,26 @@ class Stack:
                         first, pieces[0][2]
                     )
                     t_psh = t_tcp[:5] + _ACK_PSH + t_tcp[6:]
+                    a0, a1 = (12 if t_ip == 20 else 8), t_ip + 4
+                    c0, c1, o0, o1 = t_ip + 8, t_ip + 16, t_ip + 20, t_ip + 32
                     t_sock = sock = run[0]
                     t_key = (sock.local_addr, sock.local_port, sock.remote_addr, sock.remote_port)
                     t_fields = tuple(run[2:6])
-                    expect = run[1] if run[6] == ACK else -1
+                    expect = run[1]  # (a run with a template has one ACK segment so far)
             elif t_ip:
                 expect = t_sock.rcv_nxt if tcp.get(t_key) is t_sock else -1
             else:
                 receive(packet, now, True, run)
                 continue
             end = 0
-            if t_ip == 20:
-                if (
-                    packet[12:24] == t_addr
-                    and packet[40:52] == t_opt
-                    and type(packet) is bytes
-                    and ((tcp_bytes := packet[28:36]) == t_tcp or tcp_bytes == t_psh)
-                ):
+            if (
+                t_ip
+                and packet[a0:a1] == t_addr
+                and packet[o0:o1] == t_opt
+                and type(packet) is bytes
+                and ((tcp_bytes := packet[c0:c1]) == t_tcp or tcp_bytes == t_psh)
+            ):
+                if t_ip == 20:
                     vt, total, ident, frag, ttlp, csum, seq = _IP4_RUN.unpack_from(packet)
                     if (
                         seq == expect
@@ -558,13 +562,7 @@ class Stack:
                         and not (vt + total + ident + frag + ttlp + csum + t_sum) % 0xFFFF
                     ):
                         end = 52
-            elif t_ip == 40:
-                if (
-                    packet[8:44] == t_addr
-                    and packet[60:72] == t_opt
-                    and type(packet) is bytes
-                    and ((tcp_bytes := packet[48:56]) == t_tcp or tcp_bytes == t_psh)
-                ):
+                else:
                     vtf, plen, nh_hop, seq = _IP6_RUN.unpack_from(packet)
                     total = 40 + plen
                     if seq == expect and 72 < total <= len(packet) and vtf == t_a and nh_hop == t_b:

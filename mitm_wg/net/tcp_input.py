@@ -78,7 +78,7 @@ class Input:
             off = (wseq - rcv_nxt) & M32
             if off >= _HALF or not payload:
                 return False
-            if run is not None and len(self._asm._ranges) >= self._asm.max_ranges:
+            if run is not None and len(self._asm) >= self._asm.max_ranges:
                 return False  # one by one: which of them the full Assembler drops
             seq += off
         ts_ok = self._ts_ok
