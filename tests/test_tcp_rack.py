@@ -109,7 +109,10 @@ def test_dsack_widens_reo_wnd() -> None:
     sack(pb, 4001)
     sack(pb, 4001, (1, 1001))
     assert pb.sock.stats.dsacks == 1
-    assert rack.reordering_seen and rack.reo_wnd_mult == 2 and rack.reo_wnd_persist == 16
+    assert rack.reo_wnd_mult == 2 and rack.reo_wnd_persist == 16
+    # §6.2: only step 3 (an original delivered below RACK.fack) is reordering seen; a
+    # DSACK alone also follows an RTO's go-back-N
+    assert not rack.reordering_seen
     smss = pb.sock._smss
     assert rack.reo_wnd(False, 0, smss, RTT) == pytest.approx(2 * RTT / 4)
     # a second DSACK within the same round trip does not widen it again (§6.2 step 4)
@@ -118,14 +121,38 @@ def test_dsack_widens_reo_wnd() -> None:
     pb.at(0.25)
     sack(pb, 8001)  # recovery ends
     assert not pb.sock._in_fr
-    # next time 3 SACKed segments are not enough: RACK waits min_RTT/4*2 = 50 ms
+    # next time RACK waits min_RTT/4*2 = 50 ms for a hole below SACKed data (below
+    # DupThresh SACKed segments: with three and no reordering seen it would not wait)
     new = send_segments(pb, 4, 0.3)
     pb.at(0.4)
-    for k in (2, 3, 4):
+    for k in (2, 3):
         sack(pb, 8001, (9001, 8001 + k * 1000))
     pb.expect([])
     assert pb.poll() == pytest.approx(0.3 + rack.rtt + 2 * RTT / 4)
     pb.at(pb.poll()).expect([new[0]])
+
+
+def test_dsack_of_a_segment_never_retransmitted_is_a_network_copy() -> None:
+    """A receiver reports every copy it gets (Linux and we do), also those the network
+    made: only as many DSACKed segments as were retransmitted can widen the window."""
+    pb = est()
+    segs = send_segments(pb, 8, 0.1)
+    rack = pb.sock._rack
+    assert rack is not None
+    pb.at(0.2)
+    sack(pb, 2001)
+    sack(pb, 2001, (1, 1001))  # a copy of the first segment: nothing was retransmitted
+    assert pb.sock.stats.dsacks == 1 and pb.sock.stats.retransmits == 0
+    assert rack.reo_wnd_mult == 1 and rack.dsack_round is None
+    # two holes below four SACKed segments: both retransmitted at once
+    sack(pb, 2001, (3001, 4001), (5001, 8001))
+    pb.expect([segs[2], segs[4]])
+    # the originals were only late: the first retransmission comes back as a DSACK, the
+    # second of two DSACKed segments against two retransmitted
+    pb.at(0.21)
+    sack(pb, 8001)
+    sack(pb, 8001, (2001, 3001))
+    assert pb.sock.stats.dsacks == 2 and rack.reo_wnd_mult == 2
 
 
 def test_rack_detects_a_lost_retransmission() -> None:

@@ -63,6 +63,7 @@ class Rack:
 
     __slots__ = (
         "dsack_round",
+        "dsack_segs",
         "edge",
         "end_seq",
         "fack",
@@ -95,6 +96,7 @@ class Rack:
         self.reo_wnd_mult = 1
         self.reo_wnd_persist = 0
         self.dsack_round: int | None = None
+        self.dsack_segs = 0  # segments DSACKed so far (compared with our retransmissions)
         self.edge = 0  # originals below this (unless SACKed) are lost: RACK's IsLost
         self.timer = 0  # what the socket's recovery timer is armed for (0/PTO/REO)
         self.tlp_end: int | None = None  # TLP.end_seq
@@ -228,9 +230,10 @@ class Rack:
 
     def on_dsack(self, snd_una: int, snd_nxt: int) -> None:
         """RFC 8985 §6.2 step 4 (RACK_update_reo_wnd): at most once per round trip, a DSACK
-        widens the reordering window by min_RTT/4 and keeps it for 16 recoveries. A DSACK
-        also counts as reordering seen (as Linux does), or the window would stay 0."""
-        self.reordering_seen = True
+        widens the reordering window by min_RTT/4 and keeps it for 16 recoveries. It is not
+        reordering seen (step 3 alone decides that): a DSACK also follows an RTO's
+        go-back-N or a retransmission that only crossed the original, and with
+        reordering_seen a loss would wait out the window in every later recovery."""
         if self.dsack_round is not None and snd_una >= self.dsack_round:
             self.dsack_round = None
         if self.dsack_round is None:
@@ -648,9 +651,16 @@ class Scoreboard:
                 dsack = s1 <= s0 and e0 <= _unwrap(base, blocks[1][1])
             if dsack:
                 self.stats.dsacks += 1
-                rack.on_dsack(self._snd_una, self._snd_max)
-                if rack.tlp_end is not None and rack.tlp_is_retrans and e0 == rack.tlp_end:
-                    rack.tlp_end = None  # §7.4: the probe was spurious, no loss
+                # A receiver also reports copies the network made (Linux's does): only as
+                # many DSACKed segments as we retransmitted can show a spurious
+                # retransmission; the others must not widen the reordering window (as
+                # Linux's tcp_dsack_seen, which counts them the same way)
+                smss = self._smss
+                rack.dsack_segs += (e0 - s0 + smss - 1) // smss if e0 - s0 > smss else 1
+                if rack.dsack_segs <= self.stats.retransmits:
+                    rack.on_dsack(self._snd_una, self._snd_max)
+                    if rack.tlp_end is not None and rack.tlp_is_retrans and e0 == rack.tlp_end:
+                        rack.tlp_end = None  # §7.4: the probe was spurious, no loss
         if not self._ts_ok:
             tsecr = None
         rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)
