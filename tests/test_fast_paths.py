@@ -59,6 +59,7 @@ def state_of(obj: Any) -> Any:
             "size": obj.size,
             "max_ranges": obj.max_ranges,
             "dup_acks": (obj._dup_acks_at, obj._dup_acks),
+            "dsack": obj.dsack,
         }
     if isinstance(
         obj,

@@ -125,8 +125,9 @@ def _model_sack_blocks(
 
 @given(seed=st.integers(0, 2**32))
 def test_adds_match_a_plain_model(seed: int) -> None:
-    """Ranges, sizes and SACK-block order against a plain model, with most adds extending
-    the last range (the shortcut in ``add``), some landing elsewhere, some overlapping."""
+    """Ranges, sizes, SACK-block order and the D-SACK block against a plain model, with most
+    adds extending the last range (the shortcut in ``add``), some landing elsewhere, some
+    overlapping."""
     rng = random.Random(seed)
     asm = Assembler(max_ranges=16)
     held: set[int] = set()
@@ -141,9 +142,16 @@ def test_adds_match_a_plain_model(seed: int) -> None:
         else:
             start = rng.randrange(0, 4000)
         length = rng.randrange(1, 300)
+        asm.dsack = None  # (an ACK reported the previous one)
+        new = set(range(start, start + length))
         if not asm.add(start, bytes(length)):
+            assert asm.dsack is None
             continue
-        held |= set(range(start, start + length))
+        # D-SACK: the first contiguous part of the new data that was held already
+        dup = sorted(new & held)
+        first = dup[: next((i for i in range(1, len(dup)) if dup[i] != dup[i - 1] + 1), len(dup))]
+        assert asm.dsack == ((first[0], first[-1] + 1) if first else None)
+        held |= new
         model: list[tuple[int, int]] = []
         for x in sorted(held):
             if model and model[-1][1] == x:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -37,9 +38,14 @@ def driver_for(peer, **kw) -> TunnelDriver:
     return TunnelDriver(config, sock)
 
 
-def http_get(driver: TunnelDriver, host: str, port: int, path: str) -> tuple[bytes, str, int]:
-    """GET with Connection: close; returns (head, sha256 of body, body length)."""
+def http_get(
+    driver: TunnelDriver, host: str, port: int, path: str, conns: list[Any] | None = None
+) -> tuple[bytes, str, int]:
+    """GET with Connection: close; returns (head, sha256 of body, body length). The
+    connection is appended to ``conns`` if given (for its counters)."""
     conn = driver.connect(host, port)
+    if conns is not None:
+        conns.append(conn)
     driver.send_all(conn, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     h = hashlib.sha256()
     state = {"head": b"", "n": 0, "in_body": False}
@@ -115,7 +121,19 @@ def test_closed_port_is_refused(exit_peer) -> None:
         driver.sock.close()
 
 
+def tcp_ext_counters(ns: Any) -> dict[str, int]:
+    """The namespace's TcpExt counters (/proc/net/netstat belongs to the reader's netns)."""
+    lines = ns.exec(["cat", "/proc/net/netstat"]).stdout.splitlines()
+    for head, values in zip(lines[0::2], lines[1::2], strict=True):
+        if head.startswith("TcpExt:"):
+            return dict(zip(head.split()[1:], map(int, values.split()[1:]), strict=True))
+    raise AssertionError("no TcpExt counters in /proc/net/netstat")
+
+
 def test_transfer_through_lossy_reordering_duplicating_relay(exit_peer) -> None:
+    """Also: the copies the relay makes come back to Linux's sender as D-SACK blocks (RFC
+    2883) that it recognizes (its TCPDSACKRecv/TCPDSACKOfoRecv counters), which its RACK
+    needs to widen its reordering window and to undo a spurious cwnd reduction."""
     impairment = Impairment(loss=0.03, duplicate=0.02, reorder=0.05, reorder_gap=3)
     with ImpairedRelay(
         exit_peer.endpoint,
@@ -127,11 +145,18 @@ def test_transfer_through_lossy_reordering_duplicating_relay(exit_peer) -> None:
         driver = driver_for(exit_peer, endpoint=relay.address)
         try:
             size = 5 * 1024 * 1024
+            before = tcp_ext_counters(exit_peer.ns)
+            conns: list[Any] = []
             _head, digest, n = http_get(
-                driver, exit_peer.server_tunnel_v4, exit_peer.http_port, f"/bytes/{size}"
+                driver, exit_peer.server_tunnel_v4, exit_peer.http_port, f"/bytes/{size}", conns
             )
+            after = tcp_ext_counters(exit_peer.ns)
             assert n == size and digest == pattern_hash(size)
             assert relay.down.dropped > 0 and relay.down.duplicated > 0
+            sent = conns[0].stats.dsacks_out
+            seen = sum(after[k] - before[k] for k in ("TCPDSACKRecv", "TCPDSACKOfoRecv"))
+            # (the relay also drops and duplicates some of our ACKs on the way up)
+            assert sent > 0 and 0 < seen <= 2 * sent, (sent, seen)
         finally:
             driver.sock.close()
 

@@ -336,6 +336,75 @@ def test_out_of_window_and_duplicate_segments_are_acked_not_stored() -> None:
     assert pb.sock.stats.dropped == 2
 
 
+def test_duplicate_data_is_reported_once_as_a_dsack_block() -> None:
+    """RFC 2883 §4: a copy of data already received (below RCV.NXT, or held out of order)
+    is reported in the first SACK block of the next ACK, once; a copy out of order is
+    followed by the block that holds it."""
+    pb = est(peer_sack=True)
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)  # a copy: ACK at once, with D-SACK
+    pb.expect([o(ACK, ISS + 1, PISS + 1001, window=64535, sack_blocks=((PISS + 1, PISS + 1001),))])
+    # partly old: only the old part is reported, the new part is kept
+    pb.send(ACK, PISS + 501, ISS + 1, payload=b"a" * 500 + b"b" * 500)
+    pb.expect(
+        [o(ACK, ISS + 1, PISS + 1501, window=64035, sack_blocks=((PISS + 501, PISS + 1001),))]
+    )
+    pb.send(ACK, PISS + 1501, ISS + 1, payload=b"c" * 1000)
+    pb.expect([])  # a delayed ACK: nothing to report any more
+    pb.at(2.0).expect([o(ACK, ISS + 1, PISS + 2501, window=63035)])
+    # out of order: the copy first, then the (grown) block holding it
+    pb.send(ACK, PISS + 3501, ISS + 1, payload=b"e" * 1000)
+    pb.expect(
+        [o(ACK, ISS + 1, PISS + 2501, window=63035, sack_blocks=((PISS + 3501, PISS + 4501),))]
+    )
+    pb.send(ACK, PISS + 3001, ISS + 1, payload=b"d" * 500 + b"e" * 500)
+    blocks = ((PISS + 3501, PISS + 4001), (PISS + 3001, PISS + 4501))
+    pb.expect([o(ACK, ISS + 1, PISS + 2501, window=63035, sack_blocks=blocks)])
+    # two copies before the next ACK: one block when they adjoin, else the first one
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK, PISS + 1001, ISS + 1, payload=b"b" * 500)
+    pb.send(ACK, PISS + 3001, ISS + 1, payload=b"d" * 500)
+    blocks = ((PISS + 1, PISS + 1501), (PISS + 3001, PISS + 4501))
+    dup = o(ACK, ISS + 1, PISS + 2501, window=63035, sack_blocks=((PISS + 3001, PISS + 4501),))
+    # (the out-of-order copy also owes its duplicate ACK: only the first carries the D-SACK)
+    pb.expect([o(ACK, ISS + 1, PISS + 2501, window=63035, sack_blocks=blocks), dup])
+    assert pb.sock.stats.dsacks_out == 4
+    pb.send(ACK, PISS + 2501, ISS + 1, payload=b"d" * 500)  # fills the gap: no copy
+    pb.expect([o(ACK, ISS + 1, PISS + 4501, window=61035)])
+    assert pb.sock.recv(10000) == b"a" * 1000 + b"b" * 500 + b"c" * 1000 + b"d" * 1000 + b"e" * 1000
+
+
+def test_dsack_with_a_zero_window_reports_only_the_old_part() -> None:
+    pb = est(peer_sack=True, recv_buffer=1000)
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.at(1.1).expect([o(ACK, ISS + 1, PISS + 1001, window=0)])  # (delayed)
+    # half old, half beyond the closed window: unacceptable, the old half is reported
+    pb.send(ACK, PISS + 501, ISS + 1, payload=b"a" * 500 + b"b" * 500)
+    pb.expect([o(ACK, ISS + 1, PISS + 1001, window=0, sack_blocks=((PISS + 501, PISS + 1001),))])
+
+
+def test_a_dsack_block_takes_its_room_from_a_data_segment() -> None:
+    pb = est(peer_sack=True)
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.sock.send(b"x" * 2000)
+    first, second, third = pb.out()
+    # 1000-byte MSS: 12 bytes of SACK option (NOP NOP, kind, length, one block)
+    assert first.sack_blocks == ((PISS + 1, PISS + 1001),) and len(first.payload) == 988
+    assert second.sack_blocks == () and len(second.payload) == 1000
+    assert third.sack_blocks == () and len(third.payload) == 12
+
+
+def test_no_dsack_without_sack() -> None:
+    pb = est()
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)
+    pb.send(ACK, PISS + 2001, ISS + 1, payload=b"c" * 1000)
+    pb.send(ACK, PISS + 2001, ISS + 1, payload=b"c" * 1000)
+    pb.expect([o(ACK, ISS + 1, PISS + 1001, window=64535)] * 3)  # one per out-of-order copy
+    assert pb.sock.stats.dsacks_out == 0
+
+
 def test_segment_beyond_window_is_trimmed() -> None:
     pb = est(recv_buffer=1500)
     pb.send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1000)

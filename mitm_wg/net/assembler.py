@@ -24,9 +24,21 @@ class Assembler:
     emptiness test for per-packet paths (an attribute read, where ``bool()`` would be a
     Python-level ``__bool__`` call); ``len()`` is the number of ranges, ``sack_blocks``
     the ranges to report.
+
+    ``dsack`` is the duplicate block to report once in the next ACK (RFC 2883), or None:
+    ``add`` records the first part of new data that was already held, the socket the
+    copies of data below the in-order point (:meth:`duplicate`).
     """
 
-    __slots__ = ("_dup_acks", "_dup_acks_at", "_ranges", "_recent", "max_ranges", "size")
+    __slots__ = (
+        "_dup_acks",
+        "_dup_acks_at",
+        "_ranges",
+        "_recent",
+        "dsack",
+        "max_ranges",
+        "size",
+    )
 
     def __init__(self, max_ranges: int = 64) -> None:
         # each entry: [start, end, chunks]
@@ -37,6 +49,7 @@ class Assembler:
         # duplicate ACKs sent while the in-order point was at _dup_acks_at (dup_acks_due)
         self._dup_acks = 0
         self._dup_acks_at = -1
+        self.dsack: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._ranges)
@@ -88,6 +101,11 @@ class Assembler:
                 self.size += r[0] - cur
             chunks.extend(r[2])
             cur = r[1]
+            # the part of the new data this range already held (empty when it only adjoins)
+            ds = r[0] if r[0] > start else start
+            de = r[1] if r[1] < end else end
+            if ds < de:
+                self.duplicate(ds, de)
         if end > cur:
             chunks.append(bytes(mv[cur - start :]))
             self.size += end - cur
@@ -103,6 +121,17 @@ class Assembler:
         recent.insert(0, start)
         if len(recent) > 8:
             del recent[8:]
+
+    def duplicate(self, start: int, end: int) -> None:
+        """Data ``start``..``end`` arrived again: the D-SACK block of the next ACK (RFC 2883
+        §4: one contiguous duplicate block, reported once). A block already pending grows
+        by one that overlaps or adjoins it; another is not reported (as Linux's
+        tcp_dsack_extend: the first duplicate of a batch wins)."""
+        ds = self.dsack
+        if ds is None:
+            self.dsack = (start, end)
+        elif start <= ds[1] and ds[0] <= end:
+            self.dsack = (start if start < ds[0] else ds[0], end if end > ds[1] else ds[1])
 
     def dup_acks_due(self, at: int, owed: int) -> int:
         """How many of ``owed`` extra duplicate ACKs to send now, the in-order point being
@@ -160,6 +189,7 @@ class Assembler:
         return tuple(out)
 
     def clear(self) -> None:
+        self.dsack = None
         self._ranges.clear()
         self._recent.clear()
         self.size = 0

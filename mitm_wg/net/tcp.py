@@ -151,7 +151,8 @@ class TcpStats:
     __slots__ = (
         "challenge_acks",
         "dropped",
-        "dsacks",
+        "dsacks",  # received (RFC 2883 D-SACK blocks in the peer's ACKs)
+        "dsacks_out",  # sent: copies of data we already held, reported once each
         "dup_acks",
         "fast_retransmits",
         "lost_retransmits",

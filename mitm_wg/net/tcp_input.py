@@ -351,6 +351,10 @@ class Input:
             self.stats.dropped += 1
             if not flags & RST:
                 self._ack_now = True
+                if plen and seq < rcv_nxt and self._sack_ok:
+                    # rule: dsack (RFC 2883: report a copy of data we hold, once)
+                    end = seq + plen
+                    self._asm.duplicate(seq, end if end < rcv_nxt else rcv_nxt)
                 if flags & FIN and self.state is TcpState.TIME_WAIT:
                     self._linger_at = now + self.config.time_wait  # §3.10.7.4 eighth
             return -1

@@ -77,6 +77,8 @@ class Receiver:
             if cut > plen:
                 cut = plen
             payload = payload[cut:]
+            if cut and self._sack_ok:
+                self._asm.duplicate(seq, seq + cut)  # copy of rule dsack (tcp_input.py)
             seq += cut
             self._ack_now = True  # duplicate data: the peer missed our ACK
         right = rcv_nxt + wnd

@@ -92,8 +92,17 @@ class Sender:
             self._ack_now = False
             self._unacked_bytes = 0
             asm = self._asm
-            if asm.size and self._sack_ok and not flags & SYN:
-                blocks = asm.sack_blocks(3 if self._ts_ok else 4)
+            if (asm.size or asm.dsack) and self._sack_ok and not flags & SYN:
+                limit = 3 if self._ts_ok else 4
+                dsack = asm.dsack
+                if dsack is None:
+                    blocks = asm.sack_blocks(limit)
+                else:
+                    # RFC 2883 §4: the duplicate block first, once; then the SACK blocks,
+                    # the one holding the duplicate (the most recently changed) first
+                    asm.dsack = None
+                    self.stats.dsacks_out += 1
+                    blocks = (dsack, *asm.sack_blocks(limit - 1))
                 sack_blocks = tuple((s & M32, e & M32) for s, e in blocks)
         self.stats.segments_out += 1
         mss, wscale, sack_permitted = syn_options or (None, None, False)
@@ -237,9 +246,11 @@ class Sender:
             return
         data_end = self._sbuf_seq + len(self._sbuf) - self._sbuf_head
         pe = e if e < data_end else data_end
-        if self._sack_ok and self._asm.size:
-            # SACK blocks take option space from this segment's payload
-            room = self._smss - 4 - 8 * min(len(self._asm), 3 if self._ts_ok else 4)
+        asm = self._asm
+        if self._sack_ok and (asm.size or asm.dsack):
+            # SACK blocks (a D-SACK block among them) take option space from the payload
+            n = len(asm) + (asm.dsack is not None)
+            room = self._smss - 4 - 8 * min(n, 3 if self._ts_ok else 4)
             if pe - s > room:
                 pe = e = s + room
         flags = ACK
@@ -335,7 +346,7 @@ class Sender:
         to both the flight and the pipe (RFC 6675 SetPipe), so that limit is computed once.
         """
         s = self._snd_max
-        if self._snd_nxt != s or (self._asm.size and self._sack_ok):
+        if self._snd_nxt != s or ((self._asm.size or self._asm.dsack) and self._sack_ok):
             return 0
         una = self._snd_una
         smss = self._smss
