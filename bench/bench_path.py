@@ -267,6 +267,10 @@ class Transfer:
     #: our tunnel only: CPU seconds of this process (the tunnel's whole data path) per MiB
     #: moved, a steadier measure of the per-packet work than MB/s on a shared machine
     cpu_per_mib: float | None = None
+    #: the exit namespace's TCP counters during the transfer (:data:`EXIT_TCP_COUNTERS`):
+    #: how the Linux server's TCP fared with this client (its retransmissions, the D-SACKs
+    #: it got, the cwnd reductions it undid)
+    exit_tcp: dict[str, int] = field(default_factory=dict)
 
 
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
@@ -415,6 +419,7 @@ def run_ours(
                 await warm.aclose()
             for size, upload in jobs:
                 drops0 = _udp_drops(peer)
+                tcp0 = _exit_tcp(peer)
                 cpu0, t0 = _cpu(relay), time.perf_counter()
                 own0 = time.process_time()
                 try:
@@ -425,7 +430,8 @@ def run_ours(
                     mbps = math.nan
                 own = (time.process_time() - own0) / (size / MiB)
                 share = _share(relay, cpu0, t0)
-                out.append(Transfer(mbps, share, _drops_since(peer, drops0), own))
+                drops = _drops_since(peer, drops0)
+                out.append(Transfer(mbps, share, drops, own, _exit_tcp_since(peer, tcp0)))
                 server.cleanup_uploads()
         return out
 
@@ -449,6 +455,7 @@ def run_kernel(
     for size, upload in jobs:
         body = _body_file(peer, server, size) if upload else None
         drops0 = _udp_drops(peer)
+        tcp0 = _exit_tcp(peer)
         cpu0, t0 = _cpu(relay), time.perf_counter()
         try:
             mbps = _curl(peer.client_ns, server, size, upload, body)
@@ -456,7 +463,8 @@ def run_kernel(
             _failed("Linux TCP", upload, e)
             mbps = math.nan
         share = _share(relay, cpu0, t0)
-        out.append(Transfer(mbps, share, _drops_since(peer, drops0)))
+        drops = _drops_since(peer, drops0)
+        out.append(Transfer(mbps, share, drops, exit_tcp=_exit_tcp_since(peer, tcp0)))
         server.cleanup_uploads()
     return out
 
@@ -496,6 +504,40 @@ def _udp_drops(peer: ExitPeer) -> tuple[int, int]:
 def _drops_since(peer: ExitPeer, before: tuple[int, int]) -> tuple[int, int]:
     after = _udp_drops(peer)
     return after[0] - before[0], after[1] - before[1]
+
+
+#: the exit's TCP counters a transfer reports, with short names: segments the server
+#: retransmitted, D-SACK blocks it received, spurious cwnd reductions it undid (DSACK, loss
+#: or timestamp based), reordering it detected from SACK
+EXIT_TCP_COUNTERS = {
+    "RetransSegs": "rtx",
+    "TCPDSACKRecv": "dsack",
+    "TCPDSACKOfoRecv": "dsack",
+    "TCPDSACKUndo": "undo",
+    "TCPLossUndo": "undo",
+    "TCPPartialUndo": "undo",
+    "TCPFullUndo": "undo",
+    "TCPSACKReorder": "reord",
+}
+
+
+def _exit_tcp(peer: ExitPeer) -> dict[str, int]:
+    """The exit namespace's :data:`EXIT_TCP_COUNTERS` so far (Tcp and TcpExt lines)."""
+    lines = peer.ns.exec(["cat", "/proc/net/snmp", "/proc/net/netstat"]).stdout.splitlines()
+    out = dict.fromkeys(EXIT_TCP_COUNTERS.values(), 0)
+    for head, values in itertools.pairwise(lines):
+        kind = head.split(" ", 1)[0]
+        if kind in ("Tcp:", "TcpExt:") and values.startswith(kind):
+            for name, value in zip(head.split()[1:], values.split()[1:], strict=True):
+                short = EXIT_TCP_COUNTERS.get(name)
+                if short is not None:
+                    out[short] += int(value)
+    return out
+
+
+def _exit_tcp_since(peer: ExitPeer, before: dict[str, int]) -> dict[str, int]:
+    after = _exit_tcp(peer)
+    return {k: after[k] - before[k] for k in after}
 
 
 def _cpu(relay: RelayProcess | None) -> float:
@@ -654,7 +696,21 @@ def print_table(rows: list[Row], title: str) -> None:
         own = r.own_cpu() * 1000
         own_s = "-" if math.isnan(own) else f"{own:.1f}"
         print(f"{cells} {cpu_s} | {own_s} | {drops} | {runs} |")
+    print("\nThe exit's TCP per transfer (medians), Linux client / ours:", end="")
+    for r in rows:
+        cells = []
+        for short in dict.fromkeys(EXIT_TCP_COUNTERS.values()):
+            k = _median_counter(r.kernel, short)
+            o = _median_counter(r.ours, short)
+            cells.append(f"{short} {k} / {o}")
+        print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
+    print()
     sys.stdout.flush()
+
+
+def _median_counter(ts: list[Transfer], short: str) -> str:
+    values = [t.exit_tcp[short] for t in ts if t.exit_tcp]
+    return f"{statistics.median(values):g}" if values else "-"
 
 
 def _jobs(size: int, directions: list[str]) -> list[tuple[int, bool]]:
@@ -852,6 +908,11 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "fixed": [t.mbps for t in r.fixed],
                 "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
                 "ours_cpu_s_per_mib": [t.cpu_per_mib for t in r.ours],
+                "exit_tcp": {
+                    "kernel": [t.exit_tcp for t in r.kernel],
+                    "ours": [t.exit_tcp for t in r.ours],
+                    "fixed": [t.exit_tcp for t in r.fixed],
+                },
                 "udp_drops_exit_client": {
                     "kernel": [t.udp_drops for t in r.kernel],
                     "ours": [t.udp_drops for t in r.ours],
