@@ -114,6 +114,20 @@ class Assembler:
         self._touch(merged_start)
         return True
 
+    def extends_newest(self, start: int) -> bool:
+        """Data at ``start`` extends the most recently changed range (the first SACK block)
+        at its end: that block grows (perhaps into the next range), no other block becomes
+        the first."""
+        rs = self._ranges
+        if not rs or not self._recent:
+            return False
+        newest = self._recent[0]
+        last = rs[-1]
+        if last[0] == newest:
+            return last[1] == start  # the common case: the last range
+        k = bisect_left(rs, start, key=lambda r: r[1])  # the first range ending at/after start
+        return k < len(rs) and rs[k][1] == start and rs[k][0] == newest
+
     def _touch(self, start: int) -> None:
         recent = self._recent
         if start in recent:

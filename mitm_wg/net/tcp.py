@@ -276,7 +276,9 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._challenge_start = float("-inf")
         self._challenge_count = 0
         self._syn_fast_retries = 0
-        self._pending: list[TcpSegment] = []  # ready-made control segments (RSTs)
+        # ready-made segments for the next dispatch: RSTs, and ACKs built while input was
+        # processed (tcp_recv.py rule sack-flush); counted in segments_out when made
+        self._pending: list[TcpSegment] = []
 
         # send buffer and its autotuned limit (tcp_send.py)
         self._sbuf = bytearray()
@@ -565,6 +567,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
                 0,
             )
             self._pending.append(rst)
+            self.stats.segments_out += 1
         self._set_closed(None)
         self._sbuf.clear()
         self._sbuf_head = 0

@@ -144,6 +144,12 @@ class Input:
         elif window_changed:
             self._update_persist(now)
         if seq != rcv_nxt:  # copy of rule rcv-out-of-order (tcp_recv.py _process_data)
+            asm = self._asm
+            if self._ack_now and asm.size and self._sack_ok and not asm.extends_newest(seq):
+                # copy of rule sack-flush (for a run: its first segment decides, the others
+                # extend the range it touched)
+                self._pending.append(self._make_seg(ACK, self._snd_max, b"", now))
+                asm.dup_acks_due(rcv_nxt, 0)
             if run is None:
                 self.stats.out_of_order += 1
                 if not self._asm.add(seq, payload):
@@ -635,3 +641,4 @@ class Input:
         """Queue <SEQ=SEG.ACK><CTL=RST> for an unacceptable ACK (never for a RST)."""
         if not seg.flags & RST and len(self._pending) < 8:  # bounded under a flood
             self._pending.append(TcpSegment(self.local_port, self.remote_port, seg.ack, 0, RST))
+            self.stats.segments_out += 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from mitm_wg.net.tcp_send import _COMPACT_AT
 from mitm_wg.net.tcp_state import _RECV_STATES, TcpState
-from mitm_wg.net.tcp_wire import FIN, M32, PSH, TcpSegment
+from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, TcpSegment
 from mitm_wg.net.tcp_wire import HALF as _HALF
 
 __all__ = ["Receiver"]
@@ -118,7 +118,19 @@ class Receiver:
                 self._rcv_nxt = rcv_nxt
         elif seq > rcv_nxt:  # rule: rcv-out-of-order
             self.stats.out_of_order += 1
-            if plen and not self._asm.add(seq, payload):
+            asm = self._asm
+            if self._ack_now and asm.size and self._sack_ok and not asm.extends_newest(seq):
+                # rule: sack-flush. The ACK owed for what arrived before goes now, with the
+                # SACK blocks as they are: after this segment another block is the first,
+                # and an ACK holds three or four blocks. Made at the end of a batch, every
+                # ACK would report only the last ones to change, and a range reported in no
+                # ACK (or in one ACK lost on the way) looks lost to the sender's RACK, which
+                # retransmits it (as Linux, which sends its compressed SACK before a block
+                # would be evicted: tcp_sack_new_ofo_skb). One of the duplicate ACKs that
+                # Assembler.dup_acks_due counts.
+                self._pending.append(self._make_seg(ACK, self._snd_max, b"", now))
+                asm.dup_acks_due(rcv_nxt, 0)
+            if plen and not asm.add(seq, payload):
                 self.stats.dropped += 1
             if fin:
                 self._peer_fin_seq = seq + plen

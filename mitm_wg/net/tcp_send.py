@@ -454,7 +454,6 @@ class Sender:
         """
         self._now = now
         if self._pending:
-            self.stats.segments_out += len(self._pending)
             out.extend(self._pending)
             self._pending.clear()
         st = self.state
