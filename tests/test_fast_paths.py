@@ -384,9 +384,24 @@ def test_sack_ack_input_is_process(
     ] & M32
     seq = (sock._rcv_nxt + seq_off) & M32
     slow = copy.deepcopy(sock)
+    deferred = copy.deepcopy(sock)  # defer=True, then finish_acks
+    guarded = copy.deepcopy(sock)  # defer=True, then dispatch (which finishes first)
+    then_input = copy.deepcopy(sock)  # defer=True, then the ACK again through process()
+    then_fast = copy.deepcopy(sock)  # defer=True, then a plain ACK through fast_input()
     before = state_of(sock)
     handled = sock.sack_ack_input(seq, ack & M32, window, tsval, tsecr, tuple(blocks), now)
     event("handled" if handled else "declined")
+    args = (seq, ack & M32, window, tsval, tsecr, tuple(blocks), now, True)
+    assert deferred.sack_ack_input(*args) == handled
+    assert guarded.sack_ack_input(*args) == handled
+    assert then_input.sack_ack_input(*args) == handled
+    assert then_fast.sack_ack_input(*args) == handled
+    if deferred._ack_batch is not None:
+        event("deferred")
+        assert deferred.poll_at() == now  # (the stack then dispatches at once)
+    # one deferred ACK, finished, is exactly that ACK
+    deferred.finish_acks(now)
+    assert state_of(deferred) == state_of(sock)
     if not handled:
         assert state_of(sock) == before, "a declined fast path must not change anything"
         return
@@ -405,12 +420,34 @@ def test_sack_ack_input_is_process(
     )
     assert state_of(sock) == state_of(slow)
     assert sock.poll_at() == slow.poll_at()
+    # the same ACK once more, through process(): the deferred work goes first
+    again = TcpSegment(
+        80,
+        1234,
+        seq,
+        ack & M32,
+        ACK,
+        window,
+        timestamp=(tsval, tsecr),
+        sack_blocks=tuple(blocks),
+    )
+    twice = copy.deepcopy(sock)
+    twice.process(again, now)
+    then_input.process(copy.deepcopy(again), now)
+    assert state_of(then_input) == state_of(twice)
+    plain = copy.deepcopy(sock)
+    fast_args = (seq, ack & M32, ACK, window, tsval, tsecr, b"", now)
+    assert then_fast.fast_input(*fast_args) == plain.fast_input(*fast_args)
+    assert state_of(then_fast) == state_of(plain)
     out_fast: list[TcpSegment] = []
     out_slow: list[TcpSegment] = []
+    out_guarded: list[TcpSegment] = []
     sock.dispatch(now, out_fast)
     slow.dispatch(now, out_slow)
+    guarded.dispatch(now, out_guarded)
     assert [s._key() for s in out_fast] == [s._key() for s in out_slow]
-    assert state_of(sock) == state_of(slow)
+    assert [s._key() for s in out_guarded] == [s._key() for s in out_slow]
+    assert state_of(sock) == state_of(slow) == state_of(guarded)
 
 
 def test_sack_ack_input_takes_the_common_segments() -> None:
@@ -438,15 +475,19 @@ def test_sack_ack_input_takes_the_common_segments() -> None:
 
 
 def make_stacks(
-    seed: int, tcp_config: TcpConfig | None = None, v6: bool = False
+    seed: int, tcp_config: TcpConfig | None = None, v6: bool = False, defer_acks: bool = False
 ) -> tuple[Stack, Stack]:
-    """Two stacks, 10.0.0.1 and .2 (``v6``: fd00::1 and ::2)."""
+    """Two stacks, 10.0.0.1 and .2 (``v6``: fd00::1 and ::2). ``defer_acks`` off by default:
+    the comparisons with one by one need every ACK's effect at once."""
     ra, rb = random.Random(seed), random.Random(seed + 1)
     a, b = ("fd00::1/64", "fd00::2/64") if v6 else ("10.0.0.1/24", "10.0.0.2/24")
-    return (
+    stacks = (
         Stack([a], mtu=1420, randbytes=ra.randbytes, tcp_config=tcp_config),
         Stack([b], mtu=1420, randbytes=rb.randbytes, tcp_config=tcp_config),
     )
+    for stack in stacks:
+        stack.defer_acks = defer_acks
+    return stacks
 
 
 def exchange(a: Stack, b: Stack, rounds: int = 4) -> None:
@@ -478,12 +519,13 @@ def run_transfer(
     tcp_config: TcpConfig | None = None,
     batch: bool = False,
     v6: bool = False,
+    defer_acks: bool = False,
 ) -> list[object]:
     """A lossy, reordering bidirectional transfer; returns everything observable.
     ``batch``: each step's packets for a stack go in one ``Stack.receive_batch`` call;
-    ``v6``: over IPv6."""
+    ``v6``: over IPv6; ``defer_acks``: see Stack.defer_acks."""
     rng = random.Random(seed)
-    a, b = make_stacks(seed, tcp_config, v6)
+    a, b = make_stacks(seed, tcp_config, v6, defer_acks)
     trace: list[object] = []
     lst = b.tcp_listen(80)
     now = 0.0
@@ -590,6 +632,55 @@ def test_stack_sack_ack_path_matches_general_path(
     # (a receiver with SACK sends one ACK per batch, not a copy per out-of-order segment:
     # about one or two SACK ACKs per transfer with BBR, several with NewReno)
     assert taken > 12, "the SACK ACK path was not taken"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_deferred_sack_acks_in_batches(monkeypatch: Any, v6: bool) -> None:
+    """With Stack.defer_acks, the SACK ACKs of one batch leave RACK's loss detection and the
+    delivery-rate sample to the batch's end (TcpSocket.finish_acks): the lossy, reordering
+    transfers still deliver every byte (run_transfer checks), batches of several ACKs do
+    get deferred, the stack's next poll finishes every pending batch, and recovery works
+    as well as ACK by ACK (no more RTOs, about as many retransmissions)."""
+    tcp_config = TcpConfig(congestion="bbr")
+    original = TcpSocket.sack_ack_input
+    deferred = [0, 0]  # ACKs deferred; most in one batch
+    in_batch: dict[int, int] = {}
+
+    def counting(self: TcpSocket, *args: Any) -> bool:
+        ok = original(self, *args)
+        if ok and self._ack_batch is not None:
+            deferred[0] += 1
+            in_batch[id(self)] = in_batch.get(id(self), 0) + 1
+            deferred[1] = max(deferred[1], in_batch[id(self)])
+        return ok
+
+    batch_original = Stack.receive_batch
+    poll_original = Stack.poll
+
+    def counted_batch(self: Stack, *args: Any, **kw: Any) -> None:
+        in_batch.clear()
+        batch_original(self, *args, **kw)
+
+    def checked_poll(self: Stack, now: float, out: list[bytes]) -> None:
+        poll_original(self, now, out)
+        assert all(sock._ack_batch is None for sock in self._tcp.values())
+
+    monkeypatch.setattr(TcpSocket, "sack_ack_input", counting)
+    monkeypatch.setattr(Stack, "receive_batch", counted_batch)
+    monkeypatch.setattr(Stack, "poll", checked_poll)
+    calls: list[int] = []
+    totals = {True: [0, 0], False: [0, 0]}  # retransmits, RTOs
+    for seed in range(1, 15):
+        for defer in (True, False):
+            trace = run_transfer(seed, True, calls, tcp_config, batch=True, v6=v6, defer_acks=defer)
+            states = trace[-1]  # (state_of(client), state_of(server))
+            assert isinstance(states, tuple)
+            for state in states:
+                totals[defer][0] += state["stats"]["retransmits"]
+                totals[defer][1] += state["stats"]["rto_expired"]
+    assert deferred[0] > 20 and deferred[1] >= 2, deferred
+    assert totals[True][1] <= totals[False][1], totals
+    assert totals[True][0] <= 1.2 * totals[False][0], totals
 
 
 def _ip4_tcp(

@@ -631,12 +631,12 @@ class Scoreboard:
         una: int,
         ack: int,
         news: list[tuple[int, int]],
-        sacked_before: int,
         now: float,
     ) -> None:
-        """Everything RACK and PRR do with an ACK of ``_process_ack`` (RFC 8985 §6.2 steps
-        1-5, RFC 6937 §3 "on every ACK during recovery"): its SACK ``blocks`` (wire values)
-        and timestamp echo ``tsecr`` (None without a timestamp option)."""
+        """What RACK takes from each ACK of ``_process_ack`` (RFC 8985 §6.2 steps 1-4): its
+        SACK ``blocks`` (wire values; a DSACK) and timestamp echo ``tsecr`` (None without a
+        timestamp option), and the data it delivered (``[una, ack)`` and ``news``). Step 5
+        and PRR follow in :meth:`_rack_after_ack`."""
         rack = self._rack
         assert rack is not None
         if blocks:
@@ -664,6 +664,13 @@ class Scoreboard:
         if not self._ts_ok:
             tsecr = None
         rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)
+
+    def _rack_after_ack(self, una: int, sacked_before: int, now: float) -> None:
+        """RFC 8985 §6.2 step 5 (detect losses) and RFC 6937 §3 "on every ACK during
+        recovery" after one ACK (or, deferred, after a batch of them: ``una`` and
+        ``sacked_before`` are then the first one's)."""
+        rack = self._rack
+        assert rack is not None
         self._rack_detect(now)
         if self._in_fr and not self._cc.model_based:
             # RFC 6937 §3: DeliveredData = change in snd.una + change in SACKed bytes

@@ -399,6 +399,9 @@ class Stack:
         #: socket, next wire seq, ack, window, tsval, tsecr, last flags, and the segments
         #: as (packet, wire seq, payload start, end)
         self._run: list = []
+        #: receive_batch lets sockets defer part of the work of SACK ACKs to their next input
+        #: or dispatch (TcpSocket.sack_ack_input); False: every ACK exactly as one by one
+        self.defer_acks = True
         self._listeners: dict[int, TcpListener] = {}
         self._half_open: dict[TcpSocket, TcpListener] = {}
         self._dirty: dict[TcpSocket, None] = {}  # dicts, not sets: deterministic order
@@ -1219,7 +1222,11 @@ class Stack:
                         blocks = tuple(zip(v[4::2], v[5::2], strict=True))
                         if run:
                             self._flush_run(run, now)  # (the run's segments came first)
-                        if sock.sack_ack_input(wseq, wack, window, v[1], v[2], blocks, now):
+                        # in a batch, more ACKs may follow: the socket may defer part of
+                        # the work to its next input or dispatch (TcpSocket.finish_acks;
+                        # _processed marks it for the poll after the batch)
+                        defer = run is not None and self.defer_acks
+                        if sock.sack_ack_input(wseq, wack, window, v[1], v[2], blocks, now, defer):
                             self._processed(sock)
                             return
             hlen = 0  # other options: parse them fully

@@ -66,6 +66,8 @@ class Input:
         tests/test_fast_paths.py checks the two paths give identical state on random
         segment streams.
         """
+        if self._ack_batch is not None:
+            self.finish_acks(now)  # (sack_ack_input's deferred work comes first)
         if self.state is not TcpState.ESTABLISHED or flags & ~PSH != ACK:
             return False
         if run is not None and run[3] > run[1]:
@@ -200,6 +202,7 @@ class Input:
         tsecr: int,
         blocks: tuple[tuple[int, int], ...],
         now: float,
+        defer: bool = False,
     ) -> bool:
         """The pure ACK with SACK blocks (RFC 2018) that a receiver sends for every segment
         after a loss: :meth:`fast_input`'s sibling for the ACKs of a lossy upload, without a
@@ -216,7 +219,21 @@ class Input:
         (each marked ``copy of rule <name>`` as in :meth:`fast_input`); the ACK and its SACK
         blocks go through the one :meth:`_process_ack`. tests/test_fast_paths.py checks the
         two paths give identical state on random SACK ACKs.
+
+        ``defer`` (``Stack.receive_batch``: more ACKs may follow at the same instant):
+        with RACK and a model-based congestion controller (BBR), the work that needs only
+        the sum of what a batch of ACKs delivered waits for :meth:`finish_acks` — RACK's
+        loss detection (step 5) and the delivery-rate sample — as if the batch were one
+        stretch ACK (what a receiver behind Linux's GRO or ACK compression sends). Each
+        ACK still updates the scoreboard, SND.UNA and the window, the RTT, RACK's
+        xmit_ts/fack/reordering (steps 1-4) and its DSACK rule. A lossy upload's receiver
+        sends an ACK per segment or two, ~10 per batch of datagrams: those two were about
+        half of the time spent on each. Any other input and ``dispatch`` finish a pending
+        batch first (the stack dispatches the socket right after the batch), and
+        ``poll_at`` asks for that dispatch at once.
         """
+        if self._ack_batch is not None and not defer:
+            self.finish_acks(now)
         if self.state is not TcpState.ESTABLISHED or not self._ts_ok:
             return False
         if (tsval - self._ts_recent) & M32 >= _HALF:
@@ -237,7 +254,7 @@ class Input:
         if rcv_nxt <= self._last_ack_sent:  # copy of rule ts-recent (TSval >= it here)
             self._ts_recent = tsval
             self._ts_recent_age = now
-        self._process_ack(rcv_nxt, ack, 0, ACK, window, tsecr, blocks, now)
+        self._process_ack(rcv_nxt, ack, 0, ACK, window, tsecr, blocks, now, defer)
         return True
 
     def process(self, seg: TcpSegment, now: float) -> None:
@@ -247,6 +264,8 @@ class Input:
         runs for every segment, see below); a step that consumes the segment ends the walk.
         :meth:`fast_input` mirrors the ESTABLISHED in-order case of this sequence for speed.
         """
+        if self._ack_batch is not None:
+            self.finish_acks(now)
         self._now = now
         stats = self.stats
         stats.segments_in += 1
@@ -453,6 +472,7 @@ class Input:
         tsecr: int | None,
         blocks: tuple[tuple[int, int], ...],
         now: float,
+        defer: bool = False,
     ) -> None:
         """An acceptable ACK (RFC 9293 §3.10.7.4 "check the ACK field", as Linux's tcp_ack):
         SACK blocks to the scoreboard, the send window, SND.UNA advancing (the send side's
@@ -507,16 +527,48 @@ class Input:
                 and (self._dupacks >= 3 or (self._sack_ok and self._lost_edge() > una))
             ):
                 self._enter_fast_recovery(now)
+        batch = None
+        if defer and rack is not None and self._cc.model_based:
+            # (see sack_ack_input): [first ACK's SND.UNA, its SACKed bytes above it, RACK's
+            # step 5 due, delivery-rate sample due, the newly SACKed ranges]
+            batch = self._ack_batch
+            if batch is None:
+                batch = self._ack_batch = [una, sacked_before, False, False, []]
         if rack is not None:
             if blocks or self._in_fr or had_sacked:
-                prr_before = sacked_before if in_fr else 0
-                self._rack_on_ack(blocks, tsecr, una, ack, news or [], prr_before, now)
+                self._rack_on_ack(blocks, tsecr, una, ack, news or [], now)
+                if batch is None:
+                    self._rack_after_ack(una, sacked_before if in_fr else 0, now)
+                else:
+                    batch[2] = True
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
         if dr is not None and (ack > una or sack_new):
-            self._on_delivered(una, ack, news, sacked_before, now)
+            if batch is None:
+                self._on_delivered(una, ack, news, sacked_before, now)
+            else:
+                batch[3] = True
+                if news:
+                    batch[4].extend(news)
         if window_changed or ack > una:
             self._update_persist(now)
+
+    def finish_acks(self, now: float) -> None:
+        """The rest of the ACKs :meth:`sack_ack_input` deferred (``defer=True``), as after
+        one ACK that delivered all they did: RACK's loss detection (RFC 8985 §6.2 step 5)
+        and one delivery-rate sample for the congestion controller. Nothing if none are
+        pending."""
+        batch = self._ack_batch
+        if batch is None:
+            return
+        self._ack_batch = None
+        if self.state is not TcpState.ESTABLISHED:
+            return  # (aborted since: an ICMP error, a RST; nothing to send any more)
+        una, sacked_before, rack_due, delivered_due, news = batch
+        if rack_due:
+            self._rack_after_ack(una, 0, now)  # (model-based: no PRR)
+        if delivered_due and self._dr is not None:
+            self._on_delivered(una, self._snd_una, news, sacked_before, now)
 
     def _on_delivered(
         self,
