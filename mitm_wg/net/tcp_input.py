@@ -146,12 +146,8 @@ class Input:
         elif window_changed:
             self._update_persist(now)
         if seq != rcv_nxt:  # copy of rule rcv-out-of-order (tcp_recv.py _process_data)
-            asm = self._asm
-            if self._ack_now and asm.size and self._sack_ok and not asm.extends_newest(seq):
-                # copy of rule sack-flush (for a run: its first segment decides, the others
-                # extend the range it touched)
-                self._pending.append(self._make_seg(ACK, self._snd_max, b"", now))
-                asm.dup_acks_due(rcv_nxt, 0)
+            # (for a run its first segment decides: the others extend the range it touched)
+            self._sack_flush(seq, rcv_nxt, now)
             if run is None:
                 self.stats.out_of_order += 1
                 if not self._asm.add(seq, payload):
@@ -376,8 +372,9 @@ class Input:
             self.stats.dropped += 1
             if not flags & RST:
                 self._ack_now = True
-                if plen and seq < rcv_nxt and self._sack_ok:
-                    # rule: dsack (RFC 2883: report a copy of data we hold, once)
+                if plen and seq < rcv_nxt:
+                    # rule: dsack (RFC 2883: a copy of data we hold, reported once by the next
+                    # ACK if SACK was agreed: Sender._make_seg)
                     end = seq + plen
                     self._asm.duplicate(seq, end if end < rcv_nxt else rcv_nxt)
                 if flags & FIN and self.state is TcpState.TIME_WAIT:

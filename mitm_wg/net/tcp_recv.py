@@ -77,7 +77,7 @@ class Receiver:
             if cut > plen:
                 cut = plen
             payload = payload[cut:]
-            if cut and self._sack_ok:
+            if cut:
                 self._asm.duplicate(seq, seq + cut)  # copy of rule dsack (tcp_input.py)
             seq += cut
             self._ack_now = True  # duplicate data: the peer missed our ACK
@@ -118,19 +118,8 @@ class Receiver:
                 self._rcv_nxt = rcv_nxt
         elif seq > rcv_nxt:  # rule: rcv-out-of-order
             self.stats.out_of_order += 1
-            asm = self._asm
-            if self._ack_now and asm.size and self._sack_ok and not asm.extends_newest(seq):
-                # rule: sack-flush. The ACK owed for what arrived before goes now, with the
-                # SACK blocks as they are: after this segment another block is the first,
-                # and an ACK holds three or four blocks. Made at the end of a batch, every
-                # ACK would report only the last ones to change, and a range reported in no
-                # ACK (or in one ACK lost on the way) looks lost to the sender's RACK, which
-                # retransmits it (as Linux, which sends its compressed SACK before a block
-                # would be evicted: tcp_sack_new_ofo_skb). One of the duplicate ACKs that
-                # Assembler.dup_acks_due counts.
-                self._pending.append(self._make_seg(ACK, self._snd_max, b"", now))
-                asm.dup_acks_due(rcv_nxt, 0)
-            if plen and not asm.add(seq, payload):
+            self._sack_flush(seq, rcv_nxt, now)
+            if plen and not self._asm.add(seq, payload):
                 self.stats.dropped += 1
             if fin:
                 self._peer_fin_seq = seq + plen
@@ -174,6 +163,21 @@ class Receiver:
                 self._set_state(TcpState.CLOSING, "rcv FIN")
             elif st is TcpState.FIN_WAIT_2:
                 self._enter_time_wait(now)
+
+    def _sack_flush(self, seq: int, rcv_nxt: int, now: float) -> None:
+        """Out-of-order data at ``seq`` is about to go to the Assembler (rule sack-flush,
+        for the general path and ``fast_input``'s runs ahead of a hole). If it will change
+        another SACK block than the first, the ACK owed for what arrived before goes now,
+        with the blocks as they are: an ACK holds three or four blocks, and if every ACK
+        were made at the end of a batch, each would report only the last ones to change; a
+        range reported in no ACK (or in one lost on the way) looks lost to the sender's
+        RACK, which retransmits it. As Linux, which sends its compressed SACK before a
+        block would be evicted (tcp_sack_new_ofo_skb). The ACK is one of the duplicate
+        ACKs that Assembler.dup_acks_due counts; it waits in ``_pending`` for dispatch."""
+        asm = self._asm
+        if self._ack_now and asm.size and self._sack_ok and not asm.extends_newest(seq):
+            self._pending.append(self._make_seg(ACK, self._snd_max, b"", now))
+            asm.dup_acks_due(rcv_nxt, 0)
 
     def recv(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of in-order data; b"" if none (see ``at_eof``)."""
