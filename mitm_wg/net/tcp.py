@@ -301,7 +301,8 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._rcv_fin = False
         self._rd_closed = False
         self._ack_now = False
-        self._ack_batch: list | None = None  # ACKs sack_ack_input deferred (finish_acks)
+        # ACKs sack_ack_input deferred (finish_acks): (SND.UNA, SACKed bytes, new ranges)
+        self._ack_batch: tuple[int, int, list[tuple[int, int]]] | None = None
         self._acks_owed = 0  # extra immediate (duplicate) ACKs, one per out-of-order segment
         # (with SACK, only the first three per RCV.NXT go out: Sender.dispatch)
         self._unacked_bytes = 0

@@ -139,7 +139,7 @@ class Input:
                 # (SACKed bytes above SND.UNA were delivered before: not again)
                 sacked = self._sacked_bytes
                 self._on_new_ack(ack, una, tsecr, now)
-                self._on_delivered(una, ack, None, sacked, now)
+                self._on_delivered(una, None, sacked, now)
             # _update_persist() only acts when all is acknowledged or a probe timer runs
             if ack == smax or self._persist_at is not None or self._persist_backoff:
                 self._update_persist(now)
@@ -526,27 +526,24 @@ class Input:
                 self._enter_fast_recovery(now)
         batch = None
         if defer and rack is not None and self._cc.model_based:
-            # (see sack_ack_input): [first ACK's SND.UNA, its SACKed bytes above it, RACK's
-            # step 5 due, delivery-rate sample due, the newly SACKed ranges]
+            # (see sack_ack_input): the first ACK's SND.UNA and SACKed bytes above it, and
+            # the ranges the batch newly SACKed
             batch = self._ack_batch
             if batch is None:
-                batch = self._ack_batch = [una, sacked_before, False, False, []]
+                batch = self._ack_batch = (una, sacked_before, [])
+            if news:
+                batch[2].extend(news)
         if rack is not None:
+            # (a deferred ACK has SACK blocks: it always gets here, and finish_acks always
+            # runs _rack_after_ack)
             if blocks or self._in_fr or had_sacked:
                 self._rack_on_ack(blocks, tsecr, una, ack, news or [], now)
                 if batch is None:
                     self._rack_after_ack(una, sacked_before if in_fr else 0, now)
-                else:
-                    batch[2] = True
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
-        if dr is not None and (ack > una or sack_new):
-            if batch is None:
-                self._on_delivered(una, ack, news, sacked_before, now)
-            else:
-                batch[3] = True
-                if news:
-                    batch[4].extend(news)
+        if batch is None and dr is not None and (ack > una or sack_new):
+            self._on_delivered(una, news, sacked_before, now)
         if window_changed or ack > una:
             self._update_persist(now)
 
@@ -561,21 +558,19 @@ class Input:
         self._ack_batch = None
         if self.state is not TcpState.ESTABLISHED:
             return  # (aborted since: an ICMP error, a RST; nothing to send any more)
-        una, sacked_before, rack_due, delivered_due, news = batch
-        if rack_due:
-            self._rack_after_ack(una, 0, now)  # (model-based: no PRR)
-        if delivered_due and self._dr is not None:
-            self._on_delivered(una, self._snd_una, news, sacked_before, now)
+        una, sacked_before, news = batch
+        self._rack_after_ack(una, 0, now)  # (model-based: no PRR)
+        if self._snd_una > una or news:  # (SND.UNA advanced, or something newly SACKed)
+            self._on_delivered(una, news, sacked_before, now)
 
     def _on_delivered(
         self,
         una: int,
-        ack: int,
         news: list[tuple[int, int]] | None,
         sacked_before: int,
         now: float,
     ) -> None:
-        """An ACK delivered data (SND.UNA ``una`` -> ``ack``, new SACK blocks ``news``,
+        """An ACK delivered data (SND.UNA ``una`` -> now, new SACK blocks ``news``,
         ``sacked_before`` bytes above ``una`` SACKed before it): a delivery-rate sample
         (delivery.py) for the model-based controller (bbr.py)."""
         dr = self._dr
