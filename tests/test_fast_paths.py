@@ -405,23 +405,7 @@ def test_sack_ack_input_is_process(
     if not handled:
         assert state_of(sock) == before, "a declined fast path must not change anything"
         return
-    slow.process(
-        TcpSegment(
-            80,
-            1234,
-            seq,
-            ack & M32,
-            ACK,
-            window,
-            timestamp=(tsval, tsecr),
-            sack_blocks=tuple(blocks),
-        ),
-        now,
-    )
-    assert state_of(sock) == state_of(slow)
-    assert sock.poll_at() == slow.poll_at()
-    # the same ACK once more, through process(): the deferred work goes first
-    again = TcpSegment(
+    segment = TcpSegment(
         80,
         1234,
         seq,
@@ -431,9 +415,13 @@ def test_sack_ack_input_is_process(
         timestamp=(tsval, tsecr),
         sack_blocks=tuple(blocks),
     )
+    slow.process(copy.deepcopy(segment), now)
+    assert state_of(sock) == state_of(slow)
+    assert sock.poll_at() == slow.poll_at()
+    # the same ACK once more, through process(): the deferred work goes first
     twice = copy.deepcopy(sock)
-    twice.process(again, now)
-    then_input.process(copy.deepcopy(again), now)
+    twice.process(copy.deepcopy(segment), now)
+    then_input.process(segment, now)
     assert state_of(then_input) == state_of(twice)
     plain = copy.deepcopy(sock)
     fast_args = (seq, ack & M32, ACK, window, tsval, tsecr, b"", now)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from closefirst_server import tcp_ext_counters
 
 from harness import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
@@ -119,15 +120,6 @@ def test_closed_port_is_refused(exit_peer) -> None:
             driver.connect(exit_peer.server_tunnel_v4, 9)
     finally:
         driver.sock.close()
-
-
-def tcp_ext_counters(ns: Any) -> dict[str, int]:
-    """The namespace's TcpExt counters (/proc/net/netstat belongs to the reader's netns)."""
-    lines = ns.exec(["cat", "/proc/net/netstat"]).stdout.splitlines()
-    for head, values in zip(lines[0::2], lines[1::2], strict=True):
-        if head.startswith("TcpExt:"):
-            return dict(zip(head.split()[1:], map(int, values.split()[1:]), strict=True))
-    raise AssertionError("no TcpExt counters in /proc/net/netstat")
 
 
 def download_through_relay(
