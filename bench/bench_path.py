@@ -483,21 +483,33 @@ def _body_file(peer: ExitPeer, server: Server, size: int) -> Path:
     return body
 
 
+def _proc_net(ns: Any) -> dict[str, int]:
+    """The namespace's network counters (``/proc/net`` belongs to the reader's namespace):
+    ``Kind:Name`` from the two-line tables of ``snmp`` and ``netstat`` (``Udp:RcvbufErrors``,
+    ``TcpExt:TCPDSACKRecv``), ``Name`` from ``snmp6``'s lines (``Udp6RcvbufErrors``)."""
+    files = ["/proc/net/snmp", "/proc/net/netstat", "/proc/net/snmp6"]
+    lines = ns.exec(["cat", *files]).stdout.splitlines()
+    out: dict[str, int] = {}
+    for head, values in itertools.pairwise(lines):
+        kind = head.split(" ", 1)[0]
+        if kind.endswith(":") and values.startswith(kind + " "):  # a table: names, values
+            for name, value in zip(head.split()[1:], values.split()[1:], strict=True):
+                out[kind + name] = int(value)
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and not parts[0].endswith(":"):  # snmp6: one name and value
+            out[parts[0]] = int(parts[1])
+    return out
+
+
 def _udp_drops(peer: ExitPeer) -> tuple[int, int]:
     """UDP datagrams dropped at full receive buffers so far (RcvbufErrors, IPv4 + IPv6): in
     the exit's namespace (its wireguard-go) and in the client's (the relay, the kernel
     client's wireguard-go, our tunnel)."""
     counts = []
     for ns in (peer.ns, peer.client_ns):
-        total = 0
-        lines = ns.exec(["cat", "/proc/net/snmp", "/proc/net/snmp6"]).stdout.splitlines()
-        for head, values in itertools.pairwise(lines):
-            if head.startswith("Udp: ") and values.startswith("Udp: "):
-                total += int(values.split()[head.split().index("RcvbufErrors")])
-        for line in lines:
-            if line.startswith("Udp6RcvbufErrors"):
-                total += int(line.split()[1])
-        counts.append(total)
+        c = _proc_net(ns)
+        counts.append(c.get("Udp:RcvbufErrors", 0) + c.get("Udp6RcvbufErrors", 0))
     return counts[0], counts[1]
 
 
@@ -510,28 +522,23 @@ def _drops_since(peer: ExitPeer, before: tuple[int, int]) -> tuple[int, int]:
 #: retransmitted, D-SACK blocks it received, spurious cwnd reductions it undid (DSACK, loss
 #: or timestamp based), reordering it detected from SACK
 EXIT_TCP_COUNTERS = {
-    "RetransSegs": "rtx",
-    "TCPDSACKRecv": "dsack",
-    "TCPDSACKOfoRecv": "dsack",
-    "TCPDSACKUndo": "undo",
-    "TCPLossUndo": "undo",
-    "TCPPartialUndo": "undo",
-    "TCPFullUndo": "undo",
-    "TCPSACKReorder": "reord",
+    "Tcp:RetransSegs": "rtx",
+    "TcpExt:TCPDSACKRecv": "dsack",
+    "TcpExt:TCPDSACKOfoRecv": "dsack",
+    "TcpExt:TCPDSACKUndo": "undo",
+    "TcpExt:TCPLossUndo": "undo",
+    "TcpExt:TCPPartialUndo": "undo",
+    "TcpExt:TCPFullUndo": "undo",
+    "TcpExt:TCPSACKReorder": "reord",
 }
 
 
 def _exit_tcp(peer: ExitPeer) -> dict[str, int]:
-    """The exit namespace's :data:`EXIT_TCP_COUNTERS` so far (Tcp and TcpExt lines)."""
-    lines = peer.ns.exec(["cat", "/proc/net/snmp", "/proc/net/netstat"]).stdout.splitlines()
+    """The exit namespace's :data:`EXIT_TCP_COUNTERS` so far, summed by short name."""
+    c = _proc_net(peer.ns)
     out = dict.fromkeys(EXIT_TCP_COUNTERS.values(), 0)
-    for head, values in itertools.pairwise(lines):
-        kind = head.split(" ", 1)[0]
-        if kind in ("Tcp:", "TcpExt:") and values.startswith(kind):
-            for name, value in zip(head.split()[1:], values.split()[1:], strict=True):
-                short = EXIT_TCP_COUNTERS.get(name)
-                if short is not None:
-                    out[short] += int(value)
+    for name, short in EXIT_TCP_COUNTERS.items():
+        out[short] += c.get(name, 0)
     return out
 
 
