@@ -23,7 +23,9 @@ at 0 ms. During every transfer it samples the relay's CPU use (a share near 100 
 would mean the relay caps the run), and counts the datagrams the kernel dropped at full UDP
 receive buffers in both namespaces (the relay's, each WireGuard end's): loss on top of the
 relay's impairment, which a reader starved of CPU adds (the exit's wireguard-go during the
-kernel path's uploads, typically).
+kernel path's uploads, typically). It also reports the machine's steal time per transfer (the
+share of CPU time the hypervisor gave to other guests, from ``/proc/stat``): on a shared VM
+it swings between rounds, and a round with much of it is not comparable with one without.
 
     .venv/bin/python bench/bench_path.py                 # everything, 3 rounds (~15 min)
     .venv/bin/python bench/bench_path.py --smoke         # tiny sizes, one round, no timing
@@ -271,6 +273,32 @@ class Transfer:
     #: how the Linux server's TCP fared with this client (its retransmissions, the D-SACKs
     #: it got, the cwnd reductions it undid)
     exit_tcp: dict[str, int] = field(default_factory=dict)
+    #: share of the machine's CPU time the hypervisor gave to other guests during the
+    #: transfer (:func:`steal_since`): a run with much of it is not comparable with one
+    #: without, whichever path it measured
+    steal: float | None = None
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, all) CPU time of the machine so far, in clock ticks (``/proc/stat``, the
+    aggregate ``cpu`` line: user, nice, system, idle, iowait, irq, softirq, steal; guest
+    time is inside user); None where there is no such file."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_since(before: tuple[int, int] | None) -> float | None:
+    after = cpu_ticks()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
@@ -420,6 +448,7 @@ def run_ours(
             for size, upload in jobs:
                 drops0 = _udp_drops(peer)
                 tcp0 = _exit_tcp(peer)
+                steal0 = cpu_ticks()
                 cpu0, t0 = _cpu(relay), time.perf_counter()
                 own0 = time.process_time()
                 try:
@@ -431,7 +460,8 @@ def run_ours(
                 own = (time.process_time() - own0) / (size / MiB)
                 share = _share(relay, cpu0, t0)
                 drops = _drops_since(peer, drops0)
-                out.append(Transfer(mbps, share, drops, own, _exit_tcp_since(peer, tcp0)))
+                steal = steal_since(steal0)
+                out.append(Transfer(mbps, share, drops, own, _exit_tcp_since(peer, tcp0), steal))
                 server.cleanup_uploads()
         return out
 
@@ -456,6 +486,7 @@ def run_kernel(
         body = _body_file(peer, server, size) if upload else None
         drops0 = _udp_drops(peer)
         tcp0 = _exit_tcp(peer)
+        steal0 = cpu_ticks()
         cpu0, t0 = _cpu(relay), time.perf_counter()
         try:
             mbps = _curl(peer.client_ns, server, size, upload, body)
@@ -463,8 +494,9 @@ def run_kernel(
             _failed("Linux TCP", upload, e)
             mbps = math.nan
         share = _share(relay, cpu0, t0)
+        steal = steal_since(steal0)
         drops = _drops_since(peer, drops0)
-        out.append(Transfer(mbps, share, drops, exit_tcp=_exit_tcp_since(peer, tcp0)))
+        out.append(Transfer(mbps, share, drops, exit_tcp=_exit_tcp_since(peer, tcp0), steal=steal))
         server.cleanup_uploads()
     return out
 
@@ -671,6 +703,10 @@ def _fmt_runs(ts: list[Transfer]) -> str:
     return ", ".join(f"{t.mbps:.1f}" for t in ts)
 
 
+def _fmt_steal(ts: list[Transfer]) -> str:
+    return ", ".join("-" if t.steal is None else f"{t.steal * 100:.0f}" for t in ts)
+
+
 def _fmt_drops(ts: list[Transfer]) -> str:
     return ", ".join(f"{t.udp_drops[0]}+{t.udp_drops[1]}" for t in ts)
 
@@ -685,8 +721,11 @@ def print_table(rows: list[Row], title: str) -> None:
         line += "---:|---:|"
     tail = " / fixed |" if fixed else " |"
     drops = " UDP buffer drops exit+client, Linux / ours"
-    print(head + " relay CPU | our CPU ms/MiB |" + drops + tail + " runs Linux / ours" + tail)
-    print(line + "---:|---:|---|---|")
+    steal = " steal % Linux / ours" + tail
+    print(
+        head + " relay CPU | our CPU ms/MiB |" + drops + tail + " runs Linux / ours" + tail + steal
+    )
+    print(line + "---:|---:|---|---|---|")
     for r in rows:
         k, o = r.med("kernel"), r.med("ours")
         cpu = r.relay_cpu()
@@ -695,14 +734,16 @@ def print_table(rows: list[Row], title: str) -> None:
         cells = f"| {r.label} | {r.direction} | {size} | {k:.1f} | {o:.1f} | {o / k:.2f} |"
         runs = f"{_fmt_runs(r.kernel)} / {_fmt_runs(r.ours)}"
         drops = f"{_fmt_drops(r.kernel)} / {_fmt_drops(r.ours)}"
+        steal = f"{_fmt_steal(r.kernel)} / {_fmt_steal(r.ours)}"
         if fixed:
             f = r.med("fixed")
             cells += f" {f:.1f} | {f / k:.2f} |"
             runs += f" / {_fmt_runs(r.fixed)}"
             drops += f" / {_fmt_drops(r.fixed)}"
+            steal += f" / {_fmt_steal(r.fixed)}"
         own = r.own_cpu() * 1000
         own_s = "-" if math.isnan(own) else f"{own:.1f}"
-        print(f"{cells} {cpu_s} | {own_s} | {drops} | {runs} |")
+        print(f"{cells} {cpu_s} | {own_s} | {drops} | {runs} | {steal} |")
     print("\nThe exit's TCP per transfer (medians), Linux client / ours:", end="")
     for r in rows:
         cells = []
@@ -915,6 +956,11 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "fixed": [t.mbps for t in r.fixed],
                 "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
                 "ours_cpu_s_per_mib": [t.cpu_per_mib for t in r.ours],
+                "steal": {
+                    "kernel": [t.steal for t in r.kernel],
+                    "ours": [t.steal for t in r.ours],
+                    "fixed": [t.steal for t in r.fixed],
+                },
                 "exit_tcp": {
                     "kernel": [t.exit_tcp for t in r.kernel],
                     "ours": [t.exit_tcp for t in r.ours],

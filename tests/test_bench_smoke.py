@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,24 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
         f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     )
     assert result.stdout.strip(), f"{script.name} --smoke printed nothing"
+
+
+def test_bench_path_reports_the_machines_steal_time() -> None:
+    """Each transfer's steal share (bench_path ``steal``, also on bench_mitm_https's round
+    lines) comes from /proc/stat's aggregate line: a share of all CPU time, in [0, 1]."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_path
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    before = bench_path.cpu_ticks()
+    assert before is not None, "no aggregate cpu line in /proc/stat"
+    steal, total = before
+    assert 0 <= steal <= total
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline:
+        pass  # let the clock ticks move
+    share = bench_path.steal_since(before)
+    assert share is not None and 0.0 <= share <= 1.0, share
+    assert bench_path.steal_since(None) is None
+    assert bench_path.steal_since((steal, total + 10**12)) is None  # the counters never go back
