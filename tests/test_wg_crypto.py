@@ -168,8 +168,12 @@ def test_aead_nonce_layout_matches_explicit_nonce() -> None:
         assert aead.open(counter, sealed, b"ad") == b"payload"
 
 
-def test_aead_empty_plaintext_is_keepalive_tag_only() -> None:
-    aead = crypto.Aead(bytes(32))
+BACKENDS = pytest.mark.parametrize("fast", [True, False], ids=["aioquic", "cryptography"])
+
+
+@BACKENDS
+def test_aead_empty_plaintext_is_keepalive_tag_only(fast: bool) -> None:
+    aead = crypto.Aead(bytes(32), fast=fast)
     sealed = aead.seal(7, b"")
     assert len(sealed) == 16
     assert aead.open(7, sealed) == b""
@@ -188,21 +192,134 @@ def test_aead_open_failures_return_none() -> None:
     assert crypto.Aead(bytes(32)).open(A5_COUNTER, good, A5_AAD) is None  # wrong key
 
 
-def test_aead_accepts_memoryview() -> None:
-    aead = crypto.Aead(A5_KEY)
+@BACKENDS
+def test_aead_open_failures_without_aad_return_none(fast: bool) -> None:
+    """The transport-message shape (no AAD), through either backend."""
+    aead = crypto.Aead(A5_KEY, fast=fast)
+    good = aead.seal(9, A5_PT)
+    assert aead.open(9, good) == A5_PT
+    assert aead.open(10, good) is None  # wrong counter
+    assert aead.open(9, good, b"ad") is None  # AAD it was not sealed with
+    for i in (0, len(good) // 2, len(good) - 1):  # ciphertext and tag
+        flipped = bytearray(good)
+        flipped[i] ^= 0x80
+        assert aead.open(9, bytes(flipped)) is None
+        assert aead.open(9, good) == A5_PT  # the object is sound after a failure
+    assert aead.open(9, good[:15]) is None
+    assert aead.open(9, b"") is None
+    assert crypto.Aead(bytes(32), fast=fast).open(9, good) is None  # wrong key
+
+
+@BACKENDS
+def test_aead_accepts_memoryview(fast: bool) -> None:
+    aead = crypto.Aead(A5_KEY, fast=fast)
     packet = b"\x04\x00\x00\x00" + A5_CT + A5_TAG
     assert aead.open(A5_COUNTER, memoryview(packet)[4:], A5_AAD) == A5_PT
+    sealed = b"\x04\x00\x00\x00" + aead.seal(5, A5_PT)
+    assert aead.open(5, memoryview(sealed)[4:]) == A5_PT
 
 
-def test_aead_caller_mistakes_raise() -> None:
+@BACKENDS
+def test_aead_caller_mistakes_raise(fast: bool) -> None:
     with pytest.raises(ValueError):
-        crypto.Aead(bytes(31))
-    aead = crypto.Aead(bytes(32))
+        crypto.Aead(bytes(31), fast=fast)
+    aead = crypto.Aead(bytes(32), fast=fast)
     with pytest.raises(ValueError):
         aead.seal(2**64, b"x")
     with pytest.raises(ValueError):
+        aead.seal(-1, b"x")
+    with pytest.raises(ValueError):
         aead.open(-1, b"x" * 16)
+    with pytest.raises(ValueError):
+        aead.open(2**64, b"x" * 16)
     assert "00" not in repr(aead)
+
+
+# --- the fast backend (aioquic's AEAD) -----------------------------------------------------------
+
+
+def test_fast_aead_is_used_where_mitmproxy_runs() -> None:
+    """Both CI platforms install mitmproxy, which brings aioquic: there the transport path
+    must be the fast one (a failed known-answer check would silently cost ~3 µs a packet)."""
+    pytest.importorskip("mitmproxy")
+    assert crypto.fast_aead_available()
+    assert crypto.Aead(bytes(32))._fast is not None
+    assert crypto.Aead(bytes(32), fast=False)._fast is None
+
+
+@given(
+    key=st.binary(min_size=32, max_size=32),
+    counter=st.integers(min_value=0, max_value=2**64 - 1),
+    plaintext=st.binary(max_size=1600),
+)
+def test_fast_aead_gives_the_same_bytes_as_cryptography(
+    key: bytes, counter: int, plaintext: bytes
+) -> None:
+    """Any key, counter and size (both sides of the 1484-byte limit): the same ciphertext,
+    and each opens the other's."""
+    fast, ref = crypto.Aead(key), crypto.Aead(key, fast=False)
+    sealed = ref.seal(counter, plaintext)
+    assert fast.seal(counter, plaintext) == sealed
+    assert fast.open(counter, sealed) == plaintext
+    assert ref.open(counter, fast.seal(counter, plaintext)) == plaintext
+
+
+def test_fast_aead_never_gets_a_plaintext_past_its_buffer() -> None:
+    """aioquic 1.2 lets a 1485-1500 byte plaintext run its tag past its 1500-byte buffer and
+    corrupts the object. Those sizes must go through cryptography: sealing them leaves the
+    fast object giving the right answers (a wrong route fails the last assertion)."""
+    key = bytes(range(32))
+    fast, ref = crypto.Aead(key), crypto.Aead(key, fast=False)
+    assert crypto.FAST_AEAD_MAX_PLAINTEXT == 1484
+    for size in range(1480, 1505):
+        plaintext = bytes([size & 0xFF]) * size
+        assert fast.seal(size, plaintext) == ref.seal(size, plaintext)
+        assert fast.open(size, ref.seal(size, plaintext)) == plaintext
+    small = b"after the large ones"
+    assert fast.seal(1, small) == ref.seal(1, small)
+    assert fast.open(1, ref.seal(1, small)) == small
+
+
+def test_a_backend_with_other_answers_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The known-answer check refuses a backend that seals differently, opens a forged
+    message, or has another API; MITM_WG_AEAD=cryptography turns the fast backend off."""
+
+    class CryptoError(Exception):
+        pass
+
+    def backend(encrypt=None, decrypt=None):
+        class Fake:
+            def __init__(self, name: bytes, key: bytes, iv: bytes) -> None:
+                self.ref = ChaCha20Poly1305(key)
+
+            def _nonce(self, pn: int) -> bytes:
+                return bytes(4) + pn.to_bytes(8, "big")
+
+            def encrypt(self, data: bytes, aad: bytes, pn: int) -> bytes:
+                out = self.ref.encrypt(self._nonce(pn), data, None)
+                return encrypt(out) if encrypt else out
+
+            def decrypt(self, data: bytes, aad: bytes, pn: int) -> bytes:
+                if decrypt:
+                    return decrypt(data)
+                try:
+                    return self.ref.decrypt(self._nonce(pn), data, None)
+                except Exception:
+                    raise CryptoError from None
+
+        return Fake
+
+    crypto._known_answers(backend(), CryptoError)  # the honest double passes
+    with pytest.raises(ValueError):
+        crypto._known_answers(backend(encrypt=lambda out: out[:-1] + b"\x00"), CryptoError)
+    with pytest.raises(ValueError):
+        crypto._known_answers(backend(decrypt=lambda data: data[:-16]), CryptoError)  # no check
+    with pytest.raises(AttributeError):
+        crypto._known_answers(lambda *a: object(), CryptoError)  # another API
+    monkeypatch.setenv("MITM_WG_AEAD", "cryptography")
+    assert crypto._load_fast_aead() is None
+    monkeypatch.delenv("MITM_WG_AEAD")
+    assert (crypto._load_fast_aead() is not None) == crypto.fast_aead_available()
 
 
 # --- HChaCha20 / XChaCha20-Poly1305 (draft-irtf-cfrg-xchacha-03) --------------------------------

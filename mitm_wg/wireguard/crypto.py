@@ -3,7 +3,9 @@
 - ``hash_``: BLAKE2s-256; ``mac``: keyed BLAKE2s with a 16-byte digest;
   ``hmac``: HMAC (RFC 2104) over BLAKE2s-256; ``kdf1``/``kdf2``/``kdf3``: the whitepaper's HKDF.
 - ``dh``/``dh_generate``/``dh_public``: X25519 with raw 32-byte keys.
-- ``Aead``: ChaCha20-Poly1305 with WireGuard's nonce (4 zero bytes || 64-bit LE counter).
+- ``Aead``: ChaCha20-Poly1305 with WireGuard's nonce (4 zero bytes || 64-bit LE counter);
+  transport messages go through aioquic's keyed-once AEAD where it is installed and passes a
+  known-answer check (:func:`fast_aead_available`), else through `cryptography`.
 - ``xaead_seal``/``xaead_open``: XChaCha20-Poly1305 (cookie replies), via ``hchacha20``.
 - ``tai64n``: the 12-byte timestamp carried in handshake initiations.
 
@@ -17,6 +19,7 @@ import math
 import os
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -156,22 +159,113 @@ dh_public = public_key_of
 # ChaCha20-Poly1305 with WireGuard's nonce
 
 
+# The faster backend for transport messages. `cryptography` before 45 (the newest that
+# mitmproxy 11 allows is 44) sets up a cipher context on every call: ~3 µs per message of
+# any size, more than the ChaCha20-Poly1305 work of a full one, and paid for every packet
+# each way. aioquic (a mitmproxy dependency) has OpenSSL's ChaCha20-Poly1305 keyed once in
+# its C extension for QUIC packet protection: nonce = IV XOR the 64-bit big-endian packet
+# number. With a zero IV and the counter's bytes reversed as the packet number, that is
+# WireGuard's nonce (4 zero bytes || 64-bit little-endian counter). Its API is internal
+# (``aioquic._crypto``), so it is used only after it gives, on this machine, exactly what
+# `cryptography` gives (:func:`_known_answers`); anything else, and every message it does not
+# take, goes through `cryptography`. ``MITM_WG_AEAD=cryptography`` switches it off.
+#
+# aioquic works in a buffer of 1500 bytes (its packet limit). It refuses a longer
+# ciphertext, but aioquic 1.2 does not refuse a plaintext of 1485-1500 bytes, whose tag then
+# runs past that buffer (and corrupts the object): never hand it more than this.
+FAST_AEAD_MAX_PLAINTEXT = 1500 - AEAD_TAG_LEN
+FAST_AEAD_MAX_CIPHERTEXT = 1500
+_FAST_AEAD_NAME = b"chacha20-poly1305"
+_ZERO_IV = bytes(12)
+_COUNTER_LE = struct.Struct("<Q")
+_PACKET_NUMBER_BE = struct.Struct(">Q")
+
+
+def _packet_number(counter: int) -> int:
+    """The QUIC packet number whose big-endian bytes are ``counter``'s little-endian ones."""
+    try:
+        return _PACKET_NUMBER_BE.unpack(_COUNTER_LE.pack(counter))[0]
+    except struct.error:
+        raise ValueError("AEAD counter out of range") from None
+
+
+def _load_fast_aead() -> tuple[Callable[..., Any], type[Exception]] | None:
+    if os.environ.get("MITM_WG_AEAD", "").strip().lower() == "cryptography":
+        return None
+    try:
+        from aioquic._crypto import AEAD, CryptoError  # (optional: mitmproxy brings it)
+    except Exception:  # not installed, or no such module in this version
+        return None
+    try:
+        _known_answers(AEAD, CryptoError)
+    except Exception:  # another API, or other answers: not used
+        return None
+    return AEAD, CryptoError
+
+
+def _known_answers(make: Callable[..., Any], error: type[Exception]) -> None:
+    """Raise unless ``make``'s AEAD seals and opens as `cryptography` does with WireGuard's
+    nonce: counters from 0 to 2^64 - 1, plaintexts from empty to the largest it may take, a
+    forged message refused (and the object sound after it)."""
+    key = bytes(range(32))
+    fast = make(_FAST_AEAD_NAME, key, _ZERO_IV)
+    ref = ChaCha20Poly1305(key)
+    plain = bytes(range(256)) * 6
+    for counter in (0, 1, 0x0102030405060708, 2**64 - 1):
+        for size in (0, 1, 15, 16, 64, 1420, FAST_AEAD_MAX_PLAINTEXT):
+            pt = plain[:size]
+            want = ref.encrypt(_NONCE.pack(counter), pt, None)
+            pn = _packet_number(counter)
+            if fast.encrypt(pt, b"", pn) != want or fast.decrypt(want, b"", pn) != pt:
+                raise ValueError("different answers")
+            forged = want[:-1] + bytes([want[-1] ^ 1])
+            try:
+                fast.decrypt(forged, b"", pn)
+            except error:
+                pass
+            else:
+                raise ValueError("a forged message was opened")
+
+
+_FAST_AEAD = _load_fast_aead()
+
+
+def fast_aead_available() -> bool:
+    """Whether transport messages use aioquic's AEAD here (see above)."""
+    return _FAST_AEAD is not None
+
+
 class Aead:
     """ChaCha20-Poly1305 (RFC 8439) keyed once; nonce = 4 zero bytes || 64-bit little-endian
-    counter (whitepaper §5.4: AEAD)."""
+    counter (whitepaper §5.4: AEAD). Messages without AAD of up to
+    :data:`FAST_AEAD_MAX_PLAINTEXT` bytes (every transport message at the usual MTUs) go
+    through aioquic's AEAD where :func:`fast_aead_available`; the same bytes either way."""
 
-    __slots__ = ("_cipher",)
+    __slots__ = ("_cipher", "_fast", "_fast_error")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, fast: bool = True) -> None:
         if len(key) != KEY_LEN:
             raise ValueError("AEAD key must be 32 bytes")
         self._cipher = ChaCha20Poly1305(key)
+        self._fast: Any = None
+        self._fast_error: type[Exception] = ValueError
+        if fast and _FAST_AEAD is not None:
+            make, self._fast_error = _FAST_AEAD
+            self._fast = make(_FAST_AEAD_NAME, bytes(key), _ZERO_IV)
 
     def __repr__(self) -> str:
         return "<Aead>"
 
     def seal(self, counter: int, plaintext: bytes, aad: bytes = b"") -> bytes:
         """Encrypt and authenticate; returns ciphertext || 16-byte tag."""
+        fast = self._fast
+        if (
+            fast is not None
+            and not aad
+            and type(plaintext) is bytes
+            and len(plaintext) <= FAST_AEAD_MAX_PLAINTEXT
+        ):
+            return fast.encrypt(plaintext, b"", _packet_number(counter))
         try:
             nonce = _NONCE.pack(counter)
         except struct.error:
@@ -182,6 +276,16 @@ class Aead:
 
     def open(self, counter: int, ciphertext: bytes | memoryview, aad: bytes = b"") -> bytes | None:
         """Decrypt ciphertext || tag; None if authentication fails."""
+        fast = self._fast
+        if fast is not None and not aad and len(ciphertext) <= FAST_AEAD_MAX_CIPHERTEXT:
+            pn = _packet_number(counter)
+            try:
+                # (it takes bytes only: a copy of a view is what cryptography spared)
+                return fast.decrypt(
+                    ciphertext if type(ciphertext) is bytes else bytes(ciphertext), b"", pn
+                )
+            except self._fast_error:
+                return None
         try:
             nonce = _NONCE.pack(counter)
         except struct.error:
