@@ -297,13 +297,14 @@ class Aead:
 
 
 def aead_seal(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
-    """One-shot ``Aead(key).seal(counter, plaintext, aad)``."""
-    return Aead(key).seal(counter, plaintext, aad)
+    """One-shot ``Aead(key).seal(counter, plaintext, aad)`` (the handshake's: always with AAD,
+    so never the fast backend, which is not set up)."""
+    return Aead(key, fast=False).seal(counter, plaintext, aad)
 
 
 def aead_open(key: bytes, counter: int, ciphertext: bytes | memoryview, aad: bytes) -> bytes | None:
-    """One-shot ``Aead(key).open(counter, ciphertext, aad)``."""
-    return Aead(key).open(counter, ciphertext, aad)
+    """One-shot ``Aead(key).open(counter, ciphertext, aad)`` (see :func:`aead_seal`)."""
+    return Aead(key, fast=False).open(counter, ciphertext, aad)
 
 
 # ---------------------------------------------------------------------------------------------
