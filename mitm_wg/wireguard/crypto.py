@@ -189,18 +189,23 @@ def _packet_number(counter: int) -> int:
         raise ValueError("AEAD counter out of range") from None
 
 
-def _load_fast_aead() -> tuple[Callable[..., Any], type[Exception]] | None:
+def _load_fast_aead() -> tuple[Callable[..., Any] | None, type[Exception]]:
+    """aioquic's AEAD class and its error, or (None, an error never raised)."""
     if os.environ.get("MITM_WG_AEAD", "").strip().lower() == "cryptography":
-        return None
+        return None, _NeverRaised
     try:
         from aioquic._crypto import AEAD, CryptoError  # (optional: mitmproxy brings it)
     except Exception:  # not installed, or no such module in this version
-        return None
+        return None, _NeverRaised
     try:
         _known_answers(AEAD, CryptoError)
     except Exception:  # another API, or other answers: not used
-        return None
+        return None, _NeverRaised
     return AEAD, CryptoError
+
+
+class _NeverRaised(Exception):
+    pass
 
 
 def _known_answers(make: Callable[..., Any], error: type[Exception]) -> None:
@@ -227,7 +232,7 @@ def _known_answers(make: Callable[..., Any], error: type[Exception]) -> None:
                 raise ValueError("a forged message was opened")
 
 
-_FAST_AEAD = _load_fast_aead()
+_FAST_AEAD, _FAST_AEAD_ERROR = _load_fast_aead()
 
 
 def fast_aead_available() -> bool:
@@ -241,17 +246,15 @@ class Aead:
     :data:`FAST_AEAD_MAX_PLAINTEXT` bytes (every transport message at the usual MTUs) go
     through aioquic's AEAD where :func:`fast_aead_available`; the same bytes either way."""
 
-    __slots__ = ("_cipher", "_fast", "_fast_error")
+    __slots__ = ("_cipher", "_fast")
 
     def __init__(self, key: bytes, fast: bool = True) -> None:
         if len(key) != KEY_LEN:
             raise ValueError("AEAD key must be 32 bytes")
         self._cipher = ChaCha20Poly1305(key)
         self._fast: Any = None
-        self._fast_error: type[Exception] = ValueError
         if fast and _FAST_AEAD is not None:
-            make, self._fast_error = _FAST_AEAD
-            self._fast = make(_FAST_AEAD_NAME, bytes(key), _ZERO_IV)
+            self._fast = _FAST_AEAD(_FAST_AEAD_NAME, bytes(key), _ZERO_IV)
 
     def __repr__(self) -> str:
         return "<Aead>"
@@ -284,7 +287,7 @@ class Aead:
                 return fast.decrypt(
                     ciphertext if type(ciphertext) is bytes else bytes(ciphertext), b"", pn
                 )
-            except self._fast_error:
+            except _FAST_AEAD_ERROR:
                 return None
         try:
             nonce = _NONCE.pack(counter)
