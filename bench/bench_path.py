@@ -301,6 +301,26 @@ def steal_since(before: tuple[int, int] | None) -> float | None:
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
+def _counters(peer: ExitPeer, relay: RelayProcess | None) -> tuple:
+    """What a transfer's report compares before and after it (:func:`_transfer`)."""
+    return _udp_drops(peer), _exit_tcp(peer), cpu_ticks(), _cpu(relay), time.perf_counter()
+
+
+def _transfer(
+    peer: ExitPeer,
+    relay: RelayProcess | None,
+    before: tuple,
+    mbps: float,
+    cpu_per_mib: float | None = None,
+) -> Transfer:
+    """The :class:`Transfer` of a run that started at ``before`` (:func:`_counters`)."""
+    drops0, tcp0, steal0, cpu0, t0 = before
+    share = _share(relay, cpu0, t0)
+    steal = steal_since(steal0)
+    drops = _drops_since(peer, drops0)
+    return Transfer(mbps, share, drops, cpu_per_mib, _exit_tcp_since(peer, tcp0), steal)
+
+
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
     """One curl transfer in ``ns``; returns MB/s from curl's own total time."""
     timeout = 60 + size / 250_000  # generous: a stalled run fails instead of hanging
@@ -446,10 +466,7 @@ def run_ours(
                 warm = await tunnel.open_tcp_stream(server.host, server.port)
                 await warm.aclose()
             for size, upload in jobs:
-                drops0 = _udp_drops(peer)
-                tcp0 = _exit_tcp(peer)
-                steal0 = cpu_ticks()
-                cpu0, t0 = _cpu(relay), time.perf_counter()
+                before = _counters(peer, relay)
                 own0 = time.process_time()
                 try:
                     with trio.fail_after(60 + size / 250_000):
@@ -458,10 +475,7 @@ def run_ours(
                     _failed("mitm-wg", upload, e)
                     mbps = math.nan
                 own = (time.process_time() - own0) / (size / MiB)
-                share = _share(relay, cpu0, t0)
-                drops = _drops_since(peer, drops0)
-                steal = steal_since(steal0)
-                out.append(Transfer(mbps, share, drops, own, _exit_tcp_since(peer, tcp0), steal))
+                out.append(_transfer(peer, relay, before, mbps, own))
                 server.cleanup_uploads()
         return out
 
@@ -484,19 +498,13 @@ def run_kernel(
     peer.client_ns.exec(warm, timeout=40)
     for size, upload in jobs:
         body = _body_file(peer, server, size) if upload else None
-        drops0 = _udp_drops(peer)
-        tcp0 = _exit_tcp(peer)
-        steal0 = cpu_ticks()
-        cpu0, t0 = _cpu(relay), time.perf_counter()
+        before = _counters(peer, relay)
         try:
             mbps = _curl(peer.client_ns, server, size, upload, body)
         except (subprocess.SubprocessError, RuntimeError, ValueError) as e:
             _failed("Linux TCP", upload, e)
             mbps = math.nan
-        share = _share(relay, cpu0, t0)
-        steal = steal_since(steal0)
-        drops = _drops_since(peer, drops0)
-        out.append(Transfer(mbps, share, drops, exit_tcp=_exit_tcp_since(peer, tcp0), steal=steal))
+        out.append(_transfer(peer, relay, before, mbps))
         server.cleanup_uploads()
     return out
 
