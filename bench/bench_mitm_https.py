@@ -24,7 +24,8 @@ not the cap. Each proxy gets one small warm-up download first (handshake, first 
 Also per download: the CPU time and context switches of that mitmdump process (all threads,
 and the main thread's share; for A this leaves out the wireguard-go client and the kernel's
 TCP work, for D the worker's CPU is printed beside it), and the machine's steal time during
-it (``bench_path.steal_since``: a round with much of it is not comparable with one without).
+it (``bench_path.steal_since``: a round with much of it is not comparable with one without)
+and its idle time (``bench_path.idle_since``: near 0, both cores were busy).
 
 Run:  .venv/bin/python bench/bench_mitm_https.py [--mb 100] [--rounds 5] [--h2] [--smoke]
       (``--smoke``: a 1 MiB file, one round, nothing asserted about speed)
@@ -340,7 +341,7 @@ def main() -> None:
     size = (1 if args.smoke else args.mb) << 20
     rounds = 1 if args.smoke else args.rounds
 
-    from bench_path import cpu_ticks, steal_since
+    from bench_path import cpu_ticks, idle_since, steal_since
 
     from harness import exit_peer, generate_keypair, wireguard_go_interface
     from harness.exitpeer import b64
@@ -422,14 +423,14 @@ def main() -> None:
             for key, proxy in proxies:
                 cpu0, sw0, th0 = process_counters(proxy.proc.pid)
                 worker0 = process_counters(workers[key])[0] if key in workers else 0.0
-                steal0 = cpu_ticks()
+                ticks0 = cpu_ticks()
                 with profiled(args.py_spy, proxy, i, args.py_spy_gil):
                     mbs = curl_download(
                         peer, url, size, *http, "--cacert", str(proxy.ca_pem),
                         "-x", f"http://127.0.0.1:{proxy.port}",
                     )  # fmt: skip
                 cpu1, sw1, th1 = process_counters(proxy.proc.pid)
-                steal = steal_since(steal0)
+                steal, idle = steal_since(ticks0), idle_since(ticks0)
                 results[key].append(mbs)
                 cpu[key].append(cpu1 - cpu0)
                 switches[key].append(sw1 - sw0)
@@ -442,7 +443,8 @@ def main() -> None:
                     f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s "
                     f"(main thread {main_cpu:.2f}, others {other:.2f}){worker}, "
                     f"{sw1 - sw0} context switches"
-                    + ("" if steal is None else f", steal {steal * 100:.0f} %"),
+                    + ("" if steal is None else f", steal {steal * 100:.0f} %")
+                    + ("" if idle is None else f", idle {idle * 100:.0f} %"),
                     flush=True,
                 )
             if not args.no_direct:

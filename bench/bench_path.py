@@ -26,6 +26,8 @@ relay's impairment, which a reader starved of CPU adds (the exit's wireguard-go 
 kernel path's uploads, typically). It also reports the machine's steal time per transfer (the
 share of CPU time the hypervisor gave to other guests, from ``/proc/stat``): on a shared VM
 it swings between rounds, and a round with much of it is not comparable with one without.
+And the machine's idle time per transfer: near 0, every core was busy, and each path's speed
+follows the CPU it costs the whole machine per byte, not only the client's.
 
     .venv/bin/python bench/bench_path.py                 # everything, 3 rounds (~15 min)
     .venv/bin/python bench/bench_path.py --smoke         # tiny sizes, one round, no timing
@@ -277,12 +279,14 @@ class Transfer:
     #: transfer (:func:`steal_since`): a run with much of it is not comparable with one
     #: without, whichever path it measured
     steal: float | None = None
+    #: share of the machine's CPU time left idle during the transfer (:func:`idle_since`)
+    idle: float | None = None
 
 
-def cpu_ticks() -> tuple[int, int] | None:
-    """(steal, all) CPU time of the machine so far, in clock ticks (``/proc/stat``, the
-    aggregate ``cpu`` line: user, nice, system, idle, iowait, irq, softirq, steal; guest
-    time is inside user); None where there is no such file."""
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """(steal, idle, all) CPU time of the machine so far, in clock ticks (``/proc/stat``,
+    the aggregate ``cpu`` line: user, nice, system, idle, iowait, irq, softirq, steal; guest
+    time is inside user; idle counts iowait too); None where there is no such file."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -291,14 +295,27 @@ def cpu_ticks() -> tuple[int, int] | None:
     if len(fields) < 9 or fields[0] != "cpu":
         return None
     ticks = [int(v) for v in fields[1:9]]
-    return ticks[7], sum(ticks)
+    return ticks[7], ticks[3] + ticks[4], sum(ticks)
 
 
-def steal_since(before: tuple[int, int] | None) -> float | None:
+def _ticks_share(before: tuple[int, int, int] | None, which: int) -> float | None:
     after = cpu_ticks()
-    if before is None or after is None or after[1] <= before[1]:
+    if before is None or after is None or after[2] <= before[2]:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return (after[which] - before[which]) / (after[2] - before[2])
+
+
+def steal_since(before: tuple[int, int, int] | None) -> float | None:
+    """Share of the machine's CPU time since ``before`` (:func:`cpu_ticks`) that the
+    hypervisor gave to other guests."""
+    return _ticks_share(before, 0)
+
+
+def idle_since(before: tuple[int, int, int] | None) -> float | None:
+    """Share of the machine's CPU time since ``before`` (:func:`cpu_ticks`) that no process
+    wanted: near 0, every core was busy and a path's speed follows the CPU it costs the
+    whole machine per byte (the relay, both WireGuard ends, TCP, the server, the client)."""
+    return _ticks_share(before, 1)
 
 
 def _counters(peer: ExitPeer, relay: RelayProcess | None) -> tuple:
@@ -314,11 +331,12 @@ def _transfer(
     cpu_per_mib: float | None = None,
 ) -> Transfer:
     """The :class:`Transfer` of a run that started at ``before`` (:func:`_counters`)."""
-    drops0, tcp0, steal0, cpu0, t0 = before
+    drops0, tcp0, ticks0, cpu0, t0 = before
     share = _share(relay, cpu0, t0)
-    steal = steal_since(steal0)
+    steal, idle = steal_since(ticks0), idle_since(ticks0)
     drops = _drops_since(peer, drops0)
-    return Transfer(mbps, share, drops, cpu_per_mib, _exit_tcp_since(peer, tcp0), steal)
+    tcp = _exit_tcp_since(peer, tcp0)
+    return Transfer(mbps, share, drops, cpu_per_mib, tcp, steal, idle)
 
 
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
@@ -711,8 +729,9 @@ def _fmt_runs(ts: list[Transfer]) -> str:
     return ", ".join(f"{t.mbps:.1f}" for t in ts)
 
 
-def _fmt_steal(ts: list[Transfer]) -> str:
-    return ", ".join("-" if t.steal is None else f"{t.steal * 100:.0f}" for t in ts)
+def _fmt_share(ts: list[Transfer], which: str) -> str:
+    shares = (getattr(t, which) for t in ts)
+    return ", ".join("-" if v is None else f"{v * 100:.0f}" for v in shares)
 
 
 def _fmt_drops(ts: list[Transfer]) -> str:
@@ -730,10 +749,18 @@ def print_table(rows: list[Row], title: str) -> None:
     tail = " / fixed |" if fixed else " |"
     drops = " UDP buffer drops exit+client, Linux / ours"
     steal = " steal % Linux / ours" + tail
+    idle = " idle % Linux / ours" + tail
     print(
-        head + " relay CPU | our CPU ms/MiB |" + drops + tail + " runs Linux / ours" + tail + steal
+        head
+        + " relay CPU | our CPU ms/MiB |"
+        + drops
+        + tail
+        + " runs Linux / ours"
+        + tail
+        + steal
+        + idle
     )
-    print(line + "---:|---:|---|---|---|")
+    print(line + "---:|---:|---|---|---|---|")
     for r in rows:
         k, o = r.med("kernel"), r.med("ours")
         cpu = r.relay_cpu()
@@ -742,16 +769,18 @@ def print_table(rows: list[Row], title: str) -> None:
         cells = f"| {r.label} | {r.direction} | {size} | {k:.1f} | {o:.1f} | {o / k:.2f} |"
         runs = f"{_fmt_runs(r.kernel)} / {_fmt_runs(r.ours)}"
         drops = f"{_fmt_drops(r.kernel)} / {_fmt_drops(r.ours)}"
-        steal = f"{_fmt_steal(r.kernel)} / {_fmt_steal(r.ours)}"
+        steal = f"{_fmt_share(r.kernel, 'steal')} / {_fmt_share(r.ours, 'steal')}"
+        idle = f"{_fmt_share(r.kernel, 'idle')} / {_fmt_share(r.ours, 'idle')}"
         if fixed:
             f = r.med("fixed")
             cells += f" {f:.1f} | {f / k:.2f} |"
             runs += f" / {_fmt_runs(r.fixed)}"
             drops += f" / {_fmt_drops(r.fixed)}"
-            steal += f" / {_fmt_steal(r.fixed)}"
+            steal += f" / {_fmt_share(r.fixed, 'steal')}"
+            idle += f" / {_fmt_share(r.fixed, 'idle')}"
         own = r.own_cpu() * 1000
         own_s = "-" if math.isnan(own) else f"{own:.1f}"
-        print(f"{cells} {cpu_s} | {own_s} | {drops} | {runs} | {steal} |")
+        print(f"{cells} {cpu_s} | {own_s} | {drops} | {runs} | {steal} | {idle} |")
     print("\nThe exit's TCP per transfer (medians), Linux client / ours:", end="")
     for r in rows:
         cells = []
@@ -968,6 +997,11 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                     "kernel": [t.steal for t in r.kernel],
                     "ours": [t.steal for t in r.ours],
                     "fixed": [t.steal for t in r.fixed],
+                },
+                "idle": {
+                    "kernel": [t.idle for t in r.kernel],
+                    "ours": [t.idle for t in r.ours],
+                    "fixed": [t.idle for t in r.fixed],
                 },
                 "exit_tcp": {
                     "kernel": [t.exit_tcp for t in r.kernel],

@@ -83,9 +83,10 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
     assert result.stdout.strip(), f"{script.name} --smoke printed nothing"
 
 
-def test_bench_path_reports_the_machines_steal_time() -> None:
-    """Each transfer's steal share (bench_path ``steal``, also on bench_mitm_https's round
-    lines) comes from /proc/stat's aggregate line: a share of all CPU time, in [0, 1]."""
+def test_bench_path_reports_the_machines_steal_and_idle_time() -> None:
+    """Each transfer's steal and idle shares (bench_path ``steal``/``idle``, also on
+    bench_mitm_https's round lines) come from /proc/stat's aggregate line: shares of all CPU
+    time, in [0, 1]."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import bench_path
@@ -93,12 +94,17 @@ def test_bench_path_reports_the_machines_steal_time() -> None:
         sys.path.remove(str(REPO / "bench"))
     before = bench_path.cpu_ticks()
     assert before is not None, "no aggregate cpu line in /proc/stat"
-    steal, total = before
-    assert 0 <= steal <= total
+    steal, idle, total = before
+    assert 0 <= steal <= total and 0 < idle <= total and steal + idle <= total
     deadline = time.monotonic() + 0.2
     while time.monotonic() < deadline:
-        pass  # let the clock ticks move
+        pass  # let the clock ticks move: this core was busy, so idle is below the whole
     share = bench_path.steal_since(before)
     assert share is not None and 0.0 <= share <= 1.0, share
+    idle_share = bench_path.idle_since(before)
+    assert idle_share is not None and 0.0 <= idle_share < 1.0, idle_share
     assert bench_path.steal_since(None) is None
-    assert bench_path.steal_since((steal, total + 10**12)) is None  # the counters never go back
+    assert bench_path.idle_since(None) is None
+    assert (
+        bench_path.steal_since((steal, idle, total + 10**12)) is None
+    )  # the counters never go back
