@@ -6,7 +6,9 @@ not sets, everywhere iteration order matters — so a seed replays exactly.
 Per direction (:class:`LinkParams`): delay, jitter, loss, reordering, duplication,
 corruption (one flipped bit: the Internet checksum always detects a single-bit error),
 an MTU (oversized packets dropped, or answered with ICMP "fragmentation needed"/"packet
-too big" from a simulated router) and a bandwidth limit with a bounded FIFO queue.
+too big" from a simulated router), a bandwidth limit with a bounded FIFO queue, and
+aggregation (arrivals held and released together at the next multiple of an interval, as a
+Wi-Fi link's aggregated frames or a reader that wakes up once per time slice).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import heapq
 import ipaddress
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +55,9 @@ class LinkParams:
     burst_loss: float = 0.0
     burst_len: float = 4.0
     burst_time: float = 0.005
+    # arrivals held until the next multiple of this many seconds and released together
+    # (ACK aggregation: Wi-Fi frame aggregation, a CPU-starved reader); 0 = none
+    aggregate: float = 0.0
 
     def describe(self) -> str:
         defaults = LinkParams()
@@ -123,6 +129,8 @@ class Link:
         if p.jitter:
             t += rng.random() * p.jitter
         t = max(t, self._last_arrival)
+        if p.aggregate:
+            t = math.ceil(t / p.aggregate) * p.aggregate
         self._last_arrival = t
         copies = 2 if p.duplicate and rng.random() < p.duplicate else 1
         if copies == 2:

@@ -8,9 +8,12 @@ from __future__ import annotations
 import pytest
 from test_sim import run_transfer
 
+from mitm_wg.net import bbr as bbr_module
 from mitm_wg.net.bbr import (
     DRAIN,
     DRAIN_GAIN,
+    EXTRA_ACKED_MAX_TIME,
+    EXTRA_ACKED_WIN_ROUNDS,
     GAIN_CYCLE,
     HIGH_GAIN,
     MIN_CWND_SEGS,
@@ -346,7 +349,10 @@ def test_cwnd_is_twice_the_bdp_plus_quanta_in_probe_bw() -> None:
         p.round(bw, inflight=0)
     bdp = 1e7 * 0.05
     quanta = 2 * burst_bytes(bbr.pacing_rate(None))
-    assert bbr.cwnd == pytest.approx(2 * bdp + quanta, rel=0.01)
+    # (this model ACKs each round's data at once: the aggregation allowance is one round's
+    # worth on top, see the ACK aggregation tests below)
+    assert bbr.aggregation_allowance() == pytest.approx(bdp, rel=0.01)
+    assert bbr.cwnd == pytest.approx(2 * bdp + quanta + bdp, rel=0.01)
 
 
 def test_max_bw_filter_forgets_after_ten_rounds() -> None:
@@ -412,6 +418,96 @@ def test_probe_rtt_after_ten_seconds_without_a_new_minimum() -> None:
     assert bbr.mode == PROBE_BW
     assert bbr.cwnd >= cwnd
     assert bbr.min_rtt == pytest.approx(0.06)
+
+
+# -- ACK aggregation (Linux's extra_acked) --------------------------------------------------
+def ack(p: Path, nbytes: int, dt: float, bw: float = 1e6) -> None:
+    """One ACK ``dt`` after the last that delivers ``nbytes``, for data sent one RTT ago
+    on a path of ``bw`` bytes/s (so a round lasts one RTT of ACKs, not one ACK)."""
+    p.now += dt
+    rs = RateSample()
+    rs.prior_delivered = max(0, p.total - int(bw * p.rtt))
+    rs.delivered = int(bw * p.rtt)
+    rs.interval = p.rtt
+    rs.rtt = p.rtt
+    p.total += nbytes
+    p.bbr.on_rate_sample(rs, nbytes, p.total, p.bbr.cwnd, False, p.now)
+
+
+def smooth(p: Path, seconds: float, bw: float = 0.99e6, every: float = 0.001) -> None:
+    """ACKs every ``every`` s, each for what ``bw`` delivers in that time (a little below
+    the path's 1 MB/s, as a real ACK stream is below the max filter's estimate)."""
+    for _ in range(round(seconds / every)):
+        ack(p, int(bw * every), every, 1e6)
+
+
+def settled() -> Path:
+    """:func:`steady_probe_bw` (whose model ACKs a round at once), then a pause and 12
+    rounds of smooth ACKs: no aggregation left in the estimate."""
+    p = steady_probe_bw()
+    ack(p, 1000, 0.1)
+    smooth(p, 0.6)
+    return p
+
+
+def test_smooth_acks_leave_only_one_acks_worth_of_allowance() -> None:
+    p = settled()
+    # every ACK falls a little behind btl_bw, so each starts a new ACK epoch: the excess
+    # is the one ACK that starts it
+    assert p.bbr.aggregation_allowance() == 990
+    bdp = 1e6 * 0.05
+    quanta = 2 * burst_bytes(p.bbr.pacing_rate(None))
+    assert p.bbr.cwnd <= 2 * bdp + quanta + 990
+
+
+def test_a_clump_of_acks_raises_the_cwnd_target_by_its_excess() -> None:
+    p = settled()
+    cwnd = p.bbr.cwnd
+    # 20 ms without an ACK, then what those 20 ms delivered in four ACKs within 0.75 ms:
+    # the first starts an epoch (the ACKs had fallen behind the rate), the others run
+    # ahead of it by what btl_bw would not have delivered in their time
+    ack(p, 5000, 0.020)
+    for _ in range(3):
+        ack(p, 5000, 0.000_25)
+    expected = 1e6 * 0.000_75  # btl_bw (1 MB/s) x the epoch's length
+    assert p.bbr.aggregation_allowance() == pytest.approx(20_000 - expected, abs=2)
+    smooth(p, 0.005)  # the next ACKs grow cwnd towards the new target
+    assert p.bbr.cwnd >= cwnd + 15_000
+    # ACKs that keep up with the rate continue the epoch: its excess stays the estimate
+    # (Linux's rule: only ACKs falling behind btl_bw end an epoch)
+    assert p.bbr.aggregation_allowance() == pytest.approx(20_000 - expected, abs=2)
+
+
+def test_allowance_is_capped_by_cwnd_and_100_ms_of_the_bandwidth() -> None:
+    p = settled()
+    cwnd = p.bbr.cwnd
+    ack(p, 10 * cwnd, 0.5)  # a clump far larger than the window: at most cwnd counts
+    assert p.bbr._extra_acked[p.bbr._extra_acked_idx] == cwnd
+    # and the target never holds more than 100 ms of btl_bw for it
+    assert p.bbr.aggregation_allowance() == int(EXTRA_ACKED_MAX_TIME * p.bbr.btl_bw)
+
+
+def test_the_estimate_is_forgotten_after_two_windows_of_rounds() -> None:
+    p = settled()
+    ack(p, 20_000, 0.040)
+    assert p.bbr.aggregation_allowance() == 20_000
+    ack(p, 990, 0.050)  # the ACKs fall behind the rate: that epoch ends
+    rounds = p.bbr.round_count
+    while p.bbr.round_count < rounds + EXTRA_ACKED_WIN_ROUNDS:
+        smooth(p, 0.001)
+    assert p.bbr.aggregation_allowance() == 20_000  # the other slot: still remembered
+    while p.bbr.round_count < rounds + 2 * EXTRA_ACKED_WIN_ROUNDS:
+        smooth(p, 0.001)
+    assert p.bbr.aggregation_allowance() == 990  # both slots restarted since the clump
+
+
+def test_no_aggregation_allowance_before_the_pipe_is_full() -> None:
+    bbr = Bbr(MSS)
+    p = Path(bbr)
+    p.round(1e6)
+    ack(p, 50_000, 0.2)
+    assert bbr.mode == STARTUP and bbr._extra_acked[bbr._extra_acked_idx] > 0
+    assert bbr.aggregation_allowance() == 0
 
 
 def test_make_controller_knows_bbr() -> None:
@@ -481,6 +577,25 @@ def test_sim_bbr_with_pacing_beats_unpaced_newreno(scenario: str) -> None:
     # simulated seconds, not wall-clock time: every run replays exactly
     assert sum(t for t, _ in new) < sum(t for t, _ in old), (old, new)
     assert sum(r for _, r in new) <= sum(r for _, r in old), (old, new)
+
+
+def test_sim_ack_aggregation_allowance_keeps_the_sender_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 50 MB/s path of 1 ms RTT whose ACKs arrive in clumps every 10 ms (Wi-Fi frame
+    aggregation; here, also a batch of ACKs read in one wake-up): without the allowance a
+    window of 2 BDPs + quanta runs dry between two clumps."""
+    ab = LinkParams(delay=0.0005, bandwidth=50e6, queue_bytes=1 << 20)
+    ba = LinkParams(delay=0.0005, aggregate=0.010)
+
+    def upload(seed: int) -> float:
+        tr = run_transfer(seed, 8 << 20, 0, timeout=60.0, ab=ab, ba=ba, tcp_config=TcpConfig())
+        return tr.sim.now  # virtual seconds: the run replays exactly
+
+    with_allowance = [upload(s) for s in (1, 2)]
+    monkeypatch.setattr(bbr_module, "EXTRA_ACKED_GAIN", 0.0)
+    without = [upload(s) for s in (1, 2)]
+    assert sum(with_allowance) < 0.7 * sum(without), (with_allowance, without)
 
 
 def test_no_rate_from_data_sent_before_an_rto() -> None:

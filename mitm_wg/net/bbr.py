@@ -21,13 +21,22 @@ drops below what is in flight plus what the ACK delivered while recovery lasts. 
 the window is one segment until the lost data is repaired, then the prior window comes
 back.
 
+ACK aggregation (Linux's bbr_update_ack_aggregation, since 5.1): when ACKs come in clumps —
+a Wi-Fi link's aggregated frames, a receiver's stretch ACKs, or, here, a batch of ACKs the
+runtime reads in one wake-up while the exit's and this process's threads take turns on a
+busy CPU — a window of 2 BDPs empties between two clumps and the sender waits for the next
+with the pacer's budget unused. So the cwnd target also holds ``extra_acked``: the largest
+amount ACKed beyond what ``btl_bw`` would have delivered since the start of the current ACK
+epoch (one that resets whenever the ACKs fall behind the rate), the max over the last 5 to 10
+rounds, never more than cwnd nor 100 ms of ``btl_bw`` (and none before the pipe is full).
+
 Additions to BBRv1: STARTUP also ends on heavy loss in a round (``STARTUP_LOSS_RATE``,
 as BBRv2 does with a lower threshold), since v1's overshoot into a shallow queue costs a
 loss episode of a whole BDP; bandwidth samples far above what the pacing rate can have
 delivered are dropped (see :meth:`Bbr.on_rate_sample`).
 
-Not implemented (Linux has them): the long-term bandwidth sampling for token-bucket
-policers (lt_bw) and the ACK-aggregation cwnd allowance (extra_acked).
+Not implemented (Linux has it): the long-term bandwidth sampling for token-bucket policers
+(lt_bw).
 """
 
 from __future__ import annotations
@@ -64,6 +73,13 @@ _INF = float("inf")
 #: of a few percent never triggers this.
 STARTUP_LOSS_RATE = 0.15
 STARTUP_LOSS_MIN = 8
+#: ACK aggregation (see the module docstring; Linux's bbr_extra_acked_* parameters): the
+#: gain on the estimate, rounds per slot of the two-slot max filter, the cap in seconds of
+#: btl_bw, and the bytes after which an ACK epoch restarts anyway
+EXTRA_ACKED_GAIN = 1.0
+EXTRA_ACKED_WIN_ROUNDS = 5
+EXTRA_ACKED_MAX_TIME = 0.1
+ACK_EPOCH_RESET_BYTES = 1 << 30
 
 
 class Bbr:
@@ -74,9 +90,14 @@ class Bbr:
     during and after recovery (no PRR, no cwnd = ssthresh)."""
 
     __slots__ = (
+        "_ack_epoch_acked",
+        "_ack_epoch_stamp",
         "_bw_rounds",
         "_cycle_idx",
         "_cycle_stamp",
+        "_extra_acked",
+        "_extra_acked_idx",
+        "_extra_acked_rounds",
         "_full_bw",
         "_full_bw_cnt",
         "_full_bw_reached",
@@ -137,6 +158,12 @@ class Bbr:
         self._recovery_pending = False
         self._probe_rtt_done: float | None = None
         self._probe_rtt_round_done = False
+        # ACK aggregation: the current epoch (start, bytes ACKed since) and the max filter
+        self._ack_epoch_stamp = 0.0
+        self._ack_epoch_acked = 0
+        self._extra_acked = [0, 0]
+        self._extra_acked_idx = 0
+        self._extra_acked_rounds = 0
 
     # -- the controller interface -----------------------------------------------------------
     def set_mss(self, smss: int) -> None:
@@ -245,6 +272,8 @@ class Bbr:
                 cap = 2.5 * self.btl_bw if self._full_bw_reached else _INF
                 if (not rs.is_app_limited or bw >= self.btl_bw) and bw <= cap:
                     self._bw_update(bw)
+        if delivered > 0 and rs is not None:
+            self._update_ack_aggregation(delivered, now)
         # -- §4.3.4.3 gain cycling
         if self.mode == PROBE_BW:
             self._advance_cycle(inflight, now, rs)
@@ -284,6 +313,41 @@ class Bbr:
         self._set_cwnd(
             delivered, total_delivered, inflight, recovering, rs.losses if rs is not None else 0
         )
+
+    def _update_ack_aggregation(self, acked: int, now: float) -> None:
+        """Linux's bbr_update_ack_aggregation: how much more this ACK (or batch of them)
+        brings the ACK epoch than ``btl_bw`` would have delivered since it began; the max
+        over two slots of EXTRA_ACKED_WIN_ROUNDS rounds each."""
+        if self._round_start:
+            self._extra_acked_rounds += 1
+            if self._extra_acked_rounds >= EXTRA_ACKED_WIN_ROUNDS:
+                self._extra_acked_rounds = 0
+                self._extra_acked_idx ^= 1
+                self._extra_acked[self._extra_acked_idx] = 0
+        expected = self.btl_bw * (now - self._ack_epoch_stamp)
+        epoch_acked = self._ack_epoch_acked
+        if epoch_acked <= expected or epoch_acked + acked >= ACK_EPOCH_RESET_BYTES:
+            # the ACKs fell behind the rate (or the epoch is very old): a new epoch
+            epoch_acked = 0
+            self._ack_epoch_stamp = now
+            expected = 0.0
+        epoch_acked += acked
+        self._ack_epoch_acked = epoch_acked
+        extra = epoch_acked - int(expected)
+        if extra > self.cwnd:
+            extra = self.cwnd
+        if extra > self._extra_acked[self._extra_acked_idx]:
+            self._extra_acked[self._extra_acked_idx] = extra
+
+    def aggregation_allowance(self) -> int:
+        """Bytes the cwnd target holds beyond the BDP for ACKs that come in clumps (none
+        before the pipe is full; at most EXTRA_ACKED_MAX_TIME of btl_bw)."""
+        if not self._full_bw_reached:
+            return 0
+        ea = self._extra_acked
+        extra = EXTRA_ACKED_GAIN * (ea[0] if ea[0] > ea[1] else ea[1])
+        cap = self.btl_bw * EXTRA_ACKED_MAX_TIME
+        return int(extra if extra < cap else cap)
 
     def _bw_update(self, bw: float) -> None:
         """Windowed max over the last BW_WINDOW_ROUNDS rounds: one entry per round."""
@@ -379,6 +443,7 @@ class Bbr:
                 # send quanta: what the pacer may release back to back, twice over (Linux
                 # adds 3 TSO frames); a little more in the probing phase
                 target = self.bdp(self.cwnd_gain) + 2 * int(burst_bytes(self._pacing_rate))
+                target += self.aggregation_allowance()
                 if self.mode == PROBE_BW and self._cycle_idx == 0:
                     target += 2 * smss
                 if self._full_bw_reached:
