@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -746,41 +746,32 @@ def print_table(rows: list[Row], title: str) -> None:
     if fixed:
         head += f" {_before[1]} MB/s | ratio |"
         line += "---:|---:|"
-    tail = " / fixed |" if fixed else " |"
-    drops = " UDP buffer drops exit+client, Linux / ours"
-    steal = " steal % Linux / ours" + tail
-    idle = " idle % Linux / ours" + tail
-    print(
-        head
-        + " relay CPU | our CPU ms/MiB |"
-        + drops
-        + tail
-        + " runs Linux / ours"
-        + tail
-        + steal
-        + idle
-    )
-    print(line + "---:|---:|---|---|---|---|")
+    # per-client columns: one cell each, "Linux / ours" (" / fixed" with --before-after)
+    per_client: list[tuple[str, Callable[[list[Transfer]], str]]] = [
+        ("UDP buffer drops exit+client,", _fmt_drops),
+        ("runs", _fmt_runs),
+        ("steal %", lambda ts: _fmt_share(ts, "steal")),
+        ("idle %", lambda ts: _fmt_share(ts, "idle")),
+    ]
+    tail = " / fixed" if fixed else ""
+    columns = "".join(f" {name} Linux / ours{tail} |" for name, _ in per_client)
+    print(head + " relay CPU | our CPU ms/MiB |" + columns)
+    print(line + "---:|---:|" + "---|" * len(per_client))
     for r in rows:
         k, o = r.med("kernel"), r.med("ours")
         cpu = r.relay_cpu()
         cpu_s = "-" if math.isnan(cpu) else f"{cpu * 100:.0f}%"
         size = _fmt_size(r.size)
         cells = f"| {r.label} | {r.direction} | {size} | {k:.1f} | {o:.1f} | {o / k:.2f} |"
-        runs = f"{_fmt_runs(r.kernel)} / {_fmt_runs(r.ours)}"
-        drops = f"{_fmt_drops(r.kernel)} / {_fmt_drops(r.ours)}"
-        steal = f"{_fmt_share(r.kernel, 'steal')} / {_fmt_share(r.ours, 'steal')}"
-        idle = f"{_fmt_share(r.kernel, 'idle')} / {_fmt_share(r.ours, 'idle')}"
+        clients = [r.kernel, r.ours]
         if fixed:
             f = r.med("fixed")
             cells += f" {f:.1f} | {f / k:.2f} |"
-            runs += f" / {_fmt_runs(r.fixed)}"
-            drops += f" / {_fmt_drops(r.fixed)}"
-            steal += f" / {_fmt_share(r.fixed, 'steal')}"
-            idle += f" / {_fmt_share(r.fixed, 'idle')}"
+            clients.append(r.fixed)
         own = r.own_cpu() * 1000
         own_s = "-" if math.isnan(own) else f"{own:.1f}"
-        print(f"{cells} {cpu_s} | {own_s} | {drops} | {runs} | {steal} | {idle} |")
+        rest = "".join(f" {' / '.join(fmt(ts) for ts in clients)} |" for _, fmt in per_client)
+        print(f"{cells} {cpu_s} | {own_s} |{rest}")
     print("\nThe exit's TCP per transfer (medians), Linux client / ours:", end="")
     for r in rows:
         cells = []
@@ -979,6 +970,11 @@ def capacity(
     return out
 
 
+def _by_client(r: Row, field_name: str) -> dict[str, list[Any]]:
+    """One :class:`Transfer` field of each client's runs, for the JSON report."""
+    return {c: [getattr(t, field_name) for t in getattr(r, c)] for c in ("kernel", "ours", "fixed")}
+
+
 def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, Any]:
     return {
         "scenario": name,
@@ -993,26 +989,10 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "fixed": [t.mbps for t in r.fixed],
                 "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
                 "ours_cpu_s_per_mib": [t.cpu_per_mib for t in r.ours],
-                "steal": {
-                    "kernel": [t.steal for t in r.kernel],
-                    "ours": [t.steal for t in r.ours],
-                    "fixed": [t.steal for t in r.fixed],
-                },
-                "idle": {
-                    "kernel": [t.idle for t in r.kernel],
-                    "ours": [t.idle for t in r.ours],
-                    "fixed": [t.idle for t in r.fixed],
-                },
-                "exit_tcp": {
-                    "kernel": [t.exit_tcp for t in r.kernel],
-                    "ours": [t.exit_tcp for t in r.ours],
-                    "fixed": [t.exit_tcp for t in r.fixed],
-                },
-                "udp_drops_exit_client": {
-                    "kernel": [t.udp_drops for t in r.kernel],
-                    "ours": [t.udp_drops for t in r.ours],
-                    "fixed": [t.udp_drops for t in r.fixed],
-                },
+                "steal": _by_client(r, "steal"),
+                "idle": _by_client(r, "idle"),
+                "exit_tcp": _by_client(r, "exit_tcp"),
+                "udp_drops_exit_client": _by_client(r, "udp_drops"),
                 "kernel_median": r.med("kernel"),
                 "ours_median": r.med("ours"),
                 "fixed_median": r.med("fixed"),
