@@ -281,6 +281,11 @@ class Transfer:
     steal: float | None = None
     #: share of the machine's CPU time left idle during the transfer (:func:`idle_since`)
     idle: float | None = None
+    #: our tunnel only: shares of the transfer's wall time its thread (the trio thread,
+    #: which runs the whole data path) spent on a CPU and runnable but waiting for one
+    #: (:func:`thread_shares`); together near 1, it was CPU-bound whatever the pacer or
+    #: the windows said
+    thread: tuple[float, float] | None = None
 
 
 def cpu_ticks() -> tuple[int, int, int] | None:
@@ -318,6 +323,28 @@ def idle_since(before: tuple[int, int, int] | None) -> float | None:
     return _ticks_share(before, 1)
 
 
+def thread_sched() -> tuple[int, int] | None:
+    """(on a CPU, runnable but waiting for a CPU) of the calling thread so far, in ns
+    (``/proc/thread-self/schedstat``); None where there is no such file."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) < 2:
+        return None
+    return int(fields[0]), int(fields[1])
+
+
+def thread_shares(before: tuple[int, int] | None, seconds: float) -> tuple[float, float] | None:
+    """Shares of ``seconds`` of wall time since ``before`` (:func:`thread_sched`) the
+    calling thread spent on a CPU and waiting in a run queue for one."""
+    after = thread_sched()
+    if before is None or after is None or seconds <= 0:
+        return None
+    return (after[0] - before[0]) / 1e9 / seconds, (after[1] - before[1]) / 1e9 / seconds
+
+
 def _counters(peer: ExitPeer, relay: RelayProcess | None) -> tuple:
     """What a transfer's report compares before and after it (:func:`_transfer`)."""
     return _udp_drops(peer), _exit_tcp(peer), cpu_ticks(), _cpu(relay), time.perf_counter()
@@ -329,6 +356,7 @@ def _transfer(
     before: tuple,
     mbps: float,
     cpu_per_mib: float | None = None,
+    thread: tuple[float, float] | None = None,
 ) -> Transfer:
     """The :class:`Transfer` of a run that started at ``before`` (:func:`_counters`)."""
     drops0, tcp0, ticks0, cpu0, t0 = before
@@ -336,7 +364,7 @@ def _transfer(
     steal, idle = steal_since(ticks0), idle_since(ticks0)
     drops = _drops_since(peer, drops0)
     tcp = _exit_tcp_since(peer, tcp0)
-    return Transfer(mbps, share, drops, cpu_per_mib, tcp, steal, idle)
+    return Transfer(mbps, share, drops, cpu_per_mib, tcp, steal, idle, thread)
 
 
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
@@ -486,6 +514,7 @@ def run_ours(
             for size, upload in jobs:
                 before = _counters(peer, relay)
                 own0 = time.process_time()
+                sched0, wall0 = thread_sched(), time.perf_counter()
                 try:
                     with trio.fail_after(60 + size / 250_000):
                         mbps = await _ours_one(tunnel, server, size, upload)
@@ -493,7 +522,8 @@ def run_ours(
                     _failed("mitm-wg", upload, e)
                     mbps = math.nan
                 own = (time.process_time() - own0) / (size / MiB)
-                out.append(_transfer(peer, relay, before, mbps, own))
+                thread = thread_shares(sched0, time.perf_counter() - wall0)
+                out.append(_transfer(peer, relay, before, mbps, own, thread))
                 server.cleanup_uploads()
         return out
 
@@ -734,6 +764,11 @@ def _fmt_share(ts: list[Transfer], which: str) -> str:
     return ", ".join("-" if v is None else f"{v * 100:.0f}" for v in shares)
 
 
+def _fmt_thread(ts: list[Transfer]) -> str:
+    cells = (t.thread for t in ts)
+    return ", ".join("-" if c is None else f"{c[0] * 100:.0f}+{c[1] * 100:.0f}" for c in cells)
+
+
 def _fmt_drops(ts: list[Transfer]) -> str:
     return ", ".join(f"{t.udp_drops[0]}+{t.udp_drops[1]}" for t in ts)
 
@@ -755,8 +790,10 @@ def print_table(rows: list[Row], title: str) -> None:
     ]
     tail = " / fixed" if fixed else ""
     columns = "".join(f" {name} Linux / ours{tail} |" for name, _ in per_client)
-    print(head + " relay CPU | our CPU ms/MiB |" + columns)
-    print(line + "---:|---:|" + "---|" * len(per_client))
+    print(
+        head + " relay CPU | our CPU ms/MiB | our thread on a CPU + waiting for one % |" + columns
+    )
+    print(line + "---:|---:|---|" + "---|" * len(per_client))
     for r in rows:
         k, o = r.med("kernel"), r.med("ours")
         cpu = r.relay_cpu()
@@ -771,7 +808,7 @@ def print_table(rows: list[Row], title: str) -> None:
         own = r.own_cpu() * 1000
         own_s = "-" if math.isnan(own) else f"{own:.1f}"
         rest = "".join(f" {' / '.join(fmt(ts) for ts in clients)} |" for _, fmt in per_client)
-        print(f"{cells} {cpu_s} | {own_s} |{rest}")
+        print(f"{cells} {cpu_s} | {own_s} | {_fmt_thread(r.ours)} |{rest}")
     print("\nThe exit's TCP per transfer (medians), Linux client / ours:", end="")
     for r in rows:
         cells = []
@@ -989,6 +1026,7 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "fixed": [t.mbps for t in r.fixed],
                 "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
                 "ours_cpu_s_per_mib": [t.cpu_per_mib for t in r.ours],
+                "ours_thread_on_cpu_waiting": [t.thread for t in r.ours],
                 "steal": _by_client(r, "steal"),
                 "idle": _by_client(r, "idle"),
                 "exit_tcp": _by_client(r, "exit_tcp"),

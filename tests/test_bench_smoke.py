@@ -108,3 +108,56 @@ def test_bench_path_reports_the_machines_steal_and_idle_time() -> None:
     assert (
         bench_path.steal_since((steal, idle, total + 10**12)) is None
     )  # the counters never go back
+
+
+def test_bench_path_reports_what_our_thread_did_with_the_transfers_time() -> None:
+    """bench_path's ``thread`` of our transfers: the trio thread's time on a CPU and in a
+    run queue waiting for one (/proc/thread-self/schedstat), as shares of the wall time.
+    A thread spinning for a while is on a CPU or waiting for one nearly all of it; one
+    sleeping is on neither."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_path
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    before = bench_path.thread_sched()
+    assert before is not None, "no /proc/thread-self/schedstat"
+    start, cpu0 = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - start < 0.2:
+        pass
+    wall = time.perf_counter() - start
+    ran = (time.thread_time() - cpu0) / wall  # the same clock as schedstat's first field
+    shares = bench_path.thread_shares(before, wall)
+    assert shares is not None
+    on_cpu, waiting = shares
+    assert 0.0 <= on_cpu <= 1.05 and 0.0 <= waiting <= 1.05, shares
+    assert abs(on_cpu - ran) < 0.05, (shares, ran)
+    assert on_cpu + waiting > 0.9, shares  # busy: running, or runnable on a full machine
+    before = bench_path.thread_sched()
+    start = time.perf_counter()
+    time.sleep(0.2)
+    on_cpu, waiting = bench_path.thread_shares(before, time.perf_counter() - start) or (1, 1)
+    assert on_cpu < 0.5 and waiting < 0.5, (on_cpu, waiting)
+    # sharing one CPU with a busy process: it waits for that CPU much of the time
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    spin = (
+        f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
+        "t = time.time()\nwhile time.time() - t < 1.5: pass"
+    )
+    other = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)  # (the other one is spinning on that CPU by now)
+        before = bench_path.thread_sched()
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.3:
+            pass
+        on_cpu, waiting = bench_path.thread_shares(before, time.perf_counter() - start) or (0, 0)
+    finally:
+        os.sched_setaffinity(0, saved)
+        other.kill()
+        other.wait()
+    assert waiting > 0.15 and on_cpu + waiting > 0.9, (on_cpu, waiting)
+    assert bench_path.thread_shares(None, 1.0) is None
+    assert bench_path.thread_shares(before, 0.0) is None
