@@ -400,8 +400,12 @@ class Stack:
         #: as (packet, wire seq, payload start, end)
         self._run: list = []
         #: receive_batch lets sockets defer part of the work of SACK ACKs to their next input
-        #: or dispatch (TcpSocket.sack_ack_input); False: every ACK exactly as one by one
+        #: or dispatch (TcpSocket.sack_ack_input) and hold a pure ACK for a newer one of the
+        #: batch (ACK coalescing, TcpSocket.fast_input); False: every ACK exactly as one
+        #: by one
         self.defer_acks = True
+        #: the sockets that may hold a pure ACK: receive_batch's end processes them
+        self._holding: dict[TcpSocket, None] = {}
         self._listeners: dict[int, TcpListener] = {}
         self._half_open: dict[TcpSocket, TcpListener] = {}
         self._dirty: dict[TcpSocket, None] = {}  # dicts, not sets: deterministic order
@@ -501,6 +505,8 @@ class Stack:
                 receive(packet, now, False, run)
             if run:
                 self._flush_run(run, now)
+            if self._holding:
+                self._release_held(now)
             return
         # (the first packet goes through _receive: it keeps self._now)
         # A segment whose header equals the run's first segment's in every byte but the
@@ -589,6 +595,16 @@ class Stack:
         self.stats.packets_in += quick
         if run:
             self._flush_run(run, now)
+        if self._holding:
+            self._release_held(now)
+
+    def _release_held(self, now: float) -> None:
+        """The end of a batch: each socket processes the pure ACK it may hold (ACK
+        coalescing), so that after :meth:`receive_batch` every socket is as after its
+        segments one by one, apart from the RTT and rate samples of ACKs stood in for."""
+        for sock in self._holding:
+            sock.finish_acks(now)
+        self._holding.clear()
 
     def _receive(
         self,
@@ -1266,6 +1282,18 @@ class Stack:
                             return
                     elif run:
                         self._flush_run(run, now)
+                    if end == total and self.defer_acks:
+                        # a pure ACK in a batch: the socket may hold it for a newer one
+                        # (ACK coalescing, TcpSocket.fast_input); the batch's end
+                        # processes what is held
+                        if sock.fast_input(
+                            wseq, wack, flags, window, tsval, tsecr, b"", now, hold=True
+                        ):
+                            self._holding[sock] = None
+                            self._processed(sock)
+                            return
+                        self._rx_tcp_slow(packet, ip, total, src, dst, now)
+                        return
                 if sock.fast_input(
                     wseq,
                     wack,

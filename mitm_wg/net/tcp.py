@@ -149,6 +149,7 @@ class TcpStats:
     """Counters (plain ints) a socket keeps about itself."""
 
     __slots__ = (
+        "acks_coalesced",  # pure ACKs a newer one of the same batch stood in for
         "challenge_acks",
         "dropped",
         "dsacks",  # received (RFC 2883 D-SACK blocks in the peer's ACKs)
@@ -303,6 +304,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._ack_now = False
         # ACKs sack_ack_input deferred (finish_acks): (SND.UNA, SACKed bytes, new ranges)
         self._ack_batch: tuple[int, int, list[tuple[int, int]]] | None = None
+        # the newest of a batch's pure ACKs fast_input holds (finish_acks): [SEG.SEQ,
+        # SEG.ACK, SEG.WND, TSval, TSecr] as on the wire, and the largest SEG.WND of those
+        # it stands in for
+        self._held_ack: list[int] | None = None
         self._acks_owed = 0  # extra immediate (duplicate) ACKs, one per out-of-order segment
         # (with SACK, only the first three per RCV.NXT go out: Sender.dispatch)
         self._unacked_bytes = 0

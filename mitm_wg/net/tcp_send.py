@@ -452,7 +452,7 @@ class Sender:
         in their fast-path encoding, :data:`~mitm_wg.net.tcp_wire.TcpTuple` (segments whose
         only option is the timestamp; see :meth:`_bulk_send`).
         """
-        if self._ack_batch is not None:
+        if self._ack_batch is not None or self._held_ack is not None:
             self.finish_acks(now)
         self._now = now
         if self._pending:

@@ -37,7 +37,7 @@ class Timers:
 
     def poll_at(self) -> float | None:
         """When ``dispatch`` must next be called; a value <= now means immediately."""
-        if self._pending or self._ack_batch is not None:
+        if self._pending or self._ack_batch is not None or self._held_ack is not None:
             return self._now
         st = self.state
         if st is TcpState.CLOSED:
