@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import require_netns
@@ -83,15 +84,21 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
     assert result.stdout.strip(), f"{script.name} --smoke printed nothing"
 
 
-def test_bench_path_reports_the_machines_steal_and_idle_time() -> None:
-    """Each transfer's steal and idle shares (bench_path ``steal``/``idle``, also on
-    bench_mitm_https's round lines) come from /proc/stat's aggregate line: shares of all CPU
-    time, in [0, 1]."""
+def _bench_path() -> Any:
+    """bench/bench_path.py as a module (bench/ is not a package)."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import bench_path
     finally:
         sys.path.remove(str(REPO / "bench"))
+    return bench_path
+
+
+def test_bench_path_reports_the_machines_steal_and_idle_time() -> None:
+    """Each transfer's steal and idle shares (bench_path ``steal``/``idle``, also on
+    bench_mitm_https's round lines) come from /proc/stat's aggregate line: shares of all CPU
+    time, in [0, 1]."""
+    bench_path = _bench_path()
     before = bench_path.cpu_ticks()
     assert before is not None, "no aggregate cpu line in /proc/stat"
     steal, idle, total = before
@@ -115,11 +122,7 @@ def test_bench_path_reports_what_our_thread_did_with_the_transfers_time() -> Non
     run queue waiting for one (/proc/thread-self/schedstat), as shares of the wall time.
     A thread spinning for a while is on a CPU or waiting for one nearly all of it; one
     sleeping is on neither."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import bench_path
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    bench_path = _bench_path()
     before = bench_path.thread_sched()
     assert before is not None, "no /proc/thread-self/schedstat"
     start, cpu0 = time.perf_counter(), time.thread_time()
