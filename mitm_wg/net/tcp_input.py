@@ -77,10 +77,11 @@ class Input:
         alone, a stretch ACK (what a receiver behind Linux's GRO, or with ACK compression,
         sends). Only the RTT and delivery-rate samples of the ACKs stood in for are
         missing; SND.UNA, the send window (and the largest one offered), TS.Recent and
-        every counter end as one by one. An uploading socket gets ~16 of them per batch from Debian 13's wireguard-go
-        (GRO on the exit: an ACK per 64 KB super-segment), each ~20 µs of work. Any other
-        input, ``dispatch`` and the end of the batch (the stack) process the held ACK first
-        (:meth:`finish_acks`).
+        every counter end as one by one. An uploading socket gets ~16 of them per batch
+        from Debian 13's wireguard-go (GRO on the exit: an ACK per 64 KB super-segment),
+        each ~20 µs of work. Any other input, ``dispatch`` and the end of the batch (the
+        stack) process the held ACK first (:meth:`finish_acks`); tests/test_fast_paths.py
+        checks both.
         """
         held = self._held_ack
         if held is not None:
