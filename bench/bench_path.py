@@ -286,6 +286,8 @@ class Transfer:
     #: (:func:`thread_shares`); together near 1, it was CPU-bound whatever the pacer or
     #: the windows said
     thread: tuple[float, float] | None = None
+    #: our tunnel only: our socket's :data:`OUR_TCP_COUNTERS` for the transfer
+    ours_tcp: dict[str, int] = field(default_factory=dict)
 
 
 def cpu_ticks() -> tuple[int, int, int] | None:
@@ -357,6 +359,7 @@ def _transfer(
     mbps: float,
     cpu_per_mib: float | None = None,
     thread: tuple[float, float] | None = None,
+    ours_tcp: dict[str, int] | None = None,
 ) -> Transfer:
     """The :class:`Transfer` of a run that started at ``before`` (:func:`_counters`)."""
     drops0, tcp0, ticks0, cpu0, t0 = before
@@ -364,7 +367,7 @@ def _transfer(
     steal, idle = steal_since(ticks0), idle_since(ticks0)
     drops = _drops_since(peer, drops0)
     tcp = _exit_tcp_since(peer, tcp0)
-    return Transfer(mbps, share, drops, cpu_per_mib, tcp, steal, idle, thread)
+    return Transfer(mbps, share, drops, cpu_per_mib, tcp, steal, idle, thread, ours_tcp or {})
 
 
 def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -> float:
@@ -389,7 +392,17 @@ def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -
     return size / float(total) / 1e6
 
 
-async def _ours_one(tunnel: Any, server: Server, size: int, upload: bool) -> float:
+#: our socket's counters (mitm_wg.net.tcp.TcpStats) reported per transfer: the segments it
+#: took in, the pure ACKs a newer one of the same batch stood in for (ACK coalescing), and
+#: the segments it retransmitted
+OUR_TCP_COUNTERS = ("segments_in", "acks_coalesced", "retransmits")
+
+
+async def _ours_one(
+    tunnel: Any, server: Server, size: int, upload: bool, counters: dict[str, int] | None = None
+) -> float:
+    """One transfer through our tunnel; returns MB/s. ``counters``: filled with the
+    socket's :data:`OUR_TCP_COUNTERS` at the end."""
     start = time.perf_counter()
     stream = await tunnel.open_tcp_stream(server.host, server.port)
     try:
@@ -420,6 +433,9 @@ async def _ours_one(tunnel: Any, server: Server, size: int, upload: bool) -> flo
                 body += len(data)
         elapsed = time.perf_counter() - start
     finally:
+        if counters is not None:
+            stats = stream.socket.stats
+            counters.update({name: getattr(stats, name) for name in OUR_TCP_COUNTERS})
         await stream.aclose()
     status = head_buf.split(b" ", 2)[1] if head_buf.count(b" ") >= 2 else b"?"
     if upload:
@@ -515,15 +531,16 @@ def run_ours(
                 before = _counters(peer, relay)
                 own0 = time.process_time()
                 sched0, wall0 = thread_sched(), time.perf_counter()
+                counters: dict[str, int] = {}
                 try:
                     with trio.fail_after(60 + size / 250_000):
-                        mbps = await _ours_one(tunnel, server, size, upload)
+                        mbps = await _ours_one(tunnel, server, size, upload, counters)
                 except Exception as e:  # one failed transfer must not end the whole run
                     _failed("mitm-wg", upload, e)
                     mbps = math.nan
                 own = (time.process_time() - own0) / (size / MiB)
                 thread = thread_shares(sched0, time.perf_counter() - wall0)
-                out.append(_transfer(peer, relay, before, mbps, own, thread))
+                out.append(_transfer(peer, relay, before, mbps, own, thread, counters))
                 server.cleanup_uploads()
         return out
 
@@ -817,12 +834,22 @@ def print_table(rows: list[Row], title: str) -> None:
             o = _median_counter(r.ours, short)
             cells.append(f"{short} {k} / {o}")
         print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
+    print("\nOur socket per transfer (medians):", end="")
+    for r in rows:
+        cells = []
+        for name in OUR_TCP_COUNTERS:
+            values = [t.ours_tcp[name] for t in r.ours if t.ours_tcp]
+            cells.append(f"{name} {_median_of(values)}")
+        print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
     print()
     sys.stdout.flush()
 
 
 def _median_counter(ts: list[Transfer], short: str) -> str:
-    values = [t.exit_tcp[short] for t in ts if t.exit_tcp]
+    return _median_of([t.exit_tcp[short] for t in ts if t.exit_tcp])
+
+
+def _median_of(values: list[int]) -> str:
     return f"{statistics.median(values):g}" if values else "-"
 
 
@@ -1027,6 +1054,7 @@ def _row_json(name: str, rows: list[Row], relay: dict[str, Any]) -> dict[str, An
                 "relay_cpu": [t.relay_cpu for t in r.kernel + r.ours + r.fixed],
                 "ours_cpu_s_per_mib": [t.cpu_per_mib for t in r.ours],
                 "ours_thread_on_cpu_waiting": [t.thread for t in r.ours],
+                "ours_tcp": [t.ours_tcp for t in r.ours],
                 "steal": _by_client(r, "steal"),
                 "idle": _by_client(r, "idle"),
                 "exit_tcp": _by_client(r, "exit_tcp"),

@@ -82,6 +82,10 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
         f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     )
     assert result.stdout.strip(), f"{script.name} --smoke printed nothing"
+    if script.stem == "bench_path":
+        # our socket's counters per row (OUR_TCP_COUNTERS): it took segments in every one
+        ours = re.findall(r"^- .*: segments_in (\d+), acks_coalesced (\d+)", result.stdout, re.M)
+        assert ours and all(int(n) > 0 for n, _ in ours), result.stdout[-3000:]
 
 
 def _bench_path() -> Any:
