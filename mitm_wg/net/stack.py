@@ -1242,7 +1242,11 @@ class Stack:
                         # the work to its next input or dispatch (TcpSocket.finish_acks;
                         # _processed marks it for the poll after the batch)
                         defer = run is not None and self.defer_acks
-                        if sock.sack_ack_input(wseq, wack, window, v[1], v[2], blocks, now, defer):
+                        if sock.sack_ack_input(
+                            wseq, wack, window, v[1], v[2], blocks, now, defer, defer
+                        ):
+                            if defer:  # (it may hold the ACK for a newer one)
+                                self._holding[sock] = None
                             self._processed(sock)
                             return
             hlen = 0  # other options: parse them fully

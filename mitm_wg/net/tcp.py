@@ -304,8 +304,9 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._ack_now = False
         # ACKs sack_ack_input deferred (finish_acks): (SND.UNA, SACKed bytes, new ranges)
         self._ack_batch: tuple[int, int, list[tuple[int, int]]] | None = None
-        # the newest of a batch's pure ACKs fast_input holds (finish_acks): [SEG.SEQ,
-        # SEG.ACK, SEG.WND, TSval, TSecr] as on the wire, and the largest SEG.WND of those
+        # the newest of a batch's ACKs fast_input or sack_ack_input holds (finish_acks):
+        # [SEG.SEQ, SEG.ACK, SEG.WND, TSval, TSecr] as on the wire, the largest SEG.WND of
+        # those it stands in for, its SACK blocks (None: a pure ACK), and how many SACK ACKs
         # it stands in for
         self._held_ack: list[int] | None = None
         self._acks_owed = 0  # extra immediate (duplicate) ACKs, one per out-of-order segment
