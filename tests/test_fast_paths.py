@@ -1320,6 +1320,59 @@ def test_an_ack_that_does_not_supersede_the_held_one_comes_after_it(second: str)
     assert state_of(held) == state_of(_one_by_one(sock, segs, 0.05))
 
 
+#: what ends as one by one when pure ACKs stand in for each other
+_PURE_SAME = (
+    "_snd_una",
+    "_snd_nxt",
+    "_snd_max",
+    "_snd_wnd",
+    "_max_snd_wnd",
+    "_snd_wl1",
+    "_snd_wl2",
+    "_ts_recent",
+    "_ts_recent_age",
+    "_sbuf",
+    "_sbuf_seq",
+    "_sbuf_head",
+    "_dupacks",
+    "_last_rx",
+    "_last_progress",
+    "_persist_at",
+    "state",
+)
+#: and when SACK ACKs do
+_SACK_SAME = (
+    "_sacked",
+    "_sacked_bytes",
+    "_snd_una",
+    "_snd_wnd",
+    "_max_snd_wnd",
+    "_snd_wl1",
+    "_snd_wl2",
+    "_ts_recent",
+    "_dupacks",
+    "_in_fr",
+    "_recover",
+    "_high_rxt",
+    "_rto_at",
+    "_rec_at",
+    "_pending",
+    "state",
+)
+
+
+def _assert_stood_in(held: TcpSocket, reference: TcpSocket, n: int, same: tuple[str, ...]) -> None:
+    """``held`` took ``n`` ACKs of which all but the newest were stood in for; ``same``
+    fields and every counter (but acks_coalesced) end as in ``reference``."""
+    assert held.stats.acks_coalesced == n - 1
+    assert held._held_ack is None
+    for name in same:
+        assert state_of(getattr(held, name)) == state_of(getattr(reference, name)), name
+    counters = state_of(held.stats)
+    counters["acks_coalesced"] = 0
+    assert counters == state_of(reference.stats)
+
+
 def test_a_batch_of_cumulative_acks_acts_as_its_newest_alone() -> None:
     """Pure ACKs that each advance SND.UNA, with TSvals that do not go back: only the
     newest is processed (a stretch ACK). SND.UNA, the send buffer, the window and the
@@ -1334,32 +1387,8 @@ def test_a_batch_of_cumulative_acks_acts_as_its_newest_alone() -> None:
     ]
     held = _held_then_general(sock, segs, 0.05)
     general = _one_by_one(sock, segs, 0.05)
-    assert held.stats.acks_coalesced == len(segs) - 1
-    assert held._held_ack is None
-    for name in (
-        "_snd_una",
-        "_snd_nxt",
-        "_snd_max",
-        "_snd_wnd",
-        "_max_snd_wnd",
-        "_snd_wl1",
-        "_snd_wl2",
-        "_ts_recent",
-        "_ts_recent_age",
-        "_sbuf",
-        "_sbuf_seq",
-        "_sbuf_head",
-        "_dupacks",
-        "_last_rx",
-        "_last_progress",
-        "_persist_at",
-        "state",
-    ):
-        assert getattr(held, name) == getattr(general, name), name
+    _assert_stood_in(held, general, len(segs), _PURE_SAME)
     assert held._max_snd_wnd == 900 << held._snd_wscale
-    counters = state_of(held.stats)
-    counters["acks_coalesced"] = 0
-    assert counters == state_of(general.stats)
     # one RTT sample instead of six; the controller got one delivery-rate sample, of all
     assert held._rtt.srtt is not None and held._dr.delivered == general._dr.delivered
 
@@ -1537,32 +1566,9 @@ def test_sack_acks_that_only_extend_the_first_block_act_as_the_newest() -> None:
     ]
     held = _sack_batch(sock, segs, 0.05, True)
     plain = _sack_batch(sock, segs, 0.05, False)
-    assert held.stats.acks_coalesced == len(segs) - 1
-    assert held._held_ack is None
-    for name in (
-        "_sacked",
-        "_sacked_bytes",
-        "_snd_una",
-        "_snd_wnd",
-        "_max_snd_wnd",
-        "_snd_wl1",
-        "_snd_wl2",
-        "_ts_recent",
-        "_dupacks",
-        "_in_fr",
-        "_recover",
-        "_high_rxt",
-        "_rto_at",
-        "_rec_at",
-        "_pending",
-        "state",
-    ):
-        assert state_of(getattr(held, name)) == state_of(getattr(plain, name)), name
+    _assert_stood_in(held, plain, len(segs), _SACK_SAME)
     assert held._max_snd_wnd == 2600 << held._snd_wscale
     assert state_of(held._rack) == state_of(plain._rack)
-    counters = state_of(held.stats)
-    counters["acks_coalesced"] = 0
-    assert counters == state_of(plain.stats)
     assert held._dr.delivered == plain._dr.delivered
     out_held: list[Any] = []
     out_plain: list[Any] = []
