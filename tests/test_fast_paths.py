@@ -569,8 +569,8 @@ def count_takes(monkeypatch: Any, name: str) -> list[int]:
     hits = [0]
     original = getattr(TcpSocket, name)
 
-    def counting(self: TcpSocket, *args: Any) -> bool:
-        ok = original(self, *args)
+    def counting(self: TcpSocket, *args: Any, **kw: Any) -> bool:
+        ok = original(self, *args, **kw)
         hits[0] += ok
         return ok
 
@@ -634,8 +634,8 @@ def test_deferred_sack_acks_in_batches(monkeypatch: Any, v6: bool) -> None:
     deferred = [0, 0]  # ACKs deferred; most in one batch
     in_batch: dict[int, int] = {}
 
-    def counting(self: TcpSocket, *args: Any) -> bool:
-        ok = original(self, *args)
+    def counting(self: TcpSocket, *args: Any, **kw: Any) -> bool:
+        ok = original(self, *args, **kw)
         if ok and self._ack_batch is not None:
             deferred[0] += 1
             in_batch[id(self)] = in_batch.get(id(self), 0) + 1

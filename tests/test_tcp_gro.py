@@ -57,8 +57,8 @@ def _count_runs(monkeypatch: Any) -> list[int]:
     seen = [0, 0]
     original = TcpSocket.fast_input
 
-    def counting(self: TcpSocket, *args: Any) -> bool:
-        ok = original(self, *args)
+    def counting(self: TcpSocket, *args: Any, **kw: Any) -> bool:
+        ok = original(self, *args, **kw)
         if len(args) > 8 and args[8] is not None and ok:
             seen[0] += 1
             seen[1] += args[8][0]

@@ -1286,18 +1286,9 @@ class Stack:
                             return
                     elif run:
                         self._flush_run(run, now)
-                    if end == total and self.defer_acks:
-                        # a pure ACK in a batch: the socket may hold it for a newer one
-                        # (ACK coalescing, TcpSocket.fast_input); the batch's end
-                        # processes what is held
-                        if sock.fast_input(
-                            wseq, wack, flags, window, tsval, tsecr, b"", now, hold=True
-                        ):
-                            self._holding[sock] = None
-                            self._processed(sock)
-                            return
-                        self._rx_tcp_slow(packet, ip, total, src, dst, now)
-                        return
+                # a pure ACK in a batch: the socket may hold it for a newer one (ACK
+                # coalescing, TcpSocket.fast_input); the batch's end processes what is held
+                hold = end == total and run is not None and self.defer_acks
                 if sock.fast_input(
                     wseq,
                     wack,
@@ -1307,7 +1298,10 @@ class Stack:
                     tsecr,
                     memoryview(packet)[end:total] if end < total else b"",
                     now,
+                    hold=hold,
                 ):
+                    if hold:
+                        self._holding[sock] = None
                     self._processed(sock)
                     return
         if run:
