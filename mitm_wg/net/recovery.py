@@ -344,6 +344,19 @@ class Rack:
         return sndcnt if sndcnt > 0 else 0
 
 
+def first_block_dsack(blocks: tuple[tuple[int, int], ...], base: int) -> tuple[int, int] | None:
+    """RFC 2883 §4: the first SACK block (wire values) is a D-SACK when it lies below the
+    cumulative ACK ``base`` or inside the second block; then it, unwrapped near ``base``,
+    else None."""
+    s0 = _unwrap(base, blocks[0][0])
+    e0 = _unwrap(base, blocks[0][1])
+    if e0 <= base:
+        return s0, e0
+    if len(blocks) > 1 and _unwrap(base, blocks[1][0]) <= s0 and e0 <= _unwrap(base, blocks[1][1]):
+        return s0, e0
+    return None
+
+
 def _covered(sacked: list[list[int]], s: int, e: int) -> bool:
     """``[s, e)`` lies in one range of the (sorted) scoreboard: the first range that ends at
     or after ``e`` starts by ``s``."""
@@ -639,28 +652,21 @@ class Scoreboard:
         and PRR follow in :meth:`_rack_after_ack`."""
         rack = self._rack
         assert rack is not None
-        if blocks:
-            # RFC 2883 §4: a DSACK is a first block below the cumulative ACK or inside the
-            # second block
-            base = ack if ack > una else una
-            s0 = _unwrap(base, blocks[0][0])
-            e0 = _unwrap(base, blocks[0][1])
-            dsack = e0 <= base
-            if not dsack and len(blocks) > 1:
-                s1 = _unwrap(base, blocks[1][0])
-                dsack = s1 <= s0 and e0 <= _unwrap(base, blocks[1][1])
-            if dsack:
-                self.stats.dsacks += 1
-                # A receiver also reports copies the network made (Linux's does): only as
-                # many DSACKed segments as we retransmitted can show a spurious
-                # retransmission; the others must not widen the reordering window (as
-                # Linux's tcp_dsack_seen, which counts them the same way)
-                smss = self._smss
-                rack.dsack_segs += (e0 - s0 + smss - 1) // smss if e0 - s0 > smss else 1
-                if rack.dsack_segs <= self.stats.retransmits:
-                    rack.on_dsack(self._snd_una, self._snd_max)
-                    if rack.tlp_end is not None and rack.tlp_is_retrans and e0 == rack.tlp_end:
-                        rack.tlp_end = None  # §7.4: the probe was spurious, no loss
+        # RFC 2883 §4 (first_block_dsack)
+        dsack = first_block_dsack(blocks, ack if ack > una else una) if blocks else None
+        if dsack is not None:
+            s0, e0 = dsack
+            self.stats.dsacks += 1
+            # A receiver also reports copies the network made (Linux's does): only as
+            # many DSACKed segments as we retransmitted can show a spurious
+            # retransmission; the others must not widen the reordering window (as
+            # Linux's tcp_dsack_seen, which counts them the same way)
+            smss = self._smss
+            rack.dsack_segs += (e0 - s0 + smss - 1) // smss if e0 - s0 > smss else 1
+            if rack.dsack_segs <= self.stats.retransmits:
+                rack.on_dsack(self._snd_una, self._snd_max)
+                if rack.tlp_end is not None and rack.tlp_is_retrans and e0 == rack.tlp_end:
+                    rack.tlp_end = None  # §7.4: the probe was spurious, no loss
         if not self._ts_ok:
             tsecr = None
         rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)

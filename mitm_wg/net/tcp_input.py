@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 
+from mitm_wg.net.recovery import first_block_dsack
 from mitm_wg.net.tcp_state import _RECV_STATES, TcpState
 from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, RST, SYN, TcpSegment
 from mitm_wg.net.tcp_wire import HALF as _HALF
@@ -24,12 +25,6 @@ _PAWS_WINDOW = 1  # ticks a TSval may be older than TS.Recent and pass PAWS (Lin
 #: SYNs resent at once (not after the RTO) after resetting a stale connection of the peer's
 #: (see :meth:`Input._retry_syn_now`); more than this per connection wait for the RTO.
 SYN_FAST_RETRIES = 3
-
-
-def _inside(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    """Whether SACK block ``a`` (wire values) lies within block ``b`` (RFC 2883: a D-SACK
-    block within the second block)."""
-    return (a[0] - b[0]) & M32 < _HALF and (b[1] - a[1]) & M32 < _HALF
 
 
 class Input:
@@ -103,15 +98,8 @@ class Input:
                 and window
                 and (wack - self._snd_una) & M32 <= self._snd_max - self._snd_una
             ):
-                # this newer pure ACK stands in for the held one (see the docstring)
                 held[1] = wack
-                if window > held[5]:
-                    held[5] = window
-                held[2] = window
-                held[3] = tsval
-                held[4] = tsecr
-                self.stats.segments_in += 1
-                self.stats.acks_coalesced += 1
+                self._stand_in(held, window, tsval, tsecr)
                 return True
             self.finish_acks(now)  # (the held ACK comes first)
         elif self._ack_batch is not None:
@@ -317,16 +305,9 @@ class Input:
                 and 0 < (blocks[0][1] - hb[0][1]) & M32 < _HALF
                 and blocks[1:] == hb[1:]
             ):
-                # this newer SACK ACK stands in for the held one (see the docstring)
-                if window > held[5]:
-                    held[5] = window
-                held[2] = window
-                held[3] = tsval
-                held[4] = tsecr
                 held[6] = blocks
-                held[7] += 1
-                self.stats.segments_in += 1
-                self.stats.acks_coalesced += 1
+                held[7] += 1  # (a duplicate ACK, _take_held)
+                self._stand_in(held, window, tsval, tsecr)
                 return True
             self._take_held(now)  # (it comes first; a deferred batch goes on)
         if self._ack_batch is not None and not defer:
@@ -349,11 +330,10 @@ class Input:
             and window
             and self._rack is not None
             and self._cc.model_based
-            and (blocks[0][0] - wack) & M32 < _HALF  # (not a D-SACK below the ACK,
-            and not any(_inside(blocks[0], b) for b in blocks[1:])  # nor within a block)
             # the first block (the newest arrivals) ends above the others: what extends it
             # is not reordering for RACK (RFC 8985 §6.2 step 3) one by one either
             and all((blocks[0][1] - b[1]) & M32 < _HALF for b in blocks[1:])
+            and first_block_dsack(blocks, ack) is None  # (a D-SACK's news is its own)
         ):
             # hold it for a newer one of the batch that only extends its first block
             self._held_ack = [wseq, wack, window, tsval, tsecr, window, blocks, 0]
@@ -663,6 +643,17 @@ class Input:
             self._on_delivered(una, news, sacked_before, now)
         if window_changed or ack > una:
             self._update_persist(now)
+
+    def _stand_in(self, held: list, window: int, tsval: int, tsecr: int) -> None:
+        """A newer ACK of the batch takes the held one's place (ACK coalescing, see
+        :meth:`fast_input`): its window and timestamps; the one it replaces is counted."""
+        if window > held[5]:
+            held[5] = window
+        held[2] = window
+        held[3] = tsval
+        held[4] = tsecr
+        self.stats.segments_in += 1
+        self.stats.acks_coalesced += 1
 
     def _take_held(self, now: float) -> None:
         """Process the ACK :meth:`fast_input` or :meth:`sack_ack_input` holds, as the
