@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import sys
+import time
 
 import pytest
 import trio
@@ -15,6 +16,8 @@ import trio.testing
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.runtime import TunnelStream, open_tunnel
+from mitm_wg.runtime import tunnel as tunnel_module
+from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.tunnel import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
 
@@ -49,7 +52,27 @@ async def test_stream_round_trip_and_status() -> None:
         await server.aclose()
 
 
-async def test_bulk_both_ways_with_half_close() -> None:
+@pytest.fixture(params=["timerfd", "trio deadlines"])
+def timer_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The core-deadline task on a timerfd (Linux) or on trio's own deadlines (elsewhere)."""
+    if request.param == "trio deadlines":
+        monkeypatch.setattr(tunnel_module, "open_timerfd", lambda: None)
+    return request.param
+
+
+def _assert_timer_armed_for_next_deadline(tunnel, kind: str) -> None:
+    """Whatever the core needs next, the timer task wakes for it (never later)."""
+    deadline = tunnel._next_deadline()
+    assert deadline < float("inf")  # (WireGuard's own timers, at least)
+    if kind == "timerfd":
+        assert tunnel._timer_fd is not None and tunnel._timer_scope is None
+        assert tunnel._timer_at <= deadline
+    else:
+        assert tunnel._timer_fd is None and tunnel._timer_scope is not None
+        assert tunnel._timer_scope.deadline <= deadline
+
+
+async def test_bulk_both_ways_with_half_close(timer_kind: str) -> None:
     async with tunnel_pair() as (a, b):
         client, server, _ = await connected_pair(a, b)
         up = os.urandom(3 << 20)
@@ -77,8 +100,51 @@ async def test_bulk_both_ways_with_half_close() -> None:
                 n.start_soon(pump, server, down, got_server)
         assert got_server == [hashlib.sha256(up).hexdigest()]
         assert got_client == [hashlib.sha256(down).hexdigest()]
+        _assert_timer_armed_for_next_deadline(a, timer_kind)
+        _assert_timer_armed_for_next_deadline(b, timer_kind)
         await client.aclose()
         await server.aclose()
+        _assert_timer_armed_for_next_deadline(a, timer_kind)
+
+
+def _timerfds() -> list:
+    kinds = [pytest.param(True, id="ctypes")]
+    if hasattr(os, "timerfd_create"):
+        kinds.append(pytest.param(False, id="os"))
+    return kinds
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="timerfd is Linux's")
+@pytest.mark.parametrize("via_ctypes", _timerfds())
+async def test_timerfd_fires_once_at_its_deadline(via_ctypes: bool) -> None:
+    timer = TimerFd(via_ctypes=via_ctypes)
+    try:
+        assert not timer.clear()  # never armed: nothing to consume
+        start = time.monotonic()
+        timer.arm(0.004)
+        with trio.fail_after(30):
+            await trio.lowlevel.wait_readable(timer.fileno())
+        assert time.monotonic() - start >= 0.004 - 1e-4  # not before its deadline
+        assert timer.clear()
+        assert not timer.clear()  # one-shot
+        timer.arm(30.0)
+        timer.arm(-1.0)  # re-armed: a deadline already past fires at once
+        with trio.fail_after(30):
+            await trio.lowlevel.wait_readable(timer.fileno())
+        assert timer.clear()
+        timer.arm(0.002)
+        timer.disarm()
+        with trio.move_on_after(0.05) as scope:
+            await trio.lowlevel.wait_readable(timer.fileno())
+        assert scope.cancelled_caught and not timer.clear()
+    finally:
+        timer.close()
+    timer.close()  # (twice is harmless)
+
+
+def test_no_timerfd_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert open_timerfd() is None
 
 
 async def test_ipv6_inside_tunnel() -> None:

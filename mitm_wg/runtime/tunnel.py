@@ -37,6 +37,7 @@ from mitm_wg.runtime.endpoints import (
     host_lookup,
     resolve_endpoints,
 )
+from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
     Device,
@@ -155,7 +156,12 @@ class Tunnel:
         self._datagrams: list[Transmit] = []
         self._packets: list[bytes] = []
         self._ip_out: list[bytes] = []
+        # The core-deadline task (_timer) sleeps on a timerfd where there is one (precise to
+        # microseconds; trio's own deadlines wake up to ~1 ms late), armed for _timer_at;
+        # else in a cancel scope with the deadline. _flush moves either one earlier.
         self._timer_scope: trio.CancelScope | None = None
+        self._timer_fd: TimerFd | None = None
+        self._timer_at = _NEVER
         self._parked: dict[int, _Waitable] = {}
         self._streams: set[TunnelStream] = set()
         self._connecting: dict[TcpSocket, _PendingConnect] = {}
@@ -259,14 +265,39 @@ class Tunnel:
             receive(run, (run_from[0], run_from[1]), now, out, packets)
 
     async def _timer(self) -> None:
-        while True:
-            with trio.CancelScope(deadline=self._next_deadline()) as scope:
-                self._timer_scope = scope
-                await trio.sleep_forever()
-            self._timer_scope = None
-            now = trio.current_time()
-            self.device.poll(now, self._datagrams)
-            self._flush(now)
+        timer = open_timerfd()
+        if timer is None:
+            while True:
+                with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                    self._timer_scope = scope
+                    await trio.sleep_forever()
+                self._timer_scope = None
+                self._on_deadline()
+        self._timer_fd = timer
+        try:
+            fd = timer.fileno()
+            while True:
+                self._arm_timer(self._next_deadline())
+                await trio.lowlevel.wait_readable(fd)
+                if timer.clear():
+                    self._on_deadline()  # (its _flush leaves the arming to the loop)
+        finally:
+            self._timer_fd = None
+            timer.close()
+
+    def _arm_timer(self, deadline: float) -> None:
+        timer = self._timer_fd
+        assert timer is not None
+        self._timer_at = deadline
+        if deadline == _NEVER:
+            timer.disarm()
+        else:
+            timer.arm(deadline - trio.current_time())
+
+    def _on_deadline(self) -> None:
+        now = trio.current_time()
+        self.device.poll(now, self._datagrams)
+        self._flush(now)
 
     def _next_deadline(self) -> float:
         d1 = self.device.next_deadline()
@@ -290,11 +321,16 @@ class Tunnel:
             for waitable in list(self._parked.values()):
                 if waitable._ready():
                     waitable._lot.unpark_all()
-        scope = self._timer_scope
-        if scope is not None:
+        if self._timer_fd is not None:
             deadline = self._next_deadline()
-            if deadline < scope.deadline:
-                scope.deadline = deadline
+            if deadline < self._timer_at:
+                self._arm_timer(deadline)
+        else:
+            scope = self._timer_scope
+            if scope is not None:
+                deadline = self._next_deadline()
+                if deadline < scope.deadline:
+                    scope.deadline = deadline
 
     def _transmit(self, now: float) -> None:
         device = self.device
