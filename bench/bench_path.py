@@ -286,7 +286,8 @@ class Transfer:
     #: (:func:`thread_shares`); together near 1, it was CPU-bound whatever the pacer or
     #: the windows said
     thread: tuple[float, float] | None = None
-    #: our tunnel only: our socket's :data:`OUR_TCP_COUNTERS` for the transfer
+    #: our tunnel only: our socket's :data:`OUR_TCP_COUNTERS` for the transfer, and the
+    #: shares of it our thread slept for each of :data:`SLEEP_REASONS` (``asleep_*``, %)
     ours_tcp: dict[str, int] = field(default_factory=dict)
 
 
@@ -347,6 +348,41 @@ def thread_shares(before: tuple[int, int] | None, seconds: float) -> tuple[float
     return (after[0] - before[0]) / 1e9 / seconds, (after[1] - before[1]) / 1e9 / seconds
 
 
+#: why our trio thread slept (TcpSocket.send_limit of the transfer's socket at each of the
+#: runtime's I/O waits), reported as shares of the transfer's time; "" (it would have sent:
+#: waiting for something else, e.g. the application task) is reported as "other"
+SLEEP_REASONS = ("pacer", "cwnd", "rwnd", "sndbuf", "app", "idle", "")
+
+
+class SleepReasons(trio.abc.Instrument):
+    """A trio instrument: the wall time of each I/O wait the run loop makes with a timeout
+    (it sleeps: no task is runnable), by what held the socket's sender back as it went to
+    sleep. Set :attr:`sock` to the socket to watch."""
+
+    def __init__(self) -> None:
+        self.sock: Any = None
+        self.asleep = dict.fromkeys(SLEEP_REASONS, 0.0)
+        self._why: str | None = None
+        self._t0 = 0.0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._why = None
+        if timeout > 0 and self.sock is not None:
+            self._why = self.sock.send_limit()
+            self._t0 = time.perf_counter()
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self._why is not None:
+            self.asleep[self._why] += time.perf_counter() - self._t0
+
+    def shares(self, seconds: float) -> dict[str, int]:
+        """Percent of ``seconds`` asleep for each reason, as ``asleep_<reason>`` counters."""
+        return {
+            f"asleep_{why or 'other'}": round(100 * t / seconds) if seconds > 0 else 0
+            for why, t in self.asleep.items()
+        }
+
+
 def _counters(peer: ExitPeer, relay: RelayProcess | None) -> tuple:
     """What a transfer's report compares before and after it (:func:`_transfer`)."""
     return _udp_drops(peer), _exit_tcp(peer), cpu_ticks(), _cpu(relay), time.perf_counter()
@@ -399,12 +435,19 @@ OUR_TCP_COUNTERS = ("segments_in", "acks_coalesced", "retransmits")
 
 
 async def _ours_one(
-    tunnel: Any, server: Server, size: int, upload: bool, counters: dict[str, int] | None = None
+    tunnel: Any,
+    server: Server,
+    size: int,
+    upload: bool,
+    counters: dict[str, int] | None = None,
+    sleeps: SleepReasons | None = None,
 ) -> float:
     """One transfer through our tunnel; returns MB/s. ``counters``: filled with the
-    socket's :data:`OUR_TCP_COUNTERS` at the end."""
+    socket's :data:`OUR_TCP_COUNTERS` at the end; ``sleeps``: set to watch its socket."""
     start = time.perf_counter()
     stream = await tunnel.open_tcp_stream(server.host, server.port)
+    if sleeps is not None:
+        sleeps.sock = stream.socket
     try:
         if upload:
             head = (
@@ -532,14 +575,20 @@ def run_ours(
                 own0 = time.process_time()
                 sched0, wall0 = thread_sched(), time.perf_counter()
                 counters: dict[str, int] = {}
+                sleeps = SleepReasons()
+                trio.lowlevel.add_instrument(sleeps)
                 try:
                     with trio.fail_after(60 + size / 250_000):
-                        mbps = await _ours_one(tunnel, server, size, upload, counters)
+                        mbps = await _ours_one(tunnel, server, size, upload, counters, sleeps)
                 except Exception as e:  # one failed transfer must not end the whole run
                     _failed("mitm-wg", upload, e)
                     mbps = math.nan
+                finally:
+                    trio.lowlevel.remove_instrument(sleeps)
                 own = (time.process_time() - own0) / (size / MiB)
-                thread = thread_shares(sched0, time.perf_counter() - wall0)
+                wall = time.perf_counter() - wall0
+                thread = thread_shares(sched0, wall)
+                counters.update(sleeps.shares(wall))
                 out.append(_transfer(peer, relay, before, mbps, own, thread, counters))
                 server.cleanup_uploads()
         return out
@@ -838,8 +887,16 @@ def print_table(rows: list[Row], title: str) -> None:
     for r in rows:
         cells = []
         for name in OUR_TCP_COUNTERS:
-            values = [t.ours_tcp[name] for t in r.ours if t.ours_tcp]
+            values = [t.ours_tcp[name] for t in r.ours if name in t.ours_tcp]
             cells.append(f"{name} {_median_of(values)}")
+        print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
+    print("\nOur thread asleep, by what held our sender (medians, % of the transfer):", end="")
+    for r in rows:
+        cells = []
+        for why in SLEEP_REASONS:
+            key = f"asleep_{why or 'other'}"
+            values = [t.ours_tcp[key] for t in r.ours if key in t.ours_tcp]
+            cells.append(f"{why or 'other'} {_median_of(values)}")
         print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
     print()
     sys.stdout.flush()

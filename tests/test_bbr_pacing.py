@@ -115,6 +115,55 @@ def test_socket_releases_one_burst_then_a_quantum_per_poll_at() -> None:
     assert len(got) == 1 and not got[0].payload and got[0].ack == PISS + 2
 
 
+def test_send_limit_names_what_holds_the_sender_back() -> None:
+    """TcpSocket.send_limit (bench_path's sleep reasons): each answer in the state that
+    causes it, and "" while the socket would send."""
+    pb = est(congestion="newreno", send_buffer=1 << 22)
+    sock = pb.sock
+    assert sock.send_limit() == "idle"
+    sock._cc.cwnd = 400 * MSS
+    sock.send(bytes(300 * MSS))
+    assert sock.send_limit() == ""  # data, windows and credit: it would send
+    assert len(pb.at(0.2).out()) == 66  # one burst allowance
+    assert sock.send_limit() == "pacer"
+    assert len(pb.at(1.0).out()) > 0  # credit again: "" until it is spent
+    assert sock.send_limit() == "pacer"
+
+    pb = est(congestion="newreno", send_buffer=1 << 22, pacing=False)
+    sock = pb.sock
+    sock._cc.cwnd = 10 * MSS
+    sock.send(bytes(30 * MSS))
+    assert len(pb.at(0.2).out()) == 10
+    assert sock.send_limit() == "cwnd"
+    sock._cc.cwnd = 2000 * MSS  # the peer's 1 MiB window comes first now
+    sock.send(bytes(1100 * MSS))
+    pb.out()
+    assert 0 <= sock._snd_una + sock._snd_wnd - sock._snd_max < MSS
+    assert sock.send_limit() == "rwnd"
+    pb.send(ACK, PISS + 1, sock._snd_max, window=8192)  # all of it ACKed: the rest goes
+    assert sock.send_limit() == ""
+    pb.out()
+    assert sock._snd_max == ISS + 1 + 1130 * MSS
+    assert sock.send_limit() == "app"  # everything given is out, waiting for its ACK
+    pb.send(ACK, PISS + 1, sock._snd_max, window=8192)
+    assert sock.send_limit() == "idle"
+
+    for nagle, why in ((False, "cwnd"), (True, "app")):
+        # half a segment left over: the window's (cwnd), unless Nagle holds it (app)
+        pb = est(congestion="newreno", send_buffer=1 << 22, pacing=False, nagle=nagle)
+        pb.sock._cc.cwnd = 10 * MSS
+        pb.sock.send(bytes(10 * MSS + MSS // 2))
+        assert len(pb.at(0.2).out()) == 10
+        assert pb.sock.send_limit() == why
+
+    pb = est(congestion="newreno", send_buffer=8 * MSS, send_buffer_max=8 * MSS, pacing=False)
+    sock = pb.sock
+    sock._cc.cwnd = 100 * MSS
+    assert sock.send(bytes(20 * MSS)) == 8 * MSS
+    assert len(pb.at(0.2).out()) == 8
+    assert sock.send_limit() == "sndbuf"  # all out, and no room for more until ACKs come
+
+
 def test_bulk_path_honours_the_budget_like_the_general_loop() -> None:
     """The bulk-send fast path (no SACK, new data only) stops at the pacer's budget too."""
     pb = est(congestion="newreno", send_buffer=1 << 22, pacing=True)

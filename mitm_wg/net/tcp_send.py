@@ -692,6 +692,33 @@ class Sender:
             on_touched(self)
         return n
 
+    def send_limit(self) -> str:
+        """What holds the sender back at this moment, for diagnostics (the question Linux's
+        TCP_INFO busy/rwnd-limited/sndbuf-limited times answer): ``""`` nothing (it would
+        send), ``"pacer"`` a segment is due but the pacer's credit is spent, ``"cwnd"`` the
+        congestion window (in SACK recovery: cwnd - pipe) is used up, ``"rwnd"`` the peer's
+        window is, ``"sndbuf"`` all the data is out and the send buffer is full of it,
+        ``"app"`` all the application gave is out, ``"idle"``: and acknowledged too (or the
+        state sends no data). Costs one ``_next_tx`` call: not for the hot path."""
+        if self.state not in _SEND_STATES:
+            return "idle"
+        if self._next_tx() is not None:
+            pacer = self._pacer
+            if pacer is not None and pacer.rate > 0.0 and pacer.tokens < 1.0:
+                return "pacer"
+            return ""
+        smax = self._snd_max
+        unsent = self._data_end() - smax + (1 if self._fin_queued else 0)
+        if unsent <= 0:
+            if smax == self._snd_una:
+                return "idle"
+            return "sndbuf" if self.send_space == 0 else "app"
+        if smax + min(unsent, self._smss) > self._snd_una + self._snd_wnd:
+            return "rwnd"
+        if unsent < self._smss and self.config.nagle:
+            return "app"  # Nagle: a small segment waits for the ACK of what is out
+        return "cwnd"
+
     @property
     def send_space(self) -> int:
         buf = self._snd_buf
