@@ -283,6 +283,7 @@ class Tunnel:
                     self._on_deadline()  # (its _flush leaves the arming to the loop)
         finally:
             self._timer_fd = None
+            trio.lowlevel.notify_closing(timer.fileno())  # (trio forgets the fd first)
             timer.close()
 
     def _arm_timer(self, deadline: float) -> None:
