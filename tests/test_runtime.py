@@ -64,12 +64,12 @@ def _assert_timer_armed_for_next_deadline(tunnel, kind: str) -> None:
     """Whatever the core needs next, the timer task wakes for it (never later)."""
     deadline = tunnel._next_deadline()
     assert deadline < float("inf")  # (WireGuard's own timers, at least)
+    assert tunnel._timer_at <= deadline
     if kind == "timerfd":
         assert tunnel._timer_fd is not None and tunnel._timer_scope is None
-        assert tunnel._timer_at <= deadline
     else:
         assert tunnel._timer_fd is None and tunnel._timer_scope is not None
-        assert tunnel._timer_scope.deadline <= deadline
+        assert tunnel._timer_scope.deadline == tunnel._timer_at
 
 
 async def test_bulk_both_ways_with_half_close(timer_kind: str) -> None:

@@ -157,8 +157,8 @@ class Tunnel:
         self._packets: list[bytes] = []
         self._ip_out: list[bytes] = []
         # The core-deadline task (_timer) sleeps on a timerfd where there is one (precise to
-        # microseconds; trio's own deadlines wake up to ~1 ms late), armed for _timer_at;
-        # else in a cancel scope with the deadline. _flush moves either one earlier.
+        # microseconds; trio's own deadlines wake up to ~1 ms late), else in a cancel scope;
+        # either is armed for _timer_at, which _flush moves earlier (_arm_timer).
         self._timer_scope: trio.CancelScope | None = None
         self._timer_fd: TimerFd | None = None
         self._timer_at = _NEVER
@@ -266,34 +266,38 @@ class Tunnel:
 
     async def _timer(self) -> None:
         timer = open_timerfd()
-        if timer is None:
-            while True:
-                with trio.CancelScope(deadline=self._next_deadline()) as scope:
-                    self._timer_scope = scope
-                    await trio.sleep_forever()
-                self._timer_scope = None
-                self._on_deadline()
         self._timer_fd = timer
         try:
-            fd = timer.fileno()
             while True:
-                self._arm_timer(self._next_deadline())
-                await trio.lowlevel.wait_readable(fd)
-                if timer.clear():
-                    self._on_deadline()  # (its _flush leaves the arming to the loop)
+                if timer is None:
+                    with trio.CancelScope() as scope:
+                        self._timer_scope = scope
+                        self._arm_timer(self._next_deadline())
+                        await trio.sleep_forever()
+                    self._timer_scope = None
+                else:
+                    self._arm_timer(self._next_deadline())
+                    await trio.lowlevel.wait_readable(timer.fileno())
+                    if not timer.clear():
+                        continue  # re-armed after it fired: not due yet
+                self._on_deadline()  # (its _flush leaves the arming to the loop)
         finally:
             self._timer_fd = None
-            trio.lowlevel.notify_closing(timer.fileno())  # (trio forgets the fd first)
-            timer.close()
+            if timer is not None:
+                trio.lowlevel.notify_closing(timer.fileno())  # (trio forgets the fd first)
+                timer.close()
 
     def _arm_timer(self, deadline: float) -> None:
-        timer = self._timer_fd
-        assert timer is not None
+        """Wake the timer task at ``deadline``: the timerfd, or the scope it sleeps in."""
         self._timer_at = deadline
-        if deadline == _NEVER:
-            timer.disarm()
-        else:
-            timer.arm(deadline - trio.current_time())
+        timer = self._timer_fd
+        if timer is not None:
+            if deadline == _NEVER:
+                timer.disarm()
+            else:
+                timer.arm(deadline - trio.current_time())
+        elif self._timer_scope is not None:
+            self._timer_scope.deadline = deadline
 
     def _on_deadline(self) -> None:
         now = trio.current_time()
@@ -322,16 +326,9 @@ class Tunnel:
             for waitable in list(self._parked.values()):
                 if waitable._ready():
                     waitable._lot.unpark_all()
-        if self._timer_fd is not None:
-            deadline = self._next_deadline()
-            if deadline < self._timer_at:
-                self._arm_timer(deadline)
-        else:
-            scope = self._timer_scope
-            if scope is not None:
-                deadline = self._next_deadline()
-                if deadline < scope.deadline:
-                    scope.deadline = deadline
+        deadline = self._next_deadline()
+        if deadline < self._timer_at:
+            self._arm_timer(deadline)
 
     def _transmit(self, now: float) -> None:
         device = self.device
