@@ -87,14 +87,10 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
         ours = re.findall(r"^- .*: segments_in (\d+), acks_coalesced (\d+)", result.stdout, re.M)
         assert ours and all(int(n) > 0 for n, _ in ours), result.stdout[-3000:]
         # and what our thread slept on (SleepReasons): every reason, shares of 0-100 %
-        reasons = "".join(rf"{why or 'other'} ([\d.]+), " for why in bench_path_reasons())
+        reasons = "".join(rf"{why or 'other'} ([\d.]+), " for why in _bench_path().SLEEP_REASONS)
         asleep = re.findall(rf"^- .*: {reasons[:-2]}$", result.stdout, re.M)
         assert len(asleep) >= len(ours), result.stdout[-3000:]
         assert all(0 <= float(v) <= 100 for row in asleep for v in row), asleep
-
-
-def bench_path_reasons() -> tuple[str, ...]:
-    return _bench_path().SLEEP_REASONS
 
 
 def _bench_path() -> Any:
