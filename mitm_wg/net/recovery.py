@@ -181,14 +181,16 @@ class Rack:
             s, e, t = int(r[0]), int(r[1]), r[2]
             if e <= ack or _covered(sacked, s, e):
                 # RFC 8985 §6.2 step 2: skip an ambiguous delivery of a retransmission —
-                # the timestamp echo predates it, or it came back faster than min_RTT
-                if tsecr is not None:
+                # it came back faster than min_RTT, or the timestamp echo predates it.
+                # Both: an echo in whole milliseconds passes for the original's ACK
+                # on a path of ~1 ms, and one such RACK.rtt of microseconds marks all
+                # that is in flight lost at once
+                mr = self.min_rtt
+                ok = mr is None or now - t >= mr
+                if ok and tsecr is not None:
                     ok = (
                         tsecr - ((int(t * 1000) + ts_offset) & M32)
                     ) & M32 < _HALF  # copy of rule ts-val
-                else:
-                    mr = self.min_rtt
-                    ok = mr is None or now - t >= mr
                 if ok and (best_t is None or _sent_after(t, e, best_t, best_e)):
                     best_t, best_e = t, e
             else:
