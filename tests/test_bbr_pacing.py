@@ -9,6 +9,7 @@ import pytest
 from test_sim import run_transfer
 
 from mitm_wg.net import bbr as bbr_module
+from mitm_wg.net import pacing as pacing_module
 from mitm_wg.net.bbr import (
     DRAIN,
     DRAIN_GAIN,
@@ -25,7 +26,18 @@ from mitm_wg.net.bbr import (
 )
 from mitm_wg.net.congestion import NewReno, make_controller
 from mitm_wg.net.delivery import DeliveryRate, RateSample
-from mitm_wg.net.pacing import BURST_MIN, Pacer, burst_bytes
+from mitm_wg.net.pacing import (
+    BURST_MIN,
+    BURST_TIME,
+    RELEASE_TIME_MAX,
+    SPAN_BASE_GAIN,
+    SPAN_BASE_LOSS_MAX,
+    SPAN_HOLD_MAX,
+    SPAN_WINDOW_ROUNDS,
+    Pacer,
+    ReleaseSpan,
+    burst_bytes,
+)
 from mitm_wg.net.tcp import TcpConfig, TcpState
 from sim import LinkParams
 from tcp_playbook import Pb, active, cfg
@@ -72,6 +84,123 @@ def test_deficit_carries_over_and_next_release_waits_for_a_quantum() -> None:
     assert p.budget(p.next_time(2000), 4e6) == pytest.approx(4000)
 
 
+def test_release_span_sets_the_burst_allowance_and_the_quantum() -> None:
+    p = Pacer()
+    p.budget(0.0, 1e8, 0.003)
+    p.on_sent(BURST_MIN)  # the starting credit
+    assert p.next_time(2000) == pytest.approx(0.003)  # the next release: 3 ms of the rate
+    assert p.budget(0.003, 1e8, 0.003) == pytest.approx(300_000)
+    assert p.budget(0.01, 1e8, 0.001) == pytest.approx(100_000)  # a smaller span caps it
+    assert burst_bytes(1e8, 0.003) == pytest.approx(300_000)
+    assert burst_bytes(1e7, 0.003) == BURST_MIN  # 64 KiB at least, whatever the span
+
+
+# -- the release span (pacing.ReleaseSpan) ----------------------------------------------------
+def window(span: ReleaseSpan, share: float, delivered: int = 1_000_000) -> None:
+    """One window of rounds that lost ``share`` of what left."""
+    lost = round(delivered * share / (1 - share))
+    for _ in range(SPAN_WINDOW_ROUNDS):
+        span.on_round(delivered, lost)
+
+
+def test_release_span_grows_a_step_per_clean_window_up_to_its_maximum() -> None:
+    span = ReleaseSpan()
+    assert span.time == BURST_TIME
+    for _ in range(SPAN_WINDOW_ROUNDS - 1):
+        span.on_round(1_000_000, 0)
+    assert span.time == BURST_TIME  # not before a whole window
+    span.on_round(1_000_000, 0)
+    assert span.time == pytest.approx(0.002)
+    window(span, 0.0)
+    assert span.time == pytest.approx(RELEASE_TIME_MAX)
+    for _ in range(5):
+        window(span, 0.0)
+    assert span.time == pytest.approx(RELEASE_TIME_MAX)
+
+
+@pytest.mark.parametrize("base", [0.0, 0.02, SPAN_BASE_LOSS_MAX - 0.001])
+def test_random_loss_as_at_the_base_span_does_not_hold_it_back(base: float) -> None:
+    """The path's own loss (measured at the base span) is no reason to stay small: up to
+    twice it, and 1 % more at least, passes."""
+    span = ReleaseSpan()
+    window(span, base)
+    margin = max(base, 0.01)
+    for share in (base, base + 0.9 * margin, base + 0.99 * margin, base):
+        window(span, share)
+        assert span.time > BURST_TIME
+    assert span.time == pytest.approx(RELEASE_TIME_MAX)
+
+
+@pytest.mark.parametrize("base", [0.0, 0.02, SPAN_BASE_LOSS_MAX - 0.001])
+def test_loss_beyond_the_base_share_takes_a_step_back(base: float) -> None:
+    span = ReleaseSpan()
+    window(span, base)
+    window(span, base)
+    assert span.time == pytest.approx(RELEASE_TIME_MAX)
+    window(span, base + 1.05 * max(base, 0.01))
+    assert span.time == pytest.approx(0.002)
+
+
+def test_no_growth_while_the_base_span_loses_more_than_its_limit() -> None:
+    """A path that loses over SPAN_BASE_LOSS_MAX at Linux's release size (an exit whose
+    socket buffer overflows already) keeps it; the share is a moving average over the
+    base span's windows, so one lucky window does not open the way."""
+    assert SPAN_BASE_GAIN == 0.25  # (the numbers below)
+    span = ReleaseSpan()
+    for _ in range(10):
+        window(span, 0.08)
+        assert span.time == BURST_TIME
+    window(span, 0.0)  # average 6 %
+    assert span.time == BURST_TIME
+    window(span, 0.0)  # 4.5 %
+    assert span.time == pytest.approx(0.002)
+
+
+def test_each_failed_step_up_waits_twice_as_long_up_to_the_maximum() -> None:
+    """A path that loses more with bigger releases (a receiver with a shallow socket buffer)
+    spends ever fewer windows probing them: after the k-th failure 2**k windows at the span
+    below, capped; a clean window at the top forgets the failures."""
+    span = ReleaseSpan()
+    window(span, 0.02)  # baseline 2 %
+    holds = []
+    for _ in range(8):
+        assert span.time == pytest.approx(0.002)
+        window(span, 0.3)  # the bigger release loses 30 %
+        assert span.time == BURST_TIME
+        n = 0
+        while span.time == BURST_TIME:
+            window(span, 0.02)
+            n += 1
+        holds.append(n)
+    # the hold counts windows; the window that ends it also steps up
+    assert holds == [3, 5, 9, 17, 33, SPAN_HOLD_MAX + 1, SPAN_HOLD_MAX + 1, SPAN_HOLD_MAX + 1]
+    window(span, 0.02)  # 2 ms passes now
+    window(span, 0.02)  # and 3 ms: failures forgotten
+    assert span.time == pytest.approx(RELEASE_TIME_MAX)
+    window(span, 0.3)
+    assert span.time == pytest.approx(0.002)
+    for _ in range(2):
+        window(span, 0.02)
+        assert span.time == pytest.approx(0.002)  # waits 2 windows, not 64
+    window(span, 0.02)
+    assert span.time == pytest.approx(RELEASE_TIME_MAX)
+
+
+def test_a_timeout_takes_the_span_back_to_the_base_and_holds_it() -> None:
+    span = ReleaseSpan()
+    window(span, 0.0)
+    window(span, 0.0)
+    for _ in range(SPAN_WINDOW_ROUNDS - 1):
+        span.on_round(1_000_000, 500_000)  # (an unfinished window is forgotten)
+    span.on_timeout()
+    assert span.time == BURST_TIME
+    window(span, 0.0)
+    window(span, 0.0)
+    assert span.time == BURST_TIME
+    window(span, 0.0)
+    assert span.time == pytest.approx(0.002)
+
+
 def test_newreno_pacing_rate_is_linux_rule() -> None:
     cc = NewReno(1000)
     assert cc.pacing_rate(None) == 0.0  # no RTT sample yet: unpaced
@@ -113,6 +242,24 @@ def test_socket_releases_one_burst_then_a_quantum_per_poll_at() -> None:
     pb.send(ACK | 0x08, PISS + 1, ISS + 1, payload=b"x", window=8192)  # PSH: ACK at once
     got = pb.out()
     assert len(got) == 1 and not got[0].payload and got[0].ack == PISS + 2
+
+
+def test_socket_paces_in_the_controllers_release_span() -> None:
+    pb = est(congestion="bbr", send_buffer=1 << 22)
+    sock = pb.sock
+    cc = sock._cc
+    assert isinstance(cc, Bbr)
+    cc.cwnd = 1000 * MSS
+    cc._pacing_rate = 1e8
+    cc.release_time = RELEASE_TIME_MAX
+    sock.send(bytes(900 * MSS))
+    pb.at(0.2).out()  # what credit there was
+    t = pb.poll()
+    assert t is not None and t > 0.2
+    assert len(pb.at(t).out()) == 300  # a release: 3 ms of 100 MB/s
+    t2 = pb.poll()
+    assert t2 == pytest.approx(t + 0.003)  # the next one 3 ms later
+    assert len(pb.at(t2).out()) == 300
 
 
 def test_send_limit_names_what_holds_the_sender_back() -> None:
@@ -451,6 +598,52 @@ def test_rto_sets_one_segment_and_restores_after_repair() -> None:
     assert bbr.cwnd == before
 
 
+def test_bbr_grows_its_release_span_in_probe_bw_only() -> None:
+    bbr = Bbr(MSS)
+    p = Path(bbr)
+    bw = 1e6
+    for _ in range(2 * SPAN_WINDOW_ROUNDS):
+        bw *= 1.3  # still growing: STARTUP
+        p.round(bw)
+    assert bbr.mode == STARTUP and bbr.release_time == BURST_TIME
+    p = to_probe_bw(3)
+    bbr = p.bbr
+    rounds = 0
+    while bbr.release_time == BURST_TIME and rounds < 100:
+        p.round(1e6, inflight=0)
+        rounds += 1
+    assert rounds == SPAN_WINDOW_ROUNDS  # a window of rounds in PROBE_BW without loss
+    assert bbr.release_time == pytest.approx(0.002)
+    for _ in range(SPAN_WINDOW_ROUNDS):
+        p.round(1e6, inflight=0)
+    assert bbr.release_time == pytest.approx(RELEASE_TIME_MAX)
+    bbr.on_rto(p.now, bbr.cwnd)
+    assert bbr.release_time == BURST_TIME  # a timeout: back to the base span
+
+
+def test_bbr_send_quanta_follow_the_release_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cwnd holds two releases beyond 2 BDPs: two of the grown span's once it grew."""
+
+    def grown(pinned: bool) -> Bbr:
+        if pinned:
+            monkeypatch.setattr(pacing_module, "_SPAN_STEPS_MAX", 0)
+        p = to_probe_bw(3)
+        bw = 1e6
+        for _ in range(60):
+            bw = min(bw * 1.25, 1e8)  # (growth a 1.25 probing phase can show)
+            p.round(bw, inflight=0)
+        monkeypatch.undo()
+        return p.bbr
+
+    bbr, base = grown(False), grown(True)
+    assert bbr.release_time == pytest.approx(RELEASE_TIME_MAX)
+    assert base.release_time == BURST_TIME
+    rate = bbr.pacing_rate(None)
+    assert rate == base.pacing_rate(None) and rate > 1e8 / 2
+    extra = 2 * (burst_bytes(rate, RELEASE_TIME_MAX) - burst_bytes(rate))
+    assert bbr.cwnd - base.cwnd == pytest.approx(extra, abs=2)
+
+
 def test_probe_rtt_after_ten_seconds_without_a_new_minimum() -> None:
     p = steady_probe_bw()
     bbr = p.bbr
@@ -645,6 +838,69 @@ def test_sim_ack_aggregation_allowance_keeps_the_sender_busy(
     monkeypatch.setattr(bbr_module, "EXTRA_ACKED_GAIN", 0.0)
     without = [upload(s) for s in (1, 2)]
     assert sum(with_allowance) < 0.7 * sum(without), (with_allowance, without)
+
+
+def spans_of(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every step count a ReleaseSpan takes from now on, in order."""
+    seen: list[int] = []
+    set_steps = ReleaseSpan._set
+
+    def record(self: ReleaseSpan, steps: int) -> None:
+        seen.append(steps)
+        set_steps(self, steps)
+
+    monkeypatch.setattr(ReleaseSpan, "_set", record)
+    return seen
+
+
+def test_sim_release_span_grows_on_a_path_with_random_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """2 % random loss and a deep queue at 100 MB/s, 1 ms RTT: the loss is the same at
+    every span, so the span grows to its maximum and stays there. (Windows of 4 rounds:
+    16 MiB then hold enough of them.)"""
+    monkeypatch.setattr(pacing_module, "SPAN_WINDOW_ROUNDS", 4)
+    ab = LinkParams(delay=0.0005, bandwidth=100e6, queue_bytes=4 << 20, loss=0.02)
+    ba = LinkParams(delay=0.0005)
+    for seed in (4, 5):
+        seen = spans_of(monkeypatch)
+        tr = run_transfer(seed, 16 << 20, 0, timeout=60.0, ab=ab, ba=ba, tcp_config=TcpConfig())
+        assert tr.client is not None and isinstance(tr.client._cc, Bbr)
+        assert seen[:2] == [1, 2], seen
+        assert seen.count(1) <= 2, seen  # at most one step back (a window of unlucky loss)
+        assert tr.client._cc.release_time == pytest.approx(RELEASE_TIME_MAX)
+
+
+def test_sim_release_span_stays_small_where_bigger_bursts_overflow_a_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A receiver that drains 100 MB/s from a queue of 120 KiB (a userspace WireGuard peer
+    reading one datagram per call from its socket buffer), ACKs in clumps every 3 ms: 1 ms
+    releases fit, 3 ms ones lose their tails. The span tries bigger steps rarely and
+    loses far less than one pinned at the maximum. (Windows of 4 rounds, as above.)"""
+    monkeypatch.setattr(pacing_module, "SPAN_WINDOW_ROUNDS", 4)
+    ab = LinkParams(delay=0.0005, bandwidth=100e6, queue_bytes=120 * 1024)
+    ba = LinkParams(delay=0.0005, aggregate=0.003)
+
+    def upload(pin: int | None) -> tuple[int, float]:
+        """(datagrams the queue dropped, virtual seconds) with the span pinned or not."""
+        with monkeypatch.context() as m:
+            if pin is not None:
+
+                def pinned(self: ReleaseSpan, delivered: int, lost: int) -> None:
+                    self._set(pin)
+
+                m.setattr(ReleaseSpan, "on_round", pinned)
+            tr = run_transfer(4, 16 << 20, 0, timeout=60.0, ab=ab, ba=ba, tcp_config=TcpConfig())
+        return tr.sim.links[0].stats.queue_drops, tr.sim.now
+
+    (base, _), (top, top_time) = upload(0), upload(2)
+    seen = spans_of(monkeypatch)
+    adaptive, adaptive_time = upload(None)
+    assert top > 4 * base, (base, top)  # (the scenario does what it says)
+    assert adaptive < base + (top - base) // 3, (base, adaptive, top, seen)
+    assert adaptive_time < top_time
+    assert seen[-1] < 2, seen
 
 
 def test_no_rate_from_data_sent_before_an_rto() -> None:

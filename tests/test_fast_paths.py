@@ -23,7 +23,7 @@ from mitm_wg.net.bbr import Bbr
 from mitm_wg.net.checksum import verify
 from mitm_wg.net.congestion import NewReno
 from mitm_wg.net.delivery import DeliveryRate, RateSample
-from mitm_wg.net.pacing import Pacer
+from mitm_wg.net.pacing import Pacer, ReleaseSpan
 from mitm_wg.net.recovery import Rack
 from mitm_wg.net.rtt import RttEstimator
 from mitm_wg.net.stack import Stack
@@ -70,6 +70,7 @@ def state_of(obj: Any) -> Any:
             _RcvTuning,
             Rack,
             Pacer,
+            ReleaseSpan,
             Bbr,
             DeliveryRate,
             RateSample,

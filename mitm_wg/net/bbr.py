@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from mitm_wg.net.congestion import initial_window
 from mitm_wg.net.delivery import RateSample
-from mitm_wg.net.pacing import burst_bytes
+from mitm_wg.net.pacing import ReleaseSpan, burst_bytes
 
 __all__ = ["DRAIN", "PROBE_BW", "PROBE_RTT", "STARTUP", "Bbr"]
 
@@ -112,6 +112,7 @@ class Bbr:
         "_round_delivered",
         "_round_lost",
         "_round_start",
+        "_span",
         "btl_bw",
         "cwnd",
         "cwnd_gain",
@@ -119,6 +120,7 @@ class Bbr:
         "min_rtt_stamp",
         "mode",
         "pacing_gain",
+        "release_time",
         "round_count",
         "smss",
         "ssthresh",
@@ -164,6 +166,9 @@ class Bbr:
         self._extra_acked = [0, 0]
         self._extra_acked_idx = 0
         self._extra_acked_rounds = 0
+        # the pacer's release span (pacing.py), grown while the path shows no loss from it
+        self._span = ReleaseSpan()
+        self.release_time = self._span.time
 
     # -- the controller interface -----------------------------------------------------------
     def set_mss(self, smss: int) -> None:
@@ -198,6 +203,8 @@ class Bbr:
         self.cwnd = self.smss
         self._full_bw = 0.0
         self._round_start = True
+        self._span.on_timeout()
+        self.release_time = self._span.time
 
     # -- the model ---------------------------------------------------------------------------
     def bdp(self, gain: float) -> int:
@@ -238,6 +245,10 @@ class Bbr:
         # -- §4.2.2 BBRUpdateBtlBw: round counting and the max filter
         self._round_start = False
         if rs is not None and rs.prior_delivered >= self._next_round_delivered:
+            if self.mode == PROBE_BW:
+                span = self._span
+                span.on_round(total_delivered - self._round_delivered, self._round_lost)
+                self.release_time = span.time
             self._next_round_delivered = total_delivered
             self.round_count += 1
             self._round_start = True
@@ -442,7 +453,9 @@ class Bbr:
             else:
                 # send quanta: what the pacer may release back to back, twice over (Linux
                 # adds 3 TSO frames); a little more in the probing phase
-                target = self.bdp(self.cwnd_gain) + 2 * int(burst_bytes(self._pacing_rate))
+                target = self.bdp(self.cwnd_gain) + 2 * int(
+                    burst_bytes(self._pacing_rate, self.release_time)
+                )
                 target += self.aggregation_allowance()
                 if self.mode == PROBE_BW and self._cycle_idx == 0:
                     target += 2 * smss

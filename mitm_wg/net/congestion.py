@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mitm_wg.net.pacing import BURST_TIME
+
 if TYPE_CHECKING:
     from mitm_wg.net.bbr import Bbr
 
@@ -30,6 +32,8 @@ class NewReno:
     #: False: a loss-based controller; the socket applies PRR and cwnd = ssthresh around
     #: recovery. True (BBR): the controller sets cwnd itself from rate samples.
     model_based = False
+    #: the pacer's release span in seconds of the rate (pacing.py; BBR grows its own)
+    release_time = BURST_TIME
 
     def __init__(self, smss: int) -> None:
         self.smss = smss

@@ -498,7 +498,8 @@ class Sender:
         sending = self.state in _SEND_STATES
         if pacer is not None and sending:
             # pacing.py: the bytes the pacer lets go now
-            budget = pacer.budget(now, self._cc.pacing_rate(self._rtt.srtt))
+            cc = self._cc
+            budget = pacer.budget(now, cc.pacing_rate(self._rtt.srtt), cc.release_time)
         sent = 0
         smss = self._smss
         idle = False  # the loop ran out of things to send (not out of pacing budget)
