@@ -11,6 +11,8 @@ import gc
 import random
 import tracemalloc
 
+from test_sim import run_transfer
+
 from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.net.tcp_wire import ACK, SYN
@@ -226,6 +228,27 @@ def test_simulated_100ms_rtt_window_grows_and_transfer_is_faster() -> None:
     assert auto_peak > 2 * MiB, auto_peak
     assert auto_sbuf > 2 * MiB, auto_sbuf
     assert auto_t < 0.8 * fixed_t, (auto_t, fixed_t)
+
+
+def test_simulated_100ms_rtt_upload_outgrows_a_4_mib_send_buffer() -> None:
+    """60 MB/s at 100 ms RTT to a receiver with a 32 MiB window (Linux's tcp_rmem in
+    bench_path): BBR keeps 2 BDPs (12 MB) in flight at most and the send buffer wants twice
+    its window; capped at 4 MiB the upload could not fill the path, the default cap (8 MiB)
+    goes further (virtual time: the runs replay exactly)."""
+
+    def upload(config: TcpConfig) -> tuple[float, int]:
+        link = LinkParams(delay=0.05, bandwidth=60e6, queue_bytes=16 * MiB)
+        tr = run_transfer(
+            3, 32 * MiB, 0, timeout=120.0, ab=link, ba=LinkParams(delay=0.05), tcp_config=config
+        )
+        assert tr.client is not None
+        return tr.sim.now, tr.client.send_buffer
+
+    assert TcpConfig().send_buffer_max == 8 * MiB
+    t4, sbuf4 = upload(TcpConfig(recv_buffer_max=32 * MiB, send_buffer_max=4 * MiB))
+    t8, sbuf8 = upload(TcpConfig(recv_buffer_max=32 * MiB))
+    assert sbuf4 == 4 * MiB and sbuf8 == 8 * MiB
+    assert t8 < 0.95 * t4, (t8, t4)
 
 
 # -- memory ---------------------------------------------------------------------------------
