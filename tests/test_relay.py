@@ -69,7 +69,9 @@ def test_bursty_parameters() -> None:
 
 def test_bursty_loss_comes_in_bursts_and_is_seeded() -> None:
     count = 1000
-    imp = Impairment.bursty(0.1, 5)  # 10 % loss in bursts of 5 on average
+    # 10 % loss in bursts of 5 on average; bursts never time out here (the test sends in
+    # batches, and a burst cut at a batch boundary would depend on timing, not the seed)
+    imp = Impairment.bursty(0.1, 5, bad_time=60.0)
     results = []
     for seed in (4, 4, 5):
         target = _target()
@@ -88,6 +90,29 @@ def test_bursty_loss_comes_in_bursts_and_is_seeded() -> None:
     # random 10 % loss would give a mean run of ~1.1; bursts of 5 give far longer ones
     assert lost / len(runs) > 2.5
     assert max(runs) >= 6
+
+
+def test_a_burst_ends_with_its_time_even_without_traffic() -> None:
+    """A chain that (practically) never leaves the bad state by itself: datagrams right
+    after the first are lost, one sent after bad_time passes, the next starts a new
+    burst."""
+    imp = Impairment(bad_enter=1.0, bad_exit=1e-9, bad_time=1.0)
+    target = _target()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with target, client, ImpairedRelay(target.getsockname(), seed=1, up=imp) as relay:
+        client.sendto(b"0", relay.address)
+        client.sendto(b"1", relay.address)
+        wait_until(lambda: relay.up.received == 2, 10, "the relay to read")
+        time.sleep(1.5)
+        client.sendto(b"2", relay.address)
+        wait_until(lambda: relay.up.received == 3, 10, "the relay to read")
+        client.sendto(b"3", relay.address)
+        wait_until(lambda: relay.up.received == 4, 10, "the relay to read")
+        target.settimeout(5)
+        assert target.recv(100) == b"2"
+        assert relay.up.dropped == 3
+    with pytest.raises(ValueError):
+        Impairment(bad_time=0.0)
 
 
 def test_bursty_loss_leaves_other_decisions_unchanged() -> None:

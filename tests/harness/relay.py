@@ -68,6 +68,10 @@ class Impairment:
     Bursty loss is a Gilbert-Elliott chain: in the good state a datagram is lost with
     probability ``loss``; each datagram moves good→bad with probability ``bad_enter`` and
     bad→good with ``bad_exit``; in the bad state it is lost with probability ``bad_loss``.
+    A bad state also ends once it is ``bad_time`` seconds old (as the simulator's bursts):
+    interference lasts milliseconds, not until the next datagram, and without the bound a
+    sparse flow met the same burst again — a WireGuard handshake retried 5 s later was lost
+    with P(stay bad), and the bench_path smoke run's warm-up gave up after two initiations.
     :meth:`bursty` builds one from a mean loss rate and a mean burst length.
     """
 
@@ -81,6 +85,7 @@ class Impairment:
     bad_enter: float = 0.0  # Gilbert-Elliott: P(good -> bad) per datagram (0 = off)
     bad_exit: float = 1.0  # P(bad -> good) per datagram: mean burst = 1 / bad_exit datagrams
     bad_loss: float = 1.0  # loss probability in the bad state
+    bad_time: float = 0.005  # a bad state ends at this age (seconds) whatever the chain says
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder", "bad_enter", "bad_exit", "bad_loss"):
@@ -89,6 +94,8 @@ class Impairment:
                 raise ValueError(f"{name} must be in [0, 1], not {v}")
         if self.reorder_gap < 1 or self.delay < 0 or self.jitter < 0 or self.reorder_timeout <= 0:
             raise ValueError("reorder_gap >= 1, delay >= 0, jitter >= 0, reorder_timeout > 0")
+        if self.bad_time <= 0:
+            raise ValueError("bad_time must be > 0")
         if self.bad_enter > 0 and self.bad_exit <= 0:
             raise ValueError("bad_exit must be > 0 when bad_enter > 0 (else the loss never ends)")
 
@@ -151,6 +158,7 @@ class _Direction:
     held: list[tuple[_Held, socket.socket, tuple[str, int] | None]] = field(default_factory=list)
     fifo: collections.deque[_Queued] = field(default_factory=collections.deque)
     bad: bool = False  # Gilbert-Elliott state
+    bad_since: float = 0.0  # when it last entered the bad state
     undrawn: int = 0  # datagrams the fast path passed without drawing their 4 values
 
 
@@ -432,9 +440,12 @@ class ImpairedRelay:
             # Gilbert-Elliott: move the chain, then lose with the state's probability
             burst = d.burst_rng
             if d.bad:
-                d.bad = burst.random() >= imp.bad_exit
+                # (the draw comes first: the n-th datagram's draws depend only on the seed)
+                d.bad = burst.random() >= imp.bad_exit and now - d.bad_since < imp.bad_time
             else:
                 d.bad = burst.random() < imp.bad_enter
+                if d.bad:
+                    d.bad_since = now
             lost = burst.random() < imp.bad_loss if d.bad else r_loss < imp.loss
         else:
             lost = r_loss < imp.loss
