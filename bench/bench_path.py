@@ -888,21 +888,21 @@ def print_table(rows: list[Row], title: str) -> None:
             o = _median_counter(r.ours, short)
             cells.append(f"{short} {k} / {o}")
         print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
-    print("\nOur socket per transfer (medians):", end="")
-    for r in rows:
-        cells = []
-        for name in OUR_TCP_COUNTERS:
-            values = [t.ours_tcp[name] for t in r.ours if name in t.ours_tcp]
-            cells.append(f"{name} {_median_of(values)}")
-        print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
-    print("\nOur thread asleep, by what held our sender (medians, % of the transfer):", end="")
-    for r in rows:
-        cells = []
-        for why in SLEEP_REASONS:
-            key = f"asleep_{why or 'other'}"
-            values = [t.ours_tcp[key] for t in r.ours if key in t.ours_tcp]
-            cells.append(f"{why or 'other'} {_median_of(values)}")
-        print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
+    ours_sections = (
+        ("Our socket per transfer (medians):", {name: name for name in OUR_TCP_COUNTERS}),
+        (
+            "Our thread asleep, by what held our sender (medians, % of the transfer):",
+            {f"asleep_{why or 'other'}": why or "other" for why in SLEEP_REASONS},
+        ),
+    )
+    for title, labels in ours_sections:  # our socket's counters (Transfer.ours_tcp)
+        print(f"\n{title}", end="")
+        for r in rows:
+            cells = [
+                f"{label} {_median_of([t.ours_tcp[key] for t in r.ours if key in t.ours_tcp])}"
+                for key, label in labels.items()
+            ]
+            print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
     print()
     sys.stdout.flush()
 

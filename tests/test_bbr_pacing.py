@@ -251,7 +251,8 @@ def test_socket_paces_in_the_controllers_release_span() -> None:
     assert isinstance(cc, Bbr)
     cc.cwnd = 1000 * MSS
     cc._pacing_rate = 1e8
-    cc.release_time = RELEASE_TIME_MAX
+    cc._span._set(2)  # (grown to its maximum)
+    assert cc.release_time == pytest.approx(RELEASE_TIME_MAX)
     sock.send(bytes(900 * MSS))
     pb.at(0.2).out()  # what credit there was
     t = pb.poll()

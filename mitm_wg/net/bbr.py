@@ -120,7 +120,6 @@ class Bbr:
         "min_rtt_stamp",
         "mode",
         "pacing_gain",
-        "release_time",
         "round_count",
         "smss",
         "ssthresh",
@@ -168,7 +167,6 @@ class Bbr:
         self._extra_acked_rounds = 0
         # the pacer's release span (pacing.py), grown while the path shows no loss from it
         self._span = ReleaseSpan()
-        self.release_time = self._span.time
 
     # -- the controller interface -----------------------------------------------------------
     def set_mss(self, smss: int) -> None:
@@ -204,7 +202,11 @@ class Bbr:
         self._full_bw = 0.0
         self._round_start = True
         self._span.on_timeout()
-        self.release_time = self._span.time
+
+    @property
+    def release_time(self) -> float:
+        """The pacer's release span in seconds of the rate (pacing.py ``ReleaseSpan``)."""
+        return self._span.time
 
     # -- the model ---------------------------------------------------------------------------
     def bdp(self, gain: float) -> int:
@@ -246,9 +248,7 @@ class Bbr:
         self._round_start = False
         if rs is not None and rs.prior_delivered >= self._next_round_delivered:
             if self.mode == PROBE_BW:
-                span = self._span
-                span.on_round(total_delivered - self._round_delivered, self._round_lost)
-                self.release_time = span.time
+                self._span.on_round(total_delivered - self._round_delivered, self._round_lost)
             self._next_round_delivered = total_delivered
             self.round_count += 1
             self._round_start = True

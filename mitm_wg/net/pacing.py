@@ -82,7 +82,6 @@ class ReleaseSpan:
         "_fails",
         "_hold",
         "_lost",
-        "_measured",
         "_rounds",
         "steps",
         "time",
@@ -91,8 +90,8 @@ class ReleaseSpan:
     def __init__(self) -> None:
         self.steps = 0  # steps above the base span
         self.time = BURST_TIME
-        self._baseline = 0.0  # loss share at the base span (moving average of its windows)
-        self._measured = False  # _baseline holds a measurement
+        # loss share at the base span (moving average of its windows; None: not measured)
+        self._baseline: float | None = None
         self._delivered = 0
         self._lost = 0
         self._rounds = 0
@@ -109,15 +108,13 @@ class ReleaseSpan:
         total = self._delivered + self._lost
         share = self._lost / total if total > 0 else 0.0
         self._delivered = self._lost = self._rounds = 0
+        base = self._baseline
         if not self.steps:
             # the path's own loss at the base span: a moving average over its windows
-            if self._measured:
-                self._baseline += (share - self._baseline) * SPAN_BASE_GAIN
-            else:
-                self._baseline = share
-                self._measured = True
+            base = share if base is None else base + (share - base) * SPAN_BASE_GAIN
+            self._baseline = base
         else:
-            base = self._baseline
+            assert base is not None  # (the span grows only after a window at the base)
             if share > base + (base if base > SPAN_LOSS_MARGIN else SPAN_LOSS_MARGIN):
                 self._set(self.steps - 1)  # the bigger releases lose: one step back
                 self._failed()
@@ -126,7 +123,7 @@ class ReleaseSpan:
                 self._fails = 0  # a clean window at the top: the next failure waits 2
         if self._hold:
             self._hold -= 1
-        elif self.steps < _SPAN_STEPS_MAX and self._baseline <= SPAN_BASE_LOSS_MAX:
+        elif self.steps < _SPAN_STEPS_MAX and base <= SPAN_BASE_LOSS_MAX:
             self._set(self.steps + 1)
 
     def on_timeout(self) -> None:
@@ -172,8 +169,7 @@ class Pacer:
         if rate != old or span != self.span:
             self.rate = rate
             self.span = span
-            b = rate * span
-            self.burst = b if b > BURST_MIN else BURST_MIN
+            self.burst = burst_bytes(rate, span)
         self.stamp = now
         burst = self.burst
         if tokens > burst:

@@ -640,8 +640,12 @@ class Sender:
                 self._rec_at = now + (pto if pto < rto else rto)
                 rack.timer = TIMER_PTO
 
+    def _send_end(self) -> int:
+        """End of what there is to send: the data, and the FIN once queued."""
+        return self._data_end() + (1 if self._fin_queued else 0)
+
     def _pending_send(self) -> bool:
-        return self._data_end() + (1 if self._fin_queued else 0) > self._snd_max
+        return self._send_end() > self._snd_max
 
     def _update_persist(self, now: float) -> None:
         una = self._snd_una
@@ -709,7 +713,7 @@ class Sender:
                 return "pacer"
             return ""
         smax = self._snd_max
-        unsent = self._data_end() - smax + (1 if self._fin_queued else 0)
+        unsent = self._send_end() - smax
         if unsent <= 0:
             if smax == self._snd_una:
                 return "idle"

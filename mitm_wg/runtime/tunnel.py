@@ -280,7 +280,9 @@ class Tunnel:
                     await trio.lowlevel.wait_readable(timer.fileno())
                     if not timer.clear():
                         continue  # re-armed after it fired: not due yet
-                self._on_deadline()  # (its _flush leaves the arming to the loop)
+                now = trio.current_time()
+                self.device.poll(now, self._datagrams)
+                self._flush(now)  # (leaves the arming to the loop: _timer_at is past)
         finally:
             self._timer_fd = None
             if timer is not None:
@@ -298,11 +300,6 @@ class Tunnel:
                 timer.arm(deadline - trio.current_time())
         elif self._timer_scope is not None:
             self._timer_scope.deadline = deadline
-
-    def _on_deadline(self) -> None:
-        now = trio.current_time()
-        self.device.poll(now, self._datagrams)
-        self._flush(now)
 
     def _next_deadline(self) -> float:
         d1 = self.device.next_deadline()
