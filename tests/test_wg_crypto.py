@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.wireguard import crypto
+from mitm_wg.wireguard.messages import TRANSPORT_HEADER
 
 H = bytes.fromhex
 
@@ -235,6 +236,46 @@ def test_aead_caller_mistakes_raise(fast: bool) -> None:
     assert "00" not in repr(aead)
 
 
+@BACKENDS
+@given(
+    index=st.integers(min_value=0, max_value=2**32 - 1),
+    counter=st.integers(min_value=0, max_value=2**64 - 1),
+    plaintext=st.binary(max_size=1600),
+)
+def test_aead_message_methods_are_header_plus_seal_and_open(
+    fast: bool, index: int, counter: int, plaintext: bytes
+) -> None:
+    """seal_message/open_message (one call per transport message, the counter taken from
+    the header's bytes) give exactly header || seal(counter, ...) and open it back, as bytes
+    or as a view of a longer buffer (a GRO run), on both sides of the 1484-byte limit."""
+    aead = crypto.Aead(A5_KEY, fast=fast)
+    header = TRANSPORT_HEADER.pack(4, index, counter)
+    message = aead.seal_message(header, plaintext)
+    assert message == header + crypto.Aead(A5_KEY, fast=False).seal(counter, plaintext)
+    assert aead.open_message(message) == plaintext
+    run = b"x" * 7 + message + b"y" * 5
+    assert aead.open_message(memoryview(run)[7 : 7 + len(message)]) == plaintext
+
+
+@BACKENDS
+def test_aead_open_message_refuses_what_does_not_authenticate(fast: bool) -> None:
+    aead = crypto.Aead(A5_KEY, fast=fast)
+    message = aead.seal_message(TRANSPORT_HEADER.pack(4, 1, 9), A5_PT)
+    assert aead.open_message(message) == A5_PT
+    # another counter in the header (the nonce comes from it), a flipped bit anywhere in
+    # ciphertext or tag, a message cut to its header or to less than a tag
+    other = TRANSPORT_HEADER.pack(4, 1, 10) + message[16:]
+    assert aead.open_message(other) is None
+    for i in (16, len(message) // 2, len(message) - 1):
+        flipped = bytearray(message)
+        flipped[i] ^= 0x80
+        assert aead.open_message(bytes(flipped)) is None
+        assert aead.open_message(message) == A5_PT  # the object is sound after a failure
+    assert aead.open_message(message[:16]) is None
+    assert aead.open_message(message[:31]) is None
+    assert crypto.Aead(bytes(32), fast=fast).open_message(message) is None  # wrong key
+
+
 # --- the fast backend (aioquic's AEAD) -----------------------------------------------------------
 
 
@@ -278,6 +319,16 @@ def test_fast_aead_never_gets_a_plaintext_past_its_buffer() -> None:
     small = b"after the large ones"
     assert fast.seal(1, small) == ref.seal(1, small)
     assert fast.open(1, ref.seal(1, small)) == small
+    # the same through the transport-message methods, on a fresh object
+    fast = crypto.Aead(key)
+    for size in range(1480, 1505):
+        plaintext = bytes([size & 0xFF]) * size
+        header = TRANSPORT_HEADER.pack(4, 1, size)
+        assert fast.seal_message(header, plaintext) == header + ref.seal(size, plaintext)
+        assert fast.open_message(header + ref.seal(size, plaintext)) == plaintext
+    header = TRANSPORT_HEADER.pack(4, 1, 1)
+    assert fast.seal_message(header, small) == header + ref.seal(1, small)
+    assert fast.open_message(header + ref.seal(1, small)) == small
 
 
 def test_a_backend_with_other_answers_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:

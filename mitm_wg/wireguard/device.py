@@ -357,7 +357,7 @@ class Device:
         order (padded to 16 bytes, within the MTU), to the peer's endpoint."""
         counter = keypair.send_counter
         index = keypair.remote_index
-        seal = keypair.send.seal
+        seal = keypair.send.seal_message
         endpoint = peer.endpoint
         mtu = self.mtu
         sent = 0
@@ -367,9 +367,7 @@ class Device:
                 padded = min((size + 15) & ~15, mtu)
                 if padded > size:
                     packet = packet + _PADDING[padded - size]
-            datagram = TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, index, counter) + seal(
-                counter, packet
-            )
+            datagram = seal(TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, index, counter), packet)
             counter += 1
             sent += len(datagram)
             out.append((datagram, endpoint))  # type: ignore[arg-type]
@@ -544,7 +542,7 @@ class Device:
                     if keypair is not None:
                         index = idx
                         replay = keypair.replay
-                        open_ = keypair.recv.open
+                        open_ = keypair.recv.open_message
                         if keypair.peer is not peer:
                             if authenticated:
                                 self._received_run(peer, source, now, rx, authenticated, data)
@@ -566,7 +564,7 @@ class Device:
             if counter >= REJECT_AFTER_MESSAGES or not replay.check(counter):
                 drops["replay_or_expired"] += 1
                 continue
-            plaintext = open_(counter, datagram[16:])  # (a view of a GRO run stays a view)
+            plaintext = open_(datagram)  # (a view of a GRO run stays a view up to the AEAD)
             if plaintext is None:
                 drops["decrypt"] += 1
                 continue
@@ -653,7 +651,7 @@ class Device:
             self.drops["replay_or_expired"] += 1
             return
         # rule: transport-open (with the replay check above)
-        plaintext = keypair.recv.open(counter, data[16:])
+        plaintext = keypair.recv.open_message(data)
         if plaintext is None:
             self.drops["decrypt"] += 1
             return
