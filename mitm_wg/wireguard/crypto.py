@@ -298,8 +298,8 @@ class Aead:
 
     def open_message(self, message: bytes | memoryview) -> bytes | None:
         """:meth:`open` of a whole transport message (16-byte header, the counter
-        little-endian in its last 8, then ciphertext || tag); None if it does not
-        authenticate."""
+        little-endian in its last 8, then ciphertext || tag; the caller has checked it
+        holds at least the header); None if it does not authenticate."""
         fast = self._fast
         if fast is not None and len(message) - _MESSAGE_HEADER_LEN <= FAST_AEAD_MAX_CIPHERTEXT:
             pn = _PACKET_NUMBER_BE.unpack_from(message, _MESSAGE_COUNTER)[0]
