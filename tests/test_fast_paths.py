@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from mitm_wg.net.assembler import Assembler
 from mitm_wg.net.bbr import Bbr
-from mitm_wg.net.checksum import verify
+from mitm_wg.net.checksum import pseudo_header_sum, verify
 from mitm_wg.net.congestion import NewReno
 from mitm_wg.net.delivery import DeliveryRate, RateSample
 from mitm_wg.net.pacing import Pacer, ReleaseSpan
@@ -37,7 +37,6 @@ from mitm_wg.net.tcp_wire import (
     TCP_TUPLE_FIELDS,
     URG,
     TcpSegment,
-    TcpTuple,
 )
 
 A = ipaddress.ip_address("10.0.0.1").packed
@@ -898,8 +897,9 @@ def _wire(segs: list[Any]) -> list[bytes]:
     return out
 
 
-def _segment(s: TcpSegment | TcpTuple) -> TcpSegment:
-    return TcpSegment.from_tuple(s) if type(s) is tuple else s  # type: ignore[arg-type]
+def _segments(out: list[Any]) -> list[TcpSegment]:
+    """The segments of dispatch output (TcpSegments, TcpTuples, TcpRuns), one by one."""
+    return [seg for item in out for seg in TcpSegment.segments_of(item)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -975,7 +975,7 @@ def test_bulk_send_is_the_general_loop(
         if tuples:
             assert _wire(fast_out) == _wire(slow_out)
         # a TcpTuple encodes exactly the TcpSegment the general loop builds
-        assert [_segment(s)._key() for s in fast_out] == [s._key() for s in slow_out]
+        assert [s._key() for s in _segments(fast_out)] == [s._key() for s in slow_out]
         assert state_of(sock) == state_of(slow)
         assert sock.poll_at() == slow.poll_at()
 
@@ -1060,7 +1060,7 @@ def counting_bulk_send(calls: list[int], only: TcpSocket | None = None) -> Any:
 
 def test_bulk_send_is_taken() -> None:
     """A plain bulk transfer does go through the fast path (else the test above proves
-    little), and in tuple form."""
+    little), and in run form."""
     calls: list[int] = []
     original = TcpSocket._bulk_send
     counting = counting_bulk_send(calls)
@@ -1074,7 +1074,11 @@ def test_bulk_send_is_taken() -> None:
     finally:
         TcpSocket._bulk_send = original  # type: ignore[method-assign]
     assert calls and calls[0] > 10
-    assert sum(type(s) is tuple for s in out) == calls[0] - 1
+    # the first segment the general way, the others as one TcpRun
+    assert len(out) == 2 and type(out[0]) is TcpSegment
+    run = out[1]
+    assert type(run) is tuple and type(run[8]) is list and len(run[8]) == calls[0] - 1
+    assert len(_segments(out)) == calls[0]
 
 
 @pytest.mark.parametrize("congestion", ["bbr", "newreno", "cubic"])
@@ -1138,21 +1142,21 @@ def test_bulk_send_runs_with_sacked_data_and_in_recovery(congestion: str) -> Non
     # out its reordering window
     first = step(0.025, una + m, ((una + 2 * m, una + 4 * m),), 1002)
     assert not sock._in_fr and sock._sacked
-    new = [s for s in first if _segment(s).seq != (una + m) & M32]
-    assert len(new) >= 2 and len(new) == len(first)
+    new = [s for s in _segments(first) if s.seq != (una + m) & M32]
+    assert len(new) >= 2 and len(new) == len(_segments(first))
     assert bulk_runs and bulk_runs[0] == len(new), "the bulk path sent the whole run"
     # later SACKs: RACK deems segment 2 lost; recovery retransmits it, then new data
     smax = sock._snd_max
     second = step(0.06, una + m, ((una + 2 * m, una + 20 * m),), 1003)
     assert sock._in_fr
-    assert _segment(second[0]).seq == (una + m) & M32  # the retransmission first
+    assert _segments(second)[0].seq == (una + m) & M32  # the retransmission first
     assert sock.stats.retransmits == 1
     sent_new = (sock._snd_max - smax) // m
     assert sent_new >= 1
-    assert sum(bulk_runs) == sent_new and len(second) == 1 + sent_new
+    assert sum(bulk_runs) == sent_new and len(_segments(second)) == 1 + sent_new
     third = step(0.065, una + m, ((una + 2 * m, una + 30 * m),), 1004)
-    assert sock._in_fr and len(third) >= 5
-    assert bulk_runs == [len(third)]
+    assert sock._in_fr and len(_segments(third)) >= 5
+    assert bulk_runs == [len(_segments(third))]
 
 
 @pytest.mark.parametrize(
@@ -1189,7 +1193,14 @@ def test_stack_bulk_send_matches_general_loop(
             assert x == y, f"seed {seed}: traces differ at entry {i}"
 
 
-@pytest.mark.parametrize("extra", [0, 1, MSS - 1, 7 * MSS, 7 * MSS + 1, 30 * MSS - 1])
+# (25600 + extra bytes: 19 and 27 full segments of MSS - 12 (the timestamp option) end the
+# data with a full segment, which then carries PSH from the bulk path; 27 is all the peer's
+# window holds)
+@pytest.mark.parametrize(
+    "extra",
+    [0, 1, 19 * (MSS - 12) - 25600, 27 * (MSS - 12) - 25600, MSS - 1, 7 * MSS, 7 * MSS + 1,
+     30 * MSS - 1],
+)  # fmt: skip
 @pytest.mark.parametrize("fin", [False, True])
 @pytest.mark.parametrize("tuples", [False, True])
 def test_bulk_send_data_end_and_fin(extra: int, fin: bool, tuples: bool) -> None:
@@ -1208,9 +1219,12 @@ def test_bulk_send_data_end_and_fin(extra: int, fin: bool, tuples: bool) -> None
     slow_out: list[Any] = []
     sock.dispatch(0.05, fast_out, tuples)
     slow.dispatch(0.05, slow_out, tuples)
-    assert len(fast_out) > 10
+    assert len(_segments(fast_out)) > 10
     assert _wire(fast_out) == _wire(slow_out)
     assert state_of(sock) == state_of(slow)
+    if extra in (19 * (MSS - 12) - 25600, 27 * (MSS - 12) - 25600) and not fin:
+        last = _segments(fast_out)[-1]
+        assert last.flags & PSH and len(last.payload) == MSS - 12  # the bulk path's PSH
 
 
 def test_tcp_tuple_fields_are_the_segments() -> None:
@@ -1220,6 +1234,51 @@ def test_tcp_tuple_fields_are_the_segments() -> None:
     as_seg = {**{f: getattr(seg, f, None) for f in TCP_TUPLE_FIELDS}, "payload": seg.payload}
     as_seg["tsval"], as_seg["tsecr"] = seg.timestamp or (None, None)
     assert tuple(as_seg[f] for f in TCP_TUPLE_FIELDS) == t
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ipv6=st.booleans(),
+    seq=st.integers(0, M32),
+    fields=st.tuples(
+        st.integers(0, 0xFFFF),
+        st.integers(0, 0xFFFF),
+        st.integers(0, M32),
+        st.sampled_from([ACK, ACK | PSH]),
+        st.integers(0, 0xFFFF),
+        st.integers(0, M32),
+        st.integers(0, M32),
+    ),
+    sizes=st.lists(st.integers(1, 1500), min_size=1, max_size=6),
+)
+def test_a_tcp_run_is_its_segments(
+    ipv6: bool, seq: int, fields: tuple[int, ...], sizes: list[int]
+) -> None:
+    """A TcpRun wraps to exactly the packets of its segments one by one (through the
+    general builder), across the 32-bit wrap of the sequence numbers, odd lengths included,
+    IPv4 and IPv6, each with a valid TCP checksum; segments_of gives those segments."""
+    sport, dport, ack, flags, window, tsval, tsecr = fields
+    rng = random.Random(seq)
+    payloads = [rng.randbytes(n) for n in sizes]
+    run = (sport, dport, seq, ack, flags, window, tsval, tsecr, payloads)
+    segs = TcpSegment.segments_of(run)  # type: ignore[arg-type]
+    starts = [(seq + sum(sizes[:i])) & M32 for i in range(len(sizes))]
+    assert [(x.seq, x.payload, x.flags, x.ack, x.timestamp) for x in segs] == [
+        (st_, p, flags, ack, (tsval, tsecr)) for st_, p in zip(starts, payloads, strict=True)
+    ]
+    local, remote = (bytes(range(16)), bytes(range(16, 32))) if ipv6 else (B, A)
+    fast: list[bytes] = []
+    Stack._wrap_tcp_fast(local, remote, [run], fast)  # type: ignore[list-item]
+    assert fast == [Stack._wrap_tcp(local, remote, x) for x in segs]
+    hdr = 40 if ipv6 else 20
+    for packet in fast:
+        tcp = packet[hdr:]
+        assert verify(tcp, pseudo_header_sum(local, remote, 6, len(tcp)))
+    # and a run in the middle of other items keeps its place
+    one = (sport, dport, 7, ack, ACK | PSH, window, tsval, tsecr, b"x")
+    both: list[bytes] = []
+    Stack._wrap_tcp_fast(local, remote, [run, one], both)  # type: ignore[list-item]
+    assert both == [*fast, Stack._wrap_tcp(local, remote, TcpSegment.from_tuple(one))]
 
 
 def test_every_hand_kept_copy_names_its_rule() -> None:

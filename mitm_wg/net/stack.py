@@ -75,6 +75,7 @@ from mitm_wg.net.tcp_wire import (
     PSH,
     RST,
     SYN,
+    TcpRun,
     TcpSegment,
     TcpTuple,
     build_tcp_parts,
@@ -423,7 +424,7 @@ class Stack:
         self._udp: dict[tuple[bytes | int, int], UdpSocket] = {}
         self._pmtu: dict[bytes, int] = {}
         self._out: list[bytes] = []
-        self._segs: list[TcpSegment] = []
+        self._segs: list[TcpSegment | TcpTuple | TcpRun] = []
         self._icmp_limiter = icmp.RateLimiter(icmp_rate, icmp_burst, now)
 
     # ------------------------------------------------------------------ public API
@@ -961,13 +962,17 @@ class Stack:
 
     @staticmethod
     def _wrap_tcp_fast(
-        local: bytes, remote: bytes, segs: list[TcpSegment | TcpTuple], out: list[bytes]
+        local: bytes,
+        remote: bytes,
+        segs: list[TcpSegment | TcpTuple | TcpRun],
+        out: list[bytes],
     ) -> None:
         """:meth:`_wrap_tcp` for a list of segments (same bytes), appended to ``out``.
 
-        ``segs`` may also hold the :data:`~mitm_wg.net.tcp_wire.TcpTuple` encoding of
-        ``TcpSocket.dispatch(..., tuples=True)`` (a segment whose only option is the
-        timestamp), built as ``TcpSegment.from_tuple`` of it would be.
+        ``segs`` may also hold the :data:`~mitm_wg.net.tcp_wire.TcpTuple` and
+        :data:`~mitm_wg.net.tcp_wire.TcpRun` encodings of ``TcpSocket.dispatch(...,
+        tuples=True)`` (segments whose only option is the timestamp), built as
+        ``TcpSegment.segments_of`` of them would be.
 
         A segment whose only option is the timestamp (every data segment and ACK once a
         connection is established) gets its IP and TCP headers from one struct pack, with
@@ -985,6 +990,43 @@ class Stack:
             osum = 0  # the sum of opts' words
             if type(seg) is tuple:
                 sport, dport, seq, ack, flags, window, tsval, tsecr, payload = seg
+                if type(payload) is list:
+                    # a TcpRun: what its segments share is summed once, each adds its
+                    # sequence number, length and payload sum; the same bytes as one by one
+                    shared = (
+                        tcp_const + 32 + sport + dport + ack + 0x8000 + flags + window
+                        + tsval + tsecr
+                    )  # fmt: skip
+                    for data in payload:
+                        plen = len(data)
+                        csum = (shared + plen + seq + ones_sum(data)) % 0xFFFF
+                        csum = (~csum) & 0xFFFF if csum else 0xFFFF
+                        if ip4:
+                            total = 52 + plen
+                            if total > 0xFFFF:
+                                raise ValueError("IPv4 payload too long")
+                            ip_csum = (ip_const + total) % 0xFFFF
+                            ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
+                            # fmt: off
+                            header = _IP4_TCP_TS.pack(
+                                0x45, 0, total, 0, 0x4000, DEFAULT_TTL, PROTO_TCP, ip_csum,
+                                local, remote, sport, dport, seq, ack, 0x80, flags, window,
+                                csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                            )
+                            # fmt: on
+                        else:
+                            if 32 + plen > 0xFFFF:
+                                raise ValueError("IPv6 payload too long")
+                            # fmt: off
+                            header = _IP6_TCP_TS.pack(
+                                _IP6_VERSION_WORD, 32 + plen, PROTO_TCP, DEFAULT_TTL, local,
+                                remote, sport, dport, seq, ack, 0x80, flags, window,
+                                csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                            )
+                            # fmt: on
+                        out.append(header + data)
+                        seq = (seq + plen) & 0xFFFFFFFF
+                    continue
             else:
                 ts = seg.timestamp
                 blocks = seg.sack_blocks

@@ -20,7 +20,7 @@ from mitm_wg.net.tcp_state import (
     _USER_SEND_STATES,
     TcpState,
 )
-from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, SYN, TcpSegment, TcpTuple
+from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, SYN, TcpRun, TcpSegment, TcpTuple
 from mitm_wg.net.tcp_wire import HALF as _HALF
 
 __all__ = ["Sender"]
@@ -327,7 +327,11 @@ class Sender:
         out.append(seg)
 
     def _bulk_send(
-        self, now: float, out: list[TcpSegment | TcpTuple], tuples: bool, budget: float = _INF
+        self,
+        now: float,
+        out: list[TcpSegment | TcpTuple | TcpRun],
+        tuples: bool,
+        budget: float = _INF,
     ) -> int:
         """Bulk-send fast path of :meth:`dispatch`: the full-size segments of new data that
         the congestion and peer windows allow, with exactly the effect (segments, state,
@@ -385,31 +389,30 @@ class Sender:
         n = 1
         if tuples and ts is not None:
             tsval, tsecr = ts
-            # bytes straight from a view: one copy, and the checksum's int.from_bytes then
-            # needs no second one (it copies anything but bytes)
+            # one TcpRun (their shared fields are summed and packed once per run); bytes
+            # straight from a view: one copy, and the checksum's int.from_bytes then needs
+            # no second one (it copies anything but bytes)
+            run_seq = s & M32
+            payloads: list[bytes] = []
             view = memoryview(sbuf)
             try:
                 while True:
                     e = s + smss
-                    out.append(
-                        (
-                            lport,
-                            rport,
-                            s & M32,
-                            ack,
-                            ACK | PSH if e == data_end else ACK,
-                            window,
-                            tsval,
-                            tsecr,
-                            bytes(view[base + s : base + e]),
-                        )
-                    )
+                    payloads.append(bytes(view[base + s : base + e]))
                     n += 1
                     s = e
                     if e + smss > limit or e >= cw_end:
                         break
             finally:
                 view.release()
+            # the segment that ends the data (always the last: limit <= data_end) has PSH
+            last = payloads.pop() if s == data_end else None
+            if payloads:
+                out.append((lport, rport, run_seq, ack, ACK, window, tsval, tsecr, payloads))
+            if last is not None:
+                out.append(
+                    (lport, rport, (s - smss) & M32, ack, ACK | PSH, window, tsval, tsecr, last)
+                )
         else:
             while True:
                 e = s + smss
@@ -445,12 +448,15 @@ class Sender:
         self.stats.segments_out += n - 1
         return n
 
-    def dispatch(self, now: float, out: list[TcpSegment | TcpTuple], tuples: bool = False) -> None:
+    def dispatch(
+        self, now: float, out: list[TcpSegment | TcpTuple | TcpRun], tuples: bool = False
+    ) -> None:
         """Run expired timers and append the segments to send now to ``out``.
 
         ``tuples``: the caller (the stack) also accepts full-size data segments
-        in their fast-path encoding, :data:`~mitm_wg.net.tcp_wire.TcpTuple` (segments whose
-        only option is the timestamp; see :meth:`_bulk_send`).
+        in their fast-path encodings, :data:`~mitm_wg.net.tcp_wire.TcpTuple` and
+        :data:`~mitm_wg.net.tcp_wire.TcpRun` (segments whose only option is the timestamp;
+        see :meth:`_bulk_send`).
         """
         if self._ack_batch is not None or self._held_ack is not None:
             self.finish_acks(now)

@@ -29,6 +29,7 @@ __all__ = [
     "SYN",
     "TCP_TUPLE_FIELDS",
     "URG",
+    "TcpRun",
     "TcpSegment",
     "TcpTuple",
     "build_tcp",
@@ -80,6 +81,12 @@ _NOP_WS = struct.Struct("!BBBB")  # NOP, kind 3, len 3, shift
 #: ``_wrap_tcp_fast`` builds the same bytes from it as from the segment, and
 #: ``TcpSegment.from_tuple`` gives that segment back.
 TcpTuple = tuple[int, int, int, int, int, int, int, int, bytes | bytearray | memoryview]
+#: A run of such segments in one item: the same fields, with a *list* of payloads in place of
+#: the payload: consecutive segments from ``seq`` on (each the next one's start), all with the
+#: first one's flags, ACK, window and timestamp. The bulk-send fast path emits its segments
+#: so, and ``_wrap_tcp_fast`` sums and packs those shared fields once per run;
+#: :func:`segments_of` gives the segments back.
+TcpRun = tuple[int, int, int, int, int, int, int, int, list[bytes]]
 TCP_TUPLE_FIELDS = (
     "src_port",
     "dst_port",
@@ -157,6 +164,21 @@ class TcpSegment:
         """The segment a :data:`TcpTuple` encodes."""
         sport, dport, seq, ack, flags, window, tsval, tsecr, payload = t
         return cls(sport, dport, seq, ack, flags, window, (tsval, tsecr), (), payload)
+
+    @classmethod
+    def segments_of(cls, item: TcpSegment | TcpTuple | TcpRun) -> list[TcpSegment]:
+        """The segments one item of ``TcpSocket.dispatch(..., tuples=True)`` output stands
+        for: a segment, a :data:`TcpTuple` or a :data:`TcpRun`."""
+        if type(item) is not tuple:
+            return [item]  # type: ignore[list-item]
+        sport, dport, seq, ack, flags, window, tsval, tsecr, payload = item
+        if type(payload) is not list:
+            return [cls.from_tuple(item)]  # type: ignore[arg-type]
+        out = []
+        for p in payload:
+            out.append(cls(sport, dport, seq, ack, flags, window, (tsval, tsecr), (), p))
+            seq = (seq + len(p)) & 0xFFFFFFFF
+        return out
 
     def seg_len(self) -> int:
         """Sequence space the segment occupies: payload length plus one each for SYN, FIN."""
