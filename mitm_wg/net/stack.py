@@ -990,43 +990,8 @@ class Stack:
             osum = 0  # the sum of opts' words
             if type(seg) is tuple:
                 sport, dport, seq, ack, flags, window, tsval, tsecr, payload = seg
-                if type(payload) is list:
-                    # a TcpRun: what its segments share is summed once, each adds its
-                    # sequence number, length and payload sum; the same bytes as one by one
-                    shared = (
-                        tcp_const + 32 + sport + dport + ack + 0x8000 + flags + window
-                        + tsval + tsecr
-                    )  # fmt: skip
-                    for data in payload:
-                        plen = len(data)
-                        csum = (shared + plen + seq + ones_sum(data)) % 0xFFFF
-                        csum = (~csum) & 0xFFFF if csum else 0xFFFF
-                        if ip4:
-                            total = 52 + plen
-                            if total > 0xFFFF:
-                                raise ValueError("IPv4 payload too long")
-                            ip_csum = (ip_const + total) % 0xFFFF
-                            ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
-                            # fmt: off
-                            header = _IP4_TCP_TS.pack(
-                                0x45, 0, total, 0, 0x4000, DEFAULT_TTL, PROTO_TCP, ip_csum,
-                                local, remote, sport, dport, seq, ack, 0x80, flags, window,
-                                csum, 0, 1, 1, 8, 10, tsval, tsecr,
-                            )
-                            # fmt: on
-                        else:
-                            if 32 + plen > 0xFFFF:
-                                raise ValueError("IPv6 payload too long")
-                            # fmt: off
-                            header = _IP6_TCP_TS.pack(
-                                _IP6_VERSION_WORD, 32 + plen, PROTO_TCP, DEFAULT_TTL, local,
-                                remote, sport, dport, seq, ack, 0x80, flags, window,
-                                csum, 0, 1, 1, 8, 10, tsval, tsecr,
-                            )
-                            # fmt: on
-                        out.append(header + data)
-                        seq = (seq + plen) & 0xFFFFFFFF
-                    continue
+                # a TcpRun's payloads, or a TcpTuple's one
+                payloads = payload if type(payload) is list else (payload,)
             else:
                 ts = seg.timestamp
                 blocks = seg.sack_blocks
@@ -1046,7 +1011,7 @@ class Stack:
                 seq = seg.seq & 0xFFFFFFFF
                 ack = seg.ack & 0xFFFFFFFF
                 tsval, tsecr = ts
-                payload = seg.payload
+                payloads = (seg.payload,)
                 if blocks:
                     # NOP NOP SACK (RFC 2018 §3) as build_tcp_parts lays it out
                     kind_len = 0x0500 | (2 + 8 * len(blocks))
@@ -1054,53 +1019,49 @@ class Stack:
                     opts = _SACK_OPTION[len(blocks)].pack(0x0101, kind_len, *edges)
                     off = (32 + len(opts)) << 2
                     osum = 0x0101 + kind_len + sum(edges)
-            plen = len(payload)
-            tcp_len = 32 + len(opts) + plen
-            csum = (
-                tcp_const
-                + tcp_len
-                + sport
-                + dport
-                + seq
-                + ack
-                + (off << 8)
-                + osum
-                + flags
-                + window
-                + tsval
-                + tsecr
-            )
-            if plen:
-                csum += ones_sum(payload)
-            csum %= 0xFFFF
-            csum = (~csum) & 0xFFFF if csum else 0xFFFF
-            if ip4:
-                total = 20 + tcp_len
-                if total > 0xFFFF:
-                    raise ValueError("IPv4 payload too long")
-                ip_csum = (ip_const + total) % 0xFFFF
-                ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
-                # fmt: off
-                header = _IP4_TCP_TS.pack(
-                    0x45, 0, total, 0, 0x4000, DEFAULT_TTL, PROTO_TCP, ip_csum, local, remote,
-                    sport, dport, seq, ack, off, flags, window,
-                    csum, 0, 1, 1, 8, 10, tsval, tsecr,
-                )
-                # fmt: on
-            else:
-                if tcp_len > 0xFFFF:
-                    raise ValueError("IPv6 payload too long")
-                # fmt: off
-                header = _IP6_TCP_TS.pack(
-                    _IP6_VERSION_WORD, tcp_len, PROTO_TCP, DEFAULT_TTL, local, remote,
-                    sport, dport, seq, ack, off, flags, window,
-                    csum, 0, 1, 1, 8, 10, tsval, tsecr,
-                )
-                # fmt: on
-            if opts:
-                out.append(b"".join((header, opts, payload)))
-            else:
-                out.append(header + payload if plen else header)
+            hlen = 32 + len(opts)
+            # what the segments of a run share (a single segment is a run of one), summed
+            # once; each adds its sequence number, length and payload sum
+            shared = (
+                tcp_const + hlen + sport + dport + ack + (off << 8) + osum + flags + window
+                + tsval + tsecr
+            )  # fmt: skip
+            for payload in payloads:
+                plen = len(payload)
+                csum = shared + plen + seq
+                if plen:
+                    csum += ones_sum(payload)
+                csum %= 0xFFFF
+                csum = (~csum) & 0xFFFF if csum else 0xFFFF
+                tcp_len = hlen + plen
+                if ip4:
+                    total = 20 + tcp_len
+                    if total > 0xFFFF:
+                        raise ValueError("IPv4 payload too long")
+                    ip_csum = (ip_const + total) % 0xFFFF
+                    ip_csum = (~ip_csum) & 0xFFFF if ip_csum else 0xFFFF
+                    # fmt: off
+                    header = _IP4_TCP_TS.pack(
+                        0x45, 0, total, 0, 0x4000, DEFAULT_TTL, PROTO_TCP, ip_csum, local,
+                        remote, sport, dport, seq, ack, off, flags, window,
+                        csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                    )
+                    # fmt: on
+                else:
+                    if tcp_len > 0xFFFF:
+                        raise ValueError("IPv6 payload too long")
+                    # fmt: off
+                    header = _IP6_TCP_TS.pack(
+                        _IP6_VERSION_WORD, tcp_len, PROTO_TCP, DEFAULT_TTL, local, remote,
+                        sport, dport, seq, ack, off, flags, window,
+                        csum, 0, 1, 1, 8, 10, tsval, tsecr,
+                    )
+                    # fmt: on
+                if opts:
+                    out.append(b"".join((header, opts, payload)))
+                else:
+                    out.append(header + payload if plen else header)
+                seq = (seq + plen) & 0xFFFFFFFF
 
     def _emit_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
         if len(src) == 4:
