@@ -185,14 +185,6 @@ _MESSAGE_COUNTER = 8
 _MESSAGE_HEADER_LEN = 16
 
 
-def _packet_number(counter: int) -> int:
-    """The QUIC packet number whose big-endian bytes are ``counter``'s little-endian ones."""
-    try:
-        return _PACKET_NUMBER_BE.unpack(_COUNTER_LE.pack(counter))[0]
-    except struct.error:
-        raise ValueError("AEAD counter out of range") from None
-
-
 def _load_fast_aead() -> tuple[Callable[..., Any] | None, type[Exception]]:
     """aioquic's AEAD class and its error, or (None, an error never raised)."""
     if os.environ.get("MITM_WG_AEAD", "").strip().lower() == "cryptography":
@@ -224,7 +216,9 @@ def _known_answers(make: Callable[..., Any], error: type[Exception]) -> None:
         for size in (0, 1, 15, 16, 64, 1420, FAST_AEAD_MAX_PLAINTEXT):
             pt = plain[:size]
             want = ref.encrypt(_NONCE.pack(counter), pt, None)
-            pn = _packet_number(counter)
+            # the packet number seal_message/open_message read: the counter's bytes in a
+            # transport header (little-endian) read big-endian
+            pn = _PACKET_NUMBER_BE.unpack(_COUNTER_LE.pack(counter))[0]
             if fast.encrypt(pt, b"", pn) != want or fast.decrypt(want, b"", pn) != pt:
                 raise ValueError("different answers")
             forged = want[:-1] + bytes([want[-1] ^ 1])
@@ -246,9 +240,11 @@ def fast_aead_available() -> bool:
 
 class Aead:
     """ChaCha20-Poly1305 (RFC 8439) keyed once; nonce = 4 zero bytes || 64-bit little-endian
-    counter (whitepaper §5.4: AEAD). Messages without AAD of up to
-    :data:`FAST_AEAD_MAX_PLAINTEXT` bytes (every transport message at the usual MTUs) go
-    through aioquic's AEAD where :func:`fast_aead_available`; the same bytes either way."""
+    counter (whitepaper §5.4: AEAD). Transport messages (:meth:`seal_message`,
+    :meth:`open_message`) go through aioquic's AEAD where :func:`fast_aead_available` and
+    the message fits (:data:`FAST_AEAD_MAX_PLAINTEXT`: every one at the usual MTUs);
+    :meth:`seal`/:meth:`open` (any AAD, any size: the handshake's, and what aioquic does
+    not take) through `cryptography`. The same bytes either way."""
 
     __slots__ = ("_cipher", "_fast")
 
@@ -265,14 +261,6 @@ class Aead:
 
     def seal(self, counter: int, plaintext: bytes, aad: bytes = b"") -> bytes:
         """Encrypt and authenticate; returns ciphertext || 16-byte tag."""
-        fast = self._fast
-        if (
-            fast is not None
-            and not aad
-            and type(plaintext) is bytes
-            and len(plaintext) <= FAST_AEAD_MAX_PLAINTEXT
-        ):
-            return fast.encrypt(plaintext, b"", _packet_number(counter))
         try:
             nonce = _NONCE.pack(counter)
         except struct.error:
@@ -281,11 +269,21 @@ class Aead:
         # (about 1 µs less per transport message).
         return self._cipher.encrypt(nonce, plaintext, aad or None)
 
+    def open(self, counter: int, ciphertext: bytes | memoryview, aad: bytes = b"") -> bytes | None:
+        """Decrypt ciphertext || tag; None if authentication fails."""
+        try:
+            nonce = _NONCE.pack(counter)
+        except struct.error:
+            raise ValueError("AEAD counter out of range") from None
+        try:
+            return self._cipher.decrypt(nonce, ciphertext, aad or None)
+        except InvalidTag:
+            return None
+
     def seal_message(self, header: bytes, plaintext: bytes) -> bytes:
         """A whole transport message: ``header`` (16 bytes, the counter little-endian in its
         last 8) followed by :meth:`seal` of ``plaintext`` under that counter. One call per
-        packet instead of two, and the packet number read from the header's bytes: the
-        sending side's share of the per-packet cost."""
+        packet, and aioquic's packet number read from the header's bytes."""
         fast = self._fast
         if (
             fast is not None
@@ -305,32 +303,12 @@ class Aead:
             pn = _PACKET_NUMBER_BE.unpack_from(message, _MESSAGE_COUNTER)[0]
             body = message[_MESSAGE_HEADER_LEN:]
             try:
+                # (it takes bytes only: a view of a GRO run is copied here, once)
                 return fast.decrypt(body if type(body) is bytes else bytes(body), b"", pn)
             except _FAST_AEAD_ERROR:
                 return None
         counter = _COUNTER_LE.unpack_from(message, _MESSAGE_COUNTER)[0]
         return self.open(counter, message[_MESSAGE_HEADER_LEN:])
-
-    def open(self, counter: int, ciphertext: bytes | memoryview, aad: bytes = b"") -> bytes | None:
-        """Decrypt ciphertext || tag; None if authentication fails."""
-        fast = self._fast
-        if fast is not None and not aad and len(ciphertext) <= FAST_AEAD_MAX_CIPHERTEXT:
-            pn = _packet_number(counter)
-            try:
-                # (it takes bytes only: a copy of a view is what cryptography spared)
-                return fast.decrypt(
-                    ciphertext if type(ciphertext) is bytes else bytes(ciphertext), b"", pn
-                )
-            except _FAST_AEAD_ERROR:
-                return None
-        try:
-            nonce = _NONCE.pack(counter)
-        except struct.error:
-            raise ValueError("AEAD counter out of range") from None
-        try:
-            return self._cipher.decrypt(nonce, ciphertext, aad or None)
-        except InvalidTag:
-            return None
 
 
 def aead_seal(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
