@@ -85,7 +85,7 @@ TcpTuple = tuple[int, int, int, int, int, int, int, int, bytes | bytearray | mem
 #: the payload: consecutive segments from ``seq`` on (each the next one's start), all with the
 #: first one's flags, ACK, window and timestamp. The bulk-send fast path emits its segments
 #: so, and ``_wrap_tcp_fast`` sums and packs those shared fields once per run;
-#: :func:`segments_of` gives the segments back.
+#: :meth:`TcpSegment.segments_of` gives the segments back.
 TcpRun = tuple[int, int, int, int, int, int, int, int, list[bytes]]
 TCP_TUPLE_FIELDS = (
     "src_port",
@@ -176,7 +176,7 @@ class TcpSegment:
             return [cls.from_tuple(item)]  # type: ignore[arg-type]
         out = []
         for p in payload:
-            out.append(cls(sport, dport, seq, ack, flags, window, (tsval, tsecr), (), p))
+            out.append(cls.from_tuple((sport, dport, seq, ack, flags, window, tsval, tsecr, p)))
             seq = (seq + len(p)) & 0xFFFFFFFF
         return out
 
