@@ -165,3 +165,46 @@ def test_relay_process_forwards_and_reports_counters() -> None:
 def test_relay_process_rejects_bad_impairment() -> None:
     with pytest.raises(RuntimeError, match="did not start"):
         RelayProcess(("127.0.0.1", 9), impairment=Impairment(), listen=("256.0.0.1", 0))
+
+
+def test_bottleneck_spaces_datagrams_at_its_rate_in_order() -> None:
+    target = _target()
+    imp = Impairment(rate=100_000, queue_bytes=1 << 20)  # 1000-byte datagrams: 10 ms apart
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    arrivals: list[tuple[float, int]] = []
+    with target, sender, ImpairedRelay(target.getsockname(), up=imp) as relay:
+        for i in range(30):
+            sender.sendto(i.to_bytes(4, "big") + bytes(996), relay.address)
+        target.settimeout(5)
+        while len(arrivals) < 30:
+            arrivals.append((time.monotonic(), int.from_bytes(target.recv(2000)[:4], "big")))
+        # (``forwarded`` is bumped after sendto() returned: the last may arrive before it)
+        wait_until(lambda: relay.up.forwarded == 30, 5, "the relay's counter")
+        assert relay.up.queue_drops == 0
+    assert [i for _, i in arrivals] == list(range(30))
+    # a lower bound only (a busy machine delays, never hurries, the relay): 29 gaps of 10 ms
+    assert arrivals[-1][0] - arrivals[0][0] >= 29 * 0.010 * 0.95
+
+
+def test_bottleneck_drops_what_its_queue_cannot_hold() -> None:
+    target = _target()
+    # 1 s per 1000-byte datagram; the queue holds 10 of them waiting behind the one on the
+    # link: of a burst of 50, 11 are taken and 39 dropped (a few more taken only if the
+    # relay took over a second to read the burst)
+    imp = Impairment(rate=1000, queue_bytes=10_000)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with target, sender, ImpairedRelay(target.getsockname(), up=imp) as relay:
+        for i in range(50):
+            sender.sendto(i.to_bytes(4, "big") + bytes(996), relay.address)
+        wait_until(lambda: relay.up.received == 50, 10, "the relay to read the burst")
+        assert 35 <= relay.up.queue_drops <= 39, relay.up
+        assert relay.up.dropped == 0  # (random loss only)
+        target.settimeout(5)
+        assert int.from_bytes(target.recv(2000)[:4], "big") == 0  # the first went at once
+
+
+def test_bottleneck_parameters_are_checked() -> None:
+    with pytest.raises(ValueError, match="rate"):
+        Impairment(rate=-1)
+    with pytest.raises(ValueError, match="queue_bytes"):
+        Impairment(rate=1000, queue_bytes=0)

@@ -1,5 +1,5 @@
 """A userspace UDP relay that impairs traffic: loss (random or bursty), duplication, reordering,
-delay.
+delay, and a bottleneck (a rate limit behind a drop-tail queue).
 
 ::
 
@@ -86,6 +86,11 @@ class Impairment:
     bad_exit: float = 1.0  # P(bad -> good) per datagram: mean burst = 1 / bad_exit datagrams
     bad_loss: float = 1.0  # loss probability in the bad state
     bad_time: float = 0.005  # a bad state ends at this age (seconds) whatever the chain says
+    # a bottleneck: datagrams leave at most ``rate`` bytes/s (0: no limit), in order, behind
+    # a drop-tail queue of ``queue_bytes`` (what waits for the link; more is dropped), before
+    # the delay; a router's buffer in front of a slower link
+    rate: float = 0.0
+    queue_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder", "bad_enter", "bad_exit", "bad_loss"):
@@ -96,6 +101,8 @@ class Impairment:
             raise ValueError("reorder_gap >= 1, delay >= 0, jitter >= 0, reorder_timeout > 0")
         if self.bad_time <= 0:
             raise ValueError("bad_time must be > 0")
+        if self.rate < 0 or self.queue_bytes <= 0:
+            raise ValueError("rate >= 0 and queue_bytes > 0")
         if self.bad_enter > 0 and self.bad_exit <= 0:
             raise ValueError("bad_exit must be > 0 when bad_enter > 0 (else the loss never ends)")
 
@@ -124,6 +131,7 @@ class DirectionStats:
     received: int = 0
     forwarded: int = 0  # datagrams actually sent on (duplicates count twice)
     dropped: int = 0
+    queue_drops: int = 0  # the bottleneck's queue was full (not counted in ``dropped``)
     duplicated: int = 0
     reordered: int = 0  # datagrams held back for reordering
     delayed: int = 0
@@ -160,6 +168,7 @@ class _Direction:
     bad: bool = False  # Gilbert-Elliott state
     bad_since: float = 0.0  # when it last entered the bad state
     undrawn: int = 0  # datagrams the fast path passed without drawing their 4 values
+    busy_until: float = 0.0  # when the bottleneck has sent what it queued so far
 
 
 def _family(host: str) -> int:
@@ -387,6 +396,7 @@ class ImpairedRelay:
             or imp.reorder
             or imp.jitter
             or imp.bad_enter
+            or imp.rate
             or d.held
             or self._delayed
         ):
@@ -457,16 +467,24 @@ class ImpairedRelay:
             stats.duplicated += 1
             copies = 2
         hold = r_reorder < imp.reorder
-        delay, jitter = imp.delay, imp.jitter
+        delay, jitter, rate = imp.delay, imp.jitter, imp.rate
         for _ in range(copies):
+            sent = now  # when it has crossed the bottleneck
+            if rate > 0:
+                start = d.busy_until if d.busy_until > now else now
+                if (start - now) * rate > imp.queue_bytes:
+                    stats.queue_drops += 1
+                    continue
+                sent = d.busy_until = start + len(data) / rate
             if jitter > 0:
                 stats.delayed += 1
                 self._counter += 1
-                due = now + delay + r_jitter * jitter
+                due = sent + delay + r_jitter * jitter
                 heapq.heappush(self._delayed, (due, self._counter, sock, dest, data, d, hold))
-            elif delay > 0:
+            elif delay > 0 or rate > 0:
+                # (in order: with a constant delay, release times never decrease)
                 stats.delayed += 1
-                d.fifo.append((now + delay, sock, dest, data, hold))
+                d.fifo.append((sent + delay, sock, dest, data, hold))
             else:
                 self._emit(d, data, sock, dest, now, hold)
             hold = False  # only the first copy may be held
