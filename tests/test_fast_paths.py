@@ -23,6 +23,7 @@ from mitm_wg.net.bbr import Bbr
 from mitm_wg.net.checksum import pseudo_header_sum, verify
 from mitm_wg.net.congestion import NewReno
 from mitm_wg.net.delivery import DeliveryRate, RateSample
+from mitm_wg.net.hystart import HyStart
 from mitm_wg.net.pacing import Pacer, ReleaseSpan
 from mitm_wg.net.recovery import Rack
 from mitm_wg.net.rtt import RttEstimator
@@ -66,6 +67,7 @@ def state_of(obj: Any) -> Any:
             TcpStats,
             RttEstimator,
             NewReno,
+            HyStart,
             _RcvTuning,
             Rack,
             Pacer,

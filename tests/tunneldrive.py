@@ -13,14 +13,16 @@ from collections.abc import Callable
 
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.net.stack import Stack
-from mitm_wg.net.tcp import TcpSocket
+from mitm_wg.net.tcp import TcpConfig, TcpSocket
 from mitm_wg.wireguard.device import Device, Transmit
 
 
 class TunnelDriver:
-    def __init__(self, config: WireGuardConfig, sock: socket.socket) -> None:
+    def __init__(
+        self, config: WireGuardConfig, sock: socket.socket, tcp_config: TcpConfig | None = None
+    ) -> None:
         self.device = Device.from_config(config, unix_time_offset=time.time() - time.monotonic())
-        self.stack = Stack(config.addresses, mtu=config.mtu or 1420)
+        self.stack = Stack(config.addresses, mtu=config.mtu or 1420, tcp_config=tcp_config)
         self.sock = sock
         sock.setblocking(False)
         self._datagrams: list[Transmit] = []

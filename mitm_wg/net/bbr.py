@@ -175,7 +175,15 @@ class Bbr:
             self.smss = smss
             self.cwnd = segs * smss
 
-    def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
+    def on_ack(
+        self,
+        acked: int,
+        now: float,
+        srtt: float | None,
+        rtt: float | None = None,
+        una: int = 0,
+        nxt: int = 0,
+    ) -> None:
         """(cwnd changes in :meth:`on_rate_sample`, which sees every delivery)"""
 
     def _save_cwnd(self) -> None:

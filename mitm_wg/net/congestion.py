@@ -1,5 +1,6 @@
-"""Congestion controllers: NewReno (RFC 5681/6582 window rules) and CUBIC (RFC 9438);
-BBR lives in ``bbr.py``.
+"""Congestion controllers: NewReno (RFC 5681/6582 window rules) and CUBIC (RFC 9438),
+both leaving their initial slow start by HyStart++ (RFC 9406, ``hystart.py``); BBR lives
+in ``bbr.py``.
 
 The controllers only own ``cwnd``/``ssthresh`` growth and reduction; the socket decides
 when a congestion event happens (fast retransmit, RTO) and runs loss recovery itself.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mitm_wg.net.hystart import HyStart
 from mitm_wg.net.pacing import BURST_TIME
 
 if TYPE_CHECKING:
@@ -24,9 +26,13 @@ def initial_window(smss: int) -> int:
 
 
 class NewReno:
-    """Slow start and congestion avoidance with appropriate byte counting (RFC 3465, L=2)."""
+    """Slow start and congestion avoidance with appropriate byte counting (RFC 3465).
 
-    __slots__ = ("_acc", "cwnd", "smss", "ssthresh")
+    The initial slow start runs HyStart++ (``hystart``, the default: RFC 9406's growth
+    limit L per ACK, unlimited when ``paced``, else 8 SMSS, and its delay-based exit);
+    without it, and in every slow start after a loss or timeout, RFC 3465's L = 2."""
+
+    __slots__ = ("_acc", "cwnd", "hystart", "smss", "ssthresh")
 
     name = "newreno"
     #: False: a loss-based controller; the socket applies PRR and cwnd = ssthresh around
@@ -35,11 +41,13 @@ class NewReno:
     #: the pacer's release span in seconds of the rate (pacing.py; BBR grows its own)
     release_time = BURST_TIME
 
-    def __init__(self, smss: int) -> None:
+    def __init__(self, smss: int, *, hystart: bool = True, paced: bool = True) -> None:
         self.smss = smss
         self.cwnd = initial_window(smss)
         self.ssthresh = 1 << 62
         self._acc = 0
+        #: the initial slow start's HyStart++ (None: off, or that slow start is over)
+        self.hystart: HyStart | None = HyStart(paced) if hystart else None
 
     def set_mss(self, smss: int) -> None:
         if smss != self.smss:
@@ -56,10 +64,27 @@ class NewReno:
         cwnd = self.cwnd
         return (2.0 if cwnd < self.ssthresh >> 1 else 1.2) * cwnd / srtt
 
-    def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
-        """New data was cumulatively acknowledged outside loss recovery."""
+    def on_ack(
+        self,
+        acked: int,
+        now: float,
+        srtt: float | None,
+        rtt: float | None = None,
+        una: int = 0,
+        nxt: int = 0,
+    ) -> None:
+        """New data was cumulatively acknowledged outside loss recovery: ``acked`` bytes,
+        with the ACK's RTT sample ``rtt`` (None without one); ``una``/``nxt``: SND.UNA
+        after it and SND.NXT (HyStart++'s rounds)."""
         if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, 2 * self.smss)
+            hystart = self.hystart
+            if hystart is None:
+                self.cwnd += min(acked, 2 * self.smss)
+            else:
+                self.cwnd += hystart.on_ack(acked, self.smss, rtt, una, nxt)
+                if hystart.done:  # CSS is over: congestion avoidance (RFC 9406 §4.2)
+                    self.ssthresh = self.cwnd
+                    self.hystart = None
         else:
             self._acc += acked
             if self._acc >= self.cwnd:
@@ -71,12 +96,14 @@ class NewReno:
         self.ssthresh = max(flight // 2, 2 * self.smss)
         self.cwnd = self.ssthresh
         self._acc = 0
+        self.hystart = None  # a loss ends the initial slow start (RFC 9406 §4.2)
 
     def on_rto(self, now: float, flight: int) -> None:
         """Retransmission timeout: ssthresh as above, cwnd = loss window (1 SMSS)."""
         self.ssthresh = max(flight // 2, 2 * self.smss)
         self.cwnd = self.smss
         self._acc = 0
+        self.hystart = None
 
 
 class Cubic(NewReno):
@@ -88,8 +115,8 @@ class Cubic(NewReno):
     C = 0.4
     BETA = 0.7
 
-    def __init__(self, smss: int) -> None:
-        super().__init__(smss)
+    def __init__(self, smss: int, *, hystart: bool = True, paced: bool = True) -> None:
+        super().__init__(smss, hystart=hystart, paced=paced)
         self._epoch: float | None = None
         self._k = 0.0
         self._w_max = 0.0  # segments
@@ -97,9 +124,17 @@ class Cubic(NewReno):
         self._w_est = 0.0
         self._cwnd_epoch = 0.0
 
-    def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
+    def on_ack(
+        self,
+        acked: int,
+        now: float,
+        srtt: float | None,
+        rtt: float | None = None,
+        una: int = 0,
+        nxt: int = 0,
+    ) -> None:
         if self.cwnd < self.ssthresh:
-            super().on_ack(acked, now, srtt)
+            super().on_ack(acked, now, srtt, rtt, una, nxt)
             return
         smss = self.smss
         cwnd_seg = self.cwnd / smss
@@ -141,21 +176,26 @@ class Cubic(NewReno):
         self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.smss)
         self.cwnd = self.ssthresh
         self._acc = 0
+        self.hystart = None
 
     def on_rto(self, now: float, flight: int) -> None:
         self._reduce()
         self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.smss)
         self.cwnd = self.smss
         self._acc = 0
+        self.hystart = None
 
 
-def make_controller(name: str, smss: int, seed: int = 0) -> NewReno | Bbr:
+def make_controller(
+    name: str, smss: int, seed: int = 0, *, hystart: bool = True, paced: bool = True
+) -> NewReno | Bbr:
     """The controller ``name`` ("newreno", "cubic" or "bbr"); ``seed`` (e.g. the ISN)
-    picks BBR's starting phase of the gain cycle."""
+    picks BBR's starting phase of the gain cycle; ``hystart``/``paced``: NewReno's and
+    CUBIC's initial slow start (BBR has its own startup)."""
     if name == "newreno":
-        return NewReno(smss)
+        return NewReno(smss, hystart=hystart, paced=paced)
     if name == "cubic":
-        return Cubic(smss)
+        return Cubic(smss, hystart=hystart, paced=paced)
     if name == "bbr":
         from mitm_wg.net.bbr import Bbr
 

@@ -146,6 +146,9 @@ class TcpConfig:
     congestion: str = "bbr"
     #: pace data segments at the congestion controller's pacing rate (pacing.py)
     pacing: bool = True
+    #: HyStart++ (RFC 9406, hystart.py) ends NewReno's/CUBIC's initial slow start when the
+    #: RTT rises (a queue building) instead of at the first loss; BBR has its own startup
+    hystart: bool = True
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
 
 
@@ -341,7 +344,9 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         # congestion control (congestion.py); pacing (pacing.py) and, for a model-based
         # controller (BBR), delivery-rate estimation (delivery.py): hooks in
         # dispatch/_emit/_bulk_send/poll_at and on ACKs
-        self._cc = make_controller(cfg.congestion, self._smss, isn)
+        self._cc = make_controller(
+            cfg.congestion, self._smss, isn, hystart=cfg.hystart, paced=cfg.pacing
+        )
         self._pacer: Pacer | None = Pacer() if cfg.pacing else None
         self._dr: DeliveryRate | None = DeliveryRate(now) if self._cc.model_based else None
 

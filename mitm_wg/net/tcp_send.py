@@ -554,15 +554,18 @@ class Sender:
         """
         acked = ack - una
         rtt = self._rtt
+        sample = None  # this ACK's RTT sample (HyStart++ sees it)
         if self._ts_ok and tsecr:
             # copy of rule ts-rtt-sample (tcp_timers.py _ts_sample) and of rule ts-val
             floor = self._ts_rto_floor
             if floor is None or (tsecr - floor) & M32 < _HALF:
                 elapsed = ((int(now * 1000) + self._ts_offset) - tsecr) & M32
                 if elapsed < _HALF:
-                    rtt.sample(elapsed / 1000.0)
+                    sample = elapsed / 1000.0
+                    rtt.sample(sample)
         elif self._rtt_seq is not None and ack >= self._rtt_seq:
-            rtt.sample(now - self._rtt_time)
+            sample = now - self._rtt_time
+            rtt.sample(sample)
             self._rtt_seq = None
         sbuf = self._sbuf
         sbuf_seq = self._sbuf_seq
@@ -614,7 +617,7 @@ class Sender:
         else:
             self._dupacks = 0
             if n > 0:
-                cc.on_ack(n, now, rtt.srtt)
+                cc.on_ack(n, now, rtt.srtt, sample, ack, self._snd_max)
         rack = self._rack
         if rack is None:
             self._rto_at = None if ack == self._snd_max else now + rtt.rto
