@@ -214,6 +214,26 @@ def test_fast_input_is_process(
     assert [s._key() for s in out_fast] == [s._key() for s in out_slow]
 
 
+def test_fast_input_drops_and_counts_what_a_full_reassembly_queue_cannot_take() -> None:
+    sock = established_pair(3, 0)
+    asm = sock._asm
+    base = sock._rcv_nxt
+    for i in range(asm.max_ranges):  # 2-byte ranges with 2-byte holes between them
+        assert asm.add(base + 10 + 4 * i, b"ab")
+    seq = (base + 100 + 4 * asm.max_ranges) & M32  # would need one range more
+    slow = copy.deepcopy(sock)
+    tsval = sock._ts_recent
+    payload = b"z" * 100
+    assert sock.fast_input(seq, sock.snd_una, ACK, 512, tsval, 0, memoryview(payload), 0.5)
+    slow.process(
+        TcpSegment(80, 1234, seq, sock.snd_una, ACK, 512, timestamp=(tsval, 0), payload=payload),
+        0.5,
+    )
+    assert state_of(sock) == state_of(slow)
+    assert sock.stats.ofo_drops == sock.stats.dropped == 1
+    assert len(asm) == asm.max_ranges
+
+
 def test_fast_input_takes_the_common_segments() -> None:
     """In-order data and plain ACKs do take the fast path (else the tests above prove nothing)."""
     sock = established_pair(7)

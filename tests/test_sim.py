@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from mitm_wg.net.tcp import TcpConfig, TcpState
+from mitm_wg.net import tcp as tcp_module
+from mitm_wg.net.tcp import TcpConfig, TcpState, TcpStats
 from sim import LinkParams, Transfer, make_pair
 
 MiB = 1 << 20
@@ -303,3 +304,34 @@ def test_pmtu_shrinks_mid_transfer_with_loss_and_stalling_reader(seed: int) -> N
     assert tr.run(200.0) and tr.failure() is None, tr.report()
     assert bytes(tr.got_ab) == tr.data_ab and bytes(tr.got_ba) == tr.data_ba, tr.report()
     assert sim.a.path_mtu("10.0.0.2") == 700 and sim.b.path_mtu("10.0.0.1") == 1100
+
+
+def test_sim_receiver_holds_what_a_slow_start_overshoot_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sender's slow start overflows a bottleneck's queue (10 MB/s, 50 ms, 256 KiB; NewReno
+    without HyStart++): the queue drops every other segment for a while, hundreds of
+    ranges ahead of the receiver's in-order point. The receiver holds them all (every
+    segment it dropped is a copy of data it held, reported by D-SACK); with the old cap of
+    64 ranges it dropped hundreds that had arrived, and the sender sent them again."""
+    ab = LinkParams(delay=0.025, bandwidth=10e6, queue_bytes=256 * 1024)
+    config = TcpConfig(congestion="newreno", hystart=False)
+
+    def upload() -> tuple[int, TcpStats]:
+        tr = run_transfer(
+            1, 8 << 20, 0, timeout=120.0, ab=ab, ba=LinkParams(delay=0.025), tcp_config=config
+        )
+        assert tr.server is not None
+        return tr.sim.links[0].stats.queue_drops, tr.server.stats
+
+    drops, stats = upload()
+    assert drops > 100
+    assert stats.ofo_drops == 0 and stats.dropped == stats.dsacks_out, stats
+
+    class Capped(tcp_module.Assembler):
+        def __init__(self, max_ranges: int = 64) -> None:
+            super().__init__(64)
+
+    monkeypatch.setattr(tcp_module, "Assembler", Capped)
+    _drops, capped = upload()
+    assert capped.ofo_drops > 100

@@ -1186,3 +1186,38 @@ def test_on_touched_hook_after_application_calls() -> None:
     sock.close(0.0)
     sock.abort(0.0)
     assert len(calls) == 4
+
+
+def test_the_reassembly_queue_holds_a_window_with_every_other_segment_lost() -> None:
+    """A queue that overflows in the sender's slow start drops every other segment: the
+    receiver must hold all the rest (as Linux, whose out-of-order queue is bounded by
+    memory only), not drop them once it holds 64 ranges, which made the sender retransmit
+    hundreds of segments that had arrived."""
+    pb = est(peer_sack=True, recv_buffer=1 << 20, peer_ws=7)
+    sock = pb.sock
+    assert sock._asm.max_ranges == (1 << 20) // 2000  # a window of 1000-byte segments / 2
+    n = 400  # 400 of 800 segments lost, every other one: 400 ranges
+    for i in range(n):
+        pb.send(ACK, PISS + 1001 + 2000 * i, ISS + 1, payload=bytes([i % 251]) * 1000)
+    acks = pb.out()
+    assert acks[-1].sack_blocks[0] == (PISS + 1001 + 2000 * (n - 1), PISS + 2001 + 2000 * (n - 1))
+    assert len(sock._asm) == n and sock.stats.ofo_drops == sock.stats.dropped == 0
+    for i in range(n):  # the retransmissions fill the holes
+        pb.send(ACK, PISS + 1 + 2000 * i, ISS + 1, payload=b"-" * 1000)
+    pb.out()
+    got = sock.recv(1 << 21)
+    assert got == b"".join(b"-" * 1000 + bytes([i % 251]) * 1000 for i in range(n))
+
+
+def test_the_reassembly_queue_is_bounded() -> None:
+    """Tiny segments cannot grow the queue without bound: at most a window of full-sized
+    segments with every other one lost (at least 64); what does not fit is dropped and
+    counted (ofo_drops), and ACKed: the sender retransmits it."""
+    pb = est(peer_sack=True, recv_buffer=65535)
+    sock = pb.sock
+    assert sock._asm.max_ranges == 64
+    for i in range(70):
+        pb.send(ACK, PISS + 1001 + 2 * i, ISS + 1, payload=b"x")
+    assert len(sock._asm) == 64
+    assert sock.stats.ofo_drops == sock.stats.dropped == 6
+    assert len(pb.out()) == 70

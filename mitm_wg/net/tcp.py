@@ -164,6 +164,7 @@ class TcpStats:
         "dup_acks",
         "fast_retransmits",
         "lost_retransmits",
+        "ofo_drops",  # out-of-order segments dropped: no room for another range (also dropped)
         "out_of_order",
         "paws_rejected",
         "retransmits",
@@ -304,7 +305,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._drs: _RcvTuning | None = (
             _RcvTuning(now, 10 * cfg.mss) if cfg.recv_buffer < cfg.recv_buffer_max else None
         )
-        self._asm = Assembler()
+        # out-of-order ranges: as many as a full window of segments with every other one
+        # lost makes (a queue that overflows in a sender's slow start drops every other
+        # segment), at least 64; Linux bounds its out-of-order queue by memory only
+        self._asm = Assembler(max(64, max(cfg.recv_buffer, cfg.recv_buffer_max) // (2 * cfg.mss)))
         self._peer_fin_seq: int | None = None
         self._rcv_fin = False
         self._rd_closed = False

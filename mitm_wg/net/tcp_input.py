@@ -202,6 +202,7 @@ class Input:
                 self.stats.out_of_order += 1
                 if not self._asm.add(seq, payload):
                     self.stats.dropped += 1
+                    self.stats.ofo_drops += 1
                 if self._ack_now:
                     self._acks_owed += 1
             else:

@@ -121,6 +121,7 @@ class Receiver:
             self._sack_flush(seq, rcv_nxt, now)
             if plen and not self._asm.add(seq, payload):
                 self.stats.dropped += 1
+                self.stats.ofo_drops += 1
             if fin:
                 self._peer_fin_seq = seq + plen
             # one duplicate ACK per out-of-order segment, so the peer can count them (with
