@@ -285,6 +285,7 @@ def test_sim_hystart_leaves_slow_start_before_the_overshoot(congestion: str, pac
     assert none is None and hs is not None
     # the delay signal came before any loss: CSS was entered (and maybe completed)
     assert hs.in_css or hs.done
-    # simulated seconds, not wall-clock time: every run replays exactly
     assert drops_on * 2 < drops_off, (drops_on, drops_off)
-    assert time_on < time_off, (time_on, time_off)
+    # and no slower (simulated seconds, not wall-clock time: every run replays exactly;
+    # with SACK recovery that resends only what was lost, hundreds of drops cost ~no time)
+    assert time_on <= time_off + 0.005, (time_on, time_off)

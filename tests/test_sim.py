@@ -335,3 +335,35 @@ def test_sim_receiver_holds_what_a_slow_start_overshoot_leaves(
     monkeypatch.setattr(tcp_module, "Assembler", Capped)
     _drops, capped = upload()
     assert capped.ofo_drops > 100
+
+
+@pytest.mark.parametrize("congestion", ["newreno", "bbr"])
+def test_sim_sender_resends_only_what_an_overshoot_dropped(
+    congestion: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same overshoot from the sender's side: its SACK scoreboard must remember every
+    range the receiver reports (hundreds, with every other segment lost), or it resends
+    data that had arrived. With the old cap of 64 ranges it resent hundreds (D-SACKed)."""
+    ab = LinkParams(delay=0.025, bandwidth=10e6, queue_bytes=256 * 1024)
+    config = TcpConfig(congestion=congestion, hystart=False)
+
+    def upload() -> tuple[int, TcpStats, TcpStats]:
+        tr = run_transfer(
+            1, 8 << 20, 0, timeout=120.0, ab=ab, ba=LinkParams(delay=0.025), tcp_config=config
+        )
+        assert tr.client is not None and tr.server is not None
+        return tr.sim.links[0].stats.queue_drops, tr.client.stats, tr.server.stats
+
+    drops, client, server = upload()
+    assert drops > 100
+    assert client.retransmits == drops and server.dsacks_out == client.dsacks == 0
+
+    init = tcp_module.TcpSocket.__init__
+
+    def capped(self: tcp_module.TcpSocket, *args: object, **kw: object) -> None:
+        init(self, *args, **kw)  # type: ignore[arg-type]
+        self._sacked_max = 64
+
+    monkeypatch.setattr(tcp_module.TcpSocket, "__init__", capped)
+    drops, client, _server = upload()
+    assert client.retransmits - drops > 100 and client.dsacks > 100

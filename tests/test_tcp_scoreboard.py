@@ -74,13 +74,15 @@ def established(**kw: object) -> Pb:
 @pytest.mark.parametrize("seed", range(4))
 def test_running_total_under_random_sack_feeding(rack: bool, seed: int) -> None:
     """A peer that SACKs random pieces of what was sent (unaligned, overlapping, stale, DSACK,
-    over 64 holes so the oldest range is forgotten), moves the cumulative ACK into the middle
+    more holes than the socket's cap of 64 here, so the lowest range is forgotten), moves
+    the cumulative ACK into the middle
     of SACKed ranges, and sometimes stays silent until RTOs (the second one drops the
     scoreboard)."""
     rng = random.Random(seed)
     pb = established(rack=rack)
     sock = pb.sock
-    sock._cc.cwnd = 400 * MSS  # many holes at once: the 64-range cap is reached
+    sock._sacked_max = 64  # (a small cap, within the random feeding's reach)
+    sock._cc.cwnd = 400 * MSS  # many holes at once: the cap is reached
     sock.send(bytes(600 * MSS))
     now = 0.2
     pb.at(now).out()
@@ -140,25 +142,35 @@ def test_running_total_under_random_sack_feeding(rack: bool, seed: int) -> None:
     assert seen["mid_ack"] > 5 and seen["cleared"] > 0, seen
 
 
-def test_the_64_range_cap_and_the_rto_reset_keep_the_total() -> None:
-    pb = established(rack=False)
+def test_the_range_cap_and_the_rto_reset_keep_the_total() -> None:
+    # the cap: a full send buffer with every other segment lost, 400 / 2 ranges here
+    pb = established(rack=False, send_buffer=400 * MSS, send_buffer_max=400 * MSS)
     sock = pb.sock
-    sock._cc.cwnd = 400 * MSS
-    sock.send(bytes(300 * MSS))
+    assert sock._sacked_max == 200
+    sock._cc.cwnd = 500 * MSS
+    sock.send(bytes(400 * MSS))
     pb.at(0.2).out()
-    assert sock._snd_max - ISS - 1 >= 300 * MSS
-    # every other segment SACKed, from the top down: 100 holes, the list keeps 64 ranges
-    for k in range(100):
-        s = 1 + (299 - 2 * k) * MSS
+    assert sock._snd_max - ISS - 1 >= 400 * MSS
+    # every other segment SACKed, from the top down: 200 holes, all remembered (a queue
+    # overflowing in slow start drops every other segment: forgetting those SACKs made
+    # the sender retransmit what had arrived)
+    for k in range(200):
+        s = 1 + (399 - 2 * k) * MSS
         pb.send(ACK, PISS + 1, ISS + 1, sack_blocks=((ISS + s, ISS + s + MSS),))
         check_scoreboard(sock)
-    assert len(sock._sacked) == 64
-    assert sock._sacked_bytes == 64 * MSS
+    assert len(sock._sacked) == 200 and sock._sacked_bytes == 200 * MSS
+    # past the cap (tiny blocks could grow it without bound) the lowest range is forgotten
+    for k in range(10):
+        s = 1 + (198 - 2 * k) * MSS + 10  # inside a hole: a new range
+        pb.send(ACK, PISS + 1, ISS + 1, sack_blocks=((ISS + s, ISS + s + 1),))
+        check_scoreboard(sock)
+    assert len(sock._sacked) == 200
+    assert sock._sacked_bytes == 190 * MSS + 10
     # a cumulative ACK into the middle of the lowest remaining range
     low = sock._sacked[0][0]
     pb.send(ACK, PISS + 1, low + MSS // 2)
     check_scoreboard(sock)
-    assert sock._sacked_bytes == 63 * MSS + MSS // 2
+    assert sock._sacked_bytes == 190 * MSS - MSS // 2 + 10
     # two RTOs: the second drops the scoreboard (RFC 6675 §5.1, reneging)
     pb.at(5.0).out()
     check_scoreboard(sock)

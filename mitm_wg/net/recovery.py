@@ -430,7 +430,7 @@ class Scoreboard:
             new = True
             if news is not None:
                 news.append((s, e))
-            if len(sacked) > 64:
+            if len(sacked) > self._sacked_max:
                 r = sacked[0]
                 total -= r[1] - r[0]
                 del sacked[0]

@@ -362,6 +362,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._high_rxt = iss
         self._sacked: list[list[int]] = []  # sender scoreboard: sorted merged [start, end)
         self._sacked_bytes = 0  # their total (kept by each writer: recovery.py Scoreboard)
+        # at most as many ranges as a full send buffer with every other segment lost (a
+        # queue overflowing in slow start drops that way), at least 64; past it the lowest
+        # is forgotten (its data is then retransmitted): a bound against tiny SACK blocks
+        self._sacked_max = max(64, max(cfg.send_buffer, cfg.send_buffer_max) // (2 * cfg.mss))
         # retransmissions during SACK recovery as (start, end, SND.MAX when sent), and the
         # ranges whose retransmission is itself deemed lost (SACKs for later data came back)
         self._rxt_marks: list[tuple[int, int, int]] = []
