@@ -139,6 +139,15 @@ def _scenarios() -> dict[str, Scenario]:
             40,
             256,
         ),
+        # a real path's bottleneck: 100 Mbit/s behind a drop-tail queue of one BDP (each
+        # direction), 50 ms RTT: slow start overshoots into it, a loss-based sender fills it
+        Scenario(
+            "bneck50",
+            "50 ms, 12.5 MB/s bottleneck, 1-BDP queue",
+            rtt(50, rate=12.5e6, queue_bytes=625_000),
+            100,
+            512,
+        ),
     ]
     return {s.name: s for s in out}
 
