@@ -148,6 +148,14 @@ def _scenarios() -> dict[str, Scenario]:
             100,
             512,
         ),
+        # the same with 1 % random loss and 1 % reordering on top: a lossy Wi-Fi hop
+        Scenario(
+            "bnloss50",
+            "50 ms, 12.5 MB/s bottleneck, 1% loss, 1% reorder",
+            rtt(50, rate=12.5e6, queue_bytes=625_000, loss=0.01, reorder=0.01, reorder_gap=3),
+            60,
+            512,
+        ),
     ]
     return {s.name: s for s in out}
 
