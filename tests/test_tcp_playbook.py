@@ -1221,3 +1221,56 @@ def test_the_reassembly_queue_is_bounded() -> None:
     assert len(sock._asm) == 64
     assert sock.stats.ofo_drops == sock.stats.dropped == 6
     assert len(pb.out()) == 70
+
+
+def test_a_gap_filled_in_the_same_batch_is_acked_once() -> None:
+    """Segments after a gap and the one filling it, all before one dispatch (one batch of
+    datagrams: reordering within it): one ACK, for the new in-order point. The duplicate
+    ACKs owed for the old point went out as copies of that new ACK, and a sender counts
+    copies as duplicate ACKs of data just acknowledged."""
+    pb = est(peer_sack=True)
+    sock = pb.sock
+    for k in (1, 2, 3):
+        sock.process(seg(ACK, PISS + 1 + 1000 * k, ISS + 1, payload=b"x" * 1000), pb.now)
+    sock.process(seg(ACK, PISS + 1, ISS + 1, payload=b"y" * 1000), pb.now)
+    pb.expect([o(ACK, ISS + 1, PISS + 4001, window=61535)])
+    assert sock.recv(5000) == b"y" * 1000 + b"x" * 3000
+
+
+def test_a_gap_filled_later_gets_its_duplicate_acks_first() -> None:
+    """The same segments one dispatch each: a duplicate ACK with the SACK block for each
+    segment after the gap, then the ACK for the filled gap."""
+    pb = est(peer_sack=True)
+    for k in (1, 2, 3):
+        pb.send(ACK, PISS + 1 + 1000 * k, ISS + 1, payload=b"x" * 1000)
+        pb.expect(
+            [
+                o(
+                    ACK,
+                    ISS + 1,
+                    PISS + 1,
+                    window=65535,
+                    sack_blocks=((PISS + 1001, PISS + 1001 + 1000 * k),),
+                )
+            ]
+        )
+    pb.send(ACK, PISS + 1, ISS + 1, payload=b"y" * 1000)
+    pb.expect([o(ACK, ISS + 1, PISS + 4001, window=61535)])
+
+
+def test_a_batch_that_fills_one_gap_of_two_acks_the_rest_with_its_sack_block() -> None:
+    """Two gaps, the first filled in the batch: the early ACK of rule sack-flush (made when
+    the second block began, so that the first block was reported) stays, as one by one;
+    no duplicate ACK is left owed; the ACK for the new in-order point carries the block
+    still beyond it."""
+    pb = est(peer_sack=True)
+    sock = pb.sock
+    for start in (1001, 3001):  # two gaps: [1, 1001) and [2001, 3001)
+        sock.process(seg(ACK, PISS + start, ISS + 1, payload=b"x" * 1000), pb.now)
+    sock.process(seg(ACK, PISS + 1, ISS + 1, payload=b"y" * 1000), pb.now)  # fills the first
+    pb.expect(
+        [
+            o(ACK, ISS + 1, PISS + 1, window=65535, sack_blocks=((PISS + 1001, PISS + 2001),)),
+            o(ACK, ISS + 1, PISS + 2001, window=63535, sack_blocks=((PISS + 3001, PISS + 4001),)),
+        ]
+    )

@@ -113,6 +113,11 @@ class Receiver:
                         self._rbuf += more
                         rcv_nxt += len(more)
                     self._ack_now = True  # gap (partly) filled: ACK at once
+                    # The duplicate ACKs still owed for the old in-order point (segments
+                    # after the gap that came in the same batch, before the one filling
+                    # it) would go out as copies of this new ACK: a sender would count
+                    # them as duplicates of it. The one ACK at once says it all.
+                    self._acks_owed = 0
                 else:
                     self._schedule_ack(plen, seg.flags & PSH, now)
                 self._rcv_nxt = rcv_nxt
