@@ -229,11 +229,11 @@ def test_hystart_leaves_slow_start_before_a_bottleneck_overflows(exit_peer) -> N
     Linux) first, CSS and congestion avoidance follow, and far fewer datagrams are dropped
     (467-545 against 18-85 in four pairs of 3 MiB runs, with 320 or 640 KiB of queue)."""
     plain, none = upload_into_bottleneck(exit_peer, hystart=False)
-    paced, hs = upload_into_bottleneck(exit_peer, hystart=True)
+    with_hystart, hs = upload_into_bottleneck(exit_peer, hystart=True)
     assert none is None and hs is not None
     assert hs.in_css or hs.done, hs  # the delay signal came before any loss
     assert plain.queue_drops > 50, plain
-    assert paced.queue_drops * 2 < plain.queue_drops, (paced, plain)
+    assert with_hystart.queue_drops * 2 < plain.queue_drops, (with_hystart, plain)
 
 
 def test_we_hold_what_a_linux_slow_start_overshoot_leaves(exit_peer) -> None:
