@@ -76,31 +76,40 @@ class NewReno:
         """New data was cumulatively acknowledged outside loss recovery: ``acked`` bytes,
         with the ACK's RTT sample ``rtt`` (None without one); ``una``/``nxt``: SND.UNA
         after it and SND.NXT (HyStart++'s rounds)."""
-        if self.cwnd < self.ssthresh:
-            hystart = self.hystart
-            if hystart is None:
-                self.cwnd += min(acked, 2 * self.smss)
-            else:
-                self.cwnd += hystart.on_ack(acked, self.smss, rtt, una, nxt)
-                if hystart.done:  # CSS is over: congestion avoidance (RFC 9406 §4.2)
-                    self.ssthresh = self.cwnd
-                    self.hystart = None
-        else:
-            self._acc += acked
-            if self._acc >= self.cwnd:
-                self._acc -= self.cwnd
-                self.cwnd += self.smss
+        if self.cwnd >= self.ssthresh:
+            self._avoid(acked, now, srtt)
+            return
+        hystart = self.hystart
+        if hystart is None:
+            self.cwnd += min(acked, 2 * self.smss)
+            return
+        self.cwnd += hystart.on_ack(acked, self.smss, rtt, una, nxt)
+        if hystart.done:  # CSS is over: congestion avoidance (RFC 9406 §4.2)
+            self.ssthresh = self.cwnd
+            self.hystart = None
+
+    def _avoid(self, acked: int, now: float, srtt: float | None) -> None:
+        """Congestion avoidance (RFC 5681 §3.1 with byte counting): one SMSS per cwnd of
+        acknowledged bytes."""
+        self._acc += acked
+        if self._acc >= self.cwnd:
+            self._acc -= self.cwnd
+            self.cwnd += self.smss
+
+    def _loss_ssthresh(self, flight: int) -> int:
+        """ssthresh after a loss or timeout: max(FlightSize/2, 2*SMSS) (RFC 5681 (4))."""
+        return max(flight // 2, 2 * self.smss)
 
     def on_congestion_event(self, now: float, flight: int) -> None:
-        """Fast retransmit: ssthresh = max(FlightSize/2, 2*SMSS); cwnd = ssthresh."""
-        self.ssthresh = max(flight // 2, 2 * self.smss)
+        """Fast retransmit: ssthresh as :meth:`_loss_ssthresh`; cwnd = ssthresh."""
+        self.ssthresh = self._loss_ssthresh(flight)
         self.cwnd = self.ssthresh
         self._acc = 0
         self.hystart = None  # a loss ends the initial slow start (RFC 9406 §4.2)
 
     def on_rto(self, now: float, flight: int) -> None:
         """Retransmission timeout: ssthresh as above, cwnd = loss window (1 SMSS)."""
-        self.ssthresh = max(flight // 2, 2 * self.smss)
+        self.ssthresh = self._loss_ssthresh(flight)
         self.cwnd = self.smss
         self._acc = 0
         self.hystart = None
@@ -124,18 +133,8 @@ class Cubic(NewReno):
         self._w_est = 0.0
         self._cwnd_epoch = 0.0
 
-    def on_ack(
-        self,
-        acked: int,
-        now: float,
-        srtt: float | None,
-        rtt: float | None = None,
-        una: int = 0,
-        nxt: int = 0,
-    ) -> None:
-        if self.cwnd < self.ssthresh:
-            super().on_ack(acked, now, srtt, rtt, una, nxt)
-            return
+    def _avoid(self, acked: int, now: float, srtt: float | None) -> None:
+        """CUBIC's window growth (RFC 9438 §4) in place of NewReno's."""
         smss = self.smss
         cwnd_seg = self.cwnd / smss
         if self._epoch is None:
@@ -171,19 +170,10 @@ class Cubic(NewReno):
             self._w_max = cwnd_seg
         self._epoch = None
 
-    def on_congestion_event(self, now: float, flight: int) -> None:
+    def _loss_ssthresh(self, flight: int) -> int:
+        """beta x cwnd (RFC 9438 §4.6), after the W_max bookkeeping of the reduction."""
         self._reduce()
-        self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.smss)
-        self.cwnd = self.ssthresh
-        self._acc = 0
-        self.hystart = None
-
-    def on_rto(self, now: float, flight: int) -> None:
-        self._reduce()
-        self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.smss)
-        self.cwnd = self.smss
-        self._acc = 0
-        self.hystart = None
+        return max(int(self.cwnd * self.BETA), 2 * self.smss)
 
 
 def make_controller(
