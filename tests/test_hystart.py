@@ -6,8 +6,9 @@ simulator: a bulk upload into a bottleneck whose queue holds half a BDP, with an
 from __future__ import annotations
 
 import pytest
-from test_sim import payload
+from test_sim import payload, run_transfer
 
+from mitm_wg.net.bbr import Bbr
 from mitm_wg.net.congestion import Cubic, NewReno, make_controller
 from mitm_wg.net.hystart import (
     CSS_GROWTH_DIVISOR,
@@ -239,11 +240,20 @@ def test_a_loss_ends_hystart_for_the_connection(controller: type[NewReno], event
         assert s.cc.cwnd - before == 2 * SMSS < s.cc.ssthresh
 
 
-def test_bbr_takes_the_same_call() -> None:
-    bbr = make_controller("bbr", SMSS)
-    cwnd = bbr.cwnd
-    bbr.on_ack(SMSS, 0.0, 0.05, 0.05, SMSS, 10 * SMSS)  # (its cwnd follows rate samples)
-    assert bbr.cwnd == cwnd
+def test_the_socket_leaves_bbrs_window_to_its_rate_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BBR has no on_ack (its cwnd follows on_rate_sample): the socket never calls one for
+    it, through slow start, loss recovery and timeouts."""
+    assert not hasattr(Bbr, "on_ack")
+
+    def called(*args: object) -> None:
+        raise AssertionError("on_ack called for BBR")
+
+    monkeypatch.setattr(Bbr, "on_ack", called, raising=False)
+    lossy = LinkParams(delay=0.01, loss=0.03, reorder=0.02, reorder_delay=0.004)
+    tr = run_transfer(3, 1 << 20, 0, timeout=120.0, ab=lossy, ba=lossy, tcp_config=TcpConfig())
+    assert tr.client is not None and tr.client.stats.retransmits > 0
 
 
 # -- the simulator: slow start into a bottleneck ----------------------------------------------

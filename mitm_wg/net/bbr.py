@@ -84,9 +84,10 @@ ACK_EPOCH_RESET_BYTES = 1 << 30
 
 class Bbr:
     """BBR behind the controller interface of ``congestion.py`` (``cwnd``, ``ssthresh``,
-    ``set_mss``, ``on_ack``, ``on_congestion_event``, ``on_rto``) plus what a model-based
-    controller needs from the socket: :meth:`on_rate_sample` on every ACK that delivers
-    data and :meth:`pacing_rate`. ``model_based`` tells the socket to leave cwnd to it
+    ``set_mss``, ``on_congestion_event``, ``on_rto``; not ``on_ack``, which the socket
+    calls for loss-based controllers only) plus what a model-based controller needs from
+    the socket: :meth:`on_rate_sample` on every ACK that delivers data and
+    :meth:`pacing_rate`. ``model_based`` tells the socket to leave cwnd to it
     during and after recovery (no PRR, no cwnd = ssthresh)."""
 
     __slots__ = (
@@ -174,17 +175,6 @@ class Bbr:
             segs = max(1, self.cwnd // self.smss)
             self.smss = smss
             self.cwnd = segs * smss
-
-    def on_ack(
-        self,
-        acked: int,
-        now: float,
-        srtt: float | None,
-        rtt: float | None = None,
-        una: int = 0,
-        nxt: int = 0,
-    ) -> None:
-        """(cwnd changes in :meth:`on_rate_sample`, which sees every delivery)"""
 
     def _save_cwnd(self) -> None:
         """§4.2.3.4 / bbr_save_cwnd: remember the window to restore after recovery."""

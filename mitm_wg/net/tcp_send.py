@@ -616,7 +616,7 @@ class Sender:
                     cc.cwnd = cwnd if cwnd > self._smss else self._smss
         else:
             self._dupacks = 0
-            if n > 0:
+            if n > 0 and not cc.model_based:  # (BBR's cwnd follows its rate samples)
                 cc.on_ack(n, now, rtt.srtt, sample, ack, self._snd_max)
         rack = self._rack
         if rack is None:
