@@ -64,7 +64,6 @@ class HyStart:
         "_samples",
         "_window_end",
         "done",
-        "in_css",
     )
 
     def __init__(self, paced: bool) -> None:
@@ -73,10 +72,14 @@ class HyStart:
         self._current_min = _INF  # currentRoundMinRTT
         self._samples = 0  # rttSampleCount
         self._window_end: int | None = None  # windowEnd: SND.NXT when this round began
-        self._css_baseline = _INF  # cssBaselineMinRtt
+        self._css_baseline = _INF  # cssBaselineMinRtt (finite exactly while in CSS)
         self._css_rounds = 0  # rounds begun in CSS
-        self.in_css = False
         self.done = False
+
+    @property
+    def in_css(self) -> bool:
+        """In Conservative Slow Start (it has a baseline)."""
+        return self._css_baseline != _INF
 
     def __repr__(self) -> str:
         phase = "done" if self.done else "css" if self.in_css else "slow start"
@@ -90,7 +93,7 @@ class HyStart:
         end = self._window_end
         if end is None or una >= end:
             # a round begins (§4.2): its SND.NXT marks where it ends
-            if self.in_css and end is not None:
+            if self._css_baseline != _INF and end is not None:
                 self._css_rounds += 1
                 if self._css_rounds >= CSS_ROUNDS:
                     self.done = True
@@ -105,12 +108,11 @@ class HyStart:
             if rtt < self._current_min:
                 self._current_min = rtt
             self._samples += 1
-        if self.in_css:
+        if self._css_baseline != _INF:  # in CSS
             grow //= CSS_GROWTH_DIVISOR
             if self._samples >= N_RTT_SAMPLE and self._current_min < self._css_baseline:
                 # the rise was jitter, not a queue: back to slow start
                 self._css_baseline = _INF
-                self.in_css = False
         elif (
             self._samples >= N_RTT_SAMPLE
             and self._current_min != _INF
@@ -122,5 +124,4 @@ class HyStart:
             # the queue is building: Conservative Slow Start from the next ACK on
             self._css_baseline = self._current_min
             self._css_rounds = 0
-            self.in_css = True
         return grow
