@@ -43,7 +43,9 @@ import collections
 import dataclasses
 import errno
 import hashlib
+import heapq
 import ipaddress
+import itertools
 import logging
 import math
 import os
@@ -411,6 +413,19 @@ class Stack:
         self._half_open: dict[TcpSocket, TcpListener] = {}
         self._dirty: dict[TcpSocket, None] = {}  # dicts, not sets: deterministic order
         self._deadline: dict[TcpSocket, float] = {}  # cached poll_at() (inf for None)
+        # The finite deadlines as a heap, so that poll and next_deadline cost the same with
+        # one connection or thousands open (not a walk of every socket): (time, push serial,
+        # socket) entries; an entry counts only while _timer_at holds its time for its
+        # socket (an older one of the same socket surfaces and is dropped), and that time
+        # is at or before the socket's deadline (a deadline that moved later keeps its
+        # entry until it surfaces: then it goes back in at the real time).
+        self._timers: list[tuple[float, int, TcpSocket]] = []
+        self._timer_at: dict[TcpSocket, float] = {}
+        self._pushes = itertools.count()
+        # registration serials: poll dispatches in this order (deterministic, and the
+        # order of the sockets' creation, as a walk of _deadline did)
+        self._order: dict[TcpSocket, int] = {}
+        self._registered = itertools.count()
         # Ephemeral ports: per destination, the local ports of connections we opened that
         # closed less than RECENT_TUPLE_SECONDS ago -> when they closed, oldest first; and how
         # many connections we opened to it are alive.
@@ -667,8 +682,13 @@ class Stack:
             elif p.raw[6] == proto:  # no extension headers: the pointer is exact
                 self._send_icmp_error6(p, icmp.ICMP6_PARAM_PROBLEM, 1, now, rest=6)
 
-    def poll(self, now: float, out: list[bytes]) -> None:
-        """Append every IP packet due by ``now`` to ``out``; reap closed sockets."""
+    def poll(self, now: float, out: list[bytes], dispatched: list[TcpSocket] | None = None) -> None:
+        """Append every IP packet due by ``now`` to ``out``; reap closed sockets.
+
+        ``dispatched``: gets every TCP socket this call ran (those the application or
+        input touched since the last call, and those whose timers were due), reaped ones
+        included. No other socket's state changed since the previous call: a runtime
+        wakes only the tasks waiting on these."""
         if now > self._now:
             self._now = now
         start = len(out)
@@ -676,12 +696,27 @@ class Stack:
             out.extend(self._out)
             self._out.clear()
         dirty = self._dirty
-        segs = self._segs
         deadline = self._deadline
+        timers = self._timers
+        if timers and timers[0][0] <= now:
+            self._due(now)  # (adds them to dirty)
+        if not dirty:
+            if len(timers) > 2 * len(deadline) + 64:
+                self._rebuild_timers()
+            self.stats.packets_out += len(out) - start
+            return
+        order = self._order
+        if len(dirty) == 1:
+            socks = list(dirty)
+            if socks[0] not in order:
+                socks.clear()  # (an application call on a socket reaped since)
+        else:
+            socks = sorted([sock for sock in dirty if sock in order], key=order.__getitem__)
+        dirty.clear()
+        segs = self._segs
+        timer_at = self._timer_at
         reap: list[TcpSocket] | None = None
-        for sock, t in deadline.items():
-            if t > now and sock not in dirty:
-                continue
+        for sock in socks:
             local = sock.local_addr
             sock.dispatch(now, segs, True)
             if segs:
@@ -692,13 +727,48 @@ class Stack:
                 if reap is None:
                     reap = []
                 reap.append(sock)
+                continue
+            t = sock.poll_at()
+            if t is None:
+                deadline[sock] = _NEVER
             else:
-                t = sock.poll_at()
-                deadline[sock] = _NEVER if t is None else t
-        dirty.clear()
+                deadline[sock] = t
+                if t < timer_at.get(sock, _NEVER):
+                    timer_at[sock] = t
+                    heapq.heappush(timers, (t, next(self._pushes), sock))
+        if dispatched is not None:
+            dispatched += socks
         if reap:
             self._reap(reap, now)
+        if len(timers) > 2 * len(deadline) + 64:
+            self._rebuild_timers()
         self.stats.packets_out += len(out) - start
+
+    def _due(self, now: float) -> None:
+        """Move the sockets whose deadline is ``now`` or earlier from the heap to ``_dirty``
+        (in registration order with the rest at dispatch)."""
+        timers = self._timers
+        timer_at = self._timer_at
+        deadline = self._deadline
+        dirty = self._dirty
+        while timers and timers[0][0] <= now:
+            t, _, sock = heapq.heappop(timers)
+            if timer_at.get(sock) != t:
+                continue  # superseded by an earlier entry, or reaped
+            del timer_at[sock]
+            d = deadline[sock]
+            if d <= now:
+                dirty[sock] = None
+            elif d != _NEVER:  # the deadline moved later: back in at its time
+                timer_at[sock] = d
+                heapq.heappush(timers, (d, next(self._pushes), sock))
+
+    def _rebuild_timers(self) -> None:
+        """Drop the superseded entries (they pile up while deadlines keep moving earlier):
+        after any poll the heap holds at most two entries per socket, plus 64."""
+        pushes = self._pushes
+        self._timers = [(t, next(pushes), sock) for sock, t in self._timer_at.items()]
+        heapq.heapify(self._timers)
 
     def retransmit_now(self, to: Callable[[bytes], bool] | None = None) -> int:
         """The path to some remotes works again (e.g. a new WireGuard session came up): every
@@ -716,10 +786,25 @@ class Stack:
         """The earliest time :meth:`poll` has work (a time in the past means "now")."""
         if self._out or self._dirty:
             return self._now
-        if not self._deadline:
-            return None
-        best = min(self._deadline.values())
-        return None if best == _NEVER else best
+        timers = self._timers
+        timer_at = self._timer_at
+        deadline = self._deadline
+        while timers:
+            t, _, sock = timers[0]
+            if timer_at.get(sock) != t:
+                heapq.heappop(timers)  # superseded, or reaped
+                continue
+            d = deadline[sock]
+            if d == t:
+                return t
+            # the deadline moved later (or away) since the entry went in: put it right
+            if d == _NEVER:
+                heapq.heappop(timers)
+                del timer_at[sock]
+            else:
+                timer_at[sock] = d
+                heapq.heapreplace(timers, (d, next(self._pushes), sock))
+        return None
 
     def tcp_connect(
         self, remote: Address, port: int, now: float, *, local: Address | None = None
@@ -913,7 +998,11 @@ class Stack:
 
     def _register(self, key: TcpKey, sock: TcpSocket) -> None:
         self._tcp[key] = sock
-        self._deadline[sock] = self._now
+        now = self._now
+        self._deadline[sock] = now
+        self._timer_at[sock] = now
+        heapq.heappush(self._timers, (now, next(self._pushes), sock))
+        self._order[sock] = next(self._registered)
         self._dirty[sock] = None
 
     def _reap(self, socks: Iterable[TcpSocket], now: float) -> None:
@@ -927,6 +1016,8 @@ class Stack:
             )
             del self._tcp[key]
             del self._deadline[sock]
+            del self._order[sock]
+            self._timer_at.pop(sock, None)  # (its heap entries surface as superseded)
             sstats = sock.stats
             stats.tcp_syn_timeouts += sstats.syn_timeouts
             stats.tcp_syn_fast_retries += sstats.syn_fast_retries
