@@ -107,6 +107,83 @@ async def test_bulk_both_ways_with_half_close(timer_kind: str) -> None:
         _assert_timer_armed_for_next_deadline(a, timer_kind)
 
 
+async def test_a_flush_checks_only_the_streams_whose_sockets_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 idle connections, each with a task waiting in receive_some (as mitmproxy reads
+    every upstream connection): a bulk transfer on another one checks the readiness of the
+    streams whose sockets the stack ran, not of all 200 at every flush (the work per packet
+    grew with the connections open). Then one byte to each idle connection wakes every
+    waiting task."""
+    checks = 0
+    ready = TunnelStream._ready
+
+    def counting_ready(self: TunnelStream) -> bool:
+        nonlocal checks
+        checks += 1
+        return ready(self)
+
+    flushes = 0
+    flush = tunnel_module.Tunnel._flush
+
+    def counting_flush(self: tunnel_module.Tunnel, now: float | None = None) -> None:
+        nonlocal flushes
+        flushes += 1
+        flush(self, now)
+
+    n = 200
+    async with tunnel_pair() as (a, b):
+        listener = await b.listen_tcp(7000)
+        idle: list[tuple[TunnelStream, TunnelStream]] = []
+        with trio.fail_after(30):
+            accepted: list[TunnelStream] = []
+
+            async def accept() -> None:
+                accepted.append(await listener.accept())
+
+            for _ in range(n):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(accept)
+                    client = await a.open_tcp_stream("10.33.0.2", 7000)
+                idle.append((client, accepted[-1]))
+        client, server, _ = await connected_pair(a, b, port=7001)
+        got: dict[int, bytes] = {}
+
+        async def wait_idle(i: int, stream: TunnelStream) -> None:
+            got[i] = await stream.receive_some()
+
+        data = os.urandom(4 << 20)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i, (c, _s) in enumerate(idle):
+                    nursery.start_soon(wait_idle, i, c)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(a._parked_streams) == n
+                monkeypatch.setattr(TunnelStream, "_ready", counting_ready)
+                monkeypatch.setattr(tunnel_module.Tunnel, "_flush", counting_flush)
+
+                async def send() -> None:
+                    await client.send_all(data)
+                    await client.send_eof()
+
+                nursery.start_soon(send)
+                h = hashlib.sha256()
+                while chunk := await server.receive_some():
+                    h.update(chunk)
+                assert h.digest() == hashlib.sha256(data).digest()
+                monkeypatch.undo()
+                assert flushes > 50 and checks <= 2 * flushes, (flushes, checks)  # walk: 200 each
+                assert got == {}
+                for i, (_c, s) in enumerate(idle):
+                    await s.send_all(bytes([i % 256]))
+        assert got == {i: bytes([i % 256]) for i in range(n)}
+        for c, s in idle:
+            await c.aclose()
+            await s.aclose()
+        await client.aclose()
+        await server.aclose()
+
+
 def _timerfds() -> list:
     kinds = [pytest.param(True, id="ctypes")]
     if hasattr(os, "timerfd_create"):

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from conftest import require_mitmdump
 
 from harness import ExitPeer, mitmproxy_wireguard_peer, wireguard_go_sends_gso
@@ -26,6 +27,7 @@ from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
 from tests.runtime_helpers import (
     ExtraHttpServer,
     NamespaceSocketFactory,
+    _Reader,
     http_get,
     http_post_json,
     pattern_sha256,
@@ -129,6 +131,69 @@ async def test_100_concurrent_streams(exit_peer: ExitPeer) -> None:
     assert len(results) == 100
     assert set(results.values()) == {expected}
     assert len(ports) == 100  # really 100 distinct connections
+
+
+async def test_idle_connections_cost_a_download_nothing_and_all_wake(
+    exit_peer: ExitPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mitmproxy keeps its upstream connections open with a task reading each. 150 idle
+    keep-alive connections to the exit's server, each with a task waiting for its next
+    response: a 20 MB download on another connection checks at each flush the streams the
+    stack ran, not all 150 (the work per packet grew with every connection open); then a
+    request on each brings 150 responses at once, and every task wakes with its whole,
+    exact response."""
+    n = 150
+    checks = flushes = 0
+    ready = TunnelStream._ready
+    flush = Tunnel._flush
+
+    def counting_ready(self: TunnelStream) -> bool:
+        nonlocal checks
+        checks += 1
+        return ready(self)
+
+    def counting_flush(self: Tunnel, now: float | None = None) -> None:
+        nonlocal flushes
+        flushes += 1
+        flush(self, now)
+
+    host, port = exit_peer.server_tunnel_v4, exit_peer.http_port
+    got: dict[int, tuple[int, str]] = {}
+
+    async def next_response(i: int, stream: TunnelStream) -> None:
+        reader = _Reader(stream)
+        head = (await reader.read_head()).decode("latin-1")
+        length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
+        digest, _ = await reader.read_body(length, keep=False)
+        got[i] = (length, digest)
+
+    async with exit_tunnel(exit_peer) as (tunnel, _):
+        with trio.fail_after(120):
+            idle = []
+            for _i in range(n):
+                stream = await tunnel.open_tcp_stream(host, port)
+                await get_pattern(stream, 1)  # (a used keep-alive connection)
+                idle.append(stream)
+            async with trio.open_nursery() as nursery:
+                for i, stream in enumerate(idle):
+                    nursery.start_soon(next_response, i, stream)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(tunnel._parked_streams) == n
+                monkeypatch.setattr(TunnelStream, "_ready", counting_ready)
+                monkeypatch.setattr(Tunnel, "_flush", counting_flush)
+                bulk = await tunnel.open_tcp_stream(host, port)
+                await get_pattern(bulk, 20 * MB)
+                await bulk.aclose()
+                monkeypatch.undo()
+                assert flushes > 100 and checks <= 2 * flushes, (flushes, checks)
+                assert got == {}
+                for i, stream in enumerate(idle):
+                    await stream.send_all(
+                        f"GET /bytes/{1000 + i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                    )
+            for stream in idle:
+                await stream.aclose()
+    assert got == {i: (1000 + i, pattern_sha256(1000 + i)) for i in range(n)}
 
 
 async def test_ipv6_inside_the_tunnel(exit_peer: ExitPeer) -> None:

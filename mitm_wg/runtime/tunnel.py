@@ -162,7 +162,15 @@ class Tunnel:
         self._timer_scope: trio.CancelScope | None = None
         self._timer_fd: TimerFd | None = None
         self._timer_at = _NEVER
+        # Parked tasks: a stream's wait on its TCP socket is checked when the stack ran
+        # that socket (Stack.poll's `dispatched`: nothing else changed since the last
+        # poll), so a flush costs the same with thousands of idle connections open as with
+        # one; other waits (handshakes, listeners, UDP sockets: a few) at every flush, and
+        # every wait after a device event (a session that came up lets connects go on).
         self._parked: dict[int, _Waitable] = {}
+        self._parked_streams: dict[TcpSocket, TunnelStream] = {}
+        self._dispatched: list[TcpSocket] = []
+        self._wake_all = False
         self._streams: set[TunnelStream] = set()
         self._connecting: dict[TcpSocket, _PendingConnect] = {}
         self._failed: dict[bytes, HandshakeFailed] = {}
@@ -317,8 +325,23 @@ class Tunnel:
             now = trio.current_time()
         device = self.device
         self._transmit(now)
-        if device.events and self._handle_events(device.take_events()):
-            self._transmit(now)  # what a new session let go at once
+        if device.events:
+            self._wake_all = True
+            if self._handle_events(device.take_events()):
+                self._transmit(now)  # what a new session let go at once
+        dispatched = self._dispatched
+        streams = self._parked_streams
+        if self._wake_all:
+            self._wake_all = False
+            woken = list(streams.values())
+        elif streams and dispatched:
+            woken = [streams[sock] for sock in dispatched if sock in streams]
+        else:
+            woken = ()
+        dispatched.clear()
+        for stream in woken:
+            if stream._ready():
+                stream._lot.unpark_all()
         if self._parked:
             for waitable in list(self._parked.values()):
                 if waitable._ready():
@@ -331,7 +354,7 @@ class Tunnel:
         device = self.device
         out = self._datagrams
         ip_out = self._ip_out
-        self.stack.poll(now, ip_out)
+        self.stack.poll(now, ip_out, self._dispatched)
         if ip_out:
             device.send_packets(ip_out, now, out)
             ip_out.clear()
@@ -456,6 +479,16 @@ class Tunnel:
         return kicked > 0
 
     async def _park(self, waitable: _Waitable, deadline: float = _NEVER) -> None:
+        if isinstance(waitable, TunnelStream):
+            sock = waitable._sock
+            self._parked_streams[sock] = waitable
+            try:
+                with trio.CancelScope(deadline=deadline):
+                    await waitable._lot.park()
+            finally:
+                if not waitable._lot:
+                    self._parked_streams.pop(sock, None)
+            return
         self._parked[id(waitable)] = waitable
         try:
             with trio.CancelScope(deadline=deadline):
@@ -1182,6 +1215,7 @@ async def open_tunnel(
                     yield tunnel
                 finally:
                     tunnel._closed = True
+                    tunnel._wake_all = True
                     for stream in list(tunnel._streams):
                         if not stream._sock.is_closed:
                             stream._sock.abort(trio.current_time())
