@@ -93,6 +93,8 @@ BEFORE = {
     "bbr": (TcpConfig(congestion="newreno", pacing=False), "NewReno, unpaced"),
 }
 _before = BEFORE["autotune"]
+#: ``--idle N``: idle connections our tunnel holds open during its transfers
+_idle = 0
 
 
 @dataclass(frozen=True)
@@ -206,12 +208,14 @@ master_process off;
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx.err warn;
-events {{ worker_connections 64; }}
+worker_rlimit_nofile {files};
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     sendfile on;
     tcp_nopush on;
-    keepalive_timeout 10;
+    keepalive_timeout {keepalive};
+    keepalive_requests 100000;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -249,7 +253,15 @@ def http_server(peer: ExitPeer, host: str, force_python: bool) -> Iterator[Serve
         (www / "index.html").write_text("hello\n")
         conf = tmp / "nginx.conf"
         conf.write_text(
-            NGINX_CONF.format(dir=tmp, listen=format_endpoint((host, NGINX_PORT)), www=www)
+            NGINX_CONF.format(
+                dir=tmp,
+                listen=format_endpoint((host, NGINX_PORT)),
+                www=www,
+                connections=64 + 2 * _idle,  # (nginx closes keep-alives when 1/16 are free)
+                files=2 * (64 + 2 * _idle),
+                # --idle's connections stay open for the whole run
+                keepalive=3600 if _idle else 10,
+            )
         )
         log = open(tmp / "nginx.out", "wb")
         proc = peer.ns.popen([nginx, "-p", str(tmp), "-c", str(conf)], stdout=log, stderr=log)
@@ -506,6 +518,36 @@ async def _ours_one(
     return size / elapsed / 1e6
 
 
+async def _hold_idle(
+    tunnel: Any, server: Server, n: int, nursery: trio.Nursery, closed: list[int]
+) -> None:
+    """``--idle``: ``n`` keep-alive connections to the server, each used once (a tiny GET)
+    and then left open with a task waiting in ``receive_some``, as mitmproxy reads every
+    upstream connection it keeps. A connection the server closes is counted in
+    ``closed``."""
+    path = server.download_path(1)
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+    async def wait(stream: Any) -> None:
+        try:
+            while await stream.receive_some():
+                pass
+            closed.append(1)
+        finally:
+            await stream.aclose()
+
+    for _ in range(n):
+        stream = await tunnel.open_tcp_stream(server.host, server.port)
+        await stream.send_all(request)
+        got = b""
+        while not (b"\r\n\r\n" in got and len(got) >= got.index(b"\r\n\r\n") + 5):
+            data = await stream.receive_some()
+            if not data:
+                raise RuntimeError(f"idle connection closed before its response: {got!r}")
+            got += data
+        nursery.start_soon(wait, stream)
+
+
 def _client_socket_factory(peer: ExitPeer) -> Any:
     def factory(family: int) -> socket.socket:
         sock = peer.client_ns.socket(family, socket.SOCK_DGRAM)
@@ -592,27 +634,40 @@ def run_ours(
             with trio.fail_after(30):
                 warm = await tunnel.open_tcp_stream(server.host, server.port)
                 await warm.aclose()
-            for size, upload in jobs:
-                before = _counters(peer, relay)
-                own0 = time.process_time()
-                sched0, wall0 = thread_sched(), time.perf_counter()
-                counters: dict[str, int] = {}
-                sleeps = SleepReasons()
-                trio.lowlevel.add_instrument(sleeps)
-                try:
-                    with trio.fail_after(60 + size / 250_000):
-                        mbps = await _ours_one(tunnel, server, size, upload, counters, sleeps)
-                except Exception as e:  # one failed transfer must not end the whole run
-                    _failed("mitm-wg", upload, e)
-                    mbps = math.nan
-                finally:
-                    trio.lowlevel.remove_instrument(sleeps)
-                own = (time.process_time() - own0) / (size / MiB)
-                wall = time.perf_counter() - wall0
-                thread = thread_shares(sched0, wall)
-                counters.update(sleeps.shares(wall))
-                out.append(_transfer(peer, relay, before, mbps, own, thread, counters))
-                server.cleanup_uploads()
+            async with trio.open_nursery() as idle:
+                closed: list[int] = []
+                if _idle:
+                    with trio.fail_after(60 + _idle / 10):
+                        await _hold_idle(tunnel, server, _idle, idle, closed)
+                out += await _ours_jobs(tunnel, jobs)
+                idle.cancel_scope.cancel()
+            if closed:
+                print(f"  ({len(closed)} of the {_idle} idle connections were closed)")
+        return out
+
+    async def _ours_jobs(tunnel: Any, jobs: list[tuple[int, bool]]) -> list[Transfer]:
+        out = []
+        for size, upload in jobs:
+            before = _counters(peer, relay)
+            own0 = time.process_time()
+            sched0, wall0 = thread_sched(), time.perf_counter()
+            counters: dict[str, int] = {}
+            sleeps = SleepReasons()
+            trio.lowlevel.add_instrument(sleeps)
+            try:
+                with trio.fail_after(60 + size / 250_000):
+                    mbps = await _ours_one(tunnel, server, size, upload, counters, sleeps)
+            except Exception as e:  # one failed transfer must not end the whole run
+                _failed("mitm-wg", upload, e)
+                mbps = math.nan
+            finally:
+                trio.lowlevel.remove_instrument(sleeps)
+            own = (time.process_time() - own0) / (size / MiB)
+            wall = time.perf_counter() - wall0
+            thread = thread_shares(sched0, wall)
+            counters.update(sleeps.shares(wall))
+            out.append(_transfer(peer, relay, before, mbps, own, thread, counters))
+            server.cleanup_uploads()
         return out
 
     return trio.run(session)
@@ -998,10 +1053,19 @@ def main(argv: list[str] | None = None) -> int:
         " 1 MiB buffers), rack (RFC 6675 recovery instead of RACK-TLP and PRR) or bbr"
         " (NewReno without pacing instead of BBR with pacing)",
     )
+    p.add_argument(
+        "--idle",
+        type=int,
+        default=0,
+        metavar="N",
+        help="our tunnel holds N idle keep-alive connections to the server open during its"
+        " transfers, each with a task reading it (as mitmproxy does); the kernel client none",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    global _before
+    global _before, _idle
     _before = BEFORE[args.before]
+    _idle = args.idle
 
     ok, why = have_netns()
     if not ok:
