@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -479,23 +480,18 @@ class Tunnel:
         return kicked > 0
 
     async def _park(self, waitable: _Waitable, deadline: float = _NEVER) -> None:
+        parked: dict[Any, Any]
         if isinstance(waitable, TunnelStream):
-            sock = waitable._sock
-            self._parked_streams[sock] = waitable
-            try:
-                with trio.CancelScope(deadline=deadline):
-                    await waitable._lot.park()
-            finally:
-                if not waitable._lot:
-                    self._parked_streams.pop(sock, None)
-            return
-        self._parked[id(waitable)] = waitable
+            parked, key = self._parked_streams, waitable._sock
+        else:
+            parked, key = self._parked, id(waitable)
+        parked[key] = waitable
         try:
             with trio.CancelScope(deadline=deadline):
                 await waitable._lot.park()
         finally:
             if not waitable._lot:
-                self._parked.pop(id(waitable), None)
+                parked.pop(key, None)
 
     # -- public API ---------------------------------------------------------------------------
 
