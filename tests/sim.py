@@ -413,3 +413,14 @@ def make_pair(
     a = Stack(addrs[0], mtu=mtu, randbytes=rng.randbytes, **stack_kw)  # type: ignore[arg-type]
     b = Stack(addrs[1], mtu=mtu, randbytes=rng.randbytes, **stack_kw)  # type: ignore[arg-type]
     return Sim(a, b, seed=seed, ab=ab, ba=ba)
+
+
+def exchange(a: Stack, b: Stack, now: float) -> None:
+    """One round between two stacks wired back to back without delay or loss: what ``a``
+    has to send goes to ``b``, then what ``b`` has to send (answers included) to ``a``."""
+    out: list[bytes] = []
+    for src, dst in ((a, b), (b, a)):
+        src.poll(now, out)
+        for p in out:
+            dst.receive(p, now)
+        out.clear()

@@ -16,6 +16,7 @@ import pytest
 
 from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp import TcpSocket, TcpState
+from sim import exchange
 
 _NEVER = float("inf")
 A_ADDR, B_ADDR = "10.0.0.1", "10.0.0.2"
@@ -183,31 +184,24 @@ def test_next_deadline_is_the_earliest_timer_of_all_sockets() -> None:
     assert checked > 1000
 
 
-def _idle_pairs(n: int) -> tuple[Stack, Stack, list[tuple[TcpSocket, TcpSocket]]]:
-    a = Stack([f"{A_ADDR}/24"], randbytes=random.Random(1).randbytes)
-    b = Stack([f"{B_ADDR}/24"], randbytes=random.Random(2).randbytes)
+def _idle_pairs(
+    n: int, stack_cls: type[Stack] = Stack
+) -> tuple[Stack, Stack, list[tuple[TcpSocket, TcpSocket]]]:
+    """``n`` established connections between two ``stack_cls``, all idle: nothing to
+    send, no timer."""
+    a = stack_cls([f"{A_ADDR}/24"], randbytes=random.Random(1).randbytes)
+    b = stack_cls([f"{B_ADDR}/24"], randbytes=random.Random(2).randbytes)
     listener = b.tcp_listen(80, backlog=n + 8)
     clients = [a.tcp_connect(B_ADDR, 80, 0.0) for _ in range(n)]
-    out: list[bytes] = []
-    now = 0.0
-    for _ in range(4):
-        now += 0.001
-        a.poll(now, out)
-        for p in out:
-            b.receive(p, now)
-        out.clear()
-        b.poll(now, out)
-        for p in out:
-            a.receive(p, now)
-        out.clear()
+    for t in (0.001, 0.002, 0.003, 0.004):
+        exchange(a, b, t)
     servers = []
     while (s := listener.accept()) is not None:
         servers.append(s)
     assert len(servers) == n and all(c.state is TcpState.ESTABLISHED for c in clients)
-    # idle: nothing pending, no timer
-    now += 1.0
-    a.poll(now, out)
-    b.poll(now, out)
+    out: list[bytes] = []
+    a.poll(1.0, out)
+    b.poll(1.0, out)
     assert out == [] and a.next_deadline() is None
     return a, b, list(zip(clients, servers, strict=True))
 
@@ -261,21 +255,9 @@ def test_the_walk_would_have_failed_that_test() -> None:
     measures what it claims)."""
     runs = []
     for n in (5, 50):
-        a = WalkingStack([f"{A_ADDR}/24"], randbytes=random.Random(1).randbytes)
-        b = WalkingStack([f"{B_ADDR}/24"], randbytes=random.Random(2).randbytes)
-        b.tcp_listen(80, backlog=n + 8)
-        clients = [a.tcp_connect(B_ADDR, 80, 0.0) for _ in range(n)]
+        a, _b, pairs = _idle_pairs(n, WalkingStack)
+        client = pairs[0][0]
         out: list[bytes] = []
-        for t in (0.001, 0.002, 0.003):
-            a.poll(t, out)
-            for p in out:
-                b.receive(p, t)
-            out.clear()
-            b.poll(t, out)
-            for p in out:
-                a.receive(p, t)
-            out.clear()
-        client = clients[0]
 
         def step(a: Stack = a, client: TcpSocket = client, out: list[bytes] = out) -> None:
             client.send(b"x" * 100)

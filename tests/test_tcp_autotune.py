@@ -16,7 +16,7 @@ from test_sim import run_transfer
 from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.net.tcp_wire import ACK, SYN
-from sim import LinkParams, Transfer, make_pair
+from sim import LinkParams, Transfer, exchange, make_pair
 from tcp_playbook import Pb, active, cfg, passive, seg
 
 MiB = 1 << 20
@@ -268,20 +268,12 @@ def test_1000_idle_connections_stay_small() -> None:
         lst = b.tcp_listen(80, backlog=n + 8)
         clients: list[TcpSocket] = [a.tcp_connect("10.0.0.2", 80, now) for _ in range(n)]
         servers: list[TcpSocket] = []
-        out: list[bytes] = []
 
         def pump(rounds: int) -> None:
             nonlocal now
             for _ in range(rounds):
                 now += 0.05
-                a.poll(now, out)
-                for p in out:
-                    b.receive(p, now)
-                out.clear()
-                b.poll(now, out)
-                for p in out:
-                    a.receive(p, now)
-                out.clear()
+                exchange(a, b, now)
                 while (s := lst.accept()) is not None:
                     servers.append(s)
 
