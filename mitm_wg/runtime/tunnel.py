@@ -335,8 +335,11 @@ class Tunnel:
         if self._wake_all:
             self._wake_all = False
             woken = list(streams.values())
-        elif streams and dispatched:
+        elif streams and (dispatched or self._connecting):
+            # the sockets the stack ran, and every connect still in progress (a few, and
+            # each may go on for a reason of the device's: checked at every flush as before)
             woken = [streams[sock] for sock in dispatched if sock in streams]
+            woken += [streams[sock] for sock in self._connecting if sock in streams]
         else:
             woken = ()
         dispatched.clear()
