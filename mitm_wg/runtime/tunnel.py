@@ -166,8 +166,8 @@ class Tunnel:
         # Parked tasks: a stream's wait on its TCP socket is checked when the stack ran
         # that socket (Stack.poll's `dispatched`: nothing else changed since the last
         # poll), so a flush costs the same with thousands of idle connections open as with
-        # one; other waits (handshakes, listeners, UDP sockets: a few) at every flush, and
-        # every wait after a device event (a session that came up lets connects go on).
+        # one; streams still connecting and other waits (handshakes, listeners, UDP
+        # sockets: a few) at every flush, and every wait after a device event.
         self._parked: dict[int, _Waitable] = {}
         self._parked_streams: dict[TcpSocket, TunnelStream] = {}
         self._dispatched: list[TcpSocket] = []
