@@ -344,3 +344,51 @@ def test_a_deadline_that_moved_later_fires_at_its_new_time() -> None:
     assert a.next_deadline() == new
     a.poll(new, out)
     assert len(out) == 1 and b"y" * 100 in out[0]  # the retransmission
+
+
+def test_a_socket_reaped_by_a_later_segment_of_its_batch_is_reported() -> None:
+    """A connect whose SYN went out twice (the first handshake lost, say) gets two RSTs in
+    one batch: the first closes the socket, the second finds the corpse and reaps it at
+    once (a SYN right behind must find the listener). The socket never runs in a poll, and
+    its waiter must still look: the next poll reports it. (Unreported, the runtime's connect
+    slept on with the socket gone: `mitm-wg check --url` to a closed port said "no answer
+    within 10 s" instead of "refused".)"""
+    a = Stack([f"{A_ADDR}/24"], randbytes=random.Random(1).randbytes)
+    b = Stack([f"{B_ADDR}/24"], randbytes=random.Random(2).randbytes)  # no listener: RSTs
+    sock = a.tcp_connect(B_ADDR, 9, 0.0)
+    out: list[bytes] = []
+    ran: list[TcpSocket] = []
+    a.poll(0.0, out, ran)
+    retry = a.next_deadline()
+    assert retry is not None and ran == [sock]
+    a.poll(retry, out, ran)
+    assert len(out) == 2  # two SYNs
+    resets: list[bytes] = []
+    for syn in out:
+        b.receive(syn, retry)
+    b.poll(retry, resets)
+    assert len(resets) == 2
+    ran.clear()
+    a.receive_batch(resets, retry + 0.001, authenticated=True)
+    assert sock.is_closed and isinstance(sock.error, ConnectionRefusedError)
+    assert sock not in a._order  # reaped by the second RST, not by a poll
+    a.poll(retry + 0.001, out, ran)
+    assert ran == [sock]
+    # beside a socket that runs in the same poll (the sorted path): both reported
+    other = a.tcp_connect(B_ADDR, 10, 2.0)
+    out.clear()
+    a.poll(2.0, out)
+    retry = a.next_deadline()
+    assert retry is not None
+    a.poll(retry, out)
+    resets.clear()
+    for syn in out:
+        b.receive(syn, retry)
+    b.poll(retry, resets)
+    assert len(resets) == 2
+    fresh = a.tcp_connect(B_ADDR, 11, retry)  # touched: its SYN goes out in this poll
+    a.receive_batch(resets, retry + 0.001, authenticated=True)
+    assert other.is_closed and other not in a._order
+    ran.clear()
+    a.poll(retry + 0.001, out, ran)
+    assert sorted(ran, key=id) == sorted([other, fresh], key=id)

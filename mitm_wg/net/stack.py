@@ -687,7 +687,9 @@ class Stack:
 
         ``dispatched``: gets every TCP socket this call ran (those the application or
         input touched since the last call, and those whose timers were due), reaped ones
-        included. No other socket's state changed since the previous call: a runtime
+        included, and every socket reaped since the last call without running (closed by
+        one segment of a received batch and reaped by the next, which had to find the
+        listener). No other socket's state changed since the previous call: a runtime
         wakes only the tasks waiting on these."""
         if now > self._now:
             self._now = now
@@ -709,9 +711,14 @@ class Stack:
         if len(dirty) == 1:
             socks = list(dirty)
             if socks[0] not in order:
-                socks.clear()  # (an application call on a socket reaped since)
+                # reaped since it was touched: nothing to run, but its waiters must look
+                if dispatched is not None:
+                    dispatched += socks
+                socks.clear()
         else:
             socks = sorted([sock for sock in dirty if sock in order], key=order.__getitem__)
+            if dispatched is not None and len(socks) < len(dirty):
+                dispatched += [sock for sock in dirty if sock not in order]
         dirty.clear()
         segs = self._segs
         timer_at = self._timer_at
