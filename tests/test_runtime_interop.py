@@ -21,6 +21,7 @@ import trio.testing
 from conftest import require_mitmdump
 
 from harness import ExitPeer, mitmproxy_wireguard_peer, wireguard_go_sends_gso
+from harness.relay import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
@@ -332,6 +333,41 @@ async def test_refused_and_outside_allowed_ips(exit_peer: ExitPeer) -> None:
             await stream.aclose()
         assert tunnel.status().open_connections == 0
         assert factory.destinations == {exit_peer.endpoint}
+
+
+async def test_refused_after_the_first_handshake_was_lost(exit_peer: ExitPeer) -> None:
+    """Our first initiation is lost (a relay drops it; wireguard-go drops one itself when
+    another client with the same key handshook < 20 ms before, as ``mitm-wg check --url``'s
+    own handshake step does). The SYNs sent meanwhile wait in the device and leave with the
+    retried handshake's session; Linux answers each with a RST, and the RSTs arrive
+    together: the first closes the socket, the next reaps it before any poll runs it. The
+    connect must still wake and say "refused", not sleep until its timeout."""
+    with ImpairedRelay(
+        exit_peer.endpoint,
+        listen=("127.0.0.1", 0),
+        up=Impairment(loss=1.0),
+        socket_factory=exit_peer.client_ns.socket,
+    ) as relay:
+        text = exit_peer.client_config_text(endpoint=relay.address, dns=False)
+        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+
+            async def open_the_path_after_one_loss() -> None:
+                while relay.up.dropped < 1:
+                    await trio.sleep(0.01)
+                relay.set_impairment(up=Impairment())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(open_the_path_after_one_loss)
+                started = trio.current_time()
+                with trio.fail_after(30), pytest.raises(ConnectionRefusedError):
+                    await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, 9, connect_timeout=12)
+            elapsed = trio.current_time() - started
+            wg = tunnel.device.peers[next(iter(tunnel.device.peers))]
+            assert relay.up.dropped == 1 and wg.handshakes_completed == 1
+            assert wg.handshake_attempts_total >= 2
+            # refused right after the retried handshake (~5 s), long before the timeout
+            assert elapsed < 12, elapsed
+            assert tunnel.status().open_connections == 0
 
 
 async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: ExitPeer) -> None:

@@ -166,8 +166,8 @@ class Tunnel:
         # Parked tasks: a stream's wait on its TCP socket is checked when the stack ran
         # that socket (Stack.poll's `dispatched`: nothing else changed since the last
         # poll), so a flush costs the same with thousands of idle connections open as with
-        # one; streams still connecting and other waits (handshakes, listeners, UDP
-        # sockets: a few) at every flush, and every wait after a device event.
+        # one; other waits (handshakes, listeners, UDP sockets: a few) at every flush, and
+        # every wait after a device event (a session that came up lets connects go on).
         self._parked: dict[int, _Waitable] = {}
         self._parked_streams: dict[TcpSocket, TunnelStream] = {}
         self._dispatched: list[TcpSocket] = []
@@ -335,11 +335,8 @@ class Tunnel:
         if self._wake_all:
             self._wake_all = False
             woken = list(streams.values())
-        elif streams and (dispatched or self._connecting):
-            # the sockets the stack ran, and every connect still in progress (a few, and
-            # each may go on for a reason of the device's: checked at every flush as before)
+        elif streams and dispatched:
             woken = [streams[sock] for sock in dispatched if sock in streams]
-            woken += [streams[sock] for sock in self._connecting if sock in streams]
         else:
             woken = ()
         dispatched.clear()
