@@ -15,10 +15,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
 from mitm_wg.errors import ConfigError
 from mitm_wg.wireguard.peer import Peer
+
+if TYPE_CHECKING:
+    from mitm_wg.runtime import Tunnel
 
 MAX_CHECK_TIMEOUT = 20.0
 
@@ -36,15 +40,30 @@ class PeerResult:
     error: OSError | None = None
 
 
-def check(config: WireGuardConfig, timeout: float, out=sys.stdout) -> None:
+def check(
+    config: WireGuardConfig,
+    timeout: float,
+    out=sys.stdout,
+    *,
+    url: str | None = None,
+    insecure: bool = False,
+) -> None:
     """Handshake with every peer through the trio runtime (the same tunnel the addon runs);
-    print one line per peer and raise CheckFailed on any failure."""
+    print one line per peer and raise CheckFailed on any failure. With ``url``, then fetch
+    it through the same tunnel (:func:`fetch_url`)."""
     import trio
 
-    trio.run(_check, config, timeout, out)
+    trio.run(functools.partial(_check, config, timeout, out, url=url, insecure=insecure))
 
 
-async def _check(config: WireGuardConfig, timeout: float, out) -> None:
+async def _check(
+    config: WireGuardConfig,
+    timeout: float,
+    out,
+    *,
+    url: str | None = None,
+    insecure: bool = False,
+) -> None:
     import trio
 
     from mitm_wg.errors import HandshakeTimeout
@@ -76,9 +95,14 @@ async def _check(config: WireGuardConfig, timeout: float, out) -> None:
             async with trio.open_nursery() as nursery:
                 for result in results:
                     nursery.start_soon(handshake, tunnel, result)
+            _report(results, timeout, out)
+            if url is not None:
+                # Through the same tunnel and session: a second tunnel with the same key
+                # right after would send its initiation within wireguard-go's 20 ms
+                # initiation rate limit of ours, which drops it (5 s lost to the retry).
+                await fetch_url(tunnel, url, insecure=insecure, timeout=max(timeout, 10.0), out=out)
     except OSError as e:  # an endpoint that does not resolve, a ListenPort in use, ...
         raise CheckFailed(e.strerror or str(e)) from None
-    _report(results, timeout, out)
 
 
 def _report(results: list[PeerResult], timeout: float, out) -> None:
@@ -113,10 +137,8 @@ def host_header(url: str) -> str:
     return urlsplit(url).netloc.rpartition("@")[2]
 
 
-async def fetch_url(
-    config: WireGuardConfig, url: str, *, insecure: bool, timeout: float, out
-) -> None:
-    """GET ``url`` through the tunnel and print status, size, time to first byte and speed."""
+async def fetch_url(tunnel: Tunnel, url: str, *, insecure: bool, timeout: float, out) -> None:
+    """GET ``url`` through ``tunnel`` and print status, size, time to first byte and speed."""
     import ssl
     from urllib.parse import urlsplit
 
@@ -124,7 +146,6 @@ async def fetch_url(
     import trio
 
     from mitm_wg.errors import HandshakeTimeout
-    from mitm_wg.runtime import open_tunnel
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -134,61 +155,60 @@ async def fetch_url(
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     start = trio.current_time()
     try:
-        async with open_tunnel(config, handshake_timeout=min(timeout, 10.0)) as tunnel:
+        with trio.fail_after(timeout):
+            stream: trio.abc.Stream = await tunnel.open_tcp_stream(host, port)
+        connected = trio.current_time()
+        peer = tunnel.route(stream.remote_address[0])  # type: ignore[attr-defined]
+        print(
+            f"connected to {format_endpoint(stream.remote_address)} through peer "  # type: ignore[attr-defined]
+            f"{peer.public_key_b64 if peer else '?'} in {(connected - start) * 1000:.0f} ms",
+            file=out,
+        )
+        if parts.scheme == "https":
+            context = ssl.create_default_context()
+            if insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            stream = trio.SSLStream(stream, context, server_hostname=host)
             with trio.fail_after(timeout):
-                stream: trio.abc.Stream = await tunnel.open_tcp_stream(host, port)
-            connected = trio.current_time()
-            peer = tunnel.route(stream.remote_address[0])  # type: ignore[attr-defined]
-            print(
-                f"connected to {format_endpoint(stream.remote_address)} through peer "  # type: ignore[attr-defined]
-                f"{peer.public_key_b64 if peer else '?'} in {(connected - start) * 1000:.0f} ms",
-                file=out,
-            )
-            if parts.scheme == "https":
-                context = ssl.create_default_context()
-                if insecure:
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                stream = trio.SSLStream(stream, context, server_hostname=host)
-                with trio.fail_after(timeout):
-                    await stream.do_handshake()
-            conn = h11.Connection(h11.CLIENT)
-            request = h11.Request(
-                method="GET",
-                target=target,
-                headers=[
-                    ("Host", host_header(url)),
-                    ("User-Agent", "mitm-wg-check"),
-                    ("Accept", "*/*"),
-                    ("Connection", "close"),
-                ],
-            )
-            sent = trio.current_time()
-            await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-            first_byte: float | None = None
-            size = 0
-            status = ""
-            with trio.fail_after(max(timeout, 60.0)):
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        if first_byte is None and data:
-                            first_byte = trio.current_time()
-                        conn.receive_data(data)
-                        continue
-                    if isinstance(event, h11.Response):
-                        status = (
-                            f"HTTP/{event.http_version.decode()} {event.status_code} "
-                            f"{event.reason.decode(errors='replace')}"
-                        )
-                        body_start = trio.current_time()
-                    elif isinstance(event, h11.Data):
-                        size += len(event.data)
-                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                        break
-            done = trio.current_time()
-            await stream.aclose()
+                await stream.do_handshake()
+        conn = h11.Connection(h11.CLIENT)
+        request = h11.Request(
+            method="GET",
+            target=target,
+            headers=[
+                ("Host", host_header(url)),
+                ("User-Agent", "mitm-wg-check"),
+                ("Accept", "*/*"),
+                ("Connection", "close"),
+            ],
+        )
+        sent = trio.current_time()
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        first_byte: float | None = None
+        size = 0
+        status = ""
+        with trio.fail_after(max(timeout, 60.0)):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if first_byte is None and data:
+                        first_byte = trio.current_time()
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Response):
+                    status = (
+                        f"HTTP/{event.http_version.decode()} {event.status_code} "
+                        f"{event.reason.decode(errors='replace')}"
+                    )
+                    body_start = trio.current_time()
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        done = trio.current_time()
+        await stream.aclose()
     except HandshakeTimeout as e:
         raise CheckFailed(str(e)) from None
     except trio.TooSlowError:
@@ -256,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_check = sub.add_parser("check", help="handshake with every peer of a wg-quick config")
     p_check.add_argument("config", help="path to a wg-quick .conf file")
+    p_check.add_argument(  # also after the subcommand, where users type it
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
     p_check.add_argument(
         "--timeout",
         type=float,
@@ -290,20 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             timeout = min(max(args.timeout, 0.1), MAX_CHECK_TIMEOUT)
             config = WireGuardConfig.from_file(args.config)
-            check(config, timeout)
-            if args.url:
-                import trio
-
-                trio.run(
-                    functools.partial(
-                        fetch_url,
-                        config,
-                        args.url,
-                        insecure=args.insecure,
-                        timeout=max(timeout, 10.0),
-                        out=sys.stdout,
-                    )
-                )
+            check(config, timeout, url=args.url, insecure=args.insecure)
     except (ConfigError, CheckFailed, demo.DemoError) as e:
         print(f"mitm-wg: error: {e}", file=sys.stderr)
         return 1

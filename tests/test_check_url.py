@@ -32,6 +32,19 @@ def test_check_url_http_by_ip(exit_peer, tmp_path: Path) -> None:
     assert "time to first byte" in result.stdout and "MB/s" in result.stdout
 
 
+def test_check_url_fetches_through_the_checked_session(exit_peer, tmp_path: Path) -> None:
+    """One tunnel, one handshake: the fetch uses the session the check made. A second
+    tunnel with the same key right after sent its initiation within wireguard-go's 20 ms
+    initiation rate limit and lost it 1 run in 7 (5 s to the retry)."""
+    url = f"http://{exit_peer.server_tunnel_v4}:{exit_peer.http_port}/bytes/1000"
+    result = run_check(exit_peer, tmp_path, "-v", "--url", url)
+    assert result.returncode == 0, result.stderr
+    assert "1000 bytes" in result.stdout
+    log = result.stderr
+    assert log.count("WireGuard handshake completed with peer") == 1, log
+    assert "handshaking again" not in log and "rekeyed" not in log
+
+
 def test_check_url_name_resolved_by_tunnel_dns(exit_peer, tmp_path: Path) -> None:
     before = len(exit_peer.queries())
     result = run_check(
