@@ -35,6 +35,12 @@ Development aids:
   --py-spy DIR [--py-spy-gil]   py-spy profiles (collapsed stacks per thread) per download
   --logs DIR            keep the mitmdump logs
   --split               add D (above): what running the tunnel in its own process would buy
+  --idle N              every proxy holds N idle keep-alive HTTPS connections to the origin
+                        (a client in the client namespace opened them through it, one small
+                        GET each) during all its downloads: what a browser's open
+                        connections cost the edge (bridge, transports) per byte;
+                        ``--idle-variants-only``: only the variants (C) hold them, so B and C
+                        run the same code side by side without and with them
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ user root;  # the harness workdir is 0700
 worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
-events {{ worker_connections 64; }}
+worker_rlimit_nofile {files};
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {work}/nginx-body;
@@ -79,7 +86,8 @@ http {{
     uwsgi_temp_path {work}/nginx-uwsgi;
     scgi_temp_path {work}/nginx-scgi;
     sendfile on;
-    keepalive_timeout 60;
+    keepalive_timeout {keepalive};
+    keepalive_requests 100000;
     server {{
         listen {host}:443 ssl http2;
         ssl_certificate {cert};
@@ -118,8 +126,10 @@ def port_from_log(proc: subprocess.Popen[Any], log: Path, pattern: str, what: st
 
 
 @contextlib.contextmanager
-def nginx_origin(peer: Any, size: int) -> Iterator[tuple[Path, str]]:
-    """nginx on the exit's tunnel address:443 serving /file (``size`` bytes); yields (CA, path)."""
+def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, str]]:
+    """nginx on the exit's tunnel address:443 serving /file (``size`` bytes); yields (CA, path).
+    ``idle``: connections held open all run besides (nginx closes keep-alives early when
+    fewer than 1/16 of its connections are free: room for twice as many)."""
     from tlsorigin import make_ca_and_leaf
 
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -137,7 +147,16 @@ def nginx_origin(peer: Any, size: int) -> Iterator[tuple[Path, str]]:
     ca, leaf, key = make_ca_and_leaf(work, ["origin.test"], [peer.server_tunnel_v4])
     conf = work / "nginx.conf"
     conf.write_text(
-        NGINX_CONF.format(work=work, host=peer.server_tunnel_v4, cert=leaf, key=key, www=www)
+        NGINX_CONF.format(
+            work=work,
+            host=peer.server_tunnel_v4,
+            cert=leaf,
+            key=key,
+            www=www,
+            connections=64 + 2 * idle,
+            files=2 * (64 + 2 * idle),
+            keepalive=3600 if idle else 60,
+        )
     )
     log = work / "nginx.out"
     with log.open("wb") as out:
@@ -156,6 +175,68 @@ def nginx_origin(peer: Any, size: int) -> Iterator[tuple[Path, str]]:
         yield ca, "/file"
     finally:
         peer.ns.kill(proc)
+
+
+IDLE_HOLDER = r"""
+import http.client, socket, ssl, sys
+port, host, ca, n = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+context = ssl.create_default_context(cafile=ca)
+conns = []
+for _ in range(n):
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = raw.recv(4096)
+        if not chunk:
+            sys.exit(f"proxy closed the CONNECT: {head!r}")
+        head += chunk
+    if b" 200" not in head.split(b"\r\n")[0]:
+        sys.exit(f"CONNECT refused: {head!r}")
+    tls = context.wrap_socket(raw, server_hostname=host)
+    tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    response = http.client.HTTPResponse(tls)
+    response.begin()
+    response.read()
+    if response.will_close:
+        sys.exit("the origin did not keep the connection alive")
+    conns.append(tls)
+print("ready", len(conns), flush=True)
+sys.stdin.read()  # hold them until our stdin closes
+closed = 0
+for tls in conns:
+    tls.setblocking(False)
+    try:
+        closed += tls.recv(1) == b""
+    except ssl.SSLWantReadError:
+        pass
+    except OSError:
+        closed += 1
+print("closed", closed, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def idle_connections(peer: Any, proxy: Proxy, host: str, n: int) -> Iterator[None]:
+    """``n`` keep-alive HTTPS connections to ``host``:443 through ``proxy``, held open (and
+    idle after one small GET each) until the block ends; says how many were closed."""
+    proc = peer.client_ns.popen(
+        [sys.executable, "-c", IDLE_HOLDER, str(proxy.port), host, str(proxy.ca_pem), str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != f"ready {n}":
+            raise RuntimeError(f"{proxy.name}: the idle connections failed: {line!r}")
+        print(f"{proxy.name}: {n} idle connections open", flush=True)
+        yield
+        proc.stdin.close()
+        print(f"{proxy.name}: {proc.stdout.readline().strip()} of the {n} idle", flush=True)
+    finally:
+        peer.client_ns.kill(proc)
 
 
 class Proxy:
@@ -333,6 +414,19 @@ def main() -> None:
     )
     ap.add_argument("--logs", metavar="DIR", type=Path, help="keep the mitmdump logs here")
     ap.add_argument(
+        "--idle",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every proxy holds N idle keep-alive connections to the origin during its runs",
+    )
+    ap.add_argument(
+        "--idle-variants-only",
+        action="store_true",
+        help="with --idle: only the --variant proxies hold them (B and C side by side: what "
+        "the idle connections cost the same code, e.g. --variant MITM_WG_UNUSED=1)",
+    )
+    ap.add_argument(
         "--split",
         action="store_true",
         help="experiment: also our tunnel in a process of its own, as a loopback forwarder",
@@ -375,7 +469,9 @@ def main() -> None:
             return conf
 
         http = [] if args.h2 else ["--http1.1"]
-        origin_ca, path = st.enter_context(nginx_origin(peer, size))
+        origin_ca, path = st.enter_context(
+            nginx_origin(peer, size, idle=args.idle * (2 + len(args.variant) + args.split))
+        )
         st.enter_context(
             wireguard_go_interface(
                 peer.client_ns, peer.client_ifname, add_peer(KERNEL_CLIENT_HOST), peer.workdir
@@ -419,6 +515,11 @@ def main() -> None:
                  f"http://127.0.0.1:{proxy.port}", "--max-time", "60", warm],
                 check=False, timeout=90, env=dict(os.environ, NO_PROXY=""),
             )  # fmt: skip
+        if args.idle:
+            for key, proxy in proxies:
+                if args.idle_variants_only and not key.startswith("C "):
+                    continue
+                st.enter_context(idle_connections(peer, proxy, peer.server_tunnel_v4, args.idle))
         for i in range(rounds):
             for key, proxy in proxies:
                 cpu0, sw0, th0 = process_counters(proxy.proc.pid)
