@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import statistics
 import time
 from typing import Any
 
@@ -227,13 +228,23 @@ def test_hystart_leaves_slow_start_before_a_bottleneck_overflows(exit_peer) -> N
     doubles past the bottleneck's BDP + queue within one round and the queue drops a burst;
     with HyStart++ the queue's delay shows in the RTT samples (TCP timestamps echoed by
     Linux) first, CSS and congestion avoidance follow, and far fewer datagrams are dropped
-    (467-545 against 18-85 in four pairs of 3 MiB runs, with 320 or 640 KiB of queue)."""
-    plain, none = upload_into_bottleneck(exit_peer, hystart=False)
-    with_hystart, hs = upload_into_bottleneck(exit_peer, hystart=True)
-    assert none is None and hs is not None
-    assert hs.in_css or hs.done, hs  # the delay signal came before any loss
-    assert plain.queue_drops > 50, plain
-    assert with_hystart.queue_drops * 2 < plain.queue_drops, (with_hystart, plain)
+    (467-545 against 18-85 in four pairs of 3 MiB runs, with 320 or 640 KiB of queue).
+
+    Three pairs, compared by their medians: one pair is one sample of a timing-driven
+    outcome. On a noisy machine single runs ranged 295-523 drops plain and 61-127 with
+    HyStart++ (ten pairs, six beside two busy processes), and once, in a full suite run,
+    406 against 208."""
+    plain: list[int] = []
+    with_hystart: list[int] = []
+    for _ in range(3):
+        up, none = upload_into_bottleneck(exit_peer, hystart=False)
+        assert none is None
+        plain.append(up.queue_drops)
+        up, hs = upload_into_bottleneck(exit_peer, hystart=True)
+        assert hs is not None and (hs.in_css or hs.done), hs  # the delay signal came first
+        with_hystart.append(up.queue_drops)
+    assert statistics.median(plain) > 50, plain
+    assert statistics.median(with_hystart) * 2 < statistics.median(plain), (with_hystart, plain)
 
 
 def test_we_hold_what_a_linux_slow_start_overshoot_leaves(exit_peer) -> None:
