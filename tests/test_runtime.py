@@ -107,6 +107,79 @@ async def test_bulk_both_ways_with_half_close(timer_kind: str) -> None:
         _assert_timer_armed_for_next_deadline(a, timer_kind)
 
 
+async def test_a_flush_checks_only_the_udp_sockets_that_received(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 UDP sockets, each with a task waiting in recvfrom (mitmproxy reads every upstream
+    QUIC or DNS flow so): a bulk TCP transfer beside them checks none of them at its flushes
+    (the scan grew the work per packet with the sockets open). A datagram wakes the task of
+    its socket; then one to each wakes all 200, each with its own datagram."""
+    checks = 0
+    ready = tunnel_module.TunnelUdpSocket._ready
+
+    def counting_ready(self: tunnel_module.TunnelUdpSocket) -> bool:
+        nonlocal checks
+        checks += 1
+        return ready(self)
+
+    flushes = 0
+    flush = tunnel_module.Tunnel._flush
+
+    def counting_flush(self: tunnel_module.Tunnel, now: float | None = None) -> None:
+        nonlocal flushes
+        flushes += 1
+        flush(self, now)
+
+    n = 200
+    async with tunnel_pair() as (a, b):
+        socks = [await a.open_udp_socket() for _ in range(n)]
+        sender = await b.open_udp_socket()
+        client, server, _ = await connected_pair(a, b, port=7001)
+        got: dict[int, tuple[bytes, tuple[str, int]]] = {}
+
+        async def wait_udp(i: int, sock: tunnel_module.TunnelUdpSocket) -> None:
+            got[i] = await sock.recvfrom()
+
+        data = os.urandom(4 << 20)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i, sock in enumerate(socks):
+                    nursery.start_soon(wait_udp, i, sock)
+                await trio.testing.wait_all_tasks_blocked()
+                monkeypatch.setattr(tunnel_module.TunnelUdpSocket, "_ready", counting_ready)
+                monkeypatch.setattr(tunnel_module.Tunnel, "_flush", counting_flush)
+
+                async def send() -> None:
+                    await client.send_all(data)
+                    await client.send_eof()
+
+                nursery.start_soon(send)
+                h = hashlib.sha256()
+                while chunk := await server.receive_some():
+                    h.update(chunk)
+                assert h.digest() == hashlib.sha256(data).digest()
+                monkeypatch.undo()
+                assert flushes > 50 and checks < n, (flushes, checks)  # scan: n per flush
+                assert got == {}
+                # one datagram: its socket's task wakes, no other
+                await sender.sendto(b"first", socks[7].local_address)
+                while 7 not in got:
+                    await trio.sleep(0.001)
+                await trio.testing.wait_all_tasks_blocked()
+                assert list(got) == [7] and got[7][0] == b"first"
+                for i, sock in enumerate(socks):
+                    if i != 7:
+                        await sender.sendto(i.to_bytes(2, "big"), sock.local_address)
+        assert got.keys() == set(range(n))
+        assert all(got[i][0] == i.to_bytes(2, "big") for i in range(n) if i != 7)
+        assert all(got[i][1] == sender.local_address for i in range(n))
+        for sock in socks:
+            sock.close()
+        sender.close()
+        await client.aclose()
+        await server.aclose()
+
+
 async def test_a_flush_checks_only_the_streams_whose_sockets_ran(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -158,7 +231,7 @@ async def test_a_flush_checks_only_the_streams_whose_sockets_ran(
                 for i, (c, _s) in enumerate(idle):
                     nursery.start_soon(wait_idle, i, c)
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(a._parked_streams) == n
+                assert len(a._parked_sockets) == n
                 monkeypatch.setattr(TunnelStream, "_ready", counting_ready)
                 monkeypatch.setattr(tunnel_module.Tunnel, "_flush", counting_flush)
 

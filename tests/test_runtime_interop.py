@@ -179,7 +179,7 @@ async def test_idle_connections_cost_a_download_nothing_and_all_wake(
                 for i, stream in enumerate(idle):
                     nursery.start_soon(next_response, i, stream)
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(tunnel._parked_streams) == n
+                assert len(tunnel._parked_sockets) == n
                 monkeypatch.setattr(TunnelStream, "_ready", counting_ready)
                 monkeypatch.setattr(Tunnel, "_flush", counting_flush)
                 bulk = await tunnel.open_tcp_stream(host, port)

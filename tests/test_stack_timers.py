@@ -392,3 +392,49 @@ def test_a_socket_reaped_by_a_later_segment_of_its_batch_is_reported() -> None:
     ran.clear()
     a.poll(retry + 0.001, out, ran)
     assert sorted(ran, key=id) == sorted([other, fresh], key=id)
+
+
+def test_poll_reports_udp_sockets_that_received() -> None:
+    """A UDP socket that got a datagram, or an ICMP error for one it sent, since the last
+    poll is reported once (its waiter looks); one that got nothing is not."""
+    a = Stack([f"{A_ADDR}/24"], randbytes=random.Random(1).randbytes)
+    b = Stack([f"{B_ADDR}/24"], randbytes=random.Random(2).randbytes)
+    quiet = a.udp_bind(0)
+    target = a.udp_bind(0)
+    sender = b.udp_bind(0)
+    out: list[bytes] = []
+    ran: list = []
+    sender.sendto(b"hi", (A_ADDR, target.local_port))
+    b.poll(0.0, out)
+    a.poll(0.0, [], ran)
+    assert ran == []
+    for p in out:
+        a.receive(p, 0.001)
+    out.clear()
+    a.poll(0.001, out, ran)
+    assert ran == [target] and target.pending == 1 and quiet.pending == 0
+    ran.clear()
+    a.poll(0.002, out, ran)
+    assert ran == []
+    # an ICMP port unreachable for a datagram sent to a port nobody bound
+    quiet.sendto(b"anyone?", (B_ADDR, 9))
+    a.poll(0.003, out)
+    errors: list[bytes] = []
+    for p in out:
+        b.receive(p, 0.004)
+    b.poll(0.004, errors)
+    assert len(errors) == 1
+    for p in errors:
+        a.receive(p, 0.005)
+    a.poll(0.005, [], ran)
+    assert ran == [quiet] and isinstance(quiet.error, ConnectionRefusedError)
+    # a socket closed before the poll is not reported (nothing waits on it any more)
+    ran.clear()
+    sender.sendto(b"late", (A_ADDR, target.local_port))
+    out.clear()
+    b.poll(0.006, out)
+    for p in out:
+        a.receive(p, 0.007)
+    target.close()
+    a.poll(0.007, [], ran)
+    assert ran == []

@@ -412,6 +412,8 @@ class Stack:
         self._listeners: dict[int, TcpListener] = {}
         self._half_open: dict[TcpSocket, TcpListener] = {}
         self._dirty: dict[TcpSocket, None] = {}  # dicts, not sets: deterministic order
+        # UDP sockets that got a datagram or an ICMP error since the last poll (its report)
+        self._udp_ready: dict[UdpSocket, None] = {}
         self._deadline: dict[TcpSocket, float] = {}  # cached poll_at() (inf for None)
         # The finite deadlines as a heap, so that poll and next_deadline cost the same with
         # one connection or thousands open (not a walk of every socket): (time, push serial,
@@ -682,17 +684,27 @@ class Stack:
             elif p.raw[6] == proto:  # no extension headers: the pointer is exact
                 self._send_icmp_error6(p, icmp.ICMP6_PARAM_PROBLEM, 1, now, rest=6)
 
-    def poll(self, now: float, out: list[bytes], dispatched: list[TcpSocket] | None = None) -> None:
+    def poll(
+        self,
+        now: float,
+        out: list[bytes],
+        dispatched: list[TcpSocket | UdpSocket] | None = None,
+    ) -> None:
         """Append every IP packet due by ``now`` to ``out``; reap closed sockets.
 
         ``dispatched``: gets every TCP socket this call ran (those the application or
         input touched since the last call, and those whose timers were due), reaped ones
         included, and every socket reaped since the last call without running (closed by
         one segment of a received batch and reaped by the next, which had to find the
-        listener). No other socket's state changed since the previous call: a runtime
-        wakes only the tasks waiting on these."""
+        listener); and every UDP socket that got a datagram or an ICMP error since the last
+        call. No other socket's state changed since the previous call: a runtime wakes only
+        the tasks waiting on these."""
         if now > self._now:
             self._now = now
+        if self._udp_ready:
+            if dispatched is not None:
+                dispatched += self._udp_ready
+            self._udp_ready.clear()
         start = len(out)
         if self._out:
             out.extend(self._out)
@@ -1525,6 +1537,7 @@ class Stack:
         key = (sock.local_addr if sock.local_addr is not None else sock.family, sock.local_port)
         if self._udp.get(key) is sock:
             del self._udp[key]
+        self._udp_ready.pop(sock, None)
 
     def _udp_send(self, sock: UdpSocket, dst: bytes, port: int, data: bytes | memoryview) -> None:
         src = sock.local_addr
@@ -1554,7 +1567,9 @@ class Stack:
             else:
                 self._send_icmp_error6(p, icmp.ICMP6_DEST_UNREACH, icmp.UNREACH6_PORT, now)
             return
-        if not sock._deliver(bytes(d.payload), p.src, d.src_port):  # type: ignore[union-attr]
+        if sock._deliver(bytes(d.payload), p.src, d.src_port):  # type: ignore[union-attr]
+            self._udp_ready[sock] = None
+        else:
             self.stats.udp_queue_full += 1
 
     # ICMP ------------------------------------------------------------------------------
@@ -1674,6 +1689,7 @@ class Stack:
                 self._lower_pmtu(qdst, mtu, quoted_raw)
             elif err is not None:
                 usock.error = err
+                self._udp_ready[usock] = None
         else:
             stats.icmp_errors_ignored += 1
 

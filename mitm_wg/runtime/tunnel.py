@@ -163,14 +163,15 @@ class Tunnel:
         self._timer_scope: trio.CancelScope | None = None
         self._timer_fd: TimerFd | None = None
         self._timer_at = _NEVER
-        # Parked tasks: a stream's wait on its TCP socket is checked when the stack ran
-        # that socket (Stack.poll's `dispatched`: nothing else changed since the last
-        # poll), so a flush costs the same with thousands of idle connections open as with
-        # one; other waits (handshakes, listeners, UDP sockets: a few) at every flush, and
-        # every wait after a device event (a session that came up lets connects go on).
+        # Parked tasks: a wait on a stack socket (a stream's TCP socket, a UDP socket's) is
+        # checked when Stack.poll reports that socket (`dispatched`: nothing else changed
+        # since the last poll), so a flush costs the same with thousands of idle
+        # connections and UDP flows open as with one; other waits (handshakes, listeners:
+        # a few) at every flush, and every wait after a device event (a session that came
+        # up lets connects go on).
         self._parked: dict[int, _Waitable] = {}
-        self._parked_streams: dict[TcpSocket, TunnelStream] = {}
-        self._dispatched: list[TcpSocket] = []
+        self._parked_sockets: dict[TcpSocket | UdpSocket, TunnelStream | TunnelUdpSocket] = {}
+        self._dispatched: list[TcpSocket | UdpSocket] = []
         self._wake_all = False
         self._streams: set[TunnelStream] = set()
         self._connecting: dict[TcpSocket, _PendingConnect] = {}
@@ -331,18 +332,18 @@ class Tunnel:
             if self._handle_events(device.take_events()):
                 self._transmit(now)  # what a new session let go at once
         dispatched = self._dispatched
-        streams = self._parked_streams
+        by_socket = self._parked_sockets
         if self._wake_all:
             self._wake_all = False
-            woken = list(streams.values())
-        elif streams and dispatched:
-            woken = [streams[sock] for sock in dispatched if sock in streams]
+            woken = list(by_socket.values())
+        elif by_socket and dispatched:
+            woken = [by_socket[sock] for sock in dispatched if sock in by_socket]
         else:
             woken = ()
         dispatched.clear()
-        for stream in woken:
-            if stream._ready():
-                stream._lot.unpark_all()
+        for waiter in woken:
+            if waiter._ready():
+                waiter._lot.unpark_all()
         if self._parked:
             for waitable in list(self._parked.values()):
                 if waitable._ready():
@@ -481,8 +482,8 @@ class Tunnel:
 
     async def _park(self, waitable: _Waitable, deadline: float = _NEVER) -> None:
         parked: dict[Any, Any]
-        if isinstance(waitable, TunnelStream):
-            parked, key = self._parked_streams, waitable._sock
+        if isinstance(waitable, (TunnelStream, TunnelUdpSocket)):
+            parked, key = self._parked_sockets, waitable._sock
         else:
             parked, key = self._parked, id(waitable)
         parked[key] = waitable
