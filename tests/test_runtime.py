@@ -107,6 +107,42 @@ async def test_bulk_both_ways_with_half_close(timer_kind: str) -> None:
         _assert_timer_armed_for_next_deadline(a, timer_kind)
 
 
+async def transfer_counting_checks(
+    monkeypatch: pytest.MonkeyPatch, client: TunnelStream, server: TunnelStream, waiter: type
+) -> tuple[int, int]:
+    """Send 4 MiB from ``client`` to ``server`` (byte-exact) and return how many flushes ran
+    meanwhile and how many readiness checks (``_ready``) of ``waiter`` objects they made."""
+    counts = {"_flush": 0, "_ready": 0}
+
+    def counted(owner: type, name: str) -> None:
+        original = getattr(owner, name)
+
+        def counting(self: object, *args: object) -> object:
+            counts[name] += 1
+            return original(self, *args)
+
+        monkeypatch.setattr(owner, name, counting)
+
+    counted(waiter, "_ready")
+    counted(tunnel_module.Tunnel, "_flush")
+    data = os.urandom(4 << 20)
+    h = hashlib.sha256()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await client.send_all(data)
+                await client.send_eof()
+
+            nursery.start_soon(send)
+            while chunk := await server.receive_some():
+                h.update(chunk)
+    finally:
+        monkeypatch.undo()
+    assert h.digest() == hashlib.sha256(data).digest()
+    return counts["_flush"], counts["_ready"]
+
+
 async def test_a_flush_checks_only_the_udp_sockets_that_received(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -114,22 +150,6 @@ async def test_a_flush_checks_only_the_udp_sockets_that_received(
     QUIC or DNS flow so): a bulk TCP transfer beside them checks none of them at its flushes
     (the scan grew the work per packet with the sockets open). A datagram wakes the task of
     its socket; then one to each wakes all 200, each with its own datagram."""
-    checks = 0
-    ready = tunnel_module.TunnelUdpSocket._ready
-
-    def counting_ready(self: tunnel_module.TunnelUdpSocket) -> bool:
-        nonlocal checks
-        checks += 1
-        return ready(self)
-
-    flushes = 0
-    flush = tunnel_module.Tunnel._flush
-
-    def counting_flush(self: tunnel_module.Tunnel, now: float | None = None) -> None:
-        nonlocal flushes
-        flushes += 1
-        flush(self, now)
-
     n = 200
     async with tunnel_pair() as (a, b):
         socks = [await a.open_udp_socket() for _ in range(n)]
@@ -140,26 +160,15 @@ async def test_a_flush_checks_only_the_udp_sockets_that_received(
         async def wait_udp(i: int, sock: tunnel_module.TunnelUdpSocket) -> None:
             got[i] = await sock.recvfrom()
 
-        data = os.urandom(4 << 20)
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for i, sock in enumerate(socks):
                     nursery.start_soon(wait_udp, i, sock)
                 await trio.testing.wait_all_tasks_blocked()
-                monkeypatch.setattr(tunnel_module.TunnelUdpSocket, "_ready", counting_ready)
-                monkeypatch.setattr(tunnel_module.Tunnel, "_flush", counting_flush)
-
-                async def send() -> None:
-                    await client.send_all(data)
-                    await client.send_eof()
-
-                nursery.start_soon(send)
-                h = hashlib.sha256()
-                while chunk := await server.receive_some():
-                    h.update(chunk)
-                assert h.digest() == hashlib.sha256(data).digest()
-                monkeypatch.undo()
-                assert flushes > 50 and checks < n, (flushes, checks)  # scan: n per flush
+                flushes, checks = await transfer_counting_checks(
+                    monkeypatch, client, server, tunnel_module.TunnelUdpSocket
+                )
+                assert flushes > 50 and checks < n, (flushes, checks)  # the scan: n a flush
                 assert got == {}
                 # one datagram: its socket's task wakes, no other
                 await sender.sendto(b"first", socks[7].local_address)
@@ -188,22 +197,6 @@ async def test_a_flush_checks_only_the_streams_whose_sockets_ran(
     streams whose sockets the stack ran, not of all 200 at every flush (the work per packet
     grew with the connections open). Then one byte to each idle connection wakes every
     waiting task."""
-    checks = 0
-    ready = TunnelStream._ready
-
-    def counting_ready(self: TunnelStream) -> bool:
-        nonlocal checks
-        checks += 1
-        return ready(self)
-
-    flushes = 0
-    flush = tunnel_module.Tunnel._flush
-
-    def counting_flush(self: tunnel_module.Tunnel, now: float | None = None) -> None:
-        nonlocal flushes
-        flushes += 1
-        flush(self, now)
-
     n = 200
     async with tunnel_pair() as (a, b):
         listener = await b.listen_tcp(7000)
@@ -225,27 +218,16 @@ async def test_a_flush_checks_only_the_streams_whose_sockets_ran(
         async def wait_idle(i: int, stream: TunnelStream) -> None:
             got[i] = await stream.receive_some()
 
-        data = os.urandom(4 << 20)
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for i, (c, _s) in enumerate(idle):
                     nursery.start_soon(wait_idle, i, c)
                 await trio.testing.wait_all_tasks_blocked()
                 assert len(a._parked_sockets) == n
-                monkeypatch.setattr(TunnelStream, "_ready", counting_ready)
-                monkeypatch.setattr(tunnel_module.Tunnel, "_flush", counting_flush)
-
-                async def send() -> None:
-                    await client.send_all(data)
-                    await client.send_eof()
-
-                nursery.start_soon(send)
-                h = hashlib.sha256()
-                while chunk := await server.receive_some():
-                    h.update(chunk)
-                assert h.digest() == hashlib.sha256(data).digest()
-                monkeypatch.undo()
-                assert flushes > 50 and checks <= 2 * flushes, (flushes, checks)  # walk: 200 each
+                flushes, checks = await transfer_counting_checks(
+                    monkeypatch, client, server, TunnelStream
+                )
+                assert flushes > 50 and checks <= 2 * flushes, (flushes, checks)  # walk: 200
                 assert got == {}
                 for i, (_c, s) in enumerate(idle):
                     await s.send_all(bytes([i % 256]))
