@@ -158,6 +158,48 @@ def test_bad_config_is_an_option_error(tmp_path: Path, confs: dict[str, str]) ->
     asyncio.run(main())
 
 
+def test_two_tunnels_with_one_identity_are_refused(tmp_path: Path) -> None:
+    """The same PrivateKey with the same peer in two tunnels: one client to that peer, so the
+    two would break each other's sessions and endpoint; refused, naming both tunnels and
+    files and the peer, never the key. One key with two different peers is fine (a VPN
+    provider's key serves all its servers)."""
+    one = tmp_path / "one.conf"
+    write_conf(one, "10.0.0.0/8")
+    text = one.read_text()
+    twin = tmp_path / "twin.conf"
+    twin.write_text(text.replace("10.0.0.0/8", "10.1.0.0/16"))
+    other_peer = tmp_path / "other.conf"
+    peer_line = next(line for line in text.splitlines() if line.startswith("PublicKey"))
+    other_key = encode_key(public_key_of(generate_private_key()))
+    other_peer.write_text(text.replace(peer_line, f"PublicKey = {other_key}"))
+    private_b64 = (
+        next(line for line in text.splitlines() if line.startswith("PrivateKey"))
+        .partition("=")[2]
+        .strip()
+    )
+
+    async def main() -> None:
+        addon = WireGuardAddon()
+        with taddons.context(addon) as tctx:
+            with pytest.raises(exceptions.OptionsError) as info:
+                tctx.configure(addon, wg_conf=[f"a={one}", f"b={twin}"])
+            message = str(info.value)
+            assert "'a'" in message and "'b'" in message
+            assert str(one) in message and str(twin) in message
+            assert peer_line.partition("=")[2].strip() in message
+            assert private_b64 not in message
+            assert "own key" in message
+            # the same file twice under two names: the same refusal
+            with pytest.raises(exceptions.OptionsError, match="same PrivateKey"):
+                tctx.configure(addon, wg_conf=[f"a={one}", f"c={one}"])
+            # one key, two different peers: accepted
+            tctx.configure(addon, wg_conf=[f"a={one}", f"d={other_peer}"])
+            assert list(addon.configs) == ["a", "d"]
+            addon.done()
+
+    asyncio.run(main())
+
+
 def test_routing_through_the_tunnel_and_fail_closed(
     confs: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -115,7 +115,29 @@ def parse_conf_option(values: Sequence[str]) -> dict[str, WireGuardConfig]:
         except ConfigError as exc:
             raise exceptions.OptionsError(f"wg_conf: {exc}") from None
         configs[name] = config
+    _refuse_shared_identity(configs)
     return configs
+
+
+def _refuse_shared_identity(configs: dict[str, WireGuardConfig]) -> None:
+    """Two tunnels with the same private key towards the same peer are one client to that
+    peer, which keeps one session and one endpoint per key: each handshake of one ends the
+    other's session and every packet of one moves the peer's replies to it (and an
+    initiation within 20 ms of the other's is dropped). They would take turns breaking each
+    other, so refuse the pair. (One key with several peers is fine: one key per device
+    serves all of a VPN provider's servers.)"""
+    seen: dict[tuple[bytes, bytes], str] = {}
+    for name, config in configs.items():
+        for peer in config.peers:
+            other = seen.setdefault((config.private_key, peer.public_key), name)
+            if other != name:
+                raise exceptions.OptionsError(
+                    f"wg_conf: tunnels {other!r} ({configs[other].path or 'no file'}) and "
+                    f"{name!r} ({config.path or 'no file'}) use the same PrivateKey with peer "
+                    f"{peer.public_key_b64}: that peer keeps one session and one endpoint per "
+                    "key, so the two would keep breaking each other's connections; give each "
+                    "tunnel its own key, or keep one of them"
+                )
 
 
 def _parse_pools(values: Sequence[str], configs: dict[str, WireGuardConfig]) -> dict[str, Pool]:
