@@ -720,22 +720,16 @@ class Stack:
             self.stats.packets_out += len(out) - start
             return
         order = self._order
-        if len(dirty) == 1:
-            socks = list(dirty)
-            if socks[0] not in order:
-                # reaped since it was touched: nothing to run, but its waiters must look
-                if dispatched is not None:
-                    dispatched += socks
-                socks.clear()
-        else:
-            socks = sorted([sock for sock in dirty if sock in order], key=order.__getitem__)
-            if dispatched is not None and len(socks) < len(dirty):
-                dispatched += [sock for sock in dirty if sock not in order]
+        # in creation order; one reaped since it was touched (-1: first) has nothing to run,
+        # but it is reported all the same: its waiters must look
+        socks = list(dirty) if len(dirty) == 1 else sorted(dirty, key=lambda s: order.get(s, -1))
         dirty.clear()
         segs = self._segs
         timer_at = self._timer_at
         reap: list[TcpSocket] | None = None
         for sock in socks:
+            if sock not in order:
+                continue
             local = sock.local_addr
             sock.dispatch(now, segs, True)
             if segs:
