@@ -117,9 +117,9 @@ async def transfer_counting_checks(
     def counted(owner: type, name: str) -> None:
         original = getattr(owner, name)
 
-        def counting(self: object, *args: object) -> object:
+        def counting(self: object, *args: object, **kw: object) -> object:
             counts[name] += 1
-            return original(self, *args)
+            return original(self, *args, **kw)
 
         monkeypatch.setattr(owner, name, counting)
 

@@ -172,7 +172,6 @@ class Tunnel:
         self._parked: dict[int, _Waitable] = {}
         self._parked_sockets: dict[TcpSocket | UdpSocket, TunnelStream | TunnelUdpSocket] = {}
         self._dispatched: list[TcpSocket | UdpSocket] = []
-        self._wake_all = False
         self._streams: set[TunnelStream] = set()
         self._connecting: dict[TcpSocket, _PendingConnect] = {}
         self._failed: dict[bytes, HandshakeFailed] = {}
@@ -321,20 +320,21 @@ class Tunnel:
             best = d2
         return best
 
-    def _flush(self, now: float | None = None) -> None:
-        """Move everything the stack and the device have to send onto the wire, wake waiters."""
+    def _flush(self, now: float | None = None, wake_all: bool = False) -> None:
+        """Move everything the stack and the device have to send onto the wire, wake waiters:
+        those whose sockets the stack reported, and every one after a device event (a
+        session that came up lets connects go on) or when ``wake_all`` (closing)."""
         if now is None:
             now = trio.current_time()
         device = self.device
         self._transmit(now)
         if device.events:
-            self._wake_all = True
+            wake_all = True
             if self._handle_events(device.take_events()):
                 self._transmit(now)  # what a new session let go at once
         dispatched = self._dispatched
         by_socket = self._parked_sockets
-        if self._wake_all:
-            self._wake_all = False
+        if wake_all:
             woken = list(by_socket.values())
         elif by_socket and dispatched:
             woken = [by_socket[sock] for sock in dispatched if sock in by_socket]
@@ -1212,11 +1212,10 @@ async def open_tunnel(
                     yield tunnel
                 finally:
                     tunnel._closed = True
-                    tunnel._wake_all = True
                     for stream in list(tunnel._streams):
                         if not stream._sock.is_closed:
                             stream._sock.abort(trio.current_time())
-                    tunnel._flush()
+                    tunnel._flush(wake_all=True)
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The nursery always groups (strict). A crash of ours is TunnelCrashed (see
