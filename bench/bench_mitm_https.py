@@ -128,8 +128,8 @@ def port_from_log(proc: subprocess.Popen[Any], log: Path, pattern: str, what: st
 @contextlib.contextmanager
 def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, str]]:
     """nginx on the exit's tunnel address:443 serving /file (``size`` bytes); yields (CA, path).
-    ``idle``: connections held open all run besides (nginx closes keep-alives early when
-    fewer than 1/16 of its connections are free: room for twice as many)."""
+    ``idle``: connections held open all run besides (:func:`bench_path.nginx_room`)."""
+    from bench_path import nginx_room
     from tlsorigin import make_ca_and_leaf
 
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -153,9 +153,7 @@ def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, st
             cert=leaf,
             key=key,
             www=www,
-            connections=64 + 2 * idle,
-            files=2 * (64 + 2 * idle),
-            keepalive=3600 if idle else 60,
+            **nginx_room(idle, keepalive=60),
         )
     )
     log = work / "nginx.out"

@@ -235,6 +235,19 @@ http {{
 """
 
 
+def nginx_room(idle: int, keepalive: int) -> dict[str, int]:
+    """nginx.conf values (``connections``, ``files``, ``keepalive``) for a server that keeps
+    ``idle`` connections open beside its work: nginx closes keep-alives early when fewer
+    than 1/16 of its worker_connections are free, so room for twice as many, and they stay
+    open for the whole run (an hour) when there are any; else ``keepalive`` seconds."""
+    connections = 64 + 2 * idle
+    return {
+        "connections": connections,
+        "files": 2 * connections,
+        "keepalive": 3600 if idle else keepalive,
+    }
+
+
 @contextlib.contextmanager
 def http_server(peer: ExitPeer, host: str, force_python: bool) -> Iterator[Server]:
     """nginx on ``host`` (one of the exit's tunnel addresses), NGINX_PORT, in the exit
@@ -257,10 +270,7 @@ def http_server(peer: ExitPeer, host: str, force_python: bool) -> Iterator[Serve
                 dir=tmp,
                 listen=format_endpoint((host, NGINX_PORT)),
                 www=www,
-                connections=64 + 2 * _idle,  # (nginx closes keep-alives when 1/16 are free)
-                files=2 * (64 + 2 * _idle),
-                # --idle's connections stay open for the whole run
-                keepalive=3600 if _idle else 10,
+                **nginx_room(_idle, keepalive=10),
             )
         )
         log = open(tmp / "nginx.out", "wb")
