@@ -71,6 +71,26 @@ def namespace_socket_factory(ns: Netns) -> NamespaceSocketFactory:
     return NamespaceSocketFactory(ns)
 
 
+class CallCount:
+    """How many times a method patched by :func:`count_calls` ran."""
+
+    n = 0
+
+
+def count_calls(monkeypatch: Any, owner: type, name: str) -> CallCount:
+    """Count the calls of method ``owner.name`` (e.g. ``Tunnel._flush``, a waiter's
+    ``_ready``) from now until ``monkeypatch.undo()``."""
+    count = CallCount()
+    original = getattr(owner, name)
+
+    def counting(self: object, *args: object, **kw: object) -> object:
+        count.n += 1
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(owner, name, counting)
+    return count
+
+
 def pattern_sha256(n: int) -> str:
     """sha256 of the first ``n`` bytes of the harness pattern (byte i == i % 256)."""
     h = hashlib.sha256()

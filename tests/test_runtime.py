@@ -19,6 +19,7 @@ from mitm_wg.runtime import TunnelStream, open_tunnel
 from mitm_wg.runtime import tunnel as tunnel_module
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.tunnel import SOL_UDP, UDP_GRO, UDP_SEGMENT
+from tests.runtime_helpers import count_calls
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs, tunnel_pair
 
 
@@ -112,19 +113,8 @@ async def transfer_counting_checks(
 ) -> tuple[int, int]:
     """Send 4 MiB from ``client`` to ``server`` (byte-exact) and return how many flushes ran
     meanwhile and how many readiness checks (``_ready``) of ``waiter`` objects they made."""
-    counts = {"_flush": 0, "_ready": 0}
-
-    def counted(owner: type, name: str) -> None:
-        original = getattr(owner, name)
-
-        def counting(self: object, *args: object, **kw: object) -> object:
-            counts[name] += 1
-            return original(self, *args, **kw)
-
-        monkeypatch.setattr(owner, name, counting)
-
-    counted(waiter, "_ready")
-    counted(tunnel_module.Tunnel, "_flush")
+    checks = count_calls(monkeypatch, waiter, "_ready")
+    flushes = count_calls(monkeypatch, tunnel_module.Tunnel, "_flush")
     data = os.urandom(4 << 20)
     h = hashlib.sha256()
     try:
@@ -140,7 +130,7 @@ async def transfer_counting_checks(
     finally:
         monkeypatch.undo()
     assert h.digest() == hashlib.sha256(data).digest()
-    return counts["_flush"], counts["_ready"]
+    return flushes.n, checks.n
 
 
 async def test_a_flush_checks_only_the_udp_sockets_that_received(

@@ -29,6 +29,7 @@ from tests.runtime_helpers import (
     ExtraHttpServer,
     NamespaceSocketFactory,
     _Reader,
+    count_calls,
     http_get,
     http_post_json,
     pattern_sha256,
@@ -144,20 +145,6 @@ async def test_idle_connections_cost_a_download_nothing_and_all_wake(
     request on each brings 150 responses at once, and every task wakes with its whole,
     exact response."""
     n = 150
-    checks = flushes = 0
-    ready = TunnelStream._ready
-    flush = Tunnel._flush
-
-    def counting_ready(self: TunnelStream) -> bool:
-        nonlocal checks
-        checks += 1
-        return ready(self)
-
-    def counting_flush(self: Tunnel, now: float | None = None) -> None:
-        nonlocal flushes
-        flushes += 1
-        flush(self, now)
-
     host, port = exit_peer.server_tunnel_v4, exit_peer.http_port
     got: dict[int, tuple[int, str]] = {}
 
@@ -180,13 +167,13 @@ async def test_idle_connections_cost_a_download_nothing_and_all_wake(
                     nursery.start_soon(next_response, i, stream)
                 await trio.testing.wait_all_tasks_blocked()
                 assert len(tunnel._parked_sockets) == n
-                monkeypatch.setattr(TunnelStream, "_ready", counting_ready)
-                monkeypatch.setattr(Tunnel, "_flush", counting_flush)
+                checks = count_calls(monkeypatch, TunnelStream, "_ready")
+                flushes = count_calls(monkeypatch, Tunnel, "_flush")
                 bulk = await tunnel.open_tcp_stream(host, port)
                 await get_pattern(bulk, 20 * MB)
                 await bulk.aclose()
                 monkeypatch.undo()
-                assert flushes > 100 and checks <= 2 * flushes, (flushes, checks)
+                assert flushes.n > 100 and checks.n <= 2 * flushes.n, (flushes.n, checks.n)
                 assert got == {}
                 for i, stream in enumerate(idle):
                     await stream.send_all(
@@ -338,7 +325,7 @@ async def test_refused_and_outside_allowed_ips(exit_peer: ExitPeer) -> None:
 async def test_refused_after_the_first_handshake_was_lost(exit_peer: ExitPeer) -> None:
     """Our first initiation is lost (a relay drops it; wireguard-go drops one itself when
     another client with the same key handshook < 20 ms before, as ``mitm-wg check --url``'s
-    own handshake step does). The SYNs sent meanwhile wait in the device and leave with the
+    handshake step did before its fetch's own tunnel). The SYNs sent meanwhile wait in the device and leave with the
     retried handshake's session; Linux answers each with a RST, and the RSTs arrive
     together: the first closes the socket, the next reaps it before any poll runs it. The
     connect must still wake and say "refused", not sleep until its timeout."""
