@@ -98,8 +98,8 @@ async def _check(
             _report(results, timeout, out)
             if url is not None:
                 # Through the same tunnel and session: a second tunnel with the same key
-                # right after would send its initiation within wireguard-go's 20 ms
-                # initiation rate limit of ours, which drops it (5 s lost to the retry).
+                # would initiate again within 20 ms of this one, and the peer (wireguard-go,
+                # Linux: one initiation per key per 20 ms) would drop it: 5 s to the retry.
                 await fetch_url(tunnel, url, insecure=insecure, timeout=max(timeout, 10.0), out=out)
     except OSError as e:  # an endpoint that does not resolve, a ListenPort in use, ...
         raise CheckFailed(e.strerror or str(e)) from None
