@@ -35,6 +35,9 @@ Development aids:
   --py-spy DIR [--py-spy-gil]   py-spy profiles (collapsed stacks per thread) per download
   --logs DIR            keep the mitmdump logs
   --split               add D (above): what running the tunnel in its own process would buy
+  --path SCENARIO       every tunnel (A's wireguard-go and ours) reaches the exit through one
+                        impairing relay process with a ``bench_path.py`` scenario (rtt50,
+                        random, bneck50, ...): the paths users have, not the lab's 1 ms
   --idle N              every proxy holds N idle keep-alive HTTPS connections to the origin
                         (a client in the client namespace opened them through it, one small
                         GET each) during all its downloads: what a browser's open
@@ -368,8 +371,12 @@ def profiled(
             spy.wait()
 
 
-def client_config(peer: Any, private_b64: str, host: int) -> str:
-    """wg-quick text for one more client of the exit: address 10.78.N.host."""
+def client_config(
+    peer: Any, private_b64: str, host: int, endpoint: tuple[str, int] | None = None
+) -> str:
+    """wg-quick text for one more client of the exit: address 10.78.N.host; ``endpoint``
+    replaces the exit's (a relay's address)."""
+    endpoint = endpoint or peer.endpoint
     return (
         "[Interface]\n"
         f"PrivateKey = {private_b64}\n"
@@ -377,7 +384,7 @@ def client_config(peer: Any, private_b64: str, host: int) -> str:
         "[Peer]\n"
         f"PublicKey = {_b64(peer.server_public_key)}\n"
         f"AllowedIPs = {peer.tunnel_v4_net}\n"
-        f"Endpoint = {peer.endpoint[0]}:{peer.endpoint[1]}\n"
+        f"Endpoint = {endpoint[0]}:{endpoint[1]}\n"
     )
 
 
@@ -425,6 +432,11 @@ def main() -> None:
         "the idle connections cost the same code, e.g. --variant MITM_WG_UNUSED=1)",
     )
     ap.add_argument(
+        "--path",
+        metavar="SCENARIO",
+        help="every tunnel goes through a relay with this bench_path.py scenario (e.g. rtt50)",
+    )
+    ap.add_argument(
         "--split",
         action="store_true",
         help="experiment: also our tunnel in a process of its own, as a loopback forwarder",
@@ -433,11 +445,14 @@ def main() -> None:
     size = (1 if args.smoke else args.mb) << 20
     rounds = 1 if args.smoke else args.rounds
 
-    from bench_path import cpu_ticks, idle_since, steal_since
+    from bench_path import SCENARIOS, cpu_ticks, idle_since, steal_since
 
     from harness import exit_peer, generate_keypair, wireguard_go_interface
     from harness.exitpeer import b64
+    from harness.relay import RelayProcess
 
+    if args.path is not None and args.path not in SCENARIOS:
+        ap.error(f"--path: no scenario {args.path!r} (one of: {', '.join(SCENARIOS)})")
     results: dict[str, list[float]] = {"A kernel": [], "B ours": []}
     for variant in args.variant:
         results[f"C {variant}"] = []
@@ -450,6 +465,15 @@ def main() -> None:
         exit_peer(ipv6=False, http=False, name_prefix="mwgmh") as peer,
         contextlib.ExitStack() as st,
     ):
+        endpoint = peer.endpoint
+        if args.path is not None:
+            scenario = SCENARIOS[args.path]
+            relay = st.enter_context(
+                RelayProcess(peer.endpoint, impairment=scenario.impairment, ns=peer.client_ns)
+            )
+            endpoint = relay.address
+            print(f"every tunnel through a relay: {scenario.label}", flush=True)
+
         # more peers on the exit: the wireguard-go client (.3) and variants (.4, ...), each
         # with its own key and address, so that all can stay up side by side
         def add_peer(host: int) -> str:
@@ -458,7 +482,7 @@ def main() -> None:
                 ["wg", "set", peer.ifname, "peer", b64(pub), "allowed-ips",
                  f"10.78.{peer.index}.{host}/32"]
             )  # fmt: skip
-            return client_config(peer, b64(priv), host)
+            return client_config(peer, b64(priv), host, endpoint)
 
         def our_conf(name: str, text: str) -> Path:
             conf = peer.workdir / f"{name}.conf"
@@ -478,7 +502,9 @@ def main() -> None:
         proxies = [
             ("A kernel", st.enter_context(mitmdump(peer, "kernel", origin_ca, keep=args.logs)))
         ]
-        confs = [("ours", {}, our_conf("ours", peer.client_config_text(dns=False)))]
+        confs = [
+            ("ours", {}, our_conf("ours", peer.client_config_text(dns=False, endpoint=endpoint)))
+        ]
         for k, variant in enumerate(args.variant):
             name, _, value = variant.partition("=")
             text = add_peer(KERNEL_CLIENT_HOST + 1 + k)

@@ -26,10 +26,11 @@ SCRIPTS = sorted((REPO / "bench").glob("bench_*.py"))
 TIMEOUT = 300
 #: More ``--smoke`` runs of a script, each with these flags added: code paths that a plain
 #: ``--smoke`` does not take (bench_path ``--ipv6``: both clients over IPv6 in the tunnel;
-#: bench_mitm_https ``--split``: the tunnel in a process of its own).
+#: bench_mitm_https ``--split``: the tunnel in a process of its own; ``--path``: every tunnel
+#: through an impairing relay).
 VARIANTS: dict[str, list[list[str]]] = {
     "bench_path": [["--ipv6"]],
-    "bench_mitm_https": [["--split"]],  # the tunnel-in-its-own-process experiment
+    "bench_mitm_https": [["--split"], ["--path", "rtt50"]],
 }
 
 
