@@ -25,6 +25,7 @@ from harness.relay import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
+from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 from tests.runtime_helpers import (
     ExtraHttpServer,
     NamespaceSocketFactory,
@@ -355,6 +356,81 @@ async def test_refused_after_the_first_handshake_was_lost(exit_peer: ExitPeer) -
             # refused right after the retried handshake (~5 s), long before the timeout
             assert elapsed < 12, elapsed
             assert tunnel.status().open_connections == 0
+
+
+async def test_a_handshake_right_after_another_waits_for_the_rate_limit(
+    exit_peer: ExitPeer,
+) -> None:
+    """``Tunnel.handshake`` right after a completed one: WireGuard allows one initiation per
+    REKEY_TIMEOUT, so the second starts when that has passed and completes (it used to send
+    nothing and time out, blaming the endpoint)."""
+    async with exit_tunnel(exit_peer) as (tunnel, _):  # handshake_timeout 5 s
+        peer = next(iter(tunnel.device.peers.values()))
+        with trio.fail_after(30):
+            first = await tunnel.handshake(peer)
+            second = await tunnel.handshake(peer)
+        assert peer.handshakes_completed == 2
+        assert peer.handshake_attempts_total == 2
+        assert second - first >= REKEY_TIMEOUT
+        assert exit_peer.client_stats().latest_handshake > 0
+
+
+async def test_rekeys_during_transfers_lose_nothing(exit_peer: ExitPeer) -> None:
+    """Every two minutes a session is replaced (REKEY_AFTER_TIME), in the middle of a user's
+    long download. Here our side starts a new handshake as soon as the rate limit allows
+    (one per REKEY_TIMEOUT, 5 s) while a download and an upload run over a 50 ms path of
+    4 MB/s each way (~12 s), so that each switch has a window of data in flight both ways:
+    wireguard-go's packets still
+    under the old session arrive after ours moved on (and ours reach it), and the new
+    session's first packets must confirm it. Nothing may be dropped for it on our side, and
+    both bodies must arrive byte-exact."""
+    down, up = 48 * MB, 40 * MB
+    with ImpairedRelay(
+        exit_peer.endpoint,
+        listen=("127.0.0.1", 0),
+        impairment=Impairment(delay=0.025, rate=4e6),
+        socket_factory=exit_peer.client_ns.socket,
+    ) as relay:
+        text = exit_peer.client_config_text(endpoint=relay.address, dns=False)
+        # (a handshake started within REKEY_TIMEOUT of the last waits for it to pass)
+        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+            peer = next(iter(tunnel.device.peers.values()))
+            host, port = exit_peer.server_tunnel_v4, exit_peer.http_port
+            with trio.fail_after(120):
+                # (the first session, and the slow start of both streams)
+                getter = await tunnel.open_tcp_stream(host, port)
+                poster = await tunnel.open_tcp_stream(host, port)
+                first = peer.handshakes_completed
+                done = trio.Event()
+                rekeyed_during: list[int] = []
+
+                async def rekey_until_done() -> None:
+                    while not done.is_set():
+                        await tunnel.handshake(peer)  # (waits out the rate limit)
+                        if not done.is_set():
+                            rekeyed_during.append(peer.handshakes_completed)
+
+                async def get() -> None:
+                    await get_pattern(getter, down)
+
+                async def post() -> None:
+                    answer = await http_post_json(poster, "/upload", up)
+                    assert answer == {"sha256": pattern_sha256(up), "size": up}
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(rekey_until_done)
+                    async with trio.open_nursery() as transfers:
+                        transfers.start_soon(get)
+                        transfers.start_soon(post)
+                    done.set()
+                    nursery.cancel_scope.cancel()
+                await getter.aclose()
+                await poster.aclose()
+    # at least two switches happened while both bodies were under way
+    assert len(rekeyed_during) >= 2, (rekeyed_during, first)
+    dropped = {k: v for k, v in tunnel.device.drops.items() if v}
+    assert dropped == {}, dropped
+    assert relay.down.forwarded > down // 1500
 
 
 async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: ExitPeer) -> None:

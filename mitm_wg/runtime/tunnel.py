@@ -48,6 +48,7 @@ from mitm_wg.wireguard.device import (
     Transmit,
 )
 from mitm_wg.wireguard.peer import Peer, PeerStatus
+from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -617,10 +618,23 @@ class Tunnel:
     async def handshake(self, peer: Peer) -> float:
         """Start a handshake with ``peer`` now and wait until one completes; returns the
         (trio clock) time it completed. :class:`HandshakeTimeout` when the peer stays silent
-        for ``handshake_timeout``; OSError when the initiation cannot even be sent."""
-        started = trio.current_time()
+        for ``handshake_timeout``; OSError when the initiation cannot even be sent.
+
+        WireGuard sends at most one initiation per REKEY_TIMEOUT (whitepaper §6.1): within
+        that time of the last one (a session just made), this waits for the moment it may
+        start (a handshake that completes meanwhile, e.g. the peer's, is the answer), and
+        the peer's silence counts from the initiation."""
         completed = peer.handshakes_completed
         self._failed.pop(peer.public_key, None)
+        allowed = peer.last_initiation_sent + REKEY_TIMEOUT
+        if peer.handshake is None and trio.current_time() < allowed:
+            waitable = _HandshakeWaitable(self, peer, completed)
+            while peer.handshakes_completed == completed and trio.current_time() < allowed:
+                await self._park(waitable, allowed)
+            if peer.handshakes_completed != completed:
+                assert peer.last_handshake is not None
+                return peer.last_handshake
+        started = trio.current_time()
         self._send_error = None
         self.device.connect(peer, started, self._datagrams)
         self._flush(started)
