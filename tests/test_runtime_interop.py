@@ -21,6 +21,8 @@ import trio.testing
 from conftest import require_mitmdump
 
 from harness import ExitPeer, mitmproxy_wireguard_peer, wireguard_go_sends_gso
+from harness.exitpeer import b64
+from harness.httpserver import pattern
 from harness.relay import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
@@ -356,6 +358,57 @@ async def test_refused_after_the_first_handshake_was_lost(exit_peer: ExitPeer) -
             # refused right after the retried handshake (~5 s), long before the timeout
             assert elapsed < 12, elapsed
             assert tunnel.status().open_connections == 0
+
+
+async def test_the_exit_rehandshakes_to_push_data_we_answer(exit_peer: ExitPeer) -> None:
+    """The exit starts the handshake: its session for us is gone (here its peer entry is
+    removed and re-added, as an exit's expired session after a long idle, or a server-side
+    re-configuration, leave it), it still knows our endpoint, and a server behind it
+    pushes data on a connection we opened before. wireguard-go initiates to us; we must
+    answer as the responder (our own session still looks fine to us: we never initiate)
+    and take the data on the new session."""
+    server = exit_peer.ns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.settimeout(20)  # (the threads below cannot be cancelled: they time out)
+    with server:
+        server.bind((exit_peer.server_tunnel_v4, 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        text = exit_peer.client_config_text(dns=False)
+        async with exit_tunnel(exit_peer, text) as (tunnel, _):
+            peer = next(iter(tunnel.device.peers.values()))
+            with trio.fail_after(30):
+                stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, port)
+                conn, _addr = await trio.to_thread.run_sync(server.accept)
+                conn.settimeout(20)
+                with conn:
+                    await stream.send_all(b"hello")
+                    assert await trio.to_thread.run_sync(conn.recv, 100) == b"hello"
+                    ours = exit_peer.client_stats()
+                    assert ours.endpoint is not None and peer.handshakes_completed == 1
+                    # the exit forgets its session, keeps our endpoint
+                    key = b64(exit_peer.client_public_key)
+                    ifname = exit_peer.ifname
+                    exit_peer.ns.exec(["wg", "set", ifname, "peer", key, "remove"])
+                    exit_peer.ns.exec(
+                        ["wg", "set", ifname, "peer", key,
+                         "allowed-ips", ",".join(ours.allowed_ips),
+                         "endpoint", f"{ours.endpoint[0]}:{ours.endpoint[1]}"]
+                    )  # fmt: skip
+                    body = pattern(512 * KB)
+                    await trio.to_thread.run_sync(conn.sendall, body)
+                    got = b""
+                    while len(got) < len(body):
+                        chunk = await stream.receive_some(65536)
+                        assert chunk, f"EOF after {len(got)} bytes"
+                        got += chunk
+                    assert got == body
+                    # and our answer goes back on the new session
+                    await stream.send_all(b"thanks")
+                    assert await trio.to_thread.run_sync(conn.recv, 100) == b"thanks"
+                await stream.aclose()
+            assert peer.handshakes_completed == 2
+            assert peer.handshake_attempts_total == 1  # the second was the exit's
+            assert {k: v for k, v in tunnel.device.drops.items() if v} == {}
 
 
 async def test_a_handshake_right_after_another_waits_for_the_rate_limit(
