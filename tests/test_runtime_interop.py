@@ -360,6 +360,26 @@ async def test_refused_after_the_first_handshake_was_lost(exit_peer: ExitPeer) -
             assert tunnel.status().open_connections == 0
 
 
+async def test_persistent_keepalive_while_idle(exit_peer: ExitPeer) -> None:
+    """PersistentKeepalive (in most configs behind NAT, so the exit can still reach us
+    after a quiet minute): with nothing to send, the tunnel comes up by itself and sends
+    a keepalive every interval, which the exit receives."""
+    text = exit_peer.client_config_text(dns=False, keepalive=1)
+    async with exit_tunnel(exit_peer, text) as (tunnel, _):
+        peer = next(iter(tunnel.device.peers.values()))
+        with trio.fail_after(15):
+            while peer.handshakes_completed == 0:  # no traffic of ours asked for it
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)
+        before = exit_peer.client_stats().rx_bytes
+        sent = peer.tx_bytes
+        await trio.sleep(4.0)
+        # each keepalive is an empty transport message: 32 bytes
+        assert peer.tx_bytes - sent >= 3 * 32
+        assert exit_peer.client_stats().rx_bytes - before >= 3 * 32
+        assert tunnel.status().open_connections == 0
+
+
 async def test_the_exit_rehandshakes_to_push_data_we_answer(exit_peer: ExitPeer) -> None:
     """The exit starts the handshake: its session for us is gone (here its peer entry is
     removed and re-added, as an exit's expired session after a long idle, or a server-side

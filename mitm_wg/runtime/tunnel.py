@@ -299,6 +299,20 @@ class Tunnel:
                 trio.lowlevel.notify_closing(timer.fileno())  # (trio forgets the fd first)
                 timer.close()
 
+    def _start_persistent_keepalives(self) -> None:
+        """A keepalive now to each peer with PersistentKeepalive (it starts the handshake),
+        as wireguard-go and Linux send one when the interface comes up: the session, and the
+        NAT mapping the option is there to keep, exist before the first flow, and a dead
+        endpoint shows at once instead of at the first request."""
+        now = trio.current_time()
+        sent = False
+        for peer in self.device.peers.values():
+            if peer.persistent_keepalive and peer.endpoint is not None:
+                self.device.send_keepalive(peer, now, self._datagrams)
+                sent = True
+        if sent:
+            self._flush(now)
+
     def _arm_timer(self, deadline: float) -> None:
         """Wake the timer task at ``deadline``: the timerfd, or the scope it sleeps in."""
         self._timer_at = deadline
@@ -1222,6 +1236,7 @@ async def open_tunnel(
                 if refresher and transport is None:
                     tunnel.endpoint_refresher = refresher
                     nursery.start_soon(tunnel._background, "endpoint re-resolution", refresher.run)
+                tunnel._start_persistent_keepalives()
                 try:
                     yield tunnel
                 finally:
