@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,6 +92,21 @@ def exit_peer() -> Iterator[ExitPeer]:
     require_netns()
     with _exit_peer(dnsmasq=True) as peer:
         yield peer
+
+
+@pytest.fixture(scope="module")
+def workdir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of the test module's own (configs, logs, certificates)."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def origin(exit_peer: ExitPeer, workdir: Path) -> Iterator[Any]:
+    """The end-to-end echo origin (tests/e2e_helpers.py) on the exit's tunnel addresses."""
+    from e2e_helpers import exit_origin
+
+    with exit_origin(exit_peer, workdir) as origin:
+        yield origin
 
 
 @pytest.fixture

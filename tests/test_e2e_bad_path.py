@@ -37,7 +37,6 @@ from e2e_helpers import (
     Origin,
     WsClient,
     curl,
-    exit_origin,
     pattern,
     run_mitmdump,
     write_client_config,
@@ -50,17 +49,6 @@ TUNNEL = "far"
 LOSSY = Impairment(delay=0.05, loss=0.02, duplicate=0.01, reorder=0.02)
 #: curl's limit for one transfer: generous, the path is slow and the machine shared
 MAX_TIME = 180.0
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("e2e-bad-path")
-
-
-@pytest.fixture(scope="module")
-def origin(exit_peer: Any, workdir: Path) -> Iterator[Origin]:
-    with exit_origin(exit_peer, workdir) as origin:
-        yield origin
 
 
 @pytest.fixture(scope="module")

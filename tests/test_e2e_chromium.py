@@ -28,7 +28,6 @@ from e2e_helpers import (
     Mitmdump,
     Origin,
     chromium_binary,
-    exit_origin,
     png_pixels,
     png_size,
     run_chromium,
@@ -41,17 +40,6 @@ PAGE_RESOURCES = ["/", "/style.css", "/app.js", "/pixel.png", "/echo/from-script
 BACKGROUND = (250, 245, 230)  # style.css body
 TITLE = (12, 34, 56)  # style.css #title
 GREEN = (0, 160, 90)  # make_png() default, drawn 64×64 by index.html
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("e2e-chromium")
-
-
-@pytest.fixture(scope="module")
-def origin(exit_peer: Any, workdir: Path) -> Iterator[Origin]:
-    with exit_origin(exit_peer, workdir) as origin:
-        yield origin
 
 
 @pytest.fixture(scope="module")

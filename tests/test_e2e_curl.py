@@ -28,24 +28,12 @@ from e2e_helpers import (
     Origin,
     WsClient,
     curl,
-    exit_origin,
     pattern,
     run_mitmdump,
     write_client_config,
 )
 
 TUNNEL = "exit"
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("e2e-curl")
-
-
-@pytest.fixture(scope="module")
-def origin(exit_peer: Any, workdir: Path) -> Iterator[Origin]:
-    with exit_origin(exit_peer, workdir) as origin:
-        yield origin
 
 
 def _mitmdump_args(exit_peer: Any, workdir: Path, origin: Origin) -> list[str]:

@@ -99,11 +99,6 @@ def quic_client(ns: Any, *args: str, timeout: float = 60.0) -> list[dict[str, An
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("quic-upstream")
-
-
-@pytest.fixture(scope="module")
 def origin(exit_peer: Any, workdir: Path) -> Iterator[QuicOrigin]:
     addresses = [a for a in (exit_peer.server_tunnel_v4, exit_peer.server_tunnel_v6) if a]
     with run_quic_origin(exit_peer.ns, workdir, addresses) as origin:
