@@ -829,6 +829,14 @@ class WsClient:
         )
         self.sock.sendall(self.ws.send(event))
 
+    def whoami(self) -> str:
+        """The client address the origin saw on this WebSocket (its ``whoami`` answer)."""
+        self.send("whoami")
+        who = self.receive()
+        assert isinstance(who, str), who
+        client: str = json.loads(who)["client"]
+        return client
+
     def receive(self) -> str | bytes:
         """One whole message."""
         from wsproto.events import Message
@@ -1024,6 +1032,11 @@ def exit_origin(peer: Any, workdir: Path) -> Iterator[Origin]:
     ) as origin:
         origin.ca = ca
         yield origin
+
+
+def tunnel_addresses(peer: Any) -> set[str]:
+    """Our side's tunnel addresses: a name with A and AAAA records may use either (RFC 8305)."""
+    return {peer.client_tunnel_v4, peer.client_tunnel_v6}
 
 
 def write_client_config(peer: Any, workdir: Path, name: str = "exit", **kw: Any) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
 import socket
 import ssl
@@ -39,6 +38,7 @@ from e2e_helpers import (
     curl,
     pattern,
     run_mitmdump,
+    tunnel_addresses,
     write_client_config,
 )
 
@@ -101,10 +101,6 @@ def proxy(
         yield dump
 
 
-def _tunnel_addresses(exit_peer: Any) -> set[str]:
-    return {exit_peer.client_tunnel_v4, exit_peer.client_tunnel_v6}
-
-
 def _https(exit_peer: Any, proxy: Mitmdump, *args: str) -> CurlResult:
     return curl(
         exit_peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy, *args,
@@ -126,7 +122,7 @@ def test_first_request_although_the_first_initiation_was_lost(
     assert relay.up.received == 0  # (nothing went out before the first request)
     r = curl(exit_peer.client_ns, "-x", proxy.proxy, f"http://{ORIGIN_NAME}/old/first")
     assert r.returncode == 0 and r.status == 200, r
-    assert r.json()["client"] in _tunnel_addresses(exit_peer)
+    assert r.json()["client"] in tunnel_addresses(exit_peer)
     assert relay.up.dropped >= 1
     proxy.wait_for_log("WireGuard handshake completed")
 
@@ -142,7 +138,7 @@ def test_names_resolve_through_the_lossy_tunnel(
         assert r.returncode == 0 and r.status == 200, r
         echo = r.json()
         assert echo["path"] == f"/new/n{i}"
-        assert echo["client"] in _tunnel_addresses(exit_peer)
+        assert echo["client"] in tunnel_addresses(exit_peer)
         assert r.headers["x-mitm-wg-tunnel"] == TUNNEL
     queries = [q for q in exit_peer.dns_queries() if q.name == ORIGIN_NAME]
     assert queries and all(q.client.startswith(exit_peer.client_tunnel_v4) for q in queries)
@@ -159,7 +155,7 @@ def test_https_download_byte_exact(
     _assert_pattern(r, SIZE)
     assert r.http_version == ("1.1" if version == "--http1.1" else "2")
     seen = [e for e in origin.requests() if e["path"] == f"/bytes/{SIZE}"]
-    assert seen and seen[-1]["client"] in _tunnel_addresses(exit_peer)
+    assert seen and seen[-1]["client"] in tunnel_addresses(exit_peer)
     assert seen[-1]["proto"] == ("http/1.1" if version == "--http1.1" else "h2")
 
 
@@ -175,7 +171,7 @@ def test_https_upload_byte_exact(exit_peer: Any, proxy: Mitmdump, workdir: Path)
     )  # fmt: skip
     assert r.returncode == 0 and r.status == 200, r
     echo = r.json()
-    assert echo["method"] == "POST" and echo["client"] in _tunnel_addresses(exit_peer)
+    assert echo["method"] == "POST" and echo["client"] in tunnel_addresses(exit_peer)
     assert echo["body_size"] == SIZE
     assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
 
@@ -308,10 +304,7 @@ def test_websocket_echo(exit_peer: Any, origin: Origin, proxy: Mitmdump) -> None
     with WsClient.connect(
         exit_peer.client_ns, proxy.port, ORIGIN_NAME, 443, "/ws", proxy.ca_pem
     ) as ws:
-        ws.send("whoami")
-        who = ws.receive()
-        assert isinstance(who, str)
-        assert json.loads(who)["client"] in _tunnel_addresses(exit_peer)
+        assert ws.whoami() in tunnel_addresses(exit_peer)
         for i in range(20):
             blob = pattern(50_000 + i)[::-1]
             ws.send(blob)

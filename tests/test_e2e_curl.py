@@ -15,7 +15,6 @@ origin through the tunnel (the origin reports ``"proto": "h2"``): h2 on both leg
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from e2e_helpers import (
     curl,
     pattern,
     run_mitmdump,
+    tunnel_addresses,
     write_client_config,
 )
 
@@ -62,11 +62,6 @@ def _last_request(origin: Origin, path: str) -> dict[str, Any]:
     return matching[-1]
 
 
-def _tunnel_addresses(exit_peer: Any) -> set[str]:
-    """Our side's tunnel addresses: a name with A and AAAA records may use either (RFC 8305)."""
-    return {exit_peer.client_tunnel_v4, exit_peer.client_tunnel_v6}
-
-
 def _assert_echo(
     result: Any, exit_peer: Any, *, path: str, proto: str, tls: bool, client: str | None = None
 ) -> dict[str, Any]:
@@ -75,7 +70,7 @@ def _assert_echo(
     echo: dict[str, Any] = result.json()
     # The origin saw our tunnel address (not the veth 10.77.N.1, not loopback) ...
     if client is None:
-        assert echo["client"] in _tunnel_addresses(exit_peer)
+        assert echo["client"] in tunnel_addresses(exit_peer)
     else:
         assert echo["client"] == client
     # ... the request as rewritten by the user script ...
@@ -122,7 +117,7 @@ def test_https_with_verified_upstream(exit_peer: Any, origin: Origin, proxy: Mit
     _assert_echo(r, exit_peer, path="/new/secure", proto="http/1.1", tls=True)
     assert r.http_version == "1.1"
     connects = [c for c in origin.entries("connect") if c["tls"] and c["local"].endswith(":443")]
-    assert connects and connects[-1]["client"] in _tunnel_addresses(exit_peer)
+    assert connects and connects[-1]["client"] in tunnel_addresses(exit_peer)
 
 
 def test_http2_on_both_legs(exit_peer: Any, origin: Origin, proxy: Mitmdump) -> None:
@@ -156,7 +151,7 @@ def test_20_mb_download_byte_exact(exit_peer: Any, origin: Origin, proxy: Mitmdu
     assert r.returncode == 0 and r.status == 200, r
     assert len(r.body) == SIZE_20_MB
     assert hashlib.sha256(r.body).digest() == hashlib.sha256(pattern(SIZE_20_MB)).digest()
-    assert _last_request(origin, f"/bytes/{SIZE_20_MB}")["client"] in _tunnel_addresses(exit_peer)
+    assert _last_request(origin, f"/bytes/{SIZE_20_MB}")["client"] in tunnel_addresses(exit_peer)
 
 
 def test_20_mb_upload_byte_exact(
@@ -187,10 +182,7 @@ def test_websocket_echo(exit_peer: Any, origin: Origin, proxy: Mitmdump) -> None
     with WsClient.connect(
         exit_peer.client_ns, proxy.port, ORIGIN_NAME, 443, "/ws", proxy.ca_pem
     ) as ws:
-        ws.send("whoami")
-        who = ws.receive()
-        assert isinstance(who, str)
-        assert json.loads(who)["client"] in _tunnel_addresses(exit_peer)
+        assert ws.whoami() in tunnel_addresses(exit_peer)
         ws.send("hello through WireGuard")
         assert ws.receive() == "hello through WireGuard"
         blob = pattern(200_000)[::-1]
@@ -198,7 +190,7 @@ def test_websocket_echo(exit_peer: Any, origin: Origin, proxy: Mitmdump) -> None
         assert ws.receive() == blob
         ws.close()
     upgrades = origin.entries("ws")
-    assert upgrades and upgrades[-1]["client"] in _tunnel_addresses(exit_peer)
+    assert upgrades and upgrades[-1]["client"] in tunnel_addresses(exit_peer)
     assert upgrades[-1]["headers"]["x-via-mitm-wg"] == "1"  # the script saw the handshake
 
 

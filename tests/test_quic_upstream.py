@@ -36,6 +36,7 @@ from e2e_helpers import (
     Mitmdump,
     pattern,
     run_mitmdump,
+    tunnel_addresses,
     wait_for,
     write_client_config,
 )
@@ -131,10 +132,6 @@ def reverse_proxy(
         yield dump, port
 
 
-def _tunnel_addresses(exit_peer: Any) -> set[str]:
-    return {exit_peer.client_tunnel_v4, exit_peer.client_tunnel_v6}
-
-
 @pytest.mark.parametrize("scheme", ["http3", "https"])
 def test_http3_reverse_proxy_through_tunnel(
     exit_peer: Any, workdir: Path, origin: QuicOrigin, scheme: str
@@ -166,10 +163,10 @@ def test_http3_reverse_proxy_through_tunnel(
         seen = json.loads(results[0]["body"])
         assert seen["proto"] == "h3"
         assert seen["path"] == f"/echo/{scheme}"
-        assert seen["client"] in _tunnel_addresses(exit_peer)
+        assert seen["client"] in tunnel_addresses(exit_peer)
         requests = origin.entries("request")[before:]
         assert len(requests) == 2
-        assert {r["client"] for r in requests} <= _tunnel_addresses(exit_peer)
+        assert {r["client"] for r in requests} <= tunnel_addresses(exit_peer)
         # A body bigger than one datagram each way: many QUIC packets through the tunnel.
         big = quic_client(
             exit_peer.client_ns,
@@ -208,12 +205,12 @@ def test_raw_quic_reverse_proxy_through_tunnel(
         ]
         (who,) = quic_client(exit_peer.client_ns, *base, "--message", "whoami")
         assert who["alpn"] == "mitm-wg-echo"
-        assert json.loads(who["body"])["client"] in _tunnel_addresses(exit_peer)
+        assert json.loads(who["body"])["client"] in tunnel_addresses(exit_peer)
         (big,) = quic_client(exit_peer.client_ns, *base, "--size", "200000")
         assert big["size"] == 200000
         assert big["body"].encode("latin-1") == pattern(200000)
         echoes = origin.entries("echo")
-        assert echoes and {e["client"] for e in echoes} <= _tunnel_addresses(exit_peer)
+        assert echoes and {e["client"] for e in echoes} <= tunnel_addresses(exit_peer)
         assert f"UDP {ORIGIN_NAME}:{ECHO_PORT} through tunnel {TUNNEL!r}" in dump.text()
 
 
