@@ -453,10 +453,9 @@ async def test_rekeys_during_transfers_lose_nothing(exit_peer: ExitPeer) -> None
     long download. Here our side starts a new handshake as soon as the rate limit allows
     (one per REKEY_TIMEOUT, 5 s) while a download and an upload run over a 50 ms path of
     4 MB/s each way (~12 s), so that each switch has a window of data in flight both ways:
-    wireguard-go's packets still
-    under the old session arrive after ours moved on (and ours reach it), and the new
-    session's first packets must confirm it. Nothing may be dropped for it on our side, and
-    both bodies must arrive byte-exact."""
+    wireguard-go's packets under the old session arrive after ours moved on (and ours
+    reach it), and the new session's first packets must confirm it. Nothing may be dropped
+    for it on our side, and both bodies must arrive byte-exact."""
     down, up = 48 * MB, 40 * MB
     with ImpairedRelay(
         exit_peer.endpoint,
