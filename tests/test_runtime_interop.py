@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -448,6 +448,30 @@ async def test_a_handshake_right_after_another_waits_for_the_rate_limit(
         assert exit_peer.client_stats().latest_handshake > 0
 
 
+async def _rekeying_while(
+    tunnel: Tunnel, peer: Any, *jobs: Callable[[], Awaitable[None]]
+) -> list[int]:
+    """Run ``jobs`` while our side starts a new handshake with ``peer`` as soon as the rate
+    limit allows (one per REKEY_TIMEOUT, 5 s); the handshakes completed while they ran."""
+    done = trio.Event()
+    rekeyed: list[int] = []
+
+    async def rekey_until_done() -> None:
+        while not done.is_set():
+            await tunnel.handshake(peer)  # (waits out the rate limit)
+            if not done.is_set():
+                rekeyed.append(peer.handshakes_completed)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rekey_until_done)
+        async with trio.open_nursery() as transfers:
+            for job in jobs:
+                transfers.start_soon(job)
+        done.set()
+        nursery.cancel_scope.cancel()
+    return rekeyed
+
+
 async def test_rekeys_during_transfers_lose_nothing(exit_peer: ExitPeer) -> None:
     """Every two minutes a session is replaced (REKEY_AFTER_TIME), in the middle of a user's
     long download. Here our side starts a new handshake as soon as the rate limit allows
@@ -472,15 +496,6 @@ async def test_rekeys_during_transfers_lose_nothing(exit_peer: ExitPeer) -> None
                 # (the first session, and the slow start of both streams)
                 getter = await tunnel.open_tcp_stream(host, port)
                 poster = await tunnel.open_tcp_stream(host, port)
-                first = peer.handshakes_completed
-                done = trio.Event()
-                rekeyed_during: list[int] = []
-
-                async def rekey_until_done() -> None:
-                    while not done.is_set():
-                        await tunnel.handshake(peer)  # (waits out the rate limit)
-                        if not done.is_set():
-                            rekeyed_during.append(peer.handshakes_completed)
 
                 async def get() -> None:
                     await get_pattern(getter, down)
@@ -489,20 +504,58 @@ async def test_rekeys_during_transfers_lose_nothing(exit_peer: ExitPeer) -> None
                     answer = await http_post_json(poster, "/upload", up)
                     assert answer == {"sha256": pattern_sha256(up), "size": up}
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(rekey_until_done)
-                    async with trio.open_nursery() as transfers:
-                        transfers.start_soon(get)
-                        transfers.start_soon(post)
-                    done.set()
-                    nursery.cancel_scope.cancel()
+                rekeyed = await _rekeying_while(tunnel, peer, get, post)
                 await getter.aclose()
                 await poster.aclose()
     # at least two switches while the transfers ran (the download alone takes >= 12 s)
-    assert len(rekeyed_during) >= 2, (rekeyed_during, first)
+    assert len(rekeyed) >= 2, rekeyed
     dropped = {k: v for k, v in tunnel.device.drops.items() if v}
     assert dropped == {}, dropped
     assert relay.down.forwarded > down // 1500
+
+
+async def test_rekeys_during_a_download_through_mitmproxy_wireguard_mode(
+    exit_peer: ExitPeer,
+) -> None:
+    """The same switches with the other WireGuard we meet as an exit: mitmproxy's WireGuard
+    mode (boringtun + smoltcp), downloads through it over the 4 MB/s, 50 ms path until two
+    switches happened, and one more on the newest session (its pace is mitmproxy's)."""
+    require_mitmdump()
+    size = 4 * MB
+    with (
+        mitmproxy_wireguard_peer(ns=exit_peer.ns, host=exit_peer.endpoint[0], port=51822) as mp,
+        ImpairedRelay(
+            mp.endpoint,
+            listen=("127.0.0.1", 0),
+            impairment=Impairment(delay=0.025, rate=4e6),
+            socket_factory=exit_peer.client_ns.socket,
+        ) as relay,
+    ):
+        text = mp.client_config_text(allowed_ips=exit_peer.tunnel_v4_net, endpoint=relay.address)
+        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+            peer = next(iter(tunnel.device.peers.values()))
+            with trio.fail_after(120):
+                stream = await tunnel.open_tcp_stream(
+                    exit_peer.server_tunnel_v4, exit_peer.http_port
+                )
+
+                first = peer.handshakes_completed
+                downloads = 0
+
+                async def get() -> None:
+                    nonlocal downloads
+                    while peer.handshakes_completed < first + 2:
+                        await get_pattern(stream, size)
+                        downloads += 1
+                    await get_pattern(stream, size)
+                    downloads += 1
+
+                rekeyed = await _rekeying_while(tunnel, peer, get)
+                await stream.aclose()
+    assert len(rekeyed) >= 2, rekeyed
+    dropped = {k: v for k, v in tunnel.device.drops.items() if v}
+    assert dropped == {}, dropped
+    assert relay.down.forwarded > downloads * size // 1500
 
 
 async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: ExitPeer) -> None:
