@@ -79,7 +79,12 @@ async def _check(
     results: list[PeerResult] = []
 
     async def handshake(tunnel, result: PeerResult) -> None:
-        result.started = trio.current_time()
+        now = trio.current_time
+        peer = result.peer
+        # With PersistentKeepalive the tunnel began this handshake as it opened: time it
+        # from there, not from this call.
+        began = peer.handshake_started
+        result.started = began if peer.handshake is not None and began is not None else now()
         try:
             result.completed = await tunnel.handshake(result.peer)
         except HandshakeTimeout:
