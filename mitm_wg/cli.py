@@ -79,12 +79,11 @@ async def _check(
     results: list[PeerResult] = []
 
     async def handshake(tunnel, result: PeerResult) -> None:
-        now = trio.current_time
         peer = result.peer
         # With PersistentKeepalive the tunnel began this handshake as it opened: time it
         # from there, not from this call.
-        began = peer.handshake_started
-        result.started = began if peer.handshake is not None and began is not None else now()
+        began = peer.handshake_started if peer.handshake is not None else None
+        result.started = trio.current_time() if began is None else began
         try:
             result.completed = await tunnel.handshake(result.peer)
         except HandshakeTimeout:

@@ -48,7 +48,6 @@ from mitm_wg.wireguard.device import (
     Transmit,
 )
 from mitm_wg.wireguard.peer import Peer, PeerStatus
-from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -305,13 +304,10 @@ class Tunnel:
         NAT mapping the option is there to keep, exist before the first flow, and a dead
         endpoint shows at once instead of at the first request."""
         now = trio.current_time()
-        sent = False
         for peer in self.device.peers.values():
             if peer.persistent_keepalive and peer.endpoint is not None:
                 self.device.send_keepalive(peer, now, self._datagrams)
-                sent = True
-        if sent:
-            self._flush(now)
+        self._flush(now)
 
     def _arm_timer(self, deadline: float) -> None:
         """Wake the timer task at ``deadline``: the timerfd, or the scope it sleeps in."""
@@ -640,7 +636,7 @@ class Tunnel:
         the peer's silence counts from the initiation."""
         completed = peer.handshakes_completed
         self._failed.pop(peer.public_key, None)
-        allowed = peer.last_initiation_sent + REKEY_TIMEOUT
+        allowed = peer.initiation_allowed_at
         if peer.handshake is None and trio.current_time() < allowed:
             waitable = _HandshakeWaitable(self, peer, completed)
             while peer.handshakes_completed == completed and trio.current_time() < allowed:

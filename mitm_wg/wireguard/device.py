@@ -57,7 +57,6 @@ from mitm_wg.wireguard.timers import (
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_ON_RECEIVE_AGE,
-    REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEYS_AFTER,
 )
@@ -412,7 +411,7 @@ class Device:
         """
         if peer.last_received >= since or peer.handshake is not None:
             return False
-        allowed = peer.last_initiation_sent + REKEY_TIMEOUT
+        allowed = peer.initiation_allowed_at
         if now < allowed:
             peer.silence_handshake_at = allowed
             peer.silent_since = since
@@ -444,7 +443,7 @@ class Device:
     def _initiate(self, peer: Peer, now: float, out: list[Transmit], *, retry: bool) -> None:
         if not retry:
             peer.handshake_attempts = 0
-        if now - peer.last_initiation_sent < REKEY_TIMEOUT:
+        if now < peer.initiation_allowed_at:
             return
         if peer.handshake_started is None:
             peer.handshake_started = now

@@ -267,6 +267,12 @@ class Peer:
         if self.persistent_keepalive:
             self.persistent_keepalive_at = now + self.persistent_keepalive
 
+    @property
+    def initiation_allowed_at(self) -> float:
+        """The earliest time a new initiation may go out: one per REKEY_TIMEOUT (whitepaper
+        §6.1)."""
+        return self.last_initiation_sent + REKEY_TIMEOUT
+
     def on_handshake_initiated(self, now: float, jitter: float) -> None:
         self.persistent_keepalive_at = None
         self.retransmit_handshake_at = now + REKEY_TIMEOUT + jitter
