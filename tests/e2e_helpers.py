@@ -19,6 +19,11 @@ Origin (HTTP/1.1 on ``--http``, HTTPS with ALPN h2/http/1.1 on ``--https``):
 ``GET /<file>``
     static files from ``--www``.
 
+Raw TCP on ``--tcp`` (no HTTP; the server speaks first; half-close):
+``HELLO {"client", "port"}\n`` at once. A first line ``SEND N`` from the client has it send
+N pattern bytes while it reads on. After the client's EOF: a ``raw`` log entry and
+``GOT <bytes read> <sha256 hex>\n`` (after the N bytes), then it closes.
+
 Every accepted connection and every request is one JSON line in ``--log`` (``event`` is
 ``connect``, ``request`` or ``ws``), read back with :meth:`Origin.entries`.
 """
@@ -248,6 +253,48 @@ class OriginHandler:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def handle_raw(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The raw TCP service (module docstring): speaks first, sends what ``SEND N`` asks
+        for while it reads, and answers after the client's EOF (on a half-closed connection
+        the answer must still arrive), then closes."""
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        local = writer.get_extra_info("sockname") or ("?", 0)
+        where = f"{local[0]}:{local[1]}"
+        self.log.write(event="connect", client=peer[0], port=peer[1], local=where, tls=False)
+
+        async def send(count: int) -> None:
+            for offset in range(0, count, len(_BLOCK)):
+                writer.write(_BLOCK[: min(len(_BLOCK), count - offset)])
+                await writer.drain()
+
+        sender = None
+        try:
+            hello = {"client": peer[0], "port": peer[1]}
+            writer.write(b"HELLO " + json.dumps(hello).encode() + b"\n")
+            await writer.drain()
+            first = await reader.readline()
+            digest, total = hashlib.sha256(first), len(first)
+            if m := re.fullmatch(rb"SEND (\d+)\n", first):
+                sender = asyncio.ensure_future(send(int(m.group(1))))
+            while chunk := await reader.read(1 << 16):
+                digest.update(chunk)
+                total += len(chunk)
+            self.log.write(
+                event="raw", client=peer[0], local=where, received=total, sha256=digest.hexdigest()
+            )
+            if sender is not None:
+                await sender
+            writer.write(f"GOT {total} {digest.hexdigest()}\n".encode())
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if sender is not None:
+                sender.cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
     async def _serve_h1(
         self,
         reader: asyncio.StreamReader,
@@ -451,6 +498,9 @@ async def _origin_main(args: argparse.Namespace) -> None:
                 lambda r, w: origin.handle(r, w, False), host, port, limit=_H1_HEAD_LIMIT
             )
         )
+    for value in args.tcp:
+        host, port = _split_hostport(value)
+        servers.append(await asyncio.start_server(origin.handle_raw, host, port))
     if args.https:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.cert, args.key)
@@ -483,6 +533,7 @@ def origin_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--www", required=True)
     parser.add_argument("--http", action="append", default=[])
     parser.add_argument("--https", action="append", default=[])
+    parser.add_argument("--tcp", action="append", default=[])
     parser.add_argument("--cert")
     parser.add_argument("--key")
     args = parser.parse_args(argv)
@@ -556,6 +607,7 @@ def run_origin(
     *,
     http: Sequence[str],
     https: Sequence[str] = (),
+    tcp: Sequence[str] = (),
     cert: Path | None = None,
     key: Path | None = None,
     www: Path = STATIC,
@@ -566,6 +618,7 @@ def run_origin(
     argv = [sys.executable, str(THIS), "--log", str(log), "--ready", str(ready), "--www", str(www)]
     argv += [a for value in http for a in ("--http", value)]
     argv += [a for value in https for a in ("--https", value)]
+    argv += [a for value in tcp for a in ("--tcp", value)]
     if https:
         assert cert is not None and key is not None
         argv += ["--cert", str(cert), "--key", str(key)]
@@ -1006,11 +1059,15 @@ if __name__ == "__main__":
 # -- the standard setup: origin on the exit peer, a config for our side -----------------------
 
 ORIGIN_NAME = "exit.test"
+#: The origin's raw TCP service (module docstring): two ports, so that one mitmproxy can
+#: treat them differently (e.g. pass one through, inspect the other).
+RAW_PORTS = (7000, 7001)
 
 
 @contextlib.contextmanager
 def exit_origin(peer: Any, workdir: Path) -> Iterator[Origin]:
-    """The origin on the exit peer's tunnel addresses: HTTP :80 and HTTPS :443 (test CA).
+    """The origin on the exit peer's tunnel addresses: HTTP :80, HTTPS :443 (test CA) and
+    the raw TCP service on :7000 and :7001 (``RAW_PORTS``).
 
     ``origin.ca`` is the test CA (for ``ssl_verify_upstream_trusted_ca``); the leaf is valid
     for ``exit.test`` and the server's tunnel addresses.
@@ -1027,6 +1084,7 @@ def exit_origin(peer: Any, workdir: Path) -> Iterator[Origin]:
         workdir,
         http=[f"{h}:80" for h in hosts],
         https=[f"{h}:443" for h in hosts],
+        tcp=[f"{h}:{port}" for h in hosts for port in RAW_PORTS],
         cert=leaf,
         key=key,
     ) as origin:
