@@ -1071,8 +1071,20 @@ def main(argv: list[str] | None = None) -> int:
         help="our tunnel holds N idle keep-alive connections to the server open during its"
         " transfers, each with a task reading it (as mitmproxy does); the kernel client none",
     )
+    p.add_argument(
+        "--server-sysctl",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a sysctl in the exit's namespace (the server's TCP), e.g."
+        " net.ipv4.tcp_timestamps=0 for a server without timestamps (Windows' default);"
+        " both clients face the same server; repeatable",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    for item in args.server_sysctl:
+        if "=" not in item or not item.startswith("net."):
+            p.error(f"--server-sysctl takes net.KEY=VALUE, not {item!r}")
     global _before, _idle
     _before = BEFORE[args.before]
     _idle = args.idle
@@ -1101,6 +1113,9 @@ def main(argv: list[str] | None = None) -> int:
         cc = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout
         rmem = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
         print(f"Linux TCP in the namespaces: {cc.strip()}, tcp_rmem max {int(rmem[2]) >> 20} MiB")
+        for item in args.server_sysctl:
+            peer.ns.exec(["sysctl", "-q", "-w", item])
+            print(f"the server's namespace: {item}")
         host = peer.server_tunnel_v6 if args.ipv6 else peer.server_tunnel_v4
         assert host is not None
         with (
