@@ -367,3 +367,25 @@ def test_sim_sender_resends_only_what_an_overshoot_dropped(
     monkeypatch.setattr(tcp_module.TcpSocket, "__init__", capped)
     drops, client, _server = upload()
     assert client.retransmits - drops > 100 and client.dsacks > 100
+
+
+@pytest.mark.parametrize("congestion", ["bbr", "cubic"])
+def test_sim_without_sack_an_overshoot_costs_an_rto_not_a_round_trip_per_hole(
+    congestion: str,
+) -> None:
+    """A peer without SACK: recovery is NewReno's (RFC 6582), one hole per round trip. A
+    slow-start overshoot into a bottleneck's queue (12.5 MB/s, 50 ms, 610 KiB) leaves
+    hundreds of holes; with the RTO restarted by every partial ACK (and every resend of
+    the head) 6 MiB took 26 s of simulated time (BBR; CUBIC 12 s: fewer holes), one round
+    trip per hole. Restarted by the first partial ACK only (the "Impatient" variant), the
+    RTO ends it and goes back N in slow start: 1.5 s (with SACK: 1 s)."""
+    ab = LinkParams(delay=0.025, bandwidth=12.5e6, queue_bytes=625_000)
+    config = TcpConfig(congestion=congestion, sack=False)
+    tr = run_transfer(
+        1, 6 << 20, 0, timeout=120.0, ab=ab, ba=LinkParams(delay=0.025), tcp_config=config
+    )
+    assert tr.client is not None
+    stats = tr.client.stats
+    assert tr.sim.links[0].stats.queue_drops > 100  # hundreds of holes
+    assert stats.fast_retransmits >= 1 and stats.rto_expired >= 1, stats
+    assert tr.sim.now < 4.0, tr.report()

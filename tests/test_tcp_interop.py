@@ -312,3 +312,63 @@ def test_stalled_reader_zero_window_then_resume(exit_peer) -> None:
         assert hashlib.sha256(body).hexdigest() == pattern_hash(size)
     finally:
         driver.sock.close()
+
+
+#: What the server's namespace turns off (sysctl net.ipv4.KEY=0): SACK alone (some
+#: middleboxes strip it), or SACK, timestamps and window scaling together (an old stack)
+OPTIONS_OFF = {
+    "no-sack": ("tcp_sack",),
+    "no-options": ("tcp_sack", "tcp_timestamps", "tcp_window_scaling"),
+}
+
+
+@pytest.mark.parametrize("off", sorted(OPTIONS_OFF))
+def test_a_server_without_tcp_options(exit_peer, off: str) -> None:
+    """Linux with SACK (and timestamps and window scaling) off in its handshake, as old
+    stacks and some middleboxes leave them: a 3 MiB upload and a 3 MiB download through a
+    4 MB/s bottleneck behind a 320 KiB queue and 1 % loss each way (20 ms each way), both
+    byte-exact; nothing used that the server did not offer (windows unscaled, no SACK
+    blocks, no timestamps). Without SACK, recovery is NewReno's, one hole per round trip:
+    with window scaling, BBR's startup overflows the queue (hundreds of holes) and the RTO
+    after the first partial ACK (RFC 6582's Impatient variant) has to end it — the
+    simulator test of the same case times it (test_sim)."""
+    ns = exit_peer.ns
+    keys = [f"net.ipv4.{name}" for name in OPTIONS_OFF[off]]
+    before = {key: ns.exec(["sysctl", "-n", key]).stdout.strip() for key in keys}
+    size = 3 * 1024 * 1024
+    path = Impairment(delay=0.02, rate=4e6, queue_bytes=320 * 1024, loss=0.01)
+    relay = RelayProcess(exit_peer.endpoint, up=path, down=path, ns=exit_peer.client_ns)
+    for key in keys:
+        ns.exec(["sysctl", "-w", f"{key}=0"])
+    try:
+        driver = driver_for(exit_peer, endpoint=relay.address)
+        try:
+            up = driver.connect(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            body = (bytes(range(256)) * 4096) * (size // (1 << 20))
+            head = f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+            driver.send_all(up, (head + "Connection: close\r\n\r\n").encode())
+            driver.send_all(up, body)
+            reply = driver.recv_until_eof(up)
+            result = json.loads(reply.partition(b"\r\n\r\n")[2])
+            assert result == {"sha256": hashlib.sha256(body).hexdigest(), "size": size}
+            conns: list[Any] = []
+            _head, digest, n = http_get(
+                driver, exit_peer.server_tunnel_v4, exit_peer.http_port, f"/bytes/{size}", conns
+            )
+            assert n == size and digest == pattern_hash(size)
+        finally:
+            driver.sock.close()
+    finally:
+        for key, value in before.items():
+            ns.exec(["sysctl", "-w", f"{key}={value}"])
+        relay.stop()
+    for conn in (up, conns[0]):
+        assert not conn._sack_ok and conn.stats.dsacks == 0
+        if off == "no-options":
+            assert not conn._ts_ok
+            assert conn._snd_wscale == conn._rcv_wscale == 0
+            assert conn._max_snd_wnd <= 0xFFFF
+        else:
+            assert conn._ts_ok and conn._snd_wscale > 0
+    assert relay.up.dropped > 0 and relay.down.dropped > 0
+    assert up.stats.fast_retransmits > 0  # NewReno recovery ran (no SACK)

@@ -930,6 +930,35 @@ def test_three_dup_acks_fast_retransmit_newreno() -> None:
     assert not pb.sock._in_fr
 
 
+def test_newreno_partial_acks_restart_the_rto_once() -> None:
+    """RFC 6582 §3.2 step 5 and §4, the "Impatient" variant: in NewReno recovery (no SACK)
+    only the first partial ACK restarts the RTO, and retransmitting the next hole does not
+    either; with many holes the RTO then goes back N in slow start rather than repairing
+    one hole per round trip (found against a server with SACK off: 8 MB behind an
+    overflowing bottleneck queue, one hole per RTT, took 26 s where SACK takes 1 s)."""
+    pb = est()  # peer without SACK
+    pb.sock.send(b"".join(bytes([i]) * 1000 for i in range(10)))
+    segs = pb.out()
+    assert len(segs) == 10
+    dup = dict(window=65535)
+    pb.at(0.1)
+    for _ in range(3):  # segments 0, 3 and 6 are lost
+        pb.send(ACK, PISS + 1, ISS + 1, **dup)
+    assert pb.out()[-1] == segs[0]  # fast retransmit (after limited transmit's new data)
+    pb.at(0.2).send(ACK, PISS + 1, ISS + 3001, **dup)  # first partial ACK
+    assert pb.out()[0] == segs[3]
+    rto = pb.sock.rto
+    deadline = 0.2 + rto
+    assert pb.poll() == pytest.approx(deadline)  # restarted by the first partial ACK
+    pb.at(0.3).send(ACK, PISS + 1, ISS + 6001, **dup)  # second partial ACK
+    assert pb.out()[0] == segs[6]
+    assert pb.poll() == pytest.approx(deadline)  # not restarted: neither by it nor the resend
+    assert pb.sock._in_fr and pb.sock.stats.rto_expired == 0
+    pb.at(deadline)
+    assert pb.out() == [segs[6]]  # the RTO: back to SND.UNA, one segment (slow start)
+    assert pb.sock.stats.rto_expired == 1 and not pb.sock._in_fr
+
+
 def test_sack_recovery_retransmits_only_holes() -> None:
     # RFC 6675's DupThresh rules (RACK off; its rules are tested in test_tcp_rack.py)
     pb = est(peer_sack=True, rack=False)

@@ -356,6 +356,9 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
 
         # fast recovery, SACK scoreboard, RACK-TLP/PRR (recovery.py)
         self._dupacks = 0
+        #: NewReno recovery (no SACK) has had its first partial ACK (the RTO is not
+        #: restarted by later ones: RFC 6582's "Impatient" variant)
+        self._partial_acked = False
         self._in_fr = False
         self._recover = iss
         self._rexmit_now = False

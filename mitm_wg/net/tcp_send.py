@@ -316,10 +316,14 @@ class Sender:
                             keep.append(r)
                     self._relost = keep
                 self._rxt_marks.append((s, e, self._snd_max))
-        if self._rto_at is None or (rexmit and s == self._snd_una):
+        if self._rto_at is None or (
+            rexmit and s == self._snd_una and not (self._in_fr and self._partial_acked)
+        ):
             # (re)start the timer (RFC 6298 §5.1); deviation: retransmitting the head
             # restarts it too (RFC 6298 §5.3 restarts only on a new ACK; Linux does this),
-            # so a fast retransmission gets a full RTO to be acknowledged
+            # so a fast retransmission gets a full RTO to be acknowledged; but not in
+            # NewReno recovery after its first partial ACK (the "Impatient" variant, see
+            # _on_new_ack)
             if self._rto_at is None and rack is not None and not self._in_fr:
                 # one segment in flight: this one, and nothing more queued behind it
                 self._arm_pto(now, e - self._snd_una <= self._smss and e >= data_end)
@@ -591,6 +595,7 @@ class Sender:
             self._trim_scoreboard(ack)
         self._last_progress = now
         cc = self._cc
+        restart_rto = True
         if self._in_fr:
             if ack >= self._recover:
                 self._in_fr = False
@@ -607,8 +612,13 @@ class Sender:
                     flight = self._snd_max - ack
                     cc.cwnd = min(cc.ssthresh, max(flight, self._smss) + self._smss)
             elif not self._sack_ok:
-                # NewReno partial ACK (RFC 6582 §3.2 step 5)
+                # NewReno partial ACK (RFC 6582 §3.2 step 5): retransmit the next hole; the
+                # first one restarts the RTO, later ones do not (the "Impatient" variant,
+                # §4): NewReno repairs one hole per round trip, so after a burst of losses
+                # (a queue overflowing) the RTO, going back N in slow start, is faster
                 self._rexmit_now = True
+                restart_rto = not self._partial_acked
+                self._partial_acked = True
                 if not cc.model_based:
                     cwnd = cc.cwnd - acked
                     if acked >= self._smss:
@@ -620,7 +630,10 @@ class Sender:
                 cc.on_ack(n, now, rtt.srtt, sample, ack, self._snd_max)
         rack = self._rack
         if rack is None:
-            self._rto_at = None if ack == self._snd_max else now + rtt.rto
+            if ack == self._snd_max:
+                self._rto_at = None
+            elif restart_rto:
+                self._rto_at = now + rtt.rto
             return
         if rack.tlp_end is not None and ack >= rack.tlp_end:
             self._tlp_acked(ack, now)
