@@ -11,18 +11,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness import wait_until, wireguard_go_interface
 from mitm_wg.config import WireGuardConfig, encode_key, generate_private_key
-from mitm_wg.wireguard.device import Device
+from mitm_wg.wireguard import crypto
+from mitm_wg.wireguard.device import Device, HandshakeCompleted
 from tests.wgdrive import Driver, icmp_echo_v4, icmp_echo_v6, udp_v4
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,3 +232,138 @@ def test_check_cli_against_mitmproxy(mitm_peer, tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def _loaded_burst(flood: socket.socket, endpoint: tuple[str, int], mac1_key: bytes) -> None:
+    """200 handshake initiations with a valid mac1 (anyone who knows the exit's public key
+    can make one) and garbage inside: each costs wireguard-go a Diffie-Hellman before it
+    fails, and together they fill its handshake queue past the 1/8 mark where it counts
+    itself under load (for at least a second after)."""
+    for _ in range(200):
+        body = b"\x01\x00\x00\x00" + os.urandom(112)
+        flood.sendto(body + crypto.mac(mac1_key, body) + bytes(16), endpoint)
+
+
+def test_handshake_through_cookie_replies_of_a_loaded_wireguard_go(fresh_exit_peer) -> None:
+    """A busy (or attacked) exit answers initiations without a valid mac2 with a cookie
+    reply and drops them (whitepaper §5.3, §5.4.7): our next initiation must carry mac2
+    under the cookie, and the exit, still under load, must take it.
+
+    The load is real: wireguard-go is paused (SIGSTOP, by PID) while a burst of valid-mac1
+    initiations and then ours wait in its socket; resumed, it queues them all at once and
+    is under load when it reaches ours. Twice: the first time it answers ours with a cookie
+    reply, the second time (our retry, REKEY_TIMEOUT later) with a handshake response. The
+    burst's own cookie replies to the flooding socket show the exit was under load both
+    times."""
+    peer = fresh_exit_peer
+    # one OS thread for all of wireguard-go's goroutines: the goroutine reading the socket
+    # queues the whole burst before a handshake worker takes the first (with a thread each,
+    # the workers kept the queue short on this machine and the exit never felt loaded)
+    peer.stop_wireguard()
+    peer.start_wireguard(env=["GOMAXPROCS=1"], verbose=True)
+    wg = peer._wg_proc
+    assert wg is not None
+    driver = make_driver(peer, peer.client_config_text())
+    flood = peer.client_ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flood.bind(("0.0.0.0", 0))
+    flood.settimeout(0.5)
+    received: list[int] = []
+    receive = driver.device.receive_datagram
+
+    def recording(data, *args, **kw):  # type: ignore[no-untyped-def]
+        received.append(data[0])
+        return receive(data, *args, **kw)
+
+    driver.device.receive_datagram = recording  # type: ignore[method-assign]
+    (ours,) = driver.device.peers.values()
+    mac1_key = ours.cookies._mac1_key
+
+    def cookie_replies_to_flood() -> int:
+        n = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                data = flood.recv(2048)
+                n += data[0] == 3
+        return n
+
+    def stopped() -> bool:  # every thread of it (a SIGSTOP takes effect asynchronously)
+        tasks = Path(f"/proc/{wg.pid}/task")
+        return all(
+            (t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in tasks.iterdir()
+        )
+
+    def paused_burst_then(send_ours: Callable[[], None]) -> None:
+        os.kill(wg.pid, signal.SIGSTOP)
+        try:
+            wait_until(stopped, 5, "wireguard-go to stop")
+            _loaded_burst(flood, peer.endpoint, mac1_key)
+            send_ours()
+        finally:
+            os.kill(wg.pid, signal.SIGCONT)
+
+    try:
+        # 1: our first initiation, behind the burst: a cookie reply, no response
+        def first_initiation() -> None:
+            out: list[Any] = []
+            driver.device.connect(ours, time.monotonic(), out)
+            driver._flush(out)
+
+        def stepped(predicate: Callable[[], bool]) -> Callable[[], bool]:
+            def check() -> bool:
+                driver.step(0.05)
+                return predicate()
+
+            return check
+
+        paused_burst_then(first_initiation)
+        try:
+            wait_until(stepped(lambda: 3 in received), 10, "a cookie reply")
+        except Exception:
+            print(
+                "DEBUG received",
+                received,
+                "flood cookies",
+                cookie_replies_to_flood(),
+                dict(driver.device.drops),
+            )
+            raise
+        assert 2 not in received and ours.cookies._cookie is not None
+        assert cookie_replies_to_flood() > 0  # the exit was under load
+
+        # 2: our retry comes REKEY_TIMEOUT later; the exit is paused with a new burst
+        # queued before it, so the retry lands under load again
+        def retry_sent() -> None:
+            attempts = driver.device.status()[0].handshake_attempts
+            while driver.device.status()[0].handshake_attempts == attempts:
+                driver.step(0.05)
+                assert 2 not in received
+
+        paused_burst_then(retry_sent)
+        wait_until(
+            stepped(lambda: any(isinstance(e, HandshakeCompleted) for e in driver.events)),
+            10,
+            "the handshake response to our initiation with mac2",
+        )
+        assert cookie_replies_to_flood() > 0  # under load this time too
+        assert received.count(3) == 1  # one cookie reply to us: the retry was taken
+        assert driver.device.status()[0].handshake_attempts == 2
+        # the exit's own account (verbose log): a cookie reply to our address, then ours taken
+        log = (peer.workdir / "wg-exit.log").read_text(errors="replace")
+        port = driver.sock.getsockname()[1]
+        assert (
+            f"Sending cookie response for denied handshake message for 10.77.{peer.index}.1:{port}\n"
+            in log
+        )
+        assert log.count("Sending handshake response") == 1
+        # and the session carries traffic
+        payload = os.urandom(32)
+        assert driver.send(
+            icmp_echo_v4(peer.client_tunnel_v4, peer.server_tunnel_v4, 0x4D57, 2, payload)
+        )
+        reply = driver.receive_packet()
+        assert reply[9] == 1 and reply[20] == 0 and reply[28:] == payload
+    finally:
+        if wg.poll() is None:
+            os.kill(wg.pid, signal.SIGCONT)
+        flood.close()
+        driver.sock.close()

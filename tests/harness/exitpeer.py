@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,11 +254,14 @@ class ExitPeer:
         sock = WG_SOCKET_DIR / f"{self.ifname}.sock"
         wait_until(lambda: not sock.exists(), 5, f"{sock} to disappear")
 
-    def start_wireguard(self) -> None:
-        """(Re)start wireguard-go with the same keys, port and addresses."""
+    def start_wireguard(self, *, env: Sequence[str] = (), verbose: bool = False) -> None:
+        """(Re)start wireguard-go with the same keys, port and addresses (``env``: extra
+        ``NAME=VALUE`` for its environment, e.g. ``GOMAXPROCS=1``)."""
         if self.wireguard_running:
             return
-        self._wg_proc = start_wireguard_go(self.ns, self.ifname, self.workdir / "wg-exit.log")
+        self._wg_proc = start_wireguard_go(
+            self.ns, self.ifname, self.workdir / "wg-exit.log", env=env, verbose=verbose
+        )
         key_file = self.workdir / "exit.key"
         key_file.write_text(b64(self._server_private_key))
         key_file.chmod(0o600)
@@ -319,7 +322,12 @@ def wireguard_go_sends_gso() -> bool:
 
 
 def start_wireguard_go(
-    ns: Netns, ifname: str, log_path: Path, *, verbose: bool = False
+    ns: Netns,
+    ifname: str,
+    log_path: Path,
+    *,
+    verbose: bool = False,
+    env: Sequence[str] = (),
 ) -> subprocess.Popen[Any]:
     """Run ``wireguard-go IFNAME`` in the foreground inside ``ns``; wait for its socket.
 
@@ -329,10 +337,10 @@ def start_wireguard_go(
     sock = WG_SOCKET_DIR / f"{ifname}.sock"
     if sock.exists():
         raise FileExistsError(f"{sock} exists: interface name {ifname!r} is in use")
-    env = ["env", "WG_PROCESS_FOREGROUND=1"] + (["LOG_LEVEL=verbose"] if verbose else [])
+    argv = ["env", "WG_PROCESS_FOREGROUND=1", *(["LOG_LEVEL=verbose"] if verbose else []), *env]
     with open(log_path, "ab") as logf:
         proc = ns.popen(
-            [*env, "wireguard-go", ifname],
+            [*argv, "wireguard-go", ifname],
             stdout=logf,
             stderr=subprocess.STDOUT,
         )
