@@ -286,7 +286,7 @@ class OriginHandler:
                 await sender
             writer.write(f"GOT {total} {digest.hexdigest()}\n".encode())
             await writer.drain()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, ValueError):  # ValueError: a first line over 64 KiB
             pass
         finally:
             if sender is not None:
