@@ -91,6 +91,9 @@ BEFORE = {
     "rack": (TcpConfig(rack=False), "no RACK-TLP/PRR"),  # RFC 6675 DupThresh recovery
     # the congestion control before BBR and pacing: NewReno, whole windows at once
     "bbr": (TcpConfig(congestion="newreno", pacing=False), "NewReno, unpaced"),
+    # without SACK (--server-sysctl net.ipv4.tcp_sack=0): NewReno's RTO restarted by every
+    # partial ACK (TcpConfig.newreno_rto_restarts)
+    "rto-every": (TcpConfig(newreno_rto_restarts=1 << 30), "RTO restarted by every partial ACK"),
 }
 _before = BEFORE["autotune"]
 #: ``--idle N``: idle connections our tunnel holds open during its transfers
@@ -1060,8 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(BEFORE),
         default="autotune",
         help="what --before-after's third client goes without: buffer autotuning (fixed"
-        " 1 MiB buffers), rack (RFC 6675 recovery instead of RACK-TLP and PRR) or bbr"
-        " (NewReno without pacing instead of BBR with pacing)",
+        " 1 MiB buffers), rack (RFC 6675 recovery instead of RACK-TLP and PRR), bbr"
+        " (NewReno without pacing instead of BBR with pacing), or rto-every"
+        " (without SACK: NewReno's RTO restarted by every partial ACK)",
     )
     p.add_argument(
         "--idle",

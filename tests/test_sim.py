@@ -377,8 +377,8 @@ def test_sim_without_sack_an_overshoot_costs_an_rto_not_a_round_trip_per_hole(
     slow-start overshoot into a bottleneck's queue (12.5 MB/s, 50 ms, 610 KiB) leaves
     hundreds of holes; with the RTO restarted by every partial ACK (and every resend of
     the head) 6 MiB took 26 s of simulated time (BBR; CUBIC 12 s: fewer holes), one round
-    trip per hole. Restarted by the first partial ACK only (the "Impatient" variant), the
-    RTO ends it and goes back N in slow start: 1.5 s (with SACK: 1 s)."""
+    trip per hole. Restarted by the first few partial ACKs (TcpConfig.newreno_rto_restarts) only, the RTO
+    ends it and goes back N in slow start (with SACK: 1 s)."""
     ab = LinkParams(delay=0.025, bandwidth=12.5e6, queue_bytes=625_000)
     config = TcpConfig(congestion=congestion, sack=False)
     tr = run_transfer(

@@ -330,8 +330,8 @@ def test_a_server_without_tcp_options(exit_peer, off: str) -> None:
     byte-exact; nothing used that the server did not offer (windows unscaled, no SACK
     blocks, no timestamps). Without SACK, recovery is NewReno's, one hole per round trip:
     with window scaling, BBR's startup overflows the queue (hundreds of holes) and the RTO
-    after the first partial ACK (RFC 6582's Impatient variant) has to end it — the
-    simulator test of the same case times it (test_sim)."""
+    that partial ACKs stop restarting after a few (TcpConfig.newreno_rto_restarts) has to end it —
+    the simulator test of the same case times it (test_sim)."""
     ns = exit_peer.ns
     keys = [f"net.ipv4.{name}" for name in OPTIONS_OFF[off]]
     before = {key: ns.exec(["sysctl", "-n", key]).stdout.strip() for key in keys}

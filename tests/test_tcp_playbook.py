@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mitm_wg.net.tcp import TcpState
+from mitm_wg.net.tcp import TcpConfig, TcpState
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, TcpSegment
 from tcp_playbook import LPORT, RPORT, Pb, active, cfg, passive, seg
 
@@ -930,33 +930,70 @@ def test_three_dup_acks_fast_retransmit_newreno() -> None:
     assert not pb.sock._in_fr
 
 
-def test_newreno_partial_acks_restart_the_rto_once() -> None:
-    """RFC 6582 §3.2 step 5 and §4, the "Impatient" variant: in NewReno recovery (no SACK)
-    only the first partial ACK restarts the RTO, and retransmitting the next hole does not
-    either; with many holes the RTO then goes back N in slow start rather than repairing
-    one hole per round trip (found against a server with SACK off: 8 MB behind an
-    overflowing bottleneck queue, one hole per RTT, took 26 s where SACK takes 1 s)."""
+def _newreno_in_recovery() -> Pb:
+    """30 segments of 1000 bytes outstanding to a peer without SACK (cwnd opened to 30 for
+    it), three duplicate ACKs at t=0.1: NewReno recovery has begun (the first resent)."""
     pb = est()  # peer without SACK
-    pb.sock.send(b"".join(bytes([i]) * 1000 for i in range(10)))
-    segs = pb.out()
-    assert len(segs) == 10
-    dup = dict(window=65535)
+    pb.sock._cc.cwnd = 30 * 1000
+    pb.sock.send(b"".join(bytes([i]) * 1000 for i in range(30)))
+    assert len(pb.out()) == 30
     pb.at(0.1)
-    for _ in range(3):  # segments 0, 3 and 6 are lost
-        pb.send(ACK, PISS + 1, ISS + 1, **dup)
-    assert pb.out()[-1] == segs[0]  # fast retransmit (after limited transmit's new data)
-    pb.at(0.2).send(ACK, PISS + 1, ISS + 3001, **dup)  # first partial ACK
-    assert pb.out()[0] == segs[3]
-    rto = pb.sock.rto
-    deadline = 0.2 + rto
-    assert pb.poll() == pytest.approx(deadline)  # restarted by the first partial ACK
-    pb.at(0.3).send(ACK, PISS + 1, ISS + 6001, **dup)  # second partial ACK
-    assert pb.out()[0] == segs[6]
-    assert pb.poll() == pytest.approx(deadline)  # not restarted: neither by it nor the resend
+    for _ in range(3):
+        pb.send(ACK, PISS + 1, ISS + 1, window=65535)
+    assert any(s.seq == ISS + 1 for s in pb.out())  # fast retransmit
+    assert pb.sock._in_fr
+    return pb
+
+
+def _partial_acks(pb: Pb, step: int, count: int) -> list[bool]:
+    """``count`` partial ACKs 50 ms apart, each ``step`` bytes further; whether each
+    restarted the RTO (the resend of the new head included)."""
+    restarted = []
+    t, una = 0.1, 1
+    deadline = pb.poll()
+    for _ in range(count):
+        t += 0.05
+        una += step
+        pb.at(t).send(ACK, PISS + 1, ISS + una, window=65535)
+        resend = pb.out()[0]
+        assert resend.seq == ISS + una and len(resend.payload) == 1000  # the next hole at once
+        now_deadline = pb.poll()
+        restarted.append(now_deadline == pytest.approx(t + pb.sock.rto))
+        if not restarted[-1]:
+            assert now_deadline == pytest.approx(deadline)  # left as it was
+        deadline = now_deadline
+    return restarted
+
+
+def test_newreno_holes_close_together_stop_restarting_the_rto() -> None:
+    """RFC 6582 §3.2 step 5 and §4: in NewReno recovery (no SACK) each partial ACK resends
+    the next hole and restarts the RTO while ``TcpConfig.newreno_rto_restarts`` (8) lasts;
+    one whose next hole is close by (it acknowledged less than 3 segments: a slow-start
+    overshoot into a queue, every other segment lost) spends 4 of it, so after two the RTO
+    ends the recovery and goes back N in slow start instead of one hole per round trip
+    (found against a server with SACK off: 6 MiB behind an overflowing bottleneck queue
+    took 26 s where SACK takes 1 s)."""
+    assert TcpConfig().newreno_rto_restarts == 8
+    k = 2
+    pb = _newreno_in_recovery()
+    assert _partial_acks(pb, 200, k + 3) == [True] * k + [False] * 3
     assert pb.sock._in_fr and pb.sock.stats.rto_expired == 0
-    pb.at(deadline)
-    assert pb.out() == [segs[6]]  # the RTO: back to SND.UNA, one segment (slow start)
+    rto_at = pb.poll()
+    assert rto_at is not None
+    pb.at(rto_at)
+    (rto,) = pb.out()  # the RTO: back to SND.UNA, one segment (slow start)
+    assert rto.seq == ISS + 1 + 200 * (k + 3) and len(rto.payload) == 1000
     assert pb.sock.stats.rto_expired == 1 and not pb.sock._in_fr
+
+
+def test_newreno_holes_far_apart_restart_the_rto_longer() -> None:
+    """The same with holes 3 segments apart (random loss): 8 partial ACKs restart the RTO
+    ("Slow-but-Steady" for the few holes random loss leaves; going back N would resend
+    what had arrived), the 9th does not (hundreds of holes, far apart, still end in the
+    RTO rather than hundreds of round trips)."""
+    pb = _newreno_in_recovery()
+    assert _partial_acks(pb, 3000, 9) == [True] * 8 + [False]
+    assert pb.sock._in_fr
 
 
 def test_sack_recovery_retransmits_only_holes() -> None:

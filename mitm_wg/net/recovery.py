@@ -564,7 +564,7 @@ class Scoreboard:
         cc.on_congestion_event(now, self._snd_max - self._snd_una)
         self._in_fr = True
         self._recover = self._snd_max
-        self._partial_acked = False
+        self._partial_acks = 0
         self._rexmit_now = True
         self._high_rxt = self._snd_una
         self._rxt_marks.clear()

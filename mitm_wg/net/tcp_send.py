@@ -317,13 +317,14 @@ class Sender:
                     self._relost = keep
                 self._rxt_marks.append((s, e, self._snd_max))
         if self._rto_at is None or (
-            rexmit and s == self._snd_una and not (self._in_fr and self._partial_acked)
+            rexmit
+            and s == self._snd_una
+            and not (self._in_fr and self._partial_acks > self.config.newreno_rto_restarts)
         ):
             # (re)start the timer (RFC 6298 §5.1); deviation: retransmitting the head
             # restarts it too (RFC 6298 §5.3 restarts only on a new ACK; Linux does this),
-            # so a fast retransmission gets a full RTO to be acknowledged; but not in
-            # NewReno recovery after its first partial ACK (the "Impatient" variant, see
-            # _on_new_ack)
+            # so a fast retransmission gets a full RTO to be acknowledged; in NewReno
+            # recovery only while TcpConfig.newreno_rto_restarts lasts
             if self._rto_at is None and rack is not None and not self._in_fr:
                 # one segment in flight: this one, and nothing more queued behind it
                 self._arm_pto(now, e - self._snd_una <= self._smss and e >= data_end)
@@ -613,12 +614,12 @@ class Sender:
                     cc.cwnd = min(cc.ssthresh, max(flight, self._smss) + self._smss)
             elif not self._sack_ok:
                 # NewReno partial ACK (RFC 6582 §3.2 step 5): retransmit the next hole; the
-                # first one restarts the RTO, later ones do not (the "Impatient" variant,
-                # §4): NewReno repairs one hole per round trip, so after a burst of losses
-                # (a queue overflowing) the RTO, going back N in slow start, is faster
+                # RTO restarts while TcpConfig.newreno_rto_restarts lasts
                 self._rexmit_now = True
-                restart_rto = not self._partial_acked
-                self._partial_acked = True
+                # each one spends 1 of the budget, 4 if the next hole was close by (losses
+                # in a burst: going back N resends little that had arrived)
+                self._partial_acks += 4 if acked < 3 * self._smss else 1
+                restart_rto = self._partial_acks <= self.config.newreno_rto_restarts
                 if not cc.model_based:
                     cwnd = cc.cwnd - acked
                     if acked >= self._smss:
