@@ -74,6 +74,34 @@ def http_get(
     return state["head"], h.hexdigest(), state["n"]
 
 
+def post_pattern(driver: TunnelDriver, peer: Any, size: int) -> Any:
+    """POST ``size`` pattern bytes to the exit's ``/upload`` (Connection: close) on a new
+    connection; asserts the server's answer (200, size and SHA-256); returns the connection
+    (for its counters)."""
+    conn = driver.connect(peer.server_tunnel_v4, peer.http_port)
+    body = (bytes(range(256)) * 4096) * (size // (1 << 20))
+    assert len(body) == size, "size: whole MiB"
+    head = f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+    driver.send_all(conn, (head + "Connection: close\r\n\r\n").encode())
+    driver.send_all(conn, body)
+    reply = driver.recv_until_eof(conn)
+    status, _, payload = reply.partition(b"\r\n\r\n")
+    assert b" 200 " in status.split(b"\r\n")[0], status
+    assert json.loads(payload) == {"sha256": hashlib.sha256(body).hexdigest(), "size": size}
+    return conn
+
+
+def get_pattern(driver: TunnelDriver, peer: Any, size: int) -> Any:
+    """GET ``/bytes/size`` from the exit on a new connection, byte-exact; the connection."""
+    conns: list[Any] = []
+    head, digest, n = http_get(
+        driver, peer.server_tunnel_v4, peer.http_port, f"/bytes/{size}", conns
+    )
+    assert b" 200 " in head.split(b"\r\n")[0], head
+    assert n == size and digest == pattern_hash(size)
+    return conns[0]
+
+
 def test_download_50mb_from_linux(exit_peer) -> None:
     driver = driver_for(exit_peer)
     try:
@@ -90,18 +118,7 @@ def test_download_50mb_from_linux(exit_peer) -> None:
 def test_upload_50mb_to_linux(exit_peer) -> None:
     driver = driver_for(exit_peer)
     try:
-        conn = driver.connect(exit_peer.server_tunnel_v4, exit_peer.http_port)
-        body = (bytes(range(256)) * 4096) * (SIZE // (1 << 20))
-        driver.send_all(
-            conn,
-            f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n".encode(),
-        )
-        driver.send_all(conn, body)
-        reply = driver.recv_until_eof(conn)
-        head, _, payload = reply.partition(b"\r\n\r\n")
-        assert b" 200 " in head.split(b"\r\n")[0]
-        result = json.loads(payload)
-        assert result == {"sha256": hashlib.sha256(body).hexdigest(), "size": SIZE}
+        post_pattern(driver, exit_peer, SIZE)
     finally:
         driver.sock.close()
 
@@ -208,7 +225,7 @@ def upload_into_bottleneck(peer: Any, hystart: bool) -> tuple[Any, Any]:
         try:
             conn = driver.connect(peer.server_tunnel_v4, peer.http_port)
             assert isinstance(conn._cc, NewReno)
-            hs = conn._cc.hystart
+            hs = conn._cc.hystart  # (the object; the socket drops it once slow start ends)
             body = (bytes(range(256)) * 4096) * (size // (1 << 20))
             head = f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
             driver.send_all(conn, (head + "Connection: close\r\n\r\n").encode())
@@ -265,18 +282,14 @@ def test_we_hold_what_a_linux_slow_start_overshoot_leaves(exit_peer) -> None:
         try:
             driver = driver_for(exit_peer, endpoint=relay.address)
             try:
-                conns: list[Any] = []
-                _head, digest, n = http_get(
-                    driver, exit_peer.server_tunnel_v4, exit_peer.http_port, f"/bytes/{size}", conns
-                )
-                assert n == size and digest == pattern_hash(size)
+                conn = get_pattern(driver, exit_peer, size)
             finally:
                 driver.sock.close()
         finally:
             relay.stop()
     finally:
         ns.exec(["sysctl", "-w", f"{key}={before}"])
-    stats = conns[0].stats
+    stats = conn.stats
     assert relay.down.queue_drops > 100, relay.down
     assert stats.out_of_order > 300, stats.out_of_order
     assert stats.ofo_drops == 0
@@ -343,26 +356,15 @@ def test_a_server_without_tcp_options(exit_peer, off: str) -> None:
     try:
         driver = driver_for(exit_peer, endpoint=relay.address)
         try:
-            up = driver.connect(exit_peer.server_tunnel_v4, exit_peer.http_port)
-            body = (bytes(range(256)) * 4096) * (size // (1 << 20))
-            head = f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
-            driver.send_all(up, (head + "Connection: close\r\n\r\n").encode())
-            driver.send_all(up, body)
-            reply = driver.recv_until_eof(up)
-            result = json.loads(reply.partition(b"\r\n\r\n")[2])
-            assert result == {"sha256": hashlib.sha256(body).hexdigest(), "size": size}
-            conns: list[Any] = []
-            _head, digest, n = http_get(
-                driver, exit_peer.server_tunnel_v4, exit_peer.http_port, f"/bytes/{size}", conns
-            )
-            assert n == size and digest == pattern_hash(size)
+            up = post_pattern(driver, exit_peer, size)
+            down = get_pattern(driver, exit_peer, size)
         finally:
             driver.sock.close()
     finally:
         for key, value in before.items():
             ns.exec(["sysctl", "-w", f"{key}={value}"])
         relay.stop()
-    for conn in (up, conns[0]):
+    for conn in (up, down):
         assert not conn._sack_ok and conn.stats.dsacks == 0
         if off == "no-options":
             assert not conn._ts_ok
