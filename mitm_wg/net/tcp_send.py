@@ -317,9 +317,7 @@ class Sender:
                     self._relost = keep
                 self._rxt_marks.append((s, e, self._snd_max))
         if self._rto_at is None or (
-            rexmit
-            and s == self._snd_una
-            and not (self._in_fr and self._partial_acks > self.config.newreno_rto_restarts)
+            rexmit and s == self._snd_una and not self._newreno_rto_spent()
         ):
             # (re)start the timer (RFC 6298 §5.1); deviation: retransmitting the head
             # restarts it too (RFC 6298 §5.3 restarts only on a new ACK; Linux does this),
@@ -552,6 +550,11 @@ class Sender:
             out.append(self._make_seg(ACK, self._snd_max, b"", now))
         self._update_persist(now)
 
+    def _newreno_rto_spent(self) -> bool:
+        """In NewReno recovery, the partial ACKs have spent TcpConfig.newreno_rto_restarts:
+        neither they nor the resends of the head restart the RTO any more."""
+        return self._in_fr and self._partial_acks > self.config.newreno_rto_restarts
+
     def _on_new_ack(self, ack: int, una: int, tsecr: int, now: float) -> None:
         """SND.UNA advances from ``una`` to ``ack``: RTT sample, send buffer, recovery, cwnd.
 
@@ -619,7 +622,7 @@ class Sender:
                 # each one spends 1 of the budget, 4 if the next hole was close by (losses
                 # in a burst: going back N resends little that had arrived)
                 self._partial_acks += 4 if acked < 3 * self._smss else 1
-                restart_rto = self._partial_acks <= self.config.newreno_rto_restarts
+                restart_rto = not self._newreno_rto_spent()
                 if not cc.model_based:
                     cwnd = cc.cwnd - acked
                     if acked >= self._smss:
