@@ -300,6 +300,34 @@ def test_packet_too_big_v6_floor_1280() -> None:
     assert s.path_mtu("fd00::1") == 1280
 
 
+def test_a_narrower_path_shrinks_live_connections_and_later_syns_offer_less() -> None:
+    """``lower_path_mtu`` (the runtime's call when the path under the tunnel is narrower
+    than its datagrams): a connection to that address resends what is in flight in
+    segments that fit, a later SYN to it offers the MSS that fits, other addresses keep
+    the tunnel's; it never raises an MTU, and stops at the protocol's minimum."""
+    s = mkstack()
+    sock = s.tcp_connect("10.0.0.1", 80, 0.0)
+    ((_, syn),) = _out_segments(s)
+    assert syn.mss == 1380
+    synack = TcpSegment(80, sock.local_port, 7000, syn.seq + 1, SYN | ACK, 65535, mss=1460)
+    s.receive(tcp_packet(synack), 0.0)
+    sock.send(bytes(4 * 1380))
+    sent = [seg for _, seg in _out_segments(s, 0.01) if seg.payload]
+    assert [len(seg.payload) for seg in sent] == [1380] * 4
+    assert s.lower_path_mtu(PEER4, 1328)
+    resent = [seg for _, seg in _out_segments(s, 0.02) if seg.payload]
+    assert resent and resent[0].seq == sent[0].seq  # in flight: again, smaller
+    assert [len(seg.payload) for seg in resent] == [1288] * 4 + [4 * 1380 - 4 * 1288]
+    assert s.path_mtu("10.0.0.1") == 1328
+    assert not s.lower_path_mtu(PEER4, 1400) and s.path_mtu("10.0.0.1") == 1328
+    s.tcp_connect("10.0.0.1", 443, 0.03)
+    s.tcp_connect("10.0.0.3", 443, 0.03)
+    syns = {p.dst: seg.mss for p, seg in _out_segments(s, 0.03) if seg.flags == SYN}
+    assert syns == {PEER4: 1288, bytes([10, 0, 0, 3]): 1380}
+    assert s.lower_path_mtu(PEER4, 100) and s.path_mtu("10.0.0.1") == 576
+    assert s.lower_path_mtu(PEER6, 1000) and s.path_mtu("fd00::1") == 1280
+
+
 def test_icmp_errors_for_foreign_packets_ignored() -> None:
     s = mkstack()
     s.udp_bind(4444, family=4)

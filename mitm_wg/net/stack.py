@@ -832,6 +832,11 @@ class Stack:
         lport = self._ephemeral_port(local_b, remote_b, port, now)
         key = (local_b, lport, remote_b, port)
         cfg = self._cfg4 if raddr.version == 4 else self._cfg6
+        pmtu = self._pmtu.get(remote_b)
+        if pmtu is not None:  # a narrower path: offer an MSS that fits it (RFC 9293 §3.7.1)
+            cfg = dataclasses.replace(
+                cfg, mss=min(cfg.mss, pmtu - (40 if len(remote_b) == 4 else 60))
+            )
         sock = TcpSocket(
             cfg,
             local_b,
@@ -1695,7 +1700,6 @@ class Stack:
 
     def _lower_pmtu(self, dst: bytes, mtu: int, quoted_raw: memoryview) -> None:
         v4 = len(dst) == 4
-        floor = MIN_MTU4 if v4 else MIN_MTU6
         # The packet that "did not fit" must actually be larger than the reported MTU.
         if v4:
             quoted_len = int.from_bytes(quoted_raw[2:4], "big")
@@ -1704,14 +1708,25 @@ class Stack:
         if mtu >= quoted_len:
             self.stats.icmp_errors_ignored += 1
             return
-        mtu = max(floor, min(mtu, self.mtu))
-        if mtu >= self._pmtu.get(dst, self.mtu):
-            return
-        self._pmtu[dst] = mtu
+        self.lower_path_mtu(dst, mtu)
+
+    def lower_path_mtu(self, remote: bytes, mtu: int) -> bool:
+        """The path to ``remote`` (raw address bytes) carries at most ``mtu`` bytes per IP
+        packet (at least the protocol's minimum: 576 for IPv4, 1280 for IPv6): its
+        connections' segments shrink to fit (those in flight are resent), and a connection
+        opened to it later offers the peer that MSS in its SYN. Never raises it; True if it
+        lowered it. From an ICMP "fragmentation needed" / "packet too big" for an inner
+        packet, or from the runtime, when the path under the tunnel is narrower."""
+        v4 = len(remote) == 4
+        mtu = max(MIN_MTU4 if v4 else MIN_MTU6, min(mtu, self.mtu))
+        if mtu >= self._pmtu.get(remote, self.mtu):
+            return False
+        self._pmtu[remote] = mtu
         self.stats.pmtu_updates += 1
         mss = mtu - (40 if v4 else 60)
-        logger.debug("path MTU to %s lowered to %d", _addr_str(dst), mtu)
+        logger.debug("path MTU to %s lowered to %d", _addr_str(remote), mtu)
         for key, sock in self._tcp.items():
-            if key[2] == dst:
+            if key[2] == remote:
                 sock.set_path_mtu_mss(mss)
                 self._dirty[sock] = None
+        return True
