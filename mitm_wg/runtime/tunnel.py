@@ -47,6 +47,7 @@ from mitm_wg.wireguard.device import (
     KeysZeroed,
     Transmit,
 )
+from mitm_wg.wireguard.messages import TRANSPORT_MIN_SIZE
 from mitm_wg.wireguard.peer import Peer, PeerStatus
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ _GRO_SIZE = struct.Struct("=i")
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
 #: (a plain int: ``flags & socket.MSG_TRUNC`` would go through the IntFlag enum, ~1 µs)
 _MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
+#: getsockopt on a connected socket: the path MTU the kernel knows (Linux <netinet/in.h>).
+_IP_MTU = 14
+_IPV6_MTU = 24
 #: What one receive call takes: a coalesced run is at most one IP packet's worth (64 KiB).
 RECEIVE_BUFFER = 65536
 #: Datagrams read per wake-up before the reader yields to other tasks.
@@ -106,6 +110,10 @@ class _PendingConnect:
         self.peer = peer
         self.since = since
         self.rto_seen = 0
+
+
+def _probe_socket_factory(family: int) -> socket.socket:
+    return socket.socket(family, socket.SOCK_DGRAM)
 
 
 def _default_socket_factory(family: int) -> socket.socket:
@@ -187,6 +195,13 @@ class Tunnel:
         self.gro_datagrams = 0
         self.gro_truncated = 0
         self._gro_sockets = gro_sockets if gro_sockets is not None else set()
+        #: Endpoints whose path is narrower than the tunnel's datagrams -> the inner MTU that
+        #: fits it (``_path_narrower``); new connections through them start there.
+        self.narrow_paths: dict[tuple[str, int], int] = {}
+        #: ... -> the largest datagram that fits it: larger ones go singly, in fragments.
+        self._gso_narrow: dict[tuple[str, int], int] = {}
+        #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
+        self._probe_socket: SocketFactory = _probe_socket_factory
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
         self.endpoint_refresher: EndpointRefresher | None = None
 
@@ -415,6 +430,7 @@ class Tunnel:
         """Send, coalescing runs of equal-sized datagrams to one endpoint into one UDP GSO
         send (a single syscall; the kernel splits it), as wireguard-go does on Linux."""
         sockets = self._sockets
+        narrow = self._gso_narrow
         i, n = 0, len(out)
         while i < n:
             data, endpoint = out[i]
@@ -424,7 +440,7 @@ class Tunnel:
                 i += 1
                 continue
             j = i + 1
-            if self._gso:
+            if self._gso and (not narrow or len(data) <= narrow.get(endpoint, len(data))):
                 size = len(data)
                 limit = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
                 # equal sizes, same endpoint; the last segment of a run may be shorter
@@ -434,31 +450,101 @@ class Tunnel:
                     j += 1
             try:
                 if j - i > 1:
-                    try:
-                        self.gso_sends += 1
-                        sock.sendmsg(
-                            [d for d, _ in out[i:j]],
-                            [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(len(data)))],
-                            0,
-                            endpoint,
-                        )
-                    except OSError as e:
-                        if e.errno not in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
-                            raise
-                        # No UDP GSO here (old kernel, odd device): one datagram at a time.
-                        logger.debug("UDP GSO unavailable (%s); sending datagrams singly", e)
-                        self._gso = False
-                        for d, _ in out[i:j]:
-                            sock.sendto(d, endpoint)
+                    self.gso_sends += 1
+                    sock.sendmsg(
+                        [d for d, _ in out[i:j]],
+                        [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(len(data)))],
+                        0,
+                        endpoint,
+                    )
                 else:
                     sock.sendto(data, endpoint)
             except OSError as e:
-                # A full socket buffer or a transient error: TCP retransmits, and the
-                # WireGuard timers retry handshakes.
-                self.send_errors += 1
-                self._send_error = (endpoint, e)
-                logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), e)
+                if self._refused(sock, endpoint, len(data), e, j - i > 1):
+                    # One at a time: the kernel fragments a datagram the path cannot carry.
+                    try:
+                        for d, _ in out[i:j]:
+                            sock.sendto(d, endpoint)
+                    except OSError as e2:
+                        self._send_failed(endpoint, e2)
+                else:
+                    self._send_failed(endpoint, e)
             i = j
+
+    def _send_failed(self, endpoint: Endpoint, error: OSError) -> None:
+        # A full socket buffer or a transient error: TCP retransmits, and the WireGuard
+        # timers retry handshakes.
+        self.send_errors += 1
+        self._send_error = (endpoint, error)
+        logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), error)
+
+    def _refused(
+        self, sock: socket.socket, endpoint: Endpoint, size: int, error: OSError, run: bool
+    ) -> bool:
+        """Whether a send that raised ``error`` is worth repeating one datagram at a time.
+        EMSGSIZE: the path is narrower than the datagrams (an ICMP error said so, and the
+        kernel refuses a GSO run it would have to fragment), so ``_narrow`` to it. On a
+        run, EINVAL (what older kernels say for that), EIO or ENOPROTOOPT otherwise mean
+        no UDP GSO here (an old kernel, an odd device): it stays off."""
+        if error.errno == errno.EMSGSIZE:
+            self._path_narrower(sock, endpoint, size)
+            return True
+        if run and error.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
+            if not self._path_narrower(sock, endpoint, size):
+                logger.debug("UDP GSO unavailable (%s); sending datagrams singly", error)
+                self._gso = False
+            return True
+        return False
+
+    def _path_narrower(self, sock: socket.socket, endpoint: Endpoint, size: int) -> bool:
+        """A GSO send of ``size``-byte datagrams to ``endpoint`` failed: whether the path
+        there is narrower than they are (the kernel knows a smaller MTU for it, from an
+        ICMP error or its own link, and refuses a run it would have to fragment; a single
+        datagram it fragments), and if so, ``_narrow`` to it. The limit is a connected probe
+        socket's IP_MTU (the kernel's per-destination value, shared by all sockets)."""
+        v6 = ":" in endpoint[0]
+        try:
+            probe = self._probe_socket(socket.AF_INET6 if v6 else socket.AF_INET)
+            try:
+                probe.connect(endpoint)
+                if v6:
+                    path_mtu = probe.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
+                else:
+                    path_mtu = probe.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+            finally:
+                probe.close()
+        except OSError as e:
+            logger.debug("cannot read the path MTU to %s: %s", format_endpoint(endpoint), e)
+            return False
+        if size + (40 if v6 else 20) + 8 <= path_mtu:
+            return False
+        self._narrow(endpoint, path_mtu)
+        return True
+
+    def _narrow(self, endpoint: Endpoint, path_mtu: int) -> None:
+        """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
+        TCP connection through a peer there, and those opened later, sends segments whose
+        datagrams fit (``Stack.lower_path_mtu``) and offers that MSS in its SYN. Nothing
+        then waits on fragments, which IPv6 paths often drop, and GSO runs go out whole."""
+        overhead = (40 if ":" in endpoint[0] else 20) + 8
+        # Inner packets are padded to a multiple of 16 (within the MTU) before sealing.
+        inner = (path_mtu - overhead - TRANSPORT_MIN_SIZE) & ~15
+        key = (endpoint[0], endpoint[1])
+        if inner < self.narrow_paths.get(key, self.stack.mtu):
+            self.narrow_paths[key] = inner
+            self._gso_narrow[key] = path_mtu - overhead  # (what else is larger goes singly)
+            logger.info(
+                "the path to WireGuard endpoint %s carries at most %d bytes per packet (the "
+                "tunnel's MTU %d needs %d): TCP through it now sends packets of at most %d bytes",
+                format_endpoint(endpoint), path_mtu, self.stack.mtu,
+                self.stack.mtu + TRANSPORT_MIN_SIZE + overhead, inner,
+            )  # fmt: skip
+        inner = self.narrow_paths[key]
+        route, lower = self.device.route, self.stack.lower_path_mtu
+        for tcp in self.stack.tcp_sockets:
+            peer = route(tcp.remote_addr)
+            if peer is not None and peer.endpoint == key:
+                lower(tcp.remote_addr, inner)  # (sent at the next flush)
 
     def _handle_events(self, events: list) -> bool:
         """Log and act on device events; True if TCP segments are now due (poll again)."""
@@ -562,6 +648,10 @@ class Tunnel:
             )
         started = trio.current_time()
         self._failed.pop(peer.public_key, None)
+        if self.narrow_paths and peer.endpoint is not None:
+            inner = self.narrow_paths.get((peer.endpoint[0], peer.endpoint[1]))
+            if inner is not None:
+                self.stack.lower_path_mtu(address.packed, inner)
         sock = self.stack.tcp_connect(address, port, started)
         stream = TunnelStream(self, sock, peer)
         stream._waiting_for.add("connect")
@@ -1201,6 +1291,8 @@ async def open_tunnel(
         tunnel = Tunnel(
             config, device, stack, sockets, handshake_timeout=handshake_timeout, gro_sockets=gro
         )
+        if socket_factory is not None:  # (its sockets may live elsewhere: a namespace)
+            tunnel._probe_socket = socket_factory
         if transport is not None:
             tunnel.via = via
             # The inner tunnel's datagrams go into the outer tunnel instead of host sockets.

@@ -63,6 +63,12 @@ Exit peer (:func:`exit_peer`, :class:`ExitPeer`)
     loads with ``net::ERR_NETWORK_CHANGED`` on one). Call ``ns.settle()`` again after adding
     links or addresses yourself.
 
+Narrow path (:func:`narrow_link`)
+    ``with narrow_link(peer, 1400) as router:`` puts a Linux router between ``client_ns`` and
+    the exit whose link toward the exit carries 1400-byte packets (a PPPoE line, a mobile
+    network): a too-big packet with DF gets ICMP "fragmentation needed" / ICMPv6 "packet too
+    big" back. The endpoint stays; the client's address becomes 10.76.N.1 / fd00:76:N::1.
+
 mitmproxy peer (:func:`mitmproxy_wireguard_peer`, :class:`MitmPeer`)
     ``with mitmproxy_wireguard_peer(port=0) as mp:`` runs ``mitmdump --mode
     wireguard@127.0.0.1:PORT`` with a fresh confdir (no root needed); ``mp.endpoint``,
@@ -97,6 +103,7 @@ from .exitpeer import (
     diagnose_on_failure,
     exit_peer,
     generate_keypair,
+    narrow_link,
     origin_behind,
     parse_wg_dump,
     parse_wg_quick,
@@ -129,6 +136,7 @@ __all__ = [
     "list_namespaces",
     "live_resources",
     "mitmproxy_wireguard_peer",
+    "narrow_link",
     "origin_behind",
     "parse_wg_dump",
     "parse_wg_quick",

@@ -663,3 +663,49 @@ def source_echo(
     proc = ns.popen(argv, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
+
+
+@contextlib.contextmanager
+def narrow_link(peer: ExitPeer, mtu: int) -> Iterator[Netns]:
+    """Put a Linux router between ``peer.client_ns`` and the exit whose link toward the exit
+    carries at most ``mtu`` bytes per IP packet: a PPPoE line, a mobile network, a VPN under
+    the VPN. The client's side keeps 1500, as a laptop on Wi-Fi behind a PPPoE router does:
+    the router answers a too-big packet with ICMP "fragmentation needed" / ICMPv6 "packet too
+    big" (and fragments IPv4 packets without DF); the exit's own link has the small MTU too.
+
+    The direct veth is replaced by client ``v0`` 10.76.N.1/30 (fd00:76:N::1/64) <-> router
+    ``r0`` 10.76.N.2 <-> router ``r1`` 10.77.N.1 <-> exit ``v1`` 10.77.N.2 (the endpoint is
+    unchanged; the client's own address changes). Yields the router namespace (closed on
+    exit; the peer cannot go back to the direct link)."""
+    n, prefix = peer.index, peer.ifname[: -len(f"{peer.index}wg")]
+    router = Netns.create(f"{prefix}{n}r")
+    try:
+        v0, v1, r0, r1 = (f"{prefix}{n}{s}" for s in ("v0", "v1", "r0", "r1"))
+        peer.client_ns.ip("link", "del", v0)  # (takes v1 with it)
+        for a, ns_a, b, ns_b in ((v0, peer.client_ns, r0, router), (r1, router, v1, peer.ns)):
+            subprocess.run(
+                ["ip", "link", "add", a, "netns", ns_a.name, "type", "veth",
+                 "peer", "name", b, "netns", ns_b.name],
+                check=True, capture_output=True, timeout=20,
+            )  # fmt: skip
+        links = [
+            (peer.client_ns, v0, f"10.76.{n}.1/30", f"fd00:76:{n}::1/64", 1500),
+            (router, r0, f"10.76.{n}.2/30", f"fd00:76:{n}::2/64", 1500),
+            (router, r1, f"10.77.{n}.1/30", f"fd00:77:{n}::1/64", mtu),
+            (peer.ns, v1, f"10.77.{n}.2/30", f"fd00:77:{n}::2/64", mtu),
+        ]
+        for ns, ifname, v4, v6, link_mtu in links:
+            ns.ip("link", "set", ifname, "mtu", str(link_mtu))
+            ns.ip("addr", "add", v4, "dev", ifname)
+            ns.ip("-6", "addr", "add", v6, "dev", ifname, "nodad")
+            ns.ip("link", "set", ifname, "up")
+        router.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+        peer.client_ns.ip("route", "add", f"10.77.{n}.0/30", "via", f"10.76.{n}.2")
+        peer.client_ns.ip("-6", "route", "add", f"fd00:77:{n}::/64", "via", f"fd00:76:{n}::2")
+        peer.ns.ip("route", "add", f"10.76.{n}.0/30", "via", f"10.77.{n}.1")
+        peer.ns.ip("-6", "route", "add", f"fd00:76:{n}::/64", "via", f"fd00:77:{n}::1")
+        for ns in (peer.client_ns, router, peer.ns):
+            ns.settle()
+        yield router
+    finally:
+        router.close()

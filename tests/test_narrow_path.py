@@ -1,0 +1,132 @@
+"""A path narrower than the tunnel's datagrams, against wireguard-go and the Linux stack.
+
+Real users' paths are often narrower than the 1500 bytes a WireGuard MTU of 1420 assumes:
+PPPoE lines (1492, too small for 1420 over IPv6), mobile networks, a VPN under the VPN. The
+router there answers a too-big datagram with ICMP "fragmentation needed" (IPv4) or "packet
+too big" (IPv6), and the kernel remembers the limit for that destination. From then on it
+fragments a single datagram but refuses a UDP GSO run of too-big ones (EMSGSIZE): before the
+fix every bulk upload stalled for good there, while wireguard-go + Linux TCP went on.
+
+Each test puts a real Linux router with a 1400-byte link toward the exit under our tunnel
+(:func:`harness.narrow_link`) and checks, byte-exact: an upload on the first connection,
+which finds the narrower path out (over IPv4 once a datagram drew the router's ICMP error:
+see the test), with fragments only until it did; then, on new connections, an upload (to the exit's other
+tunnel address) whose datagrams all fit — the exit reassembles no fragment — and still go
+out in GSO runs, and a download whose segments fit too (our SYNs offer the smaller MSS, so
+the exit's Linux sends no fragments either).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import socket
+from typing import Any
+
+import pytest
+import trio
+from test_runtime_interop import exit_tunnel
+
+from harness import ExitPeer, Netns, narrow_link
+from tests.runtime_helpers import http_get, http_post_json, pattern_sha256
+
+MB = 1024 * 1024
+PATH_MTU = 1400
+
+
+def snmp(ns: Netns, name: str) -> int:
+    """One of the namespace's IP counters: ``Ip:ReasmOKs``, ``Icmp:OutDestUnreachs`` (from
+    /proc/net/snmp) or ``Ip6ReasmOKs``, ``Icmp6OutPktTooBigs`` (/proc/net/snmp6)."""
+    if ":" in name:
+        group, field = name.split(":")
+        lines = [
+            line.split()
+            for line in ns.exec(["cat", "/proc/net/snmp"]).stdout.splitlines()
+            if line.startswith(group + ":")
+        ]
+        header, values = lines[0], lines[1]
+        return int(values[header.index(field)])
+    m = re.search(rf"^{name}\s+(\d+)$", ns.exec(["cat", "/proc/net/snmp6"]).stdout, re.M)
+    assert m is not None, name
+    return int(m.group(1))
+
+
+async def post(tunnel: Any, host: str, port: int, size: int) -> None:
+    stream = await tunnel.open_tcp_stream(host, port)
+    result = await http_post_json(stream, "/upload", size)
+    assert result == {"sha256": pattern_sha256(size), "size": size}
+    await stream.aclose()
+
+
+class OldKernelSocket:
+    """Our UDP socket as a kernel before 5.x has it: a GSO run too big for the path raises
+    EINVAL (as for no GSO at all) instead of EMSGSIZE."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def sendmsg(self, *args: Any) -> int:
+        try:
+            return self._sock.sendmsg(*args)
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                raise OSError(errno.EINVAL, "Invalid argument") from None
+            raise
+
+
+@pytest.mark.parametrize(
+    ("family", "old_kernel"), [(4, False), (6, False), (4, True)], ids=["v4", "v6", "v4-einval"]
+)
+async def test_bulk_both_ways_through_a_narrower_path(
+    fresh_exit_peer: ExitPeer, family: int, old_kernel: bool
+) -> None:
+    """``old_kernel``: the refused run says EINVAL, which also means "no GSO": the path's
+    MTU tells the two apart, and GSO stays on."""
+    peer = fresh_exit_peer
+    endpoint = peer.endpoint if family == 4 else peer.endpoint_v6
+    assert endpoint is not None
+    reasm = "Ip:ReasmOKs" if family == 4 else "Ip6ReasmOKs"
+    too_big = "Icmp:OutDestUnreachs" if family == 4 else "Icmp6OutPktTooBigs"
+    # IPv4/IPv6 + UDP headers, WireGuard's 32 bytes, inner packets padded to 16
+    inner = (PATH_MTU - (28 if family == 4 else 48) - 32) & ~15
+    with narrow_link(peer, PATH_MTU) as router:
+        text = peer.client_config_text(endpoint=endpoint)
+        async with exit_tunnel(peer, text) as (tunnel, _):
+            if old_kernel:
+                tunnel._sockets = {f: OldKernelSocket(s) for f, s in tunnel._sockets.items()}
+            with trio.fail_after(60):
+                if family == 4:
+                    # Linux sets DF on an IPv4 datagram only when it fits the route's MTU
+                    # whole, so a GSO run leaves without DF, and this router fragments it
+                    # without a word: the path is known once a single full-sized datagram
+                    # drew its ICMP error. A QUIC or DNS datagram as the first, here.
+                    udp = await tunnel.open_udp_socket(4)
+                    await udp.sendto(bytes(1392), (peer.server_tunnel_v4, 9))
+                    while snmp(router, too_big) == 0:
+                        await trio.sleep(0.01)
+                exit_reasm = snmp(peer.ns, reasm)
+                await post(tunnel, peer.server_tunnel_v4, peer.http_port, 20 * MB)
+                assert snmp(router, too_big) > 0, "the router never said the path is narrower"
+                assert tunnel.narrow_paths == {endpoint: inner}
+                # only the runs refused before the connection shrank went out in fragments
+                # only datagrams sent between the ICMP error and the next refused run
+                # went out in fragments
+                assert snmp(peer.ns, reasm) - exit_reasm < 100
+
+                exit_reasm, gso_sends = snmp(peer.ns, reasm), tunnel.gso_sends
+                assert peer.server_tunnel_v6 is not None
+                await post(tunnel, peer.server_tunnel_v6, peer.http_port, 20 * MB)
+                assert snmp(peer.ns, reasm) == exit_reasm, "new connections must fit the path"
+                assert tunnel.gso_sends - gso_sends > 100
+
+                client_reasm = snmp(peer.client_ns, reasm)
+                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+                resp = await http_get(stream, f"/bytes/{20 * MB}")
+                assert resp.status == 200 and resp.size == 20 * MB
+                assert resp.sha256 == pattern_sha256(20 * MB)
+                await stream.aclose()
+                assert snmp(peer.client_ns, reasm) == client_reasm, "the exit's segments fit"
+            assert tunnel.send_errors == 0
