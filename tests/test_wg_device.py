@@ -241,6 +241,28 @@ def test_keys_zeroed_after_three_reject_after_times() -> None:
     assert p.a_peer.current is None and p.a_peer.previous is None
 
 
+def test_a_send_after_the_keys_expired_starts_a_handshake_their_expiry_spares() -> None:
+    """A laptop resumed after ten minutes asleep (the runtime's clock counts the suspend:
+    it jumped): the first packet comes before the runtime polled the key expiry that came
+    due meanwhile. The handshake the packet starts, and the packet, must survive that
+    expiry: they came after it (else the exit's response finds nothing to match, and the
+    packet waits REKEY_TIMEOUT for a retry)."""
+    p = Pair.create()
+    p.handshake()
+    p.a.take_events()
+    p.now += 600.0  # no poll on the way
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"after the resume"))
+    out: list = []
+    p.a.poll(p.now, out)  # the runtime's timer task, woken by the overdue expiry
+    p._collect("a", out)
+    p.deliver()
+    assert any(b"after the resume" in packet for packet in p.b_received)
+    assert p.a_peer.handshakes_completed == 2
+    events = p.a.take_events()
+    assert [type(e) for e in events].count(KeysZeroed) == 1
+    assert p.a_peer.current is not None and p.a_peer.previous is None  # old keys gone
+
+
 def test_cookie_round_trip_under_load() -> None:
     p = Pair.create()
     p.b.force_under_load = True

@@ -441,6 +441,11 @@ class Device:
         return stamp
 
     def _initiate(self, peer: Peer, now: float, out: list[Transmit], *, retry: bool) -> None:
+        if peer.zero_keys_at is not None and now >= peer.zero_keys_at:
+            # The expiry came due before this call could see it (the clock jumped over a
+            # suspend, or the runtime's timer has not run yet): it applies to what came
+            # before, never to the handshake starting now or the packets waiting for it.
+            self._zero_keys_now(peer, now, keep_queue=True)
         if not retry:
             peer.handshake_attempts = 0
         if now < peer.initiation_allowed_at:
@@ -847,9 +852,7 @@ class Device:
         """Fire every expired timer."""
         for peer in self.peers.values():
             if peer.zero_keys_at is not None and now >= peer.zero_keys_at:
-                peer.zero_keys_at = None
-                self._zero_keys(peer)
-                self.events.append(KeysZeroed(peer, now))
+                self._zero_keys_now(peer, now)
             if peer.retransmit_handshake_at is not None and now >= peer.retransmit_handshake_at:
                 peer.retransmit_handshake_at = None
                 self._retransmit_expired(peer, now, out)
@@ -894,11 +897,19 @@ class Device:
         if keypair is not None:
             self._keypairs.pop(keypair.local_index, None)
 
-    def _zero_keys(self, peer: Peer) -> None:
+    def _zero_keys_now(self, peer: Peer, now: float, *, keep_queue: bool = False) -> None:
+        """Erase every key of ``peer`` (ZERO_KEYS_AFTER without a new session), and the
+        packets waiting for a handshake unless ``keep_queue``."""
+        peer.zero_keys_at = None
+        self._zero_keys(peer, keep_queue=keep_queue)
+        self.events.append(KeysZeroed(peer, now))
+
+    def _zero_keys(self, peer: Peer, *, keep_queue: bool = False) -> None:
         for keypair in (peer.current, peer.previous, peer.next):
             self._retire(keypair)
         peer.current = peer.previous = peer.next = None
         if peer.handshake is not None:
             self._handshakes.pop(peer.handshake.local_index, None)
             peer.handshake = None
-        peer.queue.clear()
+        if not keep_queue:
+            peer.queue.clear()
