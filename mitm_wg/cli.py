@@ -53,7 +53,12 @@ def check(
     it through the same tunnel (:func:`fetch_url`)."""
     import trio
 
-    trio.run(functools.partial(_check, config, timeout, out, url=url, insecure=insecure))
+    from mitm_wg.runtime.clock import runtime_clock
+
+    trio.run(
+        functools.partial(_check, config, timeout, out, url=url, insecure=insecure),
+        clock=runtime_clock(),
+    )
 
 
 async def _check(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +23,7 @@ import trio.testing
 
 from mitm_wg.mitmproxy.bridge import Bridge, TunnelFactory
 from mitm_wg.mitmproxy.transport import DEFAULT_HIGH_WATER, INBOX_LIMIT, RECEIVE_SIZE
+from mitm_wg.runtime.clock import BoottimeClock
 from tests.loopback_addon import dialer_tunnel
 
 MODES = ["guest", "thread"]
@@ -386,6 +389,30 @@ def test_dial_errors_keep_their_type(mode: str) -> None:
                 await bridge.open_connection("weird", "192.0.2.1", 80)
             with pytest.raises(OSError, match="no WireGuard tunnel named 'nope'"):
                 await bridge.open_connection("nope", "192.0.2.1", 80)
+        finally:
+            await bridge.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="CLOCK_BOOTTIME is Linux's")
+@pytest.mark.parametrize("mode", MODES)
+def test_the_trio_run_counts_suspended_time(mode: str) -> None:
+    """The edge's trio run (thread or guest) is on CLOCK_BOOTTIME, which goes on while the
+    machine is suspended, as the exit's clock does: after a resume the session the exit
+    dropped meanwhile is expired here too (``mitm_wg.runtime.clock``)."""
+
+    async def main() -> None:
+        bridge = Bridge(mode)  # type: ignore[arg-type]
+        await bridge.start()
+        try:
+            before = time.clock_gettime(time.CLOCK_BOOTTIME)
+            clock, now = await bridge.run_in_trio(
+                lambda: (trio.lowlevel.current_clock(), trio.current_time())
+            )
+            after = time.clock_gettime(time.CLOCK_BOOTTIME)
+            assert isinstance(clock, BoottimeClock)
+            assert before <= now <= after
         finally:
             await bridge.aclose()
 

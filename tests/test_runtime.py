@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
+import re
 import socket
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from mitm_wg.cli import check
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
 from mitm_wg.runtime import TunnelStream, open_tunnel
 from mitm_wg.runtime import tunnel as tunnel_module
+from mitm_wg.runtime.clock import BoottimeClock, runtime_clock
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.tunnel import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from tests.runtime_helpers import count_calls
@@ -262,6 +268,41 @@ async def test_timerfd_fires_once_at_its_deadline(via_ctypes: bool) -> None:
     finally:
         timer.close()
     timer.close()  # (twice is harmless)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="timerfd is Linux's")
+@pytest.mark.parametrize("via_ctypes", _timerfds())
+def test_timerfd_counts_suspended_time(via_ctypes: bool) -> None:
+    """The timerfd is on CLOCK_BOOTTIME, the runtime's clock (``mitm_wg.runtime.clock``):
+    a timer that came due while the machine was suspended fires on waking (one on
+    CLOCK_MONOTONIC would wait out its whole delay again, in waking time)."""
+    timer = TimerFd(via_ctypes=via_ctypes)
+    try:
+        fdinfo = Path(f"/proc/self/fdinfo/{timer.fileno()}").read_text()
+        assert re.search(r"^clockid:\s*(\d+)$", fdinfo, re.M)[1] == str(time.CLOCK_BOOTTIME)
+    finally:
+        timer.close()
+
+
+def test_the_runtime_clock_counts_suspended_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the edge and the CLI run trio on (tests/test_edge_transport.py checks the
+    edge's run): CLOCK_BOOTTIME where there is one, trio's own clock elsewhere."""
+    if sys.platform == "linux":
+        clock = runtime_clock()
+        assert isinstance(clock, BoottimeClock)
+        before = time.clock_gettime(time.CLOCK_BOOTTIME)
+        now = clock.current_time()
+        assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
+        assert 9.0 < clock.deadline_to_sleep_time(now + 10.0) <= 10.0
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert runtime_clock() is None
+
+
+def test_the_check_command_runs_on_the_runtime_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+    monkeypatch.setattr(trio, "run", lambda fn, *, clock=None: seen.append(clock))
+    check(pair_configs(free_udp_port(), free_udp_port())[0], 1.0, io.StringIO())
+    assert len(seen) == 1 and type(seen[0]) is type(runtime_clock())
 
 
 def test_no_timerfd_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +29,7 @@ from harness.relay import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
+from mitm_wg.runtime.clock import BoottimeClock
 from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 from tests.runtime_helpers import (
     ExtraHttpServer,
@@ -593,6 +596,59 @@ async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: Exit
         assert not tunnel.status().peers[0].has_session
         assert tunnel.status().open_connections == 0
         assert factory.destinations == {peer.endpoint}
+
+
+class SuspendableClock(BoottimeClock):
+    """The runtime's clock (CLOCK_BOOTTIME) with :meth:`suspend`: it moves the clock as a
+    resume after that long asleep moves CLOCK_BOOTTIME (CLOCK_MONOTONIC would not move)."""
+
+    def __init__(self) -> None:
+        self.slept = 0.0
+
+    def current_time(self) -> float:  # type: ignore[override]
+        return time.clock_gettime(time.CLOCK_BOOTTIME) + self.slept
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return deadline - self.current_time()
+
+    def suspend(self, seconds: float) -> None:
+        self.slept += seconds
+
+
+@pytest.fixture
+def suspendable_clock() -> SuspendableClock:
+    """(pytest-trio runs a test requesting a Clock fixture on that clock)"""
+    return SuspendableClock()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="CLOCK_BOOTTIME is Linux's")
+async def test_after_a_laptop_suspend_the_first_connection_handshakes_at_once(
+    fresh_exit_peer: ExitPeer, suspendable_clock: SuspendableClock
+) -> None:
+    """A laptop sleeps ten minutes with mitmproxy running; the exit dropped our session
+    meanwhile (REJECT_AFTER_TIME, 180 s; here it restarts, which forgets it the same way).
+    On the runtime's clock, which counts the suspend as the exit's does, the first packet
+    after the resume finds the session expired and starts a handshake: the new
+    connection's SYN goes out once, on the new session (on CLOCK_MONOTONIC it went to the
+    dead session and waited for its retransmission, a second later). A keep-alive
+    connection from before the suspend goes on too."""
+    peer = fresh_exit_peer
+    async with exit_tunnel(peer) as (tunnel, _):
+        with trio.fail_after(30):
+            before = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(before, 1 * KB)
+            handshakes = tunnel.status().peers[0].handshakes_completed
+            peer.stop_wireguard()
+            peer.start_wireguard()
+        suspendable_clock.suspend(600.0)
+        with trio.fail_after(30):
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            assert stream._sock.stats.rto_expired == 0, "the SYN went to the dead session"
+            assert tunnel.status().peers[0].handshakes_completed == handshakes + 1
+            await get_pattern(stream, 1 * MB)
+            await get_pattern(before, 1 * MB)
+            await stream.aclose()
+            await before.aclose()
 
 
 # -- mitmproxy's WireGuard mode as the exit ------------------------------------------------------

@@ -40,6 +40,7 @@ from mitm_wg.config import format_endpoint
 from mitm_wg.errors import NoRoute
 from mitm_wg.mitmproxy.datagram import DatagramStream, run_datagram_flow
 from mitm_wg.mitmproxy.transport import TunnelTransport, peer_info
+from mitm_wg.runtime.clock import runtime_clock
 
 __all__ = [
     "DEFAULT_MODE",
@@ -216,6 +217,7 @@ class Bridge:
                 run_sync_soon_not_threadsafe=loop.call_soon,
                 done_callback=self._on_guest_done,
                 host_uses_signal_set_wakeup_fd=True,
+                clock=runtime_clock(),
             )
         else:
             self._to_loop = self._to_loop_threadsafe  # type: ignore[method-assign]
@@ -229,7 +231,7 @@ class Bridge:
     def _thread_main(self) -> None:
         error: BaseException | None = None
         try:
-            trio.run(self._trio_main)
+            trio.run(self._trio_main, clock=runtime_clock())
         except BaseException as exc:
             error = exc
         self._to_loop_threadsafe(self._loop_trio_done, error)

@@ -24,6 +24,8 @@ import time
 __all__ = ["TimerFd", "open_timerfd"]
 
 _CLOCK_MONOTONIC = getattr(time, "CLOCK_MONOTONIC", 1)
+#: The runtime's clock (clock.py): a suspend counts, so a timer due meanwhile fires on waking.
+_CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)
 _TFD_NONBLOCK = getattr(os, "TFD_NONBLOCK", os.O_NONBLOCK)
 _TFD_CLOEXEC = getattr(os, "TFD_CLOEXEC", getattr(os, "O_CLOEXEC", 0o2000000))
 #: the earliest a timer can be armed for: 0 would disarm it
@@ -39,8 +41,9 @@ class _Itimerspec(ctypes.Structure):
 
 
 class TimerFd:
-    """A non-blocking, close-on-exec one-shot ``CLOCK_MONOTONIC`` timerfd. Wait for it with
-    ``trio.lowlevel.wait_readable(timer.fileno())``, then :meth:`clear` it."""
+    """A non-blocking, close-on-exec one-shot timerfd on ``CLOCK_BOOTTIME`` (Linux >= 3.15;
+    else ``CLOCK_MONOTONIC``). Wait for it with ``trio.lowlevel.wait_readable(timer.fileno())``,
+    then :meth:`clear` it."""
 
     __slots__ = ("_fd", "_libc", "_spec", "_spec_ref")
 
@@ -48,8 +51,12 @@ class TimerFd:
         """``via_ctypes``: through libc even where ``os`` has the calls (for tests)."""
         self._libc = None
         self._spec = self._spec_ref = None
+        flags = _TFD_NONBLOCK | _TFD_CLOEXEC
         if not via_ctypes and hasattr(os, "timerfd_create"):  # Python 3.13+
-            self._fd: int = os.timerfd_create(_CLOCK_MONOTONIC, flags=_TFD_NONBLOCK | _TFD_CLOEXEC)
+            try:
+                self._fd: int = os.timerfd_create(_CLOCK_BOOTTIME, flags=flags)
+            except OSError:
+                self._fd = os.timerfd_create(_CLOCK_MONOTONIC, flags=flags)
             return
         libc = ctypes.CDLL(None, use_errno=True)
         create, settime = libc.timerfd_create, libc.timerfd_settime  # AttributeError: none
@@ -57,7 +64,9 @@ class TimerFd:
         create.restype = ctypes.c_int
         settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
         settime.restype = ctypes.c_int
-        fd = create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        fd = create(_CLOCK_BOOTTIME, flags)
+        if fd < 0:
+            fd = create(_CLOCK_MONOTONIC, flags)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
