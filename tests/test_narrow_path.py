@@ -8,7 +8,7 @@ fragments a single datagram but refuses a UDP GSO run of too-big ones (EMSGSIZE)
 fix every bulk upload stalled for good there, while wireguard-go + Linux TCP went on.
 
 Each test puts a real Linux router with a 1400-byte link toward the exit under our tunnel
-(:func:`harness.narrow_link`) and checks, byte-exact: an upload on the first connection,
+(:func:`harness.narrow_link`), or makes our own link that narrow, and checks, byte-exact: an upload on the first connection,
 which finds the narrower path out (over IPv4 once a datagram drew the router's ICMP error:
 see the test), with fragments only until it did; then, on new connections, an upload (to the exit's other
 tunnel address) whose datagrams all fit — the exit reassembles no fragment — and still go
@@ -18,9 +18,11 @@ the exit's Linux sends no fragments either).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -77,11 +79,29 @@ class OldKernelSocket:
             raise
 
 
+@contextlib.contextmanager
+def own_link(peer: ExitPeer, mtu: int) -> Iterator[None]:
+    """Our own link is the narrow one (a container's bridge, a host already in a VPN): the
+    kernel knows the limit without any ICMP error."""
+    n, prefix = peer.index, peer.ifname[: -len(f"{peer.index}wg")]
+    peer.client_ns.ip("link", "set", f"{prefix}{n}v0", "mtu", str(mtu))
+    peer.ns.ip("link", "set", f"{prefix}{n}v1", "mtu", str(mtu))
+    yield
+
+
 @pytest.mark.parametrize(
-    ("family", "old_kernel"), [(4, False), (6, False), (4, True)], ids=["v4", "v6", "v4-einval"]
+    ("where", "family", "old_kernel"),
+    [
+        ("router", 4, False),
+        ("router", 6, False),
+        ("router", 4, True),
+        ("own link", 4, False),
+        ("own link", 6, False),
+    ],
+    ids=["v4", "v6", "v4-einval", "own-link-v4", "own-link-v6"],
 )
 async def test_bulk_both_ways_through_a_narrower_path(
-    fresh_exit_peer: ExitPeer, family: int, old_kernel: bool
+    fresh_exit_peer: ExitPeer, where: str, family: int, old_kernel: bool
 ) -> None:
     """``old_kernel``: the refused run says EINVAL, which also means "no GSO": the path's
     MTU tells the two apart, and GSO stays on."""
@@ -92,13 +112,14 @@ async def test_bulk_both_ways_through_a_narrower_path(
     too_big = "Icmp:OutDestUnreachs" if family == 4 else "Icmp6OutPktTooBigs"
     # IPv4/IPv6 + UDP headers, WireGuard's 32 bytes, inner packets padded to 16
     inner = (PATH_MTU - (28 if family == 4 else 48) - 32) & ~15
-    with narrow_link(peer, PATH_MTU) as router:
+    narrow = narrow_link(peer, PATH_MTU) if where == "router" else own_link(peer, PATH_MTU)
+    with narrow as router:
         text = peer.client_config_text(endpoint=endpoint)
         async with exit_tunnel(peer, text) as (tunnel, _):
             if old_kernel:
                 tunnel._sockets = {f: OldKernelSocket(s) for f, s in tunnel._sockets.items()}
             with trio.fail_after(60):
-                if family == 4:
+                if router is not None and family == 4:
                     # Linux sets DF on an IPv4 datagram only when it fits the route's MTU
                     # whole, so a GSO run leaves without DF, and this router fragments it
                     # without a word: the path is known once a single full-sized datagram
@@ -109,11 +130,11 @@ async def test_bulk_both_ways_through_a_narrower_path(
                         await trio.sleep(0.01)
                 exit_reasm = snmp(peer.ns, reasm)
                 await post(tunnel, peer.server_tunnel_v4, peer.http_port, 20 * MB)
-                assert snmp(router, too_big) > 0, "the router never said the path is narrower"
+                if router is not None:
+                    assert snmp(router, too_big) > 0, "the router never said so"
                 assert tunnel.narrow_paths == {endpoint: inner}
-                # only the runs refused before the connection shrank went out in fragments
-                # only datagrams sent between the ICMP error and the next refused run
-                # went out in fragments
+                # only datagrams sent between the kernel learning the limit and the next
+                # refused run went out in fragments
                 assert snmp(peer.ns, reasm) - exit_reasm < 100
 
                 exit_reasm, gso_sends = snmp(peer.ns, reasm), tunnel.gso_sends
