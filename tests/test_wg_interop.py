@@ -181,6 +181,27 @@ def test_check_cli_names_silent_endpoint_when_key_is_wrong(exit_peer, tmp_path: 
     assert stranger not in result.stderr
 
 
+def test_check_cli_names_a_listen_port_held_by_wg_quick_of_the_same_config(
+    fresh_exit_peer, tmp_path: Path
+) -> None:
+    """Configs written for wg-quick often carry a ListenPort, and the user's own
+    ``wg-quick up`` of that config (here a wireguard-go interface set up from the same
+    text) holds the port: one line naming the port, the file and what to do."""
+    peer = fresh_exit_peer
+    port = peer.client_ns.free_udp_port("0.0.0.0")
+    text = peer.client_config_text().replace(
+        "[Interface]\n", f"[Interface]\nListenPort = {port}\n", 1
+    )
+    with wireguard_go_interface(peer.client_ns, peer.client_ifname, text, peer.workdir):
+        result = _check_cli(peer.client_ns, text, tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"ListenPort {port} of {tmp_path / 'wg0.conf'} is in use" in lines[0]
+    assert "wg-quick up" in lines[0] and "remove the ListenPort line" in lines[0]
+    assert encode_key(peer.client_private_key) not in result.stderr
+
+
 def test_check_cli_config_error_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.conf"
     path.write_text("[Interface]\nPrivateKey = nope\n")

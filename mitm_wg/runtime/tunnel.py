@@ -1139,6 +1139,21 @@ def _grow_buffers(sock: socket.socket) -> None:
             logger.debug("cannot enlarge UDP socket buffer: %s", e)
 
 
+def _listen_port_error(config: WireGuardConfig, error: OSError) -> OSError:
+    """The bind of the config's ListenPort failed: say which port, of which config, and
+    what to do (a client needs no fixed port; the usual holder is a WireGuard interface,
+    e.g. ``wg-quick up`` of this same config, or another mitmproxy with it loaded)."""
+    where = f"ListenPort {config.listen_port}" + (f" of {config.path}" if config.path else "")
+    if error.errno != errno.EADDRINUSE:
+        return OSError(error.errno, f"cannot use {where}: {error.strerror}")
+    return OSError(
+        errno.EADDRINUSE,
+        f"{where} is in use by another program (a WireGuard interface, e.g. `wg-quick up` "
+        "of this same config, or another mitmproxy with it loaded): remove the ListenPort "
+        "line (a client needs no fixed port) or stop the other one",
+    )
+
+
 def _enable_gro(sock: socket.socket) -> bool:
     """Ask for UDP GRO on ``sock`` (Linux); False where the kernel or platform has none."""
     if sys.platform != "linux":
@@ -1270,7 +1285,11 @@ async def open_tunnel(
             sock = socket_factory(family)
         elif config.listen_port:
             sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", config.listen_port))
+            try:
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", config.listen_port))
+            except OSError as e:
+                sock.close()
+                raise _listen_port_error(config, e) from e
         else:
             sock = _default_socket_factory(family)
         sock.setblocking(False)
