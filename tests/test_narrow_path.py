@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from e2e_helpers import run_origin
 from test_runtime_interop import exit_tunnel
 
-from harness import ExitPeer, Netns, narrow_link
-from tests.runtime_helpers import http_get, http_post_json, pattern_sha256
+from harness import ExitPeer, Netns, narrow_link, origin_behind
+from tests.runtime_helpers import http_get, http_post_json, http_request, pattern_sha256
 
 MB = 1024 * 1024
 PATH_MTU = 1400
@@ -151,3 +154,37 @@ async def test_bulk_both_ways_through_a_narrower_path(
                 await stream.aclose()
                 assert snmp(peer.client_ns, reasm) == client_reasm, "the exit's segments fit"
             assert tunnel.send_errors == 0
+
+
+async def test_the_exit_forwards_onto_a_narrower_link_and_says_so_through_the_tunnel(
+    fresh_exit_peer: ExitPeer, workdir: Path
+) -> None:
+    """Past the exit the Internet can be narrower too (a server behind a GRE or IPsec
+    link). The exit (Linux, forwarding) gets our 1420-byte inner packets for a 1280-byte
+    link, and answers with ICMP "fragmentation needed" through the tunnel (our inner
+    packets carry DF): our TCP shrinks to it, the upload goes on byte-exact, and the
+    download too (the server's side is not narrow: it sent full-sized segments)."""
+    peer = fresh_exit_peer
+    with origin_behind([peer], "mwgn", ["10.99.0.1"]) as origin_ns:
+        peer.ns.ip("link", "set", f"{origin_ns.name}e0", "mtu", "1280")
+        with run_origin(origin_ns, workdir, http=["10.99.0.1:80"]):
+            text = peer.client_config_text(allowed_ips=f"{peer.tunnel_v4_net}, 10.99.0.0/24")
+            async with exit_tunnel(peer, text) as (tunnel, _):
+                with trio.fail_after(60):
+                    stream = await tunnel.open_tcp_stream("10.99.0.1", 80)
+                    resp = await http_request(stream, "POST", "/echo/upload", body_size=20 * MB)
+                    assert resp.status == 200
+                    echo = json.loads(resp.body)
+                    assert echo["client"] == peer.client_tunnel_v4
+                    assert echo["body_size"] == 20 * MB
+                    assert echo["body_sha256"] == pattern_sha256(20 * MB)
+                    await stream.aclose()
+                    assert tunnel.stack.path_mtu("10.99.0.1") == 1280
+                    assert tunnel.stack.stats.pmtu_updates == 1
+                    assert tunnel.narrow_paths == {}  # (the tunnel's own path is not narrow)
+
+                    stream = await tunnel.open_tcp_stream("10.99.0.1", 80)
+                    resp = await http_get(stream, f"/bytes/{20 * MB}")
+                    assert resp.status == 200 and resp.size == 20 * MB
+                    assert resp.sha256 == pattern_sha256(20 * MB)
+                    await stream.aclose()
