@@ -306,6 +306,32 @@ def test_pmtu_shrinks_mid_transfer_with_loss_and_stalling_reader(seed: int) -> N
     assert sim.a.path_mtu("10.0.0.2") == 700 and sim.b.path_mtu("10.0.0.1") == 1100
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_silent_mtu_black_hole_costs_three_timeouts_not_the_transfer(seed: int) -> None:
+    """The path drops packets over 1300 bytes without an ICMP error (a narrower link whose
+    errors a firewall drops): after three timeouts in a row the sender's segments fit
+    ``blackhole_mtu`` and the upload ends byte-exact (without the rule it never did)."""
+    sim = make_pair(seed=seed, ab=LinkParams(delay=0.02, mtu=1300), ba=LinkParams(delay=0.02))
+    tr = Transfer(sim, payload(seed, 1_000_000), b"")
+    assert tr.run(60.0) and tr.failure() is None, tr.report()
+    assert bytes(tr.got_ab) == tr.data_ab
+    assert tr.client is not None and tr.client.stats.blackhole_shrinks == 1
+    assert sim.links[0].stats.too_big > 0
+
+
+@pytest.mark.parametrize("loss", [0.02, 0.05, 0.1])
+def test_random_loss_is_no_black_hole(loss: float) -> None:
+    """Random loss (up to 10 %, both ways, 50 ms) never takes the path for an MTU black
+    hole: no connection shrinks its segments."""
+    for seed in range(4):
+        link = LinkParams(delay=0.025, loss=loss)
+        sim = make_pair(seed=seed, ab=link, ba=link)
+        tr = Transfer(sim, payload(seed, 1_000_000), payload(seed + 1, 300_000))
+        assert tr.run(300.0) and tr.failure() is None, tr.report()
+        assert tr.client is not None and tr.server is not None
+        assert tr.client.stats.blackhole_shrinks == tr.server.stats.blackhole_shrinks == 0
+
+
 def test_sim_receiver_holds_what_a_slow_start_overshoot_leaves(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

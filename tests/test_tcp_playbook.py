@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mitm_wg.net.tcp import TcpConfig, TcpState
+from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.net.tcp_wire import ACK, FIN, PSH, RST, SYN, TcpSegment
 from tcp_playbook import LPORT, RPORT, Pb, active, cfg, passive, seg
 
@@ -858,6 +858,49 @@ def test_rto_retransmission_and_backoff() -> None:
     pb.at(7 * rto - 0.01).send(ACK, PISS + 1, ISS + 501)
     assert pb.poll() is None
     assert pb.sock.rto == pytest.approx(0.8)  # Karn: no sample from a retransmission
+
+
+def _timeouts(pb: Pb, n: int) -> list[list[int]]:
+    """Let ``n`` retransmission timeouts fire with nothing acknowledged; the payload sizes
+    each one resent."""
+    sizes = []
+    for _ in range(n):
+        at = pb.poll()
+        assert at is not None
+        sizes.append([len(s.payload) for s in pb.at(at).out()])
+    return sizes
+
+
+def test_three_timeouts_in_a_row_take_the_path_for_an_mtu_black_hole() -> None:
+    """Full-sized segments that time out three times in a row, nothing acknowledged: the
+    path may drop packets of our size without an ICMP error (TcpConfig.blackhole_rtos).
+    The third resend fits ``blackhole_mtu`` (1200 - 40 bytes of IPv4 and TCP headers), the
+    hook hears of it once, and what follows keeps that size."""
+    seen: list[TcpSocket] = []
+    pb = est(mss=1380, peer_mss=1460, on_blackhole=seen.append)
+    pb.sock.send(b"b" * 3 * 1380)
+    assert [len(s.payload) for s in pb.out()] == [1380] * 3
+    assert _timeouts(pb, 3) == [[1380], [1380], [1160]]
+    assert seen == [pb.sock] and pb.sock.stats.blackhole_shrinks == 1
+    pb.send(ACK, PISS + 1, ISS + 1 + 1160)  # the small one got through
+    assert {len(s.payload) for s in pb.out()} == {1160}
+    assert _timeouts(pb, 3) == [[1160], [1160], [1160]]  # (no second shrink)
+    assert seen == [pb.sock]
+
+
+def test_small_segments_timing_out_are_no_black_hole() -> None:
+    """Nothing larger than ``blackhole_mtu`` allows in flight (a request of 500 bytes to a
+    dead peer): no shrink, however many timeouts; nor with the rule off."""
+    seen: list[TcpSocket] = []
+    pb = est(mss=1380, peer_mss=1460, on_blackhole=seen.append)
+    pb.sock.send(b"s" * 500)
+    pb.out()
+    assert _timeouts(pb, 5) == [[500]] * 5
+    off = est(mss=1380, peer_mss=1460, on_blackhole=seen.append, blackhole_rtos=0)
+    off.sock.send(b"b" * 3 * 1380)
+    off.out()
+    assert _timeouts(off, 5) == [[1380]] * 5
+    assert seen == [] and pb.sock.stats.blackhole_shrinks == off.sock.stats.blackhole_shrinks == 0
 
 
 def test_rto_go_back_n_after_timeout() -> None:

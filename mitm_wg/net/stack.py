@@ -383,6 +383,9 @@ class Stack:
         if not ifaces:
             raise ValueError("a stack needs at least one address")
         self.interfaces = ifaces
+        #: TCP sockets that took their path for an MTU black hole (TcpConfig.blackhole_rtos)
+        #: since the owner last emptied this list: the runtime confirms and spreads it
+        self.blackholes: list[TcpSocket] = []
         self._v4 = [i.ip.packed for i in ifaces if i.version == 4]
         self._v6 = [i.ip.packed for i in ifaces if i.version == 6]
         self._local = frozenset(self._v4 + self._v6)
@@ -390,6 +393,8 @@ class Stack:
             raise ValueError(f"MTU {mtu} out of range")
         self.mtu = mtu
         base = tcp_config if tcp_config is not None else TcpConfig(mss=mtu - 40)
+        if base.on_blackhole is None:
+            base = dataclasses.replace(base, on_blackhole=self.blackholes.append)
         self._cfg4 = dataclasses.replace(base, mss=mtu - 40)
         self._cfg6 = dataclasses.replace(base, mss=mtu - 60)
         self._randbytes = randbytes

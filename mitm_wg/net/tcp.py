@@ -159,6 +159,17 @@ class TcpConfig:
     #: as long as with every restart (within 5 %) and resends up to 3x as much (an
     #: occasional RTO); the "Impatient" variant (1 restart in all) resent up to 8x as much.
     newreno_rto_restarts: int = 8
+    #: Path MTU black holes (RFC 4821 §3, as Linux's tcp_mtu_probing=1): a path narrower
+    #: than our packets whose ICMP errors never arrive (a firewall eats them) loses every
+    #: full-sized segment while small packets pass. After this many timeouts in a row with
+    #: more than a segment of ``blackhole_mtu`` in flight and nothing acknowledged,
+    #: segments shrink to fit ``blackhole_mtu`` bytes (IP header included): 1200 plus one
+    #: WireGuard layer over IPv6 (80) fits the 1280 bytes every IPv6 path carries. 0: off.
+    blackhole_rtos: int = 3
+    blackhole_mtu: int = 1200
+    #: called with the socket when it takes its path for a black hole (the stack's hook:
+    #: the runtime confirms it and shrinks the other connections through that peer)
+    on_blackhole: Callable[[TcpSocket], None] | None = None
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
 
 
@@ -167,6 +178,7 @@ class TcpStats:
 
     __slots__ = (
         "acks_coalesced",  # pure ACKs a newer one of the same batch stood in for
+        "blackhole_shrinks",  # timeouts that took the path for an MTU black hole
         "challenge_acks",
         "dropped",
         "dsacks",  # received (RFC 2883 D-SACK blocks in the peer's ACKs)

@@ -98,6 +98,8 @@ class Timers:
             self._sacked.clear()
             self._sacked_bytes = 0
         rtt.backoff()
+        if rtt.backoffs == self.config.blackhole_rtos:
+            self._blackhole_suspected()
         if self._dr is not None:
             self._dr.on_retransmit_all(self._snd_max)
         self._ts_rto_floor = self._ts_val(now)
@@ -113,6 +115,24 @@ class Timers:
         self._snd_nxt = una
         self._high_rxt = una
         self._rtt_seq = None
+
+    def _blackhole_suspected(self) -> None:
+        """``blackhole_rtos`` timeouts in a row and nothing acknowledged: if a segment
+        larger than ``blackhole_mtu`` allows is at the head, the path may be a black hole
+        for packets of our size (RFC 4821 §3; Linux's tcp_mtu_probing=1 does the same after
+        tcp_retries1 = 3 timeouts): resend in segments that fit it. A dead peer takes no
+        harm (nothing gets through either way); a path merely losing our segments three
+        times in a row pays the smaller segments for this connection."""
+        cfg = self.config
+        if self.state not in _SEND_STATES:
+            return
+        target = cfg.blackhole_mtu - (40 if len(self.remote_addr) == 4 else 60)
+        if min(self._snd_max - self._snd_una, self._smss) <= target - (12 if self._ts_ok else 0):
+            return  # nothing larger in flight: small packets are lost too
+        self.stats.blackhole_shrinks += 1
+        self.set_path_mtu_mss(target)
+        if cfg.on_blackhole is not None:
+            cfg.on_blackhole(self)  # type: ignore[arg-type]
 
     def retransmit_now(self) -> bool:
         """The path works again (a lower layer says so): stop waiting out the backed-off timer.
