@@ -32,7 +32,7 @@ import trio
 from e2e_helpers import run_origin
 from test_runtime_interop import exit_tunnel
 
-from harness import ExitPeer, Netns, narrow_link, origin_behind
+from harness import ExitPeer, ImpairedRelay, Impairment, Netns, narrow_link, origin_behind
 from tests.runtime_helpers import http_get, http_post_json, http_request, pattern_sha256
 
 MB = 1024 * 1024
@@ -188,3 +188,39 @@ async def test_the_exit_forwards_onto_a_narrower_link_and_says_so_through_the_tu
                     assert resp.status == 200 and resp.size == 20 * MB
                     assert resp.sha256 == pattern_sha256(20 * MB)
                     await stream.aclose()
+
+
+async def test_a_black_hole_for_full_sized_packets(exit_peer: ExitPeer) -> None:
+    """A narrower path whose ICMP errors a firewall drops: every datagram longer than it
+    vanishes without a word (here a relay drops those over 1372 bytes of UDP payload, a
+    1400-byte IPv4 path), small ones pass. wireguard-go + Linux TCP (tcp_mtu_probing=0,
+    its default) stall there for good, both ways. Our upload takes the path for a black
+    hole after three timeouts in a row (TcpConfig.blackhole_rtos) and ends byte-exact;
+    its smaller segments being acknowledged confirms it, and the tunnel then shrinks every
+    connection through that endpoint: a new connection's download and upload (its SYN
+    asked the server for small segments) lose nothing more to the hole."""
+    peer = exit_peer
+    hole = Impairment(max_size=PATH_MTU - 28)
+    with ImpairedRelay(
+        peer.endpoint, listen=("127.0.0.1", 0), seed=1, up=hole, down=hole,
+        socket_factory=peer.client_ns.socket,
+    ) as relay:  # fmt: skip
+        text = peer.client_config_text(endpoint=relay.address)
+        async with exit_tunnel(peer, text) as (tunnel, _):
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+                result = await http_post_json(stream, "/upload", 5 * MB)
+                assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
+                assert stream._sock.stats.blackhole_shrinks == 1
+                await stream.aclose()
+                assert relay.up.dropped > 0
+                assert tunnel.narrow_paths == {relay.address: 1200}
+
+                dropped = relay.up.dropped, relay.down.dropped
+                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+                resp = await http_get(stream, f"/bytes/{5 * MB}")
+                assert resp.status == 200 and resp.size == 5 * MB
+                assert resp.sha256 == pattern_sha256(5 * MB)
+                await stream.aclose()
+                await post(tunnel, peer.server_tunnel_v4, peer.http_port, 5 * MB)
+                assert (relay.up.dropped, relay.down.dropped) == dropped

@@ -200,6 +200,9 @@ class Tunnel:
         self.narrow_paths: dict[tuple[str, int], int] = {}
         #: ... -> the largest datagram that fits it: larger ones go singly, in fragments.
         self._gso_narrow: dict[tuple[str, int], int] = {}
+        #: TCP sockets that took their path for an MTU black hole -> (their SND.UNA then,
+        #: the endpoint): acknowledged data since confirms it (``_watch_blackholes``).
+        self._blackhole_watch: dict[TcpSocket, tuple[int, tuple[str, int]]] = {}
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
         self._probe_socket: SocketFactory = _probe_socket_factory
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
@@ -383,6 +386,8 @@ class Tunnel:
         out = self._datagrams
         ip_out = self._ip_out
         self.stack.poll(now, ip_out, self._dispatched)
+        if self.stack.blackholes or self._blackhole_watch:
+            self._watch_blackholes()
         if ip_out:
             device.send_packets(ip_out, now, out)
             ip_out.clear()
@@ -521,7 +526,27 @@ class Tunnel:
         self._narrow(endpoint, path_mtu)
         return True
 
-    def _narrow(self, endpoint: Endpoint, path_mtu: int) -> None:
+    def _watch_blackholes(self) -> None:
+        """A connection took its path for an MTU black hole and resent in smaller segments
+        (``TcpConfig.blackhole_rtos``): once one of those is acknowledged, the full-sized
+        ones were the trouble, not a dead peer, so every connection through that endpoint,
+        and those opened later (their SYNs then ask the server for small segments too),
+        shrinks to the same size (``_narrow``)."""
+        stack, watch = self.stack, self._blackhole_watch
+        for tcp in stack.blackholes:
+            peer = self.device.route(tcp.remote_addr)
+            if peer is not None and peer.endpoint is not None:
+                watch[tcp] = (tcp.snd_una, (peer.endpoint[0], peer.endpoint[1]))
+        stack.blackholes.clear()
+        for tcp, (una, key) in list(watch.items()):
+            if tcp.snd_una != una:
+                del watch[tcp]
+                overhead = (40 if ":" in key[0] else 20) + 8 + TRANSPORT_MIN_SIZE
+                self._narrow(Endpoint(*key), tcp.config.blackhole_mtu + overhead, hole=True)
+            elif tcp.is_closed:
+                del watch[tcp]
+
+    def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole: bool = False) -> None:
         """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
         TCP connection through a peer there, and those opened later, sends segments whose
         datagrams fit (``Stack.lower_path_mtu``) and offers that MSS in its SYN. Nothing
@@ -533,12 +558,22 @@ class Tunnel:
         if inner < self.narrow_paths.get(key, self.stack.mtu):
             self.narrow_paths[key] = inner
             self._gso_narrow[key] = path_mtu - overhead  # (what else is larger goes singly)
-            logger.info(
-                "the path to WireGuard endpoint %s carries at most %d bytes per packet (the "
-                "tunnel's MTU %d needs %d): TCP through it now sends packets of at most %d bytes",
-                format_endpoint(endpoint), path_mtu, self.stack.mtu,
-                self.stack.mtu + TRANSPORT_MIN_SIZE + overhead, inner,
-            )  # fmt: skip
+            if hole:
+                logger.warning(
+                    "full-sized packets to WireGuard endpoint %s vanish without an ICMP "
+                    "error (a path MTU black hole: a narrower link, its errors dropped): TCP "
+                    "through it now sends packets of at most %d bytes; MTU = %d in the "
+                    "config starts there",
+                    format_endpoint(endpoint), inner, inner,
+                )  # fmt: skip
+            else:
+                logger.info(
+                    "the path to WireGuard endpoint %s carries at most %d bytes per packet "
+                    "(the tunnel's MTU %d needs %d): TCP through it now sends packets of at "
+                    "most %d bytes",
+                    format_endpoint(endpoint), path_mtu, self.stack.mtu,
+                    self.stack.mtu + TRANSPORT_MIN_SIZE + overhead, inner,
+                )  # fmt: skip
         inner = self.narrow_paths[key]
         route, lower = self.device.route, self.stack.lower_path_mtu
         for tcp in self.stack.tcp_sockets:

@@ -91,6 +91,9 @@ class Impairment:
     # the delay; a router's buffer in front of a slower link
     rate: float = 0.0
     queue_bytes: int = 256 * 1024
+    # a path MTU black hole: datagrams (UDP payloads) longer than this vanish without a word,
+    # as on a narrower link whose ICMP errors a firewall drops (0: no limit)
+    max_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder", "bad_enter", "bad_exit", "bad_loss"):
@@ -101,8 +104,8 @@ class Impairment:
             raise ValueError("reorder_gap >= 1, delay >= 0, jitter >= 0, reorder_timeout > 0")
         if self.bad_time <= 0:
             raise ValueError("bad_time must be > 0")
-        if self.rate < 0 or self.queue_bytes <= 0:
-            raise ValueError("rate >= 0 and queue_bytes > 0")
+        if self.rate < 0 or self.queue_bytes <= 0 or self.max_size < 0:
+            raise ValueError("rate >= 0, queue_bytes > 0 and max_size >= 0")
         if self.bad_enter > 0 and self.bad_exit <= 0:
             raise ValueError("bad_exit must be > 0 when bad_enter > 0 (else the loss never ends)")
 
@@ -397,6 +400,7 @@ class ImpairedRelay:
             or imp.jitter
             or imp.bad_enter
             or imp.rate
+            or imp.max_size
             or d.held
             or self._delayed
         ):
@@ -459,7 +463,7 @@ class ImpairedRelay:
             lost = burst.random() < imp.bad_loss if d.bad else r_loss < imp.loss
         else:
             lost = r_loss < imp.loss
-        if lost:
+        if lost or 0 < imp.max_size < len(data):
             stats.dropped += 1
             return
         copies = 1
