@@ -1,0 +1,93 @@
+"""End to end through a path MTU black hole: mitmdump + addon, curl, wireguard-go.
+
+The path under the tunnel carries 1400-byte packets and a firewall drops the ICMP errors
+that would say so (an impairing relay: datagrams over 1372 bytes vanish, both ways). The
+tunnel's own handshake and small packets pass; every full-sized one is lost. wireguard-go +
+Linux TCP stall there for good. Through mitmdump: an upload ends byte-exact (our TCP takes
+the path for a black hole after three timeouts in a row), the addon logs one warning naming
+the endpoint and the MTU to configure, and later connections, a download and an upload,
+lose nothing more to the hole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_helpers import (
+    ORIGIN_NAME,
+    Mitmdump,
+    curl,
+    pattern,
+    run_mitmdump,
+    tunnel_addresses,
+    write_client_config,
+)
+
+from harness import ExitPeer, ImpairedRelay, Impairment
+
+TUNNEL = "holey"
+SIZE = 5 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def relay(exit_peer: ExitPeer) -> Iterator[ImpairedRelay]:
+    hole = Impairment(max_size=1400 - 28)
+    with ImpairedRelay(
+        exit_peer.endpoint, listen=("127.0.0.1", 0), seed=3, up=hole, down=hole,
+        socket_factory=exit_peer.client_ns.socket,
+    ) as relay:  # fmt: skip
+        yield relay
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    exit_peer: ExitPeer, workdir: Path, origin: Any, relay: ImpairedRelay
+) -> Iterator[Mitmdump]:
+    conf = write_client_config(exit_peer, workdir, TUNNEL, endpoint=relay.address)
+    args = [
+        "--set", f"wg_conf={TUNNEL}={conf}",
+        "--set", f"ssl_verify_upstream_trusted_ca={origin.ca}",
+    ]  # fmt: skip
+    with run_mitmdump(exit_peer.client_ns, workdir, *args) as dump:
+        dump.wait_for_log(f"WireGuard tunnel {TUNNEL!r} is up")
+        yield dump
+
+
+def upload(exit_peer: ExitPeer, proxy: Mitmdump, workdir: Path, data: bytes) -> None:
+    path = workdir / "upload.bin"
+    path.write_bytes(data)
+    r = curl(
+        exit_peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy, "--http1.1",
+        "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}",
+        f"https://{ORIGIN_NAME}/echo/upload", max_time=60,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.status == 200, r
+    echo = r.json()
+    assert echo["client"] in tunnel_addresses(exit_peer)
+    assert echo["body_size"] == len(data)
+    assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_upload_then_download_through_a_black_hole(
+    exit_peer: ExitPeer, proxy: Mitmdump, relay: ImpairedRelay, workdir: Path
+) -> None:
+    upload(exit_peer, proxy, workdir, pattern(SIZE)[::-1])
+    assert relay.up.dropped > 0
+    host, port = relay.address
+    warning = f"full-sized packets to WireGuard endpoint {host}:{port} vanish without an ICMP error"
+    log = proxy.text()
+    assert log.count(warning) == 1 and "MTU = 1200 in the config" in log, log[-3000:]
+
+    dropped = relay.up.dropped, relay.down.dropped
+    r = curl(
+        exit_peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy,
+        f"https://{ORIGIN_NAME}/bytes/{SIZE}", max_time=60,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.status == 200, r
+    assert hashlib.sha256(r.body).digest() == hashlib.sha256(pattern(SIZE)).digest()
+    upload(exit_peer, proxy, workdir, pattern(SIZE))
+    assert (relay.up.dropped, relay.down.dropped) == dropped
