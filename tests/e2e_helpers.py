@@ -1103,3 +1103,40 @@ def write_client_config(peer: Any, workdir: Path, name: str = "exit", **kw: Any)
     path.touch(mode=0o600)
     path.write_text(peer.client_config_text(**kw))
     return path
+
+
+@contextlib.contextmanager
+def tunnel_mitmdump(
+    peer: Any, workdir: Path, origin: Origin, tunnel: str, *args: str, **config_kw: Any
+) -> Iterator[Mitmdump]:
+    """mitmdump + the addon in ``peer.client_ns`` with one tunnel named ``tunnel`` to
+    ``peer`` (``write_client_config(**config_kw)``, e.g. ``endpoint=``), trusting the
+    origin's CA upstream, plus ``args``; yields once the tunnel is up."""
+    conf = write_client_config(peer, workdir, tunnel, **config_kw)
+    argv = [
+        "--set", f"wg_conf={tunnel}={conf}",
+        "--set", f"ssl_verify_upstream_trusted_ca={origin.ca}",
+        *args,
+    ]  # fmt: skip
+    with run_mitmdump(peer.client_ns, workdir, *argv) as dump:
+        dump.wait_for_log(f"WireGuard tunnel {tunnel!r} is up")
+        yield dump
+
+
+def https_upload(
+    peer: Any, proxy: Mitmdump, workdir: Path, data: bytes, *, max_time: float = 60.0
+) -> None:
+    """POST ``data`` over HTTPS (HTTP/1.1) through ``proxy`` to the origin's echo; asserts
+    it arrived whole, from one of our tunnel addresses."""
+    path = workdir / "upload.bin"
+    path.write_bytes(data)
+    r = curl(
+        peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy, "--http1.1",
+        "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}",
+        f"https://{ORIGIN_NAME}/echo/upload", max_time=max_time,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.status == 200, r
+    echo = r.json()
+    assert echo["method"] == "POST" and echo["client"] in tunnel_addresses(peer)
+    assert echo["body_size"] == len(data)
+    assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()

@@ -36,6 +36,7 @@ from e2e_helpers import (
     Origin,
     WsClient,
     curl,
+    https_upload,
     pattern,
     run_mitmdump,
     tunnel_addresses,
@@ -160,20 +161,7 @@ def test_https_download_byte_exact(
 
 
 def test_https_upload_byte_exact(exit_peer: Any, proxy: Mitmdump, workdir: Path) -> None:
-    data = pattern(SIZE)[::-1]
-    upload = workdir / "upload.bin"
-    upload.write_bytes(data)
-    r = _https(
-        exit_peer, proxy, "--http1.1",
-        "-H", "Content-Type: application/octet-stream",
-        "--data-binary", f"@{upload}",
-        f"https://{ORIGIN_NAME}/echo/upload",
-    )  # fmt: skip
-    assert r.returncode == 0 and r.status == 200, r
-    echo = r.json()
-    assert echo["method"] == "POST" and echo["client"] in tunnel_addresses(exit_peer)
-    assert echo["body_size"] == SIZE
-    assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
+    https_upload(exit_peer, proxy, workdir, pattern(SIZE)[::-1], max_time=MAX_TIME)
 
 
 def test_parallel_connections(exit_peer: Any, origin: Origin, proxy: Mitmdump) -> None:

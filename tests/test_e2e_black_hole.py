@@ -21,10 +21,9 @@ from e2e_helpers import (
     ORIGIN_NAME,
     Mitmdump,
     curl,
+    https_upload,
     pattern,
-    run_mitmdump,
-    tunnel_addresses,
-    write_client_config,
+    tunnel_mitmdump,
 )
 
 from harness import ExitPeer, ImpairedRelay, Impairment
@@ -47,35 +46,14 @@ def relay(exit_peer: ExitPeer) -> Iterator[ImpairedRelay]:
 def proxy(
     exit_peer: ExitPeer, workdir: Path, origin: Any, relay: ImpairedRelay
 ) -> Iterator[Mitmdump]:
-    conf = write_client_config(exit_peer, workdir, TUNNEL, endpoint=relay.address)
-    args = [
-        "--set", f"wg_conf={TUNNEL}={conf}",
-        "--set", f"ssl_verify_upstream_trusted_ca={origin.ca}",
-    ]  # fmt: skip
-    with run_mitmdump(exit_peer.client_ns, workdir, *args) as dump:
-        dump.wait_for_log(f"WireGuard tunnel {TUNNEL!r} is up")
+    with tunnel_mitmdump(exit_peer, workdir, origin, TUNNEL, endpoint=relay.address) as dump:
         yield dump
-
-
-def upload(exit_peer: ExitPeer, proxy: Mitmdump, workdir: Path, data: bytes) -> None:
-    path = workdir / "upload.bin"
-    path.write_bytes(data)
-    r = curl(
-        exit_peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy, "--http1.1",
-        "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}",
-        f"https://{ORIGIN_NAME}/echo/upload", max_time=60,
-    )  # fmt: skip
-    assert r.returncode == 0 and r.status == 200, r
-    echo = r.json()
-    assert echo["client"] in tunnel_addresses(exit_peer)
-    assert echo["body_size"] == len(data)
-    assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_upload_then_download_through_a_black_hole(
     exit_peer: ExitPeer, proxy: Mitmdump, relay: ImpairedRelay, workdir: Path
 ) -> None:
-    upload(exit_peer, proxy, workdir, pattern(SIZE)[::-1])
+    https_upload(exit_peer, proxy, workdir, pattern(SIZE)[::-1])
     assert relay.up.dropped > 0
     host, port = relay.address
     warning = f"full-sized packets to WireGuard endpoint {host}:{port} vanish without an ICMP error"
@@ -89,5 +67,5 @@ def test_upload_then_download_through_a_black_hole(
     )  # fmt: skip
     assert r.returncode == 0 and r.status == 200, r
     assert hashlib.sha256(r.body).digest() == hashlib.sha256(pattern(SIZE)).digest()
-    upload(exit_peer, proxy, workdir, pattern(SIZE))
+    https_upload(exit_peer, proxy, workdir, pattern(SIZE))
     assert (relay.up.dropped, relay.down.dropped) == dropped

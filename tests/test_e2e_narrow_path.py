@@ -25,10 +25,9 @@ from e2e_helpers import (
     ORIGIN_NAME,
     Mitmdump,
     curl,
+    https_upload,
     pattern,
-    run_mitmdump,
-    tunnel_addresses,
-    write_client_config,
+    tunnel_mitmdump,
 )
 from test_narrow_path import snmp
 
@@ -51,36 +50,17 @@ def exit_peer() -> Iterator[ExitPeer]:
 @pytest.fixture(scope="module")
 def proxy(exit_peer: ExitPeer, workdir: Path, origin: Any) -> Iterator[Mitmdump]:
     assert exit_peer.endpoint_v6 is not None
-    conf = write_client_config(exit_peer, workdir, TUNNEL, endpoint=exit_peer.endpoint_v6)
-    args = [
-        "--set", f"wg_conf={TUNNEL}={conf}",
-        "--set", f"ssl_verify_upstream_trusted_ca={origin.ca}",
-    ]  # fmt: skip
-    with run_mitmdump(exit_peer.client_ns, workdir, *args) as dump:
-        dump.wait_for_log(f"WireGuard tunnel {TUNNEL!r} is up")
+    with tunnel_mitmdump(
+        exit_peer, workdir, origin, TUNNEL, endpoint=exit_peer.endpoint_v6
+    ) as dump:
         yield dump
-
-
-def upload(exit_peer: ExitPeer, proxy: Mitmdump, workdir: Path, data: bytes) -> None:
-    path = workdir / "upload.bin"
-    path.write_bytes(data)
-    r = curl(
-        exit_peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy, "--http1.1",
-        "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}",
-        f"https://{ORIGIN_NAME}/echo/upload", max_time=120,
-    )  # fmt: skip
-    assert r.returncode == 0 and r.status == 200, r
-    echo = r.json()
-    assert echo["client"] in tunnel_addresses(exit_peer)
-    assert echo["body_size"] == len(data)
-    assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_upload_then_download_behind_a_pppoe_line(
     exit_peer: ExitPeer, proxy: Mitmdump, workdir: Path
 ) -> None:
     assert exit_peer.endpoint_v6 is not None
-    upload(exit_peer, proxy, workdir, pattern(SIZE)[::-1])
+    https_upload(exit_peer, proxy, workdir, pattern(SIZE)[::-1])
     host, port = exit_peer.endpoint_v6
     # IPv6 + UDP headers and WireGuard's 32 bytes off, inner packets padded to 16
     inner = (PPPOE_MTU - 48 - 32) & ~15
@@ -92,7 +72,7 @@ def test_upload_then_download_behind_a_pppoe_line(
     assert len(said) == 1, proxy.text()[-3000:]
 
     reassembled = snmp(exit_peer.ns, "Ip6ReasmOKs"), snmp(exit_peer.client_ns, "Ip6ReasmOKs")
-    upload(exit_peer, proxy, workdir, pattern(SIZE))
+    https_upload(exit_peer, proxy, workdir, pattern(SIZE))
     r = curl(
         exit_peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy,
         f"https://{ORIGIN_NAME}/bytes/{SIZE}", max_time=120,
