@@ -65,7 +65,7 @@ def test_upload_then_download_through_a_black_hole(
         exit_peer.client_ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy,
         f"https://{ORIGIN_NAME}/bytes/{SIZE}", max_time=60,
     )  # fmt: skip
-    assert r.returncode == 0 and r.status == 200, r
+    assert r.returncode == 0 and r.status == 200, (r, proxy.text()[-4000:])
     assert hashlib.sha256(r.body).digest() == hashlib.sha256(pattern(SIZE)).digest()
     https_upload(exit_peer, proxy, workdir, pattern(SIZE))
     assert (relay.up.dropped, relay.down.dropped) == dropped

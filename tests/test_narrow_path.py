@@ -194,11 +194,16 @@ async def test_a_black_hole_for_full_sized_packets(exit_peer: ExitPeer) -> None:
     """A narrower path whose ICMP errors a firewall drops: every datagram longer than it
     vanishes without a word (here a relay drops those over 1372 bytes of UDP payload, a
     1400-byte IPv4 path), small ones pass. wireguard-go + Linux TCP (tcp_mtu_probing=0,
-    its default) stall there for good, both ways. Our upload takes the path for a black
-    hole after three timeouts in a row (TcpConfig.blackhole_rtos) and ends byte-exact;
-    its smaller segments being acknowledged confirms it, and the tunnel then shrinks every
-    connection through that endpoint: a new connection's download and upload (its SYN
-    asked the server for small segments) lose nothing more to the hole."""
+    its default) stall there for good, both ways.
+
+    A download started first stalls: the server's full-sized segments vanish. Our upload
+    beside it takes the path for a black hole after three timeouts in a row
+    (TcpConfig.blackhole_rtos) and ends byte-exact; its smaller segments being
+    acknowledged confirms it, and the tunnel then shrinks every connection through that
+    endpoint and tells the servers of open ones, as a router would, that the path to us
+    is narrower (an ICMP error through the tunnel, quoting their segment at our RCV.NXT):
+    the stalled download resumes and ends byte-exact. A new connection's download and
+    upload (its SYN asked the server for small segments) lose nothing more to the hole."""
     peer = exit_peer
     hole = Impairment(max_size=PATH_MTU - 28)
     with ImpairedRelay(
@@ -208,13 +213,27 @@ async def test_a_black_hole_for_full_sized_packets(exit_peer: ExitPeer) -> None:
         text = peer.client_config_text(endpoint=relay.address)
         async with exit_tunnel(peer, text) as (tunnel, _):
             with trio.fail_after(60):
-                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                result = await http_post_json(stream, "/upload", 5 * MB)
-                assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
-                assert stream._sock.stats.blackhole_shrinks == 1
-                await stream.aclose()
+                stalled = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+                got: list[Any] = []
+
+                async def download() -> None:
+                    got.append(await http_get(stalled, f"/bytes/{5 * MB}"))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(download)
+                    while relay.down.dropped == 0:  # the server's segments vanish
+                        await trio.sleep(0.01)
+                    stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+                    result = await http_post_json(stream, "/upload", 5 * MB)
+                    assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
+                    assert stream._sock.stats.blackhole_shrinks == 1
+                    await stream.aclose()
+                assert got[0].status == 200 and got[0].size == 5 * MB
+                assert got[0].sha256 == pattern_sha256(5 * MB)
+                await stalled.aclose()
                 assert relay.up.dropped > 0
                 assert tunnel.narrow_paths == {relay.address: 1200}
+                assert tunnel.stack.stats.pmtu_told == 2  # (the stalled download, the upload)
 
                 dropped = relay.up.dropped, relay.down.dropped
                 stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)

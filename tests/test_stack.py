@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from test_ip import naive_checksum
 
 from mitm_wg.net import icmp
-from mitm_wg.net.ipv4 import IpPacket, build_ipv4, parse_ipv4
-from mitm_wg.net.ipv6 import build_ipv6, parse_ipv6
+from mitm_wg.net.ipv4 import IpPacket, build_ipv4, parse_ipv4, parse_quoted_ipv4
+from mitm_wg.net.ipv6 import build_ipv6, parse_ipv6, parse_quoted_ipv6
 from mitm_wg.net.stack import Stack
 from mitm_wg.net.tcp_wire import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp
 from mitm_wg.net.udp import UdpDatagram, build_udp, parse_udp
@@ -326,6 +326,42 @@ def test_a_narrower_path_shrinks_live_connections_and_later_syns_offer_less() ->
     assert syns == {PEER4: 1288, bytes([10, 0, 0, 3]): 1380}
     assert s.lower_path_mtu(PEER4, 100) and s.path_mtu("10.0.0.1") == 576
     assert s.lower_path_mtu(PEER6, 1000) and s.path_mtu("fd00::1") == 1280
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_telling_the_peer_the_path_to_us_is_narrower(family: int) -> None:
+    """``tell_remote_path_mtu``: the ICMP error a router would send the peer about a
+    full-sized segment of its (at our RCV.NXT, so its TCP takes it: RFC 5927 §4.1), from
+    our address, with the MTU (IPv6: not under 1280). Checked with our own parsers: valid
+    checksums, and the quote names the peer's connection and a full-sized packet."""
+    s = mkstack()
+    peer, me = (PEER4, ME4) if family == 4 else (PEER6, ME6)
+    sock = s.tcp_connect(str(ipaddress.ip_address(peer)), 443, 0.0)
+    ((_, syn),) = _out_segments(s)
+    synack = TcpSegment(443, sock.local_port, 7000, syn.seq + 1, SYN | ACK, 65535, mss=1460)
+    s.receive(tcp_packet(synack, src=peer, dst=me), 0.0)
+    poll(s)
+    s.tell_remote_path_mtu(sock, 1200)
+    (packet,) = poll(s, 0.1)
+    p = ip(packet)
+    assert (p.src, p.dst) == (me, peer) and s.stats.pmtu_told == 1
+    if family == 4:
+        m = icmp.parse_icmp4(p.payload)
+        assert isinstance(m, icmp.IcmpMessage)
+        assert (m.type, m.code, m.rest & 0xFFFF) == (3, 4, 1200)
+        quoted = parse_quoted_ipv4(m.body)
+    else:
+        m = icmp.parse_icmp6(p.payload, p.src, p.dst)
+        assert isinstance(m, icmp.IcmpMessage)
+        assert (m.type, m.code, m.rest) == (2, 0, 1280)  # IPv6's minimum
+        quoted = parse_quoted_ipv6(m.body)
+    assert quoted is not None
+    src, dst, proto, tcp = quoted
+    assert (src, dst, proto) == (peer, me, 6)
+    assert struct.unpack_from("!HHI", tcp) == (443, sock.local_port, 7001)  # our RCV.NXT
+    assert bytes(m.body[2:4] if family == 4 else m.body[4:6]) == (
+        (1420).to_bytes(2, "big") if family == 4 else (1420 - 40).to_bytes(2, "big")
+    )  # the quoted packet: a full-sized one
 
 
 def test_icmp_errors_for_foreign_packets_ignored() -> None:

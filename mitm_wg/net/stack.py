@@ -106,6 +106,8 @@ RECENT_TUPLE_SECONDS = 120.0
 #: RECENT_TUPLE_SECONDS / 4) instead of only lazily per destination.
 RECENT_SWEEP_ABOVE = 1 << 16
 Destination = tuple[bytes, bytes, int]  # local addr, remote addr, remote port
+#: The first 8 bytes of a TCP header an ICMP error quotes: ports and sequence number.
+_QUOTED_TCP = struct.Struct("!HHI")
 MIN_MTU4 = 576
 MIN_MTU6 = 1280
 _IP4_HDR = struct.Struct("!BBHHHBBH4s4s")
@@ -164,6 +166,7 @@ class StackStats:
         "no_socket",
         "packets_in",
         "packets_out",
+        "pmtu_told",  # ICMP errors we sent a peer about the path to us (tell_remote_path_mtu)
         "pmtu_updates",
         "rst_sent",
         "syn_backlog_full",
@@ -491,6 +494,30 @@ class Stack:
     def path_mtu(self, remote: Address | bytes) -> int:
         raw = remote if isinstance(remote, bytes) else ipaddress.ip_address(remote).packed
         return self._pmtu.get(raw, self.mtu)
+
+    def tell_remote_path_mtu(self, sock: TcpSocket, mtu: int) -> None:
+        """Tell ``sock``'s peer, as a router on the way would, that the path to us carries
+        at most ``mtu`` bytes per packet: an ICMP "fragmentation needed" (IPv4, RFC 1191)
+        or "packet too big" (IPv6, RFC 8201; at least 1280) quoting a full-sized segment
+        it sent us at our RCV.NXT, so its TCP accepts it (RFC 5927 §4.1: the quoted
+        sequence number lies in its unacknowledged data) and resends smaller. For a path
+        under a tunnel that loses such packets without a word (an MTU black hole): the
+        peer's segments of a connection already open could never arrive otherwise."""
+        local, remote = sock.local_addr, sock.remote_addr
+        ports_seq = _QUOTED_TCP.pack(sock.remote_port, sock.local_port, sock.rcv_nxt)
+        if len(remote) == 4:
+            quoted = ipv4_header(remote, local, 6, self.mtu - 20) + ports_seq
+            message = icmp.build_icmp4(
+                icmp.ICMP4_DEST_UNREACH, icmp.UNREACH4_FRAG_NEEDED, max(mtu, MIN_MTU4), quoted
+            )
+            self._out.append(build_ipv4(local, remote, 1, message))
+        else:
+            quoted = ipv6_header(remote, local, 6, self.mtu - 40) + ports_seq
+            message = icmp.build_icmp6(
+                local, remote, icmp.ICMP6_PACKET_TOO_BIG, 0, max(mtu, MIN_MTU6), quoted
+            )
+            self._out.append(build_ipv6(local, remote, 58, message))
+        self.stats.pmtu_told += 1
 
     def receive(
         self, packet: bytes | bytearray | memoryview, now: float, *, authenticated: bool = False

@@ -72,6 +72,8 @@ _GRO_SIZE = struct.Struct("=i")
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
 #: (a plain int: ``flags & socket.MSG_TRUNC`` would go through the IntFlag enum, ~1 µs)
 _MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
+#: TCP states in which the peer may still send us data.
+_PEER_SENDS = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
 #: getsockopt on a connected socket: the path MTU the kernel knows (Linux <netinet/in.h>).
 _IP_MTU = 14
 _IPV6_MTU = 24
@@ -385,9 +387,9 @@ class Tunnel:
         device = self.device
         out = self._datagrams
         ip_out = self._ip_out
-        self.stack.poll(now, ip_out, self._dispatched)
         if self.stack.blackholes or self._blackhole_watch:
-            self._watch_blackholes()
+            self._watch_blackholes()  # (before the poll: what it changes goes out now)
+        self.stack.poll(now, ip_out, self._dispatched)
         if ip_out:
             device.send_packets(ip_out, now, out)
             ip_out.clear()
@@ -555,7 +557,8 @@ class Tunnel:
         # Inner packets are padded to a multiple of 16 (within the MTU) before sealing.
         inner = (path_mtu - overhead - TRANSPORT_MIN_SIZE) & ~15
         key = (endpoint[0], endpoint[1])
-        if inner < self.narrow_paths.get(key, self.stack.mtu):
+        new = inner < self.narrow_paths.get(key, self.stack.mtu)
+        if new:
             self.narrow_paths[key] = inner
             self._gso_narrow[key] = path_mtu - overhead  # (what else is larger goes singly)
             if hole:
@@ -575,11 +578,15 @@ class Tunnel:
                     self.stack.mtu + TRANSPORT_MIN_SIZE + overhead, inner,
                 )  # fmt: skip
         inner = self.narrow_paths[key]
-        route, lower = self.device.route, self.stack.lower_path_mtu
-        for tcp in self.stack.tcp_sockets:
+        stack, route = self.stack, self.device.route
+        for tcp in stack.tcp_sockets:
             peer = route(tcp.remote_addr)
             if peer is not None and peer.endpoint == key:
-                lower(tcp.remote_addr, inner)  # (sent at the next flush)
+                stack.lower_path_mtu(tcp.remote_addr, inner)  # (sent at the next flush)
+                if new and tcp.state in _PEER_SENDS:
+                    # and the server's segments of an open connection: it would go on
+                    # sending full-sized ones (into the black hole, or in fragments)
+                    stack.tell_remote_path_mtu(tcp, inner)
 
     def _handle_events(self, events: list) -> bool:
         """Log and act on device events; True if TCP segments are now due (poll again)."""
