@@ -243,3 +243,37 @@ async def test_a_black_hole_for_full_sized_packets(exit_peer: ExitPeer) -> None:
                 await stream.aclose()
                 await post(tunnel, peer.server_tunnel_v4, peer.http_port, 5 * MB)
                 assert (relay.up.dropped, relay.down.dropped) == dropped
+
+
+async def test_an_exit_restart_mid_upload_is_no_black_hole(fresh_exit_peer: ExitPeer) -> None:
+    """The exit restarts during an upload (it lost our session): the upload's full-sized
+    segments time out three times in a row and shrink, as in a black hole, but they get
+    through only after a new handshake, which explains the timeouts as well. The tunnel
+    does not take its path for a black hole: no narrowing, later connections at full
+    size. (The handshake is asked for here; by itself WireGuard would start it 15 s after
+    the exit fell silent.)"""
+    peer = fresh_exit_peer
+    async with exit_tunnel(peer) as (tunnel, _):
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            tcp = stream._sock
+            result: list[Any] = []
+
+            async def upload() -> None:
+                result.append(await http_post_json(stream, "/upload", 20 * MB))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload)
+                while tcp.snd_una == tcp._iss + 1:  # (the upload is under way)
+                    await trio.sleep(0.001)
+                peer.stop_wireguard()
+                while tcp.stats.blackhole_shrinks == 0:
+                    await trio.sleep(0.01)
+                peer.start_wireguard()
+                await tunnel.handshake(tunnel.device.peers[peer.server_public_key])
+            assert result == [{"sha256": pattern_sha256(20 * MB), "size": 20 * MB}]
+            await stream.aclose()
+            assert tunnel.narrow_paths == {}
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            assert stream._sock._smss > 1200
+            await stream.aclose()

@@ -203,8 +203,9 @@ class Tunnel:
         #: ... -> the largest datagram that fits it: larger ones go singly, in fragments.
         self._gso_narrow: dict[tuple[str, int], int] = {}
         #: TCP sockets that took their path for an MTU black hole -> (their SND.UNA then,
-        #: the endpoint): acknowledged data since confirms it (``_watch_blackholes``).
-        self._blackhole_watch: dict[TcpSocket, tuple[int, tuple[str, int]]] = {}
+        #: the peer, its handshakes then): data acknowledged since, on the same session,
+        #: confirms it (``_watch_blackholes``).
+        self._blackhole_watch: dict[TcpSocket, tuple[int, Peer, int]] = {}
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
         self._probe_socket: SocketFactory = _probe_socket_factory
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
@@ -530,23 +531,28 @@ class Tunnel:
 
     def _watch_blackholes(self) -> None:
         """A connection took its path for an MTU black hole and resent in smaller segments
-        (``TcpConfig.blackhole_rtos``): once one of those is acknowledged, the full-sized
-        ones were the trouble, not a dead peer, so every connection through that endpoint,
-        and those opened later (their SYNs then ask the server for small segments too),
-        shrinks to the same size (``_narrow``)."""
+        (``TcpConfig.blackhole_rtos``): once one of those is acknowledged on the same
+        WireGuard session, the full-sized ones were the trouble, not a dead or restarted
+        peer, so every connection through that endpoint, and those opened later (their SYNs
+        then ask the server for small segments too), shrinks to the same size
+        (``_narrow``). (A path that was down for a few seconds and comes back just then
+        passes for one too: its connections then stay at the smaller size.)"""
         stack, watch = self.stack, self._blackhole_watch
         for tcp in stack.blackholes:
             peer = self.device.route(tcp.remote_addr)
             if peer is not None and peer.endpoint is not None:
-                watch[tcp] = (tcp.snd_una, (peer.endpoint[0], peer.endpoint[1]))
+                watch[tcp] = (tcp.snd_una, peer, peer.handshakes_completed)
         stack.blackholes.clear()
-        for tcp, (una, key) in list(watch.items()):
-            if tcp.snd_una != una:
+        for tcp, (una, peer, handshakes) in list(watch.items()):
+            if tcp.is_closed or peer.handshakes_completed != handshakes:
+                # A new session came first: the exit had lost ours (it restarted), which
+                # explains the timeouts as well as a black hole would.
                 del watch[tcp]
+            elif tcp.snd_una != una and peer.endpoint is not None:
+                del watch[tcp]
+                key = peer.endpoint
                 overhead = (40 if ":" in key[0] else 20) + 8 + TRANSPORT_MIN_SIZE
-                self._narrow(Endpoint(*key), tcp.config.blackhole_mtu + overhead, hole=True)
-            elif tcp.is_closed:
-                del watch[tcp]
+                self._narrow(key, tcp.config.blackhole_mtu + overhead, hole=True)
 
     def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole: bool = False) -> None:
         """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
@@ -563,8 +569,8 @@ class Tunnel:
             self._gso_narrow[key] = path_mtu - overhead  # (what else is larger goes singly)
             if hole:
                 logger.warning(
-                    "full-sized packets to WireGuard endpoint %s vanish without an ICMP "
-                    "error (a path MTU black hole: a narrower link, its errors dropped): TCP "
+                    "full-sized packets to WireGuard endpoint %s seem to vanish without an "
+                    "ICMP error (a path MTU black hole: a narrower link, its errors dropped): TCP "
                     "through it now sends packets of at most %d bytes; MTU = %d in the "
                     "config starts there",
                     format_endpoint(endpoint), inner, inner,
