@@ -162,7 +162,7 @@ class TcpConfig:
     #: Path MTU black holes (RFC 4821 §3, as Linux's tcp_mtu_probing=1): a path narrower
     #: than our packets whose ICMP errors never arrive (a firewall eats them) loses every
     #: full-sized segment while small packets pass. After this many timeouts in a row with
-    #: more than a segment of ``blackhole_mtu`` in flight and nothing acknowledged,
+    #: nothing acknowledged and a segment at the head larger than ``blackhole_mtu`` allows,
     #: segments shrink to fit ``blackhole_mtu`` bytes (IP header included): 1200 plus one
     #: WireGuard layer over IPv6 (80) fits the 1280 bytes every IPv6 path carries. 0: off.
     blackhole_rtos: int = 3

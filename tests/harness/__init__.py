@@ -84,7 +84,8 @@ Impairment (:class:`ImpairedRelay`, :class:`Impairment`)
     socket_factory=peer.client_ns.socket) as relay:`` then use ``Endpoint = relay.address``
     (127.0.0.1 inside client_ns). ``up`` = client→target and ``down`` = target→client
     impairments may differ; ``relay.set_impairment(Impairment(loss=1.0))`` blackholes while
-    running; counters ``relay.up`` / ``relay.down`` (:class:`DirectionStats`). Decisions for
+    running; ``Impairment(max_size=N)`` drops datagrams longer than N (a path MTU black
+    hole); counters ``relay.up`` / ``relay.down`` (:class:`DirectionStats`). Decisions for
     the n-th datagram of a direction depend only on the seed.
 
 Cleanup: every context manager tears down its processes (by PID), namespaces and wireguard-go
