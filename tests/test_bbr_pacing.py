@@ -937,6 +937,21 @@ def test_sample_beyond_what_pacing_can_deliver_is_an_artefact() -> None:
     assert s.bbr.btl_bw == pytest.approx(5e6)
 
 
+def test_an_estimate_far_too_low_is_not_held_there_by_the_cap() -> None:
+    """Losses that end STARTUP early (a path MTU drop: the path refused our segment size)
+    can leave btl_bw at a few KB/s; every real sample is then above the 2.5x cap, and it
+    stayed there (an upload through a narrowed path ran at 7-19 KB/s for good on a loaded
+    machine). A sample over a few segments is no artefact of forgotten SACKs or resent
+    data: it is taken whatever the cap; a large one above it still is not."""
+    p = to_probe_bw(3, bw=7e3)
+    bbr = p.bbr
+    assert bbr.btl_bw == pytest.approx(7e3)
+    p.round(3.8e6, rtt=0.001)  # 3800 bytes (< 4 segments) in a millisecond
+    assert bbr.btl_bw == pytest.approx(3.8e6)
+    p.round(3.8e6 * 3, rtt=0.05)  # 570 kB at 2.5 x and more: an artefact still
+    assert bbr.btl_bw == pytest.approx(3.8e6)
+
+
 def test_cumulative_ack_over_sacked_data_counts_it_once() -> None:
     """A plain ACK (header prediction) that advances over data SACKed before delivers
     only the bytes below the SACKed range. (Without RACK: with it, every ACK while data is

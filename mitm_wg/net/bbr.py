@@ -82,6 +82,11 @@ EXTRA_ACKED_MAX_TIME = 0.1
 ACK_EPOCH_RESET_BYTES = 1 << 30
 
 
+#: A rate sample over at most this many segments is never an artefact of forgotten SACKs
+#: or resent data (those cover a window's worth): the 2.5 x btl_bw cap spares it.
+FEW_SEGMENTS = 4
+
+
 class Bbr:
     """BBR behind the controller interface of ``congestion.py`` (``cwnd``, ``ssthresh``,
     ``set_mss``, ``on_congestion_event``, ``on_rto``; not ``on_ack``, which the socket
@@ -278,8 +283,14 @@ class Bbr:
                 # scoreboard forgot, or that an RTO resent — and one such sample would
                 # rule the max filter for 10 rounds. (Not in STARTUP: its first samples
                 # can be tiny, app-limited ones.)
+                # The artefact is a sample over much data: one of a few segments is
+                # taken at any rate (else an estimate that got too low stays there: every
+                # real sample is above the cap; seen after a path MTU drop whose losses
+                # ended the startup at a few KB/s).
                 cap = 2.5 * self.btl_bw if self._full_bw_reached else _INF
-                if (not rs.is_app_limited or bw >= self.btl_bw) and bw <= cap:
+                if (not rs.is_app_limited or bw >= self.btl_bw) and (
+                    bw <= cap or rs.delivered <= FEW_SEGMENTS * self.smss
+                ):
                     self._bw_update(bw)
         if delivered > 0 and rs is not None:
             self._update_ack_aggregation(delivered, now)
