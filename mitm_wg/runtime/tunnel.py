@@ -114,6 +114,11 @@ class _PendingConnect:
         self.rto_seen = 0
 
 
+def _ip_udp_overhead(endpoint: tuple[str, int]) -> int:
+    """The IP and UDP headers around a datagram to ``endpoint``."""
+    return (40 if ":" in endpoint[0] else 20) + 8
+
+
 def _probe_socket_factory(family: int) -> socket.socket:
     return socket.socket(family, socket.SOCK_DGRAM)
 
@@ -198,10 +203,9 @@ class Tunnel:
         self.gro_truncated = 0
         self._gro_sockets = gro_sockets if gro_sockets is not None else set()
         #: Endpoints whose path is narrower than the tunnel's datagrams -> the inner MTU that
-        #: fits it (``_path_narrower``); new connections through them start there.
+        #: fits it (``_narrow``); new connections through them start there, and a datagram
+        #: larger than that MTU's goes singly, in fragments, never in a GSO run.
         self.narrow_paths: dict[tuple[str, int], int] = {}
-        #: ... -> the largest datagram that fits it: larger ones go singly, in fragments.
-        self._gso_narrow: dict[tuple[str, int], int] = {}
         #: TCP sockets that took their path for an MTU black hole -> (their SND.UNA then,
         #: the peer, its handshakes then): data acknowledged since, on the same session,
         #: confirms it (``_watch_blackholes``).
@@ -438,7 +442,7 @@ class Tunnel:
         """Send, coalescing runs of equal-sized datagrams to one endpoint into one UDP GSO
         send (a single syscall; the kernel splits it), as wireguard-go does on Linux."""
         sockets = self._sockets
-        narrow = self._gso_narrow
+        narrow = self.narrow_paths
         i, n = 0, len(out)
         while i < n:
             data, endpoint = out[i]
@@ -448,7 +452,9 @@ class Tunnel:
                 i += 1
                 continue
             j = i + 1
-            if self._gso and (not narrow or len(data) <= narrow.get(endpoint, len(data))):
+            if self._gso and (
+                not narrow or len(data) <= narrow.get(endpoint, 0xFFFF) + TRANSPORT_MIN_SIZE
+            ):
                 size = len(data)
                 limit = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
                 # equal sizes, same endpoint; the last segment of a run may be shorter
@@ -468,7 +474,7 @@ class Tunnel:
                 else:
                     sock.sendto(data, endpoint)
             except OSError as e:
-                if self._refused(sock, endpoint, len(data), e, j - i > 1):
+                if self._refused(endpoint, len(data), e, j - i > 1):
                     # One at a time: the kernel fragments a datagram the path cannot carry.
                     try:
                         for d, _ in out[i:j]:
@@ -486,25 +492,23 @@ class Tunnel:
         self._send_error = (endpoint, error)
         logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), error)
 
-    def _refused(
-        self, sock: socket.socket, endpoint: Endpoint, size: int, error: OSError, run: bool
-    ) -> bool:
+    def _refused(self, endpoint: Endpoint, size: int, error: OSError, run: bool) -> bool:
         """Whether a send that raised ``error`` is worth repeating one datagram at a time.
         EMSGSIZE: the path is narrower than the datagrams (an ICMP error said so, and the
         kernel refuses a GSO run it would have to fragment), so ``_narrow`` to it. On a
         run, EINVAL (what older kernels say for that), EIO or ENOPROTOOPT otherwise mean
         no UDP GSO here (an old kernel, an odd device): it stays off."""
         if error.errno == errno.EMSGSIZE:
-            self._path_narrower(sock, endpoint, size)
+            self._path_narrower(endpoint, size)
             return True
         if run and error.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
-            if not self._path_narrower(sock, endpoint, size):
+            if not self._path_narrower(endpoint, size):
                 logger.debug("UDP GSO unavailable (%s); sending datagrams singly", error)
                 self._gso = False
             return True
         return False
 
-    def _path_narrower(self, sock: socket.socket, endpoint: Endpoint, size: int) -> bool:
+    def _path_narrower(self, endpoint: Endpoint, size: int) -> bool:
         """A GSO send of ``size``-byte datagrams to ``endpoint`` failed: whether the path
         there is narrower than they are (the kernel knows a smaller MTU for it, from an
         ICMP error or its own link, and refuses a run it would have to fragment; a single
@@ -524,7 +528,7 @@ class Tunnel:
         except OSError as e:
             logger.debug("cannot read the path MTU to %s: %s", format_endpoint(endpoint), e)
             return False
-        if size + (40 if v6 else 20) + 8 <= path_mtu:
+        if size + _ip_udp_overhead(endpoint) <= path_mtu:
             return False
         self._narrow(endpoint, path_mtu)
         return True
@@ -551,22 +555,21 @@ class Tunnel:
             elif tcp.snd_una != una and peer.endpoint is not None:
                 del watch[tcp]
                 key = peer.endpoint
-                overhead = (40 if ":" in key[0] else 20) + 8 + TRANSPORT_MIN_SIZE
-                self._narrow(key, tcp.config.blackhole_mtu + overhead, hole=True)
+                outer = tcp.config.blackhole_mtu + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
+                self._narrow(key, outer, hole=True)
 
     def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole: bool = False) -> None:
         """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
         TCP connection through a peer there, and those opened later, sends segments whose
         datagrams fit (``Stack.lower_path_mtu``) and offers that MSS in its SYN. Nothing
         then waits on fragments, which IPv6 paths often drop, and GSO runs go out whole."""
-        overhead = (40 if ":" in endpoint[0] else 20) + 8
+        overhead = _ip_udp_overhead(endpoint)
         # Inner packets are padded to a multiple of 16 (within the MTU) before sealing.
         inner = (path_mtu - overhead - TRANSPORT_MIN_SIZE) & ~15
         key = (endpoint[0], endpoint[1])
         new = inner < self.narrow_paths.get(key, self.stack.mtu)
         if new:
             self.narrow_paths[key] = inner
-            self._gso_narrow[key] = path_mtu - overhead  # (what else is larger goes singly)
             if hole:
                 logger.warning(
                     "full-sized packets to WireGuard endpoint %s seem to vanish without an "
