@@ -29,6 +29,15 @@ __all__ = ["BoottimeClock", "runtime_clock"]
 CLOCK_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
 
 
+#: Seconds since boot, suspended time included (``time.monotonic`` where there is none:
+#: :func:`runtime_clock` then gives no BoottimeClock).
+_boottime = (
+    functools.partial(time.clock_gettime, CLOCK_BOOTTIME)
+    if CLOCK_BOOTTIME is not None
+    else time.monotonic
+)
+
+
 class BoottimeClock(trio.abc.Clock):
     """A trio clock on CLOCK_BOOTTIME: seconds since boot, suspended time included."""
 
@@ -38,10 +47,10 @@ class BoottimeClock(trio.abc.Clock):
         pass
 
     # (``clock.current_time()`` calls clock_gettime directly: no method call in between)
-    current_time = staticmethod(functools.partial(time.clock_gettime, CLOCK_BOOTTIME or 0))
+    current_time = staticmethod(_boottime)
 
     def deadline_to_sleep_time(self, deadline: float) -> float:
-        return deadline - time.clock_gettime(CLOCK_BOOTTIME or 0)
+        return deadline - _boottime()
 
     def __repr__(self) -> str:
         return "<BoottimeClock>"
