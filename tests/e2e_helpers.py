@@ -1140,3 +1140,10 @@ def https_upload(
     assert echo["method"] == "POST" and echo["client"] in tunnel_addresses(peer)
     assert echo["body_size"] == len(data)
     assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def assert_pattern(r: CurlResult, size: int, note: str = "") -> None:
+    """curl got 200 and exactly the /bytes/``size`` body (``note``: more to show on failure)."""
+    assert r.returncode == 0 and r.status == 200, (r, note)
+    assert len(r.body) == size
+    assert hashlib.sha256(r.body).digest() == hashlib.sha256(pattern(size)).digest()

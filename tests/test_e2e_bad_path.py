@@ -35,6 +35,7 @@ from e2e_helpers import (
     Mitmdump,
     Origin,
     WsClient,
+    assert_pattern,
     curl,
     https_upload,
     pattern,
@@ -109,12 +110,6 @@ def _https(exit_peer: Any, proxy: Mitmdump, *args: str) -> CurlResult:
     )  # fmt: skip
 
 
-def _assert_pattern(r: CurlResult, size: int) -> None:
-    assert r.returncode == 0 and r.status == 200, r
-    assert len(r.body) == size
-    assert hashlib.sha256(r.body).digest() == hashlib.sha256(pattern(size)).digest()
-
-
 def test_first_request_although_the_first_initiation_was_lost(
     exit_peer: Any, relay: ImpairedRelay, proxy: Mitmdump
 ) -> None:
@@ -153,7 +148,7 @@ def test_https_download_byte_exact(
     exit_peer: Any, origin: Origin, proxy: Mitmdump, version: str
 ) -> None:
     r = _https(exit_peer, proxy, version, f"https://{ORIGIN_NAME}/bytes/{SIZE}")
-    _assert_pattern(r, SIZE)
+    assert_pattern(r, SIZE)
     assert r.http_version == ("1.1" if version == "--http1.1" else "2")
     seen = [e for e in origin.requests() if e["path"] == f"/bytes/{SIZE}"]
     assert seen and seen[-1]["client"] in tunnel_addresses(exit_peer)
@@ -175,7 +170,7 @@ def test_parallel_connections(exit_peer: Any, origin: Origin, proxy: Mitmdump) -
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(one, range(4)))
     for r in results:
-        _assert_pattern(r, size)
+        assert_pattern(r, size)
     connects = origin.entries("connect")[before:]
     assert len([c for c in connects if c["tls"]]) >= 4
 
