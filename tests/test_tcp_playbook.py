@@ -247,6 +247,10 @@ def test_send_data_segments() -> None:
     )
     pb.at(0.1).send(ACK, PISS + 1, ISS + 2501)
     assert pb.sock.send_queued == 0
+    # the one timer left: an answer is due (TcpConfig.rx_stall), none comes
+    assert pb.poll() == pytest.approx(1.1)
+    pb.at(1.1).expect([])
+    assert pb.sock.stats.rx_stalls == 1
     assert pb.poll() is None
 
 
@@ -856,7 +860,7 @@ def test_rto_retransmission_and_backoff() -> None:
     assert pb.sock.stats.rto_expired == 2 and pb.sock.stats.retransmits == 2
     assert pb.sock.cwnd == 1000
     pb.at(7 * rto - 0.01).send(ACK, PISS + 1, ISS + 501)
-    assert pb.poll() is None
+    assert pb.poll() == pytest.approx(7 * rto - 0.01 + 1.0)  # (the rx-stall timer only)
     assert pb.sock.rto == pytest.approx(0.8)  # Karn: no sample from a retransmission
 
 
@@ -901,6 +905,109 @@ def test_small_segments_timing_out_are_no_black_hole() -> None:
     off.out()
     assert _timeouts(off, 5) == [[1380]] * 5
     assert seen == [] and pb.sock.stats.blackhole_shrinks == off.sock.stats.blackhole_shrinks == 0
+
+
+# -- rule rx-stall: signs of a black hole on the receiving side (TcpConfig.rx_stall) -------
+
+
+def _asked(seen: list[TcpSocket], **kw: object) -> Pb:
+    """A connection (full size 1380, as through a WireGuard tunnel) whose request of 300
+    bytes went out at 0 and was acknowledged by a pure ACK at 0.05."""
+    pb = est(mss=1380, peer_mss=1460, on_rx_stall=seen.append, **kw)
+    pb.sock.send(b"q" * 300)
+    pb.out()
+    pb.at(0.05).send(ACK, PISS + 1, ISS + 301)
+    return pb
+
+
+def test_an_answer_that_never_comes_is_a_stall() -> None:
+    """All our data acknowledged (a request), and nothing arrives for ``rx_stall`` seconds
+    (a server's full-sized answer vanishing in a black hole): the hook hears of it once,
+    nothing is sent (the runtime asks the path)."""
+    seen: list[TcpSocket] = []
+    pb = _asked(seen)
+    assert pb.poll() == pytest.approx(1.05)
+    pb.at(1.05).expect([])
+    assert seen == [pb.sock] and pb.sock.stats.rx_stalls == 1
+    assert pb.poll() is None  # once per RCV.NXT
+    pb.sock.send(b"q" * 300)  # a second request, still no answer: not again
+    pb.out()
+    pb.at(1.2).send(ACK, PISS + 1, ISS + 601)
+    assert pb.poll() is None and seen == [pb.sock]
+
+
+def test_a_full_sized_answer_in_time_is_no_stall() -> None:
+    seen: list[TcpSocket] = []
+    pb = _asked(seen)
+    pb.at(0.5).send(ACK, PISS + 1, ISS + 301, payload=b"a" * 1380)
+    pb.at(0.54).expect([o(ACK, ISS + 301, PISS + 1381, window=65535 - 1380)])  # (delayed)
+    assert pb.poll() == pytest.approx(1.05)  # (the timer was armed; it finds the data)
+    pb.at(1.05).expect([])
+    assert seen == [] and pb.sock.stats.rx_stalls == 0
+
+
+def test_only_small_segments_answering_is_a_stall_unless_the_path_is_that_narrow() -> None:
+    """The answer's first segment is small (a server writing its headers on their own) and
+    no larger one follows: a stall as well, though data arrived, because nothing larger
+    than ``blackhole_mtu`` allows (1200 - 40) ever did. Not when the path is known to be
+    that narrow (the segments are as large as they can be), nor when a larger one came."""
+    seen: list[TcpSocket] = []
+    pb = _asked(seen)
+    pb.at(0.1).send(ACK | PSH, PISS + 1, ISS + 301, payload=b"h" * 200)
+    pb.at(1.05).out()
+    assert seen == [pb.sock]
+
+    narrow = _asked(seen)
+    narrow.sock.set_path_mtu_mss(1160)
+    narrow.at(0.1).send(ACK | PSH, PISS + 1, ISS + 301, payload=b"h" * 1160)
+    narrow.at(1.05).out()
+    large = _asked(seen)
+    large.at(0.1).send(ACK | PSH, PISS + 1, ISS + 301, payload=b"h" * 1161)
+    large.at(1.05).out()
+    assert seen == [pb.sock]
+
+
+def test_a_hole_that_does_not_fill_is_a_stall() -> None:
+    """Data held beyond a hole at RCV.NXT for ``rx_stall`` seconds, more of it arriving
+    meanwhile (it does not move the timer): a stall, once. A hole filled in time is none."""
+    seen: list[TcpSocket] = []
+    pb = est(mss=1380, peer_mss=1460, on_rx_stall=seen.append)
+    pb.at(0.1).send(ACK, PISS + 1 + 1380, ISS + 1, payload=b"b" * 1380)
+    pb.at(0.6).send(ACK, PISS + 1 + 2760, ISS + 1, payload=b"c" * 500)
+    pb.out()
+    assert pb.poll() == pytest.approx(1.1)
+    pb.at(1.1).out()
+    assert seen == [pb.sock] and pb.sock.stats.rx_stalls == 1
+
+    filled = est(mss=1380, peer_mss=1460, on_rx_stall=seen.append)
+    filled.at(0.1).send(ACK, PISS + 1 + 1380, ISS + 1, payload=b"b" * 1380)
+    filled.at(0.3).send(ACK, PISS + 1, ISS + 1, payload=b"a" * 1380)
+    filled.out()
+    filled.at(1.1).out()
+    assert seen == [pb.sock] and filled.sock.stats.rx_stalls == 0
+
+
+def test_the_stall_wait_is_three_round_trips_on_a_long_path_and_the_rule_can_be_off() -> None:
+    seen: list[TcpSocket] = []
+    pb = active(cfg(mss=1380, on_rx_stall=seen.append))
+    pb.out()
+    pb.at(0.5).send(SYN | ACK, PISS, ISS + 1, mss=1460)  # an RTT of 0.5 s
+    pb.out()
+    pb.sock.send(b"q" * 300)
+    pb.out()
+    pb.at(1.0).send(ACK, PISS + 1, ISS + 301)
+    assert pb.sock.srtt == pytest.approx(0.5)
+    assert pb.poll() == pytest.approx(1.0 + 3 * 0.5)
+    off = _asked(seen, rx_stall=0)
+    assert off.poll() is None
+    # data still queued (the peer's window is closed): no request complete, no answer due
+    shut = est(mss=1380, peer_mss=1460, on_rx_stall=seen.append, peer_window=100)
+    shut.sock.send(b"q" * 300)
+    shut.out()
+    shut.at(0.05).send(ACK, PISS + 1, ISS + 101, window=0)
+    assert shut.poll() == pytest.approx(0.05 + shut.sock.rto)  # (the persist timer only)
+    shut.at(2.0).out()
+    assert seen == []
 
 
 def test_rto_go_back_n_after_timeout() -> None:

@@ -70,6 +70,7 @@ from mitm_wg.net.ipv4 import (
     parse_quoted_ipv4,
 )
 from mitm_wg.net.ipv6 import build_ipv6, ipv6_header, parse_ipv6, parse_quoted_ipv6
+from mitm_wg.net.probe import PathProbe
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.net.tcp_wire import (
     ACK,
@@ -166,6 +167,8 @@ class StackStats:
         "no_socket",
         "packets_in",
         "packets_out",
+        "path_probe_replies",  # echo replies that answered one
+        "path_probes",  # questions to a path with pings (probe_path)
         "pmtu_told",  # ICMP errors we sent a peer about the path to us (tell_remote_path_mtu)
         "pmtu_updates",
         "rst_sent",
@@ -389,6 +392,14 @@ class Stack:
         #: TCP sockets that took their path for an MTU black hole (TcpConfig.blackhole_rtos)
         #: since the owner last emptied this list: the runtime confirms and spreads it
         self.blackholes: list[TcpSocket] = []
+        #: TCP sockets that saw signs of a black hole on their receiving side
+        #: (TcpConfig.rx_stall) since the owner last emptied this list: the runtime may ask
+        #: the path (probe_path)
+        self.rx_stalls: list[TcpSocket] = []
+        #: path probes under way, by echo identifier, and those decided since the owner
+        #: last emptied ``probes_done`` (their ``verdict`` set)
+        self._probes: dict[int, PathProbe] = {}
+        self.probes_done: list[PathProbe] = []
         self._v4 = [i.ip.packed for i in ifaces if i.version == 4]
         self._v6 = [i.ip.packed for i in ifaces if i.version == 6]
         self._local = frozenset(self._v4 + self._v6)
@@ -398,6 +409,8 @@ class Stack:
         base = tcp_config if tcp_config is not None else TcpConfig(mss=mtu - 40)
         if base.on_blackhole is None:
             base = dataclasses.replace(base, on_blackhole=self.blackholes.append)
+        if base.on_rx_stall is None:
+            base = dataclasses.replace(base, on_rx_stall=self.rx_stalls.append)
         self._cfg4 = dataclasses.replace(base, mss=mtu - 40)
         self._cfg6 = dataclasses.replace(base, mss=mtu - 60)
         self._randbytes = randbytes
@@ -518,6 +531,60 @@ class Stack:
             )
             self._out.append(build_ipv6(local, remote, 58, message))
         self.stats.pmtu_told += 1
+
+    def probe_path(
+        self, local: bytes, remote: bytes, big: int, small: int, now: float, interval: float
+    ) -> PathProbe:
+        """Ask the path from our address ``local`` to host ``remote`` whether IP packets of
+        ``big`` bytes pass when packets of ``small`` bytes do, with pings
+        (:class:`PathProbe`: three rounds ``interval`` seconds apart). The requests go out
+        from the next :meth:`poll`; the probe lands in ``probes_done`` with its verdict."""
+        idents = self._probes
+        ident = int.from_bytes(self._randbytes(2), "big")
+        while ident in idents:
+            ident = (ident + 1) & 0xFFFF
+        probe = PathProbe(local, remote, big, small, ident, now, interval)
+        idents[ident] = probe
+        self.stats.path_probes += 1
+        return probe
+
+    def cancel_probe(self, probe: PathProbe) -> None:
+        """Stop ``probe`` (the question was answered otherwise): nothing more goes out for
+        it, and it never lands in ``probes_done``."""
+        if self._probes.get(probe.ident) is probe:
+            del self._probes[probe.ident]
+
+    def _run_probes(self, now: float, out: list[bytes]) -> None:
+        for ident, probe in list(self._probes.items()):
+            probe.poll(now, out)
+            if probe.verdict is not None:
+                del self._probes[ident]
+                self.probes_done.append(probe)
+
+    def _probe_reply(self, p: IpPacket, rest: int) -> None:
+        probe = self._probes.get(rest >> 16)
+        if (
+            probe is not None
+            and probe.remote == p.src
+            and probe.on_reply(rest & 0xFFFF, len(p.payload))
+        ):
+            self.stats.path_probe_replies += 1
+            if probe.verdict is not None:
+                del self._probes[probe.ident]
+                self.probes_done.append(probe)
+
+    def _probe_fragment(self, buf: memoryview) -> None:
+        """A fragment (we reassemble none): the first one of a probe's echo reply counts
+        (``PathProbe.on_reply``)."""
+        hit = PathProbe.reply_fragment(buf)
+        if hit is not None:
+            src, rest = hit
+            probe = self._probes.get(rest >> 16)
+            if probe is not None and probe.remote == src and probe.on_reply(rest & 0xFFFF, None):
+                self.stats.path_probe_replies += 1
+                if probe.verdict is not None:
+                    del self._probes[probe.ident]
+                    self.probes_done.append(probe)
 
     def receive(
         self, packet: bytes | bytearray | memoryview, now: float, *, authenticated: bool = False
@@ -691,6 +758,8 @@ class Stack:
             stats.dropped_malformed += 1
             return
         if type(p) is not IpPacket:
+            if p is ParseError.FRAGMENT and self._probes:
+                self._probe_fragment(buf)
             self._count(p)  # type: ignore[arg-type]
             return
         if p.dst not in self._local:
@@ -746,6 +815,8 @@ class Stack:
         timers = self._timers
         if timers and timers[0][0] <= now:
             self._due(now)  # (adds them to dirty)
+        if self._probes:
+            self._run_probes(now, out)
         if not dirty:
             if len(timers) > 2 * len(deadline) + 64:
                 self._rebuild_timers()
@@ -831,6 +902,14 @@ class Stack:
         """The earliest time :meth:`poll` has work (a time in the past means "now")."""
         if self._out or self._dirty:
             return self._now
+        t = self._next_socket_deadline()
+        for probe in self._probes.values():
+            d = probe.deadline
+            if d is not None and (t is None or d < t):
+                t = d
+        return t
+
+    def _next_socket_deadline(self) -> float | None:
         timers = self._timers
         timer_at = self._timer_at
         deadline = self._deadline
@@ -1636,7 +1715,9 @@ class Stack:
                 self.stats.icmp_echo_answered += 1
             return
         if m.type != icmp.ICMP4_DEST_UNREACH:
-            return  # echo replies, time exceeded, ...: nothing to do
+            if m.type == icmp.ICMP4_ECHO_REPLY and self._probes:
+                self._probe_reply(p, m.rest)
+            return  # time exceeded, ...: nothing to do
         self.stats.icmp_errors_received += 1
         quoted = parse_quoted_ipv4(m.body)
         if quoted is None:
@@ -1676,8 +1757,12 @@ class Stack:
                 err = ConnectionRefusedError(errno.ECONNREFUSED, "ICMPv6 port unreachable")
             else:
                 err = OSError(errno.EHOSTUNREACH, f"ICMPv6 destination unreachable ({m.code})")
+        elif m.type == icmp.ICMP6_ECHO_REPLY:
+            if self._probes:
+                self._probe_reply(p, m.rest)
+            return
         else:
-            return  # informational (NDP, MLD, echo reply) or time exceeded/parameter problem
+            return  # informational (NDP, MLD) or time exceeded/parameter problem
         self.stats.icmp_errors_received += 1
         quoted = parse_quoted_ipv6(m.body)
         if quoted is None:
@@ -1741,6 +1826,25 @@ class Stack:
             self.stats.icmp_errors_ignored += 1
             return
         self.lower_path_mtu(dst, mtu)
+
+    def raise_path_mtu(self, remote: bytes, mtu: int) -> bool:
+        """The path to ``remote`` carries ``mtu`` bytes per IP packet again (the tunnel's
+        MTU at most): undo :meth:`lower_path_mtu` up to that, for the connections open to it
+        (their segments grow from the next one) and those opened later. True if it rose."""
+        current = self._pmtu.get(remote)
+        if current is None or current >= mtu:
+            return False
+        if mtu >= self.mtu:
+            del self._pmtu[remote]
+        else:
+            self._pmtu[remote] = mtu
+        mss = None if mtu >= self.mtu else mtu - (40 if len(remote) == 4 else 60)
+        logger.debug("path MTU to %s raised to %d", _addr_str(remote), min(mtu, self.mtu))
+        for key, sock in self._tcp.items():
+            if key[2] == remote:
+                sock.raise_path_mtu_mss(mss)
+                self._dirty[sock] = None
+        return True
 
     def lower_path_mtu(self, remote: bytes, mtu: int) -> bool:
         """The path to ``remote`` (raw address bytes) carries at most ``mtu`` bytes per IP

@@ -170,6 +170,17 @@ class TcpConfig:
     #: called with the socket when it takes its path for a black hole (the stack's hook:
     #: the runtime confirms it and shrinks the other connections through that peer)
     on_blackhole: Callable[[TcpSocket], None] | None = None
+    #: The receiving side of a black hole: the peer's full-sized segments vanish and ours
+    #: are small (a download), so the rule above never fires. Data expected and none
+    #: arriving in order for ``rx_stall`` seconds (at least three smoothed RTTs; once per
+    #: RCV.NXT), or only segments no larger than ``blackhole_mtu`` allows ever arriving,
+    #: calls ``on_rx_stall`` with the socket (the stack's hook; the runtime asks the path
+    #: with pings, ``Stack.probe_path``, unless a connection through it has received a
+    #: larger segment). Data is expected beyond a hole in what arrived (data held out of
+    #: order), and once all our data is acknowledged (a request: the answer is due, and a
+    #: server's full-sized segments may be all it sends). 0: off.
+    rx_stall: float = 1.0
+    on_rx_stall: Callable[[TcpSocket], None] | None = None
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
 
 
@@ -191,6 +202,7 @@ class TcpStats:
         "paws_rejected",
         "retransmits",
         "rto_expired",
+        "rx_stalls",  # signs of a receive-side black hole (TcpConfig.rx_stall)
         "segments_in",
         "segments_out",
         "syn_fast_retries",
@@ -364,6 +376,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
         self._ts_rto_floor: int | None = None
+        # rule rx-stall (tcp_timers.py): the RCV.NXT where data is expected, and when its
+        # absence counts as a stall
+        self._stall_seq = -1
+        self._stall_at: float | None = None
         self._syn_retries = 0
         self._last_progress = now
 
@@ -557,6 +573,11 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         return self._rtt.srtt
 
     @property
+    def largest_received(self) -> int:
+        """The largest segment payload received so far (536 until a larger one came)."""
+        return self._rcv_mss
+
+    @property
     def cwnd(self) -> int:
         return self._cc.cwnd
 
@@ -635,6 +656,15 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
             self._set_closed(error)
         elif self.state is not TcpState.CLOSED:
             self._soft_error = error
+
+    def raise_path_mtu_mss(self, mss: int | None) -> None:
+        """The path carries segments of ``mss`` bytes again (None: as many as the MSSs
+        allow): undo ``set_path_mtu_mss`` down to that (RFC 4821's raising of the MTU)."""
+        if mss is not None and mss >= self.config.mss:
+            mss = None
+        if self._pmtu_mss is not None and (mss is None or mss > self._pmtu_mss):
+            self._pmtu_mss = mss
+            self._update_smss()
 
     def set_path_mtu_mss(self, mss: int) -> None:
         """Path MTU discovery lowered the usable MSS (segments in flight are resent smaller)."""

@@ -179,7 +179,12 @@ class Receiver:
         range reported in no ACK (or in one lost on the way) looks lost to the sender's
         RACK, which retransmits it. As Linux, which sends its compressed SACK before a
         block would be evicted (tcp_sack_new_ofo_skb). The ACK is one of the duplicate
-        ACKs that Assembler.dup_acks_due counts; it waits in ``_pending`` for dispatch."""
+        ACKs that Assembler.dup_acks_due counts; it waits in ``_pending`` for dispatch.
+
+        Rule rx-stall starts here too: the first data held beyond a hole at this RCV.NXT
+        arms the stall timer (``TcpConfig.rx_stall``, ``Timers._arm_stall``)."""
+        if self._stall_seq != rcv_nxt:  # rx-stall: data held beyond a hole: the hole is due
+            self._arm_stall(now)
         asm = self._asm
         if self._ack_now and asm.size and self._sack_ok and not asm.extends_newest(seq):
             self._pending.append(self._make_seg(ACK, self._snd_max, b"", now))

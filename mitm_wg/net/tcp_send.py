@@ -484,6 +484,8 @@ class Sender:
             self._ack_now = True
         if self._persist_at is not None and now >= self._persist_at:
             self._persist_probe(now, out)
+        if self._stall_at is not None and now >= self._stall_at:
+            self._stall_timer()
         if self.config.keepalive is not None:
             self._keepalive(now, out)
             if self.state is TcpState.CLOSED:
@@ -632,6 +634,15 @@ class Sender:
             self._dupacks = 0
             if n > 0 and not cc.model_based:  # (BBR's cwnd follows its rate samples)
                 cc.on_ack(n, now, rtt.srtt, sample, ack, self._snd_max)
+        if (
+            ack == self._snd_max
+            and not sbuf
+            and self._stall_seq != self._rcv_nxt
+            and ack != self._iss + 1
+            and self.state is TcpState.ESTABLISHED
+        ):
+            # rule rx-stall: all our data (a request) is acknowledged: an answer is due
+            self._arm_stall(now)
         rack = self._rack
         if rack is None:
             if ack == self._snd_max:

@@ -5,7 +5,7 @@ timeout, keepalive, and ``poll_at`` (the earliest of every timer the socket runs
 
 from __future__ import annotations
 
-from mitm_wg.net.tcp_state import _ACK_STATES, _SEND_STATES, _SYN_STATES, TcpState
+from mitm_wg.net.tcp_state import _ACK_STATES, _RECV_STATES, _SEND_STATES, _SYN_STATES, TcpState
 from mitm_wg.net.tcp_wire import ACK, M32, TcpSegment
 from mitm_wg.net.tcp_wire import HALF as _HALF
 
@@ -59,6 +59,7 @@ class Timers:
             self._persist_at,
             self._linger_at,
             self._keepalive_at,
+            self._stall_at,
         ):
             if t is not None and (best is None or t < best):
                 best = t
@@ -133,6 +134,42 @@ class Timers:
         self.set_path_mtu_mss(target)
         if cfg.on_blackhole is not None:
             cfg.on_blackhole(self)  # type: ignore[arg-type]
+
+    def _stall_timer(self) -> None:
+        """The timer of rule rx-stall (armed by ``_sack_flush`` and ``_on_new_ack``): no
+        data arrived in order since it was armed, or only small segments ever did (none
+        larger than ``blackhole_mtu`` allows: a server's reply headers got through, the
+        rest may not) though the path we know of carries larger ones."""
+        self._stall_at = None
+        if self.state not in _RECV_STATES:
+            return
+        if self._rcv_nxt == self._stall_seq:
+            self._rx_stall()
+            return
+        small = self.config.blackhole_mtu - (40 if len(self.remote_addr) == 4 else 60)
+        pmtu_mss = self._pmtu_mss
+        if self._rcv_mss <= small and (pmtu_mss is None or pmtu_mss > small):
+            self._rx_stall()
+
+    def _arm_stall(self, now: float) -> None:
+        """Rule rx-stall: from now on data is expected at RCV.NXT (once per RCV.NXT): if none
+        arrives for ``TcpConfig.rx_stall`` seconds, at least three smoothed RTTs, the
+        timer calls ``_rx_stall``."""
+        self._stall_seq = self._rcv_nxt
+        wait = self.config.rx_stall
+        if wait:
+            srtt3 = 3.0 * (self._rtt.srtt or 0.0)
+            self._stall_at = now + (wait if wait > srtt3 else srtt3)
+
+    def _rx_stall(self) -> None:
+        """A sign that the peer's larger segments vanish on the way to us while its small
+        ones arrive (``TcpConfig.rx_stall``): a receiver-side black hole, or a path merely
+        losing them twice or three times over. The hook asks the path; no rule of ours
+        changes here."""
+        self.stats.rx_stalls += 1
+        hook = self.config.on_rx_stall
+        if hook is not None:
+            hook(self)  # type: ignore[arg-type]
 
     def retransmit_now(self) -> bool:
         """The path works again (a lower layer says so): stop waiting out the backed-off timer.
