@@ -28,6 +28,7 @@ import trio
 
 from mitm_wg.config import Endpoint, WireGuardConfig, format_endpoint
 from mitm_wg.errors import HandshakeTimeout, NoRoute, TunnelCrashed
+from mitm_wg.net.probe import PathProbe, Verdict
 from mitm_wg.net.stack import Stack, TcpListener, UdpSocket
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState
 from mitm_wg.runtime.dns import HostResolver, Resolver, TunnelDnsTransport, make_resolver
@@ -74,6 +75,12 @@ _GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPA
 _MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
 #: TCP states in which the peer may still send us data.
 _PEER_SENDS = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
+#: seconds before a path found fine by a probe (or a host that answered no ping) is asked
+#: again (``Tunnel._check_stalls``)
+PROBE_AGAIN = 60.0
+#: seconds before the path of an endpoint narrowed for a black hole is asked whether it
+#: carries full-sized packets again (``Tunnel._reprobe``; Linux's tcp_probe_interval)
+REPROBE_AFTER = 600.0
 #: getsockopt on a connected socket: the path MTU the kernel knows (Linux <netinet/in.h>).
 _IP_MTU = 14
 _IPV6_MTU = 24
@@ -210,6 +217,17 @@ class Tunnel:
         #: the peer, its handshakes then): data acknowledged since, on the same session,
         #: confirms it (``_watch_blackholes``).
         self._blackhole_watch: dict[TcpSocket, tuple[int, Peer, int]] = {}
+        #: Path probes under way -> (the endpoint, its peer, the peer's handshakes then,
+        #: whether it asks if a black hole is gone: ``_reprobe``); and when the last probe
+        #: of an endpoint found its path fine (or of a remote host, that answered no ping).
+        self._probing: dict[PathProbe, tuple[tuple[str, int], Peer, int, bool]] = {}
+        self._probed: dict[tuple[str, int] | bytes, float] = {}
+        #: Endpoints narrowed for a black hole -> when to ask whether it is gone (a path
+        #: that changed, a wrong verdict): every ``reprobe_after`` seconds, as Linux's TCP
+        #: probes the MTU up again (tcp_probe_interval); ``_reprobe_at`` the earliest.
+        self._holes: dict[tuple[str, int], float] = {}
+        self._reprobe_at = _NEVER
+        self.reprobe_after = REPROBE_AFTER
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
         self._probe_socket: SocketFactory = _probe_socket_factory
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
@@ -354,6 +372,8 @@ class Tunnel:
             best = d1
         if d2 is not None and d2 < best:
             best = d2
+        if self._reprobe_at < best:
+            best = self._reprobe_at
         return best
 
     def _flush(self, now: float | None = None, wake_all: bool = False) -> None:
@@ -392,9 +412,16 @@ class Tunnel:
         device = self.device
         out = self._datagrams
         ip_out = self._ip_out
-        if self.stack.blackholes or self._blackhole_watch:
-            self._watch_blackholes()  # (before the poll: what it changes goes out now)
-        self.stack.poll(now, ip_out, self._dispatched)
+        stack = self.stack
+        if stack.blackholes or self._blackhole_watch:
+            self._watch_blackholes(now)  # (before the poll: what it changes goes out now)
+        if now >= self._reprobe_at:
+            self._reprobe(now)
+        stack.poll(now, ip_out, self._dispatched)
+        if stack.rx_stalls or stack.probes_done:
+            # (timers in that poll found them: the probes and ICMP errors go out now)
+            self._check_stalls(now)
+            stack.poll(now, ip_out, self._dispatched)
         if ip_out:
             device.send_packets(ip_out, now, out)
             ip_out.clear()
@@ -533,7 +560,7 @@ class Tunnel:
         self._narrow(endpoint, path_mtu)
         return True
 
-    def _watch_blackholes(self) -> None:
+    def _watch_blackholes(self, now: float) -> None:
         """A connection took its path for an MTU black hole and resent in smaller segments
         (``TcpConfig.blackhole_rtos``): once one of those is acknowledged on the same
         WireGuard session, the full-sized ones were the trouble, not a dead or restarted
@@ -556,13 +583,133 @@ class Tunnel:
                 del watch[tcp]
                 key = peer.endpoint
                 outer = tcp.config.blackhole_mtu + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
-                self._narrow(key, outer, hole=True)
+                self._narrow(key, outer, hole=now)
 
-    def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole: bool = False) -> None:
+    def _check_stalls(self, now: float) -> None:
+        """A connection saw signs that its peer's full-sized segments vanish on the way to
+        us (``TcpConfig.rx_stall``; a download sends nothing large that could find the
+        hole itself): ask the path with pings through the tunnel to that peer
+        (``Stack.probe_path``: the tunnel's size and ``blackhole_mtu``, three rounds).
+        Only the small ones answered: a black hole, as ``_watch_blackholes`` would have
+        found it (``_narrow``: every connection through that endpoint shrinks, and the
+        servers of open ones are told). The same endpoint is asked again only
+        ``PROBE_AGAIN`` seconds after its path was found fine, a host that answered no
+        ping only after as long; a stalled connection through an endpoint already narrowed
+        has its server told again (the first ICMP error may have been lost)."""
+        stack, route = self.stack, self.device.route
+        for tcp in stack.rx_stalls:
+            peer = route(tcp.remote_addr)
+            if peer is None or peer.endpoint is None or tcp.is_closed:
+                continue
+            key = (peer.endpoint[0], peer.endpoint[1])
+            narrowed = self.narrow_paths.get(key)
+            if narrowed is not None:
+                if tcp.state in _PEER_SENDS:
+                    stack.tell_remote_path_mtu(tcp, narrowed)
+                continue
+            big, small = stack.path_mtu(tcp.remote_addr), tcp.config.blackhole_mtu
+            if (
+                big <= small
+                or any(k == key for k, _, _, _ in self._probing.values())
+                or now - self._probed.get(key, -PROBE_AGAIN) < PROBE_AGAIN
+                or now - self._probed.get(tcp.remote_addr, -PROBE_AGAIN) < PROBE_AGAIN
+            ):
+                continue
+            if self._carried_large(peer, small):
+                self._probed[key] = now
+                continue
+            interval = max(0.5, 2.0 * (tcp.srtt or 0.0))
+            probe = stack.probe_path(tcp.local_addr, tcp.remote_addr, big, small, now, interval)
+            self._probing[probe] = (key, peer, peer.handshakes_completed, False)
+        stack.rx_stalls.clear()
+        for probe in stack.probes_done:
+            key, peer, handshakes, up = self._probing.pop(probe)
+            verdict = probe.verdict
+            logger.debug(
+                "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
+                ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
+                probe.small, verdict.value if verdict else None,
+            )  # fmt: skip
+            if up:
+                if verdict is Verdict.FITS and key in self.narrow_paths:
+                    self._widen(key)
+            elif verdict is Verdict.UNKNOWN:
+                if len(self._probed) >= 1024:  # (hosts that answered no ping: forget old ones)
+                    self._probed = {k: t for k, t in self._probed.items() if now - t < PROBE_AGAIN}
+                self._probed[probe.remote] = now
+            elif verdict is Verdict.FITS or peer.handshakes_completed != handshakes:
+                self._probed[key] = now  # (a new session: the exit restarted, no hole)
+            elif peer.endpoint == key:
+                outer = probe.small + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
+                self._narrow(key, outer, hole=now)
+        stack.probes_done.clear()
+
+    def _reprobe(self, now: float) -> None:
+        """Ask the path of each endpoint narrowed for a black hole ``reprobe_after`` seconds
+        ago whether it carries the tunnel's full size again, with pings to the server of
+        one of its open connections (the tunnel's MTU, and the narrowed size that passes):
+        answered, it is wide again (``_widen``). With no connection open through it, ask
+        again ``PROBE_AGAIN`` seconds later."""
+        stack, route = self.stack, self.device.route
+        for key, due in list(self._holes.items()):
+            if due > now:
+                continue
+            self._holes[key] = now + self.reprobe_after
+            inner = self.narrow_paths.get(key)
+            if inner is None or any(k == key for k, _, _, _ in self._probing.values()):
+                continue
+            for tcp in stack.tcp_sockets:
+                peer = route(tcp.remote_addr)
+                if tcp.state is TcpState.ESTABLISHED and peer is not None and peer.endpoint == key:
+                    interval = max(0.5, 2.0 * (tcp.srtt or 0.0))
+                    probe = stack.probe_path(
+                        tcp.local_addr, tcp.remote_addr, stack.mtu, inner, now, interval
+                    )
+                    self._probing[probe] = (key, peer, peer.handshakes_completed, True)
+                    break
+            else:
+                self._holes[key] = now + PROBE_AGAIN
+        self._reprobe_at = min(self._holes.values(), default=_NEVER)
+
+    def _widen(self, key: tuple[str, int]) -> None:
+        """The path to endpoint ``key``, narrowed for a black hole, carries the tunnel's full
+        size again: connections through it, open ones included, go back to full-sized
+        segments, and those opened later offer the full MSS again."""
+        inner = self.narrow_paths.pop(key)
+        self._holes.pop(key, None)
+        self._reprobe_at = min(self._holes.values(), default=_NEVER)
+        logger.info(
+            "full-sized packets to WireGuard endpoint %s pass again: TCP through it sends "
+            "packets of up to %d bytes again",
+            format_endpoint(key), self.stack.mtu,
+        )  # fmt: skip
+        stack, route = self.stack, self.device.route
+        for tcp in stack.tcp_sockets:
+            peer = route(tcp.remote_addr)
+            if (
+                peer is not None
+                and peer.endpoint == key
+                and stack.path_mtu(tcp.remote_addr) == inner
+            ):
+                stack.raise_path_mtu(tcp.remote_addr, stack.mtu)
+
+    def _carried_large(self, peer: Peer, small: int) -> bool:
+        """An open connection through ``peer`` has received a segment in a packet larger than
+        ``small`` bytes: the path from there carries them, no need to ask it."""
+        route = self.device.route
+        for tcp in self.stack.tcp_sockets:
+            header = 40 if len(tcp.remote_addr) == 4 else 60
+            if tcp.largest_received + header > small and route(tcp.remote_addr) is peer:
+                return True
+        return False
+
+    def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole: float | None = None) -> None:
         """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
         TCP connection through a peer there, and those opened later, sends segments whose
         datagrams fit (``Stack.lower_path_mtu``) and offers that MSS in its SYN. Nothing
-        then waits on fragments, which IPv6 paths often drop, and GSO runs go out whole."""
+        then waits on fragments, which IPv6 paths often drop, and GSO runs go out whole.
+        ``hole``: the time a black hole was found (no ICMP error said so): its path is
+        asked again later (``_reprobe``)."""
         overhead = _ip_udp_overhead(endpoint)
         # Inner packets are padded to a multiple of 16 (within the MTU) before sealing.
         inner = (path_mtu - overhead - TRANSPORT_MIN_SIZE) & ~15
@@ -570,7 +717,13 @@ class Tunnel:
         new = inner < self.narrow_paths.get(key, self.stack.mtu)
         if new:
             self.narrow_paths[key] = inner
-            if hole:
+            for probe, (probed, _, _, _) in list(self._probing.items()):
+                if probed == key:  # (answered: its big pings would only vanish)
+                    self.stack.cancel_probe(probe)
+                    del self._probing[probe]
+            if hole is not None:
+                self._holes[key] = hole + self.reprobe_after
+                self._reprobe_at = min(self._reprobe_at, self._holes[key])
                 logger.warning(
                     "full-sized packets to WireGuard endpoint %s seem to vanish without an "
                     "ICMP error (a path MTU black hole: a narrower link, its errors dropped): TCP "
