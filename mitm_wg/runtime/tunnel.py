@@ -583,7 +583,7 @@ class Tunnel:
                 del watch[tcp]
                 key = peer.endpoint
                 outer = tcp.config.blackhole_mtu + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
-                self._narrow(key, outer, hole=now)
+                self._narrow(key, outer, hole_at=now)
 
     def _check_stalls(self, now: float) -> None:
         """A connection saw signs that its peer's full-sized segments vanish on the way to
@@ -641,7 +641,7 @@ class Tunnel:
                 self._probed[key] = now  # (a new session: the exit restarted, no hole)
             elif peer.endpoint == key:
                 outer = probe.small + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
-                self._narrow(key, outer, hole=now)
+                self._narrow(key, outer, hole_at=now)
         stack.probes_done.clear()
 
     def _reprobe(self, now: float) -> None:
@@ -703,12 +703,12 @@ class Tunnel:
                 return True
         return False
 
-    def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole: float | None = None) -> None:
+    def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole_at: float | None = None) -> None:
         """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
         TCP connection through a peer there, and those opened later, sends segments whose
         datagrams fit (``Stack.lower_path_mtu``) and offers that MSS in its SYN. Nothing
         then waits on fragments, which IPv6 paths often drop, and GSO runs go out whole.
-        ``hole``: the time a black hole was found (no ICMP error said so): its path is
+        ``hole_at``: the time a black hole was found (no ICMP error said so): its path is
         asked again later (``_reprobe``)."""
         overhead = _ip_udp_overhead(endpoint)
         # Inner packets are padded to a multiple of 16 (within the MTU) before sealing.
@@ -721,8 +721,8 @@ class Tunnel:
                 if probed == key:  # (answered: its big pings would only vanish)
                     self.stack.cancel_probe(probe)
                     del self._probing[probe]
-            if hole is not None:
-                self._holes[key] = hole + self.reprobe_after
+            if hole_at is not None:
+                self._holes[key] = hole_at + self.reprobe_after
                 self._reprobe_at = min(self._reprobe_at, self._holes[key])
                 logger.warning(
                     "full-sized packets to WireGuard endpoint %s seem to vanish without an "
