@@ -34,6 +34,14 @@ TUNNEL = "holey"
 SIZE = 5 * 1024 * 1024
 
 
+def assert_warned_once(proxy: Mitmdump, relay: ImpairedRelay) -> None:
+    """The addon's log names the hole's endpoint once, and the MTU to configure."""
+    host, port = relay.address
+    warning = f"full-sized packets to WireGuard endpoint {host}:{port} seem to vanish without"
+    log = proxy.text()
+    assert log.count(warning) == 1 and "MTU = 1200 in the config" in log, log[-3000:]
+
+
 @pytest.fixture(scope="module")
 def relay(exit_peer: ExitPeer) -> Iterator[ImpairedRelay]:
     hole = Impairment(max_size=1400 - 28)
@@ -57,10 +65,7 @@ def test_upload_then_download_through_a_black_hole(
 ) -> None:
     https_upload(exit_peer, proxy, workdir, pattern(SIZE)[::-1])
     assert relay.up.dropped > 0
-    host, port = relay.address
-    warning = f"full-sized packets to WireGuard endpoint {host}:{port} seem to vanish without"
-    log = proxy.text()
-    assert log.count(warning) == 1 and "MTU = 1200 in the config" in log, log[-3000:]
+    assert_warned_once(proxy, relay)
 
     dropped = relay.up.dropped, relay.down.dropped
     r = curl(
@@ -122,10 +127,7 @@ def test_downloads_alone_find_the_black_hole(
         assert relay.up.dropped == 3 and relay.down.dropped > 0
     else:
         assert relay.up.dropped > 0
-    host, port = relay.address
-    warning = f"full-sized packets to WireGuard endpoint {host}:{port} seem to vanish without"
-    log = proxy.text()
-    assert log.count(warning) == 1 and "MTU = 1200 in the config" in log, log[-3000:]
+    assert_warned_once(proxy, relay)
 
     dropped = relay.up.dropped, relay.down.dropped
     r = curl(exit_peer.client_ns, *args, max_time=60)

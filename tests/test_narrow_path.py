@@ -24,17 +24,18 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from e2e_helpers import run_origin
-from test_runtime_interop import exit_tunnel
+from test_runtime_interop import exit_tunnel, get_pattern
 
 from harness import ExitPeer, ImpairedRelay, Impairment, Netns, narrow_link, origin_behind
 from mitm_wg.net.tcp import TcpConfig
+from mitm_wg.runtime.tunnel import Tunnel
 from tests.runtime_helpers import http_get, http_post_json, http_request, pattern_sha256
 
 MB = 1024 * 1024
@@ -82,6 +83,21 @@ class OldKernelSocket:
             if e.errno == errno.EMSGSIZE:
                 raise OSError(errno.EINVAL, "Invalid argument") from None
             raise
+
+
+@contextlib.asynccontextmanager
+async def holey_tunnel(peer: ExitPeer, **kw: Any) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
+    """Our tunnel to ``peer`` through a path MTU black hole: a relay that drops every
+    datagram longer than a 1400-byte IPv4 path carries (1372 bytes of UDP payload), both
+    ways, without an ICMP error; small ones pass. ``kw`` go to ``open_tunnel``."""
+    hole = Impairment(max_size=PATH_MTU - 28)
+    with ImpairedRelay(
+        peer.endpoint, listen=("127.0.0.1", 0), seed=1, up=hole, down=hole,
+        socket_factory=peer.client_ns.socket,
+    ) as relay:  # fmt: skip
+        text = peer.client_config_text(endpoint=relay.address)
+        async with exit_tunnel(peer, text, **kw) as (tunnel, _):
+            yield tunnel, relay
 
 
 @contextlib.contextmanager
@@ -209,44 +225,36 @@ async def test_a_black_hole_for_full_sized_packets(exit_peer: ExitPeer) -> None:
     (The receiver's rule, which would find the hole from the stalled download alone, is
     off here: the next test has it.)"""
     peer = exit_peer
-    hole = Impairment(max_size=PATH_MTU - 28)
-    with ImpairedRelay(
-        peer.endpoint, listen=("127.0.0.1", 0), seed=1, up=hole, down=hole,
-        socket_factory=peer.client_ns.socket,
-    ) as relay:  # fmt: skip
-        text = peer.client_config_text(endpoint=relay.address)
-        async with exit_tunnel(peer, text, tcp_config=TcpConfig(rx_stall=0)) as (tunnel, _):
-            with trio.fail_after(60):
-                stalled = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                got: list[Any] = []
+    async with holey_tunnel(peer, tcp_config=TcpConfig(rx_stall=0)) as (tunnel, relay):
+        with trio.fail_after(60):
+            stalled = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            got: list[Any] = []
 
-                async def download() -> None:
-                    got.append(await http_get(stalled, f"/bytes/{5 * MB}"))
+            async def download() -> None:
+                got.append(await http_get(stalled, f"/bytes/{5 * MB}"))
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(download)
-                    while relay.down.dropped == 0:  # the server's segments vanish
-                        await trio.sleep(0.01)
-                    stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                    result = await http_post_json(stream, "/upload", 5 * MB)
-                    assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
-                    assert stream._sock.stats.blackhole_shrinks == 1
-                    await stream.aclose()
-                assert got[0].status == 200 and got[0].size == 5 * MB
-                assert got[0].sha256 == pattern_sha256(5 * MB)
-                await stalled.aclose()
-                assert relay.up.dropped > 0
-                assert tunnel.narrow_paths == {relay.address: 1200}
-                assert tunnel.stack.stats.pmtu_told == 2  # (the stalled download, the upload)
-
-                dropped = relay.up.dropped, relay.down.dropped
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(download)
+                while relay.down.dropped == 0:  # the server's segments vanish
+                    await trio.sleep(0.01)
                 stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                resp = await http_get(stream, f"/bytes/{5 * MB}")
-                assert resp.status == 200 and resp.size == 5 * MB
-                assert resp.sha256 == pattern_sha256(5 * MB)
+                result = await http_post_json(stream, "/upload", 5 * MB)
+                assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
+                assert stream._sock.stats.blackhole_shrinks == 1
                 await stream.aclose()
-                await post(tunnel, peer.server_tunnel_v4, peer.http_port, 5 * MB)
-                assert (relay.up.dropped, relay.down.dropped) == dropped
+            assert got[0].status == 200 and got[0].size == 5 * MB
+            assert got[0].sha256 == pattern_sha256(5 * MB)
+            await stalled.aclose()
+            assert relay.up.dropped > 0
+            assert tunnel.narrow_paths == {relay.address: 1200}
+            assert tunnel.stack.stats.pmtu_told == 2  # (the stalled download, the upload)
+
+            dropped = relay.up.dropped, relay.down.dropped
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(stream, 5 * MB)
+            await stream.aclose()
+            await post(tunnel, peer.server_tunnel_v4, peer.http_port, 5 * MB)
+            assert (relay.up.dropped, relay.down.dropped) == dropped
 
 
 async def test_an_exit_restart_mid_upload_is_no_black_hole(fresh_exit_peer: ExitPeer) -> None:
@@ -288,36 +296,28 @@ async def test_a_black_hole_a_download_only_tunnel_finds(fresh_exit_peer: ExitPe
     segment of ours ever finds the hole and the sender's rule above never fires. The
     server's full-sized segments vanish; wireguard-go + Linux stall there for good.
 
-    Our receiver notices the stall (a hole in the data that does not fill), and the tunnel
-    asks the path with two pings through the tunnel to that server: one of the tunnel's
-    full size, one of 1200 bytes. Only the small one comes back: the tunnel shrinks every
+    Our receiver notices the stall (the response's headers came, in a small segment, and
+    nothing more for a second), and the tunnel asks the path with two pings through the
+    tunnel to that server: one of the tunnel's full size, one of 1200 bytes. Only the small one comes back: the tunnel shrinks every
     connection through that endpoint and tells the server, as a router would, that the
     path to us is narrower; the download ends byte-exact, and a new connection's download
     (its SYN asks for small segments) loses nothing more to the hole."""
     peer = fresh_exit_peer
-    hole = Impairment(max_size=PATH_MTU - 28)
-    with ImpairedRelay(
-        peer.endpoint, listen=("127.0.0.1", 0), seed=1, up=hole, down=hole,
-        socket_factory=peer.client_ns.socket,
-    ) as relay:  # fmt: skip
-        text = peer.client_config_text(endpoint=relay.address)
-        async with exit_tunnel(peer, text) as (tunnel, _):
-            with trio.fail_after(60):
-                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                resp = await http_get(stream, f"/bytes/{5 * MB}")
-                assert resp.status == 200 and resp.size == 5 * MB
-                assert resp.sha256 == pattern_sha256(5 * MB)
-                await stream.aclose()
-                assert relay.down.dropped > 0
-                assert tunnel.narrow_paths == {relay.address: 1200}
+    async with holey_tunnel(peer) as (tunnel, relay):
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(stream, 5 * MB)
+            await stream.aclose()
+            assert relay.down.dropped > 0
+            assert relay.up.dropped == 3  # the big pings: the only full-sized packets we sent
+            assert tunnel.stack.stats.path_probes == 1
+            assert tunnel.narrow_paths == {relay.address: 1200}
 
-                dropped = relay.up.dropped, relay.down.dropped
-                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                resp = await http_get(stream, f"/bytes/{5 * MB}")
-                assert resp.status == 200 and resp.size == 5 * MB
-                assert resp.sha256 == pattern_sha256(5 * MB)
-                await stream.aclose()
-                assert (relay.up.dropped, relay.down.dropped) == dropped
+            dropped = relay.up.dropped, relay.down.dropped
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(stream, 5 * MB)
+            await stream.aclose()
+            assert (relay.up.dropped, relay.down.dropped) == dropped
 
 
 async def test_a_black_hole_that_goes_away(
@@ -332,43 +332,35 @@ async def test_a_black_hole_that_goes_away(
     MSS, and its upload ends byte-exact."""
     peer = fresh_exit_peer
     caplog.set_level(logging.INFO, logger="mitm_wg")
-    hole = Impairment(max_size=PATH_MTU - 28)
-    with ImpairedRelay(
-        peer.endpoint, listen=("127.0.0.1", 0), seed=1, up=hole, down=hole,
-        socket_factory=peer.client_ns.socket,
-    ) as relay:  # fmt: skip
-        text = peer.client_config_text(endpoint=relay.address)
-        async with exit_tunnel(peer, text) as (tunnel, _):
-            tunnel.reprobe_after = 2.0
-            stats = tunnel.stack.stats
-            with trio.fail_after(60):
-                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                resp = await http_get(stream, f"/bytes/{MB}")
-                assert resp.status == 200 and resp.sha256 == pattern_sha256(MB)
-                assert tunnel.narrow_paths == {relay.address: 1200}
-                assert stats.path_probes == 1 and stream._sock._smss == 1200 - 52
-                while stats.path_probes == 1 or tunnel._probing:  # asked again: still a hole
-                    await trio.sleep(0.05)
-                assert tunnel.narrow_paths == {relay.address: 1200}
-                dropped = relay.up.dropped
+    async with holey_tunnel(peer) as (tunnel, relay):
+        tunnel.reprobe_after = 2.0
+        stats = tunnel.stack.stats
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(stream, MB)
+            assert tunnel.narrow_paths == {relay.address: 1200}
+            assert stats.path_probes == 1 and stream._sock._smss == 1200 - 52
+            while stats.path_probes == 1 or tunnel._probing:  # asked again: still a hole
+                await trio.sleep(0.05)
+            assert tunnel.narrow_paths == {relay.address: 1200}
+            dropped = relay.up.dropped
 
-                relay.set_impairment(Impairment())
-                while tunnel.narrow_paths:
-                    await trio.sleep(0.05)
-                assert relay.up.dropped == dropped
-                assert stats.path_probes == 3 and stream._sock._smss == 1420 - 52
-                host, port = relay.address
-                assert f"full-sized packets to WireGuard endpoint {host}:{port} pass again" in (
-                    caplog.text
-                )
-                resp = await http_get(stream, f"/bytes/{MB}")  # (still open and working)
-                assert resp.status == 200 and resp.sha256 == pattern_sha256(MB)
-                await stream.aclose()
-                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-                # our SYN offered the full MSS (the server, told of 1200 by our ICMP error,
-                # keeps that for its ten minutes: its SYN-ACK offers 1160)
-                assert stream._sock._pmtu_mss is None
-                assert tunnel.stack.path_mtu(peer.server_tunnel_v4) == 1420
-                result = await http_post_json(stream, "/upload", 5 * MB)
-                assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
-                await stream.aclose()
+            relay.set_impairment(Impairment())
+            while tunnel.narrow_paths:
+                await trio.sleep(0.05)
+            assert relay.up.dropped == dropped
+            assert stats.path_probes == 3 and stream._sock._smss == 1420 - 52
+            host, port = relay.address
+            assert f"full-sized packets to WireGuard endpoint {host}:{port} pass again" in (
+                caplog.text
+            )
+            await get_pattern(stream, MB)  # (still open and working)
+            await stream.aclose()
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            # our SYN offered the full MSS (the server, told of 1200 by our ICMP error,
+            # keeps that for its ten minutes: its SYN-ACK offers 1160)
+            assert stream._sock._pmtu_mss is None
+            assert tunnel.stack.path_mtu(peer.server_tunnel_v4) == 1420
+            result = await http_post_json(stream, "/upload", 5 * MB)
+            assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
+            await stream.aclose()
