@@ -941,8 +941,9 @@ def test_an_estimate_far_too_low_is_not_held_there_by_the_cap() -> None:
     """Losses that end STARTUP early (a path MTU drop: the path refused our segment size)
     can leave btl_bw at a few KB/s; every real sample is then above the 2.5x cap, and it
     stayed there (an upload through a narrowed path ran at 7-19 KB/s for good on a loaded
-    machine). A sample over a few segments is no artefact of forgotten SACKs or resent
-    data: it is taken whatever the cap; a large one above it still is not."""
+    machine). While its BDP is below four segments, a sample over at most that many is
+    taken whatever the cap; a large one above it still is not, nor a small one above the
+    cap of a healthy estimate (a burst of ACKs after a recovery makes such samples)."""
     p = to_probe_bw(3, bw=7e3)
     bbr = p.bbr
     assert bbr.btl_bw == pytest.approx(7e3)
@@ -950,6 +951,9 @@ def test_an_estimate_far_too_low_is_not_held_there_by_the_cap() -> None:
     assert bbr.btl_bw == pytest.approx(3.8e6)
     p.round(3.8e6 * 3, rtt=0.05)  # 570 kB at 2.5 x and more: an artefact still
     assert bbr.btl_bw == pytest.approx(3.8e6)
+    healthy = to_probe_bw(3, bw=50e6)  # a BDP of 2.5 MB
+    healthy.round(200e6, rtt=0.00002)  # 4000 bytes at 4 x
+    assert healthy.bbr.btl_bw == pytest.approx(50e6)
 
 
 def test_cumulative_ack_over_sacked_data_counts_it_once() -> None:

@@ -283,13 +283,16 @@ class Bbr:
                 # scoreboard forgot, or that an RTO resent — and one such sample would
                 # rule the max filter for 10 rounds. (Not in STARTUP: its first samples
                 # can be tiny, app-limited ones.)
-                # The artefact is a sample over much data: one of a few segments is
-                # taken at any rate (else an estimate that got too low stays there: every
-                # real sample is above the cap; seen after a path MTU drop whose losses
-                # ended the startup at a few KB/s).
+                # The artefact is a sample over much data. An estimate whose BDP is below
+                # a few segments takes a sample of at most that many at any rate: it can
+                # get no larger ones (the window is at its floor), and every real one is
+                # above its cap (seen after a path MTU drop whose losses ended the startup
+                # at a few KB/s: the estimate stayed there). A healthy estimate keeps the
+                # cap for them too: a burst of ACKs after a recovery makes such samples.
                 cap = 2.5 * self.btl_bw if self._full_bw_reached else _INF
+                few = FEW_SEGMENTS * self.smss
                 if (not rs.is_app_limited or bw >= self.btl_bw) and (
-                    bw <= cap or rs.delivered <= FEW_SEGMENTS * self.smss
+                    bw <= cap or (rs.delivered <= few and self.btl_bw * self.min_rtt < few)
                 ):
                     self._bw_update(bw)
         if delivered > 0 and rs is not None:
