@@ -86,13 +86,20 @@ class OldKernelSocket:
 
 
 @contextlib.asynccontextmanager
-async def holey_tunnel(peer: ExitPeer, **kw: Any) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
+async def holey_tunnel(
+    peer: ExitPeer, family: int = 4, **kw: Any
+) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
     """Our tunnel to ``peer`` through a path MTU black hole: a relay that drops every
-    datagram longer than a 1400-byte IPv4 path carries (1372 bytes of UDP payload), both
-    ways, without an ICMP error; small ones pass. ``kw`` go to ``open_tunnel``."""
-    hole = Impairment(max_size=PATH_MTU - 28)
+    datagram longer than a 1400-byte path carries (1372 bytes of UDP payload over IPv4,
+    1352 over IPv6: ``family`` of the endpoint), both ways, without an ICMP error; small
+    ones pass. ``kw`` go to ``open_tunnel``."""
+    if family == 4:
+        target, listen, hole = peer.endpoint, "127.0.0.1", Impairment(max_size=PATH_MTU - 28)
+    else:
+        assert peer.endpoint_v6 is not None
+        target, listen, hole = peer.endpoint_v6, "::1", Impairment(max_size=PATH_MTU - 48)
     with ImpairedRelay(
-        peer.endpoint, listen=("127.0.0.1", 0), seed=1, up=hole, down=hole,
+        target, listen=(listen, 0), seed=1, up=hole, down=hole,
         socket_factory=peer.client_ns.socket,
     ) as relay:  # fmt: skip
         text = peer.client_config_text(endpoint=relay.address)
@@ -291,7 +298,10 @@ async def test_an_exit_restart_mid_upload_is_no_black_hole(fresh_exit_peer: Exit
             await stream.aclose()
 
 
-async def test_a_black_hole_a_download_only_tunnel_finds(fresh_exit_peer: ExitPeer) -> None:
+@pytest.mark.parametrize("family", [4, 6], ids=["v4-endpoint", "v6-endpoint"])
+async def test_a_black_hole_a_download_only_tunnel_finds(
+    fresh_exit_peer: ExitPeer, family: int
+) -> None:
     """The same black hole, and nothing but downloads: requests and ACKs are small, so no
     segment of ours ever finds the hole and the sender's rule above never fires. The
     server's full-sized segments vanish; wireguard-go + Linux stall there for good.
@@ -301,9 +311,10 @@ async def test_a_black_hole_a_download_only_tunnel_finds(fresh_exit_peer: ExitPe
     tunnel to that server: one of the tunnel's full size, one of 1200 bytes. Only the small one comes back: the tunnel shrinks every
     connection through that endpoint and tells the server, as a router would, that the
     path to us is narrower; the download ends byte-exact, and a new connection's download
-    (its SYN asks for small segments) loses nothing more to the hole."""
+    (its SYN asks for small segments) loses nothing more to the hole. The same behind an
+    IPv6 endpoint (1200 bytes plus a WireGuard layer over IPv6 fit IPv6's 1280)."""
     peer = fresh_exit_peer
-    async with holey_tunnel(peer) as (tunnel, relay):
+    async with holey_tunnel(peer, family) as (tunnel, relay):
         with trio.fail_after(60):
             stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
             await get_pattern(stream, 5 * MB)
