@@ -35,11 +35,13 @@ from test_runtime_interop import exit_tunnel, get_pattern
 
 from harness import ExitPeer, ImpairedRelay, Impairment, Netns, narrow_link, origin_behind
 from mitm_wg.net.tcp import TcpConfig
-from mitm_wg.runtime.tunnel import Tunnel
+from mitm_wg.runtime.tunnel import Tunnel, TunnelStream
 from tests.runtime_helpers import http_get, http_post_json, http_request, pattern_sha256
 
 MB = 1024 * 1024
 PATH_MTU = 1400
+#: a 1400-byte path that drops larger packets without a word, under an IPv4 or IPv6 endpoint
+HOLE = {4: Impairment(max_size=PATH_MTU - 28), 6: Impairment(max_size=PATH_MTU - 48)}
 
 
 def snmp(ns: Netns, name: str) -> int:
@@ -87,19 +89,21 @@ class OldKernelSocket:
 
 @contextlib.asynccontextmanager
 async def holey_tunnel(
-    peer: ExitPeer, family: int = 4, **kw: Any
+    peer: ExitPeer, family: int = 4, *, hole: bool = True, **kw: Any
 ) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
     """Our tunnel to ``peer`` through a path MTU black hole: a relay that drops every
     datagram longer than a 1400-byte path carries (1372 bytes of UDP payload over IPv4,
     1352 over IPv6: ``family`` of the endpoint), both ways, without an ICMP error; small
-    ones pass. ``kw`` go to ``open_tunnel``."""
+    ones pass (``HOLE``). ``hole=False``: not yet (``relay.set_impairment(HOLE[family])``
+    opens it). ``kw`` go to ``open_tunnel``."""
     if family == 4:
-        target, listen, hole = peer.endpoint, "127.0.0.1", Impairment(max_size=PATH_MTU - 28)
+        target, listen = peer.endpoint, "127.0.0.1"
     else:
         assert peer.endpoint_v6 is not None
-        target, listen, hole = peer.endpoint_v6, "::1", Impairment(max_size=PATH_MTU - 48)
+        target, listen = peer.endpoint_v6, "::1"
+    impairment = HOLE[family] if hole else Impairment()
     with ImpairedRelay(
-        target, listen=(listen, 0), seed=1, up=hole, down=hole,
+        target, listen=(listen, 0), seed=1, impairment=impairment,
         socket_factory=peer.client_ns.socket,
     ) as relay:  # fmt: skip
         text = peer.client_config_text(endpoint=relay.address)
@@ -375,3 +379,64 @@ async def test_a_black_hole_that_goes_away(
             result = await http_post_json(stream, "/upload", 5 * MB)
             assert result == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
             await stream.aclose()
+
+
+async def test_a_black_hole_that_opens_mid_session(fresh_exit_peer: ExitPeer) -> None:
+    """The path carried full-sized packets (a download; its connection stays open), then
+    it turns into a black hole (the laptop moved to a line that drops them, ICMP errors
+    and all). What came before proves nothing about the path now: a new connection's
+    download stalls, the tunnel asks the path, and it ends byte-exact."""
+    peer = fresh_exit_peer
+    async with holey_tunnel(peer, hole=False) as (tunnel, relay):
+        with trio.fail_after(60):
+            before = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(before, MB)
+            assert before._sock._rcv_mss == 1420 - 52 and relay.down.dropped == 0
+            relay.set_impairment(HOLE[4])
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(stream, 5 * MB)
+            assert relay.down.dropped > 0
+            assert tunnel.narrow_paths == {relay.address: 1200}
+            assert tunnel.stack.stats.path_probes == 1
+            await stream.aclose()
+            await before.aclose()
+
+
+async def test_a_slow_server_on_a_sound_path(fresh_exit_peer: ExitPeer) -> None:
+    """A server that takes its time (here: a request whose end never comes) shows the
+    same sign as a black hole: our request acknowledged, no answer for a second. While
+    larger packets keep coming through the tunnel (a download beside it) the tunnel does
+    not ask the path. Alone, it asks once: the big ping comes back (FITS), nothing
+    narrows, and another slow answer within a minute is not asked about again. (An exit
+    of its own: the others here were told of a 1200-byte path, and keep that for ten
+    minutes.)"""
+    peer = fresh_exit_peer
+
+    async def slow_request(tunnel: Tunnel) -> TunnelStream:
+        stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+        await stream.send_all(b"GET /bytes/1 HTTP/1.1\r\nHost: x\r\n")  # (no end of head)
+        while stream._sock.stats.rx_stalls == 0:
+            await trio.sleep(0.05)
+        return stream
+
+    async with exit_tunnel(peer) as (tunnel, _):
+        stats = tunnel.stack.stats
+        with trio.fail_after(60):
+            download = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(get_pattern, download, 50 * MB)
+                while download._sock._rcv_mss < 1368:  # (under way)
+                    await trio.sleep(0.001)
+                beside = await slow_request(tunnel)
+            assert stats.path_probes == 0
+
+            alone = await slow_request(tunnel)
+            while tunnel._probing or stats.path_probes == 0:
+                await trio.sleep(0.05)
+            assert stats.path_probes == 1 and stats.path_probe_replies >= 1
+            assert tunnel.narrow_paths == {}
+            again = await slow_request(tunnel)
+            await trio.sleep(0.1)
+            assert stats.path_probes == 1
+            for stream in (download, beside, alone, again):
+                await stream.aclose()

@@ -468,6 +468,11 @@ class Stack:
     # ------------------------------------------------------------------ public API
 
     @property
+    def tcp_config(self) -> TcpConfig:
+        """The configuration IPv4 sockets are made with (IPv6 ones differ in the MSS)."""
+        return self._cfg4
+
+    @property
     def tcp_sockets(self) -> list[TcpSocket]:
         return list(self._tcp.values())
 

@@ -175,8 +175,8 @@ class TcpConfig:
     #: arriving in order for ``rx_stall`` seconds (at least three smoothed RTTs; once per
     #: RCV.NXT), or only segments no larger than ``blackhole_mtu`` allows ever arriving,
     #: calls ``on_rx_stall`` with the socket (the stack's hook; the runtime asks the path
-    #: with pings, ``Stack.probe_path``, unless a connection through it has received a
-    #: larger segment). Data is expected beyond a hole in what arrived (data held out of
+    #: with pings, ``Stack.probe_path``, unless larger packets came through the tunnel
+    #: since ``stall_since``). Data is expected beyond a hole in what arrived (data held out of
     #: order), and once all our data is acknowledged (a request: the answer is due, and a
     #: server's full-sized segments may be all it sends). 0: off.
     rx_stall: float = 1.0
@@ -380,6 +380,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         # absence counts as a stall
         self._stall_seq = -1
         self._stall_at: float | None = None
+        self._stall_since = 0.0
         self._syn_retries = 0
         self._last_progress = now
 
@@ -573,9 +574,9 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         return self._rtt.srtt
 
     @property
-    def largest_received(self) -> int:
-        """The largest segment payload received so far (536 until a larger one came)."""
-        return self._rcv_mss
+    def stall_since(self) -> float:
+        """Since when data has been due (rule rx-stall; valid once it reported a stall)."""
+        return self._stall_since
 
     @property
     def cwnd(self) -> int:

@@ -156,6 +156,7 @@ class Timers:
         arrives for ``TcpConfig.rx_stall`` seconds, at least three smoothed RTTs, the
         timer calls ``_rx_stall``."""
         self._stall_seq = self._rcv_nxt
+        self._stall_since = now
         wait = self.config.rx_stall
         if wait:
             srtt3 = 3.0 * (self._rtt.srtt or 0.0)

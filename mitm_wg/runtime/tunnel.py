@@ -222,6 +222,12 @@ class Tunnel:
         #: of an endpoint found its path fine (or of a remote host, that answered no ping).
         self._probing: dict[PathProbe, tuple[tuple[str, int], Peer, int, bool]] = {}
         self._probed: dict[tuple[str, int] | bytes, float] = {}
+        #: When a datagram larger than a black hole would let through (an inner packet
+        #: over ``blackhole_mtu``) last came from each endpoint (``_drain``): the path
+        #: from there carried one, and a connection that waits since before then waits
+        #: for a slow server, not behind a hole.
+        self._large_at: dict[tuple[str, int], float] = {}
+        self._large = stack.tcp_config.blackhole_mtu + TRANSPORT_MIN_SIZE
         #: Endpoints narrowed for a black hole -> when to ask whether it is gone (a path
         #: that changed, a wrong verdict): every ``reprobe_after`` seconds, as Linux's TCP
         #: probes the MTU up again (tcp_probe_interval); ``_reprobe_at`` the earliest.
@@ -269,8 +275,6 @@ class Tunnel:
         has UDP GRO, so one ``recvmsg`` may return a run of datagrams (one syscall and one
         call for up to 64 KiB of them, as wireguard-go reads), split here at the size the
         kernel reports, the last one possibly shorter; else one ``recvfrom`` each."""
-        receive = self.device.receive_datagrams
-        out, packets = self._datagrams, self._packets
         recvfrom = sock.recvfrom
         recvmsg = sock.recvmsg if gro else None
         budget = MAX_BATCH
@@ -292,7 +296,7 @@ class Tunnel:
                 break
             if address != run_from:
                 if run:
-                    receive(run, (run_from[0], run_from[1]), now, out, packets)
+                    self._received(run, run_from, now)
                     run = []
                 run_from = address
             if ancdata or flags:  # a coalesced run (or a truncated read)
@@ -314,7 +318,14 @@ class Tunnel:
             run.append(data)
             budget -= 1
         if run:
-            receive(run, (run_from[0], run_from[1]), now, out, packets)
+            self._received(run, run_from, now)
+
+    def _received(self, run: list[bytes | memoryview], address: Any, now: float) -> None:
+        """Hand a run of datagrams from ``address`` to the device; note a large one."""
+        key = (address[0], address[1])
+        if max(map(len, run)) > self._large:
+            self._large_at[key] = now
+        self.device.receive_datagrams(run, key, now, self._datagrams, self._packets)
 
     async def _timer(self) -> None:
         timer = open_timerfd()
@@ -588,8 +599,10 @@ class Tunnel:
     def _check_stalls(self, now: float) -> None:
         """A connection saw signs that its peer's full-sized segments vanish on the way to
         us (``TcpConfig.rx_stall``; a download sends nothing large that could find the
-        hole itself): ask the path with pings through the tunnel to that peer
-        (``Stack.probe_path``: the tunnel's size and ``blackhole_mtu``, three rounds).
+        hole itself): unless a large datagram came from its endpoint since the connection
+        began waiting (the path carries them: a slow server), ask the path with pings
+        through the tunnel to that peer (``Stack.probe_path``: the tunnel's size and
+        ``blackhole_mtu``, three rounds).
         Only the small ones answered: a black hole, as ``_watch_blackholes`` would have
         found it (``_narrow``: every connection through that endpoint shrinks, and the
         servers of open ones are told). The same endpoint is asked again only
@@ -615,9 +628,8 @@ class Tunnel:
                 or now - self._probed.get(tcp.remote_addr, -PROBE_AGAIN) < PROBE_AGAIN
             ):
                 continue
-            if self._carried_large(peer, small):
-                self._probed[key] = now
-                continue
+            if self._large_at.get(key, -1.0) > tcp.stall_since:
+                continue  # (the path carries large packets: a slow server)
             interval = max(0.5, 2.0 * (tcp.srtt or 0.0))
             probe = stack.probe_path(tcp.local_addr, tcp.remote_addr, big, small, now, interval)
             self._probing[probe] = (key, peer, peer.handshakes_completed, False)
@@ -692,16 +704,6 @@ class Tunnel:
                 and stack.path_mtu(tcp.remote_addr) == inner
             ):
                 stack.raise_path_mtu(tcp.remote_addr, stack.mtu)
-
-    def _carried_large(self, peer: Peer, small: int) -> bool:
-        """An open connection through ``peer`` has received a segment in a packet larger than
-        ``small`` bytes: the path from there carries them, no need to ask it."""
-        route = self.device.route
-        for tcp in self.stack.tcp_sockets:
-            header = 40 if len(tcp.remote_addr) == 4 else 60
-            if tcp.largest_received + header > small and route(tcp.remote_addr) is peer:
-                return True
-        return False
 
     def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole_at: float | None = None) -> None:
         """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
