@@ -641,7 +641,8 @@ class Sender:
             and ack != self._iss + 1
             and self.state is TcpState.ESTABLISHED
         ):
-            # rule rx-stall: all our data (a request) is acknowledged: an answer is due
+            # rule rx-stall: all our data (a request; not our SYN alone), with nothing
+            # more queued, is acknowledged: an answer is due
             self._arm_stall(now)
         rack = self._rack
         if rack is None:

@@ -1,5 +1,6 @@
 """Timers and RTT: the TSval clock and timestamp RTT samples (RFC 7323 §4), the
-retransmission timeout (RFC 6298; the estimator is ``rtt.py``), SYN retries, the user
+retransmission timeout (RFC 6298; the estimator is ``rtt.py``), SYN retries, MTU black
+holes (the sender's rule, and rule rx-stall's timer for the receiver's signs), the user
 timeout, keepalive, and ``poll_at`` (the earliest of every timer the socket runs).
 """
 
