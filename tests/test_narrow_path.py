@@ -89,13 +89,18 @@ class OldKernelSocket:
 
 @contextlib.asynccontextmanager
 async def holey_tunnel(
-    peer: ExitPeer, family: int = 4, *, hole: bool = True, **kw: Any
+    peer: ExitPeer,
+    family: int = 4,
+    *,
+    hole: bool = True,
+    allowed_ips: str | None = None,
+    **kw: Any,
 ) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
     """Our tunnel to ``peer`` through a path MTU black hole: a relay that drops every
     datagram longer than a 1400-byte path carries (1372 bytes of UDP payload over IPv4,
     1352 over IPv6: ``family`` of the endpoint), both ways, without an ICMP error; small
     ones pass (``HOLE``). ``hole=False``: not yet (``relay.set_impairment(HOLE[family])``
-    opens it). ``kw`` go to ``open_tunnel``."""
+    opens it). ``allowed_ips`` for the config; ``kw`` go to ``open_tunnel``."""
     if family == 4:
         target, listen = peer.endpoint, "127.0.0.1"
     else:
@@ -106,7 +111,7 @@ async def holey_tunnel(
         target, listen=(listen, 0), seed=1, impairment=impairment,
         socket_factory=peer.client_ns.socket,
     ) as relay:  # fmt: skip
-        text = peer.client_config_text(endpoint=relay.address)
+        text = peer.client_config_text(endpoint=relay.address, allowed_ips=allowed_ips)
         async with exit_tunnel(peer, text, **kw) as (tunnel, _):
             yield tunnel, relay
 
@@ -440,3 +445,29 @@ async def test_a_slow_server_on_a_sound_path(fresh_exit_peer: ExitPeer) -> None:
             assert stats.path_probes == 1
             for stream in (download, beside, alone, again):
                 await stream.aclose()
+
+
+async def test_a_server_that_answers_no_ping_behind_a_black_hole(
+    fresh_exit_peer: ExitPeer, workdir: Path
+) -> None:
+    """Many servers answer no ping (a firewall drops ICMP echo): the stalled download's
+    server leaves the question open. The tunnel then asks its DNS server (the exit here,
+    as with most VPNs), behind the same peer: only the small ping comes back, and the
+    download from the server behind the exit ends byte-exact."""
+    peer = fresh_exit_peer
+    with origin_behind([peer], "mwgq", ["10.99.0.1"]) as origin_ns:
+        origin_ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+        here = workdir / "no-ping"  # (not the directory of the origin of a test before)
+        here.mkdir()
+        with run_origin(origin_ns, here, http=["10.99.0.1:80"]):
+            allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+            async with holey_tunnel(peer, allowed_ips=allowed) as (tunnel, relay):
+                assert [str(s) for s in tunnel.config.dns_servers] == [peer.dns_server]
+                stats = tunnel.stack.stats
+                with trio.fail_after(60):
+                    stream = await tunnel.open_tcp_stream("10.99.0.1", 80)
+                    await get_pattern(stream, 5 * MB)
+                    await stream.aclose()
+                assert stats.path_probes == 2  # the origin's (no answer), the DNS server's
+                assert tunnel.narrow_paths == {relay.address: 1200}
+                assert relay.down.dropped > 0

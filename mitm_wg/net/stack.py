@@ -1033,6 +1033,11 @@ class Stack:
         name = _PARSE_COUNTER[err]
         setattr(self.stats, name, getattr(self.stats, name) + 1)
 
+    def local_address(self, version: int) -> bytes | None:
+        """The address our packets to an IPv``version`` host come from (None: no such)."""
+        candidates = self._v4 if version == 4 else self._v6
+        return candidates[0] if candidates else None
+
     def _pick_local(self, version: int, local: Address | None) -> bytes:
         if local is not None:
             addr = ipaddress.ip_address(local)

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -75,6 +75,21 @@ _GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPA
 _MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
 #: TCP states in which the peer may still send us data.
 _PEER_SENDS = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
+
+
+class _Probing(NamedTuple):
+    """Why a path probe asks (``Tunnel._probing``): about ``key``, the endpoint of
+    ``peer``, whose handshakes were ``handshakes`` then; ``why``: "stall" (a receiver's
+    signs, ``_check_stalls``), "dns" (the same, asked of the tunnel's DNS server: the
+    stalled connection's server answered no ping), "up" (is a black hole gone?
+    ``_reprobe``)."""
+
+    key: tuple[str, int]
+    peer: Peer
+    handshakes: int
+    why: str
+
+
 #: seconds before a path found fine by a probe (or a host that answered no ping) is asked
 #: again (``Tunnel._check_stalls``)
 PROBE_AGAIN = 60.0
@@ -217,10 +232,9 @@ class Tunnel:
         #: the peer, its handshakes then): data acknowledged since, on the same session,
         #: confirms it (``_watch_blackholes``).
         self._blackhole_watch: dict[TcpSocket, tuple[int, Peer, int]] = {}
-        #: Path probes under way -> (the endpoint, its peer, the peer's handshakes then,
-        #: whether it asks if a black hole is gone: ``_reprobe``); and when the last probe
-        #: of an endpoint found its path fine (or of a remote host, that answered no ping).
-        self._probing: dict[PathProbe, tuple[tuple[str, int], Peer, int, bool]] = {}
+        #: Path probes under way (``_Probing``: why each asks); and when the last probe of
+        #: an endpoint found its path fine (or of a remote host, that answered no ping).
+        self._probing: dict[PathProbe, _Probing] = {}
         self._probed: dict[tuple[str, int] | bytes, float] = {}
         #: When a datagram larger than a black hole would let through (an inner packet
         #: over ``blackhole_mtu``) last came from each endpoint (``_drain``): the path
@@ -602,8 +616,8 @@ class Tunnel:
         hole itself): unless a large datagram came from its endpoint since the connection
         began waiting (the path carries them: a slow server), ask the path with pings
         through the tunnel to that peer (``Stack.probe_path``: the tunnel's size and
-        ``blackhole_mtu``, three rounds).
-        Only the small ones answered: a black hole, as ``_watch_blackholes`` would have
+        ``blackhole_mtu``, three rounds; the tunnel's DNS server if that one answers no
+        ping: ``_ask_dns_server``). Only the small ones answered: a black hole, as ``_watch_blackholes`` would have
         found it (``_narrow``: every connection through that endpoint shrinks, and the
         servers of open ones are told). The same endpoint is asked again only
         ``PROBE_AGAIN`` seconds after its path was found fine, a host that answered no
@@ -623,7 +637,7 @@ class Tunnel:
             big, small = stack.path_mtu(tcp.remote_addr), tcp.config.blackhole_mtu
             if (
                 big <= small
-                or any(k == key for k, _, _, _ in self._probing.values())
+                or any(p.key == key for p in self._probing.values())
                 or now - self._probed.get(key, -PROBE_AGAIN) < PROBE_AGAIN
                 or now - self._probed.get(tcp.remote_addr, -PROBE_AGAIN) < PROBE_AGAIN
             ):
@@ -632,29 +646,54 @@ class Tunnel:
                 continue  # (the path carries large packets: a slow server)
             interval = max(0.5, 2.0 * (tcp.srtt or 0.0))
             probe = stack.probe_path(tcp.local_addr, tcp.remote_addr, big, small, now, interval)
-            self._probing[probe] = (key, peer, peer.handshakes_completed, False)
+            self._probing[probe] = _Probing(key, peer, peer.handshakes_completed, "stall")
         stack.rx_stalls.clear()
         for probe in stack.probes_done:
-            key, peer, handshakes, up = self._probing.pop(probe)
+            key, peer, handshakes, why = self._probing.pop(probe)
             verdict = probe.verdict
             logger.debug(
                 "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
                 ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
                 probe.small, verdict.value if verdict else None,
             )  # fmt: skip
-            if up:
+            if why == "up":
                 if verdict is Verdict.FITS and key in self.narrow_paths:
                     self._widen(key)
             elif verdict is Verdict.UNKNOWN:
                 if len(self._probed) >= 1024:  # (hosts that answered no ping: forget old ones)
                     self._probed = {k: t for k, t in self._probed.items() if now - t < PROBE_AGAIN}
                 self._probed[probe.remote] = now
+                if why == "stall":
+                    dns = _Probing(key, peer, handshakes, "dns")
+                    self._ask_dns_server(probe, dns, now)
             elif verdict is Verdict.FITS or peer.handshakes_completed != handshakes:
                 self._probed[key] = now  # (a new session: the exit restarted, no hole)
             elif peer.endpoint == key:
                 outer = probe.small + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
                 self._narrow(key, outer, hole_at=now)
         stack.probes_done.clear()
+
+    def _ask_dns_server(self, probe: PathProbe, probing: _Probing, now: float) -> None:
+        """The stalled connection's server answered no ping (many firewall ICMP): ask the
+        same path with pings to the tunnel's DNS server instead, if it lies behind the same
+        peer (a VPN's resolver is usually the exit itself or next to it) and has not
+        answered no ping lately."""
+        stack, route = self.stack, self.device.route
+        for server in self.config.dns_servers:
+            raw = server.packed
+            local = stack.local_address(server.version)
+            if (
+                raw == probe.remote
+                or local is None
+                or route(raw) is not probing.peer
+                or now - self._probed.get(raw, -PROBE_AGAIN) < PROBE_AGAIN
+            ):
+                continue
+            big = stack.path_mtu(raw)
+            if big > probe.small:
+                ask = stack.probe_path(local, raw, big, probe.small, now, probe.interval)
+                self._probing[ask] = probing
+                return
 
     def _reprobe(self, now: float) -> None:
         """Ask the path of each endpoint narrowed for a black hole ``reprobe_after`` seconds
@@ -668,7 +707,7 @@ class Tunnel:
                 continue
             self._holes[key] = now + self.reprobe_after
             inner = self.narrow_paths.get(key)
-            if inner is None or any(k == key for k, _, _, _ in self._probing.values()):
+            if inner is None or any(p.key == key for p in self._probing.values()):
                 continue
             for tcp in stack.tcp_sockets:
                 peer = route(tcp.remote_addr)
@@ -677,7 +716,7 @@ class Tunnel:
                     probe = stack.probe_path(
                         tcp.local_addr, tcp.remote_addr, stack.mtu, inner, now, interval
                     )
-                    self._probing[probe] = (key, peer, peer.handshakes_completed, True)
+                    self._probing[probe] = _Probing(key, peer, peer.handshakes_completed, "up")
                     break
             else:
                 self._holes[key] = now + PROBE_AGAIN
@@ -719,8 +758,8 @@ class Tunnel:
         new = inner < self.narrow_paths.get(key, self.stack.mtu)
         if new:
             self.narrow_paths[key] = inner
-            for probe, (probed, _, _, _) in list(self._probing.items()):
-                if probed == key:  # (answered: its big pings would only vanish)
+            for probe, probing in list(self._probing.items()):
+                if probing.key == key:  # (answered: its big pings would only vanish)
                     self.stack.cancel_probe(probe)
                     del self._probing[probe]
             if hole_at is not None:
