@@ -75,21 +75,6 @@ _GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPA
 _MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
 #: TCP states in which the peer may still send us data.
 _PEER_SENDS = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
-
-
-class _Probing(NamedTuple):
-    """Why a path probe asks (``Tunnel._probing``): about ``key``, the endpoint of
-    ``peer``, whose handshakes were ``handshakes`` then; ``why``: "stall" (a receiver's
-    signs, ``_check_stalls``), "dns" (the same, asked of the tunnel's DNS server: the
-    stalled connection's server answered no ping), "up" (is a black hole gone?
-    ``_reprobe``)."""
-
-    key: tuple[str, int]
-    peer: Peer
-    handshakes: int
-    why: str
-
-
 #: seconds before a path found fine by a probe (or a host that answered no ping) is asked
 #: again (``Tunnel._check_stalls``)
 PROBE_AGAIN = 60.0
@@ -104,6 +89,19 @@ RECEIVE_BUFFER = 65536
 #: Datagrams read per wake-up before the reader yields to other tasks.
 MAX_BATCH = 256
 _NEVER = float("inf")
+
+
+class _Probing(NamedTuple):
+    """Why a path probe asks (``Tunnel._probing``): about ``key``, the endpoint of
+    ``peer``, whose handshakes were ``handshakes`` then; ``why``: "stall" (a receiver's
+    signs, ``_check_stalls``), "dns" (the same, asked of the tunnel's DNS server: the
+    stalled connection's server answered no ping), "up" (is a black hole gone?
+    ``_reprobe``)."""
+
+    key: tuple[str, int]
+    peer: Peer
+    handshakes: int
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
