@@ -453,7 +453,9 @@ async def test_a_server_that_answers_no_ping_behind_a_black_hole(
     """Many servers answer no ping (a firewall drops ICMP echo): the stalled download's
     server leaves the question open. The tunnel then asks its DNS server (the exit here,
     as with most VPNs), behind the same peer: only the small ping comes back, and the
-    download from the server behind the exit ends byte-exact."""
+    download from the server behind the exit ends byte-exact. Once the path heals, the
+    question whether the hole is gone, put to the one open connection's server, gets no
+    answer either: the DNS server answers it, and the path is wide again."""
     peer = fresh_exit_peer
     with origin_behind([peer], "mwgq", ["10.99.0.1"]) as origin_ns:
         origin_ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
@@ -471,3 +473,14 @@ async def test_a_server_that_answers_no_ping_behind_a_black_hole(
                 assert stats.path_probes == 2  # the origin's (no answer), the DNS server's
                 assert tunnel.narrow_paths == {relay.address: 1200}
                 assert relay.down.dropped > 0
+
+                with trio.fail_after(60):
+                    stream = await tunnel.open_tcp_stream("10.99.0.1", 80)
+                    relay.set_impairment(Impairment())
+                    tunnel.reprobe_after = 1.0
+                    while tunnel.narrow_paths:
+                        await trio.sleep(0.05)
+                    assert stats.path_probes == 4
+                    assert snmp(origin_ns, "Icmp:OutEchoReps") == 0
+                    await get_pattern(stream, MB)
+                    await stream.aclose()

@@ -245,7 +245,7 @@ class Tunnel:
         #: probes the MTU up again (tcp_probe_interval); ``_reprobe_at`` the earliest.
         self._holes: dict[tuple[str, int], float] = {}
         self._reprobe_at = _NEVER
-        self.reprobe_after = REPROBE_AFTER
+        self._reprobe_after = REPROBE_AFTER
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
         self._probe_socket: SocketFactory = _probe_socket_factory
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
@@ -253,6 +253,24 @@ class Tunnel:
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.device.public_key_b64} peers={len(self.device.peers)}>"
+
+    @property
+    def reprobe_after(self) -> float:
+        """Seconds between asking a path narrowed for a black hole whether it carries the
+        tunnel's full size again (``REPROBE_AFTER``); a new value applies to the paths
+        already narrowed too."""
+        return self._reprobe_after
+
+    @reprobe_after.setter
+    def reprobe_after(self, seconds: float) -> None:
+        self._reprobe_after = seconds
+        due = trio.current_time() + seconds
+        for key, at in self._holes.items():
+            if due < at:
+                self._holes[key] = due
+        self._reprobe_at = min(self._holes.values(), default=_NEVER)
+        if self._reprobe_at < self._timer_at:
+            self._arm_timer(self._reprobe_at)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -654,13 +672,17 @@ class Tunnel:
                 ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
                 probe.small, verdict.value if verdict else None,
             )  # fmt: skip
-            if why == "up":
-                if verdict is Verdict.FITS and key in self.narrow_paths:
-                    self._widen(key)
-            elif verdict is Verdict.UNKNOWN:
+            if verdict is Verdict.UNKNOWN:
                 if len(self._probed) >= 1024:  # (hosts that answered no ping: forget old ones)
                     self._probed = {k: t for k, t in self._probed.items() if now - t < PROBE_AGAIN}
                 self._probed[probe.remote] = now
+            if why == "up":
+                if key in self.narrow_paths and verdict is Verdict.FITS:
+                    self._widen(key)
+                elif key in self.narrow_paths and verdict is Verdict.UNKNOWN:
+                    # (the DNS servers, until one answers)
+                    self._ask_dns_server(probe, _Probing(key, peer, handshakes, "up"), now)
+            elif verdict is Verdict.UNKNOWN:
                 if why == "stall":
                     dns = _Probing(key, peer, handshakes, "dns")
                     self._ask_dns_server(probe, dns, now)
@@ -672,10 +694,10 @@ class Tunnel:
         stack.probes_done.clear()
 
     def _ask_dns_server(self, probe: PathProbe, probing: _Probing, now: float) -> None:
-        """The stalled connection's server answered no ping (many firewall ICMP): ask the
-        same path with pings to the tunnel's DNS server instead, if it lies behind the same
-        peer (a VPN's resolver is usually the exit itself or next to it) and has not
-        answered no ping lately."""
+        """The host ``probe`` asked answered no ping (many firewall ICMP): ask the same
+        path the same question (``probe``'s sizes) with pings to the tunnel's DNS server
+        instead, if it lies behind the same peer (a VPN's resolver is usually the exit
+        itself or next to it) and has not answered no ping lately."""
         stack, route = self.stack, self.device.route
         for server in self.config.dns_servers:
             raw = server.packed
@@ -687,18 +709,17 @@ class Tunnel:
                 or now - self._probed.get(raw, -PROBE_AGAIN) < PROBE_AGAIN
             ):
                 continue
-            big = stack.path_mtu(raw)
-            if big > probe.small:
-                ask = stack.probe_path(local, raw, big, probe.small, now, probe.interval)
-                self._probing[ask] = probing
-                return
+            ask = stack.probe_path(local, raw, probe.big, probe.small, now, probe.interval)
+            self._probing[ask] = probing
+            return
 
     def _reprobe(self, now: float) -> None:
         """Ask the path of each endpoint narrowed for a black hole ``reprobe_after`` seconds
         ago whether it carries the tunnel's full size again, with pings to the server of
-        one of its open connections (the tunnel's MTU, and the narrowed size that passes):
-        answered, it is wide again (``_widen``). With no connection open through it, ask
-        again ``PROBE_AGAIN`` seconds later."""
+        one of its open connections (the tunnel's MTU, and the narrowed size that passes;
+        the tunnel's DNS server if that host answers no ping): answered, it is wide again
+        (``_widen``). With no connection open through it, ask again ``PROBE_AGAIN``
+        seconds later."""
         stack, route = self.stack, self.device.route
         for key, due in list(self._holes.items()):
             if due > now:
