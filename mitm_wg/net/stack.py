@@ -560,36 +560,23 @@ class Stack:
             del self._probes[probe.ident]
 
     def _run_probes(self, now: float, out: list[bytes]) -> None:
-        for ident, probe in list(self._probes.items()):
+        for probe in list(self._probes.values()):
             probe.poll(now, out)
             if probe.verdict is not None:
-                del self._probes[ident]
-                self.probes_done.append(probe)
+                self._probe_done(probe)
 
-    def _probe_reply(self, p: IpPacket, rest: int) -> None:
+    def _probe_done(self, probe: PathProbe) -> None:
+        del self._probes[probe.ident]
+        self.probes_done.append(probe)
+
+    def _probe_reply(self, src: bytes, rest: int, length: int | None) -> None:
+        """An echo reply from ``src`` with identifier/sequence word ``rest``, an ICMP
+        message of ``length`` bytes (None: its first fragment; ``PathProbe.on_reply``)."""
         probe = self._probes.get(rest >> 16)
-        if (
-            probe is not None
-            and probe.remote == p.src
-            and probe.on_reply(rest & 0xFFFF, len(p.payload))
-        ):
+        if probe is not None and probe.remote == src and probe.on_reply(rest & 0xFFFF, length):
             self.stats.path_probe_replies += 1
             if probe.verdict is not None:
-                del self._probes[probe.ident]
-                self.probes_done.append(probe)
-
-    def _probe_fragment(self, buf: memoryview) -> None:
-        """A fragment (we reassemble none): the first one of a probe's echo reply counts
-        (``PathProbe.on_reply``)."""
-        hit = PathProbe.reply_fragment(buf)
-        if hit is not None:
-            src, rest = hit
-            probe = self._probes.get(rest >> 16)
-            if probe is not None and probe.remote == src and probe.on_reply(rest & 0xFFFF, None):
-                self.stats.path_probe_replies += 1
-                if probe.verdict is not None:
-                    del self._probes[probe.ident]
-                    self.probes_done.append(probe)
+                self._probe_done(probe)
 
     def receive(
         self, packet: bytes | bytearray | memoryview, now: float, *, authenticated: bool = False
@@ -764,7 +751,10 @@ class Stack:
             return
         if type(p) is not IpPacket:
             if p is ParseError.FRAGMENT and self._probes:
-                self._probe_fragment(buf)
+                # (we reassemble none: the first one of a probe's echo reply counts)
+                hit = PathProbe.reply_fragment(buf)
+                if hit is not None:
+                    self._probe_reply(hit[0], hit[1], None)
             self._count(p)  # type: ignore[arg-type]
             return
         if p.dst not in self._local:
@@ -1044,10 +1034,10 @@ class Stack:
             if addr.packed not in self._local or addr.version != version:
                 raise OSError(errno.EADDRNOTAVAIL, f"cannot use {local} as source")
             return addr.packed
-        candidates = self._v4 if version == 4 else self._v6
-        if not candidates:
+        addr = self.local_address(version)
+        if addr is None:
             raise OSError(errno.EADDRNOTAVAIL, f"this stack has no IPv{version} address")
-        return candidates[0]
+        return addr
 
     def _isn(self, key: TcpKey, now: float) -> int:
         local, lport, remote, rport = key
@@ -1726,7 +1716,7 @@ class Stack:
             return
         if m.type != icmp.ICMP4_DEST_UNREACH:
             if m.type == icmp.ICMP4_ECHO_REPLY and self._probes:
-                self._probe_reply(p, m.rest)
+                self._probe_reply(p.src, m.rest, len(p.payload))
             return  # time exceeded, ...: nothing to do
         self.stats.icmp_errors_received += 1
         quoted = parse_quoted_ipv4(m.body)
@@ -1769,7 +1759,7 @@ class Stack:
                 err = OSError(errno.EHOSTUNREACH, f"ICMPv6 destination unreachable ({m.code})")
         elif m.type == icmp.ICMP6_ECHO_REPLY:
             if self._probes:
-                self._probe_reply(p, m.rest)
+                self._probe_reply(p.src, m.rest, len(p.payload))
             return
         else:
             return  # informational (NDP, MLD) or time exceeded/parameter problem
