@@ -93,7 +93,7 @@ _NEVER = float("inf")
 
 class _Probing(NamedTuple):
     """Why a path probe asks (``Tunnel._probing``): about ``key``, the endpoint of
-    ``peer``, whose handshakes were ``handshakes`` then; ``why``: "stall" (a receiver's
+    ``peer``, whose handshakes were ``handshakes`` then; ``kind``: "stall" (a receiver's
     signs, ``_check_stalls``), "dns" (the same, asked of the tunnel's DNS server: the
     stalled connection's server answered no ping), "up" (is a black hole gone?
     ``_reprobe``)."""
@@ -101,7 +101,7 @@ class _Probing(NamedTuple):
     key: tuple[str, int]
     peer: Peer
     handshakes: int
-    why: str
+    kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +137,12 @@ class _PendingConnect:
 def _ip_udp_overhead(endpoint: tuple[str, int]) -> int:
     """The IP and UDP headers around a datagram to ``endpoint``."""
     return (40 if ":" in endpoint[0] else 20) + 8
+
+
+def _interval(tcp: TcpSocket) -> float:
+    """How far apart a path probe about ``tcp``'s path sends its rounds: two of its round
+    trips, at least half a second (``PathProbe``)."""
+    return max(0.5, 2.0 * (tcp.srtt or 0.0))
 
 
 def _probe_socket_factory(family: int) -> socket.socket:
@@ -265,10 +271,9 @@ class Tunnel:
     def reprobe_after(self, seconds: float) -> None:
         self._reprobe_after = seconds
         due = trio.current_time() + seconds
-        for key, at in self._holes.items():
+        for key, at in list(self._holes.items()):
             if due < at:
-                self._holes[key] = due
-        self._reprobe_at = min(self._holes.values(), default=_NEVER)
+                self._set_hole(key, due)
         if self._reprobe_at < self._timer_at:
             self._arm_timer(self._reprobe_at)
 
@@ -596,9 +601,10 @@ class Tunnel:
         except OSError as e:
             logger.debug("cannot read the path MTU to %s: %s", format_endpoint(endpoint), e)
             return False
-        if size + _ip_udp_overhead(endpoint) <= path_mtu:
+        overhead = _ip_udp_overhead(endpoint)
+        if size + overhead <= path_mtu:
             return False
-        self._narrow(endpoint, path_mtu)
+        self._narrow(endpoint, path_mtu - overhead - TRANSPORT_MIN_SIZE, path_mtu=path_mtu)
         return True
 
     def _watch_blackholes(self, now: float) -> None:
@@ -622,9 +628,7 @@ class Tunnel:
                 del watch[tcp]
             elif tcp.snd_una != una and peer.endpoint is not None:
                 del watch[tcp]
-                key = peer.endpoint
-                outer = tcp.config.blackhole_mtu + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
-                self._narrow(key, outer, hole_at=now)
+                self._narrow(peer.endpoint, tcp.config.blackhole_mtu, hole_at=now)
 
     def _check_stalls(self, now: float) -> None:
         """A connection saw signs that its peer's full-sized segments vanish on the way to
@@ -633,12 +637,11 @@ class Tunnel:
         began waiting (the path carries them: a slow server), ask the path with pings
         through the tunnel to that peer (``Stack.probe_path``: the tunnel's size and
         ``blackhole_mtu``, three rounds; the tunnel's DNS server if that one answers no
-        ping: ``_ask_dns_server``). Only the small ones answered: a black hole, as ``_watch_blackholes`` would have
-        found it (``_narrow``: every connection through that endpoint shrinks, and the
-        servers of open ones are told). The same endpoint is asked again only
-        ``PROBE_AGAIN`` seconds after its path was found fine, a host that answered no
-        ping only after as long; a stalled connection through an endpoint already narrowed
-        has its server told again (the first ICMP error may have been lost)."""
+        ping: ``_ask_dns_server``); the verdicts: ``_verdict``. The same endpoint is asked
+        again only ``PROBE_AGAIN`` seconds after its path was found fine, a host that
+        answered no ping only after as long; a stalled connection through an endpoint
+        already narrowed has its server told again (the first ICMP error may have been
+        lost)."""
         stack, route = self.stack, self.device.route
         for tcp in stack.rx_stalls:
             peer = route(tcp.remote_addr)
@@ -653,47 +656,70 @@ class Tunnel:
             big, small = stack.path_mtu(tcp.remote_addr), tcp.config.blackhole_mtu
             if (
                 big <= small
-                or any(p.key == key for p in self._probing.values())
-                or now - self._probed.get(key, -PROBE_AGAIN) < PROBE_AGAIN
-                or now - self._probed.get(tcp.remote_addr, -PROBE_AGAIN) < PROBE_AGAIN
+                or self._asking(key)
+                or self._recently(key, now)
+                or self._recently(tcp.remote_addr, now)
+                or self._large_at.get(key, -1.0) > tcp.stall_since
             ):
                 continue
-            if self._large_at.get(key, -1.0) > tcp.stall_since:
-                continue  # (the path carries large packets: a slow server)
-            interval = max(0.5, 2.0 * (tcp.srtt or 0.0))
-            probe = stack.probe_path(tcp.local_addr, tcp.remote_addr, big, small, now, interval)
-            self._probing[probe] = _Probing(key, peer, peer.handshakes_completed, "stall")
+            why = _Probing(key, peer, peer.handshakes_completed, "stall")
+            self._ask(why, tcp.local_addr, tcp.remote_addr, big, small, now, _interval(tcp))
         stack.rx_stalls.clear()
         for probe in stack.probes_done:
-            key, peer, handshakes, why = self._probing.pop(probe)
-            verdict = probe.verdict
-            logger.debug(
-                "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
-                ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
-                probe.small, verdict.value if verdict else None,
-            )  # fmt: skip
-            if verdict is Verdict.UNKNOWN:
-                if len(self._probed) >= 1024:  # (hosts that answered no ping: forget old ones)
-                    self._probed = {k: t for k, t in self._probed.items() if now - t < PROBE_AGAIN}
-                self._probed[probe.remote] = now
-            if why == "up":
-                if key in self.narrow_paths and verdict is Verdict.FITS:
-                    self._widen(key)
-                elif key in self.narrow_paths and verdict is Verdict.UNKNOWN:
-                    # (the DNS servers, until one answers)
-                    self._ask_dns_server(probe, _Probing(key, peer, handshakes, "up"), now)
-            elif verdict is Verdict.UNKNOWN:
-                if why == "stall":
-                    dns = _Probing(key, peer, handshakes, "dns")
-                    self._ask_dns_server(probe, dns, now)
-            elif verdict is Verdict.FITS or peer.handshakes_completed != handshakes:
-                self._probed[key] = now  # (a new session: the exit restarted, no hole)
-            elif peer.endpoint == key:
-                outer = probe.small + TRANSPORT_MIN_SIZE + _ip_udp_overhead(key)
-                self._narrow(key, outer, hole_at=now)
+            self._verdict(probe, self._probing.pop(probe), now)
         stack.probes_done.clear()
 
-    def _ask_dns_server(self, probe: PathProbe, probing: _Probing, now: float) -> None:
+    def _verdict(self, probe: PathProbe, why: _Probing, now: float) -> None:
+        """A probe decided. FITS: the path is fine (asked again ``PROBE_AGAIN`` later at
+        the earliest), or, asked whether a hole is gone, wide again (``_widen``). HOLE,
+        on the same session: narrow it (``_narrow``), as ``_watch_blackholes`` would;
+        a new session means the exit restarted, no hole. UNKNOWN: the host answered no
+        ping; the tunnel's DNS server is asked next."""
+        key, peer, verdict = why.key, why.peer, probe.verdict
+        logger.debug(
+            "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
+            ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
+            probe.small, verdict.value if verdict else None,
+        )  # fmt: skip
+        if verdict is Verdict.UNKNOWN:
+            if len(self._probed) >= 1024:  # (hosts that answered no ping: forget old ones)
+                self._probed = {k: t for k, t in self._probed.items() if now - t < PROBE_AGAIN}
+            self._probed[probe.remote] = now
+            if why.kind == "stall":
+                self._ask_dns_server(probe, why._replace(kind="dns"), now)
+            elif why.kind == "up" and key in self.narrow_paths:
+                self._ask_dns_server(probe, why, now)  # (each DNS server, until one answers)
+        elif why.kind == "up":
+            if verdict is Verdict.FITS and key in self.narrow_paths:
+                self._widen(key)
+        elif verdict is Verdict.FITS or peer.handshakes_completed != why.handshakes:
+            self._probed[key] = now
+        elif peer.endpoint == key:
+            self._narrow(key, probe.small, hole_at=now)
+
+    def _ask(
+        self,
+        why: _Probing,
+        local: bytes,
+        remote: bytes,
+        big: int,
+        small: int,
+        now: float,
+        interval: float,
+    ) -> None:
+        probe = self.stack.probe_path(local, remote, big, small, now, interval)
+        self._probing[probe] = why
+
+    def _asking(self, key: tuple[str, int]) -> bool:
+        """A probe of endpoint ``key``'s path is under way."""
+        return any(why.key == key for why in self._probing.values())
+
+    def _recently(self, what: tuple[str, int] | bytes, now: float) -> bool:
+        """An endpoint whose path was found fine, or a host that answered no ping, less
+        than ``PROBE_AGAIN`` seconds ago."""
+        return now - self._probed.get(what, -PROBE_AGAIN) < PROBE_AGAIN
+
+    def _ask_dns_server(self, probe: PathProbe, why: _Probing, now: float) -> None:
         """The host ``probe`` asked answered no ping (many firewall ICMP): ask the same
         path the same question (``probe``'s sizes) with pings to the tunnel's DNS server
         instead, if it lies behind the same peer (a VPN's resolver is usually the exit
@@ -703,15 +729,22 @@ class Tunnel:
             raw = server.packed
             local = stack.local_address(server.version)
             if (
-                raw == probe.remote
-                or local is None
-                or route(raw) is not probing.peer
-                or now - self._probed.get(raw, -PROBE_AGAIN) < PROBE_AGAIN
+                raw != probe.remote
+                and local is not None
+                and route(raw) is why.peer
+                and not self._recently(raw, now)
             ):
-                continue
-            ask = stack.probe_path(local, raw, probe.big, probe.small, now, probe.interval)
-            self._probing[ask] = probing
-            return
+                self._ask(why, local, raw, probe.big, probe.small, now, probe.interval)
+                return
+
+    def _set_hole(self, key: tuple[str, int], at: float | None) -> None:
+        """Ask endpoint ``key``'s path at ``at`` whether its black hole is gone (None: it
+        is no longer narrowed for one); ``_reprobe_at`` follows."""
+        if at is None:
+            self._holes.pop(key, None)
+        else:
+            self._holes[key] = at
+        self._reprobe_at = min(self._holes.values(), default=_NEVER)
 
     def _reprobe(self, now: float) -> None:
         """Ask the path of each endpoint narrowed for a black hole ``reprobe_after`` seconds
@@ -724,30 +757,26 @@ class Tunnel:
         for key, due in list(self._holes.items()):
             if due > now:
                 continue
-            self._holes[key] = now + self.reprobe_after
+            self._set_hole(key, now + self.reprobe_after)
             inner = self.narrow_paths.get(key)
-            if inner is None or any(p.key == key for p in self._probing.values()):
+            if inner is None or self._asking(key):
                 continue
             for tcp in stack.tcp_sockets:
                 peer = route(tcp.remote_addr)
                 if tcp.state is TcpState.ESTABLISHED and peer is not None and peer.endpoint == key:
-                    interval = max(0.5, 2.0 * (tcp.srtt or 0.0))
-                    probe = stack.probe_path(
-                        tcp.local_addr, tcp.remote_addr, stack.mtu, inner, now, interval
-                    )
-                    self._probing[probe] = _Probing(key, peer, peer.handshakes_completed, "up")
+                    why = _Probing(key, peer, peer.handshakes_completed, "up")
+                    big, interval = stack.mtu, _interval(tcp)
+                    self._ask(why, tcp.local_addr, tcp.remote_addr, big, inner, now, interval)
                     break
             else:
-                self._holes[key] = now + PROBE_AGAIN
-        self._reprobe_at = min(self._holes.values(), default=_NEVER)
+                self._set_hole(key, now + PROBE_AGAIN)
 
     def _widen(self, key: tuple[str, int]) -> None:
         """The path to endpoint ``key``, narrowed for a black hole, carries the tunnel's full
         size again: connections through it, open ones included, go back to full-sized
         segments, and those opened later offer the full MSS again."""
         inner = self.narrow_paths.pop(key)
-        self._holes.pop(key, None)
-        self._reprobe_at = min(self._holes.values(), default=_NEVER)
+        self._set_hole(key, None)
         logger.info(
             "full-sized packets to WireGuard endpoint %s pass again: TCP through it sends "
             "packets of up to %d bytes again",
@@ -763,16 +792,22 @@ class Tunnel:
             ):
                 stack.raise_path_mtu(tcp.remote_addr, stack.mtu)
 
-    def _narrow(self, endpoint: Endpoint, path_mtu: int, *, hole_at: float | None = None) -> None:
-        """The path to ``endpoint`` carries at most ``path_mtu`` bytes per IP packet: every
-        TCP connection through a peer there, and those opened later, sends segments whose
-        datagrams fit (``Stack.lower_path_mtu``) and offers that MSS in its SYN. Nothing
-        then waits on fragments, which IPv6 paths often drop, and GSO runs go out whole.
-        ``hole_at``: the time a black hole was found (no ICMP error said so): its path is
-        asked again later (``_reprobe``)."""
-        overhead = _ip_udp_overhead(endpoint)
-        # Inner packets are padded to a multiple of 16 (within the MTU) before sealing.
-        inner = (path_mtu - overhead - TRANSPORT_MIN_SIZE) & ~15
+    def _narrow(
+        self,
+        endpoint: Endpoint,
+        inner: int,
+        *,
+        hole_at: float | None = None,
+        path_mtu: int | None = None,
+    ) -> None:
+        """Inner packets of ``inner`` bytes fit the path to ``endpoint`` (rounded down to
+        the multiple of 16 they are padded to before sealing): every TCP connection through
+        a peer there, and those opened later, sends segments that fit
+        (``Stack.lower_path_mtu``) and offers that MSS in its SYN. Nothing then waits on
+        fragments, which IPv6 paths often drop, and GSO runs go out whole. ``hole_at``:
+        the time a black hole was found (no ICMP error said so): its path is asked again
+        later (``_reprobe``); ``path_mtu``: what the kernel said the path carries."""
+        inner &= ~15
         key = (endpoint[0], endpoint[1])
         new = inner < self.narrow_paths.get(key, self.stack.mtu)
         if new:
@@ -782,8 +817,7 @@ class Tunnel:
                     self.stack.cancel_probe(probe)
                     del self._probing[probe]
             if hole_at is not None:
-                self._holes[key] = hole_at + self.reprobe_after
-                self._reprobe_at = min(self._reprobe_at, self._holes[key])
+                self._set_hole(key, hole_at + self.reprobe_after)
                 logger.warning(
                     "full-sized packets to WireGuard endpoint %s seem to vanish without an "
                     "ICMP error (a path MTU black hole: a narrower link, its errors dropped): TCP "
@@ -797,7 +831,7 @@ class Tunnel:
                     "(the tunnel's MTU %d needs %d): TCP through it now sends packets of at "
                     "most %d bytes",
                     format_endpoint(endpoint), path_mtu, self.stack.mtu,
-                    self.stack.mtu + TRANSPORT_MIN_SIZE + overhead, inner,
+                    self.stack.mtu + TRANSPORT_MIN_SIZE + _ip_udp_overhead(endpoint), inner,
                 )  # fmt: skip
         inner = self.narrow_paths[key]
         stack, route = self.stack, self.device.route
