@@ -239,13 +239,6 @@ def _slow_https_get(
             return b"".join(parts)
 
 
-def _rwnd_limited_ms(exit_peer: Any) -> int:
-    """The most time any of the origin's HTTPS sockets spent limited by its peer's receive
-    window (Linux's ``tcpi_rwnd_limited``, as ``ss -i`` shows it), in ms."""
-    r = exit_peer.ns.exec(["ss", "-tinH", "state", "established", "( sport = :443 )"], check=False)
-    return max((int(ms) for ms in re.findall(r"rwnd_limited:(\d+)ms", r.stdout)), default=0)
-
-
 @contextlib.contextmanager
 def _small_tcp_send_buffers(ns: Any) -> Iterator[None]:
     """Cap the TCP send buffers of ``ns`` (``tcp_wmem`` is per network namespace) at 64 KiB
