@@ -898,10 +898,11 @@ class Stack:
         if self._out or self._dirty:
             return self._now
         t = self._next_socket_deadline()
-        for probe in self._probes.values():
-            d = probe.deadline
-            if d is not None and (t is None or d < t):
-                t = d
+        if self._probes:
+            for probe in self._probes.values():
+                d = probe.deadline
+                if d is not None and (t is None or d < t):
+                    t = d
         return t
 
     def _next_socket_deadline(self) -> float | None:
