@@ -95,13 +95,23 @@ class _Probing(NamedTuple):
     """Why a path probe asks (``Tunnel._probing``): about ``key``, the endpoint of
     ``peer``, whose handshakes were ``handshakes`` then; ``kind``: "stall" (a receiver's
     signs, ``_check_stalls``), "dns" (the same, asked of the tunnel's DNS server: the
-    stalled connection's server answered no ping), "up" (is a black hole gone?
-    ``_reprobe``)."""
+    stalled connection's server answered no ping), "confirm" (the stalled connection's
+    server ``host`` answered only the small ping: is the path under the tunnel the hole,
+    asked of the DNS server, or something beyond the exit?), "host" (a stall while the
+    path under the tunnel carries full-sized packets: is the way beyond the exit to
+    ``host`` a hole?), "up" (is a black hole gone? ``_reprobe``; with ``host``: the one
+    on the way to that host)."""
 
     key: tuple[str, int]
     peer: Peer
     handshakes: int
     kind: str
+    host: bytes = b""
+
+    @property
+    def about(self) -> tuple[str, int] | bytes:
+        """What the probe asks about: the host's path alone, or the endpoint's."""
+        return self.host if self.host and self.kind in ("host", "up") else self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,20 +246,23 @@ class Tunnel:
         #: the peer, its handshakes then): data acknowledged since, on the same session,
         #: confirms it (``_watch_blackholes``).
         self._blackhole_watch: dict[TcpSocket, tuple[int, Peer, int]] = {}
-        #: Path probes under way (``_Probing``: why each asks); and when the last probe of
-        #: an endpoint found its path fine (or of a remote host, that answered no ping).
+        #: Path probes under way (``_Probing``: why each asks); when the last probe of an
+        #: endpoint's path, or of a host's (raw address), found it fine; when a host last
+        #: answered no ping.
         self._probing: dict[PathProbe, _Probing] = {}
         self._probed: dict[tuple[str, int] | bytes, float] = {}
+        self._silent: dict[tuple[str, int] | bytes, float] = {}
         #: When a datagram larger than a black hole would let through (an inner packet
         #: over ``blackhole_mtu``) last came from each endpoint (``_drain``): the path
         #: from there carried one, and a connection that waits since before then waits
         #: for a slow server, not behind a hole.
         self._large_at: dict[tuple[str, int], float] = {}
         self._large = stack.tcp_config.blackhole_mtu + TRANSPORT_MIN_SIZE
-        #: Endpoints narrowed for a black hole -> when to ask whether it is gone (a path
-        #: that changed, a wrong verdict): every ``reprobe_after`` seconds, as Linux's TCP
-        #: probes the MTU up again (tcp_probe_interval); ``_reprobe_at`` the earliest.
-        self._holes: dict[tuple[str, int], float] = {}
+        #: Endpoints narrowed for a black hole, and hosts beyond an exit whose path alone
+        #: is (raw address) -> when to ask whether it is gone (a path that changed, a
+        #: wrong verdict): every ``reprobe_after`` seconds, as Linux's TCP probes the MTU
+        #: up again (tcp_probe_interval); ``_reprobe_at`` the earliest.
+        self._holes: dict[tuple[str, int] | bytes, float] = {}
         self._reprobe_at = _NEVER
         self._reprobe_after = REPROBE_AFTER
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
@@ -262,9 +275,9 @@ class Tunnel:
 
     @property
     def reprobe_after(self) -> float:
-        """Seconds between asking a path narrowed for a black hole whether it carries the
-        tunnel's full size again (``REPROBE_AFTER``); a new value applies to the paths
-        already narrowed too."""
+        """Seconds between asking a path narrowed for a black hole (an endpoint's, or the
+        way beyond its exit to one host) whether it carries the tunnel's full size again
+        (``REPROBE_AFTER``); a new value applies to the paths already narrowed too."""
         return self._reprobe_after
 
     @reprobe_after.setter
@@ -633,15 +646,16 @@ class Tunnel:
     def _check_stalls(self, now: float) -> None:
         """A connection saw signs that its peer's full-sized segments vanish on the way to
         us (``TcpConfig.rx_stall``; a download sends nothing large that could find the
-        hole itself): unless a large datagram came from its endpoint since the connection
-        began waiting (the path carries them: a slow server), ask the path with pings
-        through the tunnel to that peer (``Stack.probe_path``: the tunnel's size and
-        ``blackhole_mtu``, three rounds; the tunnel's DNS server if that one answers no
-        ping: ``_ask_dns_server``); the verdicts: ``_verdict``. The same endpoint is asked
-        again only ``PROBE_AGAIN`` seconds after its path was found fine, a host that
-        answered no ping only after as long; a stalled connection through an endpoint
-        already narrowed has its server told again (the first ICMP error may have been
-        lost)."""
+        hole itself): ask the path with pings through the tunnel to that peer
+        (``Stack.probe_path``: the tunnel's size and ``blackhole_mtu``, three rounds; the
+        tunnel's DNS server if that one answers no ping: ``_ask_dns_server``); the
+        verdicts: ``_verdict``. If a large datagram came from its endpoint since the
+        connection began waiting, the path under the tunnel carries them: the question is
+        then only whether the way beyond the exit to that host does (kind "host"; most
+        often it does: a slow server). The same endpoint is asked again only
+        ``PROBE_AGAIN`` seconds after its path was found fine, the same host after it
+        answered, or answered no ping; a stalled connection whose packets are already
+        narrowed has its server told again (the first ICMP error may have been lost)."""
         stack, route = self.stack, self.device.route
         for tcp in stack.rx_stalls:
             peer = route(tcp.remote_addr)
@@ -649,21 +663,28 @@ class Tunnel:
                 continue
             key = (peer.endpoint[0], peer.endpoint[1])
             narrowed = self.narrow_paths.get(key)
+            if narrowed is None and tcp.remote_addr in self._holes:
+                narrowed = stack.path_mtu(tcp.remote_addr)
             if narrowed is not None:
                 if tcp.state in _PEER_SENDS:
                     stack.tell_remote_path_mtu(tcp, narrowed)
                 continue
-            big, small = stack.path_mtu(tcp.remote_addr), tcp.config.blackhole_mtu
+            host = tcp.remote_addr
+            big, small = stack.path_mtu(host), tcp.config.blackhole_mtu
+            proven = self._large_at.get(key, -1.0) > tcp.stall_since
             if (
                 big <= small
                 or self._asking(key)
-                or self._recently(key, now)
-                or self._recently(tcp.remote_addr, now)
-                or self._large_at.get(key, -1.0) > tcp.stall_since
+                or self._asking(host)
+                or self._recently(self._probed, host, now)
+                or self._recently(self._silent, host, now)
+                or (not proven and self._recently(self._probed, key, now))
             ):
                 continue
-            why = _Probing(key, peer, peer.handshakes_completed, "stall")
-            self._ask(why, tcp.local_addr, tcp.remote_addr, big, small, now, _interval(tcp))
+            why = _Probing(
+                key, peer, peer.handshakes_completed, "host" if proven else "stall", host
+            )
+            self._ask(why, tcp.local_addr, host, big, small, now, _interval(tcp))
         stack.rx_stalls.clear()
         for probe in stack.probes_done:
             self._verdict(probe, self._probing.pop(probe), now)
@@ -671,31 +692,72 @@ class Tunnel:
 
     def _verdict(self, probe: PathProbe, why: _Probing, now: float) -> None:
         """A probe decided. FITS: the path is fine (asked again ``PROBE_AGAIN`` later at
-        the earliest), or, asked whether a hole is gone, wide again (``_widen``). HOLE,
-        on the same session: narrow it (``_narrow``), as ``_watch_blackholes`` would;
-        a new session means the exit restarted, no hole. UNKNOWN: the host answered no
-        ping; the tunnel's DNS server is asked next."""
-        key, peer, verdict = why.key, why.peer, probe.verdict
+        the earliest), or, asked whether a hole is gone, wide again (``_widen``,
+        ``_widen_host``). HOLE, on the same session (a new session means the exit
+        restarted: no hole): the stalled connection's server has only small packets for
+        now (``_narrow_host``), and the tunnel's DNS server, another host behind the same
+        peer, is asked the same (``_confirm``). If none can be asked, the endpoint
+        narrows (``_narrow``) as ``_watch_blackholes`` would. UNKNOWN: the host answered
+        no ping; the tunnel's DNS server is asked next."""
+        key, peer, verdict, kind = why.key, why.peer, probe.verdict, why.kind
         logger.debug(
             "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
             ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
             probe.small, verdict.value if verdict else None,
         )  # fmt: skip
-        if verdict is Verdict.UNKNOWN:
-            if len(self._probed) >= 1024:  # (hosts that answered no ping: forget old ones)
-                self._probed = {k: t for k, t in self._probed.items() if now - t < PROBE_AGAIN}
-            self._probed[probe.remote] = now
-            if why.kind == "stall":
+        if kind == "confirm":
+            self._confirm(probe, why, now)
+        elif verdict is Verdict.UNKNOWN:
+            self._note(self._silent, probe.remote, now)
+            if kind == "stall":
                 self._ask_dns_server(probe, why._replace(kind="dns"), now)
-            elif why.kind == "up" and key in self.narrow_paths:
+            elif kind == "up" and not why.host and key in self.narrow_paths:
                 self._ask_dns_server(probe, why, now)  # (each DNS server, until one answers)
-        elif why.kind == "up":
-            if verdict is Verdict.FITS and key in self.narrow_paths:
-                self._widen(key)
+        elif kind == "up":
+            if verdict is Verdict.FITS:
+                if why.host:
+                    self._widen_host(why.host)
+                elif key in self.narrow_paths:
+                    self._widen(key)
         elif verdict is Verdict.FITS or peer.handshakes_completed != why.handshakes:
-            self._probed[key] = now
-        elif peer.endpoint == key:
+            self._note(self._probed, why.about, now)
+        elif peer.endpoint != key:
+            pass
+        elif kind == "host":
+            self._narrow_host(probe.remote, probe.small, now)
+            self._beyond(key, probe.remote, "full-sized packets from it come through the tunnel")
+        elif kind == "dns" or not self._ask_dns_server(probe, why._replace(kind="confirm"), now):
             self._narrow(key, probe.small, hole_at=now)
+        else:
+            self._narrow_host(probe.remote, probe.small, now)
+
+    def _confirm(self, probe: PathProbe, why: _Probing, now: float) -> None:
+        """The stalled connection's server ``why.host`` answered only the small ping, and
+        ``probe`` asked the tunnel's DNS server the same. A hole there too, or no answer:
+        the path under the tunnel is the hole (``_narrow``). Its big ping back: the path
+        to the exit carries full-sized packets, and what swallows them lies beyond it, on
+        the way to that host alone (or the host drops large pings, as some firewalls do):
+        only that host's connections keep small packets (``_narrow_host``, already
+        done), asked again every ``reprobe_after`` seconds."""
+        key, peer, verdict = why.key, why.peer, probe.verdict
+        if peer.handshakes_completed != why.handshakes or peer.endpoint != key:
+            return
+        if verdict is Verdict.FITS:
+            server = ipaddress.ip_address(probe.remote)
+            self._beyond(key, why.host, f"pings of {probe.big} bytes to {server} come back")
+        else:
+            if verdict is Verdict.UNKNOWN:
+                self._note(self._silent, probe.remote, now)
+            self._narrow(key, probe.small, hole_at=now)
+
+    def _beyond(self, key: tuple[str, int], host: bytes, because: str) -> None:
+        logger.info(
+            "full-sized packets from %s seem to vanish beyond WireGuard endpoint %s (the "
+            "large ping to it goes unanswered; %s): TCP with it now uses packets of at most "
+            "%d bytes",
+            ipaddress.ip_address(host), format_endpoint(key), because,
+            self.stack.path_mtu(host),
+        )  # fmt: skip
 
     def _ask(
         self,
@@ -710,20 +772,33 @@ class Tunnel:
         probe = self.stack.probe_path(local, remote, big, small, now, interval)
         self._probing[probe] = why
 
-    def _asking(self, key: tuple[str, int]) -> bool:
-        """A probe of endpoint ``key``'s path is under way."""
-        return any(why.key == key for why in self._probing.values())
+    def _asking(self, what: tuple[str, int] | bytes) -> bool:
+        """A probe about endpoint ``what``'s path is under way, or one about (or
+        confirming a hole on) host ``what``'s."""
+        return any(what in (why.about, why.host) for why in self._probing.values())
 
-    def _recently(self, what: tuple[str, int] | bytes, now: float) -> bool:
-        """An endpoint whose path was found fine, or a host that answered no ping, less
-        than ``PROBE_AGAIN`` seconds ago."""
-        return now - self._probed.get(what, -PROBE_AGAIN) < PROBE_AGAIN
+    @staticmethod
+    def _note(table: dict[tuple[str, int] | bytes, float], what: Any, now: float) -> None:
+        """Note in ``_probed`` or ``_silent`` that ``what`` was found so at ``now``."""
+        if len(table) >= 1024:  # (forget old ones)
+            for k in [k for k, at in table.items() if now - at >= PROBE_AGAIN]:
+                del table[k]
+        table[what] = now
 
-    def _ask_dns_server(self, probe: PathProbe, why: _Probing, now: float) -> None:
-        """The host ``probe`` asked answered no ping (many firewall ICMP): ask the same
-        path the same question (``probe``'s sizes) with pings to the tunnel's DNS server
-        instead, if it lies behind the same peer (a VPN's resolver is usually the exit
-        itself or next to it) and has not answered no ping lately."""
+    @staticmethod
+    def _recently(
+        table: dict[tuple[str, int] | bytes, float], what: tuple[str, int] | bytes, now: float
+    ) -> bool:
+        """``what`` is noted in ``table`` (``_note``) less than ``PROBE_AGAIN`` seconds ago."""
+        return now - table.get(what, -PROBE_AGAIN) < PROBE_AGAIN
+
+    def _ask_dns_server(self, probe: PathProbe, why: _Probing, now: float) -> bool:
+        """Ask the same path the same question as ``probe`` (its sizes) with pings to the
+        tunnel's DNS server, if it lies behind the same peer (a VPN's resolver is usually
+        the exit itself or next to it), is not the host ``probe`` asked and has not
+        answered no ping lately: when that host answered none (many firewall ICMP), or
+        to tell a hole under the tunnel from one beyond it (``_confirm``). Whether one
+        was asked."""
         stack, route = self.stack, self.device.route
         for server in self.config.dns_servers:
             raw = server.packed
@@ -732,14 +807,16 @@ class Tunnel:
                 raw != probe.remote
                 and local is not None
                 and route(raw) is why.peer
-                and not self._recently(raw, now)
+                and not self._recently(self._silent, raw, now)
             ):
                 self._ask(why, local, raw, probe.big, probe.small, now, probe.interval)
-                return
+                return True
+        return False
 
-    def _set_hole(self, key: tuple[str, int], at: float | None) -> None:
-        """Ask endpoint ``key``'s path at ``at`` whether its black hole is gone (None: it
-        is no longer narrowed for one); ``_reprobe_at`` follows."""
+    def _set_hole(self, key: tuple[str, int] | bytes, at: float | None) -> None:
+        """Ask at ``at`` whether the black hole of endpoint ``key``'s path (or, raw address
+        bytes, of the path beyond its exit to that host) is gone (None: it is no longer
+        narrowed for one); ``_reprobe_at`` follows."""
         if at is None:
             self._holes.pop(key, None)
         else:
@@ -752,24 +829,35 @@ class Tunnel:
         one of its open connections (the tunnel's MTU, and the narrowed size that passes;
         the tunnel's DNS server if that host answers no ping): answered, it is wide again
         (``_widen``). With no connection open through it, ask again ``PROBE_AGAIN``
-        seconds later."""
+        seconds later. A host whose path alone was narrowed is asked itself, while a
+        connection to it is open (``_widen_host`` when the big ping comes back); with
+        none open it is forgotten, as Linux's learnt path MTUs expire: the next
+        connection starts full-sized and finds the hole again if it is still there."""
         stack, route = self.stack, self.device.route
         for key, due in list(self._holes.items()):
             if due > now:
                 continue
             self._set_hole(key, now + self.reprobe_after)
-            inner = self.narrow_paths.get(key)
+            host = key if isinstance(key, bytes) else b""
+            inner = stack.path_mtu(host) if host else self.narrow_paths.get(key)
             if inner is None or self._asking(key):
                 continue
             for tcp in stack.tcp_sockets:
+                if tcp.state is not TcpState.ESTABLISHED or (host and tcp.remote_addr != host):
+                    continue
                 peer = route(tcp.remote_addr)
-                if tcp.state is TcpState.ESTABLISHED and peer is not None and peer.endpoint == key:
-                    why = _Probing(key, peer, peer.handshakes_completed, "up")
-                    big, interval = stack.mtu, _interval(tcp)
-                    self._ask(why, tcp.local_addr, tcp.remote_addr, big, inner, now, interval)
-                    break
+                if peer is None or peer.endpoint is None or not (host or peer.endpoint == key):
+                    continue
+                endpoint = (peer.endpoint[0], peer.endpoint[1])
+                why = _Probing(endpoint, peer, peer.handshakes_completed, "up", host)
+                big, interval = stack.mtu, _interval(tcp)
+                self._ask(why, tcp.local_addr, tcp.remote_addr, big, inner, now, interval)
+                break
             else:
-                self._set_hole(key, now + PROBE_AGAIN)
+                if host:
+                    self._widen_host(host)
+                else:
+                    self._set_hole(key, now + PROBE_AGAIN)
 
     def _widen(self, key: tuple[str, int]) -> None:
         """The path to endpoint ``key``, narrowed for a black hole, carries the tunnel's full
@@ -789,8 +877,36 @@ class Tunnel:
                 peer is not None
                 and peer.endpoint == key
                 and stack.path_mtu(tcp.remote_addr) == inner
+                and tcp.remote_addr not in self._holes
             ):
                 stack.raise_path_mtu(tcp.remote_addr, stack.mtu)
+
+    def _narrow_host(self, host: bytes, inner: int, now: float) -> None:
+        """Packets of ``inner`` bytes reach ``host`` (raw address) and come back, full-sized
+        ones not: its connections, and those opened later, send segments that fit and
+        offer that MSS, and the servers of open ones are told (as ``_narrow`` does for a
+        whole endpoint); asked again in ``reprobe_after`` seconds (``_reprobe``)."""
+        stack = self.stack
+        stack.lower_path_mtu(host, inner)
+        self._set_hole(host, now + self.reprobe_after)
+        for tcp in stack.tcp_sockets:
+            if tcp.remote_addr == host and tcp.state in _PEER_SENDS:
+                stack.tell_remote_path_mtu(tcp, stack.path_mtu(host))
+
+    def _widen_host(self, host: bytes) -> None:
+        """Host ``host``'s path, narrowed alone (``_narrow_host``), is no longer: its
+        connections go back to the size of their endpoint's path."""
+        self._set_hole(host, None)
+        peer = self.device.route(host)
+        inner = self.stack.mtu
+        if peer is not None and peer.endpoint is not None:
+            inner = self.narrow_paths.get((peer.endpoint[0], peer.endpoint[1]), inner)
+        if self.stack.raise_path_mtu(host, inner):
+            logger.info(
+                "full-sized packets from %s pass again: TCP with it uses packets of up to "
+                "%d bytes again",
+                ipaddress.ip_address(host), inner,
+            )  # fmt: skip
 
     def _narrow(
         self,
@@ -816,6 +932,10 @@ class Tunnel:
                 if probing.key == key:  # (answered: its big pings would only vanish)
                     self.stack.cancel_probe(probe)
                     del self._probing[probe]
+            for host in [h for h in self._holes if isinstance(h, bytes)]:
+                peer = self.device.route(host)
+                if peer is not None and peer.endpoint == key and self.stack.path_mtu(host) >= inner:
+                    self._set_hole(host, None)  # (this narrowing covers its path)
             if hole_at is not None:
                 self._set_hole(key, hole_at + self.reprobe_after)
                 logger.warning(
