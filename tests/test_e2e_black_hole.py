@@ -114,7 +114,7 @@ def download_only(
 
 
 def test_downloads_alone_find_the_black_hole(
-    exit_peer: ExitPeer, download_only: tuple[Mitmdump, ImpairedRelay]
+    exit_peer: ExitPeer, origin: Any, download_only: tuple[Mitmdump, ImpairedRelay]
 ) -> None:
     """Browsing: small requests, large answers. On mitmproxy 11 every segment of ours
     fits (its ClientHello is some 500 bytes): the origin's full-sized segments vanish, from
@@ -126,14 +126,17 @@ def test_downloads_alone_find_the_black_hole(
     proxy, relay = download_only
     url = f"https://{ORIGIN_NAME}/bytes/{SIZE}"
     args = ("--cacert", str(proxy.ca_pem), "-x", proxy.proxy, url)
+    connected = len(origin.entries("connect"))
     r = curl(exit_peer.client_ns, *args, max_time=60)
     assert_pattern(r, SIZE, proxy.text()[-4000:])
     assert_warned_once(proxy, relay)
     if int(importlib.metadata.version("mitmproxy").split(".")[0]) < 12:
         # (up: the probes' big pings, the only full-sized packets we sent: three to the
         # stalled server, and three more to the DNS server, confirming that the hole lies
-        # under the tunnel, unless that server was the DNS server, exit.test's IPv4 address)
-        assert relay.up.dropped in (3, 6) and relay.down.dropped > 0
+        # under the tunnel, unless the server was the DNS server, exit.test's IPv4 address)
+        [server] = [e["local"].rsplit(":", 1)[0] for e in origin.entries("connect")[connected:]]
+        assert relay.up.dropped == (3 if server == exit_peer.dns_server else 6), server
+        assert relay.down.dropped > 0
     else:
         assert relay.up.dropped > 0
 
