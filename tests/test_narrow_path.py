@@ -512,9 +512,17 @@ async def test_a_server_that_answers_no_ping_behind_a_black_hole(
                     await stream.aclose()
 
 
-@pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside-a-download"])
+@pytest.mark.parametrize(
+    ("beside", "dns"),
+    [(False, True), (True, True), (False, False)],
+    ids=["alone", "beside-a-download", "no-dns-server"],
+)
 async def test_a_black_hole_beyond_the_exit(
-    fresh_exit_peer: ExitPeer, workdir: Path, caplog: pytest.LogCaptureFixture, beside: bool
+    fresh_exit_peer: ExitPeer,
+    workdir: Path,
+    caplog: pytest.LogCaptureFixture,
+    beside: bool,
+    dns: bool,
 ) -> None:
     """The path under the tunnel is sound, but the way from the exit to one server loses
     that server's full-sized packets without a word (here the exit's link to it takes
@@ -526,6 +534,8 @@ async def test_a_black_hole_beyond_the_exit(
     server is told, and the download ends byte-exact); the endpoint stays wide, and the
     exit's own downloads keep full-sized segments. With a download from the exit beside
     it, the path under the tunnel is known to carry them and the server alone is asked.
+    A config without DNS servers has the server of another open connection asked (the
+    exit's, idle here) instead of the DNS server.
     Once the link is mended, the re-probe of that server (pings to it, while a
     connection to it is open) finds the full size passing, and it grows back; with none
     open, the narrowing is forgotten then, as Linux's learnt path MTUs expire."""
@@ -537,11 +547,13 @@ async def test_a_black_hole_beyond_the_exit(
         peer.ns.ip("link", "set", link, "mtu", "1280")
         # (one segment per packet, as over a real wire: a veth passes a GSO one whole)
         origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
-        here = workdir / f"beyond-{beside}"
+        here = workdir / f"beyond-{beside}-{dns}"
         here.mkdir()
         with run_origin(origin_ns, here, http=[f"{origin}:80"]):
-            text = peer.client_config_text(allowed_ips=f"{peer.tunnel_v4_net}, 10.99.0.0/24")
+            allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+            text = peer.client_config_text(allowed_ips=allowed, dns=dns)
             async with exit_tunnel(peer, text) as (tunnel, _):
+                assert len(tunnel.config.dns_servers) == dns
                 stack, asked = tunnel.stack, record_probes(tunnel)
                 with trio.fail_after(60):
                     download = await tunnel.open_tcp_stream(exit_host, peer.http_port)
@@ -623,6 +635,46 @@ async def test_a_black_hole_under_the_tunnel_confirmed_by_the_dns_server(
                     assert (relay.up.dropped, relay.down.dropped) == dropped
                     assert download._sock._smss == 1200 - 52
                     await download.aclose()
+                    await stream.aclose()
+
+
+async def test_two_servers_beyond_the_exit(fresh_exit_peer: ExitPeer, workdir: Path) -> None:
+    """Two servers behind the same silent hole beyond the exit, a config without DNS
+    servers, and connections open to the first server and to the exit. The first
+    server's stalled download is confirmed with pings to the exit (the other open
+    connection's server). The second one's is too, though the first server's connection
+    comes first: its path is known to lose the big ping, and asking it would pass a hole
+    beyond the exit for one under the tunnel (the endpoint stays wide)."""
+    peer = fresh_exit_peer
+    first, second, exit_host = "10.99.0.1", "10.99.0.2", peer.server_tunnel_v4
+    with origin_behind([peer], "mwgt", [first, second]) as origin_ns:
+        peer.ns.ip("link", "set", f"{origin_ns.name}e0", "mtu", "1280")
+        origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
+        here = workdir / "two-beyond"
+        here.mkdir()
+        with run_origin(origin_ns, here, http=[f"{first}:80", f"{second}:80"]):
+            allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+            text = peer.client_config_text(allowed_ips=allowed, dns=False)
+            async with exit_tunnel(peer, text) as (tunnel, _):
+                asked = record_probes(tunnel)
+                with trio.fail_after(60):
+                    one = await tunnel.open_tcp_stream(first, 80)
+                    idle = await tunnel.open_tcp_stream(exit_host, peer.http_port)
+                    await get_pattern(one, 2 * MB)
+                    # (a second server has a kernel of its own, which our ICMP error to
+                    # the first did not teach: this one forgets it)
+                    origin_ns.exec(["ip", "route", "flush", "cache"])
+                    two = await tunnel.open_tcp_stream(second, 80)
+                    await get_pattern(two, 2 * MB)
+                    while tunnel._probing:
+                        await trio.sleep(0.05)
+                assert asked == [
+                    ("stall", first), ("confirm", exit_host),
+                    ("stall", second), ("confirm", exit_host),
+                ]  # fmt: skip
+                assert tunnel.narrow_paths == {}
+                assert tunnel.stack.path_mtu(exit_host) == 1420
+                for stream in (one, idle, two):
                     await stream.aclose()
 
 

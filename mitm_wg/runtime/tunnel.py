@@ -94,13 +94,13 @@ _NEVER = float("inf")
 class _Probing(NamedTuple):
     """Why a path probe asks (``Tunnel._probing``): about ``key``, the endpoint of
     ``peer``, whose handshakes were ``handshakes`` then; ``kind``: "stall" (a receiver's
-    signs, ``_check_stalls``), "dns" (the same, asked of the tunnel's DNS server: the
-    stalled connection's server answered no ping), "confirm" (the stalled connection's
-    server ``host`` answered only the small ping: is the path under the tunnel the hole,
-    asked of the DNS server, or something beyond the exit?), "host" (a stall while the
-    path under the tunnel carries full-sized packets: is the way beyond the exit to
-    ``host`` a hole?), "up" (is a black hole gone? ``_reprobe``; with ``host``: the one
-    on the way to that host)."""
+    signs, ``_check_stalls``), "other" (the same, asked of another host behind the peer:
+    the stalled connection's server answered no ping; ``_ask_another``), "confirm" (the
+    stalled connection's server ``host`` answered only the small ping: is the path under
+    the tunnel the hole, asked of another host, or something beyond the exit?), "host" (a
+    stall while the path under the tunnel carries full-sized packets: is the way beyond
+    the exit to ``host`` a hole?), "up" (is a black hole gone? ``_reprobe``; with
+    ``host``: the one on the way to that host)."""
 
     key: tuple[str, int]
     peer: Peer
@@ -645,17 +645,17 @@ class Tunnel:
 
     def _check_stalls(self, now: float) -> None:
         """A connection saw signs that its peer's full-sized segments vanish on the way to
-        us (``TcpConfig.rx_stall``; a download sends nothing large that could find the
-        hole itself): ask the path with pings through the tunnel to that peer
+        us (``TcpConfig.rx_stall``; a download sends nothing large that could find the hole
+        itself): ask the path with pings through the tunnel to that peer
         (``Stack.probe_path``: the tunnel's size and ``blackhole_mtu``, three rounds; the
-        tunnel's DNS server if that one answers no ping: ``_ask_dns_server``); the
-        verdicts: ``_verdict``. If a large datagram came from its endpoint since the
+        tunnel's DNS server or another host if that one answers no ping: ``_ask_another``);
+        the verdicts: ``_verdict``. If a large datagram came from its endpoint since the
         connection began waiting, the path under the tunnel carries them: the question is
-        then only whether the way beyond the exit to that host does (kind "host"; most
-        often it does: a slow server). The same endpoint is asked again only
-        ``PROBE_AGAIN`` seconds after its path was found fine, the same host after it
-        answered, or answered no ping; a stalled connection whose packets are already
-        narrowed has its server told again (the first ICMP error may have been lost)."""
+        then only whether the way beyond the exit to that host does (kind "host"; most often
+        it does: a slow server). The same endpoint is asked again only ``PROBE_AGAIN``
+        seconds after its path was found fine, the same host after it answered, or answered
+        no ping; a stalled connection whose packets are already narrowed has its server told
+        again (the first ICMP error may have been lost)."""
         stack, route = self.stack, self.device.route
         for tcp in stack.rx_stalls:
             peer = route(tcp.remote_addr)
@@ -695,10 +695,10 @@ class Tunnel:
         the earliest), or, asked whether a hole is gone, wide again (``_widen``,
         ``_widen_host``). HOLE, on the same session (a new session means the exit
         restarted: no hole): the stalled connection's server has only small packets for
-        now (``_narrow_host``), and the tunnel's DNS server, another host behind the same
-        peer, is asked the same (``_confirm``). If none can be asked, the endpoint
-        narrows (``_narrow``) as ``_watch_blackholes`` would. UNKNOWN: the host answered
-        no ping; the tunnel's DNS server is asked next."""
+        now (``_narrow_host``), and another host behind the same peer is asked the same
+        (``_ask_another``, ``_confirm``). If none can be asked, the endpoint narrows
+        (``_narrow``) as ``_watch_blackholes`` would. UNKNOWN: the host answered no ping;
+        another host is asked next."""
         key, peer, verdict, kind = why.key, why.peer, probe.verdict, why.kind
         logger.debug(
             "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
@@ -710,9 +710,9 @@ class Tunnel:
         elif verdict is Verdict.UNKNOWN:
             self._note(self._silent, probe.remote, now)
             if kind == "stall":
-                self._ask_dns_server(probe, why._replace(kind="dns"), now)
+                self._ask_another(probe, why._replace(kind="other"), now)
             elif kind == "up" and not why.host and key in self.narrow_paths:
-                self._ask_dns_server(probe, why, now)  # (each DNS server, until one answers)
+                self._ask_another(probe, why, now)  # (each other host, until one answers)
         elif kind == "up":
             if verdict is Verdict.FITS:
                 if why.host:
@@ -726,15 +726,15 @@ class Tunnel:
         elif kind == "host":
             self._narrow_host(probe.remote, probe.small, now)
             self._beyond(key, probe.remote, "full-sized packets from it come through the tunnel")
-        elif kind == "dns" or not self._ask_dns_server(probe, why._replace(kind="confirm"), now):
+        elif kind == "other" or not self._ask_another(probe, why._replace(kind="confirm"), now):
             self._narrow(key, probe.small, hole_at=now)
         else:
             self._narrow_host(probe.remote, probe.small, now)
 
     def _confirm(self, probe: PathProbe, why: _Probing, now: float) -> None:
         """The stalled connection's server ``why.host`` answered only the small ping, and
-        ``probe`` asked the tunnel's DNS server the same. A hole there too, or no answer:
-        the path under the tunnel is the hole (``_narrow``). Its big ping back: the path
+        ``probe`` asked another host (``_ask_another``) the same. A hole there too, or no
+        answer: the path under the tunnel is the hole (``_narrow``). Its big ping back: the path
         to the exit carries full-sized packets, and what swallows them lies beyond it, on
         the way to that host alone (or the host drops large pings, as some firewalls do):
         only that host's connections keep small packets (``_narrow_host``, already
@@ -792,20 +792,23 @@ class Tunnel:
         """``what`` is noted in ``table`` (``_note``) less than ``PROBE_AGAIN`` seconds ago."""
         return now - table.get(what, -PROBE_AGAIN) < PROBE_AGAIN
 
-    def _ask_dns_server(self, probe: PathProbe, why: _Probing, now: float) -> bool:
-        """Ask the same path the same question as ``probe`` (its sizes) with pings to the
-        tunnel's DNS server, if it lies behind the same peer (a VPN's resolver is usually
-        the exit itself or next to it), is not the host ``probe`` asked and has not
-        answered no ping lately: when that host answered none (many firewall ICMP), or
-        to tell a hole under the tunnel from one beyond it (``_confirm``). Whether one
-        was asked."""
+    def _ask_another(self, probe: PathProbe, why: _Probing, now: float) -> bool:
+        """Ask the path under the tunnel the same question as ``probe`` (its sizes) with
+        pings to another host behind the same peer: the tunnel's DNS server (a VPN's
+        resolver is usually the exit itself or next to it), else the server of another
+        open connection; not the host ``probe`` asked, nor one that answered no ping
+        lately, nor one whose own path beyond the exit is narrowed. When that host
+        answered none (many firewall ICMP), or to tell a hole under the tunnel from one
+        beyond it (``_confirm``). Whether one was asked."""
         stack, route = self.stack, self.device.route
-        for server in self.config.dns_servers:
-            raw = server.packed
-            local = stack.local_address(server.version)
+        hosts = [server.packed for server in self.config.dns_servers]
+        hosts += [tcp.remote_addr for tcp in stack.tcp_sockets if tcp.state is TcpState.ESTABLISHED]
+        for raw in dict.fromkeys(hosts):
+            local = stack.local_address(4 if len(raw) == 4 else 6)
             if (
                 raw != probe.remote
                 and local is not None
+                and raw not in self._holes
                 and route(raw) is why.peer
                 and not self._recently(self._silent, raw, now)
             ):
@@ -827,7 +830,7 @@ class Tunnel:
         """Ask the path of each endpoint narrowed for a black hole ``reprobe_after`` seconds
         ago whether it carries the tunnel's full size again, with pings to the server of
         one of its open connections (the tunnel's MTU, and the narrowed size that passes;
-        the tunnel's DNS server if that host answers no ping): answered, it is wide again
+        another host if that one answers no ping): answered, it is wide again
         (``_widen``). With no connection open through it, ask again ``PROBE_AGAIN``
         seconds later. A host whose path alone was narrowed is asked itself, while a
         connection to it is open (``_widen_host`` when the big ping comes back); with
