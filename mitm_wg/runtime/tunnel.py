@@ -725,7 +725,7 @@ class Tunnel:
             pass
         elif kind == "host":
             self._narrow_host(probe.remote, probe.small, now)
-            self._beyond(key, probe.remote, "full-sized packets from it come through the tunnel")
+            self._beyond(key, probe.remote, "other servers' full-sized packets come through")
         elif kind == "other" or not self._ask_another(probe, why._replace(kind="confirm"), now):
             self._narrow(key, probe.small, hole_at=now)
         else:
@@ -778,7 +778,9 @@ class Tunnel:
         return any(what in (why.about, why.host) for why in self._probing.values())
 
     @staticmethod
-    def _note(table: dict[tuple[str, int] | bytes, float], what: Any, now: float) -> None:
+    def _note(
+        table: dict[tuple[str, int] | bytes, float], what: tuple[str, int] | bytes, now: float
+    ) -> None:
         """Note in ``_probed`` or ``_silent`` that ``what`` was found so at ``now``."""
         if len(table) >= 1024:  # (forget old ones)
             for k in [k for k, at in table.items() if now - at >= PROBE_AGAIN]:
@@ -849,7 +851,12 @@ class Tunnel:
                 if tcp.state is not TcpState.ESTABLISHED or (host and tcp.remote_addr != host):
                     continue
                 peer = route(tcp.remote_addr)
-                if peer is None or peer.endpoint is None or not (host or peer.endpoint == key):
+                if (
+                    peer is None
+                    or peer.endpoint is None
+                    or not (host or peer.endpoint == key)
+                    or (not host and tcp.remote_addr in self._holes)  # (its own hole beyond)
+                ):
                     continue
                 endpoint = (peer.endpoint[0], peer.endpoint[1])
                 why = _Probing(endpoint, peer, peer.handshakes_completed, "up", host)
