@@ -131,6 +131,26 @@ def record_probes(tunnel: Tunnel) -> list[tuple[str, str]]:
 
 
 @contextlib.contextmanager
+def beyond_a_hole(
+    peer: ExitPeer, workdir: Path, name: str, hosts: list[str]
+) -> Iterator[tuple[Netns, str]]:
+    """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit, on a link that
+    loses their full-sized packets without a word: the exit's end takes 1280 bytes while
+    the origins' side sends 1500, a mismatch that drops them silently (the origins send
+    one segment per packet, as over a real wire: a veth would pass a GSO packet whole).
+    Yields the origins' namespace and the exit's end of that link (``mtu 1500`` mends
+    it)."""
+    with origin_behind([peer], "mwgb", hosts) as origin_ns:
+        link = f"{origin_ns.name}e0"
+        peer.ns.ip("link", "set", link, "mtu", "1280")
+        origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
+        here = workdir / name
+        here.mkdir()
+        with run_origin(origin_ns, here, http=[f"{host}:80" for host in hosts]):
+            yield origin_ns, link
+
+
+@contextlib.contextmanager
 def own_link(peer: ExitPeer, mtu: int) -> Iterator[None]:
     """Our own link is the narrow one (a container's bridge, a host already in a VPN): the
     kernel knows the limit without any ICMP error."""
@@ -542,64 +562,57 @@ async def test_a_black_hole_beyond_the_exit(
     peer = fresh_exit_peer
     caplog.set_level(logging.INFO, logger="mitm_wg")
     origin, exit_host = "10.99.0.1", peer.server_tunnel_v4
-    with origin_behind([peer], "mwgb", [origin]) as origin_ns:
-        link = f"{origin_ns.name}e0"  # (the exit's end of the link to the origin)
-        peer.ns.ip("link", "set", link, "mtu", "1280")
-        # (one segment per packet, as over a real wire: a veth passes a GSO one whole)
-        origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
-        here = workdir / f"beyond-{beside}-{dns}"
-        here.mkdir()
-        with run_origin(origin_ns, here, http=[f"{origin}:80"]):
-            allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
-            text = peer.client_config_text(allowed_ips=allowed, dns=dns)
-            async with exit_tunnel(peer, text) as (tunnel, _):
-                assert len(tunnel.config.dns_servers) == dns
-                stack, asked = tunnel.stack, record_probes(tunnel)
-                with trio.fail_after(60):
-                    download = await tunnel.open_tcp_stream(exit_host, peer.http_port)
-                    async with trio.open_nursery() as nursery:
-                        if beside:
-                            nursery.start_soon(endless_download, download)
-                            while download._sock._rcv_mss < 1368:  # (under way)
-                                await trio.sleep(0.001)
-                        stream = await tunnel.open_tcp_stream(origin, 80)
-                        await get_pattern(stream, 5 * MB)
-                        nursery.cancel_scope.cancel()
+    with beyond_a_hole(peer, workdir, f"beyond-{beside}-{dns}", [origin]) as (_, link):
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        text = peer.client_config_text(allowed_ips=allowed, dns=dns)
+        async with exit_tunnel(peer, text) as (tunnel, _):
+            assert len(tunnel.config.dns_servers) == dns
+            stack, asked = tunnel.stack, record_probes(tunnel)
+            with trio.fail_after(60):
+                download = await tunnel.open_tcp_stream(exit_host, peer.http_port)
+                async with trio.open_nursery() as nursery:
                     if beside:
-                        assert asked == [("host", origin)]
-                    else:
-                        assert asked == [("stall", origin), ("confirm", exit_host)]
-                        await get_pattern(download, 5 * MB)
-                    assert download._sock._rcv_mss == 1368 and download._sock._smss == 1368
-                    assert tunnel.narrow_paths == {}
-                    assert stack.path_mtu(origin) == 1200 and stack.path_mtu(exit_host) == 1420
-                    assert stream._sock._smss == 1200 - 52
-                    host, port = tunnel.config.peers[0].endpoint
-                    assert (
-                        f"full-sized packets from {origin} seem to vanish beyond WireGuard "
-                        f"endpoint {host}:{port}" in caplog.text
-                    )
-
-                    peer.ns.ip("link", "set", link, "mtu", "1500")
-                    asked.clear()
-                    if beside:  # (no connection to it open: forgotten, not asked)
-                        await stream.aclose()
-                    tunnel.reprobe_after = 1.0
-                    while stack.path_mtu(origin) < 1420:
-                        await trio.sleep(0.05)
-                    assert asked == ([] if beside else [("up", origin)])
-                    assert tunnel._holes == {}
-                    assert f"full-sized packets from {origin} pass again" in caplog.text
-                    if beside:
-                        # (our SYN offers the full MSS; the server, told of 1200 by our
-                        # ICMP error, keeps that for its ten minutes)
-                        stream = await tunnel.open_tcp_stream(origin, 80)
-                        assert stream._sock._pmtu_mss is None
-                    else:
-                        assert stream._sock._smss == 1368
+                        nursery.start_soon(endless_download, download)
+                        while download._sock._rcv_mss < 1368:  # (under way)
+                            await trio.sleep(0.001)
+                    stream = await tunnel.open_tcp_stream(origin, 80)
                     await get_pattern(stream, 5 * MB)
+                    nursery.cancel_scope.cancel()
+                if beside:
+                    assert asked == [("host", origin)]
+                else:
+                    assert asked == [("stall", origin), ("confirm", exit_host)]
+                    await get_pattern(download, 5 * MB)
+                assert download._sock._rcv_mss == 1368 and download._sock._smss == 1368
+                assert tunnel.narrow_paths == {}
+                assert stack.path_mtu(origin) == 1200 and stack.path_mtu(exit_host) == 1420
+                assert stream._sock._smss == 1200 - 52
+                host, port = tunnel.config.peers[0].endpoint
+                assert (
+                    f"full-sized packets from {origin} seem to vanish beyond WireGuard "
+                    f"endpoint {host}:{port}" in caplog.text
+                )
+
+                peer.ns.ip("link", "set", link, "mtu", "1500")
+                asked.clear()
+                if beside:  # (no connection to it open: forgotten, not asked)
                     await stream.aclose()
-                    await download.aclose()
+                tunnel.reprobe_after = 1.0
+                while stack.path_mtu(origin) < 1420:
+                    await trio.sleep(0.05)
+                assert asked == ([] if beside else [("up", origin)])
+                assert tunnel._holes == {}
+                assert f"full-sized packets from {origin} pass again" in caplog.text
+                if beside:
+                    # (our SYN offers the full MSS; the server, told of 1200 by our
+                    # ICMP error, keeps that for its ten minutes)
+                    stream = await tunnel.open_tcp_stream(origin, 80)
+                    assert stream._sock._pmtu_mss is None
+                else:
+                    assert stream._sock._smss == 1368
+                await get_pattern(stream, 5 * MB)
+                await stream.aclose()
+                await download.aclose()
 
 
 async def test_a_black_hole_under_the_tunnel_confirmed_by_the_dns_server(
@@ -638,6 +651,36 @@ async def test_a_black_hole_under_the_tunnel_confirmed_by_the_dns_server(
                     await stream.aclose()
 
 
+async def test_a_black_hole_beyond_the_exit_after_a_slow_server(
+    fresh_exit_peer: ExitPeer, workdir: Path
+) -> None:
+    """A slow server (a request whose end never comes) had the path under the tunnel
+    asked a moment ago: fine. A download from a server behind a hole beyond the exit
+    stalls within the minute after, with nothing else arriving: the path under the
+    tunnel is known fine, so that server alone is asked (before, no probe at all within
+    that minute: the download stalled for good), and only it narrows."""
+    peer = fresh_exit_peer
+    origin, exit_host = "10.99.0.1", peer.server_tunnel_v4
+    with beyond_a_hole(peer, workdir, "after-slow", [origin]):
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        text = peer.client_config_text(allowed_ips=allowed)
+        async with exit_tunnel(peer, text) as (tunnel, _):
+            asked = record_probes(tunnel)
+            with trio.fail_after(60):
+                slow = await tunnel.open_tcp_stream(exit_host, peer.http_port)
+                await slow.send_all(b"GET /bytes/1 HTTP/1.1\r\nHost: x\r\n")  # (no end)
+                while not asked or tunnel._probing:
+                    await trio.sleep(0.05)
+                assert asked == [("stall", exit_host)] and tunnel.narrow_paths == {}
+                stream = await tunnel.open_tcp_stream(origin, 80)
+                await get_pattern(stream, 5 * MB)
+            assert asked == [("stall", exit_host), ("host", origin)]
+            assert tunnel.narrow_paths == {}
+            assert tunnel.stack.path_mtu(origin) == 1200
+            for s in (slow, stream):
+                await s.aclose()
+
+
 async def test_two_servers_beyond_the_exit(fresh_exit_peer: ExitPeer, workdir: Path) -> None:
     """Two servers behind the same silent hole beyond the exit, a config without DNS
     servers, and connections open to the first server and to the exit. The first
@@ -647,35 +690,30 @@ async def test_two_servers_beyond_the_exit(fresh_exit_peer: ExitPeer, workdir: P
     beyond the exit for one under the tunnel (the endpoint stays wide)."""
     peer = fresh_exit_peer
     first, second, exit_host = "10.99.0.1", "10.99.0.2", peer.server_tunnel_v4
-    with origin_behind([peer], "mwgt", [first, second]) as origin_ns:
-        peer.ns.ip("link", "set", f"{origin_ns.name}e0", "mtu", "1280")
-        origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
-        here = workdir / "two-beyond"
-        here.mkdir()
-        with run_origin(origin_ns, here, http=[f"{first}:80", f"{second}:80"]):
-            allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
-            text = peer.client_config_text(allowed_ips=allowed, dns=False)
-            async with exit_tunnel(peer, text) as (tunnel, _):
-                asked = record_probes(tunnel)
-                with trio.fail_after(60):
-                    one = await tunnel.open_tcp_stream(first, 80)
-                    idle = await tunnel.open_tcp_stream(exit_host, peer.http_port)
-                    await get_pattern(one, 2 * MB)
-                    # (a second server has a kernel of its own, which our ICMP error to
-                    # the first did not teach: this one forgets it)
-                    origin_ns.exec(["ip", "route", "flush", "cache"])
-                    two = await tunnel.open_tcp_stream(second, 80)
-                    await get_pattern(two, 2 * MB)
-                    while tunnel._probing:
-                        await trio.sleep(0.05)
-                assert asked == [
-                    ("stall", first), ("confirm", exit_host),
-                    ("stall", second), ("confirm", exit_host),
-                ]  # fmt: skip
-                assert tunnel.narrow_paths == {}
-                assert tunnel.stack.path_mtu(exit_host) == 1420
-                for stream in (one, idle, two):
-                    await stream.aclose()
+    with beyond_a_hole(peer, workdir, "two-beyond", [first, second]) as (origin_ns, _):
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        text = peer.client_config_text(allowed_ips=allowed, dns=False)
+        async with exit_tunnel(peer, text) as (tunnel, _):
+            asked = record_probes(tunnel)
+            with trio.fail_after(60):
+                one = await tunnel.open_tcp_stream(first, 80)
+                idle = await tunnel.open_tcp_stream(exit_host, peer.http_port)
+                await get_pattern(one, 2 * MB)
+                # (a second server has a kernel of its own, which our ICMP error to
+                # the first did not teach: this one forgets it)
+                origin_ns.exec(["ip", "route", "flush", "cache"])
+                two = await tunnel.open_tcp_stream(second, 80)
+                await get_pattern(two, 2 * MB)
+                while tunnel._probing:
+                    await trio.sleep(0.05)
+            assert asked == [
+                ("stall", first), ("confirm", exit_host),
+                ("stall", second), ("confirm", exit_host),
+            ]  # fmt: skip
+            assert tunnel.narrow_paths == {}
+            assert tunnel.stack.path_mtu(exit_host) == 1420
+            for stream in (one, idle, two):
+                await stream.aclose()
 
 
 async def endless_download(stream: TunnelStream) -> None:

@@ -650,12 +650,12 @@ class Tunnel:
         (``Stack.probe_path``: the tunnel's size and ``blackhole_mtu``, three rounds; the
         tunnel's DNS server or another host if that one answers no ping: ``_ask_another``);
         the verdicts: ``_verdict``. If a large datagram came from its endpoint since the
-        connection began waiting, the path under the tunnel carries them: the question is
-        then only whether the way beyond the exit to that host does (kind "host"; most often
-        it does: a slow server). The same endpoint is asked again only ``PROBE_AGAIN``
-        seconds after its path was found fine, the same host after it answered, or answered
-        no ping; a stalled connection whose packets are already narrowed has its server told
-        again (the first ICMP error may have been lost)."""
+        connection began waiting, or its path was found fine less than ``PROBE_AGAIN``
+        seconds ago, the path under the tunnel carries them: the question is then only
+        whether the way beyond the exit to that host does (kind "host"; most often it does:
+        a slow server). The same host is asked again only ``PROBE_AGAIN`` seconds after it
+        answered, or answered no ping; a stalled connection whose packets are already
+        narrowed has its server told again (the first ICMP error may have been lost)."""
         stack, route = self.stack, self.device.route
         for tcp in stack.rx_stalls:
             peer = route(tcp.remote_addr)
@@ -671,16 +671,17 @@ class Tunnel:
                 continue
             host = tcp.remote_addr
             big, small = stack.path_mtu(host), tcp.config.blackhole_mtu
-            proven = self._large_at.get(key, -1.0) > tcp.stall_since
             if (
                 big <= small
                 or self._asking(key)
                 or self._asking(host)
                 or self._recently(self._probed, host, now)
                 or self._recently(self._silent, host, now)
-                or (not proven and self._recently(self._probed, key, now))
             ):
                 continue
+            proven = self._large_at.get(key, -1.0) > tcp.stall_since or self._recently(
+                self._probed, key, now
+            )
             why = _Probing(
                 key, peer, peer.handshakes_completed, "host" if proven else "stall", host
             )
@@ -721,6 +722,8 @@ class Tunnel:
                     self._widen(key)
         elif verdict is Verdict.FITS or peer.handshakes_completed != why.handshakes:
             self._note(self._probed, why.about, now)
+            if kind == "stall":  # (the big ping came back from that host: its way too)
+                self._note(self._probed, probe.remote, now)
         elif peer.endpoint != key:
             pass
         elif kind == "host":
