@@ -681,6 +681,51 @@ async def test_a_black_hole_beyond_the_exit_after_a_slow_server(
                 await s.aclose()
 
 
+async def test_servers_that_answer_no_ping_beyond_the_exit(
+    fresh_exit_peer: ExitPeer, workdir: Path
+) -> None:
+    """Two servers behind a hole beyond the exit that answer no ping, as many do (the
+    classic black hole: the firewall that drops ICMP echo drops the errors that would
+    have told the server of the narrower link too). The first one's download stalls
+    after its small reply headers: its pings go unanswered, the DNS server's big ping
+    comes back, so the path under the tunnel is sound, and a connection that got only
+    small segments points at a hole beyond the exit: that server narrows, and the download
+    ends byte-exact. The second one is merely slow (nothing arrived yet): asked alone,
+    the path under the tunnel being known fine, it answers nothing, and nothing narrows.
+    A third one's download stalls the same way as the first's: asked alone, no answer,
+    and it narrows."""
+    peer = fresh_exit_peer
+    first, second, third = "10.99.0.1", "10.99.0.2", "10.99.0.3"
+    exit_host = peer.server_tunnel_v4
+    with beyond_a_hole(peer, workdir, "no-ping-beyond", [first, second, third]) as (origin_ns, _):
+        origin_ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        text = peer.client_config_text(allowed_ips=allowed)
+        async with exit_tunnel(peer, text) as (tunnel, _):
+            asked, stack = record_probes(tunnel), tunnel.stack
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(first, 80)
+                await get_pattern(stream, 5 * MB)
+                assert asked == [("stall", first), ("other", exit_host)]
+                assert stack.path_mtu(first) == 1200 and tunnel.narrow_paths == {}
+                slow = await tunnel.open_tcp_stream(second, 80)
+                await slow.send_all(b"GET /bytes/1 HTTP/1.1\r\nHost: x\r\n")  # (no end)
+                while len(asked) < 3 or tunnel._probing:
+                    await trio.sleep(0.05)
+                assert asked[2:] == [("host", second)]
+                assert stack.path_mtu(second) == 1420 and tunnel.narrow_paths == {}
+                # (a third server has a kernel of its own, which our ICMP error to the
+                # first did not teach: this one forgets it)
+                origin_ns.exec(["ip", "route", "flush", "cache"])
+                other = await tunnel.open_tcp_stream(third, 80)
+                await get_pattern(other, 5 * MB)
+            assert asked[3:] == [("host", third)]
+            assert stack.path_mtu(third) == 1200 and tunnel.narrow_paths == {}
+            assert snmp(origin_ns, "Icmp:OutEchoReps") == 0
+            for s in (stream, slow, other):
+                await s.aclose()
+
+
 async def test_two_servers_beyond_the_exit(fresh_exit_peer: ExitPeer, workdir: Path) -> None:
     """Two servers behind the same silent hole beyond the exit, a config without DNS
     servers, and connections open to the first server and to the exit. The first

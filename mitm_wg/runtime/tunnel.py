@@ -100,13 +100,15 @@ class _Probing(NamedTuple):
     the tunnel the hole, asked of another host, or something beyond the exit?), "host" (a
     stall while the path under the tunnel carries full-sized packets: is the way beyond
     the exit to ``host`` a hole?), "up" (is a black hole gone? ``_reprobe``; with
-    ``host``: the one on the way to that host)."""
+    ``host``: the one on the way to that host). ``small_only``: the stalled connection
+    got data, but only small segments (``TcpSocket.small_segments_only``)."""
 
     key: tuple[str, int]
     peer: Peer
     handshakes: int
     kind: str
     host: bytes = b""
+    small_only: bool = False
 
     @property
     def about(self) -> tuple[str, int] | bytes:
@@ -683,8 +685,9 @@ class Tunnel:
                 self._probed, key, now
             )
             why = _Probing(
-                key, peer, peer.handshakes_completed, "host" if proven else "stall", host
-            )
+                key, peer, peer.handshakes_completed, "host" if proven else "stall", host,
+                tcp.small_segments_only,
+            )  # fmt: skip
             self._ask(why, tcp.local_addr, host, big, small, now, _interval(tcp))
         stack.rx_stalls.clear()
         for probe in stack.probes_done:
@@ -712,6 +715,8 @@ class Tunnel:
             self._note(self._silent, probe.remote, now)
             if kind == "stall":
                 self._ask_another(probe, why._replace(kind="other"), now)
+            elif kind == "host":
+                self._silent_hole(why, "other servers' full-sized packets come through", now)
             elif kind == "up" and not why.host and key in self.narrow_paths:
                 self._ask_another(probe, why, now)  # (each other host, until one answers)
         elif kind == "up":
@@ -724,11 +729,15 @@ class Tunnel:
             self._note(self._probed, why.about, now)
             if kind == "stall":  # (the big ping came back from that host: its way too)
                 self._note(self._probed, probe.remote, now)
+            elif kind == "other" and verdict is Verdict.FITS:
+                server = ipaddress.ip_address(probe.remote)
+                self._silent_hole(why, f"pings of {probe.big} bytes to {server} come back", now)
         elif peer.endpoint != key:
             pass
         elif kind == "host":
             self._narrow_host(probe.remote, probe.small, now)
-            self._beyond(key, probe.remote, "other servers' full-sized packets come through")
+            because = "the large ping to it goes unanswered; other servers' come through"
+            self._beyond(key, probe.remote, because)
         elif kind == "other" or not self._ask_another(probe, why._replace(kind="confirm"), now):
             self._narrow(key, probe.small, hole_at=now)
         else:
@@ -747,17 +756,29 @@ class Tunnel:
             return
         if verdict is Verdict.FITS:
             server = ipaddress.ip_address(probe.remote)
-            self._beyond(key, why.host, f"pings of {probe.big} bytes to {server} come back")
+            because = f"the large ping to it goes unanswered; to {server} it comes back"
+            self._beyond(key, why.host, because)
         else:
             if verdict is Verdict.UNKNOWN:
                 self._note(self._silent, probe.remote, now)
             self._narrow(key, probe.small, hole_at=now)
 
+    def _silent_hole(self, why: _Probing, because: str, now: float) -> None:
+        """The stalled connection's server answered no ping, and the path under the tunnel
+        carries full-sized packets (``because``): if that connection got only small
+        segments (the classic sign: a reply's headers, and nothing of the full-sized rest),
+        a hole beyond the exit is the likely cause, and that server alone narrows (as a
+        mere slow server, it would lose little: its connections send smaller segments);
+        otherwise nothing."""
+        peer, key, host = why.peer, why.key, why.host
+        if why.small_only and peer.handshakes_completed == why.handshakes and peer.endpoint == key:
+            self._narrow_host(host, self.stack.tcp_config.blackhole_mtu, now)
+            self._beyond(key, host, f"it sent only small segments and answers no ping; {because}")
+
     def _beyond(self, key: tuple[str, int], host: bytes, because: str) -> None:
         logger.info(
-            "full-sized packets from %s seem to vanish beyond WireGuard endpoint %s (the "
-            "large ping to it goes unanswered; %s): TCP with it now uses packets of at most "
-            "%d bytes",
+            "full-sized packets from %s seem to vanish beyond WireGuard endpoint %s (%s): "
+            "TCP with it now uses packets of at most %d bytes",
             ipaddress.ip_address(host), format_endpoint(key), because,
             self.stack.path_mtu(host),
         )  # fmt: skip
