@@ -702,7 +702,8 @@ class Tunnel:
         now (``_narrow_host``), and another host behind the same peer is asked the same
         (``_ask_another``, ``_confirm``). If none can be asked, the endpoint narrows
         (``_narrow``) as ``_watch_blackholes`` would. UNKNOWN: the host answered no ping;
-        another host is asked next."""
+        another host is asked next, and if the path under the tunnel is (or is known to
+        be) sound, ``_silent_hole`` decides on the host alone."""
         key, peer, verdict, kind = why.key, why.peer, probe.verdict, why.kind
         logger.debug(
             "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
@@ -746,11 +747,11 @@ class Tunnel:
     def _confirm(self, probe: PathProbe, why: _Probing, now: float) -> None:
         """The stalled connection's server ``why.host`` answered only the small ping, and
         ``probe`` asked another host (``_ask_another``) the same. A hole there too, or no
-        answer: the path under the tunnel is the hole (``_narrow``). Its big ping back: the path
-        to the exit carries full-sized packets, and what swallows them lies beyond it, on
-        the way to that host alone (or the host drops large pings, as some firewalls do):
-        only that host's connections keep small packets (``_narrow_host``, already
-        done), asked again every ``reprobe_after`` seconds."""
+        answer: the path under the tunnel is the hole (``_narrow``). Its big ping back:
+        the path to the exit carries full-sized packets, and what swallows them lies beyond
+        it, on the way to that host alone (or the host drops large pings, as some
+        firewalls do): only that host's connections keep small packets (``_narrow_host``,
+        already done), asked again every ``reprobe_after`` seconds."""
         key, peer, verdict = why.key, why.peer, probe.verdict
         if peer.handshakes_completed != why.handshakes or peer.endpoint != key:
             return
