@@ -691,9 +691,10 @@ async def test_servers_that_answer_no_ping_beyond_the_exit(
     comes back, so the path under the tunnel is sound, and a connection that got only
     small segments points at a hole beyond the exit: that server narrows, and the download
     ends byte-exact. The second one is merely slow (nothing arrived yet): asked alone,
-    the path under the tunnel being known fine, it answers nothing, and nothing narrows.
-    A third one's download stalls the same way as the first's: asked alone, no answer,
-    and it narrows."""
+    the path under the tunnel being known fine, it answers nothing, and nothing narrows;
+    a download from it a moment later stalls like the first one's: it is not asked again
+    (it just answered no ping), and narrows. A third one's download stalls the same way:
+    asked alone, no answer, and it narrows."""
     peer = fresh_exit_peer
     first, second, third = "10.99.0.1", "10.99.0.2", "10.99.0.3"
     exit_host = peer.server_tunnel_v4
@@ -714,15 +715,19 @@ async def test_servers_that_answer_no_ping_beyond_the_exit(
                     await trio.sleep(0.05)
                 assert asked[2:] == [("host", second)]
                 assert stack.path_mtu(second) == 1420 and tunnel.narrow_paths == {}
-                # (a third server has a kernel of its own, which our ICMP error to the
+                # (another server has a kernel of its own, which our ICMP error to the
                 # first did not teach: this one forgets it)
+                origin_ns.exec(["ip", "route", "flush", "cache"])
+                again = await tunnel.open_tcp_stream(second, 80)
+                await get_pattern(again, 5 * MB)
+                assert len(asked) == 3 and stack.path_mtu(second) == 1200
                 origin_ns.exec(["ip", "route", "flush", "cache"])
                 other = await tunnel.open_tcp_stream(third, 80)
                 await get_pattern(other, 5 * MB)
             assert asked[3:] == [("host", third)]
             assert stack.path_mtu(third) == 1200 and tunnel.narrow_paths == {}
             assert snmp(origin_ns, "Icmp:OutEchoReps") == 0
-            for s in (stream, slow, other):
+            for s in (stream, slow, again, other):
                 await s.aclose()
 
 

@@ -656,7 +656,8 @@ class Tunnel:
         seconds ago, the path under the tunnel carries them: the question is then only
         whether the way beyond the exit to that host does (kind "host"; most often it does:
         a slow server). The same host is asked again only ``PROBE_AGAIN`` seconds after it
-        answered, or answered no ping; a stalled connection whose packets are already
+        answered, or answered no ping (then, with the path under the tunnel known sound,
+        ``_silent_hole`` decides at once); a stalled connection whose packets are already
         narrowed has its server told again (the first ICMP error may have been lost)."""
         stack, route = self.stack, self.device.route
         for tcp in stack.rx_stalls:
@@ -678,7 +679,6 @@ class Tunnel:
                 or self._asking(key)
                 or self._asking(host)
                 or self._recently(self._probed, host, now)
-                or self._recently(self._silent, host, now)
             ):
                 continue
             proven = self._large_at.get(key, -1.0) > tcp.stall_since or self._recently(
@@ -688,7 +688,11 @@ class Tunnel:
                 key, peer, peer.handshakes_completed, "host" if proven else "stall", host,
                 tcp.small_segments_only,
             )  # fmt: skip
-            self._ask(why, tcp.local_addr, host, big, small, now, _interval(tcp))
+            if not self._recently(self._silent, host, now):
+                self._ask(why, tcp.local_addr, host, big, small, now, _interval(tcp))
+            elif proven:  # (it would answer no ping again)
+                because = "it answered no ping lately; other servers' come through"
+                self._silent_hole(why, because, now)
         stack.rx_stalls.clear()
         for probe in stack.probes_done:
             self._verdict(probe, self._probing.pop(probe), now)
