@@ -258,6 +258,9 @@ def _client_config(alpn: list[str], args: argparse.Namespace) -> QuicConfigurati
     config = QuicConfiguration(is_client=True, alpn_protocols=alpn)
     config.verify_mode = ssl.CERT_REQUIRED
     config.load_verify_locations(args.ca)
+    # (a handshake that never completes ends here, with an error, not in the test's
+    # subprocess timeout)
+    config.idle_timeout = args.timeout
     if args.server_name:
         config.server_name = args.server_name
     return config

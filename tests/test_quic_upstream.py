@@ -92,10 +92,19 @@ def run_quic_origin(ns: Any, workdir: Path, addresses: list[str]) -> Iterator[Qu
         ns.kill(proc)
 
 
-def quic_client(ns: Any, *args: str, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Run a tests/quic_helpers.py client in ``ns``; its JSON lines (asserts exit status 0)."""
-    r = ns.exec([sys.executable, str(HELPER), *args], check=False, timeout=timeout)
-    assert r.returncode == 0, f"QUIC client failed ({r.returncode}): {r.stderr[-3000:]}"
+def quic_client(
+    ns: Any, *args: str, dump: Mitmdump | None = None, timeout: float = 60.0
+) -> list[dict[str, Any]]:
+    """Run a tests/quic_helpers.py client in ``ns``; its JSON lines (asserts exit status 0;
+    a failure shows the client's stderr and the end of ``dump``'s log)."""
+    try:
+        r = ns.exec([sys.executable, str(HELPER), *args], check=False, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        log = dump.text()[-4000:] if dump is not None else ""
+        pytest.fail(f"QUIC client hung for {timeout} s: {stderr}\nmitmdump: {log}")
+    log = dump.text()[-4000:] if dump is not None else ""
+    assert r.returncode == 0, f"QUIC client failed ({r.returncode}): {r.stderr[-3000:]}\n{log}"
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
 
@@ -158,6 +167,7 @@ def test_http3_reverse_proxy_through_tunnel(
             f"https://{ORIGIN_NAME}/echo/{scheme}",
             "--repeat",
             "2",
+            dump=dump,
         )
         assert [r["status"] for r in results] == [200, 200]
         seen = json.loads(results[0]["body"])
@@ -179,6 +189,7 @@ def test_http3_reverse_proxy_through_tunnel(
             ORIGIN_NAME,
             "--url",
             f"https://{ORIGIN_NAME}/bytes/300000",
+            dump=dump,
         )
         assert big[0]["status"] == 200
         assert big[0]["size"] == 300000
@@ -203,10 +214,10 @@ def test_raw_quic_reverse_proxy_through_tunnel(
             "--server-name",
             ORIGIN_NAME,
         ]
-        (who,) = quic_client(exit_peer.client_ns, *base, "--message", "whoami")
+        (who,) = quic_client(exit_peer.client_ns, *base, "--message", "whoami", dump=dump)
         assert who["alpn"] == "mitm-wg-echo"
         assert json.loads(who["body"])["client"] in tunnel_addresses(exit_peer)
-        (big,) = quic_client(exit_peer.client_ns, *base, "--size", "200000")
+        (big,) = quic_client(exit_peer.client_ns, *base, "--size", "200000", dump=dump)
         assert big["size"] == 200000
         assert big["body"].encode("latin-1") == pattern(200000)
         echoes = origin.entries("echo")
