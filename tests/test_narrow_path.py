@@ -445,12 +445,12 @@ async def test_a_slow_server_on_a_sound_path(fresh_exit_peer: ExitPeer) -> None:
     """A server that takes its time (here: a request whose end never comes) shows the
     same sign as a black hole: our request acknowledged, no answer for a second. Alone,
     the tunnel asks the path once: the big ping comes back (FITS), nothing narrows, and
-    another slow answer within a minute is not asked about again. While larger packets
-    keep coming through the tunnel (a download beside it) the path under the tunnel is
-    known to carry them: a slow answer from another host (the exit's IPv6 address) asks
-    only whether the way to that host does, with pings to it alone (FITS again), once a
-    minute at most. (An exit of its own: the others here were told of a 1200-byte path,
-    and keep that for ten minutes.)"""
+    another slow answer within a minute is not asked about again. The path under the
+    tunnel is then known to carry full-sized packets (found fine a moment ago; and a
+    download beside keeps bringing them): a slow answer from another host (the exit's
+    IPv6 address) asks only whether the way to that host does, with pings to it alone
+    (FITS again), once a minute at most. (An exit of its own: the others here were told
+    of a 1200-byte path, and keep that for ten minutes.)"""
     peer = fresh_exit_peer
     assert peer.server_tunnel_v6 is not None
 
