@@ -574,11 +574,15 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         return self._rtt.srtt
 
     @property
+    def _blackhole_mss(self) -> int:
+        """The largest segment (payload) that fits ``blackhole_mtu`` on this connection."""
+        return self.config.blackhole_mtu - (40 if len(self.remote_addr) == 4 else 60)
+
+    @property
     def small_segments_only(self) -> bool:
         """Data arrived, but no segment larger than ``blackhole_mtu`` allows: rule rx-stall's
         sign of a black hole (a server's reply headers got through, the rest may not)."""
-        small = self.config.blackhole_mtu - (40 if len(self.remote_addr) == 4 else 60)
-        return (self._rcv_nxt - self._irs - 1) & M32 != 0 and self._rcv_mss <= small
+        return (self._rcv_nxt - self._irs - 1) & M32 != 0 and self._rcv_mss <= self._blackhole_mss
 
     @property
     def stall_since(self) -> float:

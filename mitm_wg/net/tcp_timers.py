@@ -128,7 +128,7 @@ class Timers:
         cfg = self.config
         if self.state not in _SEND_STATES:
             return
-        target = cfg.blackhole_mtu - (40 if len(self.remote_addr) == 4 else 60)
+        target = self._blackhole_mss
         if min(self._snd_max - self._snd_una, self._smss) <= target - (12 if self._ts_ok else 0):
             return  # nothing larger in flight: small packets are lost too
         self.stats.blackhole_shrinks += 1
@@ -147,7 +147,7 @@ class Timers:
         if self._rcv_nxt == self._stall_seq:
             self._rx_stall()
             return
-        small = self.config.blackhole_mtu - (40 if len(self.remote_addr) == 4 else 60)
+        small = self._blackhole_mss
         pmtu_mss = self._pmtu_mss
         if self._rcv_mss <= small and (pmtu_mss is None or pmtu_mss > small):
             self._rx_stall()

@@ -111,6 +111,12 @@ class _Probing(NamedTuple):
     small_only: bool = False
 
     @property
+    def current(self) -> bool:
+        """The peer is still at ``key``, on the session the probe began in (a new one:
+        the exit restarted meanwhile, which explains lost pings as well as a hole)."""
+        return self.peer.handshakes_completed == self.handshakes and self.peer.endpoint == self.key
+
+    @property
     def about(self) -> tuple[str, int] | bytes:
         """What the probe asks about: the host's path alone, or the endpoint's."""
         return self.host if self.host and self.kind in ("host", "up") else self.key
@@ -708,7 +714,7 @@ class Tunnel:
         (``_narrow``) as ``_watch_blackholes`` would. UNKNOWN: the host answered no ping;
         another host is asked next, and if the path under the tunnel is (or is known to
         be) sound, ``_silent_hole`` decides on the host alone."""
-        key, peer, verdict, kind = why.key, why.peer, probe.verdict, why.kind
+        key, verdict, kind = why.key, probe.verdict, why.kind
         logger.debug(
             "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
             ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
@@ -730,15 +736,13 @@ class Tunnel:
                     self._widen_host(why.host)
                 elif key in self.narrow_paths:
                     self._widen(key)
-        elif verdict is Verdict.FITS or peer.handshakes_completed != why.handshakes:
+        elif verdict is Verdict.FITS or not why.current:
             self._note(self._probed, why.about, now)
             if kind == "stall":  # (the big ping came back from that host: its way too)
                 self._note(self._probed, probe.remote, now)
             elif kind == "other" and verdict is Verdict.FITS:
                 server = ipaddress.ip_address(probe.remote)
                 self._silent_hole(why, f"pings of {probe.big} bytes to {server} come back", now)
-        elif peer.endpoint != key:
-            pass
         elif kind == "host":
             self._narrow_host(probe.remote, probe.small, now)
             because = "the large ping to it goes unanswered; other servers' come through"
@@ -756,8 +760,8 @@ class Tunnel:
         it, on the way to that host alone (or the host drops large pings, as some
         firewalls do): only that host's connections keep small packets (``_narrow_host``,
         already done), asked again every ``reprobe_after`` seconds."""
-        key, peer, verdict = why.key, why.peer, probe.verdict
-        if peer.handshakes_completed != why.handshakes or peer.endpoint != key:
+        key, verdict = why.key, probe.verdict
+        if not why.current:
             return
         if verdict is Verdict.FITS:
             server = ipaddress.ip_address(probe.remote)
@@ -775,10 +779,10 @@ class Tunnel:
         a hole beyond the exit is the likely cause, and that server alone narrows (as a
         mere slow server, it would lose little: its connections send smaller segments);
         otherwise nothing."""
-        peer, key, host = why.peer, why.key, why.host
-        if why.small_only and peer.handshakes_completed == why.handshakes and peer.endpoint == key:
-            self._narrow_host(host, self.stack.tcp_config.blackhole_mtu, now)
-            self._beyond(key, host, f"it sent only small segments and answers no ping; {because}")
+        if why.small_only and why.current:
+            self._narrow_host(why.host, self.stack.tcp_config.blackhole_mtu, now)
+            because = f"it sent only small segments and answers no ping; {because}"
+            self._beyond(why.key, why.host, because)
 
     def _beyond(self, key: tuple[str, int], host: bytes, because: str) -> None:
         logger.info(
@@ -877,15 +881,13 @@ class Tunnel:
             if inner is None or self._asking(key):
                 continue
             for tcp in stack.tcp_sockets:
-                if tcp.state is not TcpState.ESTABLISHED or (host and tcp.remote_addr != host):
-                    continue
-                peer = route(tcp.remote_addr)
-                if (
-                    peer is None
-                    or peer.endpoint is None
-                    or not (host or peer.endpoint == key)
-                    or (not host and tcp.remote_addr in self._holes)  # (its own hole beyond)
+                remote = tcp.remote_addr
+                if tcp.state is not TcpState.ESTABLISHED or (
+                    remote != host if host else remote in self._holes  # (its own hole beyond)
                 ):
+                    continue
+                peer = route(remote)
+                if peer is None or peer.endpoint is None or not (host or peer.endpoint == key):
                     continue
                 endpoint = (peer.endpoint[0], peer.endpoint[1])
                 why = _Probing(endpoint, peer, peer.handshakes_completed, "up", host)
