@@ -131,19 +131,20 @@ def record_probes(tunnel: Tunnel) -> list[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def beyond_a_hole(
-    peer: ExitPeer, workdir: Path, name: str, hosts: list[str]
+def origins_behind_exit(
+    peer: ExitPeer, workdir: Path, name: str, hosts: list[str], *, hole_beyond: bool = True
 ) -> Iterator[tuple[Netns, str]]:
-    """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit, on a link that
-    loses their full-sized packets without a word: the exit's end takes 1280 bytes while
-    the origins' side sends 1500, a mismatch that drops them silently (the origins send
-    one segment per packet, as over a real wire: a veth would pass a GSO packet whole).
-    Yields the origins' namespace and the exit's end of that link (``mtu 1500`` mends
-    it)."""
+    """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit (their log in
+    ``workdir / name``). ``hole_beyond``: on a link that loses their full-sized packets
+    without a word: the exit's end takes 1280 bytes while the origins' side sends 1500, a
+    mismatch that drops them silently (the origins send one segment per packet, as over a
+    real wire: a veth would pass a GSO packet whole). Yields the origins' namespace and
+    the exit's end of that link (``mtu 1500`` mends it)."""
     with origin_behind([peer], "mwgb", hosts) as origin_ns:
         link = f"{origin_ns.name}e0"
-        peer.ns.ip("link", "set", link, "mtu", "1280")
-        origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
+        if hole_beyond:
+            peer.ns.ip("link", "set", link, "mtu", "1280")
+            origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
         here = workdir / name
         here.mkdir()
         with run_origin(origin_ns, here, http=[f"{host}:80" for host in hosts]):
@@ -562,7 +563,7 @@ async def test_a_black_hole_beyond_the_exit(
     peer = fresh_exit_peer
     caplog.set_level(logging.INFO, logger="mitm_wg")
     origin, exit_host = "10.99.0.1", peer.server_tunnel_v4
-    with beyond_a_hole(peer, workdir, f"beyond-{beside}-{dns}", [origin]) as (_, link):
+    with origins_behind_exit(peer, workdir, f"beyond-{beside}-{dns}", [origin]) as (_, link):
         allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
         text = peer.client_config_text(allowed_ips=allowed, dns=dns)
         async with exit_tunnel(peer, text) as (tunnel, _):
@@ -626,29 +627,26 @@ async def test_a_black_hole_under_the_tunnel_confirmed_by_the_dns_server(
     nothing to the hole)."""
     peer = fresh_exit_peer
     origin, exit_host = "10.99.0.1", peer.server_tunnel_v4
-    with origin_behind([peer], "mwgu", [origin]) as origin_ns:
-        here = workdir / "under"
-        here.mkdir()
-        with run_origin(origin_ns, here, http=[f"{origin}:80"]):
-            allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
-            async with holey_tunnel(peer, allowed_ips=allowed) as (tunnel, relay):
-                asked = record_probes(tunnel)
-                with trio.fail_after(60):
-                    stream = await tunnel.open_tcp_stream(origin, 80)
-                    await get_pattern(stream, 5 * MB)
-                    while tunnel._probing:
-                        await trio.sleep(0.05)
-                    assert asked == [("stall", origin), ("confirm", exit_host)]
-                    assert tunnel.narrow_paths == {relay.address: 1200}
-                    assert tunnel._holes.keys() == {relay.address}
-                    assert relay.up.dropped == 6  # (the big pings: three to each)
-                    dropped = relay.up.dropped, relay.down.dropped
-                    download = await tunnel.open_tcp_stream(exit_host, peer.http_port)
-                    await get_pattern(download, 5 * MB)
-                    assert (relay.up.dropped, relay.down.dropped) == dropped
-                    assert download._sock._smss == 1200 - 52
-                    await download.aclose()
-                    await stream.aclose()
+    with origins_behind_exit(peer, workdir, "under", [origin], hole_beyond=False):
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        async with holey_tunnel(peer, allowed_ips=allowed) as (tunnel, relay):
+            asked = record_probes(tunnel)
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(origin, 80)
+                await get_pattern(stream, 5 * MB)
+                while tunnel._probing:
+                    await trio.sleep(0.05)
+                assert asked == [("stall", origin), ("confirm", exit_host)]
+                assert tunnel.narrow_paths == {relay.address: 1200}
+                assert tunnel._holes.keys() == {relay.address}
+                assert relay.up.dropped == 6  # (the big pings: three to each)
+                dropped = relay.up.dropped, relay.down.dropped
+                download = await tunnel.open_tcp_stream(exit_host, peer.http_port)
+                await get_pattern(download, 5 * MB)
+                assert (relay.up.dropped, relay.down.dropped) == dropped
+                assert download._sock._smss == 1200 - 52
+                await download.aclose()
+                await stream.aclose()
 
 
 async def test_a_black_hole_beyond_the_exit_after_a_slow_server(
@@ -661,7 +659,7 @@ async def test_a_black_hole_beyond_the_exit_after_a_slow_server(
     that minute: the download stalled for good), and only it narrows."""
     peer = fresh_exit_peer
     origin, exit_host = "10.99.0.1", peer.server_tunnel_v4
-    with beyond_a_hole(peer, workdir, "after-slow", [origin]):
+    with origins_behind_exit(peer, workdir, "after-slow", [origin]):
         allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
         text = peer.client_config_text(allowed_ips=allowed)
         async with exit_tunnel(peer, text) as (tunnel, _):
@@ -698,7 +696,10 @@ async def test_servers_that_answer_no_ping_beyond_the_exit(
     peer = fresh_exit_peer
     first, second, third = "10.99.0.1", "10.99.0.2", "10.99.0.3"
     exit_host = peer.server_tunnel_v4
-    with beyond_a_hole(peer, workdir, "no-ping-beyond", [first, second, third]) as (origin_ns, _):
+    with origins_behind_exit(peer, workdir, "no-ping-beyond", [first, second, third]) as (
+        origin_ns,
+        _,
+    ):
         origin_ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
         allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
         text = peer.client_config_text(allowed_ips=allowed)
@@ -740,7 +741,7 @@ async def test_two_servers_beyond_the_exit(fresh_exit_peer: ExitPeer, workdir: P
     beyond the exit for one under the tunnel (the endpoint stays wide)."""
     peer = fresh_exit_peer
     first, second, exit_host = "10.99.0.1", "10.99.0.2", peer.server_tunnel_v4
-    with beyond_a_hole(peer, workdir, "two-beyond", [first, second]) as (origin_ns, _):
+    with origins_behind_exit(peer, workdir, "two-beyond", [first, second]) as (origin_ns, _):
         allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
         text = peer.client_config_text(allowed_ips=allowed, dns=False)
         async with exit_tunnel(peer, text) as (tunnel, _):
