@@ -247,9 +247,10 @@ def test_send_data_segments() -> None:
     )
     pb.at(0.1).send(ACK, PISS + 1, ISS + 2501)
     assert pb.sock.send_queued == 0
-    # the one timer left: an answer is due (TcpConfig.rx_stall), none comes
+    # the one timer left: an answer is due (TcpConfig.rx_stall), none comes: the peer is
+    # asked how far it has sent
     assert pb.poll() == pytest.approx(1.1)
-    pb.at(1.1).expect([])
+    pb.at(1.1).expect([o(ACK, ISS + 2500, PISS + 1, window=65535)])
     assert pb.sock.stats.rx_stalls == 1
     assert pb.poll() is None
 
@@ -922,18 +923,75 @@ def _asked(seen: list[TcpSocket], **kw: object) -> Pb:
 
 def test_an_answer_that_never_comes_is_a_stall() -> None:
     """All our data acknowledged (a request), and nothing arrives for ``rx_stall`` seconds
-    (a server's full-sized answer vanishing in a black hole): the hook hears of it once,
-    nothing is sent (the runtime asks the path)."""
+    (a server's full-sized answer vanishing in a black hole, or a slow server): the hook
+    hears of it once, and the peer is asked how far it has sent: a segment below its
+    window (a keepalive's SEQ) draws an ACK with its SND.NXT. At our RCV.NXT (here), it
+    sent nothing yet: nothing more happens."""
     seen: list[TcpSocket] = []
     pb = _asked(seen)
     assert pb.poll() == pytest.approx(1.05)
-    pb.at(1.05).expect([])
-    assert seen == [pb.sock] and pb.sock.stats.rx_stalls == 1
+    pb.at(1.05).expect([o(ACK, ISS + 300, PISS + 1, window=65535)])
+    assert seen == [pb.sock] and pb.sock.stats.rx_stalls == pb.sock.stats.stall_probes == 1
+    pb.at(1.1).send(ACK, PISS + 1, ISS + 301)  # (its answer: nothing sent)
+    assert not pb.sock.data_vanished
     assert pb.poll() is None  # once per RCV.NXT
     pb.sock.send(b"q" * 300)  # a second request, still no answer: not again
     pb.out()
     pb.at(1.2).send(ACK, PISS + 1, ISS + 601)
     assert pb.poll() is None and seen == [pb.sock]
+    assert pb.sock.stats.stall_probes == 1
+
+
+def test_an_answer_sent_and_never_come_is_told_again() -> None:
+    """The peer's answer to the stall's question carries a SEG.SEQ beyond RCV.NXT: it
+    sent data that never came (the first segment of its reply was full-sized, and a
+    black hole took it): ``data_vanished``, and the hook hears of the stall once more
+    (still one stall counted); later signs add nothing. Once all of it arrives (in small
+    segments, as from a server told of a narrower path), the sign is gone."""
+    seen: list[TcpSocket] = []
+    pb = _asked(seen)
+    pb.at(1.05).out()
+    assert seen == [pb.sock] and not pb.sock.data_vanished
+    pb.at(1.1).send(ACK, PISS + 1 + 2760, ISS + 301)
+    assert pb.sock.data_vanished and seen == [pb.sock, pb.sock]
+    pb.at(1.2).send(ACK, PISS + 1 + 4140, ISS + 301)
+    assert pb.sock.data_vanished and seen == [pb.sock, pb.sock]
+    assert pb.sock.stats.rx_stalls == pb.sock.stats.stall_probes == 1
+    for i in range(4):
+        pb.at(1.3).send(ACK, PISS + 1 + i * 1160, ISS + 301, payload=b"a" * 1160)
+        assert pb.sock.data_vanished is (i < 3)
+    pb.out()
+
+
+def test_an_answer_seen_sent_before_the_stall_is_not_asked_again() -> None:
+    """Our request unacknowledged (its ACK rode the lost first segment of the reply):
+    our timeout resends it, and the peer's duplicate ACK carries its SND.NXT, beyond
+    RCV.NXT. The stall then reports data vanished at once, without asking the peer."""
+    seen: list[TcpSocket] = []
+    pb = est(mss=1380, peer_mss=1460, on_rx_stall=seen.append)
+    pb.sock.send(b"q" * 300)
+    pb.out()
+    rto = pb.poll()
+    assert rto is not None
+    pb.at(rto).expect([o(ACK | PSH, ISS + 1, PISS + 1, window=65535, payload=b"q" * 300)])
+    pb.at(rto + 0.05).send(ACK, PISS + 1 + 1380, ISS + 301)
+    assert pb.sock.data_vanished and seen == []
+    pb.at(rto + 1.05).expect([])
+    assert seen == [pb.sock] and pb.sock.stats.stall_probes == 0
+
+
+def test_what_vanished_is_no_sign_after_full_sized_or_held_data() -> None:
+    """A SEG.SEQ beyond RCV.NXT is no sign of a black hole when a full-sized segment came
+    before (the path carries them: mere loss), nor while data is held beyond the hole."""
+    seen: list[TcpSocket] = []
+    large = _asked(seen)
+    large.at(0.1).send(ACK, PISS + 1, ISS + 301, payload=b"a" * 1380)
+    large.at(0.2).send(ACK, PISS + 1 + 2760, ISS + 301)
+    assert not large.sock.data_vanished
+    held = _asked(seen)
+    held.at(0.1).send(ACK, PISS + 1 + 1380, ISS + 301, payload=b"b" * 500)
+    held.at(0.2).send(ACK, PISS + 1 + 2760, ISS + 301)
+    assert not held.sock.data_vanished
 
 
 def test_a_full_sized_answer_in_time_is_no_stall() -> None:

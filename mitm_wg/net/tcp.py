@@ -178,7 +178,10 @@ class TcpConfig:
     #: with pings, ``Stack.probe_path``, unless larger packets came through the tunnel
     #: since ``stall_since``). Data is expected beyond a hole in what arrived (data held out of
     #: order), and once all our data is acknowledged (a request: the answer is due, and a
-    #: server's full-sized segments may be all it sends). 0: off.
+    #: server's full-sized segments may be all it sends). With nothing held, the stall
+    #: also asks the peer how far it has sent (a keepalive's old SEQ draws an ACK with its
+    #: SND.NXT); an answer beyond RCV.NXT (``data_vanished``) calls the hook once more.
+    #: 0: off.
     rx_stall: float = 1.0
     on_rx_stall: Callable[[TcpSocket], None] | None = None
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
@@ -205,6 +208,7 @@ class TcpStats:
         "rx_stalls",  # signs of a receive-side black hole (TcpConfig.rx_stall)
         "segments_in",
         "segments_out",
+        "stall_probes",  # rule rx-stall's questions to the peer: how far have you sent?
         "syn_fast_retries",
         "syn_timeouts",
         "tlp_probes",
@@ -381,6 +385,9 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._stall_seq = -1
         self._stall_at: float | None = None
         self._stall_since = 0.0
+        self._stall_told = -1  # the RCV.NXT of the last stall reported
+        # the highest SEG.SEQ beyond RCV.NXT of a segment without data (``_peer_ahead``)
+        self._seq_ahead = 0
         self._syn_retries = 0
         self._last_progress = now
 
@@ -583,6 +590,19 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         """Data arrived, but no segment larger than ``blackhole_mtu`` allows: rule rx-stall's
         sign of a black hole (a server's reply headers got through, the rest may not)."""
         return (self._rcv_nxt - self._irs - 1) & M32 != 0 and self._rcv_mss <= self._blackhole_mss
+
+    @property
+    def data_vanished(self) -> bool:
+        """The peer sent data that never came, and none of it arrived out of order, nor
+        ever a segment larger than ``blackhole_mtu`` allows: rule rx-stall's sign of a
+        black hole when the first segment of a reply is already full-sized (an ACK from
+        the peer, such as the answer to the rule's probe, carried a SEG.SEQ, its SND.NXT,
+        beyond RCV.NXT)."""
+        return (
+            self._seq_ahead > self._rcv_nxt
+            and not self._asm
+            and self._rcv_mss <= self._blackhole_mss
+        )
 
     @property
     def stall_since(self) -> float:

@@ -406,6 +406,8 @@ class Input:
         if flags & SYN:
             self._fourth_check_syn(now)
             return
+        if not plen and seq > self._rcv_nxt:
+            self._peer_ahead(seq)  # rule rx-stall: the peer sent data that never came
         if self._fifth_check_ack(seg, seq, plen, now):
             return
         # sixth, check the URG bit: urgent data is not supported (RFC 9293 §3.8.5 allows

@@ -485,7 +485,7 @@ class Sender:
         if self._persist_at is not None and now >= self._persist_at:
             self._persist_probe(now, out)
         if self._stall_at is not None and now >= self._stall_at:
-            self._stall_timer()
+            self._stall_timer(now, out)
         if self.config.keepalive is not None:
             self._keepalive(now, out)
             if self.state is TcpState.CLOSED:

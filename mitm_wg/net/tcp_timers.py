@@ -136,7 +136,7 @@ class Timers:
         if cfg.on_blackhole is not None:
             cfg.on_blackhole(self)  # type: ignore[arg-type]
 
-    def _stall_timer(self) -> None:
+    def _stall_timer(self, now: float, out: list[TcpSegment]) -> None:
         """The timer of rule rx-stall (armed by ``_sack_flush`` and ``_on_new_ack``): no
         data arrived in order since it was armed, or only small segments ever did (none
         larger than ``blackhole_mtu`` allows: a server's reply headers got through, the
@@ -144,13 +144,33 @@ class Timers:
         self._stall_at = None
         if self.state not in _RECV_STATES:
             return
-        if self._rcv_nxt == self._stall_seq:
-            self._rx_stall()
-            return
-        small = self._blackhole_mss
-        pmtu_mss = self._pmtu_mss
-        if self._rcv_mss <= small and (pmtu_mss is None or pmtu_mss > small):
-            self._rx_stall()
+        if self._rcv_nxt != self._stall_seq:
+            small = self._blackhole_mss
+            pmtu_mss = self._pmtu_mss
+            if self._rcv_mss > small or (pmtu_mss is not None and pmtu_mss <= small):
+                return
+        self._stall_told = self._rcv_nxt
+        if not self._asm and not self.data_vanished:
+            # rule rx-stall: ask the peer how far it has sent. A segment below its window
+            # (a keepalive's SEQ) draws an ACK carrying its SND.NXT: beyond our RCV.NXT,
+            # it sent data that never came (``_peer_ahead``); at it, it sent nothing yet
+            # (a slow server). The only sign a server that answers no ping gives when
+            # the first segment of its reply is already full-sized.
+            self.stats.stall_probes += 1
+            out.append(self._make_seg(ACK, self._snd_una - 1, b"", now))
+        self._rx_stall()
+
+    def _peer_ahead(self, seq: int) -> None:
+        """Rule rx-stall: a segment without data from the peer carried SEG.SEQ ``seq``
+        (unwrapped) beyond RCV.NXT: the peer sent data up to there that never came. If the
+        stall at this RCV.NXT was already reported and this is the first such sign, it is
+        reported again (the runtime now knows more: ``data_vanished``)."""
+        first = self._seq_ahead <= self._rcv_nxt
+        if seq > self._seq_ahead:
+            self._seq_ahead = seq
+        hook = self.config.on_rx_stall
+        if first and hook is not None and self._stall_told == self._rcv_nxt and self.data_vanished:
+            hook(self)  # type: ignore[arg-type]
 
     def _arm_stall(self, now: float) -> None:
         """Rule rx-stall: from now on data is expected at RCV.NXT (once per RCV.NXT): if none
