@@ -12,7 +12,7 @@
 
 DEBIAN13_SUITE=trixie
 # Everything the suite needs inside the root (apt's no-recommends, as scripts/setup.sh).
-DEBIAN13_PACKAGES="python3,python3-venv,ca-certificates,wireguard-go,wireguard-tools,dnsmasq-base,curl,iproute2,chromium,fonts-dejavu-core,procps,nginx"
+DEBIAN13_PACKAGES="python3,python3-venv,ca-certificates,wireguard-go,wireguard-tools,dnsmasq-base,curl,iproute2,chromium,fonts-dejavu-core,procps,nginx,nftables"
 
 debian13_root() {
     local recipe hash cache dir tmp

@@ -19,8 +19,8 @@ setup_venv() {
     fi
 }
 
-# The interop tests need wireguard-go, wg, dnsmasq, curl, iproute2, (end-to-end) chromium and
-# (benchmark smoke tests) nginx. Installing needs root;
+# The interop tests need wireguard-go, wg, dnsmasq, curl, iproute2, nftables, (end-to-end)
+# chromium and (benchmark smoke tests) nginx. Installing needs root;
 # without root the interop tests skip (and fail under CI=true).
 setup_system_packages() {
     local need=()
@@ -32,6 +32,9 @@ setup_system_packages() {
     command -v chromium >/dev/null || need+=(chromium)
     # nginx: the native-speed origin of bench_path.py and bench_mitm_https.py (smoke-tested)
     command -v nginx >/dev/null || need+=(nginx)
+    # nft: a black hole beyond the exit (tests/test_narrow_path.py: a silent drop on the
+    # exit's forwarding path)
+    command -v nft >/dev/null || need+=(nftables)
     [ ${#need[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ]; then
         echo "not root: skipping apt-get install ${need[*]} (interop tests will skip)" >&2

@@ -11,7 +11,9 @@ Origin (HTTP/1.1 on ``--http``, HTTPS with ALPN h2/http/1.1 on ``--https``):
     "body_sha256"}``: who asked (the address the origin saw), over which protocol
     (``http/1.1`` or ``h2``), and what body arrived.
 ``GET /bytes/N``
-    N bytes, byte i == i % 256 (as the harness's HTTP server).
+    N bytes, byte i == i % 256 (as the harness's HTTP server). Over HTTP/1.1 the head goes
+    out on its own, a small first segment; ``?together``: in one write with the body's start,
+    so the reply's first segment is full-sized (as from nginx with sendfile).
 ``GET /pixel.png``
     a 16×16 PNG made on the fly.
 ``GET /ws`` with ``Upgrade: websocket``
@@ -334,13 +336,17 @@ class OriginHandler:
                         break
             status, ctype, body = self.respond(req)
             close = req.header("connection").lower() == "close"
-            writer.write(
+            response = (
                 f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode()
             )
-            view = memoryview(body)
-            for start in range(0, len(view), 256 * 1024):
+            view, sent = memoryview(body), 0
+            if target.partition("?")[2] == "together":
+                sent = 256 * 1024
+                response += view[:sent]
+            writer.write(response)
+            for start in range(sent, len(view), 256 * 1024):
                 writer.write(view[start : start + 256 * 1024])
                 await writer.drain()
             await writer.drain()

@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,22 +133,34 @@ def record_probes(tunnel: Tunnel) -> list[tuple[str, str]]:
 @contextlib.contextmanager
 def origins_behind_exit(
     peer: ExitPeer, workdir: Path, name: str, hosts: list[str], *, hole_beyond: bool = True
-) -> Iterator[tuple[Netns, str]]:
+) -> Iterator[tuple[Netns, Callable[[], None]]]:
     """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit (their log in
-    ``workdir / name``). ``hole_beyond``: on a link that loses their full-sized packets
-    without a word: the exit's end takes 1280 bytes while the origins' side sends 1500, a
-    mismatch that drops them silently (the origins send one segment per packet, as over a
-    real wire: a veth would pass a GSO packet whole). Yields the origins' namespace and
-    the exit's end of that link (``mtu 1500`` mends it)."""
+    ``workdir / name``). ``hole_beyond``: the exit silently drops what they send in
+    packets of over 1280 bytes (an nftables rule on its forwarding path: a router beyond
+    the exit whose link is that narrow and whose ICMP errors are lost; the origins' own
+    transmissions succeed, as a real black hole lets them, so their TCP goes on sending
+    and backs off). The origins send one segment per packet, as over a real wire (a veth
+    passes a GSO packet whole). Yields the origins' namespace and a function that mends
+    the hole."""
     with origin_behind([peer], "mwgb", hosts) as origin_ns:
-        link = f"{origin_ns.name}e0"
+        table = f"{origin_ns.name}hole"
+
+        def mend() -> None:
+            peer.ns.exec(["nft", "delete", "table", "ip", table])
+
         if hole_beyond:
-            peer.ns.ip("link", "set", link, "mtu", "1280")
+            rule = f'iifname "{origin_ns.name}e0" ip length > 1280 drop'
+            chain = "{ type filter hook forward priority 0; policy accept; " + rule + "; }"
+            peer.ns.exec(["nft", f"table ip {table} {{ chain drops {chain}; }}"])
             origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
         here = workdir / name
         here.mkdir()
-        with run_origin(origin_ns, here, http=[f"{host}:80" for host in hosts]):
-            yield origin_ns, link
+        try:
+            with run_origin(origin_ns, here, http=[f"{host}:80" for host in hosts]):
+                yield origin_ns, mend
+        finally:
+            if hole_beyond:
+                peer.ns.exec(["nft", "delete", "table", "ip", table], check=False)
 
 
 @contextlib.contextmanager
@@ -563,7 +575,7 @@ async def test_a_black_hole_beyond_the_exit(
     peer = fresh_exit_peer
     caplog.set_level(logging.INFO, logger="mitm_wg")
     origin, exit_host = "10.99.0.1", peer.server_tunnel_v4
-    with origins_behind_exit(peer, workdir, f"beyond-{beside}-{dns}", [origin]) as (_, link):
+    with origins_behind_exit(peer, workdir, f"beyond-{beside}-{dns}", [origin]) as (_, mend):
         allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
         text = peer.client_config_text(allowed_ips=allowed, dns=dns)
         async with exit_tunnel(peer, text) as (tunnel, _):
@@ -594,7 +606,7 @@ async def test_a_black_hole_beyond_the_exit(
                     f"endpoint {host}:{port}" in caplog.text
                 )
 
-                peer.ns.ip("link", "set", link, "mtu", "1500")
+                mend()
                 asked.clear()
                 if beside:  # (no connection to it open: forgotten, not asked)
                     await stream.aclose()
@@ -765,6 +777,82 @@ async def test_two_servers_beyond_the_exit(fresh_exit_peer: ExitPeer, workdir: P
             assert tunnel.stack.path_mtu(exit_host) == 1420
             for stream in (one, idle, two):
                 await stream.aclose()
+
+
+@pytest.mark.parametrize("dns", [True, False], ids=["dns-server", "nobody-to-ask"])
+async def test_silent_servers_whose_reply_starts_full_sized_beyond_the_exit(
+    fresh_exit_peer: ExitPeer, workdir: Path, caplog: pytest.LogCaptureFixture, dns: bool
+) -> None:
+    """Servers behind a hole beyond the exit that answer no ping and send a reply's head
+    and body in one write (as nginx with sendfile does): its first segment is already
+    full-sized, so nothing at all arrives, as from a slow server. The stalled connection
+    asks the server how far it has sent (a segment below its window draws an ACK with its
+    SND.NXT): beyond what we got, so data vanished, and that server narrows; the
+    download ends byte-exact. With a DNS server, the exit's big ping comes back first:
+    the hole lies beyond it. A second server, merely slow at first (its SND.NXT is what
+    we got: nothing narrows), then behind the same hole: it is not pinged again (it just
+    answered none); its answer alone narrows it. Without a DNS server and with nobody
+    else to ask (the one other connection's server has a hole of its own), the signs
+    alone narrow each server."""
+    peer = fresh_exit_peer
+    caplog.set_level(logging.INFO, logger="mitm_wg")
+    first, second, exit_host = "10.99.0.1", "10.99.0.2", peer.server_tunnel_v4
+    with origins_behind_exit(peer, workdir, f"together-{dns}", [first, second]) as (ns, _):
+        ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        text = peer.client_config_text(allowed_ips=allowed, dns=dns)
+        async with exit_tunnel(peer, text) as (tunnel, _):
+            asked, stack = record_probes(tunnel), tunnel.stack
+            host, port = tunnel.config.peers[0].endpoint
+
+            def said(server: str) -> str:
+                if dns:
+                    return (
+                        f"full-sized packets from {server} seem to vanish beyond WireGuard "
+                        f"endpoint {host}:{port} (it sent data that never came and answers "
+                        "no ping"
+                    )
+                return (
+                    f"full-sized packets from {server} seem to vanish on the way (it sent "
+                    "data that never came and answers no ping; no other host behind "
+                    f"WireGuard endpoint {host}:{port}"
+                )
+
+            with trio.fail_after(60):
+                one = await tunnel.open_tcp_stream(first, 80)
+                await get_together(one, 5 * MB)
+                assert asked == (
+                    [("stall", first), ("other", exit_host)] if dns else [("stall", first)]
+                )
+                assert stack.path_mtu(first) == 1200 and tunnel.narrow_paths == {}
+                assert one._sock.stats.stall_probes == 1
+                assert said(first) in caplog.text
+
+                slow = await tunnel.open_tcp_stream(second, 80)
+                await slow.send_all(b"GET /bytes/1 HTTP/1.1\r\nHost: x\r\n")  # (no end)
+                while len(asked) < (3 if dns else 2) or tunnel._probing:
+                    await trio.sleep(0.05)
+                assert asked[-1] == ("host" if dns else "stall", second)
+                assert slow._sock.stats.stall_probes == 1 and not slow._sock.data_vanished
+                assert stack.path_mtu(second) == 1420
+                # (a second server has a kernel of its own, which our ICMP error to the
+                # first did not teach: this one forgets it)
+                ns.exec(["ip", "route", "flush", "cache"])
+                two = await tunnel.open_tcp_stream(second, 80)
+                await get_together(two, 5 * MB)
+            assert len(asked) == (3 if dns else 2) and stack.path_mtu(second) == 1200
+            assert said(second) in caplog.text
+            assert tunnel.narrow_paths == {} and stack.path_mtu(exit_host) == 1420
+            assert snmp(ns, "Icmp:OutEchoReps") == 0
+            for s in (one, slow, two):
+                await s.aclose()
+
+
+async def get_together(stream: TunnelStream, size: int) -> None:
+    """``get_pattern``, from an origin that sends the head and the body's start in one
+    write (``?together``)."""
+    resp = await http_get(stream, f"/bytes/{size}?together")
+    assert (resp.status, resp.size, resp.sha256) == (200, size, pattern_sha256(size))
 
 
 async def endless_download(stream: TunnelStream) -> None:

@@ -100,15 +100,16 @@ class _Probing(NamedTuple):
     the tunnel the hole, asked of another host, or something beyond the exit?), "host" (a
     stall while the path under the tunnel carries full-sized packets: is the way beyond
     the exit to ``host`` a hole?), "up" (is a black hole gone? ``_reprobe``; with
-    ``host``: the one on the way to that host). ``small_only``: the stalled connection
-    got data, but only small segments (``TcpSocket.small_segments_only``)."""
+    ``host``: the one on the way to that host). ``tcp``: the stalled connection, whose
+    signs of a black hole (``_hole_signs``) are read when a verdict needs them (the
+    answer to its question to the server may come after the stall)."""
 
     key: tuple[str, int]
     peer: Peer
     handshakes: int
     kind: str
     host: bytes = b""
-    small_only: bool = False
+    tcp: TcpSocket | None = None
 
     @property
     def current(self) -> bool:
@@ -155,6 +156,20 @@ class _PendingConnect:
 def _ip_udp_overhead(endpoint: tuple[str, int]) -> int:
     """The IP and UDP headers around a datagram to ``endpoint``."""
     return (40 if ":" in endpoint[0] else 20) + 8
+
+
+def _hole_signs(tcp: TcpSocket | None) -> str:
+    """What in stalled connection ``tcp`` points at a black hole for its server's
+    full-sized segments ("" if nothing does): only small ones arrived (a reply's headers,
+    none of the rest), or the server's ACKs say it sent data that never came though none
+    arrived (the reply's first segment was full-sized)."""
+    if tcp is None:
+        return ""
+    if tcp.small_segments_only:
+        return "it sent only small segments"
+    if tcp.data_vanished:
+        return "it sent data that never came"
+    return ""
 
 
 def _interval(tcp: TcpSocket) -> float:
@@ -663,8 +678,12 @@ class Tunnel:
         whether the way beyond the exit to that host does (kind "host"; most often it does:
         a slow server). The same host is asked again only ``PROBE_AGAIN`` seconds after it
         answered, or answered no ping (then, with the path under the tunnel known sound,
-        ``_silent_hole`` decides at once); a stalled connection whose packets are already
-        narrowed has its server told again (the first ICMP error may have been lost)."""
+        ``_silent_hole`` decides at once; not known, and the connection shows signs of a
+        hole, ``_hole_signs``: another host is asked, or with none to ask ``_lone_hole``
+        decides); a stalled connection whose packets are already narrowed has its server
+        told again (the first ICMP error may have been lost). A stall is reported again
+        when the server's answer to the connection's question shows data vanished
+        (``TcpSocket.data_vanished``): the verdicts read the signs when they come."""
         stack, route = self.stack, self.device.route
         for tcp in stack.rx_stalls:
             peer = route(tcp.remote_addr)
@@ -691,14 +710,17 @@ class Tunnel:
                 self._probed, key, now
             )
             why = _Probing(
-                key, peer, peer.handshakes_completed, "host" if proven else "stall", host,
-                tcp.small_segments_only,
+                key, peer, peer.handshakes_completed, "host" if proven else "stall", host, tcp
             )  # fmt: skip
             if not self._recently(self._silent, host, now):
                 self._ask(why, tcp.local_addr, host, big, small, now, _interval(tcp))
             elif proven:  # (it would answer no ping again)
                 because = "it answered no ping lately; other servers' come through"
                 self._silent_hole(why, because, now)
+            elif _hole_signs(tcp) and not self._ask_another(
+                why._replace(kind="other"), host, big, small, _interval(tcp), now
+            ):
+                self._lone_hole(why, now)
         stack.rx_stalls.clear()
         for probe in stack.probes_done:
             self._verdict(probe, self._probing.pop(probe), now)
@@ -713,7 +735,8 @@ class Tunnel:
         (``_ask_another``, ``_confirm``). If none can be asked, the endpoint narrows
         (``_narrow``) as ``_watch_blackholes`` would. UNKNOWN: the host answered no ping;
         another host is asked next, and if the path under the tunnel is (or is known to
-        be) sound, ``_silent_hole`` decides on the host alone."""
+        be) sound, ``_silent_hole`` decides on the host alone; with nobody to ask,
+        ``_lone_hole``."""
         key, verdict, kind = why.key, probe.verdict, why.kind
         logger.debug(
             "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
@@ -724,12 +747,21 @@ class Tunnel:
             self._confirm(probe, why, now)
         elif verdict is Verdict.UNKNOWN:
             self._note(self._silent, probe.remote, now)
-            if kind == "stall":
-                self._ask_another(probe, why._replace(kind="other"), now)
+            if kind == "stall" and not self._ask_another(
+                why._replace(kind="other"),
+                probe.remote,
+                probe.big,
+                probe.small,
+                probe.interval,
+                now,
+            ):
+                self._lone_hole(why, now)
             elif kind == "host":
                 self._silent_hole(why, "other servers' full-sized packets come through", now)
             elif kind == "up" and not why.host and key in self.narrow_paths:
-                self._ask_another(probe, why, now)  # (each other host, until one answers)
+                self._ask_another(
+                    why, probe.remote, probe.big, probe.small, probe.interval, now
+                )  # (each other host, until one answers)
         elif kind == "up":
             if verdict is Verdict.FITS:
                 if why.host:
@@ -747,7 +779,9 @@ class Tunnel:
             self._narrow_host(probe.remote, probe.small, now)
             because = "the large ping to it goes unanswered; other servers' come through"
             self._beyond(key, probe.remote, because)
-        elif kind == "other" or not self._ask_another(probe, why._replace(kind="confirm"), now):
+        elif kind == "other" or not self._ask_another(
+            why._replace(kind="confirm"), probe.remote, probe.big, probe.small, probe.interval, now
+        ):
             self._narrow(key, probe.small, hole_at=now)
         else:
             self._narrow_host(probe.remote, probe.small, now)
@@ -774,15 +808,34 @@ class Tunnel:
 
     def _silent_hole(self, why: _Probing, because: str, now: float) -> None:
         """The stalled connection's server answered no ping, and the path under the tunnel
-        carries full-sized packets (``because``): if that connection got only small
-        segments (the classic sign: a reply's headers, and nothing of the full-sized rest),
-        a hole beyond the exit is the likely cause, and that server alone narrows (as a
-        mere slow server, it would lose little: its connections send smaller segments);
-        otherwise nothing."""
-        if why.small_only and why.current:
+        carries full-sized packets (``because``): if that connection shows signs of a
+        black hole (``_hole_signs``: only small segments came, a reply's headers and
+        nothing of the full-sized rest; or the server's ACKs say it sent data that never
+        came), one beyond the exit is the likely cause, and that server alone narrows (as
+        a mere slow server, it would lose little: its connections send smaller segments);
+        otherwise nothing (a slow server)."""
+        signs = _hole_signs(why.tcp)
+        if signs and why.current:
             self._narrow_host(why.host, self.stack.tcp_config.blackhole_mtu, now)
-            because = f"it sent only small segments and answers no ping; {because}"
-            self._beyond(why.key, why.host, because)
+            self._beyond(why.key, why.host, f"{signs} and answers no ping; {because}")
+
+    def _lone_hole(self, why: _Probing, now: float) -> None:
+        """The stalled connection's server answered no ping, and no other host behind the
+        same peer can be asked whether the path under the tunnel carries full-sized
+        packets (a config without DNS servers, no other connection open): if the
+        connection shows signs of a black hole (``_hole_signs``), that server alone
+        narrows, wherever the hole is (under the tunnel, the next stalled connection
+        finds it too)."""
+        signs = _hole_signs(why.tcp)
+        if signs and why.current:
+            self._narrow_host(why.host, self.stack.tcp_config.blackhole_mtu, now)
+            logger.info(
+                "full-sized packets from %s seem to vanish on the way (%s and answers no "
+                "ping; no other host behind WireGuard endpoint %s to ask whether the path "
+                "to it carries them): TCP with it now uses packets of at most %d bytes",
+                ipaddress.ip_address(why.host), signs, format_endpoint(why.key),
+                self.stack.path_mtu(why.host),
+            )  # fmt: skip
 
     def _beyond(self, key: tuple[str, int], host: bytes, because: str) -> None:
         logger.info(
@@ -827,27 +880,29 @@ class Tunnel:
         """``what`` is noted in ``table`` (``_note``) less than ``PROBE_AGAIN`` seconds ago."""
         return now - table.get(what, -PROBE_AGAIN) < PROBE_AGAIN
 
-    def _ask_another(self, probe: PathProbe, why: _Probing, now: float) -> bool:
-        """Ask the path under the tunnel the same question as ``probe`` (its sizes) with
-        pings to another host behind the same peer: the tunnel's DNS server (a VPN's
-        resolver is usually the exit itself or next to it), else the server of another
-        open connection; not the host ``probe`` asked, nor one that answered no ping
-        lately, nor one whose own path beyond the exit is narrowed. When that host
-        answered none (many firewall ICMP), or to tell a hole under the tunnel from one
-        beyond it (``_confirm``). Whether one was asked."""
+    def _ask_another(
+        self, why: _Probing, skip: bytes, big: int, small: int, interval: float, now: float
+    ) -> bool:
+        """Ask the path under the tunnel whether it carries ``big``-byte packets and
+        ``small`` ones (a path probe's question) with pings to another host behind the
+        same peer than ``skip``: the tunnel's DNS server (a VPN's resolver is usually the
+        exit itself or next to it), else the server of another open connection; not one
+        that answered no ping lately, nor one whose own path beyond the exit is narrowed.
+        When ``skip`` answered none (many firewall ICMP), or to tell a hole under the
+        tunnel from one beyond it (``_confirm``). Whether one was asked."""
         stack, route = self.stack, self.device.route
         hosts = [server.packed for server in self.config.dns_servers]
         hosts += [tcp.remote_addr for tcp in stack.tcp_sockets if tcp.state is TcpState.ESTABLISHED]
         for raw in dict.fromkeys(hosts):
             local = stack.local_address(4 if len(raw) == 4 else 6)
             if (
-                raw != probe.remote
+                raw != skip
                 and local is not None
                 and raw not in self._holes
                 and route(raw) is why.peer
                 and not self._recently(self._silent, raw, now)
             ):
-                self._ask(why, local, raw, probe.big, probe.small, now, probe.interval)
+                self._ask(why, local, raw, big, small, now, interval)
                 return True
         return False
 
