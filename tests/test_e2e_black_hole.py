@@ -7,7 +7,9 @@ Linux TCP stall there for good. Through mitmdump: an upload ends byte-exact (our
 the path for a black hole after three timeouts in a row), the addon logs one warning naming
 the endpoint and the MTU to configure, and later connections, a download and an upload,
 lose nothing more to the hole. A mitmdump that only downloads through such a path finds
-it too (its receiver's signs, then pings through the tunnel).
+it too (its receiver's signs, then pings through the tunnel). And a server behind a hole
+beyond the exit that answers no ping and sends its reply in full-sized segments from the
+first: only that server narrows, found by asking it how far it has sent.
 """
 
 from __future__ import annotations
@@ -144,3 +146,33 @@ def test_downloads_alone_find_the_black_hole(
     r = curl(exit_peer.client_ns, *args, max_time=60)
     assert_pattern(r, SIZE, proxy.text()[-4000:])
     assert (relay.up.dropped, relay.down.dropped) == dropped
+
+
+def test_a_silent_server_behind_a_hole_beyond_the_exit(
+    exit_peer: ExitPeer, workdir: Path, origin: Any
+) -> None:
+    """Browsing a server behind a black hole beyond the exit that answers no ping and
+    whose reply's first segment is already full-sized (head and body in one write, as
+    nginx with sendfile sends; a TLS server's certificate flight is the same): through
+    mitmdump nothing of the answer arrives, as from a slow server, until the stalled
+    connection asks the server how far it has sent (its ACK says: beyond what came).
+    The exit (the DNS server) answers the big ping, so the hole lies beyond it: that
+    server alone narrows, the download ends byte-exact, the addon says where the hole
+    is, and the tunnel keeps its full size (no warning)."""
+    from test_narrow_path import origins_behind_exit
+
+    server = "10.99.0.1"
+    with origins_behind_exit(exit_peer, workdir, "e2e-beyond", [server]) as (ns, _):
+        ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+        here = workdir / "beyond"
+        here.mkdir()
+        allowed = f"{exit_peer.tunnel_v4_net}, 10.99.0.0/24"
+        with tunnel_mitmdump(exit_peer, here, origin, "beyond", allowed_ips=allowed) as proxy:
+            url = f"http://{server}/bytes/{SIZE}?together"
+            r = curl(exit_peer.client_ns, "-x", proxy.proxy, url, max_time=60)
+            assert_pattern(r, SIZE, proxy.text()[-4000:])
+            log = proxy.wait_for_log(f"full-sized packets from {server} seem to vanish beyond")
+            assert "it sent data that never came and answers no ping" in log, log[-3000:]
+            assert "seem to vanish without" not in log, log[-3000:]
+            r = curl(exit_peer.client_ns, "-x", proxy.proxy, url, max_time=60)
+            assert_pattern(r, SIZE, proxy.text()[-4000:])
