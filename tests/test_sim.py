@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mitm_wg.net import tcp as tcp_module
-from mitm_wg.net.tcp import TcpConfig, TcpState, TcpStats
+from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState, TcpStats
 from sim import LinkParams, Transfer, make_pair
 
 MiB = 1 << 20
@@ -317,6 +317,54 @@ def test_a_silent_mtu_black_hole_costs_three_timeouts_not_the_transfer(seed: int
     assert bytes(tr.got_ab) == tr.data_ab
     assert tr.client is not None and tr.client.stats.blackhole_shrinks == 1
     assert sim.links[0].stats.too_big > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    ("hole", "late"),
+    [(True, False), (True, True), (False, True)],
+    ids=["black-hole", "black-hole-late-reply", "slow-server"],
+)
+def test_a_reply_lost_whole_in_a_black_hole_shows_at_the_receiver(
+    seed: int, hole: bool, late: bool
+) -> None:
+    """The way back drops packets over 1300 bytes without an ICMP error, and the server
+    answers a small request with full-sized segments only: nothing arrives at the client,
+    as from a slow server (which sends nothing). What the server's ACKs say (its
+    SND.NXT, beyond what came: ``data_vanished``) tells the two apart: the ACK of the
+    client's resent request, when the reply came at once (the first ACK rode on it), or,
+    when the reply came after the request's own ACK, the answer to the stall's question
+    (a keepalive's SEQ), and then the stall is reported again. Our own stack answers the
+    question as Linux does."""
+    sim = make_pair(
+        seed=seed, ab=LinkParams(delay=0.02), ba=LinkParams(delay=0.02, mtu=1300 if hole else 1500)
+    )
+    listener = sim.b.tcp_listen(80)
+    client = sim.a.tcp_connect("10.0.0.2", 80, sim.now)
+    reply = bytearray(payload(seed, 200_000) if hole else b"")
+    server: list[TcpSocket] = []
+    asked: list[int] = []
+    request_at: list[float] = []
+
+    def app(now: float) -> None:
+        if client.state is TcpState.ESTABLISHED and not asked:
+            asked.append(client.send(b"q" * 300))
+        accepted = listener.accept()
+        if accepted is not None:
+            server.append(accepted)
+        if server and server[0].recv(65536):
+            request_at.append(now)
+        if request_at and now >= request_at[0] + (0.3 if late else 0.0) and reply:
+            del reply[: server[0].send(reply)]
+
+    sim.apps.append(app)
+    assert sim.run_until(lambda: client.stats.rx_stalls > 0, 10.0)
+    sim.run_for(0.1)  # (the answer to the stall's question; the server's own rule later)
+    assert client.recv(65536) == b""
+    assert client.data_vanished is hole
+    assert client.stats.rx_stalls == 1
+    assert client.stats.stall_probes == (0 if hole and not late else 1)
+    assert sim.a.rx_stalls == [client] * (2 if hole and late else 1)
 
 
 @pytest.mark.parametrize("loss", [0.02, 0.05, 0.1])
