@@ -26,12 +26,13 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from e2e_helpers import run_origin
+from e2e_helpers import pattern, run_origin
 from test_runtime_interop import exit_tunnel, get_pattern
 
 from harness import ExitPeer, ImpairedRelay, Impairment, Netns, narrow_link, origin_behind
@@ -134,8 +135,8 @@ def record_probes(tunnel: Tunnel) -> list[tuple[str, str]]:
 def origins_behind_exit(
     peer: ExitPeer, workdir: Path, name: str, hosts: list[str], *, hole_beyond: bool = True
 ) -> Iterator[tuple[Netns, Callable[[], None]]]:
-    """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit (their log in
-    ``workdir / name``). ``hole_beyond``: the exit silently drops what they send in
+    """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit, with the raw
+    TCP service (``e2e_helpers``) on port 7000 (their log in ``workdir / name``). ``hole_beyond``: the exit silently drops what they send in
     packets of over 1280 bytes (an nftables rule on its forwarding path: a router beyond
     the exit whose link is that narrow and whose ICMP errors are lost; the origins' own
     transmissions succeed, as a real black hole lets them, so their TCP goes on sending
@@ -156,7 +157,8 @@ def origins_behind_exit(
         here = workdir / name
         here.mkdir()
         try:
-            with run_origin(origin_ns, here, http=[f"{host}:80" for host in hosts]):
+            http, raw = [f"{host}:80" for host in hosts], [f"{host}:7000" for host in hosts]
+            with run_origin(origin_ns, here, http=http, tcp=raw):
                 yield origin_ns, mend
         finally:
             if hole_beyond:
@@ -846,6 +848,43 @@ async def test_silent_servers_whose_reply_starts_full_sized_beyond_the_exit(
             assert snmp(ns, "Icmp:OutEchoReps") == 0
             for s in (one, slow, two):
                 await s.aclose()
+
+
+async def test_an_answer_due_after_a_half_close_beyond_the_exit(
+    fresh_exit_peer: ExitPeer, workdir: Path
+) -> None:
+    """A client that half-closes once its request is out (a SOCKS client's raw TCP, whose
+    FIN mitmproxy relays) to a server behind a hole beyond the exit: its small greeting
+    arrives, its full-sized answer does not. The answer is due though our FIN is out
+    (before, nothing was expected after it, and the transfer stalled for good): the
+    stall is seen, the server answers only the small ping, the exit the big one, and
+    that server alone narrows; the answer ends byte-exact."""
+    peer = fresh_exit_peer
+    origin, exit_host, size = "10.99.0.1", peer.server_tunnel_v4, 2 * MB
+    with origins_behind_exit(peer, workdir, "half-closed", [origin]):
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        async with exit_tunnel(peer, peer.client_config_text(allowed_ips=allowed)) as (
+            tunnel,
+            _,
+        ):
+            asked = record_probes(tunnel)
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(origin, 7000)
+                got = bytearray()
+                while not got.endswith(b"\n"):
+                    got += await stream.receive_some(65536)
+                assert got.startswith(b"HELLO ")
+                request = b"SEND %d\n" % size
+                await stream.send_all(request)
+                await stream.send_eof()
+                got.clear()
+                while chunk := await stream.receive_some(1 << 20):
+                    got += chunk
+            assert got[:size] == pattern(size)
+            assert got[size:] == f"GOT {len(request)} {sha256(request).hexdigest()}\n".encode()
+            assert asked == [("stall", origin), ("confirm", exit_host)]
+            assert tunnel.stack.path_mtu(origin) == 1200 and tunnel.narrow_paths == {}
+            await stream.aclose()
 
 
 async def get_together(stream: TunnelStream, size: int) -> None:

@@ -942,6 +942,28 @@ def test_an_answer_that_never_comes_is_a_stall() -> None:
     assert pb.sock.stats.stall_probes == 1
 
 
+def test_an_answer_due_after_our_half_close_is_a_stall_too() -> None:
+    """A client that half-closes once its request is out (its FIN acknowledged with the
+    request): the answer is just as due. A socket closed for reading expects none."""
+    seen: list[TcpSocket] = []
+    pb = est(mss=1380, peer_mss=1460, on_rx_stall=seen.append)
+    pb.sock.send(b"q" * 300)
+    pb.sock.shutdown_write(0.0)
+    pb.out()
+    pb.at(0.05).send(ACK, PISS + 1, ISS + 302)
+    assert pb.sock.state is TcpState.FIN_WAIT_2
+    pb.at(1.05).expect([o(ACK, ISS + 301, PISS + 1, window=65535)])
+    assert seen == [pb.sock]
+
+    gone = est(mss=1380, peer_mss=1460, on_rx_stall=seen.append)
+    gone.sock.send(b"q" * 300)
+    gone.sock.close(0.0)
+    gone.out()
+    gone.at(0.05).send(ACK, PISS + 1, ISS + 302)
+    gone.at(1.05).expect([])
+    assert seen == [pb.sock]
+
+
 def test_an_answer_sent_and_never_come_is_told_again() -> None:
     """The peer's answer to the stall's question carries a SEG.SEQ beyond RCV.NXT: it
     sent data that never came (the first segment of its reply was full-sized, and a

@@ -15,6 +15,7 @@ import math
 from mitm_wg.net.recovery import PTO_FLOOR, TIMER_PTO, TIMER_REO, WC_DEL_ACK_T
 from mitm_wg.net.tcp_state import (
     _ACK_STATES,
+    _RECV_STATES,
     _SEND_STATES,
     _SYN_STATES,
     _USER_SEND_STATES,
@@ -639,10 +640,12 @@ class Sender:
             and not sbuf
             and self._stall_seq != self._rcv_nxt
             and ack != self._iss + 1
-            and self.state is TcpState.ESTABLISHED
+            and self.state in _RECV_STATES
+            and not self._rd_closed
         ):
             # rule rx-stall: all our data (a request; not our SYN alone), with nothing
-            # more queued, is acknowledged: an answer is due
+            # more queued, is acknowledged: an answer is due (also after our FIN: a
+            # client that half-closes once its request is out)
             self._arm_stall(now)
         rack = self._rack
         if rack is None:
