@@ -172,6 +172,12 @@ def _hole_signs(tcp: TcpSocket | None) -> str:
     return ""
 
 
+def _question(probe: PathProbe) -> tuple[bytes, int, int, float]:
+    """What ``probe`` asked, for ``Tunnel._ask_another``: the host pinged (not to be asked
+    again), the two sizes, the interval of its rounds."""
+    return probe.remote, probe.big, probe.small, probe.interval
+
+
 def _interval(tcp: TcpSocket) -> float:
     """How far apart a path probe about ``tcp``'s path sends its rounds: two of its round
     trips, at least half a second (``PathProbe``)."""
@@ -748,20 +754,13 @@ class Tunnel:
         elif verdict is Verdict.UNKNOWN:
             self._note(self._silent, probe.remote, now)
             if kind == "stall" and not self._ask_another(
-                why._replace(kind="other"),
-                probe.remote,
-                probe.big,
-                probe.small,
-                probe.interval,
-                now,
+                why._replace(kind="other"), *_question(probe), now
             ):
                 self._lone_hole(why, now)
             elif kind == "host":
                 self._silent_hole(why, "other servers' full-sized packets come through", now)
             elif kind == "up" and not why.host and key in self.narrow_paths:
-                self._ask_another(
-                    why, probe.remote, probe.big, probe.small, probe.interval, now
-                )  # (each other host, until one answers)
+                self._ask_another(why, *_question(probe), now)  # (each other, until one answers)
         elif kind == "up":
             if verdict is Verdict.FITS:
                 if why.host:
@@ -780,7 +779,7 @@ class Tunnel:
             because = "the large ping to it goes unanswered; other servers' come through"
             self._beyond(key, probe.remote, because)
         elif kind == "other" or not self._ask_another(
-            why._replace(kind="confirm"), probe.remote, probe.big, probe.small, probe.interval, now
+            why._replace(kind="confirm"), *_question(probe), now
         ):
             self._narrow(key, probe.small, hole_at=now)
         else:
@@ -832,7 +831,8 @@ class Tunnel:
             logger.info(
                 "full-sized packets from %s seem to vanish on the way (%s and answers no "
                 "ping; no other host behind WireGuard endpoint %s to ask whether the path "
-                "to it carries them): TCP with it now uses packets of at most %d bytes",
+                "under the tunnel carries them): TCP with it now uses packets of at most "
+                "%d bytes",
                 ipaddress.ip_address(why.host), signs, format_endpoint(why.key),
                 self.stack.path_mtu(why.host),
             )  # fmt: skip
@@ -884,8 +884,8 @@ class Tunnel:
         self, why: _Probing, skip: bytes, big: int, small: int, interval: float, now: float
     ) -> bool:
         """Ask the path under the tunnel whether it carries ``big``-byte packets and
-        ``small`` ones (a path probe's question) with pings to another host behind the
-        same peer than ``skip``: the tunnel's DNS server (a VPN's resolver is usually the
+        ``small`` ones (a path probe's question) with pings to a host other than ``skip``
+        behind the same peer: the tunnel's DNS server (a VPN's resolver is usually the
         exit itself or next to it), else the server of another open connection; not one
         that answered no ping lately, nor one whose own path beyond the exit is narrowed.
         When ``skip`` answered none (many firewall ICMP), or to tell a hole under the
