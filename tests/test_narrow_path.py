@@ -136,13 +136,14 @@ def origins_behind_exit(
     peer: ExitPeer, workdir: Path, name: str, hosts: list[str], *, hole_beyond: bool = True
 ) -> Iterator[tuple[Netns, Callable[[], None]]]:
     """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit, with the raw
-    TCP service (``e2e_helpers``) on port 7000 (their log in ``workdir / name``). ``hole_beyond``: the exit silently drops what they send in
-    packets of over 1280 bytes (an nftables rule on its forwarding path: a router beyond
-    the exit whose link is that narrow and whose ICMP errors are lost; the origins' own
-    transmissions succeed, as a real black hole lets them, so their TCP goes on sending
-    and backs off). The origins send one segment per packet, as over a real wire (a veth
-    passes a GSO packet whole). Yields the origins' namespace and a function that mends
-    the hole."""
+    TCP service (``e2e_helpers``) on port 7000 (their log in ``workdir / name``).
+    ``hole_beyond``: the exit silently drops what they send in packets of over 1280 bytes
+    (an nftables rule on its forwarding path: a router beyond the exit whose link is that
+    narrow and whose ICMP errors are lost; the origins' own transmissions succeed, as a
+    real black hole lets them, so their TCP goes on sending and backs off, where a
+    narrower veth would fail the send itself). The origins send one segment per packet,
+    as over a real wire (a veth passes a GSO packet whole). Yields the origins' namespace
+    and a function that mends the hole."""
     with origin_behind([peer], "mwgb", hosts) as origin_ns:
         table = f"{origin_ns.name}hole"
 
