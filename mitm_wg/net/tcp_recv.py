@@ -140,6 +140,7 @@ class Receiver:
         if self._peer_fin_seq is not None and not self._rcv_fin and rcv_nxt == self._peer_fin_seq:
             self._rcv_fin = True
             self._rcv_nxt = rcv_nxt + 1
+            self._stall_at = None  # rule rx-stall: nothing more is due
             st = self.state
             if st is TcpState.ESTABLISHED:
                 self._set_state(TcpState.CLOSE_WAIT, "rcv FIN")
