@@ -177,8 +177,8 @@ class TcpConfig:
     #: calls ``on_rx_stall`` with the socket (the stack's hook; the runtime asks the path
     #: with pings, ``Stack.probe_path``, unless larger packets came through the tunnel
     #: since ``stall_since``). Data is expected beyond a hole in what arrived (data held out of
-    #: order), and once all our data is acknowledged (a request: the answer is due, and a
-    #: server's full-sized segments may be all it sends). With nothing held, the stall
+    #: order), and once all our data is acknowledged, a FIN too (a request: the answer is
+    #: due, and a server's full-sized segments may be all it sends), until the peer's FIN. With nothing held, the stall
     #: also asks the peer how far it has sent (a keepalive's old SEQ draws an ACK with its
     #: SND.NXT); an answer beyond RCV.NXT (``data_vanished``) calls the hook once more.
     #: 0: off.
