@@ -7,6 +7,7 @@ Runs the addon in mitmproxy's test context with the test-side loopback dialer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -408,6 +409,28 @@ def test_udp_fails_closed(confs: dict[str, str]) -> None:
                 await addon.open_udp(inside, "127.0.0.1", 53, None)
             assert addon.stats["direct"] == 0
             addon.done()
+
+    asyncio.run(main())
+
+
+def test_status_lists_the_narrowed_paths_of_a_tunnel(confs: dict[str, str]) -> None:
+    """wg.status shows, under a tunnel's peers, the paths it narrowed (what its status
+    last said: ``TunnelStatus.narrowed``), so a user sees why one server is slower."""
+
+    async def main() -> None:
+        addon = loopback_addon()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, wg_conf=[confs["one"]])
+            await addon.running()
+            bridge = addon.bridge
+            assert bridge is not None
+            line = "path to 10.99.0.1: packets of at most 1200 bytes (a black hole …)"
+            info = bridge.tunnels["one"]
+            assert info.narrowed == () and line not in addon.status()
+            bridge.tunnels["one"] = dataclasses.replace(info, narrowed=(line,))
+            assert addon.status().endswith(f"\n    {line}")
+            addon.done()
+            await bridge.aclose()
 
     asyncio.run(main())
 

@@ -36,6 +36,7 @@ from e2e_helpers import pattern, run_origin
 from test_runtime_interop import exit_tunnel, get_pattern
 
 from harness import ExitPeer, ImpairedRelay, Impairment, Netns, narrow_link, origin_behind
+from mitm_wg.config import format_endpoint
 from mitm_wg.net.tcp import TcpConfig
 from mitm_wg.runtime.tunnel import Tunnel, TunnelStream
 from tests.runtime_helpers import http_get, http_post_json, http_request, pattern_sha256
@@ -220,6 +221,10 @@ async def test_bulk_both_ways_through_a_narrower_path(
                 if router is not None:
                     assert snmp(router, too_big) > 0, "the router never said so"
                 assert tunnel.narrow_paths == {endpoint: inner}
+                assert tunnel.status().narrowed == (
+                    f"path to WireGuard endpoint {format_endpoint(endpoint)}: packets of at "
+                    f"most {inner} bytes (the path's MTU)",
+                )
                 # only datagrams sent between the kernel learning the limit and the next
                 # refused run went out in fragments
                 assert snmp(peer.ns, reasm) - exit_reasm < 100
@@ -608,6 +613,10 @@ async def test_a_black_hole_beyond_the_exit(
                     f"full-sized packets from {origin} seem to vanish beyond WireGuard "
                     f"endpoint {host}:{port}" in caplog.text
                 )
+                assert (
+                    f"  path to {origin}: packets of at most 1200 bytes (a black hole on the "
+                    "way to it alone)"
+                ) in str(tunnel.status())
 
                 mend()
                 asked.clear()
@@ -619,6 +628,7 @@ async def test_a_black_hole_beyond_the_exit(
                 assert asked == ([] if beside else [("up", origin)])
                 assert tunnel._holes == {}
                 assert f"full-sized packets from {origin} pass again" in caplog.text
+                assert tunnel.status().narrowed == ()
                 if beside:
                     # (our SYN offers the full MSS; the server, told of 1200 by our
                     # ICMP error, keeps that for its ten minutes)
@@ -654,6 +664,10 @@ async def test_a_black_hole_under_the_tunnel_confirmed_by_the_dns_server(
                 assert asked == [("stall", origin), ("confirm", exit_host)]
                 assert tunnel.narrow_paths == {relay.address: 1200}
                 assert tunnel._holes.keys() == {relay.address}
+                assert tunnel.status().narrowed == (
+                    f"path to WireGuard endpoint {format_endpoint(relay.address)}: packets "
+                    "of at most 1200 bytes (a black hole)",
+                )
                 assert relay.up.dropped == 6  # (the big pings: three to each)
                 dropped = relay.up.dropped, relay.down.dropped
                 download = await tunnel.open_tcp_stream(exit_host, peer.http_port)

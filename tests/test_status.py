@@ -84,3 +84,6 @@ def test_tunnel_status_renders_like_wg_show() -> None:
         f"  peer {'k' * 43}= endpoint [2001:db8::1]:51820 session=yes latest handshake: "
         "2 min 5 s ago, transfer: 3.00 MiB received, 2.00 KiB sent, handshakes=2"
     )
+    narrowed = ("path to 10.99.0.1: packets of at most 1200 bytes (a black hole …)",)
+    status = TunnelStatus([peer], 3, 1_800_000_125.0, narrowed)
+    assert str(status).endswith("handshakes=2\n  " + narrowed[0])

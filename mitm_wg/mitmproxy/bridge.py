@@ -81,6 +81,7 @@ class TunnelInfo:
     error: str | None = None
     connections: int = 0
     peers: tuple[Any, ...] = ()  # PeerStatus snapshots, when the tunnel offers status()
+    narrowed: tuple[str, ...] = ()  # its narrowed paths (TunnelStatus.narrowed), a line each
 
 
 @dataclass(eq=False)
@@ -395,8 +396,10 @@ class Bridge:
         result = {st.name: st.error for st in states}
         self._to_loop(lambda: fut.done() or fut.set_result(result))
 
-    def _publish(self, st: _TunnelState, peers: tuple[Any, ...] = ()) -> None:
-        info = TunnelInfo(st.name, st.state, st.error, st.connections, peers)
+    def _publish(
+        self, st: _TunnelState, peers: tuple[Any, ...] = (), narrowed: tuple[str, ...] = ()
+    ) -> None:
+        info = TunnelInfo(st.name, st.state, st.error, st.connections, peers, narrowed)
         self._to_loop(self._loop_publish, st, info)
 
     def _loop_publish(self, st: _TunnelState, info: TunnelInfo) -> None:
@@ -440,12 +443,15 @@ class Bridge:
         status = getattr(st.tunnel, "status", None)
         while True:
             peers: tuple[Any, ...] = ()
+            narrowed: tuple[str, ...] = ()
             if status is not None:
                 try:
-                    peers = tuple(status().peers)
+                    snapshot = status()
+                    peers = tuple(snapshot.peers)
+                    narrowed = tuple(getattr(snapshot, "narrowed", ()))
                 except Exception as exc:  # status is informative only
                     logger.debug("tunnel %r status() failed: %s", st.name, exc)
-            self._publish(st, peers)
+            self._publish(st, peers, narrowed)
             await trio.sleep(STATUS_INTERVAL)
 
     # -- connections -------------------------------------------------------------------------

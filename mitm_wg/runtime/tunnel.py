@@ -131,6 +131,9 @@ class TunnelStatus:
     open_connections: int
     #: Wall-clock (Unix) time the snapshot was taken: handshake ages are relative to it.
     unix_time: float = 0.0
+    #: The paths it sends smaller packets on than its MTU allows, a line each
+    #: (``Tunnel.narrowed``).
+    narrowed: tuple[str, ...] = ()
 
     def handshake_age(self, peer: PeerStatus) -> float | None:
         """Seconds from ``peer``'s last completed handshake to this snapshot, or None."""
@@ -139,6 +142,7 @@ class TunnelStatus:
     def __str__(self) -> str:
         lines = [f"{self.open_connections} open connection(s)"]
         lines += [f"  {peer.describe(self.unix_time)}" for peer in self.peers]
+        lines += [f"  {line}" for line in self.narrowed]
         return "\n".join(lines)
 
 
@@ -1112,7 +1116,27 @@ class Tunnel:
         return self.device.route(ipaddress.ip_address(address).packed)
 
     def status(self) -> TunnelStatus:
-        return TunnelStatus(self.device.status(), len(self._streams), time.time())
+        return TunnelStatus(self.device.status(), len(self._streams), time.time(), self.narrowed())
+
+    def narrowed(self) -> tuple[str, ...]:
+        """The paths this tunnel sends smaller packets on than its MTU allows, a line each
+        (for status): an endpoint's (``_narrow``: the kernel or an ICMP error said so, or
+        a black hole was found; ``_reprobe`` asks again), or the way to one server alone
+        (``_narrow_host``: a black hole beyond the exit)."""
+        lines = []
+        for key, inner in self.narrow_paths.items():
+            why = "a black hole" if key in self._holes else "the path's MTU"
+            lines.append(
+                f"path to WireGuard endpoint {format_endpoint(key)}: packets of at most "
+                f"{inner} bytes ({why})"
+            )
+        for key in self._holes:
+            if isinstance(key, bytes):
+                lines.append(
+                    f"path to {ipaddress.ip_address(key)}: packets of at most "
+                    f"{self.stack.path_mtu(key)} bytes (a black hole on the way to it alone)"
+                )
+        return tuple(lines)
 
     async def resolve(self, name: str) -> list[IPAddress]:
         """Addresses for ``name`` (an IP literal is returned as it is)."""
