@@ -689,7 +689,7 @@ class Tunnel:
         a slow server). The same host is asked again only ``PROBE_AGAIN`` seconds after it
         answered, or answered no ping (then, with the path under the tunnel known sound,
         ``_silent_hole`` decides at once; not known, and the connection shows signs of a
-        hole, ``_hole_signs``: another host is asked, or with none to ask ``_lone_hole``
+        hole, ``_hole_signs``: another host is asked, or with none to ask ``_silent_hole``
         decides); a stalled connection whose packets are already narrowed has its server
         told again (the first ICMP error may have been lost). A stall is reported again
         when the server's answer to the connection's question shows data vanished
@@ -730,7 +730,7 @@ class Tunnel:
             elif _hole_signs(tcp) and not self._ask_another(
                 why._replace(kind="other"), host, big, small, _interval(tcp), now
             ):
-                self._lone_hole(why, now)
+                self._silent_hole(why, None, now)
         stack.rx_stalls.clear()
         for probe in stack.probes_done:
             self._verdict(probe, self._probing.pop(probe), now)
@@ -745,8 +745,8 @@ class Tunnel:
         (``_ask_another``, ``_confirm``). If none can be asked, the endpoint narrows
         (``_narrow``) as ``_watch_blackholes`` would. UNKNOWN: the host answered no ping;
         another host is asked next, and if the path under the tunnel is (or is known to
-        be) sound, ``_silent_hole`` decides on the host alone; with nobody to ask,
-        ``_lone_hole``."""
+        be) sound, or nobody else can be asked, ``_silent_hole`` decides on the host
+        alone."""
         key, verdict, kind = why.key, probe.verdict, why.kind
         logger.debug(
             "path probe to %s via WireGuard endpoint %s (%d/%d bytes): %s",
@@ -760,7 +760,7 @@ class Tunnel:
             if kind == "stall" and not self._ask_another(
                 why._replace(kind="other"), *_question(probe), now
             ):
-                self._lone_hole(why, now)
+                self._silent_hole(why, None, now)
             elif kind == "host":
                 self._silent_hole(why, "other servers' full-sized packets come through", now)
             elif kind == "up" and not why.host and key in self.narrow_paths:
@@ -809,37 +809,31 @@ class Tunnel:
                 self._note(self._silent, probe.remote, now)
             self._narrow(key, probe.small, hole_at=now)
 
-    def _silent_hole(self, why: _Probing, because: str, now: float) -> None:
+    def _silent_hole(self, why: _Probing, because: str | None, now: float) -> None:
         """The stalled connection's server answered no ping, and the path under the tunnel
-        carries full-sized packets (``because``): if that connection shows signs of a
-        black hole (``_hole_signs``: only small segments came, a reply's headers and
-        nothing of the full-sized rest; or the server's ACKs say it sent data that never
-        came), one beyond the exit is the likely cause, and that server alone narrows (as
-        a mere slow server, it would lose little: its connections send smaller segments);
-        otherwise nothing (a slow server)."""
+        carries full-sized packets (``because``), or no other host behind the same peer
+        can be asked whether it does (None: a config without DNS servers, no other
+        connection open). If that connection shows signs of a black hole
+        (``_hole_signs``: only small segments came, a reply's headers and nothing of the
+        full-sized rest; or the server's ACKs say it sent data that never came), that
+        server alone narrows (as a mere slow server, it would lose little: its connections
+        send smaller segments; with nobody to ask, wherever the hole is: under the tunnel,
+        the next stalled connection finds it too); otherwise nothing (a slow server)."""
         signs = _hole_signs(why.tcp)
-        if signs and why.current:
-            self._narrow_host(why.host, self.stack.tcp_config.blackhole_mtu, now)
+        if not signs or not why.current:
+            return
+        self._narrow_host(why.host, self.stack.tcp_config.blackhole_mtu, now)
+        if because is not None:
             self._beyond(why.key, why.host, f"{signs} and answers no ping; {because}")
-
-    def _lone_hole(self, why: _Probing, now: float) -> None:
-        """The stalled connection's server answered no ping, and no other host behind the
-        same peer can be asked whether the path under the tunnel carries full-sized
-        packets (a config without DNS servers, no other connection open): if the
-        connection shows signs of a black hole (``_hole_signs``), that server alone
-        narrows, wherever the hole is (under the tunnel, the next stalled connection
-        finds it too)."""
-        signs = _hole_signs(why.tcp)
-        if signs and why.current:
-            self._narrow_host(why.host, self.stack.tcp_config.blackhole_mtu, now)
-            logger.info(
-                "full-sized packets from %s seem to vanish on the way (%s and answers no "
-                "ping; no other host behind WireGuard endpoint %s to ask whether the path "
-                "under the tunnel carries them): TCP with it now uses packets of at most "
-                "%d bytes",
-                ipaddress.ip_address(why.host), signs, format_endpoint(why.key),
-                self.stack.path_mtu(why.host),
-            )  # fmt: skip
+            return
+        logger.info(
+            "full-sized packets from %s seem to vanish on the way (%s and answers no "
+            "ping; no other host behind WireGuard endpoint %s to ask whether the path "
+            "under the tunnel carries them): TCP with it now uses packets of at most "
+            "%d bytes",
+            ipaddress.ip_address(why.host), signs, format_endpoint(why.key),
+            self.stack.path_mtu(why.host),
+        )  # fmt: skip
 
     def _beyond(self, key: tuple[str, int], host: bytes, because: str) -> None:
         logger.info(
