@@ -148,8 +148,9 @@ def test_downloads_alone_find_the_black_hole(
     assert (relay.up.dropped, relay.down.dropped) == dropped
 
 
+@pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
 def test_a_silent_server_behind_a_hole_beyond_the_exit(
-    exit_peer: ExitPeer, workdir: Path, origin: Any
+    exit_peer: ExitPeer, workdir: Path, origin: Any, family: int
 ) -> None:
     """Browsing a server behind a black hole beyond the exit that answers no ping and
     whose reply's first segment is already full-sized (head and body in one write, as
@@ -158,17 +159,21 @@ def test_a_silent_server_behind_a_hole_beyond_the_exit(
     connection asks the server how far it has sent (its ACK says: beyond what came).
     The exit (the DNS server) answers the big ping, so the hole lies beyond it: that
     server alone narrows, the download ends byte-exact, the addon says where the hole
-    is, and the tunnel keeps its full size (no warning)."""
-    from test_narrow_path import origins_behind_exit
+    is, and the tunnel keeps its full size (no warning). The same with the server on
+    IPv6 inside the tunnel."""
+    from test_narrow_path import NO_ECHO, origins_behind_exit
 
-    server = "10.99.0.1"
-    with origins_behind_exit(exit_peer, workdir, "e2e-beyond", [server]) as (ns, _):
-        ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
-        here = workdir / "beyond"
+    server = "10.99.0.1" if family == 4 else "fd00:99::1"
+    with origins_behind_exit(exit_peer, workdir, f"e2e-beyond-{family}", [server]) as (ns, _):
+        ns.exec(["sysctl", "-qw", NO_ECHO[family]])
+        here = workdir / f"beyond-{family}"
         here.mkdir()
         allowed = f"{exit_peer.tunnel_v4_net}, 10.99.0.0/24"
+        if family == 6:
+            allowed += f", {exit_peer.tunnel_v6_net}, fd00:99::/64"
         with tunnel_mitmdump(exit_peer, here, origin, "beyond", allowed_ips=allowed) as proxy:
-            url = f"http://{server}/bytes/{SIZE}?together"
+            host = server if family == 4 else f"[{server}]"
+            url = f"http://{host}/bytes/{SIZE}?together"
             r = curl(exit_peer.client_ns, "-x", proxy.proxy, url, max_time=60)
             assert_pattern(r, SIZE, proxy.text()[-4000:])
             log = proxy.wait_for_log(f"full-sized packets from {server} seem to vanish beyond")

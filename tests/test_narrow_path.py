@@ -45,6 +45,8 @@ MB = 1024 * 1024
 PATH_MTU = 1400
 #: a 1400-byte path that drops larger packets without a word, under an IPv4 or IPv6 endpoint
 HOLE = {4: Impairment(max_size=PATH_MTU - 28), 6: Impairment(max_size=PATH_MTU - 48)}
+#: a namespace's hosts answer no ping (IPv4 or IPv6)
+NO_ECHO = {4: "net.ipv4.icmp_echo_ignore_all=1", 6: "net.ipv6.icmp.echo_ignore_all=1"}
 
 
 def snmp(ns: Netns, name: str) -> int:
@@ -136,11 +138,12 @@ def record_probes(tunnel: Tunnel) -> list[tuple[str, str]]:
 def origins_behind_exit(
     peer: ExitPeer, workdir: Path, name: str, hosts: list[str], *, hole_beyond: bool = True
 ) -> Iterator[tuple[Netns, Callable[[], None]]]:
-    """HTTP origins on ``hosts`` (in 10.99.0.0/24) behind ``peer``'s exit, with the raw
-    TCP service (``e2e_helpers``) on port 7000 (their log in ``workdir / name``).
-    ``hole_beyond``: the exit silently drops what they send in packets of over 1280 bytes
-    (an nftables rule on its forwarding path: a router beyond the exit whose link is that
-    narrow and whose ICMP errors are lost; the origins' own transmissions succeed, as a
+    """HTTP origins on ``hosts`` (in 10.99.0.0/24 or fd00:99::/64) behind ``peer``'s exit,
+    with the raw TCP service (``e2e_helpers``) on port 7000 (their log in ``workdir /
+    name``). ``hole_beyond``: the exit silently drops what they send in packets of over
+    1280 bytes (an nftables rule on its forwarding path: a router beyond the exit whose
+    link is that narrow, IPv6's minimum, and whose ICMP errors are lost; the origins' own
+    transmissions succeed, as a
     real black hole lets them, so their TCP goes on sending and backs off, where a
     narrower veth would fail the send itself). The origins send one segment per packet,
     as over a real wire (a veth passes a GSO packet whole). Yields the origins' namespace
@@ -149,22 +152,23 @@ def origins_behind_exit(
         table = f"{origin_ns.name}hole"
 
         def mend() -> None:
-            peer.ns.exec(["nft", "delete", "table", "ip", table])
+            peer.ns.exec(["nft", "delete", "table", "inet", table])
 
         if hole_beyond:
-            rule = f'iifname "{origin_ns.name}e0" ip length > 1280 drop'
+            rule = f'iifname "{origin_ns.name}e0" meta length > 1280 drop'
             chain = "{ type filter hook forward priority 0; policy accept; " + rule + "; }"
-            peer.ns.exec(["nft", f"table ip {table} {{ chain drops {chain}; }}"])
+            peer.ns.exec(["nft", f"table inet {table} {{ chain drops {chain}; }}"])
             origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
         here = workdir / name
         here.mkdir()
         try:
-            http, raw = [f"{host}:80" for host in hosts], [f"{host}:7000" for host in hosts]
+            bracketed = [f"[{host}]" if ":" in host else host for host in hosts]
+            http, raw = [f"{host}:80" for host in bracketed], [f"{host}:7000" for host in bracketed]
             with run_origin(origin_ns, here, http=http, tcp=raw):
                 yield origin_ns, mend
         finally:
             if hole_beyond:
-                peer.ns.exec(["nft", "delete", "table", "ip", table], check=False)
+                peer.ns.exec(["nft", "delete", "table", "inet", table], check=False)
 
 
 @contextlib.contextmanager
@@ -525,7 +529,7 @@ async def test_a_server_that_answers_no_ping_behind_a_black_hole(
     answer either: the DNS server answers it, and the path is wide again."""
     peer = fresh_exit_peer
     with origin_behind([peer], "mwgq", ["10.99.0.1"]) as origin_ns:
-        origin_ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+        origin_ns.exec(["sysctl", "-qw", NO_ECHO[4]])
         here = workdir / "no-ping"  # (not the directory of the origin of a test before)
         here.mkdir()
         with run_origin(origin_ns, here, http=["10.99.0.1:80"]):
@@ -554,9 +558,9 @@ async def test_a_server_that_answers_no_ping_behind_a_black_hole(
 
 
 @pytest.mark.parametrize(
-    ("beside", "dns"),
-    [(False, True), (True, True), (False, False)],
-    ids=["alone", "beside-a-download", "no-dns-server"],
+    ("beside", "dns", "family"),
+    [(False, True, 4), (True, True, 4), (False, False, 4), (False, True, 6), (True, False, 6)],
+    ids=["alone", "beside-a-download", "no-dns-server", "alone-v6", "beside-a-download-v6"],
 )
 async def test_a_black_hole_beyond_the_exit(
     fresh_exit_peer: ExitPeer,
@@ -564,27 +568,38 @@ async def test_a_black_hole_beyond_the_exit(
     caplog: pytest.LogCaptureFixture,
     beside: bool,
     dns: bool,
+    family: int,
 ) -> None:
     """The path under the tunnel is sound, but the way from the exit to one server loses
-    that server's full-sized packets without a word (here the exit's link to it takes
-    1280 bytes while the server's side sends 1500, a mismatch that drops them silently;
-    a server whose firewall drops large pings looks the same to the tunnel, and is
-    treated the same). Its download stalls; the tunnel pings it (only the small ping
-    comes back), then its DNS server, the exit: the big one comes back. So the hole lies
-    beyond the exit: only that server's connections shrink to 1200-byte packets (the
-    server is told, and the download ends byte-exact); the endpoint stays wide, and the
-    exit's own downloads keep full-sized segments. With a download from the exit beside
-    it, the path under the tunnel is known to carry them and the server alone is asked.
-    A config without DNS servers has the server of another open connection asked (the
-    exit's, idle here) instead of the DNS server.
+    that server's full-sized packets without a word (here a router beyond the exit drops
+    its packets of over 1280 bytes; a server whose firewall drops large pings looks the
+    same to the tunnel, and is treated the same). Its download stalls; the tunnel pings
+    it (only the small ping comes back), then its DNS server, the exit: the big one comes
+    back. So the hole lies beyond the exit: only that server's connections shrink to
+    1200-byte packets (1280 over IPv6, its minimum; the server is told, and the download
+    ends byte-exact); the endpoint stays wide, and the exit's own downloads keep
+    full-sized segments. With a download from the exit beside it, the path under the
+    tunnel is known to carry them and the server alone is asked. A config without DNS
+    servers has the server of another open connection asked (the exit's, idle here)
+    instead of the DNS server. The same over IPv6, inside the tunnel, with the exit's
+    IPv6 address for its own downloads (the DNS server stays IPv4: the path under the
+    tunnel is the same whatever the family inside).
     Once the link is mended, the re-probe of that server (pings to it, while a
     connection to it is open) finds the full size passing, and it grows back; with none
     open, the narrowing is forgotten then, as Linux's learnt path MTUs expire."""
     peer = fresh_exit_peer
     caplog.set_level(logging.INFO, logger="mitm_wg")
-    origin, exit_host = "10.99.0.1", peer.server_tunnel_v4
-    with origins_behind_exit(peer, workdir, f"beyond-{beside}-{dns}", [origin]) as (_, mend):
-        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+    if family == 4:
+        origin, exit_host, allowed = "10.99.0.1", peer.server_tunnel_v4, "10.99.0.0/24"
+        ip, narrowed = 40, 1200
+    else:
+        assert peer.server_tunnel_v6 is not None
+        origin, exit_host, allowed = "fd00:99::1", peer.server_tunnel_v6, "fd00:99::/64"
+        ip, narrowed = 60, 1280
+    full = 1420 - ip - 12  # (a full-sized segment's payload, with timestamps)
+    name = f"beyond-{beside}-{dns}-{family}"
+    with origins_behind_exit(peer, workdir, name, [origin]) as (_, mend):
+        allowed = f"{peer.tunnel_v4_net}, {peer.tunnel_v6_net}, {allowed}"
         text = peer.client_config_text(allowed_ips=allowed, dns=dns)
         async with exit_tunnel(peer, text) as (tunnel, _):
             assert len(tunnel.config.dns_servers) == dns
@@ -594,7 +609,7 @@ async def test_a_black_hole_beyond_the_exit(
                 async with trio.open_nursery() as nursery:
                     if beside:
                         nursery.start_soon(endless_download, download)
-                        while download._sock._rcv_mss < 1368:  # (under way)
+                        while download._sock._rcv_mss < full:  # (under way)
                             await trio.sleep(0.001)
                     stream = await tunnel.open_tcp_stream(origin, 80)
                     await get_pattern(stream, 5 * MB)
@@ -602,20 +617,21 @@ async def test_a_black_hole_beyond_the_exit(
                 if beside:
                     assert asked == [("host", origin)]
                 else:
-                    assert asked == [("stall", origin), ("confirm", exit_host)]
+                    asked_too = peer.server_tunnel_v4 if dns else exit_host
+                    assert asked == [("stall", origin), ("confirm", asked_too)]
                     await get_pattern(download, 5 * MB)
-                assert download._sock._rcv_mss == 1368 and download._sock._smss == 1368
+                assert download._sock._rcv_mss == full and download._sock._smss == full
                 assert tunnel.narrow_paths == {}
-                assert stack.path_mtu(origin) == 1200 and stack.path_mtu(exit_host) == 1420
-                assert stream._sock._smss == 1200 - 52
+                assert stack.path_mtu(origin) == narrowed and stack.path_mtu(exit_host) == 1420
+                assert stream._sock._smss == narrowed - ip - 12
                 host, port = tunnel.config.peers[0].endpoint
                 assert (
                     f"full-sized packets from {origin} seem to vanish beyond WireGuard "
                     f"endpoint {host}:{port}" in caplog.text
                 )
                 assert (
-                    f"  path to {origin}: packets of at most 1200 bytes (a black hole on the "
-                    "way to it alone)"
+                    f"  path to {origin}: packets of at most {narrowed} bytes (a black hole "
+                    "on the way to it alone)"
                 ) in str(tunnel.status())
 
                 mend()
@@ -635,7 +651,7 @@ async def test_a_black_hole_beyond_the_exit(
                     stream = await tunnel.open_tcp_stream(origin, 80)
                     assert stream._sock._pmtu_mss is None
                 else:
-                    assert stream._sock._smss == 1368
+                    assert stream._sock._smss == full
                 await get_pattern(stream, 5 * MB)
                 await stream.aclose()
                 await download.aclose()
@@ -729,7 +745,7 @@ async def test_servers_that_answer_no_ping_beyond_the_exit(
         origin_ns,
         _,
     ):
-        origin_ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+        origin_ns.exec(["sysctl", "-qw", NO_ECHO[4]])
         allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
         text = peer.client_config_text(allowed_ips=allowed)
         async with exit_tunnel(peer, text) as (tunnel, _):
@@ -796,9 +812,17 @@ async def test_two_servers_beyond_the_exit(fresh_exit_peer: ExitPeer, workdir: P
                 await stream.aclose()
 
 
-@pytest.mark.parametrize("dns", [True, False], ids=["dns-server", "nobody-to-ask"])
+@pytest.mark.parametrize(
+    ("dns", "family"),
+    [(True, 4), (False, 4), (True, 6), (False, 6)],
+    ids=["dns-server", "nobody-to-ask", "dns-server-v6", "nobody-to-ask-v6"],
+)
 async def test_silent_servers_whose_reply_starts_full_sized_beyond_the_exit(
-    fresh_exit_peer: ExitPeer, workdir: Path, caplog: pytest.LogCaptureFixture, dns: bool
+    fresh_exit_peer: ExitPeer,
+    workdir: Path,
+    caplog: pytest.LogCaptureFixture,
+    dns: bool,
+    family: int,
 ) -> None:
     """Servers behind a hole beyond the exit that answer no ping and send a reply's head
     and body in one write (as nginx with sendfile does): its first segment is already
@@ -810,13 +834,19 @@ async def test_silent_servers_whose_reply_starts_full_sized_beyond_the_exit(
     we got: nothing narrows), then behind the same hole: it is not pinged again (it just
     answered none); its answer alone narrows it. Without a DNS server and with nobody
     else to ask (the one other connection's server has a hole of its own), the signs
-    alone narrow each server."""
+    alone narrow each server. The same with servers on IPv6 inside the tunnel (they are
+    told of 1280 bytes, IPv6's minimum)."""
     peer = fresh_exit_peer
     caplog.set_level(logging.INFO, logger="mitm_wg")
-    first, second, exit_host = "10.99.0.1", "10.99.0.2", peer.server_tunnel_v4
-    with origins_behind_exit(peer, workdir, f"together-{dns}", [first, second]) as (ns, _):
-        ns.exec(["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
-        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+    if family == 4:
+        first, second, narrowed = "10.99.0.1", "10.99.0.2", 1200
+    else:
+        first, second, narrowed = "fd00:99::1", "fd00:99::2", 1280
+    exit_host = peer.server_tunnel_v4
+    name = f"together-{dns}-{family}"
+    with origins_behind_exit(peer, workdir, name, [first, second]) as (ns, _):
+        ns.exec(["sysctl", "-qw", NO_ECHO[family]])
+        allowed = f"{peer.tunnel_v4_net}, {peer.tunnel_v6_net}, 10.99.0.0/24, fd00:99::/64"
         text = peer.client_config_text(allowed_ips=allowed, dns=dns)
         async with exit_tunnel(peer, text) as (tunnel, _):
             asked, stack = record_probes(tunnel), tunnel.stack
@@ -841,7 +871,7 @@ async def test_silent_servers_whose_reply_starts_full_sized_beyond_the_exit(
                 assert asked == (
                     [("stall", first), ("other", exit_host)] if dns else [("stall", first)]
                 )
-                assert stack.path_mtu(first) == 1200 and tunnel.narrow_paths == {}
+                assert stack.path_mtu(first) == narrowed and tunnel.narrow_paths == {}
                 assert one._sock.stats.stall_probes == 1
                 assert said(first) in caplog.text
 
@@ -854,13 +884,13 @@ async def test_silent_servers_whose_reply_starts_full_sized_beyond_the_exit(
                 assert stack.path_mtu(second) == 1420
                 # (a second server has a kernel of its own, which our ICMP error to the
                 # first did not teach: this one forgets it)
-                ns.exec(["ip", "route", "flush", "cache"])
+                ns.exec(["ip", f"-{family}", "route", "flush", "cache"])
                 two = await tunnel.open_tcp_stream(second, 80)
                 await get_together(two, 5 * MB)
-            assert len(asked) == (3 if dns else 2) and stack.path_mtu(second) == 1200
+            assert len(asked) == (3 if dns else 2) and stack.path_mtu(second) == narrowed
             assert said(second) in caplog.text
             assert tunnel.narrow_paths == {} and stack.path_mtu(exit_host) == 1420
-            assert snmp(ns, "Icmp:OutEchoReps") == 0
+            assert snmp(ns, "Icmp:OutEchoReps" if family == 4 else "Icmp6OutEchoReplies") == 0
             for s in (one, slow, two):
                 await s.aclose()
 

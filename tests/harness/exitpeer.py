@@ -622,9 +622,11 @@ def diagnose_on_failure(*peers: ExitPeer) -> Iterator[None]:
 @contextlib.contextmanager
 def origin_behind(exits: list[ExitPeer], prefix: str, addresses: list[str]) -> Iterator[Netns]:
     """An origin namespace (``prefix`` + a free number) reachable from each exit's tunnel:
-    ``addresses`` (in 10.99.0.0/24) on its loopback, a veth 10.79.k.1/30 <-> 10.79.k.2/30 to
-    exit k, which forwards between its tunnel and that link. A server there sees, as the
-    source of each request, the tunnel address of the exit it came through."""
+    ``addresses`` (in 10.99.0.0/24 or fd00:99::/64) on its loopback, a veth 10.79.k.1/30
+    <-> 10.79.k.2/30 (and, with IPv6 addresses, fd00:79:k::1/64 <-> ::2) to exit k, which
+    forwards between its tunnel and that link. A server there sees, as the source of each
+    request, the tunnel address of the exit it came through."""
+    v6 = any(":" in addr for addr in addresses)
     origin = None
     for i in range(100):
         origin = Netns.claim(f"{prefix}{i}")
@@ -633,17 +635,25 @@ def origin_behind(exits: list[ExitPeer], prefix: str, addresses: list[str]) -> I
     assert origin is not None, f"no free {prefix}N namespace name"
     try:
         for addr in addresses:
-            origin.ip("addr", "add", f"{addr}/32", "dev", "lo")
+            origin.ip("addr", "add", f"{addr}/{128 if ':' in addr else 32}", "dev", "lo")
         for k, e in enumerate(exits):
             o_if, e_if = f"{origin.name}o{k}", f"{origin.name}e{k}"
             origin.ip("link", "add", o_if, "type", "veth", "peer", "name", e_if, "netns", e.ns.name)
             origin.ip("addr", "add", f"10.79.{k}.1/30", "dev", o_if)
-            origin.ip("link", "set", o_if, "up")
-            origin.ip("route", "add", e.tunnel_v4_net, "via", f"10.79.{k}.2")
             e.ns.ip("addr", "add", f"10.79.{k}.2/30", "dev", e_if)
+            if v6:
+                assert e.tunnel_v6_net is not None, "an IPv6 origin needs an IPv6 tunnel"
+                origin.ip("-6", "addr", "add", f"fd00:79:{k}::1/64", "dev", o_if, "nodad")
+                e.ns.ip("-6", "addr", "add", f"fd00:79:{k}::2/64", "dev", e_if, "nodad")
+            origin.ip("link", "set", o_if, "up")
             e.ns.ip("link", "set", e_if, "up")
+            origin.ip("route", "add", e.tunnel_v4_net, "via", f"10.79.{k}.2")
             e.ns.ip("route", "add", "10.99.0.0/24", "via", f"10.79.{k}.1")
             e.ns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            if v6:
+                origin.ip("-6", "route", "add", e.tunnel_v6_net, "via", f"fd00:79:{k}::2")
+                e.ns.ip("-6", "route", "add", "fd00:99::/64", "via", f"fd00:79:{k}::1")
+                e.ns.exec(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         yield origin
     finally:
         origin.close()
