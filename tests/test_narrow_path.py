@@ -136,7 +136,13 @@ def record_probes(tunnel: Tunnel) -> list[tuple[str, str]]:
 
 @contextlib.contextmanager
 def origins_behind_exit(
-    peer: ExitPeer, workdir: Path, name: str, hosts: list[str], *, hole_beyond: bool = True
+    peer: ExitPeer,
+    workdir: Path,
+    name: str,
+    hosts: list[str],
+    *,
+    hole_beyond: bool = True,
+    toward: bool = False,
 ) -> Iterator[tuple[Netns, Callable[[], None]]]:
     """HTTP origins on ``hosts`` (in 10.99.0.0/24 or fd00:99::/64) behind ``peer``'s exit,
     with the raw TCP service (``e2e_helpers``) on port 7000 (their log in ``workdir /
@@ -146,7 +152,8 @@ def origins_behind_exit(
     transmissions succeed, as a
     real black hole lets them, so their TCP goes on sending and backs off, where a
     narrower veth would fail the send itself). The origins send one segment per packet,
-    as over a real wire (a veth passes a GSO packet whole). Yields the origins' namespace
+    as over a real wire (a veth passes a GSO packet whole). ``toward``: the hole drops
+    what is sent to them instead (our uploads' segments). Yields the origins' namespace
     and a function that mends the hole."""
     with origin_behind([peer], "mwgb", hosts) as origin_ns:
         table = f"{origin_ns.name}hole"
@@ -155,7 +162,8 @@ def origins_behind_exit(
             peer.ns.exec(["nft", "delete", "table", "inet", table])
 
         if hole_beyond:
-            rule = f'iifname "{origin_ns.name}e0" meta length > 1280 drop'
+            way = "oifname" if toward else "iifname"
+            rule = f'{way} "{origin_ns.name}e0" meta length > 1280 drop'
             chain = "{ type filter hook forward priority 0; policy accept; " + rule + "; }"
             peer.ns.exec(["nft", f"table inet {table} {{ chain drops {chain}; }}"])
             origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
@@ -930,6 +938,79 @@ async def test_an_answer_due_after_a_half_close_beyond_the_exit(
             assert asked == [("stall", origin), ("confirm", exit_host)]
             assert tunnel.stack.path_mtu(origin) == 1200 and tunnel.narrow_paths == {}
             await stream.aclose()
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["beyond-the-exit", "under-the-tunnel"])
+async def test_an_upload_into_a_black_hole(
+    fresh_exit_peer: ExitPeer, workdir: Path, caplog: pytest.LogCaptureFixture, under: bool
+) -> None:
+    """An upload to a server behind the exit through a black hole on the way to it: our
+    full-sized segments vanish, its small ACKs come back. The upload takes the path for
+    a black hole after three timeouts in a row, resends smaller, and ends byte-exact;
+    that server narrows at once (no use sending it more full-sized segments, wherever
+    the hole is), and pings to the tunnel's DNS server, the exit, tell where the hole is.
+    Beyond the exit (on the way to that server alone): they come back full-sized, so
+    only that server stays narrowed, the endpoint stays wide, and an upload to the exit
+    keeps full-sized segments (before, every connection through the endpoint shrank,
+    with a warning to set a smaller MTU in the config). Under the tunnel: the big ping
+    vanishes too, so every connection through the endpoint shrinks, with that warning,
+    and the upload to the exit loses nothing more to the hole."""
+    peer = fresh_exit_peer
+    caplog.set_level(logging.INFO, logger="mitm_wg")
+    origin, exit_host, size = "10.99.0.1", peer.server_tunnel_v4, 5 * MB
+    allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            origins_behind_exit(
+                peer, workdir, f"upload-{under}", [origin], hole_beyond=not under, toward=True
+            )
+        )
+        async with contextlib.AsyncExitStack() as astack:
+            if under:
+                tunnel, relay = await astack.enter_async_context(
+                    holey_tunnel(peer, allowed_ips=allowed)
+                )
+                host, port = key = relay.address
+            else:
+                text = peer.client_config_text(allowed_ips=allowed)
+                tunnel, _ = await astack.enter_async_context(exit_tunnel(peer, text))
+                host, port = key = tunnel.config.peers[0].endpoint
+            asked = record_probes(tunnel)
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(origin, 7000)
+                got = bytearray()
+                while not got.endswith(b"\n"):
+                    got += await stream.receive_some(65536)
+                await stream.send_all(pattern(size))
+                await stream.send_eof()
+                got.clear()
+                while chunk := await stream.receive_some(65536):
+                    got += chunk
+                assert got == f"GOT {size} {sha256(pattern(size)).hexdigest()}\n".encode()
+                assert stream._sock.stats.blackhole_shrinks == 1
+                while tunnel._probing or tunnel._blackhole_watch:
+                    await trio.sleep(0.05)
+                assert asked == [("confirm", exit_host)]
+                assert tunnel.stack.path_mtu(origin) == 1200
+                vanish = f"full-sized packets to {origin} seem to vanish beyond WireGuard "
+                warning = f"full-sized packets to WireGuard endpoint {host}:{port} seem to vanish"
+                if under:
+                    assert tunnel.narrow_paths == {key: 1200}
+                    assert warning in caplog.text and vanish not in caplog.text
+                    dropped = relay.up.dropped
+                else:
+                    assert tunnel.narrow_paths == {}
+                    assert vanish + f"endpoint {host}:{port}" in caplog.text
+                    assert warning not in caplog.text
+                other = await tunnel.open_tcp_stream(exit_host, peer.http_port)
+                result = await http_post_json(other, "/upload", size)
+                assert result == {"sha256": pattern_sha256(size), "size": size}
+                assert other._sock.stats.blackhole_shrinks == 0
+                assert other._sock._smss == (1200 if under else 1420) - 52
+                if under:
+                    assert relay.up.dropped == dropped
+            for s in (stream, other):
+                await s.aclose()
 
 
 async def get_together(stream: TunnelStream, size: int) -> None:

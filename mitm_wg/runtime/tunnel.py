@@ -102,7 +102,9 @@ class _Probing(NamedTuple):
     the exit to ``host`` a hole?), "up" (is a black hole gone? ``_reprobe``; with
     ``host``: the one on the way to that host). ``tcp``: the stalled connection, whose
     signs of a black hole (``_hole_signs``) are read when a verdict needs them (the
-    answer to its question to the server may come after the stall)."""
+    answer to its question to the server may come after the stall). ``sent``: a
+    "confirm" for a hole our own segments found on the way to ``host``
+    (``_sent_into_hole``), not the server's."""
 
     key: tuple[str, int]
     peer: Peer
@@ -110,6 +112,7 @@ class _Probing(NamedTuple):
     kind: str
     host: bytes = b""
     tcp: TcpSocket | None = None
+    sent: bool = False
 
     @property
     def current(self) -> bool:
@@ -657,10 +660,9 @@ class Tunnel:
         """A connection took its path for an MTU black hole and resent in smaller segments
         (``TcpConfig.blackhole_rtos``): once one of those is acknowledged on the same
         WireGuard session, the full-sized ones were the trouble, not a dead or restarted
-        peer, so every connection through that endpoint, and those opened later (their SYNs
-        then ask the server for small segments too), shrinks to the same size
-        (``_narrow``). (A path that was down for a few seconds and comes back just then
-        passes for one too: its connections then stay at the smaller size.)"""
+        peer (``_sent_into_hole`` then finds where the hole lies). (A path that was down
+        for a few seconds and comes back just then passes for one too: its connections
+        then stay at the smaller size.)"""
         stack, watch = self.stack, self._blackhole_watch
         for tcp in stack.blackholes:
             peer = self.device.route(tcp.remote_addr)
@@ -674,7 +676,29 @@ class Tunnel:
                 del watch[tcp]
             elif tcp.snd_una != una and peer.endpoint is not None:
                 del watch[tcp]
-                self._narrow(peer.endpoint, tcp.config.blackhole_mtu, hole_at=now)
+                self._sent_into_hole(tcp, peer, now)
+
+    def _sent_into_hole(self, tcp: TcpSocket, peer: Peer, now: float) -> None:
+        """``tcp``'s smaller segments got through where its full-sized ones vanished
+        (``_watch_blackholes``): a black hole on the way to its server, under the tunnel
+        or beyond the exit. That server's connections, and those opened later, send
+        segments that fit at once (``_narrow_host``), and another host behind the same
+        peer is asked with pings whether the path under the tunnel carries full-sized
+        packets (``_ask_another``); ``_confirm`` decides: every connection through the
+        endpoint shrinks (``_narrow``), or only that server's stay small. With nobody to
+        ask, the endpoint narrows at once: a hole under the tunnel (the user's own line)
+        is the likelier, and it spares every other connection its own timeouts."""
+        assert peer.endpoint is not None
+        key = (peer.endpoint[0], peer.endpoint[1])
+        host, small = tcp.remote_addr, tcp.config.blackhole_mtu
+        big = self.stack.path_mtu(host)
+        if big <= small or self._asking(host) or self._asking(key):
+            return  # (narrowed already, or a question under way will settle it)
+        why = _Probing(key, peer, peer.handshakes_completed, "confirm", host, tcp, sent=True)
+        if self._ask_another(why, host, big, small, _interval(tcp), now):
+            self._narrow_host(host, small, now)
+        else:
+            self._narrow(key, small, hole_at=now)
 
     def _check_stalls(self, now: float) -> None:
         """A connection saw signs that its peer's full-sized segments vanish on the way to
@@ -790,7 +814,8 @@ class Tunnel:
             self._narrow_host(probe.remote, probe.small, now)
 
     def _confirm(self, probe: PathProbe, why: _Probing, now: float) -> None:
-        """The stalled connection's server ``why.host`` answered only the small ping, and
+        """The stalled connection's server ``why.host`` answered only the small ping (or,
+        ``why.sent``, our own full-sized segments to it vanished: ``_sent_into_hole``), and
         ``probe`` asked another host (``_ask_another``) the same. A hole there too, or no
         answer: the path under the tunnel is the hole (``_narrow``). Its big ping back:
         the path to the exit carries full-sized packets, and what swallows them lies beyond
@@ -802,8 +827,14 @@ class Tunnel:
             return
         if verdict is Verdict.FITS:
             server = ipaddress.ip_address(probe.remote)
-            because = f"the large ping to it goes unanswered; to {server} it comes back"
-            self._beyond(key, why.host, because)
+            if why.sent:
+                because = (
+                    "smaller segments to it got through where full-sized ones did not; "
+                    f"pings of {probe.big} bytes to {server} come back"
+                )
+            else:
+                because = f"the large ping to it goes unanswered; to {server} it comes back"
+            self._beyond(key, why.host, because, "to" if why.sent else "from")
         else:
             if verdict is Verdict.UNKNOWN:
                 self._note(self._silent, probe.remote, now)
@@ -835,11 +866,11 @@ class Tunnel:
             self.stack.path_mtu(why.host),
         )  # fmt: skip
 
-    def _beyond(self, key: tuple[str, int], host: bytes, because: str) -> None:
+    def _beyond(self, key: tuple[str, int], host: bytes, because: str, way: str = "from") -> None:
         logger.info(
-            "full-sized packets from %s seem to vanish beyond WireGuard endpoint %s (%s): "
+            "full-sized packets %s %s seem to vanish beyond WireGuard endpoint %s (%s): "
             "TCP with it now uses packets of at most %d bytes",
-            ipaddress.ip_address(host), format_endpoint(key), because,
+            way, ipaddress.ip_address(host), format_endpoint(key), because,
             self.stack.path_mtu(host),
         )  # fmt: skip
 
