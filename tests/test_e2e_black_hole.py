@@ -9,7 +9,8 @@ the endpoint and the MTU to configure, and later connections, a download and an 
 lose nothing more to the hole. A mitmdump that only downloads through such a path finds
 it too (its receiver's signs, then pings through the tunnel). And a server behind a hole
 beyond the exit that answers no ping and sends its reply in full-sized segments from the
-first: only that server narrows, found by asking it how far it has sent.
+first: only that server narrows, found by asking it how far it has sent; an upload to a
+server behind a hole beyond the exit narrows that server alone too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import time
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,10 @@ def assert_warned_once(proxy: Mitmdump, relay: ImpairedRelay) -> None:
     assert log.count(warning) == 1 and "MTU = 1200 in the config" in log, log[-3000:]
 
 
-@pytest.fixture(scope="module")
+# (relay and proxy live for their one test only: a mitmdump left running with the same
+# key beside a later test's would take the exit's replies whenever it sent a packet, as
+# WireGuard follows a peer to the last address it heard from)
+@pytest.fixture
 def relay(exit_peer: ExitPeer) -> Iterator[ImpairedRelay]:
     hole = Impairment(max_size=1400 - 28)
     with ImpairedRelay(
@@ -60,7 +65,7 @@ def relay(exit_peer: ExitPeer) -> Iterator[ImpairedRelay]:
         yield relay
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def proxy(
     exit_peer: ExitPeer, workdir: Path, origin: Any, relay: ImpairedRelay
 ) -> Iterator[Mitmdump]:
@@ -181,3 +186,36 @@ def test_a_silent_server_behind_a_hole_beyond_the_exit(
             assert "seem to vanish without" not in log, log[-3000:]
             r = curl(exit_peer.client_ns, "-x", proxy.proxy, url, max_time=60)
             assert_pattern(r, SIZE, proxy.text()[-4000:])
+
+
+def test_an_upload_into_a_hole_beyond_the_exit(
+    exit_peer: ExitPeer, workdir: Path, origin: Any
+) -> None:
+    """Uploading through mitmdump to a server behind a black hole beyond the exit, on the
+    way to it (our full-sized segments vanish there): the upload ends byte-exact (three
+    timeouts in a row, then smaller segments); the exit, the DNS server, answers the big
+    ping, so the addon says the hole lies beyond it, on the way to that server alone, and
+    gives no warning to shrink the tunnel; an upload to the exit's origin loses nothing."""
+    from test_narrow_path import origins_behind_exit
+
+    server = "10.99.0.1"
+    with origins_behind_exit(exit_peer, workdir, "e2e-upload", [server], toward=True):
+        here = workdir / "upload-beyond"
+        here.mkdir()
+        allowed = f"{exit_peer.tunnel_v4_net}, 10.99.0.0/24"
+        with tunnel_mitmdump(exit_peer, here, origin, "upbeyond", allowed_ips=allowed) as proxy:
+            data = pattern(SIZE)[::-1]
+            path = here / "upload.bin"
+            path.write_bytes(data)
+            r = curl(
+                exit_peer.client_ns, "-x", proxy.proxy, "-H",
+                "Content-Type: application/octet-stream", "--data-binary", f"@{path}",
+                f"http://{server}/echo/upload", max_time=60,
+            )  # fmt: skip
+            assert r.returncode == 0 and r.status == 200, (r, proxy.text()[-4000:])
+            echo = r.json()
+            assert (echo["body_size"], echo["body_sha256"]) == (SIZE, sha256(data).hexdigest())
+            log = proxy.wait_for_log(f"full-sized packets to {server} seem to vanish beyond")
+            assert "smaller segments to it got through" in log, log[-3000:]
+            https_upload(exit_peer, proxy, here, pattern(SIZE))
+            assert "seem to vanish without" not in proxy.text(), proxy.text()[-3000:]
