@@ -1013,6 +1013,49 @@ async def test_an_upload_into_a_black_hole(
                 await s.aclose()
 
 
+async def test_a_stall_during_an_outage_is_reported_again(
+    fresh_exit_peer: ExitPeer, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server behind a hole beyond the exit that answers no ping, its reply full-sized
+    from the first segment, and the path under the tunnel goes dark for a few seconds
+    just as the download stalls (a Wi-Fi hand-over; another client with our key taking
+    the exit's replies until our next handshake): the stall's question to the server,
+    its answer and every ping are lost, and nothing is decided. Nothing arriving still,
+    the connection reports the stall again (2 s later, then 4, ...) and asks the server
+    again: once the path is back the signs are there, and with the DNS server just silent
+    (during the outage) there is nobody else to ask, so that server narrows alone and is
+    told; the download ends byte-exact. (Before, one report and the download stalled for
+    good.)"""
+    peer = fresh_exit_peer
+    caplog.set_level(logging.INFO, logger="mitm_wg")
+    origin, size = "10.99.0.1", 5 * MB
+    with origins_behind_exit(peer, workdir, "outage", [origin]) as (ns, _):
+        ns.exec(["sysctl", "-qw", NO_ECHO[4]])
+        allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+        async with holey_tunnel(peer, hole=False, allowed_ips=allowed) as (tunnel, relay):
+            asked = record_probes(tunnel)
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(origin, 80)
+                tcp = stream._sock
+
+                async def outage() -> None:
+                    while tcp.stats.rx_stalls == 0:  # (the request out, its answer lost)
+                        await trio.sleep(0.001)
+                    relay.set_impairment(Impairment(loss=1.0))
+                    while len(asked) < 2 or tunnel._probing:
+                        await trio.sleep(0.05)
+                    relay.set_impairment(Impairment())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(outage)
+                    await get_together(stream, size)
+            assert asked == [("stall", origin), ("other", peer.dns_server)]
+            assert relay.up.dropped > 0 and tunnel.stack.path_mtu(origin) == 1200
+            assert tunnel.narrow_paths == {} and tcp.stats.rx_stalls == 1
+            assert "no other host behind WireGuard endpoint" in caplog.text
+            await stream.aclose()
+
+
 async def get_together(stream: TunnelStream, size: int) -> None:
     """``get_pattern``, from an origin that sends the head and the body's start in one
     write (``?together``)."""

@@ -181,7 +181,9 @@ class TcpConfig:
     #: due, and a server's full-sized segments may be all it sends), until the peer's FIN. With nothing held, the stall
     #: also asks the peer how far it has sent (a keepalive's old SEQ draws an ACK with its
     #: SND.NXT); an answer beyond RCV.NXT (``data_vanished``) calls the hook once more.
-    #: 0: off.
+    #: Nothing arriving still, the stall is reported (and the peer asked) again
+    #: ``STALL_ASKS`` times, each wait twice the one before (a question, its answer or
+    #: what the runtime did about it may have been lost). 0: off.
     rx_stall: float = 1.0
     on_rx_stall: Callable[[TcpSocket], None] | None = None
     challenge_ack_limit: int = 10  # challenge ACKs per second per socket (RFC 5961 §7)
@@ -386,6 +388,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._stall_at: float | None = None
         self._stall_since = 0.0
         self._stall_told = -1  # the RCV.NXT of the last stall reported
+        self._stall_asks = 0  # times it was reported again since (``Timers._stall_timer``)
         # the highest SEG.SEQ beyond RCV.NXT of a segment without data (``_peer_ahead``)
         self._seq_ahead = 0
         self._syn_retries = 0

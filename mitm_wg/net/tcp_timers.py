@@ -10,6 +10,11 @@ from mitm_wg.net.tcp_state import _ACK_STATES, _RECV_STATES, _SEND_STATES, _SYN_
 from mitm_wg.net.tcp_wire import ACK, M32, TcpSegment
 from mitm_wg.net.tcp_wire import HALF as _HALF
 
+#: rule rx-stall: how many times a stall is reported (and the peer asked) again while
+#: nothing arrives (``Timers._stall_timer``; waits of 2, 4, 8 and 16 times the first:
+#: some 30 s in all)
+STALL_ASKS = 4
+
 __all__ = ["Timers"]
 
 
@@ -140,16 +145,25 @@ class Timers:
         """The timer of rule rx-stall (armed by ``_sack_flush`` and ``_on_new_ack``): no
         data arrived in order since it was armed, or only small segments ever did (none
         larger than ``blackhole_mtu`` allows: a server's reply headers got through, the
-        rest may not) though the path we know of carries larger ones."""
+        rest may not) though the path we know of carries larger ones. A stall reported,
+        and nothing arriving still, it is reported again ``STALL_ASKS`` times, each wait
+        twice the one before, the peer asked again each time: a question, its answer, the
+        runtime's pings or the error telling the server of a narrower path may all have
+        been lost (a moment's outage, or another client with our key taking the exit's
+        replies until the next handshake), and the stall would stay undecided for good."""
         self._stall_at = None
-        if self.state not in _RECV_STATES:
+        if self.state not in _RECV_STATES or self._rd_closed:
             return
-        if self._rcv_nxt != self._stall_seq:
+        again = self._stall_told == self._rcv_nxt
+        if not again and self._rcv_nxt != self._stall_seq:
             small = self._blackhole_mss
             pmtu_mss = self._pmtu_mss
             if self._rcv_mss > small or (pmtu_mss is not None and pmtu_mss <= small):
                 return
-        self._stall_told = self._rcv_nxt
+        if not again:
+            self._stall_told = self._rcv_nxt
+            self._stall_asks = 0
+            self.stats.rx_stalls += 1
         if not self._asm and not self.data_vanished:
             # rule rx-stall: ask the peer how far it has sent. A segment below its window
             # (a keepalive's SEQ) draws an ACK carrying its SND.NXT: beyond our RCV.NXT,
@@ -158,7 +172,14 @@ class Timers:
             # the first segment of its reply is already full-sized.
             self.stats.stall_probes += 1
             out.append(self._make_seg(ACK, self._snd_una - 1, b"", now))
-        self._rx_stall()
+        if self._stall_asks < STALL_ASKS:
+            self._stall_asks += 1
+            wait = self.config.rx_stall
+            srtt3 = 3.0 * (self._rtt.srtt or 0.0)
+            self._stall_at = now + (wait if wait > srtt3 else srtt3) * (1 << self._stall_asks)
+        hook = self.config.on_rx_stall
+        if hook is not None:
+            hook(self)  # type: ignore[arg-type]
 
     def _peer_ahead(self, seq: int) -> None:
         """Rule rx-stall: a segment without data from the peer carried SEG.SEQ ``seq``
@@ -182,16 +203,6 @@ class Timers:
         if wait:
             srtt3 = 3.0 * (self._rtt.srtt or 0.0)
             self._stall_at = now + (wait if wait > srtt3 else srtt3)
-
-    def _rx_stall(self) -> None:
-        """A sign that the peer's larger segments vanish on the way to us while its small
-        ones arrive (``TcpConfig.rx_stall``): a receiver-side black hole, or a path merely
-        losing them twice or three times over. The hook asks the path; no rule of ours
-        changes here."""
-        self.stats.rx_stalls += 1
-        hook = self.config.on_rx_stall
-        if hook is not None:
-            hook(self)  # type: ignore[arg-type]
 
     def retransmit_now(self) -> bool:
         """The path works again (a lower layer says so): stop waiting out the backed-off timer.
