@@ -923,16 +923,8 @@ async def test_an_answer_due_after_a_half_close_beyond_the_exit(
             asked = record_probes(tunnel)
             with trio.fail_after(60):
                 stream = await tunnel.open_tcp_stream(origin, 7000)
-                got = bytearray()
-                while not got.endswith(b"\n"):
-                    got += await stream.receive_some(65536)
-                assert got.startswith(b"HELLO ")
                 request = b"SEND %d\n" % size
-                await stream.send_all(request)
-                await stream.send_eof()
-                got.clear()
-                while chunk := await stream.receive_some(1 << 20):
-                    got += chunk
+                got = await raw_exchange(stream, request)
             assert got[:size] == pattern(size)
             assert got[size:] == f"GOT {len(request)} {sha256(request).hexdigest()}\n".encode()
             assert asked == [("stall", origin), ("confirm", exit_host)]
@@ -959,12 +951,9 @@ async def test_an_upload_into_a_black_hole(
     caplog.set_level(logging.INFO, logger="mitm_wg")
     origin, exit_host, size = "10.99.0.1", peer.server_tunnel_v4, 5 * MB
     allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(
-            origins_behind_exit(
-                peer, workdir, f"upload-{under}", [origin], hole_beyond=not under, toward=True
-            )
-        )
+    with origins_behind_exit(
+        peer, workdir, f"upload-{under}", [origin], hole_beyond=not under, toward=True
+    ):
         async with contextlib.AsyncExitStack() as astack:
             if under:
                 tunnel, relay = await astack.enter_async_context(
@@ -978,14 +967,7 @@ async def test_an_upload_into_a_black_hole(
             asked = record_probes(tunnel)
             with trio.fail_after(60):
                 stream = await tunnel.open_tcp_stream(origin, 7000)
-                got = bytearray()
-                while not got.endswith(b"\n"):
-                    got += await stream.receive_some(65536)
-                await stream.send_all(pattern(size))
-                await stream.send_eof()
-                got.clear()
-                while chunk := await stream.receive_some(65536):
-                    got += chunk
+                got = await raw_exchange(stream, pattern(size))
                 assert got == f"GOT {size} {sha256(pattern(size)).hexdigest()}\n".encode()
                 assert stream._sock.stats.blackhole_shrinks == 1
                 while tunnel._probing or tunnel._blackhole_watch:
@@ -1054,6 +1036,21 @@ async def test_a_stall_during_an_outage_is_reported_again(
             assert tunnel.narrow_paths == {} and tcp.stats.rx_stalls == 1
             assert "no other host behind WireGuard endpoint" in caplog.text
             await stream.aclose()
+
+
+async def raw_exchange(stream: TunnelStream, data: bytes) -> bytearray:
+    """The origin's raw TCP service (``e2e_helpers``): read its greeting, send ``data``,
+    half-close, and return everything it sends after the greeting, to its close."""
+    got = bytearray()
+    while not got.endswith(b"\n"):
+        got += await stream.receive_some(65536)
+    assert got.startswith(b"HELLO ")
+    await stream.send_all(data)
+    await stream.send_eof()
+    got.clear()
+    while chunk := await stream.receive_some(1 << 20):
+        got += chunk
+    return got
 
 
 async def get_together(stream: TunnelStream, size: int) -> None:
