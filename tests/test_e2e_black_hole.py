@@ -195,7 +195,7 @@ def test_an_upload_into_a_hole_beyond_the_exit(
     way to it (our full-sized segments vanish there): the upload ends byte-exact (three
     timeouts in a row, then smaller segments); the exit, the DNS server, answers the big
     ping, so the addon says the hole lies beyond it, on the way to that server alone, and
-    gives no warning to shrink the tunnel; an upload to the exit's origin loses nothing."""
+    gives no warning to shrink the tunnel (nor after an upload to the exit's origin)."""
     from test_narrow_path import origins_behind_exit
 
     server = "10.99.0.1"
