@@ -932,9 +932,17 @@ async def test_an_answer_due_after_a_half_close_beyond_the_exit(
             await stream.aclose()
 
 
-@pytest.mark.parametrize("under", [False, True], ids=["beyond-the-exit", "under-the-tunnel"])
+@pytest.mark.parametrize(
+    ("under", "family"),
+    [(False, 4), (True, 4), (False, 6)],
+    ids=["beyond-the-exit", "under-the-tunnel", "beyond-the-exit-v6"],
+)
 async def test_an_upload_into_a_black_hole(
-    fresh_exit_peer: ExitPeer, workdir: Path, caplog: pytest.LogCaptureFixture, under: bool
+    fresh_exit_peer: ExitPeer,
+    workdir: Path,
+    caplog: pytest.LogCaptureFixture,
+    under: bool,
+    family: int,
 ) -> None:
     """An upload to a server behind the exit through a black hole on the way to it: our
     full-sized segments vanish, its small ACKs come back. The upload takes the path for
@@ -946,13 +954,20 @@ async def test_an_upload_into_a_black_hole(
     keeps full-sized segments (before, every connection through the endpoint shrank,
     with a warning to set a smaller MTU in the config). Under the tunnel: the big ping
     vanishes too, so every connection through the endpoint shrinks, with that warning,
-    and the upload to the exit loses nothing more to the hole."""
+    and the upload to the exit loses nothing more to the hole. The same beyond the exit
+    with the server and the exit on IPv6 inside the tunnel (1280 bytes: IPv6's minimum;
+    the DNS server stays IPv4)."""
     peer = fresh_exit_peer
     caplog.set_level(logging.INFO, logger="mitm_wg")
-    origin, exit_host, size = "10.99.0.1", peer.server_tunnel_v4, 5 * MB
-    allowed = f"{peer.tunnel_v4_net}, 10.99.0.0/24"
+    if family == 4:
+        origin, exit_host, ip, narrowed = "10.99.0.1", peer.server_tunnel_v4, 40, 1200
+    else:
+        assert peer.server_tunnel_v6 is not None
+        origin, exit_host, ip, narrowed = "fd00:99::1", peer.server_tunnel_v6, 60, 1280
+    size = 5 * MB
+    allowed = f"{peer.tunnel_v4_net}, {peer.tunnel_v6_net}, 10.99.0.0/24, fd00:99::/64"
     with origins_behind_exit(
-        peer, workdir, f"upload-{under}", [origin], hole_beyond=not under, toward=True
+        peer, workdir, f"upload-{under}-{family}", [origin], hole_beyond=not under, toward=True
     ):
         async with contextlib.AsyncExitStack() as astack:
             if under:
@@ -972,8 +987,8 @@ async def test_an_upload_into_a_black_hole(
                 assert stream._sock.stats.blackhole_shrinks == 1
                 while tunnel._probing or tunnel._blackhole_watch:
                     await trio.sleep(0.05)
-                assert asked == [("confirm", exit_host)]
-                assert tunnel.stack.path_mtu(origin) == 1200
+                assert asked == [("confirm", peer.dns_server)]
+                assert tunnel.stack.path_mtu(origin) == narrowed
                 vanish = f"full-sized packets to {origin} seem to vanish beyond WireGuard "
                 warning = f"full-sized packets to WireGuard endpoint {host}:{port} seem to vanish"
                 if under:
@@ -988,7 +1003,7 @@ async def test_an_upload_into_a_black_hole(
                 result = await http_post_json(other, "/upload", size)
                 assert result == {"sha256": pattern_sha256(size), "size": size}
                 assert other._sock.stats.blackhole_shrinks == 0
-                assert other._sock._smss == (1200 if under else 1420) - 52
+                assert other._sock._smss == (1200 if under else 1420) - ip - 12
                 if under:
                     assert relay.up.dropped == dropped
             for s in (stream, other):
