@@ -6,6 +6,7 @@ can be replayed with ``make_pair(seed=..., ab=LinkParams(...), ba=LinkParams(...
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -365,6 +366,54 @@ def test_a_reply_lost_whole_in_a_black_hole_shows_at_the_receiver(
     assert client.stats.rx_stalls == 1
     assert client.stats.stall_probes == (0 if hole and not late else 1)
     assert sim.a.rx_stalls == [client] * (2 if hole and late else 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_stall_whose_answer_an_outage_took_is_asked_again(seed: int) -> None:
+    """As above (a reply sent after the request's ACK, lost whole in a black hole), and
+    the way back goes dark from the stall for 1.5 s: the answer to the stall's question
+    is lost too, and nothing tells the client that data vanished. Nothing arriving still,
+    the stall is reported again 2 s after the first report and the server asked again:
+    its answer says data vanished, and the stall is reported once more (one stall
+    counted). (The server's own rule, which would resend smaller after three timeouts, is
+    off: a server of another make.)"""
+    sim = make_pair(
+        seed=seed,
+        ab=LinkParams(delay=0.02),
+        ba=LinkParams(delay=0.02, mtu=1300),
+        tcp_config=TcpConfig(blackhole_rtos=0),
+    )
+    listener = sim.b.tcp_listen(80)
+    client = sim.a.tcp_connect("10.0.0.2", 80, sim.now)
+    reply = bytearray(payload(seed, 200_000))
+    server: list[TcpSocket] = []
+    asked: list[int] = []
+    request_at: list[float] = []
+
+    def app(now: float) -> None:
+        if client.state is TcpState.ESTABLISHED and not asked:
+            asked.append(client.send(b"q" * 300))
+        accepted = listener.accept()
+        if accepted is not None:
+            server.append(accepted)
+        if server and server[0].recv(65536):
+            request_at.append(now)
+        if request_at and now >= request_at[0] + 0.3 and reply:
+            del reply[: server[0].send(reply)]
+
+    sim.apps.append(app)
+    back = sim.links[1]
+    assert sim.run_until(lambda: client.stats.rx_stalls > 0, 10.0)
+    stalled, params = sim.now, back.params
+    back.params = dataclasses.replace(params, loss=1.0)
+    sim.run_for(1.5)
+    assert not client.data_vanished and sim.a.rx_stalls == [client]
+    back.params = params
+    assert sim.run_until(lambda: client.data_vanished, 5.0)
+    assert sim.now - stalled == pytest.approx(2.0, abs=0.1)
+    assert client.recv(65536) == b""
+    assert client.stats.rx_stalls == 1 and client.stats.stall_probes == 2
+    assert sim.a.rx_stalls == [client] * 3
 
 
 @pytest.mark.parametrize("loss", [0.02, 0.05, 0.1])

@@ -961,6 +961,24 @@ def test_an_answer_that_never_comes_is_a_stall() -> None:
     assert pb.poll() is None
 
 
+def test_an_answer_that_comes_after_the_stall_ends_it() -> None:
+    """The stall reported (and the peer asked), its answer then arrives, in small
+    segments (as from a server told of a narrower path): that stall is over. The
+    question that was due again does not go out, nor is anything reported again, though
+    only small segments came."""
+    seen: list[TcpSocket] = []
+    pb = _asked(seen)
+    pb.at(1.05).expect([o(ACK, ISS + 300, PISS + 1, window=65535)])
+    assert seen == [pb.sock]
+    pb.at(1.5).send(ACK, PISS + 1, ISS + 301, payload=b"a" * 500)
+    assert pb.poll() == pytest.approx(1.54)  # (its delayed ACK)
+    pb.at(1.54).out()
+    assert pb.poll() == pytest.approx(3.05)
+    pb.at(3.05).expect([])
+    assert seen == [pb.sock] and pb.poll() is None
+    assert pb.sock.stats.rx_stalls == pb.sock.stats.stall_probes == 1
+
+
 def test_an_answer_due_after_our_half_close_is_a_stall_too() -> None:
     """A client that half-closes once its request is out (its FIN acknowledged with the
     request): the answer is just as due. A socket closed for reading expects none."""

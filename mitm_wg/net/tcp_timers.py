@@ -155,6 +155,8 @@ class Timers:
         if self.state not in _RECV_STATES or self._rd_closed:
             return
         again = self._stall_told == self._rcv_nxt
+        if not again and self._stall_asks:
+            return  # (asking again, and data came since: that stall is over)
         if not again and self._rcv_nxt != self._stall_seq:
             small = self._blackhole_mss
             pmtu_mss = self._pmtu_mss
@@ -195,10 +197,11 @@ class Timers:
 
     def _arm_stall(self, now: float) -> None:
         """Rule rx-stall: from now on data is expected at RCV.NXT (once per RCV.NXT): if none
-        arrives for ``TcpConfig.rx_stall`` seconds, at least three smoothed RTTs, the
-        timer calls ``_rx_stall``."""
+        arrives for ``TcpConfig.rx_stall`` seconds, at least three smoothed RTTs,
+        ``_stall_timer`` reports a stall."""
         self._stall_seq = self._rcv_nxt
         self._stall_since = now
+        self._stall_asks = 0
         wait = self.config.rx_stall
         if wait:
             srtt3 = 3.0 * (self._rtt.srtt or 0.0)
