@@ -149,24 +149,36 @@ def origins_behind_exit(
     name``). ``hole_beyond``: the exit silently drops what they send in packets of over
     1280 bytes (an nftables rule on its forwarding path: a router beyond the exit whose
     link is that narrow, IPv6's minimum, and whose ICMP errors are lost; the origins' own
-    transmissions succeed, as a
-    real black hole lets them, so their TCP goes on sending and backs off, where a
-    narrower veth would fail the send itself). The origins send one segment per packet,
-    as over a real wire (a veth passes a GSO packet whole). ``toward``: the hole drops
-    what is sent to them instead (our uploads' segments). Yields the origins' namespace
-    and a function that mends the hole."""
+    transmissions succeed, as a real black hole lets them, so their TCP goes on sending
+    and backs off, where a narrower veth would fail the send itself). The origins send
+    one segment per packet, as over a real wire (a veth passes a GSO packet whole).
+    ``toward``: the hole is on the way to them instead (our uploads' segments vanish):
+    the exit's link to them carries 1280 bytes and its ICMP errors saying so are dropped
+    (a rule on its output path). (Not a length rule on its forwarding path: a newer
+    wireguard-go writes what it received as one GSO packet into its TUN, which the exit
+    forwards whole, so such a rule would see one large packet where the wire carries
+    small ones.) Yields the origins' namespace and a function that mends the hole."""
     with origin_behind([peer], "mwgb", hosts) as origin_ns:
         table = f"{origin_ns.name}hole"
+        o_if, e_if = f"{origin_ns.name}o0", f"{origin_ns.name}e0"
 
         def mend() -> None:
             peer.ns.exec(["nft", "delete", "table", "inet", table])
+            peer.ns.ip("link", "set", e_if, "mtu", "1500")
 
         if hole_beyond:
-            way = "oifname" if toward else "iifname"
-            rule = f'{way} "{origin_ns.name}e0" meta length > 1280 drop'
-            chain = "{ type filter hook forward priority 0; policy accept; " + rule + "; }"
+            if toward:
+                peer.ns.ip("link", "set", e_if, "mtu", "1280")
+                hook = "output priority 0"
+                rule = (
+                    "icmp type destination-unreachable icmp code frag-needed drop; "
+                    "icmpv6 type packet-too-big drop"
+                )
+            else:
+                hook, rule = "forward priority 0", f'iifname "{e_if}" meta length > 1280 drop'
+                origin_ns.ip("link", "set", o_if, "gso_max_segs", "1")
+            chain = f"{{ type filter hook {hook}; policy accept; {rule}; }}"
             peer.ns.exec(["nft", f"table inet {table} {{ chain drops {chain}; }}"])
-            origin_ns.ip("link", "set", f"{origin_ns.name}o0", "gso_max_segs", "1")
         here = workdir / name
         here.mkdir()
         try:
