@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mitm_wg.net import tcp as tcp_module
 from mitm_wg.net.tcp import TcpConfig, TcpSocket, TcpState, TcpStats
-from sim import LinkParams, Transfer, make_pair
+from sim import LinkParams, Sim, Transfer, make_pair
 
 MiB = 1 << 20
 
@@ -320,6 +320,32 @@ def test_a_silent_mtu_black_hole_costs_three_timeouts_not_the_transfer(seed: int
     assert sim.links[0].stats.too_big > 0
 
 
+def _request_and_reply(sim: Sim, reply: bytes, delay: float) -> TcpSocket:
+    """A client (``sim.a``) sends a 300-byte request to port 80 of ``sim.b``, whose
+    server answers with ``reply`` ``delay`` seconds after the request arrived (nothing
+    more; no FIN). Returns the client's socket."""
+    listener = sim.b.tcp_listen(80)
+    client = sim.a.tcp_connect("10.0.0.2", 80, sim.now)
+    rest = bytearray(reply)
+    server: list[TcpSocket] = []
+    asked: list[int] = []
+    request_at: list[float] = []
+
+    def app(now: float) -> None:
+        if client.state is TcpState.ESTABLISHED and not asked:
+            asked.append(client.send(b"q" * 300))
+        accepted = listener.accept()
+        if accepted is not None:
+            server.append(accepted)
+        if server and server[0].recv(65536):
+            request_at.append(now)
+        if request_at and now >= request_at[0] + delay and rest:
+            del rest[: server[0].send(rest)]
+
+    sim.apps.append(app)
+    return client
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize(
     ("hole", "late"),
@@ -340,25 +366,7 @@ def test_a_reply_lost_whole_in_a_black_hole_shows_at_the_receiver(
     sim = make_pair(
         seed=seed, ab=LinkParams(delay=0.02), ba=LinkParams(delay=0.02, mtu=1300 if hole else 1500)
     )
-    listener = sim.b.tcp_listen(80)
-    client = sim.a.tcp_connect("10.0.0.2", 80, sim.now)
-    reply = bytearray(payload(seed, 200_000) if hole else b"")
-    server: list[TcpSocket] = []
-    asked: list[int] = []
-    request_at: list[float] = []
-
-    def app(now: float) -> None:
-        if client.state is TcpState.ESTABLISHED and not asked:
-            asked.append(client.send(b"q" * 300))
-        accepted = listener.accept()
-        if accepted is not None:
-            server.append(accepted)
-        if server and server[0].recv(65536):
-            request_at.append(now)
-        if request_at and now >= request_at[0] + (0.3 if late else 0.0) and reply:
-            del reply[: server[0].send(reply)]
-
-    sim.apps.append(app)
+    client = _request_and_reply(sim, payload(seed, 200_000) if hole else b"", 0.3 if late else 0.0)
     assert sim.run_until(lambda: client.stats.rx_stalls > 0, 10.0)
     sim.run_for(0.1)  # (the answer to the stall's question; the server's own rule later)
     assert client.recv(65536) == b""
@@ -383,25 +391,7 @@ def test_a_stall_whose_answer_an_outage_took_is_asked_again(seed: int) -> None:
         ba=LinkParams(delay=0.02, mtu=1300),
         tcp_config=TcpConfig(blackhole_rtos=0),
     )
-    listener = sim.b.tcp_listen(80)
-    client = sim.a.tcp_connect("10.0.0.2", 80, sim.now)
-    reply = bytearray(payload(seed, 200_000))
-    server: list[TcpSocket] = []
-    asked: list[int] = []
-    request_at: list[float] = []
-
-    def app(now: float) -> None:
-        if client.state is TcpState.ESTABLISHED and not asked:
-            asked.append(client.send(b"q" * 300))
-        accepted = listener.accept()
-        if accepted is not None:
-            server.append(accepted)
-        if server and server[0].recv(65536):
-            request_at.append(now)
-        if request_at and now >= request_at[0] + 0.3 and reply:
-            del reply[: server[0].send(reply)]
-
-    sim.apps.append(app)
+    client = _request_and_reply(sim, payload(seed, 200_000), 0.3)
     back = sim.links[1]
     assert sim.run_until(lambda: client.stats.rx_stalls > 0, 10.0)
     stalled, params = sim.now, back.params
