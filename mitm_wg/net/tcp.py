@@ -176,11 +176,12 @@ class TcpConfig:
     #: RCV.NXT), or only segments no larger than ``blackhole_mtu`` allows ever arriving,
     #: calls ``on_rx_stall`` with the socket (the stack's hook; the runtime asks the path
     #: with pings, ``Stack.probe_path``, unless larger packets came through the tunnel
-    #: since ``stall_since``). Data is expected beyond a hole in what arrived (data held out of
-    #: order), and once all our data is acknowledged, a FIN too (a request: the answer is
-    #: due, and a server's full-sized segments may be all it sends), until the peer's FIN. With nothing held, the stall
-    #: also asks the peer how far it has sent (a keepalive's old SEQ draws an ACK with its
-    #: SND.NXT); an answer beyond RCV.NXT (``data_vanished``) calls the hook once more.
+    #: since ``stall_since``). Data is expected beyond a hole in what arrived (data held
+    #: out of order), and once all our data is acknowledged, a FIN too (a request: the
+    #: answer is due, and a server's full-sized segments may be all it sends), until the
+    #: peer's FIN. With nothing held, the stall also asks the peer how far it has sent (a
+    #: keepalive's old SEQ draws an ACK with its SND.NXT); an answer beyond RCV.NXT
+    #: (``data_vanished``) calls the hook once more.
     #: Nothing arriving still, the stall is reported (and the peer asked) again
     #: ``STALL_ASKS`` times, each wait twice the one before (a question, its answer or
     #: what the runtime did about it may have been lost). 0: off.

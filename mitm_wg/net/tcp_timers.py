@@ -154,17 +154,15 @@ class Timers:
         self._stall_at = None
         if self.state not in _RECV_STATES or self._rd_closed:
             return
-        again = self._stall_told == self._rcv_nxt
-        if not again and self._stall_asks:
-            return  # (asking again, and data came since: that stall is over)
-        if not again and self._rcv_nxt != self._stall_seq:
-            small = self._blackhole_mss
-            pmtu_mss = self._pmtu_mss
-            if self._rcv_mss > small or (pmtu_mss is not None and pmtu_mss <= small):
-                return
-        if not again:
+        if self._stall_told != self._rcv_nxt:  # (else: reported, nothing since: again)
+            if self._stall_asks:
+                return  # (asking again, and data came since: that stall is over)
+            if self._rcv_nxt != self._stall_seq:
+                small = self._blackhole_mss
+                pmtu_mss = self._pmtu_mss
+                if self._rcv_mss > small or (pmtu_mss is not None and pmtu_mss <= small):
+                    return
             self._stall_told = self._rcv_nxt
-            self._stall_asks = 0
             self.stats.rx_stalls += 1
         if not self._asm and not self.data_vanished:
             # rule rx-stall: ask the peer how far it has sent. A segment below its window
@@ -176,9 +174,7 @@ class Timers:
             out.append(self._make_seg(ACK, self._snd_una - 1, b"", now))
         if self._stall_asks < STALL_ASKS:
             self._stall_asks += 1
-            wait = self.config.rx_stall
-            srtt3 = 3.0 * (self._rtt.srtt or 0.0)
-            self._stall_at = now + (wait if wait > srtt3 else srtt3) * (1 << self._stall_asks)
+            self._stall_at = now + self._stall_wait() * (1 << self._stall_asks)
         hook = self.config.on_rx_stall
         if hook is not None:
             hook(self)  # type: ignore[arg-type]
@@ -202,10 +198,15 @@ class Timers:
         self._stall_seq = self._rcv_nxt
         self._stall_since = now
         self._stall_asks = 0
+        if self.config.rx_stall:
+            self._stall_at = now + self._stall_wait()
+
+    def _stall_wait(self) -> float:
+        """Rule rx-stall's wait for data: ``TcpConfig.rx_stall`` seconds, at least three
+        smoothed RTTs."""
         wait = self.config.rx_stall
-        if wait:
-            srtt3 = 3.0 * (self._rtt.srtt or 0.0)
-            self._stall_at = now + (wait if wait > srtt3 else srtt3)
+        srtt3 = 3.0 * (self._rtt.srtt or 0.0)
+        return wait if wait > srtt3 else srtt3
 
     def retransmit_now(self) -> bool:
         """The path works again (a lower layer says so): stop waiting out the backed-off timer.
