@@ -39,6 +39,7 @@ from mitm_wg.runtime.endpoints import (
     host_lookup,
     resolve_endpoints,
 )
+from mitm_wg.runtime.readhold import HOLD_REFRESH, ReadHold
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
@@ -228,8 +229,10 @@ class Tunnel:
         *,
         handshake_timeout: float,
         gro_sockets: set[socket.socket] | None = None,
+        read_hold: bool = True,
     ) -> None:
-        """``gro_sockets``: those of ``sockets`` (now or later) that have UDP GRO."""
+        """``gro_sockets``: those of ``sockets`` (now or later) that have UDP GRO.
+        ``read_hold``: receive coalescing (readhold.py)."""
         self.config = config
         self.device = device
         self.stack = stack
@@ -274,6 +277,16 @@ class Tunnel:
         self.gro_datagrams = 0
         self.gro_truncated = 0
         self._gro_sockets = gro_sockets if gro_sockets is not None else set()
+        #: Receive coalescing (readhold.py): on or off; each reader's ReadHold; their hold,
+        #: from the shortest smoothed RTT of the open connections, looked up again when a
+        #: reader finds ``_hold_at`` past (``_refresh_hold``). ``reads``: the readers'
+        #: wake-ups (one drain each), ``read_holds`` those after a hold, not a readable socket.
+        self._read_hold = read_hold
+        self._holds: list[ReadHold] = []
+        self._hold_delay = 0.0
+        self._hold_at = 0.0
+        self.reads = 0
+        self.read_holds = 0
         #: Endpoints whose path is narrower than the tunnel's datagrams -> the inner MTU that
         #: fits it (``_narrow``); new connections through them start there, and a datagram
         #: larger than that MTU's goes singly, in fragments, never in a GSO run.
@@ -342,23 +355,63 @@ class Tunnel:
         stack, packets = self.stack, self._packets
         drain = self._drain
         gro = sock in self._gro_sockets
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
-            drain(sock, now, gro)
-            if packets:
-                # Decrypted packets were authenticated whole by WireGuard: no inner checksum.
-                stack.receive_batch(packets, now, authenticated=True)
-                packets.clear()
-            self._flush(now)
-            await trio.lowlevel.checkpoint()
+        wait_readable = trio.lowlevel.wait_readable
+        # Receive coalescing (readhold.py): after a wake-up, a busy stream's next read may
+        # wait a moment on a timerfd of its own instead of on the socket.
+        timer = open_timerfd() if self._read_hold else None
+        hold = ReadHold(self._hold_delay) if timer is not None else None
+        if hold is not None:
+            self._holds.append(hold)
+        delay = 0.0
+        try:
+            while True:
+                if delay:
+                    assert timer is not None
+                    timer.arm(delay)
+                    await wait_readable(timer.fileno())
+                    timer.clear()
+                    self.read_holds += 1
+                else:
+                    await wait_readable(sock)  # (a schedule point either way)
+                now = trio.current_time()
+                count = drain(sock, now, gro)
+                self.reads += 1
+                if packets:
+                    # Decrypted packets were authenticated whole by WireGuard: no inner
+                    # checksum.
+                    stack.receive_batch(packets, now, authenticated=True)
+                    packets.clear()
+                self._flush(now)
+                if hold is not None and count < MAX_BATCH:
+                    if now >= self._hold_at:
+                        self._refresh_hold(now)
+                    delay = hold.after(now, count)
+                else:
+                    delay = 0.0  # (none, or more is waiting: read on at once)
+        finally:
+            if timer is not None:
+                trio.lowlevel.notify_closing(timer.fileno())
+                timer.close()
+            if hold is not None:
+                self._holds.remove(hold)
 
-    def _drain(self, sock: socket.socket, now: float, gro: bool) -> None:
+    def _refresh_hold(self, now: float) -> None:
+        """The readers' hold from the shortest smoothed RTT of the open connections (a hold
+        delays what every connection receives: the nearest server bounds it); none while
+        no connection has one (UDP flows alone, say). Looked up every ``HOLD_REFRESH`` s."""
+        rtts = [rtt for stream in self._streams if (rtt := stream._sock.srtt) is not None]
+        self._hold_delay = delay = ReadHold.for_rtt(min(rtts, default=None))
+        self._hold_at = now + HOLD_REFRESH
+        for hold in self._holds:
+            hold.delay = delay
+
+    def _drain(self, sock: socket.socket, now: float, gro: bool) -> int:
         """Hand up to :data:`MAX_BATCH` waiting datagrams to the device, each run of them
         from one address in one call (``Device.receive_datagrams``). ``gro``: the socket
         has UDP GRO, so one ``recvmsg`` may return a run of datagrams (one syscall and one
         call for up to 64 KiB of them, as wireguard-go reads), split here at the size the
-        kernel reports, the last one possibly shorter; else one ``recvfrom`` each."""
+        kernel reports, the last one possibly shorter; else one ``recvfrom`` each. Returns
+        how many datagrams it read."""
         recvfrom = sock.recvfrom
         recvmsg = sock.recvmsg if gro else None
         budget = MAX_BATCH
@@ -403,6 +456,7 @@ class Tunnel:
             budget -= 1
         if run:
             self._received(run, run_from, now)
+        return MAX_BATCH - budget
 
     def _received(self, run: list[bytes | memoryview], address: Any, now: float) -> None:
         """Hand a run of datagrams from ``address`` to the device; note a large one."""
@@ -1795,6 +1849,7 @@ async def open_tunnel(
     via: Tunnel | None = None,
     endpoint_lookup: EndpointLookup | None = None,
     reresolve_interval: float = DEFAULT_RERESOLVE_INTERVAL,
+    read_hold: bool = True,
 ) -> AsyncIterator[Tunnel]:
     """Run a tunnel for ``config`` until the block exits (or is cancelled).
 
@@ -1808,6 +1863,9 @@ async def open_tunnel(
     :mod:`mitm_wg.runtime.via`): the peers' endpoints are reached, and hostnames resolved
     (once, never by the host), through it, and the MTU shrinks by one layer. Close this
     tunnel before ``via``.
+
+    ``read_hold``: receive coalescing, a busy stream's reads held for up to 1/64 of the
+    shortest handshake round trip (:mod:`mitm_wg.runtime.readhold`); off for comparisons.
     """
     config.require_peers()
     lookup = endpoint_lookup or host_lookup
@@ -1871,7 +1929,13 @@ async def open_tunnel(
         for family in families if transport is None else ():
             make_socket(family)
         tunnel = Tunnel(
-            config, device, stack, sockets, handshake_timeout=handshake_timeout, gro_sockets=gro
+            config,
+            device,
+            stack,
+            sockets,
+            handshake_timeout=handshake_timeout,
+            gro_sockets=gro,
+            read_hold=read_hold,
         )
         if socket_factory is not None:  # (its sockets may live elsewhere: a namespace)
             tunnel._probe_socket = socket_factory

@@ -1,0 +1,177 @@
+"""Receive coalescing (mitm_wg/runtime/readhold.py): the rule, and the runtime's reader
+against a real peer (wireguard-go + Linux TCP) through an impairing relay.
+
+A busy stream on a long path is read in batches (a hold after a wake-up instead of a wait
+for the socket); a reply after a pause is read at once; and the hold never exceeds 1/64 of
+the shortest connection RTT, nor exists under ~6 ms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from harness import ExitPeer
+from harness.relay import ImpairedRelay, Impairment
+from mitm_wg.runtime.readhold import HOLD_GATHER, HOLD_MAX, HOLD_MIN, ReadHold
+from tests.runtime_helpers import http_get, pattern_sha256
+from tests.test_runtime_interop import exit_tunnel
+
+MB = 1024 * 1024
+
+# -- the rule ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rtt", "delay"),
+    [
+        (None, 0.0),  # no connection has an RTT yet (or UDP flows alone)
+        (0.001, 0.0),  # the lab's 1 ms path: 16 µs would not pay for its own wake-up
+        (0.0063, 0.0),  # just under HOLD_MIN * 64
+        (0.0064, 0.0001),
+        (0.010, 0.010 / 64),
+        (0.032, HOLD_MAX),
+        (0.050, HOLD_MAX),
+        (2.0, HOLD_MAX),
+    ],
+)
+def test_the_hold_is_a_64th_of_the_shortest_rtt_within_bounds(
+    rtt: float | None, delay: float
+) -> None:
+    assert ReadHold.for_rtt(rtt) == pytest.approx(delay, abs=1e-12)
+
+
+def test_a_first_datagram_after_a_pause_is_not_followed_by_a_hold() -> None:
+    hold = ReadHold(HOLD_MAX)
+    assert hold.after(10.0, 1) == 0.0  # the first wake-up ever
+    assert hold.after(12.0, 50) == 0.0  # 50 datagrams after 2 s: 0.0125 per hold
+    # then the stream goes on, a datagram every 100 µs: five per hold
+    assert hold.after(12.0001, 1) == HOLD_MAX
+    assert hold.after(12.0007, 6) == HOLD_MAX
+
+
+def test_a_fast_stream_is_held_a_slow_one_is_not() -> None:
+    """Held when HOLD_GATHER datagrams are due within the hold at the rate since the
+    previous wake-up that found any: ``count * delay >= HOLD_GATHER * gap``."""
+    delay = 0.0004
+    hold = ReadHold(delay)
+    hold.after(0.0, 1)
+    gap = delay / HOLD_GATHER  # one datagram per gap: exactly HOLD_GATHER per hold
+    assert hold.after(gap, 1) == delay
+    assert hold.after(gap + 3 * gap, 3) == delay  # (three over three gaps: the same rate)
+    slower = gap * 1.01
+    assert hold.after(4 * gap + slower, 1) == 0.0
+    # 2.5 MB/s of full-sized datagrams (one per ~550 µs) is not held
+    hold = ReadHold(HOLD_MAX)
+    hold.after(0.0, 1)
+    assert hold.after(0.00055, 1) == 0.0
+
+
+def test_an_empty_wake_up_is_a_pause() -> None:
+    """A hold that found nothing returns no hold (the reader waits for the socket), and
+    the next datagram's rate is measured from the last wake-up that found one."""
+    hold = ReadHold(HOLD_MAX)
+    hold.after(1.0, 1)
+    assert hold.after(1.0001, 1) == HOLD_MAX
+    assert hold.after(1.0006, 0) == 0.0
+    assert hold.after(1.2, 1) == 0.0  # 200 ms after the last datagram: a new run
+
+
+def test_without_a_delay_nothing_is_held() -> None:
+    hold = ReadHold(0.0)
+    hold.after(0.0, 1)
+    assert hold.after(0.00001, 256) == 0.0
+    assert ReadHold.for_rtt(HOLD_MIN * 64 * 0.99) == 0.0
+
+
+# -- the runtime against wireguard-go + Linux through a 50 ms relay ----------------------------------
+
+# A TCP echo: each read answered by one send of the same bytes (one segment per reply).
+_ECHO = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(); print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while data := c.recv(4096):
+        c.sendall(data)
+    c.close()
+"""
+ECHO_PORT = 7007
+
+
+def _relay(peer: ExitPeer, impairment: Impairment) -> ImpairedRelay:
+    return ImpairedRelay(
+        peer.endpoint,
+        listen=("127.0.0.1", 0),
+        impairment=impairment,
+        socket_factory=peer.client_ns.socket,
+    )
+
+
+async def test_a_busy_download_is_read_in_batches(exit_peer: ExitPeer) -> None:
+    """A download at 12.5 MB/s (a 100 Mbit/s line) over a 50 ms path arrives a datagram
+    every ~110 µs: the reader holds its reads (up to 0.5 ms: 1/64 of the RTT is more) and
+    takes several datagrams per wake-up, and the body arrives byte-exact."""
+    size = 8 * MB
+    with _relay(exit_peer, Impairment(delay=0.025, rate=12.5e6)) as relay:
+        text = exit_peer.client_config_text(endpoint=relay.address, dns=False)
+        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(
+                    exit_peer.server_tunnel_v4, exit_peer.http_port
+                )
+                reads0, holds0 = tunnel.reads, tunnel.read_holds
+                resp = await http_get(stream, f"/bytes/{size}")
+                await stream.aclose()
+            reads, holds = tunnel.reads - reads0, tunnel.read_holds - holds0
+            assert resp.status == 200 and resp.size == size
+            assert resp.sha256 == pattern_sha256(size)
+            assert tunnel._hold_delay == HOLD_MAX
+    datagrams = relay.down.forwarded
+    assert datagrams > size // 1500
+    assert holds > 0, (reads, datagrams)
+    assert reads < datagrams / 2, (reads, holds, datagrams)
+
+
+async def test_replies_after_pauses_are_never_held(exit_peer: ExitPeer) -> None:
+    """Interactive traffic (a request, its reply, a pause) through the same 50 ms path:
+    each reply is the first datagram after a pause, read at once and never followed by a
+    hold, though the hold (set by the connection's RTT) is there."""
+    proc = exit_peer.ns.popen(
+        [sys.executable, "-c", _ECHO, exit_peer.server_tunnel_v4, str(ECHO_PORT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with _relay(exit_peer, Impairment(delay=0.025)) as relay:
+            text = exit_peer.client_config_text(endpoint=relay.address, dns=False)
+            async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+                with trio.fail_after(60):
+                    stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, ECHO_PORT)
+                    await _exchange(stream, b"warm-up")
+                    await trio.sleep(0.3)  # (the hold is looked up every 0.25 s)
+                    await _exchange(stream, b"and the hold is known")
+                    assert tunnel._hold_delay == HOLD_MAX
+                    holds0, reads0 = tunnel.read_holds, tunnel.reads
+                    for i in range(10):
+                        await trio.sleep(0.1)
+                        await _exchange(stream, b"request %d " % i * 8)
+                    await stream.aclose()
+                assert tunnel.reads - reads0 >= 10
+                assert tunnel.read_holds == holds0
+    finally:
+        exit_peer.ns.kill(proc)
+
+
+async def _exchange(stream: trio.abc.Stream, message: bytes) -> None:
+    await stream.send_all(message)
+    got = b""
+    while len(got) < len(message):
+        data = await stream.receive_some()
+        assert data, "the echo closed"
+        got += data
+    assert got == message
