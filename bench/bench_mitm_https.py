@@ -31,7 +31,8 @@ Run:  .venv/bin/python bench/bench_mitm_https.py [--mb 100] [--rounds 5] [--h2] 
       (``--smoke``: a 1 MiB file, one round, nothing asserted about speed)
 Development aids:
   --variant ENV=VALUE   one more mitmdump + addon with that environment (its own exit peer),
-                        e.g. PYTHONPATH=/tmp/old-tree to compare code side by side
+                        e.g. PYTHONPATH=/tmp/old-tree (a checkout, e.g. a git worktree) to
+                        compare code side by side: that tree's addons/mitm_wg.py is loaded
   --py-spy DIR [--py-spy-gil]   py-spy profiles (collapsed stacks per thread) per download
   --logs DIR            keep the mitmdump logs
   --split               add D (above): what running the tunnel in its own process would buy
@@ -291,6 +292,19 @@ def mitmdump(
             shutil.copy(log, keep / f"mitmdump-{name}.log")
 
 
+def variant_addon(variant: str) -> Path:
+    """The addon script a ``--variant`` mitmdump loads: for ``PYTHONPATH=TREE`` where TREE
+    is another checkout, TREE's own ``addons/mitm_wg.py`` (the shim puts the checkout it
+    lies in first on ``sys.path``, so this checkout's shim would load this checkout's code
+    whatever PYTHONPATH says); else this checkout's."""
+    name, _, value = variant.partition("=")
+    if name == "PYTHONPATH":
+        tree = Path(value.split(os.pathsep)[0]) / "addons" / "mitm_wg.py"
+        if tree.is_file():
+            return tree
+    return ADDON
+
+
 @contextlib.contextmanager
 def split_worker(peer: Any, conf: Path, target: str) -> Iterator[tuple[int, int]]:
     """``bench/split_worker.py`` in the client namespace, forwarding to ``target``:443 through
@@ -503,16 +517,28 @@ def main() -> None:
             ("A kernel", st.enter_context(mitmdump(peer, "kernel", origin_ca, keep=args.logs)))
         ]
         confs = [
-            ("ours", {}, our_conf("ours", peer.client_config_text(dns=False, endpoint=endpoint)))
+            (
+                "ours",
+                {},
+                our_conf("ours", peer.client_config_text(dns=False, endpoint=endpoint)),
+                ADDON,
+            )
         ]
         for k, variant in enumerate(args.variant):
             name, _, value = variant.partition("=")
             text = add_peer(KERNEL_CLIENT_HOST + 1 + k)
-            confs.append((f"variant{k}", {name: value}, our_conf(f"variant{k}", text)))
-        for (name, env, conf), key in zip(confs, list(results)[1:], strict=False):
+            confs.append(
+                (
+                    f"variant{k}",
+                    {name: value},
+                    our_conf(f"variant{k}", text),
+                    variant_addon(variant),
+                )
+            )
+        for (name, env, conf, addon), key in zip(confs, list(results)[1:], strict=False):
             proxy = st.enter_context(
                 mitmdump(
-                    peer, name, origin_ca, "-s", str(ADDON), "--set", f"wg_conf=exit={conf}",
+                    peer, name, origin_ca, "-s", str(addon), "--set", f"wg_conf=exit={conf}",
                     keep=args.logs, env=env,
                 )
             )  # fmt: skip

@@ -85,15 +85,22 @@ NGINX_PORT = 8080
 #: ``--before-after``: our tunnel once more with the buffers fixed at their starting size
 #: (1 MiB each way), i.e. without autotuning, as before issue 9.
 FIXED_BUFFERS = TcpConfig(recv_buffer_max=1 << 20, send_buffer_max=1 << 20)
-#: ``--before=``: what the "before" client of ``--before-after`` runs without
-BEFORE = {
-    "autotune": (FIXED_BUFFERS, "fixed 1 MiB"),
-    "rack": (TcpConfig(rack=False), "no RACK-TLP/PRR"),  # RFC 6675 DupThresh recovery
+#: ``--before=``: what the "before" client of ``--before-after`` runs without: its TCP
+#: config, its label, and its ``open_tunnel`` options
+BEFORE: dict[str, tuple[TcpConfig | None, str, dict[str, Any]]] = {
+    "autotune": (FIXED_BUFFERS, "fixed 1 MiB", {}),
+    "rack": (TcpConfig(rack=False), "no RACK-TLP/PRR", {}),  # RFC 6675 DupThresh recovery
     # the congestion control before BBR and pacing: NewReno, whole windows at once
-    "bbr": (TcpConfig(congestion="newreno", pacing=False), "NewReno, unpaced"),
+    "bbr": (TcpConfig(congestion="newreno", pacing=False), "NewReno, unpaced", {}),
     # without SACK (--server-sysctl net.ipv4.tcp_sack=0): NewReno's RTO restarted by every
     # partial ACK (TcpConfig.newreno_rto_restarts)
-    "rto-every": (TcpConfig(newreno_rto_restarts=1 << 30), "RTO restarted by every partial ACK"),
+    "rto-every": (
+        TcpConfig(newreno_rto_restarts=1 << 30),
+        "RTO restarted by every partial ACK",
+        {},
+    ),
+    # without receive coalescing (mitm_wg/runtime/readhold.py): every read waits for the socket
+    "hold": (None, "no read hold", {"read_hold": False}),
 }
 _before = BEFORE["autotune"]
 #: ``--idle N``: idle connections our tunnel holds open during its transfers
@@ -474,6 +481,8 @@ def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -
 #: took in, the pure ACKs a newer one of the same batch stood in for (ACK coalescing), and
 #: the segments it retransmitted
 OUR_TCP_COUNTERS = ("segments_in", "acks_coalesced", "retransmits")
+#: our tunnel's counters per transfer: its reader's wake-ups, and those after a read hold
+OUR_TUNNEL_COUNTERS = ("reads", "read_holds")
 
 
 async def _ours_one(
@@ -630,8 +639,10 @@ def run_ours(
     jobs: list[tuple[int, bool]],
     relay: RelayProcess | None,
     tcp_config: TcpConfig | None = None,
+    tunnel_options: dict[str, Any] | None = None,
 ) -> list[Transfer]:
-    """Our tunnel: one session, a warm-up connection (handshake), then each (size, upload)."""
+    """Our tunnel: one session, a warm-up connection (handshake), then each (size, upload);
+    ``tunnel_options``: more ``open_tunnel`` arguments."""
     peer = clients.peer
     config = clients.ours_config(endpoint)
     factory = _client_socket_factory(peer)
@@ -642,7 +653,11 @@ def run_ours(
         # initiation or its response is lost 4 % of the time, so it may take a few
         # attempts (one per 5 s) where a user's 10 s would give up after two
         async with open_tunnel(
-            config, socket_factory=factory, tcp_config=tcp_config, handshake_timeout=25.0
+            config,
+            socket_factory=factory,
+            tcp_config=tcp_config,
+            handshake_timeout=25.0,
+            **(tunnel_options or {}),
         ) as tunnel:
             with trio.fail_after(30):
                 warm = await tunnel.open_tcp_stream(server.host, server.port)
@@ -665,6 +680,7 @@ def run_ours(
             own0 = time.process_time()
             sched0, wall0 = thread_sched(), time.perf_counter()
             counters: dict[str, int] = {}
+            tunnel0 = {name: getattr(tunnel, name) for name in OUR_TUNNEL_COUNTERS}
             sleeps = SleepReasons()
             trio.lowlevel.add_instrument(sleeps)
             try:
@@ -676,6 +692,7 @@ def run_ours(
             finally:
                 trio.lowlevel.remove_instrument(sleeps)
             own = (time.process_time() - own0) / (size / MiB)
+            counters.update({k: getattr(tunnel, k) - v for k, v in tunnel0.items()})
             wall = time.perf_counter() - wall0
             thread = thread_shares(sched0, wall)
             counters.update(sleeps.shares(wall))
@@ -896,9 +913,11 @@ class Row:
         runs = [t.mbps for t in getattr(self, which) if not math.isnan(t.mbps)]
         return statistics.median(runs) if runs else math.nan
 
-    def own_cpu(self) -> float:
-        """Median CPU seconds per MiB of our tunnel's completed runs."""
-        runs = [t.cpu_per_mib for t in self.ours if t.cpu_per_mib and not math.isnan(t.mbps)]
+    def own_cpu(self, which: str = "ours") -> float:
+        """Median CPU seconds per MiB of our tunnel's completed runs (``which``: "ours", or
+        "fixed" for ``--before-after``'s client)."""
+        ts = getattr(self, which)
+        runs = [t.cpu_per_mib for t in ts if t.cpu_per_mib and not math.isnan(t.mbps)]
         return statistics.median(runs) if runs else math.nan
 
     def relay_cpu(self) -> float:
@@ -947,7 +966,8 @@ def print_table(rows: list[Row], title: str) -> None:
     tail = " / fixed" if fixed else ""
     columns = "".join(f" {name} Linux / ours{tail} |" for name, _ in per_client)
     print(
-        head + " relay CPU | our CPU ms/MiB | our thread on a CPU + waiting for one % |" + columns
+        f"{head} relay CPU | our CPU ms/MiB (ours{tail}) | our thread on a CPU + waiting for"
+        f" one % |{columns}"
     )
     print(line + "---:|---:|---|" + "---|" * len(per_client))
     for r in rows:
@@ -961,8 +981,8 @@ def print_table(rows: list[Row], title: str) -> None:
             f = r.med("fixed")
             cells += f" {f:.1f} | {f / k:.2f} |"
             clients.append(r.fixed)
-        own = r.own_cpu() * 1000
-        own_s = "-" if math.isnan(own) else f"{own:.1f}"
+        owns = [r.own_cpu(which) * 1000 for which in (("ours", "fixed") if fixed else ("ours",))]
+        own_s = " / ".join("-" if math.isnan(own) else f"{own:.1f}" for own in owns)
         rest = "".join(f" {' / '.join(fmt(ts) for ts in clients)} |" for _, fmt in per_client)
         print(f"{cells} {cpu_s} | {own_s} | {_fmt_thread(r.ours)} |{rest}")
     print("\nThe exit's TCP per transfer (medians), Linux client / ours:", end="")
@@ -974,7 +994,10 @@ def print_table(rows: list[Row], title: str) -> None:
             cells.append(f"{short} {k} / {o}")
         print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
     ours_sections = (
-        ("Our socket per transfer (medians):", {name: name for name in OUR_TCP_COUNTERS}),
+        (
+            "Our socket, and our tunnel's reader, per transfer (medians):",
+            {name: name for name in OUR_TCP_COUNTERS + OUR_TUNNEL_COUNTERS},
+        ),
         (
             "Our thread asleep, by what held our sender (medians, % of the transfer):",
             {f"asleep_{why or 'other'}": why or "other" for why in SLEEP_REASONS},
@@ -1024,8 +1047,8 @@ def measure(
             if which == "kernel":
                 results = run_kernel(clients, server, endpoint_of(), jobs, relay)
             else:
-                cfg = _before[0] if which == "fixed" else None
-                results = run_ours(clients, server, endpoint_of(), jobs, relay, cfg)
+                cfg, _, options = _before if which == "fixed" else (None, "", {})
+                results = run_ours(clients, server, endpoint_of(), jobs, relay, cfg, options)
             for row, t in zip(rows, results, strict=True):
                 getattr(row, which).append(t)
     return rows
@@ -1064,8 +1087,9 @@ def main(argv: list[str] | None = None) -> int:
         default="autotune",
         help="what --before-after's third client goes without: buffer autotuning (fixed"
         " 1 MiB buffers), rack (RFC 6675 recovery instead of RACK-TLP and PRR), bbr"
-        " (NewReno without pacing instead of BBR with pacing), or rto-every"
-        " (without SACK: NewReno's RTO restarted by every partial ACK)",
+        " (NewReno without pacing instead of BBR with pacing), rto-every"
+        " (without SACK: NewReno's RTO restarted by every partial ACK), or hold"
+        " (without receive coalescing: every read waits for the socket)",
     )
     p.add_argument(
         "--idle",
