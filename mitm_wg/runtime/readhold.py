@@ -40,7 +40,7 @@ __all__ = ["HOLD_GATHER", "HOLD_MAX", "HOLD_MIN", "HOLD_REFRESH", "HOLD_SHARE", 
 HOLD_MAX = 0.0005
 #: A hold shorter than this is not worth its own wake-up (a timerfd, trio's run loop).
 HOLD_MIN = 0.0001
-#: The share of the shortest handshake round trip a read may be held.
+#: The share of the shortest connection RTT a read may be held.
 HOLD_SHARE = 1 / 64
 #: Hold only when at least this many datagrams are expected to come meanwhile.
 HOLD_GATHER = 2

@@ -1871,7 +1871,8 @@ async def open_tunnel(
     tunnel before ``via``.
 
     ``read_hold``: receive coalescing, a busy stream's reads held for up to 1/64 of the
-    shortest handshake round trip (:mod:`mitm_wg.runtime.readhold`); off for comparisons.
+    shortest smoothed RTT of its connections (:mod:`mitm_wg.runtime.readhold`); off for
+    comparisons.
     """
     config.require_peers()
     lookup = endpoint_lookup or host_lookup
