@@ -234,6 +234,22 @@ def test_icmp_unreachable_is_hard_in_syn_sent_soft_later() -> None:
 # -- data, ACK policy ---------------------------------------------------------------------
 
 
+def test_send_unsent_counts_what_never_left() -> None:
+    """``send_unsent``: queued and never sent (the runtime wakes a writer early when it
+    runs low), apart from ``send_queued`` (not yet acknowledged)."""
+    pb = est()
+    assert pb.sock.send(b"x" * 30_000) == 30_000
+    assert pb.sock.send_unsent == 30_000
+    out = pb.out()
+    sent = sum(len(s.payload) for s in out)
+    assert 0 < sent < 30_000  # (the initial congestion window)
+    assert pb.sock.send_unsent == 30_000 - sent and pb.sock.send_queued == 30_000
+    pb.at(0.1).send(ACK, PISS + 1, ISS + 1 + sent)
+    assert pb.sock.send_queued == 30_000 - sent
+    more = sum(len(s.payload) for s in pb.out())
+    assert more > 0 and pb.sock.send_unsent == 30_000 - sent - more
+
+
 def test_send_data_segments() -> None:
     pb = est()
     assert pb.sock.send(b"x" * 2500) == 2500

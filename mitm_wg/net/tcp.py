@@ -537,6 +537,13 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         return len(self._sbuf) - self._sbuf_head
 
     @property
+    def send_unsent(self) -> int:
+        """Bytes queued and never sent yet (what the sender has left before it waits for
+        the application)."""
+        n = self._data_end() - self._snd_max
+        return n if n > 0 else 0
+
+    @property
     def recv_available(self) -> int:
         return len(self._rbuf) - self._rbuf_head
 

@@ -1461,9 +1461,12 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
         if "send" in waiting:
             # A writer waiting for a full send buffer wakes once a third of it is free (as
             # Linux's sk_stream_write_space), not at each ACK's few KB: one wake-up and flush
-            # per ~1/3 buffer instead of per ACK batch.
+            # per ~1/3 buffer instead of per ACK batch. Or sooner, at any free space, when
+            # the sender is about to run dry: after a loss most of the buffer may be data
+            # sent and not yet acknowledged (SACKed beyond a hole), and less than a third
+            # free then must not leave the sender idle.
             space = sock.send_space
-            return space > 0 and 3 * space >= sock.send_buffer
+            return space > 0 and (3 * space >= sock.send_buffer or sock.send_unsent < 2 * sock.mss)
         return False
 
     async def _wait_for(self, what: str) -> None:

@@ -1,20 +1,26 @@
-"""Receive coalescing (mitm_wg/runtime/readhold.py): the rule, and the runtime's reader
-against a real peer (wireguard-go + Linux TCP) through an impairing relay.
+"""Fewer wake-ups of our trio thread on paths paced by a line: receive coalescing
+(mitm_wg/runtime/readhold.py) and a writer's low-water mark (``TunnelStream._ready``). The
+rules, and the runtime against a real peer (wireguard-go + Linux TCP) through an impairing
+relay.
 
 A busy stream on a long path is read in batches (a hold after a wake-up instead of a wait
-for the socket); a reply after a pause is read at once; and the hold never exceeds 1/64 of
-the shortest connection RTT, nor exists under ~6 ms."""
+for the socket); a reply after a pause is read at once; the hold never exceeds 1/64 of the
+shortest connection RTT, nor exists under ~6 ms. A writer waiting for send-buffer space
+wakes once a third of the buffer is free, or as soon as the sender is about to run dry."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import trio
 
 from harness import ExitPeer
 from harness.relay import ImpairedRelay, Impairment
+from mitm_wg.net.tcp import TcpState
+from mitm_wg.runtime import TunnelStream
 from mitm_wg.runtime.readhold import HOLD_GATHER, HOLD_MAX, HOLD_MIN, ReadHold
 from tests.runtime_helpers import http_get, pattern_sha256
 from tests.test_runtime_interop import exit_tunnel
@@ -227,3 +233,35 @@ async def test_a_writer_waiting_for_buffer_space_wakes_per_third_of_the_buffer(
     # (1 MiB at the start: at most one wake-up per ~341 KiB sent, and a few more; waking at
     # every ACK batch took 1150)
     assert steps.steps <= size // (341 * 1024) + 8, steps.steps
+
+
+@pytest.mark.parametrize(
+    ("space", "unsent", "woken"),
+    [
+        (0, 0, False),  # no room at all
+        (100_000, 900_000, False),  # < 1/3 of 3 MB free, plenty left to send
+        (999_999, 100_000, False),
+        (1_000_000, 100_000, True),  # a third free
+        (3_000_000, 0, True),
+        # about to run dry (SACKed data beyond a hole fills the buffer): any room will do
+        (10_000, 2 * 1400 - 1, True),
+        (10_000, 2 * 1400, False),
+    ],
+)
+def test_when_a_writer_waiting_for_space_wakes(space: int, unsent: int, woken: bool) -> None:
+    sock = SimpleNamespace(
+        local_addr=bytes([10, 0, 0, 2]),
+        local_port=40000,
+        remote_addr=bytes([10, 0, 0, 1]),
+        remote_port=80,
+        error=None,
+        is_closed=False,
+        state=TcpState.ESTABLISHED,
+        send_space=space,
+        send_buffer=3_000_000,
+        send_unsent=unsent,
+        mss=1400,
+    )
+    stream = TunnelStream(None, sock, None)  # type: ignore[arg-type]
+    stream._waiting_for.add("send")
+    assert stream._ready() is woken
