@@ -33,6 +33,8 @@ Development aids:
   --variant ENV=VALUE   one more mitmdump + addon with that environment (its own exit peer),
                         e.g. PYTHONPATH=/tmp/old-tree (a checkout, e.g. a git worktree) to
                         compare code side by side: that tree's addons/mitm_wg.py is loaded
+                        (under ./scripts/bench-debian13 the tree must lie inside this
+                        checkout, e.g. build/old-tree: the root sees only the checkout)
   --py-spy DIR [--py-spy-gil]   py-spy profiles (collapsed stacks per thread) per download
   --logs DIR            keep the mitmdump logs
   --split               add D (above): what running the tunnel in its own process would buy
