@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +22,7 @@ import trio
 from harness import ExitPeer
 from harness.relay import ImpairedRelay, Impairment
 from mitm_wg.net.tcp import TcpState
-from mitm_wg.runtime import TunnelStream
+from mitm_wg.runtime import Tunnel, TunnelStream
 from mitm_wg.runtime.readhold import HOLD_GATHER, HOLD_MAX, HOLD_MIN, ReadHold
 from tests.runtime_helpers import http_get, pattern_sha256
 from tests.test_runtime_interop import exit_tunnel
@@ -108,13 +110,20 @@ while True:
 ECHO_PORT = 7007
 
 
-def _relay(peer: ExitPeer, impairment: Impairment) -> ImpairedRelay:
-    return ImpairedRelay(
+@asynccontextmanager
+async def _through_relay(
+    peer: ExitPeer, impairment: Impairment
+) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
+    """Our tunnel to ``peer`` through an impairing relay in its client namespace."""
+    with ImpairedRelay(
         peer.endpoint,
         listen=("127.0.0.1", 0),
         impairment=impairment,
         socket_factory=peer.client_ns.socket,
-    )
+    ) as relay:
+        text = peer.client_config_text(endpoint=relay.address, dns=False)
+        async with exit_tunnel(peer, text, handshake_timeout=20.0) as (tunnel, _):
+            yield tunnel, relay
 
 
 async def test_a_busy_download_is_read_in_batches(exit_peer: ExitPeer) -> None:
@@ -122,20 +131,16 @@ async def test_a_busy_download_is_read_in_batches(exit_peer: ExitPeer) -> None:
     every ~110 µs: the reader holds its reads (up to 0.5 ms: 1/64 of the RTT is more) and
     takes several datagrams per wake-up, and the body arrives byte-exact."""
     size = 8 * MB
-    with _relay(exit_peer, Impairment(delay=0.025, rate=12.5e6)) as relay:
-        text = exit_peer.client_config_text(endpoint=relay.address, dns=False)
-        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
-            with trio.fail_after(60):
-                stream = await tunnel.open_tcp_stream(
-                    exit_peer.server_tunnel_v4, exit_peer.http_port
-                )
-                reads0, holds0 = tunnel.reads, tunnel.read_holds
-                resp = await http_get(stream, f"/bytes/{size}")
-                await stream.aclose()
-            reads, holds = tunnel.reads - reads0, tunnel.read_holds - holds0
-            assert resp.status == 200 and resp.size == size
-            assert resp.sha256 == pattern_sha256(size)
-            assert tunnel._hold_delay == HOLD_MAX
+    async with _through_relay(exit_peer, Impairment(delay=0.025, rate=12.5e6)) as (tunnel, relay):
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            reads0, holds0 = tunnel.reads, tunnel.read_holds
+            resp = await http_get(stream, f"/bytes/{size}")
+            await stream.aclose()
+        reads, holds = tunnel.reads - reads0, tunnel.read_holds - holds0
+        assert resp.status == 200 and resp.size == size
+        assert resp.sha256 == pattern_sha256(size)
+        assert tunnel._hold_delay == HOLD_MAX
     datagrams = relay.down.forwarded
     assert datagrams > size // 1500
     assert holds > 0, (reads, datagrams)
@@ -153,22 +158,20 @@ async def test_replies_after_pauses_are_never_held(exit_peer: ExitPeer) -> None:
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        with _relay(exit_peer, Impairment(delay=0.025)) as relay:
-            text = exit_peer.client_config_text(endpoint=relay.address, dns=False)
-            async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
-                with trio.fail_after(60):
-                    stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, ECHO_PORT)
-                    await _exchange(stream, b"warm-up")
-                    await trio.sleep(0.3)  # (the hold is looked up every 0.25 s)
-                    await _exchange(stream, b"and the hold is known")
-                    assert tunnel._hold_delay == HOLD_MAX
-                    holds0, reads0 = tunnel.read_holds, tunnel.reads
-                    for i in range(10):
-                        await trio.sleep(0.1)
-                        await _exchange(stream, b"request %d " % i * 8)
-                    await stream.aclose()
-                assert tunnel.reads - reads0 >= 10
-                assert tunnel.read_holds == holds0
+        async with _through_relay(exit_peer, Impairment(delay=0.025)) as (tunnel, _):
+            with trio.fail_after(60):
+                stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, ECHO_PORT)
+                await _exchange(stream, b"warm-up")
+                await trio.sleep(0.3)  # (the hold is looked up every 0.25 s)
+                await _exchange(stream, b"and the hold is known")
+                assert tunnel._hold_delay == HOLD_MAX
+                holds0, reads0 = tunnel.read_holds, tunnel.reads
+                for i in range(10):
+                    await trio.sleep(0.1)
+                    await _exchange(stream, b"request %d " % i * 8)
+                await stream.aclose()
+            assert tunnel.reads - reads0 >= 10
+            assert tunnel.read_holds == holds0
     finally:
         exit_peer.ns.kill(proc)
 
@@ -204,30 +207,26 @@ async def test_a_writer_waiting_for_buffer_space_wakes_per_third_of_the_buffer(
     a few dozen wake-ups (the buffer is at least 1 MiB), not hundreds."""
     size = 8 * MB
     body = memoryview(bytes(range(256)) * (size // 256))
-    with _relay(exit_peer, Impairment(delay=0.025, rate=4e6)) as relay:
-        text = exit_peer.client_config_text(endpoint=relay.address, dns=False)
-        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
-            with trio.fail_after(60):
-                stream = await tunnel.open_tcp_stream(
-                    exit_peer.server_tunnel_v4, exit_peer.http_port
-                )
-                head = (
-                    f"POST /upload HTTP/1.1\r\nHost: exit\r\nContent-Length: {size}\r\n"
-                    "Content-Type: application/octet-stream\r\n\r\n"
-                )
-                await stream.send_all(head.encode())
-                steps = _Steps(trio.lowlevel.current_task())
-                trio.lowlevel.add_instrument(steps)
-                try:
-                    await stream.send_all(body)
-                finally:
-                    trio.lowlevel.remove_instrument(steps)
-                reply = b""
-                while data := await stream.receive_some():
-                    reply += data
-                    if reply.endswith(b"}"):
-                        break
-                await stream.aclose()
+    async with _through_relay(exit_peer, Impairment(delay=0.025, rate=4e6)) as (tunnel, _):
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
+            head = (
+                f"POST /upload HTTP/1.1\r\nHost: exit\r\nContent-Length: {size}\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n"
+            )
+            await stream.send_all(head.encode())
+            steps = _Steps(trio.lowlevel.current_task())
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await stream.send_all(body)
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            reply = b""
+            while data := await stream.receive_some():
+                reply += data
+                if reply.endswith(b"}"):
+                    break
+            await stream.aclose()
     assert b" 200 " in reply.split(b"\r\n", 1)[0], reply[:200]
     assert f'"sha256": "{pattern_sha256(size)}"'.encode() in reply, reply[-200:]
     # (1 MiB at the start: at most one wake-up per ~341 KiB sent, and a few more; waking at
