@@ -478,8 +478,8 @@ def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -
 
 
 #: our socket's counters (mitm_wg.net.tcp.TcpStats) reported per transfer: the segments it
-#: took in, the pure ACKs a newer one of the same batch stood in for (ACK coalescing), and
-#: the segments it retransmitted
+#: took in and sent, the pure ACKs a newer one of the same batch stood in for (ACK
+#: coalescing), and the segments it retransmitted
 OUR_TCP_COUNTERS = ("segments_in", "segments_out", "acks_coalesced", "retransmits")
 #: our tunnel's counters per transfer: its reader's wake-ups, and those after a read hold
 OUR_TUNNEL_COUNTERS = ("reads", "read_holds")
