@@ -84,9 +84,16 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
     )
     assert result.stdout.strip(), f"{script.name} --smoke printed nothing"
     if script.stem == "bench_path":
-        # our socket's counters per row (OUR_TCP_COUNTERS): it took segments in every one
-        ours = re.findall(r"^- .*: segments_in (\d+), acks_coalesced (\d+)", result.stdout, re.M)
-        assert ours and all(int(n) > 0 for n, _ in ours), result.stdout[-3000:]
+        # our socket's counters per row (OUR_TCP_COUNTERS) and our tunnel's reader's
+        # (OUR_TUNNEL_COUNTERS): it took segments in and sent some in every one, and the
+        # reader woke
+        ours = re.findall(
+            r"^- .*: segments_in (\d+), segments_out (\d+), acks_coalesced \d+, retransmits \d+,"
+            r" reads (\d+), read_holds \d+$",
+            result.stdout,
+            re.M,
+        )
+        assert ours and all(int(n) > 0 for row in ours for n in row), result.stdout[-3000:]
         # and what our thread slept on (SleepReasons): every reason, shares of 0-100 %
         reasons = "".join(rf"{why or 'other'} ([\d.]+), " for why in _bench_path().SLEEP_REASONS)
         asleep = re.findall(rf"^- .*: {reasons[:-2]}$", result.stdout, re.M)
