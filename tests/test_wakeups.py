@@ -52,45 +52,45 @@ def test_the_hold_is_a_64th_of_the_shortest_rtt_within_bounds(
 
 
 def test_a_first_datagram_after_a_pause_is_not_followed_by_a_hold() -> None:
-    hold = ReadHold(HOLD_MAX)
-    assert hold.after(10.0, 1) == 0.0  # the first wake-up ever
-    assert hold.after(12.0, 50) == 0.0  # 50 datagrams after 2 s: 0.0125 per hold
+    hold = ReadHold()
+    assert hold.after(10.0, 1, HOLD_MAX) == 0.0  # the first wake-up ever
+    assert hold.after(12.0, 50, HOLD_MAX) == 0.0  # 50 datagrams after 2 s: 0.0125 per hold
     # then the stream goes on, a datagram every 100 µs: five per hold
-    assert hold.after(12.0001, 1) == HOLD_MAX
-    assert hold.after(12.0007, 6) == HOLD_MAX
+    assert hold.after(12.0001, 1, HOLD_MAX) == HOLD_MAX
+    assert hold.after(12.0007, 6, HOLD_MAX) == HOLD_MAX
 
 
 def test_a_fast_stream_is_held_a_slow_one_is_not() -> None:
     """Held when HOLD_GATHER datagrams are due within the hold at the rate since the
     previous wake-up that found any: ``count * delay >= HOLD_GATHER * gap``."""
     delay = 0.0004
-    hold = ReadHold(delay)
-    hold.after(0.0, 1)
+    hold = ReadHold()
+    hold.after(0.0, 1, delay)
     gap = delay / HOLD_GATHER  # one datagram per gap: exactly HOLD_GATHER per hold
-    assert hold.after(gap, 1) == delay
-    assert hold.after(gap + 3 * gap, 3) == delay  # (three over three gaps: the same rate)
+    assert hold.after(gap, 1, delay) == delay
+    assert hold.after(gap + 3 * gap, 3, delay) == delay  # (three over three gaps: the same rate)
     slower = gap * 1.01
-    assert hold.after(4 * gap + slower, 1) == 0.0
+    assert hold.after(4 * gap + slower, 1, delay) == 0.0
     # 2.5 MB/s of full-sized datagrams (one per ~550 µs) is not held
-    hold = ReadHold(HOLD_MAX)
-    hold.after(0.0, 1)
-    assert hold.after(0.00055, 1) == 0.0
+    hold = ReadHold()
+    hold.after(0.0, 1, HOLD_MAX)
+    assert hold.after(0.00055, 1, HOLD_MAX) == 0.0
 
 
 def test_an_empty_wake_up_is_a_pause() -> None:
     """A hold that found nothing returns no hold (the reader waits for the socket), and
     the next datagram's rate is measured from the last wake-up that found one."""
-    hold = ReadHold(HOLD_MAX)
-    hold.after(1.0, 1)
-    assert hold.after(1.0001, 1) == HOLD_MAX
-    assert hold.after(1.0006, 0) == 0.0
-    assert hold.after(1.2, 1) == 0.0  # 200 ms after the last datagram: a new run
+    hold = ReadHold()
+    hold.after(1.0, 1, HOLD_MAX)
+    assert hold.after(1.0001, 1, HOLD_MAX) == HOLD_MAX
+    assert hold.after(1.0006, 0, HOLD_MAX) == 0.0
+    assert hold.after(1.2, 1, HOLD_MAX) == 0.0  # 200 ms after the last datagram: a new run
 
 
 def test_without_a_delay_nothing_is_held() -> None:
-    hold = ReadHold(0.0)
-    hold.after(0.0, 1)
-    assert hold.after(0.00001, 256) == 0.0
+    hold = ReadHold()
+    hold.after(0.0, 1, 0.0)
+    assert hold.after(0.00001, 256, 0.0) == 0.0
     assert ReadHold.for_rtt(HOLD_MIN * 64 * 0.99) == 0.0
 
 

@@ -49,12 +49,12 @@ HOLD_REFRESH = 0.25
 
 
 class ReadHold:
-    """The hold of one reader (module docstring). ``delay``: the hold, 0 for none."""
+    """The hold rule of one reader (module docstring); the hold itself
+    (:meth:`for_rtt`) is the tunnel's, passed in."""
 
-    __slots__ = ("_last", "delay")
+    __slots__ = ("_last",)
 
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
+    def __init__(self) -> None:
         self._last = float("-inf")  # the previous wake-up that found datagrams
 
     @staticmethod
@@ -65,14 +65,13 @@ class ReadHold:
         delay = min(HOLD_MAX, rtt * HOLD_SHARE)
         return delay if delay >= HOLD_MIN else 0.0
 
-    def after(self, now: float, count: int) -> float:
-        """A wake-up at ``now`` handled ``count`` datagrams: how long to wait before the
-        next read (0: until the socket has one)."""
+    def after(self, now: float, count: int, delay: float) -> float:
+        """A wake-up at ``now`` handled ``count`` datagrams, the hold being ``delay`` (0:
+        none): how long to wait before the next read (0: until the socket has one)."""
         if count <= 0:
             return 0.0  # (a pause: the next datagram is the first of a run again)
         last = self._last
         self._last = now
-        delay = self.delay
         # count / (now - last) datagrams per second, times delay, at least HOLD_GATHER
         if delay and count * delay >= HOLD_GATHER * (now - last):
             return delay

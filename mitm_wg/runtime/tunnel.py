@@ -277,12 +277,11 @@ class Tunnel:
         self.gro_datagrams = 0
         self.gro_truncated = 0
         self._gro_sockets = gro_sockets if gro_sockets is not None else set()
-        #: Receive coalescing (readhold.py): on or off; each reader's ReadHold; their hold,
-        #: from the shortest smoothed RTT of the open connections, looked up again when a
-        #: reader finds ``_hold_at`` past (``_refresh_hold``). ``reads``: the readers'
-        #: wake-ups (one drain each), ``read_holds`` those after a hold, not a readable socket.
+        #: Receive coalescing (readhold.py): on or off; the readers' hold, from the shortest
+        #: smoothed RTT of the open connections, looked up again when a reader finds
+        #: ``_hold_at`` past (``_refresh_hold``). ``reads``: the readers' wake-ups (one drain
+        #: each), ``read_holds`` those after a hold, not a readable socket.
         self._read_hold = read_hold
-        self._holds: list[ReadHold] = []
         self._hold_delay = 0.0
         self._hold_at = 0.0
         self.reads = 0
@@ -359,9 +358,7 @@ class Tunnel:
         # Receive coalescing (readhold.py): after a wake-up, a busy stream's next read may
         # wait a moment on a timerfd of its own instead of on the socket.
         timer = open_timerfd() if self._read_hold else None
-        hold = ReadHold(self._hold_delay) if timer is not None else None
-        if hold is not None:
-            self._holds.append(hold)
+        hold = ReadHold() if timer is not None else None
         delay = 0.0
         try:
             while True:
@@ -385,25 +382,21 @@ class Tunnel:
                 if hold is not None and count < MAX_BATCH:
                     if now >= self._hold_at:
                         self._refresh_hold(now)
-                    delay = hold.after(now, count)
+                    delay = hold.after(now, count, self._hold_delay)
                 else:
                     delay = 0.0  # (none, or more is waiting: read on at once)
         finally:
             if timer is not None:
                 trio.lowlevel.notify_closing(timer.fileno())
                 timer.close()
-            if hold is not None:
-                self._holds.remove(hold)
 
     def _refresh_hold(self, now: float) -> None:
         """The readers' hold from the shortest smoothed RTT of the open connections (a hold
         delays what every connection receives: the nearest server bounds it); none while
         no connection has one (UDP flows alone, say). Looked up every ``HOLD_REFRESH`` s."""
         rtts = [rtt for stream in self._streams if (rtt := stream._sock.srtt) is not None]
-        self._hold_delay = delay = ReadHold.for_rtt(min(rtts, default=None))
+        self._hold_delay = ReadHold.for_rtt(min(rtts, default=None))
         self._hold_at = now + HOLD_REFRESH
-        for hold in self._holds:
-            hold.delay = delay
 
     def _drain(self, sock: socket.socket, now: float, gro: bool) -> int:
         """Hand up to :data:`MAX_BATCH` waiting datagrams to the device, each run of them
