@@ -77,6 +77,7 @@ from harness.relay import RelayProcess
 from mitm_wg.config import WireGuardConfig, format_endpoint
 from mitm_wg.net.tcp import TcpConfig
 from mitm_wg.runtime import open_tunnel
+from mitm_wg.runtime import tunnel as tunnel_module
 
 #: builds the tests/harness namespaces (tests/test_bench_smoke.py runs it where interop runs)
 NEEDS_NETNS = True
@@ -99,6 +100,9 @@ BEFORE: dict[str, tuple[TcpConfig | None, str, dict[str, Any]]] = {
         "RTO restarted by every partial ACK",
         {},
     ),
+    # the receive buffer's cap before 5 December (4 MiB; now 8): the window a download 100 ms
+    # or more away gets from a server whose send buffer is no cap
+    "rcvcap": (TcpConfig(recv_buffer_max=4 << 20), "4 MiB receive cap", {}),
     # without receive coalescing (mitm_wg/runtime/readhold.py): every read waits for the socket
     "hold": (None, "no read hold", {"read_hold": False}),
 }
@@ -125,6 +129,8 @@ def _scenarios() -> dict[str, Scenario]:
         Scenario("rtt1", "1 ms RTT", rtt(1), 200),
         Scenario("rtt50", "50 ms RTT", rtt(50), 300, 512),
         Scenario("rtt100", "100 ms RTT", rtt(100), 200, 512),
+        # the far end of where users' exits are (another continent)
+        Scenario("rtt200", "200 ms RTT", rtt(200), 150, 512),
         Scenario(
             "random",
             "1 ms, 2% loss, 1% dup, 2% reorder",
@@ -1088,8 +1094,9 @@ def main(argv: list[str] | None = None) -> int:
         help="what --before-after's third client goes without: buffer autotuning (fixed"
         " 1 MiB buffers), rack (RFC 6675 recovery instead of RACK-TLP and PRR), bbr"
         " (NewReno without pacing instead of BBR with pacing), rto-every"
-        " (without SACK: NewReno's RTO restarted by every partial ACK), or hold"
-        " (without receive coalescing: every read waits for the socket)",
+        " (without SACK: NewReno's RTO restarted by every partial ACK), hold"
+        " (without receive coalescing: every read waits for the socket), or rcvcap"
+        " (the receive buffer capped at 4 MiB, as before 5 December)",
     )
     p.add_argument(
         "--idle",
@@ -1108,8 +1115,19 @@ def main(argv: list[str] | None = None) -> int:
         " net.ipv4.tcp_timestamps=0 for a server without timestamps (Windows' default);"
         " both clients face the same server; repeatable",
     )
+    p.add_argument(
+        "--udp-buffer",
+        type=int,
+        metavar="BYTES",
+        help="our tunnel asks for UDP socket buffers of this size instead of"
+        f" {tunnel_module.UDP_BUFFER_BYTES} (e.g. 212992: the most an unprivileged process"
+        " gets under a stock kernel's net.core.rmem_max, where wireguard-go, run as root,"
+        " still forces its own); the kernel client is unchanged",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    if args.udp_buffer is not None:
+        tunnel_module.UDP_BUFFER_BYTES = args.udp_buffer
     for item in args.server_sysctl:
         if "=" not in item or not item.startswith("net."):
             p.error(f"--server-sysctl takes net.KEY=VALUE, not {item!r}")
@@ -1141,6 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
         cc = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout
         rmem = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
         print(f"Linux TCP in the namespaces: {cc.strip()}, tcp_rmem max {int(rmem[2]) >> 20} MiB")
+        if args.udp_buffer is not None:
+            print(f"our tunnel's UDP socket buffers: {args.udp_buffer} bytes asked for")
         for item in args.server_sysctl:
             peer.ns.exec(["sysctl", "-q", "-w", item])
             print(f"the server's namespace: {item}")
