@@ -258,8 +258,9 @@ def test_slow_client_behind_a_streamed_body(exit_peer: Any, proxy: Mitmdump) -> 
     """A client reads at 768 KiB/s a body mitmproxy streams: mitmproxy stops reading from
     us, our receive window closes, and Linux's window probes and our window updates cross
     the lossy path until the last byte."""
-    # more than our receive buffer grows to (4 MiB) plus what mitmproxy and the client's
-    # socket hold, so that the window must close
+    # more than mitmproxy and the client's socket hold plus what our receive buffer grows
+    # to while mitmproxy reads at the client's pace (the buffer follows what is read per
+    # RTT), so that the window must close
     size = 8 * 1024 * 1024
     seen: list[int] = [0]
     done = threading.Event()

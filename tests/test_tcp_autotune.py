@@ -195,12 +195,14 @@ def test_send_buffer_bounded_by_the_peer_window() -> None:
 # -- simulator ------------------------------------------------------------------------------
 
 
-def _long_rtt_transfer(config: TcpConfig) -> tuple[float, int, int]:
-    # 40 MB/s bottleneck with a queue deep enough never to drop: the bandwidth-delay product
-    # (4 MB) is four times the fixed buffer
-    link = LinkParams(delay=0.05, bandwidth=40e6, queue_bytes=16 * MiB)
+def _long_rtt_transfer(
+    config: TcpConfig, bandwidth: float = 40e6, size: int = 16 * MiB
+) -> tuple[float, int, int]:
+    # 100 ms RTT behind a bottleneck (by default 40 MB/s: a bandwidth-delay product of 4 MB,
+    # four times the fixed buffer) with a queue deep enough never to drop
+    link = LinkParams(delay=0.05, bandwidth=bandwidth, queue_bytes=16 * MiB)
     sim = make_pair(seed=3, ab=link, ba=LinkParams(delay=0.05), tcp_config=config)
-    data = random.Random(3).randbytes(16 * MiB)
+    data = random.Random(3).randbytes(size)
     tr = Transfer(sim, data, b"", chunk=1 << 20)
     peak = [0]
 
@@ -228,6 +230,21 @@ def test_simulated_100ms_rtt_window_grows_and_transfer_is_faster() -> None:
     assert auto_peak > 2 * MiB, auto_peak
     assert auto_sbuf > 2 * MiB, auto_sbuf
     assert auto_t < 0.8 * fixed_t, (auto_t, fixed_t)
+
+
+def test_simulated_100ms_rtt_download_outgrows_a_4_mib_receive_buffer() -> None:
+    """60 MB/s at 100 ms RTT from a sender whose send buffer is no cap (a server with a
+    raised tcp_wmem, as bench_path's --server-sysctl sets it): the receiver's window must
+    hold 6 MB. Capped at 4 MiB it held the transfer to 4 MiB per RTT; the default cap
+    (8 MiB) lets it fill the path (virtual time: the runs replay exactly)."""
+    assert TcpConfig().recv_buffer_max == 8 * MiB
+    unlimited_sender = 32 * MiB
+    t4, peak4, _ = _long_rtt_transfer(
+        TcpConfig(send_buffer_max=unlimited_sender, recv_buffer_max=4 * MiB), 60e6, 64 * MiB
+    )
+    t8, peak8, _ = _long_rtt_transfer(TcpConfig(send_buffer_max=unlimited_sender), 60e6, 64 * MiB)
+    assert peak4 == 4 * MiB and peak8 == 8 * MiB, (peak4, peak8)
+    assert t8 < 0.9 * t4, (t8, t4)
 
 
 def test_simulated_100ms_rtt_upload_outgrows_a_4_mib_send_buffer() -> None:
