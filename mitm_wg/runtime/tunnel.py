@@ -1749,13 +1749,37 @@ class TunnelUdpSocket(_Waitable):
 UDP_BUFFER_BYTES = 4 << 20
 
 
+#: whether this process has said that the OS gave a smaller UDP receive buffer (said once)
+_small_buffer_said = False
+
+
 def _grow_buffers(sock: socket.socket) -> None:
+    global _small_buffer_said
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
             if sock.getsockopt(socket.SOL_SOCKET, option) < UDP_BUFFER_BYTES:
                 sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
         except OSError as e:  # not fatal: smaller buffers only cost speed
             logger.debug("cannot enlarge UDP socket buffer: %s", e)
+    try:
+        # (Linux reports twice what it granted, for its bookkeeping)
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    except OSError:
+        return
+    if got < UDP_BUFFER_BYTES and not _small_buffer_said:
+        # An unprivileged process gets at most net.core.rmem_max (208 KiB on a stock Linux
+        # kernel): a download faster than ~30 MB/s then loses datagrams in bursts while the
+        # tunnel works through the previous batch (bench_path --udp-buffer 212992, 50 ms:
+        # 0.7x Linux instead of 1.1x). wireguard-go, run as root, forces its own size.
+        _small_buffer_said = True
+        logger.warning(
+            "the OS gave the tunnel's UDP socket a %d KiB receive buffer, not the %d KiB "
+            "asked for: fast downloads (above ~30 MB/s) may lose datagrams. On Linux raise "
+            "the limit with `sysctl -w net.core.rmem_max=%d` (macOS: kern.ipc.maxsockbuf)",
+            got >> 10,
+            UDP_BUFFER_BYTES >> 10,
+            UDP_BUFFER_BYTES,
+        )
 
 
 def _listen_port_error(config: WireGuardConfig, error: OSError) -> OSError:
