@@ -174,6 +174,15 @@ def _scenarios() -> dict[str, Scenario]:
             60,
             512,
         ),
+        # a fast line (400 Mbit/s fibre) 50 ms away: arrivals paced at 50 MB/s, which a
+        # small UDP socket buffer (--udp-buffer) must absorb through the tunnel's stalls
+        Scenario(
+            "fast50",
+            "50 ms, 50 MB/s bottleneck, 1-BDP queue",
+            rtt(50, rate=50e6, queue_bytes=2_500_000),
+            200,
+            512,
+        ),
     ]
     return {s.name: s for s in out}
 
