@@ -1768,13 +1768,14 @@ def _grow_buffers(sock: socket.socket) -> None:
         return
     if got < UDP_BUFFER_BYTES and not _small_buffer_said:
         # An unprivileged process gets at most net.core.rmem_max (208 KiB on a stock Linux
-        # kernel): a download faster than ~30 MB/s then loses datagrams in bursts while the
-        # tunnel works through the previous batch (bench_path --udp-buffer 212992, 50 ms:
-        # 0.7x Linux instead of 1.1x). wireguard-go, run as root, forces its own size.
+        # kernel): a fast download then loses datagrams in bursts while the tunnel works
+        # through the previous batch (bench_path --scenarios fast50 --udp-buffer 212992,
+        # 50 ms behind a 50 MB/s line: 0.63-0.86x Linux instead of 1.00x; at 12.5 MB/s no
+        # loss). wireguard-go, run as root, forces its own size.
         _small_buffer_said = True
         logger.warning(
             "the OS gave the tunnel's UDP socket a %d KiB receive buffer, not the %d KiB "
-            "asked for: fast downloads (above ~30 MB/s) may lose datagrams. On Linux raise "
+            "asked for: fast downloads (tens of MB/s) may lose datagrams. On Linux raise "
             "the limit with `sysctl -w net.core.rmem_max=%d` (macOS: kern.ipc.maxsockbuf)",
             got >> 10,
             UDP_BUFFER_BYTES >> 10,
