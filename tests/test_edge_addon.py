@@ -443,12 +443,12 @@ def test_changing_wg_conf_reconnects(
             text = addon.status()
             assert "renamed" in text and "up" in text
             assert f"({mode})" in text
-            # the paths a tunnel narrowed (what its status last said, TunnelStatus.narrowed)
-            # come under its peers: why one server is slower
+            # what a tunnel's status last said under its peers (TunnelStatus.notes: the
+            # paths it narrowed, the kernel's drops at its socket): why one server is slower
             line = "path to 10.99.0.1: packets of at most 1200 bytes (a black hole …)"
             info = bridge.tunnels["renamed"]
-            assert info.narrowed == () and line not in text
-            bridge.tunnels["renamed"] = dataclasses.replace(info, narrowed=(line,))
+            assert info.notes == () and line not in text
+            bridge.tunnels["renamed"] = dataclasses.replace(info, notes=(line,))
             assert addon.status().endswith(f"\n    {line}")
             addon.done()  # synchronous, as mitmproxy calls it on script unload
             assert not patch.is_installed()

@@ -87,3 +87,8 @@ def test_tunnel_status_renders_like_wg_show() -> None:
     narrowed = ("path to 10.99.0.1: packets of at most 1200 bytes (a black hole …)",)
     status = TunnelStatus([peer], 3, 1_800_000_125.0, narrowed)
     assert str(status).endswith("handshakes=2\n  " + narrowed[0])
+    status = TunnelStatus([peer], 3, 1_800_000_125.0, socket_drops=214, receive_buffer=425984)
+    assert str(status).endswith(
+        "handshakes=2\n  the kernel dropped 214 datagram(s) at the tunnel's UDP socket, its "
+        "receive buffer (416 KiB) full: net.core.rmem_max limits it"
+    )

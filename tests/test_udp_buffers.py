@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from mitm_wg.runtime import open_tunnel
 from mitm_wg.runtime import tunnel as tunnel_module
+from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs
 
 RMEM_MAX = int(Path("/proc/sys/net/core/rmem_max").read_text())
 
@@ -64,3 +66,52 @@ def test_nothing_is_said_when_the_kernel_grants_the_ask(
         sizes = _open_and_grow(1)
     assert sizes[0] >= ask, sizes
     assert _said(caplog) == []
+
+
+def test_socket_drops_counts_what_the_kernel_dropped_at_a_full_buffer() -> None:
+    """A receiver with the smallest buffer, not read while 300 datagrams arrive on
+    loopback: what it then reads plus what ``socket_drops`` counts is what was sent, and
+    some were dropped (loopback loses nothing else)."""
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # (the kernel's minimum)
+        rx.bind(("127.0.0.1", 0))
+        assert tunnel_module.socket_drops([rx]) == 0
+        sent = 300
+        for _ in range(sent):
+            tx.sendto(b"x" * 1000, rx.getsockname())
+        rx.setblocking(False)
+        received = 0
+        while True:
+            try:
+                rx.recv(2048)
+            except BlockingIOError:
+                break
+            received += 1
+        drops = tunnel_module.socket_drops([rx])
+        assert drops > 0, (received, drops)
+        assert received + drops == sent, (received, drops)
+        assert tunnel_module.socket_drops([tx]) == 0  # (per socket, not the namespace's)
+
+
+async def test_a_tunnels_status_says_what_the_kernel_dropped_at_its_socket() -> None:
+    """The tunnel's own socket flooded within one step of this task (its reader cannot
+    run meanwhile): ``status()`` counts the kernel's drops and says so, with the buffer's
+    size; before the flood it says nothing."""
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)
+    async with open_tunnel(ca, socket_factory=loopback_factory(pa)) as tunnel:
+        before = tunnel.status()
+        assert before.socket_drops == 0 and before.receive_buffer > 0, before
+        assert "the kernel dropped" not in str(before)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            junk = b"\xff" * 1400  # (not WireGuard: the reader drops it later)
+            sent = 2 * before.receive_buffer // len(junk) + 1000  # more than fits
+            for _ in range(sent):
+                tx.sendto(junk, ("127.0.0.1", pa))
+        after = tunnel.status()  # (no checkpoint since the flood: nothing was read)
+        assert 0 < after.socket_drops < sent, (after.socket_drops, sent)
+        assert f"the kernel dropped {after.socket_drops} datagram(s)" in str(after)
+        assert f"({before.receive_buffer >> 10} KiB) full" in str(after)

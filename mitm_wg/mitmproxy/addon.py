@@ -830,7 +830,7 @@ class WireGuardAddon:
             now = time.time()  # handshake ages as `wg show` gives them, from wall-clock times
             for peer in info.peers if info is not None else ():
                 lines.append(f"    {peer.describe(now)}")
-            lines += [f"    {line}" for line in (info.narrowed if info is not None else ())]
+            lines += [f"    {line}" for line in (info.notes if info is not None else ())]
         text = "\n".join(lines)
         logger.info(text)
         return text

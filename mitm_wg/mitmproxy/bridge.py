@@ -81,7 +81,9 @@ class TunnelInfo:
     error: str | None = None
     connections: int = 0
     peers: tuple[Any, ...] = ()  # PeerStatus snapshots, when the tunnel offers status()
-    narrowed: tuple[str, ...] = ()  # its narrowed paths (TunnelStatus.narrowed), a line each
+    #: what its status says under its peers (TunnelStatus.notes: narrowed paths, datagrams
+    #: the kernel dropped at its socket), a line each
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -397,9 +399,9 @@ class Bridge:
         self._to_loop(lambda: fut.done() or fut.set_result(result))
 
     def _publish(
-        self, st: _TunnelState, peers: tuple[Any, ...] = (), narrowed: tuple[str, ...] = ()
+        self, st: _TunnelState, peers: tuple[Any, ...] = (), notes: tuple[str, ...] = ()
     ) -> None:
-        info = TunnelInfo(st.name, st.state, st.error, st.connections, peers, narrowed)
+        info = TunnelInfo(st.name, st.state, st.error, st.connections, peers, notes)
         self._to_loop(self._loop_publish, st, info)
 
     def _loop_publish(self, st: _TunnelState, info: TunnelInfo) -> None:
@@ -443,15 +445,15 @@ class Bridge:
         status = getattr(st.tunnel, "status", None)
         while True:
             peers: tuple[Any, ...] = ()
-            narrowed: tuple[str, ...] = ()
+            notes: tuple[str, ...] = ()
             if status is not None:
                 try:
                     snapshot = status()
                     peers = tuple(snapshot.peers)
-                    narrowed = tuple(getattr(snapshot, "narrowed", ()))
+                    notes = tuple(getattr(snapshot, "notes", ()))
                 except Exception as exc:  # status is informative only
                     logger.debug("tunnel %r status() failed: %s", st.name, exc)
-            self._publish(st, peers, narrowed)
+            self._publish(st, peers, notes)
             await trio.sleep(STATUS_INTERVAL)
 
     # -- connections -------------------------------------------------------------------------

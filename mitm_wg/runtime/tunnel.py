@@ -138,15 +138,33 @@ class TunnelStatus:
     #: The paths it sends smaller packets on than its MTU allows, a line each
     #: (``Tunnel.narrowed``).
     narrowed: tuple[str, ...] = ()
+    #: Datagrams the kernel dropped at the tunnel's UDP sockets because their receive
+    #: buffer was full (Linux, from /proc/net/udp; 0 where unknown), and that buffer's size
+    #: as the kernel reports it (bytes).
+    socket_drops: int = 0
+    receive_buffer: int = 0
 
     def handshake_age(self, peer: PeerStatus) -> float | None:
         """Seconds from ``peer``'s last completed handshake to this snapshot, or None."""
         return peer.handshake_age(self.unix_time)
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the rendering adds under the peers, a line each: the narrowed paths, and
+        the datagrams the kernel dropped at the tunnel's socket (if any)."""
+        if not self.socket_drops:
+            return self.narrowed
+        return (
+            *self.narrowed,
+            f"the kernel dropped {self.socket_drops} datagram(s) at the tunnel's UDP socket, "
+            f"its receive buffer ({self.receive_buffer >> 10} KiB) full: net.core.rmem_max "
+            "limits it",
+        )
+
     def __str__(self) -> str:
         lines = [f"{self.open_connections} open connection(s)"]
         lines += [f"  {peer.describe(self.unix_time)}" for peer in self.peers]
-        lines += [f"  {line}" for line in self.narrowed]
+        lines += [f"  {line}" for line in self.notes]
         return "\n".join(lines)
 
 
@@ -1188,7 +1206,23 @@ class Tunnel:
         return self.device.route(ipaddress.ip_address(address).packed)
 
     def status(self) -> TunnelStatus:
-        return TunnelStatus(self.device.status(), len(self._streams), time.time(), self.narrowed())
+        socks = list(self._sockets.values())
+        receive_buffer = 0
+        for sock in socks:
+            try:
+                receive_buffer = max(
+                    receive_buffer, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                )
+            except OSError:
+                pass
+        return TunnelStatus(
+            self.device.status(),
+            len(self._streams),
+            time.time(),
+            self.narrowed(),
+            socket_drops=socket_drops(socks),
+            receive_buffer=receive_buffer,
+        )
 
     def narrowed(self) -> tuple[str, ...]:
         """The paths this tunnel sends smaller packets on than its MTU allows, a line each
@@ -1747,6 +1781,34 @@ class TunnelUdpSocket(_Waitable):
 #: reader is busy with the previous batch, or the kernel drops datagrams (RcvbufErrors) and
 #: TCP inside the tunnel has to recover. The kernel caps them at net.core.[rw]mem_max.
 UDP_BUFFER_BYTES = 4 << 20
+
+
+def socket_drops(socks: Iterable[socket.socket]) -> int:
+    """Datagrams the kernel dropped at ``socks`` because their receive buffer was full: the
+    ``drops`` column of /proc/net/udp and udp6 for their inodes (Linux; 0 elsewhere, for a
+    socket of another network namespace, or when unreadable). Read on demand (status), so
+    the receive path pays nothing for it."""
+    inodes = set()
+    for sock in socks:
+        try:
+            inodes.add(os.fstat(sock.fileno()).st_ino)
+        except OSError:
+            pass
+    total = 0
+    for name in ("/proc/net/udp", "/proc/net/udp6"):
+        if not inodes:
+            break
+        try:
+            with open(name) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            fields = line.split()
+            if len(fields) >= 13 and fields[9].isdigit() and int(fields[9]) in inodes:
+                total += int(fields[12])
+    return total
 
 
 #: whether this process has said that the OS gave a smaller UDP receive buffer (said once)
