@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import operator
 import os
+import platform
 import socket
 import struct
 import sys
@@ -1779,8 +1780,19 @@ class TunnelUdpSocket(_Waitable):
 
 #: Socket buffer sizes we ask for: a burst of a fast sender's window must fit while the
 #: reader is busy with the previous batch, or the kernel drops datagrams (RcvbufErrors) and
-#: TCP inside the tunnel has to recover. The kernel caps them at net.core.[rw]mem_max.
+#: TCP inside the tunnel has to recover. The kernel caps them at net.core.[rw]mem_max,
+#: unless the process may pass that (CAP_NET_ADMIN: root, as wireguard-go runs).
 UDP_BUFFER_BYTES = 4 << 20
+#: Linux's SO_RCVBUFFORCE / SO_SNDBUFFORCE (not in Python's socket module): the sizes set
+#: past net.core.[rw]mem_max, with CAP_NET_ADMIN. The numbers of asm-generic/socket.h, which
+#: the common architectures use (alpha, mips, parisc and sparc have their own: not tried).
+_FORCE = (
+    {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32}
+    if sys.platform == "linux"
+    and platform.machine() in {"x86_64", "i686", "i386", "aarch64", "armv7l", "armv6l",
+                               "riscv64", "ppc64le", "ppc64", "s390x", "loongarch64"}
+    else {}
+)  # fmt: skip
 
 
 def socket_drops(socks: Iterable[socket.socket]) -> int:
@@ -1820,7 +1832,13 @@ def _grow_buffers(sock: socket.socket) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
             if sock.getsockopt(socket.SOL_SOCKET, option) < UDP_BUFFER_BYTES:
-                sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
+                force = _FORCE.get(option)
+                try:
+                    if force is None:
+                        raise PermissionError
+                    sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER_BYTES)
+                except PermissionError:  # (no CAP_NET_ADMIN: up to the sysctl's limit)
+                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
         except OSError as e:  # not fatal: smaller buffers only cost speed
             logger.debug("cannot enlarge UDP socket buffer: %s", e)
     try:
