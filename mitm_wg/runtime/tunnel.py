@@ -287,6 +287,12 @@ class Tunnel:
         self._closed = False
         self.send_errors = 0
         self._send_error: tuple[Endpoint, OSError] | None = None  # the latest, for handshake()
+        #: Datagrams a socket refused for a moment (EAGAIN: its send buffer full, behind a
+        #: slower local link, say), in order, for its writer task (``_writer``); what comes
+        #: for that socket meanwhile queues behind them. ``send_waits``: how often it began.
+        self._backlog: dict[socket.socket, list[Transmit]] = {}
+        self._writable: dict[socket.socket, trio.Event] = {}
+        self.send_waits = 0
         #: UDP generic segmentation offload: on until the kernel says it cannot.
         self._gso = sys.platform == "linux"
         self.gso_sends = 0
@@ -631,12 +637,17 @@ class Tunnel:
         send (a single syscall; the kernel splits it), as wireguard-go does on Linux."""
         sockets = self._sockets
         narrow = self.narrow_paths
+        backlog = self._backlog
         i, n = 0, len(out)
         while i < n:
             data, endpoint = out[i]
             sock = sockets.get(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
             if sock is None:
                 self.send_errors += 1
+                i += 1
+                continue
+            if backlog and sock in backlog:  # (behind what waits for the socket, in order)
+                self._queue(sock, out[i : i + 1])
                 i += 1
                 continue
             j = i + 1
@@ -661,6 +672,12 @@ class Tunnel:
                     )
                 else:
                     sock.sendto(data, endpoint)
+            except BlockingIOError:
+                # The send buffer is full (net.core.wmem_max may hold it to 208 KiB): the
+                # run waits for the socket instead of being lost (a GSO run is up to 64
+                # datagrams); Linux's TCP would wait the same way (TCP small queues).
+                self.send_waits += 1
+                self._queue(sock, out[i:j])
             except OSError as e:
                 if self._refused(endpoint, len(data), e, j - i > 1):
                     # One at a time: the kernel fragments a datagram the path cannot carry.
@@ -672,6 +689,34 @@ class Tunnel:
                 else:
                     self._send_failed(endpoint, e)
             i = j
+
+    def _queue(self, sock: socket.socket, datagrams: list[Transmit]) -> None:
+        """Keep ``datagrams`` for ``sock``'s writer; past ``BACKLOG_MAX`` they are lost as a
+        failed send would lose them (a socket that stays full: TCP and the timers retry)."""
+        pending = self._backlog.get(sock)
+        if pending is None:
+            pending = self._backlog[sock] = []
+            event = self._writable.get(sock)
+            if event is not None:
+                event.set()
+        room = BACKLOG_MAX - len(pending)
+        if len(datagrams) > room:
+            self._send_failed(
+                datagrams[0][1], BlockingIOError(errno.EAGAIN, "UDP send backlog full")
+            )
+            datagrams = datagrams[: max(room, 0)]
+        pending += datagrams
+
+    async def _writer(self, sock: socket.socket) -> None:
+        """Send what ``sock`` refused for a moment once it takes more (``_queue``)."""
+        while True:
+            event = self._writable[sock] = trio.Event()
+            if sock not in self._backlog:
+                await event.wait()
+            await trio.lowlevel.wait_writable(sock)
+            pending = self._backlog.pop(sock, None)
+            if pending:
+                self._send_datagrams(pending)  # (what it refuses again goes back)
 
     def _send_failed(self, endpoint: Endpoint, error: OSError) -> None:
         # A full socket buffer or a transient error: TCP retransmits, and the WireGuard
@@ -1783,6 +1828,9 @@ class TunnelUdpSocket(_Waitable):
 #: TCP inside the tunnel has to recover. The kernel caps them at net.core.[rw]mem_max,
 #: unless the process may pass that (CAP_NET_ADMIN: root, as wireguard-go runs).
 UDP_BUFFER_BYTES = 4 << 20
+#: Datagrams kept for a socket whose send buffer is full (``Tunnel._queue``): ~3 MB, more
+#: than a window's worth of one flush.
+BACKLOG_MAX = 2048
 #: Linux's SO_RCVBUFFORCE / SO_SNDBUFFORCE (not in Python's socket module): the sizes set
 #: past net.core.[rw]mem_max, with CAP_NET_ADMIN. The numbers of asm-generic/socket.h, which
 #: the common architectures use (alpha, mips, parisc and sparc have their own: not tried).
@@ -2057,6 +2105,8 @@ async def open_tunnel(
                 for family, sock in sockets.items():
                     what = f"UDP reader (IPv{6 if family == socket.AF_INET6 else 4})"
                     nursery.start_soon(tunnel._background, what, tunnel._reader, sock)
+                    what = f"UDP writer (IPv{6 if family == socket.AF_INET6 else 4})"
+                    nursery.start_soon(tunnel._background, what, tunnel._writer, sock)
                 if transport is not None:
                     # not _background: the outer tunnel closing ends this one with the
                     # OSError(ENETDOWN) that names it, not as a crash
@@ -2065,9 +2115,13 @@ async def open_tunnel(
 
                 def add_socket(family: int) -> None:
                     # An endpoint moved to another address family (endpoints.py).
-                    what = f"UDP reader (IPv{6 if family == socket.AF_INET6 else 4})"
+                    version = 6 if family == socket.AF_INET6 else 4
+                    sock = make_socket(family)
                     nursery.start_soon(
-                        tunnel._background, what, tunnel._reader, make_socket(family)
+                        tunnel._background, f"UDP reader (IPv{version})", tunnel._reader, sock
+                    )
+                    nursery.start_soon(
+                        tunnel._background, f"UDP writer (IPv{version})", tunnel._writer, sock
                     )
 
                 refresher = EndpointRefresher(
