@@ -24,7 +24,7 @@ import trio
 from harness import ExitPeer
 from mitm_wg.runtime import open_tunnel
 from mitm_wg.runtime import tunnel as tunnel_module
-from tests.runtime_helpers import pattern_sha256
+from tests.runtime_helpers import http_post_json, pattern_sha256
 from tests.test_runtime_interop import exit_tunnel
 from tests.tunnelpair import free_udp_port, loopback_factory, pair_configs
 
@@ -179,29 +179,17 @@ async def test_an_upload_behind_a_slower_local_link_waits_for_a_full_socket(
     qdisc = ["tc", "qdisc", "add", "dev", veth, "root", "tbf", "rate", "200mbit"]
     exit_peer.client_ns.exec([*qdisc, "burst", "64kb", "latency", "20ms"], check=True)
     size = 30 * MB
-    body = memoryview(bytes(range(256)) * (size // 256))
     try:
         async with exit_tunnel(exit_peer) as (tunnel, _):
             with trio.fail_after(60):
                 stream = await tunnel.open_tcp_stream(
                     exit_peer.server_tunnel_v4, exit_peer.http_port
                 )
-                head = (
-                    f"POST /upload HTTP/1.1\r\nHost: exit\r\nContent-Length: {size}\r\n"
-                    "Content-Type: application/octet-stream\r\n\r\n"
-                )
-                await stream.send_all(head.encode())
-                await stream.send_all(body)
-                reply = b""
-                while data := await stream.receive_some():
-                    reply += data
-                    if reply.endswith(b"}"):
-                        break
+                result = await http_post_json(stream, "/upload", size)
                 await stream.aclose()
             waits, errors = tunnel.send_waits, tunnel.send_errors
     finally:
         exit_peer.client_ns.exec(["tc", "qdisc", "del", "dev", veth, "root"], check=True)
-    assert b" 200 " in reply.split(b"\r\n", 1)[0], reply[:200]
-    assert f'"sha256": "{pattern_sha256(size)}"'.encode() in reply, reply[-200:]
+    assert result["sha256"] == pattern_sha256(size), result
     assert waits > 0, waits  # the socket was full: the case this is about happened
     assert errors == 0, (errors, waits)
