@@ -1885,7 +1885,7 @@ def _grow_buffers(sock: socket.socket) -> None:
                     if force is None:
                         raise PermissionError
                     sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER_BYTES)
-                except PermissionError:  # (no CAP_NET_ADMIN: up to the sysctl's limit)
+                except OSError:  # (EPERM: no CAP_NET_ADMIN; then up to the sysctl's limit)
                     sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
         except OSError as e:  # not fatal: smaller buffers only cost speed
             logger.debug("cannot enlarge UDP socket buffer: %s", e)
