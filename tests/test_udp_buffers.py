@@ -193,3 +193,28 @@ async def test_an_upload_behind_a_slower_local_link_waits_for_a_full_socket(
     assert result["sha256"] == pattern_sha256(size), result
     assert waits > 0, waits  # the socket was full: the case this is about happened
     assert errors == 0, (errors, waits)
+
+
+async def test_a_backlog_goes_out_in_order_and_is_bounded() -> None:
+    """What waits for a full socket (``Tunnel._queue``) leaves in order once the socket
+    takes more, on the socket's writer task; past ``BACKLOG_MAX`` datagrams the rest is a
+    failed send (counted), not an unbounded queue."""
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        async with open_tunnel(ca, socket_factory=loopback_factory(pa)) as tunnel:
+            sock = tunnel._sockets[socket.AF_INET]
+            total = tunnel_module.BACKLOG_MAX + 100
+            datagrams = [(b"%d" % k, rx.getsockname()) for k in range(total)]
+            errors = tunnel.send_errors
+            tunnel._queue(sock, datagrams[:10])
+            tunnel._queue(sock, datagrams[10:])
+            assert tunnel.send_errors == errors + 1  # (the 100 past the bound, once)
+            with trio.fail_after(10):
+                while sock in tunnel._backlog:
+                    await trio.sleep(0.01)
+        got = [rx.recv(64) for _ in range(tunnel_module.BACKLOG_MAX)]
+    assert got == [d for d, _ in datagrams[: tunnel_module.BACKLOG_MAX]]
