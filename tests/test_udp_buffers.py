@@ -1,11 +1,13 @@
-"""The tunnel's UDP socket buffers against the kernel's limit (net.core.rmem_max).
+"""The tunnel's UDP socket buffers against the kernel's limits (net.core.[rw]mem_max).
 
 An unprivileged process gets at most ``net.core.rmem_max`` for ``SO_RCVBUF``: 208 KiB on a
 stock Linux kernel, where a fast download then loses datagrams in bursts (bench_path
 ``--udp-buffer 212992``). The tunnel asks for ``UDP_BUFFER_BYTES`` (forced past the limit
-with CAP_NET_ADMIN, as wireguard-go does) and says once per process, with the sysctl to
-raise, when the kernel gave less. The kernel here is real: these tests ask for more and for
-less than this machine's limit, with and without the capability.
+with CAP_NET_ADMIN, as wireguard-go does), says once per process, with the sysctl to raise,
+when the kernel gave less, and counts in its status what the kernel dropped at its socket.
+On the send side, what a full socket refuses for a moment (EAGAIN) waits, in order, for the
+socket's writer task. The kernel here is real: these tests ask for more and for less than
+this machine's limit, with and without the capability, and fill real sockets.
 """
 
 from __future__ import annotations
