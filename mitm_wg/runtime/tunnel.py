@@ -2102,11 +2102,16 @@ async def open_tunnel(
         unwrapped: BaseException | None = None
         try:
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
+
+                def serve(family: int, sock: socket.socket) -> None:
+                    # a socket's reader and writer tasks
+                    version = 6 if family == socket.AF_INET6 else 4
+                    for role, task in (("reader", tunnel._reader), ("writer", tunnel._writer)):
+                        what = f"UDP {role} (IPv{version})"
+                        nursery.start_soon(tunnel._background, what, task, sock)
+
                 for family, sock in sockets.items():
-                    what = f"UDP reader (IPv{6 if family == socket.AF_INET6 else 4})"
-                    nursery.start_soon(tunnel._background, what, tunnel._reader, sock)
-                    what = f"UDP writer (IPv{6 if family == socket.AF_INET6 else 4})"
-                    nursery.start_soon(tunnel._background, what, tunnel._writer, sock)
+                    serve(family, sock)
                 if transport is not None:
                     # not _background: the outer tunnel closing ends this one with the
                     # OSError(ENETDOWN) that names it, not as a crash
@@ -2115,14 +2120,7 @@ async def open_tunnel(
 
                 def add_socket(family: int) -> None:
                     # An endpoint moved to another address family (endpoints.py).
-                    version = 6 if family == socket.AF_INET6 else 4
-                    sock = make_socket(family)
-                    nursery.start_soon(
-                        tunnel._background, f"UDP reader (IPv{version})", tunnel._reader, sock
-                    )
-                    nursery.start_soon(
-                        tunnel._background, f"UDP writer (IPv{version})", tunnel._writer, sock
-                    )
+                    serve(family, make_socket(family))
 
                 refresher = EndpointRefresher(
                     tunnel, lookup=lookup, interval=reresolve_interval, add_socket=add_socket
