@@ -1128,15 +1128,16 @@ def main(argv: list[str] | None = None) -> int:
         "--udp-buffer",
         type=int,
         metavar="BYTES",
-        help="our tunnel asks for UDP socket buffers of this size instead of"
-        f" {tunnel_module.UDP_BUFFER_BYTES} (e.g. 212992: the most an unprivileged process"
-        " gets under a stock kernel's net.core.rmem_max, where wireguard-go, run as root,"
-        " still forces its own); the kernel client is unchanged",
+        help="our tunnel gets the UDP socket buffers an unprivileged process gets where"
+        " net.core.rmem_max and wmem_max are BYTES (e.g. 212992: a stock kernel's; the"
+        " kernel doubles the ask) instead of asking for"
+        f" {tunnel_module.UDP_BUFFER_BYTES}; wireguard-go, run as root, still forces its"
+        " own, and the kernel client is unchanged",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.udp_buffer is not None:
-        tunnel_module.UDP_BUFFER_BYTES = args.udp_buffer
+        tunnel_module.BUFFER_LIMIT = args.udp_buffer
     for item in args.server_sysctl:
         if "=" not in item or not item.startswith("net."):
             p.error(f"--server-sysctl takes net.KEY=VALUE, not {item!r}")
@@ -1169,7 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
         rmem = peer.client_ns.exec(["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
         print(f"Linux TCP in the namespaces: {cc.strip()}, tcp_rmem max {int(rmem[2]) >> 20} MiB")
         if args.udp_buffer is not None:
-            print(f"our tunnel's UDP socket buffers: {args.udp_buffer} bytes asked for")
+            print(f"our tunnel's UDP socket buffers: as under [rw]mem_max={args.udp_buffer}")
         for item in args.server_sysctl:
             peer.ns.exec(["sysctl", "-q", "-w", item])
             print(f"the server's namespace: {item}")

@@ -1828,6 +1828,10 @@ class TunnelUdpSocket(_Waitable):
 #: TCP inside the tunnel has to recover. The kernel caps them at net.core.[rw]mem_max,
 #: unless the process may pass that (CAP_NET_ADMIN: root, as wireguard-go runs).
 UDP_BUFFER_BYTES = 4 << 20
+#: For benches and tests: act as if net.core.rmem_max and wmem_max were this many bytes
+#: and the process had no CAP_NET_ADMIN (212992: a stock kernel's, what an unprivileged
+#: mitmproxy gets there); None: the kernel's own limits.
+BUFFER_LIMIT: int | None = None
 #: Datagrams kept for a socket whose send buffer is full (``Tunnel._queue``): ~3 MB, more
 #: than a window's worth of one flush.
 BACKLOG_MAX = 2048
@@ -1877,9 +1881,12 @@ _small_buffer_said = False
 
 def _grow_buffers(sock: socket.socket) -> None:
     global _small_buffer_said
+    limit = BUFFER_LIMIT
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
-            if sock.getsockopt(socket.SOL_SOCKET, option) < UDP_BUFFER_BYTES:
+            if limit is not None:  # (the kernel doubles it, as it does the sysctl's)
+                sock.setsockopt(socket.SOL_SOCKET, option, min(limit, UDP_BUFFER_BYTES))
+            elif sock.getsockopt(socket.SOL_SOCKET, option) < UDP_BUFFER_BYTES:
                 force = _FORCE.get(option)
                 try:
                     if force is None:
