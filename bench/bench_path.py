@@ -105,6 +105,8 @@ BEFORE: dict[str, tuple[TcpConfig | None, str, dict[str, Any]]] = {
     "rcvcap": (TcpConfig(recv_buffer_max=4 << 20), "4 MiB receive cap", {}),
     # without receive coalescing (mitm_wg/runtime/readhold.py): every read waits for the socket
     "hold": (None, "no read hold", {"read_hold": False}),
+    # a small buffer (--udp-buffer) received on one socket, not a group (sockgroup.py)
+    "group": (None, "one UDP socket", {"grouped": False}),
 }
 _before = BEFORE["autotune"]
 #: ``--idle N``: idle connections our tunnel holds open during its transfers
@@ -497,7 +499,7 @@ def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -
 #: coalescing), and the segments it retransmitted
 OUR_TCP_COUNTERS = ("segments_in", "segments_out", "acks_coalesced", "retransmits")
 #: our tunnel's counters per transfer: its reader's wake-ups, and those after a read hold
-OUR_TUNNEL_COUNTERS = ("reads", "read_holds")
+OUR_TUNNEL_COUNTERS = ("reads", "read_holds", "group_merges")
 
 
 async def _ours_one(
@@ -585,12 +587,17 @@ async def _hold_idle(
         nursery.start_soon(wait, stream)
 
 
-def _client_socket_factory(peer: ExitPeer) -> Any:
+def _client_socket_factory(peer: ExitPeer, grouped: bool = True) -> Any:
+    """Our tunnel's UDP sockets, in the client's namespace; ``grouped``: a small buffer
+    (--udp-buffer) makes a receive group there, as with the default sockets."""
+
     def factory(family: int) -> socket.socket:
         sock = peer.client_ns.socket(family, socket.SOCK_DGRAM)
         sock.bind(("0.0.0.0", 0))
         return sock
 
+    if grouped:
+        factory.unbound = lambda family: peer.client_ns.socket(family, socket.SOCK_DGRAM)  # type: ignore[attr-defined]
     return factory
 
 
@@ -660,7 +667,8 @@ def run_ours(
     ``tunnel_options``: more ``open_tunnel`` arguments."""
     peer = clients.peer
     config = clients.ours_config(endpoint)
-    factory = _client_socket_factory(peer)
+    tunnel_options = dict(tunnel_options or {})
+    factory = _client_socket_factory(peer, grouped=tunnel_options.pop("grouped", True))
 
     async def session() -> list[Transfer]:
         out = []
@@ -1105,7 +1113,8 @@ def main(argv: list[str] | None = None) -> int:
         " (NewReno without pacing instead of BBR with pacing), rto-every"
         " (without SACK: NewReno's RTO restarted by every partial ACK), hold"
         " (without receive coalescing: every read waits for the socket), or rcvcap"
-        " (the receive buffer capped at 4 MiB, as before 5 December)",
+        " (the receive buffer capped at 4 MiB, as before 5 December), or group (with"
+        " --udp-buffer: one UDP socket, not a receive group)",
     )
     p.add_argument(
         "--idle",

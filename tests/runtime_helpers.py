@@ -53,9 +53,15 @@ class NamespaceSocketFactory:
     sockets: list[RecordingSocket] = field(default_factory=list)
 
     def __call__(self, family: int) -> socket.socket:
+        sock = self.unbound(family)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        return sock
+
+    def unbound(self, family: int) -> socket.socket:
+        """An unbound socket in ``ns`` (``open_tunnel`` makes a receive group of them where
+        the kernel grants a small buffer: mitm_wg/runtime/sockgroup.py)."""
         raw = self.ns.socket(family, socket.SOCK_DGRAM)
         sock = RecordingSocket(family, socket.SOCK_DGRAM, raw.detach())
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         self.sockets.append(sock)
         return sock
 

@@ -41,6 +41,7 @@ from mitm_wg.runtime.endpoints import (
     resolve_endpoints,
 )
 from mitm_wg.runtime.readhold import HOLD_REFRESH, ReadHold
+from mitm_wg.runtime.sockgroup import GroupReader, group_size, in_order, open_group
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
@@ -215,6 +216,10 @@ def _probe_socket_factory(family: int) -> socket.socket:
     return socket.socket(family, socket.SOCK_DGRAM)
 
 
+def _new_udp_socket(family: int) -> socket.socket:
+    return socket.socket(family, socket.SOCK_DGRAM)
+
+
 def _default_socket_factory(family: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
@@ -249,9 +254,11 @@ class Tunnel:
         handshake_timeout: float,
         gro_sockets: set[socket.socket] | None = None,
         read_hold: bool = True,
+        groups: dict[socket.socket, list[socket.socket]] | None = None,
     ) -> None:
         """``gro_sockets``: those of ``sockets`` (now or later) that have UDP GRO.
-        ``read_hold``: receive coalescing (readhold.py)."""
+        ``read_hold``: receive coalescing (readhold.py). ``groups``: those of ``sockets``
+        (now or later) that receive with a group (sockgroup.py) -> all its sockets."""
         self.config = config
         self.device = device
         self.stack = stack
@@ -302,6 +309,11 @@ class Tunnel:
         self.gro_datagrams = 0
         self.gro_truncated = 0
         self._gro_sockets = gro_sockets if gro_sockets is not None else set()
+        #: Receive groups (sockgroup.py): a socket of ``_sockets`` -> all of its group's;
+        #: ``group_merges``: wake-ups that read one endpoint's datagrams from several of
+        #: them, put back in counter order.
+        self._groups = groups if groups is not None else {}
+        self.group_merges = 0
         #: Receive coalescing (readhold.py): on or off; the readers' hold, from the shortest
         #: smoothed RTT of the open connections, looked up again when a reader finds
         #: ``_hold_at`` past (``_refresh_hold``). ``reads``: the readers' wake-ups (one drain
@@ -377,9 +389,20 @@ class Tunnel:
 
     async def _reader(self, sock: socket.socket) -> None:
         stack, packets = self.stack, self._packets
-        drain = self._drain
+        drain: Callable[[Any, float, bool], int] = self._drain
         gro = sock in self._gro_sockets
         wait_readable = trio.lowlevel.wait_readable
+        group = self._groups.get(sock)
+        poller = None
+        readable: socket.socket | int = sock
+        if group is not None:
+            # A receive group (sockgroup.py): wait until any of its sockets has datagrams
+            # (an epoll set of them is readable then), and drain those that have.
+            reader = GroupReader(group)
+            poller = reader.poller
+            readable = poller.fileno()
+            drain = self._drain_group
+            sock = reader  # type: ignore[assignment]
         # Receive coalescing (readhold.py): after a wake-up, a busy stream's next read may
         # wait a moment on a timerfd of its own instead of on the socket.
         timer = open_timerfd() if self._read_hold else None
@@ -394,7 +417,7 @@ class Tunnel:
                     timer.clear()
                     self.read_holds += 1
                 else:
-                    await wait_readable(sock)  # (a schedule point either way)
+                    await wait_readable(readable)  # (a schedule point either way)
                 now = trio.current_time()
                 count = drain(sock, now, gro)
                 self.reads += 1
@@ -414,6 +437,9 @@ class Tunnel:
             if timer is not None:
                 trio.lowlevel.notify_closing(timer.fileno())
                 timer.close()
+            if poller is not None:
+                trio.lowlevel.notify_closing(poller.fileno())
+                poller.close()
 
     def _refresh_hold(self, now: float) -> None:
         """The readers' hold from the shortest smoothed RTT of the open connections (a hold
@@ -423,13 +449,21 @@ class Tunnel:
         self._hold_delay = ReadHold.for_rtt(min(rtts, default=None))
         self._hold_at = now + HOLD_REFRESH
 
-    def _drain(self, sock: socket.socket, now: float, gro: bool) -> int:
+    def _drain(
+        self,
+        sock: socket.socket,
+        now: float,
+        gro: bool,
+        received: Callable[[list[bytes | memoryview], Any, float], None] | None = None,
+    ) -> int:
         """Hand up to :data:`MAX_BATCH` waiting datagrams to the device, each run of them
-        from one address in one call (``Device.receive_datagrams``). ``gro``: the socket
-        has UDP GRO, so one ``recvmsg`` may return a run of datagrams (one syscall and one
-        call for up to 64 KiB of them, as wireguard-go reads), split here at the size the
-        kernel reports, the last one possibly shorter; else one ``recvfrom`` each. Returns
-        how many datagrams it read."""
+        from one address in one call (``Device.receive_datagrams``; to ``received`` if
+        given). ``gro``: the socket has UDP GRO, so one ``recvmsg`` may return a run of
+        datagrams (one syscall and one call for up to 64 KiB of them, as wireguard-go
+        reads), split here at the size the kernel reports, the last one possibly shorter;
+        else one ``recvfrom`` each. Returns how many datagrams it read."""
+        if received is None:
+            received = self._received
         recvfrom = sock.recvfrom
         recvmsg = sock.recvmsg if gro else None
         budget = MAX_BATCH
@@ -451,7 +485,7 @@ class Tunnel:
                 break
             if address != run_from:
                 if run:
-                    self._received(run, run_from, now)
+                    received(run, run_from, now)
                     run = []
                 run_from = address
             if ancdata or flags:  # a coalesced run (or a truncated read)
@@ -473,8 +507,33 @@ class Tunnel:
             run.append(data)
             budget -= 1
         if run:
-            self._received(run, run_from, now)
+            received(run, run_from, now)
         return MAX_BATCH - budget
+
+    def _drain_group(self, reader: GroupReader, now: float, gro: bool) -> int:
+        """:meth:`_drain` for a receive group (sockgroup.py): those of its sockets that
+        have datagrams, again until none has (``GroupReader``), then each endpoint's
+        datagrams to the device in counter order, as one socket would have had them."""
+        runs: dict[Any, list[list[bytes | memoryview]]] = {}
+
+        def keep(run: list[bytes | memoryview], address: Any, now: float) -> None:
+            runs.setdefault(address, []).append(run)
+
+        count = 0
+        most = MAX_BATCH * len(reader.sockets)
+        while count < most:
+            ready = reader.ready()
+            if not ready:
+                break
+            for sock in ready:
+                count += self._drain(sock, now, gro, keep)
+        for address, of_address in runs.items():
+            if len(of_address) == 1:
+                self._received(of_address[0], address, now)
+            else:
+                self.group_merges += 1
+                self._received(in_order(of_address), address, now)
+        return count
 
     def _received(self, run: list[bytes | memoryview], address: Any, now: float) -> None:
         """Hand a run of datagrams from ``address`` to the device; note a large one."""
@@ -1252,15 +1311,16 @@ class Tunnel:
         return self.device.route(ipaddress.ip_address(address).packed)
 
     def status(self) -> TunnelStatus:
-        socks = list(self._sockets.values())
-        receive_buffer = 0
-        for sock in socks:
+        socks: list[socket.socket] = []
+        receive_buffer = 0  # (a group's: all its sockets' together)
+        for sock in self._sockets.values():
+            group = self._groups.get(sock, [sock])
+            socks += group
             try:
-                receive_buffer = max(
-                    receive_buffer, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-                )
+                size = sum(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in group)
             except OSError:
-                pass
+                continue
+            receive_buffer = max(receive_buffer, size)
         return TunnelStatus(
             self.device.status(),
             len(self._streams),
@@ -1879,6 +1939,12 @@ def socket_drops(socks: Iterable[socket.socket]) -> int:
 _small_buffer_said = False
 
 
+def _setup_socket(sock: socket.socket) -> None:
+    """A new socket of the tunnel's: non-blocking, its buffers as large as it may have."""
+    sock.setblocking(False)
+    _grow_buffers(sock)
+
+
 def _grow_buffers(sock: socket.socket) -> None:
     global _small_buffer_said
     limit = BUFFER_LIMIT
@@ -1903,15 +1969,18 @@ def _grow_buffers(sock: socket.socket) -> None:
         return
     if got < UDP_BUFFER_BYTES and not _small_buffer_said:
         # An unprivileged process gets at most net.core.rmem_max (208 KiB on a stock Linux
-        # kernel): a fast download then loses datagrams in bursts while the tunnel works
-        # through the previous batch (bench_path --scenarios fast50 --udp-buffer 212992,
-        # 50 ms behind a 50 MB/s line: 0.63-0.86x Linux instead of 1.00x; at 12.5 MB/s no
-        # loss). wireguard-go, run as root, forces its own size.
+        # kernel, doubled): a fast download then loses datagrams in bursts while the
+        # tunnel works through the previous batch (bench_path --udp-buffer 212992, Debian
+        # 13, 50 ms: 2500-4200 per 300 MiB, 0.93x Linux). A receive group (sockgroup.py)
+        # makes up for it where the port is ephemeral (none dropped, 1.09x); the sysctl
+        # gives the full size everywhere. wireguard-go, run as root, forces its own size.
         _small_buffer_said = True
         logger.warning(
             "the OS gave the tunnel's UDP socket a %d KiB receive buffer, not the %d KiB "
-            "asked for: fast downloads (tens of MB/s) may lose datagrams. On Linux raise "
-            "the limit with `sysctl -w net.core.rmem_max=%d` (macOS: kern.ipc.maxsockbuf)",
+            "asked for: fast downloads (tens of MB/s) may lose datagrams (without a "
+            "ListenPort the tunnel receives on several sockets to make up for it). On "
+            "Linux raise the limit with `sysctl -w net.core.rmem_max=%d` (macOS: "
+            "kern.ipc.maxsockbuf)",
             got >> 10,
             UDP_BUFFER_BYTES >> 10,
             UDP_BUFFER_BYTES,
@@ -2017,7 +2086,10 @@ async def open_tunnel(
 
     Handshakes happen on demand, when the first packet for a peer is sent.
     ``socket_factory(family)`` creates the UDP socket(s) (default: bound to an ephemeral
-    port on all addresses, or the config's ListenPort). Hostname endpoints are resolved by
+    port on all addresses, or the config's ListenPort). Where the kernel grants the socket
+    only a small receive buffer, the tunnel receives on a group of sockets on its port
+    (:mod:`mitm_wg.runtime.sockgroup`): with the default sockets, or when the factory has
+    an attribute ``unbound(family)`` that makes an unbound socket where the factory's are. Hostname endpoints are resolved by
     ``endpoint_lookup`` (default: the host's resolver), again every ``reresolve_interval``
     seconds and when handshakes fail (:mod:`mitm_wg.runtime.endpoints`).
 
@@ -2062,6 +2134,8 @@ async def open_tunnel(
         families = {socket.AF_INET}
     sockets: dict[int, socket.socket] = {}
     gro: set[socket.socket] = set()  # the sockets the kernel agreed to give UDP GRO
+    groups: dict[socket.socket, list[socket.socket]] = {}  # receive groups (sockgroup.py)
+    group_factory = getattr(socket_factory, "unbound", None)
     transport: ViaTransport | None = None
 
     def make_socket(family: int) -> socket.socket:
@@ -2076,11 +2150,24 @@ async def open_tunnel(
                 raise _listen_port_error(config, e) from e
         else:
             sock = _default_socket_factory(family)
-        sock.setblocking(False)
-        _grow_buffers(sock)
+        _setup_socket(sock)
+        # An ephemeral port, and the kernel's buffer small (an unprivileged process under a
+        # stock kernel's rmem_max): receive on a group of sockets (sockgroup.py), each with
+        # a buffer of its own. (Never a ListenPort: another program must not share it.)
+        unbound = _new_udp_socket if socket_factory is None else group_factory
+        if unbound is not None and not config.listen_port:
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            count = group_size(granted, 2 * UDP_BUFFER_BYTES)
+            if count > 1:
+                group = open_group(sock, count, _setup_socket, unbound)
+                sock = group[0]
+                if len(group) > 1:
+                    groups[sock] = group
         # before the first datagram: one that arrives earlier is split up by the kernel
         if _enable_gro(sock):
             gro.add(sock)
+            for member in groups.get(sock, ()):
+                _enable_gro(member)
         sockets[family] = sock
         return sock
 
@@ -2099,6 +2186,7 @@ async def open_tunnel(
             handshake_timeout=handshake_timeout,
             gro_sockets=gro,
             read_hold=read_hold,
+            groups=groups,
         )
         if socket_factory is not None:  # (its sockets may live elsewhere: a namespace)
             tunnel._probe_socket = socket_factory
@@ -2164,6 +2252,7 @@ async def open_tunnel(
             raise unwrapped
     finally:
         for sock in sockets.values():
-            sock.close()
+            for member in groups.get(sock, [sock]):
+                member.close()
         if transport is not None:
             transport.close()
