@@ -60,28 +60,29 @@ def _read_all(sock: socket.socket) -> list[bytes]:
             return out
 
 
-def _group(count: int) -> list[socket.socket]:
-    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    first.bind(("127.0.0.1", 0))
+def _group(count: int, family: int = socket.AF_INET) -> list[socket.socket]:
+    first = socket.socket(family, socket.SOCK_DGRAM)
+    first.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
     return open_group(first, count, _setup)
 
 
-def test_the_kernel_gives_each_datagram_the_socket_the_program_says() -> None:
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_the_kernel_gives_each_datagram_the_socket_the_program_says(family: int) -> None:
     """Random counters, a run across the 16-bit wrap, and a datagram too short to carry a
-    counter, into a real group of 8: every socket holds exactly the datagrams ``picked``
-    gives it (the BPF program and its Python twin agree), in the order sent, and every
-    socket got some."""
-    group = _group(GROUP_MAX)
+    counter, into a real group of 8 (IPv4, IPv6): every socket holds exactly the datagrams
+    ``picked`` gives it (the BPF program and its Python twin agree), in the order sent,
+    and every socket got some."""
+    group = _group(GROUP_MAX, family)
     try:
         assert len(group) == GROUP_MAX
-        port = group[0].getsockname()[1]
-        assert {s.getsockname() for s in group} == {("127.0.0.1", port)}
+        address = group[0].getsockname()
+        assert {s.getsockname() for s in group} == {address}
         rng = random.Random(7)
         counters = [rng.randrange(1 << 48) for _ in range(400)] + list(range(65400, 65700))
         sent = [transport(c) for c in counters] + [b"\x01short"]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        with socket.socket(family, socket.SOCK_DGRAM) as tx:
             for datagram in sent:
-                tx.sendto(datagram, ("127.0.0.1", port))
+                tx.sendto(datagram, address[:2])
         time.sleep(0.05)
         got = [_read_all(s) for s in group]
     finally:

@@ -20,10 +20,10 @@ Datagrams too short to carry a counter (none are valid) go to the first socket.
 The reader drains the sockets of the group that have datagrams after a wake-up, until
 none has (:class:`GroupReader`), and hands the device, per endpoint, what it read in
 counter order again (:func:`in_order`): TCP inside the tunnel sees the datagrams in the
-order they were sent, as from one socket. (A rekey starts a
-session at counter 0: a wake-up that reads datagrams of both sessions from two sockets
-gives the new session's first, which only costs a moment's reordering every two minutes;
-handshake messages, which carry no counter, come first.)
+order they were sent, as from one socket. (A rekey starts a session at counter 0: a
+wake-up that reads datagrams of both sessions from two sockets gives the new session's
+first, which only costs a moment's reordering every two minutes; handshake messages,
+which carry no counter, come first.)
 
 The port: the group binds the port a plain socket got from the kernel's ephemeral range
 (free of every socket then, grouped or not) the moment that socket closes. The kernel
@@ -57,7 +57,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The most sockets in a group (each costs a descriptor and an empty read per wake-up).
+#: The most sockets in a group (each costs a descriptor, and memory while its buffer fills).
 GROUP_MAX = 8
 #: log2 of the run of consecutive counters that goes to one socket.
 RUN_SHIFT = 3

@@ -395,14 +395,14 @@ class Tunnel:
         group = self._groups.get(sock)
         poller = None
         readable: socket.socket | int = sock
+        source: socket.socket | GroupReader = sock  # what drain reads
         if group is not None:
             # A receive group (sockgroup.py): wait until any of its sockets has datagrams
             # (an epoll set of them is readable then), and drain those that have.
-            reader = GroupReader(group)
-            poller = reader.poller
+            source = GroupReader(group)
+            poller = source.poller
             readable = poller.fileno()
             drain = self._drain_group
-            sock = reader  # type: ignore[assignment]
         # Receive coalescing (readhold.py): after a wake-up, a busy stream's next read may
         # wait a moment on a timerfd of its own instead of on the socket.
         timer = open_timerfd() if self._read_hold else None
@@ -419,7 +419,7 @@ class Tunnel:
                 else:
                     await wait_readable(readable)  # (a schedule point either way)
                 now = trio.current_time()
-                count = drain(sock, now, gro)
+                count = drain(source, now, gro)
                 self.reads += 1
                 if packets:
                     # Decrypted packets were authenticated whole by WireGuard: no inner
@@ -2086,12 +2086,14 @@ async def open_tunnel(
 
     Handshakes happen on demand, when the first packet for a peer is sent.
     ``socket_factory(family)`` creates the UDP socket(s) (default: bound to an ephemeral
-    port on all addresses, or the config's ListenPort). Where the kernel grants the socket
-    only a small receive buffer, the tunnel receives on a group of sockets on its port
-    (:mod:`mitm_wg.runtime.sockgroup`): with the default sockets, or when the factory has
-    an attribute ``unbound(family)`` that makes an unbound socket where the factory's are. Hostname endpoints are resolved by
+    port on all addresses, or the config's ListenPort). Hostname endpoints are resolved by
     ``endpoint_lookup`` (default: the host's resolver), again every ``reresolve_interval``
     seconds and when handshakes fail (:mod:`mitm_wg.runtime.endpoints`).
+
+    Where the kernel grants a socket on an ephemeral port only a small receive buffer, the
+    tunnel receives on a group of sockets of that port (:mod:`mitm_wg.runtime.sockgroup`):
+    with the default sockets, or when ``socket_factory`` has an attribute
+    ``unbound(family)`` that makes an unbound socket where the factory's are.
 
     ``via``: another running tunnel to carry this one's WireGuard datagrams (multi-hop,
     :mod:`mitm_wg.runtime.via`): the peers' endpoints are reached, and hostnames resolved
