@@ -26,10 +26,14 @@ SCRIPTS = sorted((REPO / "bench").glob("bench_*.py"))
 TIMEOUT = 300
 #: More ``--smoke`` runs of a script, each with these flags added: code paths that a plain
 #: ``--smoke`` does not take (bench_path ``--ipv6``: both clients over IPv6 in the tunnel;
-#: bench_mitm_https ``--split``: the tunnel in a process of its own; ``--path``: every tunnel
-#: through an impairing relay).
+#: ``--udp-buffer``: a stock kernel's buffer, ours on a receive group and, as the third
+#: client, on one socket; bench_mitm_https ``--split``: the tunnel in a process of its own;
+#: ``--path``: every tunnel through an impairing relay).
 VARIANTS: dict[str, list[list[str]]] = {
-    "bench_path": [["--ipv6"]],
+    "bench_path": [
+        ["--ipv6"],
+        ["--udp-buffer", "212992", "--before-after", "--before", "group"],
+    ],
     "bench_mitm_https": [["--split"], ["--path", "rtt50"]],
 }
 
@@ -89,7 +93,7 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
         # reader woke
         ours = re.findall(
             r"^- .*: segments_in (\d+), segments_out (\d+), acks_coalesced \d+, retransmits \d+,"
-            r" reads (\d+), read_holds \d+$",
+            r" reads (\d+), read_holds \d+, group_merges \d+$",
             result.stdout,
             re.M,
         )
