@@ -341,6 +341,8 @@ async def test_a_black_hole_for_full_sized_packets(exit_peer: ExitPeer) -> None:
             assert got[0].sha256 == pattern_sha256(5 * MB)
             await stalled.aclose()
             assert relay.up.dropped > 0
+            while tunnel._probing:  # (the server's own big ping vanishes too: a hole)
+                await trio.sleep(0.05)
             assert tunnel.narrow_paths == {relay.address: 1200}
             assert tunnel.stack.stats.pmtu_told == 2  # (the stalled download, the upload)
 
@@ -350,6 +352,62 @@ async def test_a_black_hole_for_full_sized_packets(exit_peer: ExitPeer) -> None:
             await stream.aclose()
             await post(tunnel, peer.server_tunnel_v4, peer.http_port, 5 * MB)
             assert (relay.up.dropped, relay.down.dropped) == dropped
+
+
+async def test_full_sized_segments_lost_three_times_in_a_row_are_no_black_hole(
+    fresh_exit_peer: ExitPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lossy path now and then loses the same full-sized segment three timeouts in a
+    row (on 2 % loss each way, one timeout in ~600 goes on so; the CI's lossy end-to-end
+    path met it): the upload takes its path for a black hole, resends smaller, and the
+    smaller segment gets through. Here the relay drops the full-sized datagrams only
+    until the upload shrinks, then carries them again. The tunnel asks the server itself
+    with pings of both sizes: its big ping comes back, so the segments were lost, not
+    swallowed, and its connections go back to full-sized packets at once, without a
+    word of a black hole. (Before, that server narrowed as if a hole lay beyond the
+    exit, and with no other host to ask, as here, the whole endpoint did, with a warning
+    to set a smaller MTU in the config; and the server was told a narrower path, which
+    Linux keeps for ten minutes: its next connection offered the smaller MSS. A fresh
+    exit here, whose Linux was told nothing by earlier tests.)"""
+    peer = fresh_exit_peer
+    caplog.set_level(logging.INFO, logger="mitm_wg")
+    server = peer.server_tunnel_v4
+    raw = ipaddress.ip_address(server).packed
+    async with holey_tunnel(peer, hole=False) as (tunnel, relay):
+        asked = record_probes(tunnel)
+        with trio.fail_after(60):
+            stream = await tunnel.open_tcp_stream(server, peer.http_port)
+            result: list[Any] = []
+
+            async def upload() -> None:
+                result.append(await http_post_json(stream, "/upload", 5 * MB))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload)
+                while stream._sock.stats.segments_out < 50:  # (under way, full-sized)
+                    await trio.sleep(0.001)
+                relay.set_impairment(HOLE[4])
+                while stream._sock.stats.blackhole_shrinks == 0:
+                    await trio.sleep(0.001)
+                relay.set_impairment(Impairment())  # (the losses end)
+            assert result == [{"sha256": pattern_sha256(5 * MB), "size": 5 * MB}]
+            while tunnel._probing or tunnel._blackhole_watch:
+                await trio.sleep(0.05)
+            await stream.aclose()
+            assert asked == [("sent", server)]
+            assert tunnel.narrow_paths == {}
+            assert tunnel.stack.path_mtu(raw) == 1420 and raw not in tunnel._holes
+            assert "seem to vanish" not in caplog.text
+            assert (
+                f"full-sized segments to {server} were lost 3 times in a row, but pings of "
+                "1420 bytes to it come back: losses, not a black hole" in caplog.text
+            )
+            other = await tunnel.open_tcp_stream(server, peer.http_port)
+            posted = await http_post_json(other, "/upload", 5 * MB)
+            assert posted == {"sha256": pattern_sha256(5 * MB), "size": 5 * MB}
+            assert other._sock.stats.blackhole_shrinks == 0
+            assert other._sock._smss == 1420 - 40 - 12
+            await other.aclose()
 
 
 async def test_an_exit_restart_mid_upload_is_no_black_hole(fresh_exit_peer: ExitPeer) -> None:
@@ -960,7 +1018,8 @@ async def test_an_upload_into_a_black_hole(
     full-sized segments vanish, its small ACKs come back. The upload takes the path for
     a black hole after three timeouts in a row, resends smaller, and ends byte-exact;
     that server narrows at once (no use sending it more full-sized segments, wherever
-    the hole is), and pings to the tunnel's DNS server, the exit, tell where the hole is.
+    the hole is); its own big ping vanishes too (it was no mere loss), and pings to the
+    tunnel's DNS server, the exit, tell where the hole is.
     Beyond the exit (on the way to that server alone): they come back full-sized, so
     only that server stays narrowed, the endpoint stays wide, and an upload to the exit
     keeps full-sized segments (before, every connection through the endpoint shrank,
@@ -999,7 +1058,7 @@ async def test_an_upload_into_a_black_hole(
                 assert stream._sock.stats.blackhole_shrinks == 1
                 while tunnel._probing or tunnel._blackhole_watch:
                     await trio.sleep(0.05)
-                assert asked == [("confirm", peer.dns_server)]
+                assert asked == [("sent", origin), ("confirm", peer.dns_server)]
                 assert tunnel.stack.path_mtu(origin) == narrowed
                 vanish = f"full-sized packets to {origin} seem to vanish beyond WireGuard "
                 warning = f"full-sized packets to WireGuard endpoint {host}:{port} seem to vanish"

@@ -105,9 +105,10 @@ class _Probing(NamedTuple):
     the exit to ``host`` a hole?), "up" (is a black hole gone? ``_reprobe``; with
     ``host``: the one on the way to that host). ``tcp``: the stalled connection, whose
     signs of a black hole (``_hole_signs``) are read when a verdict needs them (the
-    answer to its question to the server may come after the stall). ``sent``: a
-    "confirm" for a hole our own segments found on the way to ``host``
-    (``_sent_into_hole``), not the server's."""
+    answer to its question to the server may come after the stall). "sent": our own
+    full-sized segments to ``host`` vanished (``_sent_into_hole``): does its big ping come
+    back? ``sent``: that, or the "confirm" that follows it, for a hole our own segments
+    found on the way to ``host``, not the server's."""
 
     key: tuple[str, int]
     peer: Peer
@@ -851,24 +852,68 @@ class Tunnel:
     def _sent_into_hole(self, tcp: TcpSocket, peer: Peer, now: float) -> None:
         """``tcp``'s smaller segments got through where its full-sized ones vanished
         (``_watch_blackholes``): a black hole on the way to its server, under the tunnel
-        or beyond the exit. That server's connections, and those opened later, send
-        segments that fit at once (``_narrow_host``), and another host behind the same
-        peer is asked with pings whether the path under the tunnel carries full-sized
-        packets (``_ask_another``); ``_confirm`` decides: every connection through the
-        endpoint shrinks (``_narrow``), or only that server's stay small. With nobody to
-        ask, the endpoint narrows at once: a hole under the tunnel (the user's own line)
-        is the likelier, and it spares every other connection its own timeouts."""
+        or beyond the exit, or a lossy path that lost the same segment three times in a
+        row (on a path losing 2 % each way, one timeout in ~600 goes on so). That server's
+        connections, and those opened later, send segments that fit at once
+        (``_narrow_host``; the server is told only once it is no mere loss: Linux would
+        keep the smaller size for ten minutes), and the server itself is asked with pings
+        of both sizes (kind "sent", ``_sent_verdict``): its big ping back, the losses were
+        losses and it gets full-sized packets again; else another host tells where the
+        hole lies (``_sent_unanswered``). A server that answered no ping lately is not
+        asked."""
         assert peer.endpoint is not None
         key = (peer.endpoint[0], peer.endpoint[1])
         host, small = tcp.remote_addr, tcp.config.blackhole_mtu
         big = self.stack.path_mtu(host)
         if big <= small or self._asking(host) or self._asking(key):
             return  # (narrowed already, or a question under way will settle it)
-        why = _Probing(key, peer, peer.handshakes_completed, "confirm", host, tcp, sent=True)
-        if self._ask_another(why, host, big, small, _interval(tcp), now):
-            self._narrow_host(host, small, now)
+        why = _Probing(key, peer, peer.handshakes_completed, "sent", host, tcp, sent=True)
+        self._narrow_host(host, small, now, tell=False)  # (told once it is no mere loss)
+        if self._recently(self._silent, host, now):
+            self._sent_unanswered(why, big, small, now)
         else:
-            self._narrow(key, small, hole_at=now)
+            self._ask(why, tcp.local_addr, host, big, small, now, _interval(tcp))
+
+    def _sent_verdict(self, probe: PathProbe, why: _Probing, now: float) -> None:
+        """The server our full-sized segments vanished on the way to (``_sent_into_hole``)
+        answered pings. Its big ping back, or a new session meanwhile (the exit restarted,
+        which explains the timeouts as well): no hole on the way to it, the segments were
+        lost (a lossy Wi-Fi loses one three times in a row now and then), and its
+        connections go back to full-sized packets. Only its small ping back, or none (it
+        answers no ping): ``_sent_unanswered``."""
+        host, verdict = why.host, probe.verdict
+        if verdict is Verdict.FITS or not why.current:
+            if verdict is Verdict.FITS:
+                self._note(self._probed, host, now)
+            self._widen_host(host, quiet=True)
+            logger.info(
+                "full-sized segments to %s were lost %d times in a row, but %s: "
+                "losses, not a black hole; TCP with it keeps packets of up to %d bytes",
+                ipaddress.ip_address(host),
+                self.stack.tcp_config.blackhole_rtos,
+                f"pings of {probe.big} bytes to it come back"
+                if verdict is Verdict.FITS
+                else "the exit started a new session meanwhile",
+                self.stack.path_mtu(host),
+            )
+            return
+        if verdict is Verdict.UNKNOWN:
+            self._note(self._silent, host, now)
+        self._sent_unanswered(why, probe.big, probe.small, now)
+
+    def _sent_unanswered(self, why: _Probing, big: int, small: int, now: float) -> None:
+        """Our full-sized segments to ``why.host`` vanished, and its own big ping did too
+        (or it answers no ping): its servers are told (``_tell_host``), and another host
+        behind the same peer is asked whether the path under the tunnel carries
+        full-sized packets (``_ask_another``); ``_confirm`` decides: every connection
+        through the endpoint shrinks (``_narrow``), or only that server's stay small
+        (narrowed already). With nobody to ask, the endpoint narrows at once: a hole under
+        the tunnel (the user's own line) is the likelier, and it spares every other
+        connection its own timeouts."""
+        self._tell_host(why.host)
+        interval = _interval(why.tcp) if why.tcp is not None else 0.5
+        if not self._ask_another(why._replace(kind="confirm"), why.host, big, small, interval, now):
+            self._narrow(why.key, small, hole_at=now)
 
     def _check_stalls(self, now: float) -> None:
         """A connection saw signs that its peer's full-sized segments vanish on the way to
@@ -947,7 +992,9 @@ class Tunnel:
             ipaddress.ip_address(probe.remote), format_endpoint(key), probe.big,
             probe.small, verdict.value if verdict else None,
         )  # fmt: skip
-        if kind == "confirm":
+        if kind == "sent":
+            self._sent_verdict(probe, why, now)
+        elif kind == "confirm":
             self._confirm(probe, why, now)
         elif verdict is Verdict.UNKNOWN:
             self._note(self._silent, probe.remote, now)
@@ -1176,27 +1223,37 @@ class Tunnel:
             ):
                 stack.raise_path_mtu(tcp.remote_addr, stack.mtu)
 
-    def _narrow_host(self, host: bytes, inner: int, now: float) -> None:
+    def _narrow_host(self, host: bytes, inner: int, now: float, tell: bool = True) -> None:
         """Packets of ``inner`` bytes reach ``host`` (raw address) and come back, full-sized
         ones not: its connections, and those opened later, send segments that fit and
         offer that MSS, and the servers of open ones are told (as ``_narrow`` does for a
-        whole endpoint); asked again in ``reprobe_after`` seconds (``_reprobe``)."""
-        stack = self.stack
-        stack.lower_path_mtu(host, inner)
+        whole endpoint; unless not ``tell``: ``_tell_host`` later); asked again in
+        ``reprobe_after`` seconds (``_reprobe``)."""
+        self.stack.lower_path_mtu(host, inner)
         self._set_hole(host, now + self.reprobe_after)
+        if tell:
+            self._tell_host(host)
+
+    def _tell_host(self, host: bytes) -> None:
+        """Tell the server ``host`` of each open connection that its path to us carries
+        only our narrowed size (an ICMP error through the tunnel, as a router would send).
+        (Linux keeps such a path MTU for ten minutes and offers the smaller MSS in new
+        connections meanwhile: no way to take it back.)"""
+        stack = self.stack
         for tcp in stack.tcp_sockets:
             if tcp.remote_addr == host and tcp.state in _PEER_SENDS:
                 stack.tell_remote_path_mtu(tcp, stack.path_mtu(host))
 
-    def _widen_host(self, host: bytes) -> None:
+    def _widen_host(self, host: bytes, quiet: bool = False) -> None:
         """Host ``host``'s path, narrowed alone (``_narrow_host``), is no longer: its
-        connections go back to the size of their endpoint's path."""
+        connections go back to the size of their endpoint's path (said unless ``quiet``:
+        the caller says why)."""
         self._set_hole(host, None)
         peer = self.device.route(host)
         inner = self.stack.mtu
         if peer is not None and peer.endpoint is not None:
             inner = self.narrow_paths.get((peer.endpoint[0], peer.endpoint[1]), inner)
-        if self.stack.raise_path_mtu(host, inner):
+        if self.stack.raise_path_mtu(host, inner) and not quiet:
             logger.info(
                 "full-sized packets from %s pass again: TCP with it uses packets of up to "
                 "%d bytes again",
