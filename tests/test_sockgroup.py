@@ -187,6 +187,29 @@ def test_a_port_taken_meanwhile_leaves_one_socket_on_a_new_port(
             s.close()
 
 
+def test_a_socket_that_joins_the_groups_port_gets_nothing() -> None:
+    """Another socket of the same user binds the group's port with SO_REUSEPORT (the
+    kernel lets it join the group): the program picks only the group's own sockets, so it
+    receives none of 500 datagrams, and the group all of them."""
+    group = _group(4)
+    port = group[0].getsockname()[1]
+    joiner = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        joiner.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        joiner.bind(("127.0.0.1", port))
+        joiner.setblocking(False)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for counter in range(500):
+                tx.sendto(transport(counter), ("127.0.0.1", port))
+        time.sleep(0.05)
+        assert _read_all(joiner) == []
+        assert sum(len(_read_all(s)) for s in group) == 500
+    finally:
+        joiner.close()
+        for s in group:
+            s.close()
+
+
 def test_wg_order_puts_handshakes_first_then_counters() -> None:
     datagrams = [transport(5), b"\x02" + b"\0" * 91, transport(1), transport(1 << 40)]
     assert [wg_order(d) for d in datagrams] == [5, -1, 1, 1 << 40]

@@ -29,7 +29,10 @@ The port: the group binds the port a plain socket got from the kernel's ephemera
 (free of every socket then, grouped or not) the moment that socket closes. The kernel
 lets a later ``SO_REUSEPORT`` bind to port 0 by the same user land in an existing group,
 so the group itself never binds port 0. A config's ListenPort is never grouped: a second
-program with the same port must fail to bind it, not share its datagrams.
+program with the same port must fail to bind it, not share its datagrams. (Another
+process of the same user may still join the group by binding its port with
+``SO_REUSEPORT``, but is never picked: the program returns only the group's own indexes.
+Another user's cannot bind it at all.)
 
 Sends go out of the group's first socket (the source port is the same for all).
 """
@@ -192,10 +195,11 @@ class GroupReader:
     has, every datagram that came before that moment has been read, so none still waiting
     is older than one read, and what it read, merged (:func:`in_order`), is in the
     sender's order. (Each pass is shorter than the one before: reading takes a few
-    microseconds a datagram, a fraction of the time between two on the fastest paths.) Reading the sockets
-    only once would leave datagrams that reach an already read socket while a later one is
-    read, older than some read from that one: TCP inside the tunnel would see them out of
-    order (in the lab, 260 reorderings per 300 MiB at 50 ms, which the server counted)."""
+    microseconds a datagram, a fraction of the time between two on the fastest paths.)
+    Reading the sockets only once would leave datagrams that reach an already read socket
+    while a later one is read, older than some read from that one: TCP inside the tunnel
+    would see them out of order (in the lab, 260 reorderings per 300 MiB at 50 ms, which
+    the server counted)."""
 
     __slots__ = ("_by_fd", "poller", "sockets")
 
@@ -217,8 +221,8 @@ class GroupReader:
 
 
 def wg_order(datagram: bytes | memoryview) -> int:
-    """The sort key that puts a WireGuard transport message in counter order (its
-    counter), after the messages that carry none (-1: handshakes, cookie replies)."""
+    """The sort key that puts WireGuard transport messages in counter order (the
+    counter), and the messages that carry none (handshakes, cookie replies: -1) first."""
     if datagram[0] == _TRANSPORT and len(datagram) >= 16:
         return int.from_bytes(datagram[8:16], "little")
     return -1
