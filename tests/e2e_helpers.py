@@ -819,6 +819,12 @@ def curl(ns: Any, *args: str, max_time: float = 30.0) -> CurlResult:
     return CurlResult(r.returncode, int(code or 0), version, headers, data, r.stderr, elapsed)
 
 
+def curl_via(ns: Any, proxy: Mitmdump, url: str, *args: str, max_time: float = 30.0) -> CurlResult:
+    """curl inside ``ns`` through ``proxy`` (HTTP CONNECT), trusting its CA: ``url`` with
+    ``args`` before it."""
+    return curl(ns, "--cacert", str(proxy.ca_pem), "-x", proxy.proxy, *args, url, max_time=max_time)
+
+
 # -- WebSocket client over a CONNECT tunnel ---------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from e2e_helpers import (
     WsClient,
     assert_pattern,
     curl,
+    curl_via,
     pattern,
     run_mitmdump,
     tunnel_addresses,
@@ -140,15 +141,8 @@ SIZE_20_MB = 20 * 1024 * 1024
 
 def test_20_mb_download_byte_exact(exit_peer: Any, origin: Origin, proxy: Mitmdump) -> None:
     """HTTPS (curl offers h2: h2 on both legs), origin → tunnel → mitmproxy → curl."""
-    r = curl(
-        exit_peer.client_ns,
-        "--cacert",
-        str(proxy.ca_pem),
-        "-x",
-        proxy.proxy,
-        f"https://{ORIGIN_NAME}/bytes/{SIZE_20_MB}",
-        max_time=90,
-    )
+    url = f"https://{ORIGIN_NAME}/bytes/{SIZE_20_MB}"
+    r = curl_via(exit_peer.client_ns, proxy, url, max_time=90)
     assert_pattern(r, SIZE_20_MB)
     assert _last_request(origin, f"/bytes/{SIZE_20_MB}")["client"] in tunnel_addresses(exit_peer)
 

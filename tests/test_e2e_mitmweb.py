@@ -24,7 +24,7 @@ from e2e_helpers import (
     VENV_BIN,
     Mitmdump,
     Origin,
-    curl,
+    curl_via,
     run_mitmdump,
     tunnel_addresses,
     wait_for,
@@ -107,14 +107,7 @@ def test_flows_through_the_tunnel_show_in_the_web_ui(
     exit_peer: Any, mitmweb: tuple[Mitmdump, Web]
 ) -> None:
     proxy, web = mitmweb
-    r = curl(
-        exit_peer.client_ns,
-        "--cacert",
-        str(proxy.ca_pem),
-        "-x",
-        proxy.proxy,
-        f"https://{ORIGIN_NAME}/echo/web-ui",
-    )
+    r = curl_via(exit_peer.client_ns, proxy, f"https://{ORIGIN_NAME}/echo/web-ui")
     assert r.status == 200, (r.status, r.stderr)
     assert r.json()["client"] in tunnel_addresses(exit_peer)
 

@@ -24,7 +24,7 @@ from e2e_helpers import (
     Mitmdump,
     Origin,
     assert_pattern,
-    curl,
+    curl_via,
     run_mitmdump,
     tunnel_addresses,
     write_client_config,
@@ -80,15 +80,7 @@ def test_a_download_through_mitmdump_is_received_on_a_group(
     assert said == [str(2 * STOCK >> 10)], said
     port, count = _udp_ports(exit_peer, proxy.proc.pid).most_common(1)[0]
     assert count == 8, (port, count)
-    r = curl(
-        exit_peer.client_ns,
-        "--cacert",
-        str(proxy.ca_pem),
-        "-x",
-        proxy.proxy,
-        f"https://{ORIGIN_NAME}/bytes/{SIZE}",
-        max_time=90,
-    )
+    r = curl_via(exit_peer.client_ns, proxy, f"https://{ORIGIN_NAME}/bytes/{SIZE}", max_time=90)
     assert_pattern(r, SIZE)
     seen = [e for e in origin.requests() if e.get("path") == f"/bytes/{SIZE}"]
     assert seen and seen[-1]["client"] in tunnel_addresses(exit_peer)
