@@ -27,6 +27,7 @@ from mitm_wg.keys import encode_key, generate_private_key, public_key_of
 from mitm_wg.mitmproxy import patch
 from mitm_wg.mitmproxy.addon import WireGuardAddon
 from mitm_wg.runtime import open_tunnel
+from mitm_wg.runtime import tunnel as tunnel_module
 from mitm_wg.wireguard.device import Device
 
 NAME = "exit.wg.test"
@@ -214,9 +215,17 @@ def config_text(peer: ExitPeer) -> str:
     return peer.client_config_text(dns=False, endpoint=peer.endpoint_v6)
 
 
-def test_follows_a_move_from_ipv4_to_ipv6(fresh_exit_peer: ExitPeer) -> None:
+@pytest.mark.parametrize("buffer", ["lab", "stock"])
+def test_follows_a_move_from_ipv4_to_ipv6(
+    fresh_exit_peer: ExitPeer, monkeypatch: pytest.MonkeyPatch, buffer: str
+) -> None:
     """The name moves from the exit's IPv4 address to its IPv6 one: the tunnel opens an IPv6
-    socket and follows, the old address gone."""
+    socket and follows, the old address gone. With a stock kernel's buffer limit (an
+    unprivileged process's 416 KiB: ``tunnel.BUFFER_LIMIT``) each family's socket is a
+    receive group of 8 (mitm_wg/runtime/sockgroup.py), the IPv6 one opened by the move."""
+    if buffer == "stock":
+        monkeypatch.setattr(tunnel_module, "BUFFER_LIMIT", 212992)
+        monkeypatch.setattr(tunnel_module, "_small_buffer_said", True)  # (said elsewhere)
     peer = fresh_exit_peer
     assert peer.endpoint_v6 is not None
     hosts = Hosts()
@@ -244,6 +253,9 @@ def test_follows_a_move_from_ipv4_to_ipv6(fresh_exit_peer: ExitPeer) -> None:
             resp = await http_get(stream, "/bytes/300000")  # the same connection goes on
             assert resp.sha256 == pattern_sha256(300000)
             await stream.aclose()
+            groups = {s.family: len(tunnel._groups.get(s, [s])) for s in tunnel._sockets.values()}
+            size = 8 if buffer == "stock" else 1
+            assert groups == {socket.AF_INET: size, socket.AF_INET6: size}
         assert peer.endpoint_v6 in factory.destinations
 
     trio.run(guarded, main)
