@@ -279,7 +279,8 @@ async def test_a_download_with_a_stock_kernels_buffer_comes_through_a_group(
 ) -> None:
     """Through wireguard-go + Linux, with the receive buffer an unprivileged process gets
     under a stock kernel: the tunnel receives on a group of 8 sockets of one port (its
-    status counts their buffers together), the datagrams spread over them, the device gets
+    status says so, and counts their buffers together), the datagrams spread over them, the
+    device gets
     every session's in the order wireguard-go sent them (its counters only rise: the veth
     and wireguard-go's queue keep the order), and 40 MiB arrive byte-exact."""
     monkeypatch.setattr(tunnel_module, "BUFFER_LIMIT", STOCK)
@@ -316,5 +317,9 @@ async def test_a_download_with_a_stock_kernels_buffer_comes_through_a_group(
     assert tunnel.group_merges > 0  # datagrams came from several sockets at once
     assert inversions == 0, (inversions, handed)
     assert status.receive_buffer == GROUP_MAX * 2 * STOCK
+    assert status.receive_sockets == GROUP_MAX
+    assert f"receiving on {GROUP_MAX} UDP sockets of one port, 416 KiB of buffer each" in str(
+        status
+    )
     # what it sent went out of the group's first socket, to the exit alone
     assert factory.destinations == {exit_peer.endpoint}

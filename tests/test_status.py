@@ -92,3 +92,16 @@ def test_tunnel_status_renders_like_wg_show() -> None:
         "handshakes=2\n  the kernel dropped 214 datagram(s) at the tunnel's UDP socket, its "
         "receive buffer (416 KiB) full: net.core.rmem_max limits it"
     )
+    # a receive group (sockgroup.py): said, and drops summed over its sockets
+    status = TunnelStatus([peer], 3, 1.8e9, receive_buffer=8 * 425984, receive_sockets=8)
+    assert str(status).endswith(
+        "handshakes=2\n  receiving on 8 UDP sockets of one port, 416 KiB of buffer each: "
+        "net.core.rmem_max allows no more for one"
+    )
+    status = TunnelStatus(
+        [peer], 3, 1.8e9, socket_drops=5, receive_buffer=8 * 425984, receive_sockets=8
+    )
+    assert str(status).endswith(
+        "for one\n  the kernel dropped 5 datagram(s) at the tunnel's UDP sockets, their "
+        "receive buffers (3328 KiB) full: net.core.rmem_max limits it"
+    )

@@ -146,6 +146,9 @@ class TunnelStatus:
     #: as the kernel reports it (bytes).
     socket_drops: int = 0
     receive_buffer: int = 0
+    #: How many sockets receive together (a receive group, sockgroup.py; 1: none), their
+    #: buffers ``receive_buffer`` together.
+    receive_sockets: int = 1
 
     def handshake_age(self, peer: PeerStatus) -> float | None:
         """Seconds from ``peer``'s last completed handshake to this snapshot, or None."""
@@ -153,16 +156,25 @@ class TunnelStatus:
 
     @property
     def notes(self) -> tuple[str, ...]:
-        """What the rendering adds under the peers, a line each: the narrowed paths, and
-        the datagrams the kernel dropped at the tunnel's socket (if any)."""
-        if not self.socket_drops:
-            return self.narrowed
-        return (
-            *self.narrowed,
-            f"the kernel dropped {self.socket_drops} datagram(s) at the tunnel's UDP socket, "
-            f"its receive buffer ({self.receive_buffer >> 10} KiB) full: net.core.rmem_max "
-            "limits it",
-        )
+        """What the rendering adds under the peers, a line each: the narrowed paths, a
+        receive group (the kernel's limit on one socket's buffer made the tunnel receive on
+        several), and the datagrams the kernel dropped at the tunnel's sockets (if any)."""
+        notes = list(self.narrowed)
+        count = self.receive_sockets
+        if count > 1:
+            notes.append(
+                f"receiving on {count} UDP sockets of one port, "
+                f"{self.receive_buffer // count >> 10} KiB of buffer each: net.core.rmem_max "
+                "allows no more for one"
+            )
+        if self.socket_drops:
+            where = "its receive buffer" if count == 1 else "their receive buffers"
+            notes.append(
+                f"the kernel dropped {self.socket_drops} datagram(s) at the tunnel's UDP "
+                f"socket{'s' if count > 1 else ''}, {where} ({self.receive_buffer >> 10} KiB) "
+                "full: net.core.rmem_max limits it"
+            )
+        return tuple(notes)
 
     def __str__(self) -> str:
         lines = [f"{self.open_connections} open connection(s)"]
@@ -1370,6 +1382,7 @@ class Tunnel:
     def status(self) -> TunnelStatus:
         socks: list[socket.socket] = []
         receive_buffer = 0  # (a group's: all its sockets' together)
+        receive_sockets = 1
         for sock in self._sockets.values():
             group = self._groups.get(sock, [sock])
             socks += group
@@ -1377,7 +1390,8 @@ class Tunnel:
                 size = sum(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in group)
             except OSError:
                 continue
-            receive_buffer = max(receive_buffer, size)
+            if size > receive_buffer:
+                receive_buffer, receive_sockets = size, len(group)
         return TunnelStatus(
             self.device.status(),
             len(self._streams),
@@ -1385,6 +1399,7 @@ class Tunnel:
             self.narrowed(),
             socket_drops=socket_drops(socks),
             receive_buffer=receive_buffer,
+            receive_sockets=receive_sockets,
         )
 
     def narrowed(self) -> tuple[str, ...]:
