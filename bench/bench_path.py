@@ -591,13 +591,16 @@ def _client_socket_factory(peer: ExitPeer, grouped: bool = True) -> Any:
     """Our tunnel's UDP sockets, in the client's namespace; ``grouped``: a small buffer
     (--udp-buffer) makes a receive group there, as with the default sockets."""
 
+    def unbound(family: int) -> socket.socket:
+        return peer.client_ns.socket(family, socket.SOCK_DGRAM)
+
     def factory(family: int) -> socket.socket:
-        sock = peer.client_ns.socket(family, socket.SOCK_DGRAM)
+        sock = unbound(family)
         sock.bind(("0.0.0.0", 0))
         return sock
 
     if grouped:
-        factory.unbound = lambda family: peer.client_ns.socket(family, socket.SOCK_DGRAM)  # type: ignore[attr-defined]
+        factory.unbound = unbound  # type: ignore[attr-defined]
     return factory
 
 

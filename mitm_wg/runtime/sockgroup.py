@@ -55,6 +55,7 @@ __all__ = [
     "in_order",
     "open_group",
     "picked",
+    "udp_socket",
     "wg_order",
 ]
 
@@ -140,7 +141,8 @@ def group_size(granted: int, wanted: int) -> int:
     return count
 
 
-def _new_socket(family: int) -> socket.socket:
+def udp_socket(family: int) -> socket.socket:
+    """An unbound UDP socket of ``family`` (a group's member; the runtime's path probes)."""
     return socket.socket(family, socket.SOCK_DGRAM)
 
 
@@ -148,7 +150,7 @@ def open_group(
     first: socket.socket,
     count: int,
     setup: Callable[[socket.socket], None],
-    new_socket: Callable[[int], socket.socket] = _new_socket,
+    new_socket: Callable[[int], socket.socket] = udp_socket,
 ) -> list[socket.socket]:
     """Replace ``first`` (bound to an ephemeral port) by a group of ``count`` sockets on
     its port, made by ``new_socket(family)`` (unbound, where ``first`` was made: a network

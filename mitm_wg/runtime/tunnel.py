@@ -41,7 +41,7 @@ from mitm_wg.runtime.endpoints import (
     resolve_endpoints,
 )
 from mitm_wg.runtime.readhold import HOLD_REFRESH, ReadHold
-from mitm_wg.runtime.sockgroup import GroupReader, group_size, in_order, open_group
+from mitm_wg.runtime.sockgroup import GroupReader, group_size, in_order, open_group, udp_socket
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
@@ -225,14 +225,6 @@ def _interval(tcp: TcpSocket) -> float:
     return max(0.5, 2.0 * (tcp.srtt or 0.0))
 
 
-def _probe_socket_factory(family: int) -> socket.socket:
-    return socket.socket(family, socket.SOCK_DGRAM)
-
-
-def _new_udp_socket(family: int) -> socket.socket:
-    return socket.socket(family, socket.SOCK_DGRAM)
-
-
 def _default_socket_factory(family: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
@@ -364,7 +356,7 @@ class Tunnel:
         self._reprobe_at = _NEVER
         self._reprobe_after = REPROBE_AFTER
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
-        self._probe_socket: SocketFactory = _probe_socket_factory
+        self._probe_socket: SocketFactory = udp_socket
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
         self.endpoint_refresher: EndpointRefresher | None = None
 
@@ -922,8 +914,9 @@ class Tunnel:
         (narrowed already). With nobody to ask, the endpoint narrows at once: a hole under
         the tunnel (the user's own line) is the likelier, and it spares every other
         connection its own timeouts."""
+        assert why.tcp is not None  # (_sent_into_hole's: the connection that found it)
         self._tell_host(why.host)
-        interval = _interval(why.tcp) if why.tcp is not None else 0.5
+        interval = _interval(why.tcp)
         if not self._ask_another(why._replace(kind="confirm"), why.host, big, small, interval, now):
             self._narrow(why.key, small, hole_at=now)
 
@@ -2228,7 +2221,7 @@ async def open_tunnel(
         # An ephemeral port, and the kernel's buffer small (an unprivileged process under a
         # stock kernel's rmem_max): receive on a group of sockets (sockgroup.py), each with
         # a buffer of its own. (Never a ListenPort: another program must not share it.)
-        unbound = _new_udp_socket if socket_factory is None else group_factory
+        unbound = udp_socket if socket_factory is None else group_factory
         if unbound is not None and not config.listen_port:
             granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             count = group_size(granted, 2 * UDP_BUFFER_BYTES)
@@ -2237,11 +2230,10 @@ async def open_tunnel(
                 sock = group[0]
                 if len(group) > 1:
                     groups[sock] = group
-        # before the first datagram: one that arrives earlier is split up by the kernel
-        if _enable_gro(sock):
+        # before the first datagram: one that arrives earlier is split up by the kernel.
+        # (Read with recvmsg if any member has it: that reads a member without GRO right.)
+        if any([_enable_gro(member) for member in groups.get(sock, [sock])]):
             gro.add(sock)
-            for member in groups.get(sock, ()):
-                _enable_gro(member)
         sockets[family] = sock
         return sock
 
