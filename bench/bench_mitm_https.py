@@ -1,4 +1,4 @@
-"""HTTPS bulk download through mitmdump: our tunnel (addon) vs the kernel path, side by side (root).
+"""HTTPS bulk download (or upload) through mitmdump: our tunnel (addon) vs the kernel path, side by side (root).
 
 Layout (tests/harness exit peer, IPv4 only):
 
@@ -14,7 +14,10 @@ Layout (tests/harness exit peer, IPv4 only):
        mitmproxy; this mitmdump does not verify the origin (it connects to 127.0.0.1);
   A and B intercept TLS and verify the origin with ``ssl_verify_upstream_trusted_ca``;
 * the client is the same curl in the client namespace for both (``-x`` the proxy,
-  ``--cacert`` the proxy's CA, HTTP/1.1 unless ``--h2``), body to /dev/null.
+  ``--cacert`` the proxy's CA, HTTP/1.1 unless ``--h2``), body to /dev/null; with
+  ``--upload`` curl PUTs a file of that size instead (nginx's WebDAV module stores it on a
+  tmpfs, and each round deletes it): mitmproxy takes the request body from curl (as it
+  buffers bodies unless ``stream_large_bodies`` is set), then sends it upstream.
 
 Both proxies stay up for the whole run; the rounds alternate A, B, A, B, ... and the script
 prints MB/s per round, the medians and the ratio B / A. Each round also downloads the file
@@ -60,6 +63,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +103,13 @@ http {{
         ssl_certificate {cert};
         ssl_certificate_key {key};
         root {www};
+        location /up/ {{
+            dav_methods PUT;
+            client_max_body_size 0;
+            client_body_buffer_size 1m;
+            client_body_temp_path {up}/body;
+            root {up};
+        }}
     }}
 }}
 """
@@ -132,8 +143,9 @@ def port_from_log(proc: subprocess.Popen[Any], log: Path, pattern: str, what: st
 
 
 @contextlib.contextmanager
-def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, str]]:
-    """nginx on the exit's tunnel address:443 serving /file (``size`` bytes); yields (CA, path).
+def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, str, Path]]:
+    """nginx on the exit's tunnel address:443 serving /file (``size`` bytes) and storing PUTs
+    under /up/; yields (CA, path, the directory on a tmpfs where /up/NAME lands as ./NAME).
     ``idle``: connections held open all run besides (:func:`bench_path.nginx_room`)."""
     from bench_path import nginx_room
     from tlsorigin import make_ca_and_leaf
@@ -150,6 +162,10 @@ def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, st
     os.chmod(work, 0o755)
     os.chmod(www, 0o755)
     os.chmod(www / "file", 0o644)
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    up = Path(tempfile.mkdtemp(prefix="mwg-bench-https-", dir=shm))  # uploads: no disk
+    (up / "up").mkdir()
+    (up / "body").mkdir()
     ca, leaf, key = make_ca_and_leaf(work, ["origin.test"], [peer.server_tunnel_v4])
     conf = work / "nginx.conf"
     conf.write_text(
@@ -159,6 +175,7 @@ def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, st
             cert=leaf,
             key=key,
             www=www,
+            up=up,
             **nginx_room(idle, keepalive=60),
         )
     )
@@ -176,9 +193,10 @@ def nginx_origin(peer: Any, size: int, idle: int = 0) -> Iterator[tuple[Path, st
             return peer.server_tunnel_v4 in r.stdout
 
         wait_until(listening, 15, "nginx to listen")
-        yield ca, "/file"
+        yield ca, "/file", up / "up"
     finally:
         peer.ns.kill(proc)
+        shutil.rmtree(up, ignore_errors=True)
 
 
 IDLE_HOLDER = r"""
@@ -338,6 +356,22 @@ def curl_download(peer: Any, url: str, size: int, *curl_args: str, timeout: floa
     return size / float(took) / 1e6
 
 
+def curl_upload(peer: Any, url: str, body: Path, *curl_args: str, timeout: float = 600) -> float:
+    """One PUT of ``body`` with curl in the client namespace; returns MB/s (10**6 bytes/s)."""
+    size = body.stat().st_size
+    argv = [
+        "curl", "-sS", "--max-time", str(int(timeout)), "-o", "/dev/null", "-T", str(body),
+        "-H", "Expect:",  # no 1 s wait for a 100 Continue
+        "-w", "%{http_code} %{size_upload} %{time_total}", *curl_args, url,
+    ]  # fmt: skip
+    env = dict(os.environ, NO_PROXY="", no_proxy="")
+    r = peer.client_ns.exec(argv, check=False, timeout=timeout + 30, env=env)
+    code, sent, took = [*r.stdout.split(), "", "", ""][:3]
+    if r.returncode or code not in ("201", "204") or int(sent) != size:
+        raise RuntimeError(f"upload failed: rc={r.returncode} {r.stdout!r} {r.stderr!r}")
+    return size / float(took) / 1e6
+
+
 def process_counters(pid: int) -> tuple[float, int, float]:
     """(CPU seconds, context switches, CPU seconds of the main thread) of a process so far:
     all its threads, and the main (asyncio) thread alone; the rest is the other threads
@@ -457,6 +491,11 @@ def main() -> None:
         action="store_true",
         help="experiment: also our tunnel in a process of its own, as a loopback forwarder",
     )
+    ap.add_argument(
+        "--upload",
+        action="store_true",
+        help="PUT the file to the origin instead of downloading it (HTTPS upload)",
+    )
     args = ap.parse_args()
     size = (1 if args.smoke else args.mb) << 20
     rounds = 1 if args.smoke else args.rounds
@@ -507,7 +546,7 @@ def main() -> None:
             return conf
 
         http = [] if args.h2 else ["--http1.1"]
-        origin_ca, path = st.enter_context(
+        origin_ca, path, uploads = st.enter_context(
             nginx_origin(peer, size, idle=args.idle * (2 + len(args.variant) + args.split))
         )
         st.enter_context(
@@ -560,6 +599,27 @@ def main() -> None:
             proxies.append(("D split", proxy))
             workers["D split"] = pid
         url = f"https://{peer.server_tunnel_v4}{path}"
+        body = uploads.parent / "client-body"
+        if args.upload:
+            with open(body, "wb") as f:
+                for _ in range(size >> 20):
+                    f.write(os.urandom(1 << 20))
+                f.write(os.urandom(size & ((1 << 20) - 1)))
+
+        def transfer(name: str, *curl_args: str) -> float:
+            """One download, or one upload (then the file the origin stored is checked and
+            deleted), with curl through ``curl_args``; MB/s."""
+            if not args.upload:
+                return curl_download(peer, url, size, *http, *curl_args)
+            stored = uploads / name
+            mbs = curl_upload(
+                peer, f"https://{peer.server_tunnel_v4}/up/{name}", body, *http, *curl_args
+            )
+            if stored.stat().st_size != size:
+                raise RuntimeError(f"the origin stored {stored.stat().st_size} bytes, not {size}")
+            stored.unlink()
+            return mbs
+
         warm = f"https://{peer.server_tunnel_v4}/"  # nginx answers 403/404: fine, 0 bytes
         for _, proxy in proxies:
             peer.client_ns.exec(
@@ -578,8 +638,8 @@ def main() -> None:
                 worker0 = process_counters(workers[key])[0] if key in workers else 0.0
                 ticks0 = cpu_ticks()
                 with profiled(args.py_spy, proxy, i, args.py_spy_gil):
-                    mbs = curl_download(
-                        peer, url, size, *http, "--cacert", str(proxy.ca_pem),
+                    mbs = transfer(
+                        proxy.name, "--cacert", str(proxy.ca_pem),
                         "-x", f"http://127.0.0.1:{proxy.port}",
                     )  # fmt: skip
                 cpu1, sw1, th1 = process_counters(proxy.proc.pid)
@@ -601,11 +661,12 @@ def main() -> None:
                     flush=True,
                 )
             if not args.no_direct:
-                mbs = curl_download(peer, url, size, *http, "--cacert", str(origin_ca))
+                mbs = transfer("direct", "--cacert", str(origin_ca))
                 results["direct"].append(mbs)
                 print(f"round {i + 1} {'direct':8s} {mbs:7.1f} MB/s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items() if v}
-    print(f"\n{size >> 20} MiB HTTPS via mitmdump, {rounds} rounds, medians (MB/s):")
+    what = "upload" if args.upload else "download"
+    print(f"\n{size >> 20} MiB HTTPS {what} via mitmdump, {rounds} rounds, medians (MB/s):")
     for k, v in med.items():
         spread = f"{min(results[k]):.1f}–{max(results[k]):.1f}"
         extra = ""
