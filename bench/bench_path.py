@@ -496,8 +496,8 @@ def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -
 
 #: our socket's counters (mitm_wg.net.tcp.TcpStats) reported per transfer: the segments it
 #: took in and sent, the pure ACKs a newer one of the same batch stood in for (ACK
-#: coalescing), and the segments it retransmitted
-OUR_TCP_COUNTERS = ("segments_in", "segments_out", "acks_coalesced", "retransmits")
+#: coalescing), the segments it retransmitted, the D-SACK blocks it got
+OUR_TCP_COUNTERS = ("segments_in", "segments_out", "acks_coalesced", "retransmits", "dsacks")
 #: our tunnel's counters per transfer: its reader's wake-ups, and those after a read hold
 OUR_TUNNEL_COUNTERS = ("reads", "read_holds", "group_merges")
 
@@ -820,12 +820,26 @@ EXIT_TCP_COUNTERS = {
 }
 
 
+#: the client namespace's TCP counters (the kernel client's TCP; our tunnel's TCP is in
+#: our process, its socket counts the same as ``retransmits`` and ``dsacks``), reported for
+#: the Linux client beside ours: segments it retransmitted, D-SACK blocks it received
+CLIENT_TCP_COUNTERS = {
+    "Tcp:RetransSegs": "client_rtx",
+    "TcpExt:TCPDSACKRecv": "client_dsack",
+    "TcpExt:TCPDSACKOfoRecv": "client_dsack",
+}
+#: the :data:`CLIENT_TCP_COUNTERS` short names and our socket's counters that match them
+CLIENT_OURS = {"client_rtx": "retransmits", "client_dsack": "dsacks"}
+
+
 def _exit_tcp(peer: ExitPeer) -> dict[str, int]:
-    """The exit namespace's :data:`EXIT_TCP_COUNTERS` so far, summed by short name."""
-    c = _proc_net(peer.ns)
-    out = dict.fromkeys(EXIT_TCP_COUNTERS.values(), 0)
-    for name, short in EXIT_TCP_COUNTERS.items():
-        out[short] += c.get(name, 0)
+    """The exit namespace's :data:`EXIT_TCP_COUNTERS` so far, summed by short name, and the
+    client namespace's :data:`CLIENT_TCP_COUNTERS`."""
+    out = dict.fromkeys([*EXIT_TCP_COUNTERS.values(), *CLIENT_TCP_COUNTERS.values()], 0)
+    for ns, names in ((peer.ns, EXIT_TCP_COUNTERS), (peer.client_ns, CLIENT_TCP_COUNTERS)):
+        c = _proc_net(ns)
+        for name, short in names.items():
+            out[short] += c.get(name, 0)
     return out
 
 
@@ -1018,6 +1032,14 @@ def print_table(rows: list[Row], title: str) -> None:
             k = _median_counter(r.kernel, short)
             o = _median_counter(r.ours, short)
             cells.append(f"{short} {k} / {o}")
+        print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
+    print("\nThe client's TCP per transfer (medians), Linux client / ours:", end="")
+    for r in rows:
+        cells = []
+        for short, ours_name in CLIENT_OURS.items():
+            k = _median_counter(r.kernel, short)
+            o = _median_of([t.ours_tcp[ours_name] for t in r.ours if ours_name in t.ours_tcp])
+            cells.append(f"{short.removeprefix('client_')} {k} / {o}")
         print(f"\n- {r.label} {r.direction}: " + ", ".join(cells), end="")
     ours_sections = (
         (

@@ -93,7 +93,7 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
         # reader woke
         ours = re.findall(
             r"^- .*: segments_in (\d+), segments_out (\d+), acks_coalesced \d+, retransmits \d+,"
-            r" reads (\d+), read_holds \d+, group_merges \d+$",
+            r" dsacks \d+, reads (\d+), read_holds \d+, group_merges \d+$",
             result.stdout,
             re.M,
         )
@@ -102,6 +102,11 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
         reasons = "".join(rf"{why or 'other'} ([\d.]+), " for why in _bench_path().SLEEP_REASONS)
         asleep = re.findall(rf"^- .*: {reasons[:-2]}$", result.stdout, re.M)
         assert len(asleep) >= len(ours), result.stdout[-3000:]
+        # and both senders' retransmissions and D-SACKs side by side (CLIENT_TCP_COUNTERS)
+        senders = re.findall(
+            r"^- .*: rtx (\d+|-) / (\d+), dsack (\d+|-) / (\d+)$", result.stdout, re.M
+        )
+        assert len(senders) >= len(ours), result.stdout[-3000:]
         assert all(0 <= float(v) <= 100 for row in asleep for v in row), asleep
 
 
