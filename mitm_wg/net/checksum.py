@@ -29,28 +29,32 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     The result is congruent (mod 0xFFFF) to the true sum; combine partial sums with ``+``
     and finish with :func:`fold`.
     """
-    n = len(data)
-    if n & 1:
-        return int.from_bytes(bytes(data) + b"\0", "big") % 0xFFFF
+    # Read little-endian: the sum of byte-swapped words is the byte-swapped sum (RFC 1071
+    # §2(B)), i.e. 256 times it mod 0xFFFF, so swapping the remainder's two bytes gives the
+    # sum. CPython converts little-endian bytes ~10 % faster (1368 B: 2.57 vs 2.90 µs on
+    # 3.13, 2.86 vs 3.27 on 3.11), and an odd length needs no zero byte appended: a
+    # little-endian number's value does not change with zero bytes on top.
     if type(data) is memoryview:
         # int.from_bytes is ~2x slower on a memoryview than on bytes (1388 B: 3.5 vs 1.5 µs)
         # even counting the copy.
         data = bytes(data)
+    n = len(data)
     if n >= _SPLIT_AT:
-        # Four quarters of an even length: 2**(8*k) ≡ 1 (mod 0xFFFF) for even k, so the sum
-        # of their integers is congruent to the whole one's; four small conversions and a
-        # remainder of a quarter-size number beat one of each at full size (1368 B: ~3.1
-        # vs ~4.0 µs on CPython 3.11, ~2.8 vs ~3.6 on 3.13).
+        # Four parts that start at even offsets: 2**(8*k) ≡ 1 (mod 0xFFFF) for even k, so
+        # the sum of their integers is congruent to the whole one's; four small conversions
+        # and a remainder of a quarter-size number beat one of each at full size.
         q = (n >> 2) & ~1
         q2 = q + q
         q3 = q2 + q
-        return (
-            int.from_bytes(data[:q], "big")
-            + int.from_bytes(data[q:q2], "big")
-            + int.from_bytes(data[q2:q3], "big")
-            + int.from_bytes(data[q3:], "big")
+        r = (
+            int.from_bytes(data[:q], "little")
+            + int.from_bytes(data[q:q2], "little")
+            + int.from_bytes(data[q2:q3], "little")
+            + int.from_bytes(data[q3:], "little")
         ) % 0xFFFF
-    return int.from_bytes(data, "big") % 0xFFFF
+    else:
+        r = int.from_bytes(data, "little") % 0xFFFF
+    return ((r & 0xFF) << 8) | (r >> 8)
 
 
 def fold(total: int) -> int:
