@@ -1017,6 +1017,29 @@ def test_an_answer_due_after_our_half_close_is_a_stall_too() -> None:
     assert seen == [pb.sock]
 
 
+def test_a_request_that_goes_on_is_no_stall() -> None:
+    """All our data acknowledged for a moment (an upload whose writer paused), then more
+    of it sent: the request goes on, no answer is due yet. When the stall's wait runs out
+    with our data in flight, nothing held beyond a hole and no sign the peer sent any,
+    nothing is reported and the peer is not asked (in the lab, a loaded machine's upload
+    was probed as a receive stall this way, its pings asked of the server before the
+    upload's own black hole question). Once all of it is acknowledged, the answer is due
+    from then on."""
+    seen: list[TcpSocket] = []
+    pb = _asked(seen)
+    pb.sock.send(b"r" * 1380)  # (the writer goes on)
+    pb.at(0.5).out()
+    pb.at(0.55).send(ACK, PISS + 1, ISS + 301)  # (a duplicate: the new data not yet)
+    while (at := pb.poll()) is not None and at < 1.06:
+        sent = pb.at(at).out()
+        assert all(seg.payload for seg in sent), sent  # (resends of the data, no question)
+    assert seen == [] and pb.sock.stats.rx_stalls == pb.sock.stats.stall_probes == 0
+    pb.at(1.3).send(ACK, PISS + 1, ISS + 1681)  # (all of it acknowledged: now it is due)
+    assert pb.poll() == pytest.approx(2.3)
+    pb.at(2.3).expect([o(ACK, ISS + 1680, PISS + 1, window=65535)])
+    assert seen == [pb.sock] and pb.sock.stats.rx_stalls == 1
+
+
 def test_an_answer_sent_and_never_come_is_told_again() -> None:
     """The peer's answer to the stall's question carries a SEG.SEQ beyond RCV.NXT: it
     sent data that never came (the first segment of its reply was full-sized, and a

@@ -162,6 +162,19 @@ class Timers:
                 pmtu_mss = self._pmtu_mss
                 if self._rcv_mss > small or (pmtu_mss is not None and pmtu_mss <= small):
                     return
+            elif (
+                (self._snd_una != self._snd_max or self._data_end() > self._snd_max)
+                and not self._asm
+                and self._seq_ahead <= self._rcv_nxt
+            ):
+                # Armed when all our data was acknowledged (a request: its answer due), but
+                # more has been sent or queued since, nothing is held beyond a hole, and
+                # the peer showed no data sent: the request goes on (an upload whose
+                # writer paused a moment), no answer is due yet. A black hole in its way
+                # is the send side's to find (``_blackhole_suspected``). Armed again once all
+                # of it is acknowledged.
+                self._stall_seq = -1
+                return
             self._stall_told = self._rcv_nxt
             self.stats.rx_stalls += 1
         if not self._asm and not self.data_vanished:
