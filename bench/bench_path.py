@@ -107,6 +107,8 @@ BEFORE: dict[str, tuple[TcpConfig | None, str, dict[str, Any]]] = {
     "hold": (None, "no read hold", {"read_hold": False}),
     # a small buffer (--udp-buffer) received on one socket, not a group (sockgroup.py)
     "group": (None, "one UDP socket", {"grouped": False}),
+    # BBR without its pacer: whole windows as the CPU produces them
+    "pacing": (TcpConfig(pacing=False), "BBR unpaced", {}),
 }
 _before = BEFORE["autotune"]
 #: ``--idle N``: idle connections our tunnel holds open during its transfers
@@ -496,8 +498,18 @@ def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -
 
 #: our socket's counters (mitm_wg.net.tcp.TcpStats) reported per transfer: the segments it
 #: took in and sent, the pure ACKs a newer one of the same batch stood in for (ACK
-#: coalescing), the segments it retransmitted, the D-SACK blocks it got
-OUR_TCP_COUNTERS = ("segments_in", "segments_out", "acks_coalesced", "retransmits", "dsacks")
+#: coalescing), the segments it retransmitted, the D-SACK blocks it got, and what sent them
+#: again: tail loss probes, timeouts, retransmissions found lost again
+OUR_TCP_COUNTERS = (
+    "segments_in",
+    "segments_out",
+    "acks_coalesced",
+    "retransmits",
+    "dsacks",
+    "tlp_probes",
+    "rto_expired",
+    "lost_retransmits",
+)
 #: our tunnel's counters per transfer: its reader's wake-ups, and those after a read hold
 OUR_TUNNEL_COUNTERS = ("reads", "read_holds", "group_merges")
 
