@@ -236,6 +236,53 @@ def test_every_segment_of_a_lost_retransmission_burst_is_sent_again() -> None:
     assert pb.sock.stats.rto_expired == 0
 
 
+def test_a_new_episode_does_not_resend_a_hole_whose_retransmission_is_in_flight() -> None:
+    """An episode ends when SND.UNA passes its recovery point, which can leave a hole above
+    that point it already sent again. RACK's verdict on that hole's original then starts a
+    new episode at once (a new congestion event, as Linux's); its fast retransmit must not
+    send the hole a third time while the retransmission is in flight (Linux skips what
+    carries SACKED_RETRANS): on the lab's lossy uploads each such copy came back as a
+    D-SACK, 232 of 243 per transfer. Only RACK's verdict on the retransmission itself
+    (step 5) sends it again."""
+    pb = est()
+    segs = send_segments(pb, 10, 0.1)
+    pb.sock.send(bytes(10_000))  # queued: PRR sends some of it during recovery
+    pb.at(0.2)
+    for k in (2, 3, 4):
+        sack(pb, 1, (1001, k * 1000 + 1))
+    assert pb.out() == [segs[0]]  # episode 1: recovery point 10_001
+    assert pb.sock._recover == ISS + 10_001
+    pb.at(0.21)
+    new = []
+    for k in range(5, 11):
+        sack(pb, 1, (1001, k * 1000 + 1))
+        new += pb.out()
+    assert [s.seq - ISS for s in new] == [10_001, 11_001, 12_001, 13_001]  # PRR: new data
+    # The retransmission of 1 is lost, and so is 10_001, above the recovery point: the
+    # segments sent after both are SACKed. Both go again in episode 1, 1 first.
+    pb.at(0.31)
+    sack(pb, 1, (11_001, 14_001), (1001, 10_001))
+    again = [s.seq - ISS for s in pb.out()]
+    assert again[:2] == [1, 10_001], again
+    st = pb.sock.stats
+    assert (st.fast_retransmits, st.lost_retransmits) == (1, 1)
+    rtx = st.retransmits
+    # 1 arrives: SND.UNA passes the recovery point and episode 1 ends, and RACK's verdict
+    # on 10_001's original starts episode 2 at once: 10_001 was sent again at 0.31 and
+    # nothing sent after that is delivered yet: it is in flight, not sent a third time.
+    pb.at(0.41)
+    sack(pb, 10_001, (11_001, 14_001))
+    assert pb.sock._in_fr and st.fast_retransmits == 2
+    assert [s.seq - ISS for s in pb.out() if s.seq - ISS == 10_001] == []
+    assert st.retransmits == rtx
+    # That retransmission is lost too: once what was sent after it is SACKed, step 5
+    # deems it lost and it goes once more, without an RTO.
+    pb.at(0.42)
+    sack(pb, 10_001, (11_001, 17_001))
+    assert [s.seq - ISS for s in pb.out()][:1] == [10_001]
+    assert st.lost_retransmits == 2 and st.rto_expired == 0
+
+
 # -- TLP (RFC 8985 §7) ----------------------------------------------------------------------
 def test_tlp_probe_retransmits_the_last_segment_after_pto() -> None:
     pb = est()
