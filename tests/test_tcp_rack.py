@@ -185,19 +185,29 @@ def test_retransmission_delivered_sooner_than_min_rtt_is_ambiguous_whatever_the_
     assert pb.sock.stats.retransmits == 1
 
 
-def test_rack_detects_a_lost_retransmission() -> None:
+def recovery_with_new_data(at: float) -> tuple[Pb, list, list]:
+    """10 segments sent at 0.1 and 10 kB more queued; at 0.2 the first is lost (three
+    SACKed above it: its fast retransmission starts an episode whose recovery point is
+    10_001), and at ``at`` the other six are SACKed one by one, so that PRR sends new data.
+    Returns the playbook, the 10 segments and the new ones."""
     pb = est()
     segs = send_segments(pb, 10, 0.1)
     pb.sock.send(bytes(10_000))  # queued: PRR sends some of it during recovery
     pb.at(0.2)
     for k in (2, 3, 4):
         sack(pb, 1, (1001, k * 1000 + 1))
-    (rx,) = pb.out()
-    assert rx == segs[0]
-    newer = []
+    assert pb.out() == [segs[0]]
+    assert pb.sock._recover == ISS + 10_001
+    pb.at(at)
+    new = []
     for k in range(5, 11):
         sack(pb, 1, (1001, k * 1000 + 1))
-        newer += pb.out()
+        new += pb.out()
+    return pb, segs, new
+
+
+def test_rack_detects_a_lost_retransmission() -> None:
+    pb, segs, newer = recovery_with_new_data(0.2)
     assert newer and all(s.seq > segs[-1].seq for s in newer)  # new data, sent after rx
     # the retransmission (sent at 0.2) is lost too: segments sent after it are SACKed
     pb.at(0.3)
@@ -244,19 +254,7 @@ def test_a_new_episode_does_not_resend_a_hole_whose_retransmission_is_in_flight(
     carries SACKED_RETRANS): on the lab's lossy uploads each such copy came back as a
     D-SACK, 232 of 243 per transfer. Only RACK's verdict on the retransmission itself
     (step 5) sends it again."""
-    pb = est()
-    segs = send_segments(pb, 10, 0.1)
-    pb.sock.send(bytes(10_000))  # queued: PRR sends some of it during recovery
-    pb.at(0.2)
-    for k in (2, 3, 4):
-        sack(pb, 1, (1001, k * 1000 + 1))
-    assert pb.out() == [segs[0]]  # episode 1: recovery point 10_001
-    assert pb.sock._recover == ISS + 10_001
-    pb.at(0.21)
-    new = []
-    for k in range(5, 11):
-        sack(pb, 1, (1001, k * 1000 + 1))
-        new += pb.out()
+    pb, _segs, new = recovery_with_new_data(0.21)  # episode 1: recovery point 10_001
     assert [s.seq - ISS for s in new] == [10_001, 11_001, 12_001, 13_001]  # PRR: new data
     # The retransmission of 1 is lost, and so is 10_001, above the recovery point: the
     # segments sent after both are SACKed. Both go again in episode 1, 1 first.
