@@ -560,8 +560,8 @@ class Scoreboard:
         self._rxt_marks = keep
 
     def _skip_in_flight(self, rack: Rack) -> None:
-        """Rule rack-entry-skips-in-flight: a new episode does not send again the holes at
-        SND.UNA whose retransmissions are in flight. An episode ends when SND.UNA passes
+        """At the start of an episode: do not send again the holes at SND.UNA whose
+        retransmissions are in flight. An episode ends when SND.UNA passes
         its recovery point, which may leave holes above it that it sent again; RACK's next
         verdict then starts a new one (a new congestion event, as Linux's
         tcp_enter_recovery), whose fast retransmit and NextSeg rule 1 would resend them
@@ -598,9 +598,9 @@ class Scoreboard:
         if not self._sack_ok and not cc.model_based:
             cc.cwnd = cc.ssthresh + 3 * self._smss
         rack = self._rack
-        if rack is not None and rack.rxt:
-            self._skip_in_flight(rack)
         if rack is not None:
+            if rack.rxt:
+                self._skip_in_flight(rack)
             rack.prr_start(self._snd_max - self._snd_una)  # RFC 6937 §3 RecoverFS
             if rack.timer == TIMER_PTO:
                 rack.timer = 0

@@ -163,7 +163,7 @@ class Timers:
                 if self._rcv_mss > small or (pmtu_mss is not None and pmtu_mss <= small):
                     return
             elif (
-                (self._snd_una != self._snd_max or self._data_end() > self._snd_max)
+                (self._snd_una != self._snd_max or self._pending_send())
                 and not self._asm
                 and self._seq_ahead <= self._rcv_nxt
             ):
