@@ -368,6 +368,17 @@ def test_handshake_through_cookie_replies_of_a_loaded_wireguard_go(fresh_exit_pe
             ) from None
         return cookie_replies_to_flood(), received[first:]
 
+    def until_loaded(retry: bool, check: Callable[[int, list[int]], None]) -> tuple[int, list[int]]:
+        """:func:`attempt` until the exit counted itself loaded for one, at most three;
+        ``retry``: the first is our own retry. ``check(loaded, got)`` runs on each. Returns
+        how many attempts it took, and what we received in the last."""
+        for n in range(1, 4):
+            flood_replies, got = attempt(retry=retry and n == 1)
+            check(flood_replies, got)
+            if flood_replies:
+                return n, got
+        raise AssertionError("the exit never counted itself loaded in 3 attempts")
+
     # Whether the exit counts itself loaded is up to its goroutine scheduling: the burst
     # must be queued past the 1/8 mark when a handshake worker looks, and now and then, on
     # a busy machine, a worker drains the first batch of reads before the next is queued.
@@ -376,27 +387,19 @@ def test_handshake_through_cookie_replies_of_a_loaded_wireguard_go(fresh_exit_pe
     # fresh initiation behind another burst, up to three per step.
     try:
         # 1: our initiation, behind the burst: a cookie reply, no response
-        tries = 0
-        while True:
-            tries += 1
-            flood_replies, got = attempt(retry=False)
-            if flood_replies:
-                break
-            assert 3 not in got  # not loaded: answered
-            assert tries < 3, "the exit never counted itself loaded in 3 attempts"
+        def unloaded_answered(loaded: int, got: list[int]) -> None:
+            assert loaded or 3 not in got  # not loaded: answered
+
+        def no_cookie_reply(loaded: int, got: list[int]) -> None:
+            assert 3 not in got, "a cookie reply to an initiation with mac2"
+
+        tries, got = until_loaded(False, unloaded_answered)
         assert 2 not in got and ours.cookies._cookie is not None
         assert got.count(3) == 1
 
         # 2: our retry comes REKEY_TIMEOUT later behind a new burst, so it lands under load
         # again: it carries mac2 under the cookie, and the exit takes it
-        retries = 0
-        while True:
-            retries += 1
-            flood_replies, got = attempt(retry=retries == 1)
-            assert 3 not in got, "a cookie reply to an initiation with mac2"
-            if flood_replies:
-                break
-            assert retries < 3, "the exit never counted itself loaded in 3 attempts"
+        retries, got = until_loaded(True, no_cookie_reply)
         assert 2 in got  # the handshake response to our initiation with mac2
         assert received.count(3) == 1  # one cookie reply to us: the later ones were taken
         assert driver.device.status()[0].handshake_attempts == tries + retries
