@@ -499,7 +499,7 @@ def _curl(ns: Any, server: Server, size: int, upload: bool, body: Path | None) -
 #: our socket's counters (mitm_wg.net.tcp.TcpStats) reported per transfer: the segments it
 #: took in and sent, the pure ACKs a newer one of the same batch stood in for (ACK
 #: coalescing), the segments it retransmitted, the D-SACK blocks it got, and what sent them
-#: again: tail loss probes, timeouts, retransmissions found lost again
+#: again: tail loss probes, probes in recovery, timeouts, retransmissions found lost again
 OUR_TCP_COUNTERS = (
     "segments_in",
     "segments_out",
@@ -507,6 +507,7 @@ OUR_TCP_COUNTERS = (
     "retransmits",
     "dsacks",
     "tlp_probes",
+    "recovery_probes",
     "rto_expired",
     "lost_retransmits",
 )

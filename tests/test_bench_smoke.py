@@ -93,7 +93,7 @@ def test_bench_script_runs_with_smoke(script: Path, extra: list[str]) -> None:
         # reader woke
         ours = re.findall(
             r"^- .*: segments_in (\d+), segments_out (\d+), acks_coalesced \d+, retransmits \d+,"
-            r" dsacks \d+, tlp_probes \d+, rto_expired \d+, lost_retransmits \d+, reads (\d+),"
+            r" dsacks \d+, tlp_probes \d+, recovery_probes \d+, rto_expired \d+, lost_retransmits \d+, reads (\d+),"
             r" read_holds \d+, group_merges \d+$",
             result.stdout,
             re.M,

@@ -210,6 +210,55 @@ def test_linux_retransmits_only_what_the_relay_dropped(exit_peer) -> None:
     assert stats.dropped <= max(5, relay.down.dropped // 10), (stats.dropped, relay.down.dropped)
 
 
+def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer) -> None:
+    """Rule rec-probe against Linux's receiver. A 1 MiB upload: the segment five from its
+    end is lost, and so is its fast retransmission, the last segment we send (the rest is
+    SACKed). Nothing sent after it can tell RACK it is lost, and TLP waits out recovery (as
+    Linux's own sender would: its RTO, 200 ms at least, then a window of one segment). Our
+    probe in recovery sends it a third time; Linux's ACK covers it all, and the upload ends
+    without a timeout. (The losses are our own packets, dropped before they are encrypted:
+    where they go is then certain; a 64 KiB send buffer keeps the flight small enough that
+    wireguard-go's socket drops none of the rest.)"""
+    driver = driver_for(exit_peer, TcpConfig(send_buffer=64 << 10, send_buffer_max=64 << 10))
+    try:
+        size = 1 << 20
+        conn = driver.connect(exit_peer.server_tunnel_v4, exit_peer.http_port)
+        head = (
+            f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        # a byte in the fifth-last full segment of the stream
+        target = (conn._iss + 1 + len(head) + size - 4 * conn.mss - 1) & 0xFFFFFFFF
+        dropped: list[int] = []
+
+        def drop(packet: bytes) -> bool:
+            if len(dropped) == 2 or packet[0] >> 4 != 4 or packet[9] != 6:
+                return False
+            ihl = (packet[0] & 15) * 4
+            seq = int.from_bytes(packet[ihl + 4 : ihl + 8], "big")
+            n = len(packet) - ihl - (packet[ihl + 12] >> 4) * 4
+            if (target - seq) & 0xFFFFFFFF < n:
+                dropped.append(seq)
+                return True
+            return False
+
+        driver.drop = drop
+        body = (bytes(range(256)) * 4096) * (size // (1 << 20))
+        driver.send_all(conn, head)
+        driver.send_all(conn, body)
+        reply = driver.recv_until_eof(conn)
+        status, _, payload = reply.partition(b"\r\n\r\n")
+        assert b" 200 " in status.split(b"\r\n")[0], status
+        assert json.loads(payload) == {"sha256": hashlib.sha256(body).hexdigest(), "size": size}
+    finally:
+        driver.sock.close()
+    st = conn.stats
+    assert len(dropped) == 2 and dropped[0] == dropped[1], dropped  # the segment, sent again
+    counts = {k: getattr(st, k) for k in st.__slots__}
+    assert st.fast_retransmits == 1 and st.recovery_probes == 1, str(counts)
+    assert st.rto_expired == 0 and st.tlp_probes == 0, str(counts)
+
+
 def upload_into_bottleneck(peer: Any, hystart: bool) -> tuple[Any, Any]:
     """A CUBIC upload of 3 MiB to Linux (its HTTP server, byte-exact) through a relay (its
     own process: no GIL shared with our sender) whose up direction is a 4 MB/s bottleneck

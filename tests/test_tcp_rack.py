@@ -373,6 +373,80 @@ def test_tlp_spurious_probe_dsack_keeps_cwnd() -> None:
     assert pb.sock._rack is not None and pb.sock._rack.tlp_end is None
 
 
+# -- rule rec-probe: a probe in fast recovery ------------------------------------------------
+def test_a_lost_retransmission_at_the_tail_is_probed_not_left_to_the_rto() -> None:
+    """The first of ten segments is lost, the nine above it SACKed: its fast retransmission
+    is the last segment sent, and it is lost too. Nothing sent after it can be delivered,
+    so RACK cannot deem it lost; TLP waits out recovery (RFC 8985 §7.2, as Linux's). A PTO
+    after the ACK that delivered the SACKs, it goes again (rule rec-probe), long before the
+    RTO."""
+    pb = est(min_rto=1.0)
+    segs = send_segments(pb, 10, 0.1)
+    pb.at(0.2)
+    sack(pb, 1, (1001, 10_001))  # nine SACKed: the first is lost at once
+    assert pb.out() == [segs[0]]
+    st = pb.sock.stats
+    assert pb.sock._in_fr and st.fast_retransmits == 1
+    assert pb.poll() == pytest.approx(0.2 + 2 * RTT)  # the probe's PTO, not the RTO (1.2)
+    pb.at(0.2 + 2 * RTT - 0.001).expect([])
+    pb.at(0.2 + 2 * RTT).expect([segs[0]])
+    assert (st.recovery_probes, st.tlp_probes, st.rto_expired) == (1, 0, 0)
+    # one probe per silence: the next timer is the RTO, restarted by the probe
+    assert pb.poll() == pytest.approx(0.2 + 2 * RTT + pb.sock.rto)
+    pb.at(0.2 + 3 * RTT)
+    sack(pb, 10_001)
+    assert pb.sock.snd_una == pb.sock.snd_nxt == ISS + 10_001 and not pb.sock._in_fr
+    assert st.rto_expired == 0
+
+
+def test_a_recovery_probe_after_a_lost_flight_lets_rack_resend_the_rest() -> None:
+    """In recovery, everything sent after its start is lost (an exit's socket buffer full
+    for a moment: the lab's lossy upload once waited out a 200 ms RTO this way, 300 kB in
+    flight): no ACK comes. The probe is the hole at SND.UNA, not new data; its ACK repairs
+    that hole, and RACK deems the new data sent before it lost: sent again at once, without
+    a timeout."""
+    pb = est(min_rto=1.0)
+    segs = send_segments(pb, 10, 0.1)
+    pb.sock.send(bytes(10_000))  # queued: recovery sends new data too
+    pb.at(0.2)
+    sack(pb, 1, (1001, 10_001))
+    sent = pb.out()
+    assert sent[0] == segs[0]
+    new = [s.seq - ISS for s in sent[1:]]
+    assert new and all(n >= 10_001 for n in new)  # new data behind the retransmission
+    # all of it is lost: nothing more arrives
+    pb.at(0.2 + 2 * RTT)
+    probe = pb.out()
+    assert probe == [segs[0]], [s.seq - ISS for s in probe]
+    st = pb.sock.stats
+    assert st.recovery_probes == 1
+    # the probe is delivered (an RTT later; not sooner, or its delivery would be
+    # ambiguous): the hole repaired, and the new data sent before the probe is deemed lost
+    # and goes again
+    pb.at(0.2 + 3 * RTT + 0.001)
+    sack(pb, 10_001)
+    again = [s.seq - ISS for s in pb.out()]
+    assert again and again == new[: len(again)], (new, again)  # (as many as PRR lets go)
+    assert st.fast_retransmits == 2 and st.rto_expired == 0  # a new episode, no timeout
+
+
+def test_no_recovery_probe_while_acks_keep_delivering() -> None:
+    """Each ACK that delivers data moves the probe later: recovery going on at the pace
+    of its ACKs sends no probe."""
+    pb = est(min_rto=1.0)
+    send_segments(pb, 10, 0.1)
+    pb.at(0.2)
+    sack(pb, 1, (1001, 3001), (4001, 5001))  # 1 and 3 missing, 2 and 4 delivered
+    pb.out()
+    for k in range(6, 11):
+        t = 0.2 + (k - 5) * 0.15  # ACKs 150 ms apart: each within the 200 ms PTO
+        pb.at(t)
+        sack(pb, 1, (1001, 3001), (4001, k * 1000 + 1))
+        pb.out()
+        assert pb.poll() == pytest.approx(t + 2 * RTT)
+    assert pb.sock.stats.recovery_probes == 0
+
+
 # -- PRR (RFC 6937) -------------------------------------------------------------------------
 def test_prr_paces_recovery_sending_to_ssthresh() -> None:
     pb = est()

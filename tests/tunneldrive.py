@@ -28,6 +28,9 @@ class TunnelDriver:
         self._datagrams: list[Transmit] = []
         self._packets: list[bytes] = []
         self._ip_out: list[bytes] = []
+        #: a test's stand-in for a lossy link: each IP packet our stack sends goes to it
+        #: first, and is not sent if it returns True
+        self.drop: Callable[[bytes], bool] | None = None
 
     def pump(self, timeout: float) -> None:
         """One round: wait for datagrams or a deadline, feed both cores, send their output."""
@@ -52,8 +55,10 @@ class TunnelDriver:
         device.poll(now, out)
         ip_out = self._ip_out
         stack.poll(now, ip_out)
+        drop = self.drop
         for packet in ip_out:
-            device.send_packet(packet, now, out)
+            if drop is None or not drop(packet):
+                device.send_packet(packet, now, out)
         ip_out.clear()
         for data, endpoint in out:
             try:

@@ -634,7 +634,10 @@ class Scoreboard:
         if kind == TIMER_REO:
             self._rack_detect(now)  # RFC 8985 §6.3: the reorder timer expired
             return
-        if kind != TIMER_PTO or self._in_fr or rack.tlp_end is not None:
+        if kind != TIMER_PTO or rack.tlp_end is not None:
+            return
+        if self._in_fr:
+            self._recovery_probe(una, now, out)
             return
         # RFC 8985 §7.3: send one new segment if the peer's window allows, else retransmit
         # the highest-sequence segment; then restart the RTO
@@ -648,6 +651,35 @@ class Scoreboard:
             rack.tlp_is_retrans = True
         rack.tlp_end = self._snd_max  # TLP.end_seq
         self.stats.tlp_probes += 1
+        self._rto_at = now + self._rtt.rto
+
+    def _arm_recovery_probe(self, now: float) -> None:
+        """Rule rec-probe, arming: in fast recovery, after an ACK that delivered data
+        (SND.UNA advanced or something newly SACKed) and with no reorder timer pending, the
+        probe timer restarts at the PTO (as TLP's: 2*SRTT, plus WCDelAckT with one segment
+        in flight; at most the RTO). See :meth:`_recovery_probe`."""
+        rack = self._rack
+        assert rack is not None
+        pto = Rack.pto(self._rtt.srtt, self._snd_max - self._snd_una <= self._smss)
+        rto = self._rtt.rto
+        self._rec_at = now + (pto if pto < rto else rto)
+        rack.timer = TIMER_PTO
+
+    def _recovery_probe(self, una: int, now: float, out: list[TcpSegment]) -> None:
+        """Rule rec-probe: in fast recovery, a PTO passed since the last ACK that delivered
+        anything. RACK deems a segment lost only once something sent after it is delivered;
+        when the last segments sent are lost (a retransmission at the tail, the rest of the
+        flight SACKed; or a whole flight, an exit's full socket buffer dropping it), no ACK
+        comes and the RTO (200 ms at least) would follow, collapsing the window. RFC 8985's
+        TLP waits out recovery (so do Linux's, in CA_Recovery); this is its rule for that
+        case: one probe, the first hole at SND.UNA sent again (a hole the receiver reports
+        at once: it holds data above it, so no delayed ACK), or nothing: the RTO then, as
+        before. Its ACK repairs the hole, and RACK deems every unacknowledged segment sent
+        before it lost. The RTO restarts (as after TLP's probe); another probe waits for
+        another ACK that delivers data."""
+        s, e, _ = self._rexmit_range(una)
+        self._emit(s, e, True, now, out)
+        self.stats.recovery_probes += 1
         self._rto_at = now + self._rtt.rto
 
     def _tlp_acked(self, ack: int, now: float) -> None:
@@ -702,13 +734,16 @@ class Scoreboard:
             tsecr = None
         rack.on_ack(una, ack, news, self._sacked, tsecr, self._ts_offset, now)
 
-    def _rack_after_ack(self, una: int, sacked_before: int, now: float) -> None:
+    def _rack_after_ack(self, una: int, sacked_before: int, now: float, delivered: bool) -> None:
         """RFC 8985 §6.2 step 5 (detect losses) and RFC 6937 §3 "on every ACK during
         recovery" after one ACK (or, deferred, after a batch of them: ``una`` and
-        ``sacked_before`` are then the first one's)."""
+        ``sacked_before`` are then the first one's); ``delivered``: SND.UNA advanced or
+        something was newly SACKed (rule rec-probe's timer then restarts)."""
         rack = self._rack
         assert rack is not None
         self._rack_detect(now)
+        if delivered and self._in_fr and rack.timer != TIMER_REO:
+            self._arm_recovery_probe(now)  # rule rec-probe
         if self._in_fr and not self._cc.model_based:
             # RFC 6937 §3: DeliveredData = change in snd.una + change in SACKed bytes
             una_now = self._snd_una

@@ -209,6 +209,7 @@ class TcpStats:
         "ofo_drops",  # out-of-order segments dropped: no room for another range (also dropped)
         "out_of_order",
         "paws_rejected",
+        "recovery_probes",  # rule rec-probe: probes in fast recovery after a PTO of silence
         "retransmits",
         "rto_expired",
         "rx_stalls",  # signs of a receive-side black hole (TcpConfig.rx_stall)

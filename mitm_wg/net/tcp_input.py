@@ -639,7 +639,9 @@ class Input:
             if blocks or self._in_fr or had_sacked:
                 self._rack_on_ack(blocks, tsecr, una, ack, news or [], now)
                 if batch is None:
-                    self._rack_after_ack(una, sacked_before if in_fr else 0, now)
+                    self._rack_after_ack(
+                        una, sacked_before if in_fr else 0, now, ack > una or sack_new
+                    )
         elif sack_new and self._rxt_marks and self._in_fr:
             self._detect_lost_retransmits()
         if batch is None and dr is not None and (ack > una or sack_new):
@@ -707,8 +709,10 @@ class Input:
         if self.state is not TcpState.ESTABLISHED:
             return  # (aborted since: an ICMP error, a RST; nothing to send any more)
         una, sacked_before, news = batch
-        self._rack_after_ack(una, 0, now)  # (model-based: no PRR)
-        if self._snd_una > una or news:  # (SND.UNA advanced, or something newly SACKed)
+        # (SND.UNA advanced, or something newly SACKed)
+        delivered = self._snd_una > una or bool(news)
+        self._rack_after_ack(una, 0, now, delivered)  # (model-based: no PRR)
+        if delivered:
             self._on_delivered(una, news, sacked_before, now)
 
     def _on_delivered(
