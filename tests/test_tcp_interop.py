@@ -259,6 +259,41 @@ def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer) ->
     assert st.rto_expired == 0 and st.tlp_probes == 0, str(counts)
 
 
+def test_a_lost_syn_to_a_server_we_know_goes_again_at_its_rtt(exit_peer) -> None:
+    """RFC 9040 §8 against Linux: a download from the exit's server measures the RTT to it;
+    the next connection there starts with the SYN timeout that RTT gives (0.2 s, the
+    minimum: the path is sub-millisecond), not 1 s. Its first SYN is lost (dropped before
+    encryption); the second goes at that timeout, Linux answers it, and the download on it
+    is byte-exact."""
+    driver = driver_for(exit_peer)
+    host, port = exit_peer.server_tunnel_v4, exit_peer.http_port
+    try:
+        first = get_pattern(driver, exit_peer, 100_000)
+        assert first.srtt is not None and first.srtt < 0.05
+        syns: list[int] = []
+
+        def drop_first_syn(packet: bytes) -> bool:
+            ihl = (packet[0] & 15) * 4
+            if packet[0] >> 4 == 4 and packet[9] == 6 and packet[ihl + 13] & 0x02:
+                syns.append(int.from_bytes(packet[ihl + 4 : ihl + 8], "big"))
+                return len(syns) == 1
+            return False
+
+        driver.drop = drop_first_syn
+        conn = driver.stack.tcp_connect(host, port, time.monotonic())
+        assert conn.rto == pytest.approx(0.2)  # (without a known RTT: 1.0)
+        driver.run_until(lambda: conn.can_send or conn.error is not None, 15)
+        assert conn.error is None
+        assert len(syns) == 2 and syns[0] == syns[1]  # the same SYN, sent again
+        assert conn.stats.syn_timeouts == 1 and conn.cwnd == conn.mss  # (RFC 5681 §3.1)
+        driver.send_all(conn, b"GET /bytes/100000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = driver.recv_until_eof(conn).partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0], head
+        assert hashlib.sha256(body).hexdigest() == pattern_hash(100_000)
+    finally:
+        driver.sock.close()
+
+
 def upload_into_bottleneck(peer: Any, hystart: bool) -> tuple[Any, Any]:
     """A CUBIC upload of 3 MiB to Linux (its HTTP server, byte-exact) through a relay (its
     own process: no GIL shared with our sender) whose up direction is a 4 MB/s bottleneck

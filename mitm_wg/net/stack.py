@@ -103,6 +103,13 @@ EPHEMERAL_COUNT = 65536 - EPHEMERAL_FIRST
 #: peer's TIME_WAIT (2MSL, RFC 9293 §3.6.1) — Linux holds it 60 s (TCP_TIMEWAIT_LEN),
 #: Windows 120 s (TcpTimedWaitDelay) — where the port range allows.
 RECENT_TUPLE_SECONDS = 120.0
+#: RFC 9040 §8 (temporal sharing): a connection's smoothed RTT and its variation, kept per
+#: remote address when it ends, set a new connection's first SYN timeout to the RTO they
+#: give (RFC 6298 §2.3; at most ``TcpConfig.initial_rto``) for this long (Linux keeps
+#: such metrics an hour, TCP_METRICS_TIMEOUT, but uses them only after the handshake)
+RTT_CACHE_SECONDS = 600.0
+#: the addresses the RTT cache holds at most (the oldest go first)
+RTT_CACHE_SIZE = 4096
 #: Beyond this many remembered tuples, expired ones are swept (at most once per
 #: RECENT_TUPLE_SECONDS / 4) instead of only lazily per destination.
 RECENT_SWEEP_ABOVE = 1 << 16
@@ -461,6 +468,8 @@ class Stack:
         self._eph_count = EPHEMERAL_COUNT
         self._udp: dict[tuple[bytes | int, int], UdpSocket] = {}
         self._pmtu: dict[bytes, int] = {}
+        #: remote address -> (SRTT, RTTVAR, when): RTT_CACHE_SECONDS (oldest first)
+        self._rtt_cache: dict[bytes, tuple[float, float, float]] = {}
         self._out: list[bytes] = []
         self._segs: list[TcpSegment | TcpTuple | TcpRun] = []
         self._icmp_limiter = icmp.RateLimiter(icmp_rate, icmp_burst, now)
@@ -955,12 +964,46 @@ class Stack:
             randbytes=self._randbytes,
             ts_offset=self.tcp_timestamp_offset(local_b, remote_b),
             on_touched=self._touched,
+            syn_rto=self._known_rto(remote_b, now),
         )
         dest = (local_b, remote_b, port)
         self._active[dest] = self._active.get(dest, 0) + 1
         self._adopt(key, sock)
         sock.connect(now)
         return sock
+
+    def _known_rto(self, remote: bytes, now: float) -> float | None:
+        """The RTO (RFC 6298 §2.3) that the RTT measured to ``remote`` gives, for a new
+        connection's SYN (RFC 9040 §8): from a connection to it that ended within
+        RTT_CACHE_SECONDS, else from one still open (ensemble sharing); None if none has
+        measured one. A lost SYN or SYN-ACK then costs this, not the initial RTO's 1 s (a
+        lossy path to a host a client talks to often: a browser's, or mitmproxy's
+        connections to one API); a SYN-ACK slower than that only sends the SYN twice."""
+        entry = self._rtt_cache.get(remote)
+        if entry is not None and now - entry[2] > RTT_CACHE_SECONDS:
+            del self._rtt_cache[remote]
+            entry = None
+        if entry is None:
+            for sock in self._tcp.values():
+                if sock.remote_addr == remote and sock.srtt is not None:
+                    entry = (sock.srtt, sock._rtt.rttvar, now)
+                    break
+            else:
+                return None
+        srtt, rttvar, _ = entry
+        return srtt + max(0.001, 4 * rttvar)  # (the socket clamps it to its RTO bounds)
+
+    def _remember_rtt(self, sock: TcpSocket, now: float) -> None:
+        """RFC 9040 §8.1: an ending connection's RTT for the next one to its address."""
+        srtt = sock.srtt
+        if srtt is None:
+            return
+        cache = self._rtt_cache
+        remote = sock.remote_addr
+        cache.pop(remote, None)  # (re-inserted last: the dict stays oldest-first)
+        cache[remote] = (srtt, sock._rtt.rttvar, now)
+        if len(cache) > RTT_CACHE_SIZE:
+            del cache[next(iter(cache))]
 
     def tcp_listen(
         self, port: int, *, backlog: int = 128, local: Address | None = None
@@ -1151,6 +1194,7 @@ class Stack:
             sstats = sock.stats
             stats.tcp_syn_timeouts += sstats.syn_timeouts
             stats.tcp_syn_fast_retries += sstats.syn_fast_retries
+            self._remember_rtt(sock, now)
             if not sock._passive:
                 dest = (local, remote, rport)
                 n = self._active.get(dest, 0) - 1

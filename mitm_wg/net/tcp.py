@@ -255,6 +255,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         randbytes: Callable[[int], bytes] = os.urandom,
         ts_offset: int | None = None,
         on_touched: Callable[[TcpSocket], None] | None = None,
+        syn_rto: float | None = None,
     ) -> None:
         cfg = config
         # All state of the connection, grouped by the room (file) that owns it; each group's
@@ -382,7 +383,11 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._ka_probes = 0
         self._last_rx = now
         self._rtt = RttEstimator(
-            initial_rto=cfg.initial_rto, min_rto=cfg.min_rto, max_rto=cfg.max_rto
+            initial_rto=cfg.initial_rto
+            if syn_rto is None or syn_rto > cfg.initial_rto
+            else syn_rto,
+            min_rto=cfg.min_rto,
+            max_rto=cfg.max_rto,
         )
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0

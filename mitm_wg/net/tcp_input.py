@@ -784,8 +784,15 @@ class Input:
             return
         self._snd_wl2 = ack
         ts = seg.timestamp
+        spurious = False
         if self._ts_ok and ts is not None and ts[1]:
             self._ts_sample(ts[1], now)
+            # Our SYN went again on a timeout, but the answer echoes the first one's TSval
+            # (sent at _rtt_time): neither that SYN nor this SYN-ACK was lost, the timeout
+            # was early (a destination's known RTT, ``syn_rto``, can be shorter than this
+            # connect takes); RFC 5681 §3.1's window of one segment is not due (Linux
+            # undoes it the same way)
+            spurious = self.stats.syn_timeouts > 0 and ts[1] == self._ts_val(self._rtt_time)
         elif self._rtt_seq is not None and ack >= self._rtt_seq:
             self._rtt.sample(now - self._rtt_time)
         self._rtt_seq = None
@@ -793,7 +800,7 @@ class Input:
         if self._snd_nxt < ack:
             self._snd_nxt = ack
         self._rto_at = None
-        self._on_established(now)
+        self._on_established(now, spurious)
         self._ack_now = True
         if seg.payload or flags & FIN:
             self._process_data(seg, self._irs + 1, len(seg.payload), False, 0xFFFF, now)

@@ -144,16 +144,18 @@ class StateMachine:
             raise IllegalTransition(f"TCP {old.name} -> {new.name} ({event}) is not allowed")
         self.state = new
 
-    def _on_established(self, now: float) -> None:
+    def _on_established(self, now: float, spurious: bool = False) -> None:
         if self._fin_queued:
             self._set_state(TcpState.FIN_WAIT_1, "handshake done, FIN queued")
         else:
             self._set_state(TcpState.ESTABLISHED, "handshake done")
         cc = self._cc
         cc.set_mss(self._smss)
-        # RFC 5681 §3.1: one segment if the SYN or SYN-ACK had to be retransmitted.
-        cc.cwnd = self._smss if self._syn_retries else initial_window(self._smss)
-        if self._syn_retries and self._rtt.srtt is None:
+        # RFC 5681 §3.1: one segment if the SYN or SYN-ACK had to be retransmitted (a
+        # timeout; not when the answer shows it was spurious: ``_syn_ack_spurious``).
+        lost = self.stats.syn_timeouts > 0 and not spurious
+        cc.cwnd = self._smss if lost else initial_window(self._smss)
+        if lost and self._rtt.srtt is None:
             self._rtt.set_base(3.0)  # RFC 6298 §5.7
         self._last_progress = now
         if not self._sack_ok:

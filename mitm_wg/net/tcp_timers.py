@@ -78,10 +78,15 @@ class Timers:
         st = self.state
         stats = self.stats
         if st in _SYN_STATES:
-            if self._syn_retries >= self.config.syn_retries:
-                self._fail_timeout()
-                return
-            self._syn_retries += 1
+            cfg = self.config
+            if self._rtt.rto >= cfg.initial_rto:
+                # (a timeout shorter than the initial RTO, from the destination's known
+                # RTT (Stack.tcp_connect, ``syn_rto``), does not count: the connect gives
+                # up no sooner than with the initial RTO's schedule)
+                if self._syn_retries >= cfg.syn_retries:
+                    self._fail_timeout()
+                    return
+                self._syn_retries += 1
             stats.rto_expired += 1
             stats.syn_timeouts += 1
             self._rtt.backoff()
