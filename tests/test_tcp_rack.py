@@ -430,6 +430,27 @@ def test_a_recovery_probe_after_a_lost_flight_lets_rack_resend_the_rest() -> Non
     assert st.fast_retransmits == 2 and st.rto_expired == 0  # a new episode, no timeout
 
 
+def test_a_recovery_the_tlp_started_is_probed_too() -> None:
+    """The tail of four segments goes unanswered: TLP resends the last one; its SACK shows
+    the first three lost (recovery resends them), and those are lost again. The TLP's
+    probe is still outstanding (TLP.end_seq: no ACK has passed it), which must not keep
+    rule rec-probe from sending the first of them again a PTO later."""
+    pb = est(min_rto=1.0)
+    segs = send_segments(pb, 4, 0.1)
+    t = pb.poll()
+    assert t == pytest.approx(0.1 + 2 * RTT)
+    pb.at(t).expect([segs[3]])  # the TLP probe
+    pb.at(t + RTT)
+    sack(pb, 1, (3001, 4001))  # the probe is SACKed: 1-3 are lost
+    again = [s.seq - ISS for s in pb.out()]
+    assert again and again == [1, 1001, 2001][: len(again)]  # (as many as PRR lets go)
+    assert pb.sock._in_fr and pb.sock._rack is not None and pb.sock._rack.tlp_end is not None
+    assert pb.poll() == pytest.approx(t + RTT + 2 * RTT)
+    pb.at(t + 3 * RTT).expect([segs[0]])
+    st = pb.sock.stats
+    assert (st.tlp_probes, st.recovery_probes, st.rto_expired) == (1, 1, 0)
+
+
 def test_no_recovery_probe_while_acks_keep_delivering() -> None:
     """Each ACK that delivers data moves the probe later: recovery going on at the pace
     of its ACKs sends no probe."""

@@ -634,10 +634,14 @@ class Scoreboard:
         if kind == TIMER_REO:
             self._rack_detect(now)  # RFC 8985 §6.3: the reorder timer expired
             return
-        if kind != TIMER_PTO or rack.tlp_end is not None:
+        if kind != TIMER_PTO:
             return
         if self._in_fr:
+            # (a TLP probe still outstanding does not hold it back: in recovery TLP.end_seq
+            # only keeps the episode from reducing cwnd twice, _tlp_acked)
             self._recovery_probe(una, now, out)
+            return
+        if rack.tlp_end is not None:
             return
         # RFC 8985 §7.3: send one new segment if the peer's window allows, else retransmit
         # the highest-sequence segment; then restart the RTO
