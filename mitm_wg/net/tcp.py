@@ -382,10 +382,10 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._keepalive_at: float | None = None
         self._ka_probes = 0
         self._last_rx = now
+        # ``syn_rto``: the first SYN's timeout from the RTT known to the remote address
+        # (Stack._known_rto, RFC 9040 §8), never longer than the initial RTO
         self._rtt = RttEstimator(
-            initial_rto=cfg.initial_rto
-            if syn_rto is None or syn_rto > cfg.initial_rto
-            else syn_rto,
+            initial_rto=cfg.initial_rto if syn_rto is None else min(syn_rto, cfg.initial_rto),
             min_rto=cfg.min_rto,
             max_rto=cfg.max_rto,
         )

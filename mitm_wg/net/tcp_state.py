@@ -152,7 +152,7 @@ class StateMachine:
         cc = self._cc
         cc.set_mss(self._smss)
         # RFC 5681 §3.1: one segment if the SYN or SYN-ACK had to be retransmitted (a
-        # timeout; not when the answer shows it was spurious: ``_syn_ack_spurious``).
+        # timeout; not when the SYN-ACK shows it was early: ``_process_syn_sent``).
         lost = self.stats.syn_timeouts > 0 and not spurious
         cc.cwnd = self._smss if lost else initial_window(self._smss)
         if lost and self._rtt.srtt is None:
