@@ -550,10 +550,59 @@ async def test_timeout_rotates_to_the_next_server_and_remembers_it(
     assert await r.resolve("www.example") == ips("192.0.2.1", "192.0.2.2")
     assert trio.current_time() - start == 2.0
     assert [s.server for s in net.sent] == [S1, S2]
-    assert r.timeouts == 1
+    assert r.timeouts == 1 and r.resends == 0  # (no time measured for S1: no resend)
     # the next query starts with the server that answered
     await r.resolve("v4only.example")
     assert [s.server for s in net.sent] == [S1, S2, S2]
+
+
+def losing(handler: Handler, lost: Sequence[int]) -> Handler:
+    """``handler``, except that the queries numbered in ``lost`` (1 = the first it gets)
+    vanish: a lossy path, the query or its reply lost."""
+    count = [0]
+
+    def lossy(query: dns.message.Message, via: str) -> Reply:
+        count[0] += 1
+        return None if count[0] in lost else handler(query, via)
+
+    return lossy
+
+
+async def test_a_lost_query_to_a_server_that_answered_goes_again_at_its_rto(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The server answered once (at once: its RTO is the minimum, RESEND_MIN); the next
+    query is lost: the same query (same id, same socket) goes again 0.2 s later, and its
+    answer is taken, instead of waiting out the 2 s timeout."""
+    net = FakeNet({S1: losing(example_zone(), lost=[2])})
+    r = resolver(net, timeout=2.0)
+    await r.resolve("v4only.example")
+    start = trio.current_time()
+    assert await r.resolve("www.example") == ips("192.0.2.1", "192.0.2.2")
+    assert trio.current_time() - start == pytest.approx(0.2)
+    _first, lost, again = net.sent
+    assert (lost.qname, lost.id) == (again.qname, again.id) and again.server == S1
+    assert len(net.sockets) == 2  # the resend used the query's own socket
+    assert (r.resends, r.timeouts, r.queries_sent) == (1, 0, 3)
+
+
+async def test_resends_double_within_the_timeout_then_the_next_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server that answered once goes silent: its query goes again at 0.2, 0.6 and 1.4 s
+    (the wait doubling), the 2 s timeout still ends the wait for it, and the next server
+    is asked. Nothing learnt from the resent query (Karn's rule: which copy was answered
+    is unknown), and the first query to a server (S2) is sent once."""
+    net = FakeNet({S1: losing(example_zone(), lost=range(2, 100)), S2: example_zone()})
+    r = resolver(net, servers=[S1, S2], timeout=2.0)
+    await r.resolve("v4only.example")
+    srtt = r._rtts[S1].srtt
+    start = trio.current_time()
+    assert await r.resolve("www.example") == ips("192.0.2.1", "192.0.2.2")
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert [s.server for s in net.sent] == [S1, S1, S1, S1, S1, S2]
+    assert (r.resends, r.timeouts) == (3, 1)
+    assert r._rtts[S1].srtt == srtt
 
 
 async def test_all_servers_time_out(autojump_clock: trio.testing.MockClock) -> None:

@@ -30,6 +30,7 @@ from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
 from mitm_wg.runtime.clock import BoottimeClock
+from mitm_wg.runtime.dns import Resolver
 from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 from tests.runtime_helpers import (
     ExtraHttpServer,
@@ -260,6 +261,42 @@ async def test_names_resolved_by_the_exit_dnsmasq_only(
     assert no_host_resolver == []
     # and no UDP datagram left for anything but the WireGuard endpoint
     assert factory.destinations == {exit_peer.endpoint}
+
+
+async def test_a_lost_dns_query_goes_again_before_its_timeout(exit_peer: ExitPeer) -> None:
+    """The exit's dnsmasq through a relay: a first lookup measures how long its replies
+    take; then the path up loses what is sent until one datagram is gone (the next
+    lookup's first query). The resolver sends that query again at its RTO, dnsmasq answers
+    it, and no query waits out the resolver's 2 s timeout."""
+    with ImpairedRelay(
+        exit_peer.endpoint,
+        listen=("127.0.0.1", 0),
+        socket_factory=exit_peer.client_ns.socket,
+    ) as relay:
+        text = exit_peer.client_config_text(endpoint=relay.address)
+        async with exit_tunnel(exit_peer, text) as (tunnel, _):
+            resolver = tunnel._resolver
+            assert isinstance(resolver, Resolver)
+            with trio.fail_after(30):
+                first = await tunnel.resolve("exit.test")
+                assert resolver.resends == resolver.timeouts == 0
+                dropped = relay.up.dropped
+                relay.set_impairment(up=Impairment(loss=1.0))
+
+                async def open_the_path_after_one_loss() -> None:
+                    while relay.up.dropped <= dropped:
+                        await trio.sleep(0.002)
+                    relay.set_impairment(up=Impairment())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(open_the_path_after_one_loss)
+                    deep = await tunnel.resolve("deep.name.exit.test")
+            assert set(deep) == set(first)
+            assert relay.up.dropped > dropped
+            assert resolver.resends >= 1 and resolver.timeouts == 0, (
+                resolver.resends,
+                resolver.timeouts,
+            )
 
 
 # -- Happy Eyeballs ------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ Behaviour, in resolv.conf terms:
   on to the next on a timeout, an unreachable server, SERVFAIL, REFUSED, NOTIMP or FORMERR;
   ``attempts`` is the number of rounds over all servers. A truncated UDP answer is asked again
   over TCP from the same server.
+* A UDP query to a server that has answered before goes again, on the same socket, when
+  no reply came within the RTO its replies' times give (RFC 6298's estimator, at least
+  ``RESEND_MIN``, at most half the timeout; doubling each time) while the timeout runs: on a
+  lossy path a lost query or reply costs about one round trip to that server, not the
+  whole timeout. A reply to any copy is taken. Without a measured time (the first query to
+  a server) it waits the timeout, as before.
 * Every query uses a fresh UDP socket (a fresh source port from the transport) and a random id.
   A reply is believed only if it comes from the server's address and port, carries the query's
   id and echoes its question; anything else is counted and ignored while the wait goes on.
@@ -63,6 +69,7 @@ import dns.rdatatype
 import trio
 
 from mitm_wg.config import IPAddress
+from mitm_wg.net.rtt import RttEstimator
 
 __all__ = [
     "DEFAULT_EDNS_PAYLOAD",
@@ -79,6 +86,11 @@ logger = logging.getLogger(__name__)
 
 #: The UDP payload size we advertise with EDNS(0): fits a 1280-byte IPv6 MTU (DNS flag day 2020).
 DEFAULT_EDNS_PAYLOAD: Final = 1232
+
+#: the shortest wait before a query goes again to a server that answered before (its
+#: replies' RTO is clamped to at least this: a recursive server's cache miss takes longer
+#: than a round trip, and resending then only costs a datagram)
+RESEND_MIN: Final = 0.2
 
 _HEADER_LEN: Final = 12
 _FLAG_QR: Final = 0x8000
@@ -251,8 +263,11 @@ class Resolver:
         self._cache: OrderedDict[tuple[dns.name.Name, int], tuple[float, _Outcome]] = OrderedDict()
         self._inflight: dict[tuple[dns.name.Name, int], _Flight] = {}
         self._preferred = 0  # index of the server that answered last
+        #: per server, the times its UDP replies took (Karn's rule: only queries sent once)
+        self._rtts: dict[IPAddress, RttEstimator] = {}
         # counters
         self.queries_sent = 0
+        self.resends = 0  # UDP queries sent again within a server's timeout
         self.tcp_fallbacks = 0
         self.timeouts = 0
         self.cache_hits = 0
@@ -611,13 +626,28 @@ class Resolver:
         if ready is not None:
             await ready(server)
         sent = self._clock()
+        rtt = self._rtts.get(server)
+        # with a measured time: go again after its RTO, doubling (the first query to a
+        # server waits the whole timeout)
+        wait = self.timeout if rtt is None else rtt.rto
         try:
             with trio.fail_after(self.timeout):
                 sock = await self.transport.open_udp(server.version)
                 try:
-                    await sock.sendto(wire, (str(server), self.port))
-                    self.queries_sent += 1
-                    return await self._udp_receive(sock, server, query)
+                    address = (str(server), self.port)
+                    copies = 0
+                    while True:
+                        await sock.sendto(wire, address)
+                        self.queries_sent += 1
+                        if copies:
+                            self.resends += 1
+                        copies += 1
+                        with trio.move_on_after(wait):
+                            got = await self._udp_receive(sock, server, query)
+                            if copies == 1:
+                                self._rtt_sample(server, self._clock() - sent)
+                            return got
+                        wait *= 2
                 finally:
                     sock.close()
         except trio.TooSlowError:
@@ -627,6 +657,15 @@ class Resolver:
             if unanswered is not None:
                 unanswered(server, sent)
             raise TimeoutError from None
+
+    def _rtt_sample(self, server: IPAddress, seconds: float) -> None:
+        """A reply to a query sent once took ``seconds``: the server's RTO for resends."""
+        rtt = self._rtts.get(server)
+        if rtt is None:
+            rtt = self._rtts[server] = RttEstimator(
+                min_rto=RESEND_MIN, max_rto=max(RESEND_MIN, self.timeout / 2)
+            )
+        rtt.sample(seconds)
 
     async def _udp_receive(
         self, sock: UdpEndpoint, server: IPAddress, query: dns.message.Message
