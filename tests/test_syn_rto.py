@@ -20,7 +20,6 @@ from tcp_playbook import LOCAL, LPORT, REMOTE, RPORT, Pb, cfg, fixed_random
 ACK = 0x10
 ISS = 1000
 PISS = 5000
-MiB = 1 << 20
 
 
 def active(config: TcpConfig, syn_rto: float | None) -> Pb:
