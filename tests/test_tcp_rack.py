@@ -337,6 +337,61 @@ def test_tlp_recovers_a_tail_loss_without_rto() -> None:
     assert st.rto_expired == 0 and st.tlp_probes == 1 and st.fast_retransmits == 1
 
 
+def test_a_tlp_probe_answered_sooner_than_min_rtt_still_counts() -> None:
+    """A whole tail lost (an exit's full socket buffer): TLP resends the last segment,
+    and its SACK comes back in half of min_RTT (the queue that set min_RTT drained with
+    the tail). It counts: RACK deems the three before it lost and recovery resends them,
+    without the RTO. (On the lab's clean 1 ms path 4 of 40 uploads of 1 MiB once paid a TLP
+    and then the RTO, ~270 ms; not traced, but this is how a probe that RACK ignores ends.)"""
+    pb = est(min_rto=1.0)
+    assert pb.sock._rack is not None
+    pb.sock._rack.min_rtt = RTT  # (as measured by earlier SACKed deliveries)
+    segs = send_segments(pb, 6, 0.1)
+    pb.at(0.2)
+    sack(pb, 2001)  # the first two arrive; the last four are lost
+    t = pb.poll()
+    assert t == pytest.approx(0.2 + 2 * RTT)
+    pb.at(t).expect([segs[5]])
+    pb.at(t + RTT / 2)  # sooner than min_RTT
+    sack(pb, 2001, (5001, 6001))
+    again = [s.seq - ISS for s in pb.out()]
+    assert again and again == [2001, 3001, 4001][: len(again)], again
+    st = pb.sock.stats
+    assert (st.tlp_probes, st.fast_retransmits, st.rto_expired) == (1, 1, 0)
+
+
+def test_a_sacked_tlp_probe_counts_whatever_its_echo() -> None:
+    """With timestamps. A whole tail is lost; TLP resends its last segment, which arrives
+    above the hole: the ACK that SACKs it echoes the TSval of the last segment that
+    arrived in order (a receiver takes TS.Recent from its left edge only, RFC 7323 §4.3),
+    older than the probe's. The echo says nothing about a SACKed retransmission: RACK
+    deems the segments before the probe lost. (The lab's clean 1 ms path: an upload lost
+    the last 237 kB it sent; TLP's SACK came back, RACK took the echo for the original's,
+    and the RTO followed 200 ms later.)"""
+    pb = active(cfg(), isn=ISS)
+    pb.out()
+    pb.at(RTT).send(SYN | ACK, PISS, ISS + 1, mss=1000, sack_permitted=True, timestamp=(1, 0))
+    assert pb.sock._ts_ok
+    pb.out()
+    pb.sock.send(bytes(6 * 988))  # (988: the MSS beside the timestamp option)
+    segs = pb.at(0.1).out()  # TSval 100
+    assert len(segs) == 6
+    pb.at(0.2)
+    pb.send(ACK, PISS + 1, segs[2].seq, timestamp=(2, 100))  # two arrive, four are lost
+    t = pb.poll()
+    assert t is not None
+    (probe,) = pb.at(t).out()
+    assert probe.seq == segs[5].seq and probe.timestamp is not None
+    assert probe.timestamp[0] > 100
+    pb.at(t + RTT)
+    end = probe.seq + len(probe.payload)
+    pb.send(ACK, PISS + 1, segs[2].seq, sack_blocks=((probe.seq, end),), timestamp=(3, 100))
+    again = [s.seq for s in pb.out()]
+    assert again and again == [s.seq for s in segs[2:5]][: len(again)], again
+    st = pb.sock.stats
+    assert (st.tlp_probes, st.fast_retransmits, st.rto_expired) == (1, 1, 0)
+
+
 def test_tlp_repairing_the_only_loss_reduces_cwnd_once() -> None:
     pb = est()
     segs = send_segments(pb, 4, 0.1)
@@ -428,6 +483,59 @@ def test_a_recovery_probe_after_a_lost_flight_lets_rack_resend_the_rest() -> Non
     again = [s.seq - ISS for s in pb.out()]
     assert again and again == new[: len(again)], (new, again)  # (as many as PRR lets go)
     assert st.fast_retransmits == 2 and st.rto_expired == 0  # a new episode, no timeout
+
+
+def test_a_recovery_probe_answered_sooner_than_min_rtt_still_counts() -> None:
+    """As above, but the probe's ACK comes back in half of min_RTT (the queue that set
+    min_RTT drained with the lost flight: on the lab's clean 1 ms path, where the exit's
+    socket buffer drops bursts, one upload in 40 lost the last 70 kB it sent, and the
+    probe came back in 2.8 ms against a min_RTT of 5.2 ms). RACK's ambiguity rule (sooner than min_RTT: maybe the original's
+    ACK) would ignore it and learn nothing; the probe went a PTO after the last delivery,
+    so it counts: the new data sent before it is resent at once. (Ignored, the probe
+    crawled through the flight one segment per PTO: 88 probes, 1.4 s.)"""
+    pb = est(min_rto=1.0)
+    segs = send_segments(pb, 10, 0.1)
+    pb.sock.send(bytes(10_000))
+    pb.at(0.2)
+    sack(pb, 1, (1001, 10_001))
+    sent = pb.out()
+    new = [s.seq - ISS for s in sent[1:]]
+    assert new and all(n >= 10_001 for n in new)
+    pb.at(0.2 + 2 * RTT)
+    assert pb.out() == [segs[0]]
+    pb.at(0.2 + 2 * RTT + RTT / 2)  # sooner than min_RTT (RTT)
+    sack(pb, 10_001)
+    again = [s.seq - ISS for s in pb.out()]
+    assert again and again == new[: len(again)], (new, again)
+    st = pb.sock.stats
+    assert (st.recovery_probes, st.fast_retransmits, st.rto_expired) == (1, 2, 0)
+
+
+def test_one_recovery_probe_per_episode() -> None:
+    """The first segment and the last five of ten are lost, and the first one's fast
+    retransmission too. The probe repairs the first hole; its ACK lets RACK deem the last
+    five lost (sent before the probe) in the same episode, and they go again. When those
+    are lost as well, the silence after is the RTO's: one probe per episode (probing on
+    would crawl, a segment per PTO, where RACK could not use a probe's delivery)."""
+    pb = est(min_rto=1.0)
+    segs = send_segments(pb, 10, 0.1)
+    pb.at(0.2)
+    sack(pb, 1, (1001, 5001))  # the first lost (three SACKed above it); 6-10 not yet
+    assert pb.out() == [segs[0]]
+    assert pb.sock._recover == ISS + 10_001
+    pb.at(0.2 + 2 * RTT).expect([segs[0]])  # the probe
+    pb.at(0.2 + 3 * RTT + 0.001)
+    sack(pb, 5001)  # the probe arrived: the hole is repaired, 6-10 are still missing
+    again = [s.seq - ISS for s in pb.out()]
+    assert again and again == [5001, 6001, 7001, 8001, 9001][: len(again)], again
+    assert pb.sock._in_fr  # (the same episode: SND.UNA is below its recovery point)
+    # all of them are lost: no ACK comes, and no second probe goes
+    t = pb.poll()
+    assert t is not None and t > 0.2 + 3 * RTT + 2 * RTT + 0.01  # not a PTO: the RTO
+    assert pb.at(t - 0.001).out() == []
+    assert pb.at(t).out()[0].seq == ISS + 5001
+    st = pb.sock.stats
+    assert (st.recovery_probes, st.rto_expired) == (1, 1)
 
 
 def test_a_recovery_the_tlp_started_is_probed_too() -> None:
