@@ -696,9 +696,9 @@ class Scoreboard:
         comes and the RTO (200 ms at least) would follow, collapsing the window. RFC 8985's
         TLP waits out recovery (so do Linux's, in CA_Recovery); this is its rule for that
         case: one probe, the first hole at SND.UNA sent again (a hole the receiver reports
-        at once: it holds data above it, so no delayed ACK), or nothing: the RTO then, as
-        before. Its ACK repairs the hole, and RACK deems every unacknowledged segment sent
-        before it lost. The RTO restarts (as after TLP's probe). One probe per episode:
+        at once: it holds data above it, so no delayed ACK). Its ACK repairs the hole, and
+        RACK deems every unacknowledged segment sent before it lost (however soon it comes:
+        :meth:`Rack.on_ack`). The RTO restarts (as after TLP's probe). One probe per episode:
         silence after it again is the RTO's (probing on, one segment per PTO, would crawl
         through a lost flight if RACK could not use the probe's delivery)."""
         rack = self._rack
