@@ -631,6 +631,10 @@ class Scoreboard:
         assert rack is not None
         if rack.tlp_end is not None or self.state not in _SEND_STATES:
             return
+        self._set_pto(rack, now, one_segment)
+
+    def _set_pto(self, rack: Rack, now: float, one_segment: bool) -> None:
+        """The recovery timer at the PTO from now (rule pto), never later than the RTO."""
         pto = Rack.pto(self._rtt.srtt, one_segment)
         rto = self._rtt.rto
         self._rec_at = now + (pto if pto < rto else rto)
@@ -683,10 +687,7 @@ class Scoreboard:
         assert rack is not None
         if rack.probe_t is not None:
             return  # (one probe per episode: after it, the RTO)
-        pto = Rack.pto(self._rtt.srtt, self._snd_max - self._snd_una <= self._smss)
-        rto = self._rtt.rto
-        self._rec_at = now + (pto if pto < rto else rto)
-        rack.timer = TIMER_PTO
+        self._set_pto(rack, now, self._snd_max - self._snd_una <= self._smss)
 
     def _recovery_probe(self, una: int, now: float, out: list[TcpSegment]) -> None:
         """Rule rec-probe: in fast recovery, a PTO passed since the last ACK that delivered
