@@ -20,7 +20,9 @@ from harness import ImpairedRelay, Impairment
 from harness.relay import RelayProcess
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.net.congestion import NewReno
+from mitm_wg.net.ipv4 import PROTO_TCP, ParseError, parse_ipv4
 from mitm_wg.net.tcp import TcpConfig
+from mitm_wg.net.tcp_wire import SYN, TcpSegment, parse_tcp
 from tests.tunneldrive import TunnelDriver
 
 SIZE = 50 * 1024 * 1024
@@ -34,6 +36,15 @@ def pattern_hash(n: int) -> str:
         h.update(block)
     h.update(block[:rest])
     return h.hexdigest()
+
+
+def tcp_of(packet: bytes) -> TcpSegment | None:
+    """The TCP segment in an IPv4 packet our stack sends (a ``TunnelDriver.drop`` hook's
+    view of it), or None."""
+    ip = parse_ipv4(memoryview(packet))
+    if isinstance(ip, ParseError) or ip.proto != PROTO_TCP:
+        return None
+    return parse_tcp(ip.payload)
 
 
 def driver_for(peer, tcp_config: TcpConfig | None = None, **kw) -> TunnelDriver:
@@ -232,13 +243,9 @@ def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer) ->
         dropped: list[int] = []
 
         def drop(packet: bytes) -> bool:
-            if len(dropped) == 2 or packet[0] >> 4 != 4 or packet[9] != 6:
-                return False
-            ihl = (packet[0] & 15) * 4
-            seq = int.from_bytes(packet[ihl + 4 : ihl + 8], "big")
-            n = len(packet) - ihl - (packet[ihl + 12] >> 4) * 4
-            if (target - seq) & 0xFFFFFFFF < n:
-                dropped.append(seq)
+            seg = None if len(dropped) == 2 else tcp_of(packet)
+            if seg is not None and (target - seg.seq) & 0xFFFFFFFF < len(seg.payload):
+                dropped.append(seg.seq)
                 return True
             return False
 
@@ -275,9 +282,9 @@ def test_a_lost_syn_to_a_server_we_know_goes_again_at_its_rtt(exit_peer) -> None
         syns: list[int] = []
 
         def drop_first_syn(packet: bytes) -> bool:
-            ihl = (packet[0] & 15) * 4
-            if packet[0] >> 4 == 4 and packet[9] == 6 and packet[ihl + 13] & 0x02:
-                syns.append(int.from_bytes(packet[ihl + 4 : ihl + 8], "big"))
+            seg = tcp_of(packet)
+            if seg is not None and seg.flags & SYN:
+                syns.append(seg.seq)
                 return len(syns) == 1
             return False
 
