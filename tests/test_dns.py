@@ -605,6 +605,115 @@ async def test_resends_double_within_the_timeout_then_the_next_server(
     assert r._rtts[S1].srtt == srtt
 
 
+class PathNet(FakeNet):
+    """A transport that knows a lower bound for the round trip to its servers (a tunnel's
+    handshake with its peer), and whose servers answer ``reply_delay`` after a query."""
+
+    def __init__(
+        self, servers: dict[IPAddress, Handler], path: float | None, reply_delay: float = 0.0
+    ) -> None:
+        super().__init__(servers)
+        self.path = path
+        self.reply_delay = reply_delay
+        self.path_asked: list[IPAddress] = []
+
+    def path_rtt(self, server: IPAddress) -> float | None:
+        self.path_asked.append(server)
+        return self.path
+
+    async def open_udp(self, family: int) -> UdpEndpoint:
+        sock = DelayedUdp(self, family)
+        self.sockets.append(sock)
+        return sock
+
+
+class DelayedUdp(FakeUdp):
+    """Replies arrive ``net.reply_delay`` after the query they answer went (a reply not
+    yet due stays queued when a receive is cancelled, as a socket's would)."""
+
+    net: PathNet
+
+    def __init__(self, net: FakeNet, family: int) -> None:
+        super().__init__(net, family)
+        self.pending: list[tuple[float, tuple[bytes, tuple[str, int]]]] = []
+        self.arrived = trio.Event()
+
+    async def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        assert not self.closed
+        due = trio.current_time() + self.net.reply_delay
+        server = ipaddress.ip_address(address[0])
+        for datagram in self.net.deliver(server, address[1], data, "udp"):
+            self.pending.append((due, datagram))
+            self.arrived.set()
+
+    async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
+        while not self.pending:
+            self.arrived = trio.Event()
+            await self.arrived.wait()
+        await trio.sleep_until(self.pending[0][0])
+        return self.pending.pop(0)[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "resent_at"),
+    [(0.030, 0.2), (0.150, 0.45), (0.9, 1.0)],
+    ids=["floor", "three-round-trips", "half-the-timeout"],
+)
+async def test_a_lost_first_query_goes_again_after_three_path_round_trips(
+    path: float, resent_at: float, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Nothing measured from S1 yet, but the transport knows the round trip to the peer
+    that routes it (the tunnel's handshake): the lost first query goes again after three
+    of it (RFC 6298's first RTO for that sample), at least RESEND_MIN, at most half the
+    timeout -- not after the whole timeout."""
+    net = PathNet({S1: losing(example_zone(), lost=[1])}, path)
+    r = resolver(net, timeout=2.0)
+    start = trio.current_time()
+    assert await r.resolve("www.example") == ips("192.0.2.1", "192.0.2.2")
+    assert trio.current_time() - start == pytest.approx(resent_at)
+    lost, again = net.sent
+    assert (lost.qname, lost.id, again.server) == (again.qname, again.id, S1)
+    assert len(net.sockets) == 1 and net.path_asked == [S1]
+    assert (r.resends, r.timeouts) == (1, 0)
+    assert S1 not in r._rtts  # (Karn: which copy was answered is unknown)
+
+
+async def test_without_a_path_round_trip_a_first_query_waits_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = PathNet({S1: losing(example_zone(), lost=[1]), S2: example_zone()}, None)
+    r = resolver(net, servers=[S1, S2], timeout=2.0)
+    start = trio.current_time()
+    assert await r.resolve("www.example") == ips("192.0.2.1", "192.0.2.2")
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert [s.server for s in net.sent] == [S1, S2]
+    assert (r.resends, r.timeouts) == (0, 1)
+
+
+async def test_a_server_slower_than_the_path_gets_a_first_query_twice_then_is_measured(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A recursive server's cache miss takes longer than three path round trips: the
+    query goes twice and the first copy's answer is taken when it comes (no wait beyond
+    it). Nothing is measured from that (Karn); a later reply within the wait is, and from
+    then on the server's own RTO counts, not the path's."""
+    net = PathNet({S1: example_zone()}, 0.050, reply_delay=0.5)
+    r = resolver(net, timeout=2.0)
+    start = trio.current_time()
+    assert await r.resolve("www.example") == ips("192.0.2.1", "192.0.2.2")
+    assert trio.current_time() - start == pytest.approx(0.5)
+    assert len(net.sent) == 2 and r.resends == 1 and S1 not in r._rtts
+    net.reply_delay = 0.1
+    start = trio.current_time()
+    await r.resolve("v4only.example")
+    assert trio.current_time() - start == pytest.approx(0.1)
+    assert len(net.sent) == 3 and r._rtts[S1].srtt == pytest.approx(0.1)
+    # measured: a slow reply now waits the server's RTO (0.3 s), not the path's 0.2 s
+    net.reply_delay = 0.25
+    await r.resolve("alias.example")
+    assert len(net.sent) == 4 and r.resends == 1 and net.path_asked == [S1, S1]
+
+
 async def test_all_servers_time_out(autojump_clock: trio.testing.MockClock) -> None:
     net = FakeNet({S1: drop, S2: drop})
     r = resolver(net, servers=[S1, S2], timeout=1.5, attempts=2, search=["corp.example"])

@@ -302,6 +302,57 @@ async def test_a_lost_dns_query_goes_again_before_its_timeout(exit_peer: ExitPee
             )
 
 
+async def test_a_lost_first_dns_query_goes_again_after_the_handshakes_round_trips(
+    exit_peer: ExitPeer,
+) -> None:
+    """The exit's dnsmasq 80 ms away through a relay, nothing measured from it yet: the
+    WireGuard handshake's round trip is. The first lookup's queries are lost on the way
+    up; they go again three such round trips later, dnsmasq answers, and no query waits
+    out the resolver's 2 s timeout (as each did before a server had answered once)."""
+    assert exit_peer.dns_server is not None
+    server = ipaddress.ip_address(exit_peer.dns_server)
+    slow = Impairment(delay=0.040)
+    with ImpairedRelay(
+        exit_peer.endpoint,
+        listen=("127.0.0.1", 0),
+        socket_factory=exit_peer.client_ns.socket,
+    ) as relay:
+        relay.set_impairment(slow)
+        text = exit_peer.client_config_text(endpoint=relay.address)
+        # (handshake_timeout: as the other relay tests here)
+        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+            resolver = tunnel._resolver
+            assert isinstance(resolver, Resolver)
+            with trio.fail_after(30):
+                await tunnel.wait_session(server)
+                rtt = tunnel.path_rtt(server)
+                assert rtt is not None and 0.080 <= rtt < 1.0
+                # the initiation and the keepalive confirming the session went through
+                while relay.up.received < 2:
+                    await trio.sleep(0.002)
+                dropped = relay.up.dropped
+                relay.set_impairment(up=Impairment(loss=1.0, delay=0.040))
+
+                async def open_the_path_after_one_loss() -> None:
+                    while relay.up.dropped <= dropped:
+                        await trio.sleep(0.002)
+                    relay.set_impairment(up=slow)
+
+                assert resolver._rtts == {}
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(open_the_path_after_one_loss)
+                    addresses = await tunnel.resolve("exit.test")
+            assert set(addresses) == {
+                ipaddress.ip_address(exit_peer.server_tunnel_v4),
+                ipaddress.ip_address(exit_peer.server_tunnel_v6),
+            }
+            assert relay.up.dropped > dropped
+            assert resolver.resends >= 1 and resolver.timeouts == 0, (
+                resolver.resends,
+                resolver.timeouts,
+            )
+
+
 # -- Happy Eyeballs ------------------------------------------------------------------------------
 
 

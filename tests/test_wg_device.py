@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from mitm_wg.config import Endpoint
 from mitm_wg.wireguard import crypto, messages
-from mitm_wg.wireguard.device import Device, HandshakeCompleted, HandshakeFailed, KeysZeroed
+from mitm_wg.wireguard.device import (
+    Device,
+    HandshakeCompleted,
+    HandshakeFailed,
+    KeysZeroed,
+    Transmit,
+)
 from mitm_wg.wireguard.replay import ReplayWindow
 from mitm_wg.wireguard.timers import (
     KEEPALIVE_TIMEOUT,
@@ -78,6 +84,47 @@ def test_responder_waits_for_confirmation_before_sending() -> None:
     p.deliver()
     # A's queued data confirms; B then flushes its own queue.
     assert p.a_received == [reply]
+
+
+def test_each_side_measures_the_handshake_round_trip() -> None:
+    """The initiator: from its initiation to the response (the retry's, not the lost
+    first one's); the responder: from its response to the confirming transport message."""
+    p = Pair.create()
+    assert p.a_peer.handshake_rtt is None and p.b_peer.handshake_rtt is None
+    p.now = 10.0
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    assert p.deliver(drop=True) == 1  # the first initiation is lost
+    deadline = p.a.next_deadline()
+    assert deadline is not None and deadline >= 10.0 + REKEY_TIMEOUT
+    p.now = deadline
+    out: list[Transmit] = []
+    p.a.poll(p.now, out)  # the retry goes out
+    p._collect("a", out)
+    retry_sent = p.a_peer.last_initiation_sent
+    assert retry_sent == deadline
+    (dest, initiation, src) = p.wire.pop(0)
+    assert messages.message_type(initiation) == 1 and not p.wire
+    p.now = retry_sent + 0.020  # 20 ms on the way to B
+    p.inject(dest, initiation, src)
+    (dest, response, src) = p.wire.pop(0)
+    response_sent = p.now
+    p.now += 0.030  # 30 ms back
+    p.inject(dest, response, src)
+    assert p.a_peer.handshake_rtt == pytest.approx(0.050)
+    (dest, data, src) = p.wire.pop(0)
+    assert messages.message_type(data) == 4
+    p.now += 0.045  # the confirmation is slower: the responder measures its own
+    assert p.b_peer.handshake_rtt is None
+    p.inject(dest, data, src)
+    assert p.b_peer.current is not None
+    assert p.b_peer.handshake_rtt == pytest.approx(p.now - response_sent)
+    assert p.b_peer.handshake_rtt == pytest.approx(0.075)
+    # a data message on an already confirmed session measures nothing
+    p.now += 5.0
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"y"))
+    p.deliver()
+    assert p.b_peer.handshake_rtt == pytest.approx(0.075)
+    assert p.a_peer.handshake_rtt == pytest.approx(0.050)
 
 
 def test_padding_to_multiple_of_16_and_trimmed_on_receive() -> None:

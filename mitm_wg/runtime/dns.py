@@ -24,8 +24,10 @@ Behaviour, in resolv.conf terms:
   no reply came within the RTO its replies' times give (RFC 6298's estimator, at least
   ``RESEND_MIN``, at most half the timeout; doubling each time) while the timeout runs: on a
   lossy path a lost query or reply costs about one round trip to that server, not the
-  whole timeout. A reply to any copy is taken. Without a measured time (the first query to
-  a server) it waits the timeout, as before.
+  whole timeout. A reply to any copy is taken. A server not measured yet (the first query
+  to it) starts from the round trip of the tunnel's last handshake with the peer that
+  routes it (the transport's optional ``path_rtt``), a lower bound for the server's; with
+  neither, the query waits the timeout.
 * Every query uses a fresh UDP socket (a fresh source port from the transport) and a random id.
   A reply is believed only if it comes from the server's address and port, carries the query's
   id and echoes its question; anything else is counted and ignored while the wait goes on.
@@ -137,6 +139,9 @@ class DnsTransport(Protocol):
     # clock) got no reply in time; a tunnel uses it to re-handshake with a silent peer.
     # Optional: ``async ready(server)`` -- returns once a datagram to ``server`` can leave
     # (a tunnel: once its peer has a session); the query's timeout starts after it.
+    # Optional: ``path_rtt(server)`` -- seconds, a lower bound for a round trip to ``server``
+    # (a tunnel: its last handshake's with the peer routing it), or None; a first query
+    # goes again after three times it instead of waiting the whole timeout.
 
 
 class _TunnelLike(Protocol):
@@ -147,6 +152,8 @@ class _TunnelLike(Protocol):
     def unanswered(self, address: IPAddress, since: float) -> None: ...
 
     async def wait_session(self, address: IPAddress) -> None: ...
+
+    def path_rtt(self, address: IPAddress) -> float | None: ...
 
 
 class TunnelDnsTransport:
@@ -171,6 +178,9 @@ class TunnelDnsTransport:
 
     async def ready(self, server: IPAddress) -> None:
         await self._tunnel.wait_session(server)
+
+    def path_rtt(self, server: IPAddress) -> float | None:
+        return self._tunnel.path_rtt(server)
 
 
 class _Outcome:
@@ -626,10 +636,7 @@ class Resolver:
         if ready is not None:
             await ready(server)
         sent = self._clock()
-        rtt = self._rtts.get(server)
-        # with a measured time: go again after its RTO, doubling (the first query to a
-        # server waits the whole timeout)
-        wait = self.timeout if rtt is None else rtt.rto
+        wait = self._resend_after(server)
         try:
             with trio.fail_after(self.timeout):
                 sock = await self.transport.open_udp(server.version)
@@ -657,6 +664,24 @@ class Resolver:
             if unanswered is not None:
                 unanswered(server, sent)
             raise TimeoutError from None
+
+    def _resend_after(self, server: IPAddress) -> float:
+        """How long a UDP query to ``server`` waits before it goes again (doubling after).
+
+        The RTO of the server's measured reply times; for a server not measured yet, the
+        RTO a first sample as long as the transport's ``path_rtt(server)`` would give (RFC
+        6298 §2.2: three times it), a lower bound for any reply from it — a tunnel's last
+        handshake with the peer that routes the server; without one, the whole timeout.
+        Both within [RESEND_MIN, timeout / 2]. A server slower than that (a recursive
+        resolver's cache miss) gets the query twice; its reply is taken either way."""
+        rtt = self._rtts.get(server)
+        if rtt is not None:
+            return rtt.rto
+        path_rtt = getattr(self.transport, "path_rtt", None)
+        floor = None if path_rtt is None else path_rtt(server)
+        if floor is None:
+            return self.timeout
+        return min(max(RESEND_MIN, 3 * floor), max(RESEND_MIN, self.timeout / 2))
 
     def _rtt_sample(self, server: IPAddress, seconds: float) -> None:
         """A reply to a query sent once took ``seconds``: the server's RTO for resends."""

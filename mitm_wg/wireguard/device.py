@@ -670,6 +670,7 @@ class Device:
             peer.previous = peer.current
             peer.current = keypair
             peer.next = None
+            peer.handshake_rtt = now - keypair.created  # (created when the response went)
             peer.on_handshake_complete(now)
             self.events.append(HandshakeCompleted(peer, source, False, now))
             if peer.queue:
@@ -815,6 +816,8 @@ class Device:
         peer.current = keypair
         peer.endpoint = Endpoint.of(source)
         peer.rx_bytes += len(message)
+        # (a response answers the latest initiation only: earlier ones' indices are gone)
+        peer.handshake_rtt = now - peer.last_initiation_sent
         peer.on_handshake_complete(now)
         peer.on_session_derived(now)
         peer.on_authenticated_packet_received(now)

@@ -109,6 +109,7 @@ class Peer:
         "handshake",
         "handshake_attempts",
         "handshake_attempts_total",
+        "handshake_rtt",
         "handshake_started",
         "handshakes_completed",
         "keys",
@@ -190,6 +191,12 @@ class Peer:
         self.last_handshake: float | None = None
         self.handshake_attempts_total = 0
         self.handshakes_completed = 0
+        #: The round trip of the last completed handshake: from our initiation to its
+        #: response when we initiated; from our response to the initiator's first transport
+        #: message when we answered (§5.4.6: it sends one at once, a keepalive if it has
+        #: nothing else). The time to the peer's WireGuard and back, so a lower bound for a
+        #: round trip to anything it routes; None before the first handshake.
+        self.handshake_rtt: float | None = None
         #: `now` of the last authenticated packet from the peer (any message type).
         self.last_received = float("-inf")
         #: Handshakes started by :meth:`Device.handshake_if_silent`.
