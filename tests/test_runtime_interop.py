@@ -353,6 +353,50 @@ async def test_a_lost_first_dns_query_goes_again_after_the_handshakes_round_trip
             )
 
 
+async def test_a_lost_first_syn_goes_again_after_the_handshakes_round_trips(
+    exit_peer: ExitPeer,
+) -> None:
+    """Linux's server 80 ms away through a relay, no RTT measured to it yet: the
+    WireGuard handshake's round trip is. The first connection's SYN is lost on the way
+    up; it goes again at three such round trips (a timeout shorter than the initial
+    RTO's 1 s: it does not count as one of ``syn_retries``), Linux answers, and the
+    download on the connection is byte-exact."""
+    slow = Impairment(delay=0.040)
+    with ImpairedRelay(
+        exit_peer.endpoint,
+        listen=("127.0.0.1", 0),
+        socket_factory=exit_peer.client_ns.socket,
+    ) as relay:
+        relay.set_impairment(slow)
+        text = exit_peer.client_config_text(endpoint=relay.address)
+        # (handshake_timeout: as the other relay tests here)
+        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+            server = exit_peer.server_tunnel_v4
+            with trio.fail_after(30):
+                await tunnel.wait_session(server)
+                rtt = tunnel.path_rtt(server)
+                assert rtt is not None and 0.080 <= rtt < 0.3
+                while relay.up.received < 2:  # (the keepalive confirming the session)
+                    await trio.sleep(0.002)
+                dropped = relay.up.dropped
+                relay.set_impairment(up=Impairment(loss=1.0, delay=0.040))
+
+                async def open_the_path_after_one_loss() -> None:
+                    while relay.up.dropped <= dropped:
+                        await trio.sleep(0.002)
+                    relay.set_impairment(up=slow)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(open_the_path_after_one_loss)
+                    stream = await tunnel.open_tcp_stream(server, exit_peer.http_port)
+                sock = stream._sock
+                assert relay.up.dropped == dropped + 1
+                # one timeout, and an early one: before the initial RTO's 1 s
+                assert (sock.stats.syn_timeouts, sock._syn_retries) == (1, 0)
+                await get_pattern(stream, 256 * KB)
+                await stream.aclose()
+
+
 # -- Happy Eyeballs ------------------------------------------------------------------------------
 
 

@@ -1,8 +1,10 @@
 """A new connection's SYN timeout from the RTT measured to its destination (RFC 9040 §8:
-``Stack._known_rto`` gives ``TcpSocket``'s ``syn_rto``): playbook tests of the socket's
-rules, then the stack in the simulator (the cache, ensemble sharing, a lost SYN).
+``Stack._known_rto`` gives ``TcpSocket``'s ``syn_rto``), or else from the path's lower
+bound (``tcp_connect(path_rtt=...)``, the runtime's last WireGuard handshake): playbook
+tests of the socket's rules, then the stack in the simulator (the cache, ensemble
+sharing, the path's bound, a lost SYN).
 
-Without a known RTT a lost SYN or SYN-ACK costs the initial RTO, 1 s (RFC 6298 §2.1, as
+Without either a lost SYN or SYN-ACK costs the initial RTO, 1 s (RFC 6298 §2.1, as
 Linux); on a lossy path (2 % each way) about one connection in 25 pays it.
 """
 
@@ -84,6 +86,40 @@ def test_a_spurious_syn_timeout_keeps_the_initial_window(echo_first: bool) -> No
     assert initial_window(smss) > 9 * smss
 
 
+def test_without_timestamps_an_early_syn_timeout_keeps_the_initial_window() -> None:
+    """No echo can show whether a timeout shorter than the initial RTO was early (a far
+    destination behind a near exit): it does not shrink the window, and with no RTT
+    sample (Karn's rule) the RTO starts over at the initial 1 s, not at the short SYN
+    timeout backed off (0.5 s, shorter than this handshake took)."""
+    pb = active(cfg(timestamps=False), 0.25)
+    (syn,) = pb.out()
+    pb.at(0.25)
+    (again,) = pb.out()
+    assert again.seq == syn.seq
+    pb.at(0.7).send(SYN | ACK, PISS, ISS + 1, mss=1000)
+    sock = pb.sock
+    assert sock.state is TcpState.ESTABLISHED and sock.stats.syn_timeouts == 1
+    assert sock.srtt is None and sock.rto == pytest.approx(1.0)
+    assert sock.cwnd == initial_window(sock.mss) > 9 * sock.mss
+
+
+def test_without_timestamps_a_syn_timeout_at_the_initial_rto_shrinks_the_window() -> None:
+    """A timeout at the initial RTO's scale counts: one segment (RFC 5681 §3.1) and an
+    RTO of 3 s until a sample (RFC 6298 §5.7) -- 3 s, not 3 s doubled by the SYN's
+    backoff."""
+    pb = active(cfg(timestamps=False), None)
+    (syn,) = pb.out()
+    assert pb.poll() == pytest.approx(1.0)
+    pb.at(1.0)
+    (again,) = pb.out()
+    assert again.seq == syn.seq
+    pb.at(1.1).send(SYN | ACK, PISS, ISS + 1, mss=1000)
+    sock = pb.sock
+    assert sock.state is TcpState.ESTABLISHED and sock.stats.syn_timeouts == 1
+    assert sock.cwnd == sock.mss
+    assert sock.srtt is None and sock.rto == pytest.approx(3.0)
+
+
 # -- the stack ----------------------------------------------------------------------------
 def _connect(sim, timeout: float = 10.0) -> TcpSocket:  # type: ignore[no-untyped-def]
     sock = sim.a.tcp_connect("10.0.0.2", 80, sim.now)
@@ -161,3 +197,50 @@ def test_a_lost_syn_to_a_known_address_goes_again_at_its_rto() -> None:
     assert syns[1] - start == pytest.approx(0.2)  # virtual time: the timer, not the machine
     assert second.cwnd == second.mss  # a SYN was lost: RFC 5681 §3.1
     assert first.state is TcpState.ESTABLISHED
+
+
+def test_the_paths_round_trip_sets_a_new_destinations_syn_timeout() -> None:
+    """``path_rtt`` (a lower bound: the WireGuard handshake's round trip): an address
+    with nothing measured gets three times it, within the RTO's bounds; one with an RTT
+    measured keeps that."""
+    link = LinkParams(delay=0.01)
+    sim = make_pair(seed=4, ab=link, ba=link)
+    sim.b.tcp_listen(80)
+    assert sim.a.tcp_connect("10.0.0.3", 80, sim.now, path_rtt=0.15).rto == pytest.approx(0.45)
+    assert sim.a.tcp_connect("10.0.0.3", 80, sim.now, path_rtt=0.01).rto == pytest.approx(0.2)
+    assert sim.a.tcp_connect("10.0.0.3", 80, sim.now, path_rtt=0.5).rto == pytest.approx(1.0)
+    assert sim.a.tcp_connect("10.0.0.3", 80, sim.now, path_rtt=None).rto == pytest.approx(1.0)
+    first = _connect(sim)  # (20 ms measured to 10.0.0.2)
+    assert first.srtt == pytest.approx(0.02, abs=0.002)
+    known = sim.a.tcp_connect("10.0.0.2", 80, sim.now, path_rtt=0.15)
+    assert known.rto == pytest.approx(max(0.2, first.srtt + 4 * first._rtt.rttvar))
+    assert known.rto < 0.45  # (not the path's)
+
+
+def test_a_lost_syn_to_a_new_address_goes_again_at_three_path_round_trips() -> None:
+    """Nothing measured to the server; the path's bound is 40 ms (its 20 ms round trip,
+    doubled: the bound need not be tight). The first SYN is lost: the second goes 0.2 s
+    later -- the minimum RTO, above three times 40 ms -- not 1 s; the connection opens
+    with the initial window after it (timestamps show the loss, which RFC 5681 §3.1
+    answers with one segment)."""
+    link = LinkParams(delay=0.01)
+    sim = make_pair(seed=5, ab=link, ba=link)
+    sim.b.tcp_listen(80)
+    syns: list[float] = []
+
+    def drop_first_syn(i: int, pkt: bytes) -> bytes | None:
+        ihl = (pkt[0] & 15) * 4
+        if i == 0 and pkt[9] == 6 and pkt[ihl + 13] & SYN:
+            syns.append(sim.now)
+            if len(syns) == 1:
+                return None
+        return pkt
+
+    sim.taps.append(drop_first_syn)
+    sock = sim.a.tcp_connect("10.0.0.2", 80, sim.now, path_rtt=0.04)
+    start = sim.now
+    assert sim.run_until(lambda: sock.state is TcpState.ESTABLISHED, 5.0)
+    assert len(syns) == 2 and syns[1] - start == pytest.approx(0.2)
+    assert sock.stats.syn_timeouts == 1 and sock._syn_retries == 0
+    assert sock.cwnd == sock.mss  # (the echo shows the first SYN was lost)
+    assert sock.srtt == pytest.approx(0.02, abs=0.002)

@@ -52,9 +52,10 @@ class RttEstimator:
         if self.rto < self.max_rto:
             self._backoff += 1
 
-    def set_base(self, rto: float) -> None:
-        """Override the base timeout (RFC 6298 §5.7: 3 s after a retransmitted SYN)."""
+    def restart(self, rto: float) -> None:
+        """No measurement yet, start over at ``rto``, without backoff (RFC 6298 §2.1)."""
         self.base_rto = min(max(rto, self.min_rto), self.max_rto)
+        self._backoff = 0
 
     @property
     def backoffs(self) -> int:

@@ -936,9 +936,23 @@ class Stack:
         return None
 
     def tcp_connect(
-        self, remote: Address, port: int, now: float, *, local: Address | None = None
+        self,
+        remote: Address,
+        port: int,
+        now: float,
+        *,
+        local: Address | None = None,
+        path_rtt: float | None = None,
     ) -> TcpSocket:
-        """Open a connection to ``remote``:``port`` (SYN goes out on the next :meth:`poll`)."""
+        """Open a connection to ``remote``:``port`` (SYN goes out on the next :meth:`poll`).
+
+        ``path_rtt``: a lower bound for the round trip to ``remote`` (the runtime's: its
+        last WireGuard handshake with the peer that routes it). With no RTT measured to
+        ``remote`` (:meth:`_known_rto`), the SYN's timeout is the RTO a first sample that
+        long gives (RFC 6298 §2.2: three times it), not the initial RTO's 1 s: a lost SYN
+        or SYN-ACK to a new destination costs a few of the path's round trips. A farther
+        destination only gets its SYN twice (a timeout that short neither counts against
+        ``syn_retries`` nor, unless timestamps show a loss, shrinks the initial window)."""
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
         # (an address object as it is: ip_address() would format and parse it again)
@@ -964,13 +978,21 @@ class Stack:
             randbytes=self._randbytes,
             ts_offset=self.tcp_timestamp_offset(local_b, remote_b),
             on_touched=self._touched,
-            syn_rto=self._known_rto(remote_b, now),
+            syn_rto=self._syn_rto(remote_b, now, path_rtt),
         )
         dest = (local_b, remote_b, port)
         self._active[dest] = self._active.get(dest, 0) + 1
         self._adopt(key, sock)
         sock.connect(now)
         return sock
+
+    def _syn_rto(self, remote: bytes, now: float, path_rtt: float | None) -> float | None:
+        """A new connection's SYN timeout: from the RTT known to ``remote``, else from the
+        path's lower bound (``tcp_connect``), else None (the initial RTO)."""
+        known = self._known_rto(remote, now)
+        if known is None and path_rtt is not None:
+            return 3 * path_rtt  # (the socket clamps it to its RTO bounds)
+        return known
 
     def _known_rto(self, remote: bytes, now: float) -> float | None:
         """The RTO (RFC 6298 §2.3) that the RTT measured to ``remote`` gives, for a new

@@ -152,11 +152,21 @@ class StateMachine:
         cc = self._cc
         cc.set_mss(self._smss)
         # RFC 5681 §3.1: one segment if the SYN or SYN-ACK had to be retransmitted (a
-        # timeout; not when the SYN-ACK shows it was early: ``_process_syn_sent``).
-        lost = self.stats.syn_timeouts > 0 and not spurious
+        # timeout; not when the SYN-ACK shows it was early: ``_process_syn_sent``). Without
+        # timestamps nothing shows that: a timeout shorter than the initial RTO (``syn_rto``
+        # from the destination's RTT, or from the path's lower bound) may have been early,
+        # and only one at the initial RTO's scale counts (Linux never counts a single SYN
+        # retransmission).
+        if self._ts_ok:
+            lost = self.stats.syn_timeouts > 0 and not spurious
+        else:
+            lost = self._syn_retries > 0
         cc.cwnd = self._smss if lost else initial_window(self._smss)
-        if lost and self._rtt.srtt is None:
-            self._rtt.set_base(3.0)  # RFC 6298 §5.7
+        rtt = self._rtt
+        if rtt.srtt is None and self.stats.syn_timeouts:
+            # no sample (Karn's rule): RFC 6298 §5.7's 3 s after a lost SYN, else §2.1's
+            # initial RTO, not a short ``syn_rto`` backed off (a guess from the path)
+            rtt.restart(3.0 if lost else self.config.initial_rto)
         self._last_progress = now
         if not self._sack_ok:
             self._rack = None  # RACK here works on the SACK scoreboard

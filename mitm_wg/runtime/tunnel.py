@@ -1475,7 +1475,15 @@ class Tunnel:
             inner = self.narrow_paths.get((peer.endpoint[0], peer.endpoint[1]))
             if inner is not None:
                 self.stack.lower_path_mtu(address.packed, inner)
-        sock = self.stack.tcp_connect(address, port, started)
+        # With a session up, the SYN leaves at once: its timeout may start from the last
+        # handshake's round trip (a lower bound for this one) when nothing was measured to
+        # the address yet. Without one, the handshake's own time would count against it.
+        sock = self.stack.tcp_connect(
+            address,
+            port,
+            started,
+            path_rtt=peer.handshake_rtt if peer.current is not None else None,
+        )
         stream = TunnelStream(self, sock, peer)
         stream._waiting_for.add("connect")
         self._connecting[sock] = _PendingConnect(peer, started)
