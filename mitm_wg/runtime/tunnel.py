@@ -1375,8 +1375,8 @@ class Tunnel:
     def path_rtt(self, address: str | IPAddress) -> float | None:
         """The round trip (seconds) the last handshake with the peer that routes
         ``address`` took: a lower bound for one to ``address``, for a timer that has no
-        measurement of its own yet (the resolver's first query to a server). None before a
-        handshake, or if no peer routes it."""
+        measurement of its own yet (the resolver's first query to a server; a connect's
+        SYN, :meth:`_connect`). None before a handshake, or if no peer routes it."""
         peer = self.device.route(ipaddress.ip_address(address).packed)
         return None if peer is None else peer.handshake_rtt
 
