@@ -366,8 +366,9 @@ async def test_a_lost_first_syn_goes_again_after_the_handshakes_round_trips(
     """Linux's server 80 ms away through a relay, no RTT measured to it yet: the
     WireGuard handshake's round trip is. The first connection's SYN is lost on the way
     up; it goes again at three such round trips (a timeout shorter than the initial
-    RTO's 1 s: it does not count as one of ``syn_retries``), Linux answers, and the
-    download on the connection is byte-exact."""
+    RTO's 1 s: it does not count as one of ``syn_retries``, nor make the tunnel suspect the
+    exit lost our session), Linux answers, and the download on the connection is
+    byte-exact."""
     slow = Impairment(delay=0.040)
     with ImpairedRelay(
         exit_peer.endpoint,
@@ -398,7 +399,13 @@ async def test_a_lost_first_syn_goes_again_after_the_handshakes_round_trips(
                 sock = stream._sock
                 assert relay.up.dropped == dropped + 1
                 # one timeout, and an early one: before the initial RTO's 1 s
-                assert (sock.stats.syn_timeouts, sock._syn_retries) == (1, 0)
+                assert (sock.stats.syn_timeouts, sock.syn_retries) == (1, 0)
+                # a timeout from the path's bound alone does not make the tunnel suspect
+                # the exit lost our session (no handshake again, none armed for when the
+                # rate limit allows: the SYN went again at once)
+                peer = tunnel.route(server)
+                assert peer is not None
+                assert peer.silence_handshakes == 0 and peer.silence_handshake_at is None
                 await get_pattern(stream, 256 * KB)
                 await stream.aclose()
 

@@ -1,5 +1,5 @@
 """A new connection's SYN timeout from the RTT measured to its destination (RFC 9040 §8:
-``Stack._known_rto`` gives ``TcpSocket``'s ``syn_rto``), or else from the path's lower
+``Stack.known_rto`` gives ``TcpSocket``'s ``syn_rto``), or else from the path's lower
 bound (``tcp_connect(path_rtt=...)``, the runtime's last WireGuard handshake): playbook
 tests of the socket's rules, then the stack in the simulator (the cache, ensemble
 sharing, the path's bound, a lost SYN).

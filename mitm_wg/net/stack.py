@@ -948,7 +948,7 @@ class Stack:
 
         ``path_rtt``: a lower bound for the round trip to ``remote`` (the runtime's: its
         last WireGuard handshake with the peer that routes it). With no RTT measured to
-        ``remote`` (:meth:`_known_rto`), the SYN's timeout is the RTO a first sample that
+        ``remote`` (:meth:`known_rto`), the SYN's timeout is the RTO a first sample that
         long gives (RFC 6298 §2.2: three times it), not the initial RTO's 1 s: a lost SYN
         or SYN-ACK to a new destination costs a few of the path's round trips. A farther
         destination only gets its SYN twice (a timeout that short neither counts against
@@ -989,12 +989,12 @@ class Stack:
     def _syn_rto(self, remote: bytes, now: float, path_rtt: float | None) -> float | None:
         """A new connection's SYN timeout: from the RTT known to ``remote``, else from the
         path's lower bound (``tcp_connect``), else None (the initial RTO)."""
-        known = self._known_rto(remote, now)
+        known = self.known_rto(remote, now)
         if known is None and path_rtt is not None:
             return 3 * path_rtt  # (the socket clamps it to its RTO bounds)
         return known
 
-    def _known_rto(self, remote: bytes, now: float) -> float | None:
+    def known_rto(self, remote: bytes, now: float) -> float | None:
         """The RTO (RFC 6298 §2.3) that the RTT measured to ``remote`` gives, for a new
         connection's SYN (RFC 9040 §8): from a connection to it that ended within
         RTT_CACHE_SECONDS, else from one still open (ensemble sharing); None if none has

@@ -383,7 +383,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._ka_probes = 0
         self._last_rx = now
         # ``syn_rto``: the first SYN's timeout from the RTT known to the remote address
-        # (Stack._known_rto, RFC 9040 §8), never longer than the initial RTO
+        # (Stack.known_rto, RFC 9040 §8), never longer than the initial RTO
         self._rtt = RttEstimator(
             initial_rto=cfg.initial_rto if syn_rto is None else min(syn_rto, cfg.initial_rto),
             min_rto=cfg.min_rto,
@@ -599,6 +599,12 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
     @property
     def srtt(self) -> float | None:
         return self._rtt.srtt
+
+    @property
+    def syn_retries(self) -> int:
+        """SYN timeouts so far at the initial RTO's scale (the ones ``syn_retries`` counts;
+        ``stats.syn_timeouts`` counts the early ones of a short ``syn_rto`` too)."""
+        return self._syn_retries
 
     @property
     def _blackhole_mss(self) -> int:

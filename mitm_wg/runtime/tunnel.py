@@ -184,14 +184,16 @@ class TunnelStatus:
 
 
 class _PendingConnect:
-    """A connect in SYN_SENT: its peer, when its SYN first left, the SYN timeouts seen."""
+    """A connect in SYN_SENT: its peer, when its SYN first left, the SYN timeouts seen, and
+    whether its SYN timeout is a guess from the path (``Tunnel._connect``)."""
 
-    __slots__ = ("peer", "rto_seen", "since")
+    __slots__ = ("guessed", "peer", "rto_seen", "since")
 
-    def __init__(self, peer: Peer, since: float) -> None:
+    def __init__(self, peer: Peer, since: float, guessed: bool = False) -> None:
         self.peer = peer
         self.since = since
         self.rto_seen = 0
+        self.guessed = guessed
 
 
 def _ip_udp_overhead(endpoint: tuple[str, int]) -> int:
@@ -672,6 +674,11 @@ class Tunnel:
             if timeouts == pending.rto_seen or sock.state is not TcpState.SYN_SENT:
                 continue
             pending.rto_seen = timeouts
+            if pending.guessed and not sock.syn_retries:
+                # a SYN timeout from the path's lower bound alone (nothing measured to the
+                # address) says little: a far server's SYN-ACK may simply not be due yet.
+                # Suspect the peer once one at the initial RTO's scale passed, as before.
+                continue
             peer = pending.peer
             if self.device.handshake_if_silent(peer, pending.since, now, out):
                 logger.info(
@@ -1475,18 +1482,16 @@ class Tunnel:
             inner = self.narrow_paths.get((peer.endpoint[0], peer.endpoint[1]))
             if inner is not None:
                 self.stack.lower_path_mtu(address.packed, inner)
-        # With a session up, the SYN leaves at once: its timeout may start from the last
-        # handshake's round trip (a lower bound for this one) when nothing was measured to
-        # the address yet. Without one, the handshake's own time would count against it.
-        sock = self.stack.tcp_connect(
-            address,
-            port,
-            started,
-            path_rtt=peer.handshake_rtt if peer.current is not None else None,
-        )
+        # With a session that may send, the SYN leaves at once: its timeout may start from
+        # the last handshake's round trip (a lower bound for this one) when nothing was
+        # measured to the address yet. Without one (none yet, or expired: an idle tunnel),
+        # the handshake's own time would count against it.
+        path_rtt = peer.handshake_rtt if self.device.can_send(peer, started) else None
+        guessed = path_rtt is not None and self.stack.known_rto(address.packed, started) is None
+        sock = self.stack.tcp_connect(address, port, started, path_rtt=path_rtt)
         stream = TunnelStream(self, sock, peer)
         stream._waiting_for.add("connect")
-        self._connecting[sock] = _PendingConnect(peer, started)
+        self._connecting[sock] = _PendingConnect(peer, started, guessed)
         self._flush(started)
         deadline = started + timeout
         handshake_deadline = started + self.handshake_timeout
@@ -1594,16 +1599,16 @@ class Tunnel:
         once the current handshake attempt is ``handshake_timeout`` old, as connects get.
         """
         peer = self.device.route(ipaddress.ip_address(address).packed)
-        if peer is None or self._closed or peer.current is not None:
-            return
         now = trio.current_time()
+        if peer is None or self._closed or self.device.can_send(peer, now):
+            return
         if peer.handshake is None:
             self.device.connect(peer, now, self._datagrams)
             self._flush(now)
         started = peer.handshake_started if peer.handshake_started is not None else now
         deadline = started + self.handshake_timeout
         waitable = _HandshakeWaitable(self, peer, peer.handshakes_completed)
-        while peer.current is None:
+        while not self.device.can_send(peer, trio.current_time()):
             if peer.public_key in self._failed or trio.current_time() >= deadline:
                 raise self._handshake_timeout(peer)
             await self._park(waitable, deadline)

@@ -330,6 +330,11 @@ class Device:
                 peer.on_data_sent(now)
             i = j
 
+    def can_send(self, peer: Peer, now: float) -> bool:
+        """Whether a packet to ``peer`` would leave now on a session (not wait for a
+        handshake: none yet, or the current one expired or suspect)."""
+        return self._sending_keypair(peer, now) is not None
+
     @staticmethod
     def _sending_keypair(peer: Peer, now: float) -> Keypair | None:
         """The current keypair if it may still send (whitepaper §6.1 limits), else None."""
