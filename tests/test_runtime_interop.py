@@ -803,6 +803,55 @@ async def test_after_a_laptop_suspend_the_first_connection_handshakes_at_once(
             await before.aclose()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="CLOCK_BOOTTIME is Linux's")
+async def test_a_lost_initiation_after_a_pause_goes_again_after_three_round_trips(
+    exit_peer: ExitPeer, suspendable_clock: SuspendableClock
+) -> None:
+    """wireguard-go 80 ms away through a relay. After ten minutes asleep our session has
+    expired; the next connection waits for a handshake whose initiation is lost on the
+    way up. Rule hs-early sends a new one three round trips of the last handshake later
+    (not REKEY_TIMEOUT, 5 s, later); wireguard-go answers it, the SYN waiting for the
+    session goes, and the download is byte-exact."""
+    slow = Impairment(delay=0.040)
+    with ImpairedRelay(
+        exit_peer.endpoint,
+        listen=("127.0.0.1", 0),
+        socket_factory=exit_peer.client_ns.socket,
+    ) as relay:
+        relay.set_impairment(slow)
+        text = exit_peer.client_config_text(endpoint=relay.address)
+        # (handshake_timeout: as the other relay tests here)
+        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
+            server = exit_peer.server_tunnel_v4
+            peer = tunnel.route(server)
+            assert peer is not None
+            with trio.fail_after(30):
+                before = await tunnel.open_tcp_stream(server, exit_peer.http_port)
+                await get_pattern(before, 1 * KB)
+                await before.aclose()
+            rtt = peer.handshake_rtt
+            assert rtt is not None and 0.080 <= rtt < 0.5
+            suspendable_clock.suspend(600.0)
+            assert not tunnel.device.can_send(peer, trio.current_time())
+            dropped = relay.up.dropped
+            relay.set_impairment(up=Impairment(loss=1.0, delay=0.040))
+
+            async def open_the_path_after_one_loss() -> None:
+                while relay.up.dropped <= dropped:
+                    await trio.sleep(0.002)
+                relay.set_impairment(up=slow)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(open_the_path_after_one_loss)
+                    stream = await tunnel.open_tcp_stream(server, exit_peer.http_port)
+                assert relay.up.dropped == dropped + 1
+                assert peer.early_retries == 1
+                assert stream._sock.stats.syn_timeouts == 0  # (it waited for the session)
+                await get_pattern(stream, 256 * KB)
+                await stream.aclose()
+
+
 # -- mitmproxy's WireGuard mode as the exit ------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from mitm_wg.wireguard.device import (
 )
 from mitm_wg.wireguard.replay import ReplayWindow
 from mitm_wg.wireguard.timers import (
+    EARLY_RETRY_MIN,
     KEEPALIVE_TIMEOUT,
     MAX_QUEUED_PACKETS,
     REJECT_AFTER_MESSAGES,
@@ -125,6 +126,116 @@ def test_each_side_measures_the_handshake_round_trip() -> None:
     p.deliver()
     assert p.b_peer.handshake_rtt == pytest.approx(0.075)
     assert p.a_peer.handshake_rtt == pytest.approx(0.050)
+
+
+def timed_handshake(p: Pair, rtt: float) -> None:
+    """A handshake initiated by A whose messages take ``rtt / 2`` each way."""
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"hello"))
+    for _ in range(2):  # the initiation, then the response
+        (dest, datagram, src) = p.wire.pop(0)
+        p.now += rtt / 2
+        p.inject(dest, datagram, src)
+    p.deliver()
+    assert p.a_peer.current is not None
+    assert p.a_peer.handshake_rtt == pytest.approx(rtt)
+
+
+def initiations(p: Pair, side: str = "a") -> list[int]:
+    """Indices into ``p.log`` of the initiations ``side`` sent."""
+    return [i for i, (s, d) in enumerate(p.log) if s == side and messages.message_type(d) == 1]
+
+
+def step_to(p: Pair, when: float) -> None:
+    """Fire A's and B's timers up to ``when`` without delivering what they send."""
+    while True:
+        deadline = min(
+            (d for d in (p.a.next_deadline(), p.b.next_deadline()) if d is not None),
+            default=None,
+        )
+        if deadline is None or deadline > when:
+            break
+        p.now = max(p.now, deadline)
+        for side, device in (("a", p.a), ("b", p.b)):
+            out: list[Transmit] = []
+            device.poll(p.now, out)
+            p._collect(side, out)
+    p.now = when
+
+
+@pytest.mark.parametrize(("rtt", "after"), [(0.05, EARLY_RETRY_MIN), (0.4, 1.2)])
+def test_a_lost_initiation_with_packets_waiting_goes_again_after_three_round_trips(
+    rtt: float, after: float
+) -> None:
+    """Rule hs-early: the session expired (no traffic for REJECT_AFTER_TIME), a packet
+    waits, its handshake's initiation is lost: three round trips of the last handshake
+    later (at least EARLY_RETRY_MIN) a new one goes, not REKEY_TIMEOUT later; it completes
+    and the packet is delivered. Not an attempt; the regular retry then counts from it."""
+    p = Pair.create()
+    timed_handshake(p, rtt)
+    p.advance(REJECT_AFTER_TIME + 1)
+    assert p.a_peer.current is not None
+    packet = ipv4_udp(A_ADDR, B_ADDR, b"after a pause")
+    first = len(initiations(p))
+    p.send("a", packet)
+    sent = p.now
+    assert len(initiations(p)) == first + 1
+    assert p.deliver(drop=True) == 1  # lost
+    step_to(p, sent + after - 0.001)
+    assert len(initiations(p)) == first + 1 and p.wire == []
+    step_to(p, sent + after)
+    assert len(initiations(p)) == first + 2
+    assert p.a_peer.early_retries == 1 and p.a_peer.handshake_attempts == 0
+    assert p.a_peer.retransmit_handshake_at is not None
+    assert p.a_peer.retransmit_handshake_at >= p.now + REKEY_TIMEOUT
+    p.deliver()
+    assert p.b_received[-1] == packet
+    assert p.a_peer.early_retry_at is None
+
+
+def test_an_early_retry_is_once_per_handshake() -> None:
+    """Lost again: the next initiation is the regular one, REKEY_TIMEOUT (plus jitter)
+    after the early one -- not another early one."""
+    p = Pair.create()
+    timed_handshake(p, 0.05)
+    p.advance(REJECT_AFTER_TIME + 1)
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    p.deliver(drop=True)
+    step_to(p, p.now + EARLY_RETRY_MIN)
+    early = initiations(p)[-1]
+    early_at = p.now
+    p.deliver(drop=True)
+    step_to(p, early_at + REKEY_TIMEOUT - 0.001)
+    assert initiations(p)[-1] == early
+    step_to(p, early_at + REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX)
+    assert initiations(p)[-1] > early
+    assert p.a_peer.early_retries == 1 and p.a_peer.handshake_attempts == 1
+
+
+def test_no_early_retry_without_a_measured_round_trip_or_waiting_packets() -> None:
+    """The first handshake ever (nothing measured): the lost initiation goes again after
+    REKEY_TIMEOUT. A rekey while the session still carries the packets (nothing waits for
+    it): the same."""
+    p = Pair.create()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
+    assert p.a_peer.early_retry_at is None
+    p.deliver(drop=True)
+    step_to(p, REKEY_TIMEOUT - 0.001)
+    assert len(initiations(p)) == 1
+    step_to(p, REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX)
+    assert len(initiations(p)) == 2
+    p.deliver()
+    assert p.a_peer.current is not None and p.a_peer.handshake_rtt is not None
+    # REKEY_AFTER_TIME later, a packet sent on the old session starts a rekey
+    p.advance(REKEY_AFTER_TIME + 1)
+    before = len(initiations(p))
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"y"))
+    assert len(initiations(p)) == before + 1
+    assert not p.a_peer.queue  # (sent on the old session)
+    started = p.now
+    p.wire = [w for w in p.wire if messages.message_type(w[1]) != 1]  # the initiation lost
+    p.deliver()
+    step_to(p, started + REKEY_TIMEOUT - 0.001)
+    assert len(initiations(p)) == before + 1 and p.a_peer.early_retries == 0
 
 
 def test_padding_to_multiple_of_16_and_trimmed_on_receive() -> None:

@@ -50,6 +50,7 @@ from mitm_wg.wireguard.messages import (
 from mitm_wg.wireguard.peer import Network, Peer, PeerStatus
 from mitm_wg.wireguard.session import Keypair
 from mitm_wg.wireguard.timers import (
+    EARLY_RETRY_MIN,
     MIN_INITIATION_INTERVAL,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
@@ -57,6 +58,7 @@ from mitm_wg.wireguard.timers import (
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEYS_AFTER,
 )
@@ -445,7 +447,9 @@ class Device:
         self._last_timestamp = stamp
         return stamp
 
-    def _initiate(self, peer: Peer, now: float, out: list[Transmit], *, retry: bool) -> None:
+    def _initiate(
+        self, peer: Peer, now: float, out: list[Transmit], *, retry: bool, early: bool = False
+    ) -> None:
         if peer.zero_keys_at is not None and now >= peer.zero_keys_at:
             # The expiry came due before this call could see it (the clock jumped over a
             # suspend, or the runtime's timer has not run yet): it applies to what came
@@ -453,7 +457,7 @@ class Device:
             self._zero_keys_now(peer, now, keep_queue=True)
         if not retry:
             peer.handshake_attempts = 0
-        if now < peer.initiation_allowed_at:
+        if now < peer.initiation_allowed_at and not early:
             return
         if peer.handshake_started is None:
             peer.handshake_started = now
@@ -477,6 +481,14 @@ class Device:
         out.append((message, peer.endpoint))
         peer.on_authenticated_packet_traversal(now)
         peer.on_authenticated_packet_sent()
+        # (rule hs-early, arming: a handshake's first initiation, the time to the peer known;
+        # see _early_retry)
+        rtt = peer.handshake_rtt
+        peer.early_retry_at = None
+        if not retry and rtt is not None:
+            wait = 3 * rtt if 3 * rtt > EARLY_RETRY_MIN else EARLY_RETRY_MIN
+            if wait < REKEY_TIMEOUT:
+                peer.early_retry_at = now + wait
 
     def _flush_queue(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         keypair = peer.current
@@ -864,6 +876,9 @@ class Device:
             if peer.retransmit_handshake_at is not None and now >= peer.retransmit_handshake_at:
                 peer.retransmit_handshake_at = None
                 self._retransmit_expired(peer, now, out)
+            if peer.early_retry_at is not None and now >= peer.early_retry_at:
+                peer.early_retry_at = None
+                self._early_retry(peer, now, out)
             if peer.send_keepalive_at is not None and now >= peer.send_keepalive_at:
                 peer.send_keepalive_at = None
                 self.send_keepalive(peer, now, out)
@@ -880,6 +895,24 @@ class Device:
             if peer.persistent_keepalive_at is not None and now >= peer.persistent_keepalive_at:
                 peer.persistent_keepalive_at = None
                 self.send_keepalive(peer, now, out)
+
+    def _early_retry(self, peer: Peer, now: float, out: list[Transmit]) -> None:
+        """Rule hs-early: three round trips of the last handshake (at least EARLY_RETRY_MIN)
+        after a handshake's first initiation, no response yet, and packets wait for the
+        session (a connection opened after the old session expired, or after the peer
+        stopped answering on it): a new initiation goes now, not REKEY_TIMEOUT (5 s) after
+        the first. On a lossy path one lost initiation or response would otherwise stall
+        every new connection through the peer for 5 s; a handshake not needed yet (a rekey
+        while the session still carries the traffic) waits as the whitepaper's timers say.
+
+        Once per handshake, not an attempt (the give-up time is unchanged), and never
+        sooner than a responder accepts a second initiation (wireguard-go and Linux: one per
+        20 ms). A response to the first that was only slow is dropped (its index is
+        retired): the second's follows within a round trip."""
+        if peer.handshake is None or not peer.queue:
+            return
+        peer.early_retries += 1
+        self._initiate(peer, now, out, retry=True, early=True)
 
     def _retransmit_expired(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         started = peer.handshake_started if peer.handshake_started is not None else now

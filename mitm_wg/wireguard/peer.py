@@ -105,6 +105,8 @@ class Peer:
         "allowed_ips",
         "cookies",
         "current",
+        "early_retries",
+        "early_retry_at",
         "endpoint",
         "handshake",
         "handshake_attempts",
@@ -172,6 +174,9 @@ class Peer:
 
         # Deadlines (None = disarmed).
         self.retransmit_handshake_at: float | None = None
+        #: Rule hs-early: one initiation sent again before REKEY_TIMEOUT, when packets wait
+        #: for the handshake (see Device._early_retry).
+        self.early_retry_at: float | None = None
         self.send_keepalive_at: float | None = None
         self.new_handshake_at: float | None = None
         self.zero_keys_at: float | None = None
@@ -191,6 +196,8 @@ class Peer:
         self.last_handshake: float | None = None
         self.handshake_attempts_total = 0
         self.handshakes_completed = 0
+        #: Initiations sent again early by rule hs-early.
+        self.early_retries = 0
         #: The round trip of the last completed handshake: from our initiation to its
         #: response when we initiated; from our response to the initiator's first transport
         #: message when we answered (§5.4.6: it sends one at once, a keepalive if it has
@@ -239,6 +246,7 @@ class Peer:
             d
             for d in (
                 self.retransmit_handshake_at,
+                self.early_retry_at,
                 self.send_keepalive_at,
                 self.new_handshake_at,
                 self.zero_keys_at,
@@ -286,6 +294,7 @@ class Peer:
 
     def on_handshake_complete(self, now: float) -> None:
         self.retransmit_handshake_at = None
+        self.early_retry_at = None
         self.handshake_attempts = 0
         self.handshake_started = None
         self.sent_last_minute_handshake = False

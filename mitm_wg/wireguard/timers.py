@@ -29,3 +29,7 @@ MAX_QUEUED_PACKETS: Final = 1024
 #: A responder accepts at most one initiation from a peer per this interval (wireguard-go's
 #: rate of 50 per second), so replayed-but-newer initiations cannot churn keys.
 MIN_INITIATION_INTERVAL: Final = 1 / 50
+#: The shortest wait before an initiation goes again early (``Peer.early_retry_at``): three
+#: round trips of the last handshake, at least this (TCP's minimum RTO); never sooner than
+#: a responder's MIN_INITIATION_INTERVAL.
+EARLY_RETRY_MIN: Final = 0.2
