@@ -28,6 +28,7 @@ from harness.httpserver import pattern
 from harness.relay import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
+from mitm_wg.net.tcp import TcpState
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
 from mitm_wg.runtime.clock import BoottimeClock
 from mitm_wg.runtime.dns import Resolver
@@ -829,6 +830,11 @@ async def test_a_lost_initiation_after_a_pause_goes_again_after_three_round_trip
                 before = await tunnel.open_tcp_stream(server, exit_peer.http_port)
                 await get_pattern(before, 1 * KB)
                 await before.aclose()
+                # (the close's FIN and ACKs pass the relay's 40 ms first: the one datagram
+                # lost below must be the initiation)
+                while before._sock.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)
             rtt = peer.handshake_rtt
             assert rtt is not None and 0.080 <= rtt < 0.5
             suspendable_clock.suspend(600.0)

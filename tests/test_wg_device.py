@@ -211,7 +211,27 @@ def test_an_early_retry_is_once_per_handshake() -> None:
     assert p.a_peer.early_retries == 1 and p.a_peer.handshake_attempts == 1
 
 
-def test_no_early_retry_without_a_measured_round_trip_or_waiting_packets() -> None:
+def test_an_early_retry_for_a_caller_waiting_for_the_session_with_nothing_queued() -> None:
+    """The runtime's ``wait_session`` (a DNS query) starts the handshake with ``connect``
+    and sends only once a session is up: nothing is queued, yet it waits all the same."""
+    p = Pair.create()
+    timed_handshake(p, 0.1)
+    p.advance(REJECT_AFTER_TIME + 1)
+    assert not p.a.can_send(p.a_peer, p.now)
+    out: list[Transmit] = []
+    p.a.connect(p.a_peer, p.now, out)
+    p._collect("a", out)
+    assert not p.a_peer.queue
+    started = p.now
+    first = len(initiations(p))
+    p.deliver(drop=True)
+    step_to(p, started + 0.3)
+    assert len(initiations(p)) == first + 1 and p.a_peer.early_retries == 1
+    p.deliver()
+    assert p.a.can_send(p.a_peer, p.now)
+
+
+def test_no_early_retry_without_a_measured_round_trip_or_while_the_session_sends() -> None:
     """The first handshake ever (nothing measured): the lost initiation goes again after
     REKEY_TIMEOUT. A rekey while the session still carries the packets (nothing waits for
     it): the same."""

@@ -898,18 +898,21 @@ class Device:
 
     def _early_retry(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         """Rule hs-early: three round trips of the last handshake (at least EARLY_RETRY_MIN)
-        after a handshake's first initiation, no response yet, and packets wait for the
-        session (a connection opened after the old session expired, or after the peer
-        stopped answering on it): a new initiation goes now, not REKEY_TIMEOUT (5 s) after
-        the first. On a lossy path one lost initiation or response would otherwise stall
-        every new connection through the peer for 5 s; a handshake not needed yet (a rekey
-        while the session still carries the traffic) waits as the whitepaper's timers say.
+        after a handshake's first initiation, no response yet, and no session can carry a
+        packet now (the old one expired after an idle spell, or is suspect since the peer
+        stopped answering): whatever goes to the peer waits for this handshake -- packets
+        in the queue, or a caller that waits for the session before it sends (the runtime's
+        ``wait_session``, a DNS query) -- so a new initiation goes now, not REKEY_TIMEOUT
+        (5 s) after the first. On a lossy path one lost initiation or response would
+        otherwise stall every new connection through the peer for 5 s; a handshake not
+        needed yet (a rekey while the session still carries the traffic) waits as the
+        whitepaper's timers say.
 
         Once per handshake, not an attempt (the give-up time is unchanged), and never
         sooner than a responder accepts a second initiation (wireguard-go and Linux: one per
         20 ms). A response to the first that was only slow is dropped (its index is
         retired): the second's follows within a round trip."""
-        if peer.handshake is None or not peer.queue:
+        if peer.handshake is None or self.can_send(peer, now):
             return
         peer.early_retries += 1
         self._initiate(peer, now, out, retry=True, early=True)

@@ -174,8 +174,8 @@ class Peer:
 
         # Deadlines (None = disarmed).
         self.retransmit_handshake_at: float | None = None
-        #: Rule hs-early: one initiation sent again before REKEY_TIMEOUT, when packets wait
-        #: for the handshake (see Device._early_retry).
+        #: Rule hs-early: one initiation sent again before REKEY_TIMEOUT, when no session
+        #: can carry packets meanwhile (see Device._early_retry).
         self.early_retry_at: float | None = None
         self.send_keepalive_at: float | None = None
         self.new_handshake_at: float | None = None
