@@ -264,43 +264,42 @@ async def test_names_resolved_by_the_exit_dnsmasq_only(
     assert factory.destinations == {exit_peer.endpoint}
 
 
-async def test_a_lost_dns_query_goes_again_before_its_timeout(exit_peer: ExitPeer) -> None:
-    """The exit's dnsmasq through a relay: a first lookup measures how long its replies
-    take; then the path up loses what is sent until one datagram is gone (the next
-    lookup's first query). The resolver sends that query again at its RTO, dnsmasq answers
-    it, and no query waits out the resolver's 2 s timeout."""
+@asynccontextmanager
+async def tunnel_through_relay(
+    peer: ExitPeer, impairment: Impairment
+) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
+    """Our tunnel to ``peer`` through an in-process relay impairing both ways."""
     with ImpairedRelay(
-        exit_peer.endpoint,
+        peer.endpoint,
         listen=("127.0.0.1", 0),
-        socket_factory=exit_peer.client_ns.socket,
+        socket_factory=peer.client_ns.socket,
     ) as relay:
-        text = exit_peer.client_config_text(endpoint=relay.address)
+        relay.set_impairment(impairment)
+        text = peer.client_config_text(endpoint=relay.address)
         # (20 s, as the other relay tests here: a first initiation lost or ignored is
         # retried 5 s later. Once, in a full Debian 13 run, the first got no answer within
         # the default 5 s; the cause was not found.)
-        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
-            resolver = tunnel._resolver
-            assert isinstance(resolver, Resolver)
-            with trio.fail_after(30):
-                first = await tunnel.resolve("exit.test")
-                assert resolver.resends == resolver.timeouts == 0
-                dropped = relay.up.dropped
-                relay.set_impairment(up=Impairment(loss=1.0))
+        async with exit_tunnel(peer, text, handshake_timeout=20.0) as (tunnel, _):
+            yield tunnel, relay
 
-                async def open_the_path_after_one_loss() -> None:
-                    while relay.up.dropped <= dropped:
-                        await trio.sleep(0.002)
-                    relay.set_impairment(up=Impairment())
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(open_the_path_after_one_loss)
-                    deep = await tunnel.resolve("deep.name.exit.test")
-            assert set(deep) == set(first)
-            assert relay.up.dropped > dropped
-            assert resolver.resends >= 1 and resolver.timeouts == 0, (
-                resolver.resends,
-                resolver.timeouts,
-            )
+async def lose_one_going_up(
+    relay: ImpairedRelay, then: Impairment, body: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Run ``body`` while the relay loses everything going up until one datagram is gone;
+    from then on the up direction has ``then`` (whose delay holds throughout)."""
+    dropped = relay.up.dropped
+    relay.set_impairment(up=Impairment(loss=1.0, delay=then.delay))
+
+    async def open_the_path_after_one_loss() -> None:
+        while relay.up.dropped <= dropped:
+            await trio.sleep(0.002)
+        relay.set_impairment(up=then)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_the_path_after_one_loss)
+        result = await body()
+    return result
 
 
 async def confirmed_through(relay: ImpairedRelay, tunnel: Tunnel, address: Any) -> None:
@@ -310,6 +309,34 @@ async def confirmed_through(relay: ImpairedRelay, tunnel: Tunnel, address: Any) 
     assert peer is not None
     while relay.up.received < peer.handshake_attempts_total + 1:
         await trio.sleep(0.002)
+
+
+def assert_resent_in_time(resolver: Resolver) -> None:
+    """A query went again, and none waited out the resolver's timeout."""
+    assert resolver.resends >= 1 and resolver.timeouts == 0, (
+        resolver.resends,
+        resolver.timeouts,
+    )
+
+
+async def test_a_lost_dns_query_goes_again_before_its_timeout(exit_peer: ExitPeer) -> None:
+    """The exit's dnsmasq through a relay: a first lookup measures how long its replies
+    take; then the path up loses what is sent until one datagram is gone (the next
+    lookup's first query). The resolver sends that query again at its RTO, dnsmasq answers
+    it, and no query waits out the resolver's 2 s timeout."""
+    async with tunnel_through_relay(exit_peer, Impairment()) as (tunnel, relay):
+        resolver = tunnel._resolver
+        assert isinstance(resolver, Resolver)
+        with trio.fail_after(30):
+            first = await tunnel.resolve("exit.test")
+            assert resolver.resends == resolver.timeouts == 0
+            dropped = relay.up.dropped
+            deep = await lose_one_going_up(
+                relay, Impairment(), lambda: tunnel.resolve("deep.name.exit.test")
+            )
+        assert set(deep) == set(first)
+        assert relay.up.dropped > dropped
+        assert_resent_in_time(resolver)
 
 
 async def test_a_lost_first_dns_query_goes_again_after_the_handshakes_round_trips(
@@ -322,43 +349,23 @@ async def test_a_lost_first_dns_query_goes_again_after_the_handshakes_round_trip
     assert exit_peer.dns_server is not None
     server = ipaddress.ip_address(exit_peer.dns_server)
     slow = Impairment(delay=0.040)
-    with ImpairedRelay(
-        exit_peer.endpoint,
-        listen=("127.0.0.1", 0),
-        socket_factory=exit_peer.client_ns.socket,
-    ) as relay:
-        relay.set_impairment(slow)
-        text = exit_peer.client_config_text(endpoint=relay.address)
-        # (handshake_timeout: as the other relay tests here)
-        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
-            resolver = tunnel._resolver
-            assert isinstance(resolver, Resolver)
-            with trio.fail_after(30):
-                await tunnel.wait_session(server)
-                rtt = tunnel.path_rtt(server)
-                assert rtt is not None and 0.080 <= rtt < 1.0
-                await confirmed_through(relay, tunnel, server)
-                dropped = relay.up.dropped
-                relay.set_impairment(up=Impairment(loss=1.0, delay=0.040))
-
-                async def open_the_path_after_one_loss() -> None:
-                    while relay.up.dropped <= dropped:
-                        await trio.sleep(0.002)
-                    relay.set_impairment(up=slow)
-
-                assert resolver._rtts == {}
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(open_the_path_after_one_loss)
-                    addresses = await tunnel.resolve("exit.test")
-            assert set(addresses) == {
-                ipaddress.ip_address(exit_peer.server_tunnel_v4),
-                ipaddress.ip_address(exit_peer.server_tunnel_v6),
-            }
-            assert relay.up.dropped > dropped
-            assert resolver.resends >= 1 and resolver.timeouts == 0, (
-                resolver.resends,
-                resolver.timeouts,
-            )
+    async with tunnel_through_relay(exit_peer, slow) as (tunnel, relay):
+        resolver = tunnel._resolver
+        assert isinstance(resolver, Resolver)
+        with trio.fail_after(30):
+            await tunnel.wait_session(server)
+            rtt = tunnel.path_rtt(server)
+            assert rtt is not None and 0.080 <= rtt < 1.0
+            await confirmed_through(relay, tunnel, server)
+            assert resolver._rtts == {}
+            dropped = relay.up.dropped
+            addresses = await lose_one_going_up(relay, slow, lambda: tunnel.resolve("exit.test"))
+        assert set(addresses) == {
+            ipaddress.ip_address(exit_peer.server_tunnel_v4),
+            ipaddress.ip_address(exit_peer.server_tunnel_v6),
+        }
+        assert relay.up.dropped > dropped
+        assert_resent_in_time(resolver)
 
 
 async def test_a_lost_first_syn_goes_again_after_the_handshakes_round_trips(
@@ -371,44 +378,29 @@ async def test_a_lost_first_syn_goes_again_after_the_handshakes_round_trips(
     exit lost our session), Linux answers, and the download on the connection is
     byte-exact."""
     slow = Impairment(delay=0.040)
-    with ImpairedRelay(
-        exit_peer.endpoint,
-        listen=("127.0.0.1", 0),
-        socket_factory=exit_peer.client_ns.socket,
-    ) as relay:
-        relay.set_impairment(slow)
-        text = exit_peer.client_config_text(endpoint=relay.address)
-        # (handshake_timeout: as the other relay tests here)
-        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
-            server = exit_peer.server_tunnel_v4
-            with trio.fail_after(30):
-                await tunnel.wait_session(server)
-                rtt = tunnel.path_rtt(server)
-                assert rtt is not None and 0.080 <= rtt < 0.3
-                await confirmed_through(relay, tunnel, server)
-                dropped = relay.up.dropped
-                relay.set_impairment(up=Impairment(loss=1.0, delay=0.040))
-
-                async def open_the_path_after_one_loss() -> None:
-                    while relay.up.dropped <= dropped:
-                        await trio.sleep(0.002)
-                    relay.set_impairment(up=slow)
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(open_the_path_after_one_loss)
-                    stream = await tunnel.open_tcp_stream(server, exit_peer.http_port)
-                sock = stream._sock
-                assert relay.up.dropped == dropped + 1
-                # one timeout, and an early one: before the initial RTO's 1 s
-                assert (sock.stats.syn_timeouts, sock.syn_retries) == (1, 0)
-                # a timeout from the path's bound alone does not make the tunnel suspect
-                # the exit lost our session (no handshake again, none armed for when the
-                # rate limit allows: the SYN went again at once)
-                peer = tunnel.route(server)
-                assert peer is not None
-                assert peer.silence_handshakes == 0 and peer.silence_handshake_at is None
-                await get_pattern(stream, 256 * KB)
-                await stream.aclose()
+    async with tunnel_through_relay(exit_peer, slow) as (tunnel, relay):
+        server = exit_peer.server_tunnel_v4
+        peer = tunnel.route(server)
+        assert peer is not None
+        with trio.fail_after(30):
+            await tunnel.wait_session(server)
+            rtt = tunnel.path_rtt(server)
+            assert rtt is not None and 0.080 <= rtt < 0.3
+            await confirmed_through(relay, tunnel, server)
+            dropped = relay.up.dropped
+            stream = await lose_one_going_up(
+                relay, slow, lambda: tunnel.open_tcp_stream(server, exit_peer.http_port)
+            )
+            sock = stream._sock
+            assert relay.up.dropped == dropped + 1
+            # one timeout, and an early one: before the initial RTO's 1 s
+            assert (sock.stats.syn_timeouts, sock.syn_retries) == (1, 0)
+            # a timeout from the path's bound alone does not make the tunnel suspect the
+            # exit lost our session (no handshake again, none armed for when the rate
+            # limit allows: the SYN went again at once)
+            assert peer.silence_handshakes == 0 and peer.silence_handshake_at is None
+            await get_pattern(stream, 256 * KB)
+            await stream.aclose()
 
 
 # -- Happy Eyeballs ------------------------------------------------------------------------------
@@ -814,48 +806,33 @@ async def test_a_lost_initiation_after_a_pause_goes_again_after_three_round_trip
     (not REKEY_TIMEOUT, 5 s, later); wireguard-go answers it, the SYN waiting for the
     session goes, and the download is byte-exact."""
     slow = Impairment(delay=0.040)
-    with ImpairedRelay(
-        exit_peer.endpoint,
-        listen=("127.0.0.1", 0),
-        socket_factory=exit_peer.client_ns.socket,
-    ) as relay:
-        relay.set_impairment(slow)
-        text = exit_peer.client_config_text(endpoint=relay.address)
-        # (handshake_timeout: as the other relay tests here)
-        async with exit_tunnel(exit_peer, text, handshake_timeout=20.0) as (tunnel, _):
-            server = exit_peer.server_tunnel_v4
-            peer = tunnel.route(server)
-            assert peer is not None
-            with trio.fail_after(30):
-                before = await tunnel.open_tcp_stream(server, exit_peer.http_port)
-                await get_pattern(before, 1 * KB)
-                await before.aclose()
-                # (the close's FIN and ACKs pass the relay's 40 ms first: the one datagram
-                # lost below must be the initiation)
-                while before._sock.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
-                    await trio.sleep(0.01)
-                await trio.sleep(0.1)
-            rtt = peer.handshake_rtt
-            assert rtt is not None and 0.080 <= rtt < 0.5
-            suspendable_clock.suspend(600.0)
-            assert not tunnel.device.can_send(peer, trio.current_time())
-            dropped = relay.up.dropped
-            relay.set_impairment(up=Impairment(loss=1.0, delay=0.040))
-
-            async def open_the_path_after_one_loss() -> None:
-                while relay.up.dropped <= dropped:
-                    await trio.sleep(0.002)
-                relay.set_impairment(up=slow)
-
-            with trio.fail_after(30):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(open_the_path_after_one_loss)
-                    stream = await tunnel.open_tcp_stream(server, exit_peer.http_port)
-                assert relay.up.dropped == dropped + 1
-                assert peer.early_retries == 1
-                assert stream._sock.stats.syn_timeouts == 0  # (it waited for the session)
-                await get_pattern(stream, 256 * KB)
-                await stream.aclose()
+    async with tunnel_through_relay(exit_peer, slow) as (tunnel, relay):
+        server = exit_peer.server_tunnel_v4
+        peer = tunnel.route(server)
+        assert peer is not None
+        with trio.fail_after(30):
+            before = await tunnel.open_tcp_stream(server, exit_peer.http_port)
+            await get_pattern(before, 1 * KB)
+            await before.aclose()
+            # (the close's FIN and ACKs pass the relay's 40 ms first: the one datagram
+            # lost below must be the initiation)
+            while before._sock.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+        rtt = peer.handshake_rtt
+        assert rtt is not None and 0.080 <= rtt < 0.5
+        suspendable_clock.suspend(600.0)
+        assert not tunnel.device.can_send(peer, trio.current_time())
+        dropped = relay.up.dropped
+        with trio.fail_after(30):
+            stream = await lose_one_going_up(
+                relay, slow, lambda: tunnel.open_tcp_stream(server, exit_peer.http_port)
+            )
+            assert relay.up.dropped == dropped + 1
+            assert peer.early_retries == 1
+            assert stream._sock.stats.syn_timeouts == 0  # (it waited for the session)
+            await get_pattern(stream, 256 * KB)
+            await stream.aclose()
 
 
 # -- mitmproxy's WireGuard mode as the exit ------------------------------------------------------

@@ -121,8 +121,9 @@ class Pair:
         device.receive_datagram(datagram, source, self.now, out, received)
         self._collect(dest, out)
 
-    def advance(self, seconds: float, drop: bool = False) -> None:
-        """Move the clock, firing every timer on the way and delivering what they send."""
+    def advance(self, seconds: float, drop: bool = False, deliver: bool = True) -> None:
+        """Move the clock, firing every timer on the way and delivering what they send
+        (or, ``deliver=False``, leaving it on the wire)."""
         end = self.now + seconds
         while True:
             deadlines = [d for d in (self.a.next_deadline(), self.b.next_deadline()) if d]
@@ -134,7 +135,8 @@ class Pair:
                 out: list[Transmit] = []
                 device.poll(self.now, out)
                 self._collect(side, out)
-            self.deliver(drop=drop)
+            if deliver:
+                self.deliver(drop=drop)
         self.now = end
 
     def handshake(self) -> None:
