@@ -68,6 +68,10 @@ class FakeTunnel:
     def unanswered(self, address: object, since: float) -> None:
         pass
 
+    def path_rtt(self, address: object) -> float | None:
+        """No WireGuard handshake has measured a round trip."""
+        return None
+
 
 def fake_tunnel(net: FakeNet | None) -> Any:
     @asynccontextmanager
