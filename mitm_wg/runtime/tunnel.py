@@ -1589,8 +1589,9 @@ class Tunnel:
         return peer.last_handshake
 
     async def wait_session(self, address: str | IPAddress) -> None:
-        """Wait until the peer that routes ``address`` has a session, starting a handshake
-        if none is under way (rate-limited by the device).
+        """Wait until the peer that routes ``address`` has a session a packet can leave on
+        (``Device.can_send``: not expired after an idle spell, nor suspect), starting a
+        handshake if none is under way (rate-limited by the device).
 
         A datagram's own timeout (the DNS resolver's few seconds) then counts from when it
         can leave, not from a handshake still in flight: on a busy machine, or after one lost
