@@ -13,6 +13,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import trio
 
 from harness import Netns, wait_until
+from mitm_wg.runtime.clock import BoottimeClock
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,24 @@ class RecordingSocket(socket.socket):
         address = args[-1]
         self.destinations.add((str(address[0]), int(address[1])))
         return super().sendto(data, *args)
+
+
+class SuspendableClock(BoottimeClock):
+    """The runtime's clock (CLOCK_BOOTTIME) with :meth:`suspend`: it moves the clock as a
+    resume after that long asleep moves CLOCK_BOOTTIME (CLOCK_MONOTONIC would not move).
+    Only trio's clock moves: a timerfd the runtime armed before still counts real time."""
+
+    def __init__(self) -> None:
+        self.slept = 0.0
+
+    def current_time(self) -> float:  # type: ignore[override]
+        return time.clock_gettime(time.CLOCK_BOOTTIME) + self.slept
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return deadline - self.current_time()
+
+    def suspend(self, seconds: float) -> None:
+        self.slept += seconds
 
 
 @dataclass

@@ -12,7 +12,6 @@ import errno
 import ipaddress
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,12 +29,12 @@ from mitm_wg.config import WireGuardConfig
 from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.net.tcp import TcpState
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
-from mitm_wg.runtime.clock import BoottimeClock
 from mitm_wg.runtime.dns import Resolver
 from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 from tests.runtime_helpers import (
     ExtraHttpServer,
     NamespaceSocketFactory,
+    SuspendableClock,
     _Reader,
     count_calls,
     http_get,
@@ -741,23 +740,6 @@ async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: Exit
         assert not tunnel.status().peers[0].has_session
         assert tunnel.status().open_connections == 0
         assert factory.destinations == {peer.endpoint}
-
-
-class SuspendableClock(BoottimeClock):
-    """The runtime's clock (CLOCK_BOOTTIME) with :meth:`suspend`: it moves the clock as a
-    resume after that long asleep moves CLOCK_BOOTTIME (CLOCK_MONOTONIC would not move)."""
-
-    def __init__(self) -> None:
-        self.slept = 0.0
-
-    def current_time(self) -> float:  # type: ignore[override]
-        return time.clock_gettime(time.CLOCK_BOOTTIME) + self.slept
-
-    def deadline_to_sleep_time(self, deadline: float) -> float:
-        return deadline - self.current_time()
-
-    def suspend(self, seconds: float) -> None:
-        self.slept += seconds
 
 
 @pytest.fixture
