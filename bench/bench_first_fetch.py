@@ -18,9 +18,8 @@ early ones (rule hs-early). ``--tree DIR`` runs the tunnel from another checkout
 seed; the kernel path is not part of this benchmark (its resolver and its WireGuard keep
 their own timers: glibc's 5 s, REKEY_TIMEOUT's 5 s).
 
-The simulated suspend moves only trio's clock: a timerfd the runtime armed before still
-counts real time, so some timers fire late there (a real suspend moves CLOCK_BOOTTIME,
-which fires them at resume).
+The simulated suspend moves trio's clock and fires the tunnel's timer task, as a real
+resume fires the runtime's CLOCK_BOOTTIME timerfd (``SuspendableClock.suspend``).
 """
 
 from __future__ import annotations
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 await trio.sleep(0.05)  # (the last fetch's close passes the relay)
                 initiations = wg.handshake_attempts_total
                 early = getattr(wg, "early_retries", 0)  # (0: a tree without the rule)
-                clock.suspend(600.0)
+                clock.suspend(600.0, tunnel)
                 with trio.fail_after(60):
                     row = await fetch(tunnel, peer.http_port)
                 row["initiations"] = wg.handshake_attempts_total - initiations

@@ -50,7 +50,7 @@ class RecordingSocket(socket.socket):
 class SuspendableClock(BoottimeClock):
     """The runtime's clock (CLOCK_BOOTTIME) with :meth:`suspend`: it moves the clock as a
     resume after that long asleep moves CLOCK_BOOTTIME (CLOCK_MONOTONIC would not move).
-    Only trio's clock moves: a timerfd the runtime armed before still counts real time."""
+    Only trio's clock moves, not the kernel's: see :meth:`suspend` for the timer."""
 
     def __init__(self) -> None:
         self.slept = 0.0
@@ -61,8 +61,14 @@ class SuspendableClock(BoottimeClock):
     def deadline_to_sleep_time(self, deadline: float) -> float:
         return deadline - self.current_time()
 
-    def suspend(self, seconds: float) -> None:
+    def suspend(self, seconds: float, tunnel: Any = None) -> None:
+        """Move the clock ``seconds`` on. With ``tunnel``: also fire its timer task now, as
+        a real resume does (the runtime's timerfd counts CLOCK_BOOTTIME, so one armed
+        before the suspend has expired); else it stays armed for real time and the
+        tunnel's timers run late until something else wakes it."""
         self.slept += seconds
+        if tunnel is not None:
+            tunnel._arm_timer(self.current_time())
 
 
 @dataclass

@@ -803,7 +803,7 @@ async def test_a_lost_initiation_after_a_pause_goes_again_after_three_round_trip
             await trio.sleep(0.1)
         rtt = peer.handshake_rtt
         assert rtt is not None and 0.080 <= rtt < 0.5
-        suspendable_clock.suspend(600.0)
+        suspendable_clock.suspend(600.0, tunnel)
         assert not tunnel.device.can_send(peer, trio.current_time())
         dropped = relay.up.dropped
         with trio.fail_after(30):
