@@ -3,6 +3,8 @@ tests/test_status_interop.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mitm_wg.runtime.tunnel import TunnelStatus
@@ -49,15 +51,24 @@ def test_device_status_has_wall_clock_handshake_and_describes_it() -> None:
     assert before.last_handshake_unix is None and before.handshake_age(1.7e9) is None
     assert "latest handshake: never" in before.describe(1.7e9)
     p.now = 5.0
-    p.handshake()
+    p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"hello"))
+    (dest, initiation, src) = p.wire.pop(0)
+    p.now += 0.024  # the initiation takes 24 ms, the response 24 more
+    p.inject(dest, initiation, src)
+    (dest, response, src) = p.wire.pop(0)
+    p.now += 0.024
+    p.inject(dest, response, src)
+    p.deliver()
     p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"x" * 3000))
     p.deliver()
     status = p.a.status()[0]
-    assert status.last_handshake == 5.0 and status.last_handshake_unix == 1.7e9 + 5.0
-    assert status.handshake_age(1.7e9 + 17.5) == 12.5
-    line = status.describe(1.7e9 + 17.5)
+    assert status.last_handshake == pytest.approx(5.048)
+    assert status.last_handshake_unix == pytest.approx(1.7e9 + 5.048)
+    assert status.handshake_age(1.7e9 + 17.548) == pytest.approx(12.5)
+    assert status.handshake_rtt == pytest.approx(0.048)
+    line = status.describe(1.7e9 + 17.548)
     assert line.startswith(f"peer {status.public_key} endpoint 127.0.0.1:40002 session=yes ")
-    assert "latest handshake: 12 s ago" in line
+    assert "latest handshake: 12 s ago (48 ms round trip), " in line
     assert f"transfer: {format_bytes(status.rx_bytes)} received, " in line
     assert "KiB received" in line and " B sent" in line
     assert "handshakes=1" in line
@@ -83,6 +94,12 @@ def test_tunnel_status_renders_like_wg_show() -> None:
         "3 open connection(s)\n"
         f"  peer {'k' * 43}= endpoint [2001:db8::1]:51820 session=yes latest handshake: "
         "2 min 5 s ago, transfer: 3.00 MiB received, 2.00 KiB sent, handshakes=2"
+    )
+    # the last handshake's round trip, once measured, follows its age
+    timed = dataclasses.replace(peer, handshake_rtt=0.0484)
+    assert str(TunnelStatus([timed], 3, 1_800_000_125.0)).endswith(
+        "latest handshake: 2 min 5 s ago (48 ms round trip), transfer: 3.00 MiB received, "
+        "2.00 KiB sent, handshakes=2"
     )
     narrowed = ("path to 10.99.0.1: packets of at most 1200 bytes (a black hole …)",)
     status = TunnelStatus([peer], 3, 1_800_000_125.0, narrowed)

@@ -77,6 +77,8 @@ class PeerStatus:
     #: Wall-clock (Unix) time of the last completed handshake: ``last_handshake`` plus the
     #: device's ``unix_time_offset``. Compare with ``time.time()`` for its age.
     last_handshake_unix: float | None = None
+    #: The round trip the last handshake took (``Peer.handshake_rtt``), seconds, or None.
+    handshake_rtt: float | None = None
 
     def handshake_age(self, unix_now: float) -> float | None:
         """Seconds since the last completed handshake at wall-clock ``unix_now``, or None."""
@@ -86,10 +88,12 @@ class PeerStatus:
 
     def describe(self, unix_now: float) -> str:
         """One line in the manner of `wg show`'s peer section, ages at wall-clock ``unix_now``:
-        ``peer KEY endpoint 198.51.100.7:51820 session=yes latest handshake: 12 s ago,
-        transfer: 1.20 MiB received, 316.00 KiB sent, handshakes=3``."""
+        ``peer KEY endpoint 198.51.100.7:51820 session=yes latest handshake: 12 s ago (48 ms
+        round trip), transfer: 1.20 MiB received, 316.00 KiB sent, handshakes=3``."""
         age = self.handshake_age(unix_now)
         handshake = "never" if age is None else format_age(age)
+        if age is not None and self.handshake_rtt is not None:
+            handshake += f" ({self.handshake_rtt * 1000:.0f} ms round trip)"
         return (
             f"peer {self.public_key} endpoint {format_endpoint(self.endpoint)} "
             f"session={'yes' if self.has_session else 'no'} latest handshake: {handshake}, "
@@ -232,6 +236,7 @@ class Peer:
             last_handshake_unix=(
                 None if last is None or unix_time_offset is None else last + unix_time_offset
             ),
+            handshake_rtt=self.handshake_rtt,
         )
 
     def enqueue(self, packet: bytes) -> None:
