@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
 import trio
 
 from harness import ExitPeer
-from harness.relay import ImpairedRelay, Impairment
+from harness.relay import Impairment
 from mitm_wg.net.tcp import TcpState
-from mitm_wg.runtime import Tunnel, TunnelStream
+from mitm_wg.runtime import TunnelStream
 from mitm_wg.runtime.readhold import HOLD_GATHER, HOLD_MAX, HOLD_MIN, ReadHold
 from tests.runtime_helpers import http_get, pattern_sha256
-from tests.test_runtime_interop import exit_tunnel
+from tests.test_runtime_interop import tunnel_through_relay
 
 MB = 1024 * 1024
 
@@ -110,28 +108,15 @@ while True:
 ECHO_PORT = 7007
 
 
-@asynccontextmanager
-async def _through_relay(
-    peer: ExitPeer, impairment: Impairment
-) -> AsyncIterator[tuple[Tunnel, ImpairedRelay]]:
-    """Our tunnel to ``peer`` through an impairing relay in its client namespace."""
-    with ImpairedRelay(
-        peer.endpoint,
-        listen=("127.0.0.1", 0),
-        impairment=impairment,
-        socket_factory=peer.client_ns.socket,
-    ) as relay:
-        text = peer.client_config_text(endpoint=relay.address, dns=False)
-        async with exit_tunnel(peer, text, handshake_timeout=20.0) as (tunnel, _):
-            yield tunnel, relay
-
-
 async def test_a_busy_download_is_read_in_batches(exit_peer: ExitPeer) -> None:
     """A download at 12.5 MB/s (a 100 Mbit/s line) over a 50 ms path arrives a datagram
     every ~110 µs: the reader holds its reads (up to 0.5 ms: 1/64 of the RTT is more) and
     takes several datagrams per wake-up, and the body arrives byte-exact."""
     size = 8 * MB
-    async with _through_relay(exit_peer, Impairment(delay=0.025, rate=12.5e6)) as (tunnel, relay):
+    async with tunnel_through_relay(exit_peer, Impairment(delay=0.025, rate=12.5e6), dns=False) as (
+        tunnel,
+        relay,
+    ):
         with trio.fail_after(60):
             stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
             reads0, holds0 = tunnel.reads, tunnel.read_holds
@@ -158,7 +143,10 @@ async def test_replies_after_pauses_are_never_held(exit_peer: ExitPeer) -> None:
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        async with _through_relay(exit_peer, Impairment(delay=0.025)) as (tunnel, _):
+        async with tunnel_through_relay(exit_peer, Impairment(delay=0.025), dns=False) as (
+            tunnel,
+            _,
+        ):
             with trio.fail_after(60):
                 stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, ECHO_PORT)
                 await _exchange(stream, b"warm-up")
@@ -207,7 +195,10 @@ async def test_a_writer_waiting_for_buffer_space_wakes_per_third_of_the_buffer(
     a few dozen wake-ups (the buffer is at least 1 MiB), not hundreds."""
     size = 8 * MB
     body = memoryview(bytes(range(256)) * (size // 256))
-    async with _through_relay(exit_peer, Impairment(delay=0.025, rate=4e6)) as (tunnel, _):
+    async with tunnel_through_relay(exit_peer, Impairment(delay=0.025, rate=4e6), dns=False) as (
+        tunnel,
+        _,
+    ):
         with trio.fail_after(60):
             stream = await tunnel.open_tcp_stream(exit_peer.server_tunnel_v4, exit_peer.http_port)
             head = (
