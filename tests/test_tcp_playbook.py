@@ -550,6 +550,46 @@ def test_timestamps_rtt_and_paws() -> None:
     assert pb.sock.state is TcpState.CLOSED
 
 
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_a_pause_is_no_round_trip_and_due_timers_start_over(timestamps: bool) -> None:
+    """TcpSocket.pause_ended: the socket was not run for a minute (a suspend, a stopped
+    process) while its data was in flight; the ACK read after it waited in a buffer. It
+    gives no RTT sample (its echo, or without timestamps the timed segment, is from before
+    the pause), the probe timer that came due meanwhile fires a PTO later, not at once, and
+    what is sent after the pause is measured again."""
+    pb = est(peer_ts=timestamps, peer_sack=True)
+    ts = (lambda val, ecr: {"timestamp": (val, ecr)}) if timestamps else (lambda val, ecr: {})
+    pb.at(0.1).sock.send(b"d" * 100)
+    assert [x.seq for x in pb.out()] == [ISS + 1]
+    pb.at(0.15).send(ACK, PISS + 1, ISS + 101, **ts(150, 100))
+    srtt = pb.sock.srtt
+    assert srtt is not None and 0 < srtt < 0.05
+    pb.at(0.2).sock.send(b"e" * 100)
+    assert [x.seq for x in pb.out()] == [ISS + 101]
+    due = pb.poll()
+    assert due is not None and due < 1.0  # the probe timer
+    assert pb.sock.pause_ended(60.2)
+    later = pb.poll()
+    assert later is not None and later > 60.2
+    pb.at(60.2).expect([])  # no probe before what waited is read
+    pb.at(60.21).send(ACK, PISS + 1, ISS + 201, **ts(60210, 200))
+    assert pb.sock.srtt == srtt  # (it would be 7.5 s: 7/8 * srtt + 60.01 / 8)
+    pb.at(60.3).sock.send(b"f" * 100)
+    assert [x.seq for x in pb.out()] == [ISS + 201]
+    pb.at(60.35).send(ACK, PISS + 1, ISS + 301, **ts(60350, 60300))
+    assert pb.sock.srtt == pytest.approx(7 / 8 * srtt + 0.05 / 8)
+    # a timer not yet due stays; one due at the pause's end is a probe later
+    pb.at(60.4).sock.send(b"g" * 100)
+    assert [x.seq for x in pb.out()] == [ISS + 301]
+    due = pb.poll()
+    assert due is not None and not pb.sock.pause_ended(60.4) and pb.poll() == due
+    assert pb.sock.pause_ended(due)
+    again = pb.poll()
+    assert again is not None and again > due
+    probe = o(ACK | PSH, ISS + 301, PISS + 1, payload=b"g" * 100, **ts(int(again * 1000), 60350))
+    pb.at(again).expect([probe])  # (TLP: the last segment again)
+
+
 def test_ts_recent_tracks_last_ack_sent_only() -> None:
     pb = est(peer_ts=True)
     # out of order: SEG.SEQ > Last.ACK.sent, TS.Recent must not move

@@ -391,6 +391,8 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         )
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
+        # TSvals older than this measure no round trip: the last timeout's retransmission
+        # (tcp_timers.py _ts_sample) or the end of a pause (pause_ended)
         self._ts_rto_floor: int | None = None
         # rule rx-stall (tcp_timers.py): the RCV.NXT where data is expected, and when its
         # absence counts as a stall

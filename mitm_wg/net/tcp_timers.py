@@ -6,6 +6,7 @@ timeout, keepalive, and ``poll_at`` (the earliest of every timer the socket runs
 
 from __future__ import annotations
 
+from mitm_wg.net.recovery import Rack
 from mitm_wg.net.tcp_state import _ACK_STATES, _RECV_STATES, _SEND_STATES, _SYN_STATES, TcpState
 from mitm_wg.net.tcp_wire import ACK, M32, TcpSegment
 from mitm_wg.net.tcp_wire import HALF as _HALF
@@ -225,6 +226,34 @@ class Timers:
         wait = self.config.rx_stall
         srtt3 = 3.0 * (self._rtt.srtt or 0.0)
         return wait if wait > srtt3 else srtt3
+
+    def pause_ended(self, now: float) -> bool:
+        """The socket was not run for a while before ``now`` (the machine slept, the process
+        was stopped): an ACK read now may have waited through the pause in a buffer. So no
+        RTT sample comes from what was sent before ``now`` (an echo of an older TSval is
+        ignored, as after a timeout; without timestamps the timing in progress is dropped):
+        one would count the pause as a round trip, and the RTO and PTO grow by an eighth of
+        it. And the timers that came due meanwhile and would act on the silence start over
+        from ``now`` (the RTO's one an RTO, the recovery timer's a PTO, never more than the
+        RTO, rule rx-stall's its wait) instead of firing before what waited is read. (Linux's TCP clock does not count a suspend,
+        and its stack runs while a process is stopped: neither happens to it.) Returns True
+        when a timer started over."""
+        self._ts_rto_floor = self._ts_val(now)
+        self._rtt_seq = None
+        moved = False
+        rtt = self._rtt
+        if self._rto_at is not None and self._rto_at <= now:
+            self._rto_at = now + rtt.rto
+            moved = True
+        if self._rec_at is not None and self._rec_at <= now:
+            pto = Rack.pto(rtt.srtt, self._snd_max - self._snd_una <= self._smss)
+            rto = rtt.rto
+            self._rec_at = now + (pto if pto < rto else rto)
+            moved = True
+        if self._stall_at is not None and self._stall_at <= now:
+            self._stall_at = now + self._stall_wait() * (1 << self._stall_asks)
+            moved = True
+        return moved
 
     def retransmit_now(self) -> bool:
         """The path works again (a lower layer says so): stop waiting out the backed-off timer.
