@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -768,7 +769,7 @@ async def test_after_a_laptop_suspend_the_first_connection_handshakes_at_once(
             handshakes = tunnel.status().peers[0].handshakes_completed
             peer.stop_wireguard()
             peer.start_wireguard()
-        suspendable_clock.suspend(600.0)
+        suspendable_clock.suspend(600.0, tunnel, timer=False)
         with trio.fail_after(30):
             stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
             assert stream._sock.stats.rto_expired == 0, "the SYN went to the dead session"
@@ -815,6 +816,58 @@ async def test_a_lost_initiation_after_a_pause_goes_again_after_three_round_trip
             assert peer.early_retries == 1
             assert stream._sock.stats.syn_timeouts == 0  # (it waited for the session)
             await get_pattern(stream, 256 * KB)
+            await stream.aclose()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="CLOCK_BOOTTIME is Linux's")
+async def test_a_pause_mid_upload_is_no_round_trip(
+    exit_peer: ExitPeer, suspendable_clock: SuspendableClock
+) -> None:
+    """An upload to Linux 40 ms away through a relay; the process stops a moment (ACKs
+    queue in its UDP socket) and the machine sleeps a minute (the session outlives it).
+    After the resume the queued ACKs echo TSvals from before the pause: taken as round
+    trips they made SRTT 7.6 or 14 s (one or two samples of 60 s: the next loss would
+    wait an RTO of a minute; found with this test). Or, when the timer task or the
+    uploading task ran before the reader, the probe timer that came due asleep fired
+    before they were read (in the runs on the old code either happened every time). Now
+    whichever task runs first finds the timer task a minute behind and tells the stack:
+    no sample spans the pause, and the timers that came due start over."""
+    slow = Impairment(delay=0.020)
+    async with tunnel_through_relay(exit_peer, slow) as (tunnel, _):
+        server = exit_peer.server_tunnel_v4
+        with trio.fail_after(120):  # (the suspend moves trio's clock a minute)
+            stream = await tunnel.open_tcp_stream(server, exit_peer.http_port)
+            sock = stream._sock
+            seen: dict[str, Any] = {"top": 0.0}
+
+            async def pause_mid_upload() -> None:
+                while sock.stats.segments_out < 2000:
+                    await trio.sleep(0.002)
+                assert tunnel.pauses == 0
+                stats = sock.stats
+                probes = (stats.tlp_probes, stats.recovery_probes, stats.rto_expired)
+                time.sleep(0.3)  # (the process stops: the exit's ACKs queue meanwhile)
+                suspendable_clock.suspend(60.0, tunnel)
+                segments_in = stats.segments_in
+                while stats.segments_in == segments_in:
+                    await trio.sleep(0)
+                # the queued ACKs were read: nothing had gone again on a timer before
+                seen["after"] = (stats.tlp_probes, stats.recovery_probes, stats.rto_expired)
+                seen["probes"] = probes
+                while True:
+                    srtt = sock.srtt
+                    assert srtt is not None
+                    seen["top"] = max(seen["top"], srtt)
+                    await trio.sleep(0.001)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pause_mid_upload)
+                answer = await http_post_json(stream, "/up", 16 * MB)
+                nursery.cancel_scope.cancel()
+            assert answer == {"sha256": pattern_sha256(16 * MB), "size": 16 * MB}
+            assert seen["after"] == seen["probes"]
+            assert seen["top"] < 0.5, seen  # (the path's round trip: ~45 ms)
+            assert tunnel.pauses == 1
             await stream.aclose()
 
 

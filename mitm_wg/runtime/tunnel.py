@@ -92,6 +92,10 @@ RECEIVE_BUFFER = 65536
 #: Datagrams read per wake-up before the reader yields to other tasks.
 MAX_BATCH = 256
 _NEVER = float("inf")
+#: Seconds past the timer task's due time after which a task takes it that the runtime was
+#: not run meanwhile (the machine slept, the process was stopped) and tells the stack so
+#: (``Tunnel._pause_ended``); a loaded machine delays the timer task by milliseconds.
+PAUSE_AFTER = 1.0
 
 
 class _Probing(NamedTuple):
@@ -286,6 +290,11 @@ class Tunnel:
         self._timer_scope: trio.CancelScope | None = None
         self._timer_fd: TimerFd | None = None
         self._timer_at = _NEVER
+        # When the timer task is due to run: _timer_at, or, armed for a deadline already
+        # past, the time it was armed. A task that finds the clock PAUSE_AFTER beyond it
+        # knows the runtime was not run meanwhile; ``pauses`` counts those times.
+        self._timer_due = _NEVER
+        self.pauses = 0
         # Parked tasks: a wait on a stack socket (a stream's TCP socket, a UDP socket's) is
         # checked when Stack.poll reports that socket (`dispatched`: nothing else changed
         # since the last poll), so a flush costs the same with thousands of idle
@@ -426,6 +435,8 @@ class Tunnel:
                 else:
                     await wait_readable(readable)  # (a schedule point either way)
                 now = trio.current_time()
+                if now - self._timer_due > PAUSE_AFTER:
+                    self._pause_ended(now)  # (before what waited meanwhile is read)
                 count = drain(source, now, gro)
                 self.reads += 1
                 if packets:
@@ -588,14 +599,37 @@ class Tunnel:
     def _arm_timer(self, deadline: float) -> None:
         """Wake the timer task at ``deadline``: the timerfd, or the scope it sleeps in."""
         self._timer_at = deadline
+        if deadline == _NEVER:
+            self._timer_due = _NEVER
+        else:
+            now = trio.current_time()
+            self._timer_due = deadline if deadline > now else now
         timer = self._timer_fd
         if timer is not None:
             if deadline == _NEVER:
                 timer.disarm()
             else:
-                timer.arm(deadline - trio.current_time())
+                timer.arm(deadline - now)
         elif self._timer_scope is not None:
             self._timer_scope.deadline = deadline
+
+    def _pause_ended(self, now: float) -> None:
+        """A task found the clock more than PAUSE_AFTER past when the timer task was due:
+        the runtime was not run meanwhile (a suspend, a stopped process), and what arrived
+        waited in the sockets' buffers. The stack must neither time a round trip across the
+        pause nor fire the timers that came due before that is read (``Stack.pause_ended``).
+        Called by whichever task runs first: a reader before it reads, else ``_flush``."""
+        late = now - self._timer_due
+        self._timer_due = now  # (once: the timer task arms the next deadline)
+        self.pauses += 1
+        moved = self.stack.pause_ended(now)
+        logger.debug(
+            "the tunnel was not run for %.1f s or more (a suspend, a stopped process): "
+            "no round trip is timed across it; %d connections' retransmission timers "
+            "start over",
+            late,
+            moved,
+        )
 
     def _next_deadline(self) -> float:
         d1 = self.device.next_deadline()
@@ -615,6 +649,8 @@ class Tunnel:
         session that came up lets connects go on) or when ``wake_all`` (closing)."""
         if now is None:
             now = trio.current_time()
+        if now - self._timer_due > PAUSE_AFTER:
+            self._pause_ended(now)  # (the timer task, or an application's, ran first)
         device = self.device
         self._transmit(now)
         if device.events:
