@@ -590,6 +590,28 @@ def test_a_pause_is_no_round_trip_and_due_timers_start_over(timestamps: bool) ->
     pb.at(again).expect([probe])  # (TLP: the last segment again)
 
 
+@pytest.mark.parametrize("paused", [119.9, 0.0])
+def test_a_pause_does_not_count_towards_the_user_timeout(paused: float) -> None:
+    """Data in flight when the machine sleeps two minutes, its ACKs lost meanwhile (the
+    interface was down). The timeout after the resume retransmits, the peer may well be
+    alive: the user timeout (60 s) counts from the last progress without the pause
+    (``paused``: the runtime's lower bound for it). Told of no pause, two minutes without
+    progress fail the connection at that timeout, as before."""
+    pb = est()
+    pb.at(0.1).sock.send(b"d" * 100)
+    assert [x.seq for x in pb.out()] == [ISS + 1]
+    assert pb.sock.pause_ended(120.1, paused)  # (the RTO came due asleep: it starts over)
+    rto_at = pb.poll()
+    assert rto_at is not None and rto_at > 120.1
+    out = pb.at(rto_at).out()
+    if paused:
+        assert [(x.seq, len(x.payload)) for x in out] == [(ISS + 1, 100)]
+        assert pb.sock.state is TcpState.ESTABLISHED and pb.sock.stats.rto_expired == 1
+    else:
+        assert out == []  # (given up silently, as Linux at its user timeout)
+        assert pb.sock.state is TcpState.CLOSED and isinstance(pb.sock.error, TimeoutError)
+
+
 def test_ts_recent_tracks_last_ack_sent_only() -> None:
     pb = est(peer_ts=True)
     # out of order: SEG.SEQ > Last.ACK.sent, TS.Recent must not move

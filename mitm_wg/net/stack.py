@@ -902,15 +902,16 @@ class Stack:
                 kicked += 1
         return kicked
 
-    def pause_ended(self, now: float) -> int:
-        """The stack was not run for a while before ``now`` (the machine slept, the process
-        was stopped), and what arrived meanwhile waited in the sockets' buffers: every TCP
-        socket takes no RTT sample from what it sent before ``now`` and starts the
-        retransmission timers that came due meanwhile over (``TcpSocket.pause_ended``).
-        Returns how many sockets started a timer over."""
+    def pause_ended(self, now: float, paused: float) -> int:
+        """The stack was not run for at least ``paused`` seconds before ``now`` (the machine
+        slept, the process was stopped), and what arrived meanwhile waited in the sockets'
+        buffers: every TCP socket takes no RTT sample from what it sent before ``now``,
+        starts the timers that came due meanwhile over and does not count the pause
+        towards its user timeout (``TcpSocket.pause_ended``). Returns how many sockets
+        started a timer over."""
         moved = 0
         for sock in self._tcp.values():
-            if sock.pause_ended(now):
+            if sock.pause_ended(now, paused):
                 self._dirty[sock] = None  # (its deadline moved: dispatch puts it right)
                 moved += 1
         return moved

@@ -227,19 +227,24 @@ class Timers:
         srtt3 = 3.0 * (self._rtt.srtt or 0.0)
         return wait if wait > srtt3 else srtt3
 
-    def pause_ended(self, now: float) -> bool:
-        """The socket was not run for a while before ``now`` (the machine slept, the process
-        was stopped): an ACK read now may have waited through the pause in a buffer. So no
-        RTT sample comes from what was sent before ``now`` (an echo of an older TSval is
-        ignored, as after a timeout; without timestamps the timing in progress is dropped):
-        one would count the pause as a round trip, and the RTO and PTO grow by an eighth of
-        it. And the timers that came due meanwhile and would act on the silence start over
-        from ``now`` (the RTO's one an RTO, the recovery timer's a PTO, never more than the
-        RTO, rule rx-stall's its wait) instead of firing before what waited is read. (Linux's TCP clock does not count a suspend,
-        and its stack runs while a process is stopped: neither happens to it.) Returns True
-        when a timer started over."""
+    def pause_ended(self, now: float, paused: float = 0.0) -> bool:
+        """The socket was not run for at least ``paused`` seconds before ``now`` (the machine
+        slept, the process was stopped): an ACK read now may have waited through the pause
+        in a buffer. So no RTT sample comes from what was sent before ``now`` (an echo of an
+        older TSval is ignored, as after a timeout; without timestamps the timing in
+        progress is dropped): one would count the pause as a round trip, and the RTO and
+        PTO grow by an eighth of it. The timers that came due meanwhile and would act on
+        the silence start over from ``now`` (the RTO's one an RTO, the recovery timer's a
+        PTO, never more than the RTO, rule rx-stall's its wait) instead of firing before
+        what waited is read. And the pause does not count towards the user timeout: a
+        connection whose last ACKs were lost while the machine slept a few minutes is
+        retransmitted to, not given up at the first RTO. (Linux's TCP clock does not count
+        a suspend, and its stack runs while a process is stopped: none of this happens to
+        it.) Returns True when a timer started over."""
         self._ts_rto_floor = self._ts_val(now)
         self._rtt_seq = None
+        progress = self._last_progress + paused
+        self._last_progress = progress if progress < now else now
         moved = False
         rtt = self._rtt
         if self._rto_at is not None and self._rto_at <= now:

@@ -617,12 +617,13 @@ class Tunnel:
         """A task found the clock more than PAUSE_AFTER past when the timer task was due:
         the runtime was not run meanwhile (a suspend, a stopped process), and what arrived
         waited in the sockets' buffers. The stack must neither time a round trip across the
-        pause nor fire the timers that came due before that is read (``Stack.pause_ended``).
+        pause nor fire the timers that came due before that is read, nor count the pause
+        towards a connection's user timeout (``Stack.pause_ended``).
         Called by whichever task runs first: a reader before it reads, else ``_flush``."""
-        late = now - self._timer_due
+        late = now - self._timer_due  # (the pause began before the timer task was due)
         self._timer_due = now  # (once: the timer task arms the next deadline)
         self.pauses += 1
-        moved = self.stack.pause_ended(now)
+        moved = self.stack.pause_ended(now, late)
         logger.debug(
             "the tunnel was not run for %.1f s or more (a suspend, a stopped process): "
             "no round trip is timed across it; %d connections' retransmission timers "
