@@ -169,5 +169,9 @@ def inner_exit_peer(
         )
         yield peer
     finally:
-        ns.close()  # deleting the namespace removes the veth pair with it
+        # The outer end first: deleting the namespace removes the pair only when the
+        # kernel's namespace cleanup runs, and a next inner exit behind the same outer would
+        # find x0 still there (as exitpeer.origin_behind's veths did).
+        outer.ns.ip("link", "del", x0, check=False)
+        ns.close()
         shutil.rmtree(workdir, ignore_errors=True)
