@@ -626,7 +626,7 @@ class Tunnel:
         moved = self.stack.pause_ended(now, late)
         logger.debug(
             "the tunnel was not run for %.1f s or more (a suspend, a stopped process): "
-            "no round trip is timed across it; %d connections' retransmission timers "
+            "no round trip is timed across it; %d connections' timers "
             "start over",
             late,
             moved,
