@@ -61,25 +61,23 @@ class SuspendableClock(BoottimeClock):
     def deadline_to_sleep_time(self, deadline: float) -> float:
         return deadline - self.current_time()
 
-    def suspend(self, seconds: float, tunnel: Any = None, *, timer: bool = True) -> None:
+    def suspend(self, seconds: float, tunnel: Any = None) -> None:
         """Move the clock ``seconds`` on. With ``tunnel``, the rest of what a resume moves
         for it: the wall clock (its WireGuard device stamps initiations with the wall
         time it derives from this clock: moved alone, a new handshake's stamp would run
         ahead of the real one, and the exit would drop the initiations of any later
-        tunnel with the same key as replays until the real clock caught up); and, unless
-        ``timer`` is False, its timer task's timerfd, which counts CLOCK_BOOTTIME: one armed
-        for a deadline passed asleep has expired and fires now (the tunnel's own record
-        of what it armed stays, as nothing ran meanwhile). Without that the timerfd stays
-        armed for real time, and the tunnel's timers run late until something else wakes
-        it (``timer=False``: a resume whose readers run before its timer task)."""
+        tunnel with the same key as replays until the real clock caught up), and its timer
+        task's timerfd, which counts CLOCK_BOOTTIME: one armed for a deadline passed
+        asleep has expired and fires now (the tunnel's own record of what it armed stays,
+        as nothing ran meanwhile). Without ``tunnel`` the timerfd stays armed for real
+        time, and the tunnel's timers run late until something else wakes it."""
         self.slept += seconds
         if tunnel is not None:
             tunnel.device._unix_time_offset -= seconds
-            if timer:
-                fd = tunnel._timer_fd
-                assert fd is not None, "no timerfd: the timer task sleeps on trio's clock"
-                if tunnel._timer_at != float("inf"):
-                    fd.arm(tunnel._timer_at - self.current_time())
+            fd = tunnel._timer_fd
+            assert fd is not None, "no timerfd: the timer task sleeps on trio's clock"
+            if tunnel._timer_at != float("inf"):
+                fd.arm(tunnel._timer_at - self.current_time())
 
 
 @dataclass

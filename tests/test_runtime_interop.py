@@ -769,7 +769,7 @@ async def test_after_a_laptop_suspend_the_first_connection_handshakes_at_once(
             handshakes = tunnel.status().peers[0].handshakes_completed
             peer.stop_wireguard()
             peer.start_wireguard()
-        suspendable_clock.suspend(600.0, tunnel, timer=False)
+        suspendable_clock.suspend(600.0, tunnel)
         with trio.fail_after(30):
             stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
             assert stream._sock.stats.rto_expired == 0, "the SYN went to the dead session"
