@@ -877,6 +877,44 @@ async def test_a_pause_mid_upload_is_no_round_trip(
             await stream.aclose()
 
 
+async def test_a_pause_does_not_count_against_a_connect(exit_peer: ExitPeer) -> None:
+    """A connect with a 2 s timeout to Linux 40 ms away; its SYN is out when the process
+    stops 3 s on the real clock (SIGSTOP, a debugger, an addon holding the GIL), and the
+    SYN-ACK is lost meanwhile (here the relay drops what comes down). The connect task
+    wakes first after it, its deadline long past: it failed with ETIMEDOUT though nothing
+    could be sent again meanwhile. Now its deadlines move on by the pause, and the
+    connection is made: by the SYN sent again a timeout after it (Stack.pause_ended) or by
+    the server's own SYN-ACK retransmission, whichever passes the relay first (Linux's SYN
+    retries do not count a suspend either)."""
+    slow = Impairment(delay=0.020)
+    async with tunnel_through_relay(exit_peer, slow) as (tunnel, relay):
+        server, port = exit_peer.server_tunnel_v4, exit_peer.http_port
+        with trio.fail_after(30):
+            warm = await tunnel.open_tcp_stream(server, port)
+            await get_pattern(warm, 1 * KB)
+            await warm.aclose()
+            # (the close's FIN and ACKs pass the relay's 40 ms first: the next datagram up
+            # must be the SYN)
+            while warm._sock.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            relay.set_impairment(down=Impairment(loss=1.0, delay=slow.delay))
+            up = relay.up.received
+
+            async def stop_once_the_syn_left() -> None:
+                while relay.up.received == up:
+                    await trio.sleep(0.001)
+                time.sleep(3.0)
+                relay.set_impairment(down=slow)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_once_the_syn_left)
+                stream = await tunnel.open_tcp_stream(server, port, connect_timeout=2.0)
+            assert tunnel.pauses == 1 and tunnel.paused_total > 2.0
+            await get_pattern(stream, 256 * KB)
+            await stream.aclose()
+
+
 # -- mitmproxy's WireGuard mode as the exit ------------------------------------------------------
 
 

@@ -295,6 +295,9 @@ class Tunnel:
         # knows the runtime was not run meanwhile; ``pauses`` counts those times.
         self._timer_due = _NEVER
         self.pauses = 0
+        #: The pauses' lengths added up (each at least how late the timer task was): a
+        #: connect's deadline moves on by the pauses during it (``_paused``).
+        self.paused_total = 0.0
         # Parked tasks: a wait on a stack socket (a stream's TCP socket, a UDP socket's) is
         # checked when Stack.poll reports that socket (`dispatched`: nothing else changed
         # since the last poll), so a flush costs the same with thousands of idle
@@ -623,6 +626,7 @@ class Tunnel:
         late = now - self._timer_due  # (the pause began before the timer task was due)
         self._timer_due = now  # (once: the timer task arms the next deadline)
         self.pauses += 1
+        self.paused_total += late
         moved = self.stack.pause_ended(now, late)
         logger.debug(
             "the tunnel was not run for %.1f s or more (a suspend, a stopped process): "
@@ -631,6 +635,14 @@ class Tunnel:
             late,
             moved,
         )
+
+    def _paused(self, now: float) -> float:
+        """``paused_total`` once a pause that ended by ``now`` is noticed: a task that may
+        wake first after one (on its own deadline, which passed meanwhile) asks this before
+        it takes the deadline as passed."""
+        if now - self._timer_due > PAUSE_AFTER:
+            self._pause_ended(now)
+        return self.paused_total
 
     def _next_deadline(self) -> float:
         d1 = self.device.next_deadline()
@@ -1532,6 +1544,10 @@ class Tunnel:
         self._flush(started)
         deadline = started + timeout
         handshake_deadline = started + self.handshake_timeout
+        # A pause (a suspend, a stopped process) does not count against the connect: the
+        # SYN or the handshake could not go again meanwhile, and its answer may be waiting
+        # in a socket buffer (Linux's SYN retries do not count a suspend either).
+        paused = self.paused_total
         try:
             while True:
                 error = sock.error
@@ -1549,6 +1565,11 @@ class Tunnel:
                         errno.ECONNRESET, f"connection to {format_endpoint((address, port))} closed"
                     )
                 now = trio.current_time()
+                slept = self._paused(now) - paused
+                if slept:
+                    deadline += slept
+                    handshake_deadline += slept
+                    paused += slept
                 failed = self._failed.get(peer.public_key)
                 if failed is not None or (peer.current is None and now >= handshake_deadline):
                     raise self._handshake_timeout(peer)
