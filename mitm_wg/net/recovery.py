@@ -635,10 +635,14 @@ class Scoreboard:
 
     def _set_pto(self, rack: Rack, now: float, one_segment: bool) -> None:
         """The recovery timer at the PTO from now (rule pto), never later than the RTO."""
+        self._rec_at = self._pto_deadline(now, one_segment)
+        rack.timer = TIMER_PTO
+
+    def _pto_deadline(self, now: float, one_segment: bool) -> float:
+        """``now`` plus the PTO (rule pto), or plus the RTO if that is sooner."""
         pto = Rack.pto(self._rtt.srtt, one_segment)
         rto = self._rtt.rto
-        self._rec_at = now + (pto if pto < rto else rto)
-        rack.timer = TIMER_PTO
+        return now + (pto if pto < rto else rto)
 
     def _on_rec_timer(self, now: float, out: list[TcpSegment]) -> None:
         self._rec_at = None

@@ -6,7 +6,6 @@ timeout, keepalive, and ``poll_at`` (the earliest of every timer the socket runs
 
 from __future__ import annotations
 
-from mitm_wg.net.recovery import Rack
 from mitm_wg.net.tcp_state import _ACK_STATES, _RECV_STATES, _SEND_STATES, _SYN_STATES, TcpState
 from mitm_wg.net.tcp_wire import ACK, M32, TcpSegment
 from mitm_wg.net.tcp_wire import HALF as _HALF
@@ -246,14 +245,12 @@ class Timers:
         progress = self._last_progress + paused
         self._last_progress = progress if progress < now else now
         moved = False
-        rtt = self._rtt
         if self._rto_at is not None and self._rto_at <= now:
-            self._rto_at = now + rtt.rto
+            self._rto_at = now + self._rtt.rto
             moved = True
         if self._rec_at is not None and self._rec_at <= now:
-            pto = Rack.pto(rtt.srtt, self._snd_max - self._snd_una <= self._smss)
-            rto = rtt.rto
-            self._rec_at = now + (pto if pto < rto else rto)
+            # (its kind stays: a reorder timer, a probe's)
+            self._rec_at = self._pto_deadline(now, self._snd_max - self._snd_una <= self._smss)
             moved = True
         if self._stall_at is not None and self._stall_at <= now:
             self._stall_at = now + self._stall_wait() * (1 << self._stall_asks)
