@@ -318,6 +318,17 @@ async def session_through(relay: ImpairedRelay, tunnel: Tunnel, address: Any) ->
     return rtt
 
 
+async def fetch_and_let_the_close_pass(tunnel: Tunnel, server: str, port: int) -> None:
+    """A connection that fetches 1 KiB and closes; returns once its FIN and ACKs have
+    passed the relay too, so that the next datagram going up is whatever the test sends."""
+    stream = await tunnel.open_tcp_stream(server, port)
+    await get_pattern(stream, 1 * KB)
+    await stream.aclose()
+    while stream._sock.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
+        await trio.sleep(0.01)
+    await trio.sleep(0.1)
+
+
 def assert_resent_in_time(resolver: Resolver) -> None:
     """A query went again, and none waited out the resolver's timeout."""
     assert resolver.resends >= 1 and resolver.timeouts == 0, (
@@ -795,14 +806,8 @@ async def test_a_lost_initiation_after_a_pause_goes_again_after_three_round_trip
         peer = tunnel.route(server)
         assert peer is not None
         with trio.fail_after(30):
-            before = await tunnel.open_tcp_stream(server, exit_peer.http_port)
-            await get_pattern(before, 1 * KB)
-            await before.aclose()
-            # (the close's FIN and ACKs pass the relay's 40 ms first: the one datagram
-            # lost below must be the initiation)
-            while before._sock.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
-                await trio.sleep(0.01)
-            await trio.sleep(0.1)
+            # (the one datagram lost below must be the initiation)
+            await fetch_and_let_the_close_pass(tunnel, server, exit_peer.http_port)
         rtt = peer.handshake_rtt
         assert rtt is not None and 0.080 <= rtt < 0.5
         suspendable_clock.suspend(600.0, tunnel)
@@ -890,14 +895,8 @@ async def test_a_pause_does_not_count_against_a_connect(exit_peer: ExitPeer) -> 
     async with tunnel_through_relay(exit_peer, slow) as (tunnel, relay):
         server, port = exit_peer.server_tunnel_v4, exit_peer.http_port
         with trio.fail_after(30):
-            warm = await tunnel.open_tcp_stream(server, port)
-            await get_pattern(warm, 1 * KB)
-            await warm.aclose()
-            # (the close's FIN and ACKs pass the relay's 40 ms first: the next datagram up
-            # must be the SYN)
-            while warm._sock.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
-                await trio.sleep(0.01)
-            await trio.sleep(0.1)
+            # (the next datagram up must be the SYN)
+            await fetch_and_let_the_close_pass(tunnel, server, port)
             relay.set_impairment(down=Impairment(loss=1.0, delay=slow.delay))
             up = relay.up.received
 
