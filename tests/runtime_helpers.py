@@ -63,17 +63,16 @@ class SuspendableClock(BoottimeClock):
 
     def suspend(self, seconds: float, tunnel: Any = None) -> None:
         """Move the clock ``seconds`` on. With ``tunnel``, the rest of what a resume moves
-        for it: the wall clock (its WireGuard device stamps initiations with the wall
-        time it derives from this clock: moved alone, a new handshake's stamp would run
-        ahead of the real one, and the exit would drop the initiations of any later
-        tunnel with the same key as replays until the real clock caught up), and its timer
-        task's timerfd, which counts CLOCK_BOOTTIME: one armed for a deadline passed
-        asleep has expired and fires now (the tunnel's own record of what it armed stays,
-        as nothing ran meanwhile). Without ``tunnel`` the timerfd stays armed for real
-        time, and the tunnel's timers run late until something else wakes it."""
+        for it: its timer task's timerfd, which counts CLOCK_BOOTTIME: one armed for a
+        deadline passed asleep has expired and fires now (the tunnel's own record of what
+        it armed stays, as nothing ran meanwhile). Without ``tunnel`` the timerfd stays
+        armed for real time, and the tunnel's timers run late until something else wakes
+        it. (The wall clock, which a resume moves too, stays: its WireGuard device reads
+        the real one for each initiation's timestamp, and a stamp run ahead of the real
+        time would make the exit drop any later tunnel's initiations with the same key as
+        replays until the real clock caught up.)"""
         self.slept += seconds
         if tunnel is not None:
-            tunnel.device._unix_time_offset -= seconds
             fd = tunnel._timer_fd
             assert fd is not None, "no timerfd: the timer task sleeps on trio's clock"
             if tunnel._timer_at != float("inf"):

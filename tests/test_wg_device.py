@@ -61,6 +61,34 @@ def test_handshake_then_data_both_ways() -> None:
     assert p.a_peer.status().tx_bytes > 0 and p.b_peer.status().rx_bytes > 0
 
 
+def test_initiations_are_stamped_by_the_wall_clock_as_it_reads_then() -> None:
+    """Each initiation's TAI64N is the wall clock as it reads when the initiation is made:
+    one stepped forward by an hour after the device was made (time sync after a VM's host
+    slept) is followed at once, as wireguard-go reads it for each initiation. One stepped
+    back never makes a stamp go back (the last one plus 1 ns), and the responder takes
+    each. Status dates the last handshake by the clock as it reads at ``now``."""
+    wall = [1.8e9 + 0.25]
+    p = Pair.create(wall_clock=lambda: wall[0])
+    stamps = []
+    for step in (0.0, 3600.0, -7200.0):
+        wall[0] += step
+        out: list = []
+        p.a.connect(p.a_peer, p.now, out)
+        p._collect("a", out)
+        p.deliver()
+        assert p.a_peer.handshakes_completed == len(stamps) + 1
+        stamps.append(p.b_peer.last_initiation_timestamp)
+        p.advance(REKEY_TIMEOUT + 1)
+    whitened = crypto.tai64n(1.8e9)[:8] + (250_000_000 & ~0xFFFFFF).to_bytes(4, "big")
+    assert stamps[0] == whitened
+    assert stamps[1] == crypto.tai64n(1.8e9 + 3600)[:8] + whitened[8:]
+    assert stamps[2] == (int.from_bytes(stamps[1], "big") + 1).to_bytes(12, "big")
+    # (the last handshake REKEY_TIMEOUT + 1 ago on the device's clock, by the wall clock
+    # now reading 1.8e9 - 3600 + 0.25)
+    [status] = p.a.status(p.now)
+    assert status.last_handshake_unix == wall[0] - (REKEY_TIMEOUT + 1)
+
+
 def test_handshake_initiated_by_the_other_side() -> None:
     p = Pair.create()
     packet = ipv4_udp(B_ADDR, A_ADDR, b"from b")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitm_wg.wireguard import crypto
@@ -64,11 +65,14 @@ class Pair:
         psk_a: bytes | None = None,
         psk_b: bytes | None = None,
         keepalive: float | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> Pair:
+        """``wall_clock``: A's (its initiations' timestamps); both devices' wall clocks
+        otherwise read ``1.7e9 + now``."""
         rnd = seeded_randbytes(seed)
         a_priv, a_pub = crypto.dh_generate(rnd)
         b_priv, b_pub = crypto.dh_generate(rnd)
-        a = Device(a_priv, randbytes=rnd, unix_time_offset=1.7e9)
+        a = Device(a_priv, randbytes=rnd, unix_time_offset=1.7e9, wall_clock=wall_clock)
         b = Device(b_priv, randbytes=rnd, unix_time_offset=1.7e9)
         a_peer = a.add_peer(
             b_pub,

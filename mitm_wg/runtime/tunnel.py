@@ -1449,10 +1449,11 @@ class Tunnel:
                 continue
             if size > receive_buffer:
                 receive_buffer, receive_sockets = size, len(group)
+        now = trio.current_time()
         return TunnelStatus(
-            self.device.status(),
+            self.device.status(now),
             len(self._streams),
-            time.time(),
+            self.device.unix_time(now),
             self.narrowed(),
             socket_drops=socket_drops(socks),
             receive_buffer=receive_buffer,
@@ -2226,6 +2227,7 @@ async def open_tunnel(
     endpoint_lookup: EndpointLookup | None = None,
     reresolve_interval: float = DEFAULT_RERESOLVE_INTERVAL,
     read_hold: bool = True,
+    wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Tunnel]:
     """Run a tunnel for ``config`` until the block exits (or is cancelled).
 
@@ -2248,6 +2250,9 @@ async def open_tunnel(
     ``read_hold``: receive coalescing, a busy stream's reads held for up to 1/64 of the
     shortest smoothed RTT of its connections (:mod:`mitm_wg.runtime.readhold`); off for
     comparisons.
+
+    ``wall_clock``: Unix time, read for each handshake initiation's timestamp (a test
+    steps it).
     """
     config.require_peers()
     lookup = endpoint_lookup or host_lookup
@@ -2262,7 +2267,8 @@ async def open_tunnel(
     device = Device.from_config(
         config,
         randbytes=randbytes,
-        unix_time_offset=time.time() - now,
+        unix_time_offset=wall_clock() - now,
+        wall_clock=wall_clock,
         endpoints=endpoints,
     )
     if not config.addresses:

@@ -115,14 +115,21 @@ class Device:
         mtu: int = 1420,
         randbytes: Callable[[int], bytes] = os.urandom,
         unix_time_offset: float = 0.0,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
-        """``unix_time_offset`` is added to ``now`` for TAI64N timestamps in initiations:
-        the runtime passes ``time.time() - time.monotonic()`` so that timestamps grow across
-        restarts as peers require."""
+        """Initiations carry the wall-clock time (TAI64N), which a peer requires to grow
+        from one initiation with our key to the next, across restarts and across clients
+        that share the key. ``wall_clock`` reads it (the runtime passes ``time.time``),
+        when an initiation is made: a wall clock stepped after the device was made (time
+        sync correcting a VM's clock after its host slept, while the VM's other clocks
+        stood still) is followed, as wireguard-go reads it for each one. Without it
+        (virtual clocks in tests) the time is ``now + unix_time_offset``. Status reports
+        turn handshake times into Unix time the same way."""
         self.identity = handshake.Identity.from_private(private_key)
         self.mtu = mtu
         self._randbytes = randbytes
         self._unix_time_offset = unix_time_offset
+        self._wall_clock = wall_clock
         self._last_timestamp = b""
         self.cookie_checker = CookieChecker(
             self.identity.mac1_key, self.identity.cookie_key, randbytes
@@ -159,6 +166,7 @@ class Device:
         *,
         randbytes: Callable[[int], bytes] = os.urandom,
         unix_time_offset: float = 0.0,
+        wall_clock: Callable[[], float] | None = None,
         endpoints: dict[bytes, Endpoint] | None = None,
     ) -> Device:
         """A device for a wg-quick config.
@@ -174,6 +182,7 @@ class Device:
             mtu=config.mtu or 1420,
             randbytes=randbytes,
             unix_time_offset=unix_time_offset,
+            wall_clock=wall_clock,
         )
         endpoints = endpoints or {}
         for pc in config.peers:
@@ -247,8 +256,16 @@ class Device:
         """The peer whose AllowedIPs hold ``destination`` (4 or 16 raw bytes)."""
         return self._routes.lookup(destination)
 
-    def status(self) -> list[PeerStatus]:
-        offset = self._unix_time_offset
+    def unix_time(self, now: float) -> float:
+        """The wall-clock time (Unix seconds) at ``now``: ``wall_clock()``, or without one
+        ``now + unix_time_offset``."""
+        wall = self._wall_clock
+        return now + self._unix_time_offset if wall is None else wall()
+
+    def status(self, now: float | None = None) -> list[PeerStatus]:
+        """Each peer's :class:`PeerStatus`; ``now`` dates its last handshake by the wall
+        clock as it reads at ``now`` (without it, as it read when the device was made)."""
+        offset = self._unix_time_offset if now is None else self.unix_time(now) - now
         return [peer.status(offset) for peer in self.peers.values()]
 
     def take_events(self) -> list[Event]:
@@ -436,7 +453,7 @@ class Device:
                 return index
 
     def _timestamp(self, now: float) -> bytes:
-        stamp = crypto.tai64n(now + self._unix_time_offset)
+        stamp = crypto.tai64n(self.unix_time(now))
         # Whiten the nanoseconds (as wireguard-go does) so initiations leak less timing.
         nanos = int.from_bytes(stamp[8:], "big") & ~0xFFFFFF
         stamp = stamp[:8] + nanos.to_bytes(4, "big")
