@@ -96,6 +96,16 @@ _NEVER = float("inf")
 #: not run meanwhile (the machine slept, the process was stopped) and tells the stack so
 #: (``Tunnel._pause_ended``); a loaded machine delays the timer task by milliseconds.
 PAUSE_AFTER = 1.0
+#: What a UDP send fails with while this machine has no way to an endpoint: its network is
+#: down (Wi-Fi lost, a cable pulled, between two networks), not the datagram.
+_NO_ROUTE = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EADDRNOTAVAIL, errno.EHOSTDOWN}
+)
+#: Seconds between the keepalives that try an endpoint with no route to it
+#: (``Tunnel._retry_routes``); after ``NO_ROUTE_SLOW_AFTER`` seconds, ``NO_ROUTE_SLOW``.
+NO_ROUTE_RETRY = 0.5
+NO_ROUTE_SLOW_AFTER = 30.0
+NO_ROUTE_SLOW = 5.0
 
 
 class _Probing(NamedTuple):
@@ -313,6 +323,13 @@ class Tunnel:
         self._closed = False
         self.send_errors = 0
         self._send_error: tuple[Endpoint, OSError] | None = None  # the latest, for handshake()
+        #: Endpoints our sends found no route to (``_NO_ROUTE``) -> [since, the last
+        #: failure] (trio time); a keepalive tries each every ``NO_ROUTE_RETRY`` s
+        #: (``_retry_routes``, due at ``_no_route_at``) until one leaves. ``paths_back``:
+        #: how often one did.
+        self._no_route: dict[tuple[str, int], list[float]] = {}
+        self._no_route_at = _NEVER
+        self.paths_back = 0
         #: Datagrams a socket refused for a moment (EAGAIN: its send buffer full, behind a
         #: slower local link, say), in order, for its writer task (``_writer``); what comes
         #: for that socket meanwhile queues behind them. ``send_waits``: how often it began.
@@ -654,6 +671,8 @@ class Tunnel:
             best = d2
         if self._reprobe_at < best:
             best = self._reprobe_at
+        if self._no_route_at < best:
+            best = self._no_route_at
         return best
 
     def _flush(self, now: float | None = None, wake_all: bool = False) -> None:
@@ -699,6 +718,8 @@ class Tunnel:
             self._watch_blackholes(now)  # (before the poll: what it changes goes out now)
         if now >= self._reprobe_at:
             self._reprobe(now)
+        if now >= self._no_route_at:
+            self._retry_routes(now)  # (before the poll: what it kicks goes out now)
         stack.poll(now, ip_out, self._dispatched)
         if stack.rx_stalls or stack.probes_done:
             # (timers in that poll found them: the probes and ICMP errors go out now)
@@ -844,6 +865,70 @@ class Tunnel:
         self.send_errors += 1
         self._send_error = (endpoint, error)
         logger.debug("UDP send to %s failed: %s", format_endpoint(endpoint), error)
+        if error.errno in _NO_ROUTE:
+            key = (endpoint[0], endpoint[1])
+            now = trio.current_time()
+            entry = self._no_route.get(key)
+            if entry is not None:
+                entry[1] = now
+            else:
+                self._no_route[key] = [now, now]
+                logger.info(
+                    "no route to WireGuard endpoint %s (%s): trying it every %g s until "
+                    "the network is back",
+                    format_endpoint(endpoint), error.strerror, NO_ROUTE_RETRY,
+                )  # fmt: skip
+            if self._no_route_at == _NEVER:
+                self._no_route_at = now + NO_ROUTE_RETRY
+                if self._no_route_at < self._timer_at:
+                    self._arm_timer(self._no_route_at)
+
+    def _retry_routes(self, now: float) -> None:
+        """Try each endpoint our sends found no route to (``_send_failed``) with a keepalive
+        (a handshake initiation if the session is gone), as Linux's TCP tries a
+        retransmission the route lookup refused again after half a second, unbacked-off.
+        One that leaves: the network is back (Wi-Fi again, or another network: a new
+        address, which the exit learns from this very keepalive, WireGuard's roaming,
+        instead of from whatever we would send next — nothing, in a stalled download, until
+        its connection's next question seconds later; the exit's TCP meanwhile
+        retransmitted into the old address). Connections to hosts behind it that wait out
+        a backed-off retransmission timer retransmit now (``Stack.retransmit_now``): the
+        retransmissions the timeouts sent never left this machine."""
+        waiting, device, out = self._no_route, self.device, []
+        endpoints = set()
+        for peer in device.peers.values():
+            endpoint = peer.endpoint
+            if endpoint is not None and (key := (endpoint[0], endpoint[1])) in waiting:
+                endpoints.add(key)
+                device.send_keepalive(peer, now, out)
+        tried = {(endpoint[0], endpoint[1]) for _, endpoint in out}
+        if out:
+            self._send_datagrams(out)  # (a failure sets its entry's last failure >= now)
+        for key, (since, failed) in list(waiting.items()):
+            if key not in endpoints:
+                del waiting[key]  # (no peer there any more)
+            elif key in tried and failed < now:
+                del waiting[key]
+                self.paths_back += 1
+                kicked = self.stack.retransmit_now(
+                    lambda addr, route=device.route, key=key: (
+                        (peer := route(addr)) is not None
+                        and peer.endpoint is not None
+                        and (peer.endpoint[0], peer.endpoint[1]) == key
+                    )
+                )
+                logger.info(
+                    "the way to WireGuard endpoint %s is back after %.1f s without a "
+                    "route; %d connections retransmit now",
+                    format_endpoint(key), now - since, kicked,
+                )  # fmt: skip
+        self._no_route_at = min(
+            (
+                now + (NO_ROUTE_SLOW if now - since > NO_ROUTE_SLOW_AFTER else NO_ROUTE_RETRY)
+                for since, _ in waiting.values()
+            ),
+            default=_NEVER,
+        )
 
     def _refused(self, endpoint: Endpoint, size: int, error: OSError, run: bool) -> bool:
         """Whether a send that raised ``error`` is worth repeating one datagram at a time.
