@@ -106,6 +106,9 @@ _NO_ROUTE = frozenset(
 NO_ROUTE_RETRY = 0.5
 NO_ROUTE_SLOW_AFTER = 30.0
 NO_ROUTE_SLOW = 5.0
+#: Seconds between looks at the local address our datagrams to each endpoint leave from,
+#: while TCP connections are open (``Tunnel._check_sources``).
+SOURCE_CHECK = 1.0
 
 
 class _Probing(NamedTuple):
@@ -330,6 +333,12 @@ class Tunnel:
         self._no_route: dict[tuple[str, int], list[float]] = {}
         self._no_route_at = _NEVER
         self.paths_back = 0
+        #: The local address our datagrams to each endpoint leave from (None: no route),
+        #: looked at every ``SOURCE_CHECK`` s while connections are open (due at
+        #: ``_source_at``); ``sources_changed``: how often one changed.
+        self._sources: dict[tuple[str, int], str | None] = {}
+        self._source_at = _NEVER
+        self.sources_changed = 0
         #: Datagrams a socket refused for a moment (EAGAIN: its send buffer full, behind a
         #: slower local link, say), in order, for its writer task (``_writer``); what comes
         #: for that socket meanwhile queues behind them. ``send_waits``: how often it began.
@@ -673,6 +682,8 @@ class Tunnel:
             best = self._reprobe_at
         if self._no_route_at < best:
             best = self._no_route_at
+        if self._source_at < best:
+            best = self._source_at
         return best
 
     def _flush(self, now: float | None = None, wake_all: bool = False) -> None:
@@ -720,6 +731,8 @@ class Tunnel:
             self._reprobe(now)
         if now >= self._no_route_at:
             self._retry_routes(now)  # (before the poll: what it kicks goes out now)
+        if now >= self._source_at:
+            self._check_sources(now)  # (the same)
         stack.poll(now, ip_out, self._dispatched)
         if stack.rx_stalls or stack.probes_done:
             # (timers in that poll found them: the probes and ICMP errors go out now)
@@ -910,13 +923,9 @@ class Tunnel:
             elif key in tried and failed < now:
                 del waiting[key]
                 self.paths_back += 1
-                kicked = self.stack.retransmit_now(
-                    lambda addr, route=device.route, key=key: (
-                        (peer := route(addr)) is not None
-                        and peer.endpoint is not None
-                        and (peer.endpoint[0], peer.endpoint[1]) == key
-                    )
-                )
+                kicked = self._kick(key)  # (the keepalive went above)
+                if key in self._sources:  # (_check_sources: this change is told)
+                    self._sources[key] = self._source_of(key)
                 logger.info(
                     "the way to WireGuard endpoint %s is back after %.1f s without a "
                     "route; %d connections retransmit now",
@@ -929,6 +938,77 @@ class Tunnel:
             ),
             default=_NEVER,
         )
+
+    def _source_of(self, key: tuple[str, int]) -> str | None:
+        """The local address the kernel sends our datagrams to ``key`` from now (a
+        connected probe socket's; None: no route)."""
+        try:
+            probe = self._probe_socket(socket.AF_INET6 if ":" in key[0] else socket.AF_INET)
+            try:
+                probe.connect(key)
+                return str(probe.getsockname()[0])
+            finally:
+                probe.close()
+        except OSError:
+            return None
+
+    def _check_sources(self, now: float) -> None:
+        """Look at the local address our datagrams to each peer's endpoint leave from, every
+        ``SOURCE_CHECK`` s while TCP connections are open. When it changed (the Wi-Fi
+        dropped and the kernel now routes over the Ethernet that was up beside it; a new
+        DHCP lease), the exit goes on sending to the old one until something of ours
+        arrives from the new one (WireGuard's roaming); a download that lost what was on
+        its way has nothing to send, and stood still until WireGuard's 15 s rule
+        handshook, the exit's TCP backing off meanwhile (~27 s in the test). So a
+        keepalive tells the exit now, and connections waiting out a backed-off
+        retransmission timer retransmit (``_path_back``)."""
+        if not self._streams:
+            self._source_at = _NEVER
+            self._sources.clear()
+            return
+        self._source_at = now + SOURCE_CHECK
+        known = self._sources
+        keys = {(e[0], e[1]) for p in self.device.peers.values() if (e := p.endpoint) is not None}
+        for key in list(known):
+            if key not in keys:
+                del known[key]
+        for key in keys:
+            source = self._source_of(key)
+            if key not in known:
+                known[key] = source
+            elif source != known[key]:
+                before, known[key] = known[key], source
+                if source is not None and key not in self._no_route:  # (else: its retries)
+                    self.sources_changed += 1
+                    logger.info(
+                        "datagrams to WireGuard endpoint %s now leave from %s (before: %s): "
+                        "telling the exit",
+                        format_endpoint(key), source, before or "no route",
+                    )  # fmt: skip
+                    self._path_back(key, now)
+
+    def _path_back(self, key: tuple[str, int], now: float) -> int:
+        """The way to endpoint ``key`` works (again, or from another address): a keepalive
+        to its peers (the exit learns our address from it), and ``_kick`` (returned)."""
+        device, out = self.device, []
+        for peer in device.peers.values():
+            endpoint = peer.endpoint
+            if endpoint is not None and (endpoint[0], endpoint[1]) == key:
+                device.send_keepalive(peer, now, out)
+        if out:
+            self._send_datagrams(out)
+        return self._kick(key)
+
+    def _kick(self, key: tuple[str, int]) -> int:
+        """The connections to hosts behind endpoint ``key`` that wait out a backed-off
+        retransmission timer retransmit now (``Stack.retransmit_now``); how many."""
+        route = self.device.route
+
+        def behind(addr: bytes) -> bool:
+            peer = route(addr)
+            return peer is not None and peer.endpoint is not None and peer.endpoint[:2] == key
+
+        return self.stack.retransmit_now(behind)
 
     def _refused(self, endpoint: Endpoint, size: int, error: OSError, run: bool) -> bool:
         """Whether a send that raised ``error`` is worth repeating one datagram at a time.
@@ -1675,6 +1755,10 @@ class Tunnel:
         del self._connecting[sock]
         stream._waiting_for.clear()
         self._streams.add(stream)
+        if self._source_at == _NEVER:  # (the first open connection: from now on)
+            self._check_sources(trio.current_time())
+            if self._source_at < self._timer_at:
+                self._arm_timer(self._source_at)
         return stream
 
     def _handshake_timeout(self, peer: Peer) -> HandshakeTimeout:
