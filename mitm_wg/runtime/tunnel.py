@@ -903,8 +903,8 @@ class Tunnel:
         One that leaves: the network is back (Wi-Fi again, or another network: a new
         address, which the exit learns from this very keepalive, WireGuard's roaming,
         instead of from whatever we would send next — nothing, in a stalled download, until
-        its connection's next question seconds later; the exit's TCP meanwhile
-        retransmitted into the old address). Connections to hosts behind it that wait out
+        WireGuard's 15 s rule handshakes; the exit's TCP meanwhile retransmits into the old
+        address and backs off). Connections to hosts behind it that wait out
         a backed-off retransmission timer retransmit now (``Stack.retransmit_now``): the
         retransmissions the timeouts sent never left this machine."""
         waiting, device, out = self._no_route, self.device, []
@@ -961,8 +961,9 @@ class Tunnel:
         its way has nothing to send, and stood still until WireGuard's 15 s rule
         handshook, the exit's TCP backing off meanwhile (~27 s in the test). So a
         keepalive tells the exit now, and connections waiting out a backed-off
-        retransmission timer retransmit (``_path_back``)."""
-        if not self._streams:
+        retransmission timer retransmit (``_path_back``). (Not for a tunnel inside
+        another, whose datagrams leave through that one.)"""
+        if not self._streams or self.via is not None:
             self._source_at = _NEVER
             self._sources.clear()
             return
