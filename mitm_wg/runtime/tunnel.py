@@ -20,10 +20,10 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
@@ -92,6 +92,7 @@ RECEIVE_BUFFER = 65536
 #: Datagrams read per wake-up before the reader yields to other tasks.
 MAX_BATCH = 256
 _NEVER = float("inf")
+_T = TypeVar("_T")
 #: Seconds past the timer task's due time after which a task takes it that the runtime was
 #: not run meanwhile (the machine slept, the process was stopped) and tells the stack so
 #: (``Tunnel._pause_ended``); a loaded machine delays the timer task by milliseconds.
@@ -907,20 +908,12 @@ class Tunnel:
         address and backs off). Connections to hosts behind it that wait out
         a backed-off retransmission timer retransmit now (``Stack.retransmit_now``): the
         retransmissions the timeouts sent never left this machine."""
-        waiting, device, out = self._no_route, self.device, []
-        endpoints = set()
-        for peer in device.peers.values():
-            endpoint = peer.endpoint
-            if endpoint is not None and (key := (endpoint[0], endpoint[1])) in waiting:
-                endpoints.add(key)
-                device.send_keepalive(peer, now, out)
-        tried = {(endpoint[0], endpoint[1]) for _, endpoint in out}
-        if out:
-            self._send_datagrams(out)  # (a failure sets its entry's last failure >= now)
+        waiting = self._no_route
+        for key in waiting.keys() - self._endpoint_keys():
+            del waiting[key]  # (no peer there any more)
+        tried = self._keepalives(waiting, now)  # (a failure: its last failure >= now)
         for key, (since, failed) in list(waiting.items()):
-            if key not in endpoints:
-                del waiting[key]  # (no peer there any more)
-            elif key in tried and failed < now:
+            if key in tried and failed < now:
                 del waiting[key]
                 self.paths_back += 1
                 kicked = self._kick(key)  # (the keepalive went above)
@@ -939,16 +932,21 @@ class Tunnel:
             default=_NEVER,
         )
 
-    def _source_of(self, key: tuple[str, int]) -> str | None:
-        """The local address the kernel sends our datagrams to ``key`` from now (a
-        connected probe socket's; None: no route)."""
+    def _probe(self, endpoint: tuple[str, int], read: Callable[[socket.socket], _T]) -> _T:
+        """``read`` of a UDP socket like ours connected to ``endpoint`` (a route lookup; no
+        datagram leaves): what the kernel knows of the way there. OSError: no way."""
+        probe = self._probe_socket(socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET)
         try:
-            probe = self._probe_socket(socket.AF_INET6 if ":" in key[0] else socket.AF_INET)
-            try:
-                probe.connect(key)
-                return str(probe.getsockname()[0])
-            finally:
-                probe.close()
+            probe.connect(endpoint)
+            return read(probe)
+        finally:
+            probe.close()
+
+    def _source_of(self, key: tuple[str, int]) -> str | None:
+        """The local address the kernel sends our datagrams to ``key`` from now (None: no
+        route)."""
+        try:
+            return self._probe(key, lambda probe: str(probe.getsockname()[0]))
         except OSError:
             return None
 
@@ -960,8 +958,8 @@ class Tunnel:
         arrives from the new one (WireGuard's roaming); a download that lost what was on
         its way has nothing to send, and stood still until WireGuard's 15 s rule
         handshook, the exit's TCP backing off meanwhile (~27 s in the test). So a
-        keepalive tells the exit now, and connections waiting out a backed-off
-        retransmission timer retransmit (``_path_back``). (Not for a tunnel inside
+        keepalive tells the exit now (``_keepalives``), and connections waiting out a
+        backed-off retransmission timer retransmit (``_kick``). (Not for a tunnel inside
         another, whose datagrams leave through that one.)"""
         if not self._streams or self.via is not None:
             self._source_at = _NEVER
@@ -969,10 +967,9 @@ class Tunnel:
             return
         self._source_at = now + SOURCE_CHECK
         known = self._sources
-        keys = {(e[0], e[1]) for p in self.device.peers.values() if (e := p.endpoint) is not None}
-        for key in list(known):
-            if key not in keys:
-                del known[key]
+        keys = self._endpoint_keys()
+        for key in known.keys() - keys:
+            del known[key]
         for key in keys:
             source = self._source_of(key)
             if key not in known:
@@ -986,19 +983,24 @@ class Tunnel:
                         "telling the exit",
                         format_endpoint(key), source, before or "no route",
                     )  # fmt: skip
-                    self._path_back(key, now)
+                    self._keepalives({key}, now)
+                    self._kick(key)
 
-    def _path_back(self, key: tuple[str, int], now: float) -> int:
-        """The way to endpoint ``key`` works (again, or from another address): a keepalive
-        to its peers (the exit learns our address from it), and ``_kick`` (returned)."""
+    def _endpoint_keys(self) -> set[tuple[str, int]]:
+        return {(e[0], e[1]) for p in self.device.peers.values() if (e := p.endpoint) is not None}
+
+    def _keepalives(self, keys: Collection[tuple[str, int]], now: float) -> set[tuple[str, int]]:
+        """A keepalive (an initiation if the session is gone) to each peer whose endpoint is
+        in ``keys``, sent now: the exit learns our address from it (WireGuard's roaming).
+        Returns the endpoints something went to (a handshake rate-limited sends nothing)."""
         device, out = self.device, []
         for peer in device.peers.values():
             endpoint = peer.endpoint
-            if endpoint is not None and (endpoint[0], endpoint[1]) == key:
+            if endpoint is not None and (endpoint[0], endpoint[1]) in keys:
                 device.send_keepalive(peer, now, out)
         if out:
             self._send_datagrams(out)
-        return self._kick(key)
+        return {(endpoint[0], endpoint[1]) for _, endpoint in out}
 
     def _kick(self, key: tuple[str, int]) -> int:
         """The connections to hosts behind endpoint ``key`` that wait out a backed-off
@@ -1035,15 +1037,14 @@ class Tunnel:
         socket's IP_MTU (the kernel's per-destination value, shared by all sockets)."""
         v6 = ":" in endpoint[0]
         try:
-            probe = self._probe_socket(socket.AF_INET6 if v6 else socket.AF_INET)
-            try:
-                probe.connect(endpoint)
-                if v6:
-                    path_mtu = probe.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
-                else:
-                    path_mtu = probe.getsockopt(socket.IPPROTO_IP, _IP_MTU)
-            finally:
-                probe.close()
+            path_mtu = self._probe(
+                endpoint,
+                lambda probe: (
+                    probe.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
+                    if v6
+                    else probe.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+                ),
+            )
         except OSError as e:
             logger.debug("cannot read the path MTU to %s: %s", format_endpoint(endpoint), e)
             return False
