@@ -63,6 +63,15 @@ def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     report: pytest.TestReport = yield
+    if report.failed:
+        # A failure against a real exit carries the exit's account (whether wireguard-go
+        # took, dropped or never saw a handshake message): in CI the run is gone after it.
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, ExitPeer):
+                report.sections.append(
+                    (f"wireguard-go log of exit {value.ns.name} ({report.when})",
+                     value.wireguard_log()),
+                )  # fmt: skip
     if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
         kind = "interop test" if item.get_closest_marker("interop") is not None else "test"
         reason = _skip_reason(report)

@@ -223,10 +223,19 @@ class ExitPeer:
                 return p
         raise LookupError("client peer missing from wg show")
 
+    def wireguard_log(self, lines: int = 60) -> str:
+        """The last ``lines`` lines of the exit's wireguard-go log (``wg-exit.log``)."""
+        try:
+            text = (self.workdir / "wg-exit.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no wireguard-go log)"
+        return "\n".join(text.splitlines()[-lines:])
+
     def diagnostics(self) -> str:
         """The exit's view of the network, for a failing test's report: its wireguard-go
         peers (public keys, endpoints, handshake ages, transfer), addresses, neighbours,
-        routes and the kernel's non-zero UDP/IPv6 counters, in both namespaces."""
+        routes and the kernel's non-zero UDP/IPv6 counters, in both namespaces, and the end
+        of its wireguard-go log."""
         parts = []
         for ns in (self.ns, self.client_ns):
             for argv in (
@@ -240,6 +249,7 @@ class ExitPeer:
                     continue
                 r = ns.exec(argv, check=False)
                 parts.append(f"--- {ns.name}: {' '.join(argv)}\n{r.stdout}{r.stderr}".rstrip())
+        parts.append(f"--- {self.ns.name}: wireguard-go log (last lines)\n{self.wireguard_log()}")
         return "\n".join(parts)
 
     @property
@@ -254,9 +264,12 @@ class ExitPeer:
         sock = WG_SOCKET_DIR / f"{self.ifname}.sock"
         wait_until(lambda: not sock.exists(), 5, f"{sock} to disappear")
 
-    def start_wireguard(self, *, env: Sequence[str] = (), verbose: bool = False) -> None:
+    def start_wireguard(self, *, env: Sequence[str] = (), verbose: bool = True) -> None:
         """(Re)start wireguard-go with the same keys, port and addresses (``env``: extra
-        ``NAME=VALUE`` for its environment, e.g. ``GOMAXPROCS=1``)."""
+        ``NAME=VALUE`` for its environment, e.g. ``GOMAXPROCS=1``). ``verbose``: its log
+        (:meth:`wireguard_log`) has a line per handshake message and keepalive, and says why
+        it dropped one (a replay, a flood), for a failing test's report; per data packet it
+        logs nothing."""
         if self.wireguard_running:
             return
         self._wg_proc = start_wireguard_go(
