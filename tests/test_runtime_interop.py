@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import socket
 import sys
 import time
@@ -31,6 +32,7 @@ from mitm_wg.errors import HandshakeTimeout, NoRoute
 from mitm_wg.net.tcp import TcpState
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
 from mitm_wg.runtime.dns import Resolver
+from mitm_wg.wireguard import device as device_module
 from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 from tests.runtime_helpers import (
     ExtraHttpServer,
@@ -791,6 +793,70 @@ async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: Exit
         assert not tunnel.status().peers[0].has_session
         assert tunnel.status().open_connections == 0
         assert factory.destinations == {peer.endpoint}
+
+
+_PSK, _OTHER_PSK = bytes(range(32)), bytes(range(1, 33))
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(_PSK, _PSK), (_OTHER_PSK, _PSK), (None, _PSK), (_PSK, None)],
+    ids=["same", "another", "only-theirs", "only-ours"],
+)
+async def test_preshared_keys_with_wireguard_go(
+    fresh_exit_peer: ExitPeer,
+    ours: bytes | None,
+    theirs: bytes | None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A VPN provider's config with a PresharedKey (Mullvad's quantum-resistant tunnels,
+    many self-hosted servers): the same key on both sides makes a session and a download.
+    A different key, or one on one side only, and wireguard-go still takes the initiation
+    (the key enters only the response) and answers with a response that does not decrypt:
+    the HandshakeTimeout says so and names the PresharedKey, where it said the peer did
+    not answer and asked whether the endpoint was reachable; so does the warning when the
+    device gives the handshake up (here after 4 s, not REKEY_ATTEMPT_TIME's 90)."""
+    monkeypatch.setattr(device_module, "REKEY_ATTEMPT_TIME", 4.0)
+    caplog.set_level(logging.WARNING, logger="mitm_wg.runtime.tunnel")
+    peer = fresh_exit_peer
+    if theirs is not None:
+        key_file = peer.workdir / "psk"
+        key_file.write_text(b64(theirs))
+        key_file.chmod(0o600)
+        peer.ns.exec(
+            ["wg", "set", peer.ifname, "peer", b64(peer.client_public_key),
+             "preshared-key", str(key_file)]
+        )  # fmt: skip
+        key_file.unlink()
+    text = peer.client_config_text()
+    if ours is not None:
+        text = text.replace("[Peer]\n", f"[Peer]\nPresharedKey = {b64(ours)}\n")
+    async with exit_tunnel(peer, text, handshake_timeout=2.0) as (tunnel, _):
+        with trio.fail_after(20):
+            if ours == theirs:
+                stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+                async with stream:
+                    await get_pattern(stream, 64 * KB)
+                return
+            with pytest.raises(HandshakeTimeout) as info:
+                await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            while not caplog.records:  # (the retransmission at REKEY_TIMEOUT gives up)
+                await trio.sleep(0.1)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "failed after 1 attempts: its responses (1 so far) do not decrypt" in warning
+    assert "PresharedKey" in warning and "no response" not in warning
+    message = str(info.value)
+    host, port = peer.endpoint
+    assert f"{host}:{port} answered the handshake" in message
+    assert "PresharedKey" in message
+    assert "reachable" not in message
+    for key in (_PSK, _OTHER_PSK, peer.client_private_key):
+        assert b64(key) not in message
+    [ours_at_exit] = peer.wg_show()
+    assert ours_at_exit.rx_bytes > 0 and ours_at_exit.latest_handshake == 0
+    log = peer.wireguard_log(lines=1000)
+    assert "Received handshake initiation" in log and "Sending handshake response" in log
 
 
 @pytest.fixture

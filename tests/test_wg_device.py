@@ -486,13 +486,23 @@ def test_cookie_from_wrong_source_not_accepted_as_mac2() -> None:
     assert p.b_peer.current is None and p.b_peer.next is None
 
 
-def test_psk_mismatch_fails() -> None:
-    p = Pair.create(psk_a=b"\x01" * 32, psk_b=b"\x02" * 32)
+@pytest.mark.parametrize(
+    ("psk_a", "psk_b"), [(b"\x01" * 32, b"\x02" * 32), (None, b"\x02" * 32), (b"\x01" * 32, None)]
+)
+def test_psk_mismatch_fails_and_the_initiator_counts_the_answers(
+    psk_a: bytes | None, psk_b: bytes | None
+) -> None:
+    """The responder takes the initiation (the PresharedKey enters only the response) and
+    answers; the initiator cannot decrypt the answer and counts it on the peer, which the
+    runtime's HandshakeTimeout reports as a PresharedKey mismatch, not as silence."""
+    p = Pair.create(psk_a=psk_a, psk_b=psk_b)
     p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
     p.deliver()
     assert p.b_received == []
     assert p.a.drops["response_decrypt"] == 1
     assert p.a_peer.current is None
+    assert p.a_peer.bad_responses == 1
+    assert p.a_peer.last_bad_response == p.now
 
 
 def test_psk_match_works() -> None:

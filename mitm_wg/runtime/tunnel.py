@@ -263,6 +263,15 @@ class _Waitable:
         return True
 
 
+def _undecryptable(peer: Peer) -> str:
+    """Why responses that came back did not make a session (``peer.bad_responses``)."""
+    return (
+        f"its responses ({peer.bad_responses} so far) do not decrypt with our keys: its"
+        " PresharedKey for us differs from this [Peer]'s PresharedKey (or only one side"
+        " has one)"
+    )
+
+
 class Tunnel:
     """A running WireGuard tunnel with a userspace TCP/IP stack (see :func:`open_tunnel`)."""
 
@@ -1565,11 +1574,13 @@ class Tunnel:
                 )
             elif isinstance(event, HandshakeFailed):
                 self._failed[event.peer.public_key] = event
+                failed = event.peer
                 logger.warning(
-                    "WireGuard handshake with peer %s at %s failed: no response after %d attempts",
-                    event.peer.public_key_b64,
+                    "WireGuard handshake with peer %s at %s failed after %d attempts: %s",
+                    failed.public_key_b64,
                     format_endpoint(event.endpoint),
                     event.attempts,
+                    _undecryptable(failed) if failed.bad_responses else "no response",
                 )
             elif isinstance(event, KeysZeroed):
                 logger.debug("keys of peer %s erased", event.peer.public_key_b64)
@@ -1740,7 +1751,7 @@ class Tunnel:
                     paused += slept
                 failed = self._failed.get(peer.public_key)
                 if failed is not None or (peer.current is None and now >= handshake_deadline):
-                    raise self._handshake_timeout(peer)
+                    raise self._handshake_timeout(peer, started)
                 if now >= deadline:
                     raise TimeoutError(
                         errno.ETIMEDOUT,
@@ -1763,7 +1774,8 @@ class Tunnel:
                 self._arm_timer(self._source_at)
         return stream
 
-    def _handshake_timeout(self, peer: Peer) -> HandshakeTimeout:
+    def _handshake_timeout(self, peer: Peer, started: float) -> HandshakeTimeout:
+        """The error for a wait from ``started`` (trio's clock) that no handshake ended."""
         path = ";"
         if self.via is not None:
             # Multi-hop: say whether the hop underneath was up, the first thing to check.
@@ -1772,6 +1784,14 @@ class Tunnel:
                 f" through the outer tunnel {self.via!r}, which "
                 + ("has a session" if outer else "has NO session with its peer either")
                 + ";"
+            )
+        if peer.handshake_started is not None:  # (an attempt already under way at start)
+            started = min(started, peer.handshake_started)
+        if peer.last_bad_response >= started:
+            return HandshakeTimeout(
+                f"WireGuard peer {peer.public_key_b64} at "
+                f"{format_endpoint(peer.endpoint)} answered the handshake, but "
+                f"{_undecryptable(peer)} (no session within {self.handshake_timeout:g} s)"
             )
         return HandshakeTimeout(
             f"WireGuard peer {peer.public_key_b64} at "
@@ -1813,7 +1833,7 @@ class Tunnel:
         deadline = started + self.handshake_timeout
         while peer.handshakes_completed == completed:
             if peer.public_key in self._failed or trio.current_time() >= deadline:
-                raise self._handshake_timeout(peer)
+                raise self._handshake_timeout(peer, started)
             await self._park(waitable, deadline)
         assert peer.last_handshake is not None
         return peer.last_handshake
@@ -1841,7 +1861,7 @@ class Tunnel:
         waitable = _HandshakeWaitable(self, peer, peer.handshakes_completed)
         while not self.device.can_send(peer, trio.current_time()):
             if peer.public_key in self._failed or trio.current_time() >= deadline:
-                raise self._handshake_timeout(peer)
+                raise self._handshake_timeout(peer, started)
             await self._park(waitable, deadline)
 
     async def listen_tcp(self, port: int) -> TunnelListener:

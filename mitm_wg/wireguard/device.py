@@ -834,6 +834,8 @@ class Device:
         keys = handshake.consume_response(self.identity, peer.keys, peer.handshake, message)
         if keys is None:
             self.drops["response_decrypt"] += 1
+            peer.bad_responses += 1
+            peer.last_bad_response = now
             return
         del self._handshakes[receiver_index]
         peer.handshake = None

@@ -107,6 +107,7 @@ class Peer:
 
     __slots__ = (
         "allowed_ips",
+        "bad_responses",
         "cookies",
         "current",
         "early_retries",
@@ -119,6 +120,7 @@ class Peer:
         "handshake_started",
         "handshakes_completed",
         "keys",
+        "last_bad_response",
         "last_handshake",
         "last_initiation_received",
         "last_initiation_sent",
@@ -208,6 +210,11 @@ class Peer:
         #: nothing else). The time to the peer's WireGuard and back, so a lower bound for a
         #: round trip to anything it routes; None before the first handshake.
         self.handshake_rtt: float | None = None
+        #: Handshake responses to our initiations that did not decrypt, and `now` of the
+        #: last: the peer took our initiation but mixed another PresharedKey (or none) into
+        #: its answer; with a wrong key on either side it stays silent instead.
+        self.bad_responses = 0
+        self.last_bad_response = float("-inf")
         #: `now` of the last authenticated packet from the peer (any message type).
         self.last_received = float("-inf")
         #: Handshakes started by :meth:`Device.handshake_if_silent`.
