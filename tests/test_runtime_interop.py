@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,12 @@ import trio
 import trio.testing
 from conftest import require_mitmdump
 
-from harness import ExitPeer, mitmproxy_wireguard_peer, wireguard_go_sends_gso
+from harness import (
+    ExitPeer,
+    mitmproxy_wireguard_peer,
+    wireguard_go_interface,
+    wireguard_go_sends_gso,
+)
 from harness.exitpeer import b64
 from harness.httpserver import pattern
 from harness.relay import ImpairedRelay, Impairment
@@ -33,6 +39,7 @@ from mitm_wg.net.tcp import TcpState
 from mitm_wg.runtime import Tunnel, TunnelStream, open_tunnel
 from mitm_wg.runtime.dns import Resolver
 from mitm_wg.wireguard import device as device_module
+from mitm_wg.wireguard.device import FOREIGN_MIN
 from mitm_wg.wireguard.timers import REKEY_TIMEOUT
 from tests.runtime_helpers import (
     ExtraHttpServer,
@@ -793,6 +800,64 @@ async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: Exit
         assert not tunnel.status().peers[0].has_session
         assert tunnel.status().open_connections == 0
         assert factory.destinations == {peer.endpoint}
+
+
+async def test_another_client_with_our_key_is_named_in_a_warning(
+    fresh_exit_peer: ExitPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The user runs ``wg-quick up`` of the same config (here wireguard-go with the same
+    private key in the same namespace, downloading with curl) while mitmproxy's tunnel
+    downloads too. wireguard-go keeps one endpoint per key, the source of the packet it
+    took last: the two clients take each other's traffic, and the one whose session is
+    not the exit's current one gets packets of a session it never made, and stalls. Our
+    tunnel warns, naming the endpoint and the likely cause, once (before: nothing in the
+    log, only stalls). With our download alone first, nothing is warned."""
+    peer = fresh_exit_peer
+    caplog.set_level(logging.WARNING, logger="mitm_wg.runtime.tunnel")
+    host, port = peer.server_tunnel_v4, peer.http_port
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "PrivateKey" in r.getMessage()]
+
+    async with exit_tunnel(peer) as (tunnel, _):
+        with trio.fail_after(30):
+            stream = await tunnel.open_tcp_stream(host, port)
+            async with stream:
+                await get_pattern(stream, 10 * MB)
+        assert warned() == [] and tunnel.status().peers[0].foreign_packets == 0
+
+        async def our_downloads() -> None:
+            while True:  # (ours stall while the other client's session is the exit's)
+                with trio.move_on_after(3):
+                    stream = await tunnel.open_tcp_stream(host, port)
+                    async with stream:
+                        await get_pattern(stream, 10 * MB)
+
+        other = peer.client_ifname
+        with wireguard_go_interface(peer.client_ns, other, peer.client_config_text(), peer.workdir):
+            curl = peer.client_ns.popen(
+                ["curl", "-sS", "-o", "/dev/null", "--max-time", "60", "--interface", other,
+                 f"{peer.http_url}/bytes/{500 * MB}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(our_downloads)
+                    with trio.fail_after(30):
+                        while not warned():
+                            await trio.sleep(0.1)
+                    await trio.sleep(2)  # (reported once)
+                    nursery.cancel_scope.cancel()
+            finally:
+                peer.client_ns.kill(curl)
+    [warning] = warned()
+    endpoint = f"{peer.endpoint[0]}:{peer.endpoint[1]}"
+    assert f"at {endpoint} sends us packets of sessions this tunnel never made" in warning
+    assert "another client is using this config's PrivateKey" in warning
+    assert b64(peer.client_private_key) not in warning
+    [ours] = tunnel.status().peers
+    assert ours.foreign_packets >= FOREIGN_MIN
+    assert "packets of another client's sessions" in ours.describe(time.time())
 
 
 _PSK, _OTHER_PSK = bytes(range(32)), bytes(range(1, 33))

@@ -12,9 +12,14 @@ from hypothesis import strategies as st
 from mitm_wg.config import Endpoint
 from mitm_wg.wireguard import crypto, messages
 from mitm_wg.wireguard.device import (
+    FOREIGN_GRACE,
+    FOREIGN_MIN,
+    FOREIGN_REPORT_EVERY,
+    FOREIGN_WINDOW,
     Device,
     HandshakeCompleted,
     HandshakeFailed,
+    KeyInUseElsewhere,
     KeysZeroed,
     Transmit,
 )
@@ -986,3 +991,106 @@ def test_receive_datagrams_keeps_each_peer_to_its_own_sources() -> None:
     assert results[0] == results[1]
     packets, drops = results[0]
     assert len(packets) == 3 and drops["inner_source_not_allowed"] == 2
+
+
+# -- rule key-elsewhere: another client with our private key ------------------------------------
+
+C_ENDPOINT = ("127.0.0.1", 40003)
+
+
+def _phone_handshakes(p: Pair) -> Device:
+    """C, another client with A's private key (the user's phone), handshakes with B at
+    C_ENDPOINT: B's current session is now C's, A's its previous one."""
+    phone = Device(p.a.identity.private, randbytes=seeded_randbytes(7), unix_time_offset=1.7e9)
+    phone.add_peer(
+        p.b.identity.public, allowed_ips=[ipaddress.ip_network("10.9.0.2/32")], endpoint=B_ENDPOINT
+    )
+    queue: list[tuple[Device, bytes, tuple[str, int]]] = []
+    out: list[Transmit] = []
+    phone.send_packet(ipv4_udp(A_ADDR, B_ADDR, b"from the phone"), p.now, out)
+    queue += [(p.b, d, C_ENDPOINT) for d, _ in out]
+    while queue:
+        device, datagram, source = queue.pop(0)
+        out = []
+        device.receive_datagram(datagram, source, p.now, out, [])
+        if device is p.b:
+            queue += [(phone, d, B_ENDPOINT) for d, ep in out if ep == C_ENDPOINT]
+        else:
+            queue += [(p.b, d, C_ENDPOINT) for d, _ in out]
+    assert p.b_peer.endpoint == C_ENDPOINT and p.b_peer.current is not None
+    return phone
+
+
+def _elsewhere(device: Device) -> list[KeyInUseElsewhere]:
+    return [e for e in device.take_events() if isinstance(e, KeyInUseElsewhere)]
+
+
+def test_another_client_with_our_key_is_reported_once() -> None:
+    """Our session with B is established; another client with our key handshakes with B.
+    Each of our packets moves B's endpoint for the key back to us, and B answers with the
+    other client's session, whose index we never issued: after FOREIGN_MIN of those within
+    FOREIGN_WINDOW the device reports KeyInUseElsewhere, once per FOREIGN_REPORT_EVERY,
+    and the peer's status counts them all."""
+    p = Pair.create()
+    p.handshake()
+    p.advance(FOREIGN_GRACE)
+    _elsewhere(p.a)
+    _phone_handshakes(p)
+    reports = []
+    for i in range(3 * FOREIGN_MIN):
+        p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"ours %d" % i))  # (B's endpoint: us again)
+        p.deliver()
+        assert p.b_peer.endpoint == A_ENDPOINT
+        p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"for the phone %d" % i))
+        p.deliver()
+        reports += [(i, e.packets, e.endpoint) for e in _elsewhere(p.a)]
+    assert reports == [(FOREIGN_MIN - 1, FOREIGN_MIN, B_ENDPOINT)]
+    assert p.a_received == [] and p.a.drops["unknown_index"] == 3 * FOREIGN_MIN
+    status = p.a_peer.status()
+    assert status.foreign_packets == 3 * FOREIGN_MIN
+    assert f"{3 * FOREIGN_MIN} packets of another client's sessions" in status.describe(0.0)
+    # still going a report interval later: reported again
+    p.now += FOREIGN_REPORT_EVERY
+    p.handshake()  # (ours had expired: a new one, past its grace below)
+    assert p.a_peer.handshakes_completed == 2
+    p.now += FOREIGN_GRACE
+    _phone_handshakes(p)
+    handshakes = p.a_peer.handshakes_completed
+    for _ in range(FOREIGN_MIN):
+        p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"ours"))
+        p.deliver()
+        p.send("b", ipv4_udp(B_ADDR, A_ADDR, b"for the phone"))
+        p.deliver()
+    assert [e.packets for e in _elsewhere(p.a)] == [FOREIGN_MIN]
+    assert p.a_peer.handshakes_completed == handshakes
+    assert p.a_peer.foreign_packets == 4 * FOREIGN_MIN
+
+
+def _foreign(index: int = 0xDEAD) -> bytes:
+    """A transport message of a session nobody here made."""
+    return messages.TRANSPORT_HEADER.pack(messages.MESSAGE_TRANSPORT, index, 1) + bytes(32)
+
+
+def test_packets_of_unknown_sessions_that_are_not_another_client_are_not_reported() -> None:
+    """Counted only from the endpoint of a peer we have a session with, once the session
+    is FOREIGN_GRACE old (before that: the peer's last packets to an earlier run of ours,
+    still in flight when we handshook), and FOREIGN_MIN within FOREIGN_WINDOW."""
+    p = Pair.create()
+    for _ in range(2 * FOREIGN_MIN):  # no session yet
+        p.inject("a", _foreign())
+    p.handshake()
+    p.now += FOREIGN_GRACE / 2
+    for _ in range(2 * FOREIGN_MIN):  # within the grace
+        p.inject("a", _foreign())
+    p.now += FOREIGN_GRACE
+    for _ in range(2 * FOREIGN_MIN):  # from elsewhere
+        p.inject("a", _foreign(), source=C_ENDPOINT)
+    for _ in range(FOREIGN_MIN - 1):  # too few in each window
+        p.inject("a", _foreign())
+    p.now += FOREIGN_WINDOW + 0.1
+    for _ in range(FOREIGN_MIN - 1):
+        p.inject("a", _foreign())
+    assert _elsewhere(p.a) == []
+    assert p.a_peer.foreign_packets == 2 * (FOREIGN_MIN - 1)
+    p.inject("a", _foreign())
+    assert [e.packets for e in _elsewhere(p.a)] == [FOREIGN_MIN]

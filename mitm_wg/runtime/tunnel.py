@@ -45,9 +45,11 @@ from mitm_wg.runtime.sockgroup import GroupReader, group_size, in_order, open_gr
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
+    FOREIGN_WINDOW,
     Device,
     HandshakeCompleted,
     HandshakeFailed,
+    KeyInUseElsewhere,
     KeysZeroed,
     Transmit,
 )
@@ -1584,6 +1586,19 @@ class Tunnel:
                 )
             elif isinstance(event, KeysZeroed):
                 logger.debug("keys of peer %s erased", event.peer.public_key_b64)
+            elif isinstance(event, KeyInUseElsewhere):
+                logger.warning(
+                    "WireGuard peer %s at %s sends us packets of sessions this tunnel never "
+                    "made (%d within %g s): another client is using this config's PrivateKey "
+                    "at the same time (a second mitmproxy with this config, wg-quick up of "
+                    "the same file, a phone with the same key?). The peer talks to one "
+                    "client per key at a time: the two take each other's traffic, and "
+                    "connections stall, until one of them stops",
+                    event.peer.public_key_b64,
+                    format_endpoint(event.endpoint),
+                    event.packets,
+                    FOREIGN_WINDOW,
+                )
         return kicked > 0
 
     async def _park(self, waitable: _Waitable, deadline: float = _NEVER) -> None:

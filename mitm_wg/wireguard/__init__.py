@@ -6,6 +6,7 @@ from mitm_wg.wireguard.device import (
     Event,
     HandshakeCompleted,
     HandshakeFailed,
+    KeyInUseElsewhere,
     KeysZeroed,
     Transmit,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "Event",
     "HandshakeCompleted",
     "HandshakeFailed",
+    "KeyInUseElsewhere",
     "KeysZeroed",
     "Peer",
     "PeerStatus",

@@ -102,7 +102,31 @@ class KeysZeroed:
     now: float
 
 
-Event = HandshakeCompleted | HandshakeFailed | KeysZeroed
+@dataclass(frozen=True, slots=True)
+class KeyInUseElsewhere:
+    """A peer we have a session with keeps sending us transport messages of sessions we
+    never made (``packets`` within ``FOREIGN_WINDOW`` from its endpoint): another client
+    with our private key handshook with it, and it sends that client's traffic to us
+    whenever our packets reach it last (a peer keeps one endpoint per key). Reported at
+    most once per ``FOREIGN_REPORT_EVERY`` per peer."""
+
+    peer: Peer
+    endpoint: Endpoint
+    packets: int
+    now: float
+
+
+Event = HandshakeCompleted | HandshakeFailed | KeysZeroed | KeyInUseElsewhere
+
+#: Rule key-elsewhere: transport messages with an unknown receiver index from the endpoint
+#: of a peer we have a session with count once the session is this old (before that they
+#: may be the peer's last packets to an earlier run of ours, in flight when we handshook) ...
+FOREIGN_GRACE = 2.0
+#: ... and this many within FOREIGN_WINDOW seconds report a KeyInUseElsewhere.
+FOREIGN_MIN = 8
+FOREIGN_WINDOW = 10.0
+#: The least time between two reports for one peer.
+FOREIGN_REPORT_EVERY = 300.0
 
 
 class Device:
@@ -679,6 +703,7 @@ class Device:
         keypair = self._keypairs.get(index)
         if keypair is None:
             self.drops["unknown_index"] += 1
+            self._foreign_session(source, now)
             return
         counter = TRANSPORT_HEADER.unpack_from(data)[2]
         if (
@@ -820,6 +845,32 @@ class Device:
         peer.on_session_derived(now)
         peer.on_authenticated_packet_traversal(now)
         peer.on_authenticated_packet_sent()
+
+    def _foreign_session(self, source: Endpoint, now: float) -> None:
+        """Rule key-elsewhere: a transport message of a session we never made (or erased)
+        came from ``source``. From the endpoint of a peer whose current session is older
+        than FOREIGN_GRACE it counts; FOREIGN_MIN within FOREIGN_WINDOW report
+        :class:`KeyInUseElsewhere` (at most once per FOREIGN_REPORT_EVERY). (Runs only
+        for such messages: a look at each peer's endpoint.)"""
+        for peer in self.peers.values():
+            current = peer.current
+            if current is None or peer.endpoint != source:
+                continue
+            if now - current.created < FOREIGN_GRACE:
+                return
+            peer.foreign_packets += 1
+            if now - peer.foreign_since > FOREIGN_WINDOW:
+                peer.foreign_since, peer.foreign_recent = now, 0
+            peer.foreign_recent += 1
+            if (
+                peer.foreign_recent >= FOREIGN_MIN
+                and now - peer.foreign_reported >= FOREIGN_REPORT_EVERY
+            ):
+                peer.foreign_reported = now
+                self.events.append(
+                    KeyInUseElsewhere(peer, Endpoint.of(source), peer.foreign_recent, now)
+                )
+            return
 
     def _receive_response(
         self, message: bytes, source: Endpoint, now: float, out: list[Transmit]

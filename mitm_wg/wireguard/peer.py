@@ -79,6 +79,9 @@ class PeerStatus:
     last_handshake_unix: float | None = None
     #: The round trip the last handshake took (``Peer.handshake_rtt``), seconds, or None.
     handshake_rtt: float | None = None
+    #: Transport messages from its endpoint of sessions we never made, while ours was
+    #: established (``Peer.foreign_packets``): another client uses our key.
+    foreign_packets: int = 0
 
     def handshake_age(self, unix_now: float) -> float | None:
         """Seconds since the last completed handshake at wall-clock ``unix_now``, or None."""
@@ -94,11 +97,18 @@ class PeerStatus:
         handshake = "never" if age is None else format_age(age)
         if age is not None and self.handshake_rtt is not None:
             handshake += f" ({self.handshake_rtt * 1000:.0f} ms round trip)"
+        elsewhere = ""
+        if self.foreign_packets:
+            elsewhere = (
+                f", {self.foreign_packets} packets of another client's sessions"
+                " (this key is in use elsewhere)"
+            )
         return (
             f"peer {self.public_key} endpoint {format_endpoint(self.endpoint)} "
             f"session={'yes' if self.has_session else 'no'} latest handshake: {handshake}, "
             f"transfer: {format_bytes(self.rx_bytes)} received, "
             f"{format_bytes(self.tx_bytes)} sent, handshakes={self.handshakes_completed}"
+            f"{elsewhere}"
         )
 
 
@@ -113,6 +123,10 @@ class Peer:
         "early_retries",
         "early_retry_at",
         "endpoint",
+        "foreign_packets",
+        "foreign_recent",
+        "foreign_reported",
+        "foreign_since",
         "handshake",
         "handshake_attempts",
         "handshake_attempts_total",
@@ -215,6 +229,14 @@ class Peer:
         #: its answer; with a wrong key on either side it stays silent instead.
         self.bad_responses = 0
         self.last_bad_response = float("-inf")
+        #: Rule key-elsewhere (Device._foreign_session): transport messages from the peer's
+        #: endpoint of sessions we never made, counted while ours is established (another
+        #: client with our key); those of the window from ``foreign_since``; when the last
+        #: KeyInUseElsewhere was reported.
+        self.foreign_packets = 0
+        self.foreign_recent = 0
+        self.foreign_since = float("-inf")
+        self.foreign_reported = float("-inf")
         #: `now` of the last authenticated packet from the peer (any message type).
         self.last_received = float("-inf")
         #: Handshakes started by :meth:`Device.handshake_if_silent`.
@@ -244,6 +266,7 @@ class Peer:
                 None if last is None or unix_time_offset is None else last + unix_time_offset
             ),
             handshake_rtt=self.handshake_rtt,
+            foreign_packets=self.foreign_packets,
         )
 
     def enqueue(self, packet: bytes) -> None:
