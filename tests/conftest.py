@@ -60,18 +60,26 @@ def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
 
 
+def _exit_peers(values: Any) -> Iterator[ExitPeer]:
+    """The ExitPeers among fixture values, also inside lists and tuples (a pool's exits)."""
+    for value in values:
+        if isinstance(value, ExitPeer):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from _exit_peers(value)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     report: pytest.TestReport = yield
     if report.failed:
         # A failure against a real exit carries the exit's account (whether wireguard-go
         # took, dropped or never saw a handshake message): in CI the run is gone after it.
-        for value in getattr(item, "funcargs", {}).values():
-            if isinstance(value, ExitPeer):
-                report.sections.append(
-                    (f"wireguard-go log of exit {value.ns.name} ({report.when})",
-                     value.wireguard_log()),
-                )  # fmt: skip
+        for peer in _exit_peers(getattr(item, "funcargs", {}).values()):
+            report.sections.append(
+                (f"wireguard-go log of exit {peer.ns.name} ({report.when})",
+                 peer.wireguard_log()),
+            )  # fmt: skip
     if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
         kind = "interop test" if item.get_closest_marker("interop") is not None else "test"
         reason = _skip_reason(report)
