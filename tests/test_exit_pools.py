@@ -151,6 +151,13 @@ def test_three_exit_pool(
             # c comes back too: round-robin spreads evenly over the three.
             exits[2].start_wireguard()
             await asyncio.sleep(1.1)
+            # (c's handshake has been retried every REKEY_TIMEOUT since the start, and its
+            # trial below waits 3 s: only once the next retry has reached the restarted exit
+            # is its answer sure to come within them, whatever the retries' phase)
+            for _ in range(100):
+                if exits[2].client_stats().latest_handshake:
+                    break
+                await asyncio.sleep(0.1)
             await source_seen(addon, ORIGINS[0], "c")  # c's trial, chosen by name
             seen = [await source_seen(addon, ORIGINS[0]) for _ in range(6)]
             assert Counter(seen) == {source[n]: 2 for n in names}, seen

@@ -909,7 +909,10 @@ async def test_preshared_keys_with_wireguard_go(
             while not caplog.records:  # (the retransmission at REKEY_TIMEOUT gives up)
                 await trio.sleep(0.1)
     [warning] = [r.getMessage() for r in caplog.records]
-    assert "failed after 1 attempts: its responses (1 so far) do not decrypt" in warning
+    [ours_here] = tunnel.device.peers.values()
+    # (the first initiation, and rule hs-early's second one a second later: both answered)
+    assert ours_here.bad_responses == 2
+    assert "failed after 1 attempts: its responses (2 so far) do not decrypt" in warning
     assert "PresharedKey" in warning and "no response" not in warning
     message = str(info.value)
     host, port = peer.endpoint

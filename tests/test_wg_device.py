@@ -26,6 +26,7 @@ from mitm_wg.wireguard.device import (
 from mitm_wg.wireguard.replay import ReplayWindow
 from mitm_wg.wireguard.timers import (
     EARLY_RETRY_MIN,
+    EARLY_RETRY_UNMEASURED,
     KEEPALIVE_TIMEOUT,
     MAX_QUEUED_PACKETS,
     REJECT_AFTER_MESSAGES,
@@ -129,7 +130,7 @@ def test_each_side_measures_the_handshake_round_trip() -> None:
     p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
     assert p.deliver(drop=True) == 1  # the first initiation is lost
     deadline = p.a.next_deadline()
-    assert deadline is not None and deadline >= 10.0 + REKEY_TIMEOUT
+    assert deadline == 10.0 + EARLY_RETRY_UNMEASURED  # (rule hs-early, nothing measured)
     p.now = deadline
     out: list[Transmit] = []
     p.a.poll(p.now, out)  # the retry goes out
@@ -252,19 +253,34 @@ def test_an_early_retry_for_a_caller_waiting_for_the_session_with_nothing_queued
     assert p.a.can_send(p.a_peer, p.now)
 
 
-def test_no_early_retry_without_a_measured_round_trip_or_while_the_session_sends() -> None:
-    """The first handshake ever (nothing measured): the lost initiation goes again after
-    REKEY_TIMEOUT. A rekey while the session still carries the packets (nothing waits for
-    it): the same."""
+def test_the_first_handshake_goes_again_early_after_the_initial_rto() -> None:
+    """The first handshake ever (a tunnel just opened, nothing measured): its lost
+    initiation goes again EARLY_RETRY_UNMEASURED (1 s, RFC 6298's initial RTO, Linux's
+    first SYN retransmission) later, not REKEY_TIMEOUT; lost again, the regular retry
+    follows REKEY_TIMEOUT after that one."""
     p = Pair.create()
     p.send("a", ipv4_udp(A_ADDR, B_ADDR, b"x"))
-    assert p.a_peer.early_retry_at is None
+    assert p.a_peer.early_retry_at == EARLY_RETRY_UNMEASURED
     p.deliver(drop=True)
-    step_to(p, REKEY_TIMEOUT - 0.001)
+    step_to(p, EARLY_RETRY_UNMEASURED - 0.001)
     assert len(initiations(p)) == 1
-    step_to(p, REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX)
+    step_to(p, EARLY_RETRY_UNMEASURED)
+    assert len(initiations(p)) == 2 and p.a_peer.early_retries == 1
+    p.deliver(drop=True)
+    step_to(p, EARLY_RETRY_UNMEASURED + REKEY_TIMEOUT - 0.001)
     assert len(initiations(p)) == 2
+    step_to(p, EARLY_RETRY_UNMEASURED + REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX)
+    assert len(initiations(p)) == 3 and p.a_peer.early_retries == 1
     p.deliver()
+    assert p.a_peer.current is not None and p.a_peer.handshake_rtt is not None
+    assert p.b_received == [ipv4_udp(A_ADDR, B_ADDR, b"x")]
+
+
+def test_no_early_retry_while_the_session_sends() -> None:
+    """A rekey while the session still carries the packets (nothing waits for it): the
+    lost initiation goes again REKEY_TIMEOUT later, as the whitepaper's timers say."""
+    p = Pair.create()
+    p.handshake()
     assert p.a_peer.current is not None and p.a_peer.handshake_rtt is not None
     # REKEY_AFTER_TIME later, a packet sent on the old session starts a rekey
     p.advance(REKEY_AFTER_TIME + 1)
@@ -304,8 +320,10 @@ def test_retry_after_rekey_timeout_with_jitter_then_give_up() -> None:
         if len(p.log) > before:
             times.append(p.now)
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert gaps, "no retries"
-    for gap in gaps:
+    assert len(gaps) > 1, "no retries"
+    # (the first handshake's early retry, rule hs-early; then the whitepaper's retries)
+    assert EARLY_RETRY_UNMEASURED <= gaps[0] <= EARLY_RETRY_UNMEASURED + 0.06
+    for gap in gaps[1:]:
         assert REKEY_TIMEOUT <= gap <= REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX + 0.06
     events = [e for e in p.a.take_events() if isinstance(e, HandshakeFailed)]
     assert len(events) == 1

@@ -51,6 +51,7 @@ from mitm_wg.wireguard.peer import Network, Peer, PeerStatus
 from mitm_wg.wireguard.session import Keypair
 from mitm_wg.wireguard.timers import (
     EARLY_RETRY_MIN,
+    EARLY_RETRY_UNMEASURED,
     MIN_INITIATION_INTERVAL,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
@@ -522,12 +523,14 @@ class Device:
         out.append((message, peer.endpoint))
         peer.on_authenticated_packet_traversal(now)
         peer.on_authenticated_packet_sent()
-        # (rule hs-early, arming: a handshake's first initiation, the time to the peer known;
-        # see _early_retry)
+        # (rule hs-early, arming: a handshake's first initiation; see _early_retry)
         rtt = peer.handshake_rtt
         peer.early_retry_at = None
-        if not retry and rtt is not None:
-            wait = 3 * rtt if 3 * rtt > EARLY_RETRY_MIN else EARLY_RETRY_MIN
+        if not retry:
+            if rtt is None:
+                wait = EARLY_RETRY_UNMEASURED
+            else:
+                wait = 3 * rtt if 3 * rtt > EARLY_RETRY_MIN else EARLY_RETRY_MIN
             if wait < REKEY_TIMEOUT:
                 peer.early_retry_at = now + wait
 
@@ -967,16 +970,18 @@ class Device:
                 self.send_keepalive(peer, now, out)
 
     def _early_retry(self, peer: Peer, now: float, out: list[Transmit]) -> None:
-        """Rule hs-early: three round trips of the last handshake (at least EARLY_RETRY_MIN)
-        after a handshake's first initiation, no response yet, and no session can carry a
-        packet now (the old one expired after an idle spell, or is suspect since the peer
-        stopped answering): whatever goes to the peer waits for this handshake -- packets
-        in the queue, or a caller that waits for the session before it sends (the runtime's
-        ``wait_session``, a DNS query) -- so a new initiation goes now, not REKEY_TIMEOUT
-        (5 s) after the first. On a lossy path one lost initiation or response would
-        otherwise stall every new connection through the peer for 5 s; a handshake not
-        needed yet (a rekey while the session still carries the traffic) waits as the
-        whitepaper's timers say.
+        """Rule hs-early: three round trips of the last handshake (at least EARLY_RETRY_MIN;
+        EARLY_RETRY_UNMEASURED, 1 s, for the first handshake with the peer, nothing measured
+        yet) after a handshake's first initiation, no response yet, and no session can
+        carry a packet now (none yet; the old one expired after an idle spell, or is
+        suspect since the peer stopped answering): whatever goes to the peer waits for this
+        handshake -- packets in the queue, or a caller that waits for the session before it
+        sends (the runtime's ``wait_session``, a DNS query) -- so a new initiation goes now,
+        not REKEY_TIMEOUT (5 s) after the first. On a lossy path one lost initiation or
+        response would otherwise stall every new connection through the peer for 5 s (the
+        first flow through a tunnel just opened as well); a handshake not needed yet (a
+        rekey while the session still carries the traffic) waits as the whitepaper's timers
+        say.
 
         Once per handshake, not an attempt (the give-up time is unchanged), and never
         sooner than a responder accepts a second initiation (wireguard-go and Linux: one per

@@ -33,3 +33,7 @@ MIN_INITIATION_INTERVAL: Final = 1 / 50
 #: round trips of the last handshake, at least this (TCP's minimum RTO); never sooner than
 #: a responder's MIN_INITIATION_INTERVAL.
 EARLY_RETRY_MIN: Final = 0.2
+#: The wait before the first handshake with a peer, with no round trip measured yet, sends
+#: its initiation again early: RFC 6298's initial RTO, after which Linux sends its first SYN
+#: again.
+EARLY_RETRY_UNMEASURED: Final = 1.0
