@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         await stream.aclose()
         return row
 
-    async def fresh(peer: Any, relay: Any) -> list[dict[str, Any]]:
+    async def new_tunnels(peer: Any, relay: Any, handshake_too: bool) -> list[dict[str, Any]]:
+        """``fresh`` (timed from the session up) and ``open`` (``handshake_too``: from the
+        tunnel's opening, its first handshake included)."""
         from mitm_wg.config import WireGuardConfig
         from mitm_wg.runtime import open_tunnel
 
@@ -107,29 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             async with open_tunnel(config, socket_factory=factory, handshake_timeout=30) as tunnel:
                 wg = tunnel.route(peer.server_tunnel_v4)
                 with trio.fail_after(60):
-                    await tunnel.wait_session(peer.server_tunnel_v4)
+                    if not handshake_too:
+                        await tunnel.wait_session(peer.server_tunnel_v4)
                     initiations = wg.handshake_attempts_total
+                    early = getattr(wg, "early_retries", 0)  # (0: a tree without the rule)
                     row = await fetch(tunnel, peer.http_port)
                 row["initiations"] = wg.handshake_attempts_total - initiations
-                row["early"] = 0
-                rows.append(row)
-        return rows
-
-    async def opened(peer: Any, relay: Any) -> list[dict[str, Any]]:
-        from mitm_wg.config import WireGuardConfig
-        from mitm_wg.runtime import open_tunnel
-
-        rows = []
-        text = peer.client_config_text(endpoint=relay.address)
-        for _ in range(args.fetches):
-            config = WireGuardConfig.parse(text)
-            factory = NamespaceSocketFactory(peer.client_ns)
-            async with open_tunnel(config, socket_factory=factory, handshake_timeout=30) as tunnel:
-                wg = tunnel.route(peer.server_tunnel_v4)
-                with trio.fail_after(60):
-                    row = await fetch(tunnel, peer.http_port)  # (the handshake included)
-                row["initiations"] = wg.handshake_attempts_total
-                row["early"] = getattr(wg, "early_retries", 0)
+                row["early"] = getattr(wg, "early_retries", 0) - early
                 rows.append(row)
             # (wireguard-go drops an initiation < 20 ms after the last with the same key)
             await trio.sleep(0.03)
@@ -168,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             ) as relay:
                 relay.set_impairment(Impairment(loss=args.loss, delay=0.0005))
-                if mode == "fresh":
-                    results[mode] = trio.run(fresh, peer, relay)
-                elif mode == "open":
-                    results[mode] = trio.run(opened, peer, relay)
+                if mode in ("fresh", "open"):
+                    results[mode] = trio.run(new_tunnels, peer, relay, mode == "open")
                 else:
                     clock = SuspendableClock()
                     results[mode] = trio.run(pause, peer, relay, clock, clock=clock)

@@ -123,9 +123,12 @@ Event = HandshakeCompleted | HandshakeFailed | KeysZeroed | KeyInUseElsewhere
 #: of a peer we have a session with count once the session is this old (before that they
 #: may be the peer's last packets to an earlier run of ours, in flight when we handshook) ...
 FOREIGN_GRACE = 2.0
-#: ... and this many within FOREIGN_WINDOW seconds report a KeyInUseElsewhere.
-FOREIGN_MIN = 8
-FOREIGN_WINDOW = 10.0
+#: ... and this many within FOREIGN_WINDOW seconds report a KeyInUseElsewhere. (Few: the
+#: client that handshook last gets the peer's packets for both, and the other sees them
+#: only for the moments its own packets reached the peer last, until either handshakes
+#: again: ours does when a connection's retransmission timer finds nothing arrived.)
+FOREIGN_MIN = 4
+FOREIGN_WINDOW = 30.0
 #: The least time between two reports for one peer.
 FOREIGN_REPORT_EVERY = 300.0
 
