@@ -1791,6 +1791,14 @@ class Tunnel:
 
     def _handshake_timeout(self, peer: Peer, started: float) -> HandshakeTimeout:
         """The error for a wait from ``started`` (trio's clock) that no handshake ended."""
+        who = f"WireGuard peer {peer.public_key_b64} at {format_endpoint(peer.endpoint)}"
+        if peer.handshake_started is not None:  # (an attempt already under way at start)
+            started = min(started, peer.handshake_started)
+        if peer.last_bad_response >= started:
+            return HandshakeTimeout(
+                f"{who} answered the handshake, but {_undecryptable(peer)} "
+                f"(no session within {self.handshake_timeout:g} s)"
+            )
         path = ";"
         if self.via is not None:
             # Multi-hop: say whether the hop underneath was up, the first thing to check.
@@ -1800,20 +1808,10 @@ class Tunnel:
                 + ("has a session" if outer else "has NO session with its peer either")
                 + ";"
             )
-        if peer.handshake_started is not None:  # (an attempt already under way at start)
-            started = min(started, peer.handshake_started)
-        if peer.last_bad_response >= started:
-            return HandshakeTimeout(
-                f"WireGuard peer {peer.public_key_b64} at "
-                f"{format_endpoint(peer.endpoint)} answered the handshake, but "
-                f"{_undecryptable(peer)} (no session within {self.handshake_timeout:g} s)"
-            )
         return HandshakeTimeout(
-            f"WireGuard peer {peer.public_key_b64} at "
-            f"{format_endpoint(peer.endpoint)} did not answer the handshake "
-            f"within {self.handshake_timeout:g} s ({peer.handshake_attempts_total} "
-            f"initiations sent{path} is the endpoint reachable, "
-            "and does the peer know our public key?)"
+            f"{who} did not answer the handshake within {self.handshake_timeout:g} s "
+            f"({peer.handshake_attempts_total} initiations sent{path} is the endpoint "
+            "reachable, and does the peer know our public key?)"
         )
 
     async def handshake(self, peer: Peer) -> float:
