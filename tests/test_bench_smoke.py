@@ -28,13 +28,15 @@ TIMEOUT = 300
 #: ``--smoke`` does not take (bench_path ``--ipv6``: both clients over IPv6 in the tunnel;
 #: ``--udp-buffer``: a stock kernel's buffer, ours on a receive group and, as the third
 #: client, on one socket; bench_mitm_https ``--split``: the tunnel in a process of its own;
-#: ``--path``: every tunnel through an impairing relay; ``--upload``: PUTs instead of GETs).
+#: ``--path``: every tunnel through an impairing relay; ``--upload``: PUTs instead of GETs;
+#: bench_page_load ``--h2``: every request multiplexed on one connection).
 VARIANTS: dict[str, list[list[str]]] = {
     "bench_path": [
         ["--ipv6"],
         ["--udp-buffer", "212992", "--before-after", "--before", "group"],
     ],
     "bench_mitm_https": [["--split"], ["--path", "rtt50"], ["--upload", "--split"]],
+    "bench_page_load": [["--h2"]],
 }
 
 
