@@ -79,6 +79,7 @@ ADDON = ROOT / "addons" / "mitm_wg.py"
 SPLIT_WORKER = ROOT / "bench" / "split_worker.py"
 SPLIT_REDIRECT = ROOT / "bench" / "split_redirect.py"
 KERNEL_CLIENT_HOST = 3  # the wireguard-go client's tunnel address: 10.78.N.3
+NEEDS_NETNS = True  # (bench/README.md's contract: its smoke run is an interop test)
 
 NGINX_CONF = """\
 daemon off;
