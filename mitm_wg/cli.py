@@ -38,6 +38,8 @@ class PeerResult:
     started: float
     completed: float | None = None
     error: OSError | None = None
+    #: what the tunnel learned of why the handshake failed (``HandshakeTimeout.cause``)
+    cause: str | None = None
 
 
 def check(
@@ -91,8 +93,8 @@ async def _check(
         result.started = trio.current_time() if began is None else began
         try:
             result.completed = await tunnel.handshake(result.peer)
-        except HandshakeTimeout:
-            pass
+        except HandshakeTimeout as e:
+            result.cause = e.cause
         except OSError as e:
             result.error = e
 
@@ -129,12 +131,14 @@ def _report(results: list[PeerResult], timeout: float, out) -> None:
             failed.append(result)
     if failed:
         first = failed[0]
+        more = f" ({len(failed) - 1} more peer(s) failed too)" if len(failed) > 1 else ""
+        who = f"{format_endpoint(first.endpoint)} (peer {first.peer.public_key_b64})"
+        if first.cause is not None:
+            raise CheckFailed(f"no handshake with {who} within {timeout:g} s: {first.cause}{more}")
         raise CheckFailed(
-            f"no handshake response from {format_endpoint(first.endpoint)} "
-            f"(peer {first.peer.public_key_b64}) within {timeout:g} s; likely causes: the "
+            f"no handshake response from {who} within {timeout:g} s; likely causes: the "
             "peer's PublicKey is wrong or it does not know our key, the endpoint is "
-            "unreachable, or UDP to it is blocked"
-            + (f" ({len(failed) - 1} more peer(s) failed too)" if len(failed) > 1 else "")
+            "unreachable, or UDP to it is blocked" + more
         )
 
 

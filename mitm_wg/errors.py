@@ -27,7 +27,15 @@ class ConfigError(MitmWgError, ValueError):
 
 
 class HandshakeTimeout(MitmWgError, TimeoutError):
-    """A WireGuard peer did not answer handshake initiations in time."""
+    """A WireGuard peer did not answer handshake initiations in time.
+
+    ``cause``: what the tunnel learned of why, when it learned something (an ICMP error for
+    the endpoint, responses that do not decrypt), else None; the message includes it.
+    """
+
+    def __init__(self, *args: object, cause: str | None = None) -> None:
+        super().__init__(*args)
+        self.cause = cause
 
 
 class NoRoute(MitmWgError, OSError):

@@ -92,6 +92,8 @@ def test_peer_down_fails_closed(
     # mitmproxy's error response (and below, its log) names the cause
     assert results["http"].returncode == 22 and results["http"].status == 502
     assert HANDSHAKE_MESSAGE in results["http"].body.decode()
+    # and why: the stopped server's host answered our probe with ICMP port unreachable
+    assert "(ICMP port unreachable)" in results["http"].body.decode()
     assert "CONNECT tunnel failed, response 502" in results["https"].stderr
     # socks5: mitmproxy connects before answering, and answers "host unreachable" (4)
     # (curl 7.88 says "Can't complete", curl 8.14 in Debian 13 "cannot complete")

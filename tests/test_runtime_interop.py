@@ -30,7 +30,7 @@ from harness import (
     wireguard_go_interface,
     wireguard_go_sends_gso,
 )
-from harness.exitpeer import b64
+from harness.exitpeer import b64, generate_keypair
 from harness.httpserver import pattern
 from harness.relay import ImpairedRelay, Impairment
 from mitm_wg.config import WireGuardConfig
@@ -785,7 +785,16 @@ async def test_rekeys_during_a_download_through_mitmproxy_wireguard_mode(
     assert relay.down.forwarded > downloads * size // 1500
 
 
-async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: ExitPeer) -> None:
+async def test_stopped_wireguard_go_is_a_handshake_timeout(
+    fresh_exit_peer: ExitPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The exit's WireGuard server is stopped (maintenance, a crash) while its host is up:
+    the host answers our datagrams with ICMP port unreachable, which an unconnected socket
+    never sees. The probe of an unanswered initiation (unreachable.py) does, and the
+    HandshakeTimeout says so (before: only that the peer did not answer). Nothing but the
+    endpoint is contacted; once the server is back the same tunnel connects, and a new
+    timeout would not repeat an error older than the probe interval."""
+    caplog.set_level(logging.INFO, logger="mitm_wg")
     peer = fresh_exit_peer
     peer.stop_wireguard()
     async with exit_tunnel(peer, handshake_timeout=2.0) as (tunnel, factory):
@@ -794,12 +803,94 @@ async def test_stopped_wireguard_go_is_a_handshake_timeout(fresh_exit_peer: Exit
             await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
         assert trio.current_time() - started >= 2.0
         host, port = peer.endpoint
-        assert f"{host}:{port}" in str(info.value)
-        assert "2 s" in str(info.value)
+        message = str(info.value)
+        assert f"{host}:{port}" in message
+        assert "2 s" in message
+        assert f"nothing receives on UDP port {port} (ICMP port unreachable)" in message
+        assert "is the WireGuard server running?" in message
         assert isinstance(info.value, TimeoutError)
         assert not tunnel.status().peers[0].has_session
         assert tunnel.status().open_connections == 0
         assert factory.destinations == {peer.endpoint}
+        assert set(tunnel.icmp_errors) == {peer.endpoint}
+        assert any("ICMP port unreachable" in r.getMessage() for r in caplog.records)
+
+        peer.start_wireguard()
+        with trio.fail_after(30):  # (the next initiation: within REKEY_TIMEOUT)
+            while not tunnel.status().peers[0].has_session:
+                await trio.sleep(0.05)
+            assert tunnel.icmp_errors == {}  # (a session: the endpoint is reachable)
+            stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(stream, 1 * KB)
+            await stream.aclose()
+        assert factory.destinations == {peer.endpoint}
+
+
+async def test_a_stopped_server_behind_an_ipv6_endpoint_is_named(
+    fresh_exit_peer: ExitPeer,
+) -> None:
+    """The same over IPv6 (``Endpoint = [fd00:77:N::2]:51820``): the probe's socket asks for
+    errors with IPV6_RECVERR, and the host's ICMPv6 port unreachable is named."""
+    peer = fresh_exit_peer
+    assert peer.endpoint_v6 is not None
+    host, port = peer.endpoint_v6
+    text = peer.client_config_text().replace(
+        f"Endpoint = {peer.endpoint[0]}:{peer.endpoint[1]}", f"Endpoint = [{host}]:{port}"
+    )
+    assert f"[{host}]:{port}" in text
+    peer.stop_wireguard()
+    async with exit_tunnel(peer, text, handshake_timeout=2.0) as (tunnel, factory):
+        with trio.fail_after(20), pytest.raises(HandshakeTimeout) as info:
+            await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+        assert f"[{host}]:{port}" in str(info.value)
+        assert info.value.cause is not None
+        assert f"nothing receives on UDP port {port} (ICMP port unreachable)" in info.value.cause
+        assert factory.destinations == {(host, port)}
+
+
+async def test_a_silent_endpoint_is_not_called_unreachable(fresh_exit_peer: ExitPeer) -> None:
+    """The negative of the ICMP probe: an exit that is up but does not know our key drops
+    the initiations (and the probe's byte) silently; the HandshakeTimeout says the peer
+    did not answer and asks about the key, and claims no ICMP error."""
+    peer = fresh_exit_peer
+    stranger = b64(generate_keypair()[0])
+    text = "\n".join(
+        f"PrivateKey = {stranger}" if line.startswith("PrivateKey") else line
+        for line in peer.client_config_text().splitlines()
+    )
+    async with exit_tunnel(peer, text, handshake_timeout=3.0) as (tunnel, factory):
+        with trio.fail_after(20), pytest.raises(HandshakeTimeout) as info:
+            await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+        message = str(info.value)
+        assert "did not answer the handshake" in message
+        assert "does the peer know our public key?" in message
+        assert "ICMP" not in message
+        assert tunnel.icmp_errors == {}
+        assert tunnel._probed.keys() == {peer.endpoint}  # (it was asked)
+        assert factory.destinations == {peer.endpoint}
+
+
+async def test_a_router_that_cannot_reach_the_endpoint_is_named(fresh_exit_peer: ExitPeer) -> None:
+    """An endpoint behind a router that has no way there (here the exit's namespace routes
+    our client's datagrams for 10.99.N.0/24, forwarding, with no route on): the router's
+    ICMP network unreachable names the way as the cause."""
+    peer = fresh_exit_peer
+    n = peer.index
+    far = f"10.99.{n}.7"
+    peer.ns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    peer.client_ns.ip("route", "add", f"10.99.{n}.0/24", "via", peer.endpoint[0])
+    text = peer.client_config_text().replace(
+        f"Endpoint = {peer.endpoint[0]}:{peer.endpoint[1]}", f"Endpoint = {far}:51820"
+    )
+    assert far in text
+    async with exit_tunnel(peer, text, handshake_timeout=3.0) as (tunnel, factory):
+        with trio.fail_after(20), pytest.raises(HandshakeTimeout) as info:
+            await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+        message = str(info.value)
+        assert (
+            f"the network answered the way to {far}:51820 with ICMP network unreachable" in message
+        )
+        assert factory.destinations == {(far, 51820)}
 
 
 async def test_another_client_with_our_key_is_named_in_a_warning(
@@ -928,6 +1019,8 @@ async def test_preshared_keys_with_wireguard_go(
     assert f"{host}:{port} answered the handshake" in message
     assert "PresharedKey" in message
     assert "reachable" not in message
+    assert info.value.cause is not None and "PresharedKey" in info.value.cause  # (check CLI)
+    assert "ICMP" not in message
     for key in (_PSK, _OTHER_PSK, peer.client_private_key):
         assert b64(key) not in message
     [ours_at_exit] = peer.wg_show()

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from harness import wait_until, wireguard_go_interface
+from harness.exitpeer import b64
 from mitm_wg.config import WireGuardConfig, encode_key, generate_private_key
 from mitm_wg.wireguard import crypto
 from mitm_wg.wireguard.device import Device, HandshakeCompleted
@@ -179,6 +180,47 @@ def test_check_cli_names_silent_endpoint_when_key_is_wrong(exit_peer, tmp_path: 
     assert f"{exit_peer.endpoint[0]}:{exit_peer.endpoint[1]}" in lines[0]
     assert "PublicKey" in lines[0] and "Traceback" not in result.stderr
     assert stranger not in result.stderr
+    assert "ICMP" not in lines[0]  # (it is up: silence is not called unreachable)
+
+
+def test_check_cli_names_a_preshared_key_mismatch(fresh_exit_peer, tmp_path: Path) -> None:
+    """The exit has a PresharedKey for us, the config none: the exit answers, the answer
+    does not decrypt, and the one line says so and names the PresharedKey (before: "no
+    handshake response", the key among the likely causes not even named)."""
+    peer = fresh_exit_peer
+    key_file = peer.workdir / "psk"
+    key_file.write_text(encode_key(generate_private_key()))
+    key_file.chmod(0o600)
+    peer.ns.exec(
+        ["wg", "set", peer.ifname, "peer", b64(peer.client_public_key),
+         "preshared-key", str(key_file)]
+    )  # fmt: skip
+    psk = key_file.read_text()
+    key_file.unlink()
+    result = _check_cli(peer.client_ns, peer.client_config_text(), tmp_path, "--timeout", "3")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    host, port = peer.endpoint
+    assert f"no handshake with {host}:{port}" in lines[0]
+    assert "it answered, but its responses" in lines[0] and "PresharedKey" in lines[0]
+    assert psk not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_cli_names_a_closed_port_at_the_endpoint(exit_peer, tmp_path: Path) -> None:
+    """An Endpoint with a wrong port (the server's host is up, nothing receives there):
+    the host's ICMP port unreachable is in the one line, with what to check."""
+    host, port = exit_peer.endpoint
+    closed = exit_peer.ns.free_udp_port(host)
+    text = exit_peer.client_config_text().replace(f"{host}:{port}", f"{host}:{closed}")
+    assert f"{host}:{closed}" in text
+    result = _check_cli(exit_peer.client_ns, text, tmp_path, "--timeout", "3")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{host}:{closed}" in lines[0]
+    assert f"nothing receives on UDP port {closed} (ICMP port unreachable)" in lines[0]
+    assert "Endpoint's port" in lines[0] and "Traceback" not in result.stderr
 
 
 def test_check_cli_names_a_listen_port_held_by_wg_quick_of_the_same_config(

@@ -43,6 +43,8 @@ from mitm_wg.runtime.endpoints import (
 from mitm_wg.runtime.readhold import HOLD_REFRESH, ReadHold
 from mitm_wg.runtime.sockgroup import GroupReader, group_size, in_order, open_group, udp_socket
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
+from mitm_wg.runtime.unreachable import PROBE_AFTER, PROBE_INTERVAL, PROBE_WAIT, icmp_error
+from mitm_wg.runtime.unreachable import describe as describe_icmp
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
     FOREIGN_WINDOW,
@@ -409,6 +411,12 @@ class Tunnel:
         self._reprobe_after = REPROBE_AFTER
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
         self._probe_socket: SocketFactory = udp_socket
+        #: Endpoints an unanswered initiation had probed for an ICMP error (unreachable.py)
+        #: -> when the probe began (trio time); the errors that came back -> (when, errno).
+        #: ``_nursery`` (open_tunnel sets it) runs the probes.
+        self._probed: dict[tuple[str, int], float] = {}
+        self.icmp_errors: dict[tuple[str, int], tuple[float, int]] = {}
+        self._nursery: trio.Nursery | None = None
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
         self.endpoint_refresher: EndpointRefresher | None = None
 
@@ -619,6 +627,7 @@ class Tunnel:
                         continue  # re-armed after it fired: not due yet
                 now = trio.current_time()
                 self.device.poll(now, self._datagrams)
+                self._probe_silent(now)
                 self._flush(now)  # (leaves the arming to the loop: _timer_at is past)
         finally:
             self._timer_fd = None
@@ -1562,6 +1571,8 @@ class Tunnel:
             if isinstance(event, HandshakeCompleted):
                 peer = event.peer
                 self._failed.pop(peer.public_key, None)
+                if event.endpoint is not None:
+                    self.icmp_errors.pop((event.endpoint[0], event.endpoint[1]), None)
                 # A working session: connections waiting out a backed-off retransmission
                 # timer towards this peer (a pending SYN above all) retransmit now.
                 kicked += self.stack.retransmit_now(
@@ -1577,12 +1588,17 @@ class Tunnel:
             elif isinstance(event, HandshakeFailed):
                 self._failed[event.peer.public_key] = event
                 failed = event.peer
+                if failed.bad_responses:
+                    why = _undecryptable(failed)
+                else:
+                    icmp = self._icmp_clause(failed, event.now)
+                    why = "no response" if icmp is None else f"no response, and {icmp}"
                 logger.warning(
                     "WireGuard handshake with peer %s at %s failed after %d attempts: %s",
                     failed.public_key_b64,
                     format_endpoint(event.endpoint),
                     event.attempts,
-                    _undecryptable(failed) if failed.bad_responses else "no response",
+                    why,
                 )
             elif isinstance(event, KeysZeroed):
                 logger.debug("keys of peer %s erased", event.peer.public_key_b64)
@@ -1789,6 +1805,53 @@ class Tunnel:
                 self._arm_timer(self._source_at)
         return stream
 
+    def _probe_silent(self, now: float) -> None:
+        """Probe the endpoint of each peer whose initiation has gone unanswered for
+        ``PROBE_AFTER`` s while no session can carry packets, for an ICMP error
+        (unreachable.py), at most once per ``PROBE_INTERVAL`` per endpoint (a rekey the
+        current session covers is no question of reachability). Looked at when the timer
+        task runs, which it does at each initiation's retries (after 1 s while nothing is
+        measured, else after three round trips and REKEY_TIMEOUT). Not for a tunnel inside
+        another: its endpoint lies beyond that one's exit."""
+        nursery = self._nursery
+        if nursery is None or self.via is not None:
+            return
+        device = self.device
+        for peer in device.peers.values():
+            started = peer.handshake_started
+            endpoint = peer.endpoint
+            if started is None or endpoint is None or now - started < PROBE_AFTER:
+                continue
+            if device.can_send(peer, now):
+                continue
+            key = (endpoint[0], endpoint[1])
+            if now - self._probed.get(key, -_NEVER) < PROBE_INTERVAL:
+                continue
+            self._probed[key] = now
+            nursery.start_soon(self._background, "endpoint probe", self._probe_endpoint, key)
+
+    async def _probe_endpoint(self, key: tuple[str, int]) -> None:
+        error = await icmp_error(self._probe_socket, key, PROBE_WAIT)
+        if error is None:
+            self.icmp_errors.pop(key, None)  # (what an older probe found no longer holds)
+        else:
+            self.icmp_errors[key] = (trio.current_time(), error)
+            logger.info(
+                "WireGuard endpoint %s: %s", format_endpoint(key), describe_icmp(key, error)
+            )
+
+    def _icmp_clause(self, peer: Peer, since: float) -> str | None:
+        """What an ICMP error that came back for ``peer``'s endpoint since ``since`` less
+        ``PROBE_INTERVAL`` says, or None."""
+        endpoint = peer.endpoint
+        if endpoint is None:
+            return None
+        key = (endpoint[0], endpoint[1])
+        entry = self.icmp_errors.get(key)
+        if entry is None or entry[0] < since - PROBE_INTERVAL:
+            return None
+        return describe_icmp(key, entry[1])
+
     def _handshake_timeout(self, peer: Peer, started: float) -> HandshakeTimeout:
         """The error for a wait from ``started`` (trio's clock) that no handshake ended."""
         who = f"WireGuard peer {peer.public_key_b64} at {format_endpoint(peer.endpoint)}"
@@ -1797,7 +1860,15 @@ class Tunnel:
         if peer.last_bad_response >= started:
             return HandshakeTimeout(
                 f"{who} answered the handshake, but {_undecryptable(peer)} "
-                f"(no session within {self.handshake_timeout:g} s)"
+                f"(no session within {self.handshake_timeout:g} s)",
+                cause=f"it answered, but {_undecryptable(peer)}",
+            )
+        icmp = self._icmp_clause(peer, started)
+        if icmp is not None:
+            return HandshakeTimeout(
+                f"{who} did not answer the handshake within {self.handshake_timeout:g} s "
+                f"({peer.handshake_attempts_total} initiations sent), and {icmp}",
+                cause=icmp,
             )
         path = ";"
         if self.via is not None:
@@ -2568,6 +2639,7 @@ async def open_tunnel(
                     # OSError(ENETDOWN) that names it, not as a crash
                     nursery.start_soon(transport.run, tunnel)
                 nursery.start_soon(tunnel._background, "timer", tunnel._timer)
+                tunnel._nursery = nursery
 
                 def add_socket(family: int) -> None:
                     # An endpoint moved to another address family (endpoints.py).
