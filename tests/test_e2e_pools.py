@@ -193,6 +193,8 @@ def test_pool_through_mitmdump_and_curl(world: World) -> None:
         text = dump.wait_for_log("tunnel 'c' taken out of its exit pool(s) for 600 s")
         (line,) = [x for x in text.splitlines() if "tunnel 'c' taken out" in x]
         assert "has not answered the handshake" in line, line
+        # (and why: its host answered the probe of the unanswered initiations)
+        assert "(ICMP port unreachable)" in line, line
         # A host sticky to c goes to the next member in order now.
         for host in [h for h in ORIGINS if sticky[h] == "c"][:1]:
             assert w.member_of(get(w, dump, host, "s")) == "a", host

@@ -1065,6 +1065,32 @@ async def test_after_a_laptop_suspend_the_first_connection_handshakes_at_once(
             await before.aclose()
 
 
+async def test_a_server_stopped_during_a_suspend_is_named_within_seconds(
+    fresh_exit_peer: ExitPeer, suspendable_clock: SuspendableClock
+) -> None:
+    """The exit's server stopped while the laptop slept (its host runs). The handshake
+    after the resume has the round trip measured by the last one: rule hs-early retries
+    after 0.2 s, and WireGuard's own retry comes REKEY_TIMEOUT (5 s) after the first. The
+    probe is due 1 s after the initiation all the same (``Tunnel._probe_at`` has the
+    timer wake for it, though here other timers of the tunnel wake it about then too), so
+    a 3 s handshake timeout already names the host's ICMP port unreachable."""
+    peer = fresh_exit_peer
+    async with exit_tunnel(peer, handshake_timeout=3.0) as (tunnel, _):
+        with trio.fail_after(30):
+            before = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
+            await get_pattern(before, 1 * KB)
+            await before.aclose()
+        [ours] = tunnel.device.peers.values()
+        assert ours.handshake_rtt is not None and ours.handshake_rtt < 0.05
+        peer.stop_wireguard()
+        suspendable_clock.suspend(600.0, tunnel)
+        with trio.fail_after(30), pytest.raises(HandshakeTimeout) as info:
+            await tunnel.handshake(ours)
+        assert info.value.cause is not None, str(info.value)
+        assert "(ICMP port unreachable)" in info.value.cause
+        assert ours.early_retries >= 1
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="CLOCK_BOOTTIME is Linux's")
 async def test_a_lost_initiation_after_a_pause_goes_again_after_three_round_trips(
     exit_peer: ExitPeer, suspendable_clock: SuspendableClock

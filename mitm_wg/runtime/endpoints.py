@@ -115,9 +115,11 @@ def failing_handshake(tunnel: Tunnel) -> str | None:
     for peer in tunnel.device.peers.values():
         started = peer.handshake_started
         if started is not None and now - started >= REKEY_TIMEOUT:
+            icmp = tunnel.icmp_cause(peer, started)
             return (
                 f"WireGuard peer {peer.public_key_b64} at {format_endpoint(peer.endpoint)} "
                 f"has not answered the handshake for {now - started:.0f} s"
+                + ("" if icmp is None else f", and {icmp}")
             )
     return None
 

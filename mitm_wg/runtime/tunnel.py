@@ -417,6 +417,7 @@ class Tunnel:
         self._probed: dict[tuple[str, int], float] = {}
         self.icmp_errors: dict[tuple[str, int], tuple[float, int]] = {}
         self._nursery: trio.Nursery | None = None
+        self._probe_at = _NEVER  # the next probe due (``_probe_silent``)
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).
         self.endpoint_refresher: EndpointRefresher | None = None
 
@@ -705,6 +706,8 @@ class Tunnel:
             best = self._no_route_at
         if self._source_at < best:
             best = self._source_at
+        if self._probe_at < best:
+            best = self._probe_at
         return best
 
     def _flush(self, now: float | None = None, wake_all: bool = False) -> None:
@@ -1591,7 +1594,7 @@ class Tunnel:
                 if failed.bad_responses:
                     why = _undecryptable(failed)
                 else:
-                    icmp = self._icmp_clause(failed, event.now)
+                    icmp = self.icmp_cause(failed, event.now)
                     why = "no response" if icmp is None else f"no response, and {icmp}"
                 logger.warning(
                     "WireGuard handshake with peer %s at %s failed after %d attempts: %s",
@@ -1809,26 +1812,31 @@ class Tunnel:
         """Probe the endpoint of each peer whose initiation has gone unanswered for
         ``PROBE_AFTER`` s while no session can carry packets, for an ICMP error
         (unreachable.py), at most once per ``PROBE_INTERVAL`` per endpoint (a rekey the
-        current session covers is no question of reachability). Looked at when the timer
-        task runs, which it does at each initiation's retries (after 1 s while nothing is
-        measured, else after three round trips and REKEY_TIMEOUT). Not for a tunnel inside
-        another: its endpoint lies beyond that one's exit."""
+        current session covers is no question of reachability). Run by the timer task,
+        which runs at each initiation's retries (rule hs-early's after three round trips
+        or 1 s, REKEY_TIMEOUT's) and at ``_probe_at``, the next probe this finds due. Not
+        for a tunnel inside another: its endpoint lies beyond that one's exit."""
         nursery = self._nursery
         if nursery is None or self.via is not None:
             return
         device = self.device
+        due = _NEVER
         for peer in device.peers.values():
             started = peer.handshake_started
             endpoint = peer.endpoint
-            if started is None or endpoint is None or now - started < PROBE_AFTER:
-                continue
-            if device.can_send(peer, now):
+            if started is None or endpoint is None or device.can_send(peer, now):
                 continue
             key = (endpoint[0], endpoint[1])
-            if now - self._probed.get(key, -_NEVER) < PROBE_INTERVAL:
-                continue
-            self._probed[key] = now
-            nursery.start_soon(self._background, "endpoint probe", self._probe_endpoint, key)
+            at = started + PROBE_AFTER
+            last = self._probed.get(key)
+            if last is not None and last + PROBE_INTERVAL > at:
+                at = last + PROBE_INTERVAL
+            if now >= at:
+                self._probed[key] = now
+                nursery.start_soon(self._background, "endpoint probe", self._probe_endpoint, key)
+            elif at < due:
+                due = at
+        self._probe_at = due
 
     async def _probe_endpoint(self, key: tuple[str, int]) -> None:
         error = await icmp_error(self._probe_socket, key, PROBE_WAIT)
@@ -1840,9 +1848,9 @@ class Tunnel:
                 "WireGuard endpoint %s: %s", format_endpoint(key), describe_icmp(key, error)
             )
 
-    def _icmp_clause(self, peer: Peer, since: float) -> str | None:
+    def icmp_cause(self, peer: Peer, since: float) -> str | None:
         """What an ICMP error that came back for ``peer``'s endpoint since ``since`` less
-        ``PROBE_INTERVAL`` says, or None."""
+        ``PROBE_INTERVAL`` says (unreachable.py), or None."""
         endpoint = peer.endpoint
         if endpoint is None:
             return None
@@ -1863,7 +1871,7 @@ class Tunnel:
                 f"(no session within {self.handshake_timeout:g} s)",
                 cause=f"it answered, but {_undecryptable(peer)}",
             )
-        icmp = self._icmp_clause(peer, started)
+        icmp = self.icmp_cause(peer, started)
         if icmp is not None:
             return HandshakeTimeout(
                 f"{who} did not answer the handshake within {self.handshake_timeout:g} s "
