@@ -15,10 +15,11 @@ asks once (:func:`icmp_error`): a UDP socket like ours, connected to the endpoin
 ``IP_RECVERR`` on, sends it one zero byte, which is no WireGuard message (shorter than any:
 wireguard-go drops it without a word even in its verbose log, mitmproxy's WireGuard mode
 logs "Received invalid WireGuard packet"), and waits up to :data:`PROBE_WAIT` seconds for
-an error. At most one probe per endpoint every :data:`PROBE_INTERVAL`
-seconds. A peer's silence says nothing either way (a firewall that drops, a host that is
-down, a wrong key); only an error is reported (:func:`describe`), in the
-:class:`~mitm_wg.errors.HandshakeTimeout` and the give-up warning.
+an error. At most one probe per endpoint every :data:`PROBE_INTERVAL` seconds. A peer's
+silence says nothing either way (a firewall that drops, a host that is down, a wrong key);
+only an error is reported (:func:`describe`): in the :class:`~mitm_wg.errors.HandshakeTimeout`
+(its ``cause``, which the check CLI prints), the give-up warning, and the reason an exit
+pool gives for taking a member out.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from mitm_wg.config import format_endpoint
 
 __all__ = ["PROBE_AFTER", "PROBE_INTERVAL", "PROBE_WAIT", "describe", "icmp_error"]
 
-#: Seconds an initiation goes unanswered before the endpoint is probed: after the first
-#: handshake's early retry (``EARLY_RETRY_UNMEASURED``), so a path that merely lost one
-#: initiation is rarely probed.
+#: Seconds an initiation goes unanswered (with no session to send on) before the endpoint
+#: is probed: when a first handshake's early retry goes (``EARLY_RETRY_UNMEASURED``). A
+#: path that only lost an initiation costs its server one ignored byte, at most every
+#: ``PROBE_INTERVAL``.
 PROBE_AFTER = 1.0
 #: Seconds the probe waits for an ICMP error; longer than a router's answer takes, and
 #: than the ~3 s Linux spends resolving a neighbour on the local link before it reports
