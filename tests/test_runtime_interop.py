@@ -813,6 +813,9 @@ async def test_stopped_wireguard_go_is_a_handshake_timeout(
         assert tunnel.status().open_connections == 0
         assert factory.destinations == {peer.endpoint}
         assert set(tunnel.icmp_errors) == {peer.endpoint}
+        [note] = tunnel.status().notes  # (the status command's line under the peers)
+        assert note.startswith(f"WireGuard endpoint {host}:{port}: its host answered that")
+        assert "(ICMP port unreachable)" in note and note.endswith(" s ago)")
         assert any("ICMP port unreachable" in r.getMessage() for r in caplog.records)
 
         peer.start_wireguard()
@@ -820,6 +823,7 @@ async def test_stopped_wireguard_go_is_a_handshake_timeout(
             while not tunnel.status().peers[0].has_session:
                 await trio.sleep(0.05)
             assert tunnel.icmp_errors == {}  # (a session: the endpoint is reachable)
+            assert tunnel.status().notes == ()
             stream = await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
             await get_pattern(stream, 1 * KB)
             await stream.aclose()

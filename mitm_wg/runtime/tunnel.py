@@ -171,6 +171,9 @@ class TunnelStatus:
     #: How many sockets receive together (a receive group, sockgroup.py; 1: none), their
     #: buffers ``receive_buffer`` together.
     receive_sockets: int = 1
+    #: What ICMP errors the endpoints of unanswered handshakes came back with, a line
+    #: each (``Tunnel.unreachable``).
+    unreachable: tuple[str, ...] = ()
 
     def handshake_age(self, peer: PeerStatus) -> float | None:
         """Seconds from ``peer``'s last completed handshake to this snapshot, or None."""
@@ -178,10 +181,11 @@ class TunnelStatus:
 
     @property
     def notes(self) -> tuple[str, ...]:
-        """What the rendering adds under the peers, a line each: the narrowed paths, a
-        receive group (the kernel's limit on one socket's buffer made the tunnel receive on
-        several), and the datagrams the kernel dropped at the tunnel's sockets (if any)."""
-        notes = list(self.narrowed)
+        """What the rendering adds under the peers, a line each: ICMP errors of unanswered
+        endpoints, the narrowed paths, a receive group (the kernel's limit on one socket's
+        buffer made the tunnel receive on several), and the datagrams the kernel dropped at
+        the tunnel's sockets (if any)."""
+        notes = [*self.unreachable, *self.narrowed]
         count = self.receive_sockets
         if count > 1:
             notes.append(
@@ -1670,6 +1674,17 @@ class Tunnel:
             socket_drops=socket_drops(socks),
             receive_buffer=receive_buffer,
             receive_sockets=receive_sockets,
+            unreachable=self.unreachable(now),
+        )
+
+    def unreachable(self, now: float) -> tuple[str, ...]:
+        """What the ICMP errors the probes of unanswered handshakes found say (unreachable.py),
+        a line each (for status); a completed handshake, or a later probe that finds none,
+        takes one back."""
+        return tuple(
+            f"WireGuard endpoint {format_endpoint(key)}: {describe_icmp(key, error)} "
+            f"({now - at:.0f} s ago)"
+            for key, (at, error) in self.icmp_errors.items()
         )
 
     def narrowed(self) -> tuple[str, ...]:
