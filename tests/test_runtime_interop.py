@@ -874,15 +874,35 @@ async def test_a_silent_endpoint_is_not_called_unreachable(fresh_exit_peer: Exit
         assert factory.destinations == {peer.endpoint}
 
 
-async def test_a_router_that_cannot_reach_the_endpoint_is_named(fresh_exit_peer: ExitPeer) -> None:
-    """An endpoint behind a router that has no way there (here the exit's namespace routes
-    our client's datagrams for 10.99.N.0/24, forwarding, with no route on): the router's
-    ICMP network unreachable names the way as the cause."""
+@pytest.mark.parametrize(
+    ("route", "what", "why"),
+    [
+        pytest.param(None, "network unreachable", "a router on the way", id="no-route"),
+        pytest.param("unreachable", "host unreachable", "a router on the way", id="unreachable"),
+        pytest.param(
+            "prohibit",
+            "communication administratively prohibited",
+            "a firewall on the way blocks it",
+            id="firewall",
+        ),
+    ],
+)
+async def test_a_router_that_cannot_reach_the_endpoint_is_named(
+    fresh_exit_peer: ExitPeer, route: str | None, what: str, why: str
+) -> None:
+    """An endpoint behind a router that answers for it (here the exit's namespace routes
+    our client's datagrams for 10.99.N.0/24, forwarding): with no route there, with an
+    ``unreachable`` route, or with a ``prohibit`` route (what a firewall that rejects
+    answers, ICMP code 13). The error names the router's address (read from the socket's
+    error queue) and what it answered; a firewall's rejection is called so."""
     peer = fresh_exit_peer
     n = peer.index
     far = f"10.99.{n}.7"
+    router = peer.endpoint[0]
     peer.ns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-    peer.client_ns.ip("route", "add", f"10.99.{n}.0/24", "via", peer.endpoint[0])
+    if route is not None:
+        peer.ns.ip("route", "add", route, f"10.99.{n}.0/24")
+    peer.client_ns.ip("route", "add", f"10.99.{n}.0/24", "via", router)
     text = peer.client_config_text().replace(
         f"Endpoint = {peer.endpoint[0]}:{peer.endpoint[1]}", f"Endpoint = {far}:51820"
     )
@@ -890,10 +910,10 @@ async def test_a_router_that_cannot_reach_the_endpoint_is_named(fresh_exit_peer:
     async with exit_tunnel(peer, text, handshake_timeout=3.0) as (tunnel, factory):
         with trio.fail_after(20), pytest.raises(HandshakeTimeout) as info:
             await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
-        message = str(info.value)
-        assert (
-            f"the network answered the way to {far}:51820 with ICMP network unreachable" in message
-        )
+        cause = info.value.cause
+        assert cause is not None, str(info.value)
+        assert cause.startswith(f"{router} answered the way to {far}:51820 with ICMP {what}")
+        assert why in cause
         assert factory.destinations == {(far, 51820)}
 
 

@@ -43,7 +43,13 @@ from mitm_wg.runtime.endpoints import (
 from mitm_wg.runtime.readhold import HOLD_REFRESH, ReadHold
 from mitm_wg.runtime.sockgroup import GroupReader, group_size, in_order, open_group, udp_socket
 from mitm_wg.runtime.timerfd import TimerFd, open_timerfd
-from mitm_wg.runtime.unreachable import PROBE_AFTER, PROBE_INTERVAL, PROBE_WAIT, icmp_error
+from mitm_wg.runtime.unreachable import (
+    PROBE_AFTER,
+    PROBE_INTERVAL,
+    PROBE_WAIT,
+    IcmpError,
+    icmp_error,
+)
 from mitm_wg.runtime.unreachable import describe as describe_icmp
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
 from mitm_wg.wireguard.device import (
@@ -416,10 +422,10 @@ class Tunnel:
         #: A UDP socket like ours, to read a path's MTU (open_tunnel sets it).
         self._probe_socket: SocketFactory = udp_socket
         #: Endpoints an unanswered initiation had probed for an ICMP error (unreachable.py)
-        #: -> when the probe began (trio time); the errors that came back -> (when, errno).
+        #: -> when the probe began (trio time); the errors that came back -> (when, what).
         #: ``_nursery`` (open_tunnel sets it) runs the probes.
         self._probed: dict[tuple[str, int], float] = {}
-        self.icmp_errors: dict[tuple[str, int], tuple[float, int]] = {}
+        self.icmp_errors: dict[tuple[str, int], tuple[float, IcmpError]] = {}
         self._nursery: trio.Nursery | None = None
         self._probe_at = _NEVER  # the next probe due (``_probe_silent``)
         #: Re-resolves hostname endpoints (set by open_tunnel when there are any).

@@ -2,8 +2,9 @@
 
 A handshake that goes unanswered looks the same from our side whatever the cause: nothing
 comes back. Often the network did say why: a host whose WireGuard server is stopped, or an
-``Endpoint`` with a wrong port, answers with ICMP port unreachable, and a router that has
-no way to the host with host or network unreachable. Our UDP sockets never see those
+``Endpoint`` with a wrong port, answers with ICMP port unreachable; a router that has no
+way to the host with host or network unreachable; a firewall that rejects (rather than
+drops) UDP with administratively prohibited. Our UDP sockets never see those
 errors: Linux reports ICMP errors to a UDP socket only when it is connected (and then only
 those it deems hard: port unreachable, say, not a router's network or host unreachable), or
 when it asked for them with ``IP_RECVERR`` (every error), and then a pending error fails
@@ -12,10 +13,10 @@ expect that.
 
 So when an initiation has gone unanswered for :data:`PROBE_AFTER` seconds, the runtime
 asks once (:func:`icmp_error`): a UDP socket like ours, connected to the endpoint and with
-``IP_RECVERR`` on, sends it one zero byte, which is no WireGuard message (shorter than any:
-wireguard-go drops it without a word even in its verbose log, mitmproxy's WireGuard mode
-logs "Received invalid WireGuard packet"), and waits up to :data:`PROBE_WAIT` seconds for
-an error. At most one probe per endpoint every :data:`PROBE_INTERVAL` seconds. A peer's
+``IP_RECVERR`` on (whose error queue gives the ICMP type, code and sender), sends it one
+zero byte, which is no WireGuard message (shorter than any: wireguard-go drops it without a
+word even in its verbose log, mitmproxy's WireGuard mode logs "Received invalid WireGuard
+packet"), and waits up to :data:`PROBE_WAIT` seconds for an error. At most one probe per endpoint every :data:`PROBE_INTERVAL` seconds. A peer's
 silence says nothing either way (a firewall that drops, a host that is down, a wrong key);
 only an error is reported (:func:`describe`): in the :class:`~mitm_wg.errors.HandshakeTimeout`
 (its ``cause``, which the check CLI prints), the give-up warning, and the reason an exit
@@ -26,13 +27,16 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
 from mitm_wg.config import format_endpoint
 
-__all__ = ["PROBE_AFTER", "PROBE_INTERVAL", "PROBE_WAIT", "describe", "icmp_error"]
+__all__ = ["PROBE_AFTER", "PROBE_INTERVAL", "PROBE_WAIT", "IcmpError", "describe", "icmp_error"]
 
 #: Seconds an initiation goes unanswered (with no session to send on) before the endpoint
 #: is probed: when a first handshake's early retry goes (``EARLY_RETRY_UNMEASURED``). A
@@ -49,22 +53,97 @@ PROBE_INTERVAL = 30.0
 #: Socket options (Linux <linux/in.h>, <linux/in6.h>; not in Python's socket module).
 _IP_RECVERR = 11
 _IPV6_RECVERR = 25
-#: What a socket's error says (Linux's icmp_err_convert, RFC 1122 §4.1.3.3).
-_WHAT = {
+#: ``MSG_ERRQUEUE`` (Linux <linux/socket.h>) and the queued error's header,
+#: ``struct sock_extended_err`` (<linux/errqueue.h>): errno, origin, ICMP type and code,
+#: pad, info, data; the sender's sockaddr follows it.
+_MSG_ERRQUEUE = 0x2000
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+_ORIGIN_ICMP = 2
+_ORIGIN_ICMP6 = 3
+#: ICMP destination unreachable (type 3) and ICMPv6's (type 1) codes, by what they say.
+_ICMP4_UNREACH = {
+    0: "network unreachable",
+    1: "host unreachable",
+    2: "protocol unreachable",
+    3: "port unreachable",
+    9: "network administratively prohibited",
+    10: "host administratively prohibited",
+    13: "communication administratively prohibited",
+}
+_ICMP6_UNREACH = {
+    0: "no route to destination",
+    1: "communication administratively prohibited",
+    3: "address unreachable",
+    4: "port unreachable",
+}
+#: Without the error queue's detail: what a socket's errno says (Linux's icmp_err_convert).
+_BY_ERRNO = {
     errno.ECONNREFUSED: "port unreachable",
     errno.EHOSTUNREACH: "host unreachable",
     errno.ENETUNREACH: "network unreachable",
-    errno.EPROTO: "protocol unreachable",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpError:
+    """What came back for a probe: ``what`` the ICMP message said ("port unreachable",
+    "communication administratively prohibited", ...), and ``sender``, the address of the
+    host or router that sent it (None: unknown)."""
+
+    what: str
+    sender: str | None = None
+
+    @property
+    def port_unreachable(self) -> bool:
+        return self.what == "port unreachable"
+
+    @property
+    def prohibited(self) -> bool:
+        return "prohibited" in self.what
+
+
+def _queued(sock: socket.socket, error: OSError) -> IcmpError:
+    """The error at the head of ``sock``'s error queue (``IP_RECVERR``), which ``error``
+    (what the socket's call raised) announced; from ``error`` alone if the queue says
+    nothing."""
+    try:
+        _, ancdata, _, _ = sock.recvmsg(1, 512, _MSG_ERRQUEUE)
+    except OSError:
+        ancdata = []
+    for level, kind, data in ancdata:
+        if (level, kind) not in (
+            (socket.IPPROTO_IP, _IP_RECVERR),
+            (socket.IPPROTO_IPV6, _IPV6_RECVERR),
+        ) or len(data) < _EXTENDED_ERR.size:
+            continue
+        _, origin, icmp_type, code, _, _, _ = _EXTENDED_ERR.unpack_from(data)
+        sender = None
+        offender = data[_EXTENDED_ERR.size :]
+        if len(offender) >= 8 and int.from_bytes(offender[:2], sys.byteorder) == socket.AF_INET:
+            sender = socket.inet_ntop(socket.AF_INET, offender[4:8])
+        elif len(offender) >= 24 and int.from_bytes(offender[:2], sys.byteorder) == socket.AF_INET6:
+            sender = socket.inet_ntop(socket.AF_INET6, offender[8:24])
+        if origin == _ORIGIN_ICMP and icmp_type == 3:
+            return IcmpError(
+                _ICMP4_UNREACH.get(code, f"destination unreachable (code {code})"), sender
+            )
+        if origin == _ORIGIN_ICMP6 and icmp_type == 1:
+            return IcmpError(
+                _ICMP6_UNREACH.get(code, f"destination unreachable (code {code})"), sender
+            )
+        if origin in (_ORIGIN_ICMP, _ORIGIN_ICMP6):
+            return IcmpError(f"type {icmp_type} code {code}", sender)
+    number = error.errno or 0
+    return IcmpError(_BY_ERRNO.get(number) or errno.errorcode.get(number, str(number)))
 
 
 async def icmp_error(
     make_socket: Callable[[int], socket.socket], endpoint: tuple[str, int], wait: float
-) -> int | None:
+) -> IcmpError | None:
     """Send ``endpoint`` one zero byte from a UDP socket of ``make_socket`` connected to it
-    and wait up to ``wait`` seconds: the errno of the ICMP error that came back, or None
-    (nothing came, or an answer, or the probe could not be sent: no route is the send
-    path's business, which says so)."""
+    with ``IP_RECVERR`` on, and wait up to ``wait`` seconds: the ICMP error that came back,
+    or None (nothing came, or an answer, or the probe could not be sent: no route is the
+    send path's business, which says so)."""
     family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
     try:
         sock = make_socket(family)
@@ -86,7 +165,7 @@ async def icmp_error(
                 except BlockingIOError:
                     continue
                 except OSError as e:
-                    return e.errno
+                    return _queued(sock, e)
                 return None  # an answer, not an error
     except OSError:
         return None
@@ -95,17 +174,26 @@ async def icmp_error(
     return None
 
 
-def describe(endpoint: tuple[str, int], error: int) -> str:
-    """A clause for the user: what the ICMP error ``error`` (an errno of
-    :func:`icmp_error`) says about ``endpoint``."""
-    if error == errno.ECONNREFUSED:
+def describe(endpoint: tuple[str, int], error: IcmpError) -> str:
+    """A clause for the user: what ``error`` (of :func:`icmp_error`) says about
+    ``endpoint``."""
+    host = endpoint[0]
+    if error.port_unreachable:
         return (
             f"its host answered that nothing receives on UDP port {endpoint[1]} (ICMP port "
             "unreachable): is the Endpoint's port right, and is the WireGuard server "
             "running?"
         )
-    what = _WHAT.get(error) or errno.errorcode.get(error, str(error))
+    who = "the network" if error.sender is None else error.sender
+    if error.sender == host:
+        who = "its host"
+    if error.prohibited:
+        return (
+            f"{who} answered the way to {format_endpoint(endpoint)} with ICMP {error.what}: "
+            "a firewall on the way blocks it (a network that lets only the web through, "
+            "say)"
+        )
     return (
-        f"the network answered the way to {format_endpoint(endpoint)} with ICMP {what} (a "
-        "host that is down, or a router or firewall on the way that refuses it)"
+        f"{who} answered the way to {format_endpoint(endpoint)} with ICMP {error.what} (a "
+        "host that is down, or a router on the way that has no route there)"
     )
