@@ -439,6 +439,27 @@ def client_config(
     )
 
 
+def add_client(peer: Any, host: int, endpoint: tuple[str, int]) -> str:
+    """One more client of the exit (a new key, address 10.78.N.host, its datagrams to
+    ``endpoint``): the exit learns it; returns its wg-quick text."""
+    from harness import generate_keypair
+
+    priv, pub = generate_keypair()
+    peer.ns.exec(
+        ["wg", "set", peer.ifname, "peer", _b64(pub), "allowed-ips",
+         f"10.78.{peer.index}.{host}/32"]
+    )  # fmt: skip
+    return client_config(peer, _b64(priv), host, endpoint)
+
+
+def write_conf(peer: Any, name: str, text: str) -> Path:
+    """``text`` as ``NAME.conf`` in the exit's work directory, readable by us alone."""
+    conf = peer.workdir / f"{name}.conf"
+    conf.touch(mode=0o600)
+    conf.write_text(text)
+    return conf
+
+
 def _b64(key: bytes) -> str:
     import base64
 
@@ -503,8 +524,7 @@ def main() -> None:
 
     from bench_path import SCENARIOS, cpu_ticks, idle_since, steal_since
 
-    from harness import exit_peer, generate_keypair, wireguard_go_interface
-    from harness.exitpeer import b64
+    from harness import exit_peer, wireguard_go_interface
     from harness.relay import RelayProcess
 
     if args.path is not None and args.path not in SCENARIOS:
@@ -533,18 +553,10 @@ def main() -> None:
         # more peers on the exit: the wireguard-go client (.3) and variants (.4, ...), each
         # with its own key and address, so that all can stay up side by side
         def add_peer(host: int) -> str:
-            priv, pub = generate_keypair()
-            peer.ns.exec(
-                ["wg", "set", peer.ifname, "peer", b64(pub), "allowed-ips",
-                 f"10.78.{peer.index}.{host}/32"]
-            )  # fmt: skip
-            return client_config(peer, b64(priv), host, endpoint)
+            return add_client(peer, host, endpoint)
 
         def our_conf(name: str, text: str) -> Path:
-            conf = peer.workdir / f"{name}.conf"
-            conf.touch(mode=0o600)
-            conf.write_text(text)
-            return conf
+            return write_conf(peer, name, text)
 
         http = [] if args.h2 else ["--http1.1"]
         origin_ca, path, uploads = st.enter_context(

@@ -109,14 +109,14 @@ def page_setup(
     from bench_mitm_https import (
         ADDON,
         KERNEL_CLIENT_HOST,
-        client_config,
+        add_client,
         mitmdump,
         nginx_origin,
+        write_conf,
     )
     from bench_path import SCENARIOS
 
-    from harness import exit_peer, generate_keypair, wireguard_go_interface
-    from harness.exitpeer import b64
+    from harness import exit_peer, wireguard_go_interface
     from harness.relay import RelayProcess
 
     with (
@@ -130,22 +130,11 @@ def page_setup(
         origin_ca, _, _ = st.enter_context(nginx_origin(peer, 0))
         paths = write_page(peer.workdir / "nginx" / "www", sizes)
         urls = [f"https://{peer.server_tunnel_v4}{p}" for p in paths]
-        priv, pub = generate_keypair()
-        peer.ns.exec(
-            ["wg", "set", peer.ifname, "peer", b64(pub), "allowed-ips",
-             f"10.78.{peer.index}.{KERNEL_CLIENT_HOST}/32"]
-        )  # fmt: skip
+        kernel = add_client(peer, KERNEL_CLIENT_HOST, endpoint)
         st.enter_context(
-            wireguard_go_interface(
-                peer.client_ns,
-                peer.client_ifname,
-                client_config(peer, b64(priv), KERNEL_CLIENT_HOST, endpoint),
-                peer.workdir,
-            )
+            wireguard_go_interface(peer.client_ns, peer.client_ifname, kernel, peer.workdir)
         )
-        conf = peer.workdir / "ours.conf"
-        conf.touch(mode=0o600)
-        conf.write_text(peer.client_config_text(dns=False, endpoint=endpoint))
+        conf = write_conf(peer, "ours", peer.client_config_text(dns=False, endpoint=endpoint))
         ours = ("-s", str(ADDON), "--set", f"wg_conf=exit={conf}")
         proxies = [
             ("A kernel", st.enter_context(mitmdump(peer, "kernel", origin_ca))),
