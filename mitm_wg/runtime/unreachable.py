@@ -102,6 +102,21 @@ class IcmpError:
         return "prohibited" in self.what
 
 
+#: Destination unreachable, by (origin, ICMP type): what its codes say.
+_UNREACH = {(_ORIGIN_ICMP, 3): _ICMP4_UNREACH, (_ORIGIN_ICMP6, 1): _ICMP6_UNREACH}
+#: The sender's address in the sockaddr after the header, by family: (offset, length).
+_ADDRESS_AT = {socket.AF_INET: (4, 4), socket.AF_INET6: (8, 16)}
+
+
+def _sender(offender: bytes) -> str | None:
+    """The address in the ``sockaddr_in`` or ``sockaddr_in6`` ``offender`` (None: neither)."""
+    family = int.from_bytes(offender[:2], sys.byteorder)
+    at = _ADDRESS_AT.get(family)
+    if at is None or len(offender) < at[0] + at[1]:
+        return None
+    return socket.inet_ntop(family, offender[at[0] : at[0] + at[1]])
+
+
 def _queued(sock: socket.socket, error: OSError) -> IcmpError:
     """The error at the head of ``sock``'s error queue (``IP_RECVERR``), which ``error``
     (what the socket's call raised) announced; from ``error`` alone if the queue says
@@ -117,22 +132,13 @@ def _queued(sock: socket.socket, error: OSError) -> IcmpError:
         ) or len(data) < _EXTENDED_ERR.size:
             continue
         _, origin, icmp_type, code, _, _, _ = _EXTENDED_ERR.unpack_from(data)
-        sender = None
-        offender = data[_EXTENDED_ERR.size :]
-        if len(offender) >= 8 and int.from_bytes(offender[:2], sys.byteorder) == socket.AF_INET:
-            sender = socket.inet_ntop(socket.AF_INET, offender[4:8])
-        elif len(offender) >= 24 and int.from_bytes(offender[:2], sys.byteorder) == socket.AF_INET6:
-            sender = socket.inet_ntop(socket.AF_INET6, offender[8:24])
-        if origin == _ORIGIN_ICMP and icmp_type == 3:
-            return IcmpError(
-                _ICMP4_UNREACH.get(code, f"destination unreachable (code {code})"), sender
-            )
-        if origin == _ORIGIN_ICMP6 and icmp_type == 1:
-            return IcmpError(
-                _ICMP6_UNREACH.get(code, f"destination unreachable (code {code})"), sender
-            )
-        if origin in (_ORIGIN_ICMP, _ORIGIN_ICMP6):
+        if origin not in (_ORIGIN_ICMP, _ORIGIN_ICMP6):
+            continue
+        sender = _sender(data[_EXTENDED_ERR.size :])
+        codes = _UNREACH.get((origin, icmp_type))
+        if codes is None:
             return IcmpError(f"type {icmp_type} code {code}", sender)
+        return IcmpError(codes.get(code, f"destination unreachable (code {code})"), sender)
     number = error.errno or 0
     return IcmpError(_BY_ERRNO.get(number) or errno.errorcode.get(number, str(number)))
 
