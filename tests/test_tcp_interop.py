@@ -221,15 +221,21 @@ def test_linux_retransmits_only_what_the_relay_dropped(exit_peer) -> None:
     assert stats.dropped <= max(5, relay.down.dropped // 10), (stats.dropped, relay.down.dropped)
 
 
-def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer) -> None:
+@pytest.mark.parametrize("late_tail", [False, True], ids=["whole", "late_tail"])
+def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer, late_tail) -> None:
     """Rule rec-probe against Linux's receiver. A 1 MiB upload: the segment five from its
-    end is lost, and so is its fast retransmission, the last segment we send (the rest is
-    SACKed). Nothing sent after it can tell RACK it is lost, and TLP waits out recovery (as
-    Linux's own sender would: its RTO, 200 ms at least, then a window of one segment). Our
-    probe in recovery sends it a third time; Linux's ACK covers it all, and the upload ends
-    without a timeout. (The losses are our own packets, dropped before they are encrypted:
-    where they go is then certain; a 64 KiB send buffer keeps the flight small enough that
-    wireguard-go's socket drops none of the rest.)"""
+    end is lost, and so is the first copy of it we send once every new segment has gone
+    (the last segment we send; the rest is SACKed). Nothing sent after it can tell RACK it
+    is lost, and TLP waits out recovery (as Linux's own sender would: its RTO, 200 ms at
+    least, then a window of one segment). Our probe in recovery sends it again; Linux's ACK
+    covers it all, and the upload ends without a timeout. (The losses are our own packets,
+    dropped before they are encrypted: where they go is then certain; a 64 KiB send buffer
+    keeps the flight small enough that wireguard-go's socket drops none of the rest. A
+    retransmission that leaves while new segments are still to come, as it may when the
+    pacer holds them back on a busy machine, is dropped too: their SACKs show RACK it is
+    lost, and the premise, a copy sent last, still holds for a later one. ``late_tail``
+    makes that certain: the application writes the stream's last bytes only once a first
+    copy has been dropped.)"""
     driver = driver_for(exit_peer, TcpConfig(send_buffer=64 << 10, send_buffer_max=64 << 10))
     try:
         size = 1 << 20
@@ -238,21 +244,37 @@ def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer) ->
             f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
             "Connection: close\r\n\r\n"
         ).encode()
-        # a byte in the fifth-last full segment of the stream
-        target = (conn._iss + 1 + len(head) + size - 4 * conn.mss - 1) & 0xFFFFFFFF
-        dropped: list[int] = []
+        base = conn._iss + 1
+        end = len(head) + size  # the stream's end, relative to base
+        target = end - 4 * conn.mss - 1  # a byte in the fifth-last full segment
+        dropped: list[int] = []  # seq of each copy of it dropped
+        sent_end = 0  # the highest stream offset sent so far, in the order they leave
+        last: list[bool] = []  # for each drop: had every new segment gone before it?
 
         def drop(packet: bytes) -> bool:
-            seg = None if len(dropped) == 2 else tcp_of(packet)
-            if seg is not None and (target - seg.seq) & 0xFFFFFFFF < len(seg.payload):
+            nonlocal sent_end
+            seg = None if last and last[-1] else tcp_of(packet)
+            if seg is None:
+                return False
+            start = (seg.seq - base) & 0xFFFFFFFF
+            if start <= target < start + len(seg.payload):
                 dropped.append(seg.seq)
+                last.append(sent_end == end)
                 return True
+            sent_end = max(sent_end, start + len(seg.payload)) if seg.payload else sent_end
             return False
 
         driver.drop = drop
         body = (bytes(range(256)) * 4096) * (size // (1 << 20))
         driver.send_all(conn, head)
-        driver.send_all(conn, body)
+        if late_tail:
+            # all but half a segment; the rest once the segment's first copy is dropped
+            held = conn.mss // 2
+            driver.send_all(conn, body[:-held])
+            driver.run_until(lambda: len(dropped) >= 2, 15)
+            driver.send_all(conn, body[-held:])
+        else:
+            driver.send_all(conn, body)
         reply = driver.recv_until_eof(conn)
         status, _, payload = reply.partition(b"\r\n\r\n")
         assert b" 200 " in status.split(b"\r\n")[0], status
@@ -260,8 +282,12 @@ def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer) ->
     finally:
         driver.sock.close()
     st = conn.stats
-    assert len(dropped) == 2 and dropped[0] == dropped[1], dropped  # the segment, sent again
     counts = {k: getattr(st, k) for k in st.__slots__}
+    if late_tail:  # a copy before the last bytes, found lost by their SACK, one after
+        assert len(dropped) >= 3 and st.lost_retransmits >= 1, (dropped, last, counts)
+    # the segment, then each copy of it up to the first one sent after every new segment
+    assert len(dropped) >= 2 and len(set(dropped)) == 1, (dropped, last)
+    assert last[-1] and not any(last[:-1]), (last, counts)
     # (>=: under load wireguard-go's socket may drop one of ours too, a loss of its own)
     assert st.fast_retransmits >= 1 and st.recovery_probes >= 1, str(counts)
     assert st.rto_expired == 0, str(counts)
