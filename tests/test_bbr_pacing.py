@@ -5,6 +5,8 @@ reordering, bursty loss and a shallow bottleneck queue, against NewReno without 
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from test_sim import run_transfer
 
@@ -394,6 +396,63 @@ def test_losses_reported_once() -> None:
     assert rs is not None and rs.losses == 1000
     rs = dr.on_ack(0, 1000, [(2000, 3000)], 0.11)
     assert rs is not None and rs.losses == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_sample_comes_from_the_newest_delivered_transmission(seed: int) -> None:
+    """Against a brute-force reference: random new data, retransmissions below SND.MAX,
+    batches that grow within one clock reading, ACKs with SACK blocks or only a cumulative
+    advance, and now and then an RTO (after which only what is sent again counts). Each sample must come from the most recently sent transmission
+    that overlaps what the ACK delivered (draft §3.3), however the records are indexed."""
+    rng = random.Random(seed)
+    dr = DeliveryRate(0.0)
+    sends: list[tuple[int, int, float, int, bool]] = []  # every on_send: s, e, t, C.delivered
+    una = smax = 0
+    now = 0.0
+    samples = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.005:  # an RTO: what left before it gives no sample (on_retransmit_all)
+            dr.on_retransmit_all(smax)
+            sends.clear()
+        elif op < 0.5 or smax == una:
+            e = smax + rng.randint(1, 4) * 1000
+            sends.append((smax, e, now, dr.delivered, False))
+            dr.on_send(smax, e, now, smax - una, False)
+            smax = e
+        elif op < 0.65:
+            s = una + rng.randrange(0, smax - una, 1000) if smax - una >= 1000 else una
+            e = min(smax, s + rng.randint(1, 3) * 1000)
+            sends.append((s, e, now, dr.delivered, True))
+            dr.on_send(s, e, now, smax - una, True)
+        else:
+            now += rng.choice((0.0005, 0.001, 0.01))
+            new_una = rng.choice((una, una, rng.randint(una, smax)))
+            ranges = [(una, new_una)] if new_una > una else []
+            for _ in range(rng.choice((0, 0, 1, 2))):
+                if smax - new_una > 1:
+                    a = rng.randint(new_una, smax - 1)
+                    ranges.append((a, rng.randint(a + 1, smax)))
+            if not ranges:
+                continue
+            delivered = sum(e - s for s, e in ranges)
+            newest = None
+            for rec in sends:
+                if any(rec[0] < e and s < rec[1] for s, e in ranges):
+                    newest = rec
+            if len(ranges) == 1 and new_una > una and rng.random() < 0.5:
+                rs = dr.on_ack_cumulative(una, new_una, now)
+            else:
+                rs = dr.on_ack(new_una, delivered, ranges, now)
+            una = new_una
+            if newest is None:
+                assert rs is None
+                continue
+            assert rs is not None
+            samples += 1
+            assert rs.prior_delivered == newest[3], (seed, ranges, newest)
+            assert rs.rtt == (-1.0 if newest[4] else pytest.approx(now - newest[2]))
+    assert samples > 500
 
 
 # -- BBR ------------------------------------------------------------------------------------

@@ -10,16 +10,24 @@ ACK interval (§3.3).
 Data leaves in batches (one ``dispatch`` call = one clock reading, and no ACK is processed
 in between), and every segment of a batch carries identical state, so the records are kept
 per batch, not per segment: ``[start, end, sent_time, delivered, delivered_time,
-first_sent_time, app_limited]`` in send (= time) order; a retransmission is a record of its
-own appended at the tail, like RACK's time-ordered list (``recovery.py``).
+first_sent_time, app_limited, is_retransmission, order]``, ``order`` counting the records
+in the order they were made. New data leaves in sequence order, so its records, in send
+order, are in sequence order too, and the newest one overlapping a delivered range is found
+by bisection (an ACK under loss SACKs data sent a flight ago: a scan from the tail would
+pass every record sent since); retransmissions have a short list of their own, in send
+order, scanned from its tail; ``order`` says which of the two candidates left last.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from operator import itemgetter
+
 __all__ = ["DeliveryRate", "RateSample"]
 
 # record fields
-_S, _E, _SENT, _DEL, _DEL_T, _FIRST, _APP, _RXT = range(8)
+_S, _E, _SENT, _DEL, _DEL_T, _FIRST, _APP, _RXT, _ORD = range(9)
+_start = itemgetter(_S)
 
 
 class RateSample:
@@ -51,6 +59,7 @@ class DeliveryRate:
         "first_sent_time",
         "invalid_below",
         "lost",
+        "order",
         "records",
         "rxt",
         "sample",
@@ -63,8 +72,9 @@ class DeliveryRate:
         self.app_limited = 0  # C.app_limited: 0, or the C.delivered mark where it ends
         self.lost = 0  # bytes newly deemed lost since the last sample (the socket adds)
         self.invalid_below = 0  # no rate from data below this (sent before an RTO)
-        self.records: list[list] = []
-        self.rxt = 0  # retransmission records in ``records`` (out of sequence order)
+        self.records: list[list] = []  # new data's, in sequence (= send) order
+        self.rxt: list[list] = []  # retransmissions', in send order
+        self.order = 0  # the next record's ``order``
         self.sample = RateSample()
 
     def on_send(self, s: int, e: int, now: float, inflight: int, rexmit: bool) -> None:
@@ -74,17 +84,17 @@ class DeliveryRate:
             # §3.2: nothing in flight: the send and ACK intervals start afresh
             self.first_sent_time = now
             self.delivered_time = now
-        recs = self.records
+        recs = self.rxt if rexmit else self.records
+        order = self.order
         if recs:
             last = recs[-1]
-            if last[_SENT] == now and last[_E] == s and last[_RXT] == rexmit:
-                last[_E] = e  # the batch grows (same clock reading, no ACK in between)
+            if last[_SENT] == now and last[_E] == s and last[_ORD] == order - 1:
+                last[_E] = e  # the batch grows (same clock reading, nothing sent between)
                 return
-        if rexmit:
-            self.rxt += 1
+        self.order = order + 1
         recs.append(
             [s, e, now, self.delivered, self.delivered_time, self.first_sent_time,
-             self.app_limited != 0, rexmit]
+             self.app_limited != 0, rexmit, order]
         )  # fmt: skip
 
     def on_app_limited(self, inflight: int) -> None:
@@ -106,36 +116,26 @@ class DeliveryRate:
         recs = self.records
         best = None
         if delivered > 0:
-            # the most recently sent record overlapping a newly delivered range (records
-            # are in time order: scan from the tail)
-            for i in range(len(recs) - 1, -1, -1):
-                r = recs[i]
-                rs_, re_ = r[_S], r[_E]
-                for s, e in ranges:
-                    if rs_ < e and s < re_:
-                        best = r
-                        break
-                if best is not None:
-                    break
-        if recs and recs[0][_E] <= una:
-            i = 0
-            n = len(recs)
-            while i < n and recs[i][_E] <= una:
-                if recs[i][_RXT]:
-                    self.rxt -= 1
-                i += 1
-            del recs[:i]
+            # the newest new-data record overlapping a range: the last one starting below
+            # its end, if it ends above its start (the records tile the sequence space)
+            top = -1
+            for s, e in ranges:
+                i = bisect_left(recs, e, key=_start) - 1
+                if i > top and recs[i][_E] > s:
+                    top = i
+            if top >= 0:
+                best = recs[top]
+            best = self._newest_rxt(best, ranges)
+        self._trim(una)
         if delivered <= 0:
             return None
         return self._sample(best, delivered, now)
 
     def on_ack_cumulative(self, una_before: int, una: int, now: float) -> RateSample | None:
         """:meth:`on_ack` for the common ACK that only advances SND.UNA (no SACK blocks, no
-        scoreboard). Without retransmission records the records are in sequence order
-        too, so the newest delivered one is the last whose start is below ``una``: found
-        from the head, dropping the fully delivered ones on the way (amortized O(1))."""
-        if self.rxt:
-            return self.on_ack(una, una - una_before, [(una_before, una)], now)
+        scoreboard): the newest delivered new-data record is the last whose start is below
+        ``una``, found from the head, dropping the fully delivered ones on the way
+        (amortized O(1))."""
         recs = self.records
         best = None
         i = 0
@@ -148,7 +148,36 @@ class DeliveryRate:
             best = recs[i - 1]
         if i:
             del recs[:i]
+        if self.rxt:
+            best = self._newest_rxt(best, [(una_before, una)])
+            self._trim(una)
         return self._sample(best, una - una_before, now)
+
+    def _newest_rxt(self, best: list | None, ranges: list[tuple[int, int]]) -> list | None:
+        """The newest retransmission record overlapping a range if it left after ``best``,
+        else ``best``."""
+        after = -1 if best is None else best[_ORD]
+        rxt = self.rxt
+        for i in range(len(rxt) - 1, -1, -1):
+            r = rxt[i]
+            if r[_ORD] < after:
+                break
+            rs_, re_ = r[_S], r[_E]
+            for s, e in ranges:
+                if rs_ < e and s < re_:
+                    return r
+        return best
+
+    def _trim(self, una: int) -> None:
+        """Drop the records wholly below ``una`` from the heads of the two lists (one
+        wholly below it deeper in the retransmissions' list overlaps no later range)."""
+        for recs in (self.records, self.rxt):
+            if recs and recs[0][_E] <= una:
+                i = 1
+                n = len(recs)
+                while i < n and recs[i][_E] <= una:
+                    i += 1
+                del recs[:i]
 
     def _sample(self, best: list | None, delivered: int, now: float) -> RateSample | None:
         """Draft §3.3 UpdateRateSample + GenerateRateSample for the newest delivered record."""
@@ -181,5 +210,5 @@ class DeliveryRate:
         then cover megabytes the peer had long held (the SACK scoreboard may be gone),
         which over the interval since the retransmission is no delivery rate at all."""
         self.records.clear()
-        self.rxt = 0
+        self.rxt.clear()
         self.invalid_below = snd_max
