@@ -15,9 +15,10 @@ from mitm_wg.net import icmp
 from mitm_wg.net.ipv4 import IpPacket, build_ipv4, parse_ipv4, parse_quoted_ipv4
 from mitm_wg.net.ipv6 import build_ipv6, parse_ipv6, parse_quoted_ipv6
 from mitm_wg.net.stack import Stack
+from mitm_wg.net.tcp import TcpConfig
 from mitm_wg.net.tcp_wire import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp
 from mitm_wg.net.udp import UdpDatagram, build_udp, parse_udp
-from sim import LinkParams, make_pair
+from sim import LinkParams, exchange, make_pair
 
 ME4 = ipaddress.ip_address("10.0.0.2").packed
 PEER4 = ipaddress.ip_address("10.0.0.1").packed
@@ -678,3 +679,30 @@ def test_authenticated_packets_skip_the_tcp_checksum_only_when_asked() -> None:
     assert stack.stats.dropped_checksum == 1
     assert len(out) == 1 and out[0][33] & 0x12 == 0x12  # SYN-ACK
     assert listener.pending == 0  # half-open until the handshake completes
+
+
+def test_a_read_touches_the_socket_only_when_a_window_update_is_due() -> None:
+    """A runtime runs the stack after an application's read only when ``pending`` says a
+    read left something to send: the window update once the window has closed noticeably
+    and a read opened it by at least a segment (receiver SWS avoidance). A read that owes
+    the peer nothing leaves the stack with no work."""
+    cfg = TcpConfig(recv_buffer=16 << 10, recv_buffer_max=16 << 10)
+    sim = make_pair(tcp_config=cfg)
+    a, b = sim.a, sim.b
+    listener = b.tcp_listen(80)
+    client = a.tcp_connect("10.0.0.2", 80, 0.0)
+    for _ in range(3):
+        exchange(a, b, 0.0)
+    server = listener.accept()
+    assert server is not None and client.can_send
+    server.send(bytes(16 << 10))  # the client's whole window
+    for _ in range(3):
+        exchange(b, a, 0.01)
+    assert client.recv_available == 16 << 10 and not a.pending
+    assert len(client.recv(1000)) == 1000  # opens it less than a segment
+    assert not a.pending and poll(a, 0.02) == []
+    assert len(client.recv(1000)) == 1000  # 2000 bytes: a window update is due
+    assert a.pending
+    [update] = _out_segments(a, 0.02)
+    assert update[1].flags == ACK and not update[1].payload
+    assert update[1].window << client._rcv_wscale >= 2000

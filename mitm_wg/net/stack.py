@@ -916,6 +916,11 @@ class Stack:
                 moved += 1
         return moved
 
+    @property
+    def pending(self) -> bool:
+        """:meth:`poll` has work now: a socket was touched or a packet is queued."""
+        return bool(self._out or self._dirty)
+
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`poll` has work (a time in the past means "now")."""
         if self._out or self._dirty:
@@ -1613,8 +1618,9 @@ class Stack:
         self._rx_tcp_slow(packet, ip, total, src, dst, now)
 
     def _touched(self, sock: TcpSocket) -> None:
-        """``TcpSocket``'s ``on_touched`` hook: the application called it (send, recv,
-        shutdown, close, abort), so the next :meth:`poll` dispatches it."""
+        """``TcpSocket``'s ``on_touched`` hook: the application called it (send, shutdown,
+        close, abort, or a recv that made a window update due), so the next :meth:`poll`
+        dispatches it."""
         self._dirty[sock] = None
 
     def _processed(self, sock: TcpSocket) -> None:

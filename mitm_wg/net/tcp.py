@@ -263,9 +263,9 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         # the instance dict doubles (~1.7 KiB per socket).
 
         # identity, the application's side, opening and errors (tcp.py)
-        #: called with the socket after each application call that may leave something to
-        #: send (send, recv that returned data, shutdown_write, close, abort): the stack
-        #: marks the socket for its next poll
+        #: called with the socket after each application call that leaves something to
+        #: send (send, a recv after which a window update is due, shutdown_write, close,
+        #: abort): the stack marks the socket for its next poll
         self._on_touched = on_touched
         self.config = cfg
         self.local_addr = local_addr

@@ -217,15 +217,18 @@ class Receiver:
             rtt = drs.rtt or self._rtt.srtt
             if rtt and self._now - drs.time >= rtt:
                 self._rcv_space_adjust(drs)
-        # window update once the window has closed noticeably (receiver SWS avoidance)
+        # window update once the window has closed noticeably (receiver SWS avoidance);
+        # only then has the read given dispatch something to do (a read changes nothing
+        # else it looks at), so only then is the socket touched: a runtime need not run
+        # the stack after every read
         if self.state in _RECV_STATES:
             cur = self._rcv_adv - self._rcv_nxt
             cap = self._rcv_buf
             if cur < (cap >> 1) and self._window() - cur >= min(cap >> 1, self.config.mss):
                 self._ack_now = True
-        on_touched = self._on_touched  # the window opened: maybe a window update is due
-        if on_touched is not None:
-            on_touched(self)
+                on_touched = self._on_touched
+                if on_touched is not None:
+                    on_touched(self)
         return data
 
     def _rcv_rtt_sample(self, drs: _RcvTuning, tsecr: int, plen: int, now: float) -> None:

@@ -1638,8 +1638,11 @@ class Tunnel:
             parked, key = self._parked, id(waitable)
         parked[key] = waitable
         try:
-            with trio.CancelScope(deadline=deadline):
-                await waitable._lot.park()
+            if deadline == _NEVER:
+                await waitable._lot.park()  # (a scope without a deadline costs ~4 us)
+            else:
+                with trio.CancelScope(deadline=deadline):
+                    await waitable._lot.park()
         finally:
             if not waitable._lot:
                 parked.pop(key, None)
@@ -2146,7 +2149,8 @@ class TunnelStream(trio.abc.HalfCloseableStream, _Waitable):
                     raise trio.ClosedResourceError("stream is closed")
                 data = sock.recv(max_bytes)
                 if data:
-                    tunnel._flush()  # a read may open the window: tell the peer now
+                    if tunnel.stack.pending:
+                        tunnel._flush()  # the read opened the window: tell the peer now
                     if not waited:
                         await trio.lowlevel.checkpoint()
                     return data
