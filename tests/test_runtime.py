@@ -362,6 +362,35 @@ async def test_handshake_timeout_names_the_endpoint() -> None:
         assert f"127.0.0.1:{pb}" in str(info.value)
 
 
+async def test_the_probe_of_a_silent_endpoint_wakes_the_tunnel_by_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The endpoint probe (unreachable.py) is due PROBE_AFTER s after the first initiation;
+    the timer task runs at each initiation's retries and at ``_probe_at``. With PROBE_AFTER
+    at 2 s, no retry falls due then (rule hs-early's at 1 s, REKEY_TIMEOUT's at 6 s) and no
+    TCP timer runs (a UDP datagram starts the handshake): only ``_probe_at`` wakes the
+    tunnel, and the port unreachable from loopback's closed port is known well before the
+    next retry would have run the probe."""
+    monkeypatch.setattr(tunnel_module, "PROBE_AFTER", 2.0)
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)  # nobody listens on pb: the kernel answers port unreachable
+    factory = loopback_factory(pa)
+    # (the factory binds port pa, which the probe's own socket cannot share: it needs this)
+    factory.unbound = lambda family: socket.socket(family, socket.SOCK_DGRAM)
+    async with open_tunnel(ca, socket_factory=factory) as a:
+        sock = await a.open_udp_socket()
+        started = trio.current_time()
+        await sock.sendto(b"x", ("10.33.0.2", 53))  # the first initiation goes now
+        with trio.fail_after(3.5):  # (the next retry is at 6 s)
+            while not a.icmp_errors:
+                await trio.sleep(0.05)
+        elapsed = trio.current_time() - started
+        assert 2.0 <= elapsed < 3.5, elapsed
+        [(_, error)] = a.icmp_errors.values()
+        assert "port unreachable" in tunnel_module.describe_icmp(("127.0.0.1", pb), error)
+        sock.close()
+
+
 async def test_a_crash_in_the_reader_surfaces_as_tunnel_crashed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

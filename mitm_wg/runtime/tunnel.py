@@ -2548,7 +2548,11 @@ async def open_tunnel(
     Where the kernel grants a socket on an ephemeral port only a small receive buffer, the
     tunnel receives on a group of sockets of that port (:mod:`mitm_wg.runtime.sockgroup`):
     with the default sockets, or when ``socket_factory`` has an attribute
-    ``unbound(family)`` that makes an unbound socket where the factory's are.
+    ``unbound(family)`` that makes an unbound socket where the factory's are. The runtime's
+    probes (the route and path MTU to an endpoint, the ICMP error a silent one may have
+    drawn: :mod:`mitm_wg.runtime.unreachable`) make short-lived sockets of their own with
+    ``unbound``, or without it with ``socket_factory``: a factory that binds a fixed port
+    should have ``unbound``, or the probes find nothing.
 
     ``via``: another running tunnel to carry this one's WireGuard datagrams (multi-hop,
     :mod:`mitm_wg.runtime.via`): the peers' endpoints are reached, and hostnames resolved
@@ -2649,7 +2653,9 @@ async def open_tunnel(
             groups=groups,
         )
         if socket_factory is not None:  # (its sockets may live elsewhere: a namespace)
-            tunnel._probe_socket = socket_factory
+            # (a factory's own sockets may be bound to a fixed port, which a second one
+            # cannot share: then only ``unbound`` makes the probes' sockets)
+            tunnel._probe_socket = group_factory or socket_factory
         if transport is not None:
             tunnel.via = via
             # The inner tunnel's datagrams go into the outer tunnel instead of host sockets.
