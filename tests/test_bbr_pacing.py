@@ -402,8 +402,9 @@ def test_losses_reported_once() -> None:
 def test_the_sample_comes_from_the_newest_delivered_transmission(seed: int) -> None:
     """Against a brute-force reference: random new data, retransmissions below SND.MAX,
     batches that grow within one clock reading, ACKs with SACK blocks or only a cumulative
-    advance, and now and then an RTO (after which only what is sent again counts). Each sample must come from the most recently sent transmission
-    that overlaps what the ACK delivered (draft §3.3), however the records are indexed."""
+    advance, and now and then an RTO (after which only what is sent again counts). Each
+    sample must come from the most recently sent transmission that overlaps what the ACK
+    delivered (draft §3.3), however the records are indexed."""
     rng = random.Random(seed)
     dr = DeliveryRate(0.0)
     sends: list[tuple[int, int, float, int, bool]] = []  # every on_send: s, e, t, C.delivered
