@@ -190,7 +190,10 @@ async def test_idle_connections_cost_a_download_nothing_and_all_wake(
                 await get_pattern(bulk, 20 * MB)
                 await bulk.aclose()
                 monkeypatch.undo()
-                assert flushes.n > 100 and checks.n <= 2 * flushes.n, (flushes.n, checks.n)
+                # (enough flushes that checking all 150 parked streams at each, 150 per
+                # flush, could not pass for at most 2 per flush; a flush per read of the
+                # download is gone since de0b5f6: with UDP GRO ~90 remain on Debian 13)
+                assert flushes.n >= 20 and checks.n <= 2 * flushes.n, (flushes.n, checks.n)
                 assert got == {}
                 for i, stream in enumerate(idle):
                     await stream.send_all(
