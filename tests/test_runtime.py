@@ -164,7 +164,10 @@ async def test_a_flush_checks_only_the_udp_sockets_that_received(
                 flushes, checks = await transfer_counting_checks(
                     monkeypatch, client, server, tunnel_module.TunnelUdpSocket
                 )
-                assert flushes > 50 and checks < n, (flushes, checks)  # the scan: n a flush
+                # (at least 20 flushes, ~130 on an idle machine: a scan's n per flush could
+                # not pass; fewer per transfer since de0b5f6, so a busy machine's bigger
+                # batches must not fail the premise)
+                assert flushes >= 20 and checks < n, (flushes, checks)  # the scan: n a flush
                 assert got == {}
                 # one datagram: its socket's task wakes, no other
                 await sender.sendto(b"first", socks[7].local_address)
@@ -223,7 +226,7 @@ async def test_a_flush_checks_only_the_streams_whose_sockets_ran(
                 flushes, checks = await transfer_counting_checks(
                     monkeypatch, client, server, TunnelStream
                 )
-                assert flushes > 50 and checks <= 2 * flushes, (flushes, checks)  # walk: 200
+                assert flushes >= 20 and checks <= 2 * flushes, (flushes, checks)  # walk: 200
                 assert got == {}
                 for i, (_c, s) in enumerate(idle):
                     await s.send_all(bytes([i % 256]))
