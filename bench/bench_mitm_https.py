@@ -427,13 +427,15 @@ def client_config(
 ) -> str:
     """wg-quick text for one more client of the exit: address 10.78.N.host; ``endpoint``
     replaces the exit's (a relay's address)."""
+    from harness.exitpeer import b64
+
     endpoint = endpoint or peer.endpoint
     return (
         "[Interface]\n"
         f"PrivateKey = {private_b64}\n"
         f"Address = 10.78.{peer.index}.{host}/32\n\n"
         "[Peer]\n"
-        f"PublicKey = {_b64(peer.server_public_key)}\n"
+        f"PublicKey = {b64(peer.server_public_key)}\n"
         f"AllowedIPs = {peer.tunnel_v4_net}\n"
         f"Endpoint = {endpoint[0]}:{endpoint[1]}\n"
     )
@@ -443,13 +445,14 @@ def add_client(peer: Any, host: int, endpoint: tuple[str, int]) -> str:
     """One more client of the exit (a new key, address 10.78.N.host, its datagrams to
     ``endpoint``): the exit learns it; returns its wg-quick text."""
     from harness import generate_keypair
+    from harness.exitpeer import b64
 
     priv, pub = generate_keypair()
     peer.ns.exec(
-        ["wg", "set", peer.ifname, "peer", _b64(pub), "allowed-ips",
+        ["wg", "set", peer.ifname, "peer", b64(pub), "allowed-ips",
          f"10.78.{peer.index}.{host}/32"]
     )  # fmt: skip
-    return client_config(peer, _b64(priv), host, endpoint)
+    return client_config(peer, b64(priv), host, endpoint)
 
 
 def write_conf(peer: Any, name: str, text: str) -> Path:
@@ -458,12 +461,6 @@ def write_conf(peer: Any, name: str, text: str) -> Path:
     conf.touch(mode=0o600)
     conf.write_text(text)
     return conf
-
-
-def _b64(key: bytes) -> str:
-    import base64
-
-    return base64.b64encode(key).decode()
 
 
 def main() -> None:
@@ -552,19 +549,16 @@ def main() -> None:
 
         # more peers on the exit: the wireguard-go client (.3) and variants (.4, ...), each
         # with its own key and address, so that all can stay up side by side
-        def add_peer(host: int) -> str:
-            return add_client(peer, host, endpoint)
-
-        def our_conf(name: str, text: str) -> Path:
-            return write_conf(peer, name, text)
-
         http = [] if args.h2 else ["--http1.1"]
         origin_ca, path, uploads = st.enter_context(
             nginx_origin(peer, size, idle=args.idle * (2 + len(args.variant) + args.split))
         )
         st.enter_context(
             wireguard_go_interface(
-                peer.client_ns, peer.client_ifname, add_peer(KERNEL_CLIENT_HOST), peer.workdir
+                peer.client_ns,
+                peer.client_ifname,
+                add_client(peer, KERNEL_CLIENT_HOST, endpoint),
+                peer.workdir,
             )
         )
         proxies = [
@@ -574,18 +568,18 @@ def main() -> None:
             (
                 "ours",
                 {},
-                our_conf("ours", peer.client_config_text(dns=False, endpoint=endpoint)),
+                write_conf(peer, "ours", peer.client_config_text(dns=False, endpoint=endpoint)),
                 ADDON,
             )
         ]
         for k, variant in enumerate(args.variant):
             name, _, value = variant.partition("=")
-            text = add_peer(KERNEL_CLIENT_HOST + 1 + k)
+            text = add_client(peer, KERNEL_CLIENT_HOST + 1 + k, endpoint)
             confs.append(
                 (
                     f"variant{k}",
                     {name: value},
-                    our_conf(f"variant{k}", text),
+                    write_conf(peer, f"variant{k}", text),
                     variant_addon(variant),
                 )
             )
@@ -599,9 +593,9 @@ def main() -> None:
             proxies.append((key, proxy))
         workers: dict[str, int] = {}  # proxy key -> the pid whose CPU counts with it
         if args.split:
-            text = add_peer(KERNEL_CLIENT_HOST + 1 + len(args.variant))
+            text = add_client(peer, KERNEL_CLIENT_HOST + 1 + len(args.variant), endpoint)
             port, pid = st.enter_context(
-                split_worker(peer, our_conf("split", text), peer.server_tunnel_v4)
+                split_worker(peer, write_conf(peer, "split", text), peer.server_tunnel_v4)
             )
             proxy = st.enter_context(
                 mitmdump(

@@ -261,7 +261,8 @@ def test_a_lost_retransmission_at_the_tail_is_probed_not_timed_out(exit_peer, la
                 dropped.append(seg.seq)
                 last.append(sent_end == end)
                 return True
-            sent_end = max(sent_end, start + len(seg.payload)) if seg.payload else sent_end
+            if seg.payload:
+                sent_end = max(sent_end, start + len(seg.payload))
             return False
 
         driver.drop = drop
