@@ -547,12 +547,12 @@ def main() -> None:
             endpoint = relay.address
             print(f"every tunnel through a relay: {scenario.label}", flush=True)
 
-        # more peers on the exit: the wireguard-go client (.3) and variants (.4, ...), each
-        # with its own key and address, so that all can stay up side by side
         http = [] if args.h2 else ["--http1.1"]
         origin_ca, path, uploads = st.enter_context(
             nginx_origin(peer, size, idle=args.idle * (2 + len(args.variant) + args.split))
         )
+        # more peers on the exit: the wireguard-go client (.3) and variants (.4, ...), each
+        # with its own key and address (add_client), so that all can stay up side by side
         st.enter_context(
             wireguard_go_interface(
                 peer.client_ns,
