@@ -50,8 +50,9 @@ INF = float("inf")
 
 def state_of(obj: Any) -> Any:
     """A comparable snapshot of a socket's whole state (recursing into helper objects).
-    An Assembler's ranges show their data joined: how it is split into chunks inside a
-    range (one per segment, or one per coalesced run) is not state anyone can observe."""
+    An Assembler's ranges, and a socket's unread in-order data, show their data joined: how
+    it is split into chunks (one per segment, or one per coalesced run) is not state anyone
+    can observe."""
     if isinstance(obj, Assembler):
         return {
             "ranges": [(r[0], r[1], b"".join(r[2])) for r in obj._ranges],
@@ -80,7 +81,10 @@ def state_of(obj: Any) -> Any:
         slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
         return {s: state_of(getattr(obj, s)) for s in slots if hasattr(obj, s)}
     if isinstance(obj, TcpSocket):
-        return {k: state_of(v) for k, v in vars(obj).items() if k not in ("config", "_on_touched")}
+        hidden = ("config", "_on_touched", "_rq", "_rq_off")
+        state = {k: state_of(v) for k, v in vars(obj).items() if k not in hidden}
+        state["_rq"] = b"".join(obj._rq)[obj._rq_off :]
+        return state
     if isinstance(obj, list):
         return [state_of(x) for x in obj]
     if isinstance(obj, (bytearray, memoryview)):

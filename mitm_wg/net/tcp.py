@@ -343,8 +343,11 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
         self._snd_buf = cfg.send_buffer
 
         # receive buffer, reassembly, autotuning, the peer's FIN, delayed ACK (tcp_recv.py)
-        self._rbuf = bytearray()
-        self._rbuf_head = 0
+        # in-order data not yet read: a queue of chunks (Receiver._queue_data), the offset
+        # of the first unread byte in the first, and how many bytes are unread
+        self._rq: list[bytes | bytearray] = []
+        self._rq_off = 0
+        self._rq_len = 0
         # the current limit, and dynamic right-sizing state while the buffer can still grow
         # (None once at its cap)
         self._rcv_buf = cfg.recv_buffer
@@ -556,12 +559,12 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
 
     @property
     def recv_available(self) -> int:
-        return len(self._rbuf) - self._rbuf_head
+        return self._rq_len
 
     @property
     def at_eof(self) -> bool:
         """The peer's FIN arrived and all data before it has been read."""
-        return self._rcv_fin and len(self._rbuf) == self._rbuf_head
+        return self._rcv_fin and not self._rq_len
 
     @property
     def can_send(self) -> bool:
@@ -573,7 +576,7 @@ class TcpSocket(StateMachine, Input, Sender, Receiver, Timers, Scoreboard):
 
     @property
     def can_recv(self) -> bool:
-        return len(self._rbuf) > self._rbuf_head or self._rcv_fin
+        return self._rq_len > 0 or self._rcv_fin
 
     @property
     def is_closed(self) -> bool:

@@ -217,7 +217,7 @@ class Input:
             self._ack_now = True
             return True
         if plen:  # copy of rule rcv-in-order (tcp_recv.py _process_data), no gap to fill
-            self._rbuf += payload
+            self._queue_data(payload)
             rcv_nxt += plen
             first = plen if run is None else run[1]
             if first > self._rcv_mss:

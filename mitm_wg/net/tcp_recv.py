@@ -5,12 +5,17 @@ autotuning (dynamic right-sizing, ``_RcvTuning``).
 
 from __future__ import annotations
 
-from mitm_wg.net.tcp_send import _COMPACT_AT
 from mitm_wg.net.tcp_state import _RECV_STATES, TcpState
 from mitm_wg.net.tcp_wire import ACK, FIN, M32, PSH, TcpSegment
 from mitm_wg.net.tcp_wire import HALF as _HALF
 
 __all__ = ["Receiver"]
+
+#: In-order data shorter than this joins the queue's last chunk when that is a bytearray of
+#: fewer than _TAIL_MAX bytes (or starts one), so that a stream of small segments is not a
+#: queue of small objects; longer data is queued as it came (a run's joined payload: no copy)
+_SMALL_DATA = 4096
+_TAIL_MAX = 64 * 1024
 
 
 class _RcvTuning:
@@ -32,7 +37,7 @@ class Receiver:
     def _window(self) -> int:
         """Free receive buffer space, capped to what the window field can express."""
         # rule: rcv-window
-        free = self._rcv_buf - (len(self._rbuf) - self._rbuf_head)
+        free = self._rcv_buf - self._rq_len
         if free < 0:
             return 0
         cap = 0xFFFF << self._rcv_wscale
@@ -94,7 +99,7 @@ class Receiver:
         gap_filled = False
         if seq == rcv_nxt:
             if plen:  # rule: rcv-in-order
-                self._rbuf += payload
+                self._queue_data(payload)
                 rcv_nxt += plen
                 if plen > self._rcv_mss:
                     self._rcv_mss = min(plen, self.config.mss)
@@ -110,7 +115,7 @@ class Receiver:
                         more = asm.pop(rcv_nxt)
                         if more is None:
                             break
-                        self._rbuf += more
+                        self._queue_data(more)
                         rcv_nxt += len(more)
                     self._ack_now = True  # gap (partly) filled: ACK at once
                     # The duplicate ACKs still owed for the old in-order point (segments
@@ -191,27 +196,59 @@ class Receiver:
             self._pending.append(self._make_seg(ACK, self._snd_max, b"", now))
             asm.dup_acks_due(rcv_nxt, 0)
 
+    def _queue_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue in-order data for :meth:`recv` (rule rcv-in-order's buffer).
+
+        Chunks are kept as they came, not copied into one growing buffer: a run of segments
+        arrives as one joined ``bytes`` (``Stack._flush_run``), and a read that takes whole
+        chunks hands them on without copying them again (one contiguous buffer cost a copy
+        in, a copy out and the reallocations of a buffer that empties and refills with every
+        read: ~8 % of a bulk download's receive thread). Small data is coalesced into a
+        bytearray tail, which bounds the number of chunks by the bytes buffered."""
+        n = len(data)
+        q = self._rq
+        if n < _SMALL_DATA:
+            if q and type(tail := q[-1]) is bytearray and len(tail) < _TAIL_MAX:
+                tail += data
+            else:
+                q.append(bytearray(data))
+        else:
+            q.append(data if type(data) is bytes else bytes(data))
+        self._rq_len += n
+
     def recv(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of in-order data; b"" if none (see ``at_eof``)."""
-        rbuf = self._rbuf
-        head = self._rbuf_head
-        avail = len(rbuf) - head
+        avail = self._rq_len
         n = max_bytes if max_bytes < avail else avail
         if n <= 0:
             return b""
-        if head == 0 and n == avail:
-            data = bytes(rbuf)
-            rbuf.clear()
+        q = self._rq
+        off = self._rq_off
+        first = q[0]
+        if not off and len(first) == n:
+            del q[0]
+            data = first if type(first) is bytes else bytes(first)
         else:
-            data = bytes(rbuf[head : head + n])
-            head += n
-            if head == len(rbuf):
-                rbuf.clear()
-                head = 0
-            elif head >= _COMPACT_AT and head * 2 >= len(rbuf):
-                del rbuf[:head]
-                head = 0
-            self._rbuf_head = head
+            parts: list[bytes | bytearray | memoryview] = []
+            need = n
+            taken = 0
+            for chunk in q:
+                size = len(chunk) - off
+                if size > need:  # the last part: a piece of this chunk, which stays
+                    parts.append(memoryview(chunk)[off : off + need])
+                    off += need
+                    break
+                parts.append(chunk if not off else memoryview(chunk)[off:])
+                need -= size
+                off = 0
+                taken += 1
+                if not need:
+                    break
+            del q[:taken]
+            self._rq_off = off
+            data = b"".join(parts)
+            del parts  # (views of a bytearray tail block its growth while they live)
+        self._rq_len = avail - n
         drs = self._drs
         if drs is not None:
             rtt = drs.rtt or self._rtt.srtt
@@ -268,7 +305,7 @@ class Receiver:
         ``recv_buffer_max``; the window we advertise is its free space, so it follows.
         """
         # bytes read so far: everything delivered in order minus what is still buffered
-        copied = self._rcv_nxt - self._irs - 1 - (len(self._rbuf) - self._rbuf_head)
+        copied = self._rcv_nxt - self._irs - 1 - self._rq_len
         if self._rcv_fin:
             copied -= 1
         rtt = drs.rtt or self._rtt.srtt or 0.0

@@ -55,7 +55,7 @@ class Sender:
         cfg = self.config
         # copy of rule rcv-window (tcp_recv.py _window)
         rcv_buf = self._rcv_buf
-        free = rcv_buf - (len(self._rbuf) - self._rbuf_head)
+        free = rcv_buf - self._rq_len
         if free < 0:
             free = 0
         elif free > 0xFFFF << shift:
