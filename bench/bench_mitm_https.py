@@ -394,6 +394,17 @@ def process_counters(pid: int) -> tuple[float, int, float]:
     return cpu, switches, main
 
 
+def kernel_and_faults(pid: int) -> tuple[float, int, float, int]:
+    """(kernel CPU seconds, minor page faults) of a process's main thread so far, then of the
+    whole process. Most of mitmdump's main-thread time in kernel is zeroing fresh pages
+    for mitmproxy's copies of the 100 MiB body (perf: clear_page), which costs a round
+    from 0.2 to over 1 s on this VM; a round that is slow for that reason shows it here."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    whole = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(main[12]) / tick, int(main[7]), int(whole[12]) / tick, int(whole[7])
+
+
 @contextlib.contextmanager
 def profiled(
     directory: Path | None, proxy: Proxy, round_: int, gil: bool = False
@@ -642,6 +653,7 @@ def main() -> None:
         for i in range(rounds):
             for key, proxy in proxies:
                 cpu0, sw0, th0 = process_counters(proxy.proc.pid)
+                mem0 = kernel_and_faults(proxy.proc.pid)
                 worker0 = process_counters(workers[key])[0] if key in workers else 0.0
                 ticks0 = cpu_ticks()
                 with profiled(args.py_spy, proxy, i, args.py_spy_gil):
@@ -650,6 +662,7 @@ def main() -> None:
                         "-x", f"http://127.0.0.1:{proxy.port}",
                     )  # fmt: skip
                 cpu1, sw1, th1 = process_counters(proxy.proc.pid)
+                mem = [b - a for a, b in zip(mem0, kernel_and_faults(proxy.proc.pid), strict=True)]
                 steal, idle = steal_since(ticks0), idle_since(ticks0)
                 results[key].append(mbs)
                 cpu[key].append(cpu1 - cpu0)
@@ -661,7 +674,9 @@ def main() -> None:
                     worker = f" + worker {process_counters(workers[key])[0] - worker0:.2f} s"
                 print(
                     f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s "
-                    f"(main thread {main_cpu:.2f}, others {other:.2f}){worker}, "
+                    f"(main thread {main_cpu:.2f}: kernel {mem[0]:.2f}, {mem[1] / 1000:.1f}k page "
+                    f"faults; others {other:.2f}: kernel {mem[2] - mem[0]:.2f}, "
+                    f"{(mem[3] - mem[1]) / 1000:.1f}k page faults){worker}, "
                     f"{sw1 - sw0} context switches"
                     + ("" if steal is None else f", steal {steal * 100:.0f} %")
                     + ("" if idle is None else f", idle {idle * 100:.0f} %"),
