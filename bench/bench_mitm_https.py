@@ -373,25 +373,26 @@ def curl_upload(peer: Any, url: str, body: Path, *curl_args: str, timeout: float
     return size / float(took) / 1e6
 
 
+def _stat(path: str) -> list[str]:
+    """The fields of a /proc stat file after the command name: [0] is the state (field 3 of
+    proc(5)), so field N is [N - 3]: minflt [7], utime [11], stime [12]."""
+    return Path(path).read_text().rpartition(")")[2].split()
+
+
 def process_counters(pid: int) -> tuple[float, int, float]:
     """(CPU seconds, context switches, CPU seconds of the main thread) of a process so far:
     all its threads, and the main (asyncio) thread alone; the rest is the other threads
     (with the addon: mitm-wg's trio thread)."""
     tick = os.sysconf("SC_CLK_TCK")
-
-    def cpu_of(stat: Path) -> float:
-        fields = stat.read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / tick
-
-    cpu = cpu_of(Path(f"/proc/{pid}/stat"))
-    main = cpu_of(Path(f"/proc/{pid}/task/{pid}/stat"))
+    whole, main = _stat(f"/proc/{pid}/stat"), _stat(f"/proc/{pid}/task/{pid}/stat")
     switches = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             for line in (task / "status").read_text().splitlines():
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     switches += int(line.split()[1])
-    return cpu, switches, main
+    cpu = (int(whole[11]) + int(whole[12])) / tick
+    return cpu, switches, (int(main[11]) + int(main[12])) / tick
 
 
 def kernel_and_faults(pid: int) -> tuple[float, int, float, int]:
@@ -400,8 +401,7 @@ def kernel_and_faults(pid: int) -> tuple[float, int, float, int]:
     for mitmproxy's copies of the 100 MiB body (perf: clear_page), which costs a round
     from 0.2 to over 1 s on this VM; a round that is slow for that reason shows it here."""
     tick = os.sysconf("SC_CLK_TCK")
-    main = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
-    whole = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    main, whole = _stat(f"/proc/{pid}/task/{pid}/stat"), _stat(f"/proc/{pid}/stat")
     return int(main[12]) / tick, int(main[7]), int(whole[12]) / tick, int(whole[7])
 
 
