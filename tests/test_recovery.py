@@ -1,6 +1,7 @@
 """Fast recovery after the peer lost our session (it restarted): playbooks on virtual clocks.
 
-The rule, split across the layers (see docs/architecture.md, "Recovery"):
+The rule, split across the layers (see docs/internals.md, "Recovery when the peer lost
+our session"):
 - WireGuard core: ``Device.handshake_if_silent(peer, since, now, out)`` starts a handshake at
   once when nothing authenticated came from the peer since ``since`` (rate limits hold);
 - TCP: ``TcpSocket.retransmit_now()`` / ``Stack.retransmit_now(to)`` resend a SYN or the

@@ -6,7 +6,7 @@ dedicated *thread* (``trio.run`` there). Both modes share everything else: each 
 one scheduled callback (``TrioToken.run_sync_soon`` into trio, ``loop.call_soon[_threadsafe]``
 back), carrying whole batches (see :mod:`mitm_wg.mitmproxy.transport`).
 The internal switch is the ``MITM_WG_BRIDGE`` environment variable (``guest`` or ``thread``);
-the default and the measurements behind it are in docs/architecture.md and
+the default and the measurements behind it are in docs/internals.md and
 bench/bench_bridge.py.
 
 Lifecycle of tunnels: :meth:`Bridge.set_tunnels` takes ``{name: factory}`` where a factory
@@ -55,7 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BridgeMode = Literal["guest", "thread"]
-#: Chosen from bench/bench_bridge.py (see docs/architecture.md).
+#: Chosen from bench/bench_bridge.py (see docs/internals.md).
 DEFAULT_MODE: BridgeMode = "thread"
 #: Internal switch: ``MITM_WG_BRIDGE=guest|thread``.
 ENV_MODE = "MITM_WG_BRIDGE"
