@@ -67,7 +67,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -379,10 +379,28 @@ def _stat(path: str) -> list[str]:
     return Path(path).read_text().rpartition(")")[2].split()
 
 
-def process_counters(pid: int) -> tuple[float, int, float]:
-    """(CPU seconds, context switches, CPU seconds of the main thread) of a process so far:
-    all its threads, and the main (asyncio) thread alone; the rest is the other threads
-    (with the addon: mitm-wg's trio thread)."""
+class Counters(NamedTuple):
+    """A process's counters so far: CPU seconds (user + kernel), kernel seconds and minor
+    page faults of all its threads, the same of its main (asyncio) thread alone (the rest
+    is the other threads: with the addon, mitm-wg's trio thread), and context switches.
+    Most of mitmdump's main-thread kernel time is zeroing fresh pages for mitmproxy's
+    copies of the 100 MiB body (perf: clear_page), 0.2 to over 1 s a round on this VM: a
+    round slow for that reason shows it here."""
+
+    cpu: float
+    kernel: float
+    faults: int
+    main_cpu: float
+    main_kernel: float
+    main_faults: int
+    switches: int
+
+    def since(self, before: Counters) -> Counters:
+        return Counters(*(now - then for now, then in zip(self, before, strict=True)))
+
+
+def process_counters(pid: int) -> Counters:
+    """:class:`Counters` of process ``pid`` now (each /proc file read once)."""
     tick = os.sysconf("SC_CLK_TCK")
     whole, main = _stat(f"/proc/{pid}/stat"), _stat(f"/proc/{pid}/task/{pid}/stat")
     switches = 0
@@ -391,18 +409,15 @@ def process_counters(pid: int) -> tuple[float, int, float]:
             for line in (task / "status").read_text().splitlines():
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     switches += int(line.split()[1])
-    cpu = (int(whole[11]) + int(whole[12])) / tick
-    return cpu, switches, (int(main[11]) + int(main[12])) / tick
-
-
-def kernel_and_faults(pid: int) -> tuple[float, int, float, int]:
-    """(kernel CPU seconds, minor page faults) of a process's main thread so far, then of the
-    whole process. Most of mitmdump's main-thread time in kernel is zeroing fresh pages
-    for mitmproxy's copies of the 100 MiB body (perf: clear_page), which costs a round
-    from 0.2 to over 1 s on this VM; a round that is slow for that reason shows it here."""
-    tick = os.sysconf("SC_CLK_TCK")
-    main, whole = _stat(f"/proc/{pid}/task/{pid}/stat"), _stat(f"/proc/{pid}/stat")
-    return int(main[12]) / tick, int(main[7]), int(whole[12]) / tick, int(whole[7])
+    return Counters(
+        (int(whole[11]) + int(whole[12])) / tick,
+        int(whole[12]) / tick,
+        int(whole[7]),
+        (int(main[11]) + int(main[12])) / tick,
+        int(main[12]) / tick,
+        int(main[7]),
+        switches,
+    )
 
 
 @contextlib.contextmanager
@@ -652,32 +667,29 @@ def main() -> None:
                 st.enter_context(idle_connections(peer, proxy, peer.server_tunnel_v4, args.idle))
         for i in range(rounds):
             for key, proxy in proxies:
-                cpu0, sw0, th0 = process_counters(proxy.proc.pid)
-                mem0 = kernel_and_faults(proxy.proc.pid)
-                worker0 = process_counters(workers[key])[0] if key in workers else 0.0
+                before = process_counters(proxy.proc.pid)
+                worker0 = process_counters(workers[key]).cpu if key in workers else 0.0
                 ticks0 = cpu_ticks()
                 with profiled(args.py_spy, proxy, i, args.py_spy_gil):
                     mbs = transfer(
                         proxy.name, "--cacert", str(proxy.ca_pem),
                         "-x", f"http://127.0.0.1:{proxy.port}",
                     )  # fmt: skip
-                cpu1, sw1, th1 = process_counters(proxy.proc.pid)
-                mem = [b - a for a, b in zip(mem0, kernel_and_faults(proxy.proc.pid), strict=True)]
+                d = process_counters(proxy.proc.pid).since(before)
                 steal, idle = steal_since(ticks0), idle_since(ticks0)
                 results[key].append(mbs)
-                cpu[key].append(cpu1 - cpu0)
-                switches[key].append(sw1 - sw0)
-                main_cpu = th1 - th0
-                other = (cpu1 - cpu0) - main_cpu
+                cpu[key].append(d.cpu)
+                switches[key].append(d.switches)
                 worker = ""
                 if key in workers:
-                    worker = f" + worker {process_counters(workers[key])[0] - worker0:.2f} s"
+                    worker = f" + worker {process_counters(workers[key]).cpu - worker0:.2f} s"
                 print(
-                    f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {cpu1 - cpu0:5.2f} s "
-                    f"(main thread {main_cpu:.2f}: kernel {mem[0]:.2f}, {mem[1] / 1000:.1f}k page "
-                    f"faults; others {other:.2f}: kernel {mem[2] - mem[0]:.2f}, "
-                    f"{(mem[3] - mem[1]) / 1000:.1f}k page faults){worker}, "
-                    f"{sw1 - sw0} context switches"
+                    f"round {i + 1} {key:8s} {mbs:7.1f} MB/s   mitmdump CPU {d.cpu:5.2f} s "
+                    f"(main thread {d.main_cpu:.2f}: kernel {d.main_kernel:.2f}, "
+                    f"{d.main_faults / 1000:.1f}k page faults; others {d.cpu - d.main_cpu:.2f}: "
+                    f"kernel {d.kernel - d.main_kernel:.2f}, "
+                    f"{(d.faults - d.main_faults) / 1000:.1f}k page faults){worker}, "
+                    f"{d.switches} context switches"
                     + ("" if steal is None else f", steal {steal * 100:.0f} %")
                     + ("" if idle is None else f", idle {idle * 100:.0f} %"),
                     flush=True,

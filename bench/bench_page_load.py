@@ -157,9 +157,9 @@ def run_scenario(
             load(peer, proxy, urls[:1], sizes[:1], args.h2)
         for i in range(args.loads):
             for key, proxy in proxies:
-                cpu0 = process_counters(proxy.proc.pid)[0]
+                cpu0 = process_counters(proxy.proc.pid).cpu
                 took = load(peer, proxy, urls, sizes, args.h2)
-                cpu[key].append(process_counters(proxy.proc.pid)[0] - cpu0)
+                cpu[key].append(process_counters(proxy.proc.pid).cpu - cpu0)
                 times[key].append(took)
                 print(
                     f"{name} load {i + 1:2d} {key:8s} {took * 1000:7.0f} ms, "
