@@ -394,6 +394,52 @@ async def test_the_probe_of_a_silent_endpoint_wakes_the_tunnel_by_itself(
         sock.close()
 
 
+class _InOrder(socket.socket):
+    """A UDP socket that notes each datagram it sends in a list shared with others."""
+
+    sent: list[tuple[int, tuple[str, int]]]
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        self.sent.append((len(data), args[-1]))
+        return super().sendto(data, *args)
+
+
+async def test_the_probe_byte_goes_ahead_of_the_retried_initiation() -> None:
+    """At the first initiation's early retry (rule hs-early, 1 s) the timer task both
+    retries the initiation and probes the silent endpoint (unreachable.py), and the
+    probe's byte goes first: a host or router that has one ICMP error left in its ration
+    answers the first datagram of the two, and only the probe reads errors
+    (test_runtime_interop.py's rationing host shows what the other order cost)."""
+    pa, pb = free_udp_port(), free_udp_port()
+    ca, _ = pair_configs(pa, pb)  # nobody listens on pb: the kernel answers port unreachable
+    sent: list[tuple[int, tuple[str, int]]] = []
+
+    def unbound(family: int) -> socket.socket:
+        sock = _InOrder(family, socket.SOCK_DGRAM)
+        sock.sent = sent
+        return sock
+
+    def factory(family: int) -> socket.socket:
+        sock = unbound(family)
+        sock.bind(("127.0.0.1", pa))
+        return sock
+
+    factory.unbound = unbound  # type: ignore[attr-defined]  # (the probes' sockets)
+    async with open_tunnel(ca, socket_factory=factory) as a:
+        sock = await a.open_udp_socket()
+        await sock.sendto(b"x", ("10.33.0.2", 53))  # the first initiation goes now
+        with trio.fail_after(30):
+            while not a.icmp_errors:
+                await trio.sleep(0.05)
+        sock.close()
+    initiation = 148  # (a handshake initiation's size)
+    assert [n for n, address in sent if address == ("127.0.0.1", pb)][:3] == [
+        initiation,
+        1,  # the probe's byte, then the retried initiation
+        initiation,
+    ]
+
+
 async def test_a_crash_in_the_reader_surfaces_as_tunnel_crashed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

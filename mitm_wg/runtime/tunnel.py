@@ -48,7 +48,8 @@ from mitm_wg.runtime.unreachable import (
     PROBE_INTERVAL,
     PROBE_WAIT,
     IcmpError,
-    icmp_error,
+    probe_answer,
+    send_probe,
 )
 from mitm_wg.runtime.unreachable import describe as describe_icmp
 from mitm_wg.runtime.via import ViaTransport, config_via, resolve_endpoints_via
@@ -1857,13 +1858,27 @@ class Tunnel:
                 at = last + PROBE_INTERVAL
             if now >= at:
                 self._probed[key] = now
-                nursery.start_soon(self._background, "endpoint probe", self._probe_endpoint, key)
+                # The probe's byte goes here, ahead of what the timer task's flush sends
+                # next (this tick's retried initiation): the endpoint's host or a router
+                # may have one ICMP error left in its ration, and only the probe reads one.
+                sock = send_probe(self._probe_socket, key)
+                if sock is None:
+                    self.icmp_errors.pop(key, None)  # (as when no error comes back)
+                    continue
+                try:
+                    nursery.start_soon(
+                        self._background, "endpoint probe", self._probe_endpoint, key, sock
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
             elif at < due:
                 due = at
         self._probe_at = due
 
-    async def _probe_endpoint(self, key: tuple[str, int]) -> None:
-        error = await icmp_error(self._probe_socket, key, PROBE_WAIT)
+    async def _probe_endpoint(self, key: tuple[str, int], sock: socket.socket) -> None:
+        """Wait for what comes back to the probe ``sock`` (sent to ``key``: send_probe)."""
+        error = await probe_answer(sock, PROBE_WAIT)
         if error is None:
             self.icmp_errors.pop(key, None)  # (what an older probe found no longer holds)
         else:

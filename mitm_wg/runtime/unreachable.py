@@ -12,15 +12,17 @@ whatever send or receive comes next on the socket: every send path of ours would
 expect that.
 
 So when an initiation has gone unanswered for :data:`PROBE_AFTER` seconds, the runtime
-asks once (:func:`icmp_error`): a UDP socket like ours, connected to the endpoint and with
-``IP_RECVERR`` on (whose error queue gives the ICMP type, code and sender), sends it one
-zero byte, which is no WireGuard message (shorter than any: wireguard-go drops it without a
-word even in its verbose log, mitmproxy's WireGuard mode logs "Received invalid WireGuard
-packet"), and waits up to :data:`PROBE_WAIT` seconds for an error. At most one probe per endpoint every :data:`PROBE_INTERVAL` seconds. A peer's
-silence says nothing either way (a firewall that drops, a host that is down, a wrong key);
-only an error is reported (:func:`describe`): in the :class:`~mitm_wg.errors.HandshakeTimeout`
-(its ``cause``, which the check CLI prints), the give-up warning, and the reason an exit
-pool gives for taking a member out.
+asks once: a UDP socket like ours, connected to the endpoint and with ``IP_RECVERR`` on
+(whose error queue gives the ICMP type, code and sender), sends it one zero byte
+(:func:`send_probe`), which is no WireGuard message (shorter than any: wireguard-go drops
+it without a word even in its verbose log, mitmproxy's WireGuard mode logs "Received
+invalid WireGuard packet"), ahead of the initiation retried at the same moment (hosts and
+routers ration their ICMP errors), and waits up to :data:`PROBE_WAIT` seconds for an error
+(:func:`probe_answer`). At most one probe per endpoint every :data:`PROBE_INTERVAL`
+seconds. A peer's silence says nothing either way (a firewall that drops, a host that is
+down, a wrong key); only an error is reported (:func:`describe`): in the
+:class:`~mitm_wg.errors.HandshakeTimeout` (its ``cause``, which the check CLI prints), the
+give-up warning, and the reason an exit pool gives for taking a member out.
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ import trio
 
 from mitm_wg.config import format_endpoint
 
-__all__ = ["PROBE_AFTER", "PROBE_INTERVAL", "PROBE_WAIT", "IcmpError", "describe", "icmp_error"]
+__all__ = [
+    "PROBE_AFTER",
+    "PROBE_INTERVAL",
+    "PROBE_WAIT",
+    "IcmpError",
+    "describe",
+    "probe_answer",
+    "send_probe",
+]
 
 #: Seconds an initiation goes unanswered (with no session to send on) before the endpoint
 #: is probed: when a first handshake's early retry goes (``EARLY_RETRY_UNMEASURED``). A
@@ -143,13 +153,19 @@ def _queued(sock: socket.socket, error: OSError) -> IcmpError:
     return IcmpError(_BY_ERRNO.get(number) or errno.errorcode.get(number, str(number)))
 
 
-async def icmp_error(
-    make_socket: Callable[[int], socket.socket], endpoint: tuple[str, int], wait: float
-) -> IcmpError | None:
-    """Send ``endpoint`` one zero byte from a UDP socket of ``make_socket`` connected to it
-    with ``IP_RECVERR`` on, and wait up to ``wait`` seconds: the ICMP error that came back,
-    or None (nothing came, or an answer, or the probe could not be sent: no route is the
-    send path's business, which says so)."""
+def send_probe(
+    make_socket: Callable[[int], socket.socket], endpoint: tuple[str, int]
+) -> socket.socket | None:
+    """The probe's first half, done at once: a UDP socket of ``make_socket`` connected to
+    ``endpoint`` with ``IP_RECVERR`` on, which has sent it one zero byte; None if the probe
+    could not be sent (no route is the send path's business, which says so).
+
+    At once, so that the caller sends it ahead of whatever else it sends to the endpoint in
+    the same moment (the retried initiation that comes due with it): hosts and routers
+    ration their ICMP errors per destination (Linux: a burst of six, then one a second;
+    a router also spends from the ration for each datagram it cannot forward, answered
+    or not), and when the ration has one error left, it goes to the first datagram. The
+    probe's is the one error anything of ours reads."""
     family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
     try:
         sock = make_socket(family)
@@ -163,6 +179,17 @@ async def icmp_error(
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         sock.connect(endpoint)
         sock.sendto(b"\0", endpoint)  # (sendto: a recording socket of the tests sees it)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+async def probe_answer(sock: socket.socket, wait: float) -> IcmpError | None:
+    """The probe's second half: wait up to ``wait`` seconds for what came back to ``sock``
+    (of :func:`send_probe`), and close it: the ICMP error, or None (nothing came, or an
+    answer)."""
+    try:
         with trio.move_on_after(wait):
             while True:
                 await trio.lowlevel.wait_readable(sock)
@@ -181,7 +208,7 @@ async def icmp_error(
 
 
 def describe(endpoint: tuple[str, int], error: IcmpError) -> str:
-    """A clause for the user: what ``error`` (of :func:`icmp_error`) says about
+    """A clause for the user: what ``error`` (of :func:`probe_answer`) says about
     ``endpoint``."""
     host = endpoint[0]
     if error.port_unreachable:
