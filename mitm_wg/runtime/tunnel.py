@@ -1862,23 +1862,17 @@ class Tunnel:
                 # next (this tick's retried initiation): the endpoint's host or a router
                 # may have one ICMP error left in its ration, and only the probe reads one.
                 sock = send_probe(self._probe_socket, key)
-                if sock is None:
-                    self.icmp_errors.pop(key, None)  # (as when no error comes back)
-                    continue
-                try:
-                    nursery.start_soon(
-                        self._background, "endpoint probe", self._probe_endpoint, key, sock
-                    )
-                except BaseException:
-                    sock.close()
-                    raise
+                nursery.start_soon(
+                    self._background, "endpoint probe", self._probe_endpoint, key, sock
+                )
             elif at < due:
                 due = at
         self._probe_at = due
 
-    async def _probe_endpoint(self, key: tuple[str, int], sock: socket.socket) -> None:
-        """Wait for what comes back to the probe ``sock`` (sent to ``key``: send_probe)."""
-        error = await probe_answer(sock, PROBE_WAIT)
+    async def _probe_endpoint(self, key: tuple[str, int], sock: socket.socket | None) -> None:
+        """Wait for what comes back to the probe ``sock`` (sent to ``key`` by send_probe;
+        None: it could not be sent)."""
+        error = None if sock is None else await probe_answer(sock, PROBE_WAIT)
         if error is None:
             self.icmp_errors.pop(key, None)  # (what an older probe found no longer holds)
         else:
