@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -109,6 +110,24 @@ class NamespaceSocketFactory:
 
 def namespace_socket_factory(ns: Netns) -> NamespaceSocketFactory:
     return NamespaceSocketFactory(ns)
+
+
+def snmp(ns: Netns, name: str) -> int:
+    """One of the namespace's IP counters: ``Ip:ReasmOKs``, ``Icmp:OutDestUnreachs``,
+    ``Icmp:OutRateLimitHost`` (Linux 6.0 on; from /proc/net/snmp) or ``Ip6ReasmOKs``,
+    ``Icmp6OutPktTooBigs`` (/proc/net/snmp6)."""
+    if ":" in name:
+        group, column = name.split(":")
+        lines = [
+            line.split()
+            for line in ns.exec(["cat", "/proc/net/snmp"]).stdout.splitlines()
+            if line.startswith(group + ":")
+        ]
+        header, values = lines[0], lines[1]
+        return int(values[header.index(column)])
+    m = re.search(rf"^{name}\s+(\d+)$", ns.exec(["cat", "/proc/net/snmp6"]).stdout, re.M)
+    assert m is not None, name
+    return int(m.group(1))
 
 
 class CallCount:

@@ -23,7 +23,6 @@ import errno
 import ipaddress
 import json
 import logging
-import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from hashlib import sha256
@@ -39,7 +38,7 @@ from harness import ExitPeer, ImpairedRelay, Impairment, Netns, narrow_link, ori
 from mitm_wg.config import format_endpoint
 from mitm_wg.net.tcp import TcpConfig
 from mitm_wg.runtime.tunnel import Tunnel, TunnelStream
-from tests.runtime_helpers import http_get, http_post_json, http_request, pattern_sha256
+from tests.runtime_helpers import http_get, http_post_json, http_request, pattern_sha256, snmp
 
 MB = 1024 * 1024
 PATH_MTU = 1400
@@ -47,23 +46,6 @@ PATH_MTU = 1400
 HOLE = {4: Impairment(max_size=PATH_MTU - 28), 6: Impairment(max_size=PATH_MTU - 48)}
 #: a namespace's hosts answer no ping (IPv4 or IPv6)
 NO_ECHO = {4: "net.ipv4.icmp_echo_ignore_all=1", 6: "net.ipv6.icmp.echo_ignore_all=1"}
-
-
-def snmp(ns: Netns, name: str) -> int:
-    """One of the namespace's IP counters: ``Ip:ReasmOKs``, ``Icmp:OutDestUnreachs`` (from
-    /proc/net/snmp) or ``Ip6ReasmOKs``, ``Icmp6OutPktTooBigs`` (/proc/net/snmp6)."""
-    if ":" in name:
-        group, field = name.split(":")
-        lines = [
-            line.split()
-            for line in ns.exec(["cat", "/proc/net/snmp"]).stdout.splitlines()
-            if line.startswith(group + ":")
-        ]
-        header, values = lines[0], lines[1]
-        return int(values[header.index(field)])
-    m = re.search(rf"^{name}\s+(\d+)$", ns.exec(["cat", "/proc/net/snmp6"]).stdout, re.M)
-    assert m is not None, name
-    return int(m.group(1))
 
 
 async def post(tunnel: Any, host: str, port: int, size: int) -> None:

@@ -50,6 +50,7 @@ from tests.runtime_helpers import (
     http_get,
     http_post_json,
     pattern_sha256,
+    snmp,
 )
 
 KB = 1024
@@ -920,14 +921,6 @@ async def test_a_router_that_cannot_reach_the_endpoint_is_named(
         assert factory.destinations == {(far, 51820)}
 
 
-def icmp_rate_limited(ns: Any) -> int:
-    """How many ICMP errors ``ns`` has held back by its per-host rate limit so far (Linux's
-    ``Icmp: OutRateLimitHost``, since 6.0)."""
-    lines = [line.split() for line in ns.exec(["cat", "/proc/net/snmp"]).stdout.splitlines()]
-    names, values = [fields for fields in lines if fields[0] == "Icmp:"][:2]
-    return int(values[names.index("OutRateLimitHost")])
-
-
 async def test_the_probe_gets_the_one_icmp_error_a_rationing_host_sends(
     fresh_exit_peer: ExitPeer,
 ) -> None:
@@ -946,7 +939,7 @@ async def test_the_probe_gets_the_one_icmp_error_a_rationing_host_sends(
     with peer.client_ns.socket() as other:  # the other program: ten datagrams, six answered
         for _ in range(10):
             other.sendto(b"x", (host, port))
-    held_back = icmp_rate_limited(peer.ns)
+    held_back = snmp(peer.ns, "Icmp:OutRateLimitHost")
     async with exit_tunnel(peer, handshake_timeout=3.0) as (tunnel, factory):
         with trio.fail_after(20), pytest.raises(HandshakeTimeout) as info:
             await tunnel.open_tcp_stream(peer.server_tunnel_v4, peer.http_port)
@@ -955,7 +948,7 @@ async def test_the_probe_gets_the_one_icmp_error_a_rationing_host_sends(
         assert f"nothing receives on UDP port {port} (ICMP port unreachable)" in cause
         assert factory.destinations == {peer.endpoint}
     # (the premise: the host did hold back some of the errors our datagrams asked for)
-    assert icmp_rate_limited(peer.ns) > held_back
+    assert snmp(peer.ns, "Icmp:OutRateLimitHost") > held_back
 
 
 async def test_another_client_with_our_key_is_named_in_a_warning(
